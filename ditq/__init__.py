@@ -1,0 +1,6 @@
+"""ditq: real-integer post-training quantization and inference for Diffusion Transformers."""
+from .quant.reference import sqnr  # noqa: F401
+from . import ops  # noqa: F401  (registers torch.ops.ditq.*)
+
+__version__ = "0.1.0"
+__all__ = ["sqnr"]

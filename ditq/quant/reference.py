@@ -1,0 +1,210 @@
+"""Reference maths in plain torch: what every kernel is tested against (BRIEF §2).
+
+Conventions every backend follows exactly, so that results can be compared bit for bit:
+
+* Symmetric scales: ``s = absmax / qmax`` (IEEE fp32 division); an all-zero slice gets ``s = 1``.
+* Quantize: ``q = clamp(rint(x_fp32 * inv_s), -qmax, qmax)`` with ``inv_s = 1 / s`` (IEEE fp32 division)
+  and ``rint`` rounding half to even. Multiplying by a correctly rounded reciprocal (not dividing) is what
+  a GPU does fast, and every backend can reproduce it exactly.
+* int8 range is ``[-127, 127]`` (−128 kept out so negation is safe); int4 is ``[-7, 7]`` from the quantizer,
+  ``[-8, 7]`` accepted everywhere downstream.
+* GEMMs accumulate in int32 (exact: |a| ≤ 127, |w| ≤ 128, K ≤ 16384 ⇒ |Σ| < 2^31) and apply an fp32
+  epilogue; the float64 twins below define the tolerance (``ditq.testing``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+INT8_QMAX = 127
+INT4_QMAX = 7
+MAX_K = 16384  # int32 accumulation is exact up to here (BRIEF §2)
+
+
+def _check_float(x: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{what} must be a floating-point tensor, got {got}")
+
+
+def symmetric_scale(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """fp32 scale ``absmax / qmax``; 1.0 where absmax is 0 (the slice quantizes to zeros either way)."""
+    absmax = absmax.float()
+    return torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    """int8 tensor ``clamp(rint(x * (1/scale)), -qmax, qmax)``; ``scale`` broadcasts against ``x``."""
+    _check_float(x, "x")
+    inv = 1.0 / scale.float()
+    return torch.clamp(torch.round(x.float() * inv), -qmax, qmax).to(torch.int8)
+
+
+# ---- activations -------------------------------------------------------------------------------------
+
+def quantize_per_tensor(x: torch.Tensor, qmax: int = INT8_QMAX):
+    """One scale for the whole tensor (a calibrated static activation scale). Returns (q, scale[1])."""
+    _check_float(x, "x")
+    s = symmetric_scale(x.detach().abs().amax().reshape(1), qmax)
+    return quantize_with_scale(x, s, qmax), s
+
+
+def quantize_per_token(x: torch.Tensor, qmax: int = INT8_QMAX):
+    """One scale per row of a [M, K] tensor (dynamic activation quantization). Returns (q, scale[M])."""
+    _check_float(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"per-token quantization takes a [M, K] tensor, got shape {tuple(x.shape)}")
+    s = symmetric_scale(x.detach().abs().amax(dim=1), qmax)
+    return quantize_with_scale(x, s[:, None], qmax), s
+
+
+# ---- weights -----------------------------------------------------------------------------------------
+
+def quantize_per_channel(w: torch.Tensor, qmax: int = INT8_QMAX):
+    """[N, K] weight, one scale per output channel (row). Returns (q int8 [N, K], scale fp32 [N])."""
+    _check_float(w, "weight")
+    if w.dim() != 2:
+        raise ValueError(f"weight must be [N, K], got shape {tuple(w.shape)}")
+    s = symmetric_scale(w.detach().abs().amax(dim=1), qmax)
+    return quantize_with_scale(w, s[:, None], qmax), s
+
+
+def quantize_groupwise(w: torch.Tensor, group_size: int, qmax: int = INT4_QMAX):
+    """[N, K] weight in groups of ``group_size`` along K.
+
+    Returns (q int8 [N, K] with values in [-qmax, qmax], scales fp32 [K // group_size, N]), the scales
+    group-major as in the canonical format (``ditq.format``).
+    """
+    _check_float(w, "weight")
+    if w.dim() != 2:
+        raise ValueError(f"weight must be [N, K], got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"group_size {group_size} does not divide K = {k}")
+    wg = w.detach().float().reshape(n, k // group_size, group_size)
+    s = symmetric_scale(wg.abs().amax(dim=2), qmax)  # [N, G]
+    q = quantize_with_scale(wg, s[:, :, None], qmax).reshape(n, k)
+    return q, s.t().contiguous()
+
+
+def dequantize_per_channel(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def dequantize_groupwise(q: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_groupwise` up to rounding: fp32 [N, K]."""
+    n, k = q.shape
+    return (q.float().reshape(n, k // group_size, group_size) * scales.t().float()[:, :, None]).reshape(n, k)
+
+
+# ---- int4 packing (canonical: low nibble = even k) ---------------------------------------------------
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 [N, K] with values in [-8, 7] -> uint8 [N, K // 2], element 2j in the low nibble of byte j."""
+    if q.dtype != torch.int8:
+        raise TypeError(f"pack_int4 takes int8 values, got {q.dtype}")
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even K, got {q.shape[-1]}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError("pack_int4 values must lie in [-8, 7]")
+    u = q.to(torch.int16) & 0xF  # two's-complement nibble
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K // 2] -> int8 [N, K] in [-8, 7] (inverse of :func:`pack_int4`)."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_int4 takes uint8, got {packed.dtype}")
+    p = packed.to(torch.int16)
+    lo, hi = p & 0xF, (p >> 4) & 0xF
+    both = torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return (both - ((both & 0x8) << 1)).to(torch.int8)  # sign-extend: 8..15 -> -8..-1
+
+
+# ---- exact integer GEMMs -----------------------------------------------------------------------------
+
+def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ w.T`` for int8 a [M, K] and int8 w [N, K], as int64 (no overflow possible)."""
+    return a.to(torch.int64) @ w.to(torch.int64).t()
+
+
+def _act_scale_column(a_scale: torch.Tensor, m: int) -> torch.Tensor:
+    a_scale = a_scale.reshape(-1)
+    if a_scale.numel() not in (1, m):
+        raise ValueError(f"activation scale must have 1 or M = {m} elements, got {a_scale.numel()}")
+    return a_scale.reshape(-1, 1)
+
+
+def gemm_w8a8(a, a_scale, w, w_scale, bias: Optional[torch.Tensor] = None, out_dtype=torch.float32):
+    """``y = (a_scale[m] * w_scale[n]) * Σ_k a[m,k] w[n,k] + bias[n]``: int32 sums, fp32 epilogue."""
+    acc = int_matmul(a, w).to(torch.int32).float()
+    y = acc * (_act_scale_column(a_scale.float(), a.shape[0]) * w_scale.float().reshape(1, -1))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def group_partials(a: torch.Tensor, w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Exact per-group int sums ``P[g, m, n] = Σ_{k in group g} a[m,k] w[n,k]`` as int64."""
+    m, k = a.shape
+    n = w.shape[0]
+    ag = a.to(torch.int64).reshape(m, k // group_size, group_size).permute(1, 0, 2)
+    wg = w.to(torch.int64).reshape(n, k // group_size, group_size).permute(1, 2, 0)
+    return torch.bmm(ag, wg)
+
+
+def gemm_w4a8(a, a_scale, w_q, w_scales, group_size: int, bias=None, out_dtype=torch.float32):
+    """Group-wise W4A8 with unpacked int4 values ``w_q`` (int8 [N, K]) and scales [K // G, N]:
+    ``y = a_scale[m] * Σ_g w_scales[g, n] * P[g, m, n] + bias[n]`` — per-group int32 partials rescaled into
+    an fp32 accumulator group by group (BRIEF §2, "fused dequantization")."""
+    p = group_partials(a, w_q, group_size).to(torch.int32).float()
+    acc = torch.zeros(p.shape[1:], dtype=torch.float32)
+    for g in range(p.shape[0]):
+        acc = acc + p[g] * w_scales[g].float().reshape(1, -1)
+    y = acc * _act_scale_column(a_scale.float(), a.shape[0])
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def gemm_w4a8_exact(a, a_scale, w_q, w_scales, group_size: int, bias=None):
+    """float64 value of the W4A8 product and the magnitude ``Σ |terms|`` that bounds fp32 rounding."""
+    p = group_partials(a, w_q, group_size).double()
+    s = w_scales.double()[:, None, :]
+    a_s = _act_scale_column(a_scale.double(), a.shape[0])
+    y = (p * s).sum(0) * a_s
+    mag = (p * s).abs().sum(0) * a_s.abs()
+    if bias is not None:
+        y = y + bias.double()
+        mag = mag + bias.double().abs()
+    return y, mag
+
+
+def gemm_w8a8_exact(a, a_scale, w, w_scale, bias=None):
+    """float64 value of the W8A8 product and its magnitude (for tolerances)."""
+    acc = int_matmul(a, w).double()
+    scale = _act_scale_column(a_scale.double(), a.shape[0]) * w_scale.double().reshape(1, -1)
+    y = acc * scale
+    mag = y.abs()
+    if bias is not None:
+        y = y + bias.double()
+        mag = mag + bias.double().abs()
+    return y, mag
+
+
+# ---- error metric -------------------------------------------------------------------------------------
+
+def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(‖ref‖² / ‖ref − x‖²)``; +inf when equal."""
+    if ref.shape != x.shape:
+        raise ValueError(f"sqnr needs tensors of one shape, got {tuple(ref.shape)} and {tuple(x.shape)}")
+    ref64, x64 = ref.detach().double(), x.detach().double()
+    noise = (ref64 - x64).pow(2).sum().item()
+    signal = ref64.pow(2).sum().item()
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    import math
+    return 10.0 * math.log10(signal / noise)

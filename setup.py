@@ -1,0 +1,96 @@
+"""Build and install ditq.
+
+* ``kernels/`` (Triton) ships as ``ditq.kernels``: never as a top-level ``kernels`` module, a name that
+  belongs to another package which diffusers probes for.
+* ``ditq._C`` is built from ``csrc/`` with torch's cpp_extension (ninja):
+  - torch with CUDA and nvcc found: the real CUDA kernels (``csrc/*.cu``) for a short architecture list
+    (``TORCH_CUDA_ARCH_LIST``, default ``8.0;9.0a`` when no GPU is visible: torch's full default list takes
+    far too long), plus the same kernels compiled by the host compiler for the SIMT emulator;
+  - CPU-only torch or no nvcc: the emulated kernels only (backend ``cuda-emulated``), and a one-line notice
+    that the CUDA kernels were not built.
+  Install with ``pip install --no-build-isolation -e .``: this file imports torch, and pip's build isolation
+  would otherwise install a second torch to build against.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0a"
+
+
+def _rel(paths):
+    return sorted(os.path.relpath(p, HERE) for p in paths)
+
+
+def _nvcc():
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        return os.path.join(cuda_home, "bin", "nvcc")
+    found = shutil.which("nvcc")
+    if found:  # torch's guess of CUDA_HOME is /usr/local when no GPU is visible: point it at the toolkit
+        os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(os.path.realpath(found))))
+    return found
+
+
+def _extensions():
+    if os.environ.get("DITQ_NO_EXTENSION") == "1":
+        print("ditq: DITQ_NO_EXTENSION=1, building no C++/CUDA extension", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("ditq: torch is not installed, so ditq._C (CUDA and emulated kernels) was not built; "
+              "install torch first and use pip install --no-build-isolation", file=sys.stderr)
+        return [], {}
+
+    host_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
+    cuda_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cu")))
+    if not host_sources:
+        return [], {}
+    cxx = ["-O2", "-std=c++17", "-U_FORTIFY_SOURCE"]  # fortified longjmp rejects the emulator's stack switch
+    include = [os.path.join(HERE, "csrc")]
+    with_cuda = torch.version.cuda is not None and _nvcc() is not None and cuda_sources
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+        nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+        ext = cpp_extension.CUDAExtension(
+            "ditq._C", host_sources + cuda_sources, include_dirs=include,
+            define_macros=[("DITQ_WITH_CUDA", "1")], extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+    else:
+        why = "torch is a CPU-only build" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)"
+        print(f"ditq: {why}: the CUDA kernels (backend 'cuda') were NOT built; the same kernels are built "
+              f"for the CPU emulator (backend 'cuda-emulated') only.", file=sys.stderr)
+        ext = cpp_extension.CppExtension(
+            "ditq._C", host_sources, include_dirs=include, define_macros=[("DITQ_WITH_CUDA", "0")],
+            extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="ditq",
+    version="0.1.0",
+    description="Real-integer post-training quantization and inference for Diffusion Transformers",
+    long_description=open(os.path.join(HERE, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ditq", "ditq.*"]) + ["ditq.kernels"],
+    package_dir={"ditq.kernels": "kernels"},
+    package_data={"ditq.kernels": ["configs/*.json"],
+                  "ditq.demo": ["*.md", "*.json", "*.safetensors", "model/*", "model/*/*"]},
+    include_package_data=False,
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "diffusers>=0.30"],
+    extras_require={"triton": ["triton>=3.0"],
+                    "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn"],
+                    "demo": ["scikit-learn", "matplotlib"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
