@@ -30,10 +30,14 @@ def _nvcc():
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         return os.path.join(cuda_home, "bin", "nvcc")
-    found = shutil.which("nvcc")
-    if found:  # torch's guess of CUDA_HOME is /usr/local when no GPU is visible: point it at the toolkit
-        os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(os.path.realpath(found))))
-    return found
+    return shutil.which("nvcc")
+
+
+# torch.utils.cpp_extension fixes CUDA_HOME when it is imported, and with no GPU visible it guesses from the
+# nvcc on PATH; a wrapper script in /usr/local/bin makes that /usr/local and the link fails ("cannot find
+# -lcudart"). Point it at the standard toolkit root before torch is imported.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
 def _extensions():
