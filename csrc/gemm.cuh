@@ -1,0 +1,435 @@
+// W8A8 and W4A8 (group-wise) GEMMs on the int8 tensor cores: mma.sync m16n8k32 s8 x s8 -> s32.
+//
+//   y[m, n] = s_a[m] * s_w[n] * sum_k a[m, k] w[n, k] + b[n]                       (W8A8)
+//   y[m, n] = s_a[m] * sum_g s_w[g, n] * sum_{k in g} a[m, k] w[n, k] + b[n]       (W4A8, group size G)
+//
+// One template, two weight operands (W8, W4<G>) plugged into the same main loop and epilogue. No inline
+// assembly here: every PTX instruction comes from ptx.cuh, so this file compiles with nvcc (real kernels,
+// csrc/gemm.cu) and with g++ (the SIMT emulator, csrc/emulated_gemm.cpp) from one source.
+//
+// ---- Data layout ------------------------------------------------------------------------------------------
+// a       int8 [M, K] row-major (the activation quantizer's output). K % 16 == 0 and 16-byte aligned rows.
+// W8      int8 [N, K] row-major: the canonical layout as it is. An mma B operand is "col" (k contiguous per n),
+//         and that is exactly a row of W, so ldmatrix reads fragments straight from a row-major smem tile.
+// W4      uint8 [N, K / 2], *split-nibble* order within every 32-k chunk (ditq/backends/cuda_layout.py):
+//         byte p (0..15) of chunk c holds k = 32c + p in its low nibble and k = 32c + p + 16 in its high
+//         nibble. Why: the m16n8k32 B fragment of lane (g, t) is register 0 = k 4t..4t+3 and register 1 =
+//         k 16+4t..16+4t+3 of column n = g. ldmatrix hands lane (g, t) bytes 4t..4t+3 of row g of an 8 x 16 B
+//         matrix, i.e. 4 bytes whose low nibbles are register 0's k and whose high nibbles are register 1's.
+//         So one ldmatrix.x4 = 4 n8 x k32 fragments, and unpacking is two masks per 32-bit word:
+//             hi = w & 0xF0F0F0F0          -> four int8 equal to 16 * w[16+4t+j]
+//             lo = (w << 4) & 0xF0F0F0F0   -> four int8 equal to 16 * w[4t+j]
+//         A nibble in the high half of a byte *is* the int8 16 * w (two's complement), so there is no sign
+//         extension: the mma runs on 16 * w and the 1/16 is folded into the group scale (exact: power of 2).
+// scales  W8: float32 [N]. W4: float32 [K / G, N] (canonical, group-major).
+//
+// ---- Shared memory ----------------------------------------------------------------------------------------
+// STAGES ring buffers of an A tile [BM][BK] and a W tile [BN][BK or BK/2] bytes, filled by 16-byte cp.async
+// (zero-filled past M, N, K: zeros add nothing to the sums, so no masking is needed in the main loop).
+// Rows are XOR-swizzled in 16-byte chunks (swizzle()) so that the 8 row addresses of one ldmatrix matrix
+// (8 rows, same logical chunk) fall into 8 different bank groups.
+//
+// ---- Warp tiling ------------------------------------------------------------------------------------------
+// WARPS_M x WARPS_N warps, each owns a (BM / WARPS_M) x (BN / WARPS_N) output tile = MI x NI mma tiles of
+// 16 x 8. Per k32 step a warp issues MI ldmatrix.x4 for A (one 16x32 fragment each), NI/2 (W8) or NI/4 (W4)
+// ldmatrix.x4 for W, and MI * NI mma.
+//
+// ---- Accumulation and its int32 bounds --------------------------------------------------------------------
+// W8A8: one int32 accumulator over all of K: |sum| <= 127 * 128 * 16384 < 2.7e8 < 2^31 (K <= MAX_K, checked
+//       by the op). The epilogue converts once.
+// W4A8: per-group int32 partial of 16 * w: |partial| <= 127 * 128 * G <= 4.2e6 (G <= 256) < 2^24, so its
+//       conversion to float is exact; at each group end it is folded into an fp32 accumulator with one fma,
+//       acc = fma(float(partial), s_w[g, n] / 16, acc), and reset. (Integer group scales would save that
+//       fma but add a rounding at quantization time; the per-group fma is MI * NI * 4 FFMA per group per
+//       warp, against MI * NI * G / 32 mma: small at G >= 64.)
+// Epilogue: fp32 with explicit rounding (fma_rn / fmul_rn, never left to contraction), so the emulated and
+// real kernels agree bit for bit; then an explicit round-to-nearest-even cast to the output type.
+//
+// ---- Hopper -----------------------------------------------------------------------------------------------
+// This is the sm_80 mma.sync path, which also runs on sm_90 (below Hopper's int8 peak). A wgmma kernel
+// would reuse the operand policies' global->smem loaders and the epilogue (store_tile) and replace
+// mainloop_step; configs/gemm_tiles.h keeps separate sm90 rules for it to claim.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+#include "ptx.cuh"
+#include "configs/gemm_tiles.h"
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace ditq::gemm {
+
+enum OutKind : int { kOutF32 = 0, kOutF16 = 1, kOutBF16 = 2 };
+
+// Everything a launch needs; plain pointers, no torch.
+struct GemmParams {
+  const int8_t* a;          // [M, K]
+  const float* a_scale;     // [1] (static) or [M] (per token)
+  int a_scale_per_token;    // 0 / 1
+  const void* w;            // int8 [N, K] or split-nibble uint8 [N, K / 2]
+  const float* w_scale;     // [N] or [K / G, N]
+  const float* bias;        // [N] float32 or nullptr
+  void* out;                // [M, N] of out_kind
+  int out_kind;
+  int M, N, K;
+};
+
+// ---- explicit fp32 rounding: identical on the GPU and in the host emulator --------------------------------
+DITQ_DEVICE float fmul_rn(float x, float y) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(x, y);
+#else
+  return x * y;  // x86-64 SSE: one IEEE round-to-nearest multiply
+#endif
+}
+DITQ_DEVICE float fma_rn(float x, float y, float z) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(x, y, z);
+#else
+  return std::fma(x, y, z);
+#endif
+}
+DITQ_DEVICE float i2f_rn(int32_t v) {
+#if defined(__CUDA_ARCH__)
+  return __int2float_rn(v);
+#else
+  return static_cast<float>(v);  // round to nearest (the host's default mode)
+#endif
+}
+
+// float -> bf16 / fp16 bits, round to nearest even. Device: the hardware conversions (IEEE RNE); host: the
+// same rounding spelled out in integer arithmetic. Finite inputs give identical bits (NaN payloads may not).
+DITQ_DEVICE uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+DITQ_DEVICE uint16_t to_bf16_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
+  uint32_t u = f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // ties go to the even 16-bit result
+  return static_cast<uint16_t>(u >> 16);
+#endif
+}
+DITQ_DEVICE uint16_t to_f16_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(f));
+#else
+  const uint32_t x = f32_bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
+  if (ax >= 0x38800000u) {                                               // normal half (>= 2^-14)
+    uint32_t r = ax - 0x38000000u;  // exponent bias 127 -> 15
+    r += 0xfffu + ((r >> 13) & 1u);  // RNE on the 13 dropped bits; a carry into the exponent is right
+    return static_cast<uint16_t>(sign | (r >> 13));
+  }
+  if (ax < 0x33000000u) return static_cast<uint16_t>(sign);  // <= 2^-25 (a tie to the even 0)
+  // Subnormal half: value = m * 2^(e - 150) = (m >> (126 - e)) units of 2^-24, rounded to nearest even.
+  const uint32_t e = ax >> 23, m = (ax & 0x7fffffu) | 0x800000u, sh = 126u - e;  // sh in 14..24
+  uint32_t q = m >> sh;
+  const uint32_t rem = m & ((1u << sh) - 1u), half = 1u << (sh - 1u);
+  if (rem > half || (rem == half && (q & 1u))) ++q;
+  return static_cast<uint16_t>(sign | q);
+#endif
+}
+
+struct alignas(8) F32x2 {  // an 8-byte store of two floats (float2 is not defined in the host build)
+  float x, y;
+};
+
+// ---- tiles --------------------------------------------------------------------------------------------------
+template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_>
+struct Tile {
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, WARPS_M = WARPS_M_, WARPS_N = WARPS_N_, STAGES = STAGES_;
+  static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+  static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // warp tile
+  static constexpr int MI = WM / 16, NI = WN / 8, KSTEPS = BK / 32;
+  static_assert(BM % (16 * WARPS_M) == 0 && BN % (16 * WARPS_N) == 0, "warp tile must be a multiple of 16x16");
+  static_assert(BK % 32 == 0 && BK >= 32, "BK must be a multiple of the mma k (32)");
+  static_assert(STAGES >= 2, "a pipeline needs two stages at least");
+};
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][ROW_BYTES] smem tile. Chunks are XORed with
+// a row-dependent key so that 8 consecutive rows' copies of one logical chunk occupy 8 distinct 16-byte bank
+// groups (a 128-byte bank line holds 128 / ROW_BYTES rows when rows are short, hence the row / R).
+template <int ROW_BYTES>
+DITQ_DEVICE int swizzle(int row, int chunk) {
+  constexpr int C = ROW_BYTES / 16;                            // chunks per row
+  constexpr int R = ROW_BYTES >= 128 ? 1 : 128 / ROW_BYTES;    // rows per 128-byte bank line
+  constexpr int KEYS = C < 8 ? C : 8;
+  return row * ROW_BYTES + ((chunk ^ ((row / R) % KEYS)) << 4);
+}
+
+// Copy a [ROWS][ROW_BYTES] tile starting at global row r0 (of `nrows`), byte column c0 (of `row_len` bytes,
+// a multiple of 16) into swizzled smem, one 16-byte cp.async per chunk; chunks outside the matrix zero-fill.
+template <int ROWS, int ROW_BYTES, int THREADS>
+DITQ_DEVICE void load_tile(uint8_t* smem, const uint8_t* g, int r0, int nrows, int c0, int row_len, int tid) {
+  constexpr int C = ROW_BYTES / 16, CHUNKS = ROWS * C;
+#pragma unroll
+  for (int i0 = 0; i0 < CHUNKS; i0 += THREADS) {
+    const int i = i0 + tid;
+    if (CHUNKS % THREADS == 0 || i < CHUNKS) {
+      const int row = i / C, chunk = i % C;
+      const int gr = r0 + row, gc = c0 + chunk * 16;
+      const bool in = gr < nrows && gc < row_len;
+      // A predicated-off copy still carries an address: keep it inside the allocation.
+      const uint8_t* src = in ? g + static_cast<int64_t>(gr) * row_len + gc : g;
+      ptx::cp_async_16(smem + swizzle<ROW_BYTES>(row, chunk), src, in);
+    }
+  }
+}
+
+// ---- weight operands ---------------------------------------------------------------------------------------
+// Each policy says how many bytes a W tile row has, how to turn smem into B fragments for one k32 step, and
+// whether the int32 accumulator is folded into fp32 per group (W4) or once at the end (W8).
+
+struct W8 {
+  static constexpr bool kGrouped = false;
+  template <int BK> static constexpr int row_bytes() { return BK; }
+  static constexpr int row_len(int K) { return K; }
+
+  // B fragments of NI n8 tiles for k32 step ks. ldmatrix.x4 matrices: (n8 tile 2p, k 0-15), (2p, k 16-31),
+  // (2p+1, k 0-15), (2p+1, k 16-31); lane l addresses matrix l / 8, row l % 8.
+  template <class T>
+  DITQ_DEVICE static void load_b(uint32_t (&b)[T::NI][2], const uint8_t* ws, int wn0, int ks, int lane) {
+    static_assert(T::NI % 2 == 0, "W8 loads n8 tiles in pairs");
+#pragma unroll
+    for (int p = 0; p < T::NI / 2; ++p) {
+      const int row = wn0 + (2 * p + (lane >> 4)) * 8 + (lane & 7);
+      const int chunk = 2 * ks + ((lane >> 3) & 1);
+      uint32_t r[4];
+      ptx::ldmatrix_x4(r, ws + swizzle<T::BK>(row, chunk));
+      b[2 * p][0] = r[0];
+      b[2 * p][1] = r[1];
+      b[2 * p + 1][0] = r[2];
+      b[2 * p + 1][1] = r[3];
+    }
+  }
+};
+
+template <int G>
+struct W4 {
+  static_assert(G == 32 || G == 64 || G == 128 || G == 256, "group sizes 32, 64, 128, 256");
+  static constexpr bool kGrouped = true;
+  static constexpr int kGroup = G;
+  template <int BK> static constexpr int row_bytes() { return BK / 2; }
+  static constexpr int row_len(int K) { return K / 2; }
+
+  // One 16-byte smem chunk per n row holds a whole k32 step (split-nibble order, see the top of the file).
+  // ldmatrix.x4 matrices = n8 tiles 4q..4q+3 of that chunk, lane l addressing row l of the 32 (x2: 16).
+  template <class T>
+  DITQ_DEVICE static void load_b(uint32_t (&b)[T::NI][2], const uint8_t* ws, int wn0, int ks, int lane) {
+    static_assert(T::NI % 2 == 0, "W4 loads n8 tiles in pairs or quads");
+    constexpr int RB = T::BK / 2;
+#pragma unroll
+    for (int q = 0; q < T::NI / 4; ++q) {
+      uint32_t r[4];
+      ptx::ldmatrix_x4(r, ws + swizzle<RB>(wn0 + 32 * q + lane, ks));
+#pragma unroll
+      for (int j = 0; j < 4; ++j) unpack(b[4 * q + j], r[j]);
+    }
+    if constexpr (T::NI % 4 != 0) {
+      uint32_t r[2];
+      ptx::ldmatrix_x2(r, ws + swizzle<RB>(wn0 + (T::NI - 2) * 8 + (lane & 15), ks));
+      unpack(b[T::NI - 2], r[0]);
+      unpack(b[T::NI - 1], r[1]);
+    }
+  }
+
+  // 8 nibbles -> 8 int8 (x16), no sign extension: see the top of the file.
+  DITQ_DEVICE static void unpack(uint32_t (&b)[2], uint32_t w) {
+    b[0] = (w << 4) & 0xF0F0F0F0u;
+    b[1] = w & 0xF0F0F0F0u;
+  }
+};
+
+// ---- the kernel body -----------------------------------------------------------------------------------------
+// Grid: x = N tiles, y = M tiles (consecutive CTAs share the A tile and walk the weights: at small M all CTAs
+// of a wave read one A tile from L2). Block: T::THREADS. Dynamic smem: smem_bytes<T, WOp>().
+template <class T, class WOp>
+constexpr int smem_bytes() {
+  return T::STAGES * (T::BM * T::BK + T::BN * WOp::template row_bytes<T::BK>());
+}
+
+template <class T, class WOp>
+DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
+  constexpr int A_RB = T::BK, W_RB = WOp::template row_bytes<T::BK>();
+  constexpr int A_STAGE = T::BM * A_RB, W_STAGE = T::BN * W_RB;
+  constexpr int MI = T::MI, NI = T::NI;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates (row group, thread in group)
+  const int wm0 = (warp / T::WARPS_N) * T::WM;  // warp tile origin inside the CTA tile
+  const int wn0 = (warp % T::WARPS_N) * T::WN;
+  const int m0 = static_cast<int>(blockIdx.y) * T::BM;
+  const int n0 = static_cast<int>(blockIdx.x) * T::BN;
+  const int M = p.M, N = p.N, K = p.K;
+  const int KT = (K + T::BK - 1) / T::BK;  // k tiles; the last may be partial (zero-filled)
+
+  uint8_t* const a_smem = smem;
+  uint8_t* const w_smem = smem + T::STAGES * A_STAGE;
+  const uint8_t* const a_g = reinterpret_cast<const uint8_t*>(p.a);
+  const uint8_t* const w_g = static_cast<const uint8_t*>(p.w);
+  const int w_len = WOp::row_len(K);
+
+  auto issue = [&](int kt) {  // cp.async tile kt into its stage; always commits a group (maybe empty)
+    if (kt < KT) {
+      const int s = kt % T::STAGES;
+      load_tile<T::BM, A_RB, T::THREADS>(a_smem + s * A_STAGE, a_g, m0, M, kt * T::BK, K, tid);
+      load_tile<T::BN, W_RB, T::THREADS>(w_smem + s * W_STAGE, w_g, n0, N, kt * W_RB, w_len, tid);
+    }
+    ptx::cp_async_commit();
+  };
+
+  int32_t acc[MI][NI][4];   // W8: the result; W4: the current group's partial (of 16 * w)
+  float facc[WOp::kGrouped ? MI : 1][WOp::kGrouped ? NI : 1][4];  // W4: sum over finished groups
+#pragma unroll
+  for (int i = 0; i < MI; ++i)
+#pragma unroll
+    for (int j = 0; j < NI; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+  if constexpr (WOp::kGrouped) {
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+      for (int j = 0; j < NI; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) facc[i][j][r] = 0.0f;
+  }
+
+  // Fold the group's int32 partial into facc: facc += float(partial) * s_w[grp, n] / 16, then reset.
+  // A lane's columns are n = 2t, 2t + 1 of each n8 tile; columns past N read no scale (their partial is 0).
+  auto fold_group = [&](int grp) {
+    if constexpr (WOp::kGrouped) {
+      const float* srow = p.w_scale + static_cast<int64_t>(grp) * N;
+#pragma unroll
+      for (int j = 0; j < NI; ++j) {
+        const int n = n0 + wn0 + j * 8 + 2 * t;
+        const float s0 = n < N ? fmul_rn(srow[n], 0.0625f) : 0.0f;      // exact: a power of two
+        const float s1 = n + 1 < N ? fmul_rn(srow[n + 1], 0.0625f) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < MI; ++i) {
+          facc[i][j][0] = fma_rn(i2f_rn(acc[i][j][0]), s0, facc[i][j][0]);
+          facc[i][j][1] = fma_rn(i2f_rn(acc[i][j][1]), s1, facc[i][j][1]);
+          facc[i][j][2] = fma_rn(i2f_rn(acc[i][j][2]), s0, facc[i][j][2]);
+          facc[i][j][3] = fma_rn(i2f_rn(acc[i][j][3]), s1, facc[i][j][3]);
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+        }
+      }
+    }
+  };
+
+  // Prologue: STAGES - 1 tiles in flight.
+#pragma unroll
+  for (int s = 0; s < T::STAGES - 1; ++s) issue(s);
+
+  for (int kt = 0; kt < KT; ++kt) {
+    // Tile kt has landed once at most STAGES - 2 newer groups are pending; the barrier then (a) publishes
+    // every thread's copies of tile kt and (b) proves every warp finished reading stage (kt - 1) % STAGES,
+    // which the issue below overwrites with tile kt + STAGES - 1.
+    ptx::cp_async_wait<T::STAGES - 2>();
+    __syncthreads();
+    issue(kt + T::STAGES - 1);
+
+    const int s = kt % T::STAGES;
+    const uint8_t* as = a_smem + s * A_STAGE;
+    const uint8_t* ws = w_smem + s * W_STAGE;
+#pragma unroll
+    for (int ks = 0; ks < T::KSTEPS; ++ks) {
+      // A: ldmatrix.x4 matrices (rows 0-7, k 0-15), (rows 8-15, k 0-15), (rows 0-7, k 16-31),
+      // (rows 8-15, k 16-31) = registers a0-3, a4-7, a8-11, a12-15 of the m16n8k32 A fragment; lane l
+      // addresses row l % 16 of the 16, k half l / 16.
+      uint32_t af[MI][4];
+#pragma unroll
+      for (int i = 0; i < MI; ++i)
+        ptx::ldmatrix_x4(af[i], as + swizzle<A_RB>(wm0 + i * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+      uint32_t bf[NI][2];
+      WOp::template load_b<T>(bf, ws, wn0, ks, lane);
+#pragma unroll
+      for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j) ptx::mma_m16n8k32_s8(acc[i][j], af[i], bf[j], acc[i][j]);
+
+      if constexpr (WOp::kGrouped) {
+        constexpr int G = WOp::kGroup;
+        if constexpr (G <= T::BK) {  // groups end inside the tile, at compile-time k steps
+          if (((ks + 1) * 32) % G == 0) {
+            const int grp = (kt * T::BK + ks * 32) / G;
+            if (grp * G < K) fold_group(grp);  // past K (zero-filled tail) the partial is 0: skip
+          }
+        } else if (ks == T::KSTEPS - 1) {  // a group spans G / BK tiles; K % G == 0 so the last tile ends one
+          if (((kt + 1) * T::BK) % G == 0) fold_group((kt * T::BK) / G);
+        }
+      }
+    }
+  }
+  ptx::cp_async_wait<0>();  // only empty groups remain; leave nothing in flight at exit
+
+  // ---- epilogue: scale, bias, cast, store. Lane owns rows g, g + 8 and columns 2t, 2t + 1 of each tile.
+  const bool paired = (N % 2) == 0;  // column pairs are then 2-element aligned: one wider store
+#pragma unroll
+  for (int i = 0; i < MI; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = m0 + wm0 + i * 16 + g + 8 * h;
+      if (m >= M) continue;
+      const float sa = p.a_scale[p.a_scale_per_token ? m : 0];
+#pragma unroll
+      for (int j = 0; j < NI; ++j) {
+        const int n = n0 + wn0 + j * 8 + 2 * t;
+        float y[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int nn = n + c < N ? n + c : N - 1;  // clamp the loads; the store below is masked
+          float v;
+          if constexpr (WOp::kGrouped) {  // y = acc * s_a + b
+            v = facc[i][j][2 * h + c];
+            y[c] = p.bias ? fma_rn(v, sa, p.bias[nn]) : fmul_rn(v, sa);
+          } else {  // y = acc * (s_a * s_w) + b, the scale product rounded first as in the reference
+            v = i2f_rn(acc[i][j][2 * h + c]);
+            const float s = fmul_rn(sa, p.w_scale[nn]);
+            y[c] = p.bias ? fma_rn(v, s, p.bias[nn]) : fmul_rn(v, s);
+          }
+        }
+        if (n >= N) continue;
+        const int64_t o = static_cast<int64_t>(m) * N + n;
+        const bool both = n + 1 < N;
+        if (p.out_kind == kOutF32) {
+          float* out = static_cast<float*>(p.out) + o;
+          if (both && paired) {
+            *reinterpret_cast<F32x2*>(out) = F32x2{y[0], y[1]};
+          } else {
+            out[0] = y[0];
+            if (both) out[1] = y[1];
+          }
+        } else {
+          const uint16_t b0 = p.out_kind == kOutBF16 ? to_bf16_bits(y[0]) : to_f16_bits(y[0]);
+          const uint16_t b1 = p.out_kind == kOutBF16 ? to_bf16_bits(y[1]) : to_f16_bits(y[1]);
+          uint16_t* out = static_cast<uint16_t*>(p.out) + o;
+          if (both && paired) {
+            *reinterpret_cast<uint32_t*>(out) = static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16);
+          } else {
+            out[0] = b0;
+            if (both) out[1] = b1;
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace ditq::gemm
