@@ -4,3 +4,8 @@ from . import ops  # noqa: F401  (registers torch.ops.ditq.*)
 
 __version__ = "0.1.0"
 __all__ = ["sqnr"]
+from .config import QuantConfig  # noqa: F401,E402
+from .report import QuantReport  # noqa: F401,E402
+from .convert import quantize  # noqa: F401,E402
+
+__all__ += ["QuantConfig", "QuantReport", "quantize"]

@@ -1,0 +1,174 @@
+"""``QuantConfig``: what to quantize and how, validated once, serializable.
+
+One config drives :func:`ditq.quantize`, is written into every checkpoint and read back by
+:func:`ditq.load_quantized`. Its weight fields become a :class:`ditq.format.WeightFormat` (the single description
+of a packed weight), so the meaning of ``group_size`` lives in one place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import List, Optional, Sequence, Union
+
+from .backends import BACKEND_NAMES
+from .format import SUPPORTED_GROUP_SIZES, FormatError, WeightFormat
+
+ACT_SCHEMES = ("static", "dynamic")
+CALIBRATION_MODES = ("first-step", "all-steps")
+PRESETS = {
+    "w8a8": dict(weight_bits=8, group_size=None),
+    "w4a8": dict(weight_bits=4, group_size=128),
+}
+_DEFAULT = "default"  # group_size not given: 128 for 4-bit weights, per channel (None) for 8-bit
+
+
+class QuantConfigError(ValueError):
+    """A quantization setting ditq cannot honour; the message names the field and the accepted values."""
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _patterns(value, what: str) -> List[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    try:
+        value = list(value)
+    except TypeError:
+        raise QuantConfigError(f"{what} must be a list of fnmatch patterns (str), got {type(value).__name__}")
+    for p in value:
+        if not isinstance(p, str) or not p:
+            raise QuantConfigError(f"{what} patterns must be non-empty strings, got {p!r}")
+    return value
+
+
+@dataclass
+class QuantConfig:
+    """Post-training quantization settings.
+
+    Args:
+        weight_bits: 8 (one scale per output channel) or 4 (group-wise along K).
+        group_size: ``None`` = one scale per output channel (required for 8-bit); 32/64/128/256 = groups of that
+            many inputs along K (4-bit). Left out: 128 for 4-bit, ``None`` for 8-bit.
+        act_bits: activation bits; only 8 is implemented (int8 GEMMs).
+        act_scheme: ``"static"``: one activation scale per layer, calibrated (the paper); ``"dynamic"``: one scale
+            per token computed at run time (no calibration needed).
+        calibration: ``"first-step"`` (the paper: only the transformer's first call of each calibration run,
+            t = T), ``"all-steps"`` (the baseline), or a list of step indices (0 = the first call).
+        backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cuda-emulated"`` (``ditq.backends``).
+        skip: fnmatch patterns of module names (relative to the transformer) never to quantize; wins over all.
+        include: fnmatch patterns; when given, only matching ``nn.Linear`` layers are candidates, and a layer that
+            matches one is quantized even if the default skip list names it.
+        default_skip: apply :data:`ditq.convert.DEFAULT_SKIP` (layers best kept in full precision).
+        progress: show tqdm progress bars during calibration and conversion.
+    """
+
+    weight_bits: int = 8
+    group_size: Union[int, None, str] = _DEFAULT
+    act_bits: int = 8
+    act_scheme: str = "static"
+    calibration: Union[str, List[int]] = "first-step"
+    backend: str = "auto"
+    skip: List[str] = field(default_factory=list)
+    include: List[str] = field(default_factory=list)
+    default_skip: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if not _is_int(self.weight_bits) or self.weight_bits not in (4, 8):
+            raise QuantConfigError(f"weight_bits must be 4 or 8, got {self.weight_bits!r}")
+        if isinstance(self.group_size, str) and self.group_size == _DEFAULT:
+            self.group_size = 128 if self.weight_bits == 4 else None
+        if self.group_size is not None and (not _is_int(self.group_size)
+                                            or self.group_size not in SUPPORTED_GROUP_SIZES):
+            raise QuantConfigError(f"group_size must be None (per output channel) or one of "
+                                   f"{SUPPORTED_GROUP_SIZES}, got {self.group_size!r}")
+        try:
+            WeightFormat(self.weight_bits, self.group_size)
+        except FormatError as e:
+            raise QuantConfigError(str(e)) from None
+        if not _is_int(self.act_bits) or self.act_bits != 8:
+            raise QuantConfigError(f"act_bits must be 8 (the GEMMs take int8 activations), got {self.act_bits!r}")
+        if self.act_scheme not in ACT_SCHEMES:
+            raise QuantConfigError(f"act_scheme must be one of {ACT_SCHEMES}, got {self.act_scheme!r}")
+        self.calibration = self._check_calibration(self.calibration)
+        if not isinstance(self.backend, str) or self.backend not in BACKEND_NAMES + ("auto",):
+            raise QuantConfigError(f"backend must be one of {BACKEND_NAMES + ('auto',)}, got {self.backend!r}")
+        self.skip = _patterns(self.skip, "skip")
+        self.include = _patterns(self.include, "include")
+        if not isinstance(self.default_skip, bool):
+            raise QuantConfigError(f"default_skip must be True or False, got {self.default_skip!r}")
+        if not isinstance(self.progress, bool):
+            raise QuantConfigError(f"progress must be True or False, got {self.progress!r}")
+
+    @staticmethod
+    def _check_calibration(cal):
+        if isinstance(cal, str):
+            if cal not in CALIBRATION_MODES:
+                raise QuantConfigError(f"calibration must be one of {CALIBRATION_MODES} or a list of step "
+                                       f"indices, got {cal!r}")
+            return cal
+        if isinstance(cal, Sequence) and not isinstance(cal, (bytes, bytearray)):
+            steps = list(cal)
+            if not steps:
+                raise QuantConfigError("calibration step list is empty: give at least one step index (0 = first)")
+            for s in steps:
+                if not _is_int(s) or s < 0:
+                    raise QuantConfigError(f"calibration steps must be non-negative ints, got {s!r}")
+            if len(set(steps)) != len(steps):
+                raise QuantConfigError(f"calibration steps must not repeat, got {steps}")
+            return sorted(steps)
+        raise QuantConfigError(f"calibration must be one of {CALIBRATION_MODES} or a list of step indices, "
+                               f"got {cal!r}")
+
+    # ---- derived -------------------------------------------------------------------------------------
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        return WeightFormat(self.weight_bits, self.group_size)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.act_scheme == "static"
+
+    def calibration_steps(self) -> Optional[List[int]]:
+        """Step indices whose activations set the static scales; None = every step ("all-steps")."""
+        if self.calibration == "first-step":
+            return [0]
+        if self.calibration == "all-steps":
+            return None
+        return list(self.calibration)
+
+    @property
+    def name(self) -> str:
+        g = "" if self.group_size is None else f"g{self.group_size}"
+        return f"w{self.weight_bits}{g}a{self.act_bits}-{self.act_scheme}"
+
+    # ---- construction / serialization ----------------------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "QuantConfig":
+        """``"w8a8"`` (int8 per-channel weights) or ``"w4a8"`` (int4, groups of 128); ``overrides`` replace fields."""
+        if name not in PRESETS:
+            raise QuantConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        kw = dict(PRESETS[name])
+        if "weight_bits" in overrides and "group_size" not in overrides:
+            kw.pop("group_size")  # let the new bit width pick its own default group size
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v, list) else v)
+                for f in fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        if not isinstance(d, dict):
+            raise QuantConfigError(f"QuantConfig.from_dict takes a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise QuantConfigError(f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,105 @@
+"""``QuantReport``: what :func:`ditq.quantize` did, measured.
+
+* per quantized layer: shape, format, weight SQNR (the packed weight dequantized vs the original), activation
+  SQNR (the layer's first-step calibration input through int8 quantization with the scale it will use, static or
+  per-token, vs that input), the static scale, bytes before / after;
+* layers left in full precision, each with the reason;
+* model-output SQNR: the transformer re-run on the recorded first-step calibration inputs, quantized vs full
+  precision (None when there were no calibration inputs);
+* bytes of the whole transformer before / after, and the per-step activation ranges calibration recorded.
+
+``str(report)`` prints a table; ``to_dict()`` / ``to_json()`` serialize it (infinite SQNRs become "inf").
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    format: str
+    weight_sqnr: float
+    act_sqnr: Optional[float]
+    act_scale: Optional[float]
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class QuantReport:
+    config: dict
+    backend: str
+    layers: List[LayerReport] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)  # module name -> reason
+    output_sqnr: Optional[float] = None
+    output_sqnr_per_run: List[float] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    calibration: dict = field(default_factory=dict)  # mode, runs, transformer calls per run
+    act_absmax_per_step: Dict[str, Dict[int, float]] = field(default_factory=dict)
+
+    @property
+    def compression(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+
+    def layer(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no quantized layer named {name!r}")
+
+    # ---- serialization ----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["compression"] = self.compression
+        return _finite(d)
+
+    def to_json(self, **kw) -> str:
+        kw.setdefault("indent", 2)
+        return json.dumps(self.to_dict(), **kw)
+
+    # ---- table ------------------------------------------------------------------------------------
+
+    def __str__(self) -> str:
+        def db(v):
+            return "-" if v is None else ("inf" if v == math.inf else f"{v:.1f}")
+
+        width = max([len(lr.name) for lr in self.layers] + [len(n) for n in self.skipped] + [5])
+        lines = [f"ditq quantization report: {self.config.get('weight_bits')}-bit weights"
+                 f" (group {self.config.get('group_size') or 'per-channel'}), int8 activations "
+                 f"({self.config.get('act_scheme')}), backend {self.backend}",
+                 f"calibration: {self.calibration.get('mode')}, {self.calibration.get('runs', 0)} run(s), "
+                 f"transformer calls per run {self.calibration.get('calls_per_run', [])}",
+                 "",
+                 f"{'layer':<{width}}  {'K':>6} {'N':>6}  {'format':<10} {'W SQNR':>7} {'A SQNR':>7} "
+                 f"{'bytes':>10} -> {'packed':>9}"]
+        for lr in self.layers:
+            lines.append(f"{lr.name:<{width}}  {lr.in_features:>6} {lr.out_features:>6}  {lr.format:<10} "
+                         f"{db(lr.weight_sqnr):>7} {db(lr.act_sqnr):>7} {lr.bytes_before:>10} -> "
+                         f"{lr.bytes_after:>9}")
+        if self.skipped:
+            lines += ["", f"kept in full precision ({len(self.skipped)}):"]
+            lines += [f"  {n:<{width}}  {why}" for n, why in self.skipped.items()]
+        lines += ["",
+                  f"quantized layers: {len(self.layers)}; transformer bytes {self.bytes_before:,} -> "
+                  f"{self.bytes_after:,} ({self.compression:.2f}x smaller)",
+                  f"model-output SQNR vs full precision on the calibration inputs: {db(self.output_sqnr)} dB"]
+        return "\n".join(lines)
+
+
+def _finite(obj):
+    """JSON has no infinities: write them as strings."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {(str(k) if not isinstance(k, str) else k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
