@@ -57,6 +57,7 @@
 
 #include "ptx.cuh"
 #include "configs/gemm_tiles.h"
+#include "gemm.h"
 
 #if defined(__CUDACC__)
 #include <cuda_bf16.h>
@@ -65,20 +66,7 @@
 
 namespace ditq::gemm {
 
-enum OutKind : int { kOutF32 = 0, kOutF16 = 1, kOutBF16 = 2 };
-
-// Everything a launch needs; plain pointers, no torch.
-struct GemmParams {
-  const int8_t* a;          // [M, K]
-  const float* a_scale;     // [1] (static) or [M] (per token)
-  int a_scale_per_token;    // 0 / 1
-  const void* w;            // int8 [N, K] or split-nibble uint8 [N, K / 2]
-  const float* w_scale;     // [N] or [K / G, N]
-  const float* bias;        // [N] float32 or nullptr
-  void* out;                // [M, N] of out_kind
-  int out_kind;
-  int M, N, K;
-};
+// GemmParams and OutKind: gemm.h (shared with the launchers and the binding).
 
 // ---- explicit fp32 rounding: identical on the GPU and in the host emulator --------------------------------
 DITQ_DEVICE float fmul_rn(float x, float y) {
@@ -171,24 +159,44 @@ DITQ_DEVICE int swizzle(int row, int chunk) {
   return row * ROW_BYTES + ((chunk ^ ((row / R) % KEYS)) << 4);
 }
 
-// Copy a [ROWS][ROW_BYTES] tile starting at global row r0 (of `nrows`), byte column c0 (of `row_len` bytes,
-// a multiple of 16) into swizzled smem, one 16-byte cp.async per chunk; chunks outside the matrix zero-fill.
+// Copies [ROWS][ROW_BYTES] tiles (rows r0.. of an `nrows` x `row_len`-byte matrix, byte columns advancing
+// by ROW_BYTES per k tile) into swizzled smem, one 16-byte cp.async per chunk; chunks outside the matrix
+// zero-fill. Each thread's chunks, their smem offsets and row pointers are fixed for the whole K loop, so
+// they are computed once here and a k tile costs one compare and one add per chunk.
 template <int ROWS, int ROW_BYTES, int THREADS>
-DITQ_DEVICE void load_tile(uint8_t* smem, const uint8_t* g, int r0, int nrows, int c0, int row_len, int tid) {
-  constexpr int C = ROW_BYTES / 16, CHUNKS = ROWS * C;
+struct TileLoader {
+  static constexpr int C = ROW_BYTES / 16, CHUNKS = ROWS * C;
+  static constexpr int PER_THREAD = (CHUNKS + THREADS - 1) / THREADS;
+  const uint8_t* base;  // a valid address for predicated-off copies (they still carry one)
+  const uint8_t* src[PER_THREAD];
+  int dst[PER_THREAD];
+  int col[PER_THREAD];  // byte column of the chunk in tile 0; INT32_MAX-ish when the row is out of range
+  int row_len;
+
+  DITQ_DEVICE TileLoader(const uint8_t* g, int r0, int nrows, int row_len_, int tid)
+      : base(g), row_len(row_len_) {
 #pragma unroll
-  for (int i0 = 0; i0 < CHUNKS; i0 += THREADS) {
-    const int i = i0 + tid;
-    if (CHUNKS % THREADS == 0 || i < CHUNKS) {
-      const int row = i / C, chunk = i % C;
-      const int gr = r0 + row, gc = c0 + chunk * 16;
-      const bool in = gr < nrows && gc < row_len;
-      // A predicated-off copy still carries an address: keep it inside the allocation.
-      const uint8_t* src = in ? g + static_cast<int64_t>(gr) * row_len + gc : g;
-      ptx::cp_async_16(smem + swizzle<ROW_BYTES>(row, chunk), src, in);
+    for (int j = 0; j < PER_THREAD; ++j) {
+      const unsigned i = static_cast<unsigned>(j * THREADS + tid);  // unsigned: / and % are shifts
+      const int row = static_cast<int>(i / C), chunk = static_cast<int>(i % C);
+      const bool ok = (CHUNKS % THREADS == 0 || i < static_cast<unsigned>(CHUNKS)) && r0 + row < nrows;
+      src[j] = ok ? g + static_cast<int64_t>(r0 + row) * row_len_ + chunk * 16 : g;
+      dst[j] = swizzle<ROW_BYTES>(row, chunk);
+      col[j] = ok ? chunk * 16 : (1 << 30);  // rows past the matrix never pass the column test
     }
   }
-}
+
+  DITQ_DEVICE void load(uint8_t* smem, int kt) const {
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+      if (CHUNKS % THREADS == 0 || j * THREADS + static_cast<int>(threadIdx.x) < CHUNKS) {
+        const int off = kt * ROW_BYTES;
+        const bool in = col[j] + off < row_len;
+        ptx::cp_async_16(smem + dst[j], in ? src[j] + off : base, in);
+      }
+    }
+  }
+};
 
 // ---- weight operands ---------------------------------------------------------------------------------------
 // Each policy says how many bytes a W tile row has, how to turn smem into B fragments for one k32 step, and
@@ -284,11 +292,13 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
   const uint8_t* const w_g = static_cast<const uint8_t*>(p.w);
   const int w_len = WOp::row_len(K);
 
+  const TileLoader<T::BM, A_RB, T::THREADS> a_loader(a_g, m0, M, K, tid);
+  const TileLoader<T::BN, W_RB, T::THREADS> w_loader(w_g, n0, N, w_len, tid);
   auto issue = [&](int kt) {  // cp.async tile kt into its stage; always commits a group (maybe empty)
     if (kt < KT) {
       const int s = kt % T::STAGES;
-      load_tile<T::BM, A_RB, T::THREADS>(a_smem + s * A_STAGE, a_g, m0, M, kt * T::BK, K, tid);
-      load_tile<T::BN, W_RB, T::THREADS>(w_smem + s * W_STAGE, w_g, n0, N, kt * W_RB, w_len, tid);
+      a_loader.load(a_smem + s * A_STAGE, kt);
+      w_loader.load(w_smem + s * W_STAGE, kt);
     }
     ptx::cp_async_commit();
   };

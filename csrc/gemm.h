@@ -7,7 +7,20 @@
 
 namespace ditq::gemm {
 
-struct GemmParams;
+enum OutKind : int { kOutF32 = 0, kOutF16 = 1, kOutBF16 = 2 };
+
+// Everything a launch needs; plain pointers, no torch.
+struct GemmParams {
+  const int8_t* a;          // [M, K] row-major, 16-byte aligned, K % 16 == 0
+  const float* a_scale;     // [1] (static) or [M] (per token)
+  int a_scale_per_token;    // 0 / 1
+  const void* w;            // int8 [N, K] (W8) or split-nibble uint8 [N, K / 2] (W4), 16-byte aligned
+  const float* w_scale;     // [N] (W8) or [K / G, N] (W4)
+  const float* bias;        // [N] float32 or nullptr
+  void* out;                // [M, N] of out_kind, contiguous
+  int out_kind;
+  int M, N, K;
+};
 
 // Tiles compiled in (configs/gemm_tiles.h): count, and {BM, BN, BK, WARPS_M, WARPS_N, STAGES, THREADS}.
 int tile_count();
