@@ -9,3 +9,6 @@ from .report import QuantReport  # noqa: F401,E402
 from .convert import quantize  # noqa: F401,E402
 
 __all__ += ["QuantConfig", "QuantReport", "quantize"]
+from .io import load_quantized, save_quantized  # noqa: F401,E402
+
+__all__ += ["save_quantized", "load_quantized"]
