@@ -1,0 +1,138 @@
+"""Register "ditq" as a diffusers quantization method, so that after ``import ditq``::
+
+    DiTTransformer2DModel.from_pretrained(saved_dir / "transformer")
+
+loads a checkpoint written by :func:`ditq.save_quantized` (its ``config.json`` carries
+``"quantization_config": {"quant_method": "ditq", ...}``).
+
+What this relies on (diffusers 0.42; none of it is a documented extension point):
+
+* the module-level dicts ``diffusers.quantizers.auto.AUTO_QUANTIZER_MAPPING`` and
+  ``AUTO_QUANTIZATION_CONFIG_MAPPING`` (internal): ``DiffusersAutoQuantizer`` looks the method up there at load
+  time, so adding a key is enough;
+* ``ModelMixin.from_pretrained`` reading ``quantization_config.quant_method.value`` (we give a ``str`` subclass with
+  ``.value``, since the ``QuantizationMethod`` enum cannot be extended) and calling the ``DiffusersQuantizer`` hooks
+  ``_process_model_before_weight_loading`` / ``check_if_quantized_param`` / ``create_quantized_param`` /
+  ``_process_model_after_weight_loading``;
+* diffusers refuses quantized loading without ``low_cpu_mem_usage``, which needs the ``accelerate`` package:
+  without it this path raises diffusers' own error and :func:`ditq.load_quantized` (which needs neither) is the
+  way to load.
+
+If diffusers changes these internals, registration is skipped with a warning and ``ditq.load_quantized`` keeps
+working.
+"""
+from __future__ import annotations
+
+import warnings
+
+
+from .nn import QuantLinear
+
+
+class _Method(str):
+    """A quant_method string with the ``.value`` diffusers reads from its enum members."""
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+def _build():
+    from diffusers.quantizers.base import DiffusersQuantizer
+    from diffusers.quantizers.quantization_config import QuantizationConfigMixin
+
+    from . import io
+
+    class DitqDiffusersConfig(QuantizationConfigMixin):
+        """The ditq header (``ditq.io``) as a diffusers quantization config."""
+
+        def __init__(self, **header):
+            header.pop("quant_method", None)
+            io.check_header(header, where="quantization_config")
+            self.quant_method = _Method(io.QUANT_METHOD)
+            self.header = header
+
+        def to_dict(self):
+            return {"quant_method": str(self.quant_method), **self.header}
+
+        def to_diff_dict(self):
+            return self.to_dict()
+
+    class DitqDiffusersQuantizer(DiffusersQuantizer):
+        """Loads pre-quantized ditq checkpoints (quantizing while loading is ``ditq.quantize``'s job: it needs
+        calibration)."""
+
+        requires_calibration = True
+        use_keep_in_fp32_modules = False
+
+        def validate_environment(self, *args, **kwargs):
+            return None
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            from .backends import resolve
+            io.install_quant_linears(model, self.quantization_config.header,
+                                     resolve(self.quantization_config.header["quant_config"]["backend"], None))
+            return model
+
+        def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs):
+            module_name, _, tensor = param_name.rpartition(".")
+            try:
+                return isinstance(model.get_submodule(module_name), QuantLinear)
+            except AttributeError:
+                return False
+
+        def check_quantized_param_shape(self, *args, **kwargs):
+            return True  # shapes are validated by QuantLinear.load_canonical
+
+        def create_quantized_param(self, model, param_value, param_name, target_device, state_dict,
+                                   unexpected_keys=None, **kwargs):
+            # Take the tensor as saved: diffusers may already have cast float tensors (scales) to torch_dtype.
+            module_name, _, tensor = param_name.rpartition(".")
+            value = state_dict[param_name].to(target_device)
+            layer = model.get_submodule(module_name)
+            if tensor == "bias" and param_value.is_floating_point():
+                value = param_value.to(target_device)  # bias follows the requested dtype like any bias
+            layer._buffers[tensor] = value
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            for m in model.modules():
+                if isinstance(m, QuantLinear):
+                    t = m.canonical()
+                    m.load_canonical(t["qweight"], t["scales"], t.get("bias"), t.get("act_scale"))
+            model._ditq_config = self.quantization_config.header["quant_config"]
+            return model
+
+        @property
+        def is_serializable(self):
+            return False  # use ditq.save_quantized
+
+        @property
+        def is_trainable(self):
+            return False
+
+    return DitqDiffusersConfig, DitqDiffusersQuantizer
+
+
+def register() -> bool:
+    """Add "ditq" to diffusers' quantizer mappings; True on success (idempotent)."""
+    try:
+        from diffusers.quantizers import auto
+        config_cls, quantizer_cls = _build()
+        auto.AUTO_QUANTIZATION_CONFIG_MAPPING["ditq"] = config_cls
+        auto.AUTO_QUANTIZER_MAPPING["ditq"] = quantizer_cls
+        return True
+    except Exception as e:  # an internal moved: the ditq.load_quantized path does not depend on it
+        warnings.warn(f"ditq could not register with diffusers' quantizers ({type(e).__name__}: {e}); "
+                      f"load checkpoints with ditq.load_quantized")
+        return False
+
+
+def is_registered() -> bool:
+    try:
+        from diffusers.quantizers import auto
+    except ImportError:
+        return False
+    return "ditq" in auto.AUTO_QUANTIZER_MAPPING
+
+
+__all__ = ["register", "is_registered"]
