@@ -1,0 +1,59 @@
+"""QuantConfig: defaults, presets, validation errors, round trip."""
+import pytest
+
+from ditq import QuantConfig
+from ditq.config import QuantConfigError
+
+
+def test_defaults_follow_bits():
+    assert QuantConfig(weight_bits=8).group_size is None
+    assert QuantConfig(weight_bits=4).group_size == 128
+    assert QuantConfig(weight_bits=4, group_size=32).weight_format.group_size == 32
+
+
+def test_presets_and_overrides():
+    c = QuantConfig.preset("w4a8", group_size=64, act_scheme="dynamic")
+    assert (c.weight_bits, c.group_size, c.act_scheme) == (4, 64, "dynamic")
+    c = QuantConfig.preset("w8a8")
+    assert (c.weight_bits, c.group_size) == (8, None)
+    assert QuantConfig.preset("w8a8", weight_bits=4).group_size == 128
+    with pytest.raises(QuantConfigError, match="unknown preset"):
+        QuantConfig.preset("w2a8")
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(weight_bits=3), "weight_bits must be 4 or 8"),
+    (dict(weight_bits=True), "weight_bits must be 4 or 8"),
+    (dict(weight_bits=4, group_size=48), "group_size must be None"),
+    (dict(weight_bits=4, group_size=None), "need a group size"),
+    (dict(weight_bits=8, group_size=128), "one scale per output channel"),
+    (dict(act_bits=4), "act_bits must be 8"),
+    (dict(act_scheme="smooth"), "act_scheme must be one of"),
+    (dict(calibration="last-step"), "calibration must be one of"),
+    (dict(calibration=[]), "step list is empty"),
+    (dict(calibration=[0, -1]), "non-negative"),
+    (dict(calibration=[1, 1]), "must not repeat"),
+    (dict(calibration=3), "calibration must be one of"),
+    (dict(backend="cublas"), "backend must be one of"),
+    (dict(skip=[""]), "non-empty strings"),
+    (dict(include=5), "list of fnmatch patterns"),
+    (dict(default_skip="yes"), "default_skip"),
+])
+def test_bad_settings_raise_clear_errors(kw, match):
+    with pytest.raises(QuantConfigError, match=match):
+        QuantConfig(**kw)
+
+
+def test_calibration_modes():
+    assert QuantConfig().calibration_steps() == [0]
+    assert QuantConfig(calibration="all-steps").calibration_steps() is None
+    assert QuantConfig(calibration=[5, 2]).calibration_steps() == [2, 5]
+
+
+def test_dict_round_trip_and_unknown_fields():
+    c = QuantConfig(weight_bits=4, group_size=64, skip=["proj*"], include="blocks.*", calibration=[0, 3])
+    d = c.to_dict()
+    assert d["include"] == ["blocks.*"]
+    assert QuantConfig.from_dict(d) == c
+    with pytest.raises(QuantConfigError, match="unknown QuantConfig fields"):
+        QuantConfig.from_dict({**d, "bits": 4})
