@@ -204,6 +204,20 @@ class _ActErrors:
             h.remove()
 
 
+def _weight_sqnr(w: torch.Tensor, can: dict, fmt, rows: int = 256) -> float:
+    """SQNR of the packed weight vs the original, in row chunks so the transient stays a fraction of a layer."""
+    import math
+    signal = noise = 0.0
+    for r0 in range(0, w.shape[0], rows):
+        wq = dequantize_weight(can["qweight"][r0:r0 + rows], can["scales"][..., r0:r0 + rows], fmt).double()
+        wc = w[r0:r0 + rows].double()
+        signal += float(wc.pow(2).sum())
+        noise += float((wc - wq).pow(2).sum())
+    if noise == 0:
+        return math.inf
+    return -math.inf if signal == 0 else 10 * math.log10(signal / noise)
+
+
 def _parent(root: nn.Module, name: str) -> Tuple[nn.Module, str]:
     if "." not in name:
         return root, name
@@ -306,8 +320,7 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     try:
         for name, lin in tqdm(layers.items(), desc="ditq quantize", unit="layer", disable=not cfg.progress):
             q = QuantLinear.from_linear(lin, cfg, scales.get(name), backend)
-            can = q.canonical()
-            w_sqnr = ref.sqnr(lin.weight.detach().float(), dequantize_weight(can["qweight"], can["scales"], fmt))
+            w_sqnr = _weight_sqnr(lin.weight.detach(), q.canonical(), fmt)
             parent, attr = _parent(transformer, name)
             setattr(parent, attr, q)
             swapped.append((parent, attr, lin))
