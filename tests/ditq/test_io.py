@@ -1,0 +1,116 @@
+"""save_quantized / load_quantized: bit-identical round trips, meta-device rebuild, version errors, and the
+diffusers from_pretrained path."""
+import json
+import os
+
+import pytest
+import torch
+
+import ditq
+from ditq import QuantConfig
+from ditq.io import HEADER_NAME, CheckpointError
+from ditq.nn import QuantLinear
+from tiny_models import dit_inputs, tiny_dit, tiny_dit_pipeline
+
+
+def _quantized_dit(cfg=None):
+    t = tiny_dit()
+    inp = dit_inputs()
+    ditq.quantize(t, cfg or QuantConfig.preset("w4a8", group_size=32, progress=False), calib_fn=lambda m: m(**inp))
+    return t, inp
+
+
+def test_pipeline_round_trip_is_bit_identical(tmp_path):
+    pipe = tiny_dit_pipeline()
+    ditq.quantize(pipe, QuantConfig.preset("w8a8", progress=False),
+                  calib_inputs=dict(class_labels=[1, 2], num_inference_steps=2))
+    ditq.save_quantized(pipe, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["model_index.json", "scheduler", "transformer", "vae"]
+    assert json.load(open(tmp_path / "model_index.json"))["transformer"] == ["diffusers", "DiTTransformer2DModel"]
+    assert pipe.config["transformer"] == ("diffusers", "DiTTransformer2DModel")  # the live pipeline is intact
+    loaded = ditq.load_quantized(str(tmp_path))
+    assert type(loaded) is type(pipe)
+    run = dict(class_labels=[3, 4], num_inference_steps=2, output_type="np")
+    a = pipe(**run, generator=torch.Generator().manual_seed(0)).images
+    b = loaded(**run, generator=torch.Generator().manual_seed(0)).images
+    assert (a == b).all()
+
+
+def test_transformer_round_trip_meta_init_and_header(tmp_path, monkeypatch):
+    t, inp = _quantized_dit()
+    ditq.save_quantized(t, str(tmp_path))
+    header = json.load(open(tmp_path / HEADER_NAME))
+    assert header["layout_version"] == 1 and header["model_class"].endswith("DiTTransformer2DModel")
+    assert header["quant_config"]["weight_bits"] == 4 and len(header["layers"]) == 18
+    spec = header["layers"]["transformer_blocks.0.attn1.to_q"]
+    assert spec["format"]["group_size"] == 32 and spec["act_scale"] == pytest.approx(
+        float(t.transformer_blocks[0].attn1.to_q.act_scale))
+    # No full-precision linear weight is materialized while loading: every nn.Linear parameter is created on
+    # the meta device, so the only Linear weights with storage are the skipped layers' (filled from the file).
+    created = []
+    real_init = torch.nn.Linear.__init__
+
+    def spy(self, *a, **k):
+        real_init(self, *a, **k)
+        created.append(self.weight.device.type)
+    monkeypatch.setattr(torch.nn.Linear, "__init__", spy)
+    loaded = ditq.load_quantized(str(tmp_path))
+    assert created and set(created) == {"meta"}
+    assert isinstance(loaded.transformer_blocks[1].ff.net[2], QuantLinear)
+    assert not loaded.training
+    assert torch.equal(t(**inp).sample, loaded(**inp).sample)
+
+
+def test_bf16_model_round_trip(tmp_path):
+    t, inp = _quantized_dit(QuantConfig.preset("w8a8", act_scheme="dynamic", progress=False))
+    t = t.to(torch.bfloat16)
+    ditq.save_quantized(t, str(tmp_path))
+    loaded = ditq.load_quantized(str(tmp_path))
+    x = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in inp.items()}
+    assert loaded.pos_embed.pos_embed.dtype == torch.bfloat16
+    assert torch.equal(t(**x).sample, loaded(**x).sample)
+
+
+def test_other_layout_version_is_refused(tmp_path):
+    t, _ = _quantized_dit()
+    ditq.save_quantized(t, str(tmp_path))
+    header = json.load(open(tmp_path / HEADER_NAME))
+    header["layout_version"] = 2
+    json.dump(header, open(tmp_path / HEADER_NAME, "w"))
+    with pytest.raises(CheckpointError, match="version 2.*reads layout 'ditq-canonical' version 1"):
+        ditq.load_quantized(str(tmp_path))
+
+
+def test_save_and_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="not quantized"):
+        ditq.save_quantized(tiny_dit(), str(tmp_path))
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    ditq.quantize(m, QuantConfig(act_scheme="dynamic", progress=False))
+    with pytest.raises(TypeError, match="needs a diffusers model"):
+        ditq.save_quantized(m, str(tmp_path))
+    with pytest.raises(CheckpointError, match="not a ditq checkpoint"):
+        ditq.load_quantized(str(tmp_path))
+    with pytest.raises(CheckpointError, match="not a directory"):
+        ditq.load_quantized(str(tmp_path / "missing"))
+    t, _ = _quantized_dit()
+    ditq.save_quantized(t, str(tmp_path / "t"))
+    with pytest.raises(Exception, match="not available"):
+        ditq.load_quantized(str(tmp_path / "t"), backend="cuda")
+
+
+def test_registered_with_diffusers():
+    from diffusers.quantizers import auto
+    assert "ditq" in auto.AUTO_QUANTIZER_MAPPING and "ditq" in auto.AUTO_QUANTIZATION_CONFIG_MAPPING
+
+
+def test_diffusers_from_pretrained(tmp_path):
+    pytest.importorskip("accelerate", reason="diffusers loads quantized models only with low_cpu_mem_usage, "
+                                             "which needs accelerate (ditq.load_quantized does not)")
+    from diffusers import DiTTransformer2DModel
+    t, inp = _quantized_dit()
+    ditq.save_quantized(t, str(tmp_path))
+    loaded = DiTTransformer2DModel.from_pretrained(str(tmp_path))
+    assert isinstance(loaded.transformer_blocks[0].attn1.to_q, QuantLinear)
+    assert torch.equal(t(**inp).sample, loaded(**inp).sample)
+    bf = DiTTransformer2DModel.from_pretrained(str(tmp_path), torch_dtype=torch.bfloat16)
+    assert bf.transformer_blocks[0].attn1.to_q.scales.dtype == torch.float32  # scales kept exact
