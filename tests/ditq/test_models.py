@@ -1,0 +1,116 @@
+"""The model families of issue 6 on CPU: DiT (pipeline), PixArt, SD3 and Flux (transformer level), on every
+backend that runs on CPU here (others are skipped with the reason)."""
+import copy
+
+import pytest
+import torch
+
+import ditq
+from ditq import QuantConfig
+from ditq.backends import BACKEND_NAMES, unavailable_reason
+from ditq.nn import QuantLinear
+from tiny_models import tiny_dit_pipeline
+
+CPU_BACKENDS = [n for n in BACKEND_NAMES if n != "cuda"]
+
+
+def _backend(name):
+    why = unavailable_reason(name, "cpu")
+    if why is not None:
+        pytest.skip(f"backend {name!r} is not available on CPU: {why}")
+    return name
+
+
+def _pixart():
+    from diffusers import PixArtTransformer2DModel
+    torch.manual_seed(0)
+    m = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
+                                 num_layers=2, cross_attention_dim=64, caption_channels=32, sample_size=8,
+                                 patch_size=2, norm_type="ada_norm_single", use_additional_conditions=False).eval()
+    g = torch.Generator().manual_seed(1)
+    inp = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+               encoder_hidden_states=torch.randn(2, 6, 32, generator=g),
+               timestep=torch.tensor([999, 999]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    return m, inp
+
+
+def _sd3():
+    from diffusers import SD3Transformer2DModel
+    torch.manual_seed(0)
+    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=32,
+                              num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=64,
+                              pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16).eval()
+    g = torch.Generator().manual_seed(1)
+    inp = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
+               encoder_hidden_states=torch.randn(2, 6, 32, generator=g),
+               pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([999, 999]))
+    return m, inp
+
+
+def _flux():
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    m = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                               attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                               pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
+    g = torch.Generator().manual_seed(1)
+    tokens, text = 16, 6
+    inp = dict(hidden_states=torch.randn(1, tokens, 16, generator=g),
+               encoder_hidden_states=torch.randn(1, text, 32, generator=g),
+               pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([1.0]),
+               img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text, 3))
+    inp["img_ids"][:, 1] = torch.arange(tokens) // 4
+    inp["img_ids"][:, 2] = torch.arange(tokens) % 4
+    return m, inp
+
+
+MODELS = {"pixart": _pixart, "sd3": _sd3, "flux": _flux}
+
+
+def _out(o):
+    return o.sample if hasattr(o, "sample") else o[0]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_transformer_families(family, preset, backend, tmp_path):
+    backend = _backend(backend)
+    model, inp = MODELS[family]()
+    with torch.no_grad():
+        ref = _out(model(**inp))
+    cfg = QuantConfig.preset(preset, backend=backend, progress=False,
+                             **({"group_size": 32} if preset == "w4a8" else {}))
+    report = ditq.quantize(model, cfg, calib_fn=lambda m: m(**inp))
+    assert report.backend == backend and len(report.layers) >= 8
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    with torch.no_grad():
+        out = _out(model(**inp))
+    # Same bounds as test_convert (per-layer int8 ~38 dB / int4 ~23 dB, at most ~13 dB lost over the layers);
+    # the output here is the calibration input itself, so it is also the report's number.
+    floor = 25.0 if preset == "w8a8" else 10.0
+    assert ditq.sqnr(ref, out) > floor and report.output_sqnr == pytest.approx(ditq.sqnr(ref, out))
+    ditq.save_quantized(model, str(tmp_path))
+    loaded = ditq.load_quantized(str(tmp_path), backend=backend)
+    with torch.no_grad():
+        assert torch.equal(_out(loaded(**inp)), out)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dit_pipeline_end_to_end(backend, tmp_path):
+    """The issue's snippet on DiTPipeline: quantize with first-step calibration, generate, save, load."""
+    backend = _backend(backend)
+    pipe = tiny_dit_pipeline()
+    ref_pipe = copy.deepcopy(pipe)
+    cfg = QuantConfig(weight_bits=4, group_size=32, act_bits=8, act_scheme="static", calibration="first-step",
+                      backend=backend, progress=False)
+    report = ditq.quantize(pipe, cfg, calib_inputs=dict(class_labels=[1, 2, 3, 4], num_inference_steps=4))
+    assert report.calibration["calls_per_run"] == [1]
+    run = dict(class_labels=[5, 6], num_inference_steps=4, output_type="np")
+    a = ref_pipe(**run, generator=torch.Generator().manual_seed(0)).images
+    b = pipe(**run, generator=torch.Generator().manual_seed(0)).images
+    assert ditq.sqnr(torch.from_numpy(a), torch.from_numpy(b)) > 10.0  # images after 4 steps + VAE decode
+    ditq.save_quantized(pipe, str(tmp_path))
+    loaded = ditq.load_quantized(str(tmp_path), backend=backend)
+    c = loaded(**run, generator=torch.Generator().manual_seed(0)).images
+    assert (b == c).all()
