@@ -204,6 +204,7 @@ struct TileLoader {
 
 struct W8 {
   static constexpr bool kGrouped = false;
+  static constexpr int kGroup = 0;  // one scale per channel: no group boundaries
   template <int BK> static constexpr int row_bytes() { return BK; }
   static constexpr int row_len(int K) { return K; }
 
@@ -270,6 +271,57 @@ constexpr int smem_bytes() {
   return T::STAGES * (T::BM * T::BK + T::BN * WOp::template row_bytes<T::BK>());
 }
 
+// Split-K: store this CTA's partial; the last CTA of the output tile to arrive sums all partials in split
+// order (so the float result never depends on arrival order) into acc / facc and returns true.
+// Workspace index ((z * tiles + tile) * E + e) * THREADS + tid: consecutive threads, consecutive words.
+template <class T, class WOp, class Acc, class FAcc>
+DITQ_DEVICE bool reduce_splits(const GemmParams& p, Acc& acc, FAcc& facc, uint8_t* smem) {
+  constexpr int MI = T::MI, NI = T::NI, E = MI * NI * 4;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int z = static_cast<int>(blockIdx.z), S = p.splits;
+  const int64_t tiles = static_cast<int64_t>(gridDim.x) * gridDim.y;
+  const int64_t tile = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  auto word = [&](int zz, int e) { return ((zz * tiles + tile) * E + e) * T::THREADS + tid; };
+  auto bits_of = [&](int e) -> uint32_t {
+    const int i = e / (NI * 4), j = (e / 4) % NI, r = e % 4;
+    if constexpr (WOp::kGrouped) return f32_bits(facc[i][j][r]);
+    else return static_cast<uint32_t>(acc[i][j][r]);
+  };
+#pragma unroll
+  for (int e = 0; e < E; ++e) p.workspace[word(z, e)] = bits_of(e);
+  ptx::fence_gpu();  // release: the partial is visible before this CTA is counted
+  __syncthreads();   // every thread's partial stored (and every warp done with the pipeline's smem)
+  int* flag = reinterpret_cast<int*>(smem);
+  if (tid == 0) {
+    const int arrived = ptx::atomic_add_gpu(p.counters + tile, 1);
+    const int last = arrived == S - 1;
+    if (last) p.counters[tile] = 0;  // leave the counters zeroed for the next launch
+    *flag = last;
+  }
+  __syncthreads();
+  if (!*flag) return false;
+  ptx::fence_gpu();  // acquire: the other CTAs' partials
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const int i = e / (NI * 4), j = (e / 4) % NI, r = e % 4;
+    if constexpr (WOp::kGrouped) {
+      float v = 0.0f;
+      for (int zz = 0; zz < S; ++zz) {
+        const uint32_t b = ptx::ld_cg(p.workspace + word(zz, e));
+        float f;
+        std::memcpy(&f, &b, 4);
+        v = zz == 0 ? f : v + f;  // fp32 adds in split order: fixed, whoever arrives last
+      }
+      facc[i][j][r] = v;
+    } else {
+      uint32_t v = 0;  // int32 sums: exact and order-free (wrapping adds, as the mma accumulates)
+      for (int zz = 0; zz < S; ++zz) v += ptx::ld_cg(p.workspace + word(zz, e));
+      acc[i][j][r] = static_cast<int32_t>(v);
+    }
+  }
+  return true;
+}
+
 template <class T, class WOp>
 DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
   constexpr int A_RB = T::BK, W_RB = WOp::template row_bytes<T::BK>();
@@ -284,7 +336,14 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
   const int m0 = static_cast<int>(blockIdx.y) * T::BM;
   const int n0 = static_cast<int>(blockIdx.x) * T::BN;
   const int M = p.M, N = p.N, K = p.K;
+  // This CTA's k tiles [kt0, kt1): split blockIdx.z of p.splits over whole k units (see gemm.h).
+  constexpr int UNIT_TILES = WOp::kGroup > T::BK ? WOp::kGroup / T::BK : 1;
   const int KT = (K + T::BK - 1) / T::BK;  // k tiles; the last may be partial (zero-filled)
+  const int units = (KT + UNIT_TILES - 1) / UNIT_TILES;
+  const int z = static_cast<int>(blockIdx.z);
+  const int kt0 = (z * units / p.splits) * UNIT_TILES;
+  const int kt1_units = ((z + 1) * units / p.splits) * UNIT_TILES;
+  const int kt1 = kt1_units < KT ? kt1_units : KT;
 
   uint8_t* const a_smem = smem;
   uint8_t* const w_smem = smem + T::STAGES * A_STAGE;
@@ -295,8 +354,8 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
   const TileLoader<T::BM, A_RB, T::THREADS> a_loader(a_g, m0, M, K, tid);
   const TileLoader<T::BN, W_RB, T::THREADS> w_loader(w_g, n0, N, w_len, tid);
   auto issue = [&](int kt) {  // cp.async tile kt into its stage; always commits a group (maybe empty)
-    if (kt < KT) {
-      const int s = kt % T::STAGES;
+    if (kt < kt1) {
+      const int s = (kt - kt0) % T::STAGES;
       a_loader.load(a_smem + s * A_STAGE, kt);
       w_loader.load(w_smem + s * W_STAGE, kt);
     }
@@ -345,9 +404,9 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
 
   // Prologue: STAGES - 1 tiles in flight.
 #pragma unroll
-  for (int s = 0; s < T::STAGES - 1; ++s) issue(s);
+  for (int s = 0; s < T::STAGES - 1; ++s) issue(kt0 + s);
 
-  for (int kt = 0; kt < KT; ++kt) {
+  for (int kt = kt0; kt < kt1; ++kt) {
     // Tile kt has landed once at most STAGES - 2 newer groups are pending; the barrier then (a) publishes
     // every thread's copies of tile kt and (b) proves every warp finished reading stage (kt - 1) % STAGES,
     // which the issue below overwrites with tile kt + STAGES - 1.
@@ -355,7 +414,7 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
     __syncthreads();
     issue(kt + T::STAGES - 1);
 
-    const int s = kt % T::STAGES;
+    const int s = (kt - kt0) % T::STAGES;
     const uint8_t* as = a_smem + s * A_STAGE;
     const uint8_t* ws = w_smem + s * W_STAGE;
 #pragma unroll
@@ -388,6 +447,8 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
     }
   }
   ptx::cp_async_wait<0>();  // only empty groups remain; leave nothing in flight at exit
+
+  if (p.splits > 1 && !reduce_splits<T, WOp>(p, acc, facc, smem)) return;  // not the last split: done
 
   // ---- epilogue: scale, bias, cast, store. Lane owns rows g, g + 8 and columns 2t, 2t + 1 of each tile.
   const bool paired = (N % 2) == 0;  // column pairs are then 2-element aligned: one wider store

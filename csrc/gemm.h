@@ -20,6 +20,14 @@ struct GemmParams {
   void* out;                // [M, N] of out_kind, contiguous
   int out_kind;
   int M, N, K;
+  // Split-K (gridDim.z = splits): each CTA sums a contiguous range of k units (units: BK, or G when G > BK,
+  // so a W4 group never straddles two splits). With splits > 1 every CTA stores its partial tile (int32 for
+  // W8, fp32 for W4) to `workspace` and the last CTA of each output tile to arrive (atomic `counters`, zeroed
+  // before the launch, left zeroed after it) adds the partials in split order 0..S-1 and runs the epilogue:
+  // the result does not depend on which CTA finishes last. Sizes: split_workspace_words / counter count.
+  int splits;
+  int* counters;        // [tiles_m * tiles_n], zero
+  uint32_t* workspace;  // [splits * tiles_m * BM * tiles_n * BN] 32-bit words
 };
 
 // Tiles compiled in (configs/gemm_tiles.h): count, and {BM, BN, BK, WARPS_M, WARPS_N, STAGES, THREADS}.
@@ -27,6 +35,11 @@ int tile_count();
 void tile_shape(int tile, int (&shape)[7]);
 // Dynamic shared memory of a tile for W8 (group_size == 0) or W4 weights.
 int tile_smem_bytes(int tile, int group_size);
+
+// Split-K: the number of k units a problem has for a tile (>= 1), and the split count used when the caller
+// asks for the automatic one: enough CTAs to cover `sm_count` SMs twice, at most 16, at least one unit each.
+int k_units(int tile, int group_size, int K);
+int auto_splits(int tile, int group_size, int M, int N, int K, int sm_count);
 
 // Real kernels: nullptr on success, else the CUDA error string. `stream` is a cudaStream_t.
 // group_size: 32, 64, 128 or 256; tile: an id from the table.

@@ -1,0 +1,235 @@
+// Torch bindings of the int8 GEMMs (issue 5), as ditq_C ops. Included by bindings.cpp only: the one translation unit that
+// pays for torch's headers. Every argument is checked here with a message a user understands before any
+// launch (ditq/ops.py validates the op contract first; these checks guard what the kernels assume beyond it:
+// device, alignment, K granularity, the W4 layout's shape) and the output is allocated here.
+#pragma once
+
+#include <torch/extension.h>
+
+#include "configs/gemm_tiles.h"
+#include "gemm.h"
+
+#if DITQ_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace ditq::gemm_binding {
+
+using ditq::gemm::GemmParams;
+
+inline int out_kind(at::ScalarType t) {
+  if (t == at::kFloat) return ditq::gemm::kOutF32;
+  if (t == at::kHalf) return ditq::gemm::kOutF16;
+  if (t == at::kBFloat16) return ditq::gemm::kOutBF16;
+  TORCH_CHECK_TYPE(false, "out_dtype must be float32, float16 or bfloat16, got ", t);
+}
+
+inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Checks shared by both GEMMs; returns the problem with everything but w / w_scale filled in.
+inline GemmParams check_common(const char* op, const at::Tensor& a, const at::Tensor& a_scale,
+                               const at::Tensor& w, const at::Tensor& w_scale,
+                               const std::optional<at::Tensor>& bias, int64_t n, bool emulated) {
+  const auto dev = a.device();
+  if (emulated) {
+    TORCH_CHECK_VALUE(dev.is_cpu(), op, " (cuda-emulated) runs on CPU tensors; a is on ", dev);
+  } else {
+    TORCH_CHECK_VALUE(dev.is_cuda(), op, " (cuda) needs CUDA tensors; a is on ", dev);
+  }
+  for (const at::Tensor* t : {&a_scale, &w, &w_scale})
+    TORCH_CHECK_VALUE(t->device() == dev, op, ": all inputs must be on ", dev, ", got one on ", t->device());
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kChar, op, ": a must be int8, got ", a.scalar_type());
+  TORCH_CHECK_VALUE(a.dim() == 2 && a.is_contiguous(), op, ": a must be a contiguous [M, K] tensor");
+  const int64_t m = a.size(0), k = a.size(1);
+  TORCH_CHECK_VALUE(k > 0 && k % 16 == 0, op, ": the CUDA kernels copy rows in 16-byte pieces, so K must be a "
+                    "positive multiple of 16; got K = ", k, " (pad the layer's inputs)");
+  TORCH_CHECK_VALUE(k <= 16384, op, ": K = ", k, " exceeds 16384, beyond which int32 sums could overflow");
+  TORCH_CHECK_VALUE(m < (int64_t{1} << 20) && n < (int64_t{1} << 26), op, ": M = ", m, ", N = ", n,
+                    " exceed the launch grid (M < 2^20, N < 2^26)");
+  TORCH_CHECK_VALUE(aligned16(a) && aligned16(w), op, ": a and w must start at 16-byte aligned addresses "
+                    "(a view with a storage offset is not; call .clone())");
+  TORCH_CHECK_TYPE(a_scale.scalar_type() == at::kFloat && w_scale.scalar_type() == at::kFloat, op,
+                   ": a_scale and w_scale must be float32");
+  TORCH_CHECK_VALUE(a_scale.dim() == 1 && (a_scale.numel() == 1 || a_scale.numel() == m) &&
+                    a_scale.is_contiguous(), op, ": a_scale must be float32 [1] or [M] = [", m, "]");
+  TORCH_CHECK_VALUE(w_scale.is_contiguous(), op, ": w_scale must be contiguous");
+  if (bias) {
+    TORCH_CHECK_VALUE(bias->device() == dev, op, ": bias must be on ", dev);
+    TORCH_CHECK_TYPE(bias->is_floating_point(), op, ": bias must be a float tensor");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [N] = [", n, "]");
+  }
+  GemmParams p{};
+  p.a = a.data_ptr<int8_t>();
+  p.a_scale = a_scale.data_ptr<float>();
+  p.a_scale_per_token = a_scale.numel() == m && m != 1 ? 1 : 0;
+  p.M = static_cast<int>(m);
+  p.N = static_cast<int>(n);
+  p.K = static_cast<int>(k);
+  return p;
+}
+
+inline int resolve_tile(int64_t tile, int arch, int64_t m, bool w4) {  // tile < 0: the table's choice
+  if (tile >= 0) {
+    TORCH_CHECK_VALUE(tile < ditq::gemm::tile_count(), "GEMM tile ", tile, " is not in the table (",
+                      ditq::gemm::tile_count(), " tiles)");
+    return static_cast<int>(tile);
+  }
+  const int t = ditq::gemm::pick_tile(arch, static_cast<int>(std::min<int64_t>(m, 1 << 30)), w4);
+  TORCH_CHECK_VALUE(t >= 0, "the int8 GEMMs need compute capability 8.0 or newer (mma.sync m16n8k32); this GPU "
+                    "is sm_", arch);
+  return t;
+}
+
+// With no GPU to ask, the emulated kernels choose tiles and splits as on an H100 SXM (sm_90, 132 SMs), so
+// calls through the op exercise what a GPU would run.
+constexpr int kEmulatedArch = 90, kEmulatedSmCount = 132;
+
+inline int resolve_splits(int64_t splits, int tile, int group, const GemmParams& p, int sm_count) {
+  const int units = ditq::gemm::k_units(tile, group, p.K);
+  if (splits < 0) return ditq::gemm::auto_splits(tile, group, p.M, p.N, p.K, sm_count);
+  TORCH_CHECK_VALUE(splits >= 1 && splits <= units, "split-K count must be in [1, ", units, "] (the number of ",
+                    "k units for this tile and group size), got ", splits);
+  return static_cast<int>(splits);
+}
+
+// Runs one GEMM: allocates y (and the split-K workspace), picks the tile, launches on the current stream (or
+// emulates) and checks the launch.
+inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const std::optional<at::Tensor>& bias,
+                      at::ScalarType out_dtype, int group, int64_t tile, int64_t splits, bool emulated) {
+  p.out_kind = out_kind(out_dtype);
+  at::Tensor bias32;
+  if (bias) {
+    bias32 = bias->to(at::kFloat).contiguous();  // the epilogue reads fp32 (a no-op for fp32 bias)
+    p.bias = bias32.data_ptr<float>();
+  }
+  at::Tensor y = at::empty({p.M, p.N}, a.options().dtype(out_dtype));
+  if (p.M == 0 || p.N == 0) return y;
+  p.out = y.data_ptr();
+  int arch = kEmulatedArch, sm_count = kEmulatedSmCount;
+#if DITQ_WITH_CUDA
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (!emulated) {
+    guard.emplace(a.device());
+    const auto* prop = at::cuda::getCurrentDeviceProperties();
+    arch = prop->major * 10 + prop->minor;
+    sm_count = prop->multiProcessorCount;
+  }
+#endif
+  const int t = resolve_tile(tile, arch, p.M, group > 0);
+  p.splits = resolve_splits(splits, t, group, p, sm_count);
+  at::Tensor counters, workspace;
+  if (p.splits > 1) {
+    int s[7];
+    ditq::gemm::tile_shape(t, s);
+    const int64_t tm = (p.M + s[0] - 1) / s[0], tn = (p.N + s[1] - 1) / s[1];
+    counters = at::zeros({tm * tn}, a.options().dtype(at::kInt));
+    workspace = at::empty({p.splits * tm * s[0] * tn * s[1]}, a.options().dtype(at::kInt));
+    p.counters = counters.data_ptr<int>();
+    p.workspace = reinterpret_cast<uint32_t*>(workspace.data_ptr<int>());
+  }
+  if (emulated) {
+    y.fill_(std::numeric_limits<float>::quiet_NaN());  // poison: an unwritten element shows as NaN
+    if (p.splits > 1) workspace.fill_(-1);
+    if (group > 0) ditq::gemm::emulate_w4a8(p, group, t);
+    else ditq::gemm::emulate_w8a8(p, t);
+    return y;
+  }
+#if DITQ_WITH_CUDA
+  void* stream = at::cuda::getCurrentCUDAStream().stream();
+  const char* err = group > 0 ? ditq::gemm::launch_w4a8(p, group, t, stream)
+                              : ditq::gemm::launch_w8a8(p, t, stream);
+  TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err ? err : "");
+  return y;
+#else
+  TORCH_CHECK(false, op, ": this build of ditq has no CUDA kernels (built without nvcc / CUDA torch)");
+#endif
+}
+
+inline at::Tensor gemm_w8a8(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                            at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
+  const char* op = "gemm_w8a8";
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, op, ": w must be int8, got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.is_contiguous() && a.dim() == 2 && w.size(1) == a.size(1), op,
+                    ": w must be a contiguous int8 [N, K] tensor with K = a.shape[1]");
+  const int64_t n = w.size(0);
+  GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated);
+  TORCH_CHECK_VALUE(w_scale.dim() == 1 && w_scale.size(0) == n, op, ": w_scale must be float32 [N] = [", n, "]");
+  p.w = w.data_ptr();
+  p.w_scale = w_scale.data_ptr<float>();
+  return run(op, p, a, bias, out_dtype, 0, tile, splits, emulated);
+}
+
+inline at::Tensor gemm_w4a8(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t group_size,
+                            at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
+  const char* op = "gemm_w4a8";
+  TORCH_CHECK_VALUE(group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256, op,
+                    ": group_size must be 32, 64, 128 or 256, got ", group_size);
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": w must be uint8 (two int4 per byte), got ",
+                   w.scalar_type());
+  TORCH_CHECK_VALUE(w_scale.dim() == 2, op, ": w_scale must be float32 [K // group_size, N]");
+  const int64_t n = w_scale.size(1), k = a.dim() == 2 ? a.size(1) : -1;
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == n && w.size(1) * 2 == k && w.is_contiguous(), op,
+                    ": w must be a contiguous uint8 [N, K // 2] = [", n, ", ", k / 2, "] tensor in the CUDA "
+                    "split-nibble layout (ditq.backends.cuda_layout), got shape ", w.sizes());
+  TORCH_CHECK_VALUE(k % group_size == 0 && w_scale.size(0) == k / group_size, op, ": K = ", k,
+                    " must be a multiple of group_size ", group_size, " and w_scale [K // group_size, N]");
+  GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated);
+  p.w = w.data_ptr();
+  p.w_scale = w_scale.data_ptr<float>();
+  return run(op, p, a, bias, out_dtype, static_cast<int>(group_size), tile, splits, emulated);
+}
+
+template <bool EMULATED>
+at::Tensor gemm_w8a8_op(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                        int64_t tile, int64_t splits) {
+  return gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype, tile, splits, EMULATED);
+}
+
+template <bool EMULATED>
+at::Tensor gemm_w4a8_op(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t group_size,
+                        at::ScalarType out_dtype, int64_t tile, int64_t splits) {
+  return gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype, tile, splits, EMULATED);
+}
+
+inline std::vector<int64_t> tile_info(int64_t tile) {  // {BM, BN, BK, WARPS_M, WARPS_N, STAGES, THREADS}
+  TORCH_CHECK_VALUE(tile >= 0 && tile < ditq::gemm::tile_count(), "no GEMM tile ", tile);
+  int s[7];
+  ditq::gemm::tile_shape(static_cast<int>(tile), s);
+  return std::vector<int64_t>(s, s + 7);
+}
+
+inline int64_t pick(int64_t arch, int64_t m, bool w4) {
+  return ditq::gemm::pick_tile(static_cast<int>(arch), static_cast<int>(std::min<int64_t>(m, 1 << 30)), w4);
+}
+
+}  // namespace ditq::gemm_binding
+
+// ditq_C::gemm_* take the ditq op's arguments (minus the backend) plus the tile and the split-K count (-1 =
+// automatic: the table's tile, splits to fill the GPU):
+// CPU tensors run the emulated kernels, CUDA tensors the real ones.
+TORCH_LIBRARY_FRAGMENT(ditq_C, m) {
+  m.def("gemm_w8a8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
+        "int tile=-1, int splits=-1) -> Tensor");
+  m.def("gemm_w4a8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, int group_size, "
+        "ScalarType out_dtype, int tile=-1, int splits=-1) -> Tensor");
+  m.def("gemm_tile_count() -> int", []() -> int64_t { return ditq::gemm::tile_count(); });
+  m.def("gemm_tile_info(int tile) -> int[]", &ditq::gemm_binding::tile_info);
+  m.def("gemm_pick_tile(int arch, int m, bool w4) -> int", &ditq::gemm_binding::pick);
+}
+
+TORCH_LIBRARY_IMPL(ditq_C, CPU, m) {
+  m.impl("gemm_w8a8", &ditq::gemm_binding::gemm_w8a8_op<true>);
+  m.impl("gemm_w4a8", &ditq::gemm_binding::gemm_w4a8_op<true>);
+}
+
+#if DITQ_WITH_CUDA
+TORCH_LIBRARY_IMPL(ditq_C, CUDA, m) {
+  m.impl("gemm_w8a8", &ditq::gemm_binding::gemm_w8a8_op<false>);
+  m.impl("gemm_w4a8", &ditq::gemm_binding::gemm_w4a8_op<false>);
+}
+#endif
