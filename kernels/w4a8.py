@@ -1,0 +1,329 @@
+"""W4A8 group-wise GEMM: int8 activations x int4 weights (two per byte), fp32 group scales, fused dequantization.
+
+    y[m, n] = a_scale[m] * sum_g w_scale[g, n] * P[g, m, n] + bias[n],   P[g] = sum_{k in g} a[m, k] w[n, k]
+
+(BRIEF §2; the reference is ``ditq.quant.reference.gemm_w4a8``, checked by ``ditq.testing.assert_gemm_w4a8``).
+
+Design, and why
+---------------
+* **Per-group int32 partials, rescaled into an fp32 accumulator** (``acc += float(P_g) * s_g``, groups in
+  order, exactly the reference's order). BRIEF §4: on cc 80 float group scales cost ~15% fewer main-loop
+  instructions than integer ones, and on cc 90 integer scales gain nothing in Triton because every int8
+  ``tl.dot`` waits for its wgmma anyway. Float scales also keep the checkpoint's scales exact (no second
+  rounding to an integer scale). A group partial is at most 127 * 128 * 256 = 4,161,536 < 2^24 in magnitude,
+  so its int32 -> fp32 conversion is exact; we never accumulate int32 across groups, so the K <= 16384 bound
+  of a single int32 accumulator is not even needed here (it would still hold: 127 * 128 * 16384 < 2^31).
+* **The x16 nibble trick** (BRIEF §2): a nibble kept in the *high* half of a byte is an int8 equal to 16 * w.
+  ``b & 0xF0`` is 16 * w_hi and ``b << 4`` (8-bit shift, the old high nibble falls off) is 16 * w_lo, so the
+  int8 tensor-core dot runs on them with no sign extension. Every partial is then exactly 16 * P_g
+  (|16 w| <= 128 fits int8 and 127 * 128 * 256 < 2^31), the fp32 accumulator is exactly 16x the
+  reference's (scaling by a power of two commutes with rounding), and the 1/16 folds into the activation
+  scale in the epilogue: ``acc * (a_scale * 0.0625)`` rounds to the same fp32 as the reference's
+  ``acc_ref * a_scale``. No extra rounding anywhere.
+* **Kernel layout: split nibbles per pack block** (``pack_weight``). The canonical format pairs k = 2j, 2j+1 in
+  byte j, so unpacking it into K order needs an interleave (per-byte PRMTs in SASS, BRIEF §4). Instead the
+  weights are repacked once at load time in blocks of ``PB = max(G, 64)`` k-elements: byte j of a block holds
+  k = j (low nibble) and k = j + PB/2 (high nibble). The kernel never reorders anything: the low nibbles of
+  a byte tile are the weights of one contiguous K range and the high nibbles of another, so the main loop
+  does two dots, ``dot(W_lo, A[k_lo])`` and ``dot(W_hi, A[k_hi])``, each against a contiguous activation tile.
+  For G >= 64 both halves lie in one group and chain into one int32 partial; for G = 32 (PB = 64) the low
+  nibbles are group 2b and the high ones group 2b+1, each its own partial, so every dot has K >= 32 (the
+  int8 MMA's K). When K / 32 is odd (G = 32 only) the last 32 k form a short block split the same way
+  (k = j and j + 16); the kernel does it in one masked tail step.
+* **Swapped operands (``SWAP``)**, for Hopper and small M: compute the transposed tile ``acc^T[BN, BM] =
+  W[BN, K] @ A^T`` with the unpacked weights as the *first* operand. wgmma reads its A operand from
+  registers, so the weights unpacked in registers feed it without a round trip through shared memory (no
+  ``STS``), and a small M becomes wgmma's N (``IGMMA.64xBMx32``). Group scales are then per *row* of the tile.
+  Not swapped, the weights are the B operand and are staged through shared memory.
+* Pointer loads (not tensor descriptors): the weights must be unpacked in registers anyway, and on cc 80
+  descriptors degrade to byte loads (BRIEF §4). Rows are 16-byte aligned (K % 32 == 0 => K/2 % 16 == 0) and
+  Triton specialises the strides as multiples of 16, so loads are 128-bit. Out-of-range rows/columns are
+  clamped (``% M``, ``% N``), not masked, so loads are unpredicated; only the store is masked.
+
+Measured (AOT, triton 3.8, ptxas from triton's wheel, nothing run; ``python -m ditq.kernels.w4a8 --sass``)
+-----------------------------------------------------------------------------------------------------------
+MEASUREMENTS_PLACEHOLDER
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ditq.format import SUPPORTED_GROUP_SIZES
+from ditq.quant import reference as ref
+
+KERNEL_NAME = "w4a8"
+MIN_BK = 64  # two dots of K = 32 (the int8 MMA's K) per step
+
+
+def pack_block(group_size: int) -> int:
+    """k-elements per split-nibble block: the group, but at least 64 so each half-block dot has K >= 32."""
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}")
+    return max(group_size, 64)
+
+
+# ---- layout: canonical <-> split-nibble blocks (plain torch, runs at model load) --------------------------
+
+def _blocks(k: int, group_size: int):
+    """(start, length) of each pack block along K: full blocks of PB, then one short tail (G = 32 only)."""
+    pb = pack_block(group_size)
+    out = [(s, pb) for s in range(0, k - k % pb, pb)]
+    if k % pb:
+        out.append((k - k % pb, k % pb))
+    return out
+
+
+def _check_canonical(qweight: torch.Tensor, group_size: int) -> int:
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        raise TypeError("packed int4 weights must be a uint8 [N, K // 2] tensor, got "
+                        f"{getattr(qweight, 'dtype', type(qweight).__name__)} "
+                        f"{tuple(getattr(qweight, 'shape', ()))}")
+    k = qweight.shape[1] * 2
+    pack_block(group_size)
+    if k % group_size:
+        raise ValueError(f"group_size {group_size} does not divide K = {k}")
+    return k
+
+
+def pack_weight(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Canonical uint8 [N, K // 2] (byte j = k 2j low, 2j+1 high) -> this kernel's uint8 [N, K // 2]:
+    in each block of ``pack_block(G)`` k (a short last block when K % PB != 0), byte j holds k = j in its low
+    nibble and k = j + len/2 in its high one. A pure permutation of nibbles, so :func:`unpack_weight` inverts it."""
+    k = _check_canonical(qweight, group_size)
+    q = ref.unpack_int4(qweight).to(torch.int16) & 0xF  # [N, K] two's-complement nibbles
+    parts = []
+    for start, length in _blocks(k, group_size):
+        h = length // 2
+        parts.append(q[:, start:start + h] | (q[:, start + h:start + length] << 4))
+    return torch.cat(parts, dim=1).to(torch.uint8).contiguous()
+
+
+def unpack_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Exact inverse of :func:`pack_weight`: kernel layout -> canonical uint8 [N, K // 2]."""
+    k = _check_canonical(w, group_size)
+    b = w.to(torch.int16)
+    cols = []
+    for start, length in _blocks(k, group_size):
+        h = length // 2
+        blk = b[:, start // 2:start // 2 + h]
+        cols += [blk & 0xF, (blk >> 4) & 0xF]  # k = start + [0, h), then start + h + [0, h)
+    q = torch.cat(cols, dim=1)  # nibbles in K order, [N, K]
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8).contiguous()
+
+
+# ---- the kernel -------------------------------------------------------------------------------------------
+
+@triton.jit
+def _partial(w_lo, w_hi, a_lo, a_hi, p, SWAP: tl.constexpr, CHAIN: tl.constexpr):
+    """int32 dots of one byte tile. CHAIN: both halves into ``p`` (one group); else (lo, hi) separately."""
+    if SWAP:  # acc^T[BN, BM] = W[BN, k] @ A[BM, k]^T ; A^T stays K-major, as 8-bit wgmma needs
+        if CHAIN:
+            p = tl.dot(w_lo, tl.trans(a_lo), p, out_dtype=tl.int32)
+            p = tl.dot(w_hi, tl.trans(a_hi), p, out_dtype=tl.int32)
+            return p, p
+        return (tl.dot(w_lo, tl.trans(a_lo), out_dtype=tl.int32),
+                tl.dot(w_hi, tl.trans(a_hi), out_dtype=tl.int32))
+    else:  # acc[BM, BN] = A[BM, k] @ W[BN, k]^T
+        if CHAIN:
+            p = tl.dot(a_lo, tl.trans(w_lo), p, out_dtype=tl.int32)
+            p = tl.dot(a_hi, tl.trans(w_hi), p, out_dtype=tl.int32)
+            return p, p
+        return (tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32),
+                tl.dot(a_hi, tl.trans(w_hi), out_dtype=tl.int32))
+
+
+@triton.jit
+def _rescale(acc, p, s, SWAP: tl.constexpr):
+    """acc += float(p) * s[n]: s runs along N, the tile's rows when swapped, its columns otherwise."""
+    if SWAP:
+        return acc + p.to(tl.float32) * s[:, None]
+    return acc + p.to(tl.float32) * s[None, :]
+
+
+@triton.jit
+def _unpack(wb):
+    """int8 byte tile -> (16 * w_lo, 16 * w_hi) as int8, no sign extension (see the module docstring)."""
+    return wb << 4, wb & -16  # -16 == 0xF0 as int8
+
+
+@triton.jit
+def _bf16_rtne(y):
+    """fp32 -> bf16 rounding to nearest even, by hand: triton 3.8's interpreter *truncates* fp32 -> bf16
+    (the GPU's cvt.rn rounds), which would fail the exact-reference check. Finite inputs (and inf)."""
+    u = y.to(tl.uint32, bitcast=True)
+    u = u + 0x7FFF + ((u >> 16) & 1)  # add half an ulp of bf16, one more when the kept lsb is odd (ties to even)
+    return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def w4a8_kernel(a_ptr, as_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
+                stride_am, stride_wn, stride_sg, stride_om,
+                GROUP: tl.constexpr, PB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr, SWAP: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                GROUP_M: tl.constexpr, BF16_BY_HAND: tl.constexpr = False):
+    HB: tl.constexpr = BK // 2        # bytes of one row per step = k per half-dot
+    HALF: tl.constexpr = PB // 2      # k distance between the low and the high nibble of a byte
+    STEPS: tl.constexpr = PB // BK    # steps per pack block (static: unrolled)
+    CHAIN: tl.constexpr = GROUP >= 64  # both nibbles of a byte in one group (G = 32: groups 2b, 2b+1)
+
+    # grouped launch order (Triton matmul tutorial): GROUP_M row-tiles share each weight tile in L2
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * n_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rm = offs_m % M  # clamped rows/columns: loads need no mask, the store drops them
+    rn = offs_n % N
+    offs_b = tl.max_contiguous(tl.multiple_of(tl.arange(0, HB), HB), HB)
+    a_rows = a_ptr + rm[:, None] * stride_am
+    w_rows = w_ptr + rn[:, None] * stride_wn
+
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+        p = tl.zeros((BN, BM), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        p = tl.zeros((BM, BN), dtype=tl.int32)
+
+    n_blocks = K // PB
+    for blk in range(0, n_blocks):
+        if CHAIN:  # one group per block: a fresh int32 partial
+            if SWAP:
+                p = tl.zeros((BN, BM), dtype=tl.int32)
+            else:
+                p = tl.zeros((BM, BN), dtype=tl.int32)
+        for st in tl.static_range(STEPS):
+            k_lo = blk * PB + st * HB  # first k of this step's low nibbles; bytes start at k_lo - blk*HALF
+            wb = tl.load(w_rows + (blk * HALF + st * HB + offs_b)[None, :]).to(tl.int8, bitcast=True)
+            a_lo = tl.load(a_rows + (k_lo + offs_b)[None, :])
+            a_hi = tl.load(a_rows + (k_lo + HALF + offs_b)[None, :])
+            w_lo, w_hi = _unpack(wb)
+            p_lo, p_hi = _partial(w_lo, w_hi, a_lo, a_hi, p, SWAP, CHAIN)
+            if CHAIN:
+                p = p_lo
+            else:  # G = 32: low nibbles are group 2*blk, high nibbles group 2*blk + 1, in this order
+                s_lo = tl.load(s_ptr + (2 * blk) * stride_sg + rn)
+                s_hi = tl.load(s_ptr + (2 * blk + 1) * stride_sg + rn)
+                acc = _rescale(acc, p_lo, s_lo, SWAP)
+                acc = _rescale(acc, p_hi, s_hi, SWAP)
+        if CHAIN:
+            acc = _rescale(acc, p, tl.load(s_ptr + blk * stride_sg + rn), SWAP)
+
+    if GROUP == 32:
+        if K % PB != 0:  # odd number of groups: the last 32 k are a short block (k = j and j + 16)
+            k0 = n_blocks * PB
+            valid = offs_b < 16
+            wb = tl.load(w_rows + (n_blocks * HALF + offs_b)[None, :], mask=valid[None, :], other=0)
+            wb = wb.to(tl.int8, bitcast=True)
+            a_lo = tl.load(a_rows + (k0 + offs_b)[None, :], mask=valid[None, :], other=0)
+            a_hi = tl.load(a_rows + (k0 + 16 + offs_b)[None, :], mask=valid[None, :], other=0)
+            w_lo, w_hi = _unpack(wb)
+            p_lo, p_hi = _partial(w_lo, w_hi, a_lo, a_hi, p, SWAP, False)
+            acc = _rescale(acc, p_lo + p_hi, tl.load(s_ptr + (2 * n_blocks) * stride_sg + rn), SWAP)  # group K/32 - 1
+
+    # epilogue: acc is exactly 16x the reference's accumulator; fold the 1/16 into the activation scale
+    if PER_TOKEN:
+        a_s = tl.load(as_ptr + rm) * 0.0625
+    else:
+        a_s = tl.load(as_ptr + offs_m * 0) * 0.0625
+    if SWAP:
+        y = acc * a_s[None, :]
+    else:
+        y = acc * a_s[:, None]
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + rn).to(tl.float32)
+        if SWAP:
+            y = y + b[:, None]
+        else:
+            y = y + b[None, :]
+    if BF16_BY_HAND and out_ptr.dtype.element_ty == tl.bfloat16:
+        y = _bf16_rtne(y)
+    else:
+        y = y.to(out_ptr.dtype.element_ty)  # cvt.rn: round to nearest even on the GPU
+    if SWAP:
+        ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    else:
+        ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(ptrs, y, mask=mask)
+
+
+# ---- configuration and launcher ---------------------------------------------------------------------------
+
+CONFIG_KEYS = ("BM", "BN", "BK", "SWAP", "GROUP_M", "num_warps", "num_stages")
+
+
+def config_for(m: int, device, group_size: int) -> Dict:
+    """The tile table entry for this M on this device (``configs/w4a8_<arch>.json``), BK fitted to the group."""
+    from . import config_table as ct
+
+    cfg = ct.params(ct.pick(ct.load_table(KERNEL_NAME, ct.arch_for_device(device)), m))
+    return fit_config(cfg, group_size)
+
+
+def fit_config(cfg: Dict, group_size: int) -> Dict:
+    """A step never spans two pack blocks: BK = min(BK, PB) (PB = max(G, 64) is a power of two, so it divides)."""
+    missing = [k for k in CONFIG_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"w4a8 config lacks {missing}: {cfg}")
+    cfg = dict(cfg)
+    bk = cfg["BK"]
+    if bk < MIN_BK or bk & (bk - 1):
+        raise ValueError(f"w4a8 BK must be a power of two >= {MIN_BK}, got {bk}")
+    cfg["BK"] = min(bk, pack_block(group_size))
+    return cfg
+
+
+def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+              bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
+              out: Optional[torch.Tensor] = None, config: Optional[Dict] = None) -> torch.Tensor:
+    """``y = a_scale * sum_g w_scale[g] * (a @ w_g^T) + bias`` with ``w`` from :func:`pack_weight`.
+
+    Inputs are validated by ``ditq.ops`` (dtypes, shapes, devices); this checks what only the kernel needs.
+    ``out``: optional [M, N] tensor of ``out_dtype`` to write (row stride free, unit column stride).
+    ``config``: optional table entry overriding the tile table (tests, benchmarks)."""
+    m, k = a.shape
+    n = w_scale.shape[1]
+    pb = pack_block(group_size)
+    if k % group_size or w.numel() * 2 != n * k:
+        raise ValueError(f"w4a8: K = {k}, N = {n}, group_size {group_size} do not fit w of {tuple(w.shape)}")
+    if not (a.is_contiguous() and w.is_contiguous() and w_scale.is_contiguous()):
+        raise ValueError("w4a8: a, w and w_scale must be contiguous")
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(1) != 1 or out.device != a.device:
+        raise ValueError(f"w4a8: out must be [M, N] = [{m}, {n}] {out_dtype} on {a.device} with unit column "
+                         f"stride, got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    if m == 0 or n == 0:
+        return out
+    cfg = fit_config(config, group_size) if config is not None else config_for(m, a.device, group_size)
+    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
+    w4a8_kernel[grid](
+        a, a_scale, w, w_scale, bias if bias is not None else w_scale, out, m, n, k,
+        a.stride(0), k // 2, w_scale.stride(0), out.stride(0),
+        GROUP=group_size, PB=pb, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SWAP=bool(cfg["SWAP"]),
+        PER_TOKEN=a_scale.numel() == m and m > 1, HAS_BIAS=bias is not None, GROUP_M=cfg["GROUP_M"],
+        BF16_BY_HAND=_interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def reference(a, a_scale, w, w_scale, bias, group_size, out_dtype):
+    """The same product through the reference maths, from this kernel's packed layout."""
+    q = ref.unpack_int4(unpack_weight(w, group_size))
+    return ref.gemm_w4a8(a, a_scale, q, w_scale, group_size, bias, out_dtype)

@@ -1,0 +1,118 @@
+"""The Triton W4A8 group-wise GEMM against the exact integer reference (interpreter on CPU, or a GPU).
+
+Every case: fresh random int8 activations and int4 weights covering -8 and 7, random scales, output
+poisoned with NaN before the call, checked by ``ditq.testing.assert_gemm_w4a8`` (fp32-rounding tolerance).
+Shapes are ragged on purpose: M = 1, odd, more than one tile; N not a multiple of the tile; K a multiple of
+the group but not of the step (BK) nor, for G = 32, of the pack block (the masked tail step)."""
+import pytest
+import torch
+
+from ditq import testing
+from ditq.kernels import w4a8
+from ditq.quant import reference as ref
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cfg(swap, bm=16, bn=16, bk=128):
+    # small tiles: the interpreter's integer dot is NumPy matmul, run once per program
+    return dict(BM=bm, BN=bn, BK=bk, SWAP=swap, GROUP_M=4, num_warps=4, num_stages=2)
+
+
+def _case(m, n, k, g, seed, per_token, with_bias, bias_dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    a = testing.random_int8(m, k, generator=gen)
+    q = testing.random_int4(n, k, generator=gen)
+    s = torch.rand(k // g, n, generator=gen) * 0.02 + 1e-4
+    a_s = torch.rand(m if per_token else 1, generator=gen) * 0.05 + 1e-3
+    bias = (torch.randn(n, generator=gen) * 4).to(bias_dtype) if with_bias else None
+    return a, q, s, a_s, bias
+
+
+def _run(a, q, s, a_s, bias, g, out_dtype, cfg):
+    w = w4a8.pack_weight(ref.pack_int4(q), g)
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    out = torch.full((a.shape[0], q.shape[0]), float("nan"), dtype=out_dtype, device=DEVICE)
+    ret = w4a8.gemm_w4a8(dev(a), dev(a_s), dev(w), dev(s), dev(bias), g, out_dtype, out=out, config=cfg)
+    assert ret is out
+    return out
+
+
+# (M, N, K-in-groups): K = 3 groups is never a multiple of BK = 2 groups nor of G = 32's 64-k pack block
+SHAPES = [(1, 17, 3), (7, 45, 3), (37, 33, 5)]
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["swap", "noswap"])
+@pytest.mark.parametrize("g", [32, 64, 128, 256])
+def test_matches_exact_reference(g, swap):
+    for i, (m, n, groups) in enumerate(SHAPES):
+        for j, out_dtype in enumerate(OUT_DTYPES):
+            per_token, with_bias = (i + j) % 2 == 0, (i + 2 * j) % 3 != 0  # every combination across cases
+            seed = 1000 * g + 100 * i + 10 * j + swap
+            a, q, s, a_s, bias = _case(m, n, groups * g, g, seed, per_token, with_bias)
+            bk = 128 if g < 256 else 256
+            out = _run(a, q, s, a_s, bias, g, out_dtype, _cfg(swap, bk=bk))
+            testing.assert_gemm_w4a8(out, a, a_s, q, s, g, bias,
+                                     what=f"w4a8 G={g} swap={swap} {m}x{n}x{groups * g} {out_dtype} "
+                                          f"per_token={per_token} bias={with_bias}")
+
+
+def test_random_nibbles_cover_both_ends():
+    _, q, _, _, _ = _case(1, 17, 96, 32, 0, False, False)
+    assert int(q.min()) == -8 and int(q.max()) == 7
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["swap", "noswap"])
+def test_largest_partials_and_fp16_bias(swap):
+    """|a| = 127 against w = -8 everywhere: the largest per-group partial (16 * 127 * 8 * 256 at G = 256,
+    the bound the x16 trick relies on), plus a half-precision bias, bigger tiles and the tail of G = 32."""
+    for g, k in ((256, 512), (32, 160)):
+        m, n = 19, 40
+        a = torch.where(torch.rand(m, k) < 0.5, 127, -127).to(torch.int8)
+        a[0] = 127  # one row of pure maximum products
+        q = torch.full((n, k), -8, dtype=torch.int8)
+        q[1::2, ::3] = 7
+        s = torch.rand(k // g, n) + 0.5
+        a_s = torch.rand(m) + 0.5
+        bias = torch.randn(n).to(torch.float16)
+        out = _run(a, q, s, a_s, bias, g, torch.float32, _cfg(swap, bm=32, bn=32, bk=256))
+        testing.assert_gemm_w4a8(out, a, a_s, q, s, g, bias, what=f"w4a8 extremes G={g}")
+
+
+def test_shipped_table_and_strided_out():
+    """No config given: the launcher picks from the tile table of this device (both M buckets); ``out`` may
+    be a row-strided view, and the columns beside it stay untouched."""
+    g = 64
+    for m in (3, 40):
+        a, q, s, a_s, bias = _case(m, 21, 3 * g, g, 7 + m, True, True)
+        w = w4a8.pack_weight(ref.pack_int4(q), g)
+        big = torch.full((m, 30), float("nan"), device=DEVICE)
+        out = big[:, 4:25]
+        w4a8.gemm_w4a8(a.to(DEVICE), a_s.to(DEVICE), w.to(DEVICE), s.to(DEVICE), bias.to(DEVICE), g,
+                       torch.float32, out=out)
+        testing.assert_gemm_w4a8(out, a, a_s, q, s, g, bias, what=f"w4a8 table M={m}")
+        assert torch.isnan(big[:, :4]).all() and torch.isnan(big[:, 25:]).all()
+        y = w4a8.gemm_w4a8(a.to(DEVICE), a_s.to(DEVICE), w.to(DEVICE), s.to(DEVICE), None, g, torch.bfloat16)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, 21)
+        testing.assert_gemm_w4a8(y, a, a_s, q, s, g, None, what=f"w4a8 table M={m} bf16")
+        # the module's own reference (from the packed layout) meets the same bound
+        expected = w4a8.reference(a, a_s, w, s, None, g, torch.bfloat16)
+        testing.assert_gemm_w4a8(expected, a, a_s, q, s, g, None, what="w4a8.reference")
+
+
+def test_launcher_errors():
+    a, q, s, a_s, _ = _case(4, 16, 64, 32, 3, False, False)
+    w = w4a8.pack_weight(ref.pack_int4(q), 32)
+    with pytest.raises(ValueError, match="out must be"):
+        w4a8.gemm_w4a8(a, a_s, w, s, None, 32, torch.float32, out=torch.empty(4, 15))
+    with pytest.raises(ValueError, match="out must be"):
+        w4a8.gemm_w4a8(a, a_s, w, s, None, 32, torch.float32, out=torch.empty(4, 16, dtype=torch.float16))
+    with pytest.raises(ValueError, match="BK must be"):
+        w4a8.gemm_w4a8(a, a_s, w, s, None, 32, torch.float32, config=_cfg(True, bk=32))
+    with pytest.raises(ValueError, match="lacks"):
+        w4a8.gemm_w4a8(a, a_s, w, s, None, 32, torch.float32, config={"BM": 16})
+    with pytest.raises(ValueError, match="do not fit"):
+        w4a8.gemm_w4a8(a, a_s, w[:8], s, None, 32, torch.float32)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        w4a8.gemm_w4a8(a, a_s, w, s, None, 16, torch.float32)
