@@ -1,0 +1,641 @@
+"""What the compiled kernels look like, measured on a CPU: no GPU needed (BRIEF §4).
+
+For every shipped kernel configuration:
+
+* Triton: each entry of ``kernels/configs/<kernel>_<sm80|sm90>.json``, compiled ahead of time for cc 80 / 90
+  through ``ditq.kernels.aot``;
+* CUDA: the kernels in the extension's embedded cubins (``ditq/_C*.so``, sm_80 / sm_90a); when the extension is
+  not built, the torch-free ``csrc/*.cu`` compiled here by nvcc (the same sources, the same flags' essentials);
+
+it reports registers, stack, spill instructions, shared memory, the occupancy that follows (A100 limits for
+sm_80 code, H100 for sm_90), tensor-core instruction counts and the main loop's instruction mix per MMA
+(``cuobjdump -sass``), then, per DiT-XL/2 shape, a roofline bound with the tile each table picks. Anything
+missing (a kernel family not written yet, no extension, no nvcc) becomes a row that says so, never a crash.
+
+    python benchmarks/static_report.py            # full: every config, both architectures
+    python benchmarks/static_report.py --short    # CI: sm_90 only, the configs DiT-XL/2 at M = 512 / 4096 picks
+    python benchmarks/static_report.py --update-results   # also rewrite the table in benchmarks/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from typing import Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+REPO = common.REPO
+CSRC = os.path.join(REPO, "csrc")
+CONFIG_DIR = os.path.join(REPO, "kernels", "configs")
+ARCH_GPU = {"sm80": "A100-SXM", "sm90": "H100-SXM"}
+ARCH_CC = {"sm80": 80, "sm90": 90}
+NVCC_ARCH = {"sm80": "sm_80", "sm90": "sm_90a"}
+ROOFLINE_M = (16, 512, 4096)  # batch-1 adaLN-scale, 1 image at 256 px with CFG, 8 images (BRIEF §3)
+W4_GROUP = 128  # the w4a8 preset's group size, used for the roofline's bytes
+LIMITS = {"regs_per_sm": 65536, "threads_per_sm": 2048, "ctas_per_sm": 32, "reg_alloc_unit": 256,
+          "smem_reserved_per_cta": 1024}
+
+
+# ---- tools --------------------------------------------------------------------------------------------
+
+def cuobjdump() -> Optional[str]:
+    try:
+        import triton
+        p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(p):
+            return p
+    except Exception:
+        pass
+    return shutil.which("cuobjdump")
+
+
+def nvcc() -> Optional[str]:
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _out(cmd: List[str], timeout: int = 600) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if r.returncode:
+        lines = (r.stderr or r.stdout or "").strip().splitlines()
+        err = [ln for ln in lines if "error" in ln.lower()]  # the first error says more than the last line
+        raise RuntimeError((err or lines or [f"{os.path.basename(cmd[0])} exited {r.returncode}"])[0].strip())
+    return r.stdout
+
+
+def demangle(names: List[str]) -> Dict[str, str]:
+    if not names or not shutil.which("c++filt"):
+        return {n: n for n in names}
+    r = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
+    outs = r.stdout.splitlines()
+    return dict(zip(names, outs)) if len(outs) == len(names) else {n: n for n in names}
+
+
+# ---- SASS parsing -------------------------------------------------------------------------------------
+
+def parse_sass(text: str) -> Dict[str, List[Tuple[int, str]]]:
+    """{function: [(address, instruction without predicate guard)]} from ``cuobjdump -sass``."""
+    funcs: Dict[str, List[Tuple[int, str]]] = {}
+    cur = None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            cur = funcs.setdefault(m.group(1), [])
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m and cur is not None:
+            cur.append((int(m.group(1), 16), re.sub(r"^@!?U?P[T\d]+\s+", "", m.group(2))))
+    return funcs
+
+
+def parse_res_usage(text: str) -> Dict[str, Dict[str, int]]:
+    """{function: {REG, STACK, SHARED, LOCAL}} from ``cuobjdump -res-usage``."""
+    out, cur = {}, None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            cur = m.group(1)
+            continue
+        if cur and "REG:" in line:
+            out[cur] = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+            cur = None
+    return out
+
+
+MMA_OPS = ("IMMA", "HMMA", "IGMMA", "HGMMA", "QGMMA", "GMMA")
+_CLASSES = [  # (class, opcode bases); first match wins
+    ("mma", MMA_OPS),
+    ("local (spill)", ("LDL", "STL")),
+    ("shared load", ("LDS", "LDSM")),
+    ("shared store", ("STS", "STSM")),
+    ("global load", ("LDG", "LDGSTS", "UTMALDG", "UBLKCP")),
+    ("global store/atomic", ("STG", "UTMASTG", "RED", "ATOM", "ATOMG", "REDG")),
+    ("conversion", ("I2F", "F2I", "F2F", "I2FP", "F2FP", "I2I", "FRND", "I2IP")),
+    ("float", ("FFMA", "FMUL", "FADD", "FMNMX", "FSETP", "FSEL", "FCHK", "MUFU", "HFMA2", "HADD2", "HMUL2",
+               "HMNMX2", "DFMA", "DADD", "DMUL", "FSWZADD")),
+    ("int/bit", ("IADD3", "IADD", "IMAD", "IMUL", "LOP3", "LOP", "SHF", "SHL", "SHR", "PRMT", "LEA", "ISETP",
+                 "IMNMX", "VIMNMX", "IABS", "SEL", "BFE", "BFI", "POPC", "FLO", "BMSK", "SGXT", "VIADD", "IDP",
+                 "IDP4A", "BREV")),
+    ("barrier/sync", ("BAR", "DEPBAR", "WARPGROUP", "SYNCS", "MEMBAR", "ARRIVES", "WARPSYNC", "ERRBAR",
+                      "LDGDEPBAR", "FENCE", "CCTL")),
+    ("move/special", ("MOV", "S2R", "S2UR", "CS2R", "R2UR", "LDC", "SHFL", "P2R", "R2P", "VOTE", "VOTEU",
+                      "MOVM")),
+    ("control", ("BRA", "EXIT", "BSSY", "BSYNC", "NOP", "CALL", "RET", "YIELD", "PLOP3", "JMP", "BRX",
+                 "ELECT", "ACQBULK")),
+]
+CLASS_NAMES = [c for c, _ in _CLASSES] + ["uniform", "other"]
+_BYTES = {"128": 16, "64": 8, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
+
+
+def opcode(ins: str) -> str:
+    return ins.split()[0] if ins.split() else ""
+
+
+def classify(op: str) -> str:
+    base = op.split(".")[0]
+    for cls, bases in _CLASSES:
+        if base in bases:
+            return cls
+    if base.startswith("U"):
+        return "uniform"  # uniform-datapath scalar work (addresses, loop counters)
+    return "other"
+
+
+def load_width(op: str) -> Optional[int]:
+    """Bytes per thread of a global load (TMA: the bulk copy, reported as 'tma')."""
+    base = op.split(".")[0]
+    if base not in ("LDG", "LDGSTS"):
+        return None
+    for tok in op.split(".")[1:]:
+        if tok in _BYTES:
+            return _BYTES[tok]
+    return 4
+
+
+def main_loop(instrs: List[Tuple[int, str]]) -> Optional[Tuple[int, int]]:
+    """(start, end) addresses of the main loop: of the loops closed by a backward branch, the innermost of
+    those holding the most tensor-core instructions (the K loop of a GEMM)."""
+    best, best_key = None, None
+    for addr, ins in instrs:
+        m = re.match(r"BRA\S*\s.*?(0x[0-9a-f]+)\s*$", ins)
+        if not m:
+            continue
+        tgt = int(m.group(1), 16)
+        if tgt >= addr:
+            continue
+        body = [i for a, i in instrs if tgt <= a <= addr]
+        n_mma = sum(1 for i in body if classify(opcode(i)) == "mma")
+        key = (n_mma, -len(body))
+        if n_mma and (best_key is None or key > best_key):
+            best, best_key = (tgt, addr), key
+    return best
+
+
+def analyze_function(instrs: List[Tuple[int, str]]) -> Dict:
+    ops = [opcode(i) for _, i in instrs]
+    mma = Counter(o for o in ops if classify(o) == "mma")
+    res = {"instructions": len(ops), "mma_instructions": dict(mma),
+           "spill_instructions": sum(1 for o in ops if classify(o) == "local (spill)"),
+           "global_load_widths": dict(Counter(str(load_width(o)) for o in ops if load_width(o) is not None)),
+           "tma_loads": sum(1 for o in ops if o.startswith("UTMALDG")), "main_loop": None}
+    loop = main_loop(instrs)
+    if loop:
+        body = [opcode(i) for a, i in instrs if loop[0] <= a <= loop[1]]
+        cls = Counter(classify(o) for o in body)
+        n_mma = cls.get("mma", 0)
+        widths = Counter(load_width(o) for o in body if load_width(o) is not None)
+        res["main_loop"] = {
+            "start": hex(loop[0]), "end": hex(loop[1]), "instructions": len(body), "mma": n_mma,
+            "mma_kinds": dict(Counter(o for o in body if classify(o) == "mma")),
+            "by_class": {c: cls.get(c, 0) for c in CLASS_NAMES if cls.get(c, 0)},
+            "per_mma": {c: round(cls.get(c, 0) / n_mma, 2) for c in CLASS_NAMES if cls.get(c, 0)},
+            "non_mma_per_mma": round((len(body) - n_mma) / n_mma, 2),
+            "global_loads_by_bytes": {str(k): v for k, v in sorted(widths.items())},
+            "tma_loads": sum(1 for o in body if o.startswith("UTMALDG")),
+            "prmt": sum(1 for o in body if o.startswith("PRMT")),
+            "wgmma_waits": sum(1 for o in body if o.startswith("WARPGROUP.DEPBAR")),
+        }
+    return res
+
+
+def occupancy(regs: int, smem: int, threads: int, gpu: str) -> Dict:
+    """CTAs and warps per SM from registers, shared memory and threads (what limits it, too)."""
+    lim, d = LIMITS, common.DATASHEET[gpu]
+    warps = max(1, math.ceil(threads / 32))
+    per_warp = math.ceil(max(regs, 1) * 32 / lim["reg_alloc_unit"]) * lim["reg_alloc_unit"]
+    smem_cta = smem + lim["smem_reserved_per_cta"]
+    by = {"regs": (lim["regs_per_sm"] // per_warp) // warps, "threads": lim["threads_per_sm"] // (warps * 32),
+          "smem": d["smem_per_sm"] // smem_cta if smem <= d["smem_per_cta"] else 0,
+          "cta limit": lim["ctas_per_sm"]}
+    ctas = min(by.values())
+    return {"gpu": gpu, "ctas_per_sm": ctas, "warps_per_sm": ctas * warps,
+            "limited_by": min(by, key=lambda k: (by[k], k != "cta limit"))}
+
+
+# ---- cubin sources ------------------------------------------------------------------------------------
+
+def analyze_cubin(path: str) -> Dict[str, Dict]:
+    tool = cuobjdump()
+    sass = parse_sass(_out([tool, "-sass", path]))
+    res = parse_res_usage(_out([tool, "-res-usage", path]))
+    return {name: dict(analyze_function(ins), res=res.get(name, {})) for name, ins in sass.items()}
+
+
+def _cache_dir() -> str:
+    d = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ditq-static-report")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def cuda_cubins(archs) -> Tuple[Dict[str, str], str]:
+    """({arch: cubin path}, where they came from). Raises RuntimeError with the reason when there are none."""
+    tool = cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (it ships in triton's wheel, or pip install nvidia-cuda-cuobjdump)")
+    sos = sorted(glob.glob(os.path.join(REPO, "ditq", "_C*.so")))
+    if sos:
+        tmp = tempfile.mkdtemp(prefix="ditq_cubins_")
+        subprocess.run([tool, "-xelf", "all", os.path.abspath(sos[0])], cwd=tmp, capture_output=True)
+        found = {}
+        for f in sorted(os.listdir(tmp)):
+            for arch in archs:
+                if re.search(NVCC_ARCH[arch] + r"\b", f) and f.endswith(".cubin"):
+                    found[arch] = os.path.join(tmp, f)
+        if found:
+            return found, f"embedded in {os.path.relpath(sos[0], REPO)}"
+        why_so = f"{os.path.relpath(sos[0], REPO)} holds no sm_80/sm_90a cubin (a CPU-only build)"
+    else:
+        why_so = "ditq/_C*.so is not built"
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
+    if not sources:
+        raise RuntimeError(f"{why_so}, and csrc/ has no .cu file yet")
+    cc = nvcc()
+    if cc is None:
+        raise RuntimeError(f"{why_so}, and nvcc is not found to compile csrc/*.cu")
+    # Cache by the sources' content: nvcc takes tens of seconds on a shared 2-core machine.
+    h = hashlib.sha256()
+    for p in sorted(glob.glob(os.path.join(CSRC, "**", "*"), recursive=True)):
+        if os.path.isfile(p) and p.endswith((".cu", ".cuh", ".h")):
+            h.update(p.encode() + open(p, "rb").read())
+    found = {}
+    for arch in archs:
+        for src in sources[:1] if len(sources) == 1 else sources:
+            out = os.path.join(_cache_dir(), f"{os.path.basename(src)}.{h.hexdigest()[:16]}.{NVCC_ARCH[arch]}.cubin")
+            if not os.path.exists(out):
+                tmp = out + f".{os.getpid()}.tmp"
+                try:
+                    _out([cc, "-cubin", "-arch", NVCC_ARCH[arch], "-O3", "-std=c++17", "-lineinfo",
+                          "--expt-relaxed-constexpr", "-DDITQ_WITH_CUDA=1", "-I", CSRC, src, "-o", tmp])
+                except RuntimeError as e:
+                    raise RuntimeError(f"{why_so}; compiling {os.path.relpath(src, REPO)} failed: {e}")
+                os.replace(tmp, out)
+            found[arch] = out  # one .cu today (csrc/gemm.cu); several would need one key each
+    return found, f"{why_so}: compiled csrc/*.cu here with nvcc"
+
+
+def cuda_tiles() -> Tuple[Dict[int, Tuple[int, ...]], List[Tuple[int, int, int, int]]]:
+    """({tile id: (BM, BN, BK, WARPS_M, WARPS_N, STAGES)}, [(arch_min, max_m, w8 tile, w4 tile)])."""
+    path = os.path.join(CSRC, "configs", "gemm_tiles.h")
+    if not os.path.exists(path):
+        return {}, []
+    text = open(path).read()
+    tiles = {int(r[0]): tuple(int(v) for v in r[1:])
+             for r in re.findall(r"X\((\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\)", text)}
+    rules = [tuple(int(v) for v in r) for r in
+             re.findall(r"\{\s*(\d+),\s*(-?\d+),\s*(\d+),\s*(\d+)\s*\}", text.split("kTileRules", 1)[-1])]
+    return tiles, rules
+
+
+def _cuda_kernel_meta(demangled: str, tiles) -> Optional[Dict]:
+    m = re.search(r"Tile<(\d+), ?(\d+), ?(\d+), ?(\d+), ?(\d+), ?(\d+)>", demangled)
+    if not m:
+        return None
+    shape = tuple(int(v) for v in m.groups())
+    g = re.search(r"W4<(\d+)>", demangled)
+    tid = next((t for t, s in tiles.items() if s == shape), None)
+    bm, bn, bk, wm, wn, st = shape
+    group = int(g.group(1)) if g else None
+    # Dynamic shared memory as gemm_tiles.h documents it: STAGES * (BM * BK + BN * BK / (W4 ? 2 : 1)).
+    smem = st * (bm * bk + (bn * bk) // (2 if group else 1))
+    return {"kernel": f"w4a8 g{group}" if group else "w8a8", "tile": tid, "BM": bm, "BN": bn, "BK": bk,
+            "threads": wm * wn * 32, "dyn_smem": smem,
+            "config": f"tile {tid}: {bm}x{bn}x{bk}, warps {wm}x{wn}, {st} stages"}
+
+
+def cuda_rows(archs) -> Tuple[List[Dict], str]:
+    try:
+        cubins, source = cuda_cubins(archs)
+    except Exception as e:
+        return [{"family": "cuda", "arch": a, "kernel": "all", "status": f"not built: {e}"} for a in archs], str(e)
+    tiles, _ = cuda_tiles()
+    rows = []
+    for arch in archs:
+        if arch not in cubins:
+            rows.append({"family": "cuda", "arch": arch, "kernel": "all", "status": f"no {NVCC_ARCH[arch]} cubin"})
+            continue
+        try:
+            funcs = analyze_cubin(cubins[arch])
+        except Exception as e:
+            rows.append({"family": "cuda", "arch": arch, "kernel": "all", "status": f"cuobjdump failed: {e}"})
+            continue
+        names = demangle(list(funcs))
+        for name, a in sorted(funcs.items(), key=lambda kv: names[kv[0]]):
+            meta = _cuda_kernel_meta(names[name], tiles)
+            if meta is None:
+                meta = {"kernel": names[name].split("(")[0][-60:], "config": "", "threads": None, "dyn_smem": 0}
+            smem = a["res"].get("SHARED", 0) + meta.get("dyn_smem", 0)
+            rows.append(_row("cuda", arch, meta, a, smem, meta.get("threads")))
+    return rows, source
+
+
+# ---- Triton -------------------------------------------------------------------------------------------
+
+def triton_tables(archs) -> Dict[str, Dict[str, List[Dict]]]:
+    """{kernel: {arch: entries}} for every shipped GPU table in kernels/configs/."""
+    out: Dict[str, Dict[str, List[Dict]]] = {}
+    for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "*.json"))):
+        try:
+            data = json.load(open(path))
+        except Exception:
+            continue
+        if data.get("arch") in archs and data.get("entries"):
+            out.setdefault(data["kernel"], {})[data["arch"]] = data["entries"]
+    return out
+
+
+def _aot():
+    import importlib
+    for mod in ("ditq.kernels.aot", "kernels.aot"):
+        try:
+            return importlib.import_module(mod)
+        except ImportError as e:
+            err = e
+    raise RuntimeError(f"kernels/aot.py is not shipped yet ({err})")
+
+
+def compile_triton(kernel: str, arch: str, entry: Dict):
+    """A compiled Triton kernel for one table entry, through kernels/aot.py (the kernels' owners know their
+    signatures; this report only reads what comes out)."""
+    aot = _aot()
+    return aot.compile_kernel(kernel, ARCH_CC[arch], entry)
+
+
+def _cubin_of(compiled) -> Tuple[bytes, int, int, str]:
+    md = compiled.metadata
+    get = (lambda k: md.get(k)) if isinstance(md, dict) else (lambda k: getattr(md, k, None))
+    return compiled.asm["cubin"], int(get("shared") or 0), int(get("num_warps") or 4), get("name") or ""
+
+
+def triton_rows(archs, short: bool) -> List[Dict]:
+    tables = triton_tables(archs)
+    rows = []
+    for kernel in ("w8a8", "w4a8"):  # the GEMM families every GPU needs; other tables are reported when shipped
+        if kernel not in tables:
+            for arch in archs:
+                rows.append({"family": "triton", "arch": arch, "kernel": kernel,
+                             "status": f"not shipped yet (no kernels/configs/{kernel}_{arch}.json)"})
+    for kernel, per_arch in sorted(tables.items()):
+        for arch in archs:
+            entries = per_arch.get(arch)
+            if not entries:
+                rows.append({"family": "triton", "arch": arch, "kernel": kernel,
+                             "status": f"not shipped yet (no kernels/configs/{kernel}_{arch}.json)"})
+                continue
+            if short:  # the entries DiT-XL/2 picks at M = 512 and 4096
+                picks = [_pick(entries, m) for m in (512, 4096)]
+                entries = [e for i, e in enumerate(picks) if e not in picks[:i]]
+            for e in entries:
+                cfg = ", ".join(f"{k}={v}" for k, v in e.items() if k != "max_m")
+                meta = {"kernel": kernel, "config": f"M<={e['max_m']}: {cfg}" if e.get("max_m") else f"M>*: {cfg}",
+                        "BM": e.get("BM"), "BN": e.get("BN"), "BK": e.get("BK"), "max_m": e.get("max_m")}
+                try:
+                    cubin, smem, warps, _ = _cubin_of(compile_triton(kernel, arch, e))
+                    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+                        f.write(cubin)
+                    funcs = analyze_cubin(f.name)
+                    os.unlink(f.name)
+                    name, a = max(funcs.items(), key=lambda kv: kv[1]["instructions"])
+                    rows.append(_row("triton", arch, meta, a, max(smem, a["res"].get("SHARED", 0)), warps * 32))
+                except Exception as ex:
+                    rows.append(dict(family="triton", arch=arch, **meta,
+                                     status=f"not compiled: {type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}"))
+    return rows
+
+
+def _pick(entries: List[Dict], m: int) -> Dict:
+    for e in entries:
+        if e.get("max_m") is None or m <= e["max_m"]:
+            return e
+    return entries[-1]
+
+
+# ---- rows ---------------------------------------------------------------------------------------------
+
+def _row(family: str, arch: str, meta: Dict, a: Dict, smem: int, threads: Optional[int]) -> Dict:
+    res = a["res"]
+    regs = res.get("REG", 0)
+    occ = occupancy(regs, smem, threads, ARCH_GPU[arch]) if threads else {}
+    loop = a["main_loop"] or {}
+    widths = loop.get("global_loads_by_bytes", {})
+    narrow = sum(v for k, v in widths.items() if k != "16")
+    return dict(meta, family=family, arch=arch, status="ok", regs=regs, stack=res.get("STACK", 0),
+                spills=a["spill_instructions"], smem_bytes=smem, threads=threads,
+                ctas_per_sm=occ.get("ctas_per_sm"), warps_per_sm=occ.get("warps_per_sm"),
+                occupancy_limited_by=occ.get("limited_by"), occupancy_gpu=occ.get("gpu"),
+                mma=", ".join(f"{k} x{v}" for k, v in sorted(a["mma_instructions"].items())) or "none",
+                mma_total=sum(a["mma_instructions"].values()),
+                loop_instructions=loop.get("instructions"), loop_mma=loop.get("mma"),
+                non_mma_per_mma=loop.get("non_mma_per_mma"), loop_per_mma=loop.get("per_mma"),
+                loop_global_loads=widths, loop_narrow_global_loads=narrow if loop else None,
+                loop_tma_loads=loop.get("tma_loads"), loop_prmt=loop.get("prmt"),
+                loop_wgmma_waits=loop.get("wgmma_waits"), function=a)
+
+
+def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
+    """Per DiT-XL/2 shape and M: the bound of each kernel family at H100 ceilings with the tile it picks."""
+    d = common.DATASHEET["H100-SXM"]
+    tables = triton_tables(("sm90",))
+    tiles, rules = cuda_tiles()
+    ok = {(r["family"], r["kernel"], r.get("BM"), r.get("BN"), r.get("BK")): r
+          for r in rows if r.get("status") == "ok" and r["arch"] == "sm90"}
+    out = []
+    shapes = common.DIT_SHAPES[:1] + common.DIT_SHAPES[2:4] if short else common.DIT_SHAPES
+    for model, layer, n, k in shapes:
+        for m in ROOFLINE_M:
+            if layer == "adaLN" and m > 64:
+                continue  # adaLN runs on one row per image (M = images x 2), never on tokens
+            flops = 2.0 * m * n * k
+            bf16_bytes = 2 * (m * k + n * k + m * n)
+            bf16_us = common.roofline_s(flops, bf16_bytes, d["bf16_flops"], d["hbm_bytes_s"]) * 1e6
+            out.append({"shape": f"{model} {layer}", "M": m, "N": n, "K": k, "impl": "bf16 (ideal)",
+                        "tile": "", "gflop": flops / 1e9, "min_mb": bf16_bytes / 1e6, "tiled_mb": None,
+                        "bound_us": bf16_us, "bound_by": _by(flops, bf16_bytes, d, "bf16_flops"),
+                        "ideal_speedup_vs_bf16": 1.0})
+            for impl, bits in (("w8a8", 8), (f"w4a8 g{W4_GROUP}", 4)):
+                w_bytes = n * k * bits // 8 + (n * 4 if bits == 8 else (k // W4_GROUP) * n * 4)
+                a_bytes, o_bytes = m * k + 4 * m, 2 * m * n
+                min_bytes = a_bytes + w_bytes + o_bytes
+                cands = []
+                kern = "w8a8" if bits == 8 else "w4a8"
+                if "sm90" in tables.get(kern, {}):
+                    e = _pick(tables[kern]["sm90"], m)
+                    cands.append(("triton", kern, e.get("BM"), e.get("BN"), e.get("BK")))
+                rule = next((r for r in rules if r[0] <= 90 and (r[1] < 0 or m <= r[1])), None)
+                if rule and (rule[2] if bits == 8 else rule[3]) in tiles:
+                    t = tiles[rule[2] if bits == 8 else rule[3]]
+                    cands.append(("cuda", "w8a8" if bits == 8 else f"w4a8 g{W4_GROUP}", t[0], t[1], t[2]))
+                ideal = common.roofline_s(flops, min_bytes, d["int8_ops"], d["hbm_bytes_s"]) * 1e6
+                out.append({"shape": f"{model} {layer}", "M": m, "N": n, "K": k, "impl": f"{impl} (ideal)",
+                            "tile": "", "gflop": flops / 1e9, "min_mb": min_bytes / 1e6, "tiled_mb": None,
+                            "bound_us": ideal, "bound_by": _by(flops, min_bytes, d, "int8_ops"),
+                            "ideal_speedup_vs_bf16": bf16_us / ideal})
+                for fam, kname, bm, bn, bk in cands:
+                    if not bm or not bn:
+                        continue
+                    tm, tn = math.ceil(m / bm), math.ceil(n / bn)
+                    tiled = a_bytes * tn + w_bytes * tm + o_bytes  # re-reads: A per N tile, W per M tile
+                    bound = common.roofline_s(flops, tiled, d["int8_ops"], d["hbm_bytes_s"]) * 1e6
+                    r = ok.get((fam, kname, bm, bn, bk))
+                    ctas = r.get("ctas_per_sm") if r else None
+                    waves = math.ceil(tm * tn / (d["sms"] * ctas)) if ctas else None
+                    out.append({"shape": f"{model} {layer}", "M": m, "N": n, "K": k, "impl": f"{fam} {impl}",
+                                "tile": f"{bm}x{bn}x{bk}", "gflop": flops / 1e9, "min_mb": min_bytes / 1e6,
+                                "tiled_mb": tiled / 1e6, "bound_us": bound,
+                                "bound_by": _by(flops, tiled, d, "int8_ops"), "ctas": tm * tn, "waves": waves,
+                                "wave_efficiency": (tm * tn / (waves * d["sms"] * ctas)) if waves else None,
+                                "ideal_speedup_vs_bf16": bf16_us / bound})
+    return out
+
+
+def _by(flops, nbytes, d, peak_key) -> str:
+    return "compute" if flops / d[peak_key] >= nbytes / d["hbm_bytes_s"] else "memory"
+
+
+# ---- report -------------------------------------------------------------------------------------------
+
+KERNEL_COLS = ["family", "arch", "kernel", "config", "status", "regs", "stack", "spills", "smem_bytes",
+               "ctas_per_sm", "warps_per_sm", "occupancy_limited_by", "mma", "loop_instructions", "loop_mma",
+               "non_mma_per_mma", "loop_narrow_global_loads", "loop_prmt", "loop_wgmma_waits"]
+KERNEL_HEAD = ["family", "arch", "kernel", "config", "status", "regs", "stack", "spill instr", "smem B",
+               "CTAs/SM", "warps/SM", "limited by", "tensor-core instr (whole kernel)", "loop instr", "loop MMA",
+               "non-MMA/MMA", "narrow LDG in loop", "PRMT in loop", "wgmma waits in loop"]
+MIX_COLS = ["family", "arch", "kernel", "config"] + [c for c in CLASS_NAMES if c != "mma"] + ["loads"]
+ROOF_COLS = ["shape", "M", "N", "K", "impl", "tile", "gflop", "min_mb", "tiled_mb", "bound_us", "bound_by",
+             "ctas", "waves", "wave_efficiency", "ideal_speedup_vs_bf16"]
+ROOF_HEAD = ["shape", "M", "N", "K", "impl", "tile", "GFLOP", "min MB", "MB incl. re-reads", "bound µs",
+             "bound by", "CTAs", "waves (132 SMs)", "wave eff.", "bound speedup vs bf16"]
+
+
+def markdown(report: Dict) -> str:
+    kr = [r for r in report["kernels"]]
+    mix = []
+    for r in kr:
+        if r.get("status") == "ok" and r.get("loop_per_mma"):
+            row = {c: r.get(c) for c in ("family", "arch", "kernel", "config")}
+            row.update({c: r["loop_per_mma"].get(c, 0.0) for c in CLASS_NAMES if c != "mma"})
+            row["loads"] = " ".join(f"{k}B:{v}" for k, v in r["loop_global_loads"].items()) + \
+                (f" TMA:{r['loop_tma_loads']}" if r.get("loop_tma_loads") else "")
+            mix.append(row)
+    s = report["summary"]
+    parts = [
+        f"Generated by `{report['env']['command']}` on {report['env']['date']} (commit `{report['env']['commit']}`; "
+        f"torch {report['env']['torch']}, triton {report['env']['triton']}, nvcc {report['nvcc'] or 'none'}). "
+        f"CUDA kernels: {report['cuda_source']}.",
+        "",
+        f"**Summary:** {s['kernels_ok']} compiled kernels analysed, {s['kernels_missing']} rows not built / not "
+        f"shipped; spill instructions in {s['with_spills']} of them; narrow (< 16 B) global loads in the main loop of "
+        f"{s['with_narrow_loads']}; non-MMA instructions per MMA in the main loop: "
+        + (", ".join(f"{k} {v}" for k, v in s["non_mma_per_mma"].items()) or "–") + ".",
+        "",
+        "### Kernels: resources, occupancy (sm_80 at A100 limits, sm_90 at H100), tensor cores, main loop",
+        "",
+        common.md_table(kr, KERNEL_COLS, KERNEL_HEAD),
+        "",
+        "### Main-loop instruction mix: instructions per MMA instruction, by class",
+        "",
+        "An `IGMMA.64xNx32` (Hopper wgmma) does 64·N·32 MACs per warpgroup, an `IMMA.16832` 16·8·32 per warp: "
+        "compare mixes within one MMA kind.",
+        "",
+        common.md_table(mix, MIX_COLS) if mix else "_no kernel analysed yet_",
+        "",
+        f"### Roofline bound per DiT-XL/2 shape at H100 datasheet ceilings (INT8 "
+        f"{common.DATASHEET['H100-SXM']['int8_ops'] / 1e12:.0f} TOP/s, BF16 "
+        f"{common.DATASHEET['H100-SXM']['bf16_flops'] / 1e12:.0f} TFLOP/s, HBM "
+        f"{common.DATASHEET['H100-SXM']['hbm_bytes_s'] / 1e12:.2f} TB/s)",
+        "",
+        "Minimal bytes: int8 activations + packed weights + scales + bf16 output, each read once. "
+        "'incl. re-reads': activations once per N tile, weights once per M tile (an upper bound on DRAM traffic: "
+        f"L2 absorbs part of it). W4 bytes at group size {W4_GROUP}. The tile is the one each table picks for M "
+        "(sm_90 rows); waves use the CTAs/SM above.",
+        "",
+        common.md_table(report["roofline"], ROOF_COLS, ROOF_HEAD),
+    ]
+    return "\n".join(parts) + "\n"
+
+
+def summarize(rows: List[Dict]) -> Dict:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    worst: Dict[str, float] = {}
+    for r in ok:
+        if r.get("non_mma_per_mma") is not None:
+            key = f"{r['family']} {r['kernel'].split()[0]} {r['arch']}"
+            worst[key] = max(worst.get(key, 0.0), r["non_mma_per_mma"])
+    return {"kernels_ok": len(ok), "kernels_missing": len(rows) - len(ok),
+            "with_spills": sum(1 for r in ok if r["spills"]),
+            "with_narrow_loads": sum(1 for r in ok if r.get("loop_narrow_global_loads")),
+            "non_mma_per_mma": {k: f"<= {v}" for k, v in sorted(worst.items())}}
+
+
+RESULTS_BEGIN = "<!-- static-report:begin (generated by benchmarks/static_report.py --update-results; do not edit) -->"
+RESULTS_END = "<!-- static-report:end -->"
+
+
+def update_results(md: str) -> str:
+    path = os.path.join(common.HERE, "RESULTS.md")
+    text = open(path).read() if os.path.exists(path) else ""
+    block = f"{RESULTS_BEGIN}\n{md}{RESULTS_END}"
+    if RESULTS_BEGIN in text and RESULTS_END in text:
+        pre, rest = text.split(RESULTS_BEGIN, 1)
+        text = pre + block + rest.split(RESULTS_END, 1)[1]
+    else:
+        text = text + ("\n" if text else "") + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--short", action="store_true", help="CI subset: sm_90 only, the configs DiT-XL/2 picks")
+    ap.add_argument("--arch", nargs="+", choices=sorted(ARCH_CC), help="architectures (default: both; --short: sm90)")
+    ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA cubins")
+    ap.add_argument("--no-triton", action="store_true", help="skip the Triton AOT compiles")
+    ap.add_argument("--out", help="output folder (default $OUT or benchmarks/out)")
+    ap.add_argument("--update-results", action="store_true", help="rewrite the table in benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    archs = tuple(args.arch or (("sm90",) if args.short else ("sm80", "sm90")))
+    rows: List[Dict] = []
+    if not args.no_triton:
+        rows += triton_rows(archs, args.short)
+    cuda_source = "skipped (--no-cuda)"
+    if not args.no_cuda:
+        crow, cuda_source = cuda_rows(archs)
+        rows += crow
+    cc = nvcc()
+    ver = None
+    if cc:
+        m = re.search(r"release ([\d.]+)", subprocess.run([cc, "--version"], capture_output=True, text=True).stdout)
+        ver = m.group(1) if m else "?"
+    report = {"schema": "ditq.static_report/1", "short": args.short, "archs": list(archs),
+              "env": common.environment(), "nvcc": ver, "cuobjdump": cuobjdump(), "cuda_source": cuda_source,
+              "limits": dict(LIMITS, gpus={g: common.DATASHEET[g] for g in ARCH_GPU.values()}),
+              "kernels": rows, "roofline": roofline_rows(rows, args.short), "summary": summarize(rows)}
+    md = markdown(report)
+    d = common.out_dir(args.out)
+    jpath = common.write_json(os.path.join(d, "static_report.json"), report)
+    with open(os.path.join(d, "static_report.md"), "w") as f:
+        f.write(md)
+    if args.update_results:
+        update_results(md)
+    s = report["summary"]
+    print(common.md_table(rows, KERNEL_COLS[:12] + ["non_mma_per_mma"], KERNEL_HEAD[:12] + ["non-MMA/MMA"]))
+    print(f"\n{s['kernels_ok']} kernels analysed, {s['kernels_missing']} missing; spills in {s['with_spills']}; "
+          f"narrow loop loads in {s['with_narrow_loads']}. Wrote {jpath} and static_report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
