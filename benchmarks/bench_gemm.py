@@ -338,6 +338,8 @@ def main(argv=None) -> int:
     if device.type == "cpu" and not args.smoke:
         print("no CUDA GPU: running the --smoke configuration (tiny shapes on CPU)", file=sys.stderr)
         args.smoke = True
+    if args.smoke:
+        torch.set_num_threads(1)  # tiny ops: more threads only spin against each other on a shared CPU
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 10)
     args.iters = args.iters if args.iters is not None else (2 if args.smoke else 50)
     if args.smoke:
