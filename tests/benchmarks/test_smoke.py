@@ -1,0 +1,209 @@
+"""The benchmark scripts run in CI in their CPU modes (--smoke / --short) and write the JSON a GPU run writes.
+
+Checks only the schema (keys, types, one row per configured case) and static properties, never a timing.
+Each script runs once per session in a subprocess (fresh interpreter: TRITON_INTERPRET must be set before
+triton is imported, and the scripts' own argument handling is part of what is tested).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(ROOT, "benchmarks")
+NUM = (int, float)
+
+
+def _run(tmp_path_factory, script, *args, timeout=240):
+    out = tmp_path_factory.mktemp(script.split(".")[0])
+    env = dict(os.environ, TRITON_INTERPRET="1", OUT=str(out))
+    r = subprocess.run([sys.executable, os.path.join(BENCH, script), *args, "--out", str(out)],
+                       capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert r.returncode == 0, f"{script} {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return out, r.stdout
+
+
+@pytest.fixture(scope="module")
+def gemm(tmp_path_factory):
+    out, stdout = _run(tmp_path_factory, "bench_gemm.py", "--smoke")
+    return json.load(open(out / "gemm.json")), out, stdout
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    out, stdout = _run(tmp_path_factory, "bench_model.py", "--smoke")
+    return json.load(open(out / "model.json")), out, stdout
+
+
+@pytest.fixture(scope="module")
+def static(tmp_path_factory):
+    out, stdout = _run(tmp_path_factory, "static_report.py", "--short")
+    return json.load(open(out / "static_report.json")), out, stdout
+
+
+def _env_ok(env):
+    for k in ("date", "python", "torch", "command"):
+        assert isinstance(env[k], str) and env[k]
+
+
+def _ok_or_reason(row):
+    assert isinstance(row["status"], str) and row["status"]
+    if row["status"] != "ok":  # a case that did not run says why
+        assert row["status"].split(":")[0] in ("error", "skipped", "unavailable"), row["status"]
+
+
+# ---- bench_gemm ---------------------------------------------------------------------------------------
+
+def test_gemm_schema(gemm):
+    rep, out, stdout = gemm
+    assert rep["schema"] == "ditq.bench_gemm/1" and rep["smoke"] is True and rep["device"] == "cpu"
+    _env_ok(rep["env"])
+    for k in ("bf16_flops", "int8_ops", "copy_bytes_s"):
+        assert isinstance(rep["ceilings"][k], NUM) and rep["ceilings"][k] > 0
+    assert "torch" in rep["available_backends"] and "torch" in rep["backends"]
+    assert isinstance(rep["cases"], int) and len(rep["rows"]) == rep["cases"] > 0
+    for name in ("gemm.md", "gemm.json"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_gemm_one_row_per_case(gemm):
+    """Every configured case (shape x M x impl) appears exactly once; every backend covers every group size
+    that divides K, and the activation op has a static and a dynamic row per (backend, M, K)."""
+    rep = gemm[0]
+    keys = [(r["model"], r["layer"], r["M"], r["impl"]) for r in rep["rows"]]
+    assert len(keys) == len(set(keys))
+    shapes = {(s["model"], s["layer"]): s for s in rep["shapes"]}
+    for (model, layer), s in shapes.items():
+        for m in rep["m_values"]:
+            impls = {k[3] for k in keys if k[:3] == (model, layer, m)}
+            assert {"bf16 matmul", "torch._int_mm + scale"} <= impls
+            for b in rep["backends"]:
+                assert f"ditq-{b} w8a8" in impls
+                for g in rep["group_sizes"]:
+                    assert (f"ditq-{b} w4a8 g{g}" in impls) == (s["K"] % g == 0)
+    quant = [r for r in rep["rows"] if r["kind"] == "quant"]
+    assert {r["impl"].rsplit(" ", 1)[1] for r in quant} == {"static", "dynamic"}
+
+
+def test_gemm_row_fields(gemm):
+    rows = gemm[0]["rows"]
+    for r in rows:
+        _ok_or_reason(r)
+        for k in ("model", "layer", "impl", "kind", "backend"):
+            assert isinstance(r[k], str)
+        for k in ("N", "K", "M", "bits"):
+            assert isinstance(r[k], int)
+        if r["status"] != "ok":
+            continue
+        for k in ("median_ms", "min_ms", "gbps", "roofline_ms", "roofline_fraction", "bytes"):
+            assert isinstance(r[k], NUM) and r[k] > 0, (k, r)
+        assert r["timing"] == "wall-clock"
+        if r["kind"] == "gemm":
+            assert isinstance(r["tops"], NUM) and r["flops"] == 2 * r["M"] * r["N"] * r["K"]
+            assert isinstance(r["speedup_vs_bf16"], NUM)
+    # the torch backend is the reference and runs everywhere: none of its cases may fail
+    assert all(r["status"] == "ok" for r in rows if r["backend"] == "torch")
+
+
+# ---- bench_model --------------------------------------------------------------------------------------
+
+def test_model_schema(model):
+    rep, out, stdout = model
+    assert rep["schema"] == "ditq.bench_model/1" and rep["smoke"] is True
+    _env_ok(rep["env"])
+    assert rep["config"]["num_layers"] == 2  # the tiny config, not DiT-XL/2
+    assert isinstance(rep["cases"], int) and len(rep["rows"]) == rep["cases"]
+    assert rep["cases"] == len(rep["resolutions"]) * len(rep["batches"]) * len(rep["precisions"]) * 3
+    assert {"bf16", "w8a8", "w4a8"} <= set(rep["precisions"])
+    assert (out / "model.md").stat().st_size > 0
+
+
+def test_model_rows(model):
+    rows = model[0]["rows"]
+    keys = [(r["resolution"], r["batch"], r["variant"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    for r in rows:
+        _ok_or_reason(r)
+        assert r["M"] == 2 * r["batch"] * r["tokens_per_image"]  # classifier-free guidance doubles the batch
+        assert r["variant"] == f"{r['precision']} {r['mode']}"
+        if r["mode"] == "cudagraph":
+            assert r["status"].startswith("skipped")  # CPU
+            continue
+        assert r["status"] == "ok", r  # eager and compiled (dynamo, eager backend) must work on CPU
+        for k in ("median_ms", "ms_per_image", "images_per_s", "weight_bytes", "first_call_s"):
+            assert isinstance(r[k], NUM) and r[k] > 0, (k, r)
+    by = {r["precision"]: r["weight_bytes"] for r in rows}
+    assert by["w8a8"] < by["bf16"] and by["w4a8"] < by["bf16"]
+    for r in rows:
+        if r["precision"] != "bf16":
+            assert isinstance(r["output_sqnr_db"], NUM)  # quantize() ran and measured itself
+
+
+# ---- static_report ------------------------------------------------------------------------------------
+
+def test_static_schema(static):
+    rep, out, stdout = static
+    assert rep["schema"] == "ditq.static_report/1" and rep["short"] is True and rep["archs"] == ["sm90"]
+    _env_ok(rep["env"])
+    assert (out / "static_report.md").stat().st_size > 0
+    fams = {(r["family"], r["kernel"].split()[0]) for r in rep["kernels"]}
+    # every kernel family has rows: analysed, or a clear "not built / not shipped" reason
+    assert {("triton", "w8a8"), ("triton", "w4a8")} <= fams and any(f == "cuda" for f, _ in fams)
+    for r in rep["kernels"]:
+        if r["status"] != "ok":
+            assert r["status"].startswith(("not built", "not shipped", "not compiled", "no ", "cuobjdump")), r
+            continue
+        for k in ("regs", "stack", "spills", "smem_bytes", "mma_total"):
+            assert isinstance(r[k], int) and r[k] >= 0
+        assert r["ctas_per_sm"] is None or 0 <= r["ctas_per_sm"] <= 32
+    s = rep["summary"]
+    assert s["kernels_ok"] + s["kernels_missing"] == len(rep["kernels"])
+
+
+def test_static_roofline(static):
+    rows = static[0]["roofline"]
+    assert rows
+    for r in rows:
+        assert r["gflop"] == pytest.approx(2 * r["M"] * r["N"] * r["K"] / 1e9)
+        assert r["bound_us"] > 0 and r["bound_by"] in ("compute", "memory")
+        if r["tiled_mb"] is not None:
+            assert r["tiled_mb"] >= r["min_mb"]  # re-reads only add bytes
+    ideal = {(r["shape"], r["M"], r["impl"]): r for r in rows if r["impl"].endswith("(ideal)")}
+    for (shape, m, impl), r in ideal.items():  # fewer bytes can only lower the bound
+        if impl.startswith("w4a8"):
+            assert r["bound_us"] <= ideal[(shape, m, "w8a8 (ideal)")]["bound_us"]
+
+
+def test_sass_parser_on_a_known_listing():
+    """The parser and classifier on a fixed SASS excerpt (format of cuobjdump 13): the loop is found from its
+    backward branch, MMA and loads are classified, load widths read from the opcode."""
+    sys.path.insert(0, BENCH)
+    import static_report as sr
+
+    text = """
+\t\tFunction : k
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R8.64] ;
+        /*0030*/                   LDSM.16.M88.4 R12, [R3] ;
+        /*0040*/                   IMMA.16832.S8.S8 R16, R12.ROW, R4.COL, R16 ;
+        /*0050*/                   PRMT R5, R4, 0x7610, R5 ;
+        /*0060*/                   LDG.E.U8 R9, desc[UR4][R2.64] ;
+        /*0070*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0080*/              @!P0 BRA 0x20 ;
+        /*0090*/                   STG.E desc[UR4][R2.64], R16 ;
+        /*00a0*/                   EXIT ;
+"""
+    funcs = sr.parse_sass(text)
+    a = sr.analyze_function(funcs["k"])
+    assert a["mma_instructions"] == {"IMMA.16832.S8.S8": 1} and a["spill_instructions"] == 0
+    loop = a["main_loop"]
+    assert (loop["start"], loop["end"], loop["instructions"], loop["mma"]) == ("0x20", "0x80", 7, 1)
+    assert loop["by_class"] == {"mma": 1, "shared load": 1, "global load": 2, "int/bit": 1, "barrier/sync": 1,
+                                "control": 1}
+    assert loop["global_loads_by_bytes"] == {"1": 1, "16": 1} and loop["non_mma_per_mma"] == 6.0
+    occ = sr.occupancy(regs=128, smem=64 * 1024, threads=256, gpu="H100-SXM")
+    assert occ["ctas_per_sm"] == 2 and occ["warps_per_sm"] == 16  # regs: 65536 / (128 * 256) = 2
+    assert sr.occupancy(regs=32, smem=200 * 1024, threads=128, gpu="A100-SXM")["ctas_per_sm"] == 0  # > 163 KB
