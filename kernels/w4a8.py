@@ -42,7 +42,35 @@ Design, and why
 
 Measured (AOT, triton 3.8, ptxas from triton's wheel, nothing run; ``python -m ditq.kernels.w4a8 --sass``)
 -----------------------------------------------------------------------------------------------------------
-MEASUREMENTS_PLACEHOLDER
+Main loop = the instructions of the K loop's body (one pack block: BK = min(table BK, max(G, 64)) k);
+"/MMA" = loop instructions per tensor-core instruction (an IGMMA.64xNx32 does N/8 times an IMMA's work).
+PRMT, STS: inside the loop. Registers from ``cuobjdump -res-usage``; shared memory from the metadata.
+No configuration below has LDL/STL or a stack; all global loads are 16 bytes (LDGSTS.E.BYPASS.128).
+
+  arch  bucket    G    tile BMxBNxBK  warps/st  loop  MMA instr. (/MMA)        PRMT LOP3 STS  regs  smem
+  sm90  M<=16    128   16x128x128     4/4       200   8 IGMMA.64x16x32  (25)     0   32    5    92  40 KB
+  sm90  M<=16     32   16x128x64      4/4       191   4 IGMMA.64x16x32  (48)     0   16    4    92  20 KB
+  sm90  M<=32    128   32x128x128     4/4       239   8 IGMMA.64x32x32  (30)     0   32    5   120  48 KB
+  sm90  M<=64    128   64x128x128     4/4       302   8 IGMMA.64x64x32  (38)     0   33    5   194  64 KB
+  sm90  M>64     128  128x128x128     8/3       263   4 IGMMA.64x128x32 (66)     0   17    2   215  72 KB
+  sm90  M>64      32  128x128x64      8/3       363   2 IGMMA.64x128x32 (182)    0    8    1   254  36 KB
+  sm80  M<=16    128   16x128x128     4/4       164  16 IMMA.16832      (10)     0   32    1    96  30 KB
+  sm80  M<=64    128   64x128x128     4/4       337  64 IMMA.16832      (5.3)    0   33    1   220  49 KB
+  sm80  M>64     128  128x128x128     8/3       519  64 IMMA.16832      (8.1)    0  129    0   170  48 KB
+  sm80  M>64      32  128x128x64      8/3       537  32 IMMA.16832      (17)     0   64    0   255  32 KB
+
+Designs compared (G = 128, BK = 128):
+* Swapped vs plain on cc 90. 16x128, 4 warps: plain cannot use wgmma at all (its M is 16 < 64) and falls
+  back to mma.sync (16 IMMA, 162 instr.); swapped gets IGMMA.64x16x32. 64x128, 4 warps: swapped 302 instr.,
+  5 STS, 194 regs, 64 KB vs plain 307 instr., 9 STS, 205 regs, 72 KB. 128x128, 8 warps: swapped 263 vs plain
+  315 instr., 215 vs 236 regs. Swapped 128x256 spills (255 regs, 240 B stack): not shipped. => sm90: swapped.
+* Swapped vs plain on cc 80 (mma.sync either way): plain 164 vs 173 instr. at 16x128, 337 vs 349 at 64x128,
+  and at 128x128/8 warps swapped spills (12 LDL + 12 STL). => sm80: plain.
+* Unpack, cc 90 swapped 16x128: int8 element ops (``b << 4``, ``b & 0xF0``) 390 instr., 112 PRMT, 80 LOP3;
+  pure-Triton 32-bit words split by shifts + joins 278 instr., 48 PRMT; inline PTX on words (``pack=4``)
+  200 instr., 0 PRMT. Tables ship ``ASM: true``; the interpreter (and ``ASM: false``) runs the 278 one.
+* Note: on cc 80 Triton emits ``mma ... .satfinite`` (SASS ``IMMA...SAT``): saturation never triggers here,
+  since a group partial is < 2^31 by the bound above.
 """
 from __future__ import annotations
 
@@ -119,36 +147,87 @@ def unpack_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
 # ---- the kernel -------------------------------------------------------------------------------------------
 
 @triton.jit
-def _partial(w_lo, w_hi, a_lo, a_hi, p, SWAP: tl.constexpr, CHAIN: tl.constexpr):
-    """int32 dots of one byte tile. CHAIN: both halves into ``p`` (one group); else (lo, hi) separately."""
-    if SWAP:  # acc^T[BN, BM] = W[BN, k] @ A[BM, k]^T ; A^T stays K-major, as 8-bit wgmma needs
-        if CHAIN:
-            p = tl.dot(w_lo, tl.trans(a_lo), p, out_dtype=tl.int32)
-            p = tl.dot(w_hi, tl.trans(a_hi), p, out_dtype=tl.int32)
-            return p, p
-        return (tl.dot(w_lo, tl.trans(a_lo), out_dtype=tl.int32),
-                tl.dot(w_hi, tl.trans(a_hi), out_dtype=tl.int32))
-    else:  # acc[BM, BN] = A[BM, k] @ W[BN, k]^T
-        if CHAIN:
-            p = tl.dot(a_lo, tl.trans(w_lo), p, out_dtype=tl.int32)
-            p = tl.dot(a_hi, tl.trans(w_hi), p, out_dtype=tl.int32)
-            return p, p
-        return (tl.dot(a_lo, tl.trans(w_lo), out_dtype=tl.int32),
-                tl.dot(a_hi, tl.trans(w_hi), out_dtype=tl.int32))
+def _dot(w, a, p, SWAP: tl.constexpr):
+    """p + the int32 product of a weight tile [BN, k] and an activation tile [BM, k], in the tile's orientation.
+    Swapped: acc^T[BN, BM] = W @ A^T, weights first (A^T stays K-major, as 8-bit wgmma requires)."""
+    if SWAP:
+        r = tl.dot(w, tl.trans(a), p, out_dtype=tl.int32)
+    else:
+        r = tl.dot(a, tl.trans(w), p, out_dtype=tl.int32)
+    return r
 
 
 @triton.jit
 def _rescale(acc, p, s, SWAP: tl.constexpr):
-    """acc += float(p) * s[n]: s runs along N, the tile's rows when swapped, its columns otherwise."""
+    """acc += float(p) * s[n]: s runs along N, the tile's rows when swapped, its columns otherwise.
+    (One return per function: Triton's code generator does not end a function at a return inside an if.)"""
     if SWAP:
-        return acc + p.to(tl.float32) * s[:, None]
-    return acc + p.to(tl.float32) * s[None, :]
+        r = acc + p.to(tl.float32) * s[:, None]
+    else:
+        r = acc + p.to(tl.float32) * s[None, :]
+    return r
+
+
+F0 = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: the high nibble of each of a word's four bytes
 
 
 @triton.jit
-def _unpack(wb):
-    """int8 byte tile -> (16 * w_lo, 16 * w_hi) as int8, no sign extension (see the module docstring)."""
-    return wb << 4, wb & -16  # -16 == 0xF0 as int8
+def _load_unpack(w_ptr, rn, stride_wn, byte0, HB: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr,
+                 N_VALID: tl.constexpr = 0):
+    """Load the weight bytes [BN, HB] of rows ``rn`` from byte ``byte0`` and unpack them into int8 tiles
+    (16 * w_lo, 16 * w_hi): no sign extension (module docstring). Bytes at or past ``N_VALID`` (when > 0)
+    read as 0 (the G = 32 tail).
+
+    The bytes are read as 32-bit words ``x`` (rows are 16-byte aligned: K/2 % 16 == 0), because
+    ``(x << 4) & 0xF0F0F0F0`` is 16 * w_lo and ``x & 0xF0F0F0F0`` is 16 * w_hi for all four bytes at once:
+    the shift moves each byte's low nibble into its own high half, and what it pushes into the next byte's
+    low half is masked off. (On int8 elements LLVM scalarises the 8-bit shift: 390 vs 278 main-loop
+    instructions on cc 90, see the top of the file.)
+    * ASM False, pure Triton (the interpreter's path): the words are split back into bytes with shifts and
+      two ``tl.join`` s; ptxas turns that into byte permutes (PRMT).
+    * ASM True: the same two operations in PTX, with ``pack=4`` handing the asm one 32-bit register per four
+      int8 elements, so no split is needed at all. Bit logic tested against a Python emulation
+      (tests/kernels/test_w4a8.py::test_unpack_asm_bit_logic); UNPROVEN ON A GPU until one runs the tests.
+    """
+    if ASM:
+        offs_b = tl.max_contiguous(tl.multiple_of(tl.arange(0, HB), HB), HB)
+        ptrs = w_ptr + rn[:, None] * stride_wn + (byte0 + offs_b)[None, :]
+        if N_VALID > 0:
+            wb = tl.load(ptrs, mask=(offs_b < N_VALID)[None, :], other=0)
+        else:
+            wb = tl.load(ptrs)
+        lo, hi = tl.inline_asm_elementwise(
+            asm="{ .reg .b32 t; shl.b32 t, $2, 4; and.b32 $0, t, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0; }",
+            constraints="=r,=r,r", args=[wb], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        HW: tl.constexpr = HB // 4
+        offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, HW), HW), HW)
+        ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None] * (stride_wn // 4) + (byte0 // 4 + offs_w)[None, :]
+        if N_VALID > 0:
+            x = tl.load(ptrs, mask=(offs_w < N_VALID // 4)[None, :], other=0)
+        else:
+            x = tl.load(ptrs)
+        lo = _words_to_bytes((x << 4) & F0, BN, HB)
+        hi = _words_to_bytes(x & F0, BN, HB)
+    return lo, hi
+
+
+@triton.jit
+def _words_to_bytes(x, BN: tl.constexpr, HB: tl.constexpr):
+    """int32 [BN, HB/4] -> int8 [BN, HB], little-endian (byte i of word w is column 4w + i). join(u, v) puts
+    u, v at a new last index 0, 1, so join(join(b0, b2), join(b1, b3))[.., i, j] = b(2i + j) -> flat 2i + j."""
+    b0 = x.to(tl.int8)
+    b1 = (x >> 8).to(tl.int8)
+    b2 = (x >> 16).to(tl.int8)
+    b3 = (x >> 24).to(tl.int8)
+    return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BN, HB))
+
+
+def unpack_words_emulated(words):
+    """Python emulation, bit for bit, of the PTX in :func:`_load_unpack` (ASM True) on uint32 words:
+    returns (lo, hi) words. Used by the tests to check the asm's bit logic without a GPU."""
+    words = [w & 0xFFFFFFFF for w in words]
+    return ([((w << 4) & 0xFFFFFFFF) & 0xF0F0F0F0 for w in words], [w & 0xF0F0F0F0 for w in words])
 
 
 @triton.jit
@@ -165,7 +244,7 @@ def w4a8_kernel(a_ptr, as_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
                 stride_am, stride_wn, stride_sg, stride_om,
                 GROUP: tl.constexpr, PB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 BK: tl.constexpr, SWAP: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                GROUP_M: tl.constexpr, BF16_BY_HAND: tl.constexpr = False):
+                GROUP_M: tl.constexpr, UNPACK_ASM: tl.constexpr = False, BF16_BY_HAND: tl.constexpr = False):
     HB: tl.constexpr = BK // 2        # bytes of one row per step = k per half-dot
     HALF: tl.constexpr = PB // 2      # k distance between the low and the high nibble of a byte
     STEPS: tl.constexpr = PB // BK    # steps per pack block (static: unrolled)
@@ -187,32 +266,29 @@ def w4a8_kernel(a_ptr, as_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
     rn = offs_n % N
     offs_b = tl.max_contiguous(tl.multiple_of(tl.arange(0, HB), HB), HB)
     a_rows = a_ptr + rm[:, None] * stride_am
-    w_rows = w_ptr + rn[:, None] * stride_wn
 
     if SWAP:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
-        p = tl.zeros((BN, BM), dtype=tl.int32)
+        zero = tl.zeros((BN, BM), dtype=tl.int32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        p = tl.zeros((BM, BN), dtype=tl.int32)
+        zero = tl.zeros((BM, BN), dtype=tl.int32)
+    p = zero
 
     n_blocks = K // PB
     for blk in range(0, n_blocks):
         if CHAIN:  # one group per block: a fresh int32 partial
-            if SWAP:
-                p = tl.zeros((BN, BM), dtype=tl.int32)
-            else:
-                p = tl.zeros((BM, BN), dtype=tl.int32)
+            p = zero
         for st in tl.static_range(STEPS):
             k_lo = blk * PB + st * HB  # first k of this step's low nibbles; bytes start at k_lo - blk*HALF
-            wb = tl.load(w_rows + (blk * HALF + st * HB + offs_b)[None, :]).to(tl.int8, bitcast=True)
             a_lo = tl.load(a_rows + (k_lo + offs_b)[None, :])
             a_hi = tl.load(a_rows + (k_lo + HALF + offs_b)[None, :])
-            w_lo, w_hi = _unpack(wb)
-            p_lo, p_hi = _partial(w_lo, w_hi, a_lo, a_hi, p, SWAP, CHAIN)
-            if CHAIN:
-                p = p_lo
+            w_lo, w_hi = _load_unpack(w_ptr, rn, stride_wn, blk * HALF + st * HB, HB, BN, UNPACK_ASM)
+            if CHAIN:  # both halves of the byte tile are in this block's group: one int32 partial
+                p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, p, SWAP), SWAP)
             else:  # G = 32: low nibbles are group 2*blk, high nibbles group 2*blk + 1, in this order
+                p_lo = _dot(w_lo, a_lo, zero, SWAP)
+                p_hi = _dot(w_hi, a_hi, zero, SWAP)
                 s_lo = tl.load(s_ptr + (2 * blk) * stride_sg + rn)
                 s_hi = tl.load(s_ptr + (2 * blk + 1) * stride_sg + rn)
                 acc = _rescale(acc, p_lo, s_lo, SWAP)
@@ -224,13 +300,11 @@ def w4a8_kernel(a_ptr, as_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
         if K % PB != 0:  # odd number of groups: the last 32 k are a short block (k = j and j + 16)
             k0 = n_blocks * PB
             valid = offs_b < 16
-            wb = tl.load(w_rows + (n_blocks * HALF + offs_b)[None, :], mask=valid[None, :], other=0)
-            wb = wb.to(tl.int8, bitcast=True)
             a_lo = tl.load(a_rows + (k0 + offs_b)[None, :], mask=valid[None, :], other=0)
             a_hi = tl.load(a_rows + (k0 + 16 + offs_b)[None, :], mask=valid[None, :], other=0)
-            w_lo, w_hi = _unpack(wb)
-            p_lo, p_hi = _partial(w_lo, w_hi, a_lo, a_hi, p, SWAP, False)
-            acc = _rescale(acc, p_lo + p_hi, tl.load(s_ptr + (2 * n_blocks) * stride_sg + rn), SWAP)  # group K/32 - 1
+            w_lo, w_hi = _load_unpack(w_ptr, rn, stride_wn, n_blocks * HALF, HB, BN, UNPACK_ASM, 16)
+            p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, zero, SWAP), SWAP)  # one group: one partial
+            acc = _rescale(acc, p, tl.load(s_ptr + (2 * n_blocks) * stride_sg + rn), SWAP)  # group K/32 - 1
 
     # epilogue: acc is exactly 16x the reference's accumulator; fold the 1/16 into the activation scale
     if PER_TOKEN:
@@ -262,6 +336,9 @@ def w4a8_kernel(a_ptr, as_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
 
 # ---- configuration and launcher ---------------------------------------------------------------------------
 
+# table keys: tiles BM x BN (M and N extents, whatever SWAP does), BK = k per step (two half-dots of BK/2),
+# SWAP (weights as the dot's first operand), GROUP_M (launch grouping), num_warps, num_stages; optional
+# ASM (unpack with inline PTX; ignored by the interpreter, which runs the pure-Triton twin).
 CONFIG_KEYS = ("BM", "BN", "BK", "SWAP", "GROUP_M", "num_warps", "num_stages")
 
 
@@ -315,8 +392,28 @@ def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
         a.stride(0), k // 2, w_scale.stride(0), out.stride(0),
         GROUP=group_size, PB=pb, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SWAP=bool(cfg["SWAP"]),
         PER_TOKEN=a_scale.numel() == m and m > 1, HAS_BIAS=bias is not None, GROUP_M=cfg["GROUP_M"],
+        UNPACK_ASM=bool(cfg.get("ASM", False)) and not _interpreting(),  # no inline asm in the interpreter
         BF16_BY_HAND=_interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
+
+
+def aot_source(cfg: Dict, group_size: int, out_dtype: str = "bf16", per_token: bool = True,
+               has_bias: bool = True):
+    """(ASTSource, options) to compile one table entry ahead of time (``triton.compile``), with the
+    alignment the launcher guarantees: pointers, K, N and every stride divisible by 16 (K % 32 == 0)."""
+    cfg = fit_config(cfg, group_size)
+    kern = w4a8_kernel
+    ptr = {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": "*fp32", "bias_ptr": "*fp32",
+           "out_ptr": "*" + out_dtype}
+    ints = ("M", "N", "K", "stride_am", "stride_wn", "stride_sg", "stride_om")
+    consts = {"GROUP": group_size, "PB": pack_block(group_size), "BM": cfg["BM"], "BN": cfg["BN"],
+              "BK": cfg["BK"], "SWAP": bool(cfg["SWAP"]), "PER_TOKEN": per_token, "HAS_BIAS": has_bias,
+              "GROUP_M": cfg["GROUP_M"], "UNPACK_ASM": bool(cfg.get("ASM", False)), "BF16_BY_HAND": False}
+    sig = {**ptr, **{n: "i32" for n in ints}, **{c: "constexpr" for c in consts}}
+    aligned = [n for n in (*ptr, *ints) if n != "M"]
+    attrs = {(kern.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    src = triton.compiler.ASTSource(fn=kern, signature=sig, constexprs=consts, attrs=attrs)
+    return src, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
 def _interpreting() -> bool:

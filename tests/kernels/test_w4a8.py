@@ -116,3 +116,19 @@ def test_launcher_errors():
         w4a8.gemm_w4a8(a, a_s, w[:8], s, None, 32, torch.float32)
     with pytest.raises(ValueError, match="group_size must be one of"):
         w4a8.gemm_w4a8(a, a_s, w, s, None, 16, torch.float32)
+
+
+def test_unpack_asm_bit_logic():
+    """The inline PTX of the GPU unpack (shl.b32 4; and.b32 0xF0F0F0F0), emulated bit for bit on 32-bit words
+    holding every byte value: each byte becomes 16 * its signed low / high nibble, as int8. (The asm itself
+    runs only on a GPU; this checks its logic, the GPU run checks the asm.)"""
+    import struct
+
+    all_bytes = bytes(range(256))
+    words = list(struct.unpack("<64I", all_bytes)) + [0xFFFFFFFF, 0x80808080, 0x08080808, 0x7F7F7F7F]
+    lo, hi = w4a8.unpack_words_emulated(words)
+    as_int8 = lambda ws: torch.frombuffer(bytearray(struct.pack(f"<{len(ws)}I", *ws)), dtype=torch.int8)  # noqa
+    b = torch.frombuffer(bytearray(struct.pack(f"<{len(words)}I", *words)), dtype=torch.uint8).to(torch.int16)
+    signed = lambda v: v - ((v & 8) << 1)  # noqa: E731  4-bit two's complement
+    assert torch.equal(as_int8(lo).to(torch.int16), 16 * signed(b & 0xF))
+    assert torch.equal(as_int8(hi).to(torch.int16), 16 * signed(b >> 4))
