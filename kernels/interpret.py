@@ -1,0 +1,47 @@
+"""What differs when Triton runs kernels through its NumPy interpreter (``TRITON_INTERPRET=1``).
+
+Kernels take an ``INTERPRET`` constexpr (from :func:`interpreting`) and route the few operations whose
+interpreter twin is missing or inexact through the helpers here; a constexpr ``if`` compiles only one branch,
+so GPU code is unchanged.
+
+* ``libdevice`` calls (``extern_elementwise``) are not implemented by the interpreter (triton 3.8).
+* fp32 -> bf16 casts *truncate* under the interpreter (its ``_convert_float`` drops the low bits when no
+  rounding mode is given), whereas compiled code rounds to nearest even (``cvt.rn.bf16.f32``). fp32 -> fp16
+  goes through NumPy's ``astype`` and is correctly rounded.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its NumPy interpreter (the flag is read at triton import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_device(t: torch.Tensor) -> None:
+    """CPU tensors run only under the interpreter; otherwise say how to turn it on."""
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and interpreting():
+        return
+    raise RuntimeError(
+        f"ditq's Triton kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter; got "
+        f"{t.device} tensors with the interpreter off: set TRITON_INTERPRET=1 before importing triton or "
+        f"diffusers, or move the tensors to a GPU")
+
+
+@triton.jit
+def cast_rn(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 ``x`` cast to ``dtype`` rounding to nearest even, in both execution modes."""
+    if INTERPRET and dtype == tl.bfloat16:
+        # Round the fp32 bit pattern to its top 16 bits, ties to even: add 0x7FFF plus the lowest kept bit.
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
