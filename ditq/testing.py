@@ -12,6 +12,9 @@ import torch
 from .quant import reference as ref
 
 _EPS = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+# Half the spacing of the output dtype's subnormals: the absolute rounding error of a tiny result
+# (fp16 outputs below 6.1e-5 are subnormal and round to multiples of 2**-24, not relative to their size).
+_HALF_SUBNORMAL = {torch.float32: 2.0 ** -150, torch.bfloat16: 2.0 ** -134, torch.float16: 2.0 ** -25}
 
 
 def assert_matches_exact(out: torch.Tensor, exact: torch.Tensor, magnitude: torch.Tensor, fp32_ops: int,
@@ -23,7 +26,8 @@ def assert_matches_exact(out: torch.Tensor, exact: torch.Tensor, magnitude: torc
     assert out64.shape == exact.shape, f"{what}: shape {tuple(out64.shape)} != {tuple(exact.shape)}"
     bad = ~torch.isfinite(out64)
     assert not bad.any(), f"{what}: {int(bad.sum())} non-finite outputs, first at {bad.nonzero()[0].tolist()}"
-    tol = fp32_ops * _EPS[torch.float32] * magnitude + _EPS[out.dtype] * exact.abs() + 1e-30
+    tol = (fp32_ops * _EPS[torch.float32] * magnitude + _EPS[out.dtype] * exact.abs()
+           + _HALF_SUBNORMAL[out.dtype] + 1e-30)
     err = (out64 - exact).abs()
     worst = int(torch.argmax(err / tol))
     assert bool((err <= tol).all()), (

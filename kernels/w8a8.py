@@ -188,3 +188,21 @@ def reference(a, a_scale, w, w_scale, bias=None, out_dtype=torch.float32):
     from ditq.quant import reference as ref
 
     return ref.gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype)
+
+
+def aot_job(config: Dict, cc: int, out_dtype: str = "bf16", per_token: bool = True, bias: bool = True,
+            aligned: bool = True) -> Dict:
+    """Arguments of ``aot.compile_kernel`` for one table entry, as the launcher would run it on a GPU of
+    compute capability ``cc``: aligned pointers and K % 16 == 0 (``aligned=False`` drops those hints, the
+    case the launcher refuses, to show what they buy)."""
+    tma = bool(config.get("tma", False))
+    bm, bn, bk = config["BM"], config["BN"], config["BK"]
+    sig = {"a": f"tensordesc<i8[{bm}, {bk}]>" if tma else "*i8",
+           "w": f"tensordesc<i8[{bn}, {bk}]>" if tma else "*i8",
+           "y_ptr": f"*{out_dtype}", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
+           "M": "i32", "N": "i32", "K": "i32"}
+    constexprs = dict(A_PER_TOKEN=per_token, HAS_BIAS=bias, USE_TMA=tma, SWAP_AB=bool(config.get("swap_ab")),
+                      BM=bm, BN=bn, BK=bk, GROUP_M=config.get("GROUP_M", 8), INTERPRET=False)
+    hints = ["y_ptr", "a_scale_ptr", "w_scale_ptr", "bias_ptr", "K"] + ([] if tma else ["a", "w"])
+    return dict(fn=w8a8_kernel, signature=sig, constexprs=constexprs, cc=cc, num_warps=config["num_warps"],
+                num_stages=config["num_stages"], aligned=hints if aligned else [])

@@ -1,0 +1,77 @@
+"""Activation quantization kernel: bit-exact against ditq.quant.reference (same q, same scales)."""
+import pytest
+import torch
+
+from ditq.kernels import quantize_act as qa
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SHAPES = ((1, 16), (5, 300), (33, 1152))  # M = 1, odd M and K (K not a power of two: masked tail)
+
+
+def _input(m, k, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10).to(dtype)
+    if m > 2:
+        x[1] = 0  # an all-zero row: scale 1, q 0
+    return x
+
+
+def _check(x, scale):
+    q_out = torch.full(x.shape, -128, dtype=torch.int8)  # poisoned: the kernel never writes -128
+    q, s = qa.quantize_act(x, scale, out=q_out)
+    rq, rs = qa.reference(x, scale)
+    assert q.data_ptr() == q_out.data_ptr()
+    assert torch.equal(q, rq), f"{int((q != rq).sum())} of {q.numel()} values differ"
+    assert s.dtype == torch.float32 and torch.equal(s, rs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", SHAPES)
+def test_per_token_bit_exact(m, k, dtype):
+    _check(_input(m, k, dtype, seed=m * 7 + k), None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", SHAPES)
+def test_static_bit_exact(m, k, dtype):
+    x = _input(m, k, dtype, seed=m + k)
+    scale = torch.tensor([float(x.float().abs().max()) / 127 * 0.6])  # 40% of the values clamp at +-127
+    _check(x, scale)
+
+
+def test_ties_round_half_to_even():
+    # absmax 127 gives s = 1 exactly, so these x are exact .5 ties: rint must give the even neighbour.
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 126.5, -126.5, 4.4999995, 0.0]])
+    q, s = qa.quantize_act(x)
+    assert s.item() == 1.0
+    assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 4, 126, -126, 4, 0]]
+    _check(x, None)
+    _check(x * 3, torch.tensor([3.0]))
+
+
+def test_scale_is_a_copy():
+    x = _input(3, 32, torch.float32, seed=0)
+    scale = torch.tensor([0.05])
+    _, s = qa.quantize_act(x, scale)
+    assert torch.equal(s, scale) and s.data_ptr() != scale.data_ptr()
+
+
+def test_errors(monkeypatch):
+    x = _input(4, 32, torch.float32, seed=1)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        qa.quantize_act(x.to(torch.int32))
+    with pytest.raises(ValueError, match=r"\[M, K\]"):
+        qa.quantize_act(x[None])
+    with pytest.raises(ValueError, match="contiguous"):
+        qa.quantize_act(x.t())
+    with pytest.raises(ValueError, match="float32 tensor of shape \\[1\\]"):
+        qa.quantize_act(x, torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="float32 tensor of shape \\[1\\]"):
+        qa.quantize_act(x, torch.tensor([0.1], dtype=torch.float64))
+    with pytest.raises(ValueError, match="exceeds"):
+        qa.quantize_act(torch.zeros(1, qa.MAX_BLOCK_K + 16))
+    with pytest.raises(ValueError, match="out must be"):
+        qa.quantize_act(x, out=torch.empty(4, 31, dtype=torch.int8))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing triton or diffusers"):
+        qa.quantize_act(x)

@@ -1,0 +1,97 @@
+"""W8A8 GEMM kernel under the interpreter (or on a GPU), against the exact integer reference."""
+import pytest
+import torch
+
+from ditq.kernels import w8a8
+from ditq.testing import assert_gemm_w8a8, random_int8
+
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Interpreter tiles (configs/w8a8_interpreter.json): BK = 32, BN = 16, BM = 16 (M <= 16) or 32.
+# M = 1 / odd / > BM; N not a multiple of BN; K a multiple of 16 but not of BK.
+SHAPES = ((1, 17, 48), (7, 33, 80), (37, 19, 48))
+# Every code path: the table's choice, and forced pointer / TMA x plain / swapped operands.
+CONFIGS = {
+    "ptr": dict(BM=16, BN=16, BK=32, swap_ab=False, tma=False, num_warps=1, num_stages=1),
+    "ptr-swap": dict(BM=16, BN=32, BK=32, swap_ab=True, tma=False, num_warps=1, num_stages=1),
+    "tma": dict(BM=32, BN=16, BK=32, swap_ab=False, tma=True, num_warps=1, num_stages=1),
+    "tma-swap": dict(BM=16, BN=16, BK=32, swap_ab=True, tma=True, num_warps=1, num_stages=1),
+}
+
+
+def _inputs(m, n, k, per_token, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    a, w = random_int8(m, k, generator=g), random_int8(n, k, generator=g)
+    a_scale = (torch.rand(m if per_token else 1, generator=g) + 0.05) / 127
+    w_scale = (torch.rand(n, generator=g) + 0.05) / 127
+    b = torch.randn(n, generator=g) if bias else None
+    return a, a_scale, w, w_scale, b
+
+
+def _run(m, n, k, out_dtype, per_token, bias, config=None, seed=0):
+    a, a_scale, w, w_scale, b = _inputs(m, n, k, per_token, bias, seed)
+    out = torch.full((m, n), float("nan"), dtype=out_dtype)  # every element must be written
+    y = w8a8.gemm_w8a8(a, a_scale, w, w_scale, b, out_dtype, out=out, config=config)
+    assert y.data_ptr() == out.data_ptr() and y.dtype == out_dtype
+    assert_gemm_w8a8(y, a, a_scale, w, w_scale, b)
+
+
+@pytest.mark.parametrize("per_token", (True, False), ids=("per-token", "static"))
+@pytest.mark.parametrize("bias", (True, False), ids=("bias", "no-bias"))
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_table_config(m, n, k, out_dtype, bias, per_token):
+    _run(m, n, k, out_dtype, per_token, bias, seed=m * 1000 + n + k)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_every_code_path(m, n, k, name):
+    _run(m, n, k, torch.bfloat16, per_token=True, bias=True, config=CONFIGS[name], seed=m + n + k)
+    _run(m, n, k, torch.float16, per_token=False, bias=False, config=CONFIGS[name], seed=m * n + k)
+
+
+def test_int32_accumulation_at_the_largest_k():
+    # |sum| = 16384 * 127 * 128 = 2.66e8: beyond fp32's exact integers (2**24), inside int32.
+    k = 16384
+    a = torch.full((1, k), -127, dtype=torch.int8)
+    a[0, ::3] = 127
+    w = torch.full((3, k), -128, dtype=torch.int8)
+    w[1] = 127
+    w[2, 1::2] = 5
+    cfg = dict(BM=16, BN=16, BK=1024, swap_ab=False, tma=False, num_warps=1, num_stages=1)
+    out = torch.full((1, 3), float("nan"))
+    y = w8a8.gemm_w8a8(a, torch.ones(1), w, torch.ones(3), None, torch.float32, out=out, config=cfg)
+    assert_gemm_w8a8(y, a, torch.ones(1), w, torch.ones(3))
+
+
+def test_launcher_uses_the_table():
+    assert w8a8.kernel_config(1, "cpu")["BM"] == 16
+    assert w8a8.kernel_config(17, "cpu")["BM"] == 32
+
+
+def test_errors(monkeypatch):
+    a, a_scale, w, w_scale, b = _inputs(4, 8, 32, True, True, seed=3)
+    f32 = torch.float32
+    with pytest.raises(TypeError, match="a must be a 2-D int8"):
+        w8a8.gemm_w8a8(a.float(), a_scale, w, w_scale)
+    with pytest.raises(TypeError, match="w must be a 2-D int8"):
+        w8a8.gemm_w8a8(a, a_scale, w.to(torch.uint8), w_scale)
+    with pytest.raises(ValueError, match="contiguous"):
+        w8a8.gemm_w8a8(torch.randint(-5, 5, (32, 4), dtype=torch.int8).t(), a_scale, w, w_scale)
+    with pytest.raises(ValueError, match="w must be \\[N, K\\]"):
+        w8a8.gemm_w8a8(a, a_scale, w[:, :16].contiguous(), w_scale)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        w8a8.gemm_w8a8(a[:, :24].contiguous(), a_scale, w[:, :24].contiguous(), w_scale)
+    with pytest.raises(ValueError, match="a_scale must be float32"):
+        w8a8.gemm_w8a8(a, a_scale[:3], w, w_scale)
+    with pytest.raises(ValueError, match="w_scale must be float32"):
+        w8a8.gemm_w8a8(a, a_scale, w, w_scale[:5])
+    with pytest.raises(ValueError, match="bias must be"):
+        w8a8.gemm_w8a8(a, a_scale, w, w_scale, b[:3])
+    with pytest.raises(TypeError, match="out_dtype"):
+        w8a8.gemm_w8a8(a, a_scale, w, w_scale, None, torch.int32)
+    with pytest.raises(ValueError, match="out must be"):
+        w8a8.gemm_w8a8(a, a_scale, w, w_scale, None, f32, out=torch.empty(4, 8, dtype=torch.float16))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing triton or diffusers"):
+        w8a8.gemm_w8a8(a, a_scale, w, w_scale)
