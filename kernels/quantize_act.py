@@ -117,3 +117,14 @@ def reference(x: torch.Tensor, scale: Optional[torch.Tensor] = None):
     if scale is None:
         return ref.quantize_per_token(x)
     return ref.quantize_with_scale(x, scale, ref.INT8_QMAX), scale.clone()
+
+
+def aot_job(params: dict, cc: int, in_dtype: str = "bf16", per_token: bool = True) -> dict:
+    """Arguments of ``aot.compile_kernel`` for this kernel with ``params = {"BLOCK_K": ..}`` as the
+    launcher runs it on a GPU of compute capability ``cc`` (16-byte aligned rows: K % 16 == 0)."""
+    block_k = params["BLOCK_K"]
+    sig = {"x_ptr": f"*{in_dtype}", "q_ptr": "*i8", "s_ptr": "*fp32", "static_scale_ptr": "*fp32", "K": "i32"}
+    return dict(fn=quantize_act_kernel, signature=sig,
+                constexprs=dict(PER_TOKEN=per_token, BLOCK_K=block_k, INTERPRET=False), cc=cc,
+                num_warps=params.get("num_warps", _num_warps(block_k)), num_stages=1,
+                aligned=["x_ptr", "q_ptr", "s_ptr", "static_scale_ptr", "K"])
