@@ -11,23 +11,29 @@ so GPU code is unchanged.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 
+@triton.jit
+def _probe():
+    pass
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels through its NumPy interpreter (the flag is read at triton import)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when this process's ``@triton.jit`` kernels run through Triton's NumPy interpreter.
+
+    Triton reads ``TRITON_INTERPRET`` when it decorates a kernel, i.e. when our kernel modules are
+    imported, so what counts is how a kernel defined here was built, not the variable's value now."""
+    return type(_probe).__name__ == "InterpretedFunction"
 
 
 def check_device(t: torch.Tensor) -> None:
     """CPU tensors run only under the interpreter; otherwise say how to turn it on."""
     if t.device.type == "cuda":
         return
-    if t.device.type == "cpu" and interpreting():
+    if t.device.type == "cpu" and interpreting():  # looked up at call time: tests patch it
         return
     raise RuntimeError(
         f"ditq's Triton kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter; got "

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from ditq.kernels import quantize_act as qa
+from ditq.kernels import interpret, quantize_act as qa
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = ((1, 16), (5, 300), (33, 1152))  # M = 1, odd M and K (K not a power of two: masked tail)
 
@@ -17,7 +18,8 @@ def _input(m, k, dtype, seed):
 
 
 def _check(x, scale):
-    q_out = torch.full(x.shape, -128, dtype=torch.int8)  # poisoned: the kernel never writes -128
+    x, scale = x.to(DEVICE), None if scale is None else scale.to(DEVICE)
+    q_out = torch.full(x.shape, -128, dtype=torch.int8, device=DEVICE)  # poisoned: the kernel never writes -128
     q, s = qa.quantize_act(x, scale, out=q_out)
     rq, rs = qa.reference(x, scale)
     assert q.data_ptr() == q_out.data_ptr()
@@ -42,7 +44,7 @@ def test_static_bit_exact(m, k, dtype):
 def test_ties_round_half_to_even():
     # absmax 127 gives s = 1 exactly, so these x are exact .5 ties: rint must give the even neighbour.
     x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 126.5, -126.5, 4.4999995, 0.0]])
-    q, s = qa.quantize_act(x)
+    q, s = qa.quantize_act(x.to(DEVICE))
     assert s.item() == 1.0
     assert q.tolist() == [[127, 0, 2, 2, 0, -2, -2, 4, 126, -126, 4, 0]]
     _check(x, None)
@@ -51,8 +53,8 @@ def test_ties_round_half_to_even():
 
 def test_scale_is_a_copy():
     x = _input(3, 32, torch.float32, seed=0)
-    scale = torch.tensor([0.05])
-    _, s = qa.quantize_act(x, scale)
+    scale = torch.tensor([0.05], device=DEVICE)
+    _, s = qa.quantize_act(x.to(DEVICE), scale)
     assert torch.equal(s, scale) and s.data_ptr() != scale.data_ptr()
 
 
@@ -72,6 +74,6 @@ def test_errors(monkeypatch):
         qa.quantize_act(torch.zeros(1, qa.MAX_BLOCK_K + 16))
     with pytest.raises(ValueError, match="out must be"):
         qa.quantize_act(x, out=torch.empty(4, 31, dtype=torch.int8))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(interpret, "interpreting", lambda: False)  # as if imported with it off
     with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing triton or diffusers"):
         qa.quantize_act(x)

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from ditq.kernels import w8a8
+from ditq.kernels import interpret, w8a8
 from ditq.testing import assert_gemm_w8a8, random_int8
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py)
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Interpreter tiles (configs/w8a8_interpreter.json): BK = 32, BN = 16, BM = 16 (M <= 16) or 32.
 # M = 1 / odd / > BM; N not a multiple of BN; K a multiple of 16 but not of BK.
@@ -24,12 +25,12 @@ def _inputs(m, n, k, per_token, bias, seed):
     a_scale = (torch.rand(m if per_token else 1, generator=g) + 0.05) / 127
     w_scale = (torch.rand(n, generator=g) + 0.05) / 127
     b = torch.randn(n, generator=g) if bias else None
-    return a, a_scale, w, w_scale, b
+    return tuple(t if t is None else t.to(DEVICE) for t in (a, a_scale, w, w_scale, b))
 
 
 def _run(m, n, k, out_dtype, per_token, bias, config=None, seed=0):
     a, a_scale, w, w_scale, b = _inputs(m, n, k, per_token, bias, seed)
-    out = torch.full((m, n), float("nan"), dtype=out_dtype)  # every element must be written
+    out = torch.full((m, n), float("nan"), dtype=out_dtype, device=DEVICE)  # every element must be written
     y = w8a8.gemm_w8a8(a, a_scale, w, w_scale, b, out_dtype, out=out, config=config)
     assert y.data_ptr() == out.data_ptr() and y.dtype == out_dtype
     assert_gemm_w8a8(y, a, a_scale, w, w_scale, b)
@@ -59,18 +60,20 @@ def test_int32_accumulation_at_the_largest_k():
     w[1] = 127
     w[2, 1::2] = 5
     cfg = dict(BM=16, BN=16, BK=1024, swap_ab=False, tma=False, num_warps=1, num_stages=1)
-    out = torch.full((1, 3), float("nan"))
-    y = w8a8.gemm_w8a8(a, torch.ones(1), w, torch.ones(3), None, torch.float32, out=out, config=cfg)
-    assert_gemm_w8a8(y, a, torch.ones(1), w, torch.ones(3))
+    a, w, ones1, ones3 = a.to(DEVICE), w.to(DEVICE), torch.ones(1, device=DEVICE), torch.ones(3, device=DEVICE)
+    out = torch.full((1, 3), float("nan"), device=DEVICE)
+    y = w8a8.gemm_w8a8(a, ones1, w, ones3, None, torch.float32, out=out, config=cfg)
+    assert_gemm_w8a8(y, a, ones1, w, ones3)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's table")
 def test_launcher_uses_the_table():
     assert w8a8.kernel_config(1, "cpu")["BM"] == 16
     assert w8a8.kernel_config(17, "cpu")["BM"] == 32
 
 
 def test_errors(monkeypatch):
-    a, a_scale, w, w_scale, b = _inputs(4, 8, 32, True, True, seed=3)
+    a, a_scale, w, w_scale, b = (t.cpu() for t in _inputs(4, 8, 32, True, True, seed=3))
     f32 = torch.float32
     with pytest.raises(TypeError, match="a must be a 2-D int8"):
         w8a8.gemm_w8a8(a.float(), a_scale, w, w_scale)
@@ -92,6 +95,6 @@ def test_errors(monkeypatch):
         w8a8.gemm_w8a8(a, a_scale, w, w_scale, None, torch.int32)
     with pytest.raises(ValueError, match="out must be"):
         w8a8.gemm_w8a8(a, a_scale, w, w_scale, None, f32, out=torch.empty(4, 8, dtype=torch.float16))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(interpret, "interpreting", lambda: False)  # as if imported with it off
     with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing triton or diffusers"):
         w8a8.gemm_w8a8(a, a_scale, w, w_scale)
