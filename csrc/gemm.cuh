@@ -296,16 +296,17 @@ DITQ_DEVICE bool reduce_splits(const GemmParams& p, Acc& acc, FAcc& facc, uint8_
     const int arrived = ptx::atomic_add_gpu(p.counters + tile, 1);
     const int last = arrived == S - 1;
     if (last) p.counters[tile] = 0;  // leave the counters zeroed for the next launch
-    *flag = last;
+    ptx::st_shared(flag, last);
   }
   __syncthreads();
-  if (!*flag) return false;
+  if (!ptx::ld_shared(flag)) return false;
   ptx::fence_gpu();  // acquire: the other CTAs' partials
 #pragma unroll
   for (int e = 0; e < E; ++e) {
     const int i = e / (NI * 4), j = (e / 4) % NI, r = e % 4;
     if constexpr (WOp::kGrouped) {
       float v = 0.0f;
+#pragma unroll 1  // S is small and runtime: unrolling it only multiplies compile time and code size
       for (int zz = 0; zz < S; ++zz) {
         const uint32_t b = ptx::ld_cg(p.workspace + word(zz, e));
         float f;
@@ -315,6 +316,7 @@ DITQ_DEVICE bool reduce_splits(const GemmParams& p, Acc& acc, FAcc& facc, uint8_
       facc[i][j][r] = v;
     } else {
       uint32_t v = 0;  // int32 sums: exact and order-free (wrapping adds, as the mma accumulates)
+#pragma unroll 1
       for (int zz = 0; zz < S; ++zz) v += ptx::ld_cg(p.workspace + word(zz, e));
       acc[i][j][r] = static_cast<int32_t>(v);
     }

@@ -1,0 +1,58 @@
+// Real CUDA launchers of the int8 GEMMs (csrc/gemm.cuh), torch-free so that nvcc compiles this file in
+// seconds (torch's headers cost ~65 s per architecture; they live in bindings.cpp only).
+#include <cuda_runtime.h>
+
+#include "gemm.cuh"
+#include "gemm.h"
+
+namespace ditq::gemm {
+namespace {
+
+template <class T, class WOp>
+__global__ void __launch_bounds__(T::THREADS) gemm_kernel(GemmParams p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  gemm_body<T, WOp>(p, smem);
+}
+
+template <class T, class WOp>
+const char* launch(const GemmParams& p, void* stream) {
+  constexpr int smem = smem_bytes<T, WOp>();
+  auto* kernel = &gemm_kernel<T, WOp>;
+  if (smem > 48 * 1024) {  // above 48 KB a kernel must opt in to dynamic shared memory
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return cudaGetErrorString(e);
+  }
+  const dim3 grid((p.N + T::BN - 1) / T::BN, (p.M + T::BM - 1) / T::BM, p.splits);
+  kernel<<<grid, T::THREADS, smem, static_cast<cudaStream_t>(stream)>>>(p);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+template <class WOp>
+const char* dispatch_tile(const GemmParams& p, int tile, void* stream) {
+  switch (tile) {
+#define DITQ_CASE(ID, BM, BN, BK, WM, WN, ST) \
+    case ID: return launch<Tile<BM, BN, BK, WM, WN, ST>, WOp>(p, stream);
+    DITQ_GEMM_TILES(DITQ_CASE)
+#undef DITQ_CASE
+  }
+  return "ditq: unknown GEMM tile id";
+}
+
+}  // namespace
+
+const char* launch_w8a8(const GemmParams& p, int tile, void* stream) {
+  return dispatch_tile<W8>(p, tile, stream);
+}
+
+const char* launch_w4a8(const GemmParams& p, int group_size, int tile, void* stream) {
+  switch (group_size) {
+    case 32: return dispatch_tile<W4<32>>(p, tile, stream);
+    case 64: return dispatch_tile<W4<64>>(p, tile, stream);
+    case 128: return dispatch_tile<W4<128>>(p, tile, stream);
+    case 256: return dispatch_tile<W4<256>>(p, tile, stream);
+  }
+  return "ditq: W4A8 group size must be 32, 64, 128 or 256";
+}
+
+}  // namespace ditq::gemm

@@ -1,0 +1,148 @@
+"""The machine code of the CUDA GEMMs (csrc/gemm.cu), checked without a GPU: compiled here by nvcc for sm_80
+and sm_90a, disassembled with the cuobjdump that ships in triton's wheel (BRIEF §4).
+
+Every kernel (tile x weight kind) must use the int8 tensor cores (IMMA.16832.S8.S8), ldmatrix (LDSM) and
+16-byte async copies (LDGSTS), with no local memory (LDL / STL, spills). Registers, shared memory and the
+main loop's instruction mix per mma are printed (`pytest -s`) and kept in the test's user_properties."""
+import collections
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CSRC = os.path.join(ROOT, "csrc")
+ARCHS = ("sm_80", "sm_90a")
+
+
+def _nvcc():
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cuobjdump():
+    try:
+        import triton
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
+def tile_table():
+    """{id: (BM, BN, BK, WARPS_M, WARPS_N, STAGES)} parsed from csrc/configs/gemm_tiles.h."""
+    text = open(os.path.join(CSRC, "configs", "gemm_tiles.h")).read()
+    rows = re.findall(r"^\s*X\((\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\)", text, re.M)
+    return {int(r[0]): tuple(int(v) for v in r[1:]) for r in rows}
+
+
+def _opcode(ins):
+    return re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0]
+
+
+def parse_sass(text):
+    """{mangled kernel name: [(address, instruction)]}."""
+    funcs, cur = {}, None
+    for line in text.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            cur = funcs.setdefault(m.group(1), [])
+            continue
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if m and cur is not None:
+            cur.append((int(m.group(1), 16), m.group(2)))
+    return funcs
+
+
+def main_loop(instrs):
+    """Instructions of the innermost backward branch's body that contains an IMMA: the k loop."""
+    best = None
+    for addr, ins in instrs:
+        m = re.search(r"\bBRA\s+0x([0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < addr:
+            body = [x for a, x in instrs if int(m.group(1), 16) <= a <= addr]
+            if any(_opcode(x).startswith("IMMA") for x in body) and (best is None or len(body) < len(best)):
+                best = body
+    return best or []
+
+
+def kernel_key(name):
+    """(tile id, 'w8' | 'w4g<G>') of a mangled gemm_kernel name."""
+    m = re.search(r"TileILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)EEE", name)
+    if not m or "gemm_kernel" not in name:
+        return None
+    shape = tuple(int(v) for v in m.groups())
+    tile = {v: k for k, v in tile_table().items()}.get(shape)
+    g = re.search(r"W4ILi(\d+)E", name)
+    return tile, ("w4g" + g.group(1)) if g else "w8"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    nvcc, cuobjdump = _nvcc(), _cuobjdump()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDA_HOME): cannot compile csrc/gemm.cu")
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (it ships in triton's wheel, or pip install nvidia-cuda-cuobjdump)")
+    out = {}
+    tmp = tmp_path_factory.mktemp("gemm_sass")
+    for arch in ARCHS:
+        cubin = str(tmp / f"gemm_{arch}.cubin")
+        r = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                            "-I", CSRC, "-Xptxas", "-v", os.path.join(CSRC, "gemm.cu"), "-o", cubin],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        ptxas = {}  # mangled name -> (registers, spill bytes)
+        for m in re.finditer(r"Compiling entry function '(\S+)'.*?(\d+) bytes spill stores, (\d+) bytes spill "
+                             r"loads\s*\n.*?Used (\d+) registers", r.stderr, re.S):
+            ptxas[m.group(1)] = (int(m.group(4)), int(m.group(2)) + int(m.group(3)))
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        out[arch] = (parse_sass(sass), ptxas)
+    return out
+
+
+def _smem(tile, kind):
+    bm, bn, bk, _, _, stages = tile_table()[tile]
+    return stages * (bm * bk + bn * (bk if kind == "w8" else bk // 2))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gemm_sass(compiled, arch, request):
+    funcs, ptxas = compiled[arch]
+    kernels = {kernel_key(n): n for n in funcs if kernel_key(n)}
+    expected = {(t, k) for t in tile_table() for k in ("w8", "w4g32", "w4g64", "w4g128", "w4g256")}
+    assert set(kernels) == expected, f"kernels compiled {sorted(kernels)} != table {sorted(expected)}"
+    report = []
+    for (tile, kind), name in sorted(kernels.items()):
+        ins = funcs[name]
+        ops = collections.Counter(_opcode(x) for _, x in ins)
+        what = f"{arch} tile {tile} {kind}"
+        assert ops["IMMA.16832.S8.S8"] > 0, f"{what}: no int8 mma.sync (IMMA.16832.S8.S8)"
+        assert any(o.startswith("LDSM") for o in ops), f"{what}: no ldmatrix (LDSM)"
+        assert ops["LDGSTS.E.BYPASS.128"] > 0, f"{what}: no 16-byte cp.async (LDGSTS.E.BYPASS.128)"
+        assert ops["LDL"] == 0 and ops["STL"] == 0, f"{what}: local memory (LDL {ops['LDL']}, STL {ops['STL']})"
+        regs, spill = ptxas[name]
+        assert spill == 0, f"{what}: {spill} bytes of spills"
+        loop = main_loop(ins)
+        lops = collections.Counter(_opcode(x) for x in loop)
+        imma = lops["IMMA.16832.S8.S8"]
+        bm, bn, bk, wm, wn, _ = tile_table()[tile]
+        # the whole k tile is unrolled: every warp issues (BM/WM/16)*(BN/WN/8)*(BK/32) mma per iteration
+        assert imma == (bm // wm // 16) * (bn // wn // 8) * (bk // 32), f"{what}: {imma} IMMA in the main loop"
+        row = dict(arch=arch, tile=tile, kind=kind, registers=regs, smem=_smem(tile, kind),
+                   imma=ops["IMMA.16832.S8.S8"], ldsm=sum(v for o, v in ops.items() if o.startswith("LDSM")),
+                   ldgsts=ops["LDGSTS.E.BYPASS.128"], loop_instructions=len(loop), loop_imma=imma,
+                   per_mma=round(len(loop) / imma, 2),
+                   mix={o: v for o, v in lops.most_common(8)})
+        report.append(row)
+        request.node.user_properties.append((f"tile{tile}_{kind}", row))
+    print(f"\n{arch}: tile kind     regs  smem  IMMA LDSM LDGSTS  loop/mma  (main-loop mix)")
+    for r in report:
+        print(f"{arch}: {r['tile']:>4} {r['kind']:<7} {r['registers']:>4} {r['smem']:>6} {r['imma']:>4} "
+              f"{r['ldsm']:>4} {r['ldgsts']:>6} {r['per_mma']:>8}  {r['mix']}")
