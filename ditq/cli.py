@@ -1,0 +1,397 @@
+"""The ``ditq`` command line (console script ``ditq = ditq.cli:main``; ``python -m ditq`` runs the same).
+
+    ditq demo [--out DIR] [--steps N] [--samples-per-class N] [--backend B] [--settings fp32 w8a8 ...]
+    ditq quantize MODEL --preset w4a8|w8a8 [--calibration first-step|all-steps] [--act-scheme static|dynamic]
+                  [--backend B] --out DIR
+    ditq generate DIR --class-labels 1 2 3 [--steps N] [--seed S] --out PNG
+    ditq info DIR
+
+MODEL is ``bundled`` (the digits DiT shipped with ditq), a local diffusers pipeline directory, or a Hugging Face
+hub id (needs internet; loaded with ``DiffusionPipeline.from_pretrained``). Errors a user can fix (a missing
+directory, a pipeline without a transformer, a bad class label, ...) print one line on stderr and exit with 1;
+``--debug`` shows the traceback instead. The work itself lives in the library (``ditq.quantize``,
+``ditq.demo.run``); this module only parses, loads and prints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import List, Optional
+
+# Transformer classes ditq's tests cover; other diffusers transformers are tried with a warning.
+TESTED_TRANSFORMERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
+                       "FluxTransformer2DModel")
+BUNDLED = "bundled"
+DEFAULT_PROMPTS = ("a photo of a cat", "a watercolor landscape with mountains", "a red sports car on a street",
+                   "a bowl of fruit on a wooden table")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class CLIError(Exception):
+    """A problem with the user's input: printed as one line, no traceback."""
+
+
+# ---- loading ------------------------------------------------------------------------------------------
+
+def _read_index(path: str) -> dict:
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        raise CLIError(f"{path} is not a diffusers pipeline directory (no model_index.json)")
+    try:
+        with open(index) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{index} is not readable JSON: {e}")
+
+
+def _check_transformer_entry(index: dict, where: str) -> None:
+    entry = index.get("transformer")
+    if not entry or not isinstance(entry, (list, tuple)) or entry[-1] is None:
+        has_unet = bool(index.get("unet"))
+        raise CLIError(f"{where} has no transformer component" + (" (it is a UNet pipeline)" if has_unet else "")
+                       + ": ditq quantizes DiT-family (transformer) diffusion models")
+    cls = entry[-1]
+    if "Transformer" not in cls:
+        raise CLIError(f"{where}: its transformer is a {cls}, not a DiT-family transformer model")
+    if cls not in TESTED_TRANSFORMERS:
+        print(f"ditq: warning: {cls} is not among the tested transformers ({', '.join(TESTED_TRANSFORMERS)}); "
+              f"trying anyway", file=sys.stderr)
+
+
+def _pipeline_class(index: dict):
+    """The demo pipeline lives in ditq, not diffusers: diffusers cannot resolve its class name by itself."""
+    if index.get("_class_name") == "PixelDiTPipeline":
+        from .demo import PixelDiTPipeline
+        return PixelDiTPipeline
+    from diffusers import DiffusionPipeline
+    return DiffusionPipeline
+
+
+def load_pipeline(model: str, device: str = "cpu"):
+    """``bundled``, a local pipeline directory or a hub id -> a full-precision diffusers pipeline."""
+    if model == BUNDLED:
+        from .demo import load_bundled_pipeline
+        return load_bundled_pipeline(device=device)
+    if os.path.isdir(model):
+        index = _read_index(model)
+        _check_transformer_entry(index, model)
+        try:
+            pipe = _pipeline_class(index).from_pretrained(model, local_files_only=True)
+        except Exception as e:
+            raise CLIError(f"cannot load the pipeline in {model}: {type(e).__name__}: {_first_line(e)}")
+    elif _HUB_ID.match(model) and not os.path.exists(model):
+        from diffusers import DiffusionPipeline
+        try:
+            pipe = DiffusionPipeline.from_pretrained(model)
+        except Exception as e:
+            raise CLIError(f"cannot load {model!r} from the Hugging Face hub: {type(e).__name__}: {_first_line(e)}")
+    else:
+        raise CLIError(f"no such model directory: {model} (give '{BUNDLED}', a diffusers pipeline directory or a "
+                       f"hub id such as facebook/DiT-XL-2-256)")
+    if getattr(pipe, "transformer", None) is None:
+        raise CLIError(f"{model}: the pipeline has no transformer: ditq quantizes DiT-family diffusion models")
+    return pipe.to(device)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _is_ditq_checkpoint(path: str) -> bool:
+    from .io import HEADER_NAME
+    return os.path.isfile(os.path.join(path, "transformer", HEADER_NAME)) or \
+        os.path.isfile(os.path.join(path, HEADER_NAME))
+
+
+def _header_dir(path: str) -> str:
+    if not os.path.isdir(path):
+        raise CLIError(f"no such directory: {path}")
+    if not _is_ditq_checkpoint(path):
+        raise CLIError(f"{path} is not a ditq checkpoint (no transformer/ditq_quant.json): "
+                       f"write one with 'ditq quantize MODEL --out {path}'")
+    from .io import HEADER_NAME
+    sub = os.path.join(path, "transformer")
+    return sub if os.path.isfile(os.path.join(sub, HEADER_NAME)) else path
+
+
+def _calib_inputs(pipe, args) -> dict:
+    """Calibration call arguments: class labels for class-conditional pipelines, prompts for text ones."""
+    import inspect
+    params = inspect.signature(pipe.__call__).parameters
+    kw = dict(num_inference_steps=args.calib_steps)
+    if "class_labels" in params:
+        n = _num_classes(pipe)
+        labels = args.calib_labels if args.calib_labels is not None else list(range(min(n or 8, 16)))
+        _check_labels(labels, n)
+        kw["class_labels"] = labels
+    elif "prompt" in params:
+        kw["prompt"] = list(args.calib_prompts or DEFAULT_PROMPTS)
+    else:
+        raise CLIError(f"{type(pipe).__name__} takes neither class_labels nor prompt: use the Python API "
+                       f"(ditq.quantize(..., calib_fn=...)) to calibrate it")
+    return kw
+
+
+def _num_classes(pipe) -> Optional[int]:
+    n = getattr(getattr(pipe.transformer, "config", None), "num_embeds_ada_norm", None)
+    return int(n) if n else None
+
+
+def _check_labels(labels: List[int], n: Optional[int]) -> None:
+    if not labels:
+        raise CLIError("give at least one class label")
+    for c in labels:
+        if c < 0 or (n is not None and c >= n):
+            raise CLIError(f"class label {c} is out of range: this model has classes 0..{n - 1}"
+                           if n is not None else f"class label {c} is negative")
+
+
+# ---- commands -----------------------------------------------------------------------------------------
+
+def cmd_demo(args) -> int:
+    from .demo.run import run_demo
+    run_demo(args.out, steps=args.steps, samples_per_class=args.samples_per_class, backend=args.backend,
+             settings=args.settings, seed=args.seed, device=args.device, progress=not args.quiet)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    import ditq
+    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise CLIError(f"{args.out} exists and is not empty (pass --overwrite to write into it)")
+    cfg = ditq.QuantConfig.preset(args.preset, calibration=args.calibration, act_scheme=args.act_scheme,
+                                  backend=args.backend, progress=not args.quiet,
+                                  **({} if args.group_size is None else {"group_size": args.group_size}))
+    pipe = load_pipeline(args.model, device=args.device)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=args.quiet)
+    report = ditq.quantize(pipe, cfg, calib_inputs=_calib_inputs(pipe, args))
+    ditq.save_quantized(pipe, args.out)
+    with open(os.path.join(args.out, "ditq_report.json"), "w") as f:
+        f.write(report.to_json())
+    if not args.quiet:
+        print(report)
+    print(f"wrote {args.out} ({report.bytes_before:,} -> {report.bytes_after:,} transformer bytes, "
+          f"{report.compression:.2f}x); report in {os.path.join(args.out, 'ditq_report.json')}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    if not os.path.isdir(args.model):
+        if args.model != BUNDLED:
+            raise CLIError(f"no such directory: {args.model}")
+        pipe = load_pipeline(BUNDLED, device=args.device)
+    elif _is_ditq_checkpoint(args.model):
+        import ditq
+        _read_index(args.model)  # a bare quantized transformer cannot generate
+        try:
+            pipe = ditq.load_quantized(args.model, device=args.device, backend=args.backend)
+        except Exception as e:
+            raise CLIError(f"cannot load {args.model}: {type(e).__name__}: {_first_line(e)}")
+    else:
+        pipe = load_pipeline(args.model, device=args.device)
+    _check_labels(args.class_labels, _num_classes(pipe))
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=args.quiet)
+    gen = torch.Generator(args.device if args.device != "cuda" else "cuda").manual_seed(args.seed)
+    kw = dict(class_labels=args.class_labels, num_inference_steps=args.steps, generator=gen, output_type="pt")
+    if args.guidance_scale is not None:
+        kw["guidance_scale"] = args.guidance_scale
+    images = pipe(**kw).images.float().cpu()
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    _save_row(images, args.out)
+    print(f"wrote {args.out}: {len(images)} image(s), classes {args.class_labels}, {args.steps} steps, "
+          f"seed {args.seed}")
+    return 0
+
+
+def _save_row(images, path: str, scale: int = 4) -> None:
+    """images (N, C, H, W) in [0, 1] side by side, each scaled up ``scale`` times (nearest) when small."""
+    import torch
+    from PIL import Image
+    row = torch.cat(list(images.clamp(0, 1)), dim=-1)  # C, H, N*W
+    arr = (row * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    if images.shape[-1] < 128:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+
+
+def _tensor_bytes(weights: str) -> dict:
+    """name -> bytes of each tensor in a safetensors file, from its header (no tensor is read)."""
+    import struct
+    with open(weights, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        meta = json.loads(f.read(n))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in meta.items() if k != "__metadata__"}
+
+
+def info(path: str) -> dict:
+    """What ``ditq info`` prints, as a dict: format, config, quantized layers, bytes."""
+    from .io import WEIGHTS_NAME, read_header
+    hdir = _header_dir(path)
+    header = read_header(hdir)
+    weights = os.path.join(hdir, WEIGHTS_NAME)
+    sizes = _tensor_bytes(weights) if os.path.isfile(weights) else {}
+    layers = []
+    for name, spec in header["layers"].items():
+        fmt = spec["format"]
+        nbytes = sum(b for k, b in sizes.items() if k.startswith(name + "."))
+        layers.append(dict(name=name, in_features=spec["in_features"], out_features=spec["out_features"],
+                           bits=fmt.get("bits"), group_size=fmt.get("group_size"), act_scheme=spec["act_scheme"],
+                           act_scale=spec["act_scale"], bytes=nbytes))
+    quant_bytes = sum(layer["bytes"] for layer in layers)
+    total = sum(sizes.values())
+    full_precision = sum(layer["in_features"] * layer["out_features"] * 2 + layer["out_features"] * 2
+                         for layer in layers)
+    return dict(path=path, ditq_version=header.get("ditq_version"), layout=header.get("layout"),
+                layout_version=header.get("layout_version"), model_class=header.get("model_class"),
+                pipeline_class=header.get("pipeline_class"), quant_config=header.get("quant_config"),
+                layers=layers, quantized_layer_bytes=quant_bytes, quantized_layers_bf16_bytes=full_precision,
+                other_bytes=total - quant_bytes, total_bytes=total)
+
+
+def cmd_info(args) -> int:
+    d = info(args.dir)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    cfg = d["quant_config"] or {}
+    group = cfg.get("group_size") or "per-channel"
+    print(f"{d['path']}: ditq {d['ditq_version']} checkpoint, layout {d['layout']} v{d['layout_version']}")
+    print(f"model: {d['model_class']}" + (f" in {d['pipeline_class']}" if d["pipeline_class"] else ""))
+    print(f"config: {cfg.get('weight_bits')}-bit weights (group {group}), {cfg.get('act_bits')}-bit activations "
+          f"({cfg.get('act_scheme')}), calibration {cfg.get('calibration')}, backend {cfg.get('backend')}")
+    if args.layers:
+        width = max([len(layer["name"]) for layer in d["layers"]] + [5])
+        print(f"\n{'layer':<{width}}  {'K':>6} {'N':>6}  {'format':<10} {'act scale':>10} {'bytes':>9}")
+        for layer in d["layers"]:
+            fmt = f"w{layer['bits']}" + (f"g{layer['group_size']}" if layer["group_size"] else "") + "a8"
+            scale = "dynamic" if layer["act_scale"] is None else f"{layer['act_scale']:.3g}"
+            print(f"{layer['name']:<{width}}  {layer['in_features']:>6} {layer['out_features']:>6}  {fmt:<10} "
+                  f"{scale:>10} {layer['bytes']:>9}")
+        print()
+    n = len(d["layers"])
+    print(f"quantized layers: {n}; their bytes {d['quantized_layer_bytes']:,} (bf16 would be "
+          f"{d['quantized_layers_bf16_bytes']:,}); other tensors {d['other_bytes']:,}; "
+          f"transformer total {d['total_bytes']:,} bytes")
+    return 0
+
+
+# ---- parser -------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import ACT_SCHEMES, CALIBRATION_MODES, PRESETS
+    from .format import SUPPORTED_GROUP_SIZES
+    backends = ("auto", "torch", "triton", "cuda", "cuda-emulated")
+
+    p = argparse.ArgumentParser(prog="ditq", description="Post-training int8/int4 quantization of diffusion "
+                                "transformers (DiT): quantize, inspect, generate, and a demo on a bundled model.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    from .demo.run import DEFAULT_SAMPLES_PER_CLASS, DEFAULT_STEPS, SETTINGS
+    d = sub.add_parser("demo", help="quantize the bundled digits DiT several ways and compare the samples",
+                       description="Samples the bundled digits DiT in full precision, W8A8 and W4A8 (first-step "
+                       "calibration) and W8A8 / W4A8 with all-steps calibration from the same seeds; prints a table "
+                       "and writes demo.png and demo.json into --out. The defaults take about 2-3 minutes on a "
+                       "2-core CPU.")
+    d.add_argument("--out", default="ditq-demo", help="output directory (default: ./ditq-demo)")
+    d.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
+    d.add_argument("--samples-per-class", type=int, default=DEFAULT_SAMPLES_PER_CLASS,
+                   help=f"images per digit class and setting (default {DEFAULT_SAMPLES_PER_CLASS})")
+    d.add_argument("--backend", default="auto", choices=backends, help="kernel backend (default auto: GPU kernels "
+                   "when there is a GPU, else the torch reference)")
+    d.add_argument("--settings", nargs="+", choices=list(SETTINGS), metavar="SETTING",
+                   help=f"settings to run, from {', '.join(SETTINGS)} (default all; fp32 always runs)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    d.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+
+    q = sub.add_parser("quantize", help="quantize a DiT-family pipeline and save it",
+                       description="Calibrates activation scales (default: on the first sampling step only), "
+                       "quantizes the transformer's linears and writes a ditq checkpoint directory.")
+    q.add_argument("model", metavar="MODEL",
+                   help=f"'{BUNDLED}', a local diffusers pipeline directory, or a hub id (needs internet)")
+    q.add_argument("--preset", required=True, choices=sorted(PRESETS), help="w8a8 or w4a8 (int4, groups of 128)")
+    q.add_argument("--calibration", default="first-step", choices=CALIBRATION_MODES,
+                   help="which sampling steps set the activation scales (default first-step, as in the paper)")
+    q.add_argument("--act-scheme", default="static", choices=ACT_SCHEMES,
+                   help="static (calibrated) or dynamic (per token at run time) activation scales")
+    q.add_argument("--group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
+                   help="int4 group size along K (default 128)")
+    q.add_argument("--backend", default="auto", choices=backends, help="kernel backend (default auto)")
+    q.add_argument("--calib-labels", type=int, nargs="+", default=None, metavar="C",
+                   help="class labels for calibration (class-conditional models; default 0..min(classes,16)-1)")
+    q.add_argument("--calib-prompts", nargs="+", default=None, metavar="PROMPT",
+                   help="prompts for calibration (text-to-image models)")
+    q.add_argument("--calib-steps", type=int, default=25,
+                   help="num_inference_steps of each calibration run (default 25)")
+    q.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    q.add_argument("--out", required=True, help="directory to write the checkpoint to")
+    q.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    q.add_argument("--quiet", action="store_true", help="no progress bars or per-layer table")
+    q.set_defaults(func=cmd_quantize)
+
+    g = sub.add_parser("generate", help="sample images from a ditq checkpoint (or 'bundled')",
+                       description="Loads a checkpoint written by 'ditq quantize' (or a full-precision pipeline "
+                       "directory, or 'bundled') and writes one PNG with the images side by side.")
+    g.add_argument("model", metavar="DIR", help="checkpoint directory from 'ditq quantize'")
+    g.add_argument("--class-labels", type=int, nargs="+", required=True, metavar="C", help="one image per label")
+    g.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (pipeline default)")
+    g.add_argument("--backend", default=None, choices=backends, help="kernel backend (default: the checkpoint's)")
+    g.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    g.add_argument("--out", required=True, help="PNG file to write")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="describe a ditq checkpoint: format, layers, bytes",
+                       description="Reads a checkpoint's header and tensor sizes (no weights are loaded).")
+    i.add_argument("dir", metavar="DIR", help="checkpoint directory")
+    i.add_argument("--layers", action="store_true", help="list every quantized layer")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def _positive(args) -> None:
+    for name in ("steps", "samples_per_class", "calib_steps"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from diffusers.utils import logging as dlogging
+    dlogging.disable_progress_bar()  # "Loading pipeline components" bars; ours and the sampling bars stay
+    try:
+        _positive(args)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("ditq: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # every failure is one line unless --debug; library errors already name the problem
+        if args.debug:
+            raise
+        what = "" if isinstance(e, CLIError) else f"{type(e).__name__}: "
+        print(f"ditq {args.command}: error: {what}{_first_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

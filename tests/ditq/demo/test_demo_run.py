@@ -1,0 +1,74 @@
+"""``ditq demo`` on a tiny setting (2 steps, 1 sample per class, 3 settings) writes a valid report and grid."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+from PIL import Image
+
+from ditq.cli import main
+from ditq.demo import run as demo
+
+ROW_KEYS = {"setting", "calibration", "backend", "image_sqnr_db", "transformer_sqnr_db", "accuracy",
+            "frechet_real", "frechet_fp32", "transformer_bytes", "seconds_per_step"}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("demo"))
+    code = main(["demo", "--out", out, "--steps", "2", "--samples-per-class", "1", "--quiet",
+                 "--settings", "w8a8", "w4a8-all"])
+    assert code == 0
+    return out, json.load(open(os.path.join(out, "demo.json")))
+
+
+def test_report_has_one_row_per_setting(result):
+    _, d = result
+    assert [r["setting"] for r in d["rows"]] == ["fp32", "w8a8", "w4a8-all"]  # fp32 always first: the reference
+    assert d["steps"] == 2 and d["samples"] == 10 and d["samples_per_class"] == 1
+    for r in d["rows"]:
+        assert set(r) == ROW_KEYS
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["seconds_per_step"] > 0 and r["frechet_real"] >= 0
+    fp, w8, w4 = d["rows"]
+    assert fp["image_sqnr_db"] is None and fp["calibration"] == "-"
+    assert (w8["calibration"], w4["calibration"]) == ("first-step", "all-steps")
+    assert w8["backend"] == w4["backend"] == "torch"  # no GPU here: auto resolves to the reference
+    # Bytes follow from the format: int8 halves fp32 linears' bytes twice over, int4 g128 ~ 8x smaller.
+    assert fp["transformer_bytes"] > 3 * w8["transformer_bytes"] > 3 * w4["transformer_bytes"]
+    for r in (w8, w4):
+        assert math.isfinite(r["image_sqnr_db"]) and r["transformer_sqnr_db"] > 20
+        assert r["frechet_fp32"] >= 0
+    assert w8["transformer_sqnr_db"] > w4["transformer_sqnr_db"]  # 8-bit weights beat 4-bit
+    assert set(d["quant_reports"]) == {"w8a8", "w4a8-all"}
+    assert d["quant_reports"]["w4a8-all"]["calibration"]["calls_per_run"] == [2]  # every step was observed
+    assert d["quant_reports"]["w8a8"]["calibration"]["calls_per_run"] == [1]
+
+
+def test_png_has_the_expected_size(result):
+    out, d = result
+    img = Image.open(os.path.join(out, "demo.png"))
+    assert img.size == demo.grid_size(rows=3, columns=10)
+    assert img.size == (demo.LABEL_WIDTH + 10 * (demo.CELL + demo.GAP) + demo.GAP, 3 * (demo.CELL + demo.GAP) + demo.GAP)
+
+
+def test_bad_setting_and_numbers(tmp_path, capsys):
+    with pytest.raises(demo.DemoError, match="unknown demo setting 'w3a3'"):
+        demo.check_settings(["w3a3"])
+    assert demo.check_settings(["w4a8", "fp32", "w4a8"]) == ["fp32", "w4a8"]
+    code = main(["demo", "--out", str(tmp_path), "--steps", "0"])
+    assert code == 1 and "--steps must be at least 1" in capsys.readouterr().err
+    with pytest.raises(demo.DemoError, match="--samples-per-class must be a positive integer"):
+        demo.run_demo(str(tmp_path), samples_per_class=0)
+    with pytest.raises(ValueError, match="backend"):
+        demo.run_demo(str(tmp_path), backend="tpu")
+
+
+def test_table_formats_every_row():
+    rows = [demo.Row("fp32", "-", "cpu-fp32", None, None, 1.0, 300.0, None, 8_500_000, 0.2),
+            demo.Row("w4a8", "first-step", "torch", 13.2, float("inf"), 0.9, 250.0, 90.0, 1_350_000, 0.5)]
+    table = demo.format_table(rows).splitlines()
+    assert len(table) == 4 and "img SQNR" in table[0]
+    assert table[3].split()[:6] == ["w4a8", "first-step", "torch", "13.2", "inf", "90.0"]
