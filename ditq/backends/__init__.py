@@ -43,6 +43,12 @@ class Backend:
         """None when usable, else a sentence saying why not."""
         return None
 
+    def unavailable_on(self, device: torch.device) -> Optional[str]:
+        """None when this backend can run on tensors of ``device``, else why not (override for a hint)."""
+        if device.type not in self.devices:
+            return f"it runs on {' / '.join(self.devices)} tensors, not {device.type}"
+        return None
+
     def prepare_weight(self, fmt, qweight: torch.Tensor, scales: torch.Tensor):
         return qweight, scales
 
@@ -91,8 +97,8 @@ def unavailable_reason(name: str, device=None) -> Optional[str]:
     if b is None:
         return _IMPORT_ERRORS[name]
     reason = b.unavailable_reason()
-    if reason is None and device is not None and torch.device(device).type not in b.devices:
-        reason = f"it runs on {' / '.join(b.devices)} tensors, not {torch.device(device).type}"
+    if reason is None and device is not None:
+        reason = b.unavailable_on(torch.device(device))
     return reason
 
 

@@ -1,0 +1,83 @@
+"""The ``triton`` backend: the Triton kernels of ``ditq.kernels`` on a CUDA GPU, or on CPU tensors under
+Triton's interpreter (``TRITON_INTERPRET=1`` set before triton -- or diffusers, which imports it -- is
+first imported: Triton reads the variable when it decorates a kernel).
+
+Weights: 8-bit weights are used in the canonical layout as they are. 4-bit weights are repacked into the
+W4A8 kernel's nibble order (``ditq.kernels.w4a8.pack_weight``) by :meth:`prepare_weight`, and back, exactly,
+by :meth:`canonical_weight`. The W4A8 kernel is imported lazily, so W8A8 keeps working if it is missing.
+
+Inputs reach this backend validated by ``ditq.ops``; the kernels' launchers add the checks only they need
+(K a multiple of 16 for W8A8, the device/interpreter check).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from . import Backend, BackendUnavailableError, register
+
+_INTERPRETER_HINT = "set TRITON_INTERPRET=1 before importing triton or diffusers"
+
+
+def _kernels(name: str):
+    """``ditq.kernels.<name>``, imported on first use."""
+    return importlib.import_module(f"ditq.kernels.{name}")
+
+
+def _w4a8():
+    try:
+        return _kernels("w4a8")
+    except ImportError as e:
+        raise BackendUnavailableError(f"the triton backend's W4A8 kernel is not available here: {e}") from e
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    devices = ("cpu", "cuda")
+
+    def unavailable_reason(self) -> Optional[str]:
+        try:
+            import triton  # noqa: F401
+
+            interpret = _kernels("interpret")
+        except ImportError as e:
+            return f"triton is not installed or does not import ({type(e).__name__}: {e}); pip install triton"
+        if not torch.cuda.is_available() and not interpret.interpreting():
+            return f"there is no CUDA GPU and Triton's interpreter is off ({_INTERPRETER_HINT})"
+        return None
+
+    def unavailable_on(self, device: torch.device) -> Optional[str]:
+        if device.type == "cpu" and not _kernels("interpret").interpreting():
+            return f"CPU tensors run only under Triton's interpreter: {_INTERPRETER_HINT}"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU is visible"
+        return super().unavailable_on(device)
+
+    # ---- weights ----------------------------------------------------------------------------------
+
+    def prepare_weight(self, fmt, qweight: torch.Tensor, scales: torch.Tensor):
+        if fmt.bits == 4:
+            return _w4a8().pack_weight(qweight, fmt.group_size), scales
+        return qweight, scales
+
+    def canonical_weight(self, fmt, qweight: torch.Tensor, scales: torch.Tensor):
+        if fmt.bits == 4:
+            return _w4a8().unpack_weight(qweight, fmt.group_size), scales
+        return qweight, scales
+
+    # ---- ops --------------------------------------------------------------------------------------
+
+    def quantize_act(self, x, scale):
+        return _kernels("quantize_act").quantize_act(x, scale)
+
+    def gemm_w8a8(self, a, a_scale, w, w_scale, bias, out_dtype):
+        return _kernels("w8a8").gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype)
+
+    def gemm_w4a8(self, a, a_scale, w, w_scale, bias, group_size, out_dtype):
+        _kernels("interpret").check_device(a)  # the W4A8 launcher leaves this to us
+        return _w4a8().gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype)
+
+
+register(TritonBackend())
