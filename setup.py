@@ -40,6 +40,18 @@ if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")) and os.path.
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
+def _pip_cuda_includes():
+    """Headers torch's CUDA headers include (ATen/cuda/CUDAContext.h -> cusparse.h, cublas_v2.h) that a bare
+    nvcc toolkit lacks but torch's pip CUDA wheels (nvidia/cu*/include) carry."""
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    if os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    import site
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    found = sorted(glob.glob(os.path.join(r, "nvidia", "*", "include", "cusparse.h")) for r in roots)
+    return [os.path.dirname(f) for hits in found for f in hits][:1]
+
+
 def _extensions():
     if os.environ.get("DITQ_NO_EXTENSION") == "1":
         print("ditq: DITQ_NO_EXTENSION=1, building no C++/CUDA extension", file=sys.stderr)
@@ -56,8 +68,12 @@ def _extensions():
     cuda_sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cu")))
     if not host_sources:
         return [], {}
-    cxx = ["-O2", "-std=c++17", "-U_FORTIFY_SOURCE"]  # fortified longjmp rejects the emulator's stack switch
+    # torch >= 2.10's headers need C++20 (bindings.cpp); -U_FORTIFY_SOURCE: fortified longjmp rejects the
+    # emulator's stack switch; -g0 cancels Python's default -g (debug info doubles the torch TU's build time);
+    # kernels carry nvcc's `#pragma unroll`, unknown to g++ in the emulated build.
+    cxx = ["-O2", "-std=c++20", "-U_FORTIFY_SOURCE", "-g0", "-Wno-unknown-pragmas"]
     include = [os.path.join(HERE, "csrc")]
+    include += _pip_cuda_includes()
     with_cuda = torch.version.cuda is not None and _nvcc() is not None and cuda_sources
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

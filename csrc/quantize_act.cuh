@@ -1,0 +1,152 @@
+// Activation quantization: float [M, K] (fp32 / fp16 / bf16) -> int8 [M, K], with one static scale or one
+// dynamic scale per row (token). Bit-exact with ditq/quant/reference.py:
+//
+//   s   = absmax / 127  (IEEE fp32 division; all-zero row -> s = 1)     dynamic: absmax of the row
+//   inv = 1 / s         (IEEE fp32 division)                            static:  s = scale[0]
+//   q   = clamp(rint(x * inv), -127, 127)   (fp32 multiply, round half to even)
+//
+// Every rounding is spelled out (__fdiv_rn, __fmul_rn, __float2int_rn) so nvcc cannot contract or
+// approximate it (plain `/` is IEEE only without --use_fast_math, and a*b may be fused into a later add),
+// and the host emulator reproduces each one exactly. absmax itself is exact (max of |x|, x widened exactly).
+//
+// ---- Work split ------------------------------------------------------------------------------------------
+// One warp per row, kWarps rows per block. A row is the unit of the reduction, so the absmax needs only a
+// 5-step butterfly of shfl.sync.bfly (no shared memory, no __syncthreads), and a block with rows past M simply
+// loses whole warps (uniform early return: no barrier follows). Our rows are 1152..16384 elements: 36..512
+// per lane, enough independent 16-byte loads per lane to hide latency at the M of a DiT (>= 256 rows).
+// The dynamic path reads the row twice (absmax, then quantize); the second read hits L1/L2 (a row is
+// <= 64 KB), which is cheaper than holding up to 512 values per lane in registers.
+//
+// ---- Memory access -----------------------------------------------------------------------------------------
+// kVec: each lane loads 16 bytes at a time (LDG.E.128: 4 fp32 or 8 fp16/bf16) and stores 4 or 8 int8 at a
+// time; lanes of a warp touch 512 consecutive bytes per step (fully coalesced). It needs the row start
+// 16-byte aligned: x 16-byte aligned and K * sizeof(T) % 16 == 0 (then q rows are aligned to the store width
+// too). Otherwise (odd K...) the scalar path does one element per lane per step, still coalesced.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+
+#include "launch.h"
+#include "ptx.cuh"
+
+#if !DITQ_EMULATED
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace ditq::qact {
+
+constexpr int kWarps = 4;  // rows per block
+constexpr float kQmax = 127.0f;
+
+DITQ_DEVICE float to_float(float v) { return v; }
+DITQ_DEVICE float to_float(__half v) { return __half2float(v); }
+DITQ_DEVICE float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+DITQ_DEVICE int8_t quantize(float x, float inv) {
+  const int q = __float2int_rn(__fmul_rn(x, inv));  // round half to even, as torch.round
+  return static_cast<int8_t>(q < -127 ? -127 : (q > 127 ? 127 : q));
+}
+
+// 16 bytes = kVec elements of T.
+template <class T>
+struct Vec {
+  static constexpr int N = 16 / sizeof(T);
+  T e[N];
+  DITQ_DEVICE static Vec load(const T* p) {
+    const uint4 u = ptx::ld_global_16(p);
+    Vec v;
+    std::memcpy(v.e, &u, 16);  // a register reinterpretation: no memory traffic on the GPU
+    return v;
+  }
+};
+
+// The int8 results of one 16-byte input vector, stored with one 4- or 8-byte store.
+template <int N>
+struct Packed;
+template <>
+struct Packed<4> {
+  using type = uint32_t;
+};
+template <>
+struct Packed<8> {
+  using type = uint2;
+};
+
+template <class T, bool kVec, bool kDynamic>
+DITQ_GLOBAL void quantize_act_kernel(const T* __restrict__ x, const float* __restrict__ static_scale,
+                                     int8_t* __restrict__ q, float* __restrict__ scales, int M, int K) {
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int row = static_cast<int>(blockIdx.x) * kWarps + static_cast<int>(threadIdx.x) / 32;
+  if (row >= M) return;  // the whole warp: its row does not exist
+  const T* xr = x + static_cast<size_t>(row) * K;
+  int8_t* qr = q + static_cast<size_t>(row) * K;
+  constexpr int N = Vec<T>::N;
+
+  float inv;
+  if constexpr (kDynamic) {
+    float amax = 0.0f;
+    if constexpr (kVec) {
+      for (int v = lane; v < K / N; v += 32) {
+        const Vec<T> x16 = Vec<T>::load(xr + v * N);
+#pragma unroll
+        for (int j = 0; j < N; ++j) amax = fmaxf(amax, fabsf(to_float(x16.e[j])));
+      }
+    } else {
+      for (int k = lane; k < K; k += 32) amax = fmaxf(amax, fabsf(to_float(xr[k])));
+    }
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, ptx::shfl_xor(amax, m));  // every lane: the row max
+    const float s = amax > 0.0f ? __fdiv_rn(amax, kQmax) : 1.0f;
+    if (lane == 0) scales[row] = s;
+    inv = __fdiv_rn(1.0f, s);
+  } else {
+    inv = __fdiv_rn(1.0f, static_scale[0]);
+  }
+
+  if constexpr (kVec) {
+    using P = typename Packed<N>::type;
+    for (int v = lane; v < K / N; v += 32) {
+      const Vec<T> x16 = Vec<T>::load(xr + v * N);
+      int8_t out[N];
+#pragma unroll
+      for (int j = 0; j < N; ++j) out[j] = quantize(to_float(x16.e[j]), inv);
+      P p;
+      std::memcpy(&p, out, N);
+      *reinterpret_cast<P*>(qr + v * N) = p;
+    }
+  } else {
+    for (int k = lane; k < K; k += 32) qr[k] = quantize(to_float(xr[k]), inv);
+  }
+}
+
+// Picks the instantiation for `a` and calls launch(kernel, grid, block, args...): the real launch (<<<>>>)
+// in quantize_act.cu, the emulated one in emulated.cpp.
+template <class T, class Launch>
+void dispatch_typed(const QuantizeActArgs& a, Launch&& launch) {
+  const bool vec = reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && reinterpret_cast<uintptr_t>(a.q) % 16 == 0 &&
+                   (a.K * static_cast<int64_t>(sizeof(T))) % 16 == 0;
+  const dim3 grid(static_cast<unsigned>((a.M + kWarps - 1) / kWarps)), block(32 * kWarps);
+  const T* x = static_cast<const T*>(a.x);
+  const int M = static_cast<int>(a.M), K = static_cast<int>(a.K);
+  const bool dyn = a.static_scale == nullptr;
+  if (vec && dyn) launch(&quantize_act_kernel<T, true, true>, grid, block, x, a.static_scale, a.q, a.scales, M, K);
+  if (vec && !dyn) launch(&quantize_act_kernel<T, true, false>, grid, block, x, a.static_scale, a.q, a.scales, M, K);
+  if (!vec && dyn) launch(&quantize_act_kernel<T, false, true>, grid, block, x, a.static_scale, a.q, a.scales, M, K);
+  if (!vec && !dyn)
+    launch(&quantize_act_kernel<T, false, false>, grid, block, x, a.static_scale, a.q, a.scales, M, K);
+}
+
+template <class Launch>
+void dispatch(const QuantizeActArgs& a, Launch&& launch) {
+  if (a.M == 0) return;
+  switch (a.dtype) {
+    case DType::kF32: return dispatch_typed<float>(a, launch);
+    case DType::kF16: return dispatch_typed<__half>(a, launch);
+    case DType::kBF16: return dispatch_typed<__nv_bfloat16>(a, launch);
+  }
+}
+
+}  // namespace ditq::qact
