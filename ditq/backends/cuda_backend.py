@@ -1,0 +1,94 @@
+"""The ``cuda`` and ``cuda-emulated`` backends: the CUDA C++ kernels of ``ditq._C`` (``csrc/``).
+
+* ``cuda``: the real kernels, on CUDA tensors, on the current stream. Needs ``ditq._C`` built with nvcc
+  against a CUDA torch (``DITQ_WITH_CUDA``) and a visible GPU.
+* ``cuda-emulated``: the *same kernel sources* compiled by the host compiler and run on CPU tensors by the
+  SIMT emulator (``csrc/emu``): slow, exact, and checking (races, deadlocks, shared-memory addresses).
+  Its knobs: :func:`ditq.emulator.emulator_options`.
+
+Both call ``torch.ops.ditq_C.<op>``; torch's dispatcher sends CPU tensors to the emulated implementation
+and CUDA tensors to the real one. ``import ditq`` never fails because ``_C`` is missing: these backends
+then report why they are unavailable.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import Backend, register
+from . import cuda_layout
+
+try:
+    from .. import _C  # noqa: F401  (loading the library registers torch.ops.ditq_C.*)
+    _C_ERROR: Optional[str] = None
+except ImportError as e:  # not built (DITQ_NO_EXTENSION, no compiler...) or built against another torch
+    _C = None
+    _C_ERROR = str(e)
+
+_BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext "
+               "--inplace`) with CUDA_HOME set")
+
+
+def built() -> bool:
+    return _C is not None
+
+
+def built_with_cuda() -> bool:
+    return _C is not None and bool(torch.ops.ditq_C.built_with_cuda())
+
+
+def _has_op(name: str) -> bool:
+    return _C is not None and hasattr(torch.ops.ditq_C, name)
+
+
+class _CudaKernels(Backend):
+    """What both backends share: the ops of ``ditq._C``, the CUDA weight layouts."""
+
+    def unavailable_reason(self) -> Optional[str]:
+        if _C is None:
+            return f"the C++/CUDA extension ditq._C is not built ({_C_ERROR}); {_BUILD_HINT}"
+        return None
+
+    def prepare_weight(self, fmt, qweight, scales):
+        return cuda_layout.prepare_weight(fmt.bits, qweight, scales)
+
+    def canonical_weight(self, fmt, qweight, scales):
+        return cuda_layout.canonical_weight(fmt.bits, qweight, scales)
+
+    def quantize_act(self, x, scale):
+        q, s = torch.ops.ditq_C.quantize_act(x, scale)
+        return q, s
+
+    def gemm_w8a8(self, a, a_scale, w, w_scale, bias, out_dtype):
+        if not _has_op("gemm_w8a8"):
+            raise NotImplementedError(f"backend {self.name!r}: this ditq._C has no W8A8 GEMM")
+        return torch.ops.ditq_C.gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype)
+
+    def gemm_w4a8(self, a, a_scale, w, w_scale, bias, group_size, out_dtype):
+        if not _has_op("gemm_w4a8"):
+            raise NotImplementedError(f"backend {self.name!r}: this ditq._C has no W4A8 GEMM")
+        return torch.ops.ditq_C.gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype)
+
+
+class CudaBackend(_CudaKernels):
+    name = "cuda"
+    devices = ("cuda",)
+
+    def unavailable_reason(self) -> Optional[str]:
+        reason = super().unavailable_reason()
+        if reason is None and not built_with_cuda():
+            reason = ("ditq._C was built without CUDA kernels (a CPU-only torch, or nvcc not found at build "
+                      "time: set CUDA_HOME and rebuild); only 'cuda-emulated' is available from it")
+        if reason is None and not torch.cuda.is_available():
+            reason = "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        return reason
+
+
+class CudaEmulatedBackend(_CudaKernels):
+    name = "cuda-emulated"
+    devices = ("cpu",)
+
+
+register(CudaBackend())
+register(CudaEmulatedBackend())

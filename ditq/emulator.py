@@ -1,0 +1,72 @@
+"""Knobs of the SIMT emulator that runs the CUDA kernels on CPU tensors (backend ``cuda-emulated``).
+
+The emulator runs each CUDA thread of a block as a cooperative fiber (``csrc/emu``, guide in
+``csrc/README.md``). Correct kernels give the same bits under every setting; racy ones do not, or are
+reported. The tests run every kernel under every order (several seeds) x every cp.async mode with the race
+checker on::
+
+    from ditq.emulator import emulator_options
+    with emulator_options(order="random", seed=3, cp_async="barrier", race_check=True):
+        q, s = torch.ops.ditq.quantize_act(x, None, "cuda-emulated")
+
+* ``order``: in which order blocked threads are resumed: ``"forward"`` (thread 0 first), ``"reverse"``,
+  ``"random"`` (reshuffled at every scheduling round from ``seed``: a seed reproduces a schedule).
+* ``cp_async``: when ``cp.async`` data lands in shared memory: ``"issue"`` (at once), ``"wait"`` (only when
+  a ``cp.async.wait_group`` retires its group: the latest legal moment), ``"barrier"`` (at the first
+  ``__syncthreads`` after issue, if earlier than the wait).
+* ``race_check``: shadow-memory race checker on shared memory, and reads of ``cp.async`` data in flight.
+
+Errors the emulator finds raise ``RuntimeError`` whose message starts ``ditq emulator [<kind>]`` and names
+the block, the thread(s) and the source lines.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+
+ORDERS = ("forward", "reverse", "random")
+CP_ASYNC_MODES = ("issue", "wait", "barrier")
+
+
+class EmulatorOptions(NamedTuple):
+    order: str
+    seed: int
+    cp_async: str
+    race_check: bool
+
+
+def _ops():
+    from .backends import cuda_backend
+
+    if not cuda_backend.built():
+        raise RuntimeError(f"the CUDA emulator lives in ditq._C, which is not built: {cuda_backend._C_ERROR}")
+    return torch.ops.ditq_C
+
+
+def get_emulator_options() -> EmulatorOptions:
+    order, seed, cp_async, race = _ops().emulator_get_options()
+    return EmulatorOptions(ORDERS[order], int(seed), CP_ASYNC_MODES[cp_async], bool(race))
+
+
+def set_emulator_options(order: str = "forward", seed: int = 0, cp_async: str = "wait",
+                         race_check: bool = False) -> None:
+    if order not in ORDERS:
+        raise ValueError(f"emulator order must be one of {ORDERS}, got {order!r}")
+    if cp_async not in CP_ASYNC_MODES:
+        raise ValueError(f"emulator cp_async must be one of {CP_ASYNC_MODES}, got {cp_async!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"emulator seed must be a non-negative int, got {seed!r}")
+    _ops().emulator_set_options(ORDERS.index(order), seed, CP_ASYNC_MODES.index(cp_async), bool(race_check))
+
+
+@contextlib.contextmanager
+def emulator_options(order: str = "forward", seed: int = 0, cp_async: str = "wait", race_check: bool = True):
+    """Run the block with these emulator settings, restoring the previous ones after (process-wide)."""
+    previous = get_emulator_options()
+    set_emulator_options(order, seed, cp_async, race_check)
+    try:
+        yield
+    finally:
+        set_emulator_options(*previous)
