@@ -74,7 +74,6 @@ Designs compared (G = 128, BK = 128):
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional
 
 import torch
@@ -83,6 +82,8 @@ import triton.language as tl
 
 from ditq.format import SUPPORTED_GROUP_SIZES
 from ditq.quant import reference as ref
+
+from .interpret import cast_rn, interpreting
 
 KERNEL_NAME = "w4a8"
 MIN_BK = 64  # two dots of K = 32 (the int8 MMA's K) per step
@@ -231,15 +232,6 @@ def unpack_words_emulated(words):
 
 
 @triton.jit
-def _bf16_rtne(y):
-    """fp32 -> bf16 rounding to nearest even, by hand: triton 3.8's interpreter *truncates* fp32 -> bf16
-    (the GPU's cvt.rn rounds), which would fail the exact-reference check. Finite inputs (and inf)."""
-    u = y.to(tl.uint32, bitcast=True)
-    u = u + 0x7FFF + ((u >> 16) & 1)  # add half an ulp of bf16, one more when the kept lsb is odd (ties to even)
-    return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
 def w4a8_kernel(a_ptr, as_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
                 stride_am, stride_wn, stride_sg, stride_om,
                 GROUP: tl.constexpr, PB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -321,10 +313,7 @@ def w4a8_kernel(a_ptr, as_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
             y = y + b[:, None]
         else:
             y = y + b[None, :]
-    if BF16_BY_HAND and out_ptr.dtype.element_ty == tl.bfloat16:
-        y = _bf16_rtne(y)
-    else:
-        y = y.to(out_ptr.dtype.element_ty)  # cvt.rn: round to nearest even on the GPU
+    y = cast_rn(y, out_ptr.dtype.element_ty, BF16_BY_HAND)  # the interpreter truncates to bf16: round by hand
     if SWAP:
         ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
         mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
@@ -392,8 +381,8 @@ def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
         a.stride(0), k // 2, w_scale.stride(0), out.stride(0),
         GROUP=group_size, PB=pb, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SWAP=bool(cfg["SWAP"]),
         PER_TOKEN=a_scale.numel() == m and m > 1, HAS_BIAS=bias is not None, GROUP_M=cfg["GROUP_M"],
-        UNPACK_ASM=bool(cfg.get("ASM", False)) and not _interpreting(),  # no inline asm in the interpreter
-        BF16_BY_HAND=_interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        UNPACK_ASM=bool(cfg.get("ASM", False)) and not interpreting(),  # no inline asm in the interpreter
+        BF16_BY_HAND=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
@@ -414,10 +403,6 @@ def aot_source(cfg: Dict, group_size: int, out_dtype: str = "bf16", per_token: b
     attrs = {(kern.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = triton.compiler.ASTSource(fn=kern, signature=sig, constexprs=consts, attrs=attrs)
     return src, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def reference(a, a_scale, w, w_scale, bias, group_size, out_dtype):
