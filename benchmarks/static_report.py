@@ -13,7 +13,7 @@ sm_80 code, H100 for sm_90), tensor-core instruction counts and the main loop's 
 missing (a kernel family not written yet, no extension, no nvcc) becomes a row that says so, never a crash.
 
     python benchmarks/static_report.py            # full: every config, both architectures
-    python benchmarks/static_report.py --short    # CI: sm_90 only, the configs DiT-XL/2 at M = 512 / 4096 picks
+    python benchmarks/static_report.py --short    # CI: sm_90, the configs picked at M = 4096, no nvcc
     python benchmarks/static_report.py --update-results   # also rewrite the table in benchmarks/RESULTS.md
 """
 from __future__ import annotations
@@ -43,7 +43,8 @@ ARCH_CC = {"sm80": 80, "sm90": 90}
 NVCC_ARCH = {"sm80": "sm_80", "sm90": "sm_90a"}
 ROOFLINE_M = (16, 512, 4096)  # batch-1 adaLN-scale, 1 image at 256 px with CFG, 8 images (BRIEF §3)
 W4_GROUP = 128  # the w4a8 preset's group size, used for the roofline's bytes
-SUPPORTED_GROUPS = (32, 64, 128, 256)  # ditq.format.SUPPORTED_GROUP_SIZES (not imported: no torch needed here)
+SUPPORTED_GROUPS = (32, 64, 128, 256)
+SHORT_M = 4096  # --short: only the configurations picked at this M (DiT-XL/2, 8 images at 256 px with CFG)  # ditq.format.SUPPORTED_GROUP_SIZES (not imported: no torch needed here)
 LIMITS = {"regs_per_sm": 65536, "threads_per_sm": 2048, "ctas_per_sm": 32, "reg_alloc_unit": 256,
           "smem_reserved_per_cta": 1024}
 
@@ -241,7 +242,7 @@ def _cache_dir() -> str:
     return d
 
 
-def cuda_cubins(archs) -> Tuple[Dict[str, List[str]], str]:
+def cuda_cubins(archs, compile_sources: bool = True) -> Tuple[Dict[str, List[str]], str]:
     """({arch: [cubin paths]}, where they came from). Raises RuntimeError with the reason when there are none."""
     tool = cuobjdump()
     if tool is None:
@@ -261,6 +262,9 @@ def cuda_cubins(archs) -> Tuple[Dict[str, List[str]], str]:
     else:
         why_so = "ditq/_C*.so is not built"
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
+    if not compile_sources:
+        raise RuntimeError(f"{why_so}; --short does not compile csrc/*.cu (nvcc takes a minute here): run "
+                           f"without --short, or build the extension")
     if not sources:
         raise RuntimeError(f"{why_so}, and csrc/ has no .cu file yet")
     cc = nvcc()
@@ -316,9 +320,15 @@ def _cuda_kernel_meta(demangled: str, tiles) -> Optional[Dict]:
             "config": f"tile {tid}: {bm}x{bn}x{bk}, warps {wm}x{wn}, {st} stages"}
 
 
-def cuda_rows(archs) -> Tuple[List[Dict], str]:
+def _short_name(demangled: str) -> str:
+    """``void ditq::qact::k<float, true>(Params)`` -> ``qact::k<float, true>``."""
+    name = demangled.split("(", 1)[0] if not demangled.startswith("void ") else demangled[5:].split("(", 1)[0]
+    return name.replace("(anonymous namespace)::", "").replace("ditq::", "").strip()
+
+
+def cuda_rows(archs, short: bool = False) -> Tuple[List[Dict], str]:
     try:
-        cubins, source = cuda_cubins(archs)
+        cubins, source = cuda_cubins(archs, compile_sources=not short)
     except Exception as e:
         return [{"family": "cuda", "arch": a, "kernel": "all", "status": f"not built: {e}"} for a in archs], str(e)
     tiles, _ = cuda_tiles()
@@ -335,10 +345,18 @@ def cuda_rows(archs) -> Tuple[List[Dict], str]:
             rows.append({"family": "cuda", "arch": arch, "kernel": "all", "status": f"cuobjdump failed: {e}"})
             continue
         names = demangle(list(funcs))
-        for name, a in sorted(funcs.items(), key=lambda kv: names[kv[0]]):
+        _, rules = cuda_tiles()
+        rule = next((r for r in rules if r[0] <= ARCH_CC[arch] and (r[1] < 0 or SHORT_M <= r[1])), None)
+        picked = set(rule[2:]) if short and rule else set()
+        found = []
+        for name, a in funcs.items():
             meta = _cuda_kernel_meta(names[name], tiles)
-            if meta is None:
-                meta = {"kernel": names[name].split("(")[0][-60:], "config": "", "threads": None, "dyn_smem": 0}
+            if meta is None:  # not a GEMM tile (e.g. the activation quantizer): no tile, threads unknown
+                meta = {"kernel": _short_name(names[name]), "config": "", "threads": None, "dyn_smem": 0}
+            elif short and (meta["tile"] not in picked or meta["kernel"] not in ("w8a8", f"w4a8 g{W4_GROUP}")):
+                continue
+            found.append((meta, a))
+        for meta, a in sorted(found, key=lambda x: (x[0].get("tile") is None, x[0]["kernel"], x[0].get("tile") or 0)):
             smem = _static_smem(a["res"], arch) + meta.get("dyn_smem", 0)
             rows.append(_row("cuda", arch, meta, a, smem, meta.get("threads")))
     return rows, source
@@ -369,30 +387,36 @@ def _aot():
     raise RuntimeError(f"kernels/aot.py is not shipped yet ({err})")
 
 
-def compile_triton(kernel: str, arch: str, entry: Dict, group: Optional[int]):
-    """A compiled Triton kernel for one table entry. The kernel's own module knows its signature and the
-    alignment its launcher guarantees (``aot_source(params[, group_size]) -> (ASTSource, options)``); this
-    report only reads what comes out. Without one, ``kernels/aot.py``'s ``compile_kernel`` is asked."""
+def compile_triton(kernel: str, arch: str, entry: Dict, group: Optional[int]) -> Tuple[str, int, int]:
+    """(cubin path, shared bytes, warps) of one table entry compiled for ``arch``. The kernel's own module knows
+    its signature and the alignment its launcher guarantees; it says so through either
+    ``aot_job(params, cc[, group_size]) -> kwargs of aot.compile_kernel`` (compiled in aot's subprocess) or
+    ``aot_source(params[, group_size]) -> (ASTSource, options)`` (compiled here). This report only reads what
+    comes out."""
     import importlib
-
-    import triton
-    from triton.backends.compiler import GPUTarget
 
     params = {k: v for k, v in entry.items() if k != "max_m"}
     try:
         mod = importlib.import_module(f"ditq.kernels.{kernel}")
-    except ImportError:
-        mod = None
-    if mod is not None and hasattr(mod, "aot_source"):
+    except ImportError as e:
+        raise RuntimeError(f"ditq.kernels.{kernel} does not import ({e})")
+    cc = ARCH_CC[arch]
+    if hasattr(mod, "aot_job"):
+        job = mod.aot_job(params, cc, group_size=group) if group else mod.aot_job(params, cc)
+        c = _aot().compile_kernel(**job)
+        return c.cubin_path, int(c.shared), int(c.num_warps)
+    if hasattr(mod, "aot_source"):
+        import triton
+        from triton.backends.compiler import GPUTarget
+
         src, opts = mod.aot_source(params, group) if group else mod.aot_source(params)
-        return triton.compile(src, target=GPUTarget("cuda", ARCH_CC[arch], 32), options=opts)
-    return _aot().compile_kernel(kernel, ARCH_CC[arch], entry)
-
-
-def _cubin_of(compiled) -> Tuple[bytes, int, int, str]:
-    md = compiled.metadata
-    get = (lambda k: md.get(k)) if isinstance(md, dict) else (lambda k: getattr(md, k, None))
-    return compiled.asm["cubin"], int(get("shared") or 0), int(get("num_warps") or 4), get("name") or ""
+        k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
+        md = k.metadata
+        get = (lambda n: md.get(n)) if isinstance(md, dict) else (lambda n: getattr(md, n, None))
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        return f.name, int(get("shared") or 0), int(get("num_warps") or opts.get("num_warps", 4))
+    raise RuntimeError(f"ditq.kernels.{kernel} has neither aot_job() nor aot_source() yet")
 
 
 def triton_rows(archs, short: bool, groups) -> List[Dict]:
@@ -410,20 +434,16 @@ def triton_rows(archs, short: bool, groups) -> List[Dict]:
                 rows.append({"family": "triton", "arch": arch, "kernel": kernel,
                              "status": f"not shipped yet (no kernels/configs/{kernel}_{arch}.json)"})
                 continue
-            if short:  # the entries a small and a large DiT-XL/2 GEMM pick (M = 16: adaLN; 4096: 8 images)
-                picks = [_pick(entries, m) for m in (16, 4096)]
-                entries = [e for i, e in enumerate(picks) if e not in picks[:i]]
+            if short:  # the entry DiT-XL/2 at batch 8 (M = 4096) picks: CI time (tests/kernels check every entry)
+                entries = [_pick(entries, SHORT_M)]
             for e, g in [(e, g) for e in entries for g in (groups if kernel == "w4a8" else (None,))]:
                 cfg = ", ".join(f"{k}={v}" for k, v in e.items() if k != "max_m")
                 meta = {"kernel": f"{kernel} g{g}" if g else kernel, "group_size": g,
                         "config": f"M<={e['max_m']}: {cfg}" if e.get("max_m") else f"M>*: {cfg}",
                         "BM": e.get("BM"), "BN": e.get("BN"), "BK": e.get("BK"), "max_m": e.get("max_m")}
                 try:
-                    cubin, smem, warps, _ = _cubin_of(compile_triton(kernel, arch, e, g))
-                    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-                        f.write(cubin)
-                    funcs = analyze_cubin(f.name)
-                    os.unlink(f.name)
+                    path, smem, warps = compile_triton(kernel, arch, e, g)
+                    funcs = analyze_cubin(path)
                     name, a = max(funcs.items(), key=lambda kv: kv[1]["instructions"])
                     rows.append(_row("triton", arch, meta, a, max(smem, _static_smem(a["res"], arch)), warps * 32))
                 except Exception as ex:
@@ -556,7 +576,8 @@ def markdown(report: Dict) -> str:
     s = report["summary"]
     parts = [
         f"Generated by `{report['env']['command']}` on {report['env']['date']} (commit `{report['env']['commit']}`; "
-        f"torch {report['env']['torch']}, triton {report['env']['triton']}, nvcc {report['nvcc'] or 'none'}). "
+        f"torch {report['env']['torch']}, triton {report['env']['triton']}, nvcc {report['nvcc'] or 'none'}"
+        f"{'; uncommitted kernel sources: ' + ', '.join(report['uncommitted']) if report['uncommitted'] else ''}). "
         f"CUDA kernels: {report['cuda_source']}.",
         "",
         f"**Summary:** {s['kernels_ok']} compiled kernels analysed, {s['kernels_missing']} rows not built / not "
@@ -624,9 +645,20 @@ def update_results(md: str) -> str:
     return path
 
 
+def uncommitted_sources() -> List[str]:
+    """Kernel sources that differ from the commit the report names (the report reads the working tree)."""
+    try:
+        out = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "csrc", "kernels"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except Exception:
+        return []
+    return sorted(line[3:] for line in out.splitlines() if line[3:].endswith((".cu", ".cuh", ".h", ".py", ".json")))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--short", action="store_true", help="CI subset: sm_90 only, the configs DiT-XL/2 picks")
+    ap.add_argument("--short", action="store_true", help="CI subset: sm_90, group 128, the configs picked at M = 4096, "
+                    "no nvcc compile (CUDA rows only from a built extension)")
     ap.add_argument("--arch", nargs="+", choices=sorted(ARCH_CC), help="architectures (default: both; --short: sm90)")
     ap.add_argument("--groups", type=int, nargs="+", help="W4A8 group sizes to compile (default: all; --short: 128)")
     ap.add_argument("--no-cuda", action="store_true", help="skip the CUDA cubins")
@@ -645,7 +677,7 @@ def main(argv=None) -> int:
         rows += triton_rows(archs, args.short, groups)
     cuda_source = "skipped (--no-cuda)"
     if not args.no_cuda:
-        crow, cuda_source = cuda_rows(archs)
+        crow, cuda_source = cuda_rows(archs, args.short)
         rows += crow
     cc = nvcc()
     ver = None
@@ -653,7 +685,7 @@ def main(argv=None) -> int:
         m = re.search(r"release ([\d.]+)", subprocess.run([cc, "--version"], capture_output=True, text=True).stdout)
         ver = m.group(1) if m else "?"
     report = {"schema": "ditq.static_report/1", "short": args.short, "archs": list(archs),
-              "env": common.environment(), "nvcc": ver, "cuobjdump": cuobjdump(), "cuda_source": cuda_source,
+              "env": common.environment(), "nvcc": ver, "uncommitted": uncommitted_sources(), "cuobjdump": cuobjdump(), "cuda_source": cuda_source,
               "limits": dict(LIMITS, gpus={g: common.DATASHEET[g] for g in ARCH_GPU.values()}),
               "kernels": rows, "roofline": roofline_rows(rows, args.short), "summary": summarize(rows)}
     md = markdown(report)

@@ -16,31 +16,47 @@ BENCH = os.path.join(ROOT, "benchmarks")
 NUM = (int, float)
 
 
-def _run(tmp_path_factory, script, *args, timeout=240):
-    out = tmp_path_factory.mktemp(script.split(".")[0])
-    env = dict(os.environ, TRITON_INTERPRET="1", OUT=str(out))
-    r = subprocess.run([sys.executable, os.path.join(BENCH, script), *args, "--out", str(out)],
-                       capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    assert r.returncode == 0, f"{script} {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return out, r.stdout
+SCRIPTS = {"gemm": ("bench_gemm.py", "--smoke"), "model": ("bench_model.py", "--smoke"),
+           "static": ("static_report.py", "--short")}
 
 
 @pytest.fixture(scope="module")
-def gemm(tmp_path_factory):
-    out, stdout = _run(tmp_path_factory, "bench_gemm.py", "--smoke")
-    return json.load(open(out / "gemm.json")), out, stdout
+def _runs(tmp_path_factory):
+    """Start the three scripts at once (they are mostly waiting on subprocesses and imports: together they
+    take about as long as the slowest), then hand each test its finished run."""
+    procs = {}
+    for key, (script, *args) in SCRIPTS.items():
+        out = tmp_path_factory.mktemp(key)
+        env = dict(os.environ, TRITON_INTERPRET="1", OUT=str(out))
+        cmd = [sys.executable, os.path.join(BENCH, script), *args, "--out", str(out)]
+        procs[key] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                       cwd=ROOT), out, cmd)
+    yield procs
+    for p, _, _ in procs.values():
+        if p.poll() is None:
+            p.kill()
+
+
+def _finished(runs, key, name):
+    p, out, cmd = runs[key]
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, f"{' '.join(cmd[1:])} failed:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+    return json.load(open(out / name)), out, stdout
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    out, stdout = _run(tmp_path_factory, "bench_model.py", "--smoke")
-    return json.load(open(out / "model.json")), out, stdout
+def gemm(_runs):
+    return _finished(_runs, "gemm", "gemm.json")
 
 
 @pytest.fixture(scope="module")
-def static(tmp_path_factory):
-    out, stdout = _run(tmp_path_factory, "static_report.py", "--short")
-    return json.load(open(out / "static_report.json")), out, stdout
+def model(_runs):
+    return _finished(_runs, "model", "model.json")
+
+
+@pytest.fixture(scope="module")
+def static(_runs):
+    return _finished(_runs, "static", "static_report.json")
 
 
 def _env_ok(env):
@@ -207,3 +223,21 @@ def test_sass_parser_on_a_known_listing():
     occ = sr.occupancy(regs=128, smem=64 * 1024, threads=256, gpu="H100-SXM")
     assert occ["ctas_per_sm"] == 2 and occ["warps_per_sm"] == 16  # regs: 65536 / (128 * 256) = 2
     assert sr.occupancy(regs=32, smem=200 * 1024, threads=128, gpu="A100-SXM")["ctas_per_sm"] == 0  # > 163 KB
+
+
+def test_cuda_kernel_names():
+    """CUDA rows are named from the demangled template arguments (no cubin is compiled in --short mode)."""
+    sys.path.insert(0, BENCH)
+    import static_report as sr
+
+    tiles = {0: (16, 64, 128, 1, 2, 4), 2: (128, 128, 64, 2, 4, 3)}
+    ns = "ditq::gemm::(anonymous namespace)::"
+    meta = sr._cuda_kernel_meta(f"void {ns}gemm_kernel<{ns}Tile<128, 128, 64, 2, 4, 3>, {ns}W4<32> >"
+                                f"(ditq::gemm::GemmParams)", tiles)
+    assert meta["kernel"] == "w4a8 g32" and meta["tile"] == 2 and meta["threads"] == 256
+    assert meta["dyn_smem"] == 3 * (128 * 64 + 128 * 64 // 2)  # the formula of csrc/configs/gemm_tiles.h
+    meta = sr._cuda_kernel_meta(f"void {ns}gemm_kernel<{ns}Tile<16, 64, 128, 1, 2, 4>, {ns}W8>(x)", tiles)
+    assert meta["kernel"] == "w8a8" and meta["tile"] == 0 and meta["dyn_smem"] == 4 * (16 * 128 + 64 * 128)
+    assert sr._cuda_kernel_meta("void ditq::qact::quantize_act_kernel<float, true, true>(P)", tiles) is None
+    assert sr._short_name("void ditq::qact::quantize_act_kernel<float, true, true>(P)") == \
+        "qact::quantize_act_kernel<float, true, true>"
