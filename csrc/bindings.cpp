@@ -138,7 +138,7 @@ TORCH_LIBRARY_IMPL(ditq_C, CUDA, m) {
 #endif
 
 // ---- more kernel families: headers with their checks and registrations (included here, compiled once) ----
-// #include "gemm_bindings.h"   (issue 5: added by the GEMM work)
+#include "gemm_bindings.h"  // issue 5: the int8 GEMMs (ditq_C::gemm_*: schemas, checks, CPU + CUDA impls)
 
 // A Python module, so that `import ditq._C` loads the library and runs the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "ditq CUDA kernels and their host emulation (torch.ops.ditq_C)"; }

@@ -12,6 +12,7 @@ then report why they are unavailable.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -42,6 +43,44 @@ def _has_op(name: str) -> bool:
     return _C is not None and hasattr(torch.ops.ditq_C, name)
 
 
+# ---- GEMMs (issue 5: csrc/gemm*.{h,cuh,cu,cpp}, layouts in cuda_layout.py) ------------------------------
+# The tile comes from csrc/configs/gemm_tiles.h by M bucket and architecture, the split-K count from the
+# grid size and the SM count (both chosen in the binding). gemm_tile() pins them, for tests and benchmarks.
+_GEMM_FORCED = [-1, -1]  # [tile, splits]; -1 = automatic
+
+
+def _gemm_forced():
+    return tuple(_GEMM_FORCED)
+
+
+@contextlib.contextmanager
+def gemm_tile(tile: Optional[int] = None, splits: Optional[int] = None):
+    """Run the CUDA GEMMs in this block with tile id ``tile`` and ``splits`` split-K slices (None: automatic).
+    Process-wide, like the emulator options."""
+    previous = list(_GEMM_FORCED)
+    _GEMM_FORCED[:] = [-1 if tile is None else int(tile), -1 if splits is None else int(splits)]
+    try:
+        yield
+    finally:
+        _GEMM_FORCED[:] = previous
+
+
+def gemm_tile_count() -> int:
+    """Number of tile configurations compiled into ditq._C."""
+    return int(torch.ops.ditq_C.gemm_tile_count())
+
+
+def gemm_tile_info(tile: int):
+    """[BM, BN, BK, WARPS_M, WARPS_N, STAGES, THREADS] of a tile id."""
+    return list(torch.ops.ditq_C.gemm_tile_info(tile))
+
+
+def gemm_pick_tile(arch: int, m: int, w4: bool) -> int:
+    """Tile id the table gives compute capability ``arch`` (e.g. 90) at M = ``m``; -1 if unsupported."""
+    return int(torch.ops.ditq_C.gemm_pick_tile(arch, m, w4))
+# ---- end GEMMs -----------------------------------------------------------------------------------------------
+
+
 class _CudaKernels(Backend):
     """What both backends share: the ops of ``ditq._C``, the CUDA weight layouts."""
 
@@ -63,12 +102,13 @@ class _CudaKernels(Backend):
     def gemm_w8a8(self, a, a_scale, w, w_scale, bias, out_dtype):
         if not _has_op("gemm_w8a8"):
             raise NotImplementedError(f"backend {self.name!r}: this ditq._C has no W8A8 GEMM")
-        return torch.ops.ditq_C.gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype)
+        return torch.ops.ditq_C.gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype, *_gemm_forced())
 
     def gemm_w4a8(self, a, a_scale, w, w_scale, bias, group_size, out_dtype):
         if not _has_op("gemm_w4a8"):
             raise NotImplementedError(f"backend {self.name!r}: this ditq._C has no W4A8 GEMM")
-        return torch.ops.ditq_C.gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype)
+        return torch.ops.ditq_C.gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype,
+                                          *_gemm_forced())
 
 
 class CudaBackend(_CudaKernels):
