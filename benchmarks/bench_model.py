@@ -5,7 +5,7 @@ latent) and 512 px (64 x 64), batch 1-32 with classifier-free guidance (the tran
 Variants: bf16 eager / CUDA graph / ``torch.compile``; ditq W8A8 and W4A8 (``ditq.quantize`` with a first-step
 calibration call) eager / CUDA graph / compiled; torchao int8 dynamic activations when installed. Per case: median
 step latency (CUDA events), latency per image, images per second (per step), peak GPU memory during the step
-(weights included), the transformer's weight bytes, speedups vs bf16 eager and bf16 compiled.
+(this model's weights plus the step's transient allocations), the transformer's weight bytes, speedups vs bf16 eager and bf16 compiled.
 
     python benchmarks/bench_model.py                       # full grid on the GPU (compiles take minutes)
     python benchmarks/bench_model.py --resolutions 256 --batches 1 8 --compile-batches 8 --max-seconds 240
@@ -35,7 +35,7 @@ SAMPLE_SIZE = {256: 32, 512: 64}  # latent side = pixels / 8 (the VAE's factor)
 PRECISIONS = ("bf16", "w8a8", "w4a8", "torchao-int8dq")
 MODES = ("eager", "cudagraph", "compile")
 ROW_KEYS = ("resolution", "sample_size", "batch", "cfg_batch", "tokens_per_image", "M", "variant", "precision",
-            "mode", "status", "median_ms", "min_ms", "ms_per_image", "images_per_s", "peak_mem_gib",
+            "mode", "status", "median_ms", "min_ms", "ms_per_image", "images_per_s", "peak_mem_gib", "step_extra_gib",
             "weight_bytes", "weight_ratio_vs_bf16", "speedup_vs_bf16_eager", "speedup_vs_bf16_compile",
             "first_call_s", "timing", "output_sqnr_db")
 
@@ -140,11 +140,13 @@ def run(args, torch, device, dtype) -> Dict:
                     tokens_per_image=tokens, M=2 * c["batch"] * tokens)
 
     for res in args.resolutions:
+        # All precisions are built first (DiT-XL/2 weights are ~1.3 GB in bf16: they fit together), then each mode
+        # runs over all of them: eager and CUDA-graph numbers for every precision arrive before the slow compiles,
+        # so a --max-seconds budget cuts compiles, not whole precisions.
+        models: Dict[str, tuple] = {}
         for prec in args.precisions:
-            group = [c for c in cases if c["resolution"] == res and c["precision"] == prec]
             if deadline.passed():
-                for c in group:
-                    rows[id(c)] = dict(base(c), status="skipped: time budget (--max-seconds)")
+                models[prec] = (None, {}, "skipped: time budget (--max-seconds)")
                 continue
             info, model, err = {}, None, None
             try:
@@ -155,34 +157,36 @@ def run(args, torch, device, dtype) -> Dict:
             except Exception as e:
                 err = f"error: {'quantize' if model is not None else 'build'} failed: {type(e).__name__}: " \
                       f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+                model = None
                 if args.verbose:
                     traceback.print_exc()
-            wbytes = weight_bytes(model) if model is not None and err is None else None
-            for c in group:
-                row = dict(base(c), weight_bytes=wbytes, output_sqnr_db=info.get("output_sqnr_db"))
-                rows[id(c)] = row
-                if err:
-                    row["status"] = err
-                    continue
-                if deadline.passed():
-                    row["status"] = "skipped: time budget (--max-seconds)"
-                    continue
-                if c["mode"] == "compile" and args.compile_batches and c["batch"] not in args.compile_batches:
-                    row["status"] = "skipped: batch not in --compile-batches"
-                    continue
-                if c["mode"] == "cudagraph" and device.type != "cuda":
-                    row["status"] = "skipped: CUDA graphs need a GPU"
-                    continue
-                run_one(torch, model, cfg, sizes[res], c, row, device, dtype, args)
-                if args.verbose:
-                    print(f"{res}px b{c['batch']} {c['variant']}: {row['status']} {common.fmt(row.get('median_ms'))} ms",
-                          file=sys.stderr)
-            del model
-            gc.collect()
-            if hasattr(torch, "_dynamo"):
-                torch._dynamo.reset()  # drop compiled graphs holding the previous model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            models[prec] = (model, info, err)
+        for mode in MODES:
+            for prec in args.precisions:
+                model, info, err = models[prec]
+                wbytes = weight_bytes(model) if model is not None else None
+                for c in [c for c in cases if (c["resolution"], c["precision"], c["mode"]) == (res, prec, mode)]:
+                    row = dict(base(c), weight_bytes=wbytes, output_sqnr_db=info.get("output_sqnr_db"))
+                    rows[id(c)] = row
+                    if err:
+                        row["status"] = err
+                    elif deadline.passed():
+                        row["status"] = "skipped: time budget (--max-seconds)"
+                    elif mode == "compile" and args.compile_batches and c["batch"] not in args.compile_batches:
+                        row["status"] = "skipped: batch not in --compile-batches"
+                    elif mode == "cudagraph" and device.type != "cuda":
+                        row["status"] = "skipped: CUDA graphs need a GPU"
+                    else:
+                        run_one(torch, model, cfg, sizes[res], c, row, device, dtype, args)
+                    if args.verbose:
+                        print(f"{res}px b{c['batch']} {c['variant']}: {row['status']} "
+                              f"{common.fmt(row.get('median_ms'))} ms", file=sys.stderr)
+                if mode == "compile" and hasattr(torch, "_dynamo"):
+                    torch._dynamo.reset()  # this precision's compiled graphs are done with
+        models.clear()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     out = [rows[id(c)] for c in cases]
     add_ratios(out)
     return {"cases": len(cases), "rows": out, "config": dict(cfg), "sample_sizes": sizes}
@@ -195,13 +199,18 @@ def run_one(torch, model, cfg, sample_size, c, row, device, dtype, args) -> None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)  # every built model's weights, and these inputs
         fn, first = timed_runner(torch, model, c["mode"], inputs, device, args.smoke)
         t = common.time_calls(fn, device, args.warmup, args.iters)
         ms = t["median_ms"]
         row.update(status="ok", median_ms=ms, min_ms=t["min_ms"], timing=t["timing"], first_call_s=first,
                    ms_per_image=ms / c["batch"], images_per_s=c["batch"] / (ms * 1e-3))
         if device.type == "cuda":
-            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            # Peak of this model alone: its weights plus what the step (graph pools, compiled buffers included)
+            # allocated on top of everything resident before it. The other precisions' models do not count.
+            extra = torch.cuda.max_memory_allocated(device) - resident
+            row["step_extra_gib"] = extra / 2 ** 30
+            row["peak_mem_gib"] = (row["weight_bytes"] + extra) / 2 ** 30
     except Exception as e:
         row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if args.verbose:
@@ -300,6 +309,10 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
     args.iters = args.iters if args.iters is not None else (2 if args.smoke else 10)
     dtype = torch.bfloat16
+    import torch._dynamo  # one forward code object serves every model and batch: raise the recompile cap (8)
+    for name in ("cache_size_limit", "recompile_limit"):  # the name changed across torch versions
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
     try:
         import diffusers  # noqa: F401
     except ImportError as e:

@@ -8,8 +8,9 @@
 #                                                            # to --smoke, the cuda tests skip)
 #
 # Packages the machine lacks travel as wheels in .whl/ at the repo root (installed with --no-deps into
-# /tmp/site). The DiT model benchmark needs diffusers, a pure-Python wheel:
+# /tmp/site). The DiT model benchmark needs diffusers, a pure-Python wheel (the GPU image has its dependencies):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
+# .whl/ is git-ignored (.git/info/exclude), so the device tool carries it only when asked: carry=[".whl"].
 # With $OUT set, only 8 files come back: summary.md, gpu_suite.log, the three JSON files, the two plots and
 # gpu_suite_results.tar.gz (everything, markdown tables and JUnit XML included).
 set -u
@@ -91,6 +92,23 @@ if g:
     print(common.md_table(rows, ["layer", "M", "impl", "status", "median_ms", "tops", "roofline_fraction",
                                  "speedup_vs_bf16"]) + "\n")
 if m and m.get("rows"):
+    # issue 8's targets (H100, 256 px): best ditq variant vs bf16 torch.compile, weight bytes, peak memory
+    def best(prec, batch):
+        ok = [r for r in m["rows"] if r["precision"] == prec and r["batch"] == batch and r["resolution"] == 256
+              and r["status"] == "ok"]
+        return min(ok, key=lambda r: r["median_ms"]) if ok else None
+    for batch, prec, want in ((8, "w8a8", 1.4), (8, "w4a8", 1.3), (1, "w4a8", 1.5)):
+        b, c = best(prec, batch), next((r for r in m["rows"] if r["variant"] == "bf16 compile"
+                                        and r["batch"] == batch and r["resolution"] == 256 and r["status"] == "ok"), None)
+        ref = c or best("bf16", batch)
+        if b and ref:
+            print(f"- target {prec} batch {batch}: {ref['median_ms'] / b['median_ms']:.2f}x vs {ref['variant']} "
+                  f"(want >= {want}x; best ditq variant: {b['variant']})")
+    for prec, want in (("w8a8", 0.52), ("w4a8", 0.30)):
+        r = next((r for r in m["rows"] if r["precision"] == prec and r.get("weight_ratio_vs_bf16")), None)
+        if r:
+            print(f"- weight bytes {prec}: {r['weight_ratio_vs_bf16']:.3f}x bf16 (want <= {want})")
+    print()
     rows = [r for r in m["rows"] if r["batch"] in (1, 8)]
     print(common.md_table(rows, ["resolution", "batch", "variant", "status", "median_ms", "peak_mem_gib",
                                  "weight_ratio_vs_bf16", "speedup_vs_bf16_compile"]) + "\n")

@@ -352,6 +352,8 @@ def cuda_rows(archs, short: bool = False) -> Tuple[List[Dict], str]:
         for name, a in funcs.items():
             meta = _cuda_kernel_meta(names[name], tiles)
             if meta is None:  # not a GEMM tile (e.g. the activation quantizer): no tile, threads unknown
+                if short and "bfloat16" not in names[name]:
+                    continue  # --short: the bf16 instances only (what a bf16 DiT runs)
                 meta = {"kernel": _short_name(names[name]), "config": "", "threads": None, "dyn_smem": 0}
             elif short and (meta["tile"] not in picked or meta["kernel"] not in ("w8a8", f"w4a8 g{W4_GROUP}")):
                 continue
