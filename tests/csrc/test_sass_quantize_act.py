@@ -1,0 +1,114 @@
+"""The machine code of the activation-quantization kernels (csrc/quantize_act.cu), checked without a GPU:
+compiled here by nvcc for sm_80 and sm_90a (torch-free, ~2 s per architecture), disassembled with the
+cuobjdump in triton's wheel (BRIEF §4).
+
+Every instantiation: no local memory (no LDL / STL, STACK:0 and LOCAL:0 in -res-usage), a modest register
+count. The 16-byte paths load with LDG.E.128 and store 4 or 8 int8 at once; the per-token paths reduce the
+row max with SHFL.BFLY (5 butterfly steps) and no shared memory or barrier."""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CSRC = os.path.join(ROOT, "csrc")
+ARCHS = ("sm_80", "sm_90a")
+
+
+def _nvcc():
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cuobjdump():
+    try:
+        import triton
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def compiled(request, tmp_path_factory):
+    nvcc, cuobjdump = _nvcc(), _cuobjdump()
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("needs nvcc (CUDA_HOME) and cuobjdump (triton's wheel or the CUDA toolkit)")
+    arch = request.param
+    cubin = str(tmp_path_factory.mktemp("qact") / f"quantize_act_{arch}.cubin")
+    r = subprocess.run([nvcc, "-O3", "-std=c++17", "-cubin", f"-arch={arch}", "-I", CSRC, "-Xptxas", "-v",
+                        os.path.join(CSRC, "quantize_act.cu"), "-o", cubin], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    res = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    return arch, sass, res, r.stderr
+
+
+def _functions(sass):
+    """{kernel signature (demangled-ish key): [instructions]}, key like 'bf16 vec=1 dyn=1'."""
+    out, cur = {}, None
+    for line in sass.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            cur = out.setdefault(_key(m.group(1)), [])
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if m and cur is not None:
+            cur.append(m.group(1))
+    return out
+
+
+def _key(mangled):
+    m = re.search(r"quantize_act_kernelI(f|6__half|13__nv_bfloat16)Lb([01])ELb([01])E", mangled)
+    assert m, mangled
+    return {"f": "f32", "6__half": "f16", "13__nv_bfloat16": "bf16"}[m.group(1)], int(m.group(2)), int(m.group(3))
+
+
+def _count(instrs, opcode_re):
+    return sum(1 for i in instrs if re.search(opcode_re, re.sub(r"^@!?P\w+\s+", "", i)))
+
+
+def test_all_twelve_instantiations_are_built(compiled):
+    _, sass, _, _ = compiled
+    assert sorted(_functions(sass)) == sorted((d, v, y) for d in ("f32", "f16", "bf16") for v in (0, 1) for y in (0, 1))
+
+
+def test_vector_paths_use_16_byte_loads_and_wide_stores(compiled):
+    arch, sass, _, _ = compiled
+    for (dtype, vec, dyn), ins in _functions(sass).items():
+        n128 = _count(ins, r"^LDG\.E\.128")
+        if vec:
+            assert n128 >= (2 if dyn else 1), f"{arch} {dtype} vec dyn={dyn}: {n128} LDG.E.128"
+            assert _count(ins, r"^LDG\.E\.(U16|U8|64)") == 0, f"{arch} {dtype}: narrow loads on the 16-byte path"
+            wide = r"^STG\.E\.64 " if dtype != "f32" else r"^STG\.E "
+            assert _count(ins, wide) >= 1 and _count(ins, r"^STG\.E\.U8") == 0, f"{arch} {dtype}: narrow stores"
+        else:
+            assert n128 == 0
+
+
+def test_per_token_paths_reduce_with_shuffles_only(compiled):
+    arch, sass, _, _ = compiled
+    for (dtype, vec, dyn), ins in _functions(sass).items():
+        shfl = _count(ins, r"^SHFL\.BFLY")
+        assert shfl == (5 if dyn else 0), f"{arch} {dtype} vec={vec} dyn={dyn}: {shfl} SHFL.BFLY"
+        assert _count(ins, r"^(BAR|LDS|STS)") == 0  # one warp per row: no shared memory, no barrier
+
+
+def test_no_spills_no_stack_modest_registers(compiled, record_property):
+    arch, sass, res, ptxas = compiled
+    for ins in _functions(sass).values():
+        assert _count(ins, r"^(LDL|STL)") == 0
+    usage = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+    assert len(usage) == 12, res
+    for name, reg, stack, shared, local in usage:
+        assert (int(stack), int(shared), int(local)) == (0, 0, 0), f"{arch} {name}: {reg} {stack} {shared} {local}"
+        assert int(reg) <= 40, f"{arch} {name}: {reg} registers"
+    assert "spill" not in ptxas or re.findall(r"(\d+) bytes spill", ptxas) and all(
+        v == "0" for v in re.findall(r"(\d+) bytes spill", ptxas))
+    record_property(f"registers_{arch}", sorted({int(u[1]) for u in usage}))
