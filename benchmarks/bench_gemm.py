@@ -154,7 +154,7 @@ def make_call(torch, case: Dict, inp: Inputs) -> Callable[[int], object]:
     be = case["backend"]
     if case["kind"] == "quant":
         static = case["scheme"] == "static"
-        s = inp.get(f"act", lambda: (inp.randn(m, k), inp.scales(1) if static else None))
+        s = inp.get("act", lambda: (inp.randn(m, k), inp.scales(1)))  # shared by both schemes
         q = torch.ops.ditq.quantize_act
         return lambda i: q(s[i % len(s)][0], s[i % len(s)][1] if static else None, be)
     backend = B.get_backend(be, inp.device)

@@ -550,6 +550,54 @@ def _by(flops, nbytes, d, peak_key) -> str:
     return "compute" if flops / d[peak_key] >= nbytes / d["hbm_bytes_s"] else "memory"
 
 
+# ---- transformer weight bytes -------------------------------------------------------------------------
+
+WEIGHT_TARGETS = {8: 0.52, 4: 0.30}  # issue 8: transformer weight bytes vs bf16
+
+
+def weight_rows() -> List[Dict]:
+    """Bytes of DiT-XL/2's transformer in bf16 and in each ditq format, counted on the meta device (no weights
+    built): every nn.Linear outside ``ditq.convert.DEFAULT_SKIP`` becomes packed weights (``WeightFormat``'s
+    canonical shapes) + fp32 scales + a static fp32 activation scale, its bias stays bf16; the rest stays bf16.
+    A backend layout with padding would add to this; bench_model.py measures the built model on a GPU."""
+    try:
+        import fnmatch
+
+        import torch
+        from diffusers import DiTTransformer2DModel
+
+        import bench_model
+        from ditq.convert import DEFAULT_SKIP
+        from ditq.format import WeightFormat
+    except Exception as e:
+        return [{"model": "DiT-XL/2", "status": f"not available: {type(e).__name__}: {e}"}]
+    rows = []
+    for res, size in sorted(bench_model.SAMPLE_SIZE.items()):
+        with torch.device("meta"):
+            model = DiTTransformer2DModel(sample_size=size, **bench_model.XL).to(torch.bfloat16)
+        tensors = {id(t): t for t in list(model.parameters()) + [b for b in model.buffers() if b is not None]}
+        bf16 = sum(t.numel() * t.element_size() for t in tensors.values())
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        rows.append({"model": "DiT-XL/2", "resolution": res, "format": "bf16", "status": "ok", "bytes": bf16,
+                     "ratio_vs_bf16": 1.0, "quantized_linears": 0, "target": None})
+        for fmt in [WeightFormat(8)] + [WeightFormat(4, g) for g in SUPPORTED_GROUPS]:
+            total, count = bf16, 0
+            for name, lin in linears:
+                if any(fnmatch.fnmatchcase(name, p) for p in DEFAULT_SKIP) or \
+                        (fmt.group_size and lin.in_features % fmt.group_size):
+                    continue
+                shapes = fmt.packed_shapes(lin.out_features, lin.in_features)
+                packed = math.prod(shapes["qweight"]) + 4 * math.prod(shapes["scales"]) + 4
+                total += packed - lin.weight.numel() * lin.weight.element_size()
+                count += 1
+            rows.append({"model": "DiT-XL/2", "resolution": res, "status": "ok", "bytes": total,
+                         "format": "w8a8" if fmt.bits == 8 else f"w4a8 g{fmt.group_size}",
+                         "ratio_vs_bf16": total / bf16, "quantized_linears": count,
+                         "target": f"<= {WEIGHT_TARGETS[fmt.bits]}",
+                         "meets_target": total / bf16 <= WEIGHT_TARGETS[fmt.bits]})
+    return rows
+
+
 # ---- report -------------------------------------------------------------------------------------------
 
 KERNEL_COLS = ["family", "arch", "kernel", "config", "status", "regs", "stack", "spills", "smem_bytes",
@@ -612,6 +660,14 @@ def markdown(report: Dict) -> str:
         "their compute bounds are optimistic.",
         "",
         common.md_table(report["roofline"], ROOF_COLS, ROOF_HEAD),
+        "",
+        "### Transformer weight bytes (DiT-XL/2 architecture, counted on the meta device)",
+        "",
+        "Quantized: every nn.Linear but ditq's default skip list (`proj_out*`), as packed weights + fp32 scales + "
+        "a static activation scale; everything else bf16. Issue 8's targets: W8A8 <= 0.52x, W4A8 <= 0.30x.",
+        "",
+        common.md_table(report["weights"], ["model", "resolution", "format", "status", "bytes", "ratio_vs_bf16",
+                                            "quantized_linears", "target", "meets_target"]),
     ]
     return "\n".join(parts) + "\n"
 
@@ -689,7 +745,8 @@ def main(argv=None) -> int:
     report = {"schema": "ditq.static_report/1", "short": args.short, "archs": list(archs),
               "env": common.environment(), "nvcc": ver, "uncommitted": uncommitted_sources(), "cuobjdump": cuobjdump(), "cuda_source": cuda_source,
               "limits": dict(LIMITS, gpus={g: common.DATASHEET[g] for g in ARCH_GPU.values()}),
-              "kernels": rows, "roofline": roofline_rows(rows, args.short), "summary": summarize(rows)}
+              "kernels": rows, "roofline": roofline_rows(rows, args.short), "weights": weight_rows(),
+              "summary": summarize(rows)}
     md = markdown(report)
     d = common.out_dir(args.out)
     jpath = common.write_json(os.path.join(d, "static_report.json"), report)

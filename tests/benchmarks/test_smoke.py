@@ -178,6 +178,17 @@ def test_static_schema(static):
     assert s["kernels_ok"] + s["kernels_missing"] == len(rep["kernels"])
 
 
+def test_static_weight_bytes(static):
+    """Transformer bytes per format, counted on the meta device: quantizing can only shrink the model, and 4-bit
+    groups of 128 more than 8 bits (a static property of the format, not a timing)."""
+    rows = {(r["resolution"], r["format"]): r for r in static[0]["weights"] if r["status"] == "ok"}
+    for res in (256, 512):
+        bf16, w8, w4 = rows[(res, "bf16")], rows[(res, "w8a8")], rows[(res, "w4a8 g128")]
+        assert bf16["ratio_vs_bf16"] == 1.0 and isinstance(bf16["bytes"], int)
+        assert 0 < w4["ratio_vs_bf16"] < w8["ratio_vs_bf16"] < 1
+        assert w8["quantized_linears"] == w4["quantized_linears"] == 28 * 9  # 9 linears per block
+
+
 def test_static_roofline(static):
     rows = static[0]["roofline"]
     assert rows
