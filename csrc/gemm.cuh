@@ -45,6 +45,14 @@
 // Epilogue: fp32 with explicit rounding (fma_rn / fmul_rn, never left to contraction), so the emulated and
 // real kernels agree bit for bit; then an explicit round-to-nearest-even cast to the output type.
 //
+// ---- Split-K (small M) -------------------------------------------------------------------------------------
+// At M <= 64 a DiT layer has too few output tiles to fill a GPU (N = 1152 / BN = 64 is 18 CTAs on 132 SMs),
+// and the weight stream is the limit. gridDim.z splits K into whole units (BK, or G when G > BK); each CTA
+// stores its partial tile (int32 for W8, fp32 for W4) to a workspace and the last CTA of the tile to arrive
+// (fence + atomic counter) adds the partials in split order and runs the epilogue. W8 partials are int32, so
+// the result is identical for every split count; W4 partials are fp32 sums of whole groups, added in a
+// fixed order, so a given split count always gives the same bits. The binding picks the count (gemm.h).
+//
 // ---- Hopper -----------------------------------------------------------------------------------------------
 // This is the sm_80 mma.sync path, which also runs on sm_90 (below Hopper's int8 peak). A wgmma kernel
 // would reuse the operand policies' global->smem loaders and the epilogue (store_tile) and replace

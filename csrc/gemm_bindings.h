@@ -45,8 +45,8 @@ inline GemmParams check_common(const char* op, const at::Tensor& a, const at::Te
   TORCH_CHECK_VALUE(k > 0 && k % 16 == 0, op, ": the CUDA kernels copy rows in 16-byte pieces, so K must be a "
                     "positive multiple of 16; got K = ", k, " (pad the layer's inputs)");
   TORCH_CHECK_VALUE(k <= 16384, op, ": K = ", k, " exceeds 16384, beyond which int32 sums could overflow");
-  TORCH_CHECK_VALUE(m < (int64_t{1} << 20) && n < (int64_t{1} << 26), op, ": M = ", m, ", N = ", n,
-                    " exceed the launch grid (M < 2^20, N < 2^26)");
+  TORCH_CHECK_VALUE(m < (int64_t{1} << 30) && n < (int64_t{1} << 26), op, ": M = ", m, ", N = ", n,
+                    " exceed the launch grid (M < 2^30, N < 2^26)");
   TORCH_CHECK_VALUE(aligned16(a) && aligned16(w), op, ": a and w must start at 16-byte aligned addresses "
                     "(a view with a storage offset is not; call .clone())");
   TORCH_CHECK_TYPE(a_scale.scalar_type() == at::kFloat && w_scale.scalar_type() == at::kFloat, op,
@@ -103,9 +103,6 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
     bias32 = bias->to(at::kFloat).contiguous();  // the epilogue reads fp32 (a no-op for fp32 bias)
     p.bias = bias32.data_ptr<float>();
   }
-  at::Tensor y = at::empty({p.M, p.N}, a.options().dtype(out_dtype));
-  if (p.M == 0 || p.N == 0) return y;
-  p.out = y.data_ptr();
   int arch = kEmulatedArch, sm_count = kEmulatedSmCount;
 #if DITQ_WITH_CUDA
   std::optional<c10::cuda::CUDAGuard> guard;
@@ -116,8 +113,17 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
     sm_count = prop->multiProcessorCount;
   }
 #endif
+  if (p.M == 0 || p.N == 0) return at::empty({p.M, p.N}, a.options().dtype(out_dtype));  // nothing to launch
   const int t = resolve_tile(tile, arch, p.M, group > 0);
+  {
+    int s[7];
+    ditq::gemm::tile_shape(t, s);
+    TORCH_CHECK_VALUE((p.M + s[0] - 1) / s[0] <= 65535, op, ": M = ", p.M, " needs more than 65535 row tiles of ",
+                      s[0], " (the launch grid's y limit); split the batch");
+  }
   p.splits = resolve_splits(splits, t, group, p, sm_count);
+  at::Tensor y = at::empty({p.M, p.N}, a.options().dtype(out_dtype));
+  p.out = y.data_ptr();
   at::Tensor counters, workspace;
   if (p.splits > 1) {
     int s[7];

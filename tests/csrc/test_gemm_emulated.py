@@ -194,6 +194,15 @@ def test_tile_choice():
     assert cuda_backend.gemm_pick_tile(75, 16, True) == -1
 
 
+def test_grid_limit_and_empty_problems():
+    w, sw = random_int8(8, 16), torch.rand(8)
+    a = torch.empty(16 * 65535 + 1, 16, dtype=torch.int8)  # 65536 row tiles of the 16-row tile
+    with pytest.raises(ValueError, match="65535 row tiles"):
+        torch.ops.ditq_C.gemm_w8a8(a, torch.ones(1), w, sw, None, torch.float32, 0, 1)
+    y = torch.ops.ditq_C.gemm_w8a8(a[:0], torch.ones(1), w, sw, None, torch.bfloat16)
+    assert y.shape == (0, 8) and y.dtype == torch.bfloat16
+
+
 def test_bad_split_and_tile_rejected():
     a, sa, w, sw, b = _inputs(3, 8, 64, seed=4)
     with pytest.raises(ValueError, match="split-K count"):
