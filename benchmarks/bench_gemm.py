@@ -102,6 +102,10 @@ def _nbytes(c: Dict) -> Tuple[float, float]:
 
 # ---- implementations ----------------------------------------------------------------------------------
 
+class Unsupported(Exception):
+    """An implementation that does not take this shape (a row saying so, not an error)."""
+
+
 class Inputs:
     """Rotating input buffers for one (shape, M): enough copies to spill L2 so each call reads from memory."""
 
@@ -141,7 +145,7 @@ def make_call(torch, case: Dict, inp: Inputs) -> Callable[[int], object]:
         return lambda i: F.linear(*s[i % len(s)])
     if impl == "torch._int_mm + scale":
         if inp.device.type == "cuda" and (m <= 16 or k % 8 or n % 8):
-            raise NotImplementedError("_int_mm on CUDA needs M > 16 and K, N multiples of 8")
+            raise Unsupported("_int_mm on CUDA needs M > 16 and K, N multiples of 8")
         s = inp.get("int_mm", lambda: (inp.int8(m, k), inp.scales(m, 1), inp.int8(n, k).t(), inp.scales(1, n),
                                       inp.randn(n)))
 
@@ -227,6 +231,9 @@ def run_case(torch, case, inp, ceil, args) -> Dict:
         big = case["M"] * case["N"] * case["K"] >= 1 << 33
         t = common.time_calls(fn, inp.device, args.warmup, args.iters,
                               graph_calls=0 if args.smoke or args.no_graph else max(inp.sets, 2 if big else 10))
+    except Unsupported as e:
+        row["status"] = f"unavailable: {e}"
+        return row
     except Exception as e:
         row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if args.verbose:
