@@ -75,6 +75,29 @@ inline float __half2float(__half h) {
   return sign ? -mag : mag;
 }
 
+inline unsigned short __half_as_ushort(__half h) { return h.x; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
+// float -> bf16, round to nearest even (cvt.rn.bf16.f32); NaN -> the canonical 0x7fff.
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  const unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {0x7fff};
+  return {static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+// float -> fp16, round to nearest even (cvt.rn.f16.f32), subnormals and overflow to inf included;
+// NaN -> the canonical 0x7fff.
+inline __half __float2half_rn(float f) {
+  const unsigned u = __float_as_uint(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return {0x7fff};
+  if (a >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520 rounds to inf
+  if (a >= 0x38800000u) {                                                 // a normal half
+    const unsigned r = a - 0x38000000u;                                   // rebias 127 -> 15
+    return {static_cast<uint16_t>(sign | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13))};
+  }
+  // A subnormal half counts units of 2^-24: scaling by 2^24 is exact, nearbyint rounds half to even.
+  const float units = std::nearbyint(__uint_as_float(a) * 16777216.0f);
+  return {static_cast<uint16_t>(sign | static_cast<unsigned>(units))};
+}
+
 // ---- integer helpers CUDA provides as device functions -----------------------------------------------------
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

@@ -268,4 +268,17 @@ int probe_ldmatrix(const uint8_t* bytes, int nbytes, const int* offsets, int cou
   return 0;
 }
 
+// The emulator's float conversions, element-wise: fp16/bf16 bits of each float, the floats back, and
+// __float2int_rn.
+int probe_convert(const float* in, int n, uint16_t* h, uint16_t* b, float* h_back, float* b_back, int* rint) {
+  for (int i = 0; i < n; ++i) {
+    h[i] = __half_as_ushort(__float2half_rn(in[i]));
+    b[i] = __bfloat16_as_ushort(__float2bfloat16_rn(in[i]));
+    h_back[i] = __half2float(__ushort_as_half(h[i]));
+    b_back[i] = __bfloat162float(__ushort_as_bfloat16(b[i]));
+    rint[i] = __float2int_rn(in[i]);
+  }
+  return 0;
+}
+
 }  // extern "C"

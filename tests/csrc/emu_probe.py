@@ -62,6 +62,7 @@ def load():
         lib.probe_mma.argtypes = [ctypes.c_void_p] * 4
         lib.probe_ldmatrix.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                        ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
+        lib.probe_convert.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5
         _lib = lib
     return _lib
 
