@@ -106,6 +106,7 @@ setup(
     package_data={"ditq.kernels": ["configs/*.json"],
                   "ditq.demo": ["*.md", "*.json", "*.safetensors", "model/*", "model/*/*"]},
     include_package_data=False,
+    entry_points={"console_scripts": ["ditq=ditq.cli:main"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "diffusers>=0.30"],
     extras_require={"triton": ["triton>=3.0"],
                     "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn"],
