@@ -7,8 +7,8 @@
 #   DITQ_SUITE_SKIP_INSTALL=1 bash benchmarks/gpu_suite.sh   # dry run on a CPU machine (benchmarks fall back
 #                                                            # to --smoke, the cuda tests skip)
 #
-# Packages the machine lacks travel as wheels in .whl/ at the repo root (installed with --no-deps into
-# /tmp/site). The DiT model benchmark needs diffusers, a pure-Python wheel (the GPU image has its dependencies):
+# Packages the machine lacks travel as wheels in .whl/ at the repo root (installed with --no-deps into a
+# fresh /tmp/ditq_site.* put on PYTHONPATH). The DiT model benchmark needs diffusers, a pure-Python wheel (the GPU image has its dependencies):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
 # .whl/ is git-ignored (.git/info/exclude), so the device tool carries it only when asked: carry=[".whl"].
 # With $OUT set, only 8 files come back: summary.md, gpu_suite.log, the three JSON files, the two plots and
@@ -44,9 +44,10 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log everything, r
   git log -1 --oneline 2>/dev/null; } 2>&1 | tee -a "$LOG"
 
 # 1. carried wheels, then ditq itself (the extension builds for this GPU's architecture only: short compile)
-if ls .whl/*.whl >/dev/null 2>&1; then
+if ls .whl/*.whl >/dev/null 2>&1 && [ "${DITQ_SUITE_SKIP_INSTALL:-0}" != 1 ]; then
+  SITE=$(mktemp -d /tmp/ditq_site.XXXXXX)
   stage wheels 120 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    --target "$SITE" .whl/*.whl && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 ARCH=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))" 2>/dev/null)
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${ARCH:-9.0a}}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
@@ -86,8 +87,8 @@ g, m, s = load("gemm.json"), load("model.json"), load("static_report.json")
 if g:
     c = g["ceilings"]
     print(common.env_markdown(g["env"]) + "\n")
-    print(f"Measured: bf16 {c['bf16_flops']/1e12:.0f} TFLOP/s, int8 {c['int8_ops']/1e12:.0f} TOP/s, "
-          f"copy {c['copy_bytes_s']/1e9:.0f} GB/s\n")
+    print(f"Measured: bf16 {c['bf16_flops']/1e12:.4g} TFLOP/s, int8 {c['int8_ops']/1e12:.4g} TOP/s, "
+          f"copy {c['copy_bytes_s']/1e9:.4g} GB/s\n")
     rows = [r for r in g["rows"] if r["layer"] == "mlp fc1" and r["M"] in (16, 512, 4096)]
     print(common.md_table(rows, ["layer", "M", "impl", "status", "median_ms", "tops", "roofline_fraction",
                                  "speedup_vs_bf16"]) + "\n")
