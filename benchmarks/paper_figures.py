@@ -530,7 +530,8 @@ def markdown(r: dict, fig_rel: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="CI mode: 3 steps, 1 sample per class, 3 settings, Fig. 2 at the first and last step")
+    p.add_argument("--quick", action="store_true",
+                   help="CI mode: 3 steps, 1 sample per class, 3 settings, Fig. 2 at the first and last step")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 10; --quick 3)")
     p.add_argument("--samples-per-class", type=int, default=None, help="default 3; --quick 1")
     p.add_argument("--fig2-points", type=int, default=5, help="how many single calibration steps Fig. 2 tries")

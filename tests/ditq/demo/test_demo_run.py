@@ -51,7 +51,8 @@ def test_png_has_the_expected_size(result):
     out, d = result
     img = Image.open(os.path.join(out, "demo.png"))
     assert img.size == demo.grid_size(rows=3, columns=10)
-    assert img.size == (demo.LABEL_WIDTH + 10 * (demo.CELL + demo.GAP) + demo.GAP, 3 * (demo.CELL + demo.GAP) + demo.GAP)
+    assert img.size == (demo.LABEL_WIDTH + 10 * (demo.CELL + demo.GAP) + demo.GAP,
+                        3 * (demo.CELL + demo.GAP) + demo.GAP)
 
 
 def test_bad_setting_and_numbers(tmp_path, capsys):
