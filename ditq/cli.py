@@ -301,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="quantize the bundled digits DiT several ways and compare the samples",
                        description="Samples the bundled digits DiT in full precision, W8A8 and W4A8 (first-step "
                        "calibration) and W8A8 / W4A8 with all-steps calibration from the same seeds; prints a table "
-                       "and writes demo.png and demo.json into --out. The defaults take about 2-3 minutes on a "
-                       "2-core CPU.")
+                       "and writes demo.png and demo.json into --out. The defaults (10 steps, 4 samples per class) "
+                       "took 166 s of CPU time on a 2-core CPU.")
     d.add_argument("--out", default="ditq-demo", help="output directory (default: ./ditq-demo)")
     d.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
     d.add_argument("--samples-per-class", type=int, default=DEFAULT_SAMPLES_PER_CLASS,
