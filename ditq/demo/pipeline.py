@@ -33,7 +33,7 @@ class PixelDiTPipeline(DiffusionPipeline):
     def __call__(
         self,
         class_labels: list[int] | torch.Tensor,
-        guidance_scale: float = 3.0,
+        guidance_scale: float = 1.5,
         generator: torch.Generator | list[torch.Generator] | None = None,
         num_inference_steps: int = 25,
         output_type: str | None = "pil",
