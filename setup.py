@@ -104,7 +104,7 @@ setup(
     packages=find_packages(include=["ditq", "ditq.*"]) + ["ditq.kernels"],
     package_dir={"ditq.kernels": "kernels"},
     package_data={"ditq.kernels": ["configs/*.json"],
-                  "ditq.demo": ["*.md", "*.json", "*.safetensors", "model/*", "model/*/*"]},
+                  "ditq.demo": ["*.md", "*.json", "*.png", "*.safetensors", "model/*", "model/*/*"]},
     include_package_data=False,
     entry_points={"console_scripts": ["ditq=ditq.cli:main"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "diffusers>=0.30"],
