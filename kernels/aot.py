@@ -18,6 +18,9 @@ removed. A kernel is named by its module (or, for kernels defined in a file that
 as a test, that file's path) and its name. Results are cached in-process and by Triton's own on-disk
 cache, so asking twice is cheap; :func:`compile_many` compiles a list in one subprocess (one Triton import).
 
+The SASS reading also serves cubins built by nvcc from ``csrc/``: :func:`nvcc_path` and :func:`cuobjdump_path`
+find the tools (None when absent), :func:`sass_functions` splits a listing that holds several kernels.
+
 ``aligned`` names the arguments to mark 16-byte divisible (``tt.divisibility = 16``), which is what
 Triton's JIT infers at launch for 16-byte aligned pointers and integers divisible by 16. Leave an argument
 out to model a launch where it is not.
@@ -29,6 +32,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,6 +101,32 @@ def tools_dir() -> str:
     if spec is None or not spec.origin:
         raise AOTError("triton is not installed")
     return os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin")
+
+
+def _cuda_tool(name: str) -> Optional[str]:
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", name)):
+            return os.path.join(home, "bin", name)
+    return shutil.which(name)
+
+
+def nvcc_path() -> Optional[str]:
+    """Path of ``nvcc``: ``$CUDA_HOME/bin``, then ``/usr/local/cuda/bin``, then ``PATH``; None when absent.
+    (Triton's wheel ships no nvcc; the csrc SASS tests need one to build ``csrc/*.cu`` for sm_80 / sm_90a.)"""
+    return _cuda_tool("nvcc")
+
+
+def cuobjdump_path() -> Optional[str]:
+    """Path of ``cuobjdump``: the one in triton's wheel (:func:`tools_dir`, what :func:`sass_stats` runs) when
+    triton is installed, so every SASS listing comes from the same tool; else ``$CUDA_HOME/bin``, then
+    ``/usr/local/cuda/bin``, then ``PATH``; None when absent."""
+    try:
+        path = os.path.join(tools_dir(), "cuobjdump")
+    except AOTError:
+        path = None
+    if path and os.path.exists(path):
+        return path
+    return _cuda_tool("cuobjdump")
 
 
 def _work_dir() -> str:
@@ -173,6 +203,20 @@ def _run_tool(tool: str, *args) -> str:
 def parse_sass(sass: str):
     """[(address, opcode-with-modifiers, operands)] of every instruction in ``cuobjdump -sass`` text."""
     return [(int(m.group(1), 16), m.group(3), m.group(4).strip()) for m in _INSTR.finditer(sass)]
+
+
+_FUNCTION = re.compile(r"^\s*Function : (\S+)", re.M)
+
+
+def sass_functions(sass: str) -> Dict[str, List[tuple]]:
+    """``{mangled kernel name: parse_sass(its instructions)}`` of a ``cuobjdump -sass`` listing holding several
+    kernels (an nvcc-built cubin; a Triton cubin holds one)."""
+    heads = list(_FUNCTION.finditer(sass))
+    out: Dict[str, List[tuple]] = {}
+    for head, nxt in zip(heads, heads[1:] + [None]):
+        body = sass[head.end():nxt.start() if nxt is not None else len(sass)]
+        out.setdefault(head.group(1), []).extend(parse_sass(body))
+    return out
 
 
 def main_loop(instrs) -> List[tuple]:

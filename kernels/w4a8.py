@@ -386,23 +386,34 @@ def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     return out
 
 
-def aot_source(cfg: Dict, group_size: int, out_dtype: str = "bf16", per_token: bool = True,
-               has_bias: bool = True):
-    """(ASTSource, options) to compile one table entry ahead of time (``triton.compile``), with the
-    alignment the launcher guarantees: pointers, K, N and every stride divisible by 16 (K % 32 == 0)."""
-    cfg = fit_config(cfg, group_size)
-    kern = w4a8_kernel
+def aot_job(params: Dict, cc: int, group_size: int, out_dtype: str = "bf16", per_token: bool = True,
+            bias: bool = True, aligned: bool = True) -> Dict:
+    """Arguments of ``aot.compile_kernel`` for one table entry at group size ``group_size``, as the launcher
+    would run it on a GPU of compute capability ``cc``: BK fitted to the group, and the alignment the launcher
+    guarantees, pointers, K, N and every stride divisible by 16 (K % 32 == 0), M not (``aligned=False``
+    drops those hints). ``params["ASM"]`` picks the inline-PTX unpack (default: the pure-Triton twin)."""
+    cfg = fit_config(params, group_size)
     ptr = {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": "*fp32", "bias_ptr": "*fp32",
            "out_ptr": "*" + out_dtype}
     ints = ("M", "N", "K", "stride_am", "stride_wn", "stride_sg", "stride_om")
-    consts = {"GROUP": group_size, "PB": pack_block(group_size), "BM": cfg["BM"], "BN": cfg["BN"],
-              "BK": cfg["BK"], "SWAP": bool(cfg["SWAP"]), "PER_TOKEN": per_token, "HAS_BIAS": has_bias,
-              "GROUP_M": cfg["GROUP_M"], "UNPACK_ASM": bool(cfg.get("ASM", False)), "BF16_BY_HAND": False}
-    sig = {**ptr, **{n: "i32" for n in ints}, **{c: "constexpr" for c in consts}}
-    aligned = [n for n in (*ptr, *ints) if n != "M"]
-    attrs = {(kern.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = triton.compiler.ASTSource(fn=kern, signature=sig, constexprs=consts, attrs=attrs)
-    return src, {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    constexprs = {"GROUP": group_size, "PB": pack_block(group_size), "BM": cfg["BM"], "BN": cfg["BN"],
+                  "BK": cfg["BK"], "SWAP": bool(cfg["SWAP"]), "PER_TOKEN": per_token, "HAS_BIAS": bias,
+                  "GROUP_M": cfg["GROUP_M"], "UNPACK_ASM": bool(cfg.get("ASM", False)), "BF16_BY_HAND": False}
+    hints = [n for n in (*ptr, *ints) if n != "M"]
+    return dict(fn=w4a8_kernel, signature={**ptr, **{n: "i32" for n in ints}}, constexprs=constexprs, cc=cc,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], aligned=hints if aligned else [])
+
+
+def aot_source(cfg: Dict, group_size: int, out_dtype: str = "bf16", per_token: bool = True,
+               has_bias: bool = True):
+    """(ASTSource, options) of :func:`aot_job`'s compile, for an in-process ``triton.compile``. Kept for
+    ``benchmarks/static_report.py``, whose ``compile_triton`` still has an ``aot_source`` path; prefer
+    ``aot_job`` with ``aot.compile_many`` (a subprocess, so it also works under ``TRITON_INTERPRET=1``)."""
+    job = aot_job(cfg, 0, group_size, out_dtype, per_token, has_bias)
+    sig = {**job["signature"], **{c: "constexpr" for c in job["constexprs"]}}
+    attrs = {(w4a8_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in job["aligned"]}
+    src = triton.compiler.ASTSource(fn=w4a8_kernel, signature=sig, constexprs=job["constexprs"], attrs=attrs)
+    return src, {"num_warps": job["num_warps"], "num_stages": job["num_stages"]}
 
 
 def reference(a, a_scale, w, w_scale, bias, group_size, out_dtype):

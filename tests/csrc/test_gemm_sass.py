@@ -7,32 +7,15 @@ main loop's instruction mix per mma are printed (`pytest -s`) and kept in the te
 import collections
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
 
+from ditq.kernels import aot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC = os.path.join(ROOT, "csrc")
 ARCHS = ("sm_80", "sm_90a")
-
-
-def _nvcc():
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
-
-
-def _cuobjdump():
-    try:
-        import triton
-        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        if os.path.exists(path):
-            return path
-    except ImportError:
-        pass
-    return shutil.which("cuobjdump")
 
 
 def tile_table():
@@ -40,36 +23,6 @@ def tile_table():
     text = open(os.path.join(CSRC, "configs", "gemm_tiles.h")).read()
     rows = re.findall(r"^\s*X\((\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\)", text, re.M)
     return {int(r[0]): tuple(int(v) for v in r[1:]) for r in rows}
-
-
-def _opcode(ins):
-    return re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0]
-
-
-def parse_sass(text):
-    """{mangled kernel name: [(address, instruction)]}."""
-    funcs, cur = {}, None
-    for line in text.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            cur = funcs.setdefault(m.group(1), [])
-            continue
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
-        if m and cur is not None:
-            cur.append((int(m.group(1), 16), m.group(2)))
-    return funcs
-
-
-def main_loop(instrs):
-    """Instructions of the innermost backward branch's body that contains an IMMA: the k loop."""
-    best = None
-    for addr, ins in instrs:
-        m = re.search(r"\bBRA\s+0x([0-9a-f]+)", ins)
-        if m and int(m.group(1), 16) < addr:
-            body = [x for a, x in instrs if int(m.group(1), 16) <= a <= addr]
-            if any(_opcode(x).startswith("IMMA") for x in body) and (best is None or len(body) < len(best)):
-                best = body
-    return best or []
 
 
 def kernel_key(name):
@@ -85,7 +38,7 @@ def kernel_key(name):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    nvcc, cuobjdump = _nvcc(), _cuobjdump()
+    nvcc, cuobjdump = aot.nvcc_path(), aot.cuobjdump_path()
     if nvcc is None:
         pytest.skip("nvcc not found (set CUDA_HOME): cannot compile csrc/gemm.cu")
     if cuobjdump is None:
@@ -103,7 +56,7 @@ def compiled(tmp_path_factory):
                              r"loads\s*\n.*?Used (\d+) registers", r.stderr, re.S):
             ptxas[m.group(1)] = (int(m.group(4)), int(m.group(2)) + int(m.group(3)))
         sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-        out[arch] = (parse_sass(sass), ptxas)
+        out[arch] = (aot.sass_functions(sass), ptxas)
     return out
 
 
@@ -121,7 +74,7 @@ def test_gemm_sass(compiled, arch, request):
     report = []
     for (tile, kind), name in sorted(kernels.items()):
         ins = funcs[name]
-        ops = collections.Counter(_opcode(x) for _, x in ins)
+        ops = collections.Counter(op for _, op, _ in ins)
         what = f"{arch} tile {tile} {kind}"
         assert ops["IMMA.16832.S8.S8"] > 0, f"{what}: no int8 mma.sync (IMMA.16832.S8.S8)"
         assert any(o.startswith("LDSM") for o in ops), f"{what}: no ldmatrix (LDSM)"
@@ -129,8 +82,8 @@ def test_gemm_sass(compiled, arch, request):
         assert ops["LDL"] == 0 and ops["STL"] == 0, f"{what}: local memory (LDL {ops['LDL']}, STL {ops['STL']})"
         regs, spill = ptxas[name]
         assert spill == 0, f"{what}: {spill} bytes of spills"
-        loop = main_loop(ins)
-        lops = collections.Counter(_opcode(x) for x in loop)
+        loop = aot.main_loop(ins)  # the innermost backward branch holding an IMMA: the k loop
+        lops = collections.Counter(op for _, op, _ in loop)
         imma = lops["IMMA.16832.S8.S8"]
         bm, bn, bk, wm, wn, _ = tile_table()[tile]
         # the whole k tile is unrolled: every warp issues (BM/WM/16)*(BN/WN/8)*(BK/32) mma per iteration
