@@ -492,7 +492,7 @@ def markdown(r: dict, fig_rel: str) -> str:
              f"{r['samples_per_class'] * NUM_CLASSES} images from seed {r['seed']}; calibration on class labels "
              f"0-9 with seed {r['calibration_seed']}; {r['torch_threads']} CPU threads, "
              f"{r['wall_seconds'] / 60:.1f} min). Backend: the torch reference (real integer arithmetic on CPU).",
-             "", "The model is small (6 blocks, hidden 128, 64 tokens of 16x16 pixels, 4.3 M parameters; see "
+             "", "The model is small (6 blocks, hidden 128, 64 tokens of 16x16 pixels, 2.1 M parameters; see "
              "`ditq/demo/MODEL_CARD.md`), so it can only echo the paper, which measured DiT-XL/2 on ImageNet.", "",
              "## Settings (paper Fig. 4 and tables)", "",
              "| setting | trajectory SQNR dB | image SQNR dB | accuracy % | Fréchet vs real | Fréchet vs fp32 | "
