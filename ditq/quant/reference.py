@@ -125,8 +125,12 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 # ---- exact integer GEMMs -----------------------------------------------------------------------------
 
 def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Exact ``a @ w.T`` for int8 a [M, K] and int8 w [N, K], as int64 (no overflow possible)."""
-    return a.to(torch.int64) @ w.to(torch.int64).t()
+    """Exact ``a @ w.T`` for int8 a [M, K] and int8 w [N, K], as int64.
+
+    Computed in float64, which is exact here and runs on BLAS (int64 matmul does not, and was the demo's
+    bottleneck on CPU): every product and partial sum is an integer below 2^31 (BRIEF §2), far inside the
+    2^53 that float64 represents exactly, in whatever order the BLAS adds them."""
+    return (a.to(torch.float64) @ w.to(torch.float64).t()).to(torch.int64)
 
 
 def _act_scale_column(a_scale: torch.Tensor, m: int) -> torch.Tensor:
@@ -149,9 +153,9 @@ def group_partials(a: torch.Tensor, w: torch.Tensor, group_size: int) -> torch.T
     """Exact per-group int sums ``P[g, m, n] = Σ_{k in group g} a[m,k] w[n,k]`` as int64."""
     m, k = a.shape
     n = w.shape[0]
-    ag = a.to(torch.int64).reshape(m, k // group_size, group_size).permute(1, 0, 2)
-    wg = w.to(torch.int64).reshape(n, k // group_size, group_size).permute(1, 2, 0)
-    return torch.bmm(ag, wg)
+    ag = a.to(torch.float64).reshape(m, k // group_size, group_size).permute(1, 0, 2)
+    wg = w.to(torch.float64).reshape(n, k // group_size, group_size).permute(1, 2, 0)
+    return torch.bmm(ag, wg).to(torch.int64)  # exact in float64, as in int_matmul
 
 
 def gemm_w4a8(a, a_scale, w_q, w_scales, group_size: int, bias=None, out_dtype=torch.float32):

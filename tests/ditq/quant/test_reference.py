@@ -197,3 +197,16 @@ def test_gemm_output_dtypes():
 def test_int32_bound_at_the_largest_k():
     # worst case |a| = 127, |w| = 128 (int4 values x16, or int8 -128) over MAX_K: still inside int32
     assert 127 * 128 * ref.MAX_K < 2**31
+
+
+def test_int_matmul_is_exact_at_the_extremes():
+    # float64 BLAS underneath: exact while |sums| < 2^53; the worst case here is 127 * 128 * MAX_K < 2^31
+    a = torch.full((2, ref.MAX_K), 127, dtype=torch.int8)
+    w = torch.full((3, ref.MAX_K), -128, dtype=torch.int8)
+    w[1, ::2] = 127
+    assert torch.equal(ref.int_matmul(a, w), a.long() @ w.long().t())
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(-127, 128, (33, 1152), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (17, 1152), dtype=torch.int8, generator=g)
+    assert torch.equal(ref.int_matmul(a, w), a.long() @ w.long().t())
+    assert torch.equal(ref.group_partials(a, w, 128).sum(0), a.long() @ w.long().t())
