@@ -3,8 +3,8 @@
     nice python benchmarks/paper_figures.py             # full run: PNGs in benchmarks/figures/, PAPER_FIGURES.md
     python benchmarks/paper_figures.py --quick          # CI: 3 steps, 1 sample per class, fewer calibration choices
 
-What each figure measures (all on the bundled 6-block, hidden-128 DiT, DDIM, guidance 3; one sampling step = one
-transformer call on the doubled classifier-free-guidance batch):
+What each figure measures (all on the bundled 6-block, hidden-128 DiT, DDIM, guidance 1.5 as in the model card;
+one sampling step = one transformer call on the doubled classifier-free-guidance batch):
 
 * fig1_activations.png (paper Fig. 1 top): each quantized layer's input absmax at every sampling step (recorded
   by ditq's calibrator in all-steps mode), for a few layers; and one layer's per-input-channel absmax at the
@@ -535,7 +535,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 10; --quick 3)")
     p.add_argument("--samples-per-class", type=int, default=None, help="default 3; --quick 1")
     p.add_argument("--fig2-points", type=int, default=5, help="how many single calibration steps Fig. 2 tries")
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=1.5, help="the bundled model's measured setting")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=os.path.join(HERE, "figures"), help="PNGs and paper_figures.json")
     p.add_argument("--markdown", default=os.path.join(HERE, "PAPER_FIGURES.md"), help="markdown file to write")

@@ -7,7 +7,6 @@ few-sample setting used here.
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 import pytest
@@ -46,12 +45,10 @@ def test_bundled_files_ship_in_the_package(pipe):
 
 
 @pytest.mark.slow  # about 5 s on an idle 2-core CPU, 13 s with the cores shared
-def test_generates_recognisable_digits_quickly(pipe):
+def test_generates_recognisable_digits(pipe):
     labels = torch.arange(NUM_CLASSES).repeat_interleave(5)
-    start = time.time()
     images = pipe(labels, guidance_scale=1.5, num_inference_steps=10,
                   generator=torch.Generator().manual_seed(0), output_type="pt").images
-    assert time.time() - start < 30
     assert images.shape == (50, 1, 16, 16)
     assert 0.0 <= images.min() and images.max() <= 1.0
     assert metrics.classifier_accuracy(images, labels) >= FEW_STEP_ACCURACY_BAR
