@@ -327,7 +327,9 @@ def w4a8_kernel(a_ptr, as_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
 
 # table keys: tiles BM x BN (M and N extents, whatever SWAP does), BK = k per step (two half-dots of BK/2),
 # SWAP (weights as the dot's first operand), GROUP_M (launch grouping), num_warps, num_stages; optional
-# ASM (unpack with inline PTX; ignored by the interpreter, which runs the pure-Triton twin).
+# ASM (unpack with inline PTX; ignored by the interpreter, which runs the pure-Triton twin) and by_group
+# ({"256": {"BN": 64}}: keys that replace the entry's at that group size, e.g. where a bigger pack block
+# would spill: sm80 128x128 at G = 256 took 255 registers and 2 spill instructions, BN = 64 takes 163 and none).
 CONFIG_KEYS = ("BM", "BN", "BK", "SWAP", "GROUP_M", "num_warps", "num_stages")
 
 
@@ -345,6 +347,7 @@ def fit_config(cfg: Dict, group_size: int) -> Dict:
     if missing:
         raise ValueError(f"w4a8 config lacks {missing}: {cfg}")
     cfg = dict(cfg)
+    cfg.update(cfg.pop("by_group", {}).get(str(group_size), {}))
     bk = cfg["BK"]
     if bk < MIN_BK or bk & (bk - 1):
         raise ValueError(f"w4a8 BK must be a power of two >= {MIN_BK}, got {bk}")

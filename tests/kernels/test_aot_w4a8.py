@@ -12,7 +12,7 @@ import pytest
 
 from ditq.kernels import aot, config_table as ct, w4a8
 
-GROUPS = (32, 128)
+GROUPS = (32, 128, 256)  # 256 has its own pack block and a by_group override on sm80
 ARCH_CC = {"sm80": 80, "sm90": 90}
 LD128 = re.compile(r"\b(LDG\.E\.128|LDGSTS\.E\.BYPASS\.128|LDGSTS\.E\.128)\b")
 LD_BYTES = re.compile(r"\bLDG(STS)?\.E\.(U8|S8)\b")
