@@ -333,20 +333,12 @@ def main(argv=None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
 
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-    common.use_interpreter_without_gpu()
+    device = common.select_device(args, "tiny shapes on CPU")  # before anything imports triton
     import torch
     import ditq  # noqa: F401  (registers torch.ops.ditq.*)
     from ditq import backends as B
     from ditq.format import SUPPORTED_GROUP_SIZES
 
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    if device.type == "cpu" and not args.smoke:
-        print("no CUDA GPU: running the --smoke configuration (tiny shapes on CPU)", file=sys.stderr)
-        args.smoke = True
-    if args.smoke:
-        torch.set_num_threads(1)  # tiny ops: more threads only spin against each other on a shared CPU
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 10)
     args.iters = args.iters if args.iters is not None else (2 if args.smoke else 50)
     if args.smoke:

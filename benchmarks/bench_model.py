@@ -284,17 +284,9 @@ def main(argv=None) -> int:
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
 
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    common.use_interpreter_without_gpu()
+    device = common.select_device(args, "tiny DiT on CPU")
     import torch
 
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    if device.type == "cpu" and not args.smoke:
-        print("no CUDA GPU: running the --smoke configuration (tiny DiT on CPU)", file=sys.stderr)
-        args.smoke = True
-    if args.smoke:
-        torch.set_num_threads(1)  # tiny ops: more threads only spin against each other on a shared CPU
     if args.smoke:
         args.resolutions, args.batches = [256], [1, 2]
         args.backend = "torch" if args.backend == "auto" else args.backend

@@ -184,6 +184,24 @@ def use_interpreter_without_gpu() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def select_device(args, smoke_what: str):
+    """The device a benchmark runs on. ``--smoke``, or no CUDA GPU, means tiny shapes on the CPU (Triton through
+    its interpreter, set up before triton is imported) with one thread: tiny ops on more threads only spin
+    against each other on a shared CPU. Sets ``args.smoke`` accordingly."""
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    use_interpreter_without_gpu()
+    import torch
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.smoke:
+        print(f"no CUDA GPU: running the --smoke configuration ({smoke_what})", file=sys.stderr)
+        args.smoke = True
+    if args.smoke:
+        torch.set_num_threads(1)
+    return device
+
+
 # ---- output -------------------------------------------------------------------------------------------
 
 def out_dir(explicit: Optional[str] = None) -> str:
