@@ -52,6 +52,19 @@ def _pip_cuda_includes():
     return [os.path.dirname(f) for hits in found for f in hits][:1]
 
 
+def _built_archs(torch):
+    """The SM architectures nvcc builds for, as "80,90", for csrc/families.cpp (kernel_families' built_archs):
+    from TORCH_CUDA_ARCH_LIST ("8.0;9.0a", "8.6+PTX", "8.0 9.0"), else the visible GPUs (torch's own rule)."""
+    import re
+    spec = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if spec:
+        archs = {int(a) * 10 + int(b) for a, b in re.findall(r"(\d+)\.(\d+)", spec)}
+    else:
+        archs = {a * 10 + b for a, b in (torch.cuda.get_device_capability(i)
+                                         for i in range(torch.cuda.device_count()))}
+    return ",".join(str(a) for a in sorted(archs))
+
+
 def _extensions():
     if os.environ.get("DITQ_NO_EXTENSION") == "1":
         print("ditq: DITQ_NO_EXTENSION=1, building no C++/CUDA extension", file=sys.stderr)
@@ -79,6 +92,8 @@ def _extensions():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
         nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+        if _built_archs(torch):  # host compiler only: nvcc would split "80,90" into two -D options
+            cxx.append(f"-DDITQ_CUDA_ARCHS={_built_archs(torch)}")
         ext = cpp_extension.CUDAExtension(
             "ditq._C", host_sources + cuda_sources, include_dirs=include,
             define_macros=[("DITQ_WITH_CUDA", "1")], extra_compile_args={"cxx": cxx, "nvcc": nvcc})

@@ -8,6 +8,9 @@
 //     dispatch key CPU:  the same kernel under the host SIMT emulator (backend "cuda-emulated").
 //   emulator_set_options(int order, int seed, int cp_async, bool race_check) -> ()
 //   emulator_get_options() -> int[]      [order, seed, cp_async, race_check]
+//   emulator_set_mem_check(bool on) -> ()  the global-memory checker (on by default)
+//   emulator_get_mem_check() -> bool
+//   kernel_families() -> str             JSON: what each kernel family accepts (configs/kernel_families.h)
 //   built_with_cuda() -> bool
 // Every input is validated here with TORCH_CHECK before any launch: these ops are callable directly, not only
 // through ditq.ops, and the kernels trust their arguments.
@@ -112,6 +115,10 @@ inline std::vector<int64_t> get_options() {
   return {order, static_cast<int64_t>(seed), cp_async, race_check ? 1 : 0};
 }
 
+inline void set_mem_check(bool on) { emulator_set_mem_check(on); }
+inline bool get_mem_check() { return emulator_get_mem_check(); }
+inline std::string kernel_families() { return kernel_families_json(); }
+
 inline bool built_with_cuda() { return DITQ_WITH_CUDA != 0; }
 
 }  // namespace ditq::binding
@@ -121,6 +128,9 @@ TORCH_LIBRARY(ditq_C, m) {
   m.def("emulator_set_options(int order, int seed, int cp_async, bool race_check) -> ()",
         &ditq::binding::set_options);
   m.def("emulator_get_options() -> int[]", &ditq::binding::get_options);
+  m.def("emulator_set_mem_check(bool on) -> ()", &ditq::binding::set_mem_check);
+  m.def("emulator_get_mem_check() -> bool", &ditq::binding::get_mem_check);
+  m.def("kernel_families() -> str", &ditq::binding::kernel_families);
   m.def("built_with_cuda() -> bool", &ditq::binding::built_with_cuda);
   // ---- more kernel families: m.def their schemas here (or in a TORCH_LIBRARY_FRAGMENT of their header) ----
 }
@@ -138,7 +148,7 @@ TORCH_LIBRARY_IMPL(ditq_C, CUDA, m) {
 #endif
 
 // ---- more kernel families: headers with their checks and registrations (included here, compiled once) ----
-#include "gemm_bindings.h"  // issue 5: the int8 GEMMs (ditq_C::gemm_*: schemas, checks, CPU + CUDA impls)
+#include "gemm_bindings.h"  // the int8 GEMMs (ditq_C::gemm_*: schemas, checks, CPU + CUDA impls)
 
 // A Python module, so that `import ditq._C` loads the library and runs the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "ditq CUDA kernels and their host emulation (torch.ops.ditq_C)"; }

@@ -29,4 +29,7 @@ void emulator_get_options(int& order, uint64_t& seed, int& cp_async, bool& race_
   race_check = o.race_check;
 }
 
+void emulator_set_mem_check(bool on) { emu::global_options().mem_check = on; }
+bool emulator_get_mem_check() { return emu::global_options().mem_check; }
+
 }  // namespace ditq

@@ -3,6 +3,7 @@
 #include <stdexcept>
 
 #include "gemm.cuh"
+#include "configs/kernel_families.h"
 #include "gemm.h"
 
 namespace ditq::gemm {
@@ -37,12 +38,13 @@ void emulate_w8a8(const GemmParams& p, int tile) { dispatch_tile<W8>(p, tile); }
 
 void emulate_w4a8(const GemmParams& p, int group_size, int tile) {
   switch (group_size) {
-    case 32: return dispatch_tile<W4<32>>(p, tile);
-    case 64: return dispatch_tile<W4<64>>(p, tile);
-    case 128: return dispatch_tile<W4<128>>(p, tile);
-    case 256: return dispatch_tile<W4<256>>(p, tile);
+#define DITQ_GROUP_CASE(G) \
+    case G: return dispatch_tile<W4<G>>(p, tile);
+    DITQ_W4_GROUP_SIZES(DITQ_GROUP_CASE)
+#undef DITQ_GROUP_CASE
   }
-  throw std::invalid_argument("ditq: W4A8 group size must be 32, 64, 128 or 256");
+  throw std::invalid_argument("ditq: W4A8 group size " + std::to_string(group_size) +
+                              " not built (configs/kernel_families.h)");
 }
 
 }  // namespace ditq::gemm

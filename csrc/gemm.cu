@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "gemm.cuh"
+#include "configs/kernel_families.h"
 #include "gemm.h"
 
 namespace ditq::gemm {
@@ -47,12 +48,12 @@ const char* launch_w8a8(const GemmParams& p, int tile, void* stream) {
 
 const char* launch_w4a8(const GemmParams& p, int group_size, int tile, void* stream) {
   switch (group_size) {
-    case 32: return dispatch_tile<W4<32>>(p, tile, stream);
-    case 64: return dispatch_tile<W4<64>>(p, tile, stream);
-    case 128: return dispatch_tile<W4<128>>(p, tile, stream);
-    case 256: return dispatch_tile<W4<256>>(p, tile, stream);
+#define DITQ_GROUP_CASE(G) \
+    case G: return dispatch_tile<W4<G>>(p, tile, stream);
+    DITQ_W4_GROUP_SIZES(DITQ_GROUP_CASE)
+#undef DITQ_GROUP_CASE
   }
-  return "ditq: W4A8 group size must be 32, 64, 128 or 256";
+  return "ditq: W4A8 group size not built (configs/kernel_families.h)";
 }
 
 }  // namespace ditq::gemm

@@ -8,7 +8,8 @@
 // csrc/gemm.cu) and with g++ (the SIMT emulator, csrc/emulated_gemm.cpp) from one source.
 //
 // ---- Data layout ------------------------------------------------------------------------------------------
-// a       int8 [M, K] row-major (the activation quantizer's output). K % 16 == 0 and 16-byte aligned rows.
+// a       int8 [M, K] row-major (the activation quantizer's output). K % kKMultiple == 0 (16) and 16-byte
+//         aligned rows (configs/kernel_families.h).
 // W8      int8 [N, K] row-major: the canonical layout as it is. An mma B operand is "col" (k contiguous per n),
 //         and that is exactly a row of W, so ldmatrix reads fragments straight from a row-major smem tile.
 // W4      uint8 [N, K / 2], *split-nibble* order within every 32-k chunk (ditq/backends/cuda_layout.py):
@@ -35,9 +36,9 @@
 // ldmatrix.x4 for W, and MI * NI mma.
 //
 // ---- Accumulation and its int32 bounds --------------------------------------------------------------------
-// W8A8: one int32 accumulator over all of K: |sum| <= 127 * 128 * 16384 < 2.7e8 < 2^31 (K <= MAX_K, checked
+// W8A8: one int32 accumulator over all of K: |sum| <= 127 * 128 * kMaxK < 2^31 (static_assert; K <= kMaxK, checked
 //       by the op). The epilogue converts once.
-// W4A8: per-group int32 partial of 16 * w: |partial| <= 127 * 128 * G <= 4.2e6 (G <= 256) < 2^24, so its
+// W4A8: per-group int32 partial of 16 * w: |partial| <= 127 * 128 * G < 2^24 (static_assert per G), so its
 //       conversion to float is exact; at each group end it is folded into an fp32 accumulator with one fma,
 //       acc = fma(float(partial), s_w[g, n] / 16, acc), and reset. (Integer group scales would save that
 //       fma but add a rounding at quantization time; the per-group fma is MI * NI * 4 FFMA per group per
@@ -65,6 +66,7 @@
 
 #include "ptx.cuh"
 #include "configs/gemm_tiles.h"
+#include "configs/kernel_families.h"
 #include "gemm.h"
 
 #if defined(__CUDACC__)
@@ -237,7 +239,7 @@ struct W8 {
 
 template <int G>
 struct W4 {
-  static_assert(G == 32 || G == 64 || G == 128 || G == 256, "group sizes 32, 64, 128, 256");
+  static_assert(is_w4_group_size(G), "W4A8 group sizes are listed in configs/kernel_families.h");
   static constexpr bool kGrouped = true;
   static constexpr int kGroup = G;
   template <int BK> static constexpr int row_bytes() { return BK / 2; }

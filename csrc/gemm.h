@@ -11,7 +11,7 @@ enum OutKind : int { kOutF32 = 0, kOutF16 = 1, kOutBF16 = 2 };
 
 // Everything a launch needs; plain pointers, no torch.
 struct GemmParams {
-  const int8_t* a;          // [M, K] row-major, 16-byte aligned, K % 16 == 0
+  const int8_t* a;          // [M, K] row-major, 16-byte aligned, K % kKMultiple == 0
   const float* a_scale;     // [1] (static) or [M] (per token)
   int a_scale_per_token;    // 0 / 1
   const void* w;            // int8 [N, K] (W8) or split-nibble uint8 [N, K / 2] (W4), 16-byte aligned
@@ -42,7 +42,7 @@ int k_units(int tile, int group_size, int K);
 int auto_splits(int tile, int group_size, int M, int N, int K, int sm_count);
 
 // Real kernels: nullptr on success, else the CUDA error string. `stream` is a cudaStream_t.
-// group_size: 32, 64, 128 or 256; tile: an id from the table.
+// group_size: one of DITQ_W4_GROUP_SIZES (configs/kernel_families.h); tile: an id from the table.
 const char* launch_w8a8(const GemmParams& p, int tile, void* stream);
 const char* launch_w4a8(const GemmParams& p, int group_size, int tile, void* stream);
 

@@ -1,5 +1,5 @@
-// Torch bindings of the int8 GEMMs (issue 5), as ditq_C ops. Included by bindings.cpp only: the one translation unit that
-// pays for torch's headers. Every argument is checked here with a message a user understands before any
+// Torch bindings of the int8 GEMMs, as ditq_C ops. Included by bindings.cpp only: the one translation unit
+// that pays for torch's headers. Every argument is checked here with a message a user understands before any
 // launch (ditq/ops.py validates the op contract first; these checks guard what the kernels assume beyond it:
 // device, alignment, K granularity, the W4 layout's shape) and the output is allocated here.
 #pragma once
@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include "configs/gemm_tiles.h"
+#include "configs/kernel_families.h"
 #include "gemm.h"
 
 #if DITQ_WITH_CUDA
@@ -23,6 +24,12 @@ inline int out_kind(at::ScalarType t) {
   if (t == at::kHalf) return ditq::gemm::kOutF16;
   if (t == at::kBFloat16) return ditq::gemm::kOutBF16;
   TORCH_CHECK_TYPE(false, "out_dtype must be float32, float16 or bfloat16, got ", t);
+}
+
+inline std::string group_sizes_text() {  // "32, 64, ..." from DITQ_W4_GROUP_SIZES
+  std::string out;
+  for (int g : ditq::gemm::kW4GroupSizes) out += (out.empty() ? "" : ", ") + std::to_string(g);
+  return out;
 }
 
 inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -42,9 +49,11 @@ inline GemmParams check_common(const char* op, const at::Tensor& a, const at::Te
   TORCH_CHECK_TYPE(a.scalar_type() == at::kChar, op, ": a must be int8, got ", a.scalar_type());
   TORCH_CHECK_VALUE(a.dim() == 2 && a.is_contiguous(), op, ": a must be a contiguous [M, K] tensor");
   const int64_t m = a.size(0), k = a.size(1);
-  TORCH_CHECK_VALUE(k > 0 && k % 16 == 0, op, ": the CUDA kernels copy rows in 16-byte pieces, so K must be a "
-                    "positive multiple of 16; got K = ", k, " (pad the layer's inputs)");
-  TORCH_CHECK_VALUE(k <= 16384, op, ": K = ", k, " exceeds 16384, beyond which int32 sums could overflow");
+  TORCH_CHECK_VALUE(k > 0 && k % ditq::gemm::kKMultiple == 0, op, ": the CUDA kernels copy rows in 16-byte "
+                    "pieces, so K must be a positive multiple of ", ditq::gemm::kKMultiple, "; got K = ", k,
+                    " (pad the layer's inputs)");
+  TORCH_CHECK_VALUE(k <= ditq::gemm::kMaxK, op, ": K = ", k, " exceeds ", ditq::gemm::kMaxK,
+                    ", beyond which int32 sums could overflow");
   TORCH_CHECK_VALUE(m < (int64_t{1} << 30) && n < (int64_t{1} << 26), op, ": M = ", m, ", N = ", n,
                     " exceed the launch grid (M < 2^30, N < 2^26)");
   TORCH_CHECK_VALUE(aligned16(a) && aligned16(w), op, ": a and w must start at 16-byte aligned addresses "
@@ -171,8 +180,8 @@ inline at::Tensor gemm_w4a8(const at::Tensor& a, const at::Tensor& a_scale, cons
                             const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t group_size,
                             at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
   const char* op = "gemm_w4a8";
-  TORCH_CHECK_VALUE(group_size == 32 || group_size == 64 || group_size == 128 || group_size == 256, op,
-                    ": group_size must be 32, 64, 128 or 256, got ", group_size);
+  TORCH_CHECK_VALUE(ditq::gemm::is_w4_group_size(group_size), op, ": group_size must be one of ",
+                    group_sizes_text(), " (the sizes this build's kernels were compiled for), got ", group_size);
   TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": w must be uint8 (two int4 per byte), got ",
                    w.scalar_type());
   TORCH_CHECK_VALUE(w_scale.dim() == 2, op, ": w_scale must be float32 [K // group_size, N]");

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace ditq {
 
@@ -36,7 +37,14 @@ void quantize_act_emulated(const QuantizeActArgs& args);
 // order: 0 forward, 1 reverse, 2 random(seed); cp_async: 0 at issue, 1 at wait_group, 2 at the next barrier.
 void emulator_set_options(int order, uint64_t seed, int cp_async, bool race_check);
 void emulator_get_options(int& order, uint64_t& seed, int& cp_async, bool& race_check);
+// The global-memory checker (Options::mem_check, on by default): bounds, read-only and unwritten-read checks
+// of every global access against the buffers the launcher registered.
+void emulator_set_mem_check(bool on);
+bool emulator_get_mem_check();
 
-// ---- GEMMs (issue 5): declared in csrc/gemm.h --------------------------------------------------------------
+// ---- what each family accepts (configs/kernel_families.h) as a JSON object: csrc/families.cpp ---------------
+std::string kernel_families_json();
+
+// ---- GEMMs: declared in csrc/gemm.h ----------------------------------------------------------------------------
 
 }  // namespace ditq

@@ -4,7 +4,7 @@
 // ---- Fibers -----------------------------------------------------------------------------------------------
 // Each CUDA thread of a block runs on its own stack (a "fiber"). Fibers are created once with makecontext and
 // entered once with swapcontext; after that every switch is _setjmp/_longjmp, which saves a few registers and
-// makes no system call (swapcontext saves the signal mask with a syscall per switch: 4-30x slower, BRIEF §5).
+// makes no system call (swapcontext saves the signal mask with a syscall per switch: 4-30x slower).
 // A fiber runs until it blocks (a block barrier or a warp collective) or returns; the scheduler (the
 // launching OS thread, on its own stack) then resumes the next runnable fiber in the configured order. There
 // is no preemption: the interleavings explored are the orders in which blocked fibers are resumed, which is
@@ -52,6 +52,7 @@ struct Options {
   uint64_t seed = 0;
   CpAsync cp_async = CpAsync::Wait;
   bool race_check = false;  // shadow-memory race checker (and in-flight cp.async checks): on in the tests
+  bool mem_check = true;    // global-memory checker (emu/global.h): bounds, read-only, unwritten reads
 };
 
 // The process-wide options the emulated launchers use (set from Python: ditq.emulator.emulator_options).

@@ -120,7 +120,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, const Options& opt, Kern
   std::lock_guard<std::mutex> lock(s.launch_mutex);
   if (s.threads.size() < nthreads) {
     s.threads.resize(nthreads);
-    // (GEMM work, issue 5) resize moves the Thread objects, but an initialised fiber keeps a pointer to its
+    // resize moves the Thread objects, but an initialised fiber keeps a pointer to its
     // Thread (fiber_main's `t`): a launch with more threads than any before it crashed. Re-create every fiber
     // on its existing stack.
     for (Thread& t : s.threads) t.fiber_ready = false;

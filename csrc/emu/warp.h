@@ -1,7 +1,7 @@
 // Warp collectives in the emulator: shfl.sync, ldmatrix, mma.sync, bar.warp.sync. Host-only.
 //
 // A collective is a warp barrier: each lane stores its operands and blocks; the last lane to arrive computes
-// all 32 lanes' results at once -- from the PTX ISA's fragment layouts (BRIEF §5; the formulas are tested
+// all 32 lanes' results at once -- from the PTX ISA's fragment layouts (the formulas are tested
 // against a table transcribed from the ISA in tests/csrc/test_fragment_layouts.py) -- and releases the warp.
 // All lanes of a warp must meet at the same collective (same instruction, same source line); a lane that has
 // returned never arrives, which the scheduler reports as a deadlock naming the waiting lanes and the line.

@@ -1,0 +1,69 @@
+// What each CUDA kernel family accepts, written once. Everything that depends on it is generated from here:
+// the W4 instantiations and the launch switches (csrc/gemm.cu, csrc/emulated_gemm.cpp), the binding's checks
+// (csrc/bindings.cpp, csrc/gemm_bindings.h) and the description torch.ops.ditq_C.kernel_families() returns (csrc/families.cpp),
+// which the Python runtime reads instead of keeping its own copy.
+//
+// Adding a W4 group size is one entry in DITQ_W4_GROUP_SIZES; the static_asserts below reject one the
+// kernel cannot run exactly.
+#pragma once
+
+#include <cstdint>
+
+#include "configs/gemm_tiles.h"
+
+// W4A8 group sizes (k per scale). Each must be a multiple of the mma k (32), and its int32 partial sum must
+// convert to float exactly (checked below).
+#define DITQ_W4_GROUP_SIZES(X) X(32) X(64) X(128) X(256)
+
+namespace ditq {
+
+// ---- activation quantization (csrc/quantize_act.cuh) -------------------------------------------------------
+// Any K: rows whose bytes are a multiple of 16 take the vector path, others the scalar one. Indices are int.
+constexpr int kQuantizeActKMultiple = 1;
+constexpr int64_t kQuantizeActMaxK = 2147483647;
+
+}  // namespace ditq
+
+namespace ditq::gemm {
+
+// ---- the int8 GEMMs (csrc/gemm.cuh) ------------------------------------------------------------------------
+// The tile loaders copy rows in 16-byte cp.async pieces, and int8 rows are K bytes: K must be a multiple of 16.
+constexpr int kKMultiple = 16;
+// W8A8 keeps one int32 accumulator over all of K: |sum| <= 127 * 128 * K must stay below 2^31.
+constexpr int kMaxK = 16384;
+static_assert(int64_t{127} * 128 * kMaxK < (int64_t{1} << 31), "W8A8: an int32 sum over K could overflow");
+
+// Layout names and their version: bump the version when the bytes a kernel reads for a name change, so a
+// weight file prepared for the old kernels is rejected instead of misread.
+constexpr const char* kW8Layout = "int8_nk_row_major";
+constexpr const char* kW4Layout = "int4_split_nibble_k32";
+constexpr int kLayoutVersion = 1;
+
+// The oldest architecture any tile rule accepts (mma.sync m16n8k32 s8 needs sm_80).
+constexpr int min_arch() {
+  int a = kTileRules[0].arch_min;
+  for (const TileRule& r : kTileRules) a = r.arch_min < a ? r.arch_min : a;
+  return a;
+}
+
+// W4A8: the per-group int32 partial of 16 * w (the mma runs on nibbles in the high half of a byte) is at most
+// 127 * 128 * G in magnitude; the kernel converts it to float once per group, exact only below 2^24.
+#define DITQ_CHECK_W4_GROUP(G)                                                                     \
+  static_assert((G) % 32 == 0 && (G) >= 32, "W4A8 group size " #G ": not a multiple of mma k 32"); \
+  static_assert(int64_t{127} * 128 * (G) < (int64_t{1} << 24),                                     \
+                "W4A8 group size " #G ": its int32 partial is not exact in fp32 (127*128*G >= 2^24)");
+DITQ_W4_GROUP_SIZES(DITQ_CHECK_W4_GROUP)
+#undef DITQ_CHECK_W4_GROUP
+
+#define DITQ_W4_GROUP_ENTRY(G) G,
+constexpr int kW4GroupSizes[] = {DITQ_W4_GROUP_SIZES(DITQ_W4_GROUP_ENTRY)};
+#undef DITQ_W4_GROUP_ENTRY
+constexpr int kW4GroupCount = sizeof(kW4GroupSizes) / sizeof(kW4GroupSizes[0]);
+
+constexpr bool is_w4_group_size(int64_t g) {
+  for (int s : kW4GroupSizes)
+    if (s == g) return true;
+  return false;
+}
+
+}  // namespace ditq::gemm
