@@ -23,8 +23,8 @@ working.
 """
 from __future__ import annotations
 
+import os
 import warnings
-
 
 from .nn import QuantLinear
 
@@ -44,11 +44,11 @@ def _build():
     from . import io
 
     class DitqDiffusersConfig(QuantizationConfigMixin):
-        """The ditq header (``ditq.io``) as a diffusers quantization config."""
+        """The ditq header (``ditq.io``) as a diffusers quantization config. It is validated once the quantizer
+        knows the checkpoint's file (``maybe_update_loaded_keys``), so that errors name it."""
 
         def __init__(self, **header):
             header.pop("quant_method", None)
-            io.check_header(header, where="quantization_config")
             self.quant_method = _Method(io.QUANT_METHOD)
             self.header = header
 
@@ -60,18 +60,48 @@ def _build():
 
     class DitqDiffusersQuantizer(DiffusersQuantizer):
         """Loads pre-quantized ditq checkpoints (quantizing while loading is ``ditq.quantize``'s job: it needs
-        calibration)."""
+        calibration).
+
+        Checks, each a :class:`ditq.io.CheckpointError` naming the file: the header (in ``config.json``) and the
+        weights file's tensors (every layer's qweight / scales / bias / act_scale present, with the format's
+        dtypes and shapes) before any weight is loaded; the values when each layer's tensors are installed."""
 
         requires_calibration = True
         use_keep_in_fp32_modules = False
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._where = "quantization_config in config.json"  # until the checkpoint's files are known
+            self._weights = "the weights file"
+            self._checked = False
+            self._loaded = set()  # (layer, tensor) pairs create_quantized_param installed
+
         def validate_environment(self, *args, **kwargs):
             return None
 
+        def _check_header(self):
+            if not self._checked:
+                io.check_header(self.quantization_config.header, where=self._where)
+                self._checked = True
+
+        def maybe_update_loaded_keys(self, loaded_keys, checkpoint_files):
+            # The first hook that sees the files: check everything here, before the model is touched.
+            files = list(checkpoint_files or [])
+            if files:
+                self._where = os.path.join(os.path.dirname(files[0]), "config.json")
+                self._weights = files[0] if len(files) == 1 else os.path.dirname(files[0])
+            self._check_header()
+            if len(files) == 1 and str(files[0]).endswith(".safetensors"):
+                io.check_tensors(self.quantization_config.header, io.read_weights_index(files[0]), files[0])
+            else:
+                io.check_tensors(self.quantization_config.header, set(loaded_keys), self._weights)
+            return loaded_keys
+
         def _process_model_before_weight_loading(self, model, **kwargs):
             from .backends import resolve
-            io.install_quant_linears(model, self.quantization_config.header,
-                                     resolve(self.quantization_config.header["quant_config"]["backend"], None))
+            self._check_header()  # when a diffusers version skips maybe_update_loaded_keys
+            header = self.quantization_config.header
+            io.install_quant_linears(model, header, resolve(header["quant_config"]["backend"], None), self._where)
             return model
 
         def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs):
@@ -82,7 +112,7 @@ def _build():
                 return False
 
         def check_quantized_param_shape(self, *args, **kwargs):
-            return True  # shapes are validated by QuantLinear.load_canonical
+            return True  # shapes are validated by check_tensors and QuantLinear.load_canonical
 
         def create_quantized_param(self, model, param_value, param_name, target_device, state_dict,
                                    unexpected_keys=None, **kwargs):
@@ -93,12 +123,23 @@ def _build():
             if tensor == "bias" and param_value.is_floating_point():
                 value = param_value.to(target_device)  # bias follows the requested dtype like any bias
             layer._buffers[tensor] = value
+            self._loaded.add((module_name, tensor))
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            for m in model.modules():
-                if isinstance(m, QuantLinear):
-                    t = m.canonical()
+            for name, m in model.named_modules():
+                if not isinstance(m, QuantLinear):
+                    continue
+                need = ["qweight", "scales"] + (["bias"] if m.bias is not None else []) + \
+                    (["act_scale"] if m.act_scale is not None else [])
+                missing = [t for t in need if (name, t) not in self._loaded]
+                if missing:  # a placeholder would stay: meta tensors, or an act_scale of 1 (NaN images)
+                    raise io.CheckpointError(f"{self._weights}: layer {name!r} has no {missing[0]!r} tensor "
+                                             f"({name}.{missing[0]} was not loaded)")
+                t = m.canonical()
+                try:
                     m.load_canonical(t["qweight"], t["scales"], t.get("bias"), t.get("act_scale"))
+                except (ValueError, TypeError) as e:
+                    raise io.CheckpointError(f"{self._weights}: layer {name!r}: {e}") from e
             model._ditq_config = self.quantization_config.header["quant_config"]
             return model
 

@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
+import struct
 from typing import Optional
 
 import torch
@@ -42,7 +44,14 @@ QUANT_METHOD = "ditq"
 
 
 class CheckpointError(ValueError):
-    """A ditq checkpoint that this ditq cannot read (missing files, another layout version, ...)."""
+    """A ditq checkpoint that this ditq cannot read: missing files or tensors, a corrupt file, a header field
+    missing or of the wrong type, another layout version. The message names the file and the field or tensor."""
+
+
+# Only classes from these packages are imported by name from a checkpoint: a header is data, and importing the
+# module it names would run that module's code before anything was validated.
+_IMPORTABLE_PACKAGES = ("diffusers", "ditq")
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _qualname(obj_or_cls) -> str:
@@ -50,12 +59,29 @@ def _qualname(obj_or_cls) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _import(qualname: str):
+def _check_qualname(qualname, where: str, field: str) -> None:
+    """Refuse (without importing anything) a class name outside diffusers / ditq."""
+    parts = qualname.split(".") if isinstance(qualname, str) else []
+    if len(parts) < 2 or not all(p.isidentifier() for p in parts):
+        raise CheckpointError(f"{where}: field {field!r} must be a dotted class name such as "
+                              f"'diffusers.DiTTransformer2DModel', got {qualname!r}")
+    if parts[0] not in _IMPORTABLE_PACKAGES:
+        raise CheckpointError(f"{where}: field {field!r} names {qualname!r}, outside "
+                              f"{' / '.join(_IMPORTABLE_PACKAGES)}: ditq imports no other module a checkpoint names")
+
+
+def _import(qualname, where: str, field: str, base: Optional[type] = None):
+    """The class a checkpoint names, imported only after :func:`_check_qualname` accepted the name."""
+    _check_qualname(qualname, where, field)
     module, _, name = qualname.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
+        obj = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise CheckpointError(f"cannot import {qualname!r} named by the checkpoint: {e}") from e
+        raise CheckpointError(f"{where}: field {field!r}: cannot import {qualname!r}: {e}") from e
+    if not isinstance(obj, type) or (base is not None and not issubclass(obj, base)):
+        raise CheckpointError(f"{where}: field {field!r} names {qualname!r}, which is not a "
+                              f"{base.__name__ if base is not None else 'class'}")
+    return obj
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -82,8 +108,60 @@ def build_header(transformer: nn.Module) -> dict:
             "model_config": config, "non_persistent_buffers": non_persistent, "layers": layers}
 
 
-def check_header(header: dict, where: str = "checkpoint") -> None:
-    """Raise :class:`CheckpointError` unless this ditq can read a checkpoint with this header."""
+# ---- header validation: every field is checked before any of it is used -----------------------------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _field(d: dict, key: str, where: str, field: str, ok, what: str, optional: bool = False):
+    if key not in d:
+        if optional:
+            return None
+        raise CheckpointError(f"{where}: field {field!r} is missing")
+    v = d[key]
+    if not ok(v):
+        raise CheckpointError(f"{where}: field {field!r} must be {what}, got {v!r}")
+    return v
+
+
+def _check_layer(name, spec, where: str) -> None:
+    f = f"layers.{name}"
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{where}: field 'layers' has a layer named {name!r} (a module path is needed)")
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{where}: field {f!r} must be an object, got {spec!r}")
+    k = _field(spec, "in_features", where, f + ".in_features", lambda v: _is_int(v) and v > 0, "a positive int")
+    n = _field(spec, "out_features", where, f + ".out_features", lambda v: _is_int(v) and v > 0, "a positive int")
+    bias = _field(spec, "bias", where, f + ".bias", lambda v: isinstance(v, bool), "true or false")
+    _field(spec, "bias_dtype", where, f + ".bias_dtype",
+           lambda v: v is None or (bias and v in _FLOAT_DTYPES), f"one of {_FLOAT_DTYPES} (or null without a bias)",
+           optional=True)
+    fmt = _field(spec, "format", where, f + ".format", lambda v: isinstance(v, dict), "an object")
+    _field(fmt, "bits", where, f + ".format.bits", _is_int, "an int")
+    _field(fmt, "group_size", where, f + ".format.group_size", lambda v: v is None or _is_int(v), "an int or null",
+           optional=True)
+    try:
+        WeightFormat.from_dict(fmt).packed_shapes(n, k)
+    except (FormatError, TypeError) as e:
+        raise CheckpointError(f"{where}: field {f + '.format'!r}: {e}") from e
+    scheme = _field(spec, "act_scheme", where, f + ".act_scheme", lambda v: v in ("static", "dynamic"),
+                    "'static' or 'dynamic'")
+    if scheme == "static":
+        _field(spec, "act_scale", where, f + ".act_scale",
+               lambda v: _is_number(v) and math.isfinite(v) and v > 0, "a positive finite number (static scheme)")
+    else:
+        _field(spec, "act_scale", where, f + ".act_scale", lambda v: v is None, "null (dynamic scheme)",
+               optional=True)
+
+
+def check_header(header, where: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` naming ``where`` and the field unless this ditq can read a checkpoint
+    with this header. Nothing is imported: class names are only checked to lie in diffusers or ditq."""
     if not isinstance(header, dict) or "layout_version" not in header or "layers" not in header:
         raise CheckpointError(f"{where}: not a ditq checkpoint header (no layout_version / layers)")
     if header.get("layout") != LAYOUT or header.get("layout_version") != LAYOUT_VERSION:
@@ -91,12 +169,97 @@ def check_header(header: dict, where: str = "checkpoint") -> None:
             f"{where} was written with weight layout {header.get('layout')!r} version "
             f"{header.get('layout_version')} (ditq {header.get('ditq_version')}), but this ditq reads layout "
             f"{LAYOUT!r} version {LAYOUT_VERSION}: re-quantize the model or install the ditq that wrote it")
+    layers = _field(header, "layers", where, "layers", lambda v: isinstance(v, dict), "an object (layer -> spec)")
+    for name, spec in layers.items():
+        _check_layer(name, spec, where)
+    qc = _field(header, "quant_config", where, "quant_config", lambda v: isinstance(v, dict), "an object")
     try:
-        for spec in header["layers"].values():
-            WeightFormat.from_dict(spec["format"])
-        QuantConfig.from_dict(header["quant_config"])
-    except (FormatError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{where}: invalid ditq header: {e}") from e
+        QuantConfig.from_dict(qc)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: field 'quant_config': {e}") from e
+    _check_qualname(_field(header, "model_class", where, "model_class", lambda v: True, ""), where, "model_class")
+    pipeline_class = header.get("pipeline_class")
+    if pipeline_class is not None:
+        _check_qualname(pipeline_class, where, "pipeline_class")
+    _field(header, "model_config", where, "model_config", lambda v: v is None or isinstance(v, dict),
+           "an object", optional=True)
+    buffers = _field(header, "non_persistent_buffers", where, "non_persistent_buffers",
+                     lambda v: isinstance(v, dict), "an object (buffer -> dtype)", optional=True) or {}
+    for name, dt in buffers.items():
+        if not isinstance(dt, str) or not isinstance(getattr(torch, dt, None), torch.dtype):
+            raise CheckpointError(f"{where}: field 'non_persistent_buffers.{name}' must be a torch dtype name "
+                                  f"such as 'float32', got {dt!r}")
+
+
+# ---- the weights file: header read with safetensors, sizes and the tensors each layer needs -----------------
+
+_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def read_weights_index(path: str) -> dict:
+    """name -> (safetensors dtype, shape, bytes) of every tensor in ``path``, from the file's header (no tensor
+    is read). Raises :class:`CheckpointError` naming the file if it is missing, not a safetensors file, or not
+    exactly as long as its header says (a file cut short by an interrupted copy or download)."""
+    from safetensors import SafetensorError, safe_open
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is missing: the checkpoint has no weights")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = {}
+            for k in f.keys():
+                s = f.get_slice(k)
+                meta[k] = (s.get_dtype(), tuple(s.get_shape()))
+        with open(path, "rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+    except (SafetensorError, OSError, ValueError, struct.error) as e:
+        raise CheckpointError(f"{path} is corrupt (not a readable safetensors file): {_one_line(e)}") from e
+    out = {}
+    for k, (dt, shape) in meta.items():
+        if dt not in _ST_ITEMSIZE:
+            raise CheckpointError(f"{path}: tensor {k!r} has dtype {dt}, which ditq does not read")
+        out[k] = (dt, shape, math.prod(shape) * _ST_ITEMSIZE[dt])
+    data, size = sum(v[2] for v in out.values()), os.path.getsize(path)
+    if 8 + header_len + data != size:
+        raise CheckpointError(f"{path} is corrupt: its header describes {8 + header_len + data:,} bytes, the file "
+                              f"has {size:,} (cut short or appended to)")
+    return out
+
+
+def layer_tensors(spec: dict) -> list:
+    """The tensors a layer of the header stores (suffixes after ``<layer>.``)."""
+    return ["qweight", "scales"] + (["bias"] if spec["bias"] else []) + \
+        (["act_scale"] if spec["act_scheme"] == "static" else [])
+
+
+def check_tensors(header: dict, tensors, where: str) -> None:
+    """Raise :class:`CheckpointError` naming ``where``, the layer and the tensor unless every tensor the header's
+    layers need is in ``tensors`` (names, or :func:`read_weights_index`'s dict, whose dtypes and shapes are
+    then checked too). A missing act_scale would otherwise load as a placeholder and give NaN images."""
+    shapes = tensors if isinstance(tensors, dict) else None
+    for name, spec in header["layers"].items():
+        expect = WeightFormat.from_dict(spec["format"]).packed_shapes(spec["out_features"], spec["in_features"])
+        expect = {"qweight": ("I8" if spec["format"]["bits"] == 8 else "U8", tuple(expect["qweight"])),
+                  "scales": ("F32", tuple(expect["scales"])), "act_scale": ("F32", (1,)),
+                  "bias": (None, (spec["out_features"],))}
+        for t in layer_tensors(spec):
+            key = f"{name}.{t}"
+            if key not in tensors:
+                raise CheckpointError(f"{where}: layer {name!r} has no {t!r} tensor ({key} is missing): the "
+                                      f"weights file is incomplete or not the one its header describes")
+            if shapes is None:
+                continue
+            dt, shape = shapes[key][:2]
+            want_dt, want_shape = expect[t]
+            if (want_dt is not None and dt != want_dt) or tuple(shape) != want_shape:
+                raise CheckpointError(f"{where}: layer {name!r} tensor {t!r} is {dt} {list(shape)}, the header's "
+                                      f"{spec['in_features']}->{spec['out_features']} layer needs "
+                                      f"{want_dt or 'float'} {list(want_shape)}")
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return "; ".join(lines) if lines else type(e).__name__
 
 
 # ---- meta-device construction ------------------------------------------------------------------------
@@ -120,20 +283,22 @@ def _params_on_meta():
         nn.Module.register_parameter = original
 
 
-def install_quant_linears(model: nn.Module, header: dict, backend: str) -> None:
-    """Replace each linear named in ``header["layers"]`` by an empty meta-device QuantLinear."""
+def install_quant_linears(model: nn.Module, header: dict, backend: str, where: str = "checkpoint") -> None:
+    """Replace each linear named in ``header["layers"]`` (a header :func:`check_header` accepted) by an empty
+    meta-device QuantLinear."""
     for name, spec in header["layers"].items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f"the checkpoint quantized {name!r}, which this {type(model).__name__} lacks")
+            raise CheckpointError(f"{where}: the checkpoint quantized {name!r}, which this "
+                                  f"{type(model).__name__} lacks") from None
         if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != \
                 (spec["in_features"], spec["out_features"]):
-            raise CheckpointError(f"{name}: the model has {old!r}, the checkpoint a "
+            raise CheckpointError(f"{where}: layer {name!r}: the model has {old!r}, the checkpoint a "
                                   f"{spec['in_features']}->{spec['out_features']} linear")
         q = QuantLinear(spec["in_features"], spec["out_features"], WeightFormat.from_dict(spec["format"]),
                         bias=spec["bias"], act_scheme=spec["act_scheme"], backend=backend, device="meta",
-                        bias_dtype=getattr(torch, spec["bias_dtype"] or "float32"))
+                        bias_dtype=getattr(torch, spec.get("bias_dtype") or "float32"))
         path, _, attr = name.rpartition(".")
         setattr(model.get_submodule(path) if path else model, attr, q)
 
@@ -210,8 +375,11 @@ def read_header(directory: str) -> dict:
     p = os.path.join(directory, HEADER_NAME)
     if not os.path.isfile(p):
         raise CheckpointError(f"{directory} holds no {HEADER_NAME}: not a ditq checkpoint")
-    with open(p) as f:
-        header = json.load(f)
+    try:
+        with open(p, encoding="utf-8") as f:
+            header = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{p} is not readable JSON: {_one_line(e)}") from e
     check_header(header, where=p)
     return header
 
@@ -226,42 +394,78 @@ def _read_tensors(path: str, device) -> dict:
     """Every tensor of a safetensors file on ``device``, each in its own 64-byte-aligned allocation: tensors that
     view a file buffer at an odd offset make some CPU kernels take another (differently rounding) code path, so
     a loaded model would not reproduce the saved one bit for bit. One tensor at a time is copied."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     out = {}
-    with safe_open(path, framework="pt", device="cpu") as f:
-        for k in f.keys():
-            t = f.get_tensor(k)
-            if device.type != "cpu":
-                t = t.to(device)
-            elif t.data_ptr() % 64:
-                t = t.clone()
-            out[k] = t
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                if device.type != "cpu":
+                    t = t.to(device)
+                elif t.data_ptr() % 64:
+                    t = t.clone()
+                out[k] = t
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is corrupt (not a readable safetensors file): {_one_line(e)}") from e
     return out
 
 
-def load_transformer(directory: str, device="cpu", backend: Optional[str] = None) -> nn.Module:
-    """Rebuild a quantized transformer from ``directory`` (a ditq ``transformer/`` folder)."""
+def _check_dtype(torch_dtype):
+    if torch_dtype is None or (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+        return torch_dtype
+    raise TypeError(f"torch_dtype must be a floating torch.dtype such as torch.bfloat16, got {torch_dtype!r}")
+
+
+def load_transformer(directory: str, device="cpu", backend: Optional[str] = None,
+                     torch_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Rebuild a quantized transformer from ``directory`` (a ditq ``transformer/`` folder).
+
+    ``torch_dtype``: the dtype of everything but the QuantLinear scales (which stay float32: the ops take them
+    so); None keeps the dtypes as saved."""
+    torch_dtype = _check_dtype(torch_dtype)
     header = read_header(directory)
+    where = os.path.join(directory, HEADER_NAME)
     device = torch.device(device)
-    backend = _resolve_backend(header, backend, device)
-    cls = _import(header["model_class"])
-    config = dict(header["model_config"] or {})
-    config.pop("quantization_config", None)
-    with _params_on_meta():
-        model = cls.from_config(config)
-    install_quant_linears(model, header, backend)
+    cls = _import(header["model_class"], where, "model_class", base=nn.Module)
+    if not hasattr(cls, "from_config"):
+        raise CheckpointError(f"{where}: field 'model_class' names {cls.__name__}, not a diffusers model "
+                              f"(no from_config)")
+    config = header.get("model_config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where}: field 'model_config' must be the model's config object, got {config!r}")
+    # The weights file is checked (length, the tensors each layer needs) before anything is built or read.
     weights = os.path.join(directory, WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        raise CheckpointError(f"{directory} holds no {WEIGHTS_NAME}")
+    check_tensors(header, read_weights_index(weights), weights)
+    backend = _resolve_backend(header, backend, device)
+    config = {k: v for k, v in config.items() if k != "quantization_config"}
+    try:
+        with _params_on_meta():
+            model = cls.from_config(config)
+    except Exception as e:  # whatever the class raises on a bad config
+        raise CheckpointError(f"{where}: field 'model_config' does not build a {cls.__name__}: "
+                              f"{type(e).__name__}: {_one_line(e)}") from e
+    install_quant_linears(model, header, backend, where)
     state = _read_tensors(weights, device)
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # "Error(s) in loading state_dict for X:" then one line per layer
+        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [str(e)]
+        raise CheckpointError(f"{weights}: {'; '.join(lines)}") from e
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{weights} does not match the {cls.__name__}: missing {result.missing_keys[:5]}, "
                               f"unexpected {result.unexpected_keys[:5]}")
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
-        raise CheckpointError(f"parameters not in the checkpoint: {left[:5]}")
-    return finish_load(model, header, device)
+        raise CheckpointError(f"{weights}: parameters not in the checkpoint: {left[:5]}")
+    model = finish_load(model, header, device)
+    return model if torch_dtype is None else model.to(torch_dtype)
+
+
+def _transformer_dtype(torch_dtype):
+    """The transformer's part of a pipeline ``torch_dtype`` (a dtype, or diffusers' per-component dict)."""
+    if isinstance(torch_dtype, dict):
+        return torch_dtype.get("transformer", torch_dtype.get("default"))
+    return torch_dtype
 
 
 def load_quantized(path: str, device="cpu", backend: Optional[str] = None, **pipeline_kwargs):
@@ -269,14 +473,24 @@ def load_quantized(path: str, device="cpu", backend: Optional[str] = None, **pip
 
     ``device``: where the model goes; ``backend``: the kernel backend (default: the one the checkpoint's
     QuantConfig named, "auto" resolving on ``device``). ``pipeline_kwargs`` go to the pipeline's
-    ``from_pretrained`` (e.g. ``torch_dtype``)."""
+    ``from_pretrained``; ``torch_dtype`` (the only one a bare transformer takes) applies to the transformer too:
+    its biases, norms and unquantized layers take that dtype, the quantized layers' scales stay float32."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory")
+    torch_dtype = _transformer_dtype(pipeline_kwargs.get("torch_dtype"))
     if not os.path.isfile(os.path.join(path, "model_index.json")):
-        return load_transformer(path, device, backend)
+        extra = sorted(set(pipeline_kwargs) - {"torch_dtype"})
+        if extra:
+            raise TypeError(f"{path} holds a bare transformer: load_quantized takes only torch_dtype besides "
+                            f"device and backend for it, got {extra}")
+        return load_transformer(path, device, backend, torch_dtype=torch_dtype)
     tdir = os.path.join(path, "transformer")
     header = read_header(tdir)
-    transformer = load_transformer(tdir, device, backend)
-    pipe_cls = _import(header.get("pipeline_class") or "diffusers.DiffusionPipeline")
+    pipe_cls = _import(header.get("pipeline_class") or "diffusers.DiffusionPipeline",
+                       os.path.join(tdir, HEADER_NAME), "pipeline_class")
+    if not hasattr(pipe_cls, "from_pretrained"):
+        raise CheckpointError(f"{os.path.join(tdir, HEADER_NAME)}: field 'pipeline_class' names "
+                              f"{pipe_cls.__name__}, not a diffusers pipeline (no from_pretrained)")
+    transformer = load_transformer(tdir, device, backend, torch_dtype=torch_dtype)
     pipe = pipe_cls.from_pretrained(path, transformer=transformer, **pipeline_kwargs)
     return pipe.to(device)
