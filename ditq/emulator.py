@@ -22,12 +22,20 @@ the block, the thread(s) and the source lines.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import NamedTuple
 
 import torch
 
 ORDERS = ("forward", "reverse", "random")
 CP_ASYNC_MODES = ("issue", "wait", "barrier")
+
+
+# The options live in one process-wide C++ struct. A block under ``emulator_options`` holds this lock, so another
+# thread's block waits for it instead of interleaving (thread A enters, B enters, A exits and restores the
+# defaults under B's kernels, B exits and restores A's options: left set for everyone). Re-entrant, so nested
+# blocks in one thread restore the outer block's options.
+_LOCK = threading.RLock()
 
 
 class EmulatorOptions(NamedTuple):
@@ -58,15 +66,22 @@ def set_emulator_options(order: str = "forward", seed: int = 0, cp_async: str = 
         raise ValueError(f"emulator cp_async must be one of {CP_ASYNC_MODES}, got {cp_async!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"emulator seed must be a non-negative int, got {seed!r}")
-    _ops().emulator_set_options(ORDERS.index(order), seed, CP_ASYNC_MODES.index(cp_async), bool(race_check))
+    with _LOCK:  # not in the middle of another thread's emulator_options block
+        _ops().emulator_set_options(ORDERS.index(order), seed, CP_ASYNC_MODES.index(cp_async),
+                                    bool(race_check))
 
 
 @contextlib.contextmanager
 def emulator_options(order: str = "forward", seed: int = 0, cp_async: str = "wait", race_check: bool = True):
-    """Run the block with these emulator settings, restoring the previous ones after (process-wide)."""
-    previous = get_emulator_options()
-    set_emulator_options(order, seed, cp_async, race_check)
-    try:
-        yield
-    finally:
-        set_emulator_options(*previous)
+    """Run the block with these emulator settings, restoring the previous ones after.
+
+    The settings are process-wide: while one thread is inside a block, another thread entering one waits until
+    it leaves (so each block's kernels run under its own settings). A thread must therefore not wait inside a
+    block for another thread that is about to enter one (it would wait forever)."""
+    with _LOCK:
+        previous = get_emulator_options()
+        set_emulator_options(order, seed, cp_async, race_check)
+        try:
+            yield
+        finally:
+            set_emulator_options(*previous)

@@ -1,0 +1,80 @@
+"""emulator_options: process-wide settings, restored after the block, nested and across threads."""
+import threading
+import time
+
+import pytest
+
+from ditq.backends import cuda_backend
+
+pytestmark = pytest.mark.skipif(not cuda_backend.built(), reason="the emulator lives in ditq._C, not built here")
+
+DEFAULT = ("forward", 0, "wait", False)
+
+
+@pytest.fixture(autouse=True)
+def defaults():
+    from ditq.emulator import get_emulator_options, set_emulator_options
+    set_emulator_options(*DEFAULT)
+    yield
+    left = tuple(get_emulator_options())
+    set_emulator_options(*DEFAULT)
+    assert left == DEFAULT, f"a test left the emulator options set: {left}"
+
+
+def test_nested_blocks_restore_the_outer_options():
+    from ditq.emulator import emulator_options, get_emulator_options
+    with emulator_options(order="reverse", seed=1, cp_async="issue", race_check=True):
+        with emulator_options(order="random", seed=7, cp_async="barrier", race_check=False):
+            assert tuple(get_emulator_options()) == ("random", 7, "barrier", False)
+        assert tuple(get_emulator_options()) == ("reverse", 1, "issue", True)
+    assert tuple(get_emulator_options()) == DEFAULT
+
+
+def test_block_restores_after_an_exception():
+    from ditq.emulator import emulator_options, get_emulator_options
+    with pytest.raises(KeyError):
+        with emulator_options(order="reverse"):
+            raise KeyError("x")
+    assert tuple(get_emulator_options()) == DEFAULT
+    with pytest.raises(ValueError, match="emulator order must be one of"):
+        with emulator_options(order="sideways"):
+            pass
+    assert tuple(get_emulator_options()) == DEFAULT
+
+
+def test_two_threads_interleaved_leave_the_defaults():
+    """Thread A enters, thread B enters while A is inside, A leaves, then B leaves. Without a lock A's exit
+    restores the defaults under B, and B's exit restores A's options for good. With it, B's block waits for A's
+    and each block sees its own options."""
+    from ditq.emulator import emulator_options, get_emulator_options
+    a_inside, a_may_leave, b_may_leave = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with emulator_options(order="reverse", seed=1, cp_async="issue", race_check=True):
+            a_inside.set()
+            a_may_leave.wait(10)
+            seen["a"] = tuple(get_emulator_options())
+
+    def thread_b():
+        a_inside.wait(10)
+        with emulator_options(order="random", seed=2, cp_async="barrier", race_check=False):
+            seen["b_entered_at"] = time.monotonic()
+            b_may_leave.wait(10)
+            seen["b"] = tuple(get_emulator_options())
+
+    ta, tb = threading.Thread(target=thread_a), threading.Thread(target=thread_b)
+    ta.start()
+    tb.start()
+    a_inside.wait(10)
+    time.sleep(0.2)  # B is now blocked on entering (or, unlocked, already inside)
+    released_a = time.monotonic()
+    a_may_leave.set()
+    ta.join(10)
+    b_may_leave.set()
+    tb.join(10)
+    assert not ta.is_alive() and not tb.is_alive()
+    assert seen["a"] == ("reverse", 1, "issue", True)
+    assert seen["b"] == ("random", 2, "barrier", False)
+    assert seen["b_entered_at"] >= released_a  # B's block waited for A's
+    assert tuple(get_emulator_options()) == DEFAULT
