@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence, Union
 
+from . import backends
 from .backends import BACKEND_NAMES
-from .format import SUPPORTED_GROUP_SIZES, FormatError, WeightFormat
+from .format import FormatError, WeightFormat
 
 ACT_SCHEMES = ("static", "dynamic")
 CALIBRATION_MODES = ("first-step", "all-steps")
+ACT_ESTIMATORS = ("max", "percentile", "mse", "auto")
 PRESETS = {
     "w8a8": dict(weight_bits=8, group_size=None),
     "w4a8": dict(weight_bits=4, group_size=128),
@@ -50,13 +52,29 @@ class QuantConfig:
 
     Args:
         weight_bits: 8 (one scale per output channel) or 4 (group-wise along K).
-        group_size: ``None`` = one scale per output channel (required for 8-bit); 32/64/128/256 = groups of that
-            many inputs along K (4-bit). Left out: 128 for 4-bit, ``None`` for 8-bit.
+        group_size: ``None`` = one scale per output channel (required for 8-bit); for 4-bit, groups of that many
+            inputs along K: one the kernels are built for (``ditq.backends.kernel_group_sizes()``: 32, 64, 128,
+            256 today). Left out: 128 for 4-bit, ``None`` for 8-bit.
         act_bits: activation bits; only 8 is implemented (int8 GEMMs).
         act_scheme: ``"static"``: one activation scale per layer, calibrated (the paper); ``"dynamic"``: one scale
             per token computed at run time (no calibration needed).
         calibration: ``"first-step"`` (the paper: only the transformer's first call of each calibration run,
             t = T), ``"all-steps"`` (the baseline), or a list of step indices (0 = the first call).
+        act_estimator: how a static scale's range comes from the recorded activations (``ditq.calibrate``):
+            ``"max"`` (max |x|, the paper), ``"percentile"`` (``act_percentile`` of |x|), ``"mse"`` (the clip that
+            minimizes the int8 quantization MSE of the recorded activations), or ``"auto"``: per layer (and per
+            timestep group), whichever of the three gives the least estimated error over the recorded steps.
+        act_percentile: the percentile for ``"percentile"`` (0 < p <= 100).
+        timestep_groups: 1 = one static scale per layer (over the calibration steps). G > 1: the recorded steps
+            are split into at most G runs of adjacent steps with similar ranges, each with its own static scale;
+            at run time each layer picks its scale from the transformer's timestep (no host sync). Needs the
+            static scheme and more than one calibration step.
+        smooth_alpha: None = off; else SmoothQuant-style migration strength in (0, 1]: per input channel c of a
+            layer fed by an adaLN modulate (q/k/v, MLP fc1) or by attention (out, through v), the activation is
+            divided by ``s_c = max|x_c|^alpha / max|w_c|^(1-alpha)`` and the weight column multiplied by it;
+            folded into the preceding linear's weights, so the float model's output does not change.
+        max_dynamic_layers: the policy's budget of per-token (dynamic) layers in a static model: at most this
+            many layers, those whose static scale fits their recorded activations worst, run dynamic.
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cuda-emulated"`` (``ditq.backends``).
         skip: fnmatch patterns of module names (relative to the transformer) never to quantize; wins over all.
         include: fnmatch patterns; when given, only matching ``nn.Linear`` layers are candidates, and a layer that
@@ -70,6 +88,11 @@ class QuantConfig:
     act_bits: int = 8
     act_scheme: str = "static"
     calibration: Union[str, List[int]] = "first-step"
+    act_estimator: str = "max"
+    act_percentile: float = 99.99
+    timestep_groups: int = 1
+    smooth_alpha: Optional[float] = None
+    max_dynamic_layers: int = 0
     backend: str = "auto"
     skip: List[str] = field(default_factory=list)
     include: List[str] = field(default_factory=list)
@@ -81,10 +104,6 @@ class QuantConfig:
             raise QuantConfigError(f"weight_bits must be 4 or 8, got {self.weight_bits!r}")
         if isinstance(self.group_size, str) and self.group_size == _DEFAULT:
             self.group_size = 128 if self.weight_bits == 4 else None
-        if self.group_size is not None and (not _is_int(self.group_size)
-                                            or self.group_size not in SUPPORTED_GROUP_SIZES):
-            raise QuantConfigError(f"group_size must be None (per output channel) or one of "
-                                   f"{SUPPORTED_GROUP_SIZES}, got {self.group_size!r}")
         try:
             WeightFormat(self.weight_bits, self.group_size)
         except FormatError as e:
@@ -94,14 +113,53 @@ class QuantConfig:
         if self.act_scheme not in ACT_SCHEMES:
             raise QuantConfigError(f"act_scheme must be one of {ACT_SCHEMES}, got {self.act_scheme!r}")
         self.calibration = self._check_calibration(self.calibration)
+        if self.act_estimator not in ACT_ESTIMATORS:
+            raise QuantConfigError(f"act_estimator must be one of {ACT_ESTIMATORS}, got {self.act_estimator!r}")
+        if isinstance(self.act_percentile, bool) or not isinstance(self.act_percentile, (int, float)) or \
+                not 0 < self.act_percentile <= 100:
+            raise QuantConfigError(f"act_percentile must be a number in (0, 100], got {self.act_percentile!r}")
+        self.act_percentile = float(self.act_percentile)
+        if not _is_int(self.timestep_groups) or self.timestep_groups < 1:
+            raise QuantConfigError(f"timestep_groups must be a positive int, got {self.timestep_groups!r}")
+        if self.timestep_groups > 1 and (self.act_scheme != "static" or self.calibration == "first-step"):
+            raise QuantConfigError("timestep_groups > 1 needs act_scheme='static' and more than one calibration "
+                                   "step (calibration='all-steps' or a list of steps)")
+        if self.smooth_alpha is not None and (isinstance(self.smooth_alpha, bool) or
+                                              not isinstance(self.smooth_alpha, (int, float)) or
+                                              not 0 < self.smooth_alpha <= 1):
+            raise QuantConfigError(f"smooth_alpha must be None (off) or a number in (0, 1], got "
+                                   f"{self.smooth_alpha!r}")
+        if self.smooth_alpha is not None and self.act_scheme != "static":
+            raise QuantConfigError("smooth_alpha needs calibration data: use it with act_scheme='static'")
+        if not _is_int(self.max_dynamic_layers) or self.max_dynamic_layers < 0:
+            raise QuantConfigError(f"max_dynamic_layers must be a non-negative int, got {self.max_dynamic_layers!r}")
         if not isinstance(self.backend, str) or self.backend not in BACKEND_NAMES + ("auto",):
             raise QuantConfigError(f"backend must be one of {BACKEND_NAMES + ('auto',)}, got {self.backend!r}")
+        self._check_group_size_is_built()
         self.skip = _patterns(self.skip, "skip")
         self.include = _patterns(self.include, "include")
         if not isinstance(self.default_skip, bool):
             raise QuantConfigError(f"default_skip must be True or False, got {self.default_skip!r}")
         if not isinstance(self.progress, bool):
             raise QuantConfigError(f"progress must be True or False, got {self.progress!r}")
+
+    def _check_group_size_is_built(self) -> None:
+        """A group size some kernel runs, read from the kernels' own descriptions: the explicit backend's, or with
+        "auto" the GPU kernels' (cuda, triton) so that a GPU never falls back to the reference maths."""
+        if self.group_size is None:
+            return
+        if self.backend == "auto":
+            built = backends.kernel_group_sizes()
+            where = "the GPU kernels (cuda, triton)"
+        else:
+            b = backends._load(self.backend)
+            fam = b.gemm_family(4) if b is not None else None
+            if fam is None:
+                return  # the backend cannot load here: layer construction says why
+            built, where = fam.group_sizes, f"backend {self.backend!r}"
+        if built and self.group_size not in built:
+            raise QuantConfigError(f"group_size {self.group_size} is not built into {where}: it runs "
+                                   f"{', '.join(map(str, built))} (backend='torch' runs any power of two)")
 
     @staticmethod
     def _check_calibration(cal):

@@ -14,6 +14,10 @@ A backend may want another memory layout (nibble order, fragment-ordered tiles);
 canonical one when a model is built or loaded (``ditq.backends.Backend.prepare_weight``), so a checkpoint
 is never tied to one backend. Checkpoints record ``LAYOUT`` and ``LAYOUT_VERSION``; loading another
 version is refused.
+
+The canonical layout takes any power-of-two group size (the reference maths runs them all); which group sizes a
+GPU kernel runs is the kernel family's business, read from its own description (``ditq.backends``):
+``SUPPORTED_GROUP_SIZES`` is derived from those descriptions, never restated here.
 """
 from __future__ import annotations
 
@@ -23,7 +27,20 @@ from typing import Optional
 LAYOUT = "ditq-canonical"
 LAYOUT_VERSION = 1
 SUPPORTED_BITS = (4, 8)
-SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
+MAX_GROUP_SIZE = 16384  # the int32 accumulation bound on K (ditq.quant.reference.MAX_K)
+
+
+def is_canonical_group_size(group_size) -> bool:
+    """Groups the canonical layout can hold: a power of two from 2 (one packed byte) up to the largest K."""
+    return (isinstance(group_size, int) and not isinstance(group_size, bool) and 2 <= group_size <= MAX_GROUP_SIZE
+            and group_size & (group_size - 1) == 0)
+
+
+def __getattr__(name: str):
+    if name == "SUPPORTED_GROUP_SIZES":  # what the GPU kernels are built for, from their own descriptions
+        from .backends import kernel_group_sizes
+        return kernel_group_sizes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class FormatError(ValueError):
@@ -40,13 +57,12 @@ class WeightFormat:
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise FormatError(f"weight bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
-        if self.group_size is not None and self.group_size not in SUPPORTED_GROUP_SIZES:
-            raise FormatError(
-                f"group_size must be None (per output channel) or one of {SUPPORTED_GROUP_SIZES}, "
-                f"got {self.group_size!r}")
+        if self.group_size is not None and not is_canonical_group_size(self.group_size):
+            raise FormatError(f"group_size must be None (per output channel) or a power of two from 2 to "
+                              f"{MAX_GROUP_SIZE}, got {self.group_size!r}")
         if self.bits == 4 and self.group_size is None:
-            raise FormatError("4-bit weights need a group size (one of "
-                              f"{SUPPORTED_GROUP_SIZES}): channel-wise int4 loses too much (BRIEF §1)")
+            raise FormatError("4-bit weights need a group size: channel-wise int4 loses too much to the outliers "
+                              "inside each output channel")
         if self.bits == 8 and self.group_size is not None:
             raise FormatError("8-bit weights are stored with one scale per output channel; "
                               "set group_size=None")

@@ -2,18 +2,27 @@
 
 Buffers (no full-precision weight, ever):
 
-* ``qweight``, ``scales``: the packed weight in the *backend's* layout (``Backend.prepare_weight`` of the
-  canonical tensors of :mod:`ditq.format`), so the GEMM reads it as it is, every call;
+* ``qweight``, ``scales``: the packed weight in the layout of the backend the layer runs on
+  (``Backend.prepare_weight`` of the canonical tensors of :mod:`ditq.format`), so the GEMM reads it as it is;
 * ``bias``: the original bias (float, follows the model's dtype) or None;
 * ``act_scale``: float32 [1], the calibrated static activation scale (``act_scheme="static"``), else None.
 
+The backend is chosen once per layer and device, never per call: when weights arrive (``load_canonical``,
+``load_state_dict``) and again whenever the module moves to another device (``.to()``, ``.cuda()``, ``.cpu()``),
+the layer resolves the backend it was asked for (``backend_request``, e.g. ``"auto"``) on the new device, checks
+that backend's kernels take this layer (their own description: group sizes, K limits), converts the weight to that
+backend's layout and binds the backend's kernel ops (:class:`ditq.backends.KernelOps`). ``set_backend`` switches
+explicitly. The forward then is: reshape to [M, K] -> quantize-act op -> GEMM op -> leading dims back, with the
+inputs validated once, by the ops (in C++ for the CUDA kernels).
+
 The module's ``state_dict`` is always in the *canonical* layout (``_save_to_state_dict`` /
-``_load_from_state_dict`` convert), so checkpoints never depend on the backend that ran. Forward:
-reshape to [M, K] → ``torch.ops.ditq.quantize_act`` → ``gemm_w8a8`` / ``gemm_w4a8`` → output in the input's dtype
-with the input's leading dims. This module knows no tile size: layouts are the backend's business.
+``_load_from_state_dict`` convert), so checkpoints never depend on the backend that ran. Loaded values are checked
+(finite positive scales, the exact shapes and dtypes of the format). ditq layers are for inference only: no gradient
+flows through them.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -34,19 +43,28 @@ class QuantLinear(nn.Module):
     device followed by ``load_state_dict(..., assign=True)`` (checkpoint loading).
     """
 
+    # Class defaults, shadowed per instance once prepared: the forward reads them as plain attributes.
+    _kernels: Optional[backends.KernelOps] = None  # the bound kernel ops; None = not runnable (see _not_ready)
+    _not_ready = "QuantLinear has no weights yet: load a state dict or call load_canonical"
+    _has_weights = False  # True once load_canonical installed real tensors (placeholders are never prepared)
+
     def __init__(self, in_features: int, out_features: int, fmt: WeightFormat, bias: bool = True,
-                 act_scheme: str = "static", backend: str = "torch", device=None,
+                 act_scheme: str = "static", backend: str = "auto", device=None,
                  bias_dtype: torch.dtype = torch.float32):
         super().__init__()
         if not isinstance(fmt, WeightFormat):
             raise TypeError(f"fmt must be a ditq.format.WeightFormat, got {type(fmt).__name__}")
         if act_scheme not in ("static", "dynamic"):
             raise ValueError(f"act_scheme must be 'static' or 'dynamic', got {act_scheme!r}")
+        if backend != "auto" and backend not in backends.BACKEND_NAMES:
+            raise backends.BackendUnavailableError(
+                f"unknown backend {backend!r}; choose one of {', '.join(backends.BACKEND_NAMES + ('auto',))}")
         shapes = fmt.packed_shapes(out_features, in_features)  # raises if K does not fit the format
         self.in_features, self.out_features = in_features, out_features
         self.fmt, self.act_scheme = fmt, act_scheme
-        self.backend = backends.resolve(backend, device if device is not None and
-                                        torch.device(device).type != "meta" else None)
+        self.backend_request = backend  # what was asked for ("auto" re-resolves on every device move)
+        self.backend: Optional[str] = None  # the backend whose layout qweight/scales hold; None = canonical
+        self._group_size = fmt.group_size if fmt.bits == 4 else None
         qdtype = torch.int8 if fmt.bits == 8 else torch.uint8
         # Canonical-layout placeholders until weights arrive (load_state_dict / load_canonical).
         self.register_buffer("qweight", torch.zeros(shapes["qweight"], dtype=qdtype, device=device))
@@ -54,7 +72,6 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         self.register_buffer("act_scale", torch.ones(1, dtype=torch.float32, device=device)
                              if act_scheme == "static" else None)
-        self._prepared = False  # True once qweight / scales hold the backend's layout
 
     # ---- construction ----------------------------------------------------------------------------------
 
@@ -64,7 +81,7 @@ class QuantLinear(nn.Module):
         """Quantize ``linear`` (left untouched) with ``cfg`` (a :class:`ditq.QuantConfig`).
 
         ``act_scale``: the calibrated static scale (float32 [1], or a float), required for ``act_scheme="static"``.
-        ``backend``: overrides ``cfg.backend``; "auto" resolves on the weight's device.
+        ``backend``: overrides ``cfg.backend``; "auto" resolves on the weight's device (and again after a move).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
@@ -75,54 +92,89 @@ class QuantLinear(nn.Module):
             raise TypeError(f"linear weight must be floating point, got {w.dtype}")
         fmt = cfg.weight_format
         fmt.check_in_features(linear.in_features)
-        if linear.in_features > ref.MAX_K:
-            raise ValueError(f"in_features K = {linear.in_features} exceeds {ref.MAX_K}: int32 accumulation "
-                             f"could overflow")
         if cfg.act_scheme == "static":
             if act_scale is None:
                 raise ValueError("a static activation scheme needs a calibrated act_scale")
             act_scale = torch.as_tensor(act_scale, dtype=torch.float32).reshape(-1).to(w.device)
-            if act_scale.numel() != 1 or not bool(torch.isfinite(act_scale).all()) or float(act_scale) <= 0:
-                raise ValueError(f"act_scale must be one positive finite number, got {act_scale.tolist()}")
-        qweight, scales = quantize_weight(w.detach(), fmt)
         layer = cls(linear.in_features, linear.out_features, fmt, bias=linear.bias is not None,
                     act_scheme=cfg.act_scheme, backend=backend or cfg.backend, device=w.device,
                     bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32)
+        qweight, scales = quantize_weight(w.detach(), fmt)
         layer.load_canonical(qweight, scales,
                              None if linear.bias is None else linear.bias.detach().clone(), act_scale)
         return layer
 
     def load_canonical(self, qweight: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
                        act_scale: Optional[torch.Tensor] = None) -> None:
-        """Install canonical tensors (``ditq.format``), converting them to the backend's layout."""
+        """Install canonical tensors (``ditq.format``), checked, and prepare them for their device's backend."""
         shapes = self.fmt.packed_shapes(self.out_features, self.in_features)
         qdtype = torch.int8 if self.fmt.bits == 8 else torch.uint8
         for name, t, dtype in (("qweight", qweight, qdtype), ("scales", scales, torch.float32)):
-            if tuple(t.shape) != tuple(shapes[name]) or t.dtype != dtype:
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(shapes[name]) or t.dtype != dtype:
+                got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name} must be {dtype} {list(shapes[name])} for {self.fmt} with "
-                                 f"K = {self.in_features}, N = {self.out_features}; got {t.dtype} {list(t.shape)}")
+                                 f"K = {self.in_features}, N = {self.out_features}; got {got}")
+        _check_values("scales", scales, positive=True)
         if (bias is None) != (self.bias is None):
             raise ValueError("bias presence does not match the layer (built with bias="
                              f"{self.bias is not None})")
-        if bias is not None and tuple(bias.shape) != (self.out_features,):
-            raise ValueError(f"bias must be [{self.out_features}], got {list(bias.shape)}")
-        if self.act_scheme == "static":
-            if act_scale is None or act_scale.numel() != 1:
-                raise ValueError("a static layer needs an act_scale of one element")
-            self.act_scale = act_scale.detach().reshape(1).to(torch.float32).clone()
-        be = backends.get_backend(self.backend, qweight.device)
-        self.qweight, self.scales = be.prepare_weight(self.fmt, qweight.contiguous(), scales.contiguous())
         if bias is not None:
-            self.bias = bias.detach()
-        self._prepared = True
+            if not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or \
+                    tuple(bias.shape) != (self.out_features,):
+                got = f"{bias.dtype} {list(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+                raise ValueError(f"bias must be a float [{self.out_features}] tensor, got {got}")
+            _check_values("bias", bias, positive=False)
+        if self.act_scheme == "static":
+            if not isinstance(act_scale, torch.Tensor) or act_scale.numel() != 1 or not act_scale.is_floating_point():
+                raise ValueError(f"a static layer needs a float act_scale of one element, got "
+                                 f"{act_scale if not isinstance(act_scale, torch.Tensor) else act_scale.dtype}")
+            _check_values("act_scale", act_scale, positive=True)
+            self.act_scale = act_scale.detach().reshape(1).to(device=qweight.device, dtype=torch.float32).clone()
+        if bias is not None:
+            self.bias = bias.detach().to(qweight.device)
+        self._has_weights = True
+        self._install(qweight.contiguous(), scales.contiguous().to(qweight.device))
+
+    def _install(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        """Canonical weights in: resolve the backend on their device, convert to its layout, bind its ops."""
+        self.__dict__.pop("_kernels", None)
+        self.backend = None
+        self.qweight, self.scales = qweight, scales
+        device = qweight.device
+        if device.type == "meta":
+            self._not_ready = ("QuantLinear is on the meta device: it holds no values to compute with (load "
+                               "weights with load_state_dict(..., assign=True), or build it on a real device)")
+            return
+        try:
+            name = backends.resolve_for(self.backend_request, device, self.fmt, self.in_features)
+        except backends.BackendUnavailableError as e:
+            self._not_ready = f"QuantLinear cannot run on {device}: {e}"
+            raise
+        be = backends.get_backend(name, device)
+        self.qweight, self.scales = be.prepare_weight(self.fmt, qweight, scales)
+        self.backend = name
+        self._kernels = be.kernel_ops()
+        self.__dict__.pop("_not_ready", None)
+
+    def set_backend(self, backend: str) -> "QuantLinear":
+        """Run on ``backend`` from now on (``"auto"`` re-resolves on each device move): re-prepares the weight."""
+        if backend != "auto" and backend not in backends.BACKEND_NAMES:
+            raise backends.BackendUnavailableError(
+                f"unknown backend {backend!r}; choose one of {', '.join(backends.BACKEND_NAMES + ('auto',))}")
+        can = self._canonical_weight()
+        self.backend_request = backend
+        self._install(*can)
+        return self
+
+    def _canonical_weight(self):
+        if self.backend is None:
+            return self.qweight, self.scales
+        return backends.get_backend(self.backend, self.qweight.device).canonical_weight(
+            self.fmt, self.qweight, self.scales)
 
     def canonical(self) -> dict:
         """The canonical tensors (``ditq.format``) of this layer: what a checkpoint stores."""
-        if self._prepared:
-            qweight, scales = backends.get_backend(self.backend, self.qweight.device).canonical_weight(
-                self.fmt, self.qweight, self.scales)
-        else:
-            qweight, scales = self.qweight, self.scales
+        qweight, scales = self._canonical_weight()
         out = {"qweight": qweight, "scales": scales}
         if self.bias is not None:
             out["bias"] = self.bias
@@ -154,48 +206,84 @@ class QuantLinear(nn.Module):
         # Canonical tensors arrive on the device they were loaded to; the layer takes that device.
         try:
             self.load_canonical(got["qweight"], got["scales"], got.get("bias"), got.get("act_scale"))
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, backends.BackendUnavailableError) as e:
             error_msgs.append(f"{prefix.rstrip('.')}: {e}")
 
     def _apply(self, fn, recurse=True):
         # Keep the scales float32 under model.half() / .to(bfloat16): the ops take float32 scales, and a
-        # round trip through 16 bits would change results. Device moves still apply to them.
+        # round trip through 16 bits would change results. Device moves still apply to them. A float64 cast
+        # (.double()) leaves the bias in float32: the kernels compute in 16/32-bit floats.
         kept = {n: self._buffers.pop(n) for n in _FP32_BUFFERS if self._buffers.get(n) is not None}
+        device = self.qweight.device
         try:
             super()._apply(fn, recurse)
         finally:
             dev = self.qweight.device
             for n, t in kept.items():
                 self._buffers[n] = t.to(dev)
+            if self.bias is not None and self.bias.dtype == torch.float64:
+                self._buffers["bias"] = self.bias.float()
+        # A move (or, for "auto", any conversion) may change the backend and its layout: resolve again.
+        moved = self.qweight.device != device
+        if self._has_weights and (moved or (self.backend_request == "auto" and self.qweight.device.type != "meta")):
+            qweight, scales = self.qweight, self.scales
+            if self.backend is not None:
+                qweight, scales = backends.get_backend(self.backend).canonical_weight(self.fmt, qweight, scales)
+            try:
+                self._install(qweight, scales)
+            except backends.BackendUnavailableError:
+                pass  # the layer moved; forward says why it cannot run here (self._not_ready)
         return self
 
     # ---- forward -----------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._prepared:
-            raise RuntimeError("QuantLinear has no weights yet: load a state dict or call load_canonical")
+        kernels = self._kernels
+        if kernels is None:
+            raise RuntimeError(self._not_ready)
         if x.dtype not in _FLOATS:
             raise TypeError(f"QuantLinear takes float16/bfloat16/float32 input, got {x.dtype}")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the layer takes {self.in_features}")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        q, s = torch.ops.ditq.quantize_act(x2, self.act_scale, self.backend)
-        if self.fmt.bits == 8:
-            y = torch.ops.ditq.gemm_w8a8(q, s, self.qweight, self.scales, self.bias, x.dtype, self.backend)
+        if x.requires_grad and not self._warned_grad:
+            _warn_inference_only(self)
+        b = self._buffers
+        q, s = kernels.quantize_act(x.reshape(-1, self.in_features).contiguous(), b["act_scale"])
+        if self._group_size is None:
+            y = kernels.gemm_w8a8(q, s, b["qweight"], b["scales"], b["bias"], x.dtype)
         else:
-            y = torch.ops.ditq.gemm_w4a8(q, s, self.qweight, self.scales, self.bias, self.fmt.group_size,
-                                         x.dtype, self.backend)
-        return y.reshape(*lead, self.out_features)
+            y = kernels.gemm_w4a8(q, s, b["qweight"], b["scales"], b["bias"], self._group_size, x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    _warned_grad = False
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.fmt.group_size is None else f"group_size={self.fmt.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"w{self.fmt.bits} {g}, a8 {self.act_scheme}, layout={self.fmt.layout} "
-                f"v{self.fmt.layout_version}, backend={self.backend}")
+                f"v{self.fmt.layout_version}, backend={self.backend or self.backend_request}")
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._buffers.values() if t is not None)
+
+
+def _warn_inference_only(layer: QuantLinear) -> None:
+    layer._warned_grad = True
+    warnings.warn("ditq layers are inference-only: no gradient flows through a QuantLinear (its weights are "
+                  "packed integers). Run inference under torch.no_grad() or torch.inference_mode().",
+                  UserWarning, stacklevel=3)
+
+
+def _check_values(name: str, t: torch.Tensor, positive: bool) -> None:
+    """Loaded values must be usable: finite, and positive for scales (a corrupted checkpoint fails here)."""
+    if t.device.type == "meta":
+        return
+    what = "positive finite numbers" if positive else "finite"
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be {what} but holds NaN or inf (a corrupted checkpoint, or a failed "
+                         f"calibration)")
+    if positive and not bool((t > 0).all()):
+        raise ValueError(f"{name} must be {what}, got a minimum of {float(t.min())}")
 
 
 def quantize_weight(w: torch.Tensor, fmt: WeightFormat):

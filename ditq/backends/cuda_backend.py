@@ -13,11 +13,13 @@ then report why they are unavailable.
 from __future__ import annotations
 
 import contextlib
+import json
+from functools import lru_cache
 from typing import Optional
 
 import torch
 
-from . import Backend, register
+from . import Backend, KernelFamily, KernelOps, register
 from . import cuda_layout
 
 try:
@@ -39,11 +41,26 @@ def built_with_cuda() -> bool:
     return _C is not None and bool(torch.ops.ditq_C.built_with_cuda())
 
 
-def _has_op(name: str) -> bool:
-    return _C is not None and hasattr(torch.ops.ditq_C, name)
+@lru_cache(maxsize=None)
+def _families():
+    """The kernel families as ditq._C describes them (generated from the same lists that instantiate them)."""
+    table = json.loads(torch.ops.ditq_C.kernel_families())
+    return {name: KernelFamily.from_description(name, d) for name, d in table.items()}
 
 
-# ---- GEMMs (issue 5: csrc/gemm*.{h,cuh,cu,cpp}, layouts in cuda_layout.py) ------------------------------
+@lru_cache(maxsize=None)
+def _kernel_ops() -> KernelOps:
+    """The ditq_C ops themselves (their C++ bindings validate every input), with fake implementations so that
+    torch.compile traces through them."""
+    from ..ops import FAKES
+
+    for name, fake in FAKES.items():
+        torch.library.register_fake(f"ditq_C::{name}", fake)
+    return KernelOps(torch.ops.ditq_C.quantize_act.default, torch.ops.ditq_C.gemm_w8a8.default,
+                     torch.ops.ditq_C.gemm_w4a8.default)
+
+
+# ---- GEMMs (csrc/gemm*.{h,cuh,cu,cpp}, layouts in cuda_layout.py) --------------------------------------------
 # The tile comes from csrc/configs/gemm_tiles.h by M bucket and architecture, the split-K count from the
 # grid size and the SM count (both chosen in the binding). gemm_tile() pins them, for tests and benchmarks.
 _GEMM_FORCED = [-1, -1]  # [tile, splits]; -1 = automatic
@@ -89,6 +106,12 @@ class _CudaKernels(Backend):
             return f"the C++/CUDA extension ditq._C is not built ({_C_ERROR}); {_BUILD_HINT}"
         return None
 
+    def families(self):
+        return _families()
+
+    def kernel_ops(self):
+        return _kernel_ops()
+
     def prepare_weight(self, fmt, qweight, scales):
         return cuda_layout.prepare_weight(fmt.bits, qweight, scales)
 
@@ -100,13 +123,9 @@ class _CudaKernels(Backend):
         return q, s
 
     def gemm_w8a8(self, a, a_scale, w, w_scale, bias, out_dtype):
-        if not _has_op("gemm_w8a8"):
-            raise NotImplementedError(f"backend {self.name!r}: this ditq._C has no W8A8 GEMM")
         return torch.ops.ditq_C.gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype, *_gemm_forced())
 
     def gemm_w4a8(self, a, a_scale, w, w_scale, bias, group_size, out_dtype):
-        if not _has_op("gemm_w4a8"):
-            raise NotImplementedError(f"backend {self.name!r}: this ditq._C has no W4A8 GEMM")
         return torch.ops.ditq_C.gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype,
                                           *_gemm_forced())
 
@@ -122,6 +141,16 @@ class CudaBackend(_CudaKernels):
                       "time: set CUDA_HOME and rebuild); only 'cuda-emulated' is available from it")
         if reason is None and not torch.cuda.is_available():
             reason = "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        return reason
+
+    def unavailable_on(self, device: torch.device) -> Optional[str]:
+        reason = super().unavailable_on(device)
+        if reason is None:
+            major, minor = torch.cuda.get_device_capability(device)
+            built = self.families()["gemm_w8a8"].archs
+            if not any(a // 10 == major and a <= major * 10 + minor for a in built):
+                reason = (f"ditq._C has GEMM code for sm_{', sm_'.join(map(str, built)) or ' none'}, not for this "
+                          f"sm_{major}{minor} GPU; rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}")
         return reason
 
 

@@ -1,25 +1,60 @@
 """The ``torch`` backend: the reference maths of :mod:`ditq.quant`, on any device. It reads the canonical
-weight layout as it is, so it is also what every other backend is checked against."""
+weight layout as it is, so it is also what every other backend is checked against. It runs any group size the
+canonical format allows and any K up to the int32 bound."""
 from __future__ import annotations
 
+from functools import lru_cache
+
+from ..ops import check_gemm_w4a8, check_gemm_w8a8, check_quantize_act, define_kernel_ops
 from ..quant import reference as ref
-from . import Backend, register
+from . import Backend, KernelFamily, register
+
+
+def _quantize_act(x, scale):
+    check_quantize_act(x, scale)
+    if scale is None:
+        return ref.quantize_per_token(x)
+    return ref.quantize_with_scale(x, scale, ref.INT8_QMAX), scale.clone()
+
+
+def _gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype):
+    check_gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype)
+    return ref.gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype)
+
+
+def _gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype):
+    check_gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype)
+    return ref.gemm_w4a8(a, a_scale, ref.unpack_int4(w), w_scale, group_size, bias, out_dtype)
+
+
+@lru_cache(maxsize=None)
+def _kernel_ops():
+    return define_kernel_ops("torch", {"quantize_act": _quantize_act, "gemm_w8a8": _gemm_w8a8,
+                                       "gemm_w4a8": _gemm_w4a8})
 
 
 class TorchBackend(Backend):
     name = "torch"
     devices = ("cpu", "cuda")
 
+    def families(self):
+        from ..format import LAYOUT, LAYOUT_VERSION
+        common = dict(k_multiple=1, max_k=ref.MAX_K, layout=LAYOUT, layout_version=LAYOUT_VERSION)
+        return {"quantize_act": KernelFamily("quantize_act", k_multiple=1),
+                "gemm_w8a8": KernelFamily("gemm_w8a8", weight_bits=8, **common),
+                "gemm_w4a8": KernelFamily("gemm_w4a8", weight_bits=4, group_sizes=None, **common)}
+
+    def kernel_ops(self):
+        return _kernel_ops()
+
     def quantize_act(self, x, scale):
-        if scale is None:
-            return ref.quantize_per_token(x)
-        return ref.quantize_with_scale(x, scale, ref.INT8_QMAX), scale.clone()
+        return _quantize_act(x, scale)
 
     def gemm_w8a8(self, a, a_scale, w, w_scale, bias, out_dtype):
-        return ref.gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype)
+        return _gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype)
 
     def gemm_w4a8(self, a, a_scale, w, w_scale, bias, group_size, out_dtype):
-        return ref.gemm_w4a8(a, a_scale, ref.unpack_int4(w), w_scale, group_size, bias, out_dtype)
+        return _gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype)
 
 
 register(TorchBackend())

@@ -6,17 +6,19 @@ Weights: 8-bit weights are used in the canonical layout as they are. 4-bit weigh
 W4A8 kernel's nibble order (``ditq.kernels.w4a8.pack_weight``) by :meth:`prepare_weight`, and back, exactly,
 by :meth:`canonical_weight`. The W4A8 kernel is imported lazily, so W8A8 keeps working if it is missing.
 
-Inputs reach this backend validated by ``ditq.ops``; the kernels' launchers add the checks only they need
-(K a multiple of 16 for W8A8, the device/interpreter check).
+The kernels describe themselves (``ditq.kernels.describe()``: group sizes, K limits, layouts, architectures with a
+tile table) and their launchers validate every input they are given: they are the one validation layer of this
+backend, on a quantized layer's hot path and through the generic ``torch.ops.ditq.*`` ops alike.
 """
 from __future__ import annotations
 
 import importlib
+from functools import lru_cache
 from typing import Optional
 
 import torch
 
-from . import Backend, BackendUnavailableError, register
+from . import Backend, BackendUnavailableError, KernelFamily, register
 
 _INTERPRETER_HINT = "set TRITON_INTERPRET=1 before importing triton or diffusers"
 
@@ -31,6 +33,15 @@ def _w4a8():
         return _kernels("w4a8")
     except ImportError as e:
         raise BackendUnavailableError(f"the triton backend's W4A8 kernel is not available here: {e}") from e
+
+
+@lru_cache(maxsize=None)
+def _kernel_ops():
+    from ..ops import define_kernel_ops
+
+    return define_kernel_ops("triton", {"quantize_act": _kernels("quantize_act").quantize_act,
+                                        "gemm_w8a8": _kernels("w8a8").gemm_w8a8,
+                                        "gemm_w4a8": _w4a8().gemm_w4a8})
 
 
 class TritonBackend(Backend):
@@ -55,6 +66,13 @@ class TritonBackend(Backend):
             return "no CUDA GPU is visible"
         return super().unavailable_on(device)
 
+    def families(self):
+        table = importlib.import_module("ditq.kernels").describe()
+        return {name: KernelFamily.from_description(name, d) for name, d in table.items()}
+
+    def kernel_ops(self):
+        return _kernel_ops()
+
     # ---- weights ----------------------------------------------------------------------------------
 
     def prepare_weight(self, fmt, qweight: torch.Tensor, scales: torch.Tensor):
@@ -76,7 +94,6 @@ class TritonBackend(Backend):
         return _kernels("w8a8").gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype)
 
     def gemm_w4a8(self, a, a_scale, w, w_scale, bias, group_size, out_dtype):
-        _kernels("interpret").check_device(a)  # the W4A8 launcher leaves this to us
         return _w4a8().gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype)
 
 

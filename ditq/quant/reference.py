@@ -1,4 +1,4 @@
-"""Reference maths in plain torch: what every kernel is tested against (BRIEF §2).
+"""Reference maths in plain torch: what every kernel is tested against.
 
 Conventions every backend follows exactly, so that results can be compared bit for bit:
 
@@ -19,7 +19,7 @@ import torch
 
 INT8_QMAX = 127
 INT4_QMAX = 7
-MAX_K = 16384  # int32 accumulation is exact up to here (BRIEF §2)
+MAX_K = 16384  # int32 accumulation is exact up to here: 127 * 128 * 16384 < 2^31
 
 
 def _check_float(x: torch.Tensor, what: str) -> None:
@@ -35,10 +35,14 @@ def symmetric_scale(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
 
 
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
-    """int8 tensor ``clamp(rint(x * (1/scale)), -qmax, qmax)``; ``scale`` broadcasts against ``x``."""
-    _check_float(x, "x")
-    inv = 1.0 / scale.float()
-    return torch.clamp(torch.round(x.float() * inv), -qmax, qmax).to(torch.int8)
+    """int8 tensor ``clamp(rint(x * (1/scale)), -qmax, qmax)``; ``scale`` broadcasts against ``x``.
+
+    Non-finite values: NaN quantizes to 0 and +-inf saturates to +-qmax (as does any product beyond the range).
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        _check_float(x, "x")
+    v = x.float() * torch.reciprocal(scale.float())
+    return torch.clamp(torch.round(v.nan_to_num_(nan=0.0)), -qmax, qmax).to(torch.int8)
 
 
 # ---- activations -------------------------------------------------------------------------------------
@@ -51,15 +55,18 @@ def quantize_per_tensor(x: torch.Tensor, qmax: int = INT8_QMAX):
 
 
 def quantize_per_token(x: torch.Tensor, qmax: int = INT8_QMAX):
-    """One scale per row of a [M, K] tensor (dynamic activation quantization). Returns (q, scale[M])."""
+    """One scale per row of a [M, K] tensor (dynamic activation quantization). Returns (q, scale[M]).
+
+    A row holding any NaN or inf gets scale NaN and q = 0, so whatever it feeds comes out NaN: a non-finite
+    activation stays visible instead of being crushed into range (every backend does the same).
+    """
     _check_float(x, "x")
     if x.dim() != 2:
         raise ValueError(f"per-token quantization takes a [M, K] tensor, got shape {tuple(x.shape)}")
-    s = symmetric_scale(x.detach().abs().amax(dim=1), qmax)
+    absmax = x.detach().abs().amax(dim=1).float()  # NaN-propagating
+    s = torch.where(torch.isfinite(absmax), symmetric_scale(absmax, qmax), torch.full_like(absmax, float("nan")))
     return quantize_with_scale(x, s[:, None], qmax), s
 
-
-# ---- weights -----------------------------------------------------------------------------------------
 
 def quantize_per_channel(w: torch.Tensor, qmax: int = INT8_QMAX):
     """[N, K] weight, one scale per output channel (row). Returns (q int8 [N, K], scale fp32 [N])."""
