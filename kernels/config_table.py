@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 ARCHS = ("sm80", "sm90", "interpreter")
@@ -106,6 +106,23 @@ def pick(table: List[Dict], m: int) -> Dict:
         if e["max_m"] is None or m <= e["max_m"]:
             return e
     raise ConfigError("table has no catch-all entry (max_m null)")  # validate_table makes this unreachable
+
+
+def table_archs(kernel_name: Optional[str] = None) -> List[str]:
+    """The architectures (of :data:`ARCHS`) that have a table file for ``kernel_name`` (any kernel when None),
+    read from ``configs/``: what ``describe()`` reports, so the two cannot disagree."""
+    found = set()
+    for name in os.listdir(CONFIG_DIR):
+        stem, ext = os.path.splitext(name)
+        kernel, _, arch = stem.rpartition("_")
+        if ext == ".json" and arch in ARCHS and (kernel_name is None or kernel == kernel_name):
+            found.add(arch)
+    return [a for a in ARCHS if a in found]
+
+
+def gpu_ccs(archs) -> List[int]:
+    """``["sm80", "sm90", "interpreter"]`` -> ``[80, 90]``: the compute capabilities among table names."""
+    return [int(a[2:]) for a in archs if a.startswith("sm")]
 
 
 def all_entries(kernel_name: str, archs=("sm80", "sm90")) -> List[tuple]:

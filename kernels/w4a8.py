@@ -2,18 +2,18 @@
 
     y[m, n] = a_scale[m] * sum_g w_scale[g, n] * P[g, m, n] + bias[n],   P[g] = sum_{k in g} a[m, k] w[n, k]
 
-(BRIEF §2; the reference is ``ditq.quant.reference.gemm_w4a8``, checked by ``ditq.testing.assert_gemm_w4a8``).
+(the reference maths is ``ditq.quant.reference.gemm_w4a8``; tests/kernels/test_w4a8.py checks against it).
 
 Design, and why
 ---------------
 * **Per-group int32 partials, rescaled into an fp32 accumulator** (``acc += float(P_g) * s_g``, groups in
-  order, exactly the reference's order). BRIEF §4: on cc 80 float group scales cost ~15% fewer main-loop
+  order, exactly the reference's order). Measured on SASS: on cc 80 float group scales cost ~15% fewer main-loop
   instructions than integer ones, and on cc 90 integer scales gain nothing in Triton because every int8
   ``tl.dot`` waits for its wgmma anyway. Float scales also keep the checkpoint's scales exact (no second
   rounding to an integer scale). A group partial is at most 127 * 128 * 256 = 4,161,536 < 2^24 in magnitude,
   so its int32 -> fp32 conversion is exact; we never accumulate int32 across groups, so the K <= 16384 bound
   of a single int32 accumulator is not even needed here (it would still hold: 127 * 128 * 16384 < 2^31).
-* **The x16 nibble trick** (BRIEF §2): a nibble kept in the *high* half of a byte is an int8 equal to 16 * w.
+* **The x16 nibble trick**: a nibble kept in the *high* half of a byte is an int8 equal to 16 * w.
   ``b & 0xF0`` is 16 * w_hi and ``b << 4`` (8-bit shift, the old high nibble falls off) is 16 * w_lo, so the
   int8 tensor-core dot runs on them with no sign extension. Every partial is then exactly 16 * P_g
   (|16 w| <= 128 fits int8 and 127 * 128 * 256 < 2^31), the fp32 accumulator is exactly 16x the
@@ -21,7 +21,7 @@ Design, and why
   scale in the epilogue: ``acc * (a_scale * 0.0625)`` rounds to the same fp32 as the reference's
   ``acc_ref * a_scale``. No extra rounding anywhere.
 * **Kernel layout: split nibbles per pack block** (``pack_weight``). The canonical format pairs k = 2j, 2j+1 in
-  byte j, so unpacking it into K order needs an interleave (per-byte PRMTs in SASS, BRIEF §4). Instead the
+  byte j, so unpacking it into K order needs an interleave (per-byte PRMTs in SASS). Instead the
   weights are repacked once at load time in blocks of ``PB = max(G, 64)`` k-elements: byte j of a block holds
   k = j (low nibble) and k = j + PB/2 (high nibble). The kernel never reorders anything: the low nibbles of
   a byte tile are the weights of one contiguous K range and the high nibbles of another, so the main loop
@@ -30,13 +30,13 @@ Design, and why
   nibbles are group 2b and the high ones group 2b+1, each its own partial, so every dot has K >= 32 (the
   int8 MMA's K). When K / 32 is odd (G = 32 only) the last 32 k form a short block split the same way
   (k = j and j + 16); the kernel does it in one masked tail step.
-* **Swapped operands (``SWAP``)**, for Hopper and small M: compute the transposed tile ``acc^T[BN, BM] =
+* **Swapped operands (``SWAP_AB``)**, for Hopper and small M: compute the transposed tile ``acc^T[BN, BM] =
   W[BN, K] @ A^T`` with the unpacked weights as the *first* operand. wgmma reads its A operand from
   registers, so the weights unpacked in registers feed it without a round trip through shared memory (no
   ``STS``), and a small M becomes wgmma's N (``IGMMA.64xBMx32``). Group scales are then per *row* of the tile.
   Not swapped, the weights are the B operand and are staged through shared memory.
 * Pointer loads (not tensor descriptors): the weights must be unpacked in registers anyway, and on cc 80
-  descriptors degrade to byte loads (BRIEF §4). Rows are 16-byte aligned (K % 32 == 0 => K/2 % 16 == 0) and
+  descriptors degrade to byte loads. Rows are 16-byte aligned (K % 32 == 0 => K/2 % 16 == 0) and
   Triton specialises the strides as multiples of 16, so loads are 128-bit. Out-of-range rows/columns are
   clamped (``% M``, ``% N``), not masked, so loads are unpredicated; only the store is masked.
 
@@ -68,7 +68,7 @@ Designs compared (G = 128, BK = 128):
   and at 128x128/8 warps swapped spills (12 LDL + 12 STL). => sm80: plain.
 * Unpack, cc 90 swapped 16x128: int8 element ops (``b << 4``, ``b & 0xF0``) 390 instr., 112 PRMT, 80 LOP3;
   pure-Triton 32-bit words split by shifts + joins 278 instr., 48 PRMT; inline PTX on words (``pack=4``)
-  200 instr., 0 PRMT. Tables ship ``ASM: true``; the interpreter (and ``ASM: false``) runs the 278 one.
+  200 instr., 0 PRMT. Tables ship ``UNPACK_ASM: true``; the interpreter (and ``UNPACK_ASM: false``) runs the 278 one.
 * Note: on cc 80 Triton emits ``mma ... .satfinite`` (SASS ``IMMA...SAT``): saturation never triggers here,
   since a group partial is < 2^31 by the bound above.
 """
@@ -80,20 +80,30 @@ import torch
 import triton
 import triton.language as tl
 
-from ditq.format import SUPPORTED_GROUP_SIZES
-from ditq.quant import reference as ref
-
-from .interpret import cast_rn, interpreting
+from . import checks, config_table
+from .interpret import cast_rn, check_device, interpreting
 
 KERNEL_NAME = "w4a8"
+# The group sizes this family runs: the launcher's check, the config picker (pack_block) and describe() all
+# read this tuple, so adding a size is this one change plus its tests. Each must be a power of two >= 32
+# (the int8 MMA's K: a G = 32 block holds two groups of one half-dot each).
+GROUP_SIZES = (32, 64, 128, 256)
+K_MULTIPLE = 32  # K is a multiple of the group, and every group a multiple of 32: K/2 bytes % 16 == 0
+MAX_K = 16384  # the runtime's bound for every int8 GEMM (int32 sums; this kernel's per-group ones need less)
+LAYOUT = "split_nibble_blocks"  # see pack_weight
+LAYOUT_VERSION = 1
 MIN_BK = 64  # two dots of K = 32 (the int8 MMA's K) per step
+
+
+def check_group_size(group_size) -> int:
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES} for the Triton W4A8 kernel, got {group_size!r}")
+    return int(group_size)
 
 
 def pack_block(group_size: int) -> int:
     """k-elements per split-nibble block: the group, but at least 64 so each half-block dot has K >= 32."""
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size!r}")
-    return max(group_size, 64)
+    return max(check_group_size(group_size), 64)
 
 
 # ---- layout: canonical <-> split-nibble blocks (plain torch, runs at model load) --------------------------
@@ -114,6 +124,8 @@ def _check_canonical(qweight: torch.Tensor, group_size: int) -> int:
                         f"{tuple(getattr(qweight, 'shape', ()))}")
     k = qweight.shape[1] * 2
     pack_block(group_size)
+    if not qweight.is_contiguous():
+        raise ValueError("packed int4 weights must be contiguous (call .contiguous() first)")
     if k % group_size:
         raise ValueError(f"group_size {group_size} does not divide K = {k}")
     return k
@@ -124,7 +136,8 @@ def pack_weight(qweight: torch.Tensor, group_size: int) -> torch.Tensor:
     in each block of ``pack_block(G)`` k (a short last block when K % PB != 0), byte j holds k = j in its low
     nibble and k = j + len/2 in its high one. A pure permutation of nibbles, so :func:`unpack_weight` inverts it."""
     k = _check_canonical(qweight, group_size)
-    q = ref.unpack_int4(qweight).to(torch.int16) & 0xF  # [N, K] two's-complement nibbles
+    b = qweight.to(torch.int16)
+    q = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(qweight.shape[0], k)  # [N, K] nibbles, K order
     parts = []
     for start, length in _blocks(k, group_size):
         h = length // 2
@@ -148,10 +161,10 @@ def unpack_weight(w: torch.Tensor, group_size: int) -> torch.Tensor:
 # ---- the kernel -------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dot(w, a, p, SWAP: tl.constexpr):
+def _dot(w, a, p, SWAP_AB: tl.constexpr):
     """p + the int32 product of a weight tile [BN, k] and an activation tile [BM, k], in the tile's orientation.
     Swapped: acc^T[BN, BM] = W @ A^T, weights first (A^T stays K-major, as 8-bit wgmma requires)."""
-    if SWAP:
+    if SWAP_AB:
         r = tl.dot(w, tl.trans(a), p, out_dtype=tl.int32)
     else:
         r = tl.dot(a, tl.trans(w), p, out_dtype=tl.int32)
@@ -159,10 +172,10 @@ def _dot(w, a, p, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _rescale(acc, p, s, SWAP: tl.constexpr):
+def _rescale(acc, p, s, SWAP_AB: tl.constexpr):
     """acc += float(p) * s[n]: s runs along N, the tile's rows when swapped, its columns otherwise.
     (One return per function: Triton's code generator does not end a function at a return inside an if.)"""
-    if SWAP:
+    if SWAP_AB:
         r = acc + p.to(tl.float32) * s[:, None]
     else:
         r = acc + p.to(tl.float32) * s[None, :]
@@ -173,7 +186,7 @@ F0 = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: the high nibble of each of
 
 
 @triton.jit
-def _load_unpack(w_ptr, rn, stride_wn, byte0, HB: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr,
+def _load_unpack(w_ptr, rn, stride_wn, byte0, HB: tl.constexpr, BN: tl.constexpr, UNPACK_ASM: tl.constexpr,
                  N_VALID: tl.constexpr = 0):
     """Load the weight bytes [BN, HB] of rows ``rn`` from byte ``byte0`` and unpack them into int8 tiles
     (16 * w_lo, 16 * w_hi): no sign extension (module docstring). Bytes at or past ``N_VALID`` (when > 0)
@@ -184,13 +197,13 @@ def _load_unpack(w_ptr, rn, stride_wn, byte0, HB: tl.constexpr, BN: tl.constexpr
     the shift moves each byte's low nibble into its own high half, and what it pushes into the next byte's
     low half is masked off. (On int8 elements LLVM scalarises the 8-bit shift: 390 vs 278 main-loop
     instructions on cc 90, see the top of the file.)
-    * ASM False, pure Triton (the interpreter's path): the words are split back into bytes with shifts and
+    * UNPACK_ASM False, pure Triton (the interpreter's path): the words are split back into bytes with shifts and
       two ``tl.join`` s; ptxas turns that into byte permutes (PRMT).
-    * ASM True: the same two operations in PTX, with ``pack=4`` handing the asm one 32-bit register per four
+    * UNPACK_ASM True: the same two operations in PTX, with ``pack=4`` handing the asm one 32-bit register per four
       int8 elements, so no split is needed at all. Bit logic tested against a Python emulation
       (tests/kernels/test_w4a8.py::test_unpack_asm_bit_logic); UNPROVEN ON A GPU until one runs the tests.
     """
-    if ASM:
+    if UNPACK_ASM:
         offs_b = tl.max_contiguous(tl.multiple_of(tl.arange(0, HB), HB), HB)
         ptrs = w_ptr + rn[:, None] * stride_wn + (byte0 + offs_b)[None, :]
         if N_VALID > 0:
@@ -225,18 +238,19 @@ def _words_to_bytes(x, BN: tl.constexpr, HB: tl.constexpr):
 
 
 def unpack_words_emulated(words):
-    """Python emulation, bit for bit, of the PTX in :func:`_load_unpack` (ASM True) on uint32 words:
+    """Python emulation, bit for bit, of the PTX in :func:`_load_unpack` (UNPACK_ASM True) on uint32 words:
     returns (lo, hi) words. Used by the tests to check the asm's bit logic without a GPU."""
     words = [w & 0xFFFFFFFF for w in words]
     return ([((w << 4) & 0xFFFFFFFF) & 0xF0F0F0F0 for w in words], [w & 0xF0F0F0F0 for w in words])
 
 
 @triton.jit
-def w4a8_kernel(a_ptr, as_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
+def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
                 stride_am, stride_wn, stride_sg, stride_om,
-                GROUP: tl.constexpr, PB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                BK: tl.constexpr, SWAP: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
-                GROUP_M: tl.constexpr, UNPACK_ASM: tl.constexpr = False, BF16_BY_HAND: tl.constexpr = False):
+                PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, PB: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                SWAP_AB: tl.constexpr, UNPACK_ASM: tl.constexpr, INTERPRET: tl.constexpr):
+    # Arguments in the launcher's (the runtime op's) order, as in w8a8_kernel; then the strides and GROUP.
     HB: tl.constexpr = BK // 2        # bytes of one row per step = k per half-dot
     HALF: tl.constexpr = PB // 2      # k distance between the low and the high nibble of a byte
     STEPS: tl.constexpr = PB // BK    # steps per pack block (static: unrolled)
@@ -259,7 +273,7 @@ def w4a8_kernel(a_ptr, as_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
     offs_b = tl.max_contiguous(tl.multiple_of(tl.arange(0, HB), HB), HB)
     a_rows = a_ptr + rm[:, None] * stride_am
 
-    if SWAP:
+    if SWAP_AB:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
         zero = tl.zeros((BN, BM), dtype=tl.int32)
     else:
@@ -277,16 +291,16 @@ def w4a8_kernel(a_ptr, as_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
             a_hi = tl.load(a_rows + (k_lo + HALF + offs_b)[None, :])
             w_lo, w_hi = _load_unpack(w_ptr, rn, stride_wn, blk * HALF + st * HB, HB, BN, UNPACK_ASM)
             if CHAIN:  # both halves of the byte tile are in this block's group: one int32 partial
-                p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, p, SWAP), SWAP)
+                p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, p, SWAP_AB), SWAP_AB)
             else:  # G = 32: low nibbles are group 2*blk, high nibbles group 2*blk + 1, in this order
-                p_lo = _dot(w_lo, a_lo, zero, SWAP)
-                p_hi = _dot(w_hi, a_hi, zero, SWAP)
-                s_lo = tl.load(s_ptr + (2 * blk) * stride_sg + rn)
-                s_hi = tl.load(s_ptr + (2 * blk + 1) * stride_sg + rn)
-                acc = _rescale(acc, p_lo, s_lo, SWAP)
-                acc = _rescale(acc, p_hi, s_hi, SWAP)
+                p_lo = _dot(w_lo, a_lo, zero, SWAP_AB)
+                p_hi = _dot(w_hi, a_hi, zero, SWAP_AB)
+                s_lo = tl.load(w_scale_ptr + (2 * blk) * stride_sg + rn)
+                s_hi = tl.load(w_scale_ptr + (2 * blk + 1) * stride_sg + rn)
+                acc = _rescale(acc, p_lo, s_lo, SWAP_AB)
+                acc = _rescale(acc, p_hi, s_hi, SWAP_AB)
         if CHAIN:
-            acc = _rescale(acc, p, tl.load(s_ptr + blk * stride_sg + rn), SWAP)
+            acc = _rescale(acc, p, tl.load(w_scale_ptr + blk * stride_sg + rn), SWAP_AB)
 
     if GROUP == 32:
         if K % PB != 0:  # odd number of groups: the last 32 k are a short block (k = j and j + 16)
@@ -295,26 +309,26 @@ def w4a8_kernel(a_ptr, as_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
             a_lo = tl.load(a_rows + (k0 + offs_b)[None, :], mask=valid[None, :], other=0)
             a_hi = tl.load(a_rows + (k0 + 16 + offs_b)[None, :], mask=valid[None, :], other=0)
             w_lo, w_hi = _load_unpack(w_ptr, rn, stride_wn, n_blocks * HALF, HB, BN, UNPACK_ASM, 16)
-            p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, zero, SWAP), SWAP)  # one group: one partial
-            acc = _rescale(acc, p, tl.load(s_ptr + (2 * n_blocks) * stride_sg + rn), SWAP)  # group K/32 - 1
+            p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, zero, SWAP_AB), SWAP_AB)  # one group: one partial
+            acc = _rescale(acc, p, tl.load(w_scale_ptr + (2 * n_blocks) * stride_sg + rn), SWAP_AB)  # group K/32 - 1
 
     # epilogue: acc is exactly 16x the reference's accumulator; fold the 1/16 into the activation scale
     if PER_TOKEN:
-        a_s = tl.load(as_ptr + rm) * 0.0625
+        a_s = tl.load(a_scale_ptr + rm) * 0.0625
     else:
-        a_s = tl.load(as_ptr + offs_m * 0) * 0.0625
-    if SWAP:
+        a_s = tl.load(a_scale_ptr + offs_m * 0) * 0.0625
+    if SWAP_AB:
         y = acc * a_s[None, :]
     else:
         y = acc * a_s[:, None]
     if HAS_BIAS:
         b = tl.load(bias_ptr + rn).to(tl.float32)
-        if SWAP:
+        if SWAP_AB:
             y = y + b[:, None]
         else:
             y = y + b[None, :]
-    y = cast_rn(y, out_ptr.dtype.element_ty, BF16_BY_HAND)  # the interpreter truncates to bf16: round by hand
-    if SWAP:
+    y = cast_rn(y, out_ptr.dtype.element_ty, INTERPRET)  # the interpreter truncates to bf16: round by hand
+    if SWAP_AB:
         ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
         mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
     else:
@@ -325,34 +339,39 @@ def w4a8_kernel(a_ptr, as_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
 
 # ---- configuration and launcher ---------------------------------------------------------------------------
 
-# table keys: tiles BM x BN (M and N extents, whatever SWAP does), BK = k per step (two half-dots of BK/2),
-# SWAP (weights as the dot's first operand), GROUP_M (launch grouping), num_warps, num_stages; optional
-# ASM (unpack with inline PTX; ignored by the interpreter, which runs the pure-Triton twin) and by_group
-# ({"256": {"BN": 64}}: keys that replace the entry's at that group size, e.g. where a bigger pack block
-# would spill: sm80 128x128 at G = 256 took 255 registers and 2 spill instructions, BN = 64 takes 163 and none).
-CONFIG_KEYS = ("BM", "BN", "BK", "SWAP", "GROUP_M", "num_warps", "num_stages")
+# Keys of a tile table entry (configs/w4a8_<arch>.json): tiles BM x BN (M and N extents, whatever SWAP_AB
+# does), BK = k per step (two half-dots of BK/2), GROUP_M (launch grouping), SWAP_AB (weights as the dot's
+# first operand), UNPACK_ASM (unpack with inline PTX; the interpreter always runs the pure-Triton twin),
+# num_warps, num_stages. Optional: by_group ({"256": {"BN": 64}}: keys that replace the entry's at that group
+# size, where a bigger pack block would spill: sm80 128x128 at G = 256 took 255 registers and 2 spill
+# instructions, BN = 64 takes 163 and none).
+CONFIG_KEYS = ("BM", "BN", "BK", "GROUP_M", "SWAP_AB", "UNPACK_ASM", "num_warps", "num_stages")
 
 
-def config_for(m: int, device, group_size: int) -> Dict:
-    """The tile table entry for this M on this device (``configs/w4a8_<arch>.json``), BK fitted to the group."""
-    from . import config_table as ct
-
-    cfg = ct.params(ct.pick(ct.load_table(KERNEL_NAME, ct.arch_for_device(device)), m))
-    return fit_config(cfg, group_size)
+def kernel_config(m: int, device, group_size: int) -> Dict:
+    """The tile table entry for this M on this device (``configs/w4a8_<arch>.json``), fitted to the group."""
+    table = config_table.load_table(KERNEL_NAME, config_table.arch_for_device(device))
+    return fit_config(config_table.params(config_table.pick(table, m)), group_size)
 
 
 def fit_config(cfg: Dict, group_size: int) -> Dict:
     """A step never spans two pack blocks: BK = min(BK, PB) (PB = max(G, 64) is a power of two, so it divides)."""
-    missing = [k for k in CONFIG_KEYS if k not in cfg]
-    if missing:
-        raise ValueError(f"w4a8 config lacks {missing}: {cfg}")
-    cfg = dict(cfg)
+    pb = pack_block(group_size)
+    cfg = checks.config_keys(KERNEL_NAME, cfg, CONFIG_KEYS)
     cfg.update(cfg.pop("by_group", {}).get(str(group_size), {}))
     bk = cfg["BK"]
-    if bk < MIN_BK or bk & (bk - 1):
-        raise ValueError(f"w4a8 BK must be a power of two >= {MIN_BK}, got {bk}")
-    cfg["BK"] = min(bk, pack_block(group_size))
+    if not isinstance(bk, int) or bk < MIN_BK or bk & (bk - 1):
+        raise ValueError(f"w4a8 BK must be a power of two >= {MIN_BK}, got {bk!r}")
+    cfg["BK"] = min(bk, pb)
     return cfg
+
+
+def describe() -> Dict:
+    """What this kernel family takes, from the constants and tables the launcher itself reads."""
+    archs = config_table.table_archs(KERNEL_NAME)
+    return {"weight_bits": 4, "group_sizes": list(GROUP_SIZES), "k_multiple": K_MULTIPLE, "max_k": MAX_K,
+            "layout": LAYOUT, "layout_version": LAYOUT_VERSION, "archs": config_table.gpu_ccs(archs),
+            "interpreter": "interpreter" in archs}
 
 
 def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
@@ -360,66 +379,69 @@ def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
               out: Optional[torch.Tensor] = None, config: Optional[Dict] = None) -> torch.Tensor:
     """``y = a_scale * sum_g w_scale[g] * (a @ w_g^T) + bias`` with ``w`` from :func:`pack_weight`.
 
-    Inputs are validated by ``ditq.ops`` (dtypes, shapes, devices); this checks what only the kernel needs.
-    ``out``: optional [M, N] tensor of ``out_dtype`` to write (row stride free, unit column stride).
-    ``config``: optional table entry overriding the tile table (tests, benchmarks)."""
-    m, k = a.shape
-    n = w_scale.shape[1]
+    a int8 [M, K], a_scale float32 [1] or [M], w uint8 [N, K // 2] (this kernel's layout, 16-byte aligned),
+    w_scale float32 [K // G, N], bias float16 / bfloat16 / float32 [N] or None; all contiguous, on one device;
+    G in :data:`GROUP_SIZES`, K a multiple of G and at most :data:`MAX_K`. Anything else raises ValueError /
+    TypeError. ``out``: optional [M, N] tensor of ``out_dtype`` to write (row stride free, unit column
+    stride). ``config``: optional table entry overriding the tile table (tests, benchmarks)."""
     pb = pack_block(group_size)
-    if k % group_size or w.numel() * 2 != n * k:
-        raise ValueError(f"w4a8: K = {k}, N = {n}, group_size {group_size} do not fit w of {tuple(w.shape)}")
-    if not (a.is_contiguous() and w.is_contiguous() and w_scale.is_contiguous()):
-        raise ValueError("w4a8: a, w and w_scale must be contiguous")
+    checks.tensor("a", a, (torch.int8,), dim=2)
+    m, k = a.shape
+    if k % group_size:
+        raise ValueError(f"group_size {group_size} does not divide K = {k}")
+    checks.k_dim(k, K_MULTIPLE, MAX_K, "rows of packed weights must be 16-byte aligned")
+    if isinstance(w_scale, torch.Tensor) and (w_scale.dim() != 2 or w_scale.shape[0] != k // group_size):
+        raise ValueError(f"w_scale must be [K // group_size, N] = [{k // group_size}, N] float32 (group-major), "
+                         f"got shape {tuple(w_scale.shape)}")
+    checks.tensor("w_scale", w_scale, (torch.float32,), dim=2)
+    n = w_scale.shape[1]
+    # w's shape is checked against a and w_scale, never trusted: a misshaped weight would be read silently
+    checks.tensor("w", w, (torch.uint8,), shape=(n, k // 2), labels=("N", "K / 2"))
+    checks.tensor("a_scale", a_scale, (torch.float32,), dim=1)
+    if a_scale.numel() not in (1, m):
+        raise ValueError(f"a_scale must be float32 [1] or [M] = [{m}], got {tuple(a_scale.shape)}")
+    if bias is not None:
+        checks.tensor("bias", bias, checks.FLOAT_DTYPES, shape=(n,), labels=("N",))
+    checks.out_dtype(out_dtype)
+    checks.same_device("a", a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, out=out)
+    check_device(a)
+    if w.data_ptr() % 16:  # the unpack reads 32-bit words and the GPU path 16-byte vectors of each row
+        raise ValueError("w must start 16-byte aligned (a fresh tensor or a row slice of one is)")
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(1) != 1 or out.device != a.device:
+    elif (not isinstance(out, torch.Tensor) or out.shape != (m, n) or out.dtype != out_dtype
+          or out.stride(1) != 1 or out.stride(0) < n):
         raise ValueError(f"w4a8: out must be [M, N] = [{m}, {n}] {out_dtype} on {a.device} with unit column "
                          f"stride, got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
     if m == 0 or n == 0:
         return out
-    cfg = fit_config(config, group_size) if config is not None else config_for(m, a.device, group_size)
+    if k == 0:
+        return out.copy_(torch.zeros_like(out) if bias is None else bias.to(out_dtype).expand(m, n))
+    cfg = fit_config(config, group_size) if config is not None else kernel_config(m, a.device, group_size)
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
     w4a8_kernel[grid](
         a, a_scale, w, w_scale, bias if bias is not None else w_scale, out, m, n, k,
-        a.stride(0), k // 2, w_scale.stride(0), out.stride(0),
-        GROUP=group_size, PB=pb, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], SWAP=bool(cfg["SWAP"]),
-        PER_TOKEN=a_scale.numel() == m and m > 1, HAS_BIAS=bias is not None, GROUP_M=cfg["GROUP_M"],
-        UNPACK_ASM=bool(cfg.get("ASM", False)) and not interpreting(),  # no inline asm in the interpreter
-        BF16_BY_HAND=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        a.stride(0), w.stride(0), w_scale.stride(0), out.stride(0),
+        PER_TOKEN=a_scale.numel() == m and m > 1, HAS_BIAS=bias is not None, GROUP=group_size, PB=pb,
+        BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], SWAP_AB=bool(cfg["SWAP_AB"]),
+        UNPACK_ASM=bool(cfg["UNPACK_ASM"]) and not interpreting(),  # no inline asm in the interpreter
+        INTERPRET=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
-def aot_job(params: Dict, cc: int, group_size: int, out_dtype: str = "bf16", per_token: bool = True,
+def aot_job(config: Dict, cc: int, *, group_size: int, out_dtype: str = "bf16", per_token: bool = True,
             bias: bool = True, aligned: bool = True) -> Dict:
     """Arguments of ``aot.compile_kernel`` for one table entry at group size ``group_size``, as the launcher
     would run it on a GPU of compute capability ``cc``: BK fitted to the group, and the alignment the launcher
     guarantees, pointers, K, N and every stride divisible by 16 (K % 32 == 0), M not (``aligned=False``
-    drops those hints). ``params["ASM"]`` picks the inline-PTX unpack (default: the pure-Triton twin)."""
-    cfg = fit_config(params, group_size)
-    ptr = {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*u8", "s_ptr": "*fp32", "bias_ptr": "*fp32",
+    drops those hints)."""
+    cfg = fit_config(config, group_size)
+    ptr = {"a_ptr": "*i8", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
            "out_ptr": "*" + out_dtype}
     ints = ("M", "N", "K", "stride_am", "stride_wn", "stride_sg", "stride_om")
-    constexprs = {"GROUP": group_size, "PB": pack_block(group_size), "BM": cfg["BM"], "BN": cfg["BN"],
-                  "BK": cfg["BK"], "SWAP": bool(cfg["SWAP"]), "PER_TOKEN": per_token, "HAS_BIAS": bias,
-                  "GROUP_M": cfg["GROUP_M"], "UNPACK_ASM": bool(cfg.get("ASM", False)), "BF16_BY_HAND": False}
+    constexprs = {"PER_TOKEN": per_token, "HAS_BIAS": bias, "GROUP": group_size, "PB": pack_block(group_size),
+                  "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "GROUP_M": cfg["GROUP_M"],
+                  "SWAP_AB": bool(cfg["SWAP_AB"]), "UNPACK_ASM": bool(cfg["UNPACK_ASM"]), "INTERPRET": False}
     hints = [n for n in (*ptr, *ints) if n != "M"]
     return dict(fn=w4a8_kernel, signature={**ptr, **{n: "i32" for n in ints}}, constexprs=constexprs, cc=cc,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], aligned=hints if aligned else [])
-
-
-def aot_source(cfg: Dict, group_size: int, out_dtype: str = "bf16", per_token: bool = True,
-               has_bias: bool = True):
-    """(ASTSource, options) of :func:`aot_job`'s compile, for an in-process ``triton.compile``. Kept for
-    ``benchmarks/static_report.py``, whose ``compile_triton`` still has an ``aot_source`` path; prefer
-    ``aot_job`` with ``aot.compile_many`` (a subprocess, so it also works under ``TRITON_INTERPRET=1``)."""
-    job = aot_job(cfg, 0, group_size, out_dtype, per_token, has_bias)
-    sig = {**job["signature"], **{c: "constexpr" for c in job["constexprs"]}}
-    attrs = {(w4a8_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in job["aligned"]}
-    src = triton.compiler.ASTSource(fn=w4a8_kernel, signature=sig, constexprs=job["constexprs"], attrs=attrs)
-    return src, {"num_warps": job["num_warps"], "num_stages": job["num_stages"]}
-
-
-def reference(a, a_scale, w, w_scale, bias, group_size, out_dtype):
-    """The same product through the reference maths, from this kernel's packed layout."""
-    q = ref.unpack_int4(unpack_weight(w, group_size))
-    return ref.gemm_w4a8(a, a_scale, q, w_scale, group_size, bias, out_dtype)

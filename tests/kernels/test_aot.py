@@ -28,7 +28,8 @@ def test_parse_sass_and_main_loop():
 
 
 def test_compile_failure_is_reported():
-    job = w8a8.aot_job(dict(BM=16, BN=16, BK=32, num_warps=4, num_stages=2), 90)
+    job = w8a8.aot_job(dict(BM=16, BN=16, BK=32, GROUP_M=8, SWAP_AB=False, USE_TMA=False, num_warps=4,
+                                num_stages=2), 90)
     job["signature"] = dict(job["signature"], K="not-a-type")
     with pytest.raises(aot.AOTError, match="AOT compile failed"):
         aot.compile_many([job])

@@ -6,7 +6,8 @@ from ditq.kernels import aot, quantize_act as qa
 
 @pytest.fixture(scope="module")
 def compiled():
-    jobs = [qa.aot_job({"BLOCK_K": 2048}, 90), qa.aot_job({"BLOCK_K": qa.MAX_BLOCK_K}, 80, in_dtype="fp32"),
+    jobs = [qa.aot_job({"BLOCK_K": 2048}, 90),
+            qa.aot_job({"BLOCK_K": qa.MAX_BLOCK_K}, 80, in_dtype="fp32"),
             qa.aot_job({"BLOCK_K": 2048}, 80, per_token=False, in_dtype="fp16")]
     return list(zip(jobs, aot.compile_many(jobs)))
 

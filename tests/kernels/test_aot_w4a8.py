@@ -25,14 +25,14 @@ def _jobs():
         for i, entry in enumerate(table):
             jobs += [(arch, entry, g) for g in GROUPS]
             if i == 0:  # the pure-Triton twin of the unpack must compile cleanly too
-                jobs.append((arch, dict(entry, ASM=False), 128))
+                jobs.append((arch, dict(entry, UNPACK_ASM=False), 128))
     return jobs
 
 
 @pytest.fixture(scope="session")
 def compiled():
     jobs = _jobs()
-    built = aot.compile_many([w4a8.aot_job(ct.params(entry), ARCH_CC[arch], g) for arch, entry, g in jobs])
+    built = aot.compile_many([w4a8.aot_job(ct.params(entry), ARCH_CC[arch], group_size=g) for arch, entry, g in jobs])
     return [(arch, entry, g, c, aot.sass_stats(c)) for (arch, entry, g), c in zip(jobs, built)]
 
 

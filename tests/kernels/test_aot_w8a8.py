@@ -12,8 +12,8 @@ SHIPPED = config_table.all_entries("w8a8")  # [(arch, entry)]
 IDS = [f"{arch}-m{e['max_m']}" for arch, e in SHIPPED]
 # Negative controls: no alignment hints (what the launcher's K % 16 rule prevents) on cc 90 and cc 80,
 # and a 128x256x128 Hopper tile whose accumulator plus epilogue exceed 255 registers.
-NAIVE = dict(BM=128, BN=128, BK=64, swap_ab=False, tma=False, num_warps=4, num_stages=3)
-BIG = dict(BM=128, BN=256, BK=128, swap_ab=False, tma=True, num_warps=8, num_stages=3)
+NAIVE = dict(BM=128, BN=128, BK=64, GROUP_M=8, SWAP_AB=False, USE_TMA=False, num_warps=4, num_stages=3)
+BIG = dict(BM=128, BN=256, BK=128, GROUP_M=8, SWAP_AB=False, USE_TMA=True, num_warps=8, num_stages=3)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_shipped_config_sass(stats, i):
     if arch == "sm90":
         assert s.igmma > 0 and s.imma == 0, s.summary()  # wgmma, not the slower mma.sync path
         assert s.shared <= 227 * 1024, s.summary()
-        if entry.get("tma"):
+        if entry["USE_TMA"]:
             assert s.utmaldg > 0 and not s.ldgsts, s.summary()
     else:
         assert s.imma > 0 and s.igmma == 0, s.summary()

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from ditq.kernels import interpret, quantize_act as qa
+from ditq.quant import reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -21,7 +22,10 @@ def _check(x, scale):
     x, scale = x.to(DEVICE), None if scale is None else scale.to(DEVICE)
     q_out = torch.full(x.shape, -128, dtype=torch.int8, device=DEVICE)  # poisoned: the kernel never writes -128
     q, s = qa.quantize_act(x, scale, out=q_out)
-    rq, rs = qa.reference(x, scale)
+    if scale is None:
+        rq, rs = ref.quantize_per_token(x)
+    else:
+        rq, rs = ref.quantize_with_scale(x, scale, ref.INT8_QMAX), scale
     assert q.data_ptr() == q_out.data_ptr()
     assert torch.equal(q, rq), f"{int((q != rq).sum())} of {q.numel()} values differ"
     assert s.dtype == torch.float32 and torch.equal(s, rs)
@@ -60,20 +64,24 @@ def test_scale_is_a_copy():
 
 def test_errors(monkeypatch):
     x = _input(4, 32, torch.float32, seed=1)
-    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+    with pytest.raises(TypeError, match="x must be float16, bfloat16, float32, got int32"):
         qa.quantize_act(x.to(torch.int32))
-    with pytest.raises(ValueError, match=r"\[M, K\]"):
+    with pytest.raises(ValueError, match="x must have 2 dimension"):
         qa.quantize_act(x[None])
     with pytest.raises(ValueError, match="contiguous"):
         qa.quantize_act(x.t())
-    with pytest.raises(ValueError, match="float32 tensor of shape \\[1\\]"):
+    with pytest.raises(ValueError, match=r"static scale must be float32 \[1\]"):
         qa.quantize_act(x, torch.tensor([0.1, 0.2]))
-    with pytest.raises(ValueError, match="float32 tensor of shape \\[1\\]"):
+    with pytest.raises(TypeError, match="static scale must be float32, got float64"):
         qa.quantize_act(x, torch.tensor([0.1], dtype=torch.float64))
+    with pytest.raises(ValueError, match="static scale is on meta but x is on cpu"):
+        qa.quantize_act(x, torch.tensor([0.1], device="meta"))
     with pytest.raises(ValueError, match="exceeds"):
         qa.quantize_act(torch.zeros(1, qa.MAX_BLOCK_K + 16))
-    with pytest.raises(ValueError, match="out must be"):
+    with pytest.raises(ValueError, match=r"out must be int8 \[M, K\] = \[4, 32\]"):
         qa.quantize_act(x, out=torch.empty(4, 31, dtype=torch.int8))
+    with pytest.raises(TypeError, match="out must be int8"):
+        qa.quantize_act(x, out=torch.empty(4, 32, dtype=torch.uint8))
     monkeypatch.setattr(interpret, "interpreting", lambda: False)  # as if imported with it off
     with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing triton or diffusers"):
         qa.quantize_act(x)

@@ -17,7 +17,7 @@ OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _cfg(swap, bm=16, bn=16, bk=128):
     # small tiles: the interpreter's integer dot is NumPy matmul, run once per program
-    return dict(BM=bm, BN=bn, BK=bk, SWAP=swap, GROUP_M=4, num_warps=4, num_stages=2)
+    return dict(BM=bm, BN=bn, BK=bk, GROUP_M=4, SWAP_AB=swap, UNPACK_ASM=False, num_warps=4, num_stages=2)
 
 
 def _case(m, n, k, g, seed, per_token, with_bias, bias_dtype=torch.float32):
@@ -96,26 +96,46 @@ def test_shipped_table_and_strided_out():
         y = w4a8.gemm_w4a8(a.to(DEVICE), a_s.to(DEVICE), w.to(DEVICE), s.to(DEVICE), None, g, torch.bfloat16)
         assert y.dtype == torch.bfloat16 and y.shape == (m, 21)
         testing.assert_gemm_w4a8(y, a, a_s, q, s, g, None, what=f"w4a8 table M={m} bf16")
-        # the module's own reference (from the packed layout) meets the same bound
-        expected = w4a8.reference(a, a_s, w, s, None, g, torch.bfloat16)
-        testing.assert_gemm_w4a8(expected, a, a_s, q, s, g, None, what="w4a8.reference")
 
 
 def test_launcher_errors():
+    """The launcher is the kernel's only validation: every input it cannot take is refused, by name."""
     a, q, s, a_s, _ = _case(4, 16, 64, 32, 3, False, False)
     w = w4a8.pack_weight(ref.pack_int4(q), 32)
-    with pytest.raises(ValueError, match="out must be"):
-        w4a8.gemm_w4a8(a, a_s, w, s, None, 32, torch.float32, out=torch.empty(4, 15))
-    with pytest.raises(ValueError, match="out must be"):
-        w4a8.gemm_w4a8(a, a_s, w, s, None, 32, torch.float32, out=torch.empty(4, 16, dtype=torch.float16))
-    with pytest.raises(ValueError, match="BK must be"):
-        w4a8.gemm_w4a8(a, a_s, w, s, None, 32, torch.float32, config=_cfg(True, bk=32))
-    with pytest.raises(ValueError, match="lacks"):
-        w4a8.gemm_w4a8(a, a_s, w, s, None, 32, torch.float32, config={"BM": 16})
-    with pytest.raises(ValueError, match="do not fit"):
-        w4a8.gemm_w4a8(a, a_s, w[:8], s, None, 32, torch.float32)
-    with pytest.raises(ValueError, match="group_size must be one of"):
-        w4a8.gemm_w4a8(a, a_s, w, s, None, 16, torch.float32)
+    f32 = torch.float32
+    gemm = w4a8.gemm_w4a8
+    bad = [
+        (ValueError, "out must be", lambda: gemm(a, a_s, w, s, None, 32, f32, out=torch.empty(4, 15))),
+        (ValueError, "out must be", lambda: gemm(a, a_s, w, s, None, 32, f32, out=torch.empty(4, 16).half())),
+        (ValueError, "BK must be", lambda: gemm(a, a_s, w, s, None, 32, f32, config=_cfg(True, bk=32))),
+        (ValueError, "lacks", lambda: gemm(a, a_s, w, s, None, 32, f32, config={"BM": 16})),
+        # a misshaped packed weight: too few rows, or the canonical K // 2 bytes of a different K
+        (ValueError, r"w must be uint8 \[N, K / 2\] = \[16, 32\]", lambda: gemm(a, a_s, w[:8], s, None, 32, f32)),
+        (ValueError, r"w must be uint8 \[N, K / 2\] = \[16, 32\]", lambda: gemm(a, a_s, w.reshape(32, 16), s, None, 32, f32)),
+        (ValueError, "group_size must be one of", lambda: gemm(a, a_s, w, s, None, 16, f32)),
+        (ValueError, "group_size must be one of", lambda: gemm(a, a_s, w, s, None, True, f32)),
+        (ValueError, "group_size 64 does not divide K = 32", lambda: gemm(a[:, :32].contiguous(), a_s, w, s, None, 64, f32)),
+        (ValueError, "exceeds 16384", lambda: gemm(torch.zeros(1, 16384 + 32, dtype=torch.int8), a_s[:1],
+                                                    torch.zeros(2, 8208, dtype=torch.uint8),
+                                                    torch.ones(513, 2), None, 32, f32)),
+        (TypeError, "a must be int8", lambda: gemm(a.float(), a_s, w, s, None, 32, f32)),
+        (ValueError, "a must be contiguous", lambda: gemm(a.t().contiguous().t(), a_s, w, s, None, 32, f32)),
+        (TypeError, "w must be uint8", lambda: gemm(a, a_s, w.to(torch.int8), s, None, 32, f32)),
+        (ValueError, "w must be contiguous",
+         lambda: gemm(a, a_s, torch.zeros(16, 64, dtype=torch.uint8)[:, ::2], s, None, 32, f32)),
+        (ValueError, r"w_scale must be \[K // group_size, N\] = \[2, N\]", lambda: gemm(a, a_s, w, s[:1], None, 32, f32)),
+        (TypeError, "w_scale must be float32", lambda: gemm(a, a_s, w, s.double(), None, 32, f32)),
+        (ValueError, r"a_scale must be float32 \[1\] or \[M\]",
+         lambda: gemm(a, torch.ones(3), w, s, None, 32, f32)),
+        (ValueError, r"bias must be float16, bfloat16, float32 \[N\] = \[16\]", lambda: gemm(a, a_s, w, s, torch.ones(15), 32, f32)),
+        (TypeError, "out_dtype", lambda: gemm(a, a_s, w, s, None, 32, torch.int32)),
+        (ValueError, "w is on meta but a is on cpu", lambda: gemm(a, a_s, w.to("meta"), s, None, 32, f32)),
+        (ValueError, "16-byte aligned",
+         lambda: gemm(a, a_s, torch.zeros(16 * 32 + 4, dtype=torch.uint8)[4:].view(16, 32), s, None, 32, f32)),
+    ]
+    for exc, msg, call in bad:
+        with pytest.raises(exc, match=msg):
+            call()
 
 
 def test_unpack_asm_bit_logic():

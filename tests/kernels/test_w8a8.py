@@ -12,10 +12,10 @@ OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = ((1, 17, 48), (7, 33, 80), (37, 19, 48))
 # Every code path: the table's choice, and forced pointer / TMA x plain / swapped operands.
 CONFIGS = {
-    "ptr": dict(BM=16, BN=16, BK=32, swap_ab=False, tma=False, num_warps=1, num_stages=1),
-    "ptr-swap": dict(BM=16, BN=32, BK=32, swap_ab=True, tma=False, num_warps=1, num_stages=1),
-    "tma": dict(BM=32, BN=16, BK=32, swap_ab=False, tma=True, num_warps=1, num_stages=1),
-    "tma-swap": dict(BM=16, BN=16, BK=32, swap_ab=True, tma=True, num_warps=1, num_stages=1),
+    "ptr": dict(BM=16, BN=16, BK=32, GROUP_M=2, SWAP_AB=False, USE_TMA=False, num_warps=1, num_stages=1),
+    "ptr-swap": dict(BM=16, BN=32, BK=32, GROUP_M=2, SWAP_AB=True, USE_TMA=False, num_warps=1, num_stages=1),
+    "tma": dict(BM=32, BN=16, BK=32, GROUP_M=2, SWAP_AB=False, USE_TMA=True, num_warps=1, num_stages=1),
+    "tma-swap": dict(BM=16, BN=16, BK=32, GROUP_M=2, SWAP_AB=True, USE_TMA=True, num_warps=1, num_stages=1),
 }
 
 
@@ -59,7 +59,7 @@ def test_int32_accumulation_at_the_largest_k():
     w = torch.full((3, k), -128, dtype=torch.int8)
     w[1] = 127
     w[2, 1::2] = 5
-    cfg = dict(BM=16, BN=16, BK=1024, swap_ab=False, tma=False, num_warps=1, num_stages=1)
+    cfg = dict(BM=16, BN=16, BK=1024, GROUP_M=2, SWAP_AB=False, USE_TMA=False, num_warps=1, num_stages=1)
     a, w, ones1, ones3 = a.to(DEVICE), w.to(DEVICE), torch.ones(1, device=DEVICE), torch.ones(3, device=DEVICE)
     out = torch.full((1, 3), float("nan"), device=DEVICE)
     y = w8a8.gemm_w8a8(a, ones1, w, ones3, None, torch.float32, out=out, config=cfg)
@@ -73,28 +73,44 @@ def test_launcher_uses_the_table():
 
 
 def test_errors(monkeypatch):
+    """Every input the kernel cannot take is refused by the launcher, by name, before Triton sees it."""
     a, a_scale, w, w_scale, b = (t.cpu() for t in _inputs(4, 8, 32, True, True, seed=3))
     f32 = torch.float32
-    with pytest.raises(TypeError, match="a must be a 2-D int8"):
-        w8a8.gemm_w8a8(a.float(), a_scale, w, w_scale)
-    with pytest.raises(TypeError, match="w must be a 2-D int8"):
-        w8a8.gemm_w8a8(a, a_scale, w.to(torch.uint8), w_scale)
-    with pytest.raises(ValueError, match="contiguous"):
-        w8a8.gemm_w8a8(torch.randint(-5, 5, (32, 4), dtype=torch.int8).t(), a_scale, w, w_scale)
-    with pytest.raises(ValueError, match="w must be \\[N, K\\]"):
-        w8a8.gemm_w8a8(a, a_scale, w[:, :16].contiguous(), w_scale)
-    with pytest.raises(ValueError, match="multiple of 16"):
-        w8a8.gemm_w8a8(a[:, :24].contiguous(), a_scale, w[:, :24].contiguous(), w_scale)
-    with pytest.raises(ValueError, match="a_scale must be float32"):
-        w8a8.gemm_w8a8(a, a_scale[:3], w, w_scale)
-    with pytest.raises(ValueError, match="w_scale must be float32"):
-        w8a8.gemm_w8a8(a, a_scale, w, w_scale[:5])
-    with pytest.raises(ValueError, match="bias must be"):
-        w8a8.gemm_w8a8(a, a_scale, w, w_scale, b[:3])
-    with pytest.raises(TypeError, match="out_dtype"):
-        w8a8.gemm_w8a8(a, a_scale, w, w_scale, None, torch.int32)
-    with pytest.raises(ValueError, match="out must be"):
-        w8a8.gemm_w8a8(a, a_scale, w, w_scale, None, f32, out=torch.empty(4, 8, dtype=torch.float16))
+    bad = [
+        (TypeError, "a must be int8, got float32", lambda: w8a8.gemm_w8a8(a.float(), a_scale, w, w_scale)),
+        (TypeError, "a must be a torch.Tensor", lambda: w8a8.gemm_w8a8(a.numpy(), a_scale, w, w_scale)),
+        (ValueError, "a must have 2 dimension", lambda: w8a8.gemm_w8a8(a[None], a_scale, w, w_scale)),
+        (TypeError, "w must be int8, got uint8", lambda: w8a8.gemm_w8a8(a, a_scale, w.to(torch.uint8), w_scale)),
+        (ValueError, "a must be contiguous",
+         lambda: w8a8.gemm_w8a8(torch.randint(-5, 5, (32, 4), dtype=torch.int8).t(), a_scale, w, w_scale)),
+        (ValueError, r"w must be int8 \[N, K\] = \[\*, 32\]",
+         lambda: w8a8.gemm_w8a8(a, a_scale, w[:, :16].contiguous(), w_scale)),
+        (ValueError, "multiple of 16",
+         lambda: w8a8.gemm_w8a8(a[:, :24].contiguous(), a_scale, w[:, :24].contiguous(), w_scale)),
+        (ValueError, "exceeds 16384", lambda: w8a8.gemm_w8a8(torch.zeros(1, 16400, dtype=torch.int8), a_scale[:1],
+                                                              torch.zeros(2, 16400, dtype=torch.int8), w_scale[:2])),
+        (ValueError, r"a_scale must be float32 \[1\] or \[M\]", lambda: w8a8.gemm_w8a8(a, a_scale[:3], w, w_scale)),
+        (TypeError, "a_scale must be float32, got float64", lambda: w8a8.gemm_w8a8(a, a_scale.double(), w, w_scale)),
+        (ValueError, "a_scale must be contiguous",
+         lambda: w8a8.gemm_w8a8(a, torch.rand(8)[::2], w, w_scale)),
+        (ValueError, r"w_scale must be float32 \[N\] = \[8\]", lambda: w8a8.gemm_w8a8(a, a_scale, w, w_scale[:5])),
+        (ValueError, r"bias must be float16, bfloat16, float32 \[N\] = \[8\]", lambda: w8a8.gemm_w8a8(a, a_scale, w, w_scale, b[:3])),
+        (TypeError, "bias must be float16, bfloat16, float32",
+         lambda: w8a8.gemm_w8a8(a, a_scale, w, w_scale, b.to(torch.int32))),
+        (TypeError, "out_dtype", lambda: w8a8.gemm_w8a8(a, a_scale, w, w_scale, None, torch.int32)),
+        (TypeError, "out must be float32",
+         lambda: w8a8.gemm_w8a8(a, a_scale, w, w_scale, None, f32, out=torch.empty(4, 8, dtype=torch.float16))),
+        (ValueError, "out must be contiguous",
+         lambda: w8a8.gemm_w8a8(a, a_scale, w, w_scale, None, f32, out=torch.empty(8, 4).t())),
+        (ValueError, "w_scale is on meta but a is on cpu",
+         lambda: w8a8.gemm_w8a8(a, a_scale, w, w_scale.to("meta"))),
+        (ValueError, "lacks", lambda: w8a8.gemm_w8a8(a, a_scale, w, w_scale, config={"BM": 16})),
+        (ValueError, "BK must be a power of two",
+         lambda: w8a8.gemm_w8a8(a, a_scale, w, w_scale, config=dict(CONFIGS["ptr"], BK=24))),
+    ]
+    for exc, msg, call in bad:
+        with pytest.raises(exc, match=msg):
+            call()
     monkeypatch.setattr(interpret, "interpreting", lambda: False)  # as if imported with it off
     with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing triton or diffusers"):
         w8a8.gemm_w8a8(a, a_scale, w, w_scale)
