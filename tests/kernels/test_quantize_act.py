@@ -85,3 +85,38 @@ def test_errors(monkeypatch):
     monkeypatch.setattr(interpret, "interpreting", lambda: False)  # as if imported with it off
     with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before importing triton or diffusers"):
         qa.quantize_act(x)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_inf_per_token(dtype):
+    """A row holding any NaN or +-inf gets scale NaN and q all 0 (the GEMM row then becomes NaN, never a
+    plausible wrong number); an all-zero row keeps scale 1 and q 0; finite rows are unaffected."""
+    x = torch.randn(6, 37, generator=torch.Generator().manual_seed(5)) * 3
+    x[0, 3] = NAN
+    x[1, 36] = INF  # in the last lane, past the previous power of two: the masked tail's neighbour
+    x[2, 0] = -INF
+    x[3] = 0.0
+    x[4, 1], x[4, 2], x[4, 3] = NAN, INF, -INF  # mixed
+    x = x.to(dtype).to(DEVICE)
+    q_out = torch.full(x.shape, -128, dtype=torch.int8, device=DEVICE)
+    q, s = qa.quantize_act(x, None, out=q_out)
+    s, q = s.cpu(), q.cpu()
+    assert torch.isnan(s[[0, 1, 2, 4]]).all(), s
+    assert (q[[0, 1, 2, 3, 4]] == 0).all(), q[:5]
+    assert s[3].item() == 1.0
+    rq, rs = ref.quantize_per_token(x[5:].cpu())  # the finite row: bit-exact as always
+    assert torch.equal(q[5:], rq) and torch.equal(s[5:], rs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_inf_static(dtype):
+    """Static scale: elementwise, NaN -> 0, +inf -> 127, -inf -> -127; the scale is returned as given."""
+    x = torch.tensor([[NAN, INF, -INF, 1.0, -2.5, 1000.0, NAN, 0.0],
+                      [0.5, NAN, NAN, NAN, INF, INF, -INF, -300.0]]).to(dtype)
+    scale = torch.tensor([0.5])
+    q, s = qa.quantize_act(x.to(DEVICE), scale.to(DEVICE))
+    assert q.cpu().tolist() == [[0, 127, -127, 2, -5, 127, 0, 0], [1, 0, 0, 0, 127, 127, -127, -127]]
+    assert torch.equal(s.cpu(), scale)
