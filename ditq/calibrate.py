@@ -12,20 +12,129 @@ Modes (``QuantConfig.calibration``):
 * a list of step indices: observers record those calls; the run stops after the last one.
 * ``"all-steps"`` (the baseline the paper compares against): every call of every run.
 
-Each observer keeps ``absmax[step]`` (the max over runs of max |x| at that step), so the per-step ranges stay
-available for the report and for figures; the static scale is ``absmax / 127`` over the selected steps. The
-transformer's positional and keyword inputs at call 0 of each run are kept (detached copies) so that the report
-can re-run exactly those calls before and after quantization.
+Each observer keeps, per recorded step, ``absmax[step]`` (the max over runs of max |x|) and a histogram of |x| on
+fixed log-spaced bins (count, sum |x|, sum x² per bin: 3 x 770 float64 per layer and step, whatever the batch), plus
+the per-input-channel max |x| over all recorded steps (for outlier smoothing). The histogram is what the range
+estimators work from, so memory stays bounded however many rows calibration sees:
+
+* ``"max"``: the max |x| (the paper's choice; the default);
+* ``"percentile"``: the ``p``-th percentile of |x| (interpolated inside a bin);
+* ``"mse"``: a 1-D search over clip ratios of the max, minimizing the estimated int8 quantization MSE of the
+  recorded activations (:func:`quant_mse`).
+
+The static scale is ``clip / 127`` over the selected steps. The transformer's positional and keyword inputs at
+call 0 of each run are kept (detached copies) so that the report can re-run exactly those calls before and after
+quantization; its timestep at each step is kept too (for timestep-grouped scales).
+
+A non-finite activation in calibration raises :class:`CalibrationError` naming the layer and the step: a NaN
+would otherwise become a NaN scale and an SQNR of "nan dB" with no warning.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, List, Optional, Sequence
+import math
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .quant.reference import INT8_QMAX, symmetric_scale
+
+ESTIMATORS = ("max", "percentile", "mse")
+
+# Histogram bins of |x| in the log2 domain: bin 0 holds |x| < 2^LOG2_MIN (zeros included), then BINS_PER_OCTAVE
+# bins per octave up to 2^LOG2_MAX (larger values land in the last bin; its sums stay exact). 16 bins per octave
+# put a bin's edges 4.4 % apart, finer than the clip-ratio grid of the MSE search.
+LOG2_MIN, LOG2_MAX, BINS_PER_OCTAVE = -24, 24, 16
+NUM_BINS = (LOG2_MAX - LOG2_MIN) * BINS_PER_OCTAVE + 2
+MSE_RATIOS = torch.linspace(0.2, 1.0, 81).tolist()  # clip candidates, as fractions of the max
+
+
+def bin_edges() -> torch.Tensor:
+    """float64 [NUM_BINS + 1] lower/upper edges of the histogram bins (bin 0 starts at 0, the last ends at inf)."""
+    inner = 2.0 ** (LOG2_MIN + torch.arange(NUM_BINS - 1, dtype=torch.float64) / BINS_PER_OCTAVE)
+    return torch.cat([torch.zeros(1, dtype=torch.float64), inner, torch.full((1,), math.inf, dtype=torch.float64)])
+
+
+def histogram(x: torch.Tensor) -> torch.Tensor:
+    """float64 [3, NUM_BINS]: per bin of |x|, the count, the sum of |x| and the sum of x²."""
+    a = x.detach().abs().reshape(-1).double()
+    idx = torch.floor((torch.log2(a.clamp(min=2.0 ** LOG2_MIN)) - LOG2_MIN) * BINS_PER_OCTAVE).long() + 1
+    idx = torch.where(a < 2.0 ** LOG2_MIN, torch.zeros_like(idx), idx.clamp(1, NUM_BINS - 1))
+    out = torch.zeros(3, NUM_BINS, dtype=torch.float64, device=a.device)
+    out[0].index_add_(0, idx, torch.ones_like(a))
+    out[1].index_add_(0, idx, a)
+    out[2].index_add_(0, idx, a * a)
+    return out.cpu()
+
+
+def quant_mse(hist: torch.Tensor, clip: float, qmax: int = INT8_QMAX) -> float:
+    """Estimated sum of squared int8 errors of the histogrammed values with clip ``clip`` (scale clip / qmax).
+
+    Per bin: values above the clip cost (|x| - c)² exactly (from the bin's count and sums); values that round to
+    zero (|x| < s/2) cost x² exactly; the rest cost the uniform rounding noise s²/12 each. A bin straddling the
+    clip is split by its width (bins are 4.4 % wide, so the approximation is small)."""
+    if clip <= 0:
+        return float(hist[2].sum())
+    s = clip / qmax
+    edges = bin_edges()
+    lo, hi = edges[:-1], edges[1:]
+    n, s1, s2 = hist[0], hist[1], hist[2]
+    clipped = (s2 - 2 * clip * s1 + n * clip * clip).clamp(min=0)
+    inside = torch.where(hi <= s / 2, s2, n * (s * s / 12))
+    width = torch.where(torch.isfinite(hi), hi - lo, torch.ones_like(hi))
+    frac_above = ((hi.clamp(max=1e300) - clip) / width).clamp(0, 1)
+    frac_above = torch.where(lo >= clip, torch.ones_like(frac_above), frac_above)
+    frac_above = torch.where(hi <= clip, torch.zeros_like(frac_above), frac_above)
+    return float((frac_above * clipped + (1 - frac_above) * inside).sum())
+
+
+def percentile_clip(hist: torch.Tensor, absmax: float, p: float) -> float:
+    """The p-th percentile (0 < p <= 100) of |x|, interpolated linearly inside its bin, never above the max."""
+    counts = hist[0]
+    total = float(counts.sum())
+    if total == 0 or absmax == 0:
+        return 0.0
+    target = total * p / 100.0
+    cum = torch.cumsum(counts, 0)
+    i = int(torch.searchsorted(cum, torch.tensor([target], dtype=cum.dtype)).clamp(max=len(cum) - 1))
+    edges = bin_edges()
+    lo, hi = float(edges[i]), min(float(edges[i + 1]), absmax)
+    before = float(cum[i - 1]) if i > 0 else 0.0
+    frac = 0.0 if counts[i] == 0 else (target - before) / float(counts[i])
+    return min(absmax, lo + max(0.0, min(1.0, frac)) * max(0.0, hi - lo))
+
+
+def mse_clip(hist: torch.Tensor, absmax: float, qmax: int = INT8_QMAX) -> float:
+    """The clip in ``MSE_RATIOS x absmax`` with the least estimated quantization MSE (ties: the larger clip)."""
+    if absmax == 0:
+        return 0.0
+    best, best_err = absmax, quant_mse(hist, absmax, qmax)
+    for r in reversed(MSE_RATIOS[:-1]):
+        err = quant_mse(hist, r * absmax, qmax)
+        if err < best_err * (1 - 1e-9):
+            best, best_err = r * absmax, err
+    return best
+
+
+def clip_value(hist: torch.Tensor, absmax: float, estimator: str, percentile: float = 99.99) -> float:
+    """The activation clip of one layer from its (summed) histogram and max under ``estimator``."""
+    if estimator == "max":
+        return absmax
+    if estimator == "percentile":
+        return percentile_clip(hist, absmax, percentile)
+    if estimator == "mse":
+        return mse_clip(hist, absmax)
+    raise ValueError(f"unknown range estimator {estimator!r}; choose one of {ESTIMATORS}")
+
+
+def hist_sqnr(hist: torch.Tensor, clip: float) -> Optional[float]:
+    """Estimated activation SQNR (dB) of the histogrammed values quantized with clip ``clip``."""
+    signal = float(hist[2].sum())
+    if signal == 0:
+        return None
+    noise = quant_mse(hist, clip)
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
 
 
 class CalibrationError(RuntimeError):
@@ -60,6 +169,9 @@ class Calibrator:
         self.steps = None if steps is None else sorted(set(steps))
         self.record_ranges = record_ranges
         self.absmax: Dict[str, Dict[int, float]] = {n: {} for n in self.layers}
+        self.hist: Dict[str, Dict[int, torch.Tensor]] = {n: {} for n in self.layers}
+        self.channel_absmax: Dict[str, torch.Tensor] = {}  # name -> float32 [K], max over recorded steps and runs
+        self.timesteps: Dict[int, float] = {}  # step -> the transformer's timestep at that step (first run's)
         self.calls_per_run: List[int] = []
         self.first_step_inputs: List[tuple] = []  # (args, kwargs) of call 0 of each run
         self._step = -1
@@ -75,6 +187,12 @@ class Calibrator:
         self._step = self._calls
         if self._step == 0:
             self.first_step_inputs.append((_detach_copy(args), _detach_copy(kwargs)))
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if t is not None and self._step not in self.timesteps:
+            try:
+                self.timesteps[self._step] = float(torch.as_tensor(t).reshape(-1)[0])
+            except (TypeError, ValueError, IndexError, RuntimeError):
+                pass  # a transformer without a timestep input: grouped scales are then unavailable
 
     def _post_transformer(self, module, args, kwargs, output):
         self._calls += 1
@@ -83,16 +201,28 @@ class Calibrator:
             raise _StopRun()
 
     def _observer(self, name: str):
-        record = self.absmax[name]
+        record, hists = self.absmax[name], self.hist[name]
 
         def hook(module, args):
             if self._step < 0 or not self._selected(self._step):
                 return
             x = args[0]
-            if not torch.is_tensor(x) or not x.is_floating_point():
+            if not torch.is_tensor(x) or not x.is_floating_point() or not x.numel():
                 return
-            v = float(x.detach().abs().amax()) if x.numel() else 0.0
+            x = x.detach()
+            if not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x)).sum())
+                raise CalibrationError(f"layer {name!r} got {bad} non-finite activation value(s) (NaN/inf) at "
+                                       f"calibration step {self._step}: calibration data must be finite (check "
+                                       f"the model's inputs and dtype)")
+            x2 = x.reshape(-1, x.shape[-1]).abs()
+            v = float(x2.amax())
             record[self._step] = max(record.get(self._step, 0.0), v)
+            h = histogram(x2)
+            hists[self._step] = h if self._step not in hists else hists[self._step] + h
+            ch = x2.amax(dim=0).float().cpu()
+            prev = self.channel_absmax.get(name)
+            self.channel_absmax[name] = ch if prev is None else torch.maximum(prev, ch)
         return hook
 
     def __enter__(self):
@@ -130,12 +260,37 @@ class Calibrator:
 
     # ---- results ------------------------------------------------------------------------------------
 
-    def scale(self, name: str) -> Optional[torch.Tensor]:
-        """float32 [1] static scale of layer ``name`` over the recorded steps; None if it never ran."""
+    def recorded_steps(self, name: str) -> List[int]:
+        return sorted(self.absmax[name])
+
+    def summed_hist(self, name: str, steps: Optional[Iterable[int]] = None) -> torch.Tensor:
+        """The histogram of layer ``name`` summed over ``steps`` (None: every recorded step)."""
+        rec = self.hist[name]
+        keys = list(rec) if steps is None else [s for s in steps if s in rec]
+        out = torch.zeros(3, NUM_BINS, dtype=torch.float64)
+        for k in keys:
+            out += rec[k]
+        return out
+
+    def clip(self, name: str, steps: Optional[Iterable[int]] = None, estimator: str = "max",
+             percentile: float = 99.99) -> Optional[float]:
+        """The clip of layer ``name`` over ``steps`` (None: every recorded step); None if it never ran there."""
         rec = self.absmax[name]
-        if not rec:
+        keys = list(rec) if steps is None else [s for s in steps if s in rec]
+        if not keys:
             return None
-        return symmetric_scale(torch.tensor([max(rec.values())], dtype=torch.float32), INT8_QMAX)
+        absmax = max(rec[k] for k in keys)
+        return clip_value(self.summed_hist(name, keys), absmax, estimator, percentile)
+
+    def scale(self, name: str, steps: Optional[Iterable[int]] = None, estimator: str = "max",
+              percentile: float = 99.99) -> Optional[torch.Tensor]:
+        """float32 [1] static scale ``clip / 127`` of layer ``name`` over the recorded steps; None if it never
+        ran. A layer whose recorded inputs were all zero gets 1.0 (:func:`ditq.quant.reference.symmetric_scale`);
+        :func:`ditq.quantize` keeps such a layer in full precision instead, with a warning."""
+        c = self.clip(name, steps, estimator, percentile)
+        if c is None:
+            return None
+        return symmetric_scale(torch.tensor([c], dtype=torch.float32), INT8_QMAX)
 
 
 # ---- drivers ------------------------------------------------------------------------------------------
@@ -158,8 +313,22 @@ def pipeline_runs(pipe, calib_inputs) -> List[Callable[[], object]]:
         kwargs = dict(kwargs)
         if takes_generator and kwargs.get("generator") is None:
             kwargs["generator"] = torch.Generator("cpu").manual_seed(i)
-        runs.append(lambda kw=kwargs: pipe(**kw))
+        runs.append(_rerunnable(pipe, kwargs))
     return runs
+
+
+def _rerunnable(pipe, kwargs):
+    """A run that starts its generator(s) from the same state every time it is called: smoothing calibrates
+    twice, and both passes must see the same noise."""
+    gens = kwargs.get("generator")
+    gens = gens if isinstance(gens, (list, tuple)) else [gens]
+    states = [(g, g.get_state()) for g in gens if isinstance(g, torch.Generator)]
+
+    def run():
+        for g, st in states:
+            g.set_state(st)
+        return pipe(**kwargs)
+    return run
 
 
 def calibrate(transformer: nn.Module, layers: Dict[str, nn.Linear], runs: List[Callable[[], object]],

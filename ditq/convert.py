@@ -46,14 +46,18 @@ not on image tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import math
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import backends
-from .calibrate import CalibrationError, calibrate, pipeline_runs
+from . import timestep_groups as tgroups
+from .calibrate import ESTIMATORS, CalibrationError, Calibrator, calibrate, hist_sqnr, pipeline_runs
 from .config import QuantConfig, QuantConfigError
 from .nn import QuantLinear, dequantize_weight
 from .quant import reference as ref
@@ -108,29 +112,39 @@ def module_bytes(module: nn.Module) -> int:
     return total
 
 
+def linear_aliases(transformer: nn.Module) -> Dict[str, List[str]]:
+    """first name -> every name of one nn.Linear reachable under several names (``s.b = s.a``); others absent."""
+    names: Dict[int, List[str]] = {}
+    for n, m in transformer.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Linear) and n not in names.setdefault(id(m), []):
+            names[id(m)].append(n)
+    return {ns[0]: ns for ns in names.values() if len(ns) > 1}
+
+
 def select_layers(transformer: nn.Module, cfg: QuantConfig) -> Tuple[Dict[str, nn.Linear], Dict[str, str]]:
-    """(candidates name -> nn.Linear, skipped name -> reason) under ``cfg``'s rules."""
+    """(candidates name -> nn.Linear, skipped name -> reason) under ``cfg``'s rules.
+
+    A linear reachable under several names is one candidate under its first name; it is quantized only if every
+    one of its names passes the rules (a skip pattern on any name keeps it in full precision)."""
     fmt = cfg.weight_format
     cands, skipped = {}, {}
     linears = [(n, m) for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
+    aliases = linear_aliases(transformer)
     for p in cfg.include:
         if not any(fnmatch.fnmatchcase(n, p) for n, _ in linears):
             raise QuantConfigError(f"include pattern {p!r} matches no nn.Linear of the "
                                    f"{type(transformer).__name__}")
     for name, lin in linears:
-        p = _match(name, cfg.skip)
-        if p:
-            skipped[name] = f"skip pattern {p!r}"
+        why = None
+        for alias in aliases.get(name, [name]):
+            why = _skip_reason(alias, cfg)
+            if why:
+                if alias != name:
+                    why = f"{why} (for its other name {alias!r})"
+                break
+        if why:
+            skipped[name] = why
             continue
-        if cfg.include:
-            if not _match(name, cfg.include):
-                skipped[name] = "not matched by any include pattern"
-                continue
-        elif cfg.default_skip:
-            p = _match(name, DEFAULT_SKIP)
-            if p:
-                skipped[name] = f"default skip list: {DEFAULT_SKIP[p]}"
-                continue
         k = lin.in_features
         if fmt.group_size is not None and k % fmt.group_size:
             skipped[name] = f"group_size {fmt.group_size} does not divide K = {k}"
@@ -145,6 +159,20 @@ def select_layers(transformer: nn.Module, cfg: QuantConfig) -> Tuple[Dict[str, n
         else:
             cands[name] = lin
     return cands, skipped
+
+
+def _skip_reason(name: str, cfg: QuantConfig) -> Optional[str]:
+    p = _match(name, cfg.skip)
+    if p:
+        return f"skip pattern {p!r}"
+    if cfg.include:
+        if not _match(name, cfg.include):
+            return "not matched by any include pattern"
+    elif cfg.default_skip:
+        p = _match(name, DEFAULT_SKIP)
+        if p:
+            return f"default skip list: {DEFAULT_SKIP[p]}"
+    return None
 
 
 def _output_tensor(out) -> torch.Tensor:
@@ -173,10 +201,11 @@ def _rerun(transformer, inputs) -> List[torch.Tensor]:
 class _ActErrors:
     """Hooks accumulating ‖x‖² and ‖x − Q(x)‖² of each layer's input under the scheme it will run."""
 
-    def __init__(self, layers: Dict[str, nn.Linear], scales: Dict[str, Optional[torch.Tensor]], dynamic: bool):
+    def __init__(self, layers: Dict[str, nn.Linear], scales: Dict[str, Optional[torch.Tensor]], dynamic):
         self.signal = {n: 0.0 for n in layers}
         self.noise = {n: 0.0 for n in layers}
-        self.handles = [lin.register_forward_pre_hook(self._hook(n, scales.get(n), dynamic))
+        dyn = (lambda n: dynamic) if isinstance(dynamic, bool) else (lambda n: n in dynamic)
+        self.handles = [lin.register_forward_pre_hook(self._hook(n, scales.get(n), dyn(n)))
                         for n, lin in layers.items()]
 
     def _hook(self, name, scale, dynamic):
@@ -256,6 +285,10 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"cfg must be a ditq.QuantConfig, got {type(cfg).__name__}")
     transformer, pipe = _target(pipe_or_module)
+    if isinstance(transformer, nn.Linear):
+        raise QuantizeError("ditq.quantize replaces the linears *inside* a module in place, and a bare nn.Linear "
+                            "cannot replace itself: use ditq.nn.QuantLinear.from_linear(linear, cfg, act_scale), "
+                            "or quantize a module that holds it (e.g. nn.Sequential(linear))")
     if is_quantized(transformer):
         raise QuantizeError(f"this {type(transformer).__name__} is already quantized by ditq; quantize the "
                             f"full-precision model (quantizing twice would compound the errors)")
@@ -279,35 +312,76 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     if not layers:
         why = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:8]) or "it has no nn.Linear"
         raise QuantizeError(f"no quantizable layer in the {type(transformer).__name__} ({why})")
+    aliases = {n: a for n, a in linear_aliases(transformer).items() if n in layers}
 
     bytes_before = module_bytes(transformer)
 
-    # 2. calibration (hooks only)
+    # 2. calibration (hooks only); smoothing, when asked for, changes float weights and is undone on any error
     cal = None
-    if has_calib:
-        if calib_fn is not None:
-            runs = [lambda: calib_fn(pipe_or_module)]
-        else:
-            runs = pipeline_runs(pipe, calib_inputs)
-        steps = cfg.calibration_steps() if cfg.needs_calibration else [0]
-        cal = calibrate(transformer, layers, runs, steps, record_ranges=cfg.needs_calibration,
-                        progress=cfg.progress, pipe=pipe)
-    scales: Dict[str, Optional[torch.Tensor]] = {}
-    if cfg.needs_calibration:
-        for name in list(layers):
-            scales[name] = cal.scale(name)
-            if scales[name] is None:
-                skipped[name] = "never ran during calibration (no activation range)"
-                del layers[name]
-        if not layers:
-            raise CalibrationError("no candidate layer ran during calibration; nothing to quantize")
+    runs = []
+    smoothing = None
+    plans: Dict[str, _Plan] = {}
+    groups: List[Optional[List[int]]] = [None]
+    bounds: List[float] = []
+    policy: List[str] = []
+    try:
+        if has_calib:
+            if calib_fn is not None:
+                runs = [lambda: calib_fn(pipe_or_module)]
+            else:
+                runs = pipeline_runs(pipe, calib_inputs)
+            steps = cfg.calibration_steps() if cfg.needs_calibration else [0]
+            cal = calibrate(transformer, layers, runs, steps, record_ranges=cfg.needs_calibration,
+                            progress=cfg.progress, pipe=pipe)
+        if cfg.needs_calibration:
+            for name in list(layers):
+                rec = cal.absmax[name]
+                if not rec:
+                    skipped[name] = "never ran during calibration (no activation range)"
+                    del layers[name]
+                elif max(rec.values()) == 0:
+                    # One scale for all-zero data is arbitrary (any value quantizes zeros exactly), and any
+                    # non-zero input at run time would meet a scale calibrated on nothing: keep it in full precision.
+                    warnings.warn(f"ditq: layer {name!r} saw only zero activations in calibration; it stays in full "
+                                  f"precision (no range to calibrate)", stacklevel=2)
+                    skipped[name] = "all calibration activations were zero (no range to calibrate)"
+                    del layers[name]
+            if not layers:
+                raise CalibrationError("no candidate layer ran during calibration with a non-zero input; nothing "
+                                       "to quantize")
+            if cfg.smooth_alpha is not None:
+                smoothing, cal = _smooth(transformer, layers, cal, runs, cfg, pipe, policy)
+            if cfg.timestep_groups > 1:
+                recorded = sorted(set().union(*(set(cal.absmax[n]) for n in layers)))
+                groups = tgroups.choose_groups({n: cal.absmax[n] for n in layers}, recorded, cfg.timestep_groups)
+                if len(groups) > 1:
+                    bounds = tgroups.timestep_bounds(groups, cal.timesteps)
+                else:
+                    groups = [None]
+            for name in layers:
+                plans[name] = _plan(cal, name, groups, cfg)
+            if cfg.max_dynamic_layers:
+                worst = sorted(plans, key=lambda n: (plans[n].traj_sqnr if plans[n].traj_sqnr is not None
+                                                     else math.inf))[: cfg.max_dynamic_layers]
+                for n in worst:
+                    plans[n].dynamic = True
+                policy.append(f"dynamic per-token (budget {cfg.max_dynamic_layers}): " + ", ".join(
+                    f"{n} (static estimate {plans[n].traj_sqnr:.1f} dB)" for n in worst))
+    except BaseException:
+        if smoothing is not None:
+            smoothing.restore()
+        raise
+    scales: Dict[str, Optional[torch.Tensor]] = {n: p.scale for n, p in plans.items() if not p.dynamic}
+    dynamic_layers = {n for n in layers if not cfg.needs_calibration or plans[n].dynamic}
 
     # 3. full-precision reference on the recorded first-step inputs
     inputs = cal.first_step_inputs if cal is not None else []
-    act = _ActErrors(layers, scales, dynamic=not cfg.needs_calibration)
+    act = _ActErrors(layers, scales, dynamic=dynamic_layers)
     try:
         refs = _rerun(transformer, inputs)
     except Exception as e:
+        if smoothing is not None:
+            smoothing.restore()
         raise QuantizeError(f"re-running the transformer on the recorded inputs failed: {e}") from e
     finally:
         act.remove()
@@ -317,25 +391,42 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     swapped: List[Tuple[nn.Module, str, nn.Linear]] = []
     reports: List[LayerReport] = []
     fmt = cfg.weight_format
+    dyn_cfg = dataclasses.replace(cfg, act_scheme="dynamic", timestep_groups=1, smooth_alpha=None,
+                                  max_dynamic_layers=0)
+    grouped: Dict[str, torch.Tensor] = {}
     try:
         for name, lin in tqdm(layers.items(), desc="ditq quantize", unit="layer", disable=not cfg.progress):
-            q = QuantLinear.from_linear(lin, cfg, scales.get(name), backend)
+            dyn = name in dynamic_layers
+            q = QuantLinear.from_linear(lin, dyn_cfg if dyn else cfg, scales.get(name), cfg.backend)
             w_sqnr = _weight_sqnr(lin.weight.detach(), q.canonical(), fmt)
-            parent, attr = _parent(transformer, name)
-            setattr(parent, attr, q)
-            swapped.append((parent, attr, lin))
+            for alias in aliases.get(name, [name]):
+                parent, attr = _parent(transformer, alias)
+                setattr(parent, attr, q)
+                swapped.append((parent, attr, lin))
+            plan = plans.get(name)
+            if plan is not None and plan.group_scales is not None and not dyn:
+                grouped[name] = plan.group_scales
             s = scales.get(name)
             reports.append(LayerReport(
                 name=name, in_features=lin.in_features, out_features=lin.out_features,
-                format=("w8" if fmt.bits == 8 else f"w4g{fmt.group_size}") + f"a8-{cfg.act_scheme[0]}",
+                format=("w8" if fmt.bits == 8 else f"w4g{fmt.group_size}") + f"a8-{'d' if dyn else 's'}",
                 weight_sqnr=w_sqnr, act_sqnr=act.sqnr(name), act_scale=None if s is None else float(s),
                 bytes_before=sum(p.numel() * p.element_size() for p in lin.parameters()),
-                bytes_after=q.nbytes()))
+                bytes_after=q.nbytes(),
+                act_estimator=None if plan is None or dyn else plan.estimator,
+                act_scales=None if name not in grouped else [float(v) for v in grouped[name]],
+                act_sqnr_trajectory=None if plan is None or dyn else plan.traj_sqnr,
+                smoothed=None if smoothing is None else smoothing.site_of(name),
+                aliases=[a for a in aliases.get(name, [name]) if a != name]))
+        tgroups.install(transformer, grouped, bounds)
         # 5. quantized outputs on the same inputs
         outs = _rerun(transformer, inputs)
     except BaseException as e:
         for parent, attr, lin in reversed(swapped):
             setattr(parent, attr, lin)
+        _uninstall_groups(transformer)
+        if smoothing is not None:
+            smoothing.restore()
         if isinstance(e, Exception):
             raise QuantizeError(f"quantization failed and the model was restored: {type(e).__name__}: {e}") from e
         raise
@@ -345,9 +436,118 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     cal_info = {"mode": cfg.calibration if cfg.needs_calibration else "none (dynamic scheme)",
                 "runs": len(cal.calls_per_run) if cal else 0,
                 "calls_per_run": list(cal.calls_per_run) if cal else []}
+    if cfg.needs_calibration:
+        cal_info["estimator"] = cfg.act_estimator
+        if groups != [None]:
+            cal_info["timestep_groups"] = [{"steps": g, "timesteps": [cal.timesteps.get(t) for t in g]}
+                                           for g in groups]
+            cal_info["timestep_bounds"] = bounds
+        if smoothing is not None:
+            cal_info["smoothing"] = {"alpha": cfg.smooth_alpha, "sites": dict(smoothing.applied),
+                                     "rejected": dict(smoothing.rejected)}
+        for name, lr in ((lr.name, lr) for lr in reports):
+            if lr.aliases:
+                policy.append(f"{name} is also reachable as {', '.join(lr.aliases)}: quantized once, the same "
+                              f"QuantLinear is installed under every name")
+        cal_info["policy"] = policy
+    else:
+        for lr in reports:
+            if lr.aliases:
+                cal_info.setdefault("policy", []).append(
+                    f"{lr.name} is also reachable as {', '.join(lr.aliases)}: quantized once, shared")
     return QuantReport(
         config=cfg.to_dict(), backend=backend, layers=reports, skipped=skipped, output_sqnr=output_sqnr,
         output_sqnr_per_run=per_run, bytes_before=bytes_before, bytes_after=module_bytes(transformer),
         calibration=cal_info,
         act_absmax_per_step={n: dict(sorted(r.items())) for n, r in (cal.absmax.items() if cal else [])
                              if n in layers})
+
+
+# ---- the static-scale policy ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Plan:
+    scale: torch.Tensor                    # float32 [1]: the scale at the first (noisiest) step
+    group_scales: Optional[torch.Tensor]   # float32 [G] in ascending-timestep order, or None (one scale)
+    estimator: str
+    traj_sqnr: Optional[float]             # estimated act SQNR over every recorded step with these scales
+    dynamic: bool = False
+
+
+def _plan(cal: Calibrator, name: str, groups: List[Optional[List[int]]], cfg: QuantConfig) -> _Plan:
+    """The layer's static scale(s): per group of steps, the clip of the chosen estimator on the group's summed
+    histogram. ``act_estimator="auto"`` tries every estimator and keeps the least total estimated error."""
+    from .calibrate import quant_mse
+    ests = ESTIMATORS if cfg.act_estimator == "auto" else (cfg.act_estimator,)
+    best = None
+    for est in ests:
+        clips = [cal.clip(name, g, est, cfg.act_percentile) for g in groups]
+        noise = sum(quant_mse(cal.summed_hist(name, g), c or 0.0) for g, c in zip(groups, clips))
+        if best is None or noise < best[1] * (1 - 1e-9):
+            best = (est, noise, clips)
+    est, noise, clips = best
+    signal = float(cal.summed_hist(name)[2].sum())
+    traj = None if signal == 0 else (math.inf if noise == 0 else 10 * math.log10(signal / noise))
+    sc = ref.symmetric_scale(torch.tensor([c or 0.0 for c in clips], dtype=torch.float32), ref.INT8_QMAX)
+    if len(groups) == 1:
+        return _Plan(sc[:1].clone(), None, est, traj)
+    first = next(i for i, g in enumerate(groups) if 0 in g) if any(0 in g for g in groups) else 0
+    return _Plan(sc[first:first + 1].clone(), sc.flip(0).clone(), est, traj)
+
+
+def _relative_noise(cal: Calibrator, name: str, lin: nn.Linear, fmt) -> float:
+    """Estimated noise-to-signal of a layer's output: activation (over the recorded steps, max clip) plus weight."""
+    a = hist_sqnr(cal.summed_hist(name), cal.clip(name))
+    w = _weight_sqnr(lin.weight.detach(), dict(zip(("qweight", "scales"),
+                                                    _quantize_weight(lin.weight.detach(), fmt))), fmt)
+    return sum(10 ** (-v / 10) for v in (a, w) if v is not None and math.isfinite(v))
+
+
+def _quantize_weight(w, fmt):
+    from .nn import quantize_weight
+    return quantize_weight(w, fmt)
+
+
+def _smooth(transformer, layers, cal, runs, cfg, pipe, policy):
+    """Smooth every foldable site, record the activations again, keep a site only where the estimated output
+    noise of its consumers (activation + weight quantization) went down. Returns (Smoothing, calibrator)."""
+    from .smooth import smooth
+    fmt = cfg.weight_format
+    before = {n: _relative_noise(cal, n, layers[n], fmt) for n in layers}
+    sm = smooth(transformer, cal.channel_absmax, cfg.smooth_alpha, layers=set(layers))
+    if not sm.applied:
+        policy.append("smoothing: no foldable site in this model")
+        return None, cal
+    try:
+        cal2 = calibrate(transformer, layers, runs, cfg.calibration_steps(), progress=cfg.progress, pipe=pipe)
+        keep = []
+        for site, info in list(sm.applied.items()):
+            b = sum(before[c] for c in info["consumers"])
+            a = sum(_relative_noise(cal2, c, layers[c], fmt) for c in info["consumers"])
+            info["noise_before"], info["noise_after"] = b, a
+            if a < b:
+                keep.append(site)
+        decided = dict(sm.applied)
+        sm.restore()
+        sm = smooth(transformer, cal.channel_absmax, cfg.smooth_alpha, layers=set(layers), sites=set(keep))
+        for site, info in decided.items():
+            (sm.applied if site in keep else sm.rejected)[site] = info
+    except BaseException:
+        sm.restore()
+        raise
+    # Sites are independent (each changes only its consumers' inputs), so the merged records are exact: the
+    # consumers of a kept site from the second pass, everything else from the first.
+    for site in keep:
+        for c in sm.applied[site]["consumers"]:
+            for attr in ("absmax", "hist"):
+                getattr(cal, attr)[c] = getattr(cal2, attr)[c]
+            cal.channel_absmax[c] = cal2.channel_absmax[c]
+    policy.append(f"smoothing alpha {cfg.smooth_alpha}: kept {len(keep)} of {len(decided)} sites "
+                  f"(kept where activation + weight noise of the consumers fell)")
+    return sm, cal
+
+
+def _uninstall_groups(transformer):
+    layers = getattr(transformer, tgroups.HOOK_ATTR, None)
+    if layers:
+        setattr(transformer, tgroups.HOOK_ATTR, [])

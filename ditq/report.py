@@ -2,7 +2,9 @@
 
 * per quantized layer: shape, format, weight SQNR (the packed weight dequantized vs the original), activation
   SQNR (the layer's first-step calibration input through int8 quantization with the scale it will use, static or
-  per-token, vs that input), the static scale, bytes before / after;
+  per-token, vs that input), the static scale, bytes before / after; for static layers also the range estimator
+  used, the estimated activation SQNR over every recorded calibration step, the timestep-grouped scales and the
+  smoothing site, when those apply; other names of a linear reachable under several names;
 * layers left in full precision, each with the reason;
 * model-output SQNR: the transformer re-run on the recorded first-step calibration inputs, quantized vs full
   precision (None when there were no calibration inputs);
@@ -29,6 +31,11 @@ class LayerReport:
     act_scale: Optional[float]
     bytes_before: int
     bytes_after: int
+    act_estimator: Optional[str] = None        # range estimator the static scale came from (None: dynamic)
+    act_scales: Optional[List[float]] = None   # timestep-grouped scales, ascending timestep order (else None)
+    act_sqnr_trajectory: Optional[float] = None  # estimated act SQNR over every recorded calibration step
+    smoothed: Optional[str] = None             # the smoothing site this layer's input belongs to, if smoothed
+    aliases: List[str] = field(default_factory=list)  # other names of the same linear (quantized once, shared)
 
 
 @dataclass
@@ -79,11 +86,15 @@ class QuantReport:
                  f"transformer calls per run {self.calibration.get('calls_per_run', [])}",
                  "",
                  f"{'layer':<{width}}  {'K':>6} {'N':>6}  {'format':<10} {'W SQNR':>7} {'A SQNR':>7} "
-                 f"{'bytes':>10} -> {'packed':>9}"]
+                 f"{'A traj':>7} {'range':<10} {'groups':>6} {'bytes':>10} -> {'packed':>9}"]
         for lr in self.layers:
+            rng = (lr.act_estimator or "per-token") + ("+smooth" if lr.smoothed else "")
             lines.append(f"{lr.name:<{width}}  {lr.in_features:>6} {lr.out_features:>6}  {lr.format:<10} "
-                         f"{db(lr.weight_sqnr):>7} {db(lr.act_sqnr):>7} {lr.bytes_before:>10} -> "
-                         f"{lr.bytes_after:>9}")
+                         f"{db(lr.weight_sqnr):>7} {db(lr.act_sqnr):>7} {db(lr.act_sqnr_trajectory):>7} "
+                         f"{rng:<10} {len(lr.act_scales) if lr.act_scales else 1:>6} {lr.bytes_before:>10} -> "
+                         f"{lr.bytes_after:>9}" + (f"  (also {', '.join(lr.aliases)})" if lr.aliases else ""))
+        for note in self.calibration.get("policy", []):
+            lines.append(f"policy: {note}")
         if self.skipped:
             lines += ["", f"kept in full precision ({len(self.skipped)}):"]
             lines += [f"  {n:<{width}}  {why}" for n, why in self.skipped.items()]

@@ -203,3 +203,147 @@ def test_peak_memory_stays_near_the_model_size():
     assert res.returncode == 0, res.stderr[-2000:]
     growth = float(res.stdout.strip().splitlines()[-1])
     assert growth < 0.75, f"peak grew by {growth:.2f}x the model's size during quantize"
+
+
+# ---- what used to go wrong silently ----------------------------------------------------------------------------
+
+def test_a_bare_linear_is_refused_clearly():
+    lin = nn.Linear(32, 32)
+    w = lin.weight.detach().clone()
+    with pytest.raises(QuantizeError, match="bare nn.Linear cannot replace itself.*QuantLinear.from_linear"):
+        ditq.quantize(lin, QuantConfig(act_scheme="dynamic", progress=False))
+    assert not lin._modules and torch.equal(lin.weight, w)  # no child named "" registered
+
+
+def test_a_linear_reused_under_two_names_is_quantized_once_and_shared():
+    torch.manual_seed(0)
+    s = nn.Sequential(nn.Linear(32, 32), nn.ReLU())
+    s.extra = s[0]  # the same linear under a second name
+    x = torch.randn(4, 32)
+    report = ditq.quantize(s, QuantConfig(progress=False), calib_fn=lambda m: m.extra(m(x)))
+    assert isinstance(s[0], QuantLinear) and s.extra is s[0]
+    assert [lr.name for lr in report.layers] == ["0"] and report.layers[0].aliases == ["extra"]
+    assert any("also reachable as extra" in p for p in report.calibration["policy"])
+    assert "(also extra)" in str(report)
+    # the calibration saw both uses: the scale covers the larger range of the two
+    with torch.no_grad():
+        second = torch.relu(s[0](x)) if False else None  # noqa: F841 (the layer is quantized now)
+    assert report.layers[0].act_scale > 0
+    # a skip pattern on either name keeps the shared linear in full precision
+    s2 = nn.Sequential(nn.Linear(32, 32))
+    s2.extra = s2[0]
+    with pytest.raises(QuantizeError, match="no quantizable layer.*other name 'extra'"):
+        ditq.quantize(s2, QuantConfig(act_scheme="dynamic", skip=["extra"], progress=False))
+
+
+def test_an_all_zero_layer_warns_and_stays_in_full_precision():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()  # layer 1 sees only zeros
+    x = torch.randn(3, 16)
+    with pytest.warns(UserWarning, match=r"layer '1' saw only zero activations"):
+        report = ditq.quantize(model, QuantConfig(progress=False), calib_fn=lambda m: m(x))
+    assert isinstance(model[0], QuantLinear) and isinstance(model[1], nn.Linear)
+    assert "all calibration activations were zero" in report.skipped["1"]
+
+
+# ---- estimators, groups, smoothing, dynamic budget -----------------------------------------------------------
+
+ALL_STEPS = dict(class_labels=[1, 2, 3, 4], num_inference_steps=6, output_type="latent")
+
+
+def test_estimators_are_reported_per_layer(base_pipe):
+    for est in ("max", "mse", "percentile", "auto"):
+        pipe = copy.deepcopy(base_pipe)
+        cfg = QuantConfig(act_estimator=est, act_percentile=99.9, calibration="all-steps", progress=False)
+        report = ditq.quantize(pipe, cfg, calib_inputs=ALL_STEPS)
+        used = {lr.act_estimator for lr in report.layers}
+        assert used <= {"max", "mse", "percentile"} and (used == {est} or est == "auto")
+        assert all(lr.act_sqnr_trajectory > 20 for lr in report.layers)
+        if est == "max":
+            assert all(lr.act_scale == pytest.approx(max(report.act_absmax_per_step[lr.name].values()) / 127,
+                                                     rel=1e-6) for lr in report.layers)
+            traj_max = {lr.name: lr.act_sqnr_trajectory for lr in report.layers}
+        if est == "auto":  # per layer the least estimated error of the three, so never below max's
+            assert all(lr.act_sqnr_trajectory >= traj_max[lr.name] - 1e-9 for lr in report.layers)
+
+
+def test_dynamic_budget_takes_the_worst_static_layers(base_pipe):
+    pipe = copy.deepcopy(base_pipe)
+    ref_report = ditq.quantize(copy.deepcopy(base_pipe), QuantConfig(calibration="all-steps", progress=False),
+                               calib_inputs=ALL_STEPS)
+    worst = sorted(ref_report.layers, key=lambda lr: lr.act_sqnr_trajectory)[:2]
+    report = ditq.quantize(pipe, QuantConfig(calibration="all-steps", max_dynamic_layers=2, progress=False),
+                           calib_inputs=ALL_STEPS)
+    dyn = {lr.name for lr in report.layers if lr.format.endswith("-d")}
+    assert dyn == {lr.name for lr in worst}
+    assert all(pipe.transformer.get_submodule(n).act_scale is None for n in dyn)
+    assert any("dynamic per-token (budget 2)" in p for p in report.calibration["policy"])
+
+
+def _layer_io(transformer, name, **inputs):
+    seen = {}
+    layer = transformer.get_submodule(name)
+    h = layer.register_forward_hook(lambda m, a, o: seen.update(x=a[0].detach().clone(), y=o.detach().clone()))
+    try:
+        with torch.no_grad():
+            transformer(**inputs)
+    finally:
+        h.remove()
+    return seen["x"], seen["y"]
+
+
+def test_timestep_grouped_layer_equals_the_per_group_static_reference(base_pipe):
+    from ditq.format import WeightFormat
+    pipe = copy.deepcopy(base_pipe)
+    cfg = QuantConfig.preset("w4a8", group_size=32, calibration="all-steps", timestep_groups=3, progress=False)
+    report = ditq.quantize(pipe, cfg, calib_inputs=ALL_STEPS)
+    groups = report.calibration["timestep_groups"]
+    assert 1 < len(groups) <= 3 and sorted(s for g in groups for s in g["steps"]) == list(range(6))
+    t = pipe.transformer
+    name = "transformer_blocks.1.ff.net.2"
+    lr = report.layer(name)
+    assert len(lr.act_scales) == len(groups)
+    q = t.get_submodule(name)
+    for gi, g in enumerate(groups):  # groups in step order = descending timestep; act_scales ascend
+        expect = lr.act_scales[len(groups) - 1 - gi]
+        for ts in g["timesteps"]:
+            inp = dit_inputs(batch=2, t=int(ts))
+            x, y = _layer_io(t, name, **inp)
+            assert float(q.act_scale) == expect
+            twin = QuantLinear(q.in_features, q.out_features, WeightFormat(4, 32), backend=q.backend)
+            can = q.canonical()
+            twin.load_canonical(can["qweight"], can["scales"], can["bias"], torch.tensor([expect]))
+            with torch.no_grad():
+                assert torch.equal(twin(x), y)  # bit-exact: the grouped layer is the static layer of its group
+    # the scales differ between groups (otherwise grouping would be pointless on this layer)
+    assert len(set(lr.act_scales)) > 1
+
+
+def test_smoothing_is_folded_and_kept_only_where_it_helps(base_pipe):
+    pipe = copy.deepcopy(base_pipe)
+    cfg = QuantConfig.preset("w8a8", calibration="all-steps", smooth_alpha=0.5, progress=False)
+    report = ditq.quantize(pipe, cfg, calib_inputs=ALL_STEPS)
+    sm = report.calibration["smoothing"]
+    assert len(sm["sites"]) + len(sm["rejected"]) == 6  # 2 blocks x (attn-in, attn-out, mlp-in)
+    for site, info in sm["sites"].items():
+        assert info["noise_after"] < info["noise_before"]
+        for c in info["consumers"]:
+            assert report.layer(c).smoothed == site
+    for info in sm["rejected"].values():
+        assert info["noise_after"] >= info["noise_before"]
+
+
+def test_a_failure_after_smoothing_restores_the_float_weights(base_pipe, monkeypatch):
+    pipe = copy.deepcopy(base_pipe)
+    state = _state(pipe.transformer)
+
+    def boom(*a, **k):
+        raise RuntimeError("injected")
+    monkeypatch.setattr(QuantLinear, "from_linear", boom)
+    with pytest.raises(QuantizeError, match="injected"):
+        ditq.quantize(pipe, QuantConfig(calibration="all-steps", smooth_alpha=0.8, progress=False),
+                      calib_inputs=ALL_STEPS)
+    assert _same_state(pipe.transformer, state)
