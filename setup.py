@@ -122,10 +122,14 @@ setup(
                   "ditq.demo": ["*.md", "*.json", "*.png", "*.safetensors", "model/*", "model/*/*"]},
     include_package_data=False,
     entry_points={"console_scripts": ["ditq=ditq.cli:main"]},
-    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "diffusers>=0.30"],
+    # diffusers is required: ditq quantizes its models and loads through its pipelines. accelerate lets diffusers
+    # load (quantized) checkpoints without allocating full-precision weights first (it warns without it).
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "diffusers>=0.30", "accelerate"],
     extras_require={"triton": ["triton>=3.0"],
-                    "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn"],
-                    "demo": ["scikit-learn", "matplotlib"]},
+                    "demo": ["scikit-learn", "matplotlib"],
+                    # what the test suite needs; diffusers pinned to the release the tests were verified on
+                    "test": ["pytest", "pytest-xdist", "hypothesis", "scikit-learn", "matplotlib", "triton>=3.0",
+                             "ninja", "diffusers==0.42.1"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,
