@@ -135,7 +135,7 @@ def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact ``a @ w.T`` for int8 a [M, K] and int8 w [N, K], as int64.
 
     Computed in float64, which is exact here and runs on BLAS (int64 matmul does not, and was the demo's
-    bottleneck on CPU): every product and partial sum is an integer below 2^31 (BRIEF §2), far inside the
+    bottleneck on CPU): every product and partial sum is an integer below 2^31 (|a| <= 127, |w| <= 128, K <= MAX_K), far inside the
     2^53 that float64 represents exactly, in whatever order the BLAS adds them."""
     return (a.to(torch.float64) @ w.to(torch.float64).t()).to(torch.int64)
 
@@ -168,7 +168,7 @@ def group_partials(a: torch.Tensor, w: torch.Tensor, group_size: int) -> torch.T
 def gemm_w4a8(a, a_scale, w_q, w_scales, group_size: int, bias=None, out_dtype=torch.float32):
     """Group-wise W4A8 with unpacked int4 values ``w_q`` (int8 [N, K]) and scales [K // G, N]:
     ``y = a_scale[m] * Σ_g w_scales[g, n] * P[g, m, n] + bias[n]`` — per-group int32 partials rescaled into
-    an fp32 accumulator group by group (BRIEF §2, "fused dequantization")."""
+    an fp32 accumulator group by group (the "fused dequantization")."""
     p = group_partials(a, w_q, group_size).to(torch.int32).float()
     acc = torch.zeros(p.shape[1:], dtype=torch.float32)
     for g in range(p.shape[0]):

@@ -1,4 +1,4 @@
-"""The model families of issue 6 on CPU: DiT (pipeline), PixArt, SD3 and Flux (transformer level), on every
+"""The model families on CPU: DiT (pipeline), PixArt, SD3 and Flux (transformer level), on every
 backend that runs on CPU here (others are skipped with the reason)."""
 import copy
 

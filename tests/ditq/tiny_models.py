@@ -1,6 +1,6 @@
 """Tiny random diffusers models built from configs (nothing downloaded), shared by the runtime tests.
 
-Widths are multiples of 64 so group sizes 32 and 64 divide every K; the tiny DiT follows BRIEF §4.
+Widths are multiples of 64 so group sizes 32 and 64 divide every K; every model is built from a config, offline.
 """
 import torch
 
