@@ -35,6 +35,7 @@ from torch import nn
 from .config import QuantConfig
 from .convert import _target, is_quantized
 from .format import LAYOUT, LAYOUT_VERSION, FormatError, WeightFormat
+from . import timestep_groups
 from .nn import QuantLinear
 
 HEADER_NAME = "ditq_quant.json"
@@ -99,6 +100,7 @@ def build_header(transformer: nn.Module) -> dict:
                             "bias_dtype": _dtype_name(m.bias.dtype) if m.bias is not None else None,
                             "format": m.fmt.to_dict(), "act_scheme": m.act_scheme,
                             "act_scale": None if m.act_scale is None else float(m.act_scale)}
+            layers[name].update(timestep_groups.header_entry(m) or {})  # per-timestep-group scales, if any
     persistent = set(transformer.state_dict().keys())
     non_persistent = {n: _dtype_name(b.dtype) for n, b in transformer.named_buffers()
                       if n not in persistent and b is not None}
@@ -312,6 +314,10 @@ def finish_load(model: nn.Module, header: dict, device) -> nn.Module:
         if b is not None and b.dtype != getattr(torch, dt):
             path, _, attr = name.rpartition(".")
             (model.get_submodule(path) if path else model)._buffers[attr] = b.to(getattr(torch, dt))
+    try:
+        timestep_groups.restore(model, header)  # grouped scales live in the header; re-install their hook
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"invalid timestep-grouped activation scales in the header: {e}") from e
     model._ditq_config = header["quant_config"]
     return model.eval()
 

@@ -33,7 +33,9 @@ from .format import WeightFormat
 from .quant import reference as ref
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-_FP32_BUFFERS = ("scales", "act_scale")  # the op contract takes these as float32 whatever the model's dtype
+# The op contract takes these as float32 whatever the model's dtype; act_scales / timestep_bounds are the
+# timestep-grouped scales ditq.timestep_groups adds (the group's scale is copied into act_scale per call).
+_FP32_BUFFERS = ("scales", "act_scale", "act_scales", "timestep_bounds")
 
 
 class QuantLinear(nn.Module):
