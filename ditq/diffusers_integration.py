@@ -140,6 +140,11 @@ def _build():
                     m.load_canonical(t["qweight"], t["scales"], t.get("bias"), t.get("act_scale"))
                 except (ValueError, TypeError) as e:
                     raise io.CheckpointError(f"{self._weights}: layer {name!r}: {e}") from e
+            try:  # timestep-grouped activation scales: from the header, with their transformer pre-hook
+                from . import timestep_groups
+                timestep_groups.restore(model, self.quantization_config.header)
+            except (ValueError, TypeError, KeyError) as e:
+                raise io.CheckpointError(f"{self._where}: invalid timestep-grouped activation scales: {e}") from e
             model._ditq_config = self.quantization_config.header["quant_config"]
             return model
 

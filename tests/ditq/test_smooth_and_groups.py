@@ -119,3 +119,16 @@ def test_grouped_scales_follow_the_timestep_and_survive_copies_and_casts(grouped
     t.half()
     assert layer.act_scales.dtype == torch.float32 and layer.timestep_bounds.dtype == torch.float32
     assert isinstance(layer, QuantLinear)
+
+
+def test_grouped_model_loads_through_diffusers_from_pretrained(grouped, tmp_path):
+    from diffusers import DiTTransformer2DModel
+    pipe, _ = grouped
+    ditq.save_quantized(pipe.transformer, str(tmp_path / "q"))
+    loaded = DiTTransformer2DModel.from_pretrained(str(tmp_path / "q"))
+    layer = loaded.transformer_blocks[1].ff.net[2]
+    assert layer.act_scales is not None
+    for ts in (999, 0):
+        inp = dit_inputs(t=ts)
+        with torch.no_grad():
+            assert torch.equal(pipe.transformer(**inp).sample, loaded(**inp).sample)
