@@ -102,8 +102,6 @@ def check_quantize_act(x, scale) -> None:
         raise _bad_tensor("x", x, _FLOAT_DTYPES, 2)
     if not x.is_contiguous():
         raise ValueError("x must be contiguous (call .contiguous() first)")
-    if x.shape[1] == 0:
-        raise ValueError("x has K = 0 features: nothing to quantize")
     if scale is not None:
         if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
             raise _bad_tensor("scale", scale, (torch.float32,))

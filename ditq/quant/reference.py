@@ -63,6 +63,8 @@ def quantize_per_token(x: torch.Tensor, qmax: int = INT8_QMAX):
     _check_float(x, "x")
     if x.dim() != 2:
         raise ValueError(f"per-token quantization takes a [M, K] tensor, got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:  # no features: an empty row, like an all-zero one, gets scale 1
+        return torch.empty_like(x, dtype=torch.int8), torch.ones(x.shape[0], device=x.device)
     absmax = x.detach().abs().amax(dim=1).float()  # NaN-propagating
     s = torch.where(torch.isfinite(absmax), symmetric_scale(absmax, qmax), torch.full_like(absmax, float("nan")))
     return quantize_with_scale(x, s[:, None], qmax), s
