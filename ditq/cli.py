@@ -11,6 +11,12 @@ hub id (needs internet; loaded with ``DiffusionPipeline.from_pretrained``). Erro
 directory, a pipeline without a transformer, a bad class label, ...) print one line on stderr and exit with 1;
 ``--debug`` shows the traceback instead. The work itself lives in the library (``ditq.quantize``,
 ``ditq.demo.run``); this module only parses, loads and prints.
+
+Checks made before any work is spent: ``generate`` checks its ``--out`` (an image extension Pillow writes, an
+existing writable directory) before loading or sampling, and refuses to write images holding NaN / inf (a corrupt
+checkpoint). ``info`` checks the weights file against its header (length, each layer's tensors) and reports a
+corrupt one as an error. ``quantize`` prints one warning line on stderr, even with ``--quiet``, when layers it was
+meant to quantize could not be (e.g. a group size that does not divide their K), and fails when none was.
 """
 from __future__ import annotations
 
@@ -170,6 +176,9 @@ def cmd_quantize(args) -> int:
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=args.quiet)
     report = ditq.quantize(pipe, cfg, calib_inputs=_calib_inputs(pipe, args))
+    _warn_unquantized(report)
+    if not report.layers:
+        raise CLIError("no layer was quantized (see the warning above); nothing written")
     ditq.save_quantized(pipe, args.out)
     with open(os.path.join(args.out, "ditq_report.json"), "w") as f:
         f.write(report.to_json())
@@ -180,9 +189,62 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+# Skips the user asked for (or ditq's default skip list): listed in the report, not warned about.
+_CHOSEN_SKIPS = ("skip pattern", "not matched by any include pattern", "default skip list")
+
+
+def _warn_unquantized(report) -> None:
+    """One stderr line, even with --quiet, when layers that were meant to be quantized could not be (a group size
+    that does not divide K, a layer calibration never reached, ...): the checkpoint would otherwise silently be
+    mostly full precision."""
+    failed = {n: why for n, why in report.skipped.items() if not why.startswith(_CHOSEN_SKIPS)}
+    if not failed:
+        return
+    reasons: dict = {}
+    for why in failed.values():
+        reasons[why] = reasons.get(why, 0) + 1
+    shown = "; ".join(f"{n} x {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+    more = f"; {len(reasons) - 3} more reasons" if len(reasons) > 3 else ""
+    total = len(report.layers) + len(failed)
+    print(f"ditq quantize: warning: {len(failed)} of {total} linear layers could not be quantized and stay in "
+          f"full precision ({shown}{more}); quantized {len(report.layers)}", file=sys.stderr)
+
+
+# What 'ditq generate' writes: formats PIL saves an RGB / grey picture to without extra plugins.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def _check_out_image(path: str) -> None:
+    """Refuse an --out that cannot be written before anything is loaded or sampled."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in IMAGE_EXTENSIONS:
+        raise CLIError(f"--out {path}: give an image file name ending in one of {', '.join(IMAGE_EXTENSIONS)}")
+    from PIL import Image
+    Image.init()
+    if Image.registered_extensions().get(ext) not in Image.SAVE:
+        raise CLIError(f"--out {path}: this Pillow cannot write {ext} files; use .png")
+    if os.path.isdir(path):
+        raise CLIError(f"--out {path} is a directory; give an image file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise CLIError(f"--out {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {path}: directory {parent} is not writable")
+
+
+def _check_finite_images(images) -> None:
+    """A checkpoint with NaN / inf weights or scales samples NaN images, which would save as blank pictures."""
+    import torch
+    bad = int((~torch.isfinite(images)).sum())
+    if bad:
+        raise CLIError(f"the sampled images hold {bad:,} NaN / inf values of {images.numel():,}: the model's "
+                       f"weights or scales are not finite (a corrupt checkpoint?); nothing written")
+
+
 def cmd_generate(args) -> int:
     import torch
 
+    _check_out_image(args.out)
     if not os.path.isdir(args.model):
         if args.model != BUNDLED:
             raise CLIError(f"no such directory: {args.model}")
@@ -203,9 +265,12 @@ def cmd_generate(args) -> int:
     kw = dict(class_labels=args.class_labels, num_inference_steps=args.steps, generator=gen, output_type="pt")
     if args.guidance_scale is not None:
         kw["guidance_scale"] = args.guidance_scale
-    images = pipe(**kw).images.float().cpu()
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
+    images = pipe(**kw).images
+    if not isinstance(images, torch.Tensor):
+        raise CLIError(f"{type(pipe).__name__} returned {type(images).__name__} images for output_type='pt', "
+                       f"not a tensor")
+    images = images.float().cpu()
+    _check_finite_images(images)
     _save_row(images, args.out)
     print(f"wrote {args.out}: {len(images)} image(s), classes {args.class_labels}, {args.steps} steps, "
           f"seed {args.seed}")
@@ -224,29 +289,24 @@ def _save_row(images, path: str, scale: int = 4) -> None:
     img.save(path)
 
 
-def _tensor_bytes(weights: str) -> dict:
-    """name -> bytes of each tensor in a safetensors file, from its header (no tensor is read)."""
-    import struct
-    with open(weights, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        meta = json.loads(f.read(n))
-    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in meta.items() if k != "__metadata__"}
-
-
 def info(path: str) -> dict:
-    """What ``ditq info`` prints, as a dict: format, config, quantized layers, bytes."""
-    from .io import WEIGHTS_NAME, read_header
+    """What ``ditq info`` prints, as a dict: format, config, quantized layers, bytes. The weights file is checked
+    (readable safetensors header, the length it states, every tensor each layer needs) without reading a tensor:
+    a corrupt checkpoint raises :class:`ditq.io.CheckpointError` naming the file."""
+    from .io import WEIGHTS_NAME, check_tensors, read_header, read_weights_index
     hdir = _header_dir(path)
     header = read_header(hdir)
     weights = os.path.join(hdir, WEIGHTS_NAME)
-    sizes = _tensor_bytes(weights) if os.path.isfile(weights) else {}
+    index = read_weights_index(weights)
+    check_tensors(header, index, weights)
+    sizes = {k: v[2] for k, v in index.items()}
     layers = []
     for name, spec in header["layers"].items():
         fmt = spec["format"]
         nbytes = sum(b for k, b in sizes.items() if k.startswith(name + "."))
         layers.append(dict(name=name, in_features=spec["in_features"], out_features=spec["out_features"],
                            bits=fmt.get("bits"), group_size=fmt.get("group_size"), act_scheme=spec["act_scheme"],
-                           act_scale=spec["act_scale"], bytes=nbytes))
+                           act_scale=spec.get("act_scale"), bytes=nbytes))
     quant_bytes = sum(layer["bytes"] for layer in layers)
     total = sum(sizes.values())
     full_precision = sum(layer["in_features"] * layer["out_features"] * 2 + layer["out_features"] * 2
@@ -351,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (pipeline default)")
     g.add_argument("--backend", default=None, choices=backends, help="kernel backend (default: the checkpoint's)")
     g.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    g.add_argument("--out", required=True, help="PNG file to write")
+    g.add_argument("--out", required=True, help="image file to write (.png, .jpg, ...; its directory must exist)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 

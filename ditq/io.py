@@ -18,6 +18,13 @@ Loading builds the model with every *parameter* on the meta device (``_params_on
 positional embeddings are computed for real; no full-precision linear weight is ever filled), swaps in
 :class:`ditq.nn.QuantLinear` placeholders from the header, then assigns the saved tensors. A checkpoint whose
 layout version differs from this ditq's is refused with both versions named.
+
+Everything read is checked before it is used, each failure a :class:`CheckpointError` (a ``ValueError``) naming
+the file and the field or tensor: the header's fields and their types; the classes it names, which must lie in
+``diffusers`` or ``ditq`` and are checked *before* anything is imported; the weights file's length against its
+safetensors header (a file cut short), and every tensor each quantized layer needs, with its dtype and shape (a
+missing ``act_scale`` would otherwise load as a placeholder). Tensor values (finite, positive scales) are
+checked by :meth:`ditq.nn.QuantLinear.load_canonical` and reported here with the file's name.
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import ditq
 from ditq import QuantConfig
-from ditq.io import HEADER_NAME, WEIGHTS_NAME, CheckpointError, read_weights_index
+from ditq import io as dio
+from ditq.io import HEADER_NAME, WEIGHTS_NAME, CheckpointError
 from ditq.nn import QuantLinear
 from tiny_models import dit_inputs, tiny_dit, tiny_dit_pipeline
 
@@ -121,7 +122,7 @@ def test_truncated_weights_file(ckpt, keep):
     n = int(len(data) * keep) if keep < 1 else keep
     open(f, "wb").write(data[:n])
     with pytest.raises(CheckpointError, match=f"{f} is corrupt"):
-        read_weights_index(f)
+        dio.read_weights_index(f)
     with pytest.raises(CheckpointError, match=f"{f} is corrupt"):
         ditq.load_quantized(ckpt)
 
@@ -136,7 +137,7 @@ def test_appended_bytes_and_garbage(ckpt):
     with pytest.raises(CheckpointError, match=f"{f} is corrupt"):
         ditq.load_quantized(ckpt)
     open(f, "wb").write(good)
-    assert read_weights_index(f)[f"{LAYER}.qweight"] == ("U8", (64, 32), 64 * 32)
+    assert dio.read_weights_index(f)[f"{LAYER}.qweight"] == ("U8", (64, 32), 64 * 32)
     os.remove(f)
     with pytest.raises(CheckpointError, match=f"{f} is missing"):
         ditq.load_quantized(ckpt)

@@ -153,3 +153,170 @@ def test_generate_bad_class_label(checkpoint, tmp_path, capsys):
                           "--out", str(tmp_path / "x.png")], capsys)[::2], "class label 10 is out of range")
     _one_line_error(*run(["generate", checkpoint, "--class-labels", "-1", "--steps", "1",
                           "--out", str(tmp_path / "x.png")], capsys)[::2], "class label -1")
+
+
+# ---- bad input: --out, corrupt checkpoints, NaN images, layers that cannot be quantized -------------------
+
+def _fail_if_loaded(monkeypatch):
+    """Loading or sampling anything fails the test: the checks under test must come first."""
+    import ditq
+    import ditq.cli as cli
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+    monkeypatch.setattr(ditq, "load_quantized", boom)
+    monkeypatch.setattr(cli, "load_pipeline", boom)
+
+
+@pytest.mark.parametrize("out,needle", [("x.txt", "give an image file name ending in one of"),
+                                        ("x", "give an image file name ending in one of"),
+                                        ("missing_dir/x.png", "does not exist"),
+                                        ("a_dir.png", "is a directory")])
+def test_generate_checks_out_before_loading(checkpoint, tmp_path, capsys, monkeypatch, out, needle):
+    (tmp_path / "a_dir.png").mkdir()
+    _fail_if_loaded(monkeypatch)
+    _one_line_error(*run(["generate", checkpoint, "--class-labels", "1", "--steps", "1",
+                          "--out", str(tmp_path / out)], capsys)[::2], "--out", needle)
+    assert not os.path.exists(tmp_path / "missing_dir")
+
+
+def test_generate_out_not_writable(checkpoint, tmp_path, capsys, monkeypatch):
+    # Permission bits do not bind root (these tests may run as root), so the access check itself is faked.
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.path.samefile(p, tmp_path) else
+                        real_access(p, mode))
+    _fail_if_loaded(monkeypatch)
+    _one_line_error(*run(["generate", checkpoint, "--class-labels", "1", "--out", str(tmp_path / "x.png")],
+                         capsys)[::2], "is not writable")
+
+
+class _NaNPipe:
+    """A pipeline whose sampler returns NaN images (what NaN weight scales give)."""
+    transformer = type("T", (), {"config": type("C", (), {"num_embeds_ada_norm": 10})()})()
+
+    def __call__(self, **kw):
+        import torch
+        images = torch.rand(len(kw["class_labels"]), 1, 16, 16)
+        images[0, 0, 3, 4] = float("nan")
+        return type("Out", (), {"images": images})()
+
+
+def test_generate_refuses_nan_images(tmp_path, capsys, monkeypatch):
+    import ditq.cli as cli
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: _NaNPipe())
+    png = tmp_path / "x.png"
+    _one_line_error(*run(["generate", str(tmp_path), "--class-labels", "1", "2", "--out", str(png)],
+                         capsys)[::2], "1 NaN / inf values of 512", "nothing written")
+    assert not png.exists()
+
+
+def _copy(checkpoint, tmp_path):
+    import shutil
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(checkpoint, path)
+    return path, os.path.join(path, "transformer", "diffusion_pytorch_model.safetensors")
+
+
+def test_generate_on_nan_scales_fails_and_writes_nothing(checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    path, weights = _copy(checkpoint, tmp_path)
+    sd = load_file(weights)
+    name = next(k for k in sd if k.endswith(".scales"))
+    sd[name][:] = float("nan")
+    save_file(sd, weights)
+    png = tmp_path / "x.png"
+    code, _, err = run(["generate", path, "--class-labels", "1", "--steps", "1", "--quiet", "--out", str(png)],
+                       capsys)
+    _one_line_error(code, err)
+    assert "scales" in err or "NaN" in err, err
+    assert not png.exists()
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.99])
+def test_info_reports_a_truncated_checkpoint(checkpoint, tmp_path, capsys, cut):
+    path, weights = _copy(checkpoint, tmp_path)
+    data = open(weights, "rb").read()
+    open(weights, "wb").write(data[:int(len(data) * cut)])
+    _one_line_error(*run(["info", path], capsys)[::2], weights, "corrupt")
+    _one_line_error(*run(["generate", path, "--class-labels", "1", "--out", str(tmp_path / "x.png")],
+                         capsys)[::2], weights, "corrupt")
+
+
+def test_info_reports_a_missing_tensor_and_a_bad_header(checkpoint, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    path, weights = _copy(checkpoint, tmp_path)
+    sd = load_file(weights)
+    name = next(k for k in sd if k.endswith(".act_scale"))
+    del sd[name]
+    save_file(sd, weights)
+    _one_line_error(*run(["info", path], capsys)[::2], weights, repr(name.rsplit(".", 1)[0]), "'act_scale'")
+    header = os.path.join(path, "transformer", "ditq_quant.json")
+    h = json.load(open(header))
+    del h["quant_config"]
+    json.dump(h, open(header, "w"))
+    _one_line_error(*run(["info", path], capsys)[::2], header, "'quant_config' is missing")
+    open(header, "w").write("{")
+    _one_line_error(*run(["info", path], capsys)[::2], header, "not readable JSON")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A DiT pipeline whose attention and adaLN linears take K = 64 inputs: int4 groups of 128 fit only the
+    layers with K = 256 (the MLP's second linear and the timestep embedder's first)."""
+    from tiny_models import tiny_dit_pipeline
+    path = str(tmp_path_factory.mktemp("tiny") / "pipe")
+    tiny_dit_pipeline().save_pretrained(path)
+    return path
+
+
+def test_quantize_warns_about_layers_it_could_not_quantize(tiny_pipeline_dir, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    code, stdout, err = run(["quantize", tiny_pipeline_dir, "--preset", "w4a8", "--calib-labels", "1", "2",
+                             "--calib-steps", "2", "--quiet", "--out", out], capsys)
+    assert code == 0, err
+    warnings = [ln for ln in err.splitlines() if ln.startswith("ditq quantize: warning:")]
+    assert len(warnings) == 1, err
+    report = json.load(open(os.path.join(out, "ditq_report.json")))
+    failed = [why for why in report["skipped"].values() if why.startswith("group_size 128 does not divide K")]
+    assert failed and report["layers"]
+    assert f"{len(failed)} of {len(failed) + len(report['layers'])} linear layers could not be quantized" \
+        in warnings[0], warnings[0]
+    assert "group_size 128 does not divide K = 64" in warnings[0]
+    assert f"quantized {len(report['layers'])}" in warnings[0]
+
+
+def test_quantize_fails_when_no_layer_fits(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    """Every linear refused (as on a model none of whose K the group size divides): exit 1, nothing written."""
+    import ditq.convert as convert
+    real = convert.select_layers
+
+    def nothing_fits(transformer, cfg):
+        cands, skipped = real(transformer, cfg)
+        skipped.update({n: f"group_size 128 does not divide K = {m.in_features + 1}" for n, m in cands.items()})
+        return {}, skipped
+    monkeypatch.setattr(convert, "select_layers", nothing_fits)
+    out = tmp_path / "o"
+    _one_line_error(*run(["quantize", tiny_pipeline_dir, "--preset", "w4a8", "--calib-labels", "1",
+                          "--calib-steps", "1", "--quiet", "--out", str(out)], capsys)[::2],
+                    "no quantizable layer", "group_size 128 does not divide")
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_quantize_refuses_a_report_without_layers(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    """Layers can also drop out after selection (calibration never reached them): a report with no quantized
+    layer is an error, after the warning that says why."""
+    import ditq
+    from ditq.report import QuantReport
+
+    def quantize(pipe, cfg, calib_inputs=None):
+        return QuantReport(config=cfg.to_dict(), backend="torch",
+                           skipped={"a": "never ran during calibration (no activation range)"})
+    monkeypatch.setattr(ditq, "quantize", quantize)
+    out = tmp_path / "o"
+    code, _, err = run(["quantize", tiny_pipeline_dir, "--preset", "w8a8", "--calib-labels", "1", "--quiet",
+                        "--out", str(out)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 2 and "Traceback" not in err, err
+    assert "1 of 1 linear layers could not be quantized" in lines[0] and "never ran during calibration" in lines[0]
+    assert lines[1] == "ditq quantize: error: no layer was quantized (see the warning above); nothing written"
+    assert not out.exists() or not os.listdir(out)
