@@ -312,7 +312,7 @@ def install_quant_linears(model: nn.Module, header: dict, backend: str, where: s
         setattr(model.get_submodule(path) if path else model, attr, q)
 
 
-def finish_load(model: nn.Module, header: dict, device) -> nn.Module:
+def finish_load(model: nn.Module, header: dict, device, where: str = "checkpoint") -> nn.Module:
     """After tensors are in place: move to ``device``, restore buffer dtypes, mark as quantized, eval mode."""
     model.to(device)
     buffers = dict(model.named_buffers())
@@ -324,7 +324,7 @@ def finish_load(model: nn.Module, header: dict, device) -> nn.Module:
     try:
         timestep_groups.restore(model, header)  # grouped scales live in the header; re-install their hook
     except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"invalid timestep-grouped activation scales in the header: {e}") from e
+        raise CheckpointError(f"{where}: invalid timestep-grouped activation scales: {e}") from e
     model._ditq_config = header["quant_config"]
     return model.eval()
 
@@ -470,7 +470,7 @@ def load_transformer(directory: str, device="cpu", backend: Optional[str] = None
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
         raise CheckpointError(f"{weights}: parameters not in the checkpoint: {left[:5]}")
-    model = finish_load(model, header, device)
+    model = finish_load(model, header, device, where)
     return model if torch_dtype is None else model.to(torch_dtype)
 
 
