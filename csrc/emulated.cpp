@@ -2,14 +2,25 @@
 // Same sources as the nvcc build (csrc/*.cuh): ptx.cuh swaps each PTX instruction for its emulated twin.
 // Torch-free (bindings.cpp calls these through launch.h): the emulator's macros (threadIdx, __syncthreads,
 // min/max) must never meet torch's headers.
+#include <vector>
+
 #include "launch.h"
 #include "quantize_act.cuh"
 
 namespace ditq {
 
 void quantize_act_emulated(const QuantizeActArgs& args) {
-  qact::dispatch(args, [](auto kernel, dim3 grid, dim3 block, auto... a) {
-    emu::launch(grid, block, 0, emu::global_options(), kernel, a...);
+  // The buffers with their exact extents, for the global-memory checker (emu/global.h).
+  using emu::Access;
+  const size_t elems = static_cast<size_t>(args.M) * static_cast<size_t>(args.K);
+  const size_t x_bytes = elems * (args.dtype == DType::kF32 ? 4 : 2);
+  const std::vector<emu::GlobalBuffer> bufs = {
+      {args.x, x_bytes, "x", Access::ReadOnly},
+      {args.static_scale, args.static_scale ? 4u : 0u, "static_scale", Access::ReadOnly},
+      {args.q, elems, "q", Access::Output},
+      {args.scales, args.scales ? static_cast<size_t>(args.M) * 4 : 0, "scales", Access::Output}};
+  qact::dispatch(args, [&](const char* name, auto kernel, dim3 grid, dim3 block, auto... a) {
+    emu::launch_checked(grid, block, 0, emu::global_options(), name, bufs, kernel, a...);
   });
 }
 

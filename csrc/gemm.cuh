@@ -43,7 +43,7 @@
 //       acc = fma(float(partial), s_w[g, n] / 16, acc), and reset. (Integer group scales would save that
 //       fma but add a rounding at quantization time; the per-group fma is MI * NI * 4 FFMA per group per
 //       warp, against MI * NI * G / 32 mma: small at G >= 64.)
-// Epilogue: fp32 with explicit rounding (fma_rn / fmul_rn, never left to contraction), so the emulated and
+// Epilogue: fp32 with explicit rounding (__fmaf_rn / __fmul_rn, never left to contraction), so the emulated and
 // real kernels agree bit for bit; then an explicit round-to-nearest-even cast to the output type.
 //
 // ---- Split-K (small M) -------------------------------------------------------------------------------------
@@ -69,77 +69,17 @@
 #include "configs/kernel_families.h"
 #include "gemm.h"
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
-
 namespace ditq::gemm {
 
 // GemmParams and OutKind: gemm.h (shared with the launchers and the binding).
 
-// ---- explicit fp32 rounding: identical on the GPU and in the host emulator --------------------------------
-DITQ_DEVICE float fmul_rn(float x, float y) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(x, y);
-#else
-  return x * y;  // x86-64 SSE: one IEEE round-to-nearest multiply
-#endif
-}
-DITQ_DEVICE float fma_rn(float x, float y, float z) {
-#if defined(__CUDA_ARCH__)
-  return __fmaf_rn(x, y, z);
-#else
-  return std::fma(x, y, z);
-#endif
-}
-DITQ_DEVICE float i2f_rn(int32_t v) {
-#if defined(__CUDA_ARCH__)
-  return __int2float_rn(v);
-#else
-  return static_cast<float>(v);  // round to nearest (the host's default mode)
-#endif
-}
-
-// float -> bf16 / fp16 bits, round to nearest even. Device: the hardware conversions (IEEE RNE); host: the
-// same rounding spelled out in integer arithmetic. Finite inputs give identical bits (NaN payloads may not).
+// Explicit fp32 rounding (__fmul_rn, __fmaf_rn, __int2float_rn) and the output casts (ptx::f32_to_bf16_bits,
+// f32_to_f16_bits) are the same calls in both builds: CUDA's intrinsics on the device, the emulator's twins
+// (emu/emu.h) on the host. Nothing in this file is compiled for one build only.
 DITQ_DEVICE uint32_t f32_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   return u;
-}
-DITQ_DEVICE uint16_t to_bf16_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-#else
-  uint32_t u = f32_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);  // ties go to the even 16-bit result
-  return static_cast<uint16_t>(u >> 16);
-#endif
-}
-DITQ_DEVICE uint16_t to_f16_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __half_as_ushort(__float2half_rn(f));
-#else
-  const uint32_t x = f32_bits(f);
-  const uint32_t sign = (x >> 16) & 0x8000u;
-  const uint32_t ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
-  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
-  if (ax >= 0x38800000u) {                                               // normal half (>= 2^-14)
-    uint32_t r = ax - 0x38000000u;  // exponent bias 127 -> 15
-    r += 0xfffu + ((r >> 13) & 1u);  // RNE on the 13 dropped bits; a carry into the exponent is right
-    return static_cast<uint16_t>(sign | (r >> 13));
-  }
-  if (ax < 0x33000000u) return static_cast<uint16_t>(sign);  // <= 2^-25 (a tie to the even 0)
-  // Subnormal half: value = m * 2^(e - 150) = (m >> (126 - e)) units of 2^-24, rounded to nearest even.
-  const uint32_t e = ax >> 23, m = (ax & 0x7fffffu) | 0x800000u, sh = 126u - e;  // sh in 14..24
-  uint32_t q = m >> sh;
-  const uint32_t rem = m & ((1u << sh) - 1u), half = 1u << (sh - 1u);
-  if (rem > half || (rem == half && (q & 1u))) ++q;
-  return static_cast<uint16_t>(sign | q);
-#endif
 }
 
 struct alignas(8) F32x2 {  // an 8-byte store of two floats (float2 is not defined in the host build)
@@ -298,14 +238,14 @@ DITQ_DEVICE bool reduce_splits(const GemmParams& p, Acc& acc, FAcc& facc, uint8_
     else return static_cast<uint32_t>(acc[i][j][r]);
   };
 #pragma unroll
-  for (int e = 0; e < E; ++e) p.workspace[word(z, e)] = bits_of(e);
+  for (int e = 0; e < E; ++e) ptx::st_global(p.workspace + word(z, e), bits_of(e));
   ptx::fence_gpu();  // release: the partial is visible before this CTA is counted
   __syncthreads();   // every thread's partial stored (and every warp done with the pipeline's smem)
   int* flag = reinterpret_cast<int*>(smem);
   if (tid == 0) {
     const int arrived = ptx::atomic_add_gpu(p.counters + tile, 1);
     const int last = arrived == S - 1;
-    if (last) p.counters[tile] = 0;  // leave the counters zeroed for the next launch
+    if (last) ptx::st_global(p.counters + tile, 0);  // leave the counters zeroed for the next launch
     ptx::st_shared(flag, last);
   }
   __syncthreads();
@@ -399,14 +339,14 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
 #pragma unroll
       for (int j = 0; j < NI; ++j) {
         const int n = n0 + wn0 + j * 8 + 2 * t;
-        const float s0 = n < N ? fmul_rn(srow[n], 0.0625f) : 0.0f;      // exact: a power of two
-        const float s1 = n + 1 < N ? fmul_rn(srow[n + 1], 0.0625f) : 0.0f;
+        const float s0 = n < N ? __fmul_rn(ptx::ld_global(srow + n), 0.0625f) : 0.0f;  // exact: a power of 2
+        const float s1 = n + 1 < N ? __fmul_rn(ptx::ld_global(srow + n + 1), 0.0625f) : 0.0f;
 #pragma unroll
         for (int i = 0; i < MI; ++i) {
-          facc[i][j][0] = fma_rn(i2f_rn(acc[i][j][0]), s0, facc[i][j][0]);
-          facc[i][j][1] = fma_rn(i2f_rn(acc[i][j][1]), s1, facc[i][j][1]);
-          facc[i][j][2] = fma_rn(i2f_rn(acc[i][j][2]), s0, facc[i][j][2]);
-          facc[i][j][3] = fma_rn(i2f_rn(acc[i][j][3]), s1, facc[i][j][3]);
+          facc[i][j][0] = __fmaf_rn(__int2float_rn(acc[i][j][0]), s0, facc[i][j][0]);
+          facc[i][j][1] = __fmaf_rn(__int2float_rn(acc[i][j][1]), s1, facc[i][j][1]);
+          facc[i][j][2] = __fmaf_rn(__int2float_rn(acc[i][j][2]), s0, facc[i][j][2]);
+          facc[i][j][3] = __fmaf_rn(__int2float_rn(acc[i][j][3]), s1, facc[i][j][3]);
 #pragma unroll
           for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
         }
@@ -470,7 +410,7 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
     for (int h = 0; h < 2; ++h) {
       const int m = m0 + wm0 + i * 16 + g + 8 * h;
       if (m >= M) continue;
-      const float sa = p.a_scale[p.a_scale_per_token ? m : 0];
+      const float sa = ptx::ld_global(p.a_scale + (p.a_scale_per_token ? m : 0));
 #pragma unroll
       for (int j = 0; j < NI; ++j) {
         const int n = n0 + wn0 + j * 8 + 2 * t;
@@ -481,11 +421,11 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
           float v;
           if constexpr (WOp::kGrouped) {  // y = acc * s_a + b
             v = facc[i][j][2 * h + c];
-            y[c] = p.bias ? fma_rn(v, sa, p.bias[nn]) : fmul_rn(v, sa);
+            y[c] = p.bias ? __fmaf_rn(v, sa, ptx::ld_global(p.bias + nn)) : __fmul_rn(v, sa);
           } else {  // y = acc * (s_a * s_w) + b, the scale product rounded first as in the reference
-            v = i2f_rn(acc[i][j][2 * h + c]);
-            const float s = fmul_rn(sa, p.w_scale[nn]);
-            y[c] = p.bias ? fma_rn(v, s, p.bias[nn]) : fmul_rn(v, s);
+            v = __int2float_rn(acc[i][j][2 * h + c]);
+            const float s = __fmul_rn(sa, ptx::ld_global(p.w_scale + nn));
+            y[c] = p.bias ? __fmaf_rn(v, s, ptx::ld_global(p.bias + nn)) : __fmul_rn(v, s);
           }
         }
         if (n >= N) continue;
@@ -494,20 +434,22 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
         if (p.out_kind == kOutF32) {
           float* out = static_cast<float*>(p.out) + o;
           if (both && paired) {
-            *reinterpret_cast<F32x2*>(out) = F32x2{y[0], y[1]};
+            ptx::st_global(reinterpret_cast<F32x2*>(out), F32x2{y[0], y[1]});
           } else {
-            out[0] = y[0];
-            if (both) out[1] = y[1];
+            ptx::st_global(out, y[0]);
+            if (both) ptx::st_global(out + 1, y[1]);
           }
         } else {
-          const uint16_t b0 = p.out_kind == kOutBF16 ? to_bf16_bits(y[0]) : to_f16_bits(y[0]);
-          const uint16_t b1 = p.out_kind == kOutBF16 ? to_bf16_bits(y[1]) : to_f16_bits(y[1]);
+          const bool bf16 = p.out_kind == kOutBF16;
+          const uint16_t b0 = bf16 ? ptx::f32_to_bf16_bits(y[0]) : ptx::f32_to_f16_bits(y[0]);
+          const uint16_t b1 = bf16 ? ptx::f32_to_bf16_bits(y[1]) : ptx::f32_to_f16_bits(y[1]);
           uint16_t* out = static_cast<uint16_t*>(p.out) + o;
           if (both && paired) {
-            *reinterpret_cast<uint32_t*>(out) = static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16);
+            ptx::st_global(reinterpret_cast<uint32_t*>(out),
+                           static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16));
           } else {
-            out[0] = b0;
-            if (both) out[1] = b1;
+            ptx::st_global(out, b0);
+            if (both) ptx::st_global(out + 1, b1);
           }
         }
       }

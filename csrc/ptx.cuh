@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 // ---- build flavour -----------------------------------------------------------------------------------------
 #if defined(__CUDACC__)
@@ -21,6 +22,8 @@
 #define DITQ_HOST_DEVICE __host__ __device__ __forceinline__
 #define DITQ_LOC
 #define DITQ_LOC0
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "ditq's CUDA kernels need sm_80 or newer (cp.async, mma.sync m16n8k32 s8)"
 #endif
@@ -224,9 +227,38 @@ DITQ_DEVICE void st_shared(T* p, const T& v DITQ_LOC) {
 #endif
 }
 
+// ---- global loads and stores (checked in the emulator: registered extents, read-only, unwritten reads) ------
+// Kernels access global memory only through these (C++ has no hook for a plain `*p`, so a plain dereference
+// is invisible to the global-memory checker). Device halves are plain C++ accesses: nvcc picks LDG / STG of
+// the type's width, as for `*p`.
+template <class T>
+DITQ_DEVICE T ld_global(const T* p DITQ_LOC) {
+#if DITQ_EMULATED
+  ::ditq::emu::global_access(p, sizeof(T), false, "ld_global", ditq_file_, ditq_line_);
+  ::ditq::emu::check_align(p, alignof(T), detail::me(), "ld_global", "global", ditq_file_, ditq_line_);
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+#else
+  return *p;
+#endif
+}
+
+template <class T>
+DITQ_DEVICE void st_global(T* p, const T& v DITQ_LOC) {
+#if DITQ_EMULATED
+  ::ditq::emu::global_access(p, sizeof(T), true, "st_global", ditq_file_, ditq_line_);
+  ::ditq::emu::check_align(p, alignof(T), detail::me(), "st_global", "global", ditq_file_, ditq_line_);
+  std::memcpy(p, &v, sizeof(T));
+#else
+  *p = v;
+#endif
+}
+
 // ---- ld.global.nc.v4 (16-byte read-only load; the emulator checks the alignment the GPU requires) ----------
 DITQ_DEVICE uint4 ld_global_16(const void* p DITQ_LOC) {
 #if DITQ_EMULATED
+  ::ditq::emu::global_access(p, 16, false, "ld_global_16", ditq_file_, ditq_line_);
   ::ditq::emu::check_align(p, 16, detail::me(), "ld_global_16", "global", ditq_file_, ditq_line_);
   uint4 v;
   std::memcpy(&v, p, 16);
@@ -237,16 +269,18 @@ DITQ_DEVICE uint4 ld_global_16(const void* p DITQ_LOC) {
 }
 
 // ---- inter-CTA communication (split-K): fence.acq_rel.gpu, atom.add.gpu, ld.global.cg ----------------------
-// The emulator runs blocks one after another, so these are plain memory operations there; what they order
-// between concurrently running CTAs is beyond what it can check.
+// The emulator runs blocks one after another, so these are plain memory operations there (bounds-checked);
+// what they order between concurrently running CTAs is beyond what it can check.
 DITQ_DEVICE void fence_gpu() {
 #if !DITQ_EMULATED
   __threadfence();
 #endif
 }
 
-DITQ_DEVICE int atomic_add_gpu(int* p, int v) {
+DITQ_DEVICE int atomic_add_gpu(int* p, int v DITQ_LOC) {
 #if DITQ_EMULATED
+  ::ditq::emu::global_access(p, sizeof(int), false, "atom.add", ditq_file_, ditq_line_);
+  ::ditq::emu::global_access(p, sizeof(int), true, "atom.add", ditq_file_, ditq_line_);
   const int old = *p;
   *p = old + v;
   return old;
@@ -255,12 +289,21 @@ DITQ_DEVICE int atomic_add_gpu(int* p, int v) {
 #endif
 }
 
-DITQ_DEVICE uint32_t ld_cg(const uint32_t* p) {
+DITQ_DEVICE uint32_t ld_cg(const uint32_t* p DITQ_LOC) {
 #if DITQ_EMULATED
+  ::ditq::emu::global_access(p, sizeof(uint32_t), false, "ld.global.cg", ditq_file_, ditq_line_);
   return *p;
 #else
   return __ldcg(p);
 #endif
 }
+
+// ---- float -> bf16 / fp16 bits, round to nearest even (cvt.rn.bf16.f32 / cvt.rn.f16.f32) ---------------------
+// The one conversion both builds use: the CUDA intrinsic on the device (F2FP.BF16[.F32].PACK_AB /
+// F2FP[.F16.F32].PACK_AB in SASS, checked by tests/csrc/test_gemm_sass.py) and the emulator's twin of the
+// same intrinsic (emu/emu.h, checked bit for bit against torch's RNE casts). No #if here: a rounding
+// decided differently in a device-only branch is what the emulator could never see.
+DITQ_DEVICE uint16_t f32_to_bf16_bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+DITQ_DEVICE uint16_t f32_to_f16_bits(float f) { return __half_as_ushort(__float2half_rn(f)); }
 
 }  // namespace ditq::ptx

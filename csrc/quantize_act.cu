@@ -9,7 +9,7 @@ namespace ditq {
 
 const char* quantize_act_cuda(const QuantizeActArgs& args, void* stream) {
   cudaGetLastError();  // an earlier, unrelated error must not be reported as ours
-  qact::dispatch(args, [stream](auto kernel, dim3 grid, dim3 block, auto... a) {
+  qact::dispatch(args, [stream](const char*, auto kernel, dim3 grid, dim3 block, auto... a) {
     kernel<<<grid, block, 0, static_cast<cudaStream_t>(stream)>>>(a...);
   });
   const cudaError_t e = cudaGetLastError();

@@ -5,6 +5,10 @@
 //   inv = 1 / s         (IEEE fp32 division)                            static:  s = scale[0]
 //   q   = clamp(rint(x * inv), -127, 127)   (fp32 multiply, round half to even)
 //
+// Non-finite values: q of NaN is 0, of +-inf +-127 (static scale, elementwise). With a dynamic scale a row
+// holding any NaN or +-inf gets scale NaN and q all 0, so every GEMM output of that row is NaN (NaN * anything)
+// rather than a silently finite number; the absmax is NaN-propagating, which fmaxf alone is not.
+//
 // Every rounding is spelled out (__fdiv_rn, __fmul_rn, __float2int_rn) so nvcc cannot contract or
 // approximate it (plain `/` is IEEE only without --use_fast_math, and a*b may be fused into a later add),
 // and the host emulator reproduces each one exactly. absmax itself is exact (max of |x|, x widened exactly).
@@ -27,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+#include <string>
 
 #include "launch.h"
 #include "ptx.cuh"
@@ -45,6 +50,19 @@ DITQ_DEVICE float to_float(float v) { return v; }
 DITQ_DEVICE float to_float(__half v) { return __half2float(v); }
 DITQ_DEVICE float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+constexpr float kFloatMax = 3.40282346638528859812e+38f;
+
+// The scale of a non-finite row: the quiet NaN torch produces (0x7fc00000), so the bits match a reference.
+DITQ_DEVICE float nan_f32() { return __uint_as_float(0x7fc00000u); }
+
+// |x| for the row absmax, with NaN (which fmaxf would drop) and +-inf both mapped to +inf, which fmaxf keeps:
+// the row's max is then inf exactly when the row holds a non-finite value.
+DITQ_DEVICE float abs_or_inf(float x) {
+  const float a = fabsf(x);
+  return a <= kFloatMax ? a : __uint_as_float(0x7f800000u);
+}
+
+// NaN -> 0 (cvt.rni.s32.f32 of NaN), +-inf and anything past +-127 clamp to +-127.
 DITQ_DEVICE int8_t quantize(float x, float inv) {
   const int q = __float2int_rn(__fmul_rn(x, inv));  // round half to even, as torch.round
   return static_cast<int8_t>(q < -127 ? -127 : (q > 127 ? 127 : q));
@@ -92,18 +110,21 @@ DITQ_GLOBAL void quantize_act_kernel(const T* __restrict__ x, const float* __res
       for (int v = lane; v < K / N; v += 32) {
         const Vec<T> x16 = Vec<T>::load(xr + v * N);
 #pragma unroll
-        for (int j = 0; j < N; ++j) amax = fmaxf(amax, fabsf(to_float(x16.e[j])));
+        for (int j = 0; j < N; ++j) amax = fmaxf(amax, abs_or_inf(to_float(x16.e[j])));
       }
     } else {
-      for (int k = lane; k < K; k += 32) amax = fmaxf(amax, fabsf(to_float(xr[k])));
+      for (int k = lane; k < K; k += 32) amax = fmaxf(amax, abs_or_inf(to_float(ptx::ld_global(xr + k))));
     }
 #pragma unroll
     for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, ptx::shfl_xor(amax, m));  // every lane: the row max
-    const float s = amax > 0.0f ? __fdiv_rn(amax, kQmax) : 1.0f;
-    if (lane == 0) scales[row] = s;
-    inv = __fdiv_rn(1.0f, s);
+    // A row holding NaN or +-inf (amax = inf): scale NaN, and inv = 0 makes every q 0 (x * 0 is 0 for finite
+    // x and NaN for the rest, which __float2int_rn turns into 0): the GEMM's output row is then NaN.
+    const bool finite = amax <= kFloatMax;
+    const float s = !finite ? nan_f32() : (amax > 0.0f ? __fdiv_rn(amax, kQmax) : 1.0f);
+    if (lane == 0) ptx::st_global(scales + row, s);
+    inv = finite ? __fdiv_rn(1.0f, s) : 0.0f;
   } else {
-    inv = __fdiv_rn(1.0f, static_scale[0]);
+    inv = __fdiv_rn(1.0f, ptx::ld_global(static_scale));
   }
 
   if constexpr (kVec) {
@@ -115,37 +136,39 @@ DITQ_GLOBAL void quantize_act_kernel(const T* __restrict__ x, const float* __res
       for (int j = 0; j < N; ++j) out[j] = quantize(to_float(x16.e[j]), inv);
       P p;
       std::memcpy(&p, out, N);
-      *reinterpret_cast<P*>(qr + v * N) = p;
+      ptx::st_global(reinterpret_cast<P*>(qr + v * N), p);
     }
   } else {
-    for (int k = lane; k < K; k += 32) qr[k] = quantize(to_float(xr[k]), inv);
+    for (int k = lane; k < K; k += 32) ptx::st_global(qr + k, quantize(to_float(ptx::ld_global(xr + k)), inv));
   }
 }
 
-// Picks the instantiation for `a` and calls launch(kernel, grid, block, args...): the real launch (<<<>>>)
-// in quantize_act.cu, the emulated one in emulated.cpp.
+// Picks the instantiation for `a` and calls launch(name, kernel, grid, block, args...): the real launch
+// (<<<>>>) in quantize_act.cu, the emulated one in emulated.cpp (the name is for the emulator's reports).
 template <class T, class Launch>
-void dispatch_typed(const QuantizeActArgs& a, Launch&& launch) {
+void dispatch_typed(const QuantizeActArgs& a, const char* type, Launch&& launch) {
   const bool vec = reinterpret_cast<uintptr_t>(a.x) % 16 == 0 && reinterpret_cast<uintptr_t>(a.q) % 16 == 0 &&
                    (a.K * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   const dim3 grid(static_cast<unsigned>((a.M + kWarps - 1) / kWarps)), block(32 * kWarps);
   const T* x = static_cast<const T*>(a.x);
   const int M = static_cast<int>(a.M), K = static_cast<int>(a.K);
   const bool dyn = a.static_scale == nullptr;
-  if (vec && dyn) launch(&quantize_act_kernel<T, true, true>, grid, block, x, a.static_scale, a.q, a.scales, M, K);
-  if (vec && !dyn) launch(&quantize_act_kernel<T, true, false>, grid, block, x, a.static_scale, a.q, a.scales, M, K);
-  if (!vec && dyn) launch(&quantize_act_kernel<T, false, true>, grid, block, x, a.static_scale, a.q, a.scales, M, K);
-  if (!vec && !dyn)
-    launch(&quantize_act_kernel<T, false, false>, grid, block, x, a.static_scale, a.q, a.scales, M, K);
+  const std::string name = std::string("quantize_act<") + type + (vec ? ", vec" : ", scalar") +
+                           (dyn ? ", dynamic>" : ", static>");
+  auto go = [&](auto kernel) { launch(name.c_str(), kernel, grid, block, x, a.static_scale, a.q, a.scales, M, K); };
+  if (vec && dyn) go(&quantize_act_kernel<T, true, true>);
+  if (vec && !dyn) go(&quantize_act_kernel<T, true, false>);
+  if (!vec && dyn) go(&quantize_act_kernel<T, false, true>);
+  if (!vec && !dyn) go(&quantize_act_kernel<T, false, false>);
 }
 
 template <class Launch>
 void dispatch(const QuantizeActArgs& a, Launch&& launch) {
   if (a.M == 0) return;
   switch (a.dtype) {
-    case DType::kF32: return dispatch_typed<float>(a, launch);
-    case DType::kF16: return dispatch_typed<__half>(a, launch);
-    case DType::kBF16: return dispatch_typed<__nv_bfloat16>(a, launch);
+    case DType::kF32: return dispatch_typed<float>(a, "f32", launch);
+    case DType::kF16: return dispatch_typed<__half>(a, "f16", launch);
+    case DType::kBF16: return dispatch_typed<__nv_bfloat16>(a, "bf16", launch);
   }
 }
 

@@ -1,6 +1,6 @@
 // What each CUDA kernel family accepts, written once. Everything that depends on it is generated from here:
 // the W4 instantiations and the launch switches (csrc/gemm.cu, csrc/emulated_gemm.cpp), the binding's checks
-// (csrc/bindings.cpp, csrc/gemm_bindings.h) and the description torch.ops.ditq_C.kernel_families() returns (csrc/families.cpp),
+// (csrc/gemm_bindings.h) and the description torch.ops.ditq_C.kernel_families() returns (csrc/families.cpp),
 // which the Python runtime reads instead of keeping its own copy.
 //
 // Adding a W4 group size is one entry in DITQ_W4_GROUP_SIZES; the static_asserts below reject one the

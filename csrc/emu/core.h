@@ -63,7 +63,8 @@ inline Options& global_options() {
 
 // ---- errors -----------------------------------------------------------------------------------------------
 // kind: "deadlock", "divergent-barrier", "divergent-collective", "partial-warp", "shared-address",
-// "misaligned", "race", "cp-async-in-flight", "kernel-exception", "config".
+// "misaligned", "race", "cp-async-in-flight", "global-address", "global-read-only", "global-unwritten",
+// "kernel-exception", "config".
 class Error : public std::runtime_error {
  public:
   Error(std::string kind, const std::string& what) : std::runtime_error(what), kind_(std::move(kind)) {}
@@ -134,6 +135,7 @@ struct State {
   // a failure inside a fiber, reported from the scheduler
   bool failed = false;
   std::string fail_kind, fail_msg;
+  std::string kernel;  // the kernel's name, when the launcher gave one (launch_checked): for reports
 };
 
 inline State& S() {
@@ -149,7 +151,10 @@ inline uint3 tid_of(int linear) {
   return {static_cast<unsigned>(linear % b.x), static_cast<unsigned>(linear / b.x % b.y),
           static_cast<unsigned>(linear / (b.x * b.y))};
 }
-inline std::string block_name() { return "block " + thread_name(S().block_idx); }
+inline std::string block_name() {
+  const std::string& k = S().kernel;
+  return "block " + thread_name(S().block_idx) + (k.empty() ? "" : " of kernel " + k);
+}
 inline std::string thread_desc(int linear) { return "thread " + thread_name(tid_of(linear)); }
 
 // Report an error found inside a kernel. From a fiber: record, jump to the scheduler (never unwind).

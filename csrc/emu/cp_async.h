@@ -8,6 +8,7 @@
 // wait: other threads may read it only after a __syncthreads, as on the GPU.
 #pragma once
 
+#include "global.h"
 #include "shared.h"
 
 namespace ditq::emu {
@@ -27,6 +28,7 @@ inline void cp_async_issue(void* smem, const void* gmem, bool pred, const char* 
   c.line = line;
   c.landed = false;
   if (pred) {
+    global_access(gmem, 16, false, "cp.async", file, line);  // before the copy: never read past a buffer
     check_align(gmem, 16, t.linear, "cp.async", "global", file, line);
     std::memcpy(c.data, gmem, 16);
   } else {

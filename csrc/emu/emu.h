@@ -7,6 +7,7 @@
 
 #include "core.h"
 #include "cp_async.h"
+#include "global.h"
 #include "shared.h"
 #include "warp.h"
 
@@ -106,8 +107,12 @@ inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 
 namespace ditq::emu {
 
+// Launch `kernel(args...)` with the global buffers `globals` registered for the global-memory checker
+// (Options::mem_check, emu/global.h) under the name `name` (reports say "block (x,y,z) of kernel <name>").
+// Register every buffer the kernel may touch, with its exact extent: anything else it touches is reported.
 template <class Kernel, class... Args>
-void launch(dim3 grid, dim3 block, size_t dynamic_smem, const Options& opt, Kernel kernel, Args... args) {
+void launch_checked(dim3 grid, dim3 block, size_t dynamic_smem, const Options& opt, const char* name,
+                    const std::vector<GlobalBuffer>& globals, Kernel kernel, Args... args) {
   const uint64_t nthreads = uint64_t{block.x} * block.y * block.z;
   if (nthreads == 0 || nthreads > 1024 || block.z > 64)
     throw std::invalid_argument("ditq emulator: a block must have 1..1024 threads (z <= 64), got " +
@@ -126,6 +131,14 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, const Options& opt, Kern
     for (Thread& t : s.threads) t.fiber_ready = false;
   }
   s.opt = opt;
+  s.kernel = name ? name : "";
+  global_begin_launch(globals, name, opt.mem_check && !globals.empty());
+  struct EndLaunch {  // whatever way the launch ends, the next one starts with no buffers and no name
+    ~EndLaunch() {
+      global_end_launch();
+      S().kernel.clear();
+    }
+  } end_launch;
   s.block_dim = block;
   s.grid_dim = grid;
   s.nthreads = static_cast<int>(nthreads);
@@ -156,6 +169,12 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, const Options& opt, Kern
     }
     throw;
   }
+}
+
+// Unchecked global memory (the buffers' extents are unknown): test probes of other mechanisms.
+template <class Kernel, class... Args>
+void launch(dim3 grid, dim3 block, size_t dynamic_smem, const Options& opt, Kernel kernel, Args... args) {
+  launch_checked(grid, block, dynamic_smem, opt, nullptr, {}, kernel, args...);
 }
 
 // The same, with the process-wide options (ditq.emulator.emulator_options).

@@ -4,9 +4,12 @@
 //     can check the emulator against fragment tables transcribed from the PTX ISA;
 //   * deliberately broken kernels, each with a `// @<name>` marker on the line the emulator must report,
 //     and correct twins (the same kernel with the bug fixed) that must pass.
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "ptx.cuh"
 
@@ -169,10 +172,38 @@ DITQ_GLOBAL void partial_warp(float* out) {
   out[t] = ptx::shfl_xor(static_cast<float>(t), 1);  // @partial_shfl
 }
 
-int in_i[kN];
+// ---- global memory (Options::mem_check; the launch registers its buffers) --------------------------------------
+// out[t] = in[t] + 1 for every thread, with one planted bug each: a read or a write one element past the
+// buffer (thread 63), a write into the read-only input, a read of an output element nobody wrote, a
+// cp.async one chunk past the input.
+enum class GBug : int { None, OobRead, OobWrite, ReadOnlyWrite, UnwrittenRead, CpAsyncOob };
+
+template <GBug kBug>
+DITQ_GLOBAL void global_probe(const int* in, int* out, const uint8_t* bytes) {
+  DITQ_DYNAMIC_SHARED(uint8_t, smem);
+  const int t = static_cast<int>(threadIdx.x);
+  const int v = ptx::ld_global(&in[kBug == GBug::OobRead ? t + 1 : t]);  // @g_oob_read
+  if (kBug == GBug::ReadOnlyWrite && t == 5) ptx::st_global(const_cast<int*>(&in[t]), v);  // @g_ro_write
+  if (kBug != GBug::UnwrittenRead || t % 2 == 0)
+    ptx::st_global(&out[kBug == GBug::OobWrite ? t + 1 : t], v + 1);  // @g_oob_write
+  const int chunk = kBug == GBug::CpAsyncOob ? t + 1 : t;
+  ptx::cp_async_16(smem + 16 * t, bytes + 16 * chunk, true);  // @g_cp_oob
+  ptx::cp_async_commit();
+  ptx::cp_async_wait<0>();
+  __syncthreads();  // every thread's out element stored
+  if (t == 0) {
+    int s = 0;
+    for (int i = 0; i < kN; ++i) s += ptx::ld_global(&out[i]);  // @g_unwritten
+    ptx::st_global(&out[0], s);
+  }
+}
+
+// Padded past kN, so that the global probes' one-past accesses land in unregistered bytes (not in the next
+// array, nor outside the process).
+int in_i[kN + 16];
 float in_f[kN];
 uint8_t in_b[16 * 2 * kN];
-int out_i[kN];
+int out_i[kN + 16];
 float out_f[kN];
 uint8_t out_b[16 * kN];
 
@@ -212,6 +243,24 @@ int run_named(const std::string& name, const emu::Options& o) {
   if (name == "out_of_range") return emu::launch(g, b, 0, o, out_of_range, out_i), 0;
   if (name == "misaligned_cp_async") return emu::launch(g, b, 32 * kN, o, misaligned_cp_async, in_b), 0;
   if (name == "partial_warp") return emu::launch(g, dim3(48), 0, o, partial_warp, out_f), 0;
+  // Global-memory probes: buffers registered with their exact extents (in: kN ints, out: kN ints,
+  // bytes: 16 * kN bytes of the 32 * kN array).
+  auto global = [&](auto kernel) {
+    const std::vector<emu::GlobalBuffer> bufs = {
+        {in_i, sizeof(int) * kN, "in", emu::Access::ReadOnly},
+        {out_i, sizeof(int) * kN, "out", emu::Access::Output},
+        {in_b, 16 * kN, "bytes", emu::Access::ReadOnly}};
+    emu::launch_checked(g, b, 16 * kN, o, "global_probe", bufs, kernel, in_i, out_i, in_b);
+    int s = 0;
+    for (int i = 0; i < kN; ++i) s += in_i[i] + 1;
+    return out_i[0] == s ? 0 : 3;
+  };
+  if (name == "global_ok") return global(global_probe<GBug::None>);
+  if (name == "global_oob_read") return global(global_probe<GBug::OobRead>);
+  if (name == "global_oob_write") return global(global_probe<GBug::OobWrite>);
+  if (name == "global_read_only_write") return global(global_probe<GBug::ReadOnlyWrite>);
+  if (name == "global_unwritten_read") return global(global_probe<GBug::UnwrittenRead>);
+  if (name == "global_cp_async_oob") return global(global_probe<GBug::CpAsyncOob>);
   throw std::invalid_argument("no probe kernel named " + name);
 }
 
@@ -225,13 +274,14 @@ extern "C" {
 
 // 0: ran, result right; 3: ran, result wrong; 1: the emulator reported an error (kind, message filled in);
 // 2: another exception (message filled in).
-int probe_run(const char* name, int order, unsigned long long seed, int cp_async, int race_check, char* kind,
-              int kind_len, char* msg, int msg_len) {
+int probe_run(const char* name, int order, unsigned long long seed, int cp_async, int race_check, int mem_check,
+              char* kind, int kind_len, char* msg, int msg_len) {
   emu::Options o;
   o.order = static_cast<emu::Order>(order);
   o.seed = seed;
   o.cp_async = static_cast<emu::CpAsync>(cp_async);
   o.race_check = race_check != 0;
+  o.mem_check = mem_check != 0;
   try {
     return run_named(name, o);
   } catch (const emu::Error& e) {
@@ -277,6 +327,31 @@ int probe_convert(const float* in, int n, uint16_t* h, uint16_t* b, float* h_bac
     h_back[i] = __half2float(__ushort_as_half(h[i]));
     b_back[i] = __bfloat162float(__ushort_as_bfloat16(b[i]));
     rint[i] = __float2int_rn(in[i]);
+  }
+  return 0;
+}
+
+// fp32 -> bf16 / fp16 bits, element-wise: mode 0 / 3 the kernels' conversions (ptx::f32_to_bf16_bits,
+// f32_to_f16_bits); the others deliberately broken twins for the rounding tests to reject: 1 bf16 ties away
+// from zero, 2 bf16 `u += 0x7fff` (ties toward zero), 4 fp16 ties away from zero.
+int probe_cast(const float* in, int n, int mode, uint16_t* out) {
+  for (int i = 0; i < n; ++i) {
+    const float f = in[i];
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    switch (mode) {
+      case 0: out[i] = ptx::f32_to_bf16_bits(f); break;
+      case 1: out[i] = static_cast<uint16_t>((u + 0x8000u) >> 16); break;
+      case 2: out[i] = static_cast<uint16_t>((u + 0x7fffu) >> 16); break;
+      case 3: out[i] = ptx::f32_to_f16_bits(f); break;
+      default: {  // fp16 ties away: round |f| to a multiple of its fp16 ulp with floor(x / ulp + 0.5)
+        const double x = std::fabs(static_cast<double>(f));
+        const int e = x > 0 ? std::max(static_cast<int>(std::floor(std::log2(x))), -14) : -14;
+        const double ulp = std::ldexp(1.0, e - 10), r = std::floor(x / ulp + 0.5) * ulp;
+        const float v = static_cast<float>(std::signbit(f) ? -r : r);
+        out[i] = r >= 65520.0 ? static_cast<uint16_t>(std::signbit(f) ? 0xfc00u : 0x7c00u) : ptx::f32_to_f16_bits(v);
+      }
+    }
   }
   return 0;
 }

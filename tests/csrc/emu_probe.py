@@ -58,21 +58,23 @@ def load():
         lib = ctypes.CDLL(build())
         lib.probe_run.restype = ctypes.c_int
         lib.probe_run.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_ulonglong, ctypes.c_int, ctypes.c_int,
-                                  ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+                                  ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         lib.probe_mma.argtypes = [ctypes.c_void_p] * 4
         lib.probe_ldmatrix.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                        ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
         lib.probe_convert.argtypes = [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5
+        lib.probe_cast.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
         _lib = lib
     return _lib
 
 
-def run(name: str, order="forward", seed=0, cp_async="wait", race_check=True):
+def run(name: str, order="forward", seed=0, cp_async="wait", race_check=True, mem_check=True):
     """Runs probe kernel `name`: returns ("ok" | "wrong" | "error", kind, message)."""
     lib = load()
     kind = ctypes.create_string_buffer(64)
     msg = ctypes.create_string_buffer(4096)
-    rc = lib.probe_run(name.encode(), ORDERS[order], seed, CP_ASYNC[cp_async], int(race_check), kind, 64, msg, 4096)
+    rc = lib.probe_run(name.encode(), ORDERS[order], seed, CP_ASYNC[cp_async], int(race_check), int(mem_check),
+                       kind, 64, msg, 4096)
     assert rc != 2, f"probe {name}: {msg.value.decode()}"
     return {0: "ok", 3: "wrong", 1: "error"}[rc], kind.value.decode(), msg.value.decode()
 

@@ -79,3 +79,41 @@ def test_emulator_recovers_after_an_error():
     assert probe.run("two_stage_early_wait", cp_async="wait")[0] == "error"  # leaves copies in flight
     for name in ("block_sum_ok", "two_stage_ok"):
         assert probe.run(name, order="random", seed=5)[0] == "ok"
+
+
+# ---- global memory: the launch registers its buffers, every ptx:: global access is checked ---------------------
+GLOBAL_BROKEN = {
+    # name -> (kind, marker of the reported line, the thread the report must name)
+    "global_oob_read": ("global-address", "g_oob_read", "thread (63,0,0)"),
+    "global_oob_write": ("global-address", "g_oob_write", "thread (63,0,0)"),
+    "global_cp_async_oob": ("global-address", "g_cp_oob", "thread (63,0,0)"),
+    "global_read_only_write": ("global-read-only", "g_ro_write", "thread (5,0,0)"),
+    "global_unwritten_read": ("global-unwritten", "g_unwritten", "thread (0,0,0)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GLOBAL_BROKEN))
+def test_global_memory_bug_is_reported_with_kernel_block_thread_and_line(name):
+    kind, marker, thread = GLOBAL_BROKEN[name]
+    for order, seed in SCHEDULES:
+        status, got_kind, msg = probe.run(name, order=order, seed=seed, cp_async="wait")
+        assert status == "error" and got_kind == kind, f"{name} under {order}/{seed}: {status} {got_kind} {msg}"
+        assert msg.startswith(f"ditq emulator [{kind}] in block (0,0,0) of kernel global_probe: "), msg
+        assert thread in msg and probe.where(marker) in msg, msg
+    if kind == "global-address":  # the report names the buffer and how far past it the access is
+        assert "past the end of" in msg or "touches bytes" in msg, msg
+
+
+def test_global_memory_fixed_twin_passes_everywhere():
+    for order, seed in SCHEDULES:
+        for cp in CP_MODES:
+            status, kind, msg = probe.run("global_ok", order=order, seed=seed, cp_async=cp)
+            assert status == "ok", f"global_ok under {order}/{seed}/{cp}: {status} {kind} {msg}"
+
+
+def test_global_checker_can_be_switched_off():
+    """With mem_check off the out-of-bounds read goes unseen (it reads the array's neighbour): the checker,
+    not luck, is what reports it."""
+    assert probe.run("global_oob_read", mem_check=False)[0] in ("ok", "wrong")
+    assert probe.run("global_unwritten_read", mem_check=False)[0] in ("ok", "wrong")
+    assert probe.run("global_oob_read", mem_check=True)[0] == "error"

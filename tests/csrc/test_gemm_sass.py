@@ -1,12 +1,16 @@
 """The machine code of the CUDA GEMMs (csrc/gemm.cu), checked without a GPU: compiled here by nvcc for sm_80
-and sm_90a, disassembled with the cuobjdump that ships in triton's wheel (BRIEF §4).
+and sm_90a, disassembled with the cuobjdump that ships in triton's wheel.
 
 Every kernel (tile x weight kind) must use the int8 tensor cores (IMMA.16832.S8.S8), ldmatrix (LDSM) and
-16-byte async copies (LDGSTS), with no local memory (LDL / STL, spills). Registers, shared memory and the
-main loop's instruction mix per mma are printed (`pytest -s`) and kept in the test's user_properties."""
+16-byte async copies (LDGSTS), with no local memory (LDL / STL, spills), and convert its bf16 / fp16 output
+with exactly the round-to-nearest-even conversions (F2FP...PACK_AB without a rounding suffix): the device
+half of a conversion is code the emulator never runs, so its rounding is checked here, by instruction name.
+Registers, shared memory and the main loop's instruction mix per mma are printed (`pytest -s`) and kept in
+the test's user_properties."""
 import collections
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -16,6 +20,15 @@ from ditq.kernels import aot
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CSRC = os.path.join(ROOT, "csrc")
 ARCHS = ("sm_80", "sm_90a")
+# What nvcc emits for ptx::f32_to_bf16_bits / f32_to_f16_bits (cvt.rn.bf16.f32 / cvt.rn.f16.f32, paired into
+# one packing conversion): the round-to-nearest-even forms. `_rz` would add `.RZ`, `_rd` `.RM`, `_ru` `.RP`.
+RN_CONVERSIONS = {"sm_80": {"F2FP.BF16.PACK_AB", "F2FP.PACK_AB"},
+                  "sm_90a": {"F2FP.BF16.F32.PACK_AB", "F2FP.F16.F32.PACK_AB"}}
+
+
+def conversions(ins):
+    """Counter of the float-to-float conversion opcodes (F2F, F2FP) of a kernel."""
+    return collections.Counter(op for _, op, _ in ins if op.split(".")[0] in ("F2F", "F2FP"))
 
 
 def tile_table():
@@ -80,6 +93,9 @@ def test_gemm_sass(compiled, arch, request):
         assert any(o.startswith("LDSM") for o in ops), f"{what}: no ldmatrix (LDSM)"
         assert ops["LDGSTS.E.BYPASS.128"] > 0, f"{what}: no 16-byte cp.async (LDGSTS.E.BYPASS.128)"
         assert ops["LDL"] == 0 and ops["STL"] == 0, f"{what}: local memory (LDL {ops['LDL']}, STL {ops['STL']})"
+        conv = conversions(ins)
+        assert set(conv) == RN_CONVERSIONS[arch], f"{what}: output conversions {dict(conv)}, expected exactly " \
+            f"the round-to-nearest-even {sorted(RN_CONVERSIONS[arch])}"
         regs, spill = ptxas[name]
         assert spill == 0, f"{what}: {spill} bytes of spills"
         loop = aot.main_loop(ins)  # the innermost backward branch holding an IMMA: the k loop
@@ -99,3 +115,42 @@ def test_gemm_sass(compiled, arch, request):
     for r in report:
         print(f"{arch}: {r['tile']:>4} {r['kind']:<7} {r['registers']:>4} {r['smem']:>6} {r['imma']:>4} "
               f"{r['ldsm']:>4} {r['ldgsts']:>6} {r['per_mma']:>8}  {r['mix']}")
+
+
+# The same check on a small kernel that calls the conversions from ptx.cuh, and on a copy of ptx.cuh whose
+# bf16 conversion truncates (the bug a device-only `#if __CUDA_ARCH__` branch hid from the emulator): the
+# check accepts the first and names the wrong instruction in the second.
+CVT_PROBE = r"""
+#include "ptx.cuh"
+__global__ void cvt_probe(const float* x, uint32_t* y) {
+  const int i = threadIdx.x;
+  y[i] = ditq::ptx::f32_to_bf16_bits(x[2 * i]) | (uint32_t(ditq::ptx::f32_to_f16_bits(x[2 * i + 1])) << 16);
+}
+"""
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mutant", [None, ("__float2bfloat16_rn(f)", "__float2bfloat16_rz(f)"),
+                                    ("__float2half_rn(f)", "__float2half_rd(f)")], ids=["ptx", "bf16_rz", "f16_rd"])
+def test_conversion_check_names_the_rounding(arch, mutant, tmp_path):
+    nvcc, cuobjdump = aot.nvcc_path(), aot.cuobjdump_path()
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("nvcc / cuobjdump not found")
+    src = tmp_path / "csrc"
+    shutil.copytree(CSRC, src)
+    if mutant:
+        text = (src / "ptx.cuh").read_text()
+        assert text.count(mutant[0]) == 1, f"{mutant[0]} is not (once) in csrc/ptx.cuh: update the mutant"
+        (src / "ptx.cuh").write_text(text.replace(*mutant))
+    (tmp_path / "cvt_probe.cu").write_text(CVT_PROBE)
+    cubin = str(tmp_path / "cvt.cubin")
+    r = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "-I", str(src),
+                        str(tmp_path / "cvt_probe.cu"), "-o", cubin], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    (ins,) = aot.sass_functions(sass).values()
+    conv = set(conversions(ins))
+    if mutant is None:
+        assert conv == RN_CONVERSIONS[arch], conv
+    else:
+        assert conv != RN_CONVERSIONS[arch] and any(o.endswith((".RZ", ".RM")) for o in conv), conv

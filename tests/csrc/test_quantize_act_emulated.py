@@ -127,3 +127,52 @@ def test_backend_reasons():
     if not torch.cuda.is_available():
         assert "no CUDA GPU is visible" in unavailable_reason("cuda") or "without CUDA" in unavailable_reason("cuda")
     assert "runs on cpu tensors" in unavailable_reason("cuda-emulated", "cuda")
+
+
+# ---- non-finite inputs: the contract ---------------------------------------------------------------------------
+# Static scale: q = clamp(rint(x / s), -127, 127) elementwise with NaN -> 0, +inf -> 127, -inf -> -127.
+# Dynamic: a row holding any NaN or +-inf gets scale NaN and q all 0 (the GEMM row is then NaN); an all-zero row
+# keeps scale 1 and q 0; other rows are unchanged.
+def _contract(x, scale):
+    xf = x.float()
+    if scale is not None:
+        q = torch.clamp(torch.round(xf * (1.0 / scale)), -127, 127)
+        return torch.where(xf.isnan(), 0.0, q).to(torch.int8), scale
+    amax = xf.abs().amax(dim=1)  # NaN-propagating in torch
+    finite = torch.isfinite(xf).all(dim=1)
+    s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    s = torch.where(finite, s, torch.full_like(s, float("nan")))
+    inv = torch.where(finite, 1.0 / s, torch.zeros_like(s))
+    q = torch.clamp(torch.round(xf * inv[:, None]), -127, 127)
+    return torch.where(finite[:, None], q, 0.0).to(torch.int8), s
+
+
+def _nonfinite_rows(k, dtype, gen):
+    x = torch.randn(7, k, generator=gen) * 3
+    x[0, k // 3] = float("nan")                      # one NaN
+    x[1, k - 1] = float("inf")                       # +inf at the end of the row
+    x[2, 0] = float("-inf")                          # -inf first
+    x[3] = 0.0                                       # all zero
+    x[4, 1], x[4, k // 2] = float("nan"), float("inf")  # mixed
+    x[5] = float("nan")                              # all NaN
+    # row 6 stays finite: unchanged behaviour next to the others
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("k", [64, 33], ids=["vector", "scalar"])
+def test_nonfinite_inputs_follow_the_contract(dtype, k):
+    x = _nonfinite_rows(k, dtype, torch.Generator().manual_seed(k))
+    for scale in (None, torch.tensor([0.05])):
+        want_q, want_s = _contract(x, scale)
+        for order, seed, cp in SETTINGS[::3]:
+            with emulator_options(order=order, seed=seed, cp_async=cp, race_check=True):
+                q, s = torch.ops.ditq_C.quantize_act(x, scale)
+            what = f"{dtype} K={k} {'static' if scale is not None else 'dynamic'} {order}/{seed}"
+            assert torch.equal(q, want_q), f"{what}: q rows {sorted(set((q != want_q).nonzero()[:, 0].tolist()))}"
+            assert torch.equal(s.view(torch.int32), want_s.view(torch.int32)), f"{what}: scales {s} vs {want_s}"
+    q, s = torch.ops.ditq_C.quantize_act(x, None)
+    assert s[:6].isnan().tolist() == [True, True, True, False, True, True] and s[3].item() == 1.0
+    assert not bool(q[[0, 1, 2, 4, 5]].any()) and not bool(q[3].any()) and bool(q[6].any())
+    q_static, _ = torch.ops.ditq_C.quantize_act(x, torch.tensor([0.05]))
+    assert q_static[1, k - 1].item() == 127 and q_static[2, 0].item() == -127 and q_static[0, k // 3].item() == 0
