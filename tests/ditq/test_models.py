@@ -9,6 +9,7 @@ import ditq
 from ditq import QuantConfig
 from ditq.backends import BACKEND_NAMES, unavailable_reason
 from ditq.nn import QuantLinear
+from tiny_models import FAMILIES as MODELS
 from tiny_models import tiny_dit_pipeline
 
 CPU_BACKENDS = [n for n in BACKEND_NAMES if n != "cuda"]
@@ -21,50 +22,6 @@ def _backend(name):
     return name
 
 
-def _pixart():
-    from diffusers import PixArtTransformer2DModel
-    torch.manual_seed(0)
-    m = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=8,
-                                 num_layers=2, cross_attention_dim=64, caption_channels=32, sample_size=8,
-                                 patch_size=2, norm_type="ada_norm_single", use_additional_conditions=False).eval()
-    g = torch.Generator().manual_seed(1)
-    inp = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
-               encoder_hidden_states=torch.randn(2, 6, 32, generator=g),
-               timestep=torch.tensor([999, 999]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-    return m, inp
-
-
-def _sd3():
-    from diffusers import SD3Transformer2DModel
-    torch.manual_seed(0)
-    m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=32,
-                              num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=64,
-                              pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16).eval()
-    g = torch.Generator().manual_seed(1)
-    inp = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
-               encoder_hidden_states=torch.randn(2, 6, 32, generator=g),
-               pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([999, 999]))
-    return m, inp
-
-
-def _flux():
-    from diffusers import FluxTransformer2DModel
-    torch.manual_seed(0)
-    m = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                               attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
-                               pooled_projection_dim=32, guidance_embeds=False, axes_dims_rope=(4, 6, 6)).eval()
-    g = torch.Generator().manual_seed(1)
-    tokens, text = 16, 6
-    inp = dict(hidden_states=torch.randn(1, tokens, 16, generator=g),
-               encoder_hidden_states=torch.randn(1, text, 32, generator=g),
-               pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([1.0]),
-               img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text, 3))
-    inp["img_ids"][:, 1] = torch.arange(tokens) // 4
-    inp["img_ids"][:, 2] = torch.arange(tokens) % 4
-    return m, inp
-
-
-MODELS = {"pixart": _pixart, "sd3": _sd3, "flux": _flux}
 
 
 def _out(o):

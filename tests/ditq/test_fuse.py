@@ -1,0 +1,95 @@
+"""Sibling projections as one GEMM (ditq.fuse): exact against the unfused quantized model, fewer ops, and
+an op-count test per family that fails if a fusion silently falls back."""
+import copy
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ditq
+from ditq import backends
+from ditq.fuse import concat, fuse_projections
+from ditq.nn import QuantLinear
+from tiny_models import FAMILIES, dit_inputs, tiny_dit
+
+BACKENDS = [b for b in ("torch", "cuda-emulated") if backends.unavailable_reason(b, "cpu") is None]
+
+
+class CountOps(TorchDispatchMode):
+    """Counts every op the dispatcher runs (what a GPU would launch, before any compiler fuses them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__ if func.namespace == "aten" else f"{func.namespace}::{func.__name__}"] \
+            += 1
+        return func(*args, **(kwargs or {}))
+
+    def ditq(self) -> int:
+        return sum(n for name, n in self.ops.items() if name.startswith("ditq"))
+
+
+def _count(model, inputs):
+    with torch.no_grad(), CountOps() as c:
+        model(**inputs)
+    return c
+
+
+def _families():
+    yield "dit", tiny_dit(seed=0), dit_inputs(batch=2, seed=1)
+    for name, build in sorted(FAMILIES.items()):
+        model, inputs = build()
+        yield name, model, inputs
+
+
+# fused layers each family must end up with (per block): a fusion that silently falls back fails here
+EXPECTED = {"dit": {"to_qkv": 2}, "pixart": {"to_qkv": 2, "to_kv": 2}, "sd3": {"to_qkv": 2, "to_added_qkv": 2},
+            "flux": {"to_qkv": 2, "to_added_qkv": 1}}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
+def test_fused_projections_equal_the_unfused_quantized_model(family, backend):
+    name, model, inputs = next(f for f in _families() if f[0] == family)
+    cfg = ditq.QuantConfig.preset("w4a8", group_size=32, backend=backend, progress=False)
+    ditq.quantize(model, cfg, calib_fn=lambda m: m(**inputs))
+    unfused = copy.deepcopy(model)
+    before = _count(unfused, inputs)
+
+    fused, left = fuse_projections(model)
+    kinds = Counter(k.rsplit(".", 1)[-1] for k, m in model.named_modules() if isinstance(m, QuantLinear)
+                    and k.rsplit(".", 1)[-1] in ("to_qkv", "to_kv", "to_added_qkv"))
+    assert dict(kinds) == EXPECTED[family], (fused, left)
+    for attn_name, groups in fused.items():
+        attn = model.get_submodule(attn_name)
+        for members in groups.values():
+            for m in members:
+                assert m == "to_q" and "to_kv" in groups or not hasattr(attn, m)  # members are gone
+
+    with torch.no_grad():
+        y_ref = unfused(**inputs)
+        y = model(**inputs)
+    y_ref, y = (o.sample if hasattr(o, "sample") else o[0] for o in (y_ref, y))
+    torch.testing.assert_close(y, y_ref, rtol=2e-5, atol=2e-5)
+
+    after = _count(model, inputs)
+    saved = sum(2 * (len(ms) - 1) for g in fused.values() for ms in g.values())  # quantize + GEMM per member
+    assert after.ditq() == before.ditq() - saved
+    print(f"{family}: ditq ops {before.ditq()} -> {after.ditq()}, all ops {sum(before.ops.values())} -> "
+          f"{sum(after.ops.values())}")
+
+
+def test_concat_refuses_members_that_disagree():
+    lin = [torch.nn.Linear(64, 32) for _ in range(2)]
+    cfg = ditq.QuantConfig.preset("w8a8", backend="torch")
+    a = QuantLinear.from_linear(lin[0], cfg, act_scale=0.1)
+    b = QuantLinear.from_linear(lin[1], cfg, act_scale=0.2)
+    with pytest.raises(ValueError, match="different act_scale"):
+        concat([a, b])
+    both = concat([a, QuantLinear.from_linear(lin[1], cfg, act_scale=0.1)])
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(both(x), torch.cat([a(x), QuantLinear.from_linear(lin[1], cfg, act_scale=0.1)(x)],
+                                                  dim=-1), rtol=0, atol=0)
