@@ -14,9 +14,10 @@ directory, a pipeline without a transformer, a bad class label, ...) print one l
 
 Checks made before any work is spent: ``generate`` checks its ``--out`` (an image extension Pillow writes, an
 existing writable directory) before loading or sampling, and refuses to write images holding NaN / inf (a corrupt
-checkpoint). ``info`` checks the weights file against its header (length, each layer's tensors) and reports a
-corrupt one as an error. ``quantize`` prints one warning line on stderr, even with ``--quiet``, when layers it was
-meant to quantize could not be (e.g. a group size that does not divide their K), and fails when none was.
+checkpoint). ``info`` checks the weights file against its header (length, each layer's tensors, finite scales)
+and reports a corrupt one as an error. ``quantize`` prints one warning line on stderr, even with ``--quiet``, when
+layers it was meant to quantize could not be (e.g. a group size that does not divide their K), and fails when none
+was.
 """
 from __future__ import annotations
 
@@ -291,14 +292,15 @@ def _save_row(images, path: str, scale: int = 4) -> None:
 
 def info(path: str) -> dict:
     """What ``ditq info`` prints, as a dict: format, config, quantized layers, bytes. The weights file is checked
-    (readable safetensors header, the length it states, every tensor each layer needs) without reading a tensor:
-    a corrupt checkpoint raises :class:`ditq.io.CheckpointError` naming the file."""
-    from .io import WEIGHTS_NAME, check_tensors, read_header, read_weights_index
+    (readable safetensors header, the length it states, every tensor each layer needs, positive finite scales;
+    only the scales are read): a corrupt checkpoint raises :class:`ditq.io.CheckpointError` naming the file."""
+    from .io import WEIGHTS_NAME, check_scale_values, check_tensors, read_header, read_weights_index
     hdir = _header_dir(path)
     header = read_header(hdir)
     weights = os.path.join(hdir, WEIGHTS_NAME)
     index = read_weights_index(weights)
     check_tensors(header, index, weights)
+    check_scale_values(header, weights)
     sizes = {k: v[2] for k, v in index.items()}
     layers = []
     for name, spec in header["layers"].items():

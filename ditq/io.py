@@ -266,6 +266,26 @@ def check_tensors(header: dict, tensors, where: str) -> None:
                                       f"{want_dt or 'float'} {list(want_shape)}")
 
 
+def check_scale_values(header: dict, path: str) -> None:
+    """Raise :class:`CheckpointError` naming ``path`` and the layer unless every layer's weight scales and static
+    activation scale are positive and finite. Reads only those tensors (a few per mille of the file), so
+    ``ditq info`` can say a checkpoint would sample NaN images without loading it."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name, spec in header["layers"].items():
+                for t in ("scales", "act_scale"):
+                    if t not in layer_tensors(spec):
+                        continue
+                    v = f.get_tensor(f"{name}.{t}").float()
+                    bad = int((~torch.isfinite(v) | (v <= 0)).sum())
+                    if bad:
+                        raise CheckpointError(f"{path}: layer {name!r} tensor {t!r} holds {bad} of {v.numel()} "
+                                              f"values that are not positive finite numbers (NaN, inf or <= 0)")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is corrupt (not a readable safetensors file): {_one_line(e)}") from e
+
+
 def _one_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     return "; ".join(lines) if lines else type(e).__name__

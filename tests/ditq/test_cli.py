@@ -230,6 +230,8 @@ def test_generate_on_nan_scales_fails_and_writes_nothing(checkpoint, tmp_path, c
     _one_line_error(code, err)
     assert "scales" in err or "NaN" in err, err
     assert not png.exists()
+    _one_line_error(*run(["info", path], capsys)[::2], weights, f"layer {name.rsplit('.', 1)[0]!r} tensor 'scales'",
+                    "not positive finite")
 
 
 @pytest.mark.parametrize("cut", [0.5, 0.99])
