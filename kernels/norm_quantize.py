@@ -1,0 +1,234 @@
+"""LayerNorm + adaLN modulation + int8 quantization of a DiT block's activations, fused into one row kernel.
+
+In a DiT block every quantized linear is fed by ``LayerNorm -> x * (1 + scale) + shift`` (adaLN-Zero's
+modulation, one shift/scale vector per image) and then an int8 quantizer. Done separately that is a 16-bit
+write and re-read of the whole activation plus a second launch; here one program per row reads ``x`` once
+and writes the int8 activations the next GEMM consumes (and, for dynamic quantization, their per-token
+scales).
+
+``norm_modulate_quantize(x, shift, scale, eps, act_scale) -> (q, s)``, for ``x`` [B, S, K] (row m = b*S + s):
+
+* all arithmetic in fp32, in this order: ``mean = sum(x) / K``; ``var = sum((x - mean)**2) / K`` (two
+  passes, biased); ``y = (x - mean) * (1 / sqrt(var + eps))``; ``y = y * (1 + scale[b])``; ``y = y + shift[b]``
+  (skipped when shift and scale are None: a plain LayerNorm without affine weight, as DiT's norms are);
+* then quantized exactly like :mod:`quantize_act`: static ``q = clamp(rint(y * (1/s)), -127, 127)`` with
+  NaN -> 0 and +-inf -> +-127; dynamic ``s = absmax_row(y) / 127`` (1 for an all-zero row, NaN and q = 0 for
+  a row holding any non-finite y).
+
+:func:`reference` is the same maths in plain torch; it defines the result. The kernel differs from it only
+in the summation order of the two row sums (a tree here, torch's own order there), so ``y`` can differ in
+its last bits and a q whose ``y * (1/s)`` lies on a rounding tie can differ by one; on rows whose sums are
+exact in any order (integer-valued inputs, for instance) the two agree bit for bit.
+
+How each step is made the same IEEE operation in both execution modes (compiled and interpreted):
+
+* ``/`` would compile to the approximate ``div.full.f32`` and ``rsqrt`` to ``rsqrt.approx``: the kernel uses
+  ``tl.math.div_rn`` and ``tl.math.sqrt_rn`` (``div.rn.f32``, ``sqrt.rn.f32``; NumPy's IEEE ops when
+  interpreted) and forms ``1 / sqrt(var + eps)`` from them, as the reference does.
+* No fused multiply-add anywhere: ptxas contracts a plain ``mul.f32`` followed by ``add.f32`` into one
+  ``fma`` (a single rounding, which neither torch's eager ops nor NumPy do). The products that feed an add,
+  ``d * d`` in the variance sum and ``y * (1 + scale)`` before ``+ shift``, are therefore ``mul.rn.f32``
+  (libdevice ``mul_rn``), and the modulation's add ``add.rn.f32``: instructions with an explicit rounding
+  mode are never contracted. Under the interpreter they are NumPy fp32 ops, which never fuse.
+* rint: as in :mod:`quantize_act` (``cvt.rni`` compiled, the magic-number add interpreted).
+
+Masked lanes past K are loaded as 0 but do not hold 0 after centring (``0 - mean``) or modulation, so the
+variance sum, the absmax and the non-finite count all select real lanes explicitly.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import checks, config_table
+from .interpret import check_device, interpreting
+from .quantize_act import _round_half_even
+
+try:  # the CUDA libdevice wrappers; only used when compiling for a GPU
+    from triton.language.extra.cuda import libdevice
+except ImportError:  # pragma: no cover - very old triton
+    from triton.language.extra import libdevice
+
+MAX_BLOCK_K = 16384  # a row lives in registers: 16384 fp32 over 16 warps is 32 per thread
+K_MULTIPLE = 1  # any K: the row tail is masked (K % 8 == 0, which DiT widths are, gives 16-byte loads)
+QMAX = 127
+
+
+@triton.jit
+def _mul_rn(a, b, INTERPRET: tl.constexpr):
+    # mul.rn.f32 compiled: never contracted into an fma with the add that follows (see the module docstring)
+    if INTERPRET:
+        return a * b
+    else:
+        return libdevice.mul_rn(a, b)
+
+
+@triton.jit
+def _add_rn(a, b, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        return a + b
+    else:
+        return libdevice.add_rn(a, b)
+
+
+@triton.jit
+def norm_quantize_kernel(x_ptr, shift_ptr, scale_ptr, static_scale_ptr, q_ptr, s_ptr, S, K, eps,
+                         MODULATE: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK_K: tl.constexpr,
+                         INTERPRET: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # int64: M * K may exceed 2**31 at large batches
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    kf = K.to(tl.float32)  # exact: K <= 16384
+    # other=0.0: the padding lanes then add nothing to the first sum
+    x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.math.div_rn(tl.sum(x, axis=0), kf)
+    d = tl.where(mask, x - mean, 0.0)  # padding lanes would hold -mean: zero them for the variance sum
+    var = tl.math.div_rn(tl.sum(_mul_rn(d, d, INTERPRET), axis=0), kf)
+    rstd = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.math.sqrt_rn(var + eps))
+    y = d * rstd
+    if MODULATE:
+        img = row // S
+        sc = tl.load(scale_ptr + img * K + offs, mask=mask, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + img * K + offs, mask=mask, other=0.0).to(tl.float32)
+        y = _add_rn(_mul_rn(y, 1.0 + sc, INTERPRET), sh, INTERPRET)
+    if PER_TOKEN:
+        ay = tl.abs(y)
+        ok = ay < float("inf")  # false exactly for NaN and +-inf
+        n_bad = tl.sum(tl.where(mask, tl.where(ok, 0, 1), 0), axis=0)
+        absmax = tl.max(tl.where(mask & ok, ay, 0.0), axis=0)
+        s = tl.where(absmax > 0, tl.math.div_rn(absmax, 127.0), 1.0)
+        s = tl.where(n_bad > 0, float("nan"), s)  # inv = NaN below: the whole row quantizes to 0
+        tl.store(s_ptr + row, s)
+    else:
+        s = tl.load(static_scale_ptr)
+    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), s)
+    v = y * inv
+    v = tl.where(v == v, v, 0.0)  # NaN -> 0 before the clamp (PTX max.f32 would turn it into -127)
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    q = _round_half_even(v, INTERPRET)
+    tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=mask)
+
+
+def _num_warps(block_k: int) -> int:
+    return max(1, min(16, block_k // 256))  # ~8 fp32 per thread per 256-wide slice: no spills at 16384
+
+
+def describe() -> Dict:
+    """What this kernel takes. Like ``quantize_act`` it has no tile table (one program per row, the same code
+    for every GPU), so it runs on every architecture the tables in ``configs/`` cover, and interpreted."""
+    archs = config_table.table_archs()
+    return {"k_multiple": K_MULTIPLE, "max_k": MAX_BLOCK_K, "archs": config_table.gpu_ccs(archs),
+            "interpreter": "interpreter" in archs}
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    e32 = torch.tensor(float(eps), dtype=torch.float32).item()  # what the kernel adds: eps rounded to fp32
+    if not (math.isfinite(e32) and e32 > 0):
+        raise ValueError(f"eps must be finite and positive in float32, got {eps!r}")
+    return e32
+
+
+def _check_args(x, shift, scale, eps, act_scale):
+    checks.tensor("x", x, checks.FLOAT_DTYPES, dim=3)
+    b, _, k = x.shape
+    if k > MAX_BLOCK_K:
+        raise ValueError(f"K = {k} exceeds {MAX_BLOCK_K}: a row must fit in one program's registers")
+    if (shift is None) != (scale is None):
+        raise ValueError("shift and scale must both be given (adaLN modulation) or both be None (plain LayerNorm)")
+    mod_dtypes = tuple(dict.fromkeys((x.dtype, torch.float32)))  # x's own dtype, or float32
+    for name, t in (("shift", shift), ("scale", scale)):
+        if t is not None:
+            checks.tensor(name, t, mod_dtypes, shape=(b, k), labels=("B", "K"))
+    if act_scale is not None:
+        checks.tensor("act_scale", act_scale, (torch.float32,), shape=(1,))
+    eps = _check_eps(eps)
+    checks.same_device("x", x, shift=shift, scale=scale, act_scale=act_scale)
+    return eps
+
+
+def norm_modulate_quantize(x: torch.Tensor, shift: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                           eps: float, act_scale: Optional[torch.Tensor], *,
+                           out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm (no affine weight) of ``x`` [B, S, K] over K, adaLN modulation ``y * (1 + scale[b]) +
+    shift[b]`` (``shift``, ``scale`` [B, K], x's dtype or float32, or both None), int8 quantization.
+
+    ``act_scale``: float32 [1] static scale, or None for per-token scales. Returns ``(q, s)``: q int8
+    [B*S, K] (written into ``out`` if given), s float32 [1] (a copy of ``act_scale``) or [B*S]. The maths
+    is :func:`reference`'s (see the module docstring). Bad input raises ValueError / TypeError.
+    """
+    eps = _check_args(x, shift, scale, eps, act_scale)
+    checks.same_device("x", x, out=out)
+    check_device(x)
+    b, seq, k = x.shape
+    m = b * seq
+    if out is None:
+        out = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    else:
+        checks.tensor("out", out, (torch.int8,), shape=(m, k), labels=("B*S", "K"))
+    s = torch.empty((m,), dtype=torch.float32, device=x.device) if act_scale is None else act_scale.clone()
+    if m == 0 or k == 0:  # K = 0: an empty row, like an all-zero one, gets scale 1 (as quantize_act)
+        if act_scale is None:
+            s.fill_(1.0)
+        return out, s
+    block_k = triton.next_power_of_2(k)
+    modulate = shift is not None
+    norm_quantize_kernel[(m,)](x, shift if modulate else x, scale if modulate else x,
+                               s if act_scale is None else act_scale, out, s, seq, k, eps,
+                               MODULATE=modulate, PER_TOKEN=act_scale is None, BLOCK_K=block_k,
+                               INTERPRET=interpreting(), num_warps=_num_warps(block_k))
+    return out, s
+
+
+def reference(x: torch.Tensor, shift: Optional[torch.Tensor], scale: Optional[torch.Tensor], eps: float,
+              act_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The contract in plain torch (fp32, eager ops: no fma). Returns ``(q, s, v)`` like the launcher plus
+    ``v = y * (1/s)``, the value each q rounds, [B*S, K] fp32 (NaN where y is: tests use it to find ties)."""
+    eps = _check_args(x, shift, scale, eps, act_scale)
+    b, seq, k = x.shape
+    xf = x.float().reshape(b * seq, k)
+    if b * seq == 0 or k == 0:
+        s = torch.ones(b * seq, device=x.device) if act_scale is None else act_scale.clone()
+        return torch.empty((b * seq, k), dtype=torch.int8, device=x.device), s, xf.clone()
+    eps_t = torch.tensor(eps, dtype=torch.float32, device=x.device)
+    mean = xf.sum(dim=1, keepdim=True) / k
+    d = xf - mean
+    var = (d * d).sum(dim=1, keepdim=True) / k
+    y = d * (1.0 / torch.sqrt(var + eps_t))
+    if shift is not None:
+        per_row = torch.arange(b * seq, device=x.device) // seq
+        y = y * (1.0 + scale.float()[per_row])
+        y = y + shift.float()[per_row]
+    if act_scale is None:
+        absmax = y.abs().amax(dim=1)  # NaN-propagating; inf stays inf
+        s = torch.where(absmax > 0, absmax / QMAX, torch.ones_like(absmax))
+        s = torch.where(torch.isfinite(absmax), s, torch.full_like(s, float("nan")))
+        inv = (1.0 / s)[:, None]
+    else:
+        s = act_scale.clone()
+        inv = 1.0 / act_scale
+    v = y * inv
+    q = torch.clamp(torch.round(torch.nan_to_num(v, nan=0.0)), -QMAX, QMAX).to(torch.int8)
+    return q, s, v
+
+
+def aot_job(config: Dict, cc: int, *, in_dtype: str = "bf16", mod_dtype: Optional[str] = "bf16",
+            per_token: bool = True) -> Dict:
+    """Arguments of ``aot.compile_kernel`` for this kernel with ``config = {"BLOCK_K": ..}`` as the launcher
+    runs it on a GPU of compute capability ``cc``, with 16-byte aligned rows (K % 16 == 0, as DiT widths are).
+    ``mod_dtype`` None: no modulation (plain LayerNorm)."""
+    block_k = config["BLOCK_K"]
+    mod = mod_dtype or in_dtype
+    sig = {"x_ptr": f"*{in_dtype}", "shift_ptr": f"*{mod}", "scale_ptr": f"*{mod}", "static_scale_ptr": "*fp32",
+           "q_ptr": "*i8", "s_ptr": "*fp32", "S": "i32", "K": "i32", "eps": "fp32"}
+    return dict(fn=norm_quantize_kernel, signature=sig,
+                constexprs=dict(MODULATE=mod_dtype is not None, PER_TOKEN=per_token, BLOCK_K=block_k,
+                                INTERPRET=False),
+                cc=cc, num_warps=config.get("num_warps", _num_warps(block_k)), num_stages=1,
+                aligned=["x_ptr", "shift_ptr", "scale_ptr", "static_scale_ptr", "q_ptr", "s_ptr", "K"])
