@@ -165,7 +165,14 @@ def _set(path, value):
     return edit
 
 
-_DEL = object()
+class _Deleted:
+    """Marks a header field to delete; a stable repr keeps the test ids equal across pytest-xdist workers."""
+
+    def __repr__(self):
+        return "<deleted>"
+
+
+_DEL = _Deleted()
 L = ("layers", LAYER)
 BAD_FIELDS = [
     (("quant_config",), _DEL, "'quant_config' is missing"),
