@@ -27,9 +27,11 @@ How each step is made the same IEEE operation in both execution modes (compiled 
   interpreted) and forms ``1 / sqrt(var + eps)`` from them, as the reference does.
 * No fused multiply-add anywhere: ptxas contracts a plain ``mul.f32`` followed by ``add.f32`` into one
   ``fma`` (a single rounding, which neither torch's eager ops nor NumPy do). The products that feed an add,
-  ``d * d`` in the variance sum and ``y * (1 + scale)`` before ``+ shift``, are therefore ``mul.rn.f32``
-  (libdevice ``mul_rn``), and the modulation's add ``add.rn.f32``: instructions with an explicit rounding
-  mode are never contracted. Under the interpreter they are NumPy fp32 ops, which never fuse.
+  ``d * d`` in the variance sum and ``y * (1 + scale)`` before ``+ shift``, are therefore ``mul.rn.f32``,
+  and the modulation's add ``add.rn.f32``: instructions with an explicit rounding mode are never
+  contracted. They are one-instruction inline assembly (see :func:`_mul_rn` for why not libdevice), with
+  plain NumPy fp32 ops, which never fuse, as their interpreter twin. That assembly is checked in the PTX
+  and SASS ahead of time (tests/kernels/test_aot_norm_quantize.py) but has not yet run on a GPU.
 * rint: as in :mod:`quantize_act` (``cvt.rni`` compiled, the magic-number add interpreted).
 
 Masked lanes past K are loaded as 0 but do not hold 0 after centring (``0 - mean``) or modulation, so the
@@ -49,11 +51,6 @@ from . import checks, config_table
 from .interpret import check_device, interpreting
 from .quantize_act import _round_half_even
 
-try:  # the CUDA libdevice wrappers; only used when compiling for a GPU
-    from triton.language.extra.cuda import libdevice
-except ImportError:  # pragma: no cover - very old triton
-    from triton.language.extra import libdevice
-
 MAX_BLOCK_K = 16384  # a row lives in registers: 16384 fp32 over 16 warps is 32 per thread
 K_MULTIPLE = 1  # any K: the row tail is masked (K % 8 == 0, which DiT widths are, gives 16-byte loads)
 QMAX = 127
@@ -61,19 +58,27 @@ QMAX = 127
 
 @triton.jit
 def _mul_rn(a, b, INTERPRET: tl.constexpr):
-    # mul.rn.f32 compiled: never contracted into an fma with the add that follows (see the module docstring)
+    """fp32 ``a * b`` rounded once, never contracted into an fma with the add that follows.
+
+    Compiled: one ``mul.rn.f32`` (an explicit rounding mode forbids ptxas's contraction). Not libdevice's
+    ``mul_rn``: Triton builds libdevice with flush-to-zero on, so it becomes ``mul.rn.ftz.f32``, which turns
+    subnormal products into 0 where torch and NumPy keep them. Inline assembly does not run under the
+    interpreter; there the plain NumPy fp32 product is the same IEEE operation (NumPy never fuses)."""
     if INTERPRET:
         return a * b
     else:
-        return libdevice.mul_rn(a, b)
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
 
 
 @triton.jit
 def _add_rn(a, b, INTERPRET: tl.constexpr):
+    """fp32 ``a + b`` as ``add.rn.f32`` (not libdevice's ``add_rn``: flush-to-zero, see :func:`_mul_rn`)."""
     if INTERPRET:
         return a + b
     else:
-        return libdevice.add_rn(a, b)
+        return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
 
 
 @triton.jit
