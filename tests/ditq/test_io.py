@@ -114,3 +114,7 @@ def test_diffusers_from_pretrained(tmp_path):
     assert torch.equal(t(**inp).sample, loaded(**inp).sample)
     bf = DiTTransformer2DModel.from_pretrained(str(tmp_path), torch_dtype=torch.bfloat16)
     assert bf.transformer_blocks[0].attn1.to_q.scales.dtype == torch.float32  # scales kept exact
+    assert bf.transformer_blocks[0].attn1.to_q.bias.dtype == torch.bfloat16  # biases follow the dtype
+    assert bf.proj_out_2.weight.dtype == torch.bfloat16  # and so do the layers left unquantized
+    x = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in inp.items()}
+    assert bf(**x).sample.dtype == torch.bfloat16
