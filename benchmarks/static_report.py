@@ -1,16 +1,18 @@
-"""What the compiled kernels look like, measured on a CPU: no GPU needed (BRIEF §4).
+"""What the compiled kernels look like, measured on a CPU: no GPU needed.
 
 For every shipped kernel configuration:
 
-* Triton: each entry of ``kernels/configs/<kernel>_<sm80|sm90>.json``, compiled ahead of time for cc 80 / 90
-  through ``ditq.kernels.aot``;
+* Triton: each entry of ``kernels/configs/<kernel>_<sm80|sm90>.json`` (W4A8: at each group size), compiled
+  ahead of time for cc 80 / 90 through ``ditq.kernels.aot`` (``aot.shipped_jobs``: what the AOT tests compile);
 * CUDA: the kernels in the extension's embedded cubins (``ditq/_C*.so``, sm_80 / sm_90a); when the extension is
   not built, the torch-free ``csrc/*.cu`` compiled here by nvcc (the same sources, the same flags' essentials);
 
 it reports registers, stack, spill instructions, shared memory, the occupancy that follows (A100 limits for
-sm_80 code, H100 for sm_90), tensor-core instruction counts and the main loop's instruction mix per MMA
-(``cuobjdump -sass``), then, per DiT-XL/2 shape, a roofline bound with the tile each table picks. Anything
-missing (a kernel family not written yet, no extension, no nvcc) becomes a row that says so, never a crash.
+sm_80 code, H100 for sm_90), tensor-core instruction counts and the main loop's instruction mix per MMA,
+then, per DiT-XL/2 shape, a roofline bound with the tile each table picks. SASS parsing, the main-loop
+definition and the tool finders are ``ditq.kernels.aot``'s, the same the tests use. What cannot be measured
+here (no extension, no nvcc, a failed compile) becomes a row that says so, never a crash; the CI smoke test
+fails on a Triton row that did not compile.
 
     python benchmarks/static_report.py            # full: every config, both architectures
     python benchmarks/static_report.py --short    # CI: sm_90, the configs picked at M = 4096, no nvcc
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
-import json
 import math
 import os
 import re
@@ -34,40 +35,21 @@ from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from ditq.kernels import aot, config_table  # noqa: E402
 
 REPO = common.REPO
 CSRC = os.path.join(REPO, "csrc")
-CONFIG_DIR = os.path.join(REPO, "kernels", "configs")
 ARCH_GPU = {"sm80": "A100-SXM", "sm90": "H100-SXM"}
-ARCH_CC = {"sm80": 80, "sm90": 90}
+ARCH_CC = aot.ARCH_CC
 NVCC_ARCH = {"sm80": "sm_80", "sm90": "sm_90a"}
-ROOFLINE_M = (16, 512, 4096)  # batch-1 adaLN-scale, 1 image at 256 px with CFG, 8 images (BRIEF §3)
+ROOFLINE_M = (16, 512, 4096)  # batch-1 adaLN-scale, 1 image at 256 px with CFG, 8 images
 W4_GROUP = 128  # the w4a8 preset's group size, used for the roofline's bytes
-SUPPORTED_GROUPS = (32, 64, 128, 256)
-SHORT_M = 4096  # --short: only the configurations picked at this M (DiT-XL/2, 8 images at 256 px with CFG)  # ditq.format.SUPPORTED_GROUP_SIZES (not imported: no torch needed here)
+SHORT_M = 4096  # --short: only the configurations picked at this M (DiT-XL/2, 8 images at 256 px with CFG)
 LIMITS = {"regs_per_sm": 65536, "threads_per_sm": 2048, "ctas_per_sm": 32, "reg_alloc_unit": 256,
           "smem_reserved_per_cta": 1024}
 
 
 # ---- tools --------------------------------------------------------------------------------------------
-
-def cuobjdump() -> Optional[str]:
-    try:
-        import triton
-        p = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        if os.path.exists(p):
-            return p
-    except Exception:
-        pass
-    return shutil.which("cuobjdump")
-
-
-def nvcc() -> Optional[str]:
-    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
-
 
 def _out(cmd: List[str], timeout: int = 600) -> str:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -86,40 +68,10 @@ def demangle(names: List[str]) -> Dict[str, str]:
     return dict(zip(names, outs)) if len(outs) == len(names) else {n: n for n in names}
 
 
-# ---- SASS parsing -------------------------------------------------------------------------------------
+# ---- SASS classes (parsing and the main loop are ditq.kernels.aot's) -----------------------------------
 
-def parse_sass(text: str) -> Dict[str, List[Tuple[int, str]]]:
-    """{function: [(address, instruction without predicate guard)]} from ``cuobjdump -sass``."""
-    funcs: Dict[str, List[Tuple[int, str]]] = {}
-    cur = None
-    for line in text.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            cur = funcs.setdefault(m.group(1), [])
-            continue
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
-        if m and cur is not None:
-            cur.append((int(m.group(1), 16), re.sub(r"^@!?U?P[T\d]+\s+", "", m.group(2))))
-    return funcs
-
-
-def parse_res_usage(text: str) -> Dict[str, Dict[str, int]]:
-    """{function: {REG, STACK, SHARED, LOCAL}} from ``cuobjdump -res-usage``."""
-    out, cur = {}, None
-    for line in text.splitlines():
-        m = re.match(r"\s*Function (\S+):", line)
-        if m:
-            cur = m.group(1)
-            continue
-        if cur and "REG:" in line:
-            out[cur] = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
-            cur = None
-    return out
-
-
-MMA_OPS = ("IMMA", "HMMA", "IGMMA", "HGMMA", "QGMMA", "GMMA")
 _CLASSES = [  # (class, opcode bases); first match wins
-    ("mma", MMA_OPS),
+    ("mma", aot.MMA_OPCODES),
     ("local (spill)", ("LDL", "STL")),
     ("shared load", ("LDS", "LDSM")),
     ("shared store", ("STS", "STSM")),
@@ -140,10 +92,6 @@ _CLASSES = [  # (class, opcode bases); first match wins
 ]
 CLASS_NAMES = [c for c, _ in _CLASSES] + ["uniform", "other"]
 _BYTES = {"128": 16, "64": 8, "U8": 1, "S8": 1, "U16": 2, "S16": 2}
-
-
-def opcode(ins: str) -> str:
-    return ins.split()[0] if ins.split() else ""
 
 
 def classify(op: str) -> str:
@@ -167,40 +115,22 @@ def load_width(op: str) -> Optional[int]:
     return 4
 
 
-def main_loop(instrs: List[Tuple[int, str]]) -> Optional[Tuple[int, int]]:
-    """(start, end) addresses of the main loop: of the loops closed by a backward branch, the innermost of
-    those holding the most tensor-core instructions (the K loop of a GEMM)."""
-    best, best_key = None, None
-    for addr, ins in instrs:
-        m = re.match(r"BRA\S*\s.*?(0x[0-9a-f]+)\s*$", ins)
-        if not m:
-            continue
-        tgt = int(m.group(1), 16)
-        if tgt >= addr:
-            continue
-        body = [i for a, i in instrs if tgt <= a <= addr]
-        n_mma = sum(1 for i in body if classify(opcode(i)) == "mma")
-        key = (n_mma, -len(body))
-        if n_mma and (best_key is None or key > best_key):
-            best, best_key = (tgt, addr), key
-    return best
-
-
-def analyze_function(instrs: List[Tuple[int, str]]) -> Dict:
-    ops = [opcode(i) for _, i in instrs]
+def analyze_function(instrs: List[tuple]) -> Dict:
+    """Counts over one function's ``aot.parse_sass`` instructions, and the mix of its ``aot.main_loop``."""
+    ops = [op for _, op, _ in instrs]
     mma = Counter(o for o in ops if classify(o) == "mma")
     res = {"instructions": len(ops), "mma_instructions": dict(mma),
            "spill_instructions": sum(1 for o in ops if classify(o) == "local (spill)"),
            "global_load_widths": dict(Counter(str(load_width(o)) for o in ops if load_width(o) is not None)),
            "tma_loads": sum(1 for o in ops if o.startswith("UTMALDG")), "main_loop": None}
-    loop = main_loop(instrs)
+    loop = aot.main_loop(instrs)
     if loop:
-        body = [opcode(i) for a, i in instrs if loop[0] <= a <= loop[1]]
+        body = [op for _, op, _ in loop]
         cls = Counter(classify(o) for o in body)
         n_mma = cls.get("mma", 0)
         widths = Counter(load_width(o) for o in body if load_width(o) is not None)
         res["main_loop"] = {
-            "start": hex(loop[0]), "end": hex(loop[1]), "instructions": len(body), "mma": n_mma,
+            "start": hex(loop[0][0]), "end": hex(loop[-1][0]), "instructions": len(body), "mma": n_mma,
             "mma_kinds": dict(Counter(o for o in body if classify(o) == "mma")),
             "by_class": {c: cls.get(c, 0) for c in CLASS_NAMES if cls.get(c, 0)},
             "per_mma": {c: round(cls.get(c, 0) / n_mma, 2) for c in CLASS_NAMES if cls.get(c, 0)},
@@ -230,10 +160,9 @@ def occupancy(regs: int, smem: int, threads: int, gpu: str) -> Dict:
 # ---- cubin sources ------------------------------------------------------------------------------------
 
 def analyze_cubin(path: str) -> Dict[str, Dict]:
-    tool = cuobjdump()
-    sass = parse_sass(_out([tool, "-sass", path]))
-    res = parse_res_usage(_out([tool, "-res-usage", path]))
-    return {name: dict(analyze_function(ins), res=res.get(name, {})) for name, ins in sass.items()}
+    sass, res_text = aot.disassemble(path)
+    res = aot.parse_res_usage(res_text)
+    return {name: dict(analyze_function(ins), res=res.get(name, {})) for name, ins in aot.sass_functions(sass).items()}
 
 
 def _cache_dir() -> str:
@@ -244,7 +173,7 @@ def _cache_dir() -> str:
 
 def cuda_cubins(archs, compile_sources: bool = True) -> Tuple[Dict[str, List[str]], str]:
     """({arch: [cubin paths]}, where they came from). Raises RuntimeError with the reason when there are none."""
-    tool = cuobjdump()
+    tool = aot.cuobjdump_path()
     if tool is None:
         raise RuntimeError("cuobjdump not found (it ships in triton's wheel, or pip install nvidia-cuda-cuobjdump)")
     sos = sorted(glob.glob(os.path.join(REPO, "ditq", "_C*.so")))
@@ -267,7 +196,7 @@ def cuda_cubins(archs, compile_sources: bool = True) -> Tuple[Dict[str, List[str
                            f"without --short, or build the extension")
     if not sources:
         raise RuntimeError(f"{why_so}, and csrc/ has no .cu file yet")
-    cc = nvcc()
+    cc = aot.nvcc_path()
     if cc is None:
         raise RuntimeError(f"{why_so}, and nvcc is not found to compile csrc/*.cu")
     # Cache by the sources' content: nvcc takes tens of seconds on a shared 2-core machine.
@@ -366,99 +295,47 @@ def cuda_rows(archs, short: bool = False) -> Tuple[List[Dict], str]:
 
 # ---- Triton -------------------------------------------------------------------------------------------
 
-def triton_tables(archs) -> Dict[str, Dict[str, List[Dict]]]:
-    """{kernel: {arch: entries}} for every shipped GPU table in kernels/configs/."""
-    out: Dict[str, Dict[str, List[Dict]]] = {}
-    for path in sorted(glob.glob(os.path.join(CONFIG_DIR, "*.json"))):
-        try:
-            data = json.load(open(path))
-        except Exception:
-            continue
-        if data.get("arch") in archs and data.get("entries"):
-            out.setdefault(data["kernel"], {})[data["arch"]] = data["entries"]
-    return out
+def _triton_meta(kernel: str, entry: Dict, group: Optional[int]) -> Dict:
+    cfg = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "max_m")
+    return {"kernel": f"{kernel} g{group}" if group else kernel, "group_size": group,
+            "config": f"M<={entry['max_m']}: {cfg}" if entry.get("max_m") else f"M>*: {cfg}",
+            "BM": entry.get("BM"), "BN": entry.get("BN"), "BK": entry.get("BK"), "max_m": entry.get("max_m")}
 
 
-def _aot():
-    import importlib
-    for mod in ("ditq.kernels.aot", "kernels.aot"):
-        try:
-            return importlib.import_module(mod)
-        except ImportError as e:
-            err = e
-    raise RuntimeError(f"kernels/aot.py is not shipped yet ({err})")
-
-
-def compile_triton(kernel: str, arch: str, entry: Dict, group: Optional[int]) -> Tuple[str, int, int]:
-    """(cubin path, shared bytes, warps) of one table entry compiled for ``arch``. The kernel's own module knows
-    its signature and the alignment its launcher guarantees; it says so through either
-    ``aot_job(params, cc[, group_size]) -> kwargs of aot.compile_kernel`` (compiled in aot's subprocess) or
-    ``aot_source(params[, group_size]) -> (ASTSource, options)`` (compiled here). This report only reads what
-    comes out."""
-    import importlib
-
-    params = {k: v for k, v in entry.items() if k != "max_m"}
+def _compile_all(jobs: List[Dict]) -> List:
+    """``aot.Compiled`` per job, or the exception that job's compile raised: one subprocess for all when every
+    compile succeeds (one Triton import), else one per job to tell which failed."""
     try:
-        mod = importlib.import_module(f"ditq.kernels.{kernel}")
-    except ImportError as e:
-        raise RuntimeError(f"ditq.kernels.{kernel} does not import ({e})")
-    cc = ARCH_CC[arch]
-    if hasattr(mod, "aot_job"):
-        job = mod.aot_job(params, cc, group_size=group) if group else mod.aot_job(params, cc)
-        c = _aot().compile_kernel(**job)
-        return c.cubin_path, int(c.shared), int(c.num_warps)
-    if hasattr(mod, "aot_source"):
-        import triton
-        from triton.backends.compiler import GPUTarget
-
-        src, opts = mod.aot_source(params, group) if group else mod.aot_source(params)
-        k = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=opts)
-        md = k.metadata
-        get = (lambda n: md.get(n)) if isinstance(md, dict) else (lambda n: getattr(md, n, None))
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(k.asm["cubin"])
-        return f.name, int(get("shared") or 0), int(get("num_warps") or opts.get("num_warps", 4))
-    raise RuntimeError(f"ditq.kernels.{kernel} has neither aot_job() nor aot_source() yet")
+        return aot.compile_many(jobs)
+    except aot.AOTError:
+        out = []
+        for job in jobs:
+            try:
+                out.append(aot.compile_many([job])[0])
+            except aot.AOTError as e:
+                out.append(e)
+        return out
 
 
 def triton_rows(archs, short: bool, groups) -> List[Dict]:
-    tables = triton_tables(archs)
+    """One row per shipped Triton configuration (``aot.shipped_jobs``; --short: the entries picked at
+    M = SHORT_M, which DiT-XL/2 at batch 8 runs; tests/kernels check every entry)."""
+    m = SHORT_M if short else None
+    shipped = [(kernel, *job) for kernel in ("w8a8", "w4a8")
+               for job in aot.shipped_jobs(kernel, archs, groups if kernel == "w4a8" else None, m=m)]
     rows = []
-    for kernel in ("w8a8", "w4a8"):  # the GEMM families every GPU needs; other tables are reported when shipped
-        if kernel not in tables:
-            for arch in archs:
-                rows.append({"family": "triton", "arch": arch, "kernel": kernel,
-                             "status": f"not shipped yet (no kernels/configs/{kernel}_{arch}.json)"})
-    for kernel, per_arch in sorted(tables.items()):
-        for arch in archs:
-            entries = per_arch.get(arch)
-            if not entries:
-                rows.append({"family": "triton", "arch": arch, "kernel": kernel,
-                             "status": f"not shipped yet (no kernels/configs/{kernel}_{arch}.json)"})
-                continue
-            if short:  # the entry DiT-XL/2 at batch 8 (M = 4096) picks: CI time (tests/kernels check every entry)
-                entries = [_pick(entries, SHORT_M)]
-            for e, g in [(e, g) for e in entries for g in (groups if kernel == "w4a8" else (None,))]:
-                cfg = ", ".join(f"{k}={v}" for k, v in e.items() if k != "max_m")
-                meta = {"kernel": f"{kernel} g{g}" if g else kernel, "group_size": g,
-                        "config": f"M<={e['max_m']}: {cfg}" if e.get("max_m") else f"M>*: {cfg}",
-                        "BM": e.get("BM"), "BN": e.get("BN"), "BK": e.get("BK"), "max_m": e.get("max_m")}
-                try:
-                    path, smem, warps = compile_triton(kernel, arch, e, g)
-                    funcs = analyze_cubin(path)
-                    name, a = max(funcs.items(), key=lambda kv: kv[1]["instructions"])
-                    rows.append(_row("triton", arch, meta, a, max(smem, _static_smem(a["res"], arch)), warps * 32))
-                except Exception as ex:
-                    rows.append(dict(family="triton", arch=arch, **meta,
-                                     status=f"not compiled: {type(ex).__name__}: {str(ex).splitlines()[0][:160] if str(ex) else ''}"))
+    for (kernel, arch, entry, group, job), c in zip(shipped, _compile_all([j[-1] for j in shipped])):
+        meta = _triton_meta(kernel, entry, group)
+        try:
+            if isinstance(c, Exception):
+                raise c
+            funcs = analyze_cubin(c.cubin_path)
+            _, a = max(funcs.items(), key=lambda kv: kv[1]["instructions"])
+            rows.append(_row("triton", arch, meta, a, max(c.shared, _static_smem(a["res"], arch)), c.num_warps * 32))
+        except Exception as ex:
+            first = str(ex).strip().splitlines()[-1][:160] if str(ex).strip() else ""
+            rows.append(dict(family="triton", arch=arch, **meta, status=f"not compiled: {type(ex).__name__}: {first}"))
     return rows
-
-
-def _pick(entries: List[Dict], m: int) -> Dict:
-    for e in entries:
-        if e.get("max_m") is None or m <= e["max_m"]:
-            return e
-    return entries[-1]
 
 
 def _static_smem(res: Dict, arch: str) -> int:
@@ -492,7 +369,8 @@ def _row(family: str, arch: str, meta: Dict, a: Dict, smem: int, threads: Option
 def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
     """Per DiT-XL/2 shape and M: the bound of each kernel family at H100 ceilings with the tile it picks."""
     d = common.DATASHEET["H100-SXM"]
-    tables = triton_tables(("sm90",))
+    from ditq.kernels import w4a8
+
     tiles, rules = cuda_tiles()
     ok = {(r["family"], r["kernel"], r.get("BM"), r.get("BN"), r.get("BK")): r
           for r in rows if r.get("status") == "ok" and r["arch"] == "sm90"}
@@ -515,8 +393,10 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
                 min_bytes = a_bytes + w_bytes + o_bytes
                 cands = []
                 kern = "w8a8" if bits == 8 else "w4a8"
-                if "sm90" in tables.get(kern, {}):
-                    e = _pick(tables[kern]["sm90"], m)
+                if "sm90" in config_table.table_archs(kern):
+                    e = config_table.params(config_table.pick(config_table.load_table(kern, "sm90"), m))
+                    if bits == 4:
+                        e = w4a8.fit_config(e, W4_GROUP)  # BK and by_group at this group size, as launched
                     cands.append(("triton", "w8a8" if bits == 8 else f"w4a8 g{W4_GROUP}", e.get("BM"), e.get("BN"), e.get("BK")))
                 rule = next((r for r in rules if r[0] <= 90 and (r[1] < 0 or m <= r[1])), None)
                 if rule and (rule[2] if bits == 8 else rule[3]) in tiles:
@@ -552,7 +432,7 @@ def _by(flops, nbytes, d, peak_key) -> str:
 
 # ---- transformer weight bytes -------------------------------------------------------------------------
 
-WEIGHT_TARGETS = {8: 0.52, 4: 0.30}  # issue 8: transformer weight bytes vs bf16
+WEIGHT_TARGETS = {8: 0.52, 4: 0.30}  # the project's targets: transformer weight bytes vs bf16
 
 
 def weight_rows() -> List[Dict]:
@@ -569,6 +449,7 @@ def weight_rows() -> List[Dict]:
         import bench_model
         from ditq.convert import DEFAULT_SKIP
         from ditq.format import WeightFormat
+        from ditq.kernels import w4a8
     except Exception as e:
         return [{"model": "DiT-XL/2", "status": f"not available: {type(e).__name__}: {e}"}]
     rows = []
@@ -584,7 +465,7 @@ def weight_rows() -> List[Dict]:
         rows.append({"model": "DiT-XL/2", "resolution": res, "format": "bf16", "status": "ok", "bytes": bf16,
                      "ratio_vs_bf16": 1.0, "quantized_linears": 0, "target": None, "embedding_bytes": emb,
                      "embedding_share": emb / bf16})
-        for fmt in [WeightFormat(8)] + [WeightFormat(4, g) for g in SUPPORTED_GROUPS]:
+        for fmt in [WeightFormat(8)] + [WeightFormat(4, g) for g in w4a8.GROUP_SIZES]:
             total, count = bf16, 0
             for name, lin in linears:
                 if any(fnmatch.fnmatchcase(name, p) for p in DEFAULT_SKIP) or \
@@ -660,7 +541,7 @@ def markdown(report: Dict) -> str:
         "SMs) with the tile the table picks for M (sm_90 tables; split-K not modelled). 'incl. re-reads': "
         "activations once per N tile, weights once per M tile; '\u00b5s if no L2 reuse' moves those bytes "
         f"through HBM (the worst case: H100's 50 MB L2 holds most of them). W4 bytes at group size {W4_GROUP}. "
-        "The CUDA kernels run mma.sync, which on Hopper stays well below the wgmma peak used here (BRIEF §3): "
+        "The CUDA kernels run mma.sync, which on Hopper stays well below the wgmma peak used here: "
         "their compute bounds are optimistic.",
         "",
         common.md_table(report["roofline"], ROOF_COLS, ROOF_HEAD),
@@ -668,7 +549,7 @@ def markdown(report: Dict) -> str:
         "### Transformer weight bytes (DiT-XL/2 architecture, counted on the meta device)",
         "",
         "Quantized: every nn.Linear but ditq's default skip list (`proj_out*`), as packed weights + fp32 scales + "
-        "a static activation scale; everything else bf16. Issue 8's targets: W8A8 <= 0.52x, W4A8 <= 0.30x. "
+        "a static activation scale; everything else bf16. Targets: W8A8 <= 0.52x, W4A8 <= 0.30x. "
         + "".join(f"nn.Embedding tables (a class-label table per block) stay bf16 at {r['resolution']} px: "
                   f"{r['embedding_bytes'] / 1e6:.1f} MB, {100 * r['embedding_share']:.1f}% of the bf16 bytes. "
                   for r in report["weights"][:1] if r.get("embedding_bytes") is not None),
@@ -731,26 +612,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="output folder (default $OUT or benchmarks/out)")
     ap.add_argument("--update-results", action="store_true", help="rewrite the table in benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
-    if "triton" not in sys.modules:
-        # AOT compiles need the real @triton.jit functions: under TRITON_INTERPRET=1 (test runs set it) triton.jit
-        # returns interpreter objects that triton.compile cannot take. Triton reads it when first imported.
-        os.environ.pop("TRITON_INTERPRET", None)
     archs = tuple(args.arch or (("sm90",) if args.short else ("sm80", "sm90")))
     rows: List[Dict] = []
     if not args.no_triton:
-        groups = args.groups or ((W4_GROUP,) if args.short else SUPPORTED_GROUPS)
+        groups = args.groups or ((W4_GROUP,) if args.short else None)  # None: every size w4a8 supports
         rows += triton_rows(archs, args.short, groups)
     cuda_source = "skipped (--no-cuda)"
     if not args.no_cuda:
         crow, cuda_source = cuda_rows(archs, args.short)
         rows += crow
-    cc = nvcc()
-    ver = None
-    if cc:
-        m = re.search(r"release ([\d.]+)", subprocess.run([cc, "--version"], capture_output=True, text=True).stdout)
-        ver = m.group(1) if m else "?"
     report = {"schema": "ditq.static_report/1", "short": args.short, "archs": list(archs),
-              "env": common.environment(), "nvcc": ver, "uncommitted": uncommitted_sources(), "cuobjdump": cuobjdump(), "cuda_source": cuda_source,
+              "env": common.environment(), "nvcc": aot.nvcc_version(), "uncommitted": uncommitted_sources(),
+              "cuobjdump": aot.cuobjdump_path(), "cuda_source": cuda_source,
               "limits": dict(LIMITS, gpus={g: common.DATASHEET[g] for g in ARCH_GPU.values()}),
               "kernels": rows, "roofline": roofline_rows(rows, args.short), "weights": weight_rows(),
               "summary": summarize(rows)}

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of Triton kernels for a GPU we do not have, and what their SASS says.
 
-No GPU runs our CI, but Triton compiles for any target (BRIEF §4), and the machine code shows what
+No GPU runs our CI, but Triton compiles for any target, and the machine code shows what
 decides a kernel's speed before it ever runs: tensor-core instructions (``IMMA`` = ``mma.sync``,
 ``IGMMA`` = Hopper ``wgmma``), register count and spills (``LDL``/``STL``, stack: ptxas decides those,
 the PTX cannot show them), shared memory, and global load widths (16-byte ``LDG.E.128`` /
@@ -18,8 +18,11 @@ removed. A kernel is named by its module (or, for kernels defined in a file that
 as a test, that file's path) and its name. Results are cached in-process and by Triton's own on-disk
 cache, so asking twice is cheap; :func:`compile_many` compiles a list in one subprocess (one Triton import).
 
-The SASS reading also serves cubins built by nvcc from ``csrc/``: :func:`nvcc_path` and :func:`cuobjdump_path`
-find the tools (None when absent), :func:`sass_functions` splits a listing that holds several kernels.
+This module is the one SASS toolchain of the project: the AOT tests, the csrc SASS tests and
+``benchmarks/static_report.py`` all use its tool finders (:func:`nvcc_path`, :func:`cuobjdump_path`), its
+parsers (:func:`parse_sass`, :func:`sass_functions` for a listing holding several kernels, as nvcc builds,
+:func:`parse_res_usage`), its definition of the main loop (:func:`main_loop`) and its list of what ships
+(:func:`shipped_jobs`: every tile table entry as the kernel's ``aot_job`` describes its launch).
 
 ``aligned`` names the arguments to mark 16-byte divisible (``tt.divisibility = 16``), which is what
 Triton's JIT infers at launch for 16-byte aligned pointers and integers divisible by 16. Leave an argument
@@ -36,7 +39,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 _CACHE: Dict[str, "Compiled"] = {}
 _WORK_DIR = None
@@ -129,6 +132,43 @@ def cuobjdump_path() -> Optional[str]:
     return _cuda_tool("cuobjdump")
 
 
+def nvcc_version() -> Optional[str]:
+    """``nvcc --version``'s release number ("12.8"), or None without nvcc."""
+    path = nvcc_path()
+    if path is None:
+        return None
+    m = re.search(r"release ([\d.]+)", subprocess.run([path, "--version"], capture_output=True, text=True).stdout)
+    return m.group(1) if m else "?"
+
+
+# ---- what ships: every table entry as a compile job ------------------------------------------------------
+
+ARCH_CC = {"sm80": 80, "sm90": 90}
+
+
+def shipped_jobs(kernel: str, archs: Sequence[str] = ("sm80", "sm90"), group_sizes: Optional[Sequence[int]] = None,
+                 m: Optional[int] = None) -> List[Tuple[str, Dict, Optional[int], Dict]]:
+    """``[(arch, table entry, group size or None, job)]`` for every shipped configuration of ``kernel``
+    ("w8a8" or "w4a8"): each entry of ``configs/<kernel>_<arch>.json`` (only the one the launcher picks at
+    ``m`` rows when given), at each group size (W4A8: default all it supports), as the kernel's own
+    ``aot_job`` describes the launch. The AOT tests and ``benchmarks/static_report.py`` compile this list."""
+    import importlib
+
+    from . import config_table
+
+    mod = importlib.import_module(f"{__package__}.{kernel}")
+    groups = [None] if not hasattr(mod, "GROUP_SIZES") else list(group_sizes or mod.GROUP_SIZES)
+    out = []
+    for arch in archs:
+        table = config_table.load_table(kernel, arch)
+        entries = table if m is None else [config_table.pick(table, m)]
+        for entry in entries:
+            for g in groups:
+                kw = {} if g is None else {"group_size": g}
+                out.append((arch, entry, g, mod.aot_job(config_table.params(entry), ARCH_CC[arch], **kw)))
+    return out
+
+
 def _work_dir() -> str:
     global _WORK_DIR
     if _WORK_DIR is None:
@@ -189,23 +229,31 @@ def compile_kernel(fn, signature: Dict[str, str], constexprs: Optional[Dict] = N
 # ---- SASS analysis -------------------------------------------------------------------------------------
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
-_RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
-
-
-def _run_tool(tool: str, *args) -> str:
-    path = os.path.join(tools_dir(), tool)
-    proc = subprocess.run([path, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise AOTError(f"{tool} {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def parse_sass(sass: str):
-    """[(address, opcode-with-modifiers, operands)] of every instruction in ``cuobjdump -sass`` text."""
-    return [(int(m.group(1), 16), m.group(3), m.group(4).strip()) for m in _INSTR.finditer(sass)]
-
-
+_BRANCH_TARGET = re.compile(r"(0x[0-9a-f]+)\s*$")  # last operand: "0x1250", "!UP0, 0x1250", "UR4, 0x1250"
 _FUNCTION = re.compile(r"^\s*Function : (\S+)", re.M)
+_RES_FUNCTION = re.compile(r"^\s*Function (\S+):", re.M)
+_RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+MMA_OPCODES = ("IMMA", "IGMMA", "HMMA", "HGMMA", "QGMMA", "GMMA")
+
+
+def disassemble(cubin_path: str) -> Tuple[str, str]:
+    """(``cuobjdump -sass``, ``cuobjdump -res-usage``) of a cubin, with :func:`cuobjdump_path`'s tool."""
+    tool = cuobjdump_path()
+    if tool is None:
+        raise AOTError("cuobjdump not found (it ships in triton's wheel, or pip install nvidia-cuda-cuobjdump)")
+    out = []
+    for flag in ("-sass", "-res-usage"):
+        proc = subprocess.run([tool, flag, cubin_path], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise AOTError(f"cuobjdump {flag} {cubin_path} failed: {proc.stderr.strip()}")
+        out.append(proc.stdout)
+    return out[0], out[1]
+
+
+def parse_sass(sass: str) -> List[tuple]:
+    """[(address, opcode-with-modifiers, operands)] of every instruction in ``cuobjdump -sass`` text (the
+    predicate guard, ``@!P0``, is dropped)."""
+    return [(int(m.group(1), 16), m.group(3), m.group(4).strip()) for m in _INSTR.finditer(sass)]
 
 
 def sass_functions(sass: str) -> Dict[str, List[tuple]]:
@@ -219,36 +267,50 @@ def sass_functions(sass: str) -> Dict[str, List[tuple]]:
     return out
 
 
+def parse_res_usage(text: str) -> Dict[str, Dict[str, int]]:
+    """``{function: {"REG", "STACK", "SHARED", "LOCAL"}}`` from ``cuobjdump -res-usage``."""
+    heads = list(_RES_FUNCTION.finditer(text))
+    out = {}
+    for head, nxt in zip(heads, heads[1:] + [None]):
+        m = _RES.search(text, head.end(), nxt.start() if nxt is not None else len(text))
+        if m:
+            out[head.group(1)] = dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, m.groups())))
+    return out
+
+
+def is_mma(opcode: str) -> bool:
+    return opcode.split(".")[0] in MMA_OPCODES
+
+
 def main_loop(instrs) -> List[tuple]:
-    """The instructions of the main loop: the smallest backward-branch range that holds an MMA (a ``BRA``
-    to a lower address closes a loop). Smallest, because out-of-line slow paths placed after the kernel's
-    end (e.g. a TMA barrier retry) jump back into the loop and would otherwise swallow the epilogue.
-    Falls back to the largest loop when none holds an MMA."""
-    loops = []
-    for i, (addr, op, operands) in enumerate(instrs):
+    """The instructions of the main loop: the smallest backward-branch range that holds a tensor-core
+    instruction (a ``BRA`` to a lower address closes a loop; the range runs from its target to the branch).
+
+    Smallest, because a range that merely contains the K loop is not it: out-of-line slow paths placed after
+    the kernel's end (e.g. a TMA barrier retry) jump back into the loop and would otherwise swallow the
+    epilogue, and an outer loop (split-K, persistent tiles) holds the K loop's MMAs plus its own overhead.
+    Empty when no loop holds an MMA (a kernel without tensor cores has no main loop in this sense)."""
+    best: List[tuple] = []
+    for addr, op, operands in instrs:
         if op.split(".")[0] != "BRA":
             continue
-        target = re.match(r"(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", operands)
-        if not target or target.group(1) is None:
+        target = _BRANCH_TARGET.search(operands)
+        if not target or int(target.group(1), 16) > addr:
             continue
         dest = int(target.group(1), 16)
-        if dest <= addr:
-            body = [ins for ins in instrs if dest <= ins[0] <= addr]
-            loops.append(body)
-    if not loops:
-        return []
-    with_mma = [b for b in loops if any(op.startswith(("IMMA", "IGMMA", "HMMA", "HGMMA")) for _, op, _ in b)]
-    return min(with_mma, key=len) if with_mma else max(loops, key=len)
+        body = [ins for ins in instrs if dest <= ins[0] <= addr]
+        if any(is_mma(op) for _, op, _ in body) and (not best or len(body) < len(best)):
+            best = body
+    return best
 
 
 def sass_stats(compiled: Compiled) -> SassStats:
     """Disassemble ``compiled``'s cubin (triton's bundled cuobjdump) and count what matters."""
-    sass = _run_tool("cuobjdump", "-sass", compiled.cubin_path)
-    res = _run_tool("cuobjdump", "-res-usage", compiled.cubin_path)
-    m = _RES.search(res)
-    if m is None:
-        raise AOTError(f"no resource usage line in cuobjdump -res-usage output:\n{res}")
-    regs, stack, static_shared, local = map(int, m.groups())
+    sass, res_text = disassemble(compiled.cubin_path)
+    res = list(parse_res_usage(res_text).values())
+    if not res:
+        raise AOTError(f"no resource usage line in cuobjdump -res-usage output:\n{res_text}")
+    regs, stack, static_shared, local = (res[0][k] for k in ("REG", "STACK", "SHARED", "LOCAL"))
     instrs = parse_sass(sass)
     if not instrs:
         raise AOTError("no instructions found in cuobjdump -sass output")

@@ -125,11 +125,6 @@ def gpu_ccs(archs) -> List[int]:
     return [int(a[2:]) for a in archs if a.startswith("sm")]
 
 
-def all_entries(kernel_name: str, archs=("sm80", "sm90")) -> List[tuple]:
-    """(arch, entry) for every shipped GPU configuration of a kernel: what the AOT/SASS tests compile."""
-    return [(arch, e) for arch in archs for e in load_table(kernel_name, arch)]
-
-
 def params(entry: Dict) -> Dict:
     """The entry's kernel parameters: everything but the bucket bound ``max_m``."""
     return {k: v for k, v in entry.items() if k != "max_m"}

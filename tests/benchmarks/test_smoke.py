@@ -65,9 +65,12 @@ def _env_ok(env):
 
 
 def _ok_or_reason(row):
+    """A row ran ("ok"), or could not run here and says why ("skipped: ...", "unavailable: ..."). A row that
+    ran and failed ("error: ...") fails the smoke test: that is what the smoke run is for."""
     assert isinstance(row["status"], str) and row["status"]
-    if row["status"] != "ok":  # a case that did not run says why
-        assert row["status"].split(":")[0] in ("error", "skipped", "unavailable"), row["status"]
+    if row["status"] != "ok":
+        assert row["status"].split(":")[0] in ("skipped", "unavailable"), row
+        assert row["status"].split(":", 1)[1].strip(), row  # the reason itself
 
 
 # ---- bench_gemm ---------------------------------------------------------------------------------------
@@ -164,16 +167,21 @@ def test_static_schema(static):
     assert rep["schema"] == "ditq.static_report/1" and rep["short"] is True and rep["archs"] == ["sm90"]
     _env_ok(rep["env"])
     assert (out / "static_report.md").stat().st_size > 0
-    fams = {(r["family"], r["kernel"].split()[0]) for r in rep["kernels"]}
-    # every kernel family has rows: analysed, or a clear "not built / not shipped" reason
-    assert {("triton", "w8a8"), ("triton", "w4a8")} <= fams and any(f == "cuda" for f, _ in fams)
+    # Every Triton family compiles and is analysed (a schema check over rows that all say "not compiled"
+    # would prove nothing); CUDA rows may say why they are absent, e.g. a CPU-only extension has no cubins.
+    triton = [r for r in rep["kernels"] if r["family"] == "triton"]
+    assert {r["kernel"].split()[0] for r in triton} == {"w8a8", "w4a8"}
+    assert all(r["status"] == "ok" for r in triton), [r["status"] for r in triton if r["status"] != "ok"]
+    assert any(r["family"] == "cuda" for r in rep["kernels"])
     for r in rep["kernels"]:
         if r["status"] != "ok":
-            assert r["status"].startswith(("not built", "not shipped", "not compiled", "no ", "cuobjdump")), r
+            assert r["family"] == "cuda" and r["status"].startswith(("not built", "no ", "cuobjdump")), r
             continue
         for k in ("regs", "stack", "spills", "smem_bytes", "mma_total"):
             assert isinstance(r[k], int) and r[k] >= 0
         assert r["ctas_per_sm"] is None or 0 <= r["ctas_per_sm"] <= 32
+    for r in triton:  # a GEMM's main loop is found and holds its tensor-core instructions
+        assert r["mma_total"] > 0 and r["loop_mma"] > 0 and r["loop_instructions"] > r["loop_mma"], r
     s = rep["summary"]
     assert s["kernels_ok"] + s["kernels_missing"] == len(rep["kernels"])
 
@@ -208,6 +216,7 @@ def test_sass_parser_on_a_known_listing():
     backward branch, MMA and loads are classified, load widths read from the opcode."""
     sys.path.insert(0, BENCH)
     import static_report as sr
+    from ditq.kernels import aot
 
     text = """
 \t\tFunction : k
@@ -223,7 +232,7 @@ def test_sass_parser_on_a_known_listing():
         /*0090*/                   STG.E desc[UR4][R2.64], R16 ;
         /*00a0*/                   EXIT ;
 """
-    funcs = sr.parse_sass(text)
+    funcs = aot.sass_functions(text)
     a = sr.analyze_function(funcs["k"])
     assert a["mma_instructions"] == {"IMMA.16832.S8.S8": 1} and a["spill_instructions"] == 0
     loop = a["main_loop"]

@@ -13,27 +13,24 @@ import pytest
 from ditq.kernels import aot, config_table as ct, w4a8
 
 GROUPS = (32, 128, 256)  # 256 has its own pack block and a by_group override on sm80
-ARCH_CC = {"sm80": 80, "sm90": 90}
+ARCH_CC = aot.ARCH_CC
 LD128 = re.compile(r"\b(LDG\.E\.128|LDGSTS\.E\.BYPASS\.128|LDGSTS\.E\.128)\b")
 LD_BYTES = re.compile(r"\bLDG(STS)?\.E\.(U8|S8)\b")
 
 
 def _jobs():
-    jobs = []
-    for arch in ARCH_CC:
-        table = ct.load_table("w4a8", arch)
-        for i, entry in enumerate(table):
-            jobs += [(arch, entry, g) for g in GROUPS]
-            if i == 0:  # the pure-Triton twin of the unpack must compile cleanly too
-                jobs.append((arch, dict(entry, UNPACK_ASM=False), 128))
+    jobs = aot.shipped_jobs("w4a8", group_sizes=GROUPS)  # [(arch, entry, G, job)], as static_report compiles
+    for arch in ARCH_CC:  # the pure-Triton twin of the unpack must compile cleanly too (first entry, G = 128)
+        entry = dict(ct.load_table("w4a8", arch)[0], UNPACK_ASM=False)
+        jobs.append((arch, entry, 128, w4a8.aot_job(ct.params(entry), ARCH_CC[arch], group_size=128)))
     return jobs
 
 
 @pytest.fixture(scope="session")
 def compiled():
     jobs = _jobs()
-    built = aot.compile_many([w4a8.aot_job(ct.params(entry), ARCH_CC[arch], group_size=g) for arch, entry, g in jobs])
-    return [(arch, entry, g, c, aot.sass_stats(c)) for (arch, entry, g), c in zip(jobs, built)]
+    built = aot.compile_many([job for *_, job in jobs])
+    return [(arch, entry, g, c, aot.sass_stats(c)) for (arch, entry, g, _), c in zip(jobs, built)]
 
 
 def _loads(s, pattern):

@@ -7,8 +7,8 @@ import pytest
 
 from ditq.kernels import aot, config_table, w8a8
 
-ARCH_CC = {"sm80": 80, "sm90": 90}
-SHIPPED = config_table.all_entries("w8a8")  # [(arch, entry)]
+JOBS = aot.shipped_jobs("w8a8")  # [(arch, entry, None, job)]: every entry of the sm80 / sm90 tables
+SHIPPED = [(arch, entry) for arch, entry, _, _ in JOBS]
 IDS = [f"{arch}-m{e['max_m']}" for arch, e in SHIPPED]
 # Negative controls: no alignment hints (what the launcher's K % 16 rule prevents) on cc 90 and cc 80,
 # and a 128x256x128 Hopper tile whose accumulator plus epilogue exceed 255 registers.
@@ -18,7 +18,7 @@ BIG = dict(BM=128, BN=256, BK=128, GROUP_M=8, SWAP_AB=False, USE_TMA=True, num_w
 
 @pytest.fixture(scope="module")
 def stats():
-    jobs = [w8a8.aot_job(config_table.params(e), ARCH_CC[arch]) for arch, e in SHIPPED]
+    jobs = [job for *_, job in JOBS]
     jobs += [w8a8.aot_job(NAIVE, 90, aligned=False), w8a8.aot_job(NAIVE, 80, aligned=False),
              w8a8.aot_job(BIG, 90)]
     compiled = aot.compile_many(jobs)
