@@ -114,7 +114,7 @@ inline void global_access(const void* p, size_t n, bool write, const char* what,
   GlobalState& g = GL();
   if (!g.active) return;
   const uint8_t* b = static_cast<const uint8_t*>(p);
-  const int tid = S().cur ? S().cur->linear : 0;
+  const int tid = S().cur != nullptr ? S().cur->linear : 0;
   GlobalState::Buf* hit = nullptr;
   if (g.last < g.bufs.size() && b >= g.bufs[g.last].base && b < g.bufs[g.last].base + g.bufs[g.last].bytes) {
     hit = &g.bufs[g.last];
@@ -126,16 +126,19 @@ inline void global_access(const void* p, size_t n, bool write, const char* what,
         break;
       }
   }
-  const std::string head = thread_desc(tid) + ": " + what + " (" + (write ? "write" : "read") + " of " +
-                           std::to_string(n) + " bytes) at " + where(file, line);
+  // The report's head, built only on failure: this runs on every global access.
+  auto head = [&] {
+    return thread_desc(tid) + ": " + what + " (" + (write ? "write" : "read") + " of " + std::to_string(n) +
+           " bytes) at " + where(file, line);
+  };
   if (hit == nullptr)
-    fail("global-address", head + " uses address " + hex(p) + ", " + nearest_buffer(b));
+    fail("global-address", head() + " uses address " + hex(p) + ", " + nearest_buffer(b));
   const size_t off = static_cast<size_t>(b - hit->base);
   if (off + n > hit->bytes)
-    fail("global-address", head + " touches bytes [" + std::to_string(off) + ", " + std::to_string(off + n) +
+    fail("global-address", head() + " touches bytes [" + std::to_string(off) + ", " + std::to_string(off + n) +
                                ") of `" + hit->name + "`, which has " + std::to_string(hit->bytes) + " bytes");
   if (write && hit->access == Access::ReadOnly)
-    fail("global-read-only", head + " writes bytes [" + std::to_string(off) + ", " + std::to_string(off + n) +
+    fail("global-read-only", head() + " writes bytes [" + std::to_string(off) + ", " + std::to_string(off + n) +
                                  ") of `" + hit->name + "`, a read-only input");
   if (hit->access != Access::Output) return;
   uint8_t* w = hit->written.data() + off;
@@ -145,7 +148,7 @@ inline void global_access(const void* p, size_t n, bool write, const char* what,
   }
   for (size_t i = 0; i < n; ++i)
     if (!w[i])
-      fail("global-unwritten", head + " reads byte " + std::to_string(off + i) + " of output `" + hit->name +
+      fail("global-unwritten", head() + " reads byte " + std::to_string(off + i) + " of output `" + hit->name +
                                    "`, which no thread has written in this launch");
 }
 

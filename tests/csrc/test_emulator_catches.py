@@ -1,4 +1,4 @@
-"""The SIMT emulator catches what it claims (BRIEF §5, csrc/README.md): deliberately broken kernels
+"""The SIMT emulator catches what it claims (csrc/README.md): deliberately broken kernels
 (tests/csrc/emu_probe.cpp) are reported with the right kind and source lines under every fiber order, and
 their fixed twins pass under every order x cp.async mode (so none of these tests can pass by reporting
 everything)."""

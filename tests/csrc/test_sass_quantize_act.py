@@ -1,6 +1,6 @@
 """The machine code of the activation-quantization kernels (csrc/quantize_act.cu), checked without a GPU:
 compiled here by nvcc for sm_80 and sm_90a (torch-free, ~2 s per architecture), disassembled with the
-cuobjdump in triton's wheel (BRIEF §4).
+cuobjdump in triton's wheel.
 
 Every instantiation: no local memory (no LDL / STL, STACK:0 and LOCAL:0 in -res-usage), a modest register
 count. The 16-byte paths load with LDG.E.128 and store 4 or 8 int8 at once; the per-token paths reduce the
