@@ -19,7 +19,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 # ---- shapes -------------------------------------------------------------------------------------------
-# (model, layer, N, K). DiT-XL/2 as diffusers builds it (BRIEF §3); PixArt-alpha shares DiT-XL's hidden size
+# (model, layer, N, K). DiT-XL/2 as diffusers builds it; PixArt-alpha shares DiT-XL's hidden size
 # 1152 and MLP 4608, so only its extra cross-attention K/V projection of T5 features (4096 -> 1152) is new;
 # SD3-medium: hidden 1536 (24 x 64), MLP 6144; FLUX.1: hidden 3072, MLP 12288, single-stream blocks fuse
 # qkv + MLP-in (3072 -> 21504) and attn-out + MLP-out (15360 -> 3072).

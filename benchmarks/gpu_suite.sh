@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one call a GPU machine needs (BRIEF §6): install + build, the CUDA tests, the static report on the cubins
+# The one call a GPU machine needs: install + build, the CUDA tests, the static report on the cubins
 # just built, both GPU benchmarks, a short table last. Fits in 10 minutes: every stage has a time cap taken from
 # what is left, and the benchmarks get a --max-seconds budget so they write their JSON before the cap.
 #
@@ -93,7 +93,7 @@ if g:
     print(common.md_table(rows, ["layer", "M", "impl", "status", "median_ms", "tops", "roofline_fraction",
                                  "speedup_vs_bf16"]) + "\n")
 if m and m.get("rows"):
-    # issue 8's targets (H100, 256 px): best ditq variant vs bf16 torch.compile, weight bytes, peak memory
+    # the project's targets (H100, 256 px): best ditq variant vs bf16 torch.compile, weight bytes, peak memory
     def best(prec, batch):
         ok = [r for r in m["rows"] if r["precision"] == prec and r["batch"] == batch and r["resolution"] == 256
               and r["status"] == "ok"]

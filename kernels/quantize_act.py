@@ -58,18 +58,16 @@ def _round_half_even(y, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def quantize_act_kernel(x_ptr, static_scale_ptr, q_ptr, s_ptr, K,
-                        PER_TOKEN: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # int64: M * K may exceed 2**31 at large batches
-    offs = tl.arange(0, BLOCK_K)
-    mask = offs < K
-    # other=0.0: the padding lanes past K take part in the absmax, and 0 leaves it unchanged
-    x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+def quantize_row(x, s_ptr, static_scale_ptr, row, PER_TOKEN: tl.constexpr, INTERPRET: tl.constexpr):
+    """int8 values of one fp32 row ``x`` (lanes past K must hold 0: they take part in the absmax, and 0 leaves
+    it unchanged and is finite), with the NaN / inf contract of the module docstring. Per token, stores the
+    row's scale at ``s_ptr + row``; static, reads the scale from ``static_scale_ptr``. Any row kernel that
+    ends in int8 activations quantizes through this one function."""
     if PER_TOKEN:
         ax = tl.abs(x)
-        # |x| < inf is false exactly for NaN and +-inf
-        n_bad = tl.sum(tl.where(ax < float("inf"), 0, 1), axis=0)
-        absmax = tl.max(tl.where(ax < float("inf"), ax, 0.0), axis=0)
+        finite = ax < float("inf")  # false exactly for NaN and +-inf
+        n_bad = tl.sum(tl.where(finite, 0, 1), axis=0)
+        absmax = tl.max(tl.where(finite, ax, 0.0), axis=0)
         s = tl.where(absmax > 0, tl.math.div_rn(absmax, 127.0), 1.0)
         s = tl.where(n_bad > 0, float("nan"), s)  # inv = NaN below: the whole row quantizes to 0
         tl.store(s_ptr + row, s)
@@ -77,10 +75,21 @@ def quantize_act_kernel(x_ptr, static_scale_ptr, q_ptr, s_ptr, K,
         s = tl.load(static_scale_ptr)
     inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), s)
     y = x * inv
-    y = tl.where(y == y, y, 0.0)  # NaN -> 0 before the clamp (+-inf clamp to +-127 like any large value)
-    y = tl.minimum(tl.maximum(y, -127.0), 127.0)
-    q = _round_half_even(y, INTERPRET)
-    tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=mask)
+    y = tl.where(y == y, y, 0.0)  # NaN -> 0 before the clamp (PTX max.f32 would turn it into -127)
+    y = tl.minimum(tl.maximum(y, -127.0), 127.0)  # +-inf clamp to +-127 like any large value
+    return _round_half_even(y, INTERPRET).to(tl.int8)
+
+
+@triton.jit
+def quantize_act_kernel(x_ptr, static_scale_ptr, q_ptr, s_ptr, K,
+                        PER_TOKEN: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # int64: M * K may exceed 2**31 at large batches
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    # other=0.0: quantize_row reduces over every lane of the block, the padding past K included
+    x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+    q = quantize_row(x, s_ptr, static_scale_ptr, row, PER_TOKEN, INTERPRET)
+    tl.store(q_ptr + row * K + offs, q, mask=mask)
 
 
 def _num_warps(block_k: int) -> int:

@@ -1,5 +1,5 @@
 """Every shipped W4A8 configuration compiled ahead of time for cc 80 and cc 90 (no GPU needed), checked on
-the SASS (BRIEF §4: ptxas decides spills, not the PTX): integer tensor-core instructions (IMMA on sm_80,
+the SASS (ptxas decides spills, not the PTX): integer tensor-core instructions (IMMA on sm_80,
 Hopper's IGMMA on sm_90), no local memory (LDL/STL) and no stack, 16-byte global loads and no byte loads.
 
 Compiled through ``aot.compile_many`` (one subprocess with TRITON_INTERPRET removed: conftest sets it for the

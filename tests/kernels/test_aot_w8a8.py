@@ -1,5 +1,5 @@
 """Every shipped W8A8 tile configuration compiled ahead of time for cc 80 and cc 90, checked on the SASS
-(BRIEF §4: ptxas decides spills, so the PTX is not enough), plus negative controls proving the checks can
+(ptxas decides spills, so the PTX is not enough), plus negative controls proving the checks can
 fail. Compiles are slow on a loaded 2-core machine: everything is compiled once, in one subprocess."""
 import re
 
@@ -53,7 +53,7 @@ def test_shipped_config_sass(stats, i):
 
 
 def test_ptx_uses_integer_tensor_core_ops(stats):
-    # triton emits .satfinite on the int32 mma.sync: saturation never triggers as |sum| < 2**31 (BRIEF §2)
+    # triton emits .satfinite on the int32 mma.sync: saturation never triggers as |sum| < 2**31
     want = {"sm90": r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k32\.s32\.s8\.s8",
             "sm80": r"mma\.sync\.aligned\.m16n8k32\.row\.col(\.satfinite)?\.s32\.s8\.s8\.s32"}
     for (arch, _), c in zip(SHIPPED, stats["compiled"]):
