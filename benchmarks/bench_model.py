@@ -5,7 +5,8 @@ latent) and 512 px (64 x 64), batch 1-32 with classifier-free guidance (the tran
 Variants: bf16 eager / CUDA graph / ``torch.compile``; ditq W8A8 and W4A8 (``ditq.quantize`` with a first-step
 calibration call) eager / CUDA graph / compiled; torchao int8 dynamic activations when installed. Per case: median
 step latency (CUDA events), latency per image, images per second (per step), peak GPU memory during the step
-(this model's weights plus the step's transient allocations), the transformer's weight bytes, speedups vs bf16 eager and bf16 compiled.
+(this model's weights plus the step's transient allocations), the transformer's weight bytes, speedups vs bf16
+eager and bf16 compiled.
 
     python benchmarks/bench_model.py                       # full grid on the GPU (compiles take minutes)
     python benchmarks/bench_model.py --resolutions 256 --batches 1 8 --compile-batches 8 --max-seconds 240
@@ -317,7 +318,8 @@ def main(argv=None) -> int:
               "batches": list(args.batches), "env": common.environment(), **res}
     d = common.out_dir(args.out)
     common.write_json(os.path.join(d, "model.json"), report)
-    title = f"## DiT-XL/2-architecture step latency ({'smoke: tiny DiT on CPU' if args.smoke else report['env'].get('gpu')})"
+    where = "smoke: tiny DiT on CPU" if args.smoke else report["env"].get("gpu")
+    title = f"## DiT-XL/2-architecture step latency ({where})"
     md = "\n".join([title, "", common.env_markdown(report["env"]), "",
                     "One transformer call (one denoising step) with classifier-free guidance (M = 2 x batch x tokens); "
                     "random weights; peak memory includes the weights.", "",
@@ -329,7 +331,8 @@ def main(argv=None) -> int:
     print(common.md_table(short, ["resolution", "batch", "variant", "status", "median_ms", "peak_mem_gib",
                                   "weight_ratio_vs_bf16", "speedup_vs_bf16_compile"]))
     ok = sum(r["status"] == "ok" for r in report["rows"])
-    print(f"\n{ok}/{len(report['rows'])} cases ok; wrote model.json, model.md{', model_latency.png' if png else ''} in {d}")
+    written = "model.json, model.md" + (", model_latency.png" if png else "")
+    print(f"\n{ok}/{len(report['rows'])} cases ok; wrote {written} in {d}")
     return 0
 
 

@@ -195,7 +195,7 @@ def cuda_cubins(archs, compile_sources: bool = True) -> Tuple[Dict[str, List[str
         raise RuntimeError(f"{why_so}; --short does not compile csrc/*.cu (nvcc takes a minute here): run "
                            f"without --short, or build the extension")
     if not sources:
-        raise RuntimeError(f"{why_so}, and csrc/ has no .cu file yet")
+        raise RuntimeError(f"{why_so}, and csrc/ has no .cu file")
     cc = aot.nvcc_path()
     if cc is None:
         raise RuntimeError(f"{why_so}, and nvcc is not found to compile csrc/*.cu")
@@ -397,11 +397,11 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
                     e = config_table.params(config_table.pick(config_table.load_table(kern, "sm90"), m))
                     if bits == 4:
                         e = w4a8.fit_config(e, W4_GROUP)  # BK and by_group at this group size, as launched
-                    cands.append(("triton", "w8a8" if bits == 8 else f"w4a8 g{W4_GROUP}", e.get("BM"), e.get("BN"), e.get("BK")))
+                    cands.append(("triton", impl, e.get("BM"), e.get("BN"), e.get("BK")))
                 rule = next((r for r in rules if r[0] <= 90 and (r[1] < 0 or m <= r[1])), None)
                 if rule and (rule[2] if bits == 8 else rule[3]) in tiles:
                     t = tiles[rule[2] if bits == 8 else rule[3]]
-                    cands.append(("cuda", "w8a8" if bits == 8 else f"w4a8 g{W4_GROUP}", t[0], t[1], t[2]))
+                    cands.append(("cuda", impl, t[0], t[1], t[2]))
                 ideal = common.roofline_s(flops, min_bytes, d["int8_ops"], d["hbm_bytes_s"]) * 1e6
                 out.append({"shape": f"{model} {layer}", "M": m, "N": n, "K": k, "impl": f"{impl} (ideal)",
                             "tile": "", "gflop": flops / 1e9, "min_mb": min_bytes / 1e6, "tiled_mb": None,

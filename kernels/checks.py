@@ -44,7 +44,7 @@ def tensor(name: str, t, dtypes: Tuple[torch.dtype, ...], shape: Optional[tuple]
 def same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
     """Every non-None tensor in ``others`` must live on ``ref``'s device (a kernel takes one device)."""
     for name, t in others.items():
-        if t is not None and t.device != ref.device:
+        if isinstance(t, torch.Tensor) and t.device != ref.device:  # non-tensors: refused by tensor()
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 

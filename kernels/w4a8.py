@@ -40,7 +40,8 @@ Design, and why
   Triton specialises the strides as multiples of 16, so loads are 128-bit. Out-of-range rows/columns are
   clamped (``% M``, ``% N``), not masked, so loads are unpredicated; only the store is masked.
 
-Measured (AOT, triton 3.8, ptxas from triton's wheel, nothing run; ``pytest -s tests/kernels/test_aot_w4a8.py`` and ``benchmarks/static_report.py`` recompute them)
+Measured (AOT, triton 3.8, ptxas from triton's wheel, nothing run; ``benchmarks/static_report.py`` recomputes
+them, ``tests/kernels/test_aot_w4a8.py`` compiles the same jobs)
 -----------------------------------------------------------------------------------------------------------
 Main loop = the instructions of the K loop's body (one pack block: BK = min(table BK, max(G, 64)) k);
 "/MMA" = loop instructions per tensor-core instruction (an IGMMA.64xNx32 does N/8 times an IMMA's work).

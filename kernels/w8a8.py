@@ -83,6 +83,8 @@ def w8a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
         w_ptrs = w_ptr + rows_w[:, None] * K + offs_k[None, :]
         for k0 in range(0, K, BK):
             k_ok = offs_k[None, :] < K - k0
+            # other=0: the K tail's lanes enter the dot. One zero operand would do (an undefined int8 times 0
+            # is 0), but both are explicit; tests/kernels/conftest.py poisons lanes loaded without other=.
             a_tile = tl.load(a_ptrs, mask=k_ok, other=0)
             w_tile = tl.load(w_ptrs, mask=k_ok, other=0)
             if SWAP_AB:
