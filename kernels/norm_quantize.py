@@ -18,18 +18,19 @@ scales).
 :func:`reference` is the same maths in plain torch; it defines the result. The kernel differs from it only
 in the summation order of the two row sums (a tree here, torch's own order there), so ``y`` can differ in
 its last bits and a q whose ``y * (1/s)`` lies on a rounding tie can differ by one; on rows whose sums are
-exact in any order (integer-valued inputs, for instance) the two agree bit for bit.
+exact in any order (integer-valued inputs, for instance) the two agree bit for bit. (The reference takes
+its square root in float64: torch's float32 sqrt on CPU is not correctly rounded, see :func:`reference`.)
 
 How each step is made the same IEEE operation in both execution modes (compiled and interpreted):
 
 * ``/`` would compile to the approximate ``div.full.f32`` and ``rsqrt`` to ``rsqrt.approx``: the kernel uses
   ``tl.math.div_rn`` and ``tl.math.sqrt_rn`` (``div.rn.f32``, ``sqrt.rn.f32``; NumPy's IEEE ops when
   interpreted) and forms ``1 / sqrt(var + eps)`` from them, as the reference does.
-* No fused multiply-add anywhere: ptxas contracts a plain ``mul.f32`` followed by ``add.f32`` into one
-  ``fma`` (a single rounding, which neither torch's eager ops nor NumPy do). The products that feed an add,
-  ``d * d`` in the variance sum and ``y * (1 + scale)`` before ``+ shift``, are therefore ``mul.rn.f32``,
-  and the modulation's add ``add.rn.f32``: instructions with an explicit rounding mode are never
-  contracted. They are one-instruction inline assembly (see :func:`_mul_rn` for why not libdevice), with
+* No fused multiply-add anywhere: compiled, a plain product followed by an add becomes one ``fma`` (LLVM
+  contracts it, Triton enabling fp fusion by default, and ptxas would too): a single rounding, which
+  neither torch's eager ops nor NumPy do. The products that feed an add, ``d * d`` in the variance sum and
+  ``y * (1 + scale)`` before ``+ shift``, are therefore ``mul.rn.f32``, and the modulation's add
+  ``add.rn.f32``: instructions with an explicit rounding mode are never contracted. They are one-instruction inline assembly (see :func:`_mul_rn` for why not libdevice), with
   plain NumPy fp32 ops, which never fuse, as their interpreter twin. That assembly is checked in the PTX
   and SASS ahead of time (tests/kernels/test_aot_norm_quantize.py) but has not yet run on a GPU.
 * rint: as in :mod:`quantize_act` (``cvt.rni`` compiled, the magic-number add interpreted).
@@ -61,7 +62,7 @@ QMAX = 127
 def _mul_rn(a, b, INTERPRET: tl.constexpr):
     """fp32 ``a * b`` rounded once, never contracted into an fma with the add that follows.
 
-    Compiled: one ``mul.rn.f32`` (an explicit rounding mode forbids ptxas's contraction). Not libdevice's
+    Compiled: one ``mul.rn.f32`` (an explicit rounding mode forbids contraction). Not libdevice's
     ``mul_rn``: Triton builds libdevice with flush-to-zero on, so it becomes ``mul.rn.ftz.f32``, which turns
     subnormal products into 0 where torch and NumPy keep them. Inline assembly does not run under the
     interpreter; there the plain NumPy fp32 product is the same IEEE operation (NumPy never fuses)."""
