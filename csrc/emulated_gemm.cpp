@@ -24,7 +24,7 @@ template <class T, class WOp>
 std::vector<emu::GlobalBuffer> buffers(const GemmParams& p, const dim3& grid) {
   using emu::Access;
   const size_t M = static_cast<size_t>(p.M), N = static_cast<size_t>(p.N), K = static_cast<size_t>(p.K);
-  const size_t out_bytes = p.out_kind == kOutF32 ? 4 : 2;
+  const size_t out_bytes = p.out_dtype == DType::kF32 ? 4 : 2;
   const size_t w_scales = WOp::kGrouped ? K / WOp::kGroup * N : N;
   const size_t tiles = static_cast<size_t>(grid.x) * grid.y;
   std::vector<emu::GlobalBuffer> b = {
@@ -66,12 +66,17 @@ void dispatch_tile(const GemmParams& p, int tile) {
 
 }  // namespace
 
-void emulate_w8a8(const GemmParams& p, int tile) { dispatch_tile<W8>(p, tile); }
+}  // namespace ditq::gemm
 
-void emulate_w4a8(const GemmParams& p, int group_size, int tile) {
+namespace ditq {
+
+void gemm_w8a8_emulated(const GemmArgs& args) { gemm::dispatch_tile<gemm::W8>(args.params, args.tile); }
+
+void gemm_w4a8_emulated(const GemmArgs& args) {
+  const int group_size = args.group_size;
   switch (group_size) {
 #define DITQ_GROUP_CASE(G) \
-    case G: return dispatch_tile<W4<G>>(p, tile);
+    case G: return gemm::dispatch_tile<gemm::W4<G>>(args.params, args.tile);
     DITQ_W4_GROUP_SIZES(DITQ_GROUP_CASE)
 #undef DITQ_GROUP_CASE
   }
@@ -79,4 +84,4 @@ void emulate_w4a8(const GemmParams& p, int group_size, int tile) {
                               " not built (configs/kernel_families.h)");
 }
 
-}  // namespace ditq::gemm
+}  // namespace ditq

@@ -42,18 +42,22 @@ const char* dispatch_tile(const GemmParams& p, int tile, void* stream) {
 
 }  // namespace
 
-const char* launch_w8a8(const GemmParams& p, int tile, void* stream) {
-  return dispatch_tile<W8>(p, tile, stream);
+}  // namespace ditq::gemm
+
+namespace ditq {
+
+const char* gemm_w8a8_cuda(const GemmArgs& args, void* stream) {
+  return gemm::dispatch_tile<gemm::W8>(args.params, args.tile, stream);
 }
 
-const char* launch_w4a8(const GemmParams& p, int group_size, int tile, void* stream) {
-  switch (group_size) {
+const char* gemm_w4a8_cuda(const GemmArgs& args, void* stream) {
+  switch (args.group_size) {
 #define DITQ_GROUP_CASE(G) \
-    case G: return dispatch_tile<W4<G>>(p, tile, stream);
+    case G: return gemm::dispatch_tile<gemm::W4<G>>(args.params, args.tile, stream);
     DITQ_W4_GROUP_SIZES(DITQ_GROUP_CASE)
 #undef DITQ_GROUP_CASE
   }
   return "ditq: W4A8 group size not built (configs/kernel_families.h)";
 }
 
-}  // namespace ditq::gemm
+}  // namespace ditq

@@ -71,7 +71,7 @@
 
 namespace ditq::gemm {
 
-// GemmParams and OutKind: gemm.h (shared with the launchers and the binding).
+// GemmParams: launch.h (shared with the launchers and the binding).
 
 // Explicit fp32 rounding (__fmul_rn, __fmaf_rn, __int2float_rn) and the output casts (ptx::f32_to_bf16_bits,
 // f32_to_f16_bits) are the same calls in both builds: CUDA's intrinsics on the device, the emulator's twins
@@ -212,6 +212,50 @@ struct W4 {
     b[1] = w & 0xF0F0F0F0u;
   }
 };
+
+// ---- epilogue pieces: y = acc * scale [+ bias] in fp32, then cast and store ----------------------------------
+// One small function per step, so that later steps (an activation, quantization for the next layer) slot in
+// between without touching the main loop. Every rounding is explicit (see the top of the file).
+
+// The scale of output column n: W8 s_a * s_w[n], the product rounded first as in the reference; W4 s_a alone
+// (its s_w was folded in per group).
+template <class WOp>
+DITQ_DEVICE float column_scale(const GemmParams& p, float sa, int n) {
+  if constexpr (WOp::kGrouped) return sa;
+  else return __fmul_rn(sa, ptx::ld_global(p.w_scale + n));
+}
+
+// v * s + bias[n] with one rounding (fma), or v * s without a bias.
+DITQ_DEVICE float scale_bias(const GemmParams& p, float v, float s, int n) {
+  return p.bias ? __fmaf_rn(v, s, ptx::ld_global(p.bias + n)) : __fmul_rn(v, s);
+}
+
+// Casts y (columns n, n + 1 of row m; n < N) to out_dtype and stores it: one 8- or 4-byte store when both
+// columns exist and N is even (then the pair is aligned), else one element at a time.
+DITQ_DEVICE void store_pair(const GemmParams& p, int m, int n, const float (&y)[2]) {
+  const int64_t o = static_cast<int64_t>(m) * p.N + n;
+  const bool both = n + 1 < p.N, paired = both && p.N % 2 == 0;
+  if (p.out_dtype == DType::kF32) {
+    float* out = static_cast<float*>(p.out) + o;
+    if (paired) {
+      ptx::st_global(reinterpret_cast<F32x2*>(out), F32x2{y[0], y[1]});
+    } else {
+      ptx::st_global(out, y[0]);
+      if (both) ptx::st_global(out + 1, y[1]);
+    }
+    return;
+  }
+  const bool bf16 = p.out_dtype == DType::kBF16;
+  const uint16_t b0 = bf16 ? ptx::f32_to_bf16_bits(y[0]) : ptx::f32_to_f16_bits(y[0]);
+  const uint16_t b1 = bf16 ? ptx::f32_to_bf16_bits(y[1]) : ptx::f32_to_f16_bits(y[1]);
+  uint16_t* out = static_cast<uint16_t*>(p.out) + o;
+  if (paired) {
+    ptx::st_global(reinterpret_cast<uint32_t*>(out), static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16));
+  } else {
+    ptx::st_global(out, b0);
+    if (both) ptx::st_global(out + 1, b1);
+  }
+}
 
 // ---- the kernel body -----------------------------------------------------------------------------------------
 // Grid: x = N tiles, y = M tiles (consecutive CTAs share the A tile and walk the weights: at small M all CTAs
@@ -402,8 +446,7 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
 
   if (p.splits > 1 && !reduce_splits<T, WOp>(p, acc, facc, smem)) return;  // not the last split: done
 
-  // ---- epilogue: scale, bias, cast, store. Lane owns rows g, g + 8 and columns 2t, 2t + 1 of each tile.
-  const bool paired = (N % 2) == 0;  // column pairs are then 2-element aligned: one wider store
+  // ---- epilogue: scale, bias, cast, store. Lane owns rows g, g + 8 and columns 2t, 2t + 1 of each mma tile.
 #pragma unroll
   for (int i = 0; i < MI; ++i) {
 #pragma unroll
@@ -414,44 +457,17 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
 #pragma unroll
       for (int j = 0; j < NI; ++j) {
         const int n = n0 + wn0 + j * 8 + 2 * t;
+        if (n >= N) continue;
         float y[2];
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
-          const int nn = n + c < N ? n + c : N - 1;  // clamp the loads; the store below is masked
+          const int nn = n + c < N ? n + c : N - 1;  // clamp the loads; store_pair stores column n + c < N only
           float v;
-          if constexpr (WOp::kGrouped) {  // y = acc * s_a + b
-            v = facc[i][j][2 * h + c];
-            y[c] = p.bias ? __fmaf_rn(v, sa, ptx::ld_global(p.bias + nn)) : __fmul_rn(v, sa);
-          } else {  // y = acc * (s_a * s_w) + b, the scale product rounded first as in the reference
-            v = __int2float_rn(acc[i][j][2 * h + c]);
-            const float s = __fmul_rn(sa, ptx::ld_global(p.w_scale + nn));
-            y[c] = p.bias ? __fmaf_rn(v, s, ptx::ld_global(p.bias + nn)) : __fmul_rn(v, s);
-          }
+          if constexpr (WOp::kGrouped) v = facc[i][j][2 * h + c];
+          else v = __int2float_rn(acc[i][j][2 * h + c]);
+          y[c] = scale_bias(p, v, column_scale<WOp>(p, sa, nn), nn);
         }
-        if (n >= N) continue;
-        const int64_t o = static_cast<int64_t>(m) * N + n;
-        const bool both = n + 1 < N;
-        if (p.out_kind == kOutF32) {
-          float* out = static_cast<float*>(p.out) + o;
-          if (both && paired) {
-            ptx::st_global(reinterpret_cast<F32x2*>(out), F32x2{y[0], y[1]});
-          } else {
-            ptx::st_global(out, y[0]);
-            if (both) ptx::st_global(out + 1, y[1]);
-          }
-        } else {
-          const bool bf16 = p.out_kind == kOutBF16;
-          const uint16_t b0 = bf16 ? ptx::f32_to_bf16_bits(y[0]) : ptx::f32_to_f16_bits(y[0]);
-          const uint16_t b1 = bf16 ? ptx::f32_to_bf16_bits(y[1]) : ptx::f32_to_f16_bits(y[1]);
-          uint16_t* out = static_cast<uint16_t*>(p.out) + o;
-          if (both && paired) {
-            ptx::st_global(reinterpret_cast<uint32_t*>(out),
-                           static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16));
-          } else {
-            ptx::st_global(out, b0);
-            if (both) ptx::st_global(out + 1, b1);
-          }
-        }
+        store_pair(p, m, n, y);
       }
     }
   }

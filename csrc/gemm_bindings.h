@@ -19,10 +19,10 @@ namespace ditq::gemm_binding {
 
 using ditq::gemm::GemmParams;
 
-inline int out_kind(at::ScalarType t) {
-  if (t == at::kFloat) return ditq::gemm::kOutF32;
-  if (t == at::kHalf) return ditq::gemm::kOutF16;
-  if (t == at::kBFloat16) return ditq::gemm::kOutBF16;
+inline ditq::DType out_dtype_of(at::ScalarType t) {
+  if (t == at::kFloat) return ditq::DType::kF32;
+  if (t == at::kHalf) return ditq::DType::kF16;
+  if (t == at::kBFloat16) return ditq::DType::kBF16;
   TORCH_CHECK_TYPE(false, "out_dtype must be float32, float16 or bfloat16, got ", t);
 }
 
@@ -106,7 +106,7 @@ inline int resolve_splits(int64_t splits, int tile, int group, const GemmParams&
 // emulates) and checks the launch.
 inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const std::optional<at::Tensor>& bias,
                       at::ScalarType out_dtype, int group, int64_t tile, int64_t splits, bool emulated) {
-  p.out_kind = out_kind(out_dtype);
+  p.out_dtype = out_dtype_of(out_dtype);
   at::Tensor bias32;
   if (bias) {
     bias32 = bias->to(at::kFloat).contiguous();  // the epilogue reads fp32 (a no-op for fp32 bias)
@@ -146,14 +146,14 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
   if (emulated) {
     y.fill_(std::numeric_limits<float>::quiet_NaN());  // poison: an unwritten element shows as NaN
     if (p.splits > 1) workspace.fill_(-1);
-    if (group > 0) ditq::gemm::emulate_w4a8(p, group, t);
-    else ditq::gemm::emulate_w8a8(p, t);
+    if (group > 0) ditq::gemm_w4a8_emulated({p, group, t});
+    else ditq::gemm_w8a8_emulated({p, 0, t});
     return y;
   }
 #if DITQ_WITH_CUDA
   void* stream = at::cuda::getCurrentCUDAStream().stream();
-  const char* err = group > 0 ? ditq::gemm::launch_w4a8(p, group, t, stream)
-                              : ditq::gemm::launch_w8a8(p, t, stream);
+  const char* err = group > 0 ? ditq::gemm_w4a8_cuda({p, group, t}, stream)
+                              : ditq::gemm_w8a8_cuda({p, 0, t}, stream);
   TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err ? err : "");
   return y;
 #else

@@ -11,7 +11,8 @@
 // The launchers trust their arguments: bindings.cpp validates everything before calling them.
 //
 // Adding a family: declare its Args and the two functions here (in a marked section), define them in
-// <family>.cu and emulated.cpp (or a file of its own), register the op in bindings.cpp.
+// <family>.cu and emulated.cpp (or emulated_<family>.cpp), register the op in bindings.cpp (or a header it
+// includes, like gemm_bindings.h).
 #pragma once
 
 #include <cstdint>
@@ -19,6 +20,7 @@
 
 namespace ditq {
 
+// The float types of kernel inputs and outputs (one enum for every family).
 enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 // ---- activation quantization (csrc/quantize_act.cuh) -------------------------------------------------------
@@ -45,6 +47,39 @@ bool emulator_get_mem_check();
 // ---- what each family accepts (configs/kernel_families.h) as a JSON object: csrc/families.cpp ---------------
 std::string kernel_families_json();
 
-// ---- GEMMs: declared in csrc/gemm.h ----------------------------------------------------------------------------
+// ---- int8 GEMMs (csrc/gemm.cuh; tile table and split-K helpers in csrc/gemm.h) -------------------------------
+namespace gemm {
+// Everything the kernel reads; passed to it by value. Plain pointers, no torch.
+struct GemmParams {
+  const int8_t* a;          // [M, K] row-major, 16-byte aligned, K % kKMultiple == 0
+  const float* a_scale;     // [1] (static) or [M] (per token)
+  int a_scale_per_token;    // 0 / 1
+  const void* w;            // int8 [N, K] (W8) or split-nibble uint8 [N, K / 2] (W4), 16-byte aligned
+  const float* w_scale;     // [N] (W8) or [K / G, N] (W4)
+  const float* bias;        // [N] float32 or nullptr
+  void* out;                // [M, N] of out_dtype, contiguous
+  DType out_dtype;
+  int M, N, K;
+  // Split-K (gridDim.z = splits): each CTA sums a contiguous range of k units (units: BK, or G when G > BK,
+  // so a W4 group never straddles two splits). With splits > 1 every CTA stores its partial tile (int32 for
+  // W8, fp32 for W4) to `workspace` and the last CTA of each output tile to arrive (atomic `counters`, zeroed
+  // before the launch, left zeroed after it) adds the partials in split order 0..S-1 and runs the epilogue:
+  // the result does not depend on which CTA finishes last.
+  int splits;
+  int* counters;        // [tiles_m * tiles_n], zero
+  uint32_t* workspace;  // [splits * tiles_m * BM * tiles_n * BN] 32-bit words
+};
+}  // namespace gemm
+
+// The launch: the kernel's parameters plus what picks the instantiation.
+struct GemmArgs {
+  gemm::GemmParams params;
+  int group_size;  // W4A8: one of DITQ_W4_GROUP_SIZES (configs/kernel_families.h); W8A8: 0
+  int tile;        // an id of configs/gemm_tiles.h
+};
+const char* gemm_w8a8_cuda(const GemmArgs& args, void* stream);
+void gemm_w8a8_emulated(const GemmArgs& args);
+const char* gemm_w4a8_cuda(const GemmArgs& args, void* stream);
+void gemm_w4a8_emulated(const GemmArgs& args);
 
 }  // namespace ditq

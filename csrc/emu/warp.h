@@ -90,17 +90,6 @@ inline uint32_t shfl_bfly(uint32_t v, int lane_mask, const char* file, int line)
   return w.out[t.lane][0];
 }
 
-inline uint32_t shfl_idx(uint32_t v, int src_lane, const char* file, int line) {
-  Thread& t = *S().cur;
-  WarpSlot& w = arrive("shfl.sync.idx", file, line);
-  w.in[t.lane][0] = v;
-  w.in[t.lane][1] = static_cast<uint32_t>(src_lane) & 31u;
-  complete(w, [](WarpSlot& w) {
-    for (int l = 0; l < 32; ++l) w.out[l][0] = w.in[w.in[l][1]][0];
-  });
-  return w.out[t.lane][0];
-}
-
 inline void syncwarp(const char* file, int line) {
   WarpSlot& w = arrive("__syncwarp", file, line);
   complete(w, [](WarpSlot&) {});

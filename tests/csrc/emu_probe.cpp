@@ -40,16 +40,14 @@ DITQ_GLOBAL void ldmatrix_probe(const uint8_t* bytes, int nbytes, const int* off
   __syncthreads();
   uint32_t r[4] = {0, 0, 0, 0};
   const uint8_t* row = smem + offsets[l];
-  if (count == 4 && !trans) {
-    uint32_t (&x)[4] = r;
-    ptx::ldmatrix_x4(x, row);
+  if (trans) {  // no kernel uses .trans, so ptx.cuh has no wrapper: call the emulator's model directly
+    emu::ldmatrix(r, count, true, row, __FILE__, __LINE__);
   } else if (count == 4) {
     uint32_t (&x)[4] = r;
-    ptx::ldmatrix_x4_trans(x, row);
+    ptx::ldmatrix_x4(x, row);
   } else {
     uint32_t x[2];
-    if (trans) ptx::ldmatrix_x2_trans(x, row);
-    else ptx::ldmatrix_x2(x, row);
+    ptx::ldmatrix_x2(x, row);
     r[0] = x[0];
     r[1] = x[1];
   }

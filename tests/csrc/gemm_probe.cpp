@@ -11,7 +11,7 @@ extern "C" {
 // launch completed, 1 when the emulator reported an error (kind and message filled in), 2 for another
 // exception. counters / workspace are used when splits > 1 (zeroed / any contents).
 int gemm_probe(const int8_t* a, const float* a_scale, int per_token, const void* w, const float* w_scale,
-               void* out, int out_kind, int M, int N, int K, int group, int tile, int splits, int* counters,
+               void* out, int out_dtype, int M, int N, int K, int group, int tile, int splits, int* counters,
                uint32_t* workspace, char* kind, int kind_len, char* msg, int msg_len) {
   ditq::gemm::GemmParams p{};
   p.a = a;
@@ -21,7 +21,7 @@ int gemm_probe(const int8_t* a, const float* a_scale, int per_token, const void*
   p.w_scale = w_scale;
   p.bias = nullptr;
   p.out = out;
-  p.out_kind = out_kind;
+  p.out_dtype = static_cast<ditq::DType>(out_dtype);  // DType: 0 f32, 1 f16, 2 bf16
   p.M = M;
   p.N = N;
   p.K = K;
@@ -29,8 +29,8 @@ int gemm_probe(const int8_t* a, const float* a_scale, int per_token, const void*
   p.counters = counters;
   p.workspace = workspace;
   try {
-    if (group > 0) ditq::gemm::emulate_w4a8(p, group, tile);
-    else ditq::gemm::emulate_w8a8(p, tile);
+    if (group > 0) ditq::gemm_w4a8_emulated({p, group, tile});
+    else ditq::gemm_w8a8_emulated({p, 0, tile});
   } catch (const ditq::emu::Error& e) {
     std::snprintf(kind, static_cast<size_t>(kind_len), "%s", e.kind().c_str());
     std::snprintf(msg, static_cast<size_t>(msg_len), "%s", e.what());

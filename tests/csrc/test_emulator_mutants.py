@@ -84,12 +84,12 @@ def run_gemm(lib, a, a_scale, w, w_scale, out_dtype, tile, group=0):
     """One emulated launch (splits = 1): (status, kind, message, y)."""
     m, k = a.shape
     n = w.shape[0]
-    out_kind = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[out_dtype]
+    dtype_id = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[out_dtype]  # ditq::DType
     y = torch.full((m, n), float("nan"), dtype=out_dtype)
     kind, msg = ctypes.create_string_buffer(64), ctypes.create_string_buffer(4096)
     tensors = [a.contiguous(), a_scale.contiguous(), w.contiguous(), w_scale.contiguous()]
     rc = lib.gemm_probe(tensors[0].data_ptr(), tensors[1].data_ptr(), int(a_scale.numel() == m and m > 1),
-                        tensors[2].data_ptr(), tensors[3].data_ptr(), y.data_ptr(), out_kind, m, n, k, group, tile,
+                        tensors[2].data_ptr(), tensors[3].data_ptr(), y.data_ptr(), dtype_id, m, n, k, group, tile,
                         1, None, None, kind, 64, msg, 4096)
     assert rc != 2, msg.value.decode()
     return ("error" if rc == 1 else "ok"), kind.value.decode(), msg.value.decode(), y

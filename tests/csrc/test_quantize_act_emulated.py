@@ -176,3 +176,15 @@ def test_nonfinite_inputs_follow_the_contract(dtype, k):
     assert not bool(q[[0, 1, 2, 4, 5]].any()) and not bool(q[3].any()) and bool(q[6].any())
     q_static, _ = torch.ops.ditq_C.quantize_act(x, torch.tensor([0.05]))
     assert q_static[1, k - 1].item() == 127 and q_static[2, 0].item() == -127 and q_static[0, k // 3].item() == 0
+
+
+def test_nonfinite_row_makes_the_gemm_row_nan():
+    """The point of the contract: quantize_act -> gemm_w8a8 turns a row holding NaN / inf into a NaN output
+    row (with and without bias), and leaves the other rows finite."""
+    x = _nonfinite_rows(64, torch.float32, torch.Generator().manual_seed(3))
+    q, s = torch.ops.ditq_C.quantize_act(x, None)
+    w = torch.randint(-127, 128, (9, 64), generator=torch.Generator().manual_seed(4), dtype=torch.int8)
+    for bias in (None, torch.randn(9)):
+        y = torch.ops.ditq_C.gemm_w8a8(q, s, w, torch.rand(9) + 0.1, bias, torch.bfloat16, -1, 1)
+        assert y.float().isnan().all(dim=1).tolist() == [True, True, True, False, True, True, False]
+        assert torch.isfinite(y[[3, 6]].float()).all()
