@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Dict
 
-FAMILIES = {"quantize_act": "quantize_act", "gemm_w8a8": "w8a8", "gemm_w4a8": "w4a8"}  # family: module
+FAMILIES = {"quantize_act": "quantize_act", "gemm_w8a8": "w8a8", "gemm_w4a8": "w4a8",
+            "norm_quantize": "norm_quantize"}  # family: module
 
 
 def describe() -> Dict[str, Dict]:

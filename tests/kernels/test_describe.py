@@ -21,8 +21,8 @@ KERNELS_DIR = os.path.dirname(ditq.kernels.__file__)
 
 def test_keys_and_values():
     d = ditq.kernels.describe()
-    assert set(d) == {"quantize_act", "gemm_w8a8", "gemm_w4a8"}
-    assert set(d["quantize_act"]) == {"k_multiple", "max_k", "archs", "interpreter"}
+    assert set(d) == {"quantize_act", "gemm_w8a8", "gemm_w4a8", "norm_quantize"}
+    assert set(d["quantize_act"]) == set(d["norm_quantize"]) == {"k_multiple", "max_k", "archs", "interpreter"}
     gemm_keys = {"weight_bits", "group_sizes", "k_multiple", "max_k", "layout", "layout_version", "archs",
                  "interpreter"}
     assert set(d["gemm_w8a8"]) == gemm_keys and set(d["gemm_w4a8"]) == gemm_keys
