@@ -191,6 +191,7 @@ def test_constant_rows():
     assert torch.allclose(sc, torch.full((4,), 2 / 127))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # NumPy computing inf - inf under the interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_non_finite(dtype):
     """A NaN or inf anywhere in x's row makes the whole row's y NaN (the mean is): per-token scale NaN and q 0,
@@ -218,6 +219,34 @@ def test_non_finite(dtype):
     q, sc, rq, rs, v = _run(xf, shift.to(dtype), scale.to(dtype), None)
     assert torch.isnan(sc[3:]).all() and (q[3:] == 0).all() and not torch.isnan(sc[:3]).any()
     _assert_close(q, sc, rq, rs, v, False)
+
+
+def test_scales_and_q_fully_written(monkeypatch):
+    """Every per-token scale is written: the launcher's own buffers are poisoned (NaN / -128) here too."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(-128) if t.dtype == torch.int8 else t.fill_(NAN)
+
+    monkeypatch.setattr(nq.torch, "empty", poisoned_empty)
+    gen = torch.Generator().manual_seed(6)
+    x = _integer_rows(3, 2, 45, torch.float16, gen).to(DEVICE)
+    shift, scale = _dev(*_mod(3, 45, torch.float16, gen))
+    q, s = nq.norm_modulate_quantize(x, shift, scale, EPS, None)
+    monkeypatch.undo()
+    rq, rs, _ = nq.reference(x, shift, scale, EPS, None)
+    assert torch.equal(q, rq) and torch.equal(s, rs)
+
+
+def test_largest_k():
+    gen = torch.Generator().manual_seed(7)
+    k = nq.MAX_BLOCK_K
+    x = _integer_rows(1, 2, k, torch.bfloat16, gen)
+    shift, scale = _mod(1, k, torch.float32, gen)
+    for act_scale in (None, torch.tensor([0.02])):
+        q, sc, rq, rs, _ = _run(x, shift, scale, act_scale)
+        assert torch.equal(q, rq) and torch.equal(sc, rs)
 
 
 def test_static_scale_is_a_copy():
