@@ -30,9 +30,10 @@ How each step is made the same IEEE operation in both execution modes (compiled 
   contracts it, Triton enabling fp fusion by default, and ptxas would too): a single rounding, which
   neither torch's eager ops nor NumPy do. The products that feed an add, ``d * d`` in the variance sum and
   ``y * (1 + scale)`` before ``+ shift``, are therefore ``mul.rn.f32``, and the modulation's add
-  ``add.rn.f32``: instructions with an explicit rounding mode are never contracted. They are one-instruction inline assembly (see :func:`_mul_rn` for why not libdevice), with
-  plain NumPy fp32 ops, which never fuse, as their interpreter twin. That assembly is checked in the PTX
-  and SASS ahead of time (tests/kernels/test_aot_norm_quantize.py) but has not yet run on a GPU.
+  ``add.rn.f32``: instructions with an explicit rounding mode are never contracted. They are
+  one-instruction inline assembly (see :func:`_mul_rn` for why not libdevice), with plain NumPy fp32 ops,
+  which never fuse, as their interpreter twin. That assembly is checked in the PTX and SASS ahead of time
+  (tests/kernels/test_aot_norm_quantize.py) but has not yet run on a GPU.
 * rint: as in :mod:`quantize_act` (``cvt.rni`` compiled, the magic-number add interpreted).
 
 Masked lanes past K are loaded as 0 but would hold ``-mean`` after centring, so the centred row ``d`` is
