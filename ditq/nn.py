@@ -259,6 +259,19 @@ class QuantLinear(nn.Module):
 
     _warned_grad = False
 
+    def forward_quantized(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype, lead) -> torch.Tensor:
+        """The GEMM alone, on activations already quantized with this layer's scheme and scale (a fused producer
+        such as ``norm_modulate_quantize`` emitted them): int8 [M, K] and its scales -> [*lead, N]."""
+        kernels = self._kernels
+        if kernels is None:
+            raise RuntimeError(self._not_ready)
+        b = self._buffers
+        if self._group_size is None:
+            y = kernels.gemm_w8a8(q, s, b["qweight"], b["scales"], b["bias"], out_dtype)
+        else:
+            y = kernels.gemm_w4a8(q, s, b["qweight"], b["scales"], b["bias"], self._group_size, out_dtype)
+        return y.reshape(*lead, self.out_features)
+
     def extra_repr(self) -> str:
         g = "per-channel" if self.fmt.group_size is None else f"group_size={self.fmt.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -29,6 +29,10 @@ Contract (M tokens, K inputs, N outputs):
 ``gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype, backend) -> y``
     w uint8, two int4 per byte, in the backend's layout (``Backend.prepare_weight``); w_scale float32
     [K // group_size, N]; otherwise as gemm_w8a8.
+``norm_modulate_quantize(x, shift, scale, eps, act_scale, backend) -> (q, scales)``
+    x float [B, S, K]: LayerNorm without affine, adaLN modulation by shift / scale ([B, K] each, or both None),
+    and quantization as quantize_act (``act_scale`` float32 [1] or None), in one pass
+    (``ditq.quant.reference.norm_modulate_quantize`` is the contract). q int8 [B * S, K].
 """
 from __future__ import annotations
 
@@ -47,6 +51,8 @@ SCHEMAS = {
                  "{backend}) -> Tensor",
     "gemm_w4a8": "(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, int group_size, "
                  "ScalarType out_dtype{backend}) -> Tensor",
+    "norm_modulate_quantize": "(Tensor x, Tensor? shift, Tensor? scale, float eps, Tensor? act_scale{backend}) "
+                              "-> (Tensor, Tensor)",
 }
 
 
@@ -109,6 +115,29 @@ def check_quantize_act(x, scale) -> None:
             raise ValueError(f"a static scale must be float32 [1], got shape {tuple(scale.shape)}")
         if scale.device != x.device:
             raise _bad_device(x, scale=scale)
+
+
+def check_norm_modulate_quantize(x, shift, scale, eps, act_scale) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES or x.dim() != 3:
+        raise _bad_tensor("x", x, _FLOAT_DTYPES, 3)
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous (call .contiguous() first)")
+    if (shift is None) != (scale is None):
+        raise ValueError("shift and scale come together: give both (adaLN modulation) or neither")
+    for name, t in (("shift", shift), ("scale", scale)):
+        if t is not None:
+            if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
+                raise _bad_tensor(name, t, _FLOAT_DTYPES)
+            if t.shape != (x.shape[0], x.shape[2]):
+                raise ValueError(f"{name} must be [B, K] = [{x.shape[0]}, {x.shape[2]}], got {tuple(t.shape)}")
+    if not isinstance(eps, float) or not eps > 0 or eps == float("inf"):
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+    if act_scale is not None:
+        if not isinstance(act_scale, torch.Tensor) or act_scale.dtype != torch.float32:
+            raise _bad_tensor("act_scale", act_scale, (torch.float32,))
+        if act_scale.shape != (1,):
+            raise ValueError(f"a static scale must be float32 [1], got shape {tuple(act_scale.shape)}")
+    _same_device(x, shift=shift, scale=scale, act_scale=act_scale)
 
 
 def check_gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype) -> None:
@@ -174,7 +203,15 @@ def _fake_gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype, *_):
     return a.new_empty((a.shape[0], w_scale.shape[1]), dtype=out_dtype)
 
 
-FAKES = {"quantize_act": _fake_quantize_act, "gemm_w8a8": _fake_gemm_w8a8, "gemm_w4a8": _fake_gemm_w4a8}
+def _fake_norm_modulate_quantize(x, shift, scale, eps, act_scale, *_):
+    _same_device(x, shift=shift, scale=scale, act_scale=act_scale)
+    m = x.shape[0] * x.shape[1]
+    return x.new_empty((m, x.shape[2]), dtype=torch.int8), x.new_empty((1,) if act_scale is not None else (m,),
+                                                                          dtype=torch.float32)
+
+
+FAKES = {"quantize_act": _fake_quantize_act, "gemm_w8a8": _fake_gemm_w8a8, "gemm_w4a8": _fake_gemm_w4a8,
+         "norm_modulate_quantize": _fake_norm_modulate_quantize}
 
 _lib = torch.library.Library("ditq", "DEF")
 
@@ -182,14 +219,13 @@ _lib = torch.library.Library("ditq", "DEF")
 def define_kernel_ops(prefix: str, impls: dict) -> KernelOps:
     """Register a Python backend's kernels as ``torch.ops.ditq.<prefix>_<op>`` (CPU and CUDA keys, with fake
     implementations) and return them as :class:`KernelOps`. ``impls`` maps op name to a function with the
-    op's contract that validates its own inputs."""
+    op's contract that validates its own inputs; the optional fused ops may be left out."""
     for name, fn in impls.items():
         _lib.define(f"{prefix}_{name}" + SCHEMAS[name].format(backend=""))
         for key in ("CPU", "CUDA"):
             _lib.impl(f"{prefix}_{name}", fn, key)
         torch.library.register_fake(f"ditq::{prefix}_{name}", FAKES[name], lib=_lib)
-    return KernelOps(*(getattr(torch.ops.ditq, f"{prefix}_{name}").default
-                       for name in ("quantize_act", "gemm_w8a8", "gemm_w4a8")))
+    return KernelOps(**{name: getattr(torch.ops.ditq, f"{prefix}_{name}").default for name in impls})
 
 
 # ---- the generic ops: resolve the backend, run its kernel op ----------------------------------------------
@@ -206,7 +242,12 @@ def _gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype, backend: str
     return backends.get_backend(backend, a.device).gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype)
 
 
-for _name, _fn in (("quantize_act", _quantize_act), ("gemm_w8a8", _gemm_w8a8), ("gemm_w4a8", _gemm_w4a8)):
+def _norm_modulate_quantize(x, shift, scale, eps, act_scale, backend: str):
+    return backends.get_backend(backend, x.device).norm_modulate_quantize(x, shift, scale, eps, act_scale)
+
+
+for _name, _fn in (("quantize_act", _quantize_act), ("gemm_w8a8", _gemm_w8a8), ("gemm_w4a8", _gemm_w4a8),
+                   ("norm_modulate_quantize", _norm_modulate_quantize)):
     _lib.define(_name + SCHEMAS[_name].format(backend=", str backend"))
     for _key in ("CPU", "CUDA"):
         _lib.impl(_name, _fn, _key)
@@ -215,3 +256,4 @@ for _name, _fn in (("quantize_act", _quantize_act), ("gemm_w8a8", _gemm_w8a8), (
 quantize_act = torch.ops.ditq.quantize_act
 gemm_w8a8 = torch.ops.ditq.gemm_w8a8
 gemm_w4a8 = torch.ops.ditq.gemm_w4a8
+norm_modulate_quantize = torch.ops.ditq.norm_modulate_quantize

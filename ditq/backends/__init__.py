@@ -92,6 +92,8 @@ class KernelOps(NamedTuple):
     quantize_act: Callable
     gemm_w8a8: Callable
     gemm_w4a8: Callable
+    # Fused producers (optional: a backend without one leaves it None and callers run the unfused ops)
+    norm_modulate_quantize: Optional[Callable] = None
 
 
 class Backend:
@@ -151,6 +153,9 @@ class Backend:
 
     def gemm_w4a8(self, a, a_scale, w, w_scale, bias, group_size, out_dtype):
         raise NotImplementedError(f"backend {self.name!r} has no W4A8 GEMM")
+
+    def norm_modulate_quantize(self, x, shift, scale, eps, act_scale):
+        raise NotImplementedError(f"backend {self.name!r} has no fused LayerNorm + modulate + quantize kernel")
 
     def __repr__(self):
         return f"<ditq backend {self.name}>"

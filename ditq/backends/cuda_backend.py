@@ -54,8 +54,8 @@ def _kernel_ops() -> KernelOps:
     torch.compile traces through them."""
     from ..ops import FAKES
 
-    for name, fake in FAKES.items():
-        torch.library.register_fake(f"ditq_C::{name}", fake)
+    for name in ("quantize_act", "gemm_w8a8", "gemm_w4a8"):
+        torch.library.register_fake(f"ditq_C::{name}", FAKES[name])
     return KernelOps(torch.ops.ditq_C.quantize_act.default, torch.ops.ditq_C.gemm_w8a8.default,
                      torch.ops.ditq_C.gemm_w4a8.default)
 

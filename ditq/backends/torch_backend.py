@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..ops import check_gemm_w4a8, check_gemm_w8a8, check_quantize_act, define_kernel_ops
+from ..ops import (check_gemm_w4a8, check_gemm_w8a8, check_norm_modulate_quantize, check_quantize_act,
+                   define_kernel_ops)
 from ..quant import reference as ref
 from . import Backend, KernelFamily, register
 
@@ -27,10 +28,15 @@ def _gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype):
     return ref.gemm_w4a8(a, a_scale, ref.unpack_int4(w), w_scale, group_size, bias, out_dtype)
 
 
+def _norm_modulate_quantize(x, shift, scale, eps, act_scale):
+    check_norm_modulate_quantize(x, shift, scale, eps, act_scale)
+    return ref.norm_modulate_quantize(x, shift, scale, eps, act_scale)
+
+
 @lru_cache(maxsize=None)
 def _kernel_ops():
     return define_kernel_ops("torch", {"quantize_act": _quantize_act, "gemm_w8a8": _gemm_w8a8,
-                                       "gemm_w4a8": _gemm_w4a8})
+                                       "gemm_w4a8": _gemm_w4a8, "norm_modulate_quantize": _norm_modulate_quantize})
 
 
 class TorchBackend(Backend):
@@ -41,6 +47,7 @@ class TorchBackend(Backend):
         from ..format import LAYOUT, LAYOUT_VERSION
         common = dict(k_multiple=1, max_k=ref.MAX_K, layout=LAYOUT, layout_version=LAYOUT_VERSION)
         return {"quantize_act": KernelFamily("quantize_act", k_multiple=1),
+                "norm_quantize": KernelFamily("norm_quantize", k_multiple=1),
                 "gemm_w8a8": KernelFamily("gemm_w8a8", weight_bits=8, **common),
                 "gemm_w4a8": KernelFamily("gemm_w4a8", weight_bits=4, group_sizes=None, **common)}
 
@@ -55,6 +62,9 @@ class TorchBackend(Backend):
 
     def gemm_w4a8(self, a, a_scale, w, w_scale, bias, group_size, out_dtype):
         return _gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype)
+
+    def norm_modulate_quantize(self, x, shift, scale, eps, act_scale):
+        return _norm_modulate_quantize(x, shift, scale, eps, act_scale)
 
 
 register(TorchBackend())

@@ -70,6 +70,32 @@ def quantize_per_token(x: torch.Tensor, qmax: int = INT8_QMAX):
     return quantize_with_scale(x, s[:, None], qmax), s
 
 
+def norm_modulate_quantize(x: torch.Tensor, shift: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                           eps: float, act_scale: Optional[torch.Tensor], qmax: int = INT8_QMAX):
+    """LayerNorm (no affine) of each row of a [B, S, K] tensor, adaLN modulation ``y * (1 + scale[b]) + shift[b]``
+    ([B, K] each, or both None), and int8 quantization for the next GEMM, all in fp32: what a DiT block computes
+    before its q/k/v and MLP GEMMs, as one pass. Returns (q int8 [B * S, K], scales float32 [1] or [B * S]).
+
+    The order of operations is the contract the fused kernels follow: two-pass mean and biased variance,
+    ``(x - mean) * (1 / sqrt(var + eps))`` with IEEE sqrt and division, then a multiply and an add (no fma)."""
+    _check_float(x, "x")
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, S, K], got shape {tuple(x.shape)}")
+    k = x.shape[-1]
+    x32 = x.float()
+    mean = x32.sum(-1, keepdim=True) / k
+    centered = x32 - mean
+    var = (centered * centered).sum(-1, keepdim=True) / k
+    y = centered * (1.0 / torch.sqrt(var + eps))
+    if scale is not None:
+        y = y * (1.0 + scale.float()[:, None, :])
+        y = y + shift.float()[:, None, :]
+    y = y.reshape(-1, k)
+    if act_scale is None:
+        return quantize_per_token(y, qmax)
+    return quantize_with_scale(y, act_scale, qmax), act_scale.clone()
+
+
 def quantize_per_channel(w: torch.Tensor, qmax: int = INT8_QMAX):
     """[N, K] weight, one scale per output channel (row). Returns (q int8 [N, K], scale fp32 [N])."""
     _check_float(w, "weight")

@@ -24,8 +24,7 @@ class CountOps(TorchDispatchMode):
         self.ops = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__ if func.namespace == "aten" else f"{func.namespace}::{func.__name__}"] \
-            += 1
+        self.ops[func.overloadpacket.__name__ if func.namespace == "aten" else func._schema.name] += 1
         return func(*args, **(kwargs or {}))
 
     def ditq(self) -> int:
