@@ -21,6 +21,7 @@
 #include <optional>
 #include <tuple>
 
+#include "configs/kernel_families.h"
 #include "launch.h"
 
 #if DITQ_WITH_CUDA
@@ -58,8 +59,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, const std::
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [M, K] (tokens x features), got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous (call .contiguous() first)");
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK_VALUE(k <= std::numeric_limits<int32_t>::max() && m <= std::numeric_limits<int32_t>::max(), op,
-                    ": x of shape ", x.sizes(), " is too large (M and K must be below 2^31)");
+  TORCH_CHECK_VALUE(k <= kQuantizeActMaxK && m <= std::numeric_limits<int32_t>::max(), op, ": x of shape ",
+                    x.sizes(), " is too large (M must be below 2^31, K at most ", kQuantizeActMaxK, ")");
   if (scale) {
     TORCH_CHECK_VALUE(scale->device() == x.device(), op, ": scale is on ", scale->device(),
                       " but x is on ", x.device(), ": move both to one device");
