@@ -91,7 +91,9 @@ def norm_quantize_kernel(x_ptr, shift_ptr, scale_ptr, static_scale_ptr, q_ptr, s
     row = tl.program_id(0).to(tl.int64)  # int64: M * K may exceed 2**31 at large batches
     offs = tl.arange(0, BLOCK_K)
     mask = offs < K
-    kf = K.to(tl.float32)  # exact: K <= 16384
+    # K * 1.0, not K.to(): Triton passes an integer argument equal to 1 as a constexpr, which has no .to();
+    # exact either way (K <= 16384)
+    kf = K * 1.0
     # other=0.0: the padding lanes then add nothing to the first sum
     x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.math.div_rn(tl.sum(x, axis=0), kf)

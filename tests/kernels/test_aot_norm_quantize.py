@@ -44,19 +44,31 @@ def _control_job(fn):
                 aligned=list(sig))
 
 
+def _ones_job(names):
+    """The launch with integer arguments equal to 1 (K = 1, or one token per image: S = 1), which Triton's JIT
+    passes as constexpr 1 rather than as i32: the kernel must compile that way too."""
+    job = nq.aot_job({"BLOCK_K": 1 if "K" in names else 2048}, 90)
+    for name in names:
+        del job["signature"][name]
+        job["constexprs"][name] = 1
+        job["aligned"] = [a for a in job["aligned"] if a != name]
+    return job
+
+
 @pytest.fixture(scope="module")
 def compiled():
     jobs = [nq.aot_job(cfg, cc, **kw) for _, cfg, cc, kw in CASES]
     unaligned = nq.aot_job({"BLOCK_K": 2048}, 90)
     unaligned["aligned"] = [a for a in unaligned["aligned"] if a != "K"]  # K not known divisible by 16
     jobs += [unaligned, _control_job(_plain_modulate), _control_job(_rn_modulate)]
+    jobs += [_ones_job(("K",)), _ones_job(("S",)), _ones_job(("K", "S"))]
     out = aot.compile_many(jobs)
     stats = [aot.sass_stats(c) for c in out]
     for (label, *_), job, s in zip(CASES, jobs, stats):  # shown with -s: the figures quoted in reports
         print(f"norm_quantize {label} num_warps={job['num_warps']}: {s.summary()}")
     n = len(CASES)
     return {"jobs": jobs[:n], "c": out[:n], "s": stats[:n], "unaligned": stats[n],
-            "plain": (out[n + 1], stats[n + 1]), "rn": (out[n + 2], stats[n + 2])}
+            "plain": (out[n + 1], stats[n + 1]), "rn": (out[n + 2], stats[n + 2]), "ones": out[n + 3:]}
 
 
 def _sass_ops(c):
@@ -108,3 +120,9 @@ def test_controls_show_the_checks_can_fail(compiled):
     assert not any(op.startswith("FFMA") for op in rn_ops)
     assert sum(op.split(".")[0] == "FMUL" for op in rn_ops) >= per_thread
     assert len(re.findall(r"mul\.rn\.f32", rn_c.ptx)) == per_thread
+
+
+def test_arguments_equal_to_one_compile(compiled):
+    assert len(compiled["ones"]) == 3
+    for c in compiled["ones"]:  # compiled at all (compile_many raises otherwise), with the exact ops
+        assert "div.rn.f32" in c.ptx and "sqrt.rn.f32" in c.ptx and ".ftz" not in c.ptx
