@@ -108,7 +108,8 @@ def norm_quantize_kernel(x_ptr, shift_ptr, scale_ptr, static_scale_ptr, q_ptr, s
         sh = tl.load(shift_ptr + img * K + offs, mask=mask, other=0.0).to(tl.float32)
         y = _add_rn(_mul_rn(y, 1.0 + sc, INTERPRET), sh, INTERPRET)
     if PER_TOKEN:
-        # y is 0 on the padding lanes (d is, and shift / scale load 0 there): no mask needed below
+        # y is 0 on the padding lanes (d is, and shift / scale load 0 there) unless rstd is NaN, which only a
+        # non-finite real lane causes: no mask needed below
         ay = tl.abs(y)
         ok = ay < float("inf")  # false exactly for NaN and +-inf
         n_bad = tl.sum(tl.where(ok, 0, 1), axis=0)
