@@ -122,3 +122,51 @@ def test_tie_check_rejects_a_broken_conversion(name):
         assert bad == 0, f"{name}: {bad} mismatches"
     else:
         assert bad > 0, f"{name}: the tie values did not expose the broken conversion"
+
+
+# ---- W4A8: the same ties through the group-scaled epilogue ------------------------------------------------------
+# int4 weights reach fewer integers per k, so each row uses 8 k: a[m] = 127 x 6, 16, 1 at k = 8m..8m+7 and
+# w[n] = q1..q6, r1, r0 there (all in [-8, 7]): T = 127 (q1 + ... + q6) + 16 r1 + r0. One group of 64 covers
+# K; the kernel folds 16 T * (s_w / 16) = T * s_w exactly, then multiplies by s_a = 1.
+W4_T = [257, 259, -257, -259, 2049, 2051, -2051, 0]
+W4_SCALES = [1.0, -1.0, 2.0 ** -134, 2.0 ** -25, 2.0 ** 119, 2.0 ** -140, 0.5]
+
+
+def _problem_w4(t_values, scales, group=64):
+    m, n, k = len(t_values), len(scales), group
+    assert 8 * m <= k
+    a = torch.zeros(m, k, dtype=torch.int8)
+    q = torch.zeros(n, k, dtype=torch.int8)
+    for i, t in enumerate(t_values):
+        qt = round(t / 127)
+        rem = t - 127 * qt
+        r1 = (rem + 8) // 16
+        r0 = rem - 16 * r1
+        qs, left = [], qt
+        for _ in range(6):  # greedy: six int4 summands of qt
+            qs.append(max(-8, min(7, left)))
+            left -= qs[-1]
+        assert sum(qs) == qt and -8 <= r1 <= 7 and -8 <= r0 <= 7, (t, qs, r1, r0)
+        a[i, 8 * i:8 * i + 8] = torch.tensor([127] * 6 + [16, 1], dtype=torch.int8)
+        q[:, 8 * i:8 * i + 8] = torch.tensor(qs + [r1, r0], dtype=torch.int8)
+    t_mat = torch.tensor(t_values, dtype=torch.int64)[:, None].expand(m, n)
+    assert torch.equal(a.long() @ q.long().t(), t_mat)
+    return a, torch.ones(m), q, torch.tensor(scales, dtype=torch.float32)[None, :], t_mat
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_w4a8_epilogue_ties_are_bit_exact(dtype):
+    from ditq.backends import cuda_layout
+    from ditq.emulator import emulator_options
+    from ditq.quant import reference as ref
+
+    a, sa, q, ss, t_mat = _problem_w4(W4_T, W4_SCALES)
+    w = cuda_layout.w4_canonical_to_kernel(ref.pack_int4(q))
+    # The group sum starts at +0 and adds fma(16 T, s_w / 16, acc): a zero result is +0 even for s_w < 0
+    # (-0 + +0 = +0 in IEEE), unlike W8A8's single product.
+    want = (_expected32(t_mat, ss[0]) + 0.0).to(dtype)
+    with emulator_options(race_check=True):
+        y = torch.ops.ditq_C.gemm_w4a8(a, sa, w, ss, None, 64, dtype, -1, 1)
+    bad = _mismatches(y, want)
+    assert not bad, f"{dtype}: " + ", ".join(f"{W4_T[i]} x {W4_SCALES[j]}: got {y[i, j].item()!r} want "
+                                            f"{want[i, j].item()!r}" for i, j in bad[:4])
