@@ -1,5 +1,7 @@
-// The host SIMT emulator: the CUDA built-ins a kernel uses, and emu::launch. Included by csrc/ptx.cuh when the
-// compiler is not nvcc; a kernel never includes it directly. Host-only. Guide: csrc/README.md.
+// The host SIMT emulator: the CUDA built-ins a kernel uses, and emu::launch / emu::launch_checked (the
+// latter registers the launch's global buffers for the global-memory checker, emu/global.h). Included by
+// csrc/ptx.cuh when the compiler is not nvcc; a kernel never includes it directly. Host-only. Guide:
+// csrc/README.md.
 #pragma once
 
 #include <cmath>
