@@ -3,7 +3,7 @@
     nice python benchmarks/paper_figures.py             # full run: PNGs in benchmarks/figures/, PAPER_FIGURES.md
     python benchmarks/paper_figures.py --quick          # CI: 3 steps, 1 sample per class, fewer calibration choices
 
-What each figure measures (all on the bundled 6-block, hidden-128 DiT, DDIM, guidance 1.5 as in the model card;
+What each figure measures (all on the bundled DiT -- 3 blocks, hidden 256 -- DDIM, guidance 1.5 as in the model card;
 one sampling step = one transformer call on the doubled classifier-free-guidance batch):
 
 * fig1_activations.png (paper Fig. 1 top): each quantized layer's input absmax at every sampling step (recorded
@@ -42,10 +42,19 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 NUM_CLASSES = 10
 CALIB_SEED = 1234
-FIG1_LAYERS = ["transformer_blocks.0.norm1.linear", "transformer_blocks.0.attn1.to_q",
-               "transformer_blocks.2.ff.net.2", "transformer_blocks.5.attn1.to_out.0",
-               "transformer_blocks.5.ff.net.0.proj"]
-CHANNEL_LAYER = "transformer_blocks.2.ff.net.0.proj"  # per-channel activation ranges of this layer's input
+
+
+def fig1_layers(blocks: int) -> List[str]:
+    """A few layers of the first, middle and last block (the bundled model's depth is read, not assumed)."""
+    mid, last = blocks // 2, blocks - 1
+    return ["transformer_blocks.0.norm1.linear", "transformer_blocks.0.attn1.to_q",
+            f"transformer_blocks.{mid}.ff.net.2", f"transformer_blocks.{last}.attn1.to_out.0",
+            f"transformer_blocks.{last}.ff.net.0.proj"]
+
+
+def channel_layer(blocks: int) -> str:
+    """The layer whose per-input-channel ranges Fig. 1 shows: the middle block's MLP fc1."""
+    return f"transformer_blocks.{blocks // 2}.ff.net.0.proj"
 LAYER_TYPES = [("adaLN", "norm1.linear"), ("t-embed", "timestep_embedder"), ("q/k/v", "attn1.to_"),
                ("attn out", "to_out"), ("mlp fc1", "ff.net.0"), ("mlp fc2", "ff.net.2")]
 
@@ -114,10 +123,11 @@ def trajectory_sqnr(transformer, calls) -> Dict[str, object]:
     return {"per_step": per, "total": 10 * math.log10(sig / noise) if noise else math.inf}
 
 
-def quantize(pipe, preset: str, calibration, steps: int, guidance: float, group_size=None, skip=()):
+def quantize(pipe, preset: str, calibration, steps: int, guidance: float, group_size=None, skip=(), **extra):
     import ditq
     kw = {} if group_size is None else {"group_size": group_size}
     kw["skip"] = list(skip)
+    kw.update(extra)
     cfg = ditq.QuantConfig.preset(preset, calibration=calibration, progress=False, **kw)
     calib = dict(class_labels=list(range(NUM_CLASSES)), num_inference_steps=steps, guidance_scale=guidance,
                  generator=torch.Generator().manual_seed(CALIB_SEED))
@@ -167,13 +177,14 @@ def weight_analysis(transformer) -> dict:
     return {"layers": rows, "by_type": by_type, "worst_channel": worst}
 
 
-def plot_fig1(act: dict, channel: List[torch.Tensor], weights: dict, path_act: str, path_w: str) -> None:
+def plot_fig1(act: dict, channel: List[torch.Tensor], weights: dict, layers: List[str], channel_name: str,
+              path_act: str, path_w: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name in FIG1_LAYERS:
+    for name in layers:
         rec = act.get(name)
         if rec:
             steps = sorted(rec, key=int)
@@ -186,7 +197,7 @@ def plot_fig1(act: dict, channel: List[torch.Tensor], weights: dict, path_act: s
     picks = sorted({0, len(channel) // 2, len(channel) - 1})
     for i in picks:
         b.plot(channel[i].numpy(), lw=0.8, label=f"step {i}")
-    b.set_xlabel(f"input channel of {CHANNEL_LAYER.replace('transformer_blocks.', 'b')}")
+    b.set_xlabel(f"input channel of {channel_name.replace('transformer_blocks.', 'b')}")
     b.set_ylabel("absmax over tokens")
     b.set_title("per-channel activation range")
     b.legend(fontsize=7)
@@ -278,6 +289,11 @@ SETTINGS = [  # (name, preset, calibration, group size or "fake" = per-channel e
     ("W4A8 g128 first-step (paper)", "w4a8", "first-step", 128),
     ("W4A8 g64 first-step", "w4a8", "first-step", 64),
     ("W4A8 g32 first-step", "w4a8", "first-step", 32),
+    ("W4A8 g32 all-steps", "w4a8", "all-steps", 32),
+    # ditq's static policy (ditq.demo.run.BEST_POLICY): every step recorded, per-layer range estimator,
+    # timestep-grouped static scales, smoothing where it lowers the estimated error
+    ("W8A8 static policy (ditq)", "w8a8", "all-steps", None, (), "policy"),
+    ("W4A8 g32 static policy (ditq)", "w4a8", "all-steps", 32, (), "policy"),
 ]
 QUICK_SETTINGS = (0, 5, 7)  # every code path once: all/first step, W8, W4, the per-channel emulation
 
@@ -301,6 +317,12 @@ def run(args) -> dict:
 
     # fp32 reference: images, the trajectory's transformer calls, one layer's per-channel ranges
     pipe = fresh_pipe()
+    cfg = pipe.transformer.config
+    blocks = cfg.num_layers
+    result["model"] = {"blocks": blocks, "hidden": cfg.num_attention_heads * cfg.attention_head_dim,
+                       "heads": cfg.num_attention_heads,
+                       "parameters": sum(p.numel() for p in pipe.transformer.parameters())}
+    CHANNEL_LAYER = channel_layer(blocks)
     rec = TrajectoryRecorder(pipe.transformer, CHANNEL_LAYER)
     fp_images = sample(pipe, labels, steps, seed, guidance)
     rec.remove()
@@ -315,15 +337,17 @@ def run(args) -> dict:
     act_per_step = None
 
     settings = SETTINGS if not args.quick else [SETTINGS[i] for i in QUICK_SETTINGS]
-    for name, preset, calibration, group, *skip in tqdm(settings, desc="figure 4 settings",
+    from ditq.demo.run import BEST_POLICY
+    for name, preset, calibration, group, *more in tqdm(settings, desc="figure 4 settings",
                                                         disable=args.no_progress):
-        skip = skip[0] if skip else ()
+        skip = more[0] if more else ()
+        extra = {k: v for k, v in BEST_POLICY.items() if k != "calibration"} if more[1:] == ["policy"] else {}
         pipe = fresh_pipe()
         if group == "fake":
             fake_quant_int4_per_channel(pipe)
             report = quantize(pipe, "w8a8", calibration, steps, guidance, skip=skip)
         else:
-            report = quantize(pipe, preset, calibration, steps, guidance, group_size=group, skip=skip)
+            report = quantize(pipe, preset, calibration, steps, guidance, group_size=group, skip=skip, **extra)
         if preset == "w8a8" and calibration == "all-steps":
             act_per_step = report.act_absmax_per_step
         images = sample(pipe, labels, steps, seed, guidance)
@@ -368,7 +392,7 @@ def run(args) -> dict:
 
     out = args.out_dir
     os.makedirs(out, exist_ok=True)
-    plot_fig1(act_per_step or {}, channel, weights, os.path.join(out, "fig1_activations.png"),
+    plot_fig1(act_per_step or {}, channel, weights, fig1_layers(blocks), CHANNEL_LAYER, os.path.join(out, "fig1_activations.png"),
               os.path.join(out, "fig1_weights.png"))
     plot_fig2(result["fig2"], os.path.join(out, "fig2_calibration_step.png"))
     save_grid(grid, os.path.join(out, "fig3_grid.png"))
@@ -392,6 +416,17 @@ def _finite(o):
 
 def _f(v, fmt=".1f"):
     return "-" if v is None else format(v, fmt)
+
+
+def _k_sentence(layers: List[dict]) -> str:
+    """Which inner dimensions the quantized linears have, and what that means for groups of 128."""
+    ks = sorted({lr["K"] for lr in layers})
+    small = [lr for lr in layers if lr["K"] <= 128]
+    if not small:
+        return (f"Every quantized linear has K >= {ks[0]} (K in {ks}), so groups of 128, 64 and 32 are all true "
+                f"sub-channel groups here.")
+    return (f"{len(small)} of {len(layers)} quantized linears have K <= 128; there groups of 128 *are* per-channel "
+            f"scales (a gain of 0 dB) and only layers with larger K (K in {ks}) can show the group-128 effect.")
 
 
 def findings(r: dict) -> List[str]:
@@ -436,9 +471,7 @@ def findings(r: dict) -> List[str]:
                    "channel, averaged per layer type: groups of 32 " +
                    ", ".join(f"{t} +{g:.1f} dB" for t, g in gains.items()) + "; groups of 128 " +
                    ", ".join(f"{t} +{g:.1f} dB" for t, g in g128.items()) +
-                   ". Most of our layers have K = 128, so there groups of 128 *are* per-channel scales (a gain of "
-                   "0 dB): only fc2 (K = 512) and the timestep embedder's first linear (K = 256) can show the "
-                   "paper's group-128 effect at this size.")
+                   ". " + _k_sentence(r["fig1"]["weights"]["layers"]))
     rows = {row["setting"]: row for row in r["table"]}
 
     def cmp(a, b, what):
@@ -492,7 +525,8 @@ def markdown(r: dict, fig_rel: str) -> str:
              f"{r['samples_per_class'] * NUM_CLASSES} images from seed {r['seed']}; calibration on class labels "
              f"0-9 with seed {r['calibration_seed']}; {r['torch_threads']} CPU threads, "
              f"{r['wall_seconds'] / 60:.1f} min). Backend: the torch reference (real integer arithmetic on CPU).",
-             "", "The model is small (6 blocks, hidden 128, 64 tokens of 16x16 pixels, 2.1 M parameters; see "
+             "", f"The model is small ({r['model']['blocks']} blocks, hidden {r['model']['hidden']}, 64 tokens of "
+             f"16x16 pixels, {r['model']['parameters'] / 1e6:.1f} M parameters; see "
              "`ditq/demo/MODEL_CARD.md`), so it can only echo the paper, which measured DiT-XL/2 on ImageNet.", "",
              "## Settings (paper Fig. 4 and tables)", "",
              "| setting | trajectory SQNR dB | image SQNR dB | accuracy % | Fréchet vs real | Fréchet vs fp32 | "

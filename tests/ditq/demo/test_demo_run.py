@@ -1,4 +1,4 @@
-"""``ditq demo`` on a tiny setting (2 steps, 1 sample per class, 3 settings) writes a valid report and grid."""
+"""``ditq demo`` on a tiny setting (2 steps, 1 sample per class, 5 settings) writes a valid report and grid."""
 from __future__ import annotations
 
 import json
@@ -19,20 +19,25 @@ ROW_KEYS = {"setting", "calibration", "backend", "image_sqnr_db", "transformer_s
 def result(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo"))
     code = main(["demo", "--out", out, "--steps", "2", "--samples-per-class", "1", "--quiet",
-                 "--settings", "w8a8", "w4a8-all"])
+                 "--settings", "w8a8", "w4a8-all", "w8a8-best", "w4a8-dyn"])
     assert code == 0
     return out, json.load(open(os.path.join(out, "demo.json")))
 
 
 def test_report_has_one_row_per_setting(result):
     _, d = result
-    assert [r["setting"] for r in d["rows"]] == ["fp32", "w8a8", "w4a8-all"]  # fp32 always first: the reference
+    assert [r["setting"] for r in d["rows"]] == ["fp32", "w8a8", "w4a8-all", "w8a8-best", "w4a8-dyn"]  # fp32 first
     assert d["steps"] == 2 and d["samples"] == 10 and d["samples_per_class"] == 1
     for r in d["rows"]:
         assert set(r) == ROW_KEYS
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["seconds_per_step"] > 0 and r["frechet_real"] >= 0
-    fp, w8, w4 = d["rows"]
+    fp, w8, w4, best, dyn = d["rows"]
+    assert (best["calibration"], dyn["calibration"]) == ("policy", "dynamic")
+    policy = d["quant_reports"]["w8a8-best"]
+    assert policy["calibration"]["calls_per_run"] == [2] and "smoothing" in policy["calibration"]
+    assert {lr["act_estimator"] for lr in policy["layers"]} <= {"max", "percentile", "mse"}
+    assert all(lr["format"].endswith("a8-d") for lr in d["quant_reports"]["w4a8-dyn"]["layers"])
     assert fp["image_sqnr_db"] is None and fp["calibration"] == "-"
     assert (w8["calibration"], w4["calibration"]) == ("first-step", "all-steps")
     assert w8["backend"] == w4["backend"] == "torch"  # no GPU here: auto resolves to the reference
@@ -42,7 +47,7 @@ def test_report_has_one_row_per_setting(result):
         assert math.isfinite(r["image_sqnr_db"]) and r["transformer_sqnr_db"] > 20
         assert r["frechet_fp32"] >= 0
     assert w8["transformer_sqnr_db"] > w4["transformer_sqnr_db"]  # 8-bit weights beat 4-bit
-    assert set(d["quant_reports"]) == {"w8a8", "w4a8-all"}
+    assert set(d["quant_reports"]) == {"w8a8", "w4a8-all", "w8a8-best", "w4a8-dyn"}
     assert d["quant_reports"]["w4a8-all"]["calibration"]["calls_per_run"] == [2]  # every step was observed
     assert d["quant_reports"]["w8a8"]["calibration"]["calls_per_run"] == [1]
 
@@ -50,9 +55,14 @@ def test_report_has_one_row_per_setting(result):
 def test_png_has_the_expected_size(result):
     out, d = result
     img = Image.open(os.path.join(out, "demo.png"))
-    assert img.size == demo.grid_size(rows=3, columns=10)
+    assert img.size == demo.grid_size(rows=5, columns=10)
     assert img.size == (demo.LABEL_WIDTH + 10 * (demo.CELL + demo.GAP) + demo.GAP,
-                        3 * (demo.CELL + demo.GAP) + demo.GAP)
+                        5 * (demo.CELL + demo.GAP) + demo.GAP)
+    assert demo.CELL >= 64  # 16-px digits upscaled at least 4x: readable at a glance
+    # each row's label strip carries text (setting, image SQNR, accuracy): not a blank strip
+    import numpy as np
+    strip = np.asarray(img)[: demo.CELL, : demo.LABEL_WIDTH]
+    assert (strip > 200).sum() > 100
 
 
 def test_bad_setting_and_numbers(tmp_path, capsys):
