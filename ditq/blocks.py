@@ -64,27 +64,31 @@ def _why_not(block: nn.Module) -> Optional[str]:
 
 def _forward(b, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
              timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
-    """The fused forward of a ``BasicTransformerBlock`` ``b`` that :func:`_why_not` accepted."""
-    if attention_mask is not None or cross_attention_kwargs or b._chunk_size is not None:
+    """The fused forward of a ``BasicTransformerBlock`` ``b`` that :func:`_why_not` accepted. The kernels are
+    checked per call (two attribute reads) because a moved model may sit on a backend without the fused norm."""
+    to_qkv, fc1 = b.attn1.to_qkv, b.ff.net[0].proj
+    if attention_mask is not None or cross_attention_kwargs or b._chunk_size is not None or \
+            to_qkv._kernels is None or to_qkv._kernels.norm_modulate_quantize is None or \
+            fc1._kernels is None or fc1._kernels.norm_modulate_quantize is None:
         return super(type(b), b).forward(hidden_states, attention_mask, encoder_hidden_states,
                                           encoder_attention_mask, timestep, cross_attention_kwargs, class_labels,
                                           added_cond_kwargs)
     batch = hidden_states.shape[0]
     if b.norm_type == "ada_norm_zero":  # AdaLayerNormZero's conditioning, without its norm
         emb = b.norm1.linear(b.norm1.silu(b.norm1.emb(timestep, class_labels, hidden_dtype=hidden_states.dtype)))
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+        # [B, K] slices of one [B, 6K] row: contiguous copies (a few KB) so the kernels read plain rows
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (t.contiguous() for t in emb.chunk(6, dim=1))
         eps1, eps2 = b.norm1.norm.eps, b.norm3.eps
         gate_msa, gate_mlp = gate_msa.unsqueeze(1), gate_mlp.unsqueeze(1)
     else:  # ada_norm_single: the table plus the (already embedded) timestep
         mod = (b.scale_shift_table[None] + timestep.reshape(batch, 6, -1)).chunk(6, dim=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
-        shift_msa, scale_msa, shift_mlp, scale_mlp = (t.squeeze(1) for t in (shift_msa, scale_msa, shift_mlp,
-                                                                                scale_mlp))
+        shift_msa, scale_msa, shift_mlp, scale_mlp = (t.squeeze(1).contiguous() for t in (shift_msa, scale_msa,
+                                                                                             shift_mlp, scale_mlp))
         eps1, eps2 = b.norm1.eps, b.norm2.eps
 
     # self-attention: fused norm -> one q/k/v GEMM -> SDPA -> output projection
     attn = b.attn1
-    to_qkv = attn.to_qkv
     q8, s8 = to_qkv._kernels.norm_modulate_quantize(hidden_states.contiguous(), shift_msa, scale_msa, eps1,
                                                      to_qkv.act_scale)
     qkv = to_qkv.forward_quantized(q8, s8, hidden_states.dtype, hidden_states.shape[:-1])
@@ -100,7 +104,6 @@ def _forward(b, hidden_states, attention_mask=None, encoder_hidden_states=None, 
 
     # MLP: fused norm -> fc1 GEMM -> GELU -> fc2
     act, fc2 = b.ff.net[0], b.ff.net[2]
-    fc1 = act.proj
     q8, s8 = fc1._kernels.norm_modulate_quantize(hidden_states.contiguous(), shift_mlp, scale_mlp, eps2,
                                                  fc1.act_scale)
     h = fc2(b.ff.net[1](act.gelu(fc1.forward_quantized(q8, s8, hidden_states.dtype, hidden_states.shape[:-1]))))

@@ -41,7 +41,8 @@ def _kernel_ops():
 
     return define_kernel_ops("triton", {"quantize_act": _kernels("quantize_act").quantize_act,
                                         "gemm_w8a8": _kernels("w8a8").gemm_w8a8,
-                                        "gemm_w4a8": _w4a8().gemm_w4a8})
+                                        "gemm_w4a8": _w4a8().gemm_w4a8,
+                                        "norm_modulate_quantize": _kernels("norm_quantize").norm_modulate_quantize})
 
 
 class TritonBackend(Backend):
@@ -92,6 +93,9 @@ class TritonBackend(Backend):
 
     def gemm_w8a8(self, a, a_scale, w, w_scale, bias, out_dtype):
         return _kernels("w8a8").gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype)
+
+    def norm_modulate_quantize(self, x, shift, scale, eps, act_scale):
+        return _kernels("norm_quantize").norm_modulate_quantize(x, shift, scale, eps, act_scale)
 
     def gemm_w4a8(self, a, a_scale, w, w_scale, bias, group_size, out_dtype):
         return _w4a8().gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype)

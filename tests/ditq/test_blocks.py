@@ -88,6 +88,11 @@ def test_uncovered_calls_and_backends_fall_back():
         torch.testing.assert_close(block(x, attention_mask=mask, **kwargs), plain(x, attention_mask=mask, **kwargs),
                                    rtol=0, atol=0)
     if backends.unavailable_reason("cuda-emulated", "cpu") is None:
+        with torch.no_grad():  # moved onto a backend with no fused norm kernel: the diffusers forward runs
+            y = block(x, **kwargs)
+            for layer in (block.attn1.to_qkv, block.ff.net[0].proj):
+                layer.set_backend("cuda-emulated")
+            assert ditq.sqnr(y, block(x, **kwargs)) > 60
         emulated, _ = _quantized("dit", backend="cuda-emulated")
         report = fuse_blocks(emulated)
         assert all("no fused norm kernel" in why for why in report.values()), report
@@ -96,3 +101,16 @@ def test_uncovered_calls_and_backends_fall_back():
 def test_dynamic_activations_are_not_fused():
     model, _ = _quantized("dit", act_scheme="dynamic")
     assert all("static" in why for why in fuse_blocks(model).values())
+
+
+@pytest.mark.slow
+def test_fused_blocks_on_triton_use_its_fused_norm_kernel():
+    if backends.unavailable_reason("triton", "cpu") is not None:
+        pytest.skip(backends.unavailable_reason("triton", "cpu"))
+    model, inputs = _quantized("dit", backend="triton")
+    unfused = copy.deepcopy(model)
+    assert all(why is None for why in fuse_blocks(model).values())
+    with torch.no_grad():
+        assert ditq.sqnr(_out(unfused(**inputs)), _out(model(**inputs))) > 60
+    _, ops = _ops(model, inputs)
+    assert ops["ditq::triton_norm_modulate_quantize"] == 4
