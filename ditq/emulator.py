@@ -15,6 +15,10 @@ checker on::
   a ``cp.async.wait_group`` retires its group: the latest legal moment), ``"barrier"`` (at the first
   ``__syncthreads`` after issue, if earlier than the wait).
 * ``race_check``: shadow-memory race checker on shared memory, and reads of ``cp.async`` data in flight.
+* ``mem_check`` (on by default): the global-memory checker, the CPU twin of compute-sanitizer's memcheck. The
+  launchers register every buffer they pass with its extent; an access outside one, a write to an input, or a
+  read of output never written is reported (kinds ``global-address``, ``global-read-only``,
+  ``global-unwritten``) with the kernel, block, thread, source line and buffer.
 
 Errors the emulator finds raise ``RuntimeError`` whose message starts ``ditq emulator [<kind>]`` and names
 the block, the thread(s) and the source lines.
@@ -43,6 +47,7 @@ class EmulatorOptions(NamedTuple):
     seed: int
     cp_async: str
     race_check: bool
+    mem_check: bool = True
 
 
 def _ops():
@@ -54,12 +59,14 @@ def _ops():
 
 
 def get_emulator_options() -> EmulatorOptions:
-    order, seed, cp_async, race = _ops().emulator_get_options()
-    return EmulatorOptions(ORDERS[order], int(seed), CP_ASYNC_MODES[cp_async], bool(race))
+    ops = _ops()
+    order, seed, cp_async, race = ops.emulator_get_options()
+    return EmulatorOptions(ORDERS[order], int(seed), CP_ASYNC_MODES[cp_async], bool(race),
+                           bool(ops.emulator_get_mem_check()))
 
 
 def set_emulator_options(order: str = "forward", seed: int = 0, cp_async: str = "wait",
-                         race_check: bool = False) -> None:
+                         race_check: bool = False, mem_check: bool = True) -> None:
     if order not in ORDERS:
         raise ValueError(f"emulator order must be one of {ORDERS}, got {order!r}")
     if cp_async not in CP_ASYNC_MODES:
@@ -67,12 +74,14 @@ def set_emulator_options(order: str = "forward", seed: int = 0, cp_async: str = 
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"emulator seed must be a non-negative int, got {seed!r}")
     with _LOCK:  # not in the middle of another thread's emulator_options block
-        _ops().emulator_set_options(ORDERS.index(order), seed, CP_ASYNC_MODES.index(cp_async),
-                                    bool(race_check))
+        ops = _ops()
+        ops.emulator_set_options(ORDERS.index(order), seed, CP_ASYNC_MODES.index(cp_async), bool(race_check))
+        ops.emulator_set_mem_check(bool(mem_check))
 
 
 @contextlib.contextmanager
-def emulator_options(order: str = "forward", seed: int = 0, cp_async: str = "wait", race_check: bool = True):
+def emulator_options(order: str = "forward", seed: int = 0, cp_async: str = "wait", race_check: bool = True,
+                     mem_check: bool = True):
     """Run the block with these emulator settings, restoring the previous ones after.
 
     The settings are process-wide: while one thread is inside a block, another thread entering one waits until
@@ -80,7 +89,7 @@ def emulator_options(order: str = "forward", seed: int = 0, cp_async: str = "wai
     block for another thread that is about to enter one (it would wait forever)."""
     with _LOCK:
         previous = get_emulator_options()
-        set_emulator_options(order, seed, cp_async, race_check)
+        set_emulator_options(order, seed, cp_async, race_check, mem_check)
         try:
             yield
         finally:
