@@ -101,7 +101,7 @@ def test_errors_through_the_op():
         ops.gemm_w8a8(a.float(), sa, w, sw, None, f32, "triton")
     with pytest.raises(ValueError, match="contiguous"):
         ops.gemm_w8a8(a, sa, random_int8(32, 6).to(DEVICE).t(), sw, None, f32, "triton")
-    with pytest.raises(ValueError, match="a_scale must be float32 \\[1\\] .* or \\[M\\]"):
+    with pytest.raises(ValueError, match=r"a_scale must be float32 \[1\]"):
         ops.gemm_w8a8(a, torch.ones(3, device=DEVICE), w, sw, None, f32, "triton")
     with pytest.raises(ValueError, match="w_scale must be float32 \\[N\\]"):
         ops.gemm_w8a8(a, sa, w, torch.ones(5, device=DEVICE), None, f32, "triton")
