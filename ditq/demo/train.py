@@ -153,6 +153,11 @@ def train(args: argparse.Namespace) -> None:
                   f"{elapsed / 60:.1f} min ({elapsed / done:.2f} s/step)", flush=True)
         if args.save_every and done % args.save_every == 0 and done < args.steps:
             save_pipeline(ema, args.out, dict(info, steps_done=done, wall_minutes=elapsed / 60, loss=running))
+        if args.stop_after and done >= args.stop_after:
+            # The schedule (learning rate, data order) is that of --steps; stopping early keeps the run
+            # deterministic: the same command gives the same weights.
+            print(f"stopped by --stop-after after {done} of {args.steps} scheduled steps", flush=True)
+            break
         if args.minutes and elapsed > args.minutes * 60 and done < args.steps:
             print(f"stopped by --minutes after {done} steps: this run is NOT reproducible", flush=True)
             break
@@ -170,6 +175,8 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=TRANSFORMER_CONFIG["num_attention_heads"])
     p.add_argument("--head-dim", type=int, default=TRANSFORMER_CONFIG["attention_head_dim"])
     p.add_argument("--minutes", type=float, default=0.0, help="wall-clock safety cap (0: none)")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="stop (and save) after this many steps of the --steps schedule; deterministic (0: run all)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.998)
