@@ -133,4 +133,5 @@ def fuse_blocks(transformer: nn.Module) -> dict:
         done[name] = why
         if why is None:
             module.__class__ = fused_block_class()
+            transformer._ditq_fused_blocks = True  # what a checkpoint records
     return done

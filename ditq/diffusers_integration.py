@@ -98,10 +98,10 @@ def _build():
             return loaded_keys
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from .backends import resolve
             self._check_header()  # when a diffusers version skips maybe_update_loaded_keys
             header = self.quantization_config.header
-            io.install_quant_linears(model, header, resolve(header["quant_config"]["backend"], None), self._where)
+            # the config's backend request ("auto" is resolved by each layer on the device it lands on)
+            io.install_quant_linears(model, header, header["quant_config"]["backend"], self._where)
             return model
 
         def check_if_quantized_param(self, model, param_value, param_name, state_dict, **kwargs):
@@ -145,6 +145,7 @@ def _build():
                 timestep_groups.restore(model, self.quantization_config.header)
             except (ValueError, TypeError, KeyError) as e:
                 raise io.CheckpointError(f"{self._where}: invalid timestep-grouped activation scales: {e}") from e
+            io.restore_fusion(model, self.quantization_config.header)
             model._ditq_config = self.quantization_config.header["quant_config"]
             return model
 

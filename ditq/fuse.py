@@ -145,6 +145,7 @@ def fuse_projections(transformer: nn.Module) -> Tuple[Dict[str, Dict[str, List[s
             kept += [layer for layer, _ in built.values() if getattr(layer, "act_scales", None) is not None]
             setattr(transformer, timestep_groups.HOOK_ATTR, kept)
         fused[name] = {f: list(m) for f, m in groups.items()}
+    transformer._ditq_fused = {**getattr(transformer, "_ditq_fused", {}), **fused}  # what a checkpoint records
     return fused, left
 
 

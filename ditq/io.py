@@ -114,7 +114,10 @@ def build_header(transformer: nn.Module) -> dict:
     config = json.loads(transformer.to_json_string()) if hasattr(transformer, "to_json_string") else None
     return {"ditq_version": __version__, "layout": LAYOUT, "layout_version": LAYOUT_VERSION,
             "quant_config": transformer._ditq_config, "model_class": _qualname(transformer),
-            "model_config": config, "non_persistent_buffers": non_persistent, "layers": layers}
+            "model_config": config, "non_persistent_buffers": non_persistent, "layers": layers,
+            # the fused structure (ditq.fuse, ditq.blocks), rebuilt before the tensors are loaded
+            "fused": getattr(transformer, "_ditq_fused", {}),
+            "fused_blocks": bool(getattr(transformer, "_ditq_fused_blocks", False))}
 
 
 # ---- header validation: every field is checked before any of it is used -----------------------------------
@@ -192,6 +195,13 @@ def check_header(header, where: str = "checkpoint") -> None:
         _check_qualname(pipeline_class, where, "pipeline_class")
     _field(header, "model_config", where, "model_config", lambda v: v is None or isinstance(v, dict),
            "an object", optional=True)
+    fused = _field(header, "fused", where, "fused", lambda v: isinstance(v, dict) and all(
+        isinstance(g, dict) and all(isinstance(f, str) and isinstance(m, list) and all(isinstance(x, str) for x in m)
+                                    for f, m in g.items()) for g in v.values()),
+        "an object (attention -> {fused layer -> [member layers]})", optional=True)
+    _field(header, "fused_blocks", where, "fused_blocks", lambda v: isinstance(v, bool), "true or false",
+           optional=True)
+    del fused
     buffers = _field(header, "non_persistent_buffers", where, "non_persistent_buffers",
                      lambda v: isinstance(v, dict), "an object (buffer -> dtype)", optional=True) or {}
     for name, dt in buffers.items():
@@ -313,8 +323,13 @@ def _params_on_meta():
 
 
 def install_quant_linears(model: nn.Module, header: dict, backend: str, where: str = "checkpoint") -> None:
-    """Replace each linear named in ``header["layers"]`` (a header :func:`check_header` accepted) by an empty
-    meta-device QuantLinear."""
+    """Give the model the fused structure the checkpoint was saved with (``ditq.fuse``), then replace each linear
+    named in ``header["layers"]`` (a header :func:`check_header` accepted) by an empty meta-device QuantLinear."""
+    from . import fuse
+    try:
+        fuse.restructure(model, header.get("fused") or {})
+    except ValueError as e:
+        raise CheckpointError(f"{where}: field 'fused': {e}") from e
     for name, spec in header["layers"].items():
         try:
             old = model.get_submodule(name)
@@ -345,8 +360,19 @@ def finish_load(model: nn.Module, header: dict, device, where: str = "checkpoint
         timestep_groups.restore(model, header)  # grouped scales live in the header; re-install their hook
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{where}: invalid timestep-grouped activation scales: {e}") from e
+    restore_fusion(model, header)
     model._ditq_config = header["quant_config"]
     return model.eval()
+
+
+def restore_fusion(model: nn.Module, header: dict) -> None:
+    """Record the fused projections (already rebuilt by :func:`install_quant_linears`) and fuse the blocks again
+    when the checkpoint's model ran them fused (``ditq.blocks``)."""
+    model._ditq_fused = dict(header.get("fused") or {})
+    if header.get("fused_blocks"):
+        from .blocks import fuse_blocks
+        fuse_blocks(model)
+        model._ditq_fused_blocks = True
 
 
 # ---- save -----------------------------------------------------------------------------------------------
@@ -418,9 +444,12 @@ def read_header(directory: str) -> dict:
 
 
 def _resolve_backend(header: dict, backend: Optional[str], device) -> str:
+    """The backend request the layers keep (``"auto"`` stays ``"auto"``: it is resolved again on every device a
+    layer moves to), checked to run on ``device`` now so that a wrong choice fails before anything is built."""
     from . import backends
     name = backend if backend is not None else header["quant_config"].get("backend", "auto")
-    return backends.resolve(name, device)
+    backends.resolve(name, device)
+    return name
 
 
 def _read_tensors(path: str, device) -> dict:

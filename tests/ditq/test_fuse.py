@@ -92,3 +92,27 @@ def test_concat_refuses_members_that_disagree():
     x = torch.randn(5, 64)
     torch.testing.assert_close(both(x), torch.cat([a(x), QuantLinear.from_linear(lin[1], cfg, act_scale=0.1)(x)],
                                                   dim=-1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loader", ["load_quantized", "from_pretrained"])
+def test_fused_model_saves_and_loads_fused(tmp_path, loader):
+    from diffusers import DiTTransformer2DModel
+
+    from ditq.blocks import fuse_blocks, fused_block_class
+
+    model, inputs = tiny_dit(seed=0), dit_inputs(batch=2, seed=1)
+    ditq.quantize(model, ditq.QuantConfig.preset("w4a8", group_size=32, backend="torch", progress=False),
+                  calib_fn=lambda m: m(**inputs))
+    fuse_projections(model)
+    fuse_blocks(model)
+    ditq.save_quantized(model, str(tmp_path))
+    if loader == "load_quantized":
+        loaded = ditq.load_quantized(str(tmp_path))
+    else:
+        pytest.importorskip("accelerate")
+        loaded = DiTTransformer2DModel.from_pretrained(str(tmp_path))
+    block = loaded.transformer_blocks[0]
+    assert isinstance(block.attn1.to_qkv, QuantLinear) and not hasattr(block.attn1, "to_q")
+    assert type(block) is fused_block_class()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).sample, model(**inputs).sample, rtol=0, atol=0)
