@@ -52,7 +52,7 @@ import triton.language as tl
 
 from . import checks, config_table
 from .interpret import check_device, interpreting
-from .quantize_act import _round_half_even
+from .quantize_act import quantize_row
 
 MAX_BLOCK_K = 16384  # a row lives in registers: 16384 fp32 over 16 warps is 32 per thread
 K_MULTIPLE = 1  # any K: the row tail is masked (K % 8 == 0, which DiT widths are, gives 16-byte loads)
@@ -107,24 +107,10 @@ def norm_quantize_kernel(x_ptr, shift_ptr, scale_ptr, static_scale_ptr, q_ptr, s
         sc = tl.load(scale_ptr + img * K + offs, mask=mask, other=0.0).to(tl.float32)
         sh = tl.load(shift_ptr + img * K + offs, mask=mask, other=0.0).to(tl.float32)
         y = _add_rn(_mul_rn(y, 1.0 + sc, INTERPRET), sh, INTERPRET)
-    if PER_TOKEN:
-        # y is 0 on the padding lanes (d is, and shift / scale load 0 there) unless rstd is NaN, which only a
-        # non-finite real lane causes: no mask needed below
-        ay = tl.abs(y)
-        ok = ay < float("inf")  # false exactly for NaN and +-inf
-        n_bad = tl.sum(tl.where(ok, 0, 1), axis=0)
-        absmax = tl.max(tl.where(ok, ay, 0.0), axis=0)
-        s = tl.where(absmax > 0, tl.math.div_rn(absmax, 127.0), 1.0)
-        s = tl.where(n_bad > 0, float("nan"), s)  # inv = NaN below: the whole row quantizes to 0
-        tl.store(s_ptr + row, s)
-    else:
-        s = tl.load(static_scale_ptr)
-    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), s)
-    v = y * inv
-    v = tl.where(v == v, v, 0.0)  # NaN -> 0 before the clamp (PTX max.f32 would turn it into -127)
-    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-    q = _round_half_even(v, INTERPRET)
-    tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=mask)
+    # y is 0 on the padding lanes (d is, and shift / scale load 0 there) unless rstd is NaN, which only a
+    # non-finite real lane causes (and then the row's scale is NaN either way): quantize_row may reduce over them
+    q = quantize_row(y, s_ptr, static_scale_ptr, row, PER_TOKEN, INTERPRET)
+    tl.store(q_ptr + row * K + offs, q, mask=mask)
 
 
 def _num_warps(block_k: int) -> int:
