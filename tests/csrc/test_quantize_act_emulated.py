@@ -116,7 +116,7 @@ def test_emulator_options_validate_and_restore():
     with pytest.raises(ValueError, match="emulator order must be 0"):
         torch.ops.ditq_C.emulator_set_options(7, 0, 0, False)
     with emulator_options(order="reverse", seed=3, cp_async="issue", race_check=True):
-        assert tuple(get_emulator_options()) == ("reverse", 3, "issue", True)
+        assert tuple(get_emulator_options()) == ("reverse", 3, "issue", True, True)  # mem_check on by default
     assert get_emulator_options() == before
 
 
