@@ -3,7 +3,7 @@
     nice python benchmarks/paper_figures.py             # full run: PNGs in benchmarks/figures/, PAPER_FIGURES.md
     python benchmarks/paper_figures.py --quick          # CI: 3 steps, 1 sample per class, fewer calibration choices
 
-What each figure measures (all on the bundled DiT -- 3 blocks, hidden 256 -- DDIM, guidance 1.5 as in the model card;
+What each figure measures (all on the bundled DiT -- its depth and width are read from it -- DDIM, guidance 1.5 as in the model card;
 one sampling step = one transformer call on the doubled classifier-free-guidance batch):
 
 * fig1_activations.png (paper Fig. 1 top): each quantized layer's input absmax at every sampling step (recorded
