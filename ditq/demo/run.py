@@ -284,7 +284,7 @@ def _run(out, names, labels, steps, samples_per_class, backend, seed, guidance_s
     png = os.path.join(out, "demo.png")
     row_labels = {r.setting: [r.setting, ("reference" if r.image_sqnr_db is None else
                                           f"image SQNR {r.image_sqnr_db:.1f} dB"),
-                              f"accuracy {100 * r.accuracy:.0f}%"] for r in rows}
+                              f"accuracy {100 * r.accuracy:.1f}%"] for r in rows}
     save_grid(grid, png, row_labels)
     result = {
         "model": "bundled digits DiT (ditq.demo)" if load_pipeline is load_bundled_pipeline else "custom",
