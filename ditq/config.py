@@ -82,6 +82,10 @@ class QuantConfig:
         include: fnmatch patterns; when given, only matching ``nn.Linear`` layers are candidates, and a layer that
             matches one is quantized even if the default skip list names it.
         default_skip: apply :data:`ditq.convert.DEFAULT_SKIP` (layers best kept in full precision).
+        fuse: after quantizing, run sibling projections (q/k/v) as one GEMM and, where the backend has the kernel,
+            fuse each DiT / PixArt block's norms into the next GEMM's activation quantization (``ditq.fuse``,
+            ``ditq.blocks``; the same integer GEMMs). Off by default: the model then keeps diffusers' module names
+            layer for layer.
         progress: show tqdm progress bars during calibration and conversion.
     """
 
@@ -99,6 +103,7 @@ class QuantConfig:
     skip: List[str] = field(default_factory=list)
     include: List[str] = field(default_factory=list)
     default_skip: bool = True
+    fuse: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -142,6 +147,8 @@ class QuantConfig:
         self.include = _patterns(self.include, "include")
         if not isinstance(self.default_skip, bool):
             raise QuantConfigError(f"default_skip must be True or False, got {self.default_skip!r}")
+        if not isinstance(self.fuse, bool):
+            raise QuantConfigError(f"fuse must be True or False, got {self.fuse!r}")
         if not isinstance(self.progress, bool):
             raise QuantConfigError(f"progress must be True or False, got {self.progress!r}")
 

@@ -50,6 +50,8 @@ class QuantReport:
     bytes_after: int = 0
     calibration: dict = field(default_factory=dict)  # mode, runs, transformer calls per run
     act_absmax_per_step: Dict[str, Dict[int, float]] = field(default_factory=dict)
+    # QuantConfig(fuse=True): attention -> {fused layer: members} (ditq.fuse), block -> None or why not fused
+    fusion: dict = field(default_factory=dict)
 
     @property
     def compression(self) -> float:
@@ -95,6 +97,13 @@ class QuantReport:
                          f"{lr.bytes_after:>9}" + (f"  (also {', '.join(lr.aliases)})" if lr.aliases else ""))
         for note in self.calibration.get("policy", []):
             lines.append(f"policy: {note}")
+        if self.fusion:
+            fused = self.fusion.get("projections", {})
+            blocks = self.fusion.get("blocks", {})
+            lines.append(f"fusion: q/k/v as one GEMM in {len(fused)} attention(s); "
+                         f"{sum(why is None for why in blocks.values())} of {len(blocks)} block(s) with fused norms")
+            lines += [f"  not fused: {n}: {why}" for n, why in {**self.fusion.get("left", {}), **{
+                k: v for k, v in blocks.items() if v is not None}}.items()]
         if self.skipped:
             lines += ["", f"kept in full precision ({len(self.skipped)}):"]
             lines += [f"  {n:<{width}}  {why}" for n, why in self.skipped.items()]

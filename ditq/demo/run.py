@@ -60,8 +60,8 @@ def _calibration_label(spec: Optional[dict]) -> str:
     return spec["calibration"]
 DEFAULT_STEPS = 10
 DEFAULT_SAMPLES_PER_CLASS = 4
-# Defaults measured on the shared 2-core CPU box (torch reference backend): 166 s of CPU time for all five
-# settings (304 s wall while other jobs kept the load average at 5), before the reference GEMMs moved to BLAS.
+# Defaults measured on the shared 2-core CPU box (torch reference backend): 853 s of CPU time for all nine
+# settings (21 min wall while other jobs kept the load average at 5-12).
 # Guidance 1.5 is the bundled model's measured sweet spot (MODEL_CARD.md: 100% accuracy, Fréchet 44 at 25
 # steps); higher guidance makes samples within a class alike and the Fréchet distance climb (285 at 3.0).
 DEFAULT_GUIDANCE = 1.5

@@ -116,3 +116,21 @@ def test_fused_model_saves_and_loads_fused(tmp_path, loader):
     assert type(block) is fused_block_class()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).sample, model(**inputs).sample, rtol=0, atol=0)
+
+
+def test_quantize_with_fuse_reports_and_matches_the_unfused_model():
+    base, inputs = tiny_dit(seed=0), dit_inputs(batch=2, seed=1)
+    outs, reports = {}, {}
+    for fuse in (False, True):
+        model = copy.deepcopy(base)
+        cfg = ditq.QuantConfig.preset("w8a8", backend="torch", fuse=fuse, progress=False)
+        reports[fuse] = ditq.quantize(model, cfg, calib_fn=lambda m: m(**inputs))
+        with torch.no_grad():
+            outs[fuse] = model(**inputs).sample
+    assert reports[False].fusion == {}
+    fusion = reports[True].fusion
+    assert len(fusion["projections"]) == 2 and all(why is None for why in fusion["blocks"].values())
+    assert "fusion: q/k/v as one GEMM in 2 attention(s); 2 of 2 block(s)" in str(reports[True])
+    assert ditq.sqnr(outs[False], outs[True]) > 60
+    with pytest.raises(ditq.config.QuantConfigError, match="fuse must be True or False"):
+        ditq.QuantConfig(fuse="yes")
