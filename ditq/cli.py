@@ -171,7 +171,9 @@ def cmd_quantize(args) -> int:
     if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
         raise CLIError(f"{args.out} exists and is not empty (pass --overwrite to write into it)")
     cfg = ditq.QuantConfig.preset(args.preset, calibration=args.calibration, act_scheme=args.act_scheme,
-                                  backend=args.backend, progress=not args.quiet,
+                                  backend=args.backend, progress=not args.quiet, act_estimator=args.act_estimator,
+                                  timestep_groups=args.timestep_groups, smooth_alpha=args.smooth_alpha,
+                                  max_dynamic_layers=args.max_dynamic_layers, fuse=args.fuse,
                                   **({} if args.group_size is None else {"group_size": args.group_size}))
     pipe = load_pipeline(args.model, device=args.device)
     if hasattr(pipe, "set_progress_bar_config"):
@@ -350,7 +352,7 @@ def cmd_info(args) -> int:
 # ---- parser -------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ACT_SCHEMES, CALIBRATION_MODES, PRESETS
+    from .config import ACT_ESTIMATORS, ACT_SCHEMES, CALIBRATION_MODES, PRESETS
     from .format import SUPPORTED_GROUP_SIZES
     backends = ("auto", "torch", "triton", "cuda", "cuda-emulated")
 
@@ -391,6 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static (calibrated) or dynamic (per token at run time) activation scales")
     q.add_argument("--group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
                    help="int4 group size along K (default 128)")
+    q.add_argument("--act-estimator", default="max", choices=ACT_ESTIMATORS,
+                   help="range of a static scale: max |x| (default, the paper), percentile, mse, or auto per layer")
+    q.add_argument("--timestep-groups", type=int, default=1, metavar="G",
+                   help="one static scale per group of similar sampling steps (needs --calibration all-steps)")
+    q.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
+                   help="SmoothQuant-style outlier migration of strength A in (0, 1], folded into the weights")
+    q.add_argument("--max-dynamic-layers", type=int, default=0, metavar="N",
+                   help="let the N layers a static scale fits worst use per-token scales (default 0)")
+    q.add_argument("--fuse", action="store_true",
+                   help="run q/k/v as one GEMM and fuse the block norms into the next GEMM's quantization")
     q.add_argument("--backend", default="auto", choices=backends, help="kernel backend (default auto)")
     q.add_argument("--calib-labels", type=int, nargs="+", default=None, metavar="C",
                    help="class labels for calibration (class-conditional models; default 0..min(classes,16)-1)")

@@ -322,3 +322,17 @@ def test_quantize_refuses_a_report_without_layers(tiny_pipeline_dir, tmp_path, c
     assert "1 of 1 linear layers could not be quantized" in lines[0] and "never ran during calibration" in lines[0]
     assert lines[1] == "ditq quantize: error: no layer was quantized (see the warning above); nothing written"
     assert not out.exists() or not os.listdir(out)
+
+
+def test_quantize_with_the_calibration_policy_and_fusion(tiny_pipeline_dir, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    code, stdout, err = run(["quantize", tiny_pipeline_dir, "--preset", "w8a8", "--calib-labels", "1", "2",
+                             "--calib-steps", "3", "--calibration", "all-steps", "--timestep-groups", "2",
+                             "--smooth-alpha", "0.5", "--fuse", "--quiet", "--out", out], capsys)
+    assert code == 0, err
+    report = json.load(open(os.path.join(out, "ditq_report.json")))
+    assert report["config"]["timestep_groups"] == 2 and report["config"]["fuse"] is True
+    assert report["fusion"]["projections"], report["fusion"]
+    code, _, err = run(["quantize", tiny_pipeline_dir, "--preset", "w8a8", "--timestep-groups", "2", "--quiet",
+                        "--out", str(tmp_path / "p")], capsys)
+    assert code == 1 and "timestep_groups > 1 needs" in err and len(err.strip().splitlines()) == 1
