@@ -98,6 +98,29 @@ def test_uncovered_calls_and_backends_fall_back():
         assert all("no fused norm kernel" in why for why in report.values()), report
 
 
+def test_timestep_grouped_scales_run_fused():
+    base, inputs = _model("dit")
+    outs = {}
+    for fuse in (False, True):
+        model = copy.deepcopy(base)
+
+        def calib(m):
+            for t in (999, 600, 300, 10):
+                m(**{**inputs, "timestep": torch.full_like(inputs["timestep"], t)})
+        report = ditq.quantize(model, ditq.QuantConfig.preset("w8a8", backend="torch", calibration="all-steps",
+                                                              timestep_groups=2, fuse=fuse, progress=False),
+                               calib_fn=calib)
+        if fuse:
+            assert all(why is None for why in report.fusion["blocks"].values()), report.fusion
+        with torch.no_grad():
+            outs[fuse] = [_out(model(**{**inputs, "timestep": torch.full_like(inputs["timestep"], t)}))
+                          for t in (999, 10)]
+    qkv = model.transformer_blocks[0].attn1.to_qkv
+    assert qkv.act_scales.numel() == 2 and not torch.equal(qkv.act_scales[0], qkv.act_scales[1])
+    for a, b in zip(outs[False], outs[True]):  # each step ran with its own group's scale, fused or not
+        assert ditq.sqnr(a, b) > 60
+
+
 def test_dynamic_activations_are_not_fused():
     model, _ = _quantized("dit", act_scheme="dynamic")
     assert all("static" in why for why in fuse_blocks(model).values())
