@@ -40,7 +40,6 @@ import torch
 
 from . import backends
 from .backends import KernelOps
-from .format import is_canonical_group_size
 from .quant.reference import MAX_K
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -168,7 +167,8 @@ def check_gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype) -> None
     if not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32 or w_scale.dim() != 2:
         raise _bad_tensor("w_scale", w_scale, (torch.float32,), 2)
     m, k = a.shape
-    if not is_canonical_group_size(group_size):
+    # ditq.format.is_canonical_group_size, inline (this runs on the reference backend's hot path)
+    if not (type(group_size) is int and 2 <= group_size <= MAX_K and group_size & (group_size - 1) == 0):
         raise ValueError(f"group_size must be a power of two from 2 to {MAX_K}, got {group_size!r}")
     if not 0 < k <= MAX_K or k % group_size:
         raise ValueError(f"K = {k} must be a multiple of group_size {group_size} in [1, {MAX_K}] (beyond it "

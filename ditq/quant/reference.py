@@ -60,13 +60,16 @@ def quantize_per_token(x: torch.Tensor, qmax: int = INT8_QMAX):
     A row holding any NaN or inf gets scale NaN and q = 0, so whatever it feeds comes out NaN: a non-finite
     activation stays visible instead of being crushed into range (every backend does the same).
     """
-    _check_float(x, "x")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():  # inline: the reference backend's hot path
+        _check_float(x, "x")
     if x.dim() != 2:
         raise ValueError(f"per-token quantization takes a [M, K] tensor, got shape {tuple(x.shape)}")
     if x.shape[1] == 0:  # no features: an empty row, like an all-zero one, gets scale 1
         return torch.empty_like(x, dtype=torch.int8), torch.ones(x.shape[0], device=x.device)
     absmax = x.detach().abs().amax(dim=1).float()  # NaN-propagating
-    s = torch.where(torch.isfinite(absmax), symmetric_scale(absmax, qmax), torch.full_like(absmax, float("nan")))
+    # symmetric_scale's rule (absmax / qmax, 1 for an all-zero row), written out, and NaN for a non-finite row
+    s = torch.where(absmax > 0, absmax / qmax, 1.0)
+    s = torch.where(torch.isfinite(absmax), s, float("nan"))
     return quantize_with_scale(x, s[:, None], qmax), s
 
 
@@ -167,8 +170,8 @@ def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact ``a @ w.T`` for int8 a [M, K] and int8 w [N, K], as int64.
 
     Computed in float64, which is exact here and runs on BLAS (int64 matmul does not, and was the demo's
-    bottleneck on CPU): every product and partial sum is an integer below 2^31 (|a| <= 127, |w| <= 128, K <= MAX_K), far inside the
-    2^53 that float64 represents exactly, in whatever order the BLAS adds them."""
+    bottleneck on CPU): every product and partial sum is an integer below 2^31 (|a| <= 127, |w| <= 128,
+    K <= MAX_K), far inside the 2^53 that float64 represents exactly, in whatever order the BLAS adds them."""
     return (a.to(torch.float64) @ w.to(torch.float64).t()).to(torch.int64)
 
 
@@ -182,7 +185,10 @@ def _act_scale_column(a_scale: torch.Tensor, m: int) -> torch.Tensor:
 def gemm_w8a8(a, a_scale, w, w_scale, bias: Optional[torch.Tensor] = None, out_dtype=torch.float32):
     """``y = (a_scale[m] * w_scale[n]) * Σ_k a[m,k] w[n,k] + bias[n]``: int32 sums, fp32 epilogue."""
     acc = int_matmul(a, w).to(torch.int32).float()
-    y = acc * (_act_scale_column(a_scale.float(), a.shape[0]) * w_scale.float().reshape(1, -1))
+    a_col = a_scale.float().reshape(-1, 1)  # _act_scale_column inline: the reference backend's hot path
+    if a_col.shape[0] not in (1, a.shape[0]):
+        raise ValueError(f"activation scale must have 1 or M = {a.shape[0]} elements, got {a_col.shape[0]}")
+    y = acc * (a_col * w_scale.float().reshape(1, -1))
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
@@ -201,11 +207,14 @@ def gemm_w4a8(a, a_scale, w_q, w_scales, group_size: int, bias=None, out_dtype=t
     """Group-wise W4A8 with unpacked int4 values ``w_q`` (int8 [N, K]) and scales [K // G, N]:
     ``y = a_scale[m] * Σ_g w_scales[g, n] * P[g, m, n] + bias[n]`` — per-group int32 partials rescaled into
     an fp32 accumulator group by group (the "fused dequantization")."""
+    a_col = a_scale.float().reshape(-1, 1)  # _act_scale_column inline: the reference backend's hot path
+    if a_col.shape[0] not in (1, a.shape[0]):
+        raise ValueError(f"activation scale must have 1 or M = {a.shape[0]} elements, got {a_col.shape[0]}")
     p = group_partials(a, w_q, group_size).to(torch.int32).float()
-    acc = torch.zeros(p.shape[1:], dtype=torch.float32)
+    acc = p.new_zeros(p.shape[1:])  # on p's device: the torch backend also runs on GPUs
     for g in range(p.shape[0]):
         acc = acc + p[g] * w_scales[g].float().reshape(1, -1)
-    y = acc * _act_scale_column(a_scale.float(), a.shape[0])
+    y = acc * a_col
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
