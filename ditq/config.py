@@ -161,10 +161,9 @@ class QuantConfig:
             built = backends.kernel_group_sizes()
             where = "the GPU kernels (cuda, triton)"
         else:
-            b = backends._load(self.backend)
-            fam = b.gemm_family(4) if b is not None else None
+            fam = backends.describe().get(self.backend, {}).get("gemm_w4a8")
             if fam is None:
-                return  # the backend cannot load here: layer construction says why
+                return  # the backend cannot load or describe itself here: layer construction says why
             built, where = fam.group_sizes, f"backend {self.backend!r}"
         if built and self.group_size not in built:
             raise QuantConfigError(f"group_size {self.group_size} is not built into {where}: it runs "

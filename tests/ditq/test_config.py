@@ -57,3 +57,16 @@ def test_dict_round_trip_and_unknown_fields():
     assert QuantConfig.from_dict(d) == c
     with pytest.raises(QuantConfigError, match="unknown QuantConfig fields"):
         QuantConfig.from_dict({**d, "bits": 4})
+
+
+def test_group_size_is_checked_against_the_kernels_own_description():
+    from ditq import backends
+    from ditq.config import QuantConfigError
+    built = backends.kernel_group_sizes()
+    with pytest.raises(QuantConfigError, match=r"group_size 512 is not built into the GPU kernels .* runs "
+                                               + ", ".join(map(str, built))):
+        QuantConfig(weight_bits=4, group_size=512)
+    if backends.unavailable_reason("cuda-emulated", "cpu") is None:
+        with pytest.raises(QuantConfigError, match="not built into backend 'cuda-emulated'"):
+            QuantConfig(weight_bits=4, group_size=512, backend="cuda-emulated")
+    assert QuantConfig(weight_bits=4, group_size=512, backend="torch").group_size == 512  # the reference runs any
