@@ -34,21 +34,23 @@ Contract (M tokens, K inputs, N outputs):
     x float [B, S, K]: LayerNorm without affine, adaLN modulation by shift / scale ([B, K] each, or both None),
     and quantization as quantize_act (``act_scale`` float32 [1] or None), in one pass
     (``ditq.quant.reference.norm_modulate_quantize`` is the contract). q int8 [B * S, K].
-``gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, backend)``
-``gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate, out_scale, out_dtype,
-backend)``
+``gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale, out_dtype,
+backend) -> y``
+``gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate, out_scale,
+out_dtype, backend) -> y``
     The GEMM with more of the layer's tail in its epilogue (``ditq.quant.reference.gemm_epilogue`` is the
     contract). In fp32, in this order: (1) ``y = acc * a_scale[m] * w_scale[n] (+ bias[n])``, exactly the plain
     GEMM's epilogue, so with no other piece the fused op equals the plain one bit for bit; (2) ``gelu``: GELU's
-    tanh approximation ``0.5 * y * (1 + tanh(0.7978845608028654 * (y + 0.044715 * y^3)))``; (3) ``gate`` (float
-    [M // rows_per_gate, N], contiguous): ``y * gate[m // rows_per_gate, n]``, adaLN's per-sample gate over its
-    rows; (4) ``residual`` (float [M, N], contiguous, dtype == out_dtype): ``y + residual[m, n]``; (5)
-    ``out_scale`` (float32 [1], the next layer's static activation scale): the output is int8 [M, N], quantized
-    exactly as ``quantize_act`` with a static scale (NaN -> 0, +-inf -> +-127) and ``out_dtype`` names only
-    the residual's dtype; otherwise y in out_dtype [M, N]. ``rows_per_gate`` is an int >= 1 (pass 1 without a gate) and must divide
-    M when a gate is given; ``out_scale`` must be positive and finite (checked where its value can be read
-    without a device synchronization, i.e. on the CPU). GELU's tanh differs in its last bits between math
-    libraries (the reference's ``torch.tanh``, libdevice, NumPy); everything else is exact across backends.
+    tanh approximation ``0.5 * y * (1 + tanh(0.7978845608028654 * (y + 0.044715 * y^3)))``; (3) ``gate``
+    (float [M // rows_per_gate, N], contiguous): ``y * gate[m // rows_per_gate, n]``, adaLN's per-sample gate
+    over its rows; (4) ``residual`` (float [M, N], contiguous, dtype == out_dtype): ``y + residual[m, n]``;
+    (5) ``out_scale`` (float32 [1], the next layer's static activation scale): the output is int8 [M, N],
+    quantized exactly as ``quantize_act`` with a static scale (NaN -> 0, +-inf -> +-127), and ``out_dtype``
+    then names only the residual's dtype; otherwise y in out_dtype [M, N]. ``rows_per_gate`` is an int >= 1
+    (pass 1 without a gate) and must divide M when a gate is given; ``out_scale`` must be positive and finite
+    (checked where its value can be read without a device synchronization, i.e. on the CPU). GELU's tanh
+    differs in its last bits between math libraries (the reference's ``torch.tanh``, libdevice, NumPy);
+    steps 2-5 are otherwise the same IEEE operations on every backend.
     A backend without these kernels leaves ``KernelOps.gemm_w8a8_fused`` / ``gemm_w4a8_fused`` None and its
     generic op raises NotImplementedError: callers then run the plain ops and the epilogue themselves.
 """
@@ -70,8 +72,9 @@ SCHEMAS = {
                  "ScalarType out_dtype{backend}) -> Tensor",
     "norm_modulate_quantize": "(Tensor x, Tensor? shift, Tensor? scale, float eps, Tensor? act_scale{backend}) "
                               "-> (Tensor, Tensor)",
-    "gemm_w8a8_fused": "(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, bool gelu, Tensor? gate, "
-                       "Tensor? residual, int rows_per_gate, Tensor? out_scale, ScalarType out_dtype{backend}) -> Tensor",
+    "gemm_w8a8_fused": "(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, bool gelu, "
+                       "Tensor? gate, Tensor? residual, int rows_per_gate, Tensor? out_scale, "
+                       "ScalarType out_dtype{backend}) -> Tensor",
     "gemm_w4a8_fused": "(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, int group_size, bool gelu, "
                        "Tensor? gate, Tensor? residual, int rows_per_gate, Tensor? out_scale, ScalarType out_dtype"
                        "{backend}) -> Tensor",
