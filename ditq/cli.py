@@ -174,6 +174,7 @@ def cmd_quantize(args) -> int:
                                   backend=args.backend, progress=not args.quiet, act_estimator=args.act_estimator,
                                   timestep_groups=args.timestep_groups, smooth_alpha=args.smooth_alpha,
                                   max_dynamic_layers=args.max_dynamic_layers, fuse=args.fuse,
+                                  weight_method=args.weight_method,
                                   **({} if args.group_size is None else {"group_size": args.group_size}))
     pipe = load_pipeline(args.model, device=args.device)
     if hasattr(pipe, "set_progress_bar_config"):
@@ -352,7 +353,7 @@ def cmd_info(args) -> int:
 # ---- parser -------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ACT_ESTIMATORS, ACT_SCHEMES, CALIBRATION_MODES, PRESETS
+    from .config import ACT_ESTIMATORS, ACT_SCHEMES, CALIBRATION_MODES, PRESETS, WEIGHT_METHODS
     from .format import SUPPORTED_GROUP_SIZES
     backends = ("auto", "torch", "triton", "cuda", "cuda-emulated")
 
@@ -393,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static (calibrated) or dynamic (per token at run time) activation scales")
     q.add_argument("--group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
                    help="int4 group size along K (default 128)")
+    q.add_argument("--weight-method", default="rtn", choices=WEIGHT_METHODS,
+                   help="how weights are rounded: rtn (absmax scales, round to nearest; default), mse (per-group "
+                   "clip search) or gptq (error-compensating rounding on the calibration inputs)")
     q.add_argument("--act-estimator", default="max", choices=ACT_ESTIMATORS,
                    help="range of a static scale: max |x| (default, the paper), percentile, mse, or auto per layer")
     q.add_argument("--timestep-groups", type=int, default=1, metavar="G",
