@@ -150,9 +150,16 @@ def _body(b, x: torch.Tensor, mod: torch.Tensor, eps1: float, eps2: float, encod
         k, v = _split_heads(kv, batch, 2, attn.heads)
         h2d = _attention_out(attn, q, k, v, dtype, residual=h2d)
 
-    act, fc1, fc2 = b.ff.net[0], b.ff.net[0].proj, b.ff.net[2]
-    q8, s8 = fc1._kernels.norm_modulate_quantize(h2d.view(batch, seq, dim), shift_mlp, scale_mlp, eps2,
-                                                 fc1._buffers["act_scale"])
+    return _mlp(b.ff, h2d.view(batch, seq, dim), shift_mlp, scale_mlp, eps2, gate_mlp, h2d).view(batch, seq, dim)
+
+
+def _mlp(ff, x: torch.Tensor, shift, scale, eps: float, gate, residual: torch.Tensor) -> torch.Tensor:
+    """A GELU MLP (diffusers' ``FeedForward``) on the modulated norm of ``x`` [B, S, D], gated, plus ``residual``
+    [B * S, D]: norm -> fc1 with GELU in its epilogue, emitting fc2's int8 input when fc2's scale is static (a
+    dynamic fc2: a float output and a per-token ``quantize_act``) -> fc2 with gate and residual fused. [B * S, D]."""
+    act, fc1, fc2 = ff.net[0], ff.net[0].proj, ff.net[2]
+    dtype, seq = x.dtype, x.shape[1]
+    q8, s8 = fc1._kernels.norm_modulate_quantize(x, shift, scale, eps, fc1._buffers["act_scale"])
     fc2_scale = fc2._buffers["act_scale"]
     if act.approximate == "tanh" and fc2_scale is not None:  # fc1's epilogue emits fc2's int8 input
         q8, s8 = fc1.forward_fused(q8, s8, dtype, gelu=True, out_scale=fc2_scale), fc2_scale
@@ -161,7 +168,7 @@ def _body(b, x: torch.Tensor, mod: torch.Tensor, eps1: float, eps2: float, encod
         if act.approximate != "tanh":
             hidden = F.gelu(hidden)
         q8, s8 = _quantize(fc2, hidden)
-    return fc2.forward_fused(q8, s8, dtype, gate=gate_mlp, residual=h2d, rows_per_gate=seq).view(batch, seq, dim)
+    return fc2.forward_fused(q8, s8, dtype, gate=gate, residual=residual, rows_per_gate=seq)
 
 
 def _runs_fused(b, attention_mask, encoder_attention_mask, cross_attention_kwargs) -> bool:
@@ -345,18 +352,26 @@ def _install_dit_forward(transformer: nn.Module) -> bool:
 
 
 def fuse_blocks(transformer: nn.Module) -> dict:
-    """Replace every ``BasicTransformerBlock`` that can run fused by a :class:`FusedBasicTransformerBlock`, and give
-    a fused ``DiTTransformer2DModel`` its once-per-forward conditioning.
+    """Replace every ``BasicTransformerBlock`` that can run fused by a :class:`FusedBasicTransformerBlock` (and the
+    FLUX blocks by theirs, :mod:`ditq.blocks_joint`), and give a fused ``DiTTransformer2DModel`` its
+    once-per-forward conditioning.
 
     Returns block name -> None (fused) or why it was left as it was."""
+    from . import blocks_joint
+
     done = {}
     for name, module in list(transformer.named_modules()):
-        if type(module).__name__ != "BasicTransformerBlock":
+        kind = type(module).__name__
+        if kind == "BasicTransformerBlock":
+            why = _why_not(module)
+            if why is None:
+                module.__class__ = fused_block_class()
+        elif kind in (blocks_joint.JOINT, blocks_joint.SINGLE):
+            why = blocks_joint.fuse(module)
+        else:
             continue
-        why = _why_not(module)
         done[name] = why
         if why is None:
-            module.__class__ = fused_block_class()
             transformer._ditq_fused_blocks = True  # what a checkpoint records
     if type(transformer).__name__ == "DiTTransformer2DModel":
         _install_dit_forward(transformer)
