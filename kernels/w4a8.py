@@ -3,6 +3,8 @@
     y[m, n] = a_scale[m] * sum_g w_scale[g, n] * P[g, m, n] + bias[n],   P[g] = sum_{k in g} a[m, k] w[n, k]
 
 (the reference maths is ``ditq.quant.reference.gemm_w4a8``; tests/kernels/test_w4a8.py checks against it).
+:func:`gemm_w4a8_fused` runs the same kernel with the pieces of :mod:`.epilogue` switched on (GELU, gate,
+residual, int8 output), the store shared with the W8A8 kernel.
 
 Design, and why
 ---------------

@@ -3,6 +3,8 @@
 ``y[m, n] = (a_scale[m] * w_scale[n]) * sum_k a[m, k] w[n, k] + bias[n]``, cast to bf16 / fp16 / fp32.
 ``a_scale`` is one static scalar [1] or one per token [M]. The int32 accumulation is exact, so
 the result differs from the exact product only by the fp32 epilogue's rounding (``ditq.testing``).
+:func:`gemm_w8a8_fused` runs the same kernel with the pieces of :mod:`.epilogue` switched on (GELU, gate,
+residual, int8 output); with none, its code is the plain GEMM's.
 
 Loads (from a SASS study of triton 3.8):
 

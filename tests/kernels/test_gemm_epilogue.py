@@ -160,6 +160,19 @@ def test_int8_output_saturates_and_zeroes_non_finite_rows():
     assert y[1].eq(0).all() and y[2].abs().eq(127).all()
 
 
+def test_triton_kernel_ops_run_the_fused_launchers():
+    import ditq  # noqa: F401  (registers torch.ops.ditq)
+    from ditq import backends
+
+    ops = backends.get_backend("triton", DEVICE).kernel_ops()
+    assert ops.gemm_w4a8_fused is not None
+    m, n, k = 2, 17, 32
+    a, a_s, wq, w_s, b = (t.to(DEVICE) for t in _inputs(8, m, n, k, False, False, torch.float32, seed=4))
+    res = torch.randn(m, n, device=DEVICE)
+    y = ops.gemm_w8a8_fused(a, a_s, wq, w_s, b, False, None, res, 1, None, torch.float32)
+    assert torch.equal(y, w8a8.gemm_w8a8_fused(a, a_s, wq, w_s, b, False, None, res, 1, None, torch.float32))
+
+
 # ---- the same refusals as the torch backend -----------------------------------------------------------------
 
 BAD = {
