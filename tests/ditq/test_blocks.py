@@ -53,7 +53,9 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.slow), "cuda-emula
 
 # each family, format and activation scheme twice over, in four models (the suite's time budget)
 CASES = [("dit", "w8a8", "static"), ("dit", "w4a8", "dynamic"), ("pixart", "w8a8", "dynamic"),
-         ("pixart", "w4a8", "static")]
+         ("pixart", "w4a8", "static"), ("flux", "w8a8", "dynamic"), ("flux", "w4a8", "static")]
+# fused norms per forward: DiT and PixArt 2 per block; FLUX 4 in its joint block (both streams) + 1 in its single one
+NORMS = {"dit": 4, "pixart": 4, "flux": 5}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -67,7 +69,7 @@ def test_fused_blocks_equal_the_unfused_quantized_model(family, preset, act_sche
     state = {k: v.clone() for k, v in model.state_dict().items()}
     report = fuse_blocks(model)
     assert report and all(why is None for why in report.values()), report
-    assert all(type(model.get_submodule(n)) is fused_block_class() for n in report)
+    assert all(type(model.get_submodule(n)).__name__.startswith("Fused") for n in report)
     assert model.state_dict().keys() == state.keys()  # checkpoints do not see the fusion
     with torch.no_grad():
         y_ref, y = _out(unfused(**inputs)), _out(model(**inputs))
@@ -80,9 +82,9 @@ def test_fused_blocks_equal_the_unfused_quantized_model(family, preset, act_sche
     n_ref, ops_ref = _ops(unfused, inputs)
     n, ops = _ops(model, inputs)
     blocks = len(report)
-    assert ops[f"ditq::{backend}_norm_modulate_quantize"] == 2 * blocks
-    assert ops[f"ditq::{backend}_gemm_{preset}_fused"] >= 4 * blocks  # q/k/v, to_out, fc1, fc2 at least
-    assert ops.get("native_layer_norm", 0) == ops_ref.get("native_layer_norm", 0) - 2 * blocks
+    assert ops[f"ditq::{backend}_norm_modulate_quantize"] == NORMS[family]
+    assert ops[f"ditq::{backend}_gemm_{preset}_fused"] >= 4 * blocks  # q/k/v, output projection(s), MLP at least
+    assert ops.get("native_layer_norm", 0) == ops_ref.get("native_layer_norm", 0) - NORMS[family]
     assert n < n_ref
     print(f"{family} {preset} {act_scheme} {backend}: ops {n_ref} -> {n}")
 

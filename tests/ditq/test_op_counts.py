@@ -78,9 +78,12 @@ FUSED = {
     # PixArt: the cross-attention adds to_q, to_kv (fused), to_out and their three quantize_act per block; the
     # transformer's own adaLN-single embedder (3 plain GEMMs) runs as diffusers has it
     "pixart": (135, {"norm_modulate_quantize": 4, "gemm_w8a8_fused": 14, "quantize_act": 11, "gemm_w8a8": 3}),
-    # SD3 and FLUX: q/k/v fused into one GEMM per attention only (their blocks run diffusers' forward)
+    # FLUX (ditq.blocks_joint): joint block 10 fused GEMMs (2 adaLN, 2 q/k/v, 2 output projections, 2 MLPs),
+    # single block 4 (adaLN, q/k/v, proj_mlp emitting proj_out's int8 input, proj_out); one quantize_act per
+    # block's adaLN input and per attention output; the transformer's timestep embedder as diffusers has it
+    "flux": (274, {"norm_modulate_quantize": 5, "gemm_w8a8_fused": 14, "quantize_act": 8, "gemm_w8a8": 3}),
+    # SD3: q/k/v fused into one GEMM per attention only (its blocks run diffusers' forward)
     "sd3": (236, {"quantize_act": 19, "gemm_w8a8": 19}),
-    "flux": (344, {"quantize_act": 17, "gemm_w8a8": 17}),
 }
 
 
