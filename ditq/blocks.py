@@ -366,7 +366,7 @@ def fuse_blocks(transformer: nn.Module) -> dict:
             why = _why_not(module)
             if why is None:
                 module.__class__ = fused_block_class()
-        elif kind in (blocks_joint.JOINT, blocks_joint.SINGLE):
+        elif kind in blocks_joint.KINDS:
             why = blocks_joint.fuse(module)
         else:
             continue

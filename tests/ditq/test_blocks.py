@@ -53,9 +53,11 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.slow), "cuda-emula
 
 # each family, format and activation scheme twice over, in four models (the suite's time budget)
 CASES = [("dit", "w8a8", "static"), ("dit", "w4a8", "dynamic"), ("pixart", "w8a8", "dynamic"),
-         ("pixart", "w4a8", "static"), ("flux", "w8a8", "dynamic"), ("flux", "w4a8", "static")]
-# fused norms per forward: DiT and PixArt 2 per block; FLUX 4 in its joint block (both streams) + 1 in its single one
-NORMS = {"dit": 4, "pixart": 4, "flux": 5}
+         ("pixart", "w4a8", "static"), ("flux", "w8a8", "dynamic"), ("flux", "w4a8", "static"),
+         ("sd3", "w8a8", "static"), ("sd3", "w4a8", "dynamic")]
+# fused norms per forward: DiT and PixArt 2 per block; FLUX 4 in its joint block (both streams) + 1 in its single
+# one; SD3 4 + 3 (its last block's context stream only feeds k/v: no context MLP)
+NORMS = {"dit": 4, "pixart": 4, "flux": 5, "sd3": 7}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

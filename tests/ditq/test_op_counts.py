@@ -82,8 +82,9 @@ FUSED = {
     # single block 4 (adaLN, q/k/v, proj_mlp emitting proj_out's int8 input, proj_out); one quantize_act per
     # block's adaLN input and per attention output; the transformer's timestep embedder as diffusers has it
     "flux": (274, {"norm_modulate_quantize": 5, "gemm_w8a8_fused": 14, "quantize_act": 8, "gemm_w8a8": 3}),
-    # SD3: q/k/v fused into one GEMM per attention only (its blocks run diffusers' forward)
-    "sd3": (236, {"quantize_act": 19, "gemm_w8a8": 19}),
+    # SD3 (ditq.blocks_joint): as FLUX's joint block; the last block's context stream only feeds k/v (no to_add_out,
+    # no context MLP); the transformer's timestep embedder as diffusers has it
+    "sd3": (142, {"norm_modulate_quantize": 7, "gemm_w8a8_fused": 17, "quantize_act": 7, "gemm_w8a8": 2}),
 }
 
 
