@@ -26,6 +26,28 @@ Rounding, the same IEEE operations compiled and interpreted:
   clamp keeps ``exp`` finite); it is accurate to a few ulps *of 1*, which is what GELU needs: ``1 + tanh``
   is only absolutely accurate in fp32 whichever tanh is used. So the GELU path matches the reference to a
   tight tolerance (``ditq.quant.reference.gemm_epilogue_exact``), not bit for bit; everything else is exact.
+  (Compiled, libdevice's tanhf is that same formula for |x| >= 0.6, on ``ex2.approx`` / ``rcp.approx``, and a
+  polynomial below.)
+
+Measured (AOT, triton 3.8, nothing run; tests/kernels/test_aot_epilogue.py checks one variant per kernel):
+the tile table's entries for M = 16 and M = 4096, W4A8 at G = 128, bf16 output, N % 16 == 0. Registers /
+total SASS instructions; the main loop keeps its tensor-core instructions and its length (within 4
+instructions), nothing spills anywhere, and the gate / residual tiles are read with 16-byte loads
+(``LDG.E.128``: 16 per thread at the 128x128 tiles).
+
+  kernel arch  tile             plain     gelu      gelu+quant  gate+residual
+  w8a8   sm80  16x64x128         56/464    56/688    56/856      56/552
+  w8a8   sm80  128x128x128      168/968   168/2832  166/3408    174/1496
+  w8a8   sm90  16x128x128 swap   42/536    42/1008   48/1264     46/712
+  w8a8   sm90  128x128x128      146/800   162/2648  171/3272    179/1416
+  w4a8   sm80  16x128x128        96/616    96/1072  108/1304     92/784
+  w4a8   sm80  128x128x128      170/1352  171/3224  171/3848    182/1936
+  w4a8   sm90  16x128x128 swap   92/704    89/1168   89/1408     92/864
+  w4a8   sm90  128x128x128 swap 207/1344  207/3208  194/3840    214/1992
+
+GELU costs ~30 instructions per element (tanh's two branches) after the loop. N not a multiple of 16 (no
+DiT width) loses the 16-byte rows: the W8A8 sm90 128x128 gate + residual variant then reads them two bytes at a
+time (128 ``LDG.E.U16``) and spills (255 registers, 62 spill instructions).
 """
 from __future__ import annotations
 
