@@ -285,10 +285,33 @@ def _timestep_proj(time_proj: nn.Module, timestep: torch.Tensor) -> torch.Tensor
     return torch.cat(parts, dim=-1)
 
 
+@lru_cache(maxsize=None)
+def fused_timesteps_class():
+    """diffusers' ``Timesteps`` computing :func:`_timestep_proj` (its class swapped in place; no state)."""
+    from diffusers.models.embeddings import Timesteps
+
+    return type("FusedTimesteps", (Timesteps,), {"forward": _timestep_proj, "__module__": __name__,
+                                                 "__doc__": "diffusers' Timesteps with its frequency table kept."})
+
+
+def fuse_timesteps(model: nn.Module) -> int:
+    """Give every sinusoidal timestep projection (diffusers' ``Timesteps``, even width) of ``model`` its constant
+    frequency table (a non-persistent buffer, computed on the model's device by diffusers' expression): the same
+    values in 6 ops instead of 16. Returns how many it changed."""
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ == "Timesteps" and module.num_channels % 2 == 0:
+            device = next((t.device for t in model.buffers() if t.device.type != "meta"), torch.device("cpu"))
+            module.register_buffer("_ditq_freqs", _frequencies(module, device), persistent=False)
+            module.__class__ = fused_timesteps_class()
+            n += 1
+    return n
+
+
 def _dit_conditioning(self, timestep, class_labels, dtype):
     """silu(conditioning) per distinct embedder (the adaLN input), and block 0's conditioning."""
     plan, blocks = self._ditq_dit_plan, self.transformer_blocks
-    t = _timestep_proj(blocks[0].norm1.emb.time_proj, timestep).to(dtype)
+    t = blocks[0].norm1.emb.time_proj(timestep).to(dtype)
     shared_q = _quantize(blocks[0].norm1.emb.timestep_embedder.linear_1, t) if plan["shared_t_quant"] else None
     conds = {}
     for o in sorted(set(plan["owners"])):
@@ -344,8 +367,8 @@ def _install_dit_forward(transformer: nn.Module) -> bool:
     plan = _dit_plan(transformer)
     if plan is None:
         return False
-    tp = transformer.transformer_blocks[0].norm1.emb.time_proj
-    tp.register_buffer("_ditq_freqs", _frequencies(tp, next(transformer.parameters()).device), persistent=False)
+    if type(transformer.transformer_blocks[0].norm1.emb.time_proj) is not fused_timesteps_class():
+        return False  # the shared projection runs through the fused Timesteps (fuse_timesteps)
     transformer._ditq_dit_plan = plan
     transformer.forward = types.MethodType(_dit_forward, transformer)
     return True
@@ -373,6 +396,8 @@ def fuse_blocks(transformer: nn.Module) -> dict:
         done[name] = why
         if why is None:
             transformer._ditq_fused_blocks = True  # what a checkpoint records
-    if type(transformer).__name__ == "DiTTransformer2DModel":
-        _install_dit_forward(transformer)
+    if getattr(transformer, "_ditq_fused_blocks", False):  # (again, for a model fused before: re-plans)
+        fuse_timesteps(transformer)
+        if type(transformer).__name__ == "DiTTransformer2DModel":
+            _install_dit_forward(transformer)
     return done

@@ -77,14 +77,14 @@ FUSED = {
     "dit-tied": (78, {"norm_modulate_quantize": 4, "gemm_w8a8_fused": 12, "quantize_act": 5}),
     # PixArt: the cross-attention adds to_q, to_kv (fused), to_out and their three quantize_act per block; the
     # transformer's own adaLN-single embedder (3 plain GEMMs) runs as diffusers has it
-    "pixart": (135, {"norm_modulate_quantize": 4, "gemm_w8a8_fused": 14, "quantize_act": 11, "gemm_w8a8": 3}),
+    "pixart": (126, {"norm_modulate_quantize": 4, "gemm_w8a8_fused": 14, "quantize_act": 11, "gemm_w8a8": 3}),
     # FLUX (ditq.blocks_joint): joint block 10 fused GEMMs (2 adaLN, 2 q/k/v, 2 output projections, 2 MLPs),
     # single block 4 (adaLN, q/k/v, proj_mlp emitting proj_out's int8 input, proj_out); one quantize_act per
     # block's adaLN input and per attention output; the transformer's timestep embedder as diffusers has it
-    "flux": (274, {"norm_modulate_quantize": 5, "gemm_w8a8_fused": 14, "quantize_act": 8, "gemm_w8a8": 3}),
+    "flux": (265, {"norm_modulate_quantize": 5, "gemm_w8a8_fused": 14, "quantize_act": 8, "gemm_w8a8": 3}),
     # SD3 (ditq.blocks_joint): as FLUX's joint block; the last block's context stream only feeds k/v (no to_add_out,
     # no context MLP); the transformer's timestep embedder as diffusers has it
-    "sd3": (142, {"norm_modulate_quantize": 7, "gemm_w8a8_fused": 17, "quantize_act": 7, "gemm_w8a8": 2}),
+    "sd3": (133, {"norm_modulate_quantize": 7, "gemm_w8a8_fused": 17, "quantize_act": 7, "gemm_w8a8": 2}),
 }
 
 
