@@ -321,11 +321,19 @@ def triton_rows(archs, short: bool, groups) -> List[Dict]:
     """One row per shipped Triton configuration (``aot.shipped_jobs``; --short: the entries picked at
     M = SHORT_M, which DiT-XL/2 at batch 8 runs; tests/kernels check every entry)."""
     m = SHORT_M if short else None
-    shipped = [(kernel, *job) for kernel in ("w8a8", "w4a8")
+    shipped = [(kernel, "", *job) for kernel in ("w8a8", "w4a8")
                for job in aot.shipped_jobs(kernel, archs, groups if kernel == "w4a8" else None, m=m)]
+    # The fused-epilogue variants the fused blocks launch (fc1: GELU + int8 for fc2; to_out / fc2: gate +
+    # residual), at the entries picked at SHORT_M only: enough to see that the pieces keep the plain main loop
+    # (same tensor-core instructions, no spills, 16-byte loads) without compiling every entry three times.
+    shipped += [(kernel, fused, *job) for fused in ("gelu+quant", "gate+residual") for kernel in ("w8a8", "w4a8")
+                for job in aot.shipped_jobs(kernel, archs, groups if kernel == "w4a8" else None, m=SHORT_M,
+                                            fused=fused)]
     rows = []
-    for (kernel, arch, entry, group, job), c in zip(shipped, _compile_all([j[-1] for j in shipped])):
+    for (kernel, fused, arch, entry, group, job), c in zip(shipped, _compile_all([j[-1] for j in shipped])):
         meta = _triton_meta(kernel, entry, group)
+        if fused:
+            meta["kernel"] += f" +{fused}"
         try:
             if isinstance(c, Exception):
                 raise c
