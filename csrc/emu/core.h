@@ -47,10 +47,21 @@ enum class Order : int { Forward = 0, Reverse = 1, Random = 2 };
 // before the retiring wait.
 enum class CpAsync : int { Issue = 0, Wait = 1, Barrier = 2 };
 
+// Which kernels the launchers pick (emulated GEMM launchers read it): the sm_80 mma.sync kernels, or the
+// sm_90a wgmma / TMA / mbarrier ones.
+enum class Arch : int { Sm80 = 0, Sm90a = 1 };
+// When Hopper async work lands: TMA bytes in shared memory (and their complete_tx on the mbarrier), wgmma
+// results in the accumulators. Issue: at once. Wait (lazy): TMA bytes when a thread first waits on (or
+// try_waits) the barrier they complete on, wgmma results at the wgmma.wait_group that retires their group --
+// the latest a correct kernel may see them.
+enum class AsyncLanding : int { Issue = 0, Wait = 1 };
+
 struct Options {
   Order order = Order::Forward;
   uint64_t seed = 0;
   CpAsync cp_async = CpAsync::Wait;
+  Arch arch = Arch::Sm80;
+  AsyncLanding async_landing = AsyncLanding::Wait;
   bool race_check = false;  // shadow-memory race checker (and in-flight cp.async checks): on in the tests
   bool mem_check = true;    // global-memory checker (emu/global.h): bounds, read-only, unwritten reads
 };
