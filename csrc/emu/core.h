@@ -97,7 +97,7 @@ inline std::string where(const char* file, int line) {
 
 // ---- per-thread and per-block state ------------------------------------------------------------------------
 enum class Run : int { Idle, Runnable, Blocked, Exited };
-enum class Wait : int { None, Barrier, Collective };
+enum class Wait : int { None, Barrier, Collective, Mbarrier };
 
 struct CpCopy {
   uint8_t* dst;
@@ -246,6 +246,15 @@ inline void block_here(Wait why, const char* what, const char* file, int line) {
   t.waiting = Wait::None;
 }
 
+// Fiber side: let the other runnable threads run first (a scheduling point that is not a wait): at
+// try_wait (a kernel may spin on it) and wgmma.wait_group (where a warpgroup's async work meets the rest).
+inline void yield_here() {
+  State& s = S();
+  Thread& t = *s.cur;
+  t.state = Run::Runnable;
+  if (!_setjmp(t.jb)) _longjmp(s.sched_jb, 1);
+}
+
 inline void release(Thread& t) {
   t.state = Run::Runnable;
 }
@@ -264,7 +273,12 @@ inline std::string id_ranges(const std::vector<int>& ids) {
   return out;
 }
 
-// Hooks implemented by shared.h / cp_async.h / warp.h.
+// Hooks implemented by shared.h / cp_async.h / warp.h / hopper.h.
+inline void hopper_begin_block();
+inline void hopper_end_block();
+inline void hopper_clear_marks();
+inline bool hopper_drain();
+inline std::string mbar_wait_detail(int tid);
 inline void shared_begin_block();
 inline void cp_async_land_all_at_barrier();
 inline void cp_async_end_block();
@@ -313,6 +327,7 @@ inline void deadlock_report() {
     }
     std::string w = std::string(t.wait_what) + " at " + where(t.wait_file, t.wait_line);
     if (t.waiting == Wait::Collective) w += " (warp " + std::to_string(t.warp) + ")";
+    if (t.waiting == Wait::Mbarrier) w += mbar_wait_detail(i);
     auto it = std::find_if(sites.begin(), sites.end(), [&](const Site& x) { return x.what == w; });
     if (it == sites.end()) sites.push_back({w, {i}});
     else it->ids.push_back(i);
@@ -336,6 +351,7 @@ inline void run_block(std::mt19937_64& rng) {
   ++s.epoch;
   shared_begin_block();
   warps_begin_block();
+  hopper_begin_block();
   for (int i = 0; i < n; ++i) {
     Thread& t = s.threads[i];
     if (!t.fiber_ready) init_fiber(t);
@@ -361,8 +377,13 @@ inline void run_block(std::mt19937_64& rng) {
       resume(t);
       if (s.failed) return;
     }
-    if (!progressed) deadlock_report();  // throws from the scheduler's context
+    if (!progressed) {
+      if (hopper_drain()) continue;  // in-flight TMA bytes land when nothing else can run
+      deadlock_report();             // throws from the scheduler's context
+    }
   }
+  hopper_end_block();
+  if (s.failed) return;
   cp_async_end_block();
 }
 

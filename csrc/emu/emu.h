@@ -170,6 +170,7 @@ void launch_checked(dim3 grid, dim3 block, size_t dynamic_smem, const Options& o
     // The block's fibers were abandoned mid-kernel: re-create them at the next launch, drop their copies.
     s.cur = nullptr;
     cp_async_end_block();
+    hopper_clear_marks();
     for (Thread& t : s.threads) {
       t.fiber_ready = false;
       t.state = Run::Idle;
