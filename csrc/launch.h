@@ -82,4 +82,16 @@ void gemm_w8a8_emulated(const GemmArgs& args);
 const char* gemm_w4a8_cuda(const GemmArgs& args, void* stream);
 void gemm_w4a8_emulated(const GemmArgs& args);
 
+// ---- Hopper int8 GEMMs (csrc/gemm_sm90.cuh, TMA + wgmma): GemmArgs.tile is an index into the sm90 lists of
+// configs/gemm_tiles_sm90.h (the binding strips kSm90TileBase); params.splits must be 1 (no split-K).
+const char* gemm_w8a8_sm90_cuda(const GemmArgs& args, void* stream);
+void gemm_w8a8_sm90_emulated(const GemmArgs& args);
+const char* gemm_w4a8_sm90_cuda(const GemmArgs& args, void* stream);
+void gemm_w4a8_sm90_emulated(const GemmArgs& args);
+// Whether the current GPU runs the Hopper kernels: this build loaded sm_90a code for it (a plain sm_90 build
+// has none). Real build only.
+bool gemm_sm90_available();
+// The architecture the emulated launch picks kernels for: 90 under emulator_options(arch="sm_90a"), else 80.
+int emulated_gemm_arch();
+
 }  // namespace ditq
