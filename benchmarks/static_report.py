@@ -234,6 +234,12 @@ def cuda_tiles() -> Tuple[Dict[int, Tuple[int, ...]], List[Tuple[int, int, int, 
 
 
 def _cuda_kernel_meta(demangled: str, tiles) -> Optional[Dict]:
+    h = re.search(r"Sm90Tile<(\d+), ?(\d+), ?(\d+), ?(\d+)>(?:, ?(\d+))?", demangled)  # gemm_sm90.cuh
+    if h:
+        (bm, bn, st, c), g = (int(v) for v in h.groups()[:4]), h.group(5)
+        return {"kernel": f"w4a8 g{g} sm90" if g else "w8a8 sm90", "tile": None, "BM": bm, "BN": bn, "BK": 128,
+                "threads": 128 * (1 + c), "dyn_smem": st * (bm * 128 + bn * (64 if g else 128) + 16), "sm90": True,
+                "config": f"sm90 {bm}x{bn}x128, {c} consumer warpgroup(s), {st} stages"}
     m = re.search(r"Tile<(\d+), ?(\d+), ?(\d+), ?(\d+), ?(\d+), ?(\d+)>", demangled)
     if not m:
         return None
@@ -280,6 +286,8 @@ def cuda_rows(archs, short: bool = False) -> Tuple[List[Dict], str]:
         found = []
         for name, a in funcs.items():
             meta = _cuda_kernel_meta(names[name], tiles)
+            if meta and meta.get("sm90") and (arch != "sm90" or short):
+                continue  # the Hopper kernels are traps in the sm_80 pass; --short keeps the mma.sync table's picks
             if meta is None:  # not a GEMM tile (e.g. the activation quantizer): no tile, threads unknown
                 if short and "bfloat16" not in names[name]:
                     continue  # --short: the bf16 instances only (what a bf16 DiT runs)
