@@ -51,15 +51,20 @@
 //     a[1] = (r1 << 4) & 0xF0F0F0F0 (row g + 8, k 4t..)  a[3] = r1 & 0xF0F0F0F0 (row g + 8, k 16+4t..)
 // Each int8 is 16 w; the 1/16 is folded into the fp32 group scale (exact: a power of two).
 //
-// Group rescale, pipelined: a group's int32 partial (|.| <= 127 * 128 * G < 2^24, exact in fp32) is folded
-// into the fp32 sums with one fma per element once the group's wgmmas have completed. Two accumulator sets
-// alternate by group parity, so group j + 1's wgmmas run while group j's partial is folded. wgmmas are
-// committed in units of min(G, 64) k (one or two k32 steps): after committing a unit, wait_group<1> proves
-// the previous unit complete; if it ended a group, that group (the other set) is folded; if it ended a
-// stage, the stage is released. A unit never reads the A registers of the unit in flight (the k32 steps of a
-// stage each have their own registers, and units of one stage are at least two), because a wgmma's
-// registers must not be written until it completes. Group parity is static: the stage loop is unrolled over
-// two groups when a group spans whole stages (G >= BK) and over one stage otherwise (BK / G even).
+// Group rescale, pipelined within a stage: a group's int32 partial (|.| <= 127 * 128 * G < 2^24, exact in
+// fp32) is folded into the fp32 sums with one fma per element once the group's wgmmas have completed.
+// wgmmas are committed in units of min(G, 64) k (one or two k32 steps); after committing a unit,
+// wait_group<1> proves the previous one complete. When G < BK a stage holds 2 or 4 groups: two accumulator
+// sets alternate by group parity (static: the unit index), so group j + 1's wgmmas run while group j's
+// partial (the other set) is folded. The stage's last unit ends a group (when G <= BK, or every G / BK stages
+// otherwise); there the consumer drains (wait_group<0>), folds and releases the stage. Why drain rather than
+// keep that unit in flight into the next stage: ptxas cannot follow a wgmma group across the loop's back edge,
+// and a fold (a non-wgmma read of accumulators) after it makes it serialize every wgmma of the kernel (C7514;
+// measured: a DEPBAR 0x0 after each IGMMA). One drain per stage (per group when G > BK) is the price; the
+// other consumer warpgroup of the 2-warpgroup tile keeps the tensor cores busy meanwhile. A stage that does
+// not end a group (G > BK) is released one unit later, like W8A8's. A unit never writes the A registers of
+// the unit in flight (each k32 step of a stage has its own, and a stage has at least two units): a wgmma's
+// registers must not change until it completes.
 //
 // ---- Epilogue -------------------------------------------------------------------------------------------------
 // The accumulator fragment of wgmma m64nN is mma.m16n8's C fragment repeated N / 8 times per warp: d[i] is
