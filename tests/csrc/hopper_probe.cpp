@@ -206,9 +206,10 @@ DITQ_GLOBAL void proxy_fence_kernel(const int8_t* a, const int8_t* b, int32_t* o
   if (kFence) ptx::fence_proxy_async_shared();
   __syncthreads();
   int32_t d[4];
+  const uint64_t da = ptx::wgmma_smem_desc(smem, ptx::WgmmaSwizzle::None, 128, 256);
+  const uint64_t db = ptx::wgmma_smem_desc(smem + 4096, ptx::WgmmaSwizzle::None, 128, 256);
   ptx::wgmma_fence();
-  ptx::wgmma_m64k32_s8_ss<8>(d, ptx::wgmma_smem_desc(smem, ptx::WgmmaSwizzle::None, 128, 256),
-                             ptx::wgmma_smem_desc(smem + 4096, ptx::WgmmaSwizzle::None, 128, 256), false);  // @fence_wgmma
+  ptx::wgmma_m64k32_s8_ss<8>(d, da, db, false);  // @fence_wgmma
   ptx::wgmma_commit_group();
   ptx::wgmma_wait_group<0>();
   for (int i = 0; i < 4; ++i) out[t * 4 + i] = d[i];
