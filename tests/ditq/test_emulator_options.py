@@ -103,3 +103,12 @@ def test_arch_and_async_landing_are_knobs_restored_after_the_block():
     with pytest.raises(ValueError, match="emulator async_landing must be one of"):
         with emulator_options(async_landing="never"):
             pass
+
+
+def test_direct_hopper_op_validates_its_arguments():
+    import torch
+    with pytest.raises(ValueError, match="emulator arch must be 0"):
+        torch.ops.ditq_C.emulator_set_hopper(2, 1)
+    with pytest.raises(ValueError, match="emulator async_landing must be 0"):
+        torch.ops.ditq_C.emulator_set_hopper(0, 5)
+    assert list(torch.ops.ditq_C.emulator_get_hopper()) == [0, 1]
