@@ -43,6 +43,10 @@ void emulator_get_options(int& order, uint64_t& seed, int& cp_async, bool& race_
 // of every global access against the buffers the launcher registered.
 void emulator_set_mem_check(bool on);
 bool emulator_get_mem_check();
+// Hopper: arch 0 sm_80 / 1 sm_90a (which kernels the emulated launchers pick); async_landing 0 at issue /
+// 1 lazily (TMA bytes at the first wait on their mbarrier, wgmma results at the retiring wait_group).
+void emulator_set_hopper(int arch, int async_landing);
+void emulator_get_hopper(int& arch, int& async_landing);
 
 // ---- what each family accepts (configs/kernel_families.h) as a JSON object: csrc/families.cpp ---------------
 std::string kernel_families_json();
