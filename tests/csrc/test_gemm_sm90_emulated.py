@@ -39,12 +39,7 @@ W8_TILES, W4_TILES = _tiles(False), _tiles(True)
 
 
 def _opts(**kw):
-    """The race checker on, plus `kw`; skips when this build's ditq.emulator lacks a knob asked for."""
-    import inspect
     from ditq.emulator import emulator_options
-    missing = sorted(set(kw) - set(inspect.signature(emulator_options).parameters))
-    if missing:
-        pytest.skip(f"ditq.emulator.emulator_options has no {missing}")
     return emulator_options(race_check=True, **kw)
 
 
@@ -106,9 +101,7 @@ def test_w4a8_sm90_exact(tile, group):
 
 
 ORDERS = (("forward", 0), ("reverse", 0), ("random", 1), ("random", 2))
-# When TMA bytes and wgmma results land: at issue, or lazily (at the wait that may first see them: the emulator's
-# default, also run when ditq.emulator has no async_landing knob).
-LANDINGS = ("default", "issue", "wait")
+LANDINGS = ("issue", "wait")  # TMA bytes / wgmma results land at once, or at the latest wait that may see them
 
 
 @pytest.mark.parametrize("order,seed", ORDERS)
@@ -121,8 +114,7 @@ def test_sm90_orders_and_landing(order, seed, landing):
     a4, sa4, q, ss, b4 = _inputs(19, 21, 896, w4_group=64, seed=12)
     a2, sa2, w2, sw2, b2 = _inputs(70, 130, 96, seed=13)  # two consumer warpgroups
     a5, sa5, q5, ss5, b5 = _inputs(70, 130, 160, w4_group=32, seed=14)
-    landing = {} if landing == "default" else {"async_landing": landing}
-    with _opts(order=order, seed=seed, **landing):
+    with _opts(order=order, seed=seed, async_landing=landing):
         y8 = _w8a8(a, sa, w, sw, b, torch.float32, BASE)
         y4 = _w4a8(a4, sa4, q, ss, b4, 64, torch.float32, BASE + 1)
         y2 = _w8a8(a2, sa2, w2, sw2, b2, torch.float32, W8_TILES[-1])
