@@ -156,6 +156,8 @@ DITQ_DEVICE uint64_t desc_sw128(const uint8_t* tile, int ks) {
 // ---- W8A8 -----------------------------------------------------------------------------------------------------
 template <class T>
 DITQ_DEVICE void gemm_w8a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
+  static_assert(T::BM == 64 * T::CONSUMERS, "W8A8: each consumer warpgroup owns 64 rows of the tile");
+  static_assert(T::BN % 16 == 0 && T::BN >= 16 && T::BN <= 256, "W8A8: BN is wgmma's N (16..256, step 16)");
   const GemmParams& p = P.p;
   const Ring<T, false> ring(smem);
   const int m0 = static_cast<int>(blockIdx.y) * T::BM, n0 = static_cast<int>(blockIdx.x) * T::BN;
@@ -235,7 +237,8 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   constexpr int STEPS_PER_UNIT = UNIT_K / 32;
   static_assert(UNITS >= 2, "a unit must not reuse the A registers of the unit in flight");
   static_assert(G >= BK || BK % G == 0, "groups tile a stage");
-  static_assert(BM % 8 == 0 && BM >= 8 && BM <= 256, "wgmma N");
+  static_assert(BM == 8 || BM == 16 || BM == 24 || (BM % 16 == 0 && BM >= 32 && BM <= 256), "BM is wgmma's N");
+  static_assert(T::BN == 64 * T::CONSUMERS, "W4A8: each consumer warpgroup owns 64 output channels");
 
   const GemmParams& p = P.p;
   const Ring<T, true> ring(smem);

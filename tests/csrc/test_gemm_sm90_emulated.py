@@ -137,6 +137,18 @@ def test_sm90_automatic_choice_and_bigger_shape():
     assert_gemm_w4a8(y4, a4, sa4, q, ss, 128, b4)
 
 
+def test_sm90_tile_tables():
+    """What the kernels assume of configs/gemm_tiles_sm90.h (also static_asserts in gemm_sm90.cuh) and what an
+    H100/H200 SM holds: 64 rows (W8) or 64 channels (W4) per consumer warpgroup, <= 227 KB of shared memory."""
+    for w4, tiles in ((False, W8_TILES), (True, W4_TILES)):
+        assert len(tiles) >= 2
+        for t in tiles:
+            bm, bn, bk, stages, consumers, threads, smem = torch.ops.ditq_C.gemm_sm90_tile_info(t, w4)
+            assert bk == 128 and threads == 128 * (1 + consumers) and stages >= 2
+            assert (bn if w4 else bm) == 64 * consumers
+            assert smem == stages * (bm * 128 + bn * (64 if w4 else 128) + 16) <= 227 * 1024
+
+
 def test_sm90_binding_checks():
     a, sa, w, sw, b = _inputs(4, 8, 64, seed=1)
     with pytest.raises(ValueError, match="do not split K"):
