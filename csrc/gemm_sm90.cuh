@@ -70,8 +70,9 @@
 // The accumulator fragment of wgmma m64nN is mma.m16n8's C fragment repeated N / 8 times per warp: d[i] is
 // row 16w + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2t + (i & 1). W8A8 stores column pairs with gemm.cuh's
 // store_pair. W4A8's tile is transposed (row = channel n, column = activation row m), so a lane's pair is two
-// rows of y: stored one element at a time (an smem transpose would give wide stores; the W4A8 buckets this
-// serves are bound by the weight stream, not the output).
+// rows of y: one shuffle with the lane holding the neighbouring channel makes column pairs again. (A transpose
+// through shared memory would give full-row stores; it needs a warpgroup-wide named barrier, which ptx.cuh
+// does not have yet.)
 #pragma once
 
 #include <cstdint>
@@ -213,17 +214,6 @@ DITQ_DEVICE void gemm_w8a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
 }
 
 // ---- W4A8 -----------------------------------------------------------------------------------------------------
-// Casts and stores one output element (the transposed tile's lane pairs are not adjacent in y).
-DITQ_DEVICE void store_one(const GemmParams& p, int m, int n, float y) {
-  const int64_t o = static_cast<int64_t>(m) * p.N + n;
-  if (p.out_dtype == DType::kF32) {
-    ptx::st_global(static_cast<float*>(p.out) + o, y);
-  } else {
-    const uint16_t b = p.out_dtype == DType::kBF16 ? ptx::f32_to_bf16_bits(y) : ptx::f32_to_f16_bits(y);
-    ptx::st_global(static_cast<uint16_t*>(p.out) + o, b);
-  }
-}
-
 // Byte offset of 16-byte chunk `chunk` of row `row` in a 64-byte-row tile written by TMA with the 64-byte
 // swizzle (address bits 4-5 ^= bits 7-8; the tile starts on a 1024-byte boundary).
 DITQ_DEVICE int sw64_offset(int row, int chunk) { return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4); }
@@ -357,19 +347,32 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   ptx::wgmma_wait_group<0>();  // nothing is in flight here (the last stage ends a group: K % G == 0)
 
   // Epilogue, transposed: element i is channel 16w + g + 8 ((i >> 1) & 1), activation row 8 (i >> 2) + 2t + (i & 1).
+  // A lane holds channel n for rows r, r + 1; lane ^ 4 holds channel n ^ 1 for the same rows. One shuffle per
+  // pair turns that into column pairs of y: the even-g lane stores (n, n + 1) of row r, the odd-g lane
+  // (n - 1, n) of row r + 1, with gemm.cuh's store_pair (half the stores, 4 or 8 bytes wide).
   const int t = lane & 3;
+  const bool odd = (g & 1) != 0;
 #pragma unroll
   for (int j = 0; j < BM / 8; ++j) {
+    const int r = m0 + 8 * j + 2 * t;
+    float sa[2];
 #pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int m = m0 + 8 * j + 2 * t + c;
-      if (m >= p.M) continue;
-      const float sa = ptx::ld_global(p.a_scale + (p.a_scale_per_token ? m : 0));
+    for (int c = 0; c < 2; ++c) {  // clamped: rows past M are computed (never stored) so the shuffle is uniform
+      const int m = r + c < p.M ? r + c : p.M - 1;
+      sa[c] = ptx::ld_global(p.a_scale + (p.a_scale_per_token ? m : 0));
+    }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = h ? ch1 : ch0;
-        if (n < p.N) store_one(p, m, n, scale_bias(p, facc[4 * j + 2 * h + c], sa, n));
-      }
+    for (int h = 0; h < 2; ++h) {
+      const int n = h ? ch1 : ch0;
+      const int nn = n < p.N ? n : p.N - 1;  // clamp the loads; the store below checks the columns
+      float y[2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) y[c] = scale_bias(p, facc[4 * j + 2 * h + c], sa[c], nn);
+      const float other = ptx::shfl_xor(odd ? y[0] : y[1], 4);  // every lane: a warp collective
+      const int m = odd ? r + 1 : r;
+      const int n_pair = odd ? n - 1 : n;  // even: n + n0 + 16w + 64cw is even, so the pair is aligned
+      const float pair[2] = {odd ? other : y[0], odd ? y[1] : other};
+      if (m < p.M && n_pair < p.N) store_pair(p, m, n_pair, pair);
     }
   }
 }
