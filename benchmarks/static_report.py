@@ -286,13 +286,14 @@ def cuda_rows(archs, short: bool = False) -> Tuple[List[Dict], str]:
         found = []
         for name, a in funcs.items():
             meta = _cuda_kernel_meta(names[name], tiles)
-            if meta and meta.get("sm90") and (arch != "sm90" or short):
-                continue  # the Hopper kernels are traps in the sm_80 pass; --short keeps the mma.sync table's picks
+            if meta and meta.get("sm90") and (arch != "sm90" or short and meta["kernel"] not in (
+                    "w8a8 sm90", f"w4a8 g{W4_GROUP} sm90")):
+                continue  # the Hopper kernels are traps in the sm_80 pass; --short: every tile, w8a8 and one group
             if meta is None:  # not a GEMM tile (e.g. the activation quantizer): no tile, threads unknown
                 if short and "bfloat16" not in names[name]:
                     continue  # --short: the bf16 instances only (what a bf16 DiT runs)
                 meta = {"kernel": _short_name(names[name]), "config": "", "threads": None, "dyn_smem": 0}
-            elif short and (meta["tile"] not in picked or meta["kernel"] not in ("w8a8", f"w4a8 g{W4_GROUP}")):
+            elif short and not meta.get("sm90") and (meta["tile"] not in picked or meta["kernel"] not in ("w8a8", f"w4a8 g{W4_GROUP}")):
                 continue
             found.append((meta, a))
         for meta, a in sorted(found, key=lambda x: (x[0].get("tile") is None, x[0]["kernel"], x[0].get("tile") or 0)):
