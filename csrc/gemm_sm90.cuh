@@ -119,7 +119,8 @@ struct Ring {
 };
 static_assert(sm90_smem_bytes(64, 128, 2, false) == 2 * (64 + 128) * 128 + 32, "smem formula and Ring agree");
 
-// Barrier init by one thread, then the producer loop (thread 0 only). Returns for every producer thread.
+// The producer warpgroup: gives its registers to the consumers, then thread 0 issues every TMA load (two boxes
+// per stage, both completing on the stage's full barrier). Returns for every producer thread.
 template <class T, bool W4>
 DITQ_DEVICE void produce(const Sm90Params& P, const Ring<T, W4>& ring, int m0, int n0, int KT) {
   ptx::setmaxnreg_dec<kProducerRegs>();
