@@ -3,6 +3,7 @@
 // the kernels as traps, and the binding never launches them on anything but an sm_90 GPU).
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <string>
 
 #include "gemm_sm90.cuh"
@@ -67,8 +68,17 @@ const char* dispatch_w4(const GemmParams& p, int tile, void* stream) {
 namespace ditq {
 
 bool gemm_sm90_available() {
-  int v = 0;
-  return cudaMemcpyFromSymbol(&v, gemm::sm90::kHasSm90aCode, sizeof(v)) == cudaSuccess && v == 1;
+  // Asked once per device (a device-to-host copy; every GEMM call asks): 0 unknown, 1 no, 2 yes.
+  static std::atomic<int> known[64];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  int k = known[dev].load(std::memory_order_relaxed);
+  if (k == 0) {
+    int v = 0;
+    k = cudaMemcpyFromSymbol(&v, gemm::sm90::kHasSm90aCode, sizeof(v)) == cudaSuccess && v == 1 ? 2 : 1;
+    known[dev].store(k, std::memory_order_relaxed);
+  }
+  return k == 2;
 }
 
 const char* gemm_w8a8_sm90_cuda(const GemmArgs& args, void* stream) {
