@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include "configs/gemm_tiles.h"
+#include "configs/gemm_tiles_sm90.h"
 #include "configs/kernel_families.h"
 #include "gemm.h"
 
@@ -79,6 +80,13 @@ inline GemmParams check_common(const char* op, const at::Tensor& a, const at::Te
 }
 
 inline int resolve_tile(int64_t tile, int arch, int64_t m, bool w4) {  // tile < 0: the table's choice
+  if (tile >= ditq::gemm::kSm90TileBase) {
+    const int count = w4 ? ditq::gemm::kSm90W4TileCount : ditq::gemm::kSm90W8TileCount;
+    TORCH_CHECK_VALUE(tile < ditq::gemm::kSm90TileBase + count, "GEMM tile ", tile, " is not in the Hopper ",
+                      w4 ? "W4A8" : "W8A8", " table (ids ", ditq::gemm::kSm90TileBase, "..",
+                      ditq::gemm::kSm90TileBase + count - 1, ")");
+    return static_cast<int>(tile);
+  }
   if (tile >= 0) {
     TORCH_CHECK_VALUE(tile < ditq::gemm::tile_count(), "GEMM tile ", tile, " is not in the table (",
                       ditq::gemm::tile_count(), " tiles)");
@@ -102,6 +110,66 @@ inline int resolve_splits(int64_t splits, int tile, int group, const GemmParams&
   return static_cast<int>(splits);
 }
 
+// ---- Hopper (sm_90a) dispatch: csrc/gemm_sm90.cuh ------------------------------------------------------------
+// The Hopper kernels run a problem when asked for by tile id (kSm90TileBase + i), or automatically (tile and
+// split count automatic, or splits = 1) on an sm_90 GPU this build has sm_90a code for, or in the emulator under
+// emulator_options(arch="sm_90a"), when they accept it (TMA's alignment rules, sm90_accepts) and the table has
+// a Hopper tile for the M bucket. Anything else runs the mma.sync kernels, which also run on sm_90.
+// Returns the Hopper tile id, or -1.
+inline int sm90_tile_for(const char* op, const GemmParams& p, bool w4, int64_t tile, int64_t splits, int arch,
+                         bool emulated) {
+  const bool accepts = ditq::gemm::sm90_accepts(p.K, w4, reinterpret_cast<uintptr_t>(p.a),
+                                                reinterpret_cast<uintptr_t>(p.w));
+  if (tile >= ditq::gemm::kSm90TileBase) {
+    resolve_tile(tile, arch, p.M, w4);  // checks the id
+    TORCH_CHECK_VALUE(splits < 0 || splits == 1, op, ": the Hopper tiles do not split K (splits must be 1 or "
+                      "automatic), got splits = ", splits);
+    TORCH_CHECK_VALUE(accepts, op, ": the Hopper tiles load by TMA, which needs 16-byte aligned rows and K % 16 "
+                      "== 0 (K = ", p.K, ")");
+    if (!emulated) {
+#if DITQ_WITH_CUDA
+      TORCH_CHECK_VALUE(arch == 90 && ditq::gemm_sm90_available(), op, ": Hopper tile ", tile, " needs an sm_90 "
+                        "GPU and a build with sm_90a code (TORCH_CUDA_ARCH_LIST=9.0a); this GPU is sm_", arch);
+#endif
+    }
+    return static_cast<int>(tile);
+  }
+  if (tile >= 0 || splits > 1 || !accepts || arch != 90) return -1;
+#if DITQ_WITH_CUDA
+  if (!emulated && !ditq::gemm_sm90_available()) return -1;
+#endif
+  const int i = ditq::gemm::pick_sm90_tile(static_cast<int>(std::min<int64_t>(p.M, 1 << 30)), w4);
+  return i < 0 ? -1 : ditq::gemm::kSm90TileBase + i;
+}
+
+// Allocates y, launches (or emulates) the Hopper tile `t` and checks the launch. No split-K.
+inline at::Tensor run_sm90(const char* op, GemmParams p, const at::Tensor& a, at::ScalarType out_dtype, int group,
+                           int t, bool emulated) {
+  const int i = t - ditq::gemm::kSm90TileBase;
+  int s[7];
+  ditq::gemm::sm90_tile_shape(i, group > 0, s);
+  TORCH_CHECK_VALUE((p.M + s[0] - 1) / s[0] <= 65535, op, ": M = ", p.M, " needs more than 65535 row tiles of ",
+                    s[0], " (the launch grid's y limit); split the batch");
+  p.splits = 1;
+  at::Tensor y = at::empty({p.M, p.N}, a.options().dtype(out_dtype));
+  p.out = y.data_ptr();
+  if (emulated) {
+    y.fill_(std::numeric_limits<float>::quiet_NaN());  // poison: an unwritten element shows as NaN
+    if (group > 0) ditq::gemm_w4a8_sm90_emulated({p, group, i});
+    else ditq::gemm_w8a8_sm90_emulated({p, 0, i});
+    return y;
+  }
+#if DITQ_WITH_CUDA
+  void* stream = at::cuda::getCurrentCUDAStream().stream();
+  const char* err = group > 0 ? ditq::gemm_w4a8_sm90_cuda({p, group, i}, stream)
+                              : ditq::gemm_w8a8_sm90_cuda({p, 0, i}, stream);
+  TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err ? err : "");
+  return y;
+#else
+  TORCH_CHECK(false, op, ": this build of ditq has no CUDA kernels (built without nvcc / CUDA torch)");
+#endif
+}
+
 // Runs one GEMM: allocates y (and the split-K workspace), picks the tile, launches on the current stream (or
 // emulates) and checks the launch.
 inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const std::optional<at::Tensor>& bias,
@@ -123,6 +191,11 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
   }
 #endif
   if (p.M == 0 || p.N == 0) return at::empty({p.M, p.N}, a.options().dtype(out_dtype));  // nothing to launch
+  {
+    const int hopper = sm90_tile_for(op, p, group > 0, tile, splits, emulated ? ditq::emulated_gemm_arch() : arch,
+                                     emulated);
+    if (hopper >= 0) return run_sm90(op, p, a, out_dtype, group, hopper, emulated);
+  }
   const int t = resolve_tile(tile, arch, p.M, group > 0);
   {
     int s[7];
@@ -218,6 +291,15 @@ inline std::vector<int64_t> tile_info(int64_t tile) {  // {BM, BN, BK, WARPS_M, 
   return std::vector<int64_t>(s, s + 7);
 }
 
+// {BM, BN, BK, STAGES, CONSUMERS, THREADS, smem bytes} of Hopper tile id `tile` (kSm90TileBase + i).
+inline std::vector<int64_t> sm90_tile_info(int64_t tile, bool w4) {
+  int s[7];
+  const int64_t i = tile - ditq::gemm::kSm90TileBase;
+  TORCH_CHECK_VALUE(i >= 0 && i < 1024 && ditq::gemm::sm90_tile_shape(static_cast<int>(i), w4, s), "no Hopper ",
+                    w4 ? "W4A8" : "W8A8", " GEMM tile ", tile);
+  return std::vector<int64_t>(s, s + 7);
+}
+
 inline int64_t pick(int64_t arch, int64_t m, bool w4) {
   return ditq::gemm::pick_tile(static_cast<int>(arch), static_cast<int>(std::min<int64_t>(m, 1 << 30)), w4);
 }
@@ -235,6 +317,7 @@ TORCH_LIBRARY_FRAGMENT(ditq_C, m) {
   m.def("gemm_tile_count() -> int", []() -> int64_t { return ditq::gemm::tile_count(); });
   m.def("gemm_tile_info(int tile) -> int[]", &ditq::gemm_binding::tile_info);
   m.def("gemm_pick_tile(int arch, int m, bool w4) -> int", &ditq::gemm_binding::pick);
+  m.def("gemm_sm90_tile_info(int tile, bool w4) -> int[]", &ditq::gemm_binding::sm90_tile_info);
 }
 
 TORCH_LIBRARY_IMPL(ditq_C, CPU, m) {

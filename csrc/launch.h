@@ -43,6 +43,10 @@ void emulator_get_options(int& order, uint64_t& seed, int& cp_async, bool& race_
 // of every global access against the buffers the launcher registered.
 void emulator_set_mem_check(bool on);
 bool emulator_get_mem_check();
+// Hopper: arch 0 sm_80 / 1 sm_90a (which kernels the emulated launchers pick); async_landing 0 at issue /
+// 1 lazily (TMA bytes at the first wait on their mbarrier, wgmma results at the retiring wait_group).
+void emulator_set_hopper(int arch, int async_landing);
+void emulator_get_hopper(int& arch, int& async_landing);
 
 // ---- what each family accepts (configs/kernel_families.h) as a JSON object: csrc/families.cpp ---------------
 std::string kernel_families_json();
@@ -81,5 +85,17 @@ const char* gemm_w8a8_cuda(const GemmArgs& args, void* stream);
 void gemm_w8a8_emulated(const GemmArgs& args);
 const char* gemm_w4a8_cuda(const GemmArgs& args, void* stream);
 void gemm_w4a8_emulated(const GemmArgs& args);
+
+// ---- Hopper int8 GEMMs (csrc/gemm_sm90.cuh, TMA + wgmma): GemmArgs.tile is an index into the sm90 lists of
+// configs/gemm_tiles_sm90.h (the binding strips kSm90TileBase); params.splits must be 1 (no split-K).
+const char* gemm_w8a8_sm90_cuda(const GemmArgs& args, void* stream);
+void gemm_w8a8_sm90_emulated(const GemmArgs& args);
+const char* gemm_w4a8_sm90_cuda(const GemmArgs& args, void* stream);
+void gemm_w4a8_sm90_emulated(const GemmArgs& args);
+// Whether the current GPU runs the Hopper kernels: this build loaded sm_90a code for it (a plain sm_90 build
+// has none). Real build only.
+bool gemm_sm90_available();
+// The architecture the emulated launch picks kernels for: 90 under emulator_options(arch="sm_90a"), else 80.
+int emulated_gemm_arch();
 
 }  // namespace ditq

@@ -47,10 +47,21 @@ enum class Order : int { Forward = 0, Reverse = 1, Random = 2 };
 // before the retiring wait.
 enum class CpAsync : int { Issue = 0, Wait = 1, Barrier = 2 };
 
+// Which kernels the launchers pick (emulated GEMM launchers read it): the sm_80 mma.sync kernels, or the
+// sm_90a wgmma / TMA / mbarrier ones.
+enum class Arch : int { Sm80 = 0, Sm90a = 1 };
+// When Hopper async work lands: TMA bytes in shared memory (and their complete_tx on the mbarrier), wgmma
+// results in the accumulators. Issue: at once. Wait (lazy): TMA bytes when a thread first waits on (or
+// try_waits) the barrier they complete on, wgmma results at the wgmma.wait_group that retires their group --
+// the latest a correct kernel may see them.
+enum class AsyncLanding : int { Issue = 0, Wait = 1 };
+
 struct Options {
   Order order = Order::Forward;
   uint64_t seed = 0;
   CpAsync cp_async = CpAsync::Wait;
+  Arch arch = Arch::Sm80;
+  AsyncLanding async_landing = AsyncLanding::Wait;
   bool race_check = false;  // shadow-memory race checker (and in-flight cp.async checks): on in the tests
   bool mem_check = true;    // global-memory checker (emu/global.h): bounds, read-only, unwritten reads
 };
@@ -86,7 +97,7 @@ inline std::string where(const char* file, int line) {
 
 // ---- per-thread and per-block state ------------------------------------------------------------------------
 enum class Run : int { Idle, Runnable, Blocked, Exited };
-enum class Wait : int { None, Barrier, Collective };
+enum class Wait : int { None, Barrier, Collective, Mbarrier };
 
 struct CpCopy {
   uint8_t* dst;
@@ -235,6 +246,15 @@ inline void block_here(Wait why, const char* what, const char* file, int line) {
   t.waiting = Wait::None;
 }
 
+// Fiber side: let the other runnable threads run first (a scheduling point that is not a wait): at
+// try_wait (a kernel may spin on it) and wgmma.wait_group (where a warpgroup's async work meets the rest).
+inline void yield_here() {
+  State& s = S();
+  Thread& t = *s.cur;
+  t.state = Run::Runnable;
+  if (!_setjmp(t.jb)) _longjmp(s.sched_jb, 1);
+}
+
 inline void release(Thread& t) {
   t.state = Run::Runnable;
 }
@@ -253,7 +273,12 @@ inline std::string id_ranges(const std::vector<int>& ids) {
   return out;
 }
 
-// Hooks implemented by shared.h / cp_async.h / warp.h.
+// Hooks implemented by shared.h / cp_async.h / warp.h / hopper.h.
+inline void hopper_begin_block();
+inline void hopper_end_block();
+inline void hopper_clear_marks();
+inline bool hopper_drain();
+inline std::string mbar_wait_detail(int tid);
 inline void shared_begin_block();
 inline void cp_async_land_all_at_barrier();
 inline void cp_async_end_block();
@@ -302,6 +327,7 @@ inline void deadlock_report() {
     }
     std::string w = std::string(t.wait_what) + " at " + where(t.wait_file, t.wait_line);
     if (t.waiting == Wait::Collective) w += " (warp " + std::to_string(t.warp) + ")";
+    if (t.waiting == Wait::Mbarrier) w += mbar_wait_detail(i);
     auto it = std::find_if(sites.begin(), sites.end(), [&](const Site& x) { return x.what == w; });
     if (it == sites.end()) sites.push_back({w, {i}});
     else it->ids.push_back(i);
@@ -325,6 +351,7 @@ inline void run_block(std::mt19937_64& rng) {
   ++s.epoch;
   shared_begin_block();
   warps_begin_block();
+  hopper_begin_block();
   for (int i = 0; i < n; ++i) {
     Thread& t = s.threads[i];
     if (!t.fiber_ready) init_fiber(t);
@@ -350,8 +377,13 @@ inline void run_block(std::mt19937_64& rng) {
       resume(t);
       if (s.failed) return;
     }
-    if (!progressed) deadlock_report();  // throws from the scheduler's context
+    if (!progressed) {
+      if (hopper_drain()) continue;  // in-flight TMA bytes land when nothing else can run
+      deadlock_report();             // throws from the scheduler's context
+    }
   }
+  hopper_end_block();
+  if (s.failed) return;
   cp_async_end_block();
 }
 
