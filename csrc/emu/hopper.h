@@ -293,6 +293,7 @@ inline void mbar_init(uint64_t* bar, uint32_t count, const char* file, int line)
   State& s = S();
   const int tid = s.cur->linear;
   HS().used = true;
+  ++S().actions;
   Region& r = locate(bar, 8, tid, "mbarrier.init", file, line);
   check_align(bar, 8, tid, "mbarrier.init", "shared", file, line);
   shadow_access(r, bar, 8, true, tid, "mbarrier.init", file, line);
@@ -325,6 +326,7 @@ inline void mbar_init(uint64_t* bar, uint32_t count, const char* file, int line)
 inline void mbar_fence_init(const char*, int) {
   const int tid = S().cur->linear;
   HS().used = true;
+  ++S().actions;
   for (auto& kv : HS().bars)
     if (kv.second.init_tid == tid) kv.second.fenced = true;
 }
@@ -354,6 +356,7 @@ inline void mbar_maybe_complete(uint64_t* bar, Mbar& m) {
 
 inline void mbar_arrive(uint64_t* bar, uint32_t tx, bool expect, const char* file, int line) {
   HS().used = true;
+  ++S().actions;
   Mbar& m = mbar_get(bar, expect ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive", file, line);
   if (m.pending == 0)
     fail("mbarrier", thread_desc(S().cur->linear) + ": mbarrier.arrive at " + where(file, line) + " on " +
@@ -430,17 +433,7 @@ inline bool tma_land_pending(const uint64_t* bar) {
   return any;
 }
 
-inline bool mbar_phase_done(const Mbar& m, uint32_t parity) { return (m.completed & 1u) != (parity & 1u); }
-
-inline bool mbar_try_wait(uint64_t* bar, uint32_t parity, const char* file, int line) {
-  HS().used = true;
-  mbar_get(bar, "mbarrier.try_wait", file, line);
-  if (S().opt.async_landing == AsyncLanding::Wait) tma_land_pending(bar);
-  if (mbar_phase_done(HS().bars[reinterpret_cast<uintptr_t>(bar)], parity)) return true;
-  yield_here();  // a kernel spinning on try_wait must let the others run
-  return false;
-}
-
+// What each thread blocked on (or spinning on) an mbarrier waits for.
 struct MbarWait {
   const uint64_t* bar = nullptr;
   uint32_t parity = 0;
@@ -448,6 +441,26 @@ struct MbarWait {
 inline std::vector<MbarWait>& mbar_waits() {
   static std::vector<MbarWait> w(1024);
   return w;
+}
+
+inline bool mbar_phase_done(const Mbar& m, uint32_t parity) { return (m.completed & 1u) != (parity & 1u); }
+
+inline bool mbar_try_wait(uint64_t* bar, uint32_t parity, const char* file, int line) {
+  HS().used = true;  // (no action: a try_wait that lands nothing and fails changes nothing -- not progress)
+  mbar_get(bar, "mbarrier.try_wait", file, line);
+  if (S().opt.async_landing == AsyncLanding::Wait && tma_land_pending(bar)) ++S().actions;
+  if (mbar_phase_done(HS().bars[reinterpret_cast<uintptr_t>(bar)], parity)) return true;
+  // A kernel spinning on try_wait must let the others run; if all it does is spin, the scheduler reports a
+  // deadlock listing it as waiting here.
+  Thread& t = *S().cur;
+  mbar_waits()[t.linear] = {bar, parity};
+  t.waiting = Wait::Mbarrier;
+  t.wait_what = "mbarrier_try_wait_parity (spinning)";
+  t.wait_file = file;
+  t.wait_line = line;
+  yield_here(true);
+  t.waiting = Wait::None;
+  return false;
 }
 
 inline void wake_waiters(const uint64_t* bar) {
@@ -458,6 +471,7 @@ inline void wake_waiters(const uint64_t* bar) {
 
 inline void mbar_wait(uint64_t* bar, uint32_t parity, const char* file, int line) {
   HS().used = true;
+  ++S().actions;
   mbar_get(bar, "mbarrier.try_wait (wait loop)", file, line);
   const int tid = S().cur->linear;
   for (;;) {
@@ -482,6 +496,7 @@ inline bool hopper_drain() { return tma_land_pending(nullptr); }
 
 inline void fence_proxy_async(const char*, int) {
   HS().used = true;
+  ++S().actions;
   ++SH().proxy_fences[S().cur->linear];
 }
 
@@ -498,6 +513,7 @@ inline void tma_load_2d(void* smem_dst, const TmaMap* map, int32_t c0, int32_t c
   const int tid = s.cur->linear;
   HopperState& h = HS();
   h.used = true;
+  ++S().actions;
   tma_check_map(map, "cp.async.bulk.tensor", file, line);
   Mbar& m = mbar_get(bar, "cp.async.bulk.tensor (its mbarrier)", file, line);
   if (!m.fenced)
@@ -587,6 +603,7 @@ inline void wg_complete(WgSlot& w, Compute&& compute) {
 
 inline void setmaxnreg(bool inc, int regs, const char* file, int line) {
   HS().used = true;
+  ++S().actions;
   WgSlot& w = wg_arrive(inc ? "setmaxnreg.inc" : "setmaxnreg.dec", file, line);
   const int l = S().cur->linear % 128;
   w.reg[l] = inc ? regs : -regs;
@@ -602,11 +619,13 @@ inline void setmaxnreg(bool inc, int regs, const char* file, int line) {
 // ---- wgmma -------------------------------------------------------------------------------------------------
 inline void wgmma_fence(const char*, int) {
   HS().used = true;
+  ++S().actions;
   ++HS().th[S().cur->linear].fences;
 }
 
 inline void wgmma_commit(const char*, int) {
   HS().used = true;
+  ++S().actions;
   HopperThread& t = HS().th[S().cur->linear];
   t.groups.push_back(std::move(t.open));
   t.open.clear();
@@ -645,6 +664,7 @@ inline void wgmma_retire(int tid, const WgPending& p, const char* file, int line
 
 inline void wgmma_wait(int n, const char* file, int line) {
   HS().used = true;
+  ++S().actions;
   const int tid = S().cur->linear;
   yield_here();  // let the other threads run up to here: async work overlapping them shows
   HopperThread& t = HS().th[tid];
@@ -730,6 +750,7 @@ inline void wgmma_s8(int n, int32_t* d, uint64_t desc_a, const uint32_t* a_regs,
   State& s = S();
   HopperState& h = HS();
   h.used = true;
+  ++S().actions;
   const int tid = s.cur->linear;
   WgSlot& w = wg_arrive(a_regs ? "wgmma.mma_async.s8 (register A)" : "wgmma.mma_async.s8", file, line);
   const int l = tid % 128;

@@ -235,6 +235,7 @@ inline void shadow_access(Region& r, const void* p, size_t n, bool write, int ti
 // The whole check of one shared access by thread `tid`.
 inline void shared_access(const void* p, size_t n, size_t align, bool write, int tid, const char* what,
                           const char* file, int line) {
+  ++S().actions;
   Region& r = locate(p, n, tid, what, file, line);
   check_align(p, align, tid, what, "shared", file, line);
   shadow_access(r, p, n, write, tid, what, file, line);

@@ -224,6 +224,45 @@ DITQ_GLOBAL void setmaxnreg_kernel(int* out) {
   out[t] = t;
 }
 
+// ---- an mbarrier ring with generic consumers -----------------------------------------------------------------
+// 3 stages of one 64-byte x 16-row box (no swizzle); thread 32 produces `tiles` tiles, warp 0 consumes them
+// with ld.shared after spinning on try_wait, and releases each stage (empty: 32 arrivals). 8 tiles take each
+// barrier through phases 0, 1, 0. The bug: the producer waits on empty with the parity of the phase instead
+// of its complement, so its first wait is for a release that never comes.
+template <bool kBug>
+DITQ_GLOBAL void ring_kernel(const __grid_constant__ ptx::TmaMap map, int tiles, uint8_t* out) {
+  DITQ_DYNAMIC_SHARED(uint8_t, smem);
+  DITQ_SHARED(uint64_t, full, 3);
+  DITQ_SHARED(uint64_t, empty, 3);
+  const int t = static_cast<int>(threadIdx.x);
+  if (t == 0) {
+    for (int s = 0; s < 3; ++s) {
+      ptx::mbarrier_init(&full[s], 1);
+      ptx::mbarrier_init(&empty[s], 32);  // @ring_init_empty
+    }
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+  if (t == 32) {
+    for (int i = 0; i < tiles; ++i) {
+      const int s = i % 3;
+      const uint32_t ph = static_cast<uint32_t>(i / 3) & 1u;
+      ptx::mbarrier_wait_parity(&empty[s], kBug ? ph : ph ^ 1u);  // @ring_wait_empty
+      ptx::mbarrier_arrive_expect_tx(&full[s], 1024);
+      ptx::tma_load_2d(smem + 1024 * s, &map, 0, 16 * i, &full[s]);
+    }
+  } else if (t < 32) {
+    for (int i = 0; i < tiles; ++i) {
+      const int s = i % 3;
+      const uint32_t ph = static_cast<uint32_t>(i / 3) & 1u;
+      while (!ptx::mbarrier_try_wait_parity(&full[s], ph)) {  // @ring_spin
+      }
+      for (int j = t; j < 1024; j += 32) ptx::st_global(out + 1024 * i + j, ptx::ld_shared(smem + 1024 * s + j));
+      ptx::mbarrier_arrive(&empty[s]);
+    }
+  }
+}
+
 // ---- runners -----------------------------------------------------------------------------------------------
 emu::Options options(int order, unsigned long long seed, int landing, int race_check) {
   emu::Options o;
@@ -400,6 +439,25 @@ int probe_setmaxnreg(int bug, int* out, char* kind, int kind_len, char* msg, int
         emu::Options o = options(0, 0, 1, 1);
         if (bug) emu::launch(dim3(1), dim3(128), 0, o, setmaxnreg_kernel<true>, out);
         else emu::launch(dim3(1), dim3(128), 0, o, setmaxnreg_kernel<false>, out);
+      },
+      kind, kind_len, msg, msg_len);
+}
+
+// The ring: g is [rows][64] bytes; out gets tiles x 16 rows (zero past `rows`).
+int probe_ring(int bug, const uint8_t* g, int rows, int tiles, uint8_t* out, int order, unsigned long long seed,
+               int landing, char* kind, int kind_len, char* msg, int msg_len) {
+  return guarded(
+      [&] {
+        alignas(64) ptx::TmaMap map;
+        std::string err;
+        if (!ptx::make_tma_map_2d(&map, g, 64, static_cast<uint64_t>(rows), 64, 64, 16, ptx::TmaSwizzle::None, &err))
+          throw std::invalid_argument(err);
+        const std::vector<emu::GlobalBuffer> bufs = {
+            {g, static_cast<size_t>(rows) * 64, "g", emu::Access::ReadOnly},
+            {out, static_cast<size_t>(tiles) * 1024, "out", emu::Access::Output}};
+        const emu::Options o = options(order, seed, landing, 1);
+        if (bug) emu::launch_checked(dim3(1), dim3(64), 3072, o, "ring", bufs, ring_kernel<true>, map, tiles, out);
+        else emu::launch_checked(dim3(1), dim3(64), 3072, o, "ring", bufs, ring_kernel<false>, map, tiles, out);
       },
       kind, kind_len, msg, msg_len);
 }

@@ -72,6 +72,7 @@ def load():
         lib.probe_gemm.argtypes = [c_i, c_i, c_p, c_p, c_i, c_i, c_i, c_i, c_i, c_p, c_i, c_ull, c_i, c_i] + err
         lib.probe_proxy_fence.argtypes = [c_i, c_p, c_p, c_p] + err
         lib.probe_setmaxnreg.argtypes = [c_i, c_p] + err
+        lib.probe_ring.argtypes = [c_i, c_p, c_i, c_i, c_p, c_i, c_ull, c_i] + err
         _lib = lib
     return _lib
 

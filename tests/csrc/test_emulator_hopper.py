@@ -303,3 +303,36 @@ def test_gemm_tile_is_exact_under_every_schedule_and_landing(n, m_real, n_real, 
                                       data_seed=seed + n)
             assert res.rc == 0, f"{order}/{seed}/{landing}: {res}"
             np.testing.assert_array_equal(out, want, err_msg=f"{order}/{seed}/{landing}")
+
+
+# ---- an mbarrier ring with generic consumers spinning on try_wait ---------------------------------------------
+def run_ring(bug, order="forward", seed=0, landing="wait", rows=117, tiles=8):
+    rng = np.random.default_rng(seed)
+    g = rng.integers(1, 256, (rows, 64), dtype=np.uint8)
+    out = np.full((tiles * 16, 64), 0xEE, dtype=np.uint8)
+    res = hp.call(hp.load().probe_ring, int(bug), hp.ptr(g), rows, tiles, hp.ptr(out), hp.ORDERS[order], seed,
+                  hp.LANDING[landing])
+    want = np.zeros_like(out)
+    want[:rows] = g
+    return res, out, want
+
+
+def test_mbarrier_ring_passes_data_through_three_stages_and_several_phases():
+    for order, seed in SCHEDULES:
+        for landing in LANDINGS:
+            res, out, want = run_ring(False, order, seed, landing)
+            assert res.rc == 0, f"{order}/{seed}/{landing}: {res}"
+            np.testing.assert_array_equal(out, want)
+
+
+def test_mbarrier_ring_with_a_wrong_producer_parity_is_a_deadlock_naming_both_waits():
+    """The spinning consumers are no progress: the report lists them at their try_wait and the producer at its
+    wait, with the empty barrier's state (0 of 32 arrivals: nobody has consumed anything)."""
+    for order, seed in SCHEDULES:
+        for landing in LANDINGS:
+            res, _, _ = run_ring(True, order, seed, landing)
+            assert res.rc == 1 and res.kind == "deadlock", res
+            assert "thread" in res.msg and hp.where("ring_wait_empty") in res.msg, res.msg
+            assert "mbarrier_try_wait_parity (spinning) at " + hp.where("ring_spin") in res.msg, res.msg
+            assert "initialised at " + hp.where("ring_init_empty") + " with count 32" in res.msg, res.msg
+            assert "0 of 32 arrivals" in res.msg, res.msg
