@@ -66,7 +66,8 @@ def load():
     if _lib is None:
         lib = ctypes.CDLL(build())
         err = [c_s, c_i, c_s, c_i]
-        lib.probe_tma.argtypes = [c_p, c_ull, c_ull, c_ull, c_u, c_u, c_i, c_i, c_i, c_i, c_ull, c_i, c_p] + err
+        lib.probe_tma.argtypes = [c_p, c_ull, c_ull, c_ull, c_u, c_u, c_i, c_i, c_i, c_i, c_i, c_ull, c_i, c_p] + err
+        lib.probe_misuse.argtypes = [c_i, c_p] + err
         lib.probe_tma_map_check.argtypes = [c_ull, c_ull, c_ull, c_ull, c_u, c_u, c_i, c_s, c_i]
         lib.probe_wgmma.argtypes = [c_i, c_p, c_i, c_p, c_p, c_i, c_p, c_i, c_p, c_p, c_i, c_i] + err
         lib.probe_gemm.argtypes = [c_i, c_i, c_p, c_p, c_i, c_i, c_i, c_i, c_i, c_p, c_i, c_ull, c_i, c_i] + err

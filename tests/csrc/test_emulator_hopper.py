@@ -215,12 +215,12 @@ def tma_model(g, inner, outer, stride, box_inner, box_outer, swz, c0, c1):
 
 
 def run_tma(swz, box_inner, box_outer, c0, c1, order="forward", seed=0, landing="wait", inner=100, outer=37,
-            stride=112):
+            stride=112, dst_offset=0):
     rng = np.random.default_rng(1)
     g = rng.integers(1, 256, (outer - 1) * stride + inner, dtype=np.uint8)  # no zeros: a zero-fill shows
     out = np.full(box_inner * box_outer, 0xEE, dtype=np.uint8)
     res = hp.call(hp.load().probe_tma, hp.ptr(g), inner, outer, stride, box_inner, box_outer, hp.SWIZZLES[swz], c0,
-                  c1, hp.ORDERS[order], seed, hp.LANDING[landing], hp.ptr(out))
+                  c1, dst_offset, hp.ORDERS[order], seed, hp.LANDING[landing], hp.ptr(out))
     return res, out, tma_model(g, inner, outer, stride, box_inner, box_outer, swz, c0, c1)
 
 
@@ -234,6 +234,16 @@ def test_tma_box_lands_swizzled_and_zero_filled(swz, box_inner):
                 assert res.rc == 0, res
                 np.testing.assert_array_equal(got, want, err_msg=f"{swz} box at ({c0}, {c1}) {order} {landing}")
     assert (want == 0).any() and (want != 0).any()
+
+
+@pytest.mark.parametrize("swz,box_inner,offset,align", [("none", 48, 64, 128), ("128B", 128, 512, 1024),
+                                                         ("64B", 64, 256, 512), ("32B", 32, 128, 256)])
+def test_tma_destination_alignment_is_checked(swz, box_inner, offset, align):
+    """128 bytes for any box; a swizzled one must start at its pattern's origin (8 rows of the span)."""
+    res, _, _ = run_tma(swz, box_inner, 8, 0, 0, dst_offset=offset)
+    assert res.rc == 1 and res.kind == "misaligned", res
+    assert f"needs a {align}-byte aligned shared destination" in res.msg and hp.where("tma_box") in res.msg, res.msg
+    assert run_tma(swz, box_inner, 8, 0, 0, dst_offset=align)[0].rc == 0
 
 
 def test_swizzle_model_matches_known_placements():
