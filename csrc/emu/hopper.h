@@ -366,13 +366,16 @@ inline void mbar_arrive(uint64_t* bar, uint32_t tx, bool expect, const char* fil
     m.expected += tx;
   }
   --m.pending;
+  ++SH().arrivals[S().cur->linear];
   mbar_maybe_complete(bar, m);
 }
 
 // An async-proxy write (a TMA load, at issue and when it lands) of [dst, dst + n): it must not overlap bytes
-// another async copy is about to write, nor bytes an unretired wgmma reads. (Its ordering against generic
-// readers of the previous contents goes through mbarriers, which the barrier-epoch race check does not see:
-// not checked.)
+// another async copy is about to write, nor bytes an unretired wgmma reads. Its ordering against generic
+// readers of the previous contents goes through mbarriers, which the barrier-epoch race check does not see;
+// what is checked: the first reader of each byte in this barrier interval must have arrived on some mbarrier
+// since its read (a stage released before it was read is reported when the producer refills it before the
+// reader's next arrival: partial, schedule-dependent).
 inline void async_write_check(uint8_t* dst, size_t n, int tid, const char* what, const char* file, int line,
                               bool landing = false) {
   if (!S().opt.race_check) return;
@@ -389,6 +392,12 @@ inline void async_write_check(uint8_t* dst, size_t n, int tid, const char* what,
            std::string(what) + " issued at " + where(file, line) + " by " + thread_desc(tid) + " writes " + byte() +
                " while the " + (sd.p_kind == kFlightTma ? "TMA load" : "cp.async") + " that " +
                thread_desc(sd.p_tid) + " issued at " + where(sd.p_file, sd.p_line) + " to it is still in flight");
+    if (sd.r_tid != -1 && sd.r_epoch == S().epoch && sd.r_first >= 0 && sd.r_first != tid &&
+        SH().arrivals[sd.r_first] <= sd.r_arr)
+      fail("race", std::string(what) + " issued at " + where(file, line) + " by " + thread_desc(tid) +
+                       (landing ? " lands in " : " writes ") + byte() + ", which " + thread_desc(sd.r_first) +
+                       " read at " + where(sd.r_file, sd.r_line) + " and has not released since (no mbarrier "
+                       "arrive by it after the read: a stage released before it was read?)");
     if (sd.a_count > 0)
       fail("race", std::string(what) + " issued at " + where(file, line) + " by " + thread_desc(tid) +
                        (landing ? " lands in " : " writes ") + byte() + ", which the wgmma issued at " +

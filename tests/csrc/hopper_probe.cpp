@@ -229,9 +229,10 @@ DITQ_GLOBAL void setmaxnreg_kernel(int* out) {
 // ---- an mbarrier ring with generic consumers -----------------------------------------------------------------
 // 3 stages of one 64-byte x 16-row box (no swizzle); thread 32 produces `tiles` tiles, warp 0 consumes them
 // with ld.shared after spinning on try_wait, and releases each stage (empty: 32 arrivals). 8 tiles take each
-// barrier through phases 0, 1, 0. The bug: the producer waits on empty with the parity of the phase instead
-// of its complement, so its first wait is for a release that never comes.
-template <bool kBug>
+// barrier through phases 0, 1, 0. Bug 1: the producer waits on empty with the parity of the phase instead
+// of its complement, so its first wait is for a release that never comes. Bug 2: the consumers release a
+// stage before reading it.
+template <int kBug>
 DITQ_GLOBAL void ring_kernel(const __grid_constant__ ptx::TmaMap map, int tiles, uint8_t* out) {
   DITQ_DYNAMIC_SHARED(uint8_t, smem);
   DITQ_SHARED(uint64_t, full, 3);
@@ -249,9 +250,9 @@ DITQ_GLOBAL void ring_kernel(const __grid_constant__ ptx::TmaMap map, int tiles,
     for (int i = 0; i < tiles; ++i) {
       const int s = i % 3;
       const uint32_t ph = static_cast<uint32_t>(i / 3) & 1u;
-      ptx::mbarrier_wait_parity(&empty[s], kBug ? ph : ph ^ 1u);  // @ring_wait_empty
+      ptx::mbarrier_wait_parity(&empty[s], kBug == 1 ? ph : ph ^ 1u);  // @ring_wait_empty
       ptx::mbarrier_arrive_expect_tx(&full[s], 1024);
-      ptx::tma_load_2d(smem + 1024 * s, &map, 0, 16 * i, &full[s]);
+      ptx::tma_load_2d(smem + 1024 * s, &map, 0, 16 * i, &full[s]);  // @ring_tma
     }
   } else if (t < 32) {
     for (int i = 0; i < tiles; ++i) {
@@ -259,8 +260,12 @@ DITQ_GLOBAL void ring_kernel(const __grid_constant__ ptx::TmaMap map, int tiles,
       const uint32_t ph = static_cast<uint32_t>(i / 3) & 1u;
       while (!ptx::mbarrier_try_wait_parity(&full[s], ph)) {  // @ring_spin
       }
-      for (int j = t; j < 1024; j += 32) ptx::st_global(out + 1024 * i + j, ptx::ld_shared(smem + 1024 * s + j));
-      ptx::mbarrier_arrive(&empty[s]);
+      if (kBug == 2) ptx::mbarrier_arrive(&empty[s]);
+      for (int j = t; j < 1024; j += 32) {
+        const uint8_t v = ptx::ld_shared(smem + 1024 * s + j);  // @ring_read
+        ptx::st_global(out + 1024 * i + j, v);
+      }
+      if (kBug != 2) ptx::mbarrier_arrive(&empty[s]);
     }
   }
 }
@@ -490,8 +495,9 @@ int probe_ring(int bug, const uint8_t* g, int rows, int tiles, uint8_t* out, int
             {g, static_cast<size_t>(rows) * 64, "g", emu::Access::ReadOnly},
             {out, static_cast<size_t>(tiles) * 1024, "out", emu::Access::Output}};
         const emu::Options o = options(order, seed, landing, 1);
-        if (bug) emu::launch_checked(dim3(1), dim3(64), 3072, o, "ring", bufs, ring_kernel<true>, map, tiles, out);
-        else emu::launch_checked(dim3(1), dim3(64), 3072, o, "ring", bufs, ring_kernel<false>, map, tiles, out);
+        if (bug == 1) emu::launch_checked(dim3(1), dim3(64), 3072, o, "ring", bufs, ring_kernel<1>, map, tiles, out);
+        else if (bug == 2) emu::launch_checked(dim3(1), dim3(64), 3072, o, "ring", bufs, ring_kernel<2>, map, tiles, out);
+        else emu::launch_checked(dim3(1), dim3(64), 3072, o, "ring", bufs, ring_kernel<0>, map, tiles, out);
       },
       kind, kind_len, msg, msg_len);
 }

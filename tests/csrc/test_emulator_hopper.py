@@ -346,3 +346,14 @@ def test_mbarrier_ring_with_a_wrong_producer_parity_is_a_deadlock_naming_both_wa
             assert "mbarrier_try_wait_parity (spinning) at " + hp.where("ring_spin") in res.msg, res.msg
             assert "initialised at " + hp.where("ring_init_empty") + " with count 32" in res.msg, res.msg
             assert "0 of 32 arrivals" in res.msg, res.msg
+
+
+def test_mbarrier_ring_releasing_a_stage_before_reading_it_is_a_race():
+    """The consumers arrive on `empty` before their ld.shared of the stage: the producer's next TMA load into it
+    is reported at issue, naming the reader's line (the reader has not arrived on any mbarrier since)."""
+    for order, seed in SCHEDULES:
+        for landing in LANDINGS:
+            res, _, _ = run_ring(2, order, seed, landing)
+            assert res.rc == 1 and res.kind == "race", res
+            assert hp.where("ring_tma") in res.msg and hp.where("ring_read") in res.msg, res.msg
+            assert "has not released since" in res.msg, res.msg
