@@ -16,8 +16,10 @@
 // the hardware rule, so a wait for parity 1 on a fresh barrier passes at once (the idiom for "empty" barriers)
 // and a consumer waiting with the wrong parity on a "full" barrier passes too early: it then reads bytes still
 // in flight or never written, which the race checker reports. A wait that can never be satisfied blocks the
-// thread; when no thread can run, in-flight TMA bytes are landed first, and if that does not help the
-// deadlock report names each barrier waited on, its phase, and its expected vs received arrivals and bytes.
+// thread (mbarrier_wait_parity) or keeps it spinning (a try_wait loop: each failed try_wait yields, and a
+// round of nothing but failed try_waits is no progress); when no thread can make progress, in-flight TMA
+// bytes are landed first, and if that does not help the deadlock report names each barrier waited on, its
+// phase, and its expected vs received arrivals and bytes.
 // Use before init, re-init of a barrier with a phase in progress, more arrivals than the count, and a TMA
 // completing on a barrier whose init was not followed by fence.mbarrier_init are reported ("mbarrier").
 //
@@ -29,7 +31,8 @@
 // from the barrier's transaction count. The destination is in flight (race checker) from issue until the
 // phase those bytes landed on completes: an expect_tx that is too small completes a phase early, the rest of
 // the bytes count toward the next phase, and a consumer reading them is reported; one that is too large never
-// completes (deadlock report with the byte counts).
+// completes (deadlock report with the byte counts). A TMA load may not overwrite bytes an unretired wgmma
+// reads, nor bytes whose first generic reader in this barrier interval has not arrived on an mbarrier since.
 //
 // ---- wgmma -------------------------------------------------------------------------------------------------
 // wgmma.mma_async is a warpgroup collective (128 threads, warps 4k..4k+3, same call site): the last thread to
