@@ -373,6 +373,11 @@ void gemm_n(int n, const emu::Options& o, const int8_t* a, const int8_t* b, int 
 
 }  // namespace
 
+// Built with -fvisibility=hidden (hopper_probe.py): the emulator's inline functions and their static state
+// (emu::S(), SH(), HS()...) bind inside this library even when a process has also loaded ditq._C, which
+// carries its own copies of them (possibly from other sources: a stale build would otherwise interpose them).
+// Only the probe entry points below are exported.
+#pragma GCC visibility push(default)
 extern "C" {
 
 // One TMA box (1-byte elements) of g [outer][stride] into shared memory, read back raw into out.
@@ -516,3 +521,4 @@ int probe_misuse(int mode, const uint8_t* g, char* kind, int kind_len, char* msg
 }
 
 }  // extern "C"
+#pragma GCC visibility pop

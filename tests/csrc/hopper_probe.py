@@ -53,8 +53,9 @@ def build() -> str:
     out = os.path.join(out_dir, f"libhopper_probe_{h.hexdigest()[:16]}.so")
     if not os.path.exists(out):
         tmp = f"{out}.{os.getpid()}.tmp"
+        # hidden visibility: the emulator's inline state stays private to this library (see hopper_probe.cpp)
         cmd = [cxx, "-O1", "-std=c++17", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas", "-Wno-psabi", "-shared",
-               "-fPIC", "-I", CSRC, SOURCE, "-o", tmp]
+               "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-I", CSRC, SOURCE, "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0, f"building the Hopper probes failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
         os.replace(tmp, out)  # atomic: parallel test workers never load a half-written library
