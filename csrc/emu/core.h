@@ -116,6 +116,7 @@ struct Thread {
   uint3 tid{0, 0, 0};
   int linear = 0, warp = 0, lane = 0;
   Wait waiting = Wait::None;
+  bool spinning = false;  // yielded from a try_wait that failed: no progress until someone else moves
   const char* wait_file = "";
   int wait_line = 0;
   const char* wait_what = "";
@@ -147,6 +148,8 @@ struct State {
   bool failed = false;
   std::string fail_kind, fail_msg;
   std::string kernel;  // the kernel's name, when the launcher gave one (launch_checked): for reports
+  uint64_t actions = 0;  // bumped by every memory access, barrier and async operation: tells a thread that
+                         // only spun on a failed try_wait (no progress) from one that did something
 };
 
 inline State& S() {
@@ -248,11 +251,15 @@ inline void block_here(Wait why, const char* what, const char* file, int line) {
 
 // Fiber side: let the other runnable threads run first (a scheduling point that is not a wait): at
 // try_wait (a kernel may spin on it) and wgmma.wait_group (where a warpgroup's async work meets the rest).
-inline void yield_here() {
+// A spinning yield (a failed try_wait) is not progress: a round in which every runnable thread only spins
+// is a deadlock (reported with the spin's what / line, set by the caller).
+inline void yield_here(bool spinning = false) {
   State& s = S();
   Thread& t = *s.cur;
   t.state = Run::Runnable;
+  t.spinning = spinning;
   if (!_setjmp(t.jb)) _longjmp(s.sched_jb, 1);
+  t.spinning = false;
 }
 
 inline void release(Thread& t) {
@@ -290,6 +297,7 @@ inline void warps_begin_block();
 // luck depending on the architecture).
 inline void syncthreads(const char* file, int line) {
   State& s = S();
+  ++s.actions;
   Thread& t = *s.cur;
   if (s.bar_arrived == 0) {
     s.bar_file = file;
@@ -360,6 +368,7 @@ inline void run_block(std::mt19937_64& rng) {
     t.warp = i / 32;
     t.lane = i % 32;
     t.waiting = Wait::None;
+    t.spinning = false;
     t.shared_decl = 0;
     t.open_group.clear();
     t.groups.clear();
@@ -373,9 +382,10 @@ inline void run_block(std::mt19937_64& rng) {
     for (int i : order) {
       Thread& t = s.threads[i];
       if (t.state != Run::Runnable) continue;
-      progressed = true;
+      const uint64_t actions = s.actions;
       resume(t);
       if (s.failed) return;
+      if (!t.spinning || s.actions != actions) progressed = true;
     }
     if (!progressed) {
       if (hopper_drain()) continue;  // in-flight TMA bytes land when nothing else can run

@@ -16,8 +16,10 @@
 // the hardware rule, so a wait for parity 1 on a fresh barrier passes at once (the idiom for "empty" barriers)
 // and a consumer waiting with the wrong parity on a "full" barrier passes too early: it then reads bytes still
 // in flight or never written, which the race checker reports. A wait that can never be satisfied blocks the
-// thread; when no thread can run, in-flight TMA bytes are landed first, and if that does not help the
-// deadlock report names each barrier waited on, its phase, and its expected vs received arrivals and bytes.
+// thread (mbarrier_wait_parity) or keeps it spinning (a try_wait loop: each failed try_wait yields, and a
+// round of nothing but failed try_waits is no progress); when no thread can make progress, in-flight TMA
+// bytes are landed first, and if that does not help the deadlock report names each barrier waited on, its
+// phase, and its expected vs received arrivals and bytes.
 // Use before init, re-init of a barrier with a phase in progress, more arrivals than the count, and a TMA
 // completing on a barrier whose init was not followed by fence.mbarrier_init are reported ("mbarrier").
 //
@@ -29,7 +31,8 @@
 // from the barrier's transaction count. The destination is in flight (race checker) from issue until the
 // phase those bytes landed on completes: an expect_tx that is too small completes a phase early, the rest of
 // the bytes count toward the next phase, and a consumer reading them is reported; one that is too large never
-// completes (deadlock report with the byte counts).
+// completes (deadlock report with the byte counts). A TMA load may not overwrite bytes an unretired wgmma
+// reads, nor bytes whose first generic reader in this barrier interval has not arrived on an mbarrier since.
 //
 // ---- wgmma -------------------------------------------------------------------------------------------------
 // wgmma.mma_async is a warpgroup collective (128 threads, warps 4k..4k+3, same call site): the last thread to
@@ -293,6 +296,7 @@ inline void mbar_init(uint64_t* bar, uint32_t count, const char* file, int line)
   State& s = S();
   const int tid = s.cur->linear;
   HS().used = true;
+  ++S().actions;
   Region& r = locate(bar, 8, tid, "mbarrier.init", file, line);
   check_align(bar, 8, tid, "mbarrier.init", "shared", file, line);
   shadow_access(r, bar, 8, true, tid, "mbarrier.init", file, line);
@@ -325,6 +329,7 @@ inline void mbar_init(uint64_t* bar, uint32_t count, const char* file, int line)
 inline void mbar_fence_init(const char*, int) {
   const int tid = S().cur->linear;
   HS().used = true;
+  ++S().actions;
   for (auto& kv : HS().bars)
     if (kv.second.init_tid == tid) kv.second.fenced = true;
 }
@@ -354,6 +359,7 @@ inline void mbar_maybe_complete(uint64_t* bar, Mbar& m) {
 
 inline void mbar_arrive(uint64_t* bar, uint32_t tx, bool expect, const char* file, int line) {
   HS().used = true;
+  ++S().actions;
   Mbar& m = mbar_get(bar, expect ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive", file, line);
   if (m.pending == 0)
     fail("mbarrier", thread_desc(S().cur->linear) + ": mbarrier.arrive at " + where(file, line) + " on " +
@@ -363,13 +369,16 @@ inline void mbar_arrive(uint64_t* bar, uint32_t tx, bool expect, const char* fil
     m.expected += tx;
   }
   --m.pending;
+  ++SH().arrivals[S().cur->linear];
   mbar_maybe_complete(bar, m);
 }
 
 // An async-proxy write (a TMA load, at issue and when it lands) of [dst, dst + n): it must not overlap bytes
-// another async copy is about to write, nor bytes an unretired wgmma reads. (Its ordering against generic
-// readers of the previous contents goes through mbarriers, which the barrier-epoch race check does not see:
-// not checked.)
+// another async copy is about to write, nor bytes an unretired wgmma reads. Its ordering against generic
+// readers of the previous contents goes through mbarriers, which the barrier-epoch race check does not see;
+// what is checked: the first reader of each byte in this barrier interval must have arrived on some mbarrier
+// since its read (a stage released before it was read is reported when the producer refills it before the
+// reader's next arrival: partial, schedule-dependent).
 inline void async_write_check(uint8_t* dst, size_t n, int tid, const char* what, const char* file, int line,
                               bool landing = false) {
   if (!S().opt.race_check) return;
@@ -386,6 +395,12 @@ inline void async_write_check(uint8_t* dst, size_t n, int tid, const char* what,
            std::string(what) + " issued at " + where(file, line) + " by " + thread_desc(tid) + " writes " + byte() +
                " while the " + (sd.p_kind == kFlightTma ? "TMA load" : "cp.async") + " that " +
                thread_desc(sd.p_tid) + " issued at " + where(sd.p_file, sd.p_line) + " to it is still in flight");
+    if (sd.r_tid != -1 && sd.r_epoch == S().epoch && sd.r_first >= 0 && sd.r_first != tid &&
+        SH().arrivals[sd.r_first] <= sd.r_arr)
+      fail("race", std::string(what) + " issued at " + where(file, line) + " by " + thread_desc(tid) +
+                       (landing ? " lands in " : " writes ") + byte() + ", which " + thread_desc(sd.r_first) +
+                       " read at " + where(sd.r_file, sd.r_line) + " and has not released since (no mbarrier "
+                       "arrive by it after the read: a stage released before it was read?)");
     if (sd.a_count > 0)
       fail("race", std::string(what) + " issued at " + where(file, line) + " by " + thread_desc(tid) +
                        (landing ? " lands in " : " writes ") + byte() + ", which the wgmma issued at " +
@@ -430,17 +445,7 @@ inline bool tma_land_pending(const uint64_t* bar) {
   return any;
 }
 
-inline bool mbar_phase_done(const Mbar& m, uint32_t parity) { return (m.completed & 1u) != (parity & 1u); }
-
-inline bool mbar_try_wait(uint64_t* bar, uint32_t parity, const char* file, int line) {
-  HS().used = true;
-  mbar_get(bar, "mbarrier.try_wait", file, line);
-  if (S().opt.async_landing == AsyncLanding::Wait) tma_land_pending(bar);
-  if (mbar_phase_done(HS().bars[reinterpret_cast<uintptr_t>(bar)], parity)) return true;
-  yield_here();  // a kernel spinning on try_wait must let the others run
-  return false;
-}
-
+// What each thread blocked on (or spinning on) an mbarrier waits for.
 struct MbarWait {
   const uint64_t* bar = nullptr;
   uint32_t parity = 0;
@@ -448,6 +453,26 @@ struct MbarWait {
 inline std::vector<MbarWait>& mbar_waits() {
   static std::vector<MbarWait> w(1024);
   return w;
+}
+
+inline bool mbar_phase_done(const Mbar& m, uint32_t parity) { return (m.completed & 1u) != (parity & 1u); }
+
+inline bool mbar_try_wait(uint64_t* bar, uint32_t parity, const char* file, int line) {
+  HS().used = true;  // (no action: a try_wait that lands nothing and fails changes nothing -- not progress)
+  mbar_get(bar, "mbarrier.try_wait", file, line);
+  if (S().opt.async_landing == AsyncLanding::Wait && tma_land_pending(bar)) ++S().actions;
+  if (mbar_phase_done(HS().bars[reinterpret_cast<uintptr_t>(bar)], parity)) return true;
+  // A kernel spinning on try_wait must let the others run; if all it does is spin, the scheduler reports a
+  // deadlock listing it as waiting here.
+  Thread& t = *S().cur;
+  mbar_waits()[t.linear] = {bar, parity};
+  t.waiting = Wait::Mbarrier;
+  t.wait_what = "mbarrier_try_wait_parity (spinning)";
+  t.wait_file = file;
+  t.wait_line = line;
+  yield_here(true);
+  t.waiting = Wait::None;
+  return false;
 }
 
 inline void wake_waiters(const uint64_t* bar) {
@@ -458,6 +483,7 @@ inline void wake_waiters(const uint64_t* bar) {
 
 inline void mbar_wait(uint64_t* bar, uint32_t parity, const char* file, int line) {
   HS().used = true;
+  ++S().actions;
   mbar_get(bar, "mbarrier.try_wait (wait loop)", file, line);
   const int tid = S().cur->linear;
   for (;;) {
@@ -482,6 +508,7 @@ inline bool hopper_drain() { return tma_land_pending(nullptr); }
 
 inline void fence_proxy_async(const char*, int) {
   HS().used = true;
+  ++S().actions;
   ++SH().proxy_fences[S().cur->linear];
 }
 
@@ -498,6 +525,7 @@ inline void tma_load_2d(void* smem_dst, const TmaMap* map, int32_t c0, int32_t c
   const int tid = s.cur->linear;
   HopperState& h = HS();
   h.used = true;
+  ++S().actions;
   tma_check_map(map, "cp.async.bulk.tensor", file, line);
   Mbar& m = mbar_get(bar, "cp.async.bulk.tensor (its mbarrier)", file, line);
   if (!m.fenced)
@@ -587,6 +615,7 @@ inline void wg_complete(WgSlot& w, Compute&& compute) {
 
 inline void setmaxnreg(bool inc, int regs, const char* file, int line) {
   HS().used = true;
+  ++S().actions;
   WgSlot& w = wg_arrive(inc ? "setmaxnreg.inc" : "setmaxnreg.dec", file, line);
   const int l = S().cur->linear % 128;
   w.reg[l] = inc ? regs : -regs;
@@ -602,11 +631,13 @@ inline void setmaxnreg(bool inc, int regs, const char* file, int line) {
 // ---- wgmma -------------------------------------------------------------------------------------------------
 inline void wgmma_fence(const char*, int) {
   HS().used = true;
+  ++S().actions;
   ++HS().th[S().cur->linear].fences;
 }
 
 inline void wgmma_commit(const char*, int) {
   HS().used = true;
+  ++S().actions;
   HopperThread& t = HS().th[S().cur->linear];
   t.groups.push_back(std::move(t.open));
   t.open.clear();
@@ -645,6 +676,7 @@ inline void wgmma_retire(int tid, const WgPending& p, const char* file, int line
 
 inline void wgmma_wait(int n, const char* file, int line) {
   HS().used = true;
+  ++S().actions;
   const int tid = S().cur->linear;
   yield_here();  // let the other threads run up to here: async work overlapping them shows
   HopperThread& t = HS().th[tid];
@@ -730,6 +762,7 @@ inline void wgmma_s8(int n, int32_t* d, uint64_t desc_a, const uint32_t* a_regs,
   State& s = S();
   HopperState& h = HS();
   h.used = true;
+  ++S().actions;
   const int tid = s.cur->linear;
   WgSlot& w = wg_arrive(a_regs ? "wgmma.mma_async.s8 (register A)" : "wgmma.mma_async.s8", file, line);
   const int l = tid % 128;

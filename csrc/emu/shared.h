@@ -42,6 +42,8 @@ struct Shadow {
   int32_t w_tid = -1, r_tid = -1, r_warp = -1, p_tid = -1;
   int32_t w_line = 0, r_line = 0, p_line = 0;
   uint32_t w_fence = 0;   // the writer's fence.proxy.async count when it wrote
+  int32_t r_first = -1;   // the first reader of this epoch (kept when r_tid becomes kManyReaders) ...
+  uint32_t r_arr = 0;     // ... and its mbarrier-arrive count when it read
   int32_t a_tid = -1, a_line = 0;  // an in-flight wgmma reading this byte (issued by a_tid's warpgroup)
   uint16_t a_count = 0;   // how many unretired wgmmas read it
   uint8_t p_kind = 0;     // what p_tid's in-flight write is: kFlightCpAsync or kFlightTma
@@ -68,6 +70,7 @@ struct SharedState {
   uint64_t warp_sync[32] = {};  // per warp of the block: its collective count (monotonic across blocks)
   uint64_t block_epoch = 0;     // the epoch the current block started in: older shadow writes are stale
   uint32_t proxy_fences[1024] = {};  // per thread of the block: its fence.proxy.async count
+  uint32_t arrivals[1024] = {};      // per thread of the block: its mbarrier arrive count
   SharedState() {
     // 1024-aligned like the device's dynamic shared memory: a kernel that aligns a swizzled tile by its
     // pointer gets the same offsets here.
@@ -94,6 +97,7 @@ inline void shared_begin_block() {
   sh.stat.size = 0;
   sh.block_epoch = S().epoch;
   std::memset(sh.proxy_fences, 0, sizeof(sh.proxy_fences));
+  std::memset(sh.arrivals, 0, sizeof(sh.arrivals));
   std::memset(sh.dyn.base, kPoison, sh.dyn.size);
   if (S().opt.race_check && sh.dyn.shadow.size() < sh.dyn.size) sh.dyn.shadow.resize(sh.dyn.size);
 }
@@ -224,6 +228,8 @@ inline void shadow_access(Region& r, const void* p, size_t n, bool write, int ti
       sd.r_sync = sync;
       sd.r_file = file;
       sd.r_line = line;
+      sd.r_first = tid;
+      sd.r_arr = SH().arrivals[tid];
     } else if (sd.r_tid != tid) {
       sd.r_tid = kManyReaders;  // keeps the first reader's line for the report
       if (sd.r_warp != tid / 32) sd.r_warp = -1;
@@ -235,6 +241,7 @@ inline void shadow_access(Region& r, const void* p, size_t n, bool write, int ti
 // The whole check of one shared access by thread `tid`.
 inline void shared_access(const void* p, size_t n, size_t align, bool write, int tid, const char* what,
                           const char* file, int line) {
+  ++S().actions;
   Region& r = locate(p, n, tid, what, file, line);
   check_align(p, align, tid, what, "shared", file, line);
   shadow_access(r, p, n, write, tid, what, file, line);

@@ -20,8 +20,10 @@ namespace {
 
 // ---- TMA box probe -----------------------------------------------------------------------------------------
 // Thread 0 loads one box; everyone waits; the block copies the raw shared bytes (swizzled) out.
-DITQ_GLOBAL void tma_box_kernel(const __grid_constant__ ptx::TmaMap map, int c0, int c1, int bytes, uint8_t* out) {
-  DITQ_DYNAMIC_SHARED(uint8_t, smem);
+DITQ_GLOBAL void tma_box_kernel(const __grid_constant__ ptx::TmaMap map, int c0, int c1, int bytes, int dst_offset,
+                                uint8_t* out) {
+  DITQ_DYNAMIC_SHARED(uint8_t, dyn);
+  uint8_t* smem = dyn + dst_offset;
   DITQ_SHARED(uint64_t, bar, 1);
   const int t = static_cast<int>(threadIdx.x);
   if (t == 0) {
@@ -32,7 +34,7 @@ DITQ_GLOBAL void tma_box_kernel(const __grid_constant__ ptx::TmaMap map, int c0,
   if (t == 0) {
     ptx::prefetch_tma_map(&map);
     ptx::mbarrier_arrive_expect_tx(&bar[0], static_cast<uint32_t>(bytes));
-    ptx::tma_load_2d(smem, &map, c0, c1, &bar[0]);
+    ptx::tma_load_2d(smem, &map, c0, c1, &bar[0]);  // @tma_box
   }
   ptx::mbarrier_wait_parity(&bar[0], 0);
   for (int i = t; i < bytes; i += static_cast<int>(blockDim.x)) ptx::st_global(out + i, ptx::ld_shared(smem + i));
@@ -224,6 +226,81 @@ DITQ_GLOBAL void setmaxnreg_kernel(int* out) {
   out[t] = t;
 }
 
+// ---- an mbarrier ring with generic consumers -----------------------------------------------------------------
+// 3 stages of one 64-byte x 16-row box (no swizzle); thread 32 produces `tiles` tiles, warp 0 consumes them
+// with ld.shared after spinning on try_wait, and releases each stage (empty: 32 arrivals). 8 tiles take each
+// barrier through phases 0, 1, 0. Bug 1: the producer waits on empty with the parity of the phase instead
+// of its complement, so its first wait is for a release that never comes. Bug 2: the consumers release a
+// stage before reading it.
+template <int kBug>
+DITQ_GLOBAL void ring_kernel(const __grid_constant__ ptx::TmaMap map, int tiles, uint8_t* out) {
+  DITQ_DYNAMIC_SHARED(uint8_t, smem);
+  DITQ_SHARED(uint64_t, full, 3);
+  DITQ_SHARED(uint64_t, empty, 3);
+  const int t = static_cast<int>(threadIdx.x);
+  if (t == 0) {
+    for (int s = 0; s < 3; ++s) {
+      ptx::mbarrier_init(&full[s], 1);
+      ptx::mbarrier_init(&empty[s], 32);  // @ring_init_empty
+    }
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+  if (t == 32) {
+    for (int i = 0; i < tiles; ++i) {
+      const int s = i % 3;
+      const uint32_t ph = static_cast<uint32_t>(i / 3) & 1u;
+      ptx::mbarrier_wait_parity(&empty[s], kBug == 1 ? ph : ph ^ 1u);  // @ring_wait_empty
+      ptx::mbarrier_arrive_expect_tx(&full[s], 1024);
+      ptx::tma_load_2d(smem + 1024 * s, &map, 0, 16 * i, &full[s]);  // @ring_tma
+    }
+  } else if (t < 32) {
+    for (int i = 0; i < tiles; ++i) {
+      const int s = i % 3;
+      const uint32_t ph = static_cast<uint32_t>(i / 3) & 1u;
+      while (!ptx::mbarrier_try_wait_parity(&full[s], ph)) {  // @ring_spin
+      }
+      if (kBug == 2) ptx::mbarrier_arrive(&empty[s]);
+      for (int j = t; j < 1024; j += 32) {
+        const uint8_t v = ptx::ld_shared(smem + 1024 * s + j);  // @ring_read
+        ptx::st_global(out + 1024 * i + j, v);
+      }
+      if (kBug != 2) ptx::mbarrier_arrive(&empty[s]);
+    }
+  }
+}
+
+// ---- misuse of mbarriers and TMA, one per mode ----------------------------------------------------------------
+// 1: re-init of a barrier whose phase is in progress; 2: more arrivals than the count in one phase (the
+// phase still waiting for transaction bytes); 3: a TMA load nobody waits for (the block exits with it in
+// flight); 4: prefetch of a map never built.
+DITQ_GLOBAL void misuse_kernel(const __grid_constant__ ptx::TmaMap map, int mode) {
+  DITQ_DYNAMIC_SHARED(uint8_t, smem);
+  DITQ_SHARED(uint64_t, bar, 1);
+  const int t = static_cast<int>(threadIdx.x);
+  if (t == 0) {
+    ptx::mbarrier_init(&bar[0], 2);
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+  if (mode == 1 && t == 0) {
+    ptx::mbarrier_arrive(&bar[0]);
+    ptx::mbarrier_init(&bar[0], 2);  // @misuse_reinit
+  }
+  // (An arrival after the phase completed counts toward the next phase: the extra one must come while the
+  // phase still waits for bytes.)
+  if (mode == 2 && t == 0) ptx::mbarrier_arrive_expect_tx(&bar[0], 1024);
+  if (mode == 2 && (t == 1 || t == 2)) ptx::mbarrier_arrive(&bar[0]);  // @misuse_extra_arrive
+  if (mode == 3 && t == 0) {
+    ptx::mbarrier_arrive_expect_tx(&bar[0], 1024);
+    ptx::tma_load_2d(smem, &map, 0, 0, &bar[0]);  // @misuse_unwaited_tma
+  }
+  if (mode == 4 && t == 0) {
+    const ptx::TmaMap unbuilt{};
+    ptx::prefetch_tma_map(&unbuilt);  // @misuse_unbuilt_map
+  }
+}
+
 // ---- runners -----------------------------------------------------------------------------------------------
 emu::Options options(int order, unsigned long long seed, int landing, int race_check) {
   emu::Options o;
@@ -296,12 +373,17 @@ void gemm_n(int n, const emu::Options& o, const int8_t* a, const int8_t* b, int 
 
 }  // namespace
 
+// Built with -fvisibility=hidden (hopper_probe.py): the emulator's inline functions and their static state
+// (emu::S(), SH(), HS()...) bind inside this library even when a process has also loaded ditq._C, which
+// carries its own copies of them (possibly from other sources: a stale build would otherwise interpose them).
+// Only the probe entry points below are exported.
+#pragma GCC visibility push(default)
 extern "C" {
 
 // One TMA box (1-byte elements) of g [outer][stride] into shared memory, read back raw into out.
 int probe_tma(const uint8_t* g, unsigned long long inner, unsigned long long outer, unsigned long long stride,
-              unsigned box_inner, unsigned box_outer, int swizzle, int c0, int c1, int order, unsigned long long seed,
-              int landing, uint8_t* out, char* kind, int kind_len, char* msg, int msg_len) {
+              unsigned box_inner, unsigned box_outer, int swizzle, int c0, int c1, int dst_offset, int order,
+              unsigned long long seed, int landing, uint8_t* out, char* kind, int kind_len, char* msg, int msg_len) {
   return guarded(
       [&] {
         alignas(64) ptx::TmaMap map;
@@ -313,8 +395,9 @@ int probe_tma(const uint8_t* g, unsigned long long inner, unsigned long long out
         const std::vector<emu::GlobalBuffer> bufs = {
             {g, static_cast<size_t>((outer - 1) * stride + inner), "g", emu::Access::ReadOnly},
             {out, static_cast<size_t>(bytes), "out", emu::Access::Output}};
-        emu::launch_checked(dim3(1), dim3(128), static_cast<size_t>(bytes), options(order, seed, landing, 1), "tma_box",
-                            bufs, tma_box_kernel, map, c0, c1, bytes, out);
+        emu::launch_checked(dim3(1), dim3(128), static_cast<size_t>(bytes + dst_offset),
+                            options(order, seed, landing, 1), "tma_box", bufs, tma_box_kernel, map, c0, c1, bytes,
+                            dst_offset, out);
       },
       kind, kind_len, msg, msg_len);
 }
@@ -404,4 +487,38 @@ int probe_setmaxnreg(int bug, int* out, char* kind, int kind_len, char* msg, int
       kind, kind_len, msg, msg_len);
 }
 
+// The ring: g is [rows][64] bytes; out gets tiles x 16 rows (zero past `rows`).
+int probe_ring(int bug, const uint8_t* g, int rows, int tiles, uint8_t* out, int order, unsigned long long seed,
+               int landing, char* kind, int kind_len, char* msg, int msg_len) {
+  return guarded(
+      [&] {
+        alignas(64) ptx::TmaMap map;
+        std::string err;
+        if (!ptx::make_tma_map_2d(&map, g, 64, static_cast<uint64_t>(rows), 64, 64, 16, ptx::TmaSwizzle::None, &err))
+          throw std::invalid_argument(err);
+        const std::vector<emu::GlobalBuffer> bufs = {
+            {g, static_cast<size_t>(rows) * 64, "g", emu::Access::ReadOnly},
+            {out, static_cast<size_t>(tiles) * 1024, "out", emu::Access::Output}};
+        const emu::Options o = options(order, seed, landing, 1);
+        if (bug == 1) emu::launch_checked(dim3(1), dim3(64), 3072, o, "ring", bufs, ring_kernel<1>, map, tiles, out);
+        else if (bug == 2) emu::launch_checked(dim3(1), dim3(64), 3072, o, "ring", bufs, ring_kernel<2>, map, tiles, out);
+        else emu::launch_checked(dim3(1), dim3(64), 3072, o, "ring", bufs, ring_kernel<0>, map, tiles, out);
+      },
+      kind, kind_len, msg, msg_len);
+}
+
+int probe_misuse(int mode, const uint8_t* g, char* kind, int kind_len, char* msg, int msg_len) {
+  return guarded(
+      [&] {
+        alignas(64) ptx::TmaMap map;
+        std::string err;
+        if (!ptx::make_tma_map_2d(&map, g, 64, 16, 64, 64, 16, ptx::TmaSwizzle::None, &err))
+          throw std::invalid_argument(err);
+        const std::vector<emu::GlobalBuffer> bufs = {{g, 1024, "g", emu::Access::ReadOnly}};
+        emu::launch_checked(dim3(1), dim3(64), 1024, options(0, 0, 1, 1), "misuse", bufs, misuse_kernel, map, mode);
+      },
+      kind, kind_len, msg, msg_len);
+}
+
 }  // extern "C"
+#pragma GCC visibility pop

@@ -53,8 +53,9 @@ def build() -> str:
     out = os.path.join(out_dir, f"libhopper_probe_{h.hexdigest()[:16]}.so")
     if not os.path.exists(out):
         tmp = f"{out}.{os.getpid()}.tmp"
+        # hidden visibility: the emulator's inline state stays private to this library (see hopper_probe.cpp)
         cmd = [cxx, "-O1", "-std=c++17", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas", "-Wno-psabi", "-shared",
-               "-fPIC", "-I", CSRC, SOURCE, "-o", tmp]
+               "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-I", CSRC, SOURCE, "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0, f"building the Hopper probes failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
         os.replace(tmp, out)  # atomic: parallel test workers never load a half-written library
@@ -66,12 +67,14 @@ def load():
     if _lib is None:
         lib = ctypes.CDLL(build())
         err = [c_s, c_i, c_s, c_i]
-        lib.probe_tma.argtypes = [c_p, c_ull, c_ull, c_ull, c_u, c_u, c_i, c_i, c_i, c_i, c_ull, c_i, c_p] + err
+        lib.probe_tma.argtypes = [c_p, c_ull, c_ull, c_ull, c_u, c_u, c_i, c_i, c_i, c_i, c_i, c_ull, c_i, c_p] + err
+        lib.probe_misuse.argtypes = [c_i, c_p] + err
         lib.probe_tma_map_check.argtypes = [c_ull, c_ull, c_ull, c_ull, c_u, c_u, c_i, c_s, c_i]
         lib.probe_wgmma.argtypes = [c_i, c_p, c_i, c_p, c_p, c_i, c_p, c_i, c_p, c_p, c_i, c_i] + err
         lib.probe_gemm.argtypes = [c_i, c_i, c_p, c_p, c_i, c_i, c_i, c_i, c_i, c_p, c_i, c_ull, c_i, c_i] + err
         lib.probe_proxy_fence.argtypes = [c_i, c_p, c_p, c_p] + err
         lib.probe_setmaxnreg.argtypes = [c_i, c_p] + err
+        lib.probe_ring.argtypes = [c_i, c_p, c_i, c_i, c_p, c_i, c_ull, c_i] + err
         _lib = lib
     return _lib
 

@@ -215,12 +215,12 @@ def tma_model(g, inner, outer, stride, box_inner, box_outer, swz, c0, c1):
 
 
 def run_tma(swz, box_inner, box_outer, c0, c1, order="forward", seed=0, landing="wait", inner=100, outer=37,
-            stride=112):
+            stride=112, dst_offset=0):
     rng = np.random.default_rng(1)
     g = rng.integers(1, 256, (outer - 1) * stride + inner, dtype=np.uint8)  # no zeros: a zero-fill shows
     out = np.full(box_inner * box_outer, 0xEE, dtype=np.uint8)
     res = hp.call(hp.load().probe_tma, hp.ptr(g), inner, outer, stride, box_inner, box_outer, hp.SWIZZLES[swz], c0,
-                  c1, hp.ORDERS[order], seed, hp.LANDING[landing], hp.ptr(out))
+                  c1, dst_offset, hp.ORDERS[order], seed, hp.LANDING[landing], hp.ptr(out))
     return res, out, tma_model(g, inner, outer, stride, box_inner, box_outer, swz, c0, c1)
 
 
@@ -234,6 +234,16 @@ def test_tma_box_lands_swizzled_and_zero_filled(swz, box_inner):
                 assert res.rc == 0, res
                 np.testing.assert_array_equal(got, want, err_msg=f"{swz} box at ({c0}, {c1}) {order} {landing}")
     assert (want == 0).any() and (want != 0).any()
+
+
+@pytest.mark.parametrize("swz,box_inner,offset,align", [("none", 48, 64, 128), ("128B", 128, 512, 1024),
+                                                         ("64B", 64, 256, 512), ("32B", 32, 128, 256)])
+def test_tma_destination_alignment_is_checked(swz, box_inner, offset, align):
+    """128 bytes for any box; a swizzled one must start at its pattern's origin (8 rows of the span)."""
+    res, _, _ = run_tma(swz, box_inner, 8, 0, 0, dst_offset=offset)
+    assert res.rc == 1 and res.kind == "misaligned", res
+    assert f"needs a {align}-byte aligned shared destination" in res.msg and hp.where("tma_box") in res.msg, res.msg
+    assert run_tma(swz, box_inner, 8, 0, 0, dst_offset=align)[0].rc == 0
 
 
 def test_swizzle_model_matches_known_placements():
@@ -303,3 +313,47 @@ def test_gemm_tile_is_exact_under_every_schedule_and_landing(n, m_real, n_real, 
                                       data_seed=seed + n)
             assert res.rc == 0, f"{order}/{seed}/{landing}: {res}"
             np.testing.assert_array_equal(out, want, err_msg=f"{order}/{seed}/{landing}")
+
+
+# ---- an mbarrier ring with generic consumers spinning on try_wait ---------------------------------------------
+def run_ring(bug, order="forward", seed=0, landing="wait", rows=117, tiles=8):
+    rng = np.random.default_rng(seed)
+    g = rng.integers(1, 256, (rows, 64), dtype=np.uint8)
+    out = np.full((tiles * 16, 64), 0xEE, dtype=np.uint8)
+    res = hp.call(hp.load().probe_ring, int(bug), hp.ptr(g), rows, tiles, hp.ptr(out), hp.ORDERS[order], seed,
+                  hp.LANDING[landing])
+    want = np.zeros_like(out)
+    want[:rows] = g
+    return res, out, want
+
+
+def test_mbarrier_ring_passes_data_through_three_stages_and_several_phases():
+    for order, seed in SCHEDULES:
+        for landing in LANDINGS:
+            res, out, want = run_ring(False, order, seed, landing)
+            assert res.rc == 0, f"{order}/{seed}/{landing}: {res}"
+            np.testing.assert_array_equal(out, want)
+
+
+def test_mbarrier_ring_with_a_wrong_producer_parity_is_a_deadlock_naming_both_waits():
+    """The spinning consumers are no progress: the report lists them at their try_wait and the producer at its
+    wait, with the empty barrier's state (0 of 32 arrivals: nobody has consumed anything)."""
+    for order, seed in SCHEDULES:
+        for landing in LANDINGS:
+            res, _, _ = run_ring(True, order, seed, landing)
+            assert res.rc == 1 and res.kind == "deadlock", res
+            assert "thread" in res.msg and hp.where("ring_wait_empty") in res.msg, res.msg
+            assert "mbarrier_try_wait_parity (spinning) at " + hp.where("ring_spin") in res.msg, res.msg
+            assert "initialised at " + hp.where("ring_init_empty") + " with count 32" in res.msg, res.msg
+            assert "0 of 32 arrivals" in res.msg, res.msg
+
+
+def test_mbarrier_ring_releasing_a_stage_before_reading_it_is_a_race():
+    """The consumers arrive on `empty` before their ld.shared of the stage: the producer's next TMA load into it
+    is reported at issue, naming the reader's line (the reader has not arrived on any mbarrier since)."""
+    for order, seed in SCHEDULES:
+        for landing in LANDINGS:
+            res, _, _ = run_ring(2, order, seed, landing)
+            assert res.rc == 1 and res.kind == "race", res
+            assert hp.where("ring_tma") in res.msg and hp.where("ring_read") in res.msg, res.msg
+            assert "has not released since" in res.msg, res.msg

@@ -120,3 +120,21 @@ def test_setmaxnreg_must_be_warpgroup_uniform():
     res = hp.call(hp.load().probe_setmaxnreg, 1, hp.ptr(out))
     assert res.rc == 1 and res.kind == "divergent-collective", res
     assert hp.where("setmaxnreg_a") in res.msg and hp.where("setmaxnreg_b") in res.msg, res.msg
+
+
+MISUSE = {
+    1: ("mbarrier", "misuse_reinit", "re-initialises"),
+    2: ("mbarrier", "misuse_extra_arrive", "more arrivals than the init count"),
+    3: ("tma-pending", "misuse_unwaited_tma", "before the block exited"),
+    4: ("config", "misuse_unbuilt_map", "never built"),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MISUSE), ids=lambda m: MISUSE[m][1])
+def test_mbarrier_and_tma_misuse_is_reported(mode):
+    kind, marker, text = MISUSE[mode]
+    g = np.arange(1024, dtype=np.uint8)
+    res = hp.call(hp.load().probe_misuse, mode, hp.ptr(g))
+    assert res.rc == 1 and res.kind == kind, res
+    assert hp.where(marker) in res.msg and text in res.msg, res.msg
+    assert hp.call(hp.load().probe_misuse, 0, hp.ptr(g)).rc == 0
