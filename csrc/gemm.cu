@@ -9,16 +9,16 @@
 namespace ditq::gemm {
 namespace {
 
-template <class T, class WOp>
+template <class T, class WOp, class Epi>
 __global__ void __launch_bounds__(T::THREADS) gemm_kernel(GemmParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
-  gemm_body<T, WOp>(p, smem);
+  gemm_body<T, WOp, Epi>(p, smem);
 }
 
-template <class T, class WOp>
+template <class T, class WOp, class Epi>
 const char* launch(const GemmParams& p, void* stream) {
   constexpr int smem = smem_bytes<T, WOp>();
-  auto* kernel = &gemm_kernel<T, WOp>;
+  auto* kernel = &gemm_kernel<T, WOp, Epi>;
   if (smem > 48 * 1024) {  // above 48 KB a kernel must opt in to dynamic shared memory
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return cudaGetErrorString(e);
@@ -29,15 +29,26 @@ const char* launch(const GemmParams& p, void* stream) {
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
-template <class WOp>
+template <class WOp, class Epi>
 const char* dispatch_tile(const GemmParams& p, int tile, void* stream) {
   switch (tile) {
 #define DITQ_CASE(ID, BM, BN, BK, WM, WN, ST) \
-    case ID: return launch<Tile<BM, BN, BK, WM, WN, ST>, WOp>(p, stream);
+    case ID: return launch<Tile<BM, BN, BK, WM, WN, ST>, WOp, Epi>(p, stream);
     DITQ_GEMM_TILES(DITQ_CASE)
 #undef DITQ_CASE
   }
   return "ditq: unknown GEMM tile id";
+}
+
+template <class Epi>
+const char* dispatch_w4(const GemmArgs& args, void* stream) {
+  switch (args.group_size) {
+#define DITQ_GROUP_CASE(G) \
+    case G: return dispatch_tile<W4<G>, Epi>(args.params, args.tile, stream);
+    DITQ_W4_GROUP_SIZES(DITQ_GROUP_CASE)
+#undef DITQ_GROUP_CASE
+  }
+  return "ditq: W4A8 group size not built (configs/kernel_families.h)";
 }
 
 }  // namespace
@@ -47,17 +58,19 @@ const char* dispatch_tile(const GemmParams& p, int tile, void* stream) {
 namespace ditq {
 
 const char* gemm_w8a8_cuda(const GemmArgs& args, void* stream) {
-  return gemm::dispatch_tile<gemm::W8>(args.params, args.tile, stream);
+  return gemm::dispatch_tile<gemm::W8, gemm::PlainEpilogue>(args.params, args.tile, stream);
 }
 
 const char* gemm_w4a8_cuda(const GemmArgs& args, void* stream) {
-  switch (args.group_size) {
-#define DITQ_GROUP_CASE(G) \
-    case G: return gemm::dispatch_tile<gemm::W4<G>>(args.params, args.tile, stream);
-    DITQ_W4_GROUP_SIZES(DITQ_GROUP_CASE)
-#undef DITQ_GROUP_CASE
-  }
-  return "ditq: W4A8 group size not built (configs/kernel_families.h)";
+  return gemm::dispatch_w4<gemm::PlainEpilogue>(args, stream);
+}
+
+const char* gemm_w8a8_fused_cuda(const GemmArgs& args, void* stream) {
+  return gemm::dispatch_tile<gemm::W8, gemm::FusedEpilogue>(args.params, args.tile, stream);
+}
+
+const char* gemm_w4a8_fused_cuda(const GemmArgs& args, void* stream) {
+  return gemm::dispatch_w4<gemm::FusedEpilogue>(args, stream);
 }
 
 }  // namespace ditq
