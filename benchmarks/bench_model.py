@@ -33,12 +33,14 @@ XL = dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, in_chann
 TINY = dict(num_layers=2, num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8,
             patch_size=2, num_embeds_ada_norm=10)
 SAMPLE_SIZE = {256: 32, 512: 64}  # latent side = pixels / 8 (the VAE's factor)
-PRECISIONS = ("bf16", "w8a8", "w4a8", "torchao-int8dq")
+# "-fused": the same quantization with QuantConfig(fuse=True) (one q/k/v GEMM, quantization inside the norms,
+# GEMM epilogues that feed the next layer): the pair measures what fusion buys, side by side in one run.
+PRECISIONS = ("bf16", "w8a8", "w8a8-fused", "w4a8", "w4a8-fused", "torchao-int8dq")
 MODES = ("eager", "cudagraph", "compile")
 ROW_KEYS = ("resolution", "sample_size", "batch", "cfg_batch", "tokens_per_image", "M", "variant", "precision",
             "mode", "status", "median_ms", "min_ms", "ms_per_image", "images_per_s", "peak_mem_gib", "step_extra_gib",
             "weight_bytes", "weight_ratio_vs_bf16", "speedup_vs_bf16_eager", "speedup_vs_bf16_compile",
-            "first_call_s", "timing", "output_sqnr_db")
+            "first_call_s", "timing", "output_sqnr_db", "fused_blocks")
 
 
 def build_model(torch, cfg: Dict, sample_size: int, device, dtype):
@@ -73,9 +75,13 @@ def quantize(torch, model, precision: str, backend: str, calib: Dict):
         quantize_(model, cfg())
         return {}
     import ditq
-    cfg = ditq.QuantConfig.preset(precision, backend=backend, progress=False)
+    preset, fused = precision.removesuffix("-fused"), precision.endswith("-fused")
+    cfg = ditq.QuantConfig.preset(preset, backend=backend, progress=False, fuse=fused)
     rep = ditq.quantize(model, cfg, calib_fn=lambda m: m(**calib))
-    return {"output_sqnr_db": rep.output_sqnr, "backend": rep.backend, "quantized_layers": len(rep.layers)}
+    info = {"output_sqnr_db": rep.output_sqnr, "backend": rep.backend, "quantized_layers": len(rep.layers)}
+    if fused:  # a fusion that did not apply would make the pair measure nothing: the row says how many blocks ran fused
+        info["fused_blocks"] = sum(why is None for why in rep.fusion.get("blocks", {}).values())
+    return info
 
 
 def weight_bytes(model) -> int:
@@ -167,7 +173,8 @@ def run(args, torch, device, dtype) -> Dict:
                 model, info, err = models[prec]
                 wbytes = weight_bytes(model) if model is not None else None
                 for c in [c for c in cases if (c["resolution"], c["precision"], c["mode"]) == (res, prec, mode)]:
-                    row = dict(base(c), weight_bytes=wbytes, output_sqnr_db=info.get("output_sqnr_db"))
+                    row = dict(base(c), weight_bytes=wbytes, output_sqnr_db=info.get("output_sqnr_db"),
+                               fused_blocks=info.get("fused_blocks"))
                     rows[id(c)] = row
                     if err:
                         row["status"] = err

@@ -22,6 +22,10 @@ estimators work from, so memory stays bounded however many rows calibration sees
 * ``"mse"``: a 1-D search over clip ratios of the max, minimizing the estimated int8 quantization MSE of the
   recorded activations (:func:`quant_mse`).
 
+With ``record_hessian`` (``QuantConfig(weight_method="gptq")``) each observer also sums ``x^T x`` over the rows of
+the layer's input at the selected steps: float32 ``[K, K]`` per layer on the activations' device (``4 K^2`` bytes
+each), the input second moment that GPTQ rounds the weights against (``ditq.weight_rounding``).
+
 The static scale is ``clip / 127`` over the selected steps. The transformer's positional and keyword inputs at
 call 0 of each run are kept (detached copies) so that the report can re-run exactly those calls before and after
 quantization; its timestep at each step is kept too (for timestep-grouped scales).
@@ -160,14 +164,19 @@ class Calibrator:
 
     ``steps``: the step indices to record, or None for every step. ``record_ranges=False`` only counts calls and
     keeps the first-step inputs (the dynamic scheme needs no ranges but the report still re-runs step 0).
+    ``record_hessian``: also sum ``x^T x`` per layer (``hessian[name]``, float32 [K, K]; ``hessian_rows[name]``
+    counts the rows).
     """
 
     def __init__(self, transformer: nn.Module, layers: Dict[str, nn.Linear], steps: Optional[Sequence[int]],
-                 record_ranges: bool = True):
+                 record_ranges: bool = True, record_hessian: bool = False):
         self.transformer = transformer
         self.layers = dict(layers)
         self.steps = None if steps is None else sorted(set(steps))
         self.record_ranges = record_ranges
+        self.record_hessian = record_hessian
+        self.hessian: Dict[str, torch.Tensor] = {}
+        self.hessian_rows: Dict[str, int] = {}
         self.absmax: Dict[str, Dict[int, float]] = {n: {} for n in self.layers}
         self.hist: Dict[str, Dict[int, torch.Tensor]] = {n: {} for n in self.layers}
         self.channel_absmax: Dict[str, torch.Tensor] = {}  # name -> float32 [K], max over recorded steps and runs
@@ -215,6 +224,16 @@ class Calibrator:
                 raise CalibrationError(f"layer {name!r} got {bad} non-finite activation value(s) (NaN/inf) at "
                                        f"calibration step {self._step}: calibration data must be finite (check "
                                        f"the model's inputs and dtype)")
+            if self.record_hessian:
+                xf = x.reshape(-1, x.shape[-1]).float()
+                h = self.hessian.get(name)
+                if h is None:
+                    self.hessian[name] = xf.t() @ xf
+                else:
+                    h.addmm_(xf.t(), xf)
+                self.hessian_rows[name] = self.hessian_rows.get(name, 0) + xf.shape[0]
+            if not self.record_ranges:
+                return
             x2 = x.reshape(-1, x.shape[-1]).abs()
             v = float(x2.amax())
             record[self._step] = max(record.get(self._step, 0.0), v)
@@ -228,7 +247,7 @@ class Calibrator:
     def __enter__(self):
         self._handles.append(self.transformer.register_forward_pre_hook(self._pre_transformer, with_kwargs=True))
         self._handles.append(self.transformer.register_forward_hook(self._post_transformer, with_kwargs=True))
-        if self.record_ranges:
+        if self.record_ranges or self.record_hessian:
             for name, layer in self.layers.items():
                 self._handles.append(layer.register_forward_pre_hook(self._observer(name)))
         return self
@@ -333,14 +352,14 @@ def _rerunnable(pipe, kwargs):
 
 def calibrate(transformer: nn.Module, layers: Dict[str, nn.Linear], runs: List[Callable[[], object]],
               steps: Optional[Sequence[int]], record_ranges: bool = True, progress: bool = True,
-              pipe=None) -> Calibrator:
+              pipe=None, record_hessian: bool = False) -> Calibrator:
     """Run every calibration run under observers; returns the :class:`Calibrator` with the records.
 
     Any error inside a run is re-raised as :class:`CalibrationError` after all hooks are removed.
     """
     from tqdm.auto import tqdm
 
-    cal = Calibrator(transformer, layers, steps, record_ranges)
+    cal = Calibrator(transformer, layers, steps, record_ranges, record_hessian)
     saved_bar = None
     if pipe is not None and hasattr(pipe, "set_progress_bar_config"):
         saved_bar = dict(getattr(pipe, "_progress_bar_config", {}))

@@ -174,6 +174,7 @@ def cmd_quantize(args) -> int:
                                   backend=args.backend, progress=not args.quiet, act_estimator=args.act_estimator,
                                   timestep_groups=args.timestep_groups, smooth_alpha=args.smooth_alpha,
                                   max_dynamic_layers=args.max_dynamic_layers, fuse=args.fuse,
+                                  weight_method=args.weight_method,
                                   **({} if args.group_size is None else {"group_size": args.group_size}))
     pipe = load_pipeline(args.model, device=args.device)
     if hasattr(pipe, "set_progress_bar_config"):
@@ -352,7 +353,7 @@ def cmd_info(args) -> int:
 # ---- parser -------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import ACT_ESTIMATORS, ACT_SCHEMES, CALIBRATION_MODES, PRESETS
+    from .config import ACT_ESTIMATORS, ACT_SCHEMES, CALIBRATION_MODES, PRESETS, WEIGHT_METHODS
     from .format import SUPPORTED_GROUP_SIZES
     backends = ("auto", "torch", "triton", "cuda", "cuda-emulated")
 
@@ -361,21 +362,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    from .demo.run import DEFAULT_SAMPLES_PER_CLASS, DEFAULT_STEPS, SETTINGS
+    from .demo.run import DEFAULT_SAMPLES_PER_CLASS, DEFAULT_SETTINGS, DEFAULT_STEPS, SETTINGS
     d = sub.add_parser("demo", help="quantize the bundled digits DiT several ways and compare the samples",
                        description="Samples the bundled digits DiT in full precision and in each chosen setting "
                        "(W8A8 / W4A8 with the paper's first-step calibration, all-steps calibration, ditq's static "
                        "policy, dynamic per-token scales) from the same seeds; prints a table and writes demo.png and "
-                       "demo.json into --out. All nine settings at the defaults (10 steps, 4 samples per class) took "
-                       "853 s of CPU time on a loaded 2-core CPU; --settings runs fewer.")
+                       "demo.json into --out. Without --settings it runs fp32, the paper's first-step W8A8 and W4A8 "
+                       "and ditq's policy in both formats; --settings all adds all-steps max ranges and per-token "
+                       "scales (all nine took 853 s of CPU time on a loaded 2-core CPU).")
     d.add_argument("--out", default="ditq-demo", help="output directory (default: ./ditq-demo)")
     d.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampling steps (default {DEFAULT_STEPS})")
     d.add_argument("--samples-per-class", type=int, default=DEFAULT_SAMPLES_PER_CLASS,
                    help=f"images per digit class and setting (default {DEFAULT_SAMPLES_PER_CLASS})")
     d.add_argument("--backend", default="auto", choices=backends, help="kernel backend (default auto: GPU kernels "
                    "when there is a GPU, else the torch reference)")
-    d.add_argument("--settings", nargs="+", choices=list(SETTINGS), metavar="SETTING",
-                   help=f"settings to run, from {', '.join(SETTINGS)} (default all; fp32 always runs)")
+    d.add_argument("--settings", nargs="+", choices=list(SETTINGS) + ["all"], metavar="SETTING",
+                   help=f"settings to run, from {', '.join(SETTINGS)}, or all (default "
+                   f"{' '.join(DEFAULT_SETTINGS)}; fp32 always runs)")
     d.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
     d.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -393,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static (calibrated) or dynamic (per token at run time) activation scales")
     q.add_argument("--group-size", type=int, default=None, choices=SUPPORTED_GROUP_SIZES,
                    help="int4 group size along K (default 128)")
+    q.add_argument("--weight-method", default="rtn", choices=WEIGHT_METHODS,
+                   help="how weights are rounded: rtn (absmax scales, round to nearest; default), mse (per-group "
+                   "clip search) or gptq (error-compensating rounding on the calibration inputs)")
     q.add_argument("--act-estimator", default="max", choices=ACT_ESTIMATORS,
                    help="range of a static scale: max |x| (default, the paper), percentile, mse, or auto per layer")
     q.add_argument("--timestep-groups", type=int, default=1, metavar="G",

@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Union
 from . import backends
 from .backends import BACKEND_NAMES
 from .format import FormatError, WeightFormat
+from .weight_rounding import WEIGHT_METHODS
 
 ACT_SCHEMES = ("static", "dynamic")
 CALIBRATION_MODES = ("first-step", "all-steps")
@@ -55,6 +56,12 @@ class QuantConfig:
         group_size: ``None`` = one scale per output channel (required for 8-bit); for 4-bit, groups of that many
             inputs along K: one the kernels are built for (``ditq.backends.kernel_group_sizes()``: 32, 64, 128,
             256 today). Left out: 128 for 4-bit, ``None`` for 8-bit.
+        weight_method: how the integers and scales of the weights are chosen (``ditq.weight_rounding``; the format
+            and kernels are the same for all): ``"rtn"`` (absmax scales, round to nearest: the paper, and what a
+            checkpoint without this field used), ``"mse"`` (per group, the clip of the absmax with the least squared
+            weight error) or ``"gptq"`` (error-compensating rounding against each layer's calibration inputs
+            ``X^T X``; needs calibration data, and keeps a ``K x K`` float32 matrix per layer during
+            :func:`ditq.quantize`).
         act_bits: activation bits; only 8 is implemented (int8 GEMMs).
         act_scheme: ``"static"``: one activation scale per layer, calibrated (the paper); ``"dynamic"``: one scale
             per token computed at run time (no calibration needed).
@@ -91,6 +98,7 @@ class QuantConfig:
 
     weight_bits: int = 8
     group_size: Union[int, None, str] = _DEFAULT
+    weight_method: str = "rtn"
     act_bits: int = 8
     act_scheme: str = "static"
     calibration: Union[str, List[int]] = "first-step"
@@ -115,6 +123,8 @@ class QuantConfig:
             WeightFormat(self.weight_bits, self.group_size)
         except FormatError as e:
             raise QuantConfigError(str(e)) from None
+        if self.weight_method not in WEIGHT_METHODS:
+            raise QuantConfigError(f"weight_method must be one of {WEIGHT_METHODS}, got {self.weight_method!r}")
         if not _is_int(self.act_bits) or self.act_bits != 8:
             raise QuantConfigError(f"act_bits must be 8 (the GEMMs take int8 activations), got {self.act_bits!r}")
         if self.act_scheme not in ACT_SCHEMES:

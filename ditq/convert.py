@@ -57,6 +57,7 @@ from torch import nn
 
 from . import backends
 from . import timestep_groups as tgroups
+from . import weight_rounding
 from .calibrate import ESTIMATORS, CalibrationError, Calibrator, calibrate, hist_sqnr, pipeline_runs
 from .config import QuantConfig, QuantConfigError
 from .nn import QuantLinear, dequantize_weight
@@ -247,6 +248,26 @@ def _weight_sqnr(w: torch.Tensor, can: dict, fmt, rows: int = 256) -> float:
     return -math.inf if signal == 0 else 10 * math.log10(signal / noise)
 
 
+def _round(q: QuantLinear, lin: nn.Linear, fmt, method: str, hessian: Optional[torch.Tensor]) -> dict:
+    """Replace ``q``'s round-to-nearest weights (from ``from_linear``) by ``method``'s; returns the report fields.
+
+    With a Hessian (gptq) the layer-output SQNRs of both roundings are estimated from it: GPTQ trades weight error
+    for output error, so the weight SQNR alone would not show what it gained."""
+    w = lin.weight.detach()
+    if method == "gptq" and hessian is None:
+        raise QuantizeError("weight_method='gptq': no input Hessian was recorded for this layer (it did not run in "
+                            "the calibration steps)")
+    rtn = dequantize_weight(*q._canonical_weight(), fmt) if hessian is not None else None
+    qweight, scales = weight_rounding.quantize_weight(w, fmt, method, hessian)
+    q.load_canonical(qweight.to(q.qweight.device), scales.to(q.qweight.device),
+                     None if lin.bias is None else lin.bias.detach().clone(), q.act_scale)
+    if hessian is None:
+        return {}
+    new = dequantize_weight(qweight, scales, fmt)
+    return {"layer_output_sqnr": weight_rounding.output_sqnr(w, new, hessian),
+            "layer_output_sqnr_rtn": weight_rounding.output_sqnr(w, rtn, hessian)}
+
+
 def _parent(root: nn.Module, name: str) -> Tuple[nn.Module, str]:
     if "." not in name:
         return root, name
@@ -303,6 +324,10 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     if cfg.needs_calibration and not has_calib:
         raise QuantizeError("the static activation scheme needs calibration data: pass calib_inputs (pipeline) "
                             "or calib_fn, or use act_scheme='dynamic'")
+    gptq = cfg.weight_method == "gptq"
+    if gptq and not has_calib:
+        raise QuantizeError("weight_method='gptq' rounds each weight against its layer's calibration inputs: pass "
+                            "calib_inputs (pipeline) or calib_fn, or use weight_method='mse' or 'rtn'")
 
     first = next(iter(transformer.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -330,9 +355,9 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
                 runs = [lambda: calib_fn(pipe_or_module)]
             else:
                 runs = pipeline_runs(pipe, calib_inputs)
-            steps = cfg.calibration_steps() if cfg.needs_calibration else [0]
+            steps = cfg.calibration_steps() if cfg.needs_calibration or gptq else [0]
             cal = calibrate(transformer, layers, runs, steps, record_ranges=cfg.needs_calibration,
-                            progress=cfg.progress, pipe=pipe)
+                            progress=cfg.progress, pipe=pipe, record_hessian=gptq)
         if cfg.needs_calibration:
             for name in list(layers):
                 rec = cal.absmax[name]
@@ -398,7 +423,11 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
         for name, lin in tqdm(layers.items(), desc="ditq quantize", unit="layer", disable=not cfg.progress):
             dyn = name in dynamic_layers
             q = QuantLinear.from_linear(lin, dyn_cfg if dyn else cfg, scales.get(name), cfg.backend)
-            w_sqnr = _weight_sqnr(lin.weight.detach(), q.canonical(), fmt)
+            w_rtn = _weight_sqnr(lin.weight.detach(), q.canonical(), fmt)
+            w_sqnr, rounding = w_rtn, {}
+            if cfg.weight_method != "rtn":
+                rounding = _round(q, lin, fmt, cfg.weight_method, cal.hessian.pop(name, None) if gptq else None)
+                w_sqnr = _weight_sqnr(lin.weight.detach(), q.canonical(), fmt)
             for alias in aliases.get(name, [name]):
                 parent, attr = _parent(transformer, alias)
                 setattr(parent, attr, q)
@@ -417,7 +446,9 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
                 act_scales=None if name not in grouped else [float(v) for v in grouped[name]],
                 act_sqnr_trajectory=None if plan is None or dyn else plan.traj_sqnr,
                 smoothed=None if smoothing is None else smoothing.site_of(name),
-                aliases=[a for a in aliases.get(name, [name]) if a != name]))
+                aliases=[a for a in aliases.get(name, [name]) if a != name],
+                weight_method=cfg.weight_method, weight_sqnr_rtn=None if cfg.weight_method == "rtn" else w_rtn,
+                **rounding))
         tgroups.install(transformer, grouped, bounds)
         # 5. quantized outputs on the same inputs
         outs = _rerun(transformer, inputs)
@@ -506,35 +537,32 @@ def _plan(cal: Calibrator, name: str, groups: List[Optional[List[int]]], cfg: Qu
     return _Plan(sc[first:first + 1].clone(), sc.flip(0).clone(), est, traj)
 
 
-def _relative_noise(cal: Calibrator, name: str, lin: nn.Linear, fmt) -> float:
-    """Estimated noise-to-signal of a layer's output: activation (over the recorded steps, max clip) plus weight."""
+def _relative_noise(cal: Calibrator, name: str, lin: nn.Linear, fmt, method: str = "rtn") -> float:
+    """Estimated noise-to-signal of a layer's output: activation (over the recorded steps, max clip) plus weight
+    (rounded by ``method``; gptq's weight error is estimated with mse's, which needs no Hessian)."""
     a = hist_sqnr(cal.summed_hist(name), cal.clip(name))
-    w = _weight_sqnr(lin.weight.detach(), dict(zip(("qweight", "scales"),
-                                                    _quantize_weight(lin.weight.detach(), fmt))), fmt)
+    w = _weight_sqnr(lin.weight.detach(), dict(zip(("qweight", "scales"), weight_rounding.quantize_weight(
+        lin.weight.detach(), fmt, "rtn" if method == "rtn" else "mse"))), fmt)
     return sum(10 ** (-v / 10) for v in (a, w) if v is not None and math.isfinite(v))
-
-
-def _quantize_weight(w, fmt):
-    from .nn import quantize_weight
-    return quantize_weight(w, fmt)
 
 
 def _smooth(transformer, layers, cal, runs, cfg, pipe, policy):
     """Smooth every foldable site, record the activations again, keep a site only where the estimated output
     noise of its consumers (activation + weight quantization) went down. Returns (Smoothing, calibrator)."""
     from .smooth import smooth
-    fmt = cfg.weight_format
-    before = {n: _relative_noise(cal, n, layers[n], fmt) for n in layers}
+    fmt, method = cfg.weight_format, cfg.weight_method
+    before = {n: _relative_noise(cal, n, layers[n], fmt, method) for n in layers}
     sm = smooth(transformer, cal.channel_absmax, cfg.smooth_alpha, layers=set(layers))
     if not sm.applied:
         policy.append("smoothing: no foldable site in this model")
         return None, cal
     try:
-        cal2 = calibrate(transformer, layers, runs, cfg.calibration_steps(), progress=cfg.progress, pipe=pipe)
+        cal2 = calibrate(transformer, layers, runs, cfg.calibration_steps(), progress=cfg.progress, pipe=pipe,
+                         record_hessian=method == "gptq")
         keep = []
         for site, info in list(sm.applied.items()):
             b = sum(before[c] for c in info["consumers"])
-            a = sum(_relative_noise(cal2, c, layers[c], fmt) for c in info["consumers"])
+            a = sum(_relative_noise(cal2, c, layers[c], fmt, method) for c in info["consumers"])
             info["noise_before"], info["noise_after"] = b, a
             if a < b:
                 keep.append(site)
@@ -550,7 +578,7 @@ def _smooth(transformer, layers, cal, runs, cfg, pipe, policy):
     # consumers of a kept site from the second pass, everything else from the first.
     for site in keep:
         for c in sm.applied[site]["consumers"]:
-            for attr in ("absmax", "hist"):
+            for attr in ("absmax", "hist") + (("hessian", "hessian_rows") if method == "gptq" else ()):
                 getattr(cal, attr)[c] = getattr(cal2, attr)[c]
             cal.channel_absmax[c] = cal2.channel_absmax[c]
     policy.append(f"smoothing alpha {cfg.smooth_alpha}: kept {len(keep)} of {len(decided)} sites "

@@ -272,6 +272,34 @@ class QuantLinear(nn.Module):
             y = kernels.gemm_w4a8(q, s, b["qweight"], b["scales"], b["bias"], self._group_size, out_dtype)
         return y.reshape(*lead, self.out_features)
 
+    def forward_fused(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype, *, gelu: bool = False,
+                      gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                      rows_per_gate: int = 1, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The GEMM on activations already quantized with this layer's scheme (int8 [M, K] and their scales) with
+        more of the block in its epilogue (``gemm_w8a8_fused`` in :mod:`ditq.ops`): GELU-tanh, adaLN's gate
+        ``gate`` [M // rows_per_gate, N], a ``residual`` [M, N], and int8 output quantized with the next layer's
+        static ``out_scale``. Returns [M, N] (int8 when ``out_scale`` is given).
+
+        A backend without the fused kernels runs its plain GEMM in fp32 and the same epilogue in torch
+        (``ditq.quant.reference.gemm_epilogue``, the contract), after the same argument checks: the same
+        numbers up to GELU's last bits."""
+        kernels = self._kernels
+        if kernels is None:
+            raise RuntimeError(self._not_ready)
+        b = self._buffers
+        if self._group_size is None:
+            if kernels.gemm_w8a8_fused is not None:
+                return kernels.gemm_w8a8_fused(q, s, b["qweight"], b["scales"], b["bias"], gelu, gate, residual,
+                                               rows_per_gate, out_scale, out_dtype)
+            y = kernels.gemm_w8a8(q, s, b["qweight"], b["scales"], b["bias"], torch.float32)
+        else:
+            if kernels.gemm_w4a8_fused is not None:
+                return kernels.gemm_w4a8_fused(q, s, b["qweight"], b["scales"], b["bias"], self._group_size, gelu,
+                                               gate, residual, rows_per_gate, out_scale, out_dtype)
+            y = kernels.gemm_w4a8(q, s, b["qweight"], b["scales"], b["bias"], self._group_size, torch.float32)
+        ops._check_fused(q, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, y.shape[0], y.shape[1])
+        return ref.gemm_epilogue(y, gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
+
     def extra_repr(self) -> str:
         g = "per-channel" if self.fmt.group_size is None else f"group_size={self.fmt.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

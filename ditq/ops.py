@@ -2,7 +2,8 @@
 
 Two kinds of op live in the ``ditq`` namespace:
 
-* the **generic ops**, ``quantize_act`` / ``gemm_w8a8`` / ``gemm_w4a8``, whose last argument names a backend:
+* the **generic ops**, ``quantize_act`` / ``gemm_w8a8`` / ``gemm_w4a8`` / ``norm_modulate_quantize`` /
+  ``gemm_w8a8_fused`` / ``gemm_w4a8_fused``, whose last argument names a backend:
   the entry point for tests, benchmarks and users who call a kernel by hand. Each resolves the backend on the
   inputs' device and runs that backend's (validating) kernel.
 * the **kernel ops** each backend hands a quantized layer once (:meth:`ditq.backends.Backend.kernel_ops`): the
@@ -33,6 +34,25 @@ Contract (M tokens, K inputs, N outputs):
     x float [B, S, K]: LayerNorm without affine, adaLN modulation by shift / scale ([B, K] each, or both None),
     and quantization as quantize_act (``act_scale`` float32 [1] or None), in one pass
     (``ditq.quant.reference.norm_modulate_quantize`` is the contract). q int8 [B * S, K].
+``gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale, out_dtype,
+backend) -> y``
+``gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate, out_scale,
+out_dtype, backend) -> y``
+    The GEMM with more of the layer's tail in its epilogue (``ditq.quant.reference.gemm_epilogue`` is the
+    contract). In fp32, in this order: (1) ``y = acc * a_scale[m] * w_scale[n] (+ bias[n])``, exactly the plain
+    GEMM's epilogue, so with no other piece the fused op equals the plain one bit for bit; (2) ``gelu``: GELU's
+    tanh approximation ``0.5 * y * (1 + tanh(0.7978845608028654 * (y + 0.044715 * y^3)))``; (3) ``gate``
+    (float [M // rows_per_gate, N], contiguous): ``y * gate[m // rows_per_gate, n]``, adaLN's per-sample gate
+    over its rows; (4) ``residual`` (float [M, N], contiguous, dtype == out_dtype): ``y + residual[m, n]``;
+    (5) ``out_scale`` (float32 [1], the next layer's static activation scale): the output is int8 [M, N],
+    quantized exactly as ``quantize_act`` with a static scale (NaN -> 0, +-inf -> +-127), and ``out_dtype``
+    then names only the residual's dtype; otherwise y in out_dtype [M, N]. ``rows_per_gate`` is an int >= 1
+    (pass 1 without a gate) and must divide M when a gate is given; ``out_scale`` must be positive and finite
+    (checked where its value can be read without a device synchronization, i.e. on the CPU). GELU's tanh
+    differs in its last bits between math libraries (the reference's ``torch.tanh``, libdevice, NumPy);
+    steps 2-5 are otherwise the same IEEE operations on every backend.
+    A backend without these kernels leaves ``KernelOps.gemm_w8a8_fused`` / ``gemm_w4a8_fused`` None and its
+    generic op raises NotImplementedError: callers then run the plain ops and the epilogue themselves.
 """
 from __future__ import annotations
 
@@ -52,6 +72,12 @@ SCHEMAS = {
                  "ScalarType out_dtype{backend}) -> Tensor",
     "norm_modulate_quantize": "(Tensor x, Tensor? shift, Tensor? scale, float eps, Tensor? act_scale{backend}) "
                               "-> (Tensor, Tensor)",
+    "gemm_w8a8_fused": "(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, bool gelu, "
+                       "Tensor? gate, Tensor? residual, int rows_per_gate, Tensor? out_scale, "
+                       "ScalarType out_dtype{backend}) -> Tensor",
+    "gemm_w4a8_fused": "(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, int group_size, bool gelu, "
+                       "Tensor? gate, Tensor? residual, int rows_per_gate, Tensor? out_scale, ScalarType out_dtype"
+                       "{backend}) -> Tensor",
 }
 
 
@@ -185,6 +211,53 @@ def check_gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype) -> None
     _check_epilogue(a, a_scale, w, w_scale, bias, out_dtype, m, n)
 
 
+def _check_fused(a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, m: int, n: int) -> None:
+    """The fused epilogue's own arguments (the GEMM's are checked by check_gemm_w8a8 / check_gemm_w4a8)."""
+    if type(gelu) is not bool:
+        raise TypeError(f"gelu must be a bool, got {type(gelu).__name__}")
+    if type(rows_per_gate) is not int or rows_per_gate < 1:
+        raise ValueError(f"rows_per_gate must be an int >= 1, got {rows_per_gate!r}")
+    if gate is not None:
+        if not isinstance(gate, torch.Tensor) or gate.dtype not in _FLOAT_DTYPES:
+            raise _bad_tensor("gate", gate, _FLOAT_DTYPES)
+        if m % rows_per_gate:
+            raise ValueError(f"M = {m} must be a multiple of rows_per_gate = {rows_per_gate} (the rows of one "
+                             f"gate row)")
+        if gate.shape != (m // rows_per_gate, n):
+            raise ValueError(f"gate must be [M // rows_per_gate, N] = [{m // rows_per_gate}, {n}], "
+                             f"got {tuple(gate.shape)}")
+        if not gate.is_contiguous():
+            raise ValueError("gate must be contiguous (call .contiguous() first)")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or residual.dtype != out_dtype:
+            raise _bad_tensor("residual", residual, (out_dtype,) if out_dtype in _FLOAT_DTYPES else _FLOAT_DTYPES)
+        if residual.shape != (m, n):
+            raise ValueError(f"residual must be [M, N] = [{m}, {n}], got {tuple(residual.shape)}")
+        if not residual.is_contiguous():
+            raise ValueError("residual must be contiguous (call .contiguous() first)")
+    if out_scale is not None:
+        if not isinstance(out_scale, torch.Tensor) or out_scale.dtype != torch.float32:
+            raise _bad_tensor("out_scale", out_scale, (torch.float32,))
+        if out_scale.shape != (1,):
+            raise ValueError(f"out_scale must be a static scale, float32 [1], got shape {tuple(out_scale.shape)}")
+        # its value is checked only where reading it is free: on a GPU it would synchronize every call
+        if out_scale.device.type == "cpu" and not 0 < float(out_scale) < float("inf"):
+            raise ValueError(f"out_scale must be positive and finite, got {float(out_scale)!r}")
+    _same_device(a, gate=gate, residual=residual, out_scale=out_scale)
+
+
+def check_gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale,
+                          out_dtype) -> None:
+    check_gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype)
+    _check_fused(a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, a.shape[0], w.shape[0])
+
+
+def check_gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate, out_scale,
+                          out_dtype) -> None:
+    check_gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype)
+    _check_fused(a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, a.shape[0], w_scale.shape[1])
+
+
 # ---- fake implementations: shapes only, plus the one check a meta tensor needs --------------------------
 
 def _fake_quantize_act(x, scale, *_):
@@ -210,8 +283,23 @@ def _fake_norm_modulate_quantize(x, shift, scale, eps, act_scale, *_):
                                                                           dtype=torch.float32)
 
 
+def _fake_gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale,
+                          out_dtype, *_):
+    _same_device(a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, gate=gate, residual=residual,
+                 out_scale=out_scale)
+    return a.new_empty((a.shape[0], w_scale.shape[0]), dtype=torch.int8 if out_scale is not None else out_dtype)
+
+
+def _fake_gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate,
+                          out_scale, out_dtype, *_):
+    _same_device(a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, gate=gate, residual=residual,
+                 out_scale=out_scale)
+    return a.new_empty((a.shape[0], w_scale.shape[1]), dtype=torch.int8 if out_scale is not None else out_dtype)
+
+
 FAKES = {"quantize_act": _fake_quantize_act, "gemm_w8a8": _fake_gemm_w8a8, "gemm_w4a8": _fake_gemm_w4a8,
-         "norm_modulate_quantize": _fake_norm_modulate_quantize}
+         "norm_modulate_quantize": _fake_norm_modulate_quantize, "gemm_w8a8_fused": _fake_gemm_w8a8_fused,
+         "gemm_w4a8_fused": _fake_gemm_w4a8_fused}
 
 _lib = torch.library.Library("ditq", "DEF")
 
@@ -246,8 +334,22 @@ def _norm_modulate_quantize(x, shift, scale, eps, act_scale, backend: str):
     return backends.get_backend(backend, x.device).norm_modulate_quantize(x, shift, scale, eps, act_scale)
 
 
+def _gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale, out_dtype,
+                     backend: str):
+    return backends.get_backend(backend, a.device).gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate,
+                                                                   residual, rows_per_gate, out_scale, out_dtype)
+
+
+def _gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate, out_scale,
+                     out_dtype, backend: str):
+    return backends.get_backend(backend, a.device).gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu,
+                                                                   gate, residual, rows_per_gate, out_scale,
+                                                                   out_dtype)
+
+
 for _name, _fn in (("quantize_act", _quantize_act), ("gemm_w8a8", _gemm_w8a8), ("gemm_w4a8", _gemm_w4a8),
-                   ("norm_modulate_quantize", _norm_modulate_quantize)):
+                   ("norm_modulate_quantize", _norm_modulate_quantize), ("gemm_w8a8_fused", _gemm_w8a8_fused),
+                   ("gemm_w4a8_fused", _gemm_w4a8_fused)):
     _lib.define(_name + SCHEMAS[_name].format(backend=", str backend"))
     for _key in ("CPU", "CUDA"):
         _lib.impl(_name, _fn, _key)
@@ -257,3 +359,5 @@ quantize_act = torch.ops.ditq.quantize_act
 gemm_w8a8 = torch.ops.ditq.gemm_w8a8
 gemm_w4a8 = torch.ops.ditq.gemm_w4a8
 norm_modulate_quantize = torch.ops.ditq.norm_modulate_quantize
+gemm_w8a8_fused = torch.ops.ditq.gemm_w8a8_fused
+gemm_w4a8_fused = torch.ops.ditq.gemm_w4a8_fused

@@ -1,6 +1,8 @@
 """``QuantReport``: what :func:`ditq.quantize` did, measured.
 
-* per quantized layer: shape, format, weight SQNR (the packed weight dequantized vs the original), activation
+* per quantized layer: shape, format, weight SQNR (the packed weight dequantized vs the original) and, when
+  ``weight_method`` is not round-to-nearest, the method and what round-to-nearest would have given (for gptq also
+  the layer-output SQNR of both on the calibration inputs, estimated from ``X^T X``), activation
   SQNR (the layer's first-step calibration input through int8 quantization with the scale it will use, static or
   per-token, vs that input), the static scale, bytes before / after; for static layers also the range estimator
   used, the estimated activation SQNR over every recorded calibration step, the timestep-grouped scales and the
@@ -36,6 +38,10 @@ class LayerReport:
     act_sqnr_trajectory: Optional[float] = None  # estimated act SQNR over every recorded calibration step
     smoothed: Optional[str] = None             # the smoothing site this layer's input belongs to, if smoothed
     aliases: List[str] = field(default_factory=list)  # other names of the same linear (quantized once, shared)
+    weight_method: str = "rtn"                 # how the weight was rounded (ditq.weight_rounding)
+    weight_sqnr_rtn: Optional[float] = None    # weight SQNR round-to-nearest gives (method != rtn): the gain's base
+    layer_output_sqnr: Optional[float] = None  # gptq: estimated SQNR of X W^T over the calibration inputs
+    layer_output_sqnr_rtn: Optional[float] = None  # gptq: the same with round-to-nearest weights
 
 
 @dataclass
@@ -63,6 +69,22 @@ class QuantReport:
                 return layer
         raise KeyError(f"no quantized layer named {name!r}")
 
+    def weight_summary(self) -> str:
+        """One line: mean weight SQNR of the chosen rounding vs round-to-nearest (and, for gptq, the mean estimated
+        layer-output SQNR of both), over the quantized layers."""
+        def mean(vals):
+            vals = [v for v in vals if v is not None and math.isfinite(v)]
+            return sum(vals) / len(vals) if vals else float("nan")
+
+        w, r = mean(lr.weight_sqnr for lr in self.layers), mean(lr.weight_sqnr_rtn for lr in self.layers)
+        text = f"mean weight SQNR {w:.2f} dB vs {r:.2f} dB round-to-nearest ({w - r:+.2f} dB)"
+        if any(lr.layer_output_sqnr is not None for lr in self.layers):
+            o, orr = (mean(lr.layer_output_sqnr for lr in self.layers),
+                      mean(lr.layer_output_sqnr_rtn for lr in self.layers))
+            text += (f"; mean estimated layer-output SQNR on the calibration inputs {o:.2f} dB vs {orr:.2f} dB "
+                     f"({o - orr:+.2f} dB)")
+        return text
+
     # ---- serialization ----------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
@@ -81,20 +103,27 @@ class QuantReport:
             return "-" if v is None else ("inf" if v == math.inf else f"{v:.1f}")
 
         width = max([len(lr.name) for lr in self.layers] + [len(n) for n in self.skipped] + [5])
+        method = self.config.get("weight_method", "rtn")
+        gptq = any(lr.layer_output_sqnr is not None for lr in self.layers)
+        extra_head = "" if method == "rtn" else f" {'W rtn':>7}" + (f" {'out est':>7} {'out rtn':>7}" if gptq else "")
         lines = [f"ditq quantization report: {self.config.get('weight_bits')}-bit weights"
                  f" (group {self.config.get('group_size') or 'per-channel'}), int8 activations "
                  f"({self.config.get('act_scheme')}), backend {self.backend}",
                  f"calibration: {self.calibration.get('mode')}, {self.calibration.get('runs', 0)} run(s), "
                  f"transformer calls per run {self.calibration.get('calls_per_run', [])}",
                  "",
-                 f"{'layer':<{width}}  {'K':>6} {'N':>6}  {'format':<10} {'W SQNR':>7} {'A SQNR':>7} "
+                 f"{'layer':<{width}}  {'K':>6} {'N':>6}  {'format':<10} {'W SQNR':>7}{extra_head} {'A SQNR':>7} "
                  f"{'A traj':>7} {'range':<10} {'groups':>6} {'bytes':>10} -> {'packed':>9}"]
         for lr in self.layers:
             rng = (lr.act_estimator or "per-token") + ("+smooth" if lr.smoothed else "")
+            extra = "" if method == "rtn" else f" {db(lr.weight_sqnr_rtn):>7}" + (
+                f" {db(lr.layer_output_sqnr):>7} {db(lr.layer_output_sqnr_rtn):>7}" if gptq else "")
             lines.append(f"{lr.name:<{width}}  {lr.in_features:>6} {lr.out_features:>6}  {lr.format:<10} "
-                         f"{db(lr.weight_sqnr):>7} {db(lr.act_sqnr):>7} {db(lr.act_sqnr_trajectory):>7} "
+                         f"{db(lr.weight_sqnr):>7}{extra} {db(lr.act_sqnr):>7} {db(lr.act_sqnr_trajectory):>7} "
                          f"{rng:<10} {len(lr.act_scales) if lr.act_scales else 1:>6} {lr.bytes_before:>10} -> "
                          f"{lr.bytes_after:>9}" + (f"  (also {', '.join(lr.aliases)})" if lr.aliases else ""))
+        if method != "rtn" and self.layers:
+            lines.append(f"weights: {method}: " + self.weight_summary())
         for note in self.calibration.get("policy", []):
             lines.append(f"policy: {note}")
         if self.fusion:

@@ -3,6 +3,8 @@
     y[m, n] = a_scale[m] * sum_g w_scale[g, n] * P[g, m, n] + bias[n],   P[g] = sum_{k in g} a[m, k] w[n, k]
 
 (the reference maths is ``ditq.quant.reference.gemm_w4a8``; tests/kernels/test_w4a8.py checks against it).
+:func:`gemm_w4a8_fused` runs the same kernel with the pieces of :mod:`.epilogue` switched on (GELU, gate,
+residual, int8 output), the store shared with the W8A8 kernel.
 
 Design, and why
 ---------------
@@ -81,8 +83,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import checks, config_table
-from .interpret import cast_rn, check_device, interpreting
+from . import checks, config_table, epilogue
+from .interpret import check_device, interpreting
 
 KERNEL_NAME = "w4a8"
 # The group sizes this family runs: the launcher's check, the config picker (pack_block) and describe() all
@@ -247,11 +249,14 @@ def unpack_words_emulated(words):
 
 @triton.jit
 def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
-                stride_am, stride_wn, stride_sg, stride_om,
+                stride_am, stride_wn, stride_sg, stride_om, gate_ptr, res_ptr, out_scale_ptr, rows_per_gate,
                 PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, PB: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                SWAP_AB: tl.constexpr, UNPACK_ASM: tl.constexpr, INTERPRET: tl.constexpr):
-    # Arguments in the launcher's (the runtime op's) order, as in w8a8_kernel; then the strides and GROUP.
+                SWAP_AB: tl.constexpr, UNPACK_ASM: tl.constexpr, INTERPRET: tl.constexpr,
+                HAS_GELU: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
+                HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False):
+    # Arguments in the launcher's (the runtime op's) order, as in w8a8_kernel; then the strides, the fused
+    # epilogue's arguments (epilogue.store_tile; compiled out while its flags are off) and GROUP.
     HB: tl.constexpr = BK // 2        # bytes of one row per step = k per half-dot
     HALF: tl.constexpr = PB // 2      # k distance between the low and the high nibble of a byte
     STEPS: tl.constexpr = PB // BK    # steps per pack block (static: unrolled)
@@ -328,14 +333,10 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
             y = y + b[:, None]
         else:
             y = y + b[None, :]
-    y = cast_rn(y, out_ptr.dtype.element_ty, INTERPRET)  # the interpreter truncates to bf16: round by hand
-    if SWAP_AB:
-        ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-        mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
-    else:
-        ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(ptrs, y, mask=mask)
+    # the fused pieces (none for the plain GEMM: then a rounding cast -- the interpreter would truncate to
+    # bf16 -- and a masked store) and the store, shared with the W8A8 kernel
+    epilogue.store_tile(y, offs_m, offs_n, M, N, out_ptr, stride_om, gate_ptr, res_ptr, out_scale_ptr,
+                        rows_per_gate, HAS_GELU, HAS_GATE, HAS_RESIDUAL, QUANT_OUT, SWAP_AB, INTERPRET)
 
 
 # ---- configuration and launcher ---------------------------------------------------------------------------
@@ -375,17 +376,9 @@ def describe() -> Dict:
             "interpreter": "interpreter" in archs}
 
 
-def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-              bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
-              out: Optional[torch.Tensor] = None, config: Optional[Dict] = None) -> torch.Tensor:
-    """``y = a_scale * sum_g w_scale[g] * (a @ w_g^T) + bias`` with ``w`` from :func:`pack_weight`.
-
-    a int8 [M, K], a_scale float32 [1] or [M], w uint8 [N, K // 2] (this kernel's layout, 16-byte aligned),
-    w_scale float32 [K // G, N], bias float16 / bfloat16 / float32 [N] or None; all contiguous, on one device;
-    G in :data:`GROUP_SIZES`, K a multiple of G and at most :data:`MAX_K`. Anything else raises ValueError /
-    TypeError. ``out``: optional [M, N] tensor of ``out_dtype`` to write (row stride free, unit column
-    stride). ``config``: optional table entry overriding the tile table (tests, benchmarks)."""
-    pb = pack_block(group_size)
+def _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype):
+    """The GEMM's own arguments; returns (M, N, K)."""
+    pack_block(group_size)
     checks.tensor("a", a, (torch.int8,), dim=2)
     m, k = a.shape
     if k % group_size:
@@ -404,6 +397,20 @@ def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     if bias is not None:
         checks.tensor("bias", bias, checks.FLOAT_DTYPES, shape=(n,), labels=("N",))
     checks.out_dtype(out_dtype)
+    return m, n, k
+
+
+def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+              bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
+              out: Optional[torch.Tensor] = None, config: Optional[Dict] = None) -> torch.Tensor:
+    """``y = a_scale * sum_g w_scale[g] * (a @ w_g^T) + bias`` with ``w`` from :func:`pack_weight`.
+
+    a int8 [M, K], a_scale float32 [1] or [M], w uint8 [N, K // 2] (this kernel's layout, 16-byte aligned),
+    w_scale float32 [K // G, N], bias float16 / bfloat16 / float32 [N] or None; all contiguous, on one device;
+    G in :data:`GROUP_SIZES`, K a multiple of G and at most :data:`MAX_K`. Anything else raises ValueError /
+    TypeError. ``out``: optional [M, N] tensor of ``out_dtype`` to write (row stride free, unit column
+    stride). ``config``: optional table entry overriding the tile table (tests, benchmarks)."""
+    m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype)
     checks.same_device("a", a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, out=out)
     check_device(a)
     if w.data_ptr() % 16:  # the unpack reads 32-bit words and the GPU path 16-byte vectors of each row
@@ -418,31 +425,69 @@ def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
         return out
     if k == 0:
         return out.copy_(torch.zeros_like(out) if bias is None else bias.to(out_dtype).expand(m, n))
+    return _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config)
+
+
+def gemm_w4a8_fused(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                    bias: Optional[torch.Tensor], group_size: int, gelu: bool, gate: Optional[torch.Tensor],
+                    residual: Optional[torch.Tensor], rows_per_gate: int, out_scale: Optional[torch.Tensor],
+                    out_dtype: torch.dtype, out: Optional[torch.Tensor] = None,
+                    config: Optional[Dict] = None) -> torch.Tensor:
+    """:func:`gemm_w4a8` with the fused epilogue of :mod:`.epilogue` (the contract of
+    ``ditq.quant.reference.gemm_epilogue``): ``gelu``, ``gate`` [M // rows_per_gate, N], ``residual`` [M, N]
+    of ``out_dtype``, and ``out_scale`` float32 [1] for an int8 output (``out_dtype`` then names only the
+    residual's dtype). ``out``: optional contiguous [M, N] tensor to write. Bad input raises ValueError /
+    TypeError."""
+    m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype)
+    epilogue.check_args(a.device, m, n, gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
+    checks.same_device("a", a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, out=out)
+    check_device(a)
+    if w.data_ptr() % 16:
+        raise ValueError("w must start 16-byte aligned (a fresh tensor or a row slice of one is)")
+    out = epilogue.out_tensor(out, m, n, out_dtype, out_scale, a.device)
+    if m == 0 or n == 0:
+        return out
+    # K = 0 runs the kernel too: no pack block, so the epilogue sees acc = 0
+    return _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config, gelu, gate, residual,
+                   rows_per_gate, out_scale)
+
+
+def _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config, gelu=False, gate=None,
+            residual=None, rows_per_gate=1, out_scale=None):
     cfg = fit_config(config, group_size) if config is not None else kernel_config(m, a.device, group_size)
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
+    unused = w_scale  # a valid pointer for the arguments a constexpr flag switches off
     w4a8_kernel[grid](
-        a, a_scale, w, w_scale, bias if bias is not None else w_scale, out, m, n, k,
+        a, a_scale, w, w_scale, bias if bias is not None else unused, out, m, n, k,
         a.stride(0), w.stride(0), w_scale.stride(0), out.stride(0),
-        PER_TOKEN=a_scale.numel() == m and m > 1, HAS_BIAS=bias is not None, GROUP=group_size, PB=pb,
+        gate if gate is not None else unused, residual if residual is not None else unused,
+        out_scale if out_scale is not None else unused, rows_per_gate,
+        PER_TOKEN=a_scale.numel() == m and m > 1, HAS_BIAS=bias is not None, GROUP=group_size,
+        PB=pack_block(group_size),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], SWAP_AB=bool(cfg["SWAP_AB"]),
         UNPACK_ASM=bool(cfg["UNPACK_ASM"]) and not interpreting(),  # no inline asm in the interpreter
-        INTERPRET=interpreting(), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        INTERPRET=interpreting(), HAS_GELU=gelu, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
+        QUANT_OUT=out_scale is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
 def aot_job(config: Dict, cc: int, *, group_size: int, out_dtype: str = "bf16", per_token: bool = True,
-            bias: bool = True, aligned: bool = True) -> Dict:
+            bias: bool = True, aligned: bool = True, fused: str = "") -> Dict:
     """Arguments of ``aot.compile_kernel`` for one table entry at group size ``group_size``, as the launcher
     would run it on a GPU of compute capability ``cc``: BK fitted to the group, and the alignment the launcher
     guarantees, pointers, K, N and every stride divisible by 16 (K % 32 == 0), M not (``aligned=False``
-    drops those hints)."""
+    drops those hints). ``fused``: the epilogue's pieces, "+"-separated names from ``epilogue.PIECES``
+    (e.g. ``"gate+residual"``; "" = the plain GEMM), with a bf16 gate and a residual of the output dtype."""
     cfg = fit_config(config, group_size)
+    flags = epilogue.flags(fused)
     ptr = {"a_ptr": "*i8", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
-           "out_ptr": "*" + out_dtype}
+           "out_ptr": "*i8" if flags["QUANT_OUT"] else "*" + out_dtype}
     ints = ("M", "N", "K", "stride_am", "stride_wn", "stride_sg", "stride_om")
+    fused_args = {"gate_ptr": "*bf16", "res_ptr": "*" + out_dtype, "out_scale_ptr": "*fp32", "rows_per_gate": "i32"}
     constexprs = {"PER_TOKEN": per_token, "HAS_BIAS": bias, "GROUP": group_size, "PB": pack_block(group_size),
                   "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "GROUP_M": cfg["GROUP_M"],
-                  "SWAP_AB": bool(cfg["SWAP_AB"]), "UNPACK_ASM": bool(cfg["UNPACK_ASM"]), "INTERPRET": False}
-    hints = [n for n in (*ptr, *ints) if n != "M"]
-    return dict(fn=w4a8_kernel, signature={**ptr, **{n: "i32" for n in ints}}, constexprs=constexprs, cc=cc,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], aligned=hints if aligned else [])
+                  "SWAP_AB": bool(cfg["SWAP_AB"]), "UNPACK_ASM": bool(cfg["UNPACK_ASM"]), "INTERPRET": False,
+                  **flags}
+    hints = [n for n in (*ptr, *ints, "gate_ptr", "res_ptr", "out_scale_ptr") if n != "M"]
+    return dict(fn=w4a8_kernel, signature={**ptr, **{n: "i32" for n in ints}, **fused_args}, constexprs=constexprs,
+                cc=cc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], aligned=hints if aligned else [])

@@ -3,6 +3,8 @@
 ``y[m, n] = (a_scale[m] * w_scale[n]) * sum_k a[m, k] w[n, k] + bias[n]``, cast to bf16 / fp16 / fp32.
 ``a_scale`` is one static scalar [1] or one per token [M]. The int32 accumulation is exact, so
 the result differs from the exact product only by the fp32 epilogue's rounding (``ditq.testing``).
+:func:`gemm_w8a8_fused` runs the same kernel with the pieces of :mod:`.epilogue` switched on (GELU, gate,
+residual, int8 output); with none, its code is the plain GEMM's.
 
 Loads (from a SASS study of triton 3.8):
 
@@ -29,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import checks, config_table
-from .interpret import cast_rn, check_device, interpreting
+from . import checks, config_table, epilogue
+from .interpret import check_device, interpreting
 
 KERNEL_NAME = "w8a8"
 K_MULTIPLE = 16  # 16-byte aligned rows: Triton's divisibility specialisation of K gives 16-byte loads
@@ -44,10 +46,14 @@ CONFIG_KEYS = ("BM", "BN", "BK", "GROUP_M", "SWAP_AB", "USE_TMA", "num_warps", "
 
 @triton.jit
 def w8a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
+                gate_ptr, res_ptr, out_scale_ptr, rows_per_gate,
                 PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr):
-    # Arguments in the launcher's (the runtime op's) order: a, a_scale, w, w_scale, bias, then the output.
+                SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
+                HAS_GELU: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
+                HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False):
+    # Arguments in the launcher's (the runtime op's) order: a, a_scale, w, w_scale, bias, then the output;
+    # then the fused epilogue's (epilogue.store_tile; unused, and compiled out, while its flags are off).
     # With USE_TMA, a_ptr and w_ptr are tensor descriptors rather than pointers.
     # Grouped launch order: GROUP_M row-tiles share each weight column tile while it is in L2.
     pid = tl.program_id(0)
@@ -111,15 +117,13 @@ def w8a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
         out = acc.to(tl.float32) * (a_s[None, :] * w_s[:, None])
         if HAS_BIAS:
             out += b[:, None]
-        y_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
-        y_ok = m_ok[None, :] & n_ok[:, None]
     else:
         out = acc.to(tl.float32) * (a_s[:, None] * w_s[None, :])
         if HAS_BIAS:
             out += b[None, :]
-        y_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        y_ok = m_ok[:, None] & n_ok[None, :]
-    tl.store(y_ptrs, cast_rn(out, out_ptr.dtype.element_ty, INTERPRET), mask=y_ok)
+    # the fused pieces (none for the plain GEMM: then a rounding cast and a masked store) and the store
+    epilogue.store_tile(out, offs_m, offs_n, M, N, out_ptr, N, gate_ptr, res_ptr, out_scale_ptr, rows_per_gate,
+                        HAS_GELU, HAS_GATE, HAS_RESIDUAL, QUANT_OUT, SWAP_AB, INTERPRET)
 
 
 def kernel_config(m: int, device) -> Dict:
@@ -150,16 +154,8 @@ def _aligned(*tensors) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def gemm_w8a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-              bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
-              out: Optional[torch.Tensor] = None, config: Optional[Dict] = None) -> torch.Tensor:
-    """``y = (a_scale * w_scale) * (a @ w.T) + bias`` as ``out_dtype`` [M, N].
-
-    a int8 [M, K], w int8 [N, K] (K a multiple of 16, at most 16384), a_scale float32 [1] or [M],
-    w_scale float32 [N], bias float16 / bfloat16 / float32 [N] or None, every tensor contiguous and on one
-    device. ``out``: optional contiguous [M, N] tensor of ``out_dtype`` to write into. ``config``: a tile
-    entry overriding the table (tests, benchmarks). Anything else raises ValueError / TypeError.
-    """
+def _check_gemm(a, a_scale, w, w_scale, bias, out_dtype):
+    """The GEMM's own arguments; returns (M, N, K)."""
     checks.tensor("a", a, (torch.int8,), dim=2)
     m, k = a.shape
     checks.tensor("w", w, (torch.int8,), shape=(None, k), labels=("N", "K"))
@@ -173,6 +169,20 @@ def gemm_w8a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     if bias is not None:
         checks.tensor("bias", bias, checks.FLOAT_DTYPES, shape=(n,), labels=("N",))
     checks.out_dtype(out_dtype)
+    return m, n, k
+
+
+def gemm_w8a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+              bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
+              out: Optional[torch.Tensor] = None, config: Optional[Dict] = None) -> torch.Tensor:
+    """``y = (a_scale * w_scale) * (a @ w.T) + bias`` as ``out_dtype`` [M, N].
+
+    a int8 [M, K], w int8 [N, K] (K a multiple of 16, at most 16384), a_scale float32 [1] or [M],
+    w_scale float32 [N], bias float16 / bfloat16 / float32 [N] or None, every tensor contiguous and on one
+    device. ``out``: optional contiguous [M, N] tensor of ``out_dtype`` to write into. ``config``: a tile
+    entry overriding the table (tests, benchmarks). Anything else raises ValueError / TypeError.
+    """
+    m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, out_dtype)
     checks.same_device("a", a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, out=out)
     check_device(a)
     if out is None:
@@ -183,10 +193,35 @@ def gemm_w8a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
         return out
     if k == 0:
         return out.copy_(torch.zeros_like(out) if bias is None else bias.to(out_dtype).expand(m, n))
+    return _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config)
 
+
+def gemm_w8a8_fused(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                    bias: Optional[torch.Tensor], gelu: bool, gate: Optional[torch.Tensor],
+                    residual: Optional[torch.Tensor], rows_per_gate: int, out_scale: Optional[torch.Tensor],
+                    out_dtype: torch.dtype, out: Optional[torch.Tensor] = None,
+                    config: Optional[Dict] = None) -> torch.Tensor:
+    """:func:`gemm_w8a8` with the fused epilogue of :mod:`.epilogue` (the contract of
+    ``ditq.quant.reference.gemm_epilogue``): ``gelu``, ``gate`` [M // rows_per_gate, N], ``residual`` [M, N]
+    of ``out_dtype``, and ``out_scale`` float32 [1] for an int8 output (``out_dtype`` then names only the
+    residual's dtype). Bad input raises ValueError / TypeError."""
+    m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, out_dtype)
+    epilogue.check_args(a.device, m, n, gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
+    checks.same_device("a", a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, out=out)
+    check_device(a)
+    out = epilogue.out_tensor(out, m, n, out_dtype, out_scale, a.device)
+    if m == 0 or n == 0:
+        return out
+    # K = 0 runs the kernel too: its loop is then empty and the epilogue sees acc = 0 (pointer loads only)
+    return _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config, gelu, gate, residual, rows_per_gate,
+                   out_scale)
+
+
+def _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config, gelu=False, gate=None, residual=None,
+            rows_per_gate=1, out_scale=None):
     cfg = fit_config(config) if config is not None else kernel_config(m, a.device)
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
-    use_tma = bool(cfg["USE_TMA"]) and _aligned(a, w)
+    use_tma = bool(cfg["USE_TMA"]) and _aligned(a, w) and k > 0
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -195,27 +230,40 @@ def gemm_w8a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     else:
         a_arg, w_arg = a, w
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    w8a8_kernel[grid](a_arg, a_scale, w_arg, w_scale, bias if bias is not None else w_scale, out, m, n, k,
+    unused = w_scale  # a valid pointer for the arguments a constexpr flag switches off
+    w8a8_kernel[grid](a_arg, a_scale, w_arg, w_scale, bias if bias is not None else unused, out, m, n, k,
+                      gate if gate is not None else unused, residual if residual is not None else unused,
+                      out_scale if out_scale is not None else unused, rows_per_gate,
                       PER_TOKEN=a_scale.numel() != 1, HAS_BIAS=bias is not None,
                       BM=bm, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], SWAP_AB=bool(cfg["SWAP_AB"]),
                       USE_TMA=use_tma, INTERPRET=interpreting(),
+                      HAS_GELU=gelu, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
+                      QUANT_OUT=out_scale is not None,
                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
 def aot_job(config: Dict, cc: int, *, out_dtype: str = "bf16", per_token: bool = True, bias: bool = True,
-            aligned: bool = True) -> Dict:
+            aligned: bool = True, fused: str = "", n_aligned: Optional[bool] = None) -> Dict:
     """Arguments of ``aot.compile_kernel`` for one table entry, as the launcher would run it on a GPU of
     compute capability ``cc``: aligned pointers and K % 16 == 0 (``aligned=False`` drops those hints, the
-    case the launcher refuses, to show what they buy)."""
+    case the launcher refuses, to show what they buy). ``fused``: the epilogue's pieces, "+"-separated names
+    from ``epilogue.PIECES`` (e.g. ``"gelu+quant"``; "" = the plain GEMM), with a bf16 gate and a residual of
+    the output dtype. ``n_aligned`` (default: when fused) adds N % 16 == 0, as DiT widths are, which the
+    epilogue's gate and residual loads need to be wide."""
     cfg = fit_config(config)
     tma = bool(cfg["USE_TMA"])
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
+    flags = epilogue.flags(fused)
     sig = {"a_ptr": f"tensordesc<i8[{bm}, {bk}]>" if tma else "*i8", "a_scale_ptr": "*fp32",
            "w_ptr": f"tensordesc<i8[{bn}, {bk}]>" if tma else "*i8", "w_scale_ptr": "*fp32",
-           "bias_ptr": "*fp32", "out_ptr": f"*{out_dtype}", "M": "i32", "N": "i32", "K": "i32"}
+           "bias_ptr": "*fp32", "out_ptr": "*i8" if flags["QUANT_OUT"] else f"*{out_dtype}",
+           "M": "i32", "N": "i32", "K": "i32", "gate_ptr": "*bf16", "res_ptr": f"*{out_dtype}",
+           "out_scale_ptr": "*fp32", "rows_per_gate": "i32"}
     constexprs = dict(PER_TOKEN=per_token, HAS_BIAS=bias, BM=bm, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"],
-                      SWAP_AB=bool(cfg["SWAP_AB"]), USE_TMA=tma, INTERPRET=False)
-    hints = ["a_scale_ptr", "w_scale_ptr", "bias_ptr", "out_ptr", "K"] + ([] if tma else ["a_ptr", "w_ptr"])
+                      SWAP_AB=bool(cfg["SWAP_AB"]), USE_TMA=tma, INTERPRET=False, **flags)
+    hints = ["a_scale_ptr", "w_scale_ptr", "bias_ptr", "out_ptr", "K", "gate_ptr", "res_ptr", "out_scale_ptr"]
+    hints += ["N"] if (bool(fused) if n_aligned is None else n_aligned) else []
+    hints += [] if tma else ["a_ptr", "w_ptr"]
     return dict(fn=w8a8_kernel, signature=sig, constexprs=constexprs, cc=cc, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"], aligned=hints if aligned else [])

@@ -94,6 +94,9 @@ class KernelOps(NamedTuple):
     gemm_w4a8: Callable
     # Fused producers (optional: a backend without one leaves it None and callers run the unfused ops)
     norm_modulate_quantize: Optional[Callable] = None
+    # GEMMs with a fused epilogue (GELU, gate, residual, int8 output; the contract in :mod:`ditq.ops`)
+    gemm_w8a8_fused: Optional[Callable] = None
+    gemm_w4a8_fused: Optional[Callable] = None
 
 
 class Backend:
@@ -156,6 +159,14 @@ class Backend:
 
     def norm_modulate_quantize(self, x, shift, scale, eps, act_scale):
         raise NotImplementedError(f"backend {self.name!r} has no fused LayerNorm + modulate + quantize kernel")
+
+    def gemm_w8a8_fused(self, a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale,
+                        out_dtype):
+        raise NotImplementedError(f"backend {self.name!r} has no W8A8 GEMM with a fused epilogue")
+
+    def gemm_w4a8_fused(self, a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate,
+                        out_scale, out_dtype):
+        raise NotImplementedError(f"backend {self.name!r} has no W4A8 GEMM with a fused epilogue")
 
     def __repr__(self):
         return f"<ditq backend {self.name}>"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..ops import (check_gemm_w4a8, check_gemm_w8a8, check_norm_modulate_quantize, check_quantize_act,
-                   define_kernel_ops)
+from ..ops import (check_gemm_w4a8, check_gemm_w4a8_fused, check_gemm_w8a8, check_gemm_w8a8_fused,
+                   check_norm_modulate_quantize, check_quantize_act, define_kernel_ops)
 from ..quant import reference as ref
 from . import Backend, KernelFamily, register
 
@@ -33,10 +33,25 @@ def _norm_modulate_quantize(x, shift, scale, eps, act_scale):
     return ref.norm_modulate_quantize(x, shift, scale, eps, act_scale)
 
 
+def _gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale, out_dtype):
+    check_gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
+    return ref.gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale,
+                               out_dtype)
+
+
+def _gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate, out_scale,
+                     out_dtype):
+    check_gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate,
+                          out_scale, out_dtype)
+    return ref.gemm_w4a8_fused(a, a_scale, ref.unpack_int4(w), w_scale, group_size, bias, gelu, gate, residual,
+                               rows_per_gate, out_scale, out_dtype)
+
+
 @lru_cache(maxsize=None)
 def _kernel_ops():
     return define_kernel_ops("torch", {"quantize_act": _quantize_act, "gemm_w8a8": _gemm_w8a8,
-                                       "gemm_w4a8": _gemm_w4a8, "norm_modulate_quantize": _norm_modulate_quantize})
+                                       "gemm_w4a8": _gemm_w4a8, "norm_modulate_quantize": _norm_modulate_quantize,
+                                       "gemm_w8a8_fused": _gemm_w8a8_fused, "gemm_w4a8_fused": _gemm_w4a8_fused})
 
 
 class TorchBackend(Backend):
@@ -65,6 +80,16 @@ class TorchBackend(Backend):
 
     def norm_modulate_quantize(self, x, shift, scale, eps, act_scale):
         return _norm_modulate_quantize(x, shift, scale, eps, act_scale)
+
+    def gemm_w8a8_fused(self, a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale,
+                        out_dtype):
+        return _gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale,
+                                out_dtype)
+
+    def gemm_w4a8_fused(self, a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate,
+                        out_scale, out_dtype):
+        return _gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate,
+                                out_scale, out_dtype)
 
 
 register(TorchBackend())

@@ -42,7 +42,9 @@ def _kernel_ops():
     return define_kernel_ops("triton", {"quantize_act": _kernels("quantize_act").quantize_act,
                                         "gemm_w8a8": _kernels("w8a8").gemm_w8a8,
                                         "gemm_w4a8": _w4a8().gemm_w4a8,
-                                        "norm_modulate_quantize": _kernels("norm_quantize").norm_modulate_quantize})
+                                        "norm_modulate_quantize": _kernels("norm_quantize").norm_modulate_quantize,
+                                        "gemm_w8a8_fused": _kernels("w8a8").gemm_w8a8_fused,
+                                        "gemm_w4a8_fused": _w4a8().gemm_w4a8_fused})
 
 
 class TritonBackend(Backend):
@@ -99,6 +101,16 @@ class TritonBackend(Backend):
 
     def gemm_w4a8(self, a, a_scale, w, w_scale, bias, group_size, out_dtype):
         return _w4a8().gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype)
+
+    def gemm_w8a8_fused(self, a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale,
+                        out_dtype):
+        return _kernels("w8a8").gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate,
+                                                out_scale, out_dtype)
+
+    def gemm_w4a8_fused(self, a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate,
+                        out_scale, out_dtype):
+        return _w4a8().gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual,
+                                       rows_per_gate, out_scale, out_dtype)
 
 
 register(TritonBackend())

@@ -245,6 +245,85 @@ def gemm_w8a8_exact(a, a_scale, w, w_scale, bias=None):
     return y, mag
 
 
+# ---- fused GEMM epilogues ------------------------------------------------------------------------------
+# What a GEMM can do to its fp32 output y = acc * a_scale * w_scale (+ bias) before storing it, instead of a
+# separate elementwise pass: GELU (a DiT MLP's fc1), adaLN-Zero's gate and the residual add (attention's
+# output projection and fc2), and int8 quantization for the next GEMM (fc1 feeding a static fc2).
+
+GELU_TANH_BETA = 0.7978845608028654  # sqrt(2 / pi), rounded to fp32 where it is used
+GELU_TANH_KAPPA = 0.044715
+
+
+def gelu_tanh(y: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation in fp32, in the order every kernel follows:
+    ``0.5 * y * (1 + tanh(0.7978845608028654 * (y + 0.044715 * (y * y * y))))`` (products left to right).
+    As diffusers' ``GELU(approximate="tanh")``; only tanh's last bits differ between math libraries."""
+    y = y.float()
+    inner = (y + (y * y * y) * GELU_TANH_KAPPA) * GELU_TANH_BETA
+    return (y * 0.5) * (torch.tanh(inner) + 1.0)
+
+
+def gemm_epilogue(y: torch.Tensor, gelu: bool = False, gate: Optional[torch.Tensor] = None,
+                  residual: Optional[torch.Tensor] = None, rows_per_gate: int = 1,
+                  out_scale: Optional[torch.Tensor] = None, out_dtype=torch.float32) -> torch.Tensor:
+    """The fused epilogue's steps after the scale and bias, on the fp32 GEMM output ``y`` [M, N], in fp32 and
+    in this order: GELU-tanh (``gelu``); ``y * gate[m // rows_per_gate, n]`` (``gate`` [M // rows_per_gate, N]:
+    adaLN's per-sample gate broadcast over the sample's rows); ``y + residual[m, n]`` (``residual`` [M, N]);
+    then either int8 quantization with the static scale ``out_scale`` (float32 [1]: exactly
+    :func:`quantize_with_scale`, i.e. ``quantize_act``'s static contract; ``out_dtype`` is then ignored) or a
+    cast to ``out_dtype``. With no piece it is the plain GEMM's cast."""
+    if gelu:
+        y = gelu_tanh(y)
+    if gate is not None:
+        m, n = y.shape
+        y = (y.reshape(m // rows_per_gate, rows_per_gate, n) * gate.float()[:, None, :]).reshape(m, n)
+    if residual is not None:
+        y = y + residual.float()
+    if out_scale is not None:
+        return quantize_with_scale(y, out_scale, INT8_QMAX)
+    return y.to(out_dtype)
+
+
+def gemm_w8a8_fused(a, a_scale, w, w_scale, bias=None, gelu: bool = False, gate=None, residual=None,
+                    rows_per_gate: int = 1, out_scale=None, out_dtype=torch.float32):
+    """:func:`gemm_w8a8` (its fp32 result, before the cast) followed by :func:`gemm_epilogue`."""
+    y = gemm_w8a8(a, a_scale, w, w_scale, bias, torch.float32)
+    return gemm_epilogue(y, gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
+
+
+def gemm_w4a8_fused(a, a_scale, w_q, w_scales, group_size: int, bias=None, gelu: bool = False, gate=None,
+                    residual=None, rows_per_gate: int = 1, out_scale=None, out_dtype=torch.float32):
+    """:func:`gemm_w4a8` (unpacked int4 values ``w_q``, its fp32 result) followed by :func:`gemm_epilogue`."""
+    y = gemm_w4a8(a, a_scale, w_q, w_scales, group_size, bias, torch.float32)
+    return gemm_epilogue(y, gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
+
+
+def gemm_epilogue_exact(y: torch.Tensor, magnitude: torch.Tensor, gelu: bool = False, gate=None, residual=None,
+                        rows_per_gate: int = 1):
+    """float64 twin of :func:`gemm_epilogue` (before the output cast or quantization) for tolerances.
+
+    ``y`` / ``magnitude``: a GEMM's float64 value and magnitude (:func:`gemm_w8a8_exact`). Returns the value
+    after the pieces and a magnitude ``mag`` such that an fp32 computation of the same steps is within a few
+    ``2**-24 * mag`` of it: GELU's slope is at most 1.13, so the incoming error grows by that much, and its own
+    roundings (tanh's last bits included) are each within an ulp of ``|y|`` (``1 + tanh`` is only absolutely
+    accurate: this term is what a GELU near zero output needs); a product scales the incoming error by
+    ``|gate|``; each operation adds the rounding of its result."""
+    y, mag = y.double(), magnitude.double()
+    if gelu:
+        g = 0.5 * y * (1.0 + torch.tanh(GELU_TANH_BETA * (y + GELU_TANH_KAPPA * y ** 3)))
+        mag = 1.13 * mag + y.abs() + g.abs()
+        y = g
+    if gate is not None:
+        m, n = y.shape
+        gt = gate.double().repeat_interleave(rows_per_gate, dim=0)
+        y = y * gt
+        mag = mag * gt.abs() + y.abs()
+    if residual is not None:
+        y = y + residual.double()
+        mag = mag + residual.double().abs() + y.abs()
+    return y, mag
+
+
 # ---- error metric -------------------------------------------------------------------------------------
 
 def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:

@@ -69,6 +69,27 @@ def test_first_step_scale_is_the_absmax_of_the_first_call(pipe):
     assert cal.scale(name).dtype == torch.float32 and cal.scale(name).item() == pytest.approx(seen[0] / 127)
 
 
+def test_hessian_is_the_sum_of_x_transpose_x_over_the_recorded_steps(pipe):
+    layers, _ = select_layers(pipe.transformer, QuantConfig(default_skip=False))
+    name = "transformer_blocks.1.ff.net.2"
+    seen = []
+    lin = pipe.transformer.get_submodule(name)
+    h = lin.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1]).clone()))
+    try:
+        runs = pipeline_runs(pipe, [dict(class_labels=[3, 7], num_inference_steps=3)] * 2)
+        cal = calibrate(pipe.transformer, layers, runs, [1, 2], progress=False, record_hessian=True)
+    finally:
+        h.remove()
+    recorded = torch.cat([seen[i] for i in (1, 2, 4, 5)]).double()  # steps 1, 2 of both runs; not step 0
+    assert cal.hessian_rows[name] == recorded.shape[0]
+    expect = recorded.t() @ recorded
+    assert cal.hessian[name].shape == (lin.in_features,) * 2
+    assert torch.allclose(cal.hessian[name].double(), expect, rtol=1e-4, atol=1e-4 * float(expect.abs().max()))
+    assert set(cal.hessian) == set(layers)
+    no_h = calibrate(pipe.transformer, layers, runs, [0], progress=False)
+    assert not no_h.hessian  # opt-in: K x K per layer is not kept unless asked for
+
+
 def test_errors_leave_no_hooks(pipe):
     layers, _ = select_layers(pipe.transformer, QuantConfig(default_skip=False))
     with pytest.raises(CalibrationError, match="class_labels|failed"):

@@ -336,3 +336,17 @@ def test_quantize_with_the_calibration_policy_and_fusion(tiny_pipeline_dir, tmp_
     code, _, err = run(["quantize", tiny_pipeline_dir, "--preset", "w8a8", "--timestep-groups", "2", "--quiet",
                         "--out", str(tmp_path / "p")], capsys)
     assert code == 1 and "timestep_groups > 1 needs" in err and len(err.strip().splitlines()) == 1
+
+
+def test_quantize_with_a_weight_method(tiny_pipeline_dir, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    code, _, err = run(["quantize", tiny_pipeline_dir, "--preset", "w4a8", "--group-size", "32", "--calib-labels",
+                        "1", "2", "--calib-steps", "2", "--weight-method", "gptq", "--quiet", "--out", out], capsys)
+    assert code == 0, err
+    report = json.load(open(os.path.join(out, "ditq_report.json")))
+    assert report["config"]["weight_method"] == "gptq"
+    assert all(lr["weight_method"] == "gptq" and lr["layer_output_sqnr"] > lr["layer_output_sqnr_rtn"]
+               for lr in report["layers"])
+    with pytest.raises(SystemExit) as e:  # argparse refuses an unknown method before any work
+        main(["quantize", tiny_pipeline_dir, "--preset", "w4a8", "--weight-method", "awq", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "invalid choice: 'awq'" in capsys.readouterr().err

@@ -38,6 +38,8 @@ def test_presets_and_overrides():
     (dict(skip=[""]), "non-empty strings"),
     (dict(include=5), "list of fnmatch patterns"),
     (dict(default_skip="yes"), "default_skip"),
+    (dict(weight_method="awq"), "weight_method must be one of"),
+    (dict(weight_method=None), "weight_method must be one of"),
 ])
 def test_bad_settings_raise_clear_errors(kw, match):
     with pytest.raises(QuantConfigError, match=match):
@@ -57,6 +59,10 @@ def test_dict_round_trip_and_unknown_fields():
     assert QuantConfig.from_dict(d) == c
     with pytest.raises(QuantConfigError, match="unknown QuantConfig fields"):
         QuantConfig.from_dict({**d, "bits": 4})
+    g = QuantConfig(weight_bits=4, weight_method="gptq")
+    assert QuantConfig.from_dict(g.to_dict()).weight_method == "gptq"
+    old = {k: v for k, v in g.to_dict().items() if k != "weight_method"}  # a config written before the field
+    assert QuantConfig.from_dict(old).weight_method == "rtn"
 
 
 def test_group_size_is_checked_against_the_kernels_own_description():

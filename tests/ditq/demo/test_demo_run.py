@@ -69,6 +69,9 @@ def test_bad_setting_and_numbers(tmp_path, capsys):
     with pytest.raises(demo.DemoError, match="unknown demo setting 'w3a3'"):
         demo.check_settings(["w3a3"])
     assert demo.check_settings(["w4a8", "fp32", "w4a8"]) == ["fp32", "w4a8"]
+    assert demo.check_settings(None) == list(demo.DEFAULT_SETTINGS) and demo.DEFAULT_SETTINGS[0] == "fp32"
+    assert set(demo.DEFAULT_SETTINGS) < set(demo.SETTINGS)  # the full set stays behind --settings all
+    assert demo.check_settings(["all"]) == list(demo.SETTINGS)
     code = main(["demo", "--out", str(tmp_path), "--steps", "0"])
     assert code == 1 and "--steps must be at least 1" in capsys.readouterr().err
     with pytest.raises(demo.DemoError, match="--samples-per-class must be a positive integer"):

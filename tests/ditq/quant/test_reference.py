@@ -210,3 +210,54 @@ def test_int_matmul_is_exact_at_the_extremes():
     w = torch.randint(-128, 128, (17, 1152), dtype=torch.int8, generator=g)
     assert torch.equal(ref.int_matmul(a, w), a.long() @ w.long().t())
     assert torch.equal(ref.group_partials(a, w, 128).sum(0), a.long() @ w.long().t())
+
+
+# ---- fused GEMM epilogues -----------------------------------------------------------------------------
+
+def test_gelu_tanh_is_diffusers_gelu_and_close_to_float64():
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(7)
+    y = torch.cat([torch.randn(20000, generator=g) * 4, torch.tensor([0.0, -0.0, 1e-30, -40.0, 40.0])])
+    out = ref.gelu_tanh(y)
+    # torch's own kernel evaluates the same formula, vectorised: only tanh's last bits may differ
+    torch.testing.assert_close(out, F.gelu(y, approximate="tanh"), rtol=1e-5, atol=1e-6)
+    y64 = y.double()
+    exact = 0.5 * y64 * (1 + torch.tanh(0.7978845608028654 * (y64 + 0.044715 * y64 ** 3)))
+    # 1 + tanh is only absolutely accurate in fp32: the error bound scales with |y| (gemm_epilogue_exact)
+    assert bool(((out.double() - exact).abs() <= 4 * 2.0 ** -24 * (y64.abs() + exact.abs())).all())
+
+
+@pytest.mark.parametrize("gelu", (False, True), ids=("no-gelu", "gelu"))
+@pytest.mark.parametrize("gated", (False, True), ids=("no-gate", "gate"))
+@pytest.mark.parametrize("with_residual", (False, True), ids=("no-residual", "residual"))
+def test_gemm_epilogue_against_float64(gelu, gated, with_residual):
+    from ditq.testing import assert_matches_exact, random_int8
+
+    g = torch.Generator().manual_seed(11 + 2 * gelu + 4 * gated + 8 * with_residual)
+    m, n, k, rows = 6, 7, 48, 3
+    a, w = random_int8(m, k, generator=g), random_int8(n, k, generator=g)
+    a_s, w_s = torch.rand(m, generator=g) / 100 + 1e-3, torch.rand(n, generator=g) / 100 + 1e-3
+    bias = torch.randn(n, generator=g)
+    gate = torch.randn(m // rows, n, generator=g) if gated else None
+    res = torch.randn(m, n, generator=g) if with_residual else None
+    out = ref.gemm_w8a8_fused(a, a_s, w, w_s, bias, gelu, gate, res, rows, None, torch.float32)
+    exact, mag = ref.gemm_epilogue_exact(*ref.gemm_w8a8_exact(a, a_s, w, w_s, bias), gelu, gate, res, rows)
+    assert_matches_exact(out, exact, mag, fp32_ops=8, what="fused epilogue")
+    # the tolerance is tight: one wrong piece (the gate of the wrong sample) fails it
+    if gated and m // rows > 1:
+        wrong = ref.gemm_w8a8_fused(a, a_s, w, w_s, bias, gelu, gate.flip(0), res, rows, None, torch.float32)
+        with pytest.raises(AssertionError):
+            assert_matches_exact(wrong, exact, mag, fp32_ops=8)
+
+
+def test_gemm_epilogue_without_pieces_is_the_plain_cast_and_int8_is_quantize_with_scale():
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(5, 9, generator=g) * 30
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(ref.gemm_epilogue(y, out_dtype=dt), y.to(dt))
+    y[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    s = torch.tensor([0.05])
+    q = ref.gemm_epilogue(y, out_scale=s, out_dtype=torch.bfloat16)
+    assert q.dtype == torch.int8 and torch.equal(q, ref.quantize_with_scale(y, s, 127))
+    assert q[0, :3].tolist() == [0, 127, -127]

@@ -1,0 +1,238 @@
+"""Fused FLUX blocks (``FluxTransformerBlock``, ``FluxSingleTransformerBlock``): the same fusions as
+:mod:`ditq.blocks` in the MM-DiT layout, where text and image tokens run side by side.
+
+Joint block, per stream (image, and text with its own weights): ``norm_modulate_quantize`` -> the stream's fused
+q/k/v GEMM (``to_qkv`` / ``to_added_qkv``, :mod:`ditq.fuse`); one attention over both streams (diffusers' own
+q/k RMSNorm, rotary embedding and attention dispatch, so the numbers are its); the output projections ``to_out`` /
+``to_add_out`` with adaLN gate and residual in their epilogue; the MLPs as in :mod:`ditq.blocks` (norm -> fc1 with
+GELU, int8 out -> fc2 with gate and residual).
+
+Single block: its attention's q/k/v and ``proj_mlp`` read the same normalized input, so one
+``norm_modulate_quantize`` feeds both GEMMs (when their calibrated scales agree, as they do: they observe the same
+tensor). They stay two GEMMs rather than one concatenated GEMM: ``proj_mlp``'s epilogue applies GELU and writes
+``proj_out``'s int8 input directly (static scales), the attention output is quantized with the same scale, and the
+two int8 halves are concatenated for ``proj_out``, whose epilogue applies the gate and the residual. One GEMM over
+[q | k | v | mlp] would instead write the 4D-wide MLP half in float and run GELU, the concatenation and the
+quantization as three more passes over it.
+
+Whatever these forwards do not cover (IP-adapter or other attention kwargs, training, a backend without the fused
+norm) runs the diffusers forward.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .blocks import _mlp, _quantize
+from .nn import QuantLinear
+
+JOINT, SINGLE = "FluxTransformerBlock", "FluxSingleTransformerBlock"
+
+
+def _plain_layernorm(norm) -> bool:
+    return isinstance(norm, nn.LayerNorm) and not norm.elementwise_affine
+
+
+def _mlp_why_not(ff) -> Optional[str]:
+    from diffusers.models.activations import GELU
+
+    net = getattr(ff, "net", None)
+    if net is None or len(net) != 3 or not isinstance(net[0], GELU) or \
+            not isinstance(net[0].proj, QuantLinear) or not isinstance(net[2], QuantLinear):
+        return "its feed-forward is not a quantized GELU MLP"
+    return None
+
+
+def _attention_why_not(attn, joint: bool) -> Optional[str]:
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    if type(attn.processor) is not FluxAttnProcessor or not getattr(attn, "fused_projections", False):
+        return "its attention's q/k/v are not fused into one quantized GEMM (ditq.fuse), or it has another processor"
+    names = ("to_qkv", "to_out.0", "to_added_qkv", "to_add_out") if joint else ("to_qkv",)
+    for name in names:
+        if not isinstance(attn.get_submodule(name), QuantLinear):
+            return f"its attention's {name} is not quantized"
+    return None
+
+
+def _nmq_why_not(layers) -> Optional[str]:
+    for layer in layers:
+        if layer._kernels is None or layer._kernels.norm_modulate_quantize is None:
+            return f"backend {layer.backend!r} has no fused norm kernel"
+    return None
+
+
+def why_not(block: nn.Module) -> Optional[str]:
+    """None when this FLUX block can run fused, else why not."""
+    kind = type(block).__name__
+    if kind == SINGLE:
+        why = _attention_why_not(block.attn, joint=False)
+        if why is None and not (isinstance(block.proj_mlp, QuantLinear) and isinstance(block.proj_out, QuantLinear)):
+            why = "its proj_mlp / proj_out are not quantized"
+        if why is None and not (isinstance(block.act_mlp, nn.GELU) and block.act_mlp.approximate == "tanh"):
+            why = "its MLP activation is not GELU-tanh"
+        if why is None and not _plain_layernorm(block.norm.norm):
+            why = "its norm is not an affine-free LayerNorm"
+        return why or _nmq_why_not([block.attn.to_qkv, block.proj_mlp])
+    if kind == JOINT:
+        why = _attention_why_not(block.attn, joint=True) or _mlp_why_not(block.ff) or _mlp_why_not(block.ff_context)
+        if why is None and not all(_plain_layernorm(n) for n in (block.norm1.norm, block.norm1_context.norm,
+                                                                    block.norm2, block.norm2_context)):
+            why = "its norms are not affine-free LayerNorms"
+        if why is None and (block.norm1.emb is not None or block.norm1_context.emb is not None):
+            why = "its adaLN norms embed their own conditioning"
+        return why or _nmq_why_not([block.attn.to_qkv, block.attn.to_added_qkv, block.ff.net[0].proj,
+                                    block.ff_context.net[0].proj])
+    return f"{kind} has no fused implementation"
+
+
+def _mods(b, norms, temb: torch.Tensor, parts: int):
+    """Each adaLN norm's ``linear(silu(temb))`` [B, parts * D] as ``parts`` contiguous [B, D] vectors (one copy per
+    norm). The norms of a block read the same ``silu(temb)``: it is computed once, and quantized once when their
+    scales agree (``_ditq_shared_ada``, checked when fusing)."""
+    silu = torch.nn.functional.silu(temb)
+    if b._ditq_shared_ada:
+        q, s = _quantize(norms[0].linear, silu)
+        mods = [n.linear.forward_fused(q, s, temb.dtype) for n in norms]
+    else:
+        mods = [n.linear(silu) for n in norms]
+    return [m.view(m.shape[0], parts, -1).transpose(0, 1).contiguous().unbind(0) for m in mods]
+
+
+def _same_input_quantization(layers) -> bool:
+    """Whether these layers, reading one tensor, quantize it identically (so one quantization serves all)."""
+    first = layers[0]
+    return all(isinstance(m, QuantLinear) for m in layers) and all(
+        m.act_scheme == first.act_scheme and m.backend == first.backend and all(
+            (getattr(first, n, None) is None) == (getattr(m, n, None) is None) and
+            (getattr(m, n, None) is None or torch.equal(getattr(first, n), getattr(m, n)))
+            for n in ("act_scale", "act_scales", "timestep_bounds")) for m in layers)
+
+
+def _heads(attn, qkv: torch.Tensor, batch: int):
+    """[B * S, 3 * H * Dh] -> q, k, v [B, S, H, Dh] (the layout diffusers' FLUX processor works in)."""
+    return qkv.view(batch, -1, 3, attn.heads, attn.head_dim).unbind(2)
+
+
+def _attend(attn, q, k, v, rotary):
+    """diffusers' FLUX attention after the projections: q/k RMSNorm, rotary embedding, its attention dispatch.
+    Returns [B, S, H * Dh]."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    if rotary is not None:
+        q = apply_rotary_emb(q, rotary, sequence_dim=1)
+        k = apply_rotary_emb(k, rotary, sequence_dim=1)
+    proc = attn.processor
+    out = dispatch_attention_fn(q, k, v, attn_mask=None, backend=proc._attention_backend,
+                                parallel_config=proc._parallel_config)
+    return out.flatten(2, 3)
+
+
+def _covered(b, joint_attention_kwargs, layers) -> bool:
+    return not joint_attention_kwargs and not b.training and \
+        all(layer._kernels is not None and layer._kernels.norm_modulate_quantize is not None for layer in layers)
+
+
+def _joint_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                   joint_attention_kwargs=None):
+    attn = b.attn
+    if not _covered(b, joint_attention_kwargs, (attn.to_qkv, attn.to_added_qkv, b.ff.net[0].proj,
+                                                 b.ff_context.net[0].proj)):
+        return super(type(b), b).forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                          joint_attention_kwargs)
+    x, c = hidden_states.contiguous(), encoder_hidden_states.contiguous()
+    (batch, seq, dim), text, dtype = x.shape, c.shape[1], x.dtype
+    (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), \
+        (c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = \
+        _mods(b, (b.norm1, b.norm1_context), temb, 6)
+
+    q8, s8 = attn.to_qkv._kernels.norm_modulate_quantize(x, shift_msa, scale_msa, b.norm1.norm.eps,
+                                                         attn.to_qkv._buffers["act_scale"])
+    q, k, v = _heads(attn, attn.to_qkv.forward_fused(q8, s8, dtype), batch)
+    q8, s8 = attn.to_added_qkv._kernels.norm_modulate_quantize(c, c_shift_msa, c_scale_msa,
+                                                               b.norm1_context.norm.eps,
+                                                               attn.to_added_qkv._buffers["act_scale"])
+    cq, ck, cv = _heads(attn, attn.to_added_qkv.forward_fused(q8, s8, dtype), batch)
+    q = torch.cat([attn.norm_added_q(cq), attn.norm_q(q)], dim=1)  # text first, as diffusers' FLUX
+    k = torch.cat([attn.norm_added_k(ck), attn.norm_k(k)], dim=1)
+    v = torch.cat([cv, v], dim=1)
+    c_out, x_out = _attend(attn, q, k, v, image_rotary_emb).split_with_sizes([text, seq], dim=1)
+
+    to_out, to_add_out = attn.to_out[0], attn.to_add_out
+    x2d, c2d = x.view(batch * seq, dim), c.view(batch * text, -1)
+    h2d = to_out.forward_fused(*_quantize(to_out, x_out.reshape(batch * seq, -1)), dtype, gate=gate_msa,
+                               residual=x2d, rows_per_gate=seq)
+    ch2d = to_add_out.forward_fused(*_quantize(to_add_out, c_out.reshape(batch * text, -1)), dtype,
+                                    gate=c_gate_msa, residual=c2d, rows_per_gate=text)
+    x = _mlp(b.ff, h2d.view(batch, seq, dim), shift_mlp, scale_mlp, b.norm2.eps, gate_mlp, h2d)
+    c = _mlp(b.ff_context, ch2d.view(batch, text, -1), c_shift_mlp, c_scale_mlp, b.norm2_context.eps, c_gate_mlp,
+             ch2d)
+    c = c.view(batch, text, -1)
+    if c.dtype == torch.float16:
+        c = c.clip(-65504, 65504)
+    return c, x.view(batch, seq, dim)
+
+
+def _single_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                    joint_attention_kwargs=None):
+    attn = b.attn
+    if not _covered(b, joint_attention_kwargs, (attn.to_qkv, b.proj_mlp)):
+        return super(type(b), b).forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                          joint_attention_kwargs)
+    text = encoder_hidden_states.shape[1]
+    x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    (batch, seq, dim), dtype = x.shape, x.dtype
+    (shift, scale, gate), = _mods(b, (b.norm,), temb, 3)
+    to_qkv, proj_mlp, proj_out = attn.to_qkv, b.proj_mlp, b.proj_out
+    eps = b.norm.norm.eps
+    q8, s8 = to_qkv._kernels.norm_modulate_quantize(x, shift, scale, eps, to_qkv._buffers["act_scale"])
+    if b._ditq_shared_input:  # proj_mlp quantizes the normalized input exactly as to_qkv does
+        m8, ms8 = q8, s8
+    else:
+        m8, ms8 = proj_mlp._kernels.norm_modulate_quantize(x, shift, scale, eps, proj_mlp._buffers["act_scale"])
+    q, k, v = _heads(attn, to_qkv.forward_fused(q8, s8, dtype), batch)
+    o = _attend(attn, attn.norm_q(q), attn.norm_k(k), v, image_rotary_emb).reshape(batch * seq, dim)
+    out_scale = proj_out._buffers["act_scale"]
+    if out_scale is not None:  # static: both halves of proj_out's input come out int8, with its scale
+        a8, _ = proj_out._kernels.quantize_act(o.contiguous(), out_scale)
+        p8 = torch.cat([a8, proj_mlp.forward_fused(m8, ms8, dtype, gelu=True, out_scale=out_scale)], dim=1)
+        ps = out_scale
+    else:  # per-token scales span the whole concatenated row
+        p8, ps = _quantize(proj_out, torch.cat([o, proj_mlp.forward_fused(m8, ms8, dtype, gelu=True)], dim=1))
+    y = proj_out.forward_fused(p8, ps, dtype, gate=gate, residual=x.view(batch * seq, dim), rows_per_gate=seq)
+    y = y.view(batch, seq, dim)
+    if y.dtype == torch.float16:
+        y = y.clip(-65504, 65504)
+    return y[:, :text], y[:, text:]
+
+
+@lru_cache(maxsize=None)
+def fused_class(kind: str):
+    """The diffusers FLUX block class ``kind`` with the fused forward (swapped in place: same modules, same state
+    dict keys)."""
+    from diffusers.models.transformers import transformer_flux as tf
+
+    base = getattr(tf, kind)
+    forward = _joint_forward if kind == JOINT else _single_forward
+    return type(f"Fused{kind}", (base,), {"forward": forward, "__module__": __name__,
+                                          "__doc__": f"diffusers' {kind} with ditq's fused forward."})
+
+
+def fuse(block: nn.Module) -> Optional[str]:
+    """Fuse one FLUX block in place; None, or why it was left as it was."""
+    why = why_not(block)
+    if why is not None:
+        return why
+    kind = type(block).__name__
+    if kind == SINGLE:
+        block._ditq_shared_input = _same_input_quantization([block.attn.to_qkv, block.proj_mlp])
+        norms = (block.norm,)
+    else:
+        norms = (block.norm1, block.norm1_context)
+    block._ditq_shared_ada = _same_input_quantization([n.linear for n in norms])
+    block.__class__ = fused_class(kind)
+    return None

@@ -1,0 +1,181 @@
+"""The fused GEMM epilogue's pieces, shared by the W8A8 and W4A8 kernels.
+
+After a GEMM kernel has its fp32 tile ``y = acc * a_scale * w_scale (+ bias)`` (its own step, unchanged), it
+hands the tile to :func:`store_tile`, which applies what the ``tl.constexpr`` flags ask for, in the order of the
+contract (``ditq.quant.reference.gemm_epilogue``), and stores it:
+
+* ``HAS_GELU``: GELU's tanh approximation, :func:`gelu_tanh`;
+* ``HAS_GATE``: ``y * gate[m // rows_per_gate, n]`` (adaLN-Zero's per-sample gate over that sample's rows);
+* ``HAS_RESIDUAL``: ``y + residual[m, n]``;
+* ``QUANT_OUT``: int8 output through ``quantize_act.quantize_row`` with a static scale (the one int8 tail of
+  every kernel: ``clamp(rint(y * (1 / s)), -127, 127)``, NaN -> 0, +-inf -> +-127); otherwise a cast to the
+  output's dtype rounding to nearest even (``interpret.cast_rn``).
+
+A flag that is off compiles to nothing, so with every flag off this is exactly the plain GEMM's store.
+The tile is ``[BM, BN]``, or ``[BN, BM]`` when the kernel swapped its operands (``SWAP_AB``); :func:`tile_indices`
+gives every piece the row and column of each element in either orientation.
+
+Rounding, the same IEEE operations compiled and interpreted:
+
+* No fused multiply-add: compiled, Triton lets LLVM contract a product followed by an add into one ``fma``
+  (one rounding, which neither torch nor NumPy do). The adds that follow a product here (``y + 0.044715 * y^3``
+  in GELU, ``tanh + 1``, ``+ residual`` after a gate or the scale) are ``add.rn.f32``, which is never
+  contracted (``norm_quantize._add_rn``: inline PTX compiled, a plain NumPy add interpreted).
+* tanh: libdevice's ``tanhf`` compiled (a couple of ulps). The interpreter cannot run libdevice, so there
+  ``tanh(x) = 1 - 2 / (exp(2x) + 1)`` on ``x`` clamped to +-20 (|tanh| rounds to 1 in fp32 beyond ~9, and the
+  clamp keeps ``exp`` finite); it is accurate to a few ulps *of 1*, which is what GELU needs: ``1 + tanh``
+  is only absolutely accurate in fp32 whichever tanh is used. So the GELU path matches the reference to a
+  tight tolerance (``ditq.quant.reference.gemm_epilogue_exact``), not bit for bit; everything else is exact.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import checks
+from .interpret import cast_rn
+from .norm_quantize import _add_rn
+from .quantize_act import quantize_row
+
+try:  # the CUDA libdevice wrappers; only used when compiling for a GPU
+    from triton.language.extra.cuda import libdevice
+except ImportError:  # pragma: no cover - very old triton
+    from triton.language.extra import libdevice
+
+GELU_TANH_BETA = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+GELU_TANH_KAPPA = tl.constexpr(0.044715)
+
+
+@triton.jit
+def tanh(x, INTERPRET: tl.constexpr):
+    """fp32 tanh: libdevice compiled, ``1 - 2 / (exp(2x) + 1)`` interpreted (module docstring)."""
+    if INTERPRET:
+        xc = tl.minimum(tl.maximum(x, -20.0), 20.0)  # NaN stays NaN (NumPy's minimum / maximum propagate it)
+        return 1.0 - 2.0 / (tl.exp(2.0 * xc) + 1.0)
+    else:
+        return libdevice.tanh(x)
+
+
+@triton.jit
+def gelu_tanh(y, INTERPRET: tl.constexpr):
+    """``0.5 * y * (1 + tanh(sqrt(2/pi) * (y + 0.044715 * y^3)))``, the reference's order, no fma."""
+    inner = _add_rn(y, (y * y * y) * GELU_TANH_KAPPA, INTERPRET) * GELU_TANH_BETA
+    return (y * 0.5) * _add_rn(tanh(inner, INTERPRET), 1.0, INTERPRET)
+
+
+@triton.jit
+def tile_indices(offs_m, offs_n, SWAP_AB: tl.constexpr):
+    """(row m, column n) of every element of the tile, broadcast to its orientation: [BM, BN], or [BN, BM]
+    when the kernel computes the transposed tile (``SWAP_AB``)."""
+    if SWAP_AB:
+        mm = offs_m[None, :]
+        nn = offs_n[:, None]
+    else:
+        mm = offs_m[:, None]
+        nn = offs_n[None, :]
+    return mm, nn
+
+
+@triton.jit
+def store_tile(y, offs_m, offs_n, M, N, out_ptr, stride_om, gate_ptr, res_ptr, out_scale_ptr, rows_per_gate,
+               HAS_GELU: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+               QUANT_OUT: tl.constexpr, SWAP_AB: tl.constexpr, INTERPRET: tl.constexpr):
+    """Apply the flagged pieces to the fp32 tile ``y`` and store it at ``out_ptr + m * stride_om + n`` for the
+    rows ``offs_m`` < M and columns ``offs_n`` < N. gate is [M // rows_per_gate, N] and residual [M, N], both
+    contiguous; out_scale a float32 [1]."""
+    mm, nn = tile_indices(offs_m, offs_n, SWAP_AB)
+    ok = (mm < M) & (nn < N)
+    rows = mm.to(tl.int64)  # int64 offsets: M * N may exceed 2**31
+    if HAS_GELU:
+        y = gelu_tanh(y, INTERPRET)
+    if HAS_GATE:
+        # other=0.0: lanes past M / N are never stored, but they must not read out of bounds
+        g = tl.load(gate_ptr + (mm // rows_per_gate).to(tl.int64) * N + nn, mask=ok, other=0.0)
+        y = y * g.to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + rows * N + nn, mask=ok, other=0.0)
+        y = _add_rn(y, r.to(tl.float32), INTERPRET)  # not an fma with the gate's or the scale's product
+    if QUANT_OUT:
+        # the static branch of the one int8 tail: it reads the scale at out_scale_ptr (s_ptr and row unused)
+        v = quantize_row(y, out_scale_ptr, out_scale_ptr, 0, False, INTERPRET)
+    else:
+        v = cast_rn(y, out_ptr.dtype.element_ty, INTERPRET)
+    tl.store(out_ptr + rows * stride_om + nn, v, mask=ok)
+
+
+# ---- names of the pieces, for AOT jobs and reports --------------------------------------------------------
+
+PIECES = {"gelu": "HAS_GELU", "gate": "HAS_GATE", "residual": "HAS_RESIDUAL", "quant": "QUANT_OUT"}
+
+
+def flags(fused: str) -> Dict[str, bool]:
+    """The constexpr flags of :func:`store_tile` for a ``"gelu+quant"``-style name ("" = none)."""
+    names = [p for p in fused.split("+") if p]
+    unknown = [p for p in names if p not in PIECES]
+    if unknown:
+        raise ValueError(f"unknown epilogue pieces {unknown}; choose from {list(PIECES)}")
+    return {flag: name in names for name, flag in PIECES.items()}
+
+
+# ---- the launchers' checks of the epilogue's arguments (the same messages as ditq.ops) --------------------
+
+def check_args(device: torch.device, m: int, n: int, gelu, gate, residual, rows_per_gate, out_scale,
+               out_dtype) -> None:
+    """Refuse, with the messages of the torch backend (``ditq.ops``), epilogue arguments the kernel cannot take:
+    gelu a bool; rows_per_gate an int >= 1 dividing M when a gate is given; gate float [M // rows_per_gate, N]
+    and residual ``out_dtype`` [M, N], contiguous; out_scale float32 [1], positive and finite when its value
+    can be read without a device synchronization (a CPU tensor); everything on ``device``."""
+    if type(gelu) is not bool:
+        raise TypeError(f"gelu must be a bool, got {type(gelu).__name__}")
+    if type(rows_per_gate) is not int or rows_per_gate < 1:
+        raise ValueError(f"rows_per_gate must be an int >= 1, got {rows_per_gate!r}")
+    if gate is not None:
+        if not isinstance(gate, torch.Tensor) or gate.dtype not in checks.FLOAT_DTYPES:
+            raise _bad("gate", gate, checks.FLOAT_DTYPES)
+        if m % rows_per_gate:
+            raise ValueError(f"M = {m} must be a multiple of rows_per_gate = {rows_per_gate} (the rows of one "
+                             f"gate row)")
+        if gate.shape != (m // rows_per_gate, n):
+            raise ValueError(f"gate must be [M // rows_per_gate, N] = [{m // rows_per_gate}, {n}], "
+                             f"got {tuple(gate.shape)}")
+        if not gate.is_contiguous():
+            raise ValueError("gate must be contiguous (call .contiguous() first)")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or residual.dtype != out_dtype:
+            raise _bad("residual", residual, (out_dtype,))
+        if residual.shape != (m, n):
+            raise ValueError(f"residual must be [M, N] = [{m}, {n}], got {tuple(residual.shape)}")
+        if not residual.is_contiguous():
+            raise ValueError("residual must be contiguous (call .contiguous() first)")
+    if out_scale is not None:
+        if not isinstance(out_scale, torch.Tensor) or out_scale.dtype != torch.float32:
+            raise _bad("out_scale", out_scale, (torch.float32,))
+        if out_scale.shape != (1,):
+            raise ValueError(f"out_scale must be a static scale, float32 [1], got shape {tuple(out_scale.shape)}")
+        if out_scale.device.type == "cpu" and not 0 < float(out_scale) < float("inf"):
+            raise ValueError(f"out_scale must be positive and finite, got {float(out_scale)!r}")
+    for name, t in (("gate", gate), ("residual", residual), ("out_scale", out_scale)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the activations are on {device}: "
+                             f"move all inputs of a ditq op to one device")
+
+
+def _name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _bad(name: str, t, dtypes) -> TypeError:
+    if not isinstance(t, torch.Tensor):
+        return TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    return TypeError(f"{name} must be {', '.join(map(_name, dtypes))}; got {_name(t.dtype)}")
+
+
+def out_tensor(out: Optional[torch.Tensor], m: int, n: int, out_dtype, out_scale, device) -> torch.Tensor:
+    """The output: int8 [M, N] with an out_scale, else out_dtype [M, N]; ``out`` (if given) checked for it."""
+    dtype = torch.int8 if out_scale is not None else out_dtype
+    if out is None:
+        return torch.empty((m, n), dtype=dtype, device=device)
+    return checks.tensor("out", out, (dtype,), shape=(m, n), labels=("M", "N"))

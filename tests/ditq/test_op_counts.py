@@ -1,0 +1,163 @@
+"""What a fused quantized model dispatches (counted with a TorchDispatchMode over one transformer forward): the
+op-count targets per family, and a count per kernel op that fails if a fusion silently falls back to the plain ops.
+
+Counts of aten ops are upper bounds (a newer diffusers or torch may dispatch a view fewer); counts of ditq ops are
+exact: they are what the fused forward launches."""
+import copy
+
+import pytest
+import torch
+
+import ditq
+from ditq import backends
+from ditq.blocks import fuse_blocks
+from ditq.fuse import fuse_projections
+from test_fuse import CountOps
+from tiny_models import FAMILIES, dit_inputs, tiny_dit
+
+
+def _has_fused_kernels(backend: str):
+    """None when ``backend`` runs here and has the fused norm and GEMM epilogue kernels, else why not."""
+    why = backends.unavailable_reason(backend, "cpu")
+    if why is None:
+        ops = backends.get_backend(backend, "cpu").kernel_ops()
+        if ops.norm_modulate_quantize is None or ops.gemm_w8a8_fused is None:
+            why = f"backend {backend} has no fused norm / GEMM epilogue kernels"
+    return why
+
+
+def _tied_dit():
+    """A tiny DiT whose blocks hold one embedder, as DiT checkpoints converted from the original do (its single
+    t_embedder / y_embedder copied into every block)."""
+    model = tiny_dit(seed=0)
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
+    return model, dit_inputs(batch=2, seed=1)
+
+
+def _model(family):
+    if family == "dit":
+        return tiny_dit(seed=0), dit_inputs(batch=2, seed=1)
+    if family == "dit-tied":
+        return _tied_dit()
+    return FAMILIES[family]()
+
+
+def _count(model, inputs):
+    with torch.no_grad(), CountOps() as c:
+        out = model(**inputs)
+    return c, (out.sample if hasattr(out, "sample") else out[0])
+
+
+def _counts(family, backend="torch", act_scheme="static"):
+    """(fp32, quantized, fused) CountOps of one forward, and the fused and unfused outputs."""
+    model, inputs = _model(family)
+    fp32, _ = _count(model, inputs)
+    ditq.quantize(model, ditq.QuantConfig.preset("w8a8", backend=backend, act_scheme=act_scheme, progress=False),
+                  calib_fn=lambda m: m(**inputs))
+    quantized, y_ref = _count(model, inputs)
+    fuse_projections(model)
+    report = fuse_blocks(model)
+    assert all(why is None for why in report.values()), report
+    fused, y = _count(model, inputs)
+    return fp32, quantized, fused, y_ref, y
+
+
+def _total(c) -> int:
+    return sum(c.ops.values())
+
+
+# family -> (most aten + ditq ops the fused forward may dispatch, exact ditq ops by kernel) with static W8A8 on the
+# torch backend; the tiny models have 2 blocks (FLUX: 1 joint + 1 single).
+# DiT, per block: norm (2), q/k/v, to_out, fc1, fc2 and the adaLN linear as fused GEMMs (5), the attention output's
+# quantize_act (1); per forward: the timestep projection quantized once, then per distinct embedder linear_1,
+# silu -> quantize -> linear_2 (+ label embedding in its epilogue), and per adaLN input one quantize_act.
+FUSED = {
+    "dit": (85, {"norm_modulate_quantize": 4, "gemm_w8a8_fused": 14, "quantize_act": 7}),
+    "dit-tied": (78, {"norm_modulate_quantize": 4, "gemm_w8a8_fused": 12, "quantize_act": 5}),
+    # PixArt: the cross-attention adds to_q, to_kv (fused), to_out and their three quantize_act per block; the
+    # transformer's own adaLN-single embedder (3 plain GEMMs) runs as diffusers has it
+    "pixart": (135, {"norm_modulate_quantize": 4, "gemm_w8a8_fused": 14, "quantize_act": 11, "gemm_w8a8": 3}),
+    # FLUX (ditq.blocks_joint): joint block 10 fused GEMMs (2 adaLN, 2 q/k/v, 2 output projections, 2 MLPs),
+    # single block 4 (adaLN, q/k/v, proj_mlp emitting proj_out's int8 input, proj_out); one quantize_act per
+    # block's adaLN input and per attention output; the transformer's timestep embedder as diffusers has it
+    "flux": (274, {"norm_modulate_quantize": 5, "gemm_w8a8_fused": 14, "quantize_act": 8, "gemm_w8a8": 3}),
+    # SD3: q/k/v fused into one GEMM per attention only (its blocks run diffusers' forward)
+    "sd3": (236, {"quantize_act": 19, "gemm_w8a8": 19}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FUSED))
+def test_fused_op_counts(family):
+    fp32, quantized, fused, y_ref, y = _counts(family)
+    most, kernels = FUSED[family]
+    got = {name.split("::torch_", 1)[1]: n for name, n in fused.ops.items() if name.startswith("ditq::")}
+    assert got == kernels, got  # a fusion that fell back to the plain ops changes these
+    assert _total(fused) <= most, (_total(fused), fused.ops)
+    if family.startswith("dit"):  # the target: at most 60% of the float model's ops
+        assert _total(fused) <= 0.6 * _total(fp32), (_total(fused), _total(fp32))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    print(f"{family}: all ops fp32 {_total(fp32)}, quantized {_total(quantized)}, fused {_total(fused)}; "
+          f"ditq ops quantized {quantized.ditq()}, fused {fused.ditq()}")
+
+
+def test_dynamic_scales_count_one_quantize_per_gemm_input():
+    """Per-token scales: fc1 cannot emit fc2's int8 input (its scale is the row's), so fc2's input is quantized
+    by its own op: two quantize_act more than static for the 2-block DiT, nothing else changes."""
+    _, _, fused, y_ref, y = _counts("dit", act_scheme="dynamic")
+    got = {name.split("::torch_", 1)[1]: n for name, n in fused.ops.items() if name.startswith("ditq::")}
+    assert got == {"norm_modulate_quantize": 4, "gemm_w8a8_fused": 14, "quantize_act": 9}, got
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fused_dit_op_counts_on_triton():
+    why = _has_fused_kernels("triton")
+    if why is not None:
+        pytest.skip(why)
+    fp32, _, fused, y_ref, y = _counts("dit", backend="triton")
+    got = {name.split("::triton_", 1)[1]: n for name, n in fused.ops.items() if name.startswith("ditq::")}
+    assert got == FUSED["dit"][1], got
+    assert _total(fused) <= 0.6 * _total(fp32)
+    assert ditq.sqnr(y_ref, y) > 60  # GELU's tanh differs in its last bits between Triton and torch
+
+
+@pytest.mark.slow
+def test_compiled_fused_dit_has_no_graph_break():
+    """torch.compile(fullgraph=True) traces the fused DiT forward (the instance's own forward, the fused kernels'
+    fake implementations) into one graph that runs the fused ops."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    model, inputs = _model("dit")
+    ditq.quantize(model, ditq.QuantConfig.preset("w8a8", backend="torch", fuse=True, progress=False),
+                  calib_fn=lambda m: m(**inputs))
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend=record)
+    with torch.no_grad():
+        eager = model(**inputs).sample
+        traced = compiled(**inputs).sample
+    torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert sum("torch_gemm_w8a8_fused" in t for t in targets) == FUSED["dit"][1]["gemm_w8a8_fused"], targets
+    assert sum("torch_norm_modulate_quantize" in t for t in targets) == 4, targets
+
+
+def test_equal_embedders_are_computed_once():
+    """The tied DiT computes its one embedder once and quantizes the adaLN input once for both blocks; the untied
+    one computes each block's; both equal their unfused models (above). Unequal embedders are never merged."""
+    model, inputs = _tied_dit()
+    ditq.quantize(model, ditq.QuantConfig.preset("w8a8", backend="torch", fuse=True, progress=False),
+                  calib_fn=lambda m: m(**inputs))
+    assert model._ditq_dit_plan["owners"] == [0, 0]
+    other = copy.deepcopy(model)
+    with torch.no_grad():  # one changed label row: block 1's embedder now differs
+        other.transformer_blocks[1].norm1.emb.class_embedder.embedding_table.weight[0] += 1
+    fuse_blocks(other)
+    assert other._ditq_dit_plan["owners"] == [0, 1]
