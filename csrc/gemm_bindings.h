@@ -6,6 +6,7 @@
 
 #include <torch/extension.h>
 
+#include "binding_messages.h"
 #include "configs/gemm_tiles.h"
 #include "configs/kernel_families.h"
 #include "gemm.h"
@@ -183,55 +184,63 @@ struct FusedInputs {
   at::Tensor gate, residual;
 };
 
+// The texts follow ditq/ops.py's check of the same arguments (one message per mistake on every backend).
 inline void check_fused(const char* op, GemmParams& p, FusedInputs& keep, const at::Tensor& a, bool gelu,
                         const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& residual,
                         int64_t rows_per_gate, const std::optional<at::Tensor>& out_scale,
                         at::ScalarType out_dtype, bool emulated) {
+  namespace msg = ditq::binding_messages;
   const int64_t m = p.M, n = p.N;
   const auto dev = a.device();
   GemmParams::Fused f{};
   f.gelu = gelu ? 1 : 0;
   f.rows_per_gate = 1;
+  TORCH_CHECK_VALUE(rows_per_gate >= 1, op, ": rows_per_gate must be an int >= 1, got ", rows_per_gate);
   if (gate) {
-    TORCH_CHECK_VALUE(rows_per_gate >= 1, op, ": rows_per_gate must be >= 1, got ", rows_per_gate);
+    msg::check_float(op, "gate", *gate);
     TORCH_CHECK_VALUE(m % rows_per_gate == 0, op, ": M = ", m, " must be a multiple of rows_per_gate = ",
-                      rows_per_gate, " (each gate row covers rows_per_gate consecutive rows)");
-    TORCH_CHECK_VALUE(gate->device() == dev, op, ": gate is on ", gate->device(), " but a is on ", dev);
-    TORCH_CHECK_TYPE(gate->is_floating_point(), op, ": gate must be a float tensor, got ", gate->scalar_type());
+                      rows_per_gate, " (the rows of one gate row)");
     TORCH_CHECK_VALUE(gate->dim() == 2 && gate->size(0) == m / rows_per_gate && gate->size(1) == n, op,
                       ": gate must be [M // rows_per_gate, N] = [", m / rows_per_gate, ", ", n, "], got ",
                       gate->sizes());
-    TORCH_CHECK_VALUE(gate->is_contiguous(), op, ": gate must be contiguous");
-    keep.gate = gate->to(at::kFloat);  // exact for fp16 / bf16; [B, N] is small
-    if (!aligned16(keep.gate)) keep.gate = keep.gate.clone();
-    f.gate = keep.gate.data_ptr<float>();
-    f.rows_per_gate = static_cast<int>(std::min<int64_t>(rows_per_gate, m > 0 ? m : 1));
+    TORCH_CHECK_VALUE(gate->is_contiguous(), op, ": gate must be contiguous (call .contiguous() first)");
   }
   if (residual) {
-    TORCH_CHECK_VALUE(residual->device() == dev, op, ": residual is on ", residual->device(), " but a is on ",
-                      dev);
-    TORCH_CHECK_TYPE(residual->scalar_type() == out_dtype, op, ": residual must have dtype out_dtype = ",
-                     out_dtype, ", got ", residual->scalar_type());
+    TORCH_CHECK_TYPE(residual->scalar_type() == out_dtype, op, ": residual must be ", msg::dtype_name(out_dtype),
+                     "; got ", msg::dtype_name(residual->scalar_type()));
     TORCH_CHECK_VALUE(residual->dim() == 2 && residual->size(0) == m && residual->size(1) == n, op,
                       ": residual must be [M, N] = [", m, ", ", n, "], got ", residual->sizes());
-    TORCH_CHECK_VALUE(residual->is_contiguous(), op, ": residual must be contiguous");
+    TORCH_CHECK_VALUE(residual->is_contiguous(), op, ": residual must be contiguous (call .contiguous() first)");
+  }
+  if (out_scale) {
+    TORCH_CHECK_TYPE(out_scale->scalar_type() == at::kFloat, op, ": out_scale must be float32; got ",
+                     msg::dtype_name(out_scale->scalar_type()));
+    TORCH_CHECK_VALUE(out_scale->dim() == 1 && out_scale->size(0) == 1, op, ": out_scale must be a static scale, "
+                      "float32 [1], got shape ", out_scale->sizes());
+  }
+  if (gate) msg::check_same_device(op, "gate", *gate, dev);
+  if (residual) msg::check_same_device(op, "residual", *residual, dev);
+  if (out_scale) {
+    msg::check_same_device(op, "out_scale", *out_scale, dev);
+    // its value is checked only where reading it is free (the emulated build's CPU tensor): on a GPU it would
+    // synchronize every call
+    if (emulated) {
+      const float s = out_scale->item<float>();
+      TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.0f, op, ": out_scale must be positive and finite, got ", s);
+    }
+  }
+  if (gate) {
+    keep.gate = gate->to(at::kFloat);  // exact for fp16 / bf16; [M // rows_per_gate, N] is small
+    if (!aligned16(keep.gate)) keep.gate = keep.gate.clone();
+    f.gate = keep.gate.data_ptr<float>();
+    f.rows_per_gate = static_cast<int>(m > 0 ? rows_per_gate : 1);  // <= M < 2^30 when M > 0
+  }
+  if (residual) {
     keep.residual = aligned16(*residual) ? *residual : residual->clone();
     f.residual = keep.residual.data_ptr();
     f.residual_dtype = out_dtype_of(out_dtype);
   }
-  if (out_scale) {
-    TORCH_CHECK_VALUE(out_scale->device() == dev, op, ": out_scale is on ", out_scale->device(),
-                      " but a is on ", dev);
-    TORCH_CHECK_TYPE(out_scale->scalar_type() == at::kFloat, op, ": out_scale must be float32, got ",
-                     out_scale->scalar_type());
-    TORCH_CHECK_VALUE(out_scale->dim() == 1 && out_scale->size(0) == 1, op, ": out_scale must be float32 [1], "
-                      "got shape ", out_scale->sizes());
-    if (emulated) {  // a CPU tensor: free to read. On a GPU it would cost a sync per call (ditq.ops checks it)
-      const float s = out_scale->item<float>();
-      TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.0f, op, ": out_scale must be positive and finite, got ", s);
-    }
-    f.out_scale = out_scale->data_ptr<float>();
-  }
+  if (out_scale) f.out_scale = out_scale->data_ptr<float>();
   p.fused = f;
 }
 

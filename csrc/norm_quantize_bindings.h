@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 
+#include "binding_messages.h"
 #include "configs/kernel_families.h"
 #include "launch.h"
 
@@ -31,14 +32,12 @@ std::tuple<at::Tensor, at::Tensor> norm_modulate_quantize(const at::Tensor& x, c
   } else {
     TORCH_CHECK_VALUE(x.device().is_cuda(), op, " (cuda) runs on CUDA tensors; x is on ", x.device());
   }
-  DType dt = DType::kF32;
-  switch (x.scalar_type()) {
-    case at::kFloat: dt = DType::kF32; break;
-    case at::kHalf: dt = DType::kF16; break;
-    case at::kBFloat16: dt = DType::kBF16; break;
-    default: TORCH_CHECK_TYPE(false, op, ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  }
-  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be [B, S, K], got shape ", x.sizes());
+  // The texts follow ditq/ops.py's check_norm_modulate_quantize (one message per mistake on every backend).
+  namespace msg = ditq::binding_messages;
+  msg::check_float(op, "x", x);
+  const DType dt = x.scalar_type() == at::kFloat ? DType::kF32 : x.scalar_type() == at::kHalf ? DType::kF16
+                                                                                              : DType::kBF16;
+  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x must be 3-D, got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous (call .contiguous() first)");
   const int64_t b = x.size(0), s = x.size(1), k = x.size(2), m = b * s;
   TORCH_CHECK_VALUE(k <= kNormQuantizeMaxK && m <= std::numeric_limits<int32_t>::max(), op, ": x of shape ",
@@ -48,24 +47,23 @@ std::tuple<at::Tensor, at::Tensor> norm_modulate_quantize(const at::Tensor& x, c
   for (const auto* t : {&shift, &scale}) {
     if (!t->has_value()) continue;
     const char* name = t == &shift ? "shift" : "scale";
-    TORCH_CHECK_VALUE((*t)->device() == x.device(), op, ": ", name, " is on ", (*t)->device(), " but x is on ",
-                      x.device(), ": move all inputs to one device");
-    TORCH_CHECK_TYPE((*t)->is_floating_point(), op, ": ", name, " must be a float tensor, got ",
-                     (*t)->scalar_type());
+    msg::check_float(op, name, **t);
     TORCH_CHECK_VALUE((*t)->dim() == 2 && (*t)->size(0) == b && (*t)->size(1) == k, op, ": ", name,
                       " must be [B, K] = [", b, ", ", k, "], got ", (*t)->sizes());
   }
-  const float eps32 = static_cast<float>(eps);  // what the kernel adds (the reference rounds eps to fp32 too)
-  TORCH_CHECK_VALUE(std::isfinite(eps32) && eps32 > 0.0f, op, ": eps must be finite and positive in float32, got ",
-                    eps);
+  // what the kernel adds (the reference rounds eps to fp32 too): an eps that rounds to 0 would divide by 0
+  const float eps32 = static_cast<float>(eps);
+  TORCH_CHECK_VALUE(std::isfinite(eps32) && eps32 > 0.0f, op, ": eps must be a positive finite float (in "
+                    "float32), got ", eps);
   if (act_scale) {
-    TORCH_CHECK_VALUE(act_scale->device() == x.device(), op, ": act_scale is on ", act_scale->device(),
-                      " but x is on ", x.device(), ": move all inputs to one device");
-    TORCH_CHECK_TYPE(act_scale->scalar_type() == at::kFloat, op, ": act_scale must be float32, got ",
-                     act_scale->scalar_type());
+    TORCH_CHECK_TYPE(act_scale->scalar_type() == at::kFloat, op, ": act_scale must be float32; got ",
+                     msg::dtype_name(act_scale->scalar_type()));
     TORCH_CHECK_VALUE(act_scale->dim() == 1 && act_scale->size(0) == 1, op,
                       ": a static scale must be float32 [1], got shape ", act_scale->sizes());
   }
+  if (shift) msg::check_same_device(op, "shift", *shift, x.device());
+  if (scale) msg::check_same_device(op, "scale", *scale, x.device());
+  if (act_scale) msg::check_same_device(op, "act_scale", *act_scale, x.device());
 #if DITQ_WITH_CUDA
   std::optional<c10::cuda::CUDAGuard> guard;
   if (!EMULATED) guard.emplace(x.device());

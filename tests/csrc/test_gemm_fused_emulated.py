@@ -277,10 +277,10 @@ def test_non_finite_values_follow_quantize_act():
     assert y[0, 0].isnan() and y[1, 3] == float("inf") and y[2, 5] == -float("inf")
 
 
-# ---- the binding's checks (direct calls to ditq_C: the same errors on every device) ----------------------------
+# ---- the binding's checks (direct calls to ditq_C), in the words of ditq.ops's checks of the same arguments ----
 
-@pytest.mark.parametrize("case", ("rpg0", "rpg_not_dividing", "gate_shape", "gate_int", "res_dtype", "res_shape",
-                                  "res_noncontig", "scale_dtype", "scale_shape", "scale_negative", "scale_nan",
+@pytest.mark.parametrize("case", ("rpg0", "rpg_not_dividing", "gate_shape", "gate_int", "gate_noncontig",
+                                  "res_dtype", "res_shape", "res_noncontig", "res_device", "scale_dtype", "scale_shape", "scale_negative", "scale_nan",
                                   "scale_inf"))
 def test_bad_inputs(case):
     pr = Problem(6, 8, 64, seed=9)
@@ -288,23 +288,28 @@ def test_bad_inputs(case):
     dtype = torch.float32
     exc, match = ValueError, None
     if case == "rpg0":
-        gate, rpg, match = pr.gate(1), 0, "rows_per_gate"
+        gate, rpg, match = pr.gate(1), 0, "rows_per_gate must be an int >= 1"
     elif case == "rpg_not_dividing":
-        gate, rpg, match = pr.gate(1)[:1], 4, "multiple of rows_per_gate"
+        gate, rpg, match = pr.gate(1)[:1], 4, "M = 6 must be a multiple of rows_per_gate = 4"
     elif case == "gate_shape":
-        gate, rpg, match = pr.gate(1), 2, "gate must be"
+        gate, rpg, match = pr.gate(1), 2, r"gate must be \[M // rows_per_gate, N\] = \[3, 8\]"
     elif case == "gate_int":
-        gate, exc, match = torch.ones(6, 8, dtype=torch.int32), TypeError, "gate must be a float"
+        gate, exc, match = torch.ones(6, 8, dtype=torch.int32), TypeError, "gate must be float16, bfloat16, float32"
     elif case == "res_dtype":
-        residual, dtype, exc, match = pr.residual(torch.float16), torch.bfloat16, TypeError, "residual must have"
+        residual, dtype, exc, match = pr.residual(torch.float16), torch.bfloat16, TypeError, "residual must be bfloat16; got float16"
     elif case == "res_shape":
-        residual, match = pr.residual(torch.float32)[:5], "residual must be"
+        residual, match = pr.residual(torch.float32)[:5], r"residual must be \[M, N\] = \[6, 8\]"
     elif case == "res_noncontig":
-        residual, match = torch.randn(8, 6).t(), "contiguous"
+        residual, match = torch.randn(8, 6).t(), "residual must be contiguous"
+    elif case == "gate_noncontig":
+        gate, match = torch.randn(8, 6).t(), "gate must be contiguous"
+    elif case == "res_device":  # the dispatcher sends a call with a meta tensor to the fake, which checks this
+        backends.get_backend(BACKEND, "cpu").kernel_ops()  # (the backend registers its fakes with its ops)
+        residual, match = torch.randn(6, 8, device="meta"), "residual is on meta but the activations are on cpu"
     elif case == "scale_dtype":
         scale, exc, match = torch.tensor([0.5], dtype=torch.float64), TypeError, "out_scale must be float32"
     elif case == "scale_shape":
-        scale, match = torch.tensor([0.5, 0.5]), r"out_scale must be float32 \[1\]"
+        scale, match = torch.tensor([0.5, 0.5]), r"out_scale must be a static scale, float32 \[1\]"
     else:
         value = {"scale_negative": -0.5, "scale_nan": float("nan"), "scale_inf": float("inf")}[case]
         scale, match = torch.tensor([value]), "positive and finite"

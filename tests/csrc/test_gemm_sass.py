@@ -5,7 +5,9 @@ Every kernel (tile x weight kind) must use the int8 tensor cores (IMMA.16832.S8.
 16-byte async copies (LDGSTS), with no local memory (LDL / STL, spills), and convert its bf16 / fp16 output
 with exactly the round-to-nearest-even conversions (F2FP...PACK_AB without a rounding suffix): the device
 half of a conversion is code the emulator never runs, so its rounding is checked here, by instruction name.
-Registers, shared memory and the main loop's instruction mix per mma are printed (`pytest -s`) and kept in
+The fused-epilogue instantiations (FusedEpilogue: gemm_*_fused) pass the same checks, hold the pieces' own
+instructions, and keep the plain kernel's main-loop tensor-core and memory instructions. Registers, shared
+memory, instruction counts and the main loop's instruction mix per mma are printed (`pytest -s`) and kept in
 the test's user_properties."""
 import collections
 import os
@@ -46,14 +48,16 @@ def w4_group_sizes():
 
 
 def kernel_key(name):
-    """(tile id, 'w8' | 'w4g<G>') of a mangled gemm_kernel name."""
-    m = re.search(r"TileILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)EEE", name)
+    """(tile id, 'w8' | 'w4g<G>', 'plain' | 'fused') of a mangled gemm_kernel name."""
+    m = re.search(r"TileILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)EE", name)
     if not m or "gemm_kernel" not in name:
         return None
     shape = tuple(int(v) for v in m.groups())
     tile = {v: k for k, v in tile_table().items()}.get(shape)
     g = re.search(r"W4ILi(\d+)E", name)
-    return tile, ("w4g" + g.group(1)) if g else "w8"
+    epi = "fused" if "FusedEpilogue" in name else "plain"
+    assert epi == "fused" or "PlainEpilogue" in name, name
+    return tile, ("w4g" + g.group(1)) if g else "w8", epi
 
 
 @pytest.fixture(scope="module")
@@ -89,13 +93,14 @@ def _smem(tile, kind):
 def test_gemm_sass(compiled, arch, request):
     funcs, ptxas = compiled[arch]
     kernels = {kernel_key(n): n for n in funcs if kernel_key(n)}
-    expected = {(t, k) for t in tile_table() for k in ["w8"] + [f"w4g{g}" for g in w4_group_sizes()]}
+    expected = {(t, k, e) for t in tile_table() for k in ["w8"] + [f"w4g{g}" for g in w4_group_sizes()]
+                for e in ("plain", "fused")}
     assert set(kernels) == expected, f"kernels compiled {sorted(kernels)} != table {sorted(expected)}"
     report = []
-    for (tile, kind), name in sorted(kernels.items()):
+    for (tile, kind, epi), name in sorted(kernels.items()):
         ins = funcs[name]
         ops = collections.Counter(op for _, op, _ in ins)
-        what = f"{arch} tile {tile} {kind}"
+        what = f"{arch} tile {tile} {kind} {epi}"
         assert ops["IMMA.16832.S8.S8"] > 0, f"{what}: no int8 mma.sync (IMMA.16832.S8.S8)"
         assert any(o.startswith("LDSM") for o in ops), f"{what}: no ldmatrix (LDSM)"
         assert ops["LDGSTS.E.BYPASS.128"] > 0, f"{what}: no 16-byte cp.async (LDGSTS.E.BYPASS.128)"
@@ -111,17 +116,26 @@ def test_gemm_sass(compiled, arch, request):
         bm, bn, bk, wm, wn, _ = tile_table()[tile]
         # the whole k tile is unrolled: every warp issues (BM/WM/16)*(BN/WN/8)*(BK/32) mma per iteration
         assert imma == (bm // wm // 16) * (bn // wn // 8) * (bk // 32), f"{what}: {imma} IMMA in the main loop"
-        row = dict(arch=arch, tile=tile, kind=kind, registers=regs, smem=_smem(tile, kind),
+        if epi == "fused":
+            # the pieces are there (GELU's exp: MUFU.EX2; the int8 output's cvt.rni: F2I), and the main loop
+            # keeps the plain kernel's tensor-core and memory work: the same IMMA, LDSM and LDGSTS per iteration
+            # (its length is printed: the scheduler may lay out the integer bookkeeping around them differently)
+            assert ops["MUFU.EX2"] > 0, f"{what}: no MUFU.EX2 (GELU's expf)"
+            assert any(o.startswith("F2I") for o in ops), f"{what}: no float -> int conversion (int8 output)"
+            plain = collections.Counter(op for _, op, _ in aot.main_loop(funcs[kernels[(tile, kind, "plain")]]))
+            for op in [o for o in set(plain) | set(lops) if o.startswith(("IMMA", "LDSM", "LDGSTS"))]:
+                assert lops[op] == plain[op], f"{what}: {lops[op]} {op} in the main loop, the plain kernel {plain[op]}"
+        row = dict(arch=arch, tile=tile, kind=kind, epi=epi, registers=regs, smem=_smem(tile, kind),
                    imma=ops["IMMA.16832.S8.S8"], ldsm=sum(v for o, v in ops.items() if o.startswith("LDSM")),
                    ldgsts=ops["LDGSTS.E.BYPASS.128"], loop_instructions=len(loop), loop_imma=imma,
-                   per_mma=round(len(loop) / imma, 2),
+                   per_mma=round(len(loop) / imma, 2), instructions=len(ins),
                    mix={o: v for o, v in lops.most_common(8)})
         report.append(row)
-        request.node.user_properties.append((f"tile{tile}_{kind}", row))
-    print(f"\n{arch}: tile kind     regs  smem  IMMA LDSM LDGSTS  loop/mma  (main-loop mix)")
+        request.node.user_properties.append((f"tile{tile}_{kind}_{epi}", row))
+    print(f"\n{arch}: tile kind    epi    regs  smem  IMMA LDSM LDGSTS  instrs  loop/mma  (main-loop mix)")
     for r in report:
-        print(f"{arch}: {r['tile']:>4} {r['kind']:<7} {r['registers']:>4} {r['smem']:>6} {r['imma']:>4} "
-              f"{r['ldsm']:>4} {r['ldgsts']:>6} {r['per_mma']:>8}  {r['mix']}")
+        print(f"{arch}: {r['tile']:>4} {r['kind']:<7} {r['epi']:<5} {r['registers']:>4} {r['smem']:>6} "
+              f"{r['imma']:>4} {r['ldsm']:>4} {r['ldgsts']:>6} {r['instructions']:>6} {r['per_mma']:>8}  {r['mix']}")
 
 
 # The same check on a small kernel that calls the conversions from ptx.cuh, and on a copy of ptx.cuh whose
