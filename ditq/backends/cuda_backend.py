@@ -48,39 +48,17 @@ def _families():
     return {name: KernelFamily.from_description(name, d) for name, d in table.items()}
 
 
-def _fake_gemm_fused(a, n, out_scale, out_dtype):
-    return a.new_empty((a.shape[0], n), dtype=torch.int8 if out_scale is not None else out_dtype)
-
-
-def _fake_gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale,
-                          out_dtype, *_):
-    return _fake_gemm_fused(a, w_scale.shape[0], out_scale, out_dtype)
-
-
-def _fake_gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate,
-                          out_scale, out_dtype, *_):
-    return _fake_gemm_fused(a, w_scale.shape[1], out_scale, out_dtype)
-
-
-# Fused ops whose fake ditq.ops may not define (the ditq_C ops take trailing tile / splits arguments too)
-_OWN_FAKES = {"gemm_w8a8_fused": _fake_gemm_w8a8_fused, "gemm_w4a8_fused": _fake_gemm_w4a8_fused}
-# KernelOps field -> ditq_C op: the fused ones where this version of KernelOps has the field
-_OPS = ("quantize_act", "gemm_w8a8", "gemm_w4a8", "gemm_w8a8_fused", "gemm_w4a8_fused", "norm_modulate_quantize")
-
-
 @lru_cache(maxsize=None)
 def _kernel_ops() -> KernelOps:
     """The ditq_C ops themselves (their C++ bindings validate every input), with fake implementations so that
-    torch.compile traces through them."""
+    torch.compile traces through them (ditq.ops's fakes: the ditq_C ops' extra tile / splits arguments fall in
+    their ``*_``)."""
     from ..ops import FAKES
 
-    fakes = {**_OWN_FAKES, **FAKES}
-    ops = {}
-    for name in _OPS:
-        torch.library.register_fake(f"ditq_C::{name}", fakes[name])
-        if name in KernelOps._fields:
-            ops[name] = getattr(torch.ops.ditq_C, name).default
-    return KernelOps(**ops)
+    names = ("quantize_act", "gemm_w8a8", "gemm_w4a8", "gemm_w8a8_fused", "gemm_w4a8_fused", "norm_modulate_quantize")
+    for name in names:
+        torch.library.register_fake(f"ditq_C::{name}", FAKES[name])
+    return KernelOps(**{name: getattr(torch.ops.ditq_C, name).default for name in names})
 
 
 # ---- GEMMs (csrc/gemm*.{h,cuh,cu,cpp}, layouts in cuda_layout.py) --------------------------------------------

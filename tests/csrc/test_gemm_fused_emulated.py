@@ -337,3 +337,21 @@ def test_kernel_ops_and_fakes():
         assert y.shape == (3, 5) and y.dtype == torch.int8
         y = torch.ops.ditq_C.gemm_w8a8_fused(a, sa, w, ws, None, True, None, None, 1, None, torch.bfloat16)
         assert y.dtype == torch.bfloat16
+
+
+def test_generic_ops_run_these_kernels():
+    """torch.ops.ditq.gemm_*_fused(..., "cuda-emulated") is this backend's kernel, and the kernel ops it hands
+    layers are the ditq_C ops themselves."""
+    for group in (None, 32):
+        pr = Problem(6, 10, 64, group=group, seed=2)
+        gate, residual, scale = pr.gate(3), pr.residual(torch.bfloat16), torch.tensor([0.07])
+        for out_scale in (None, scale):
+            with emulator_options():
+                want = pr.fused(True, gate, residual, 3, out_scale, torch.bfloat16)
+                if group is None:
+                    got = torch.ops.ditq.gemm_w8a8_fused(pr.a, pr.sa, pr.w, pr.ws, pr.bias, True, gate, residual, 3,
+                                                         out_scale, torch.bfloat16, BACKEND)
+                else:
+                    got = torch.ops.ditq.gemm_w4a8_fused(pr.a, pr.sa, pr.w, pr.ws, pr.bias, group, True, gate,
+                                                         residual, 3, out_scale, torch.bfloat16, BACKEND)
+            assert_equal(got, want, f"generic op, group {group}, int8 {out_scale is not None}")
