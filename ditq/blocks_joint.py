@@ -1,11 +1,14 @@
-"""Fused FLUX blocks (``FluxTransformerBlock``, ``FluxSingleTransformerBlock``): the same fusions as
-:mod:`ditq.blocks` in the MM-DiT layout, where text and image tokens run side by side.
+"""Fused MM-DiT blocks -- FLUX (``FluxTransformerBlock``, ``FluxSingleTransformerBlock``) and SD3
+(``JointTransformerBlock``): the same fusions as :mod:`ditq.blocks` in the layout where text and image tokens run
+side by side.
 
 Joint block, per stream (image, and text with its own weights): ``norm_modulate_quantize`` -> the stream's fused
 q/k/v GEMM (``to_qkv`` / ``to_added_qkv``, :mod:`ditq.fuse`); one attention over both streams (diffusers' own
 q/k RMSNorm, rotary embedding and attention dispatch, so the numbers are its); the output projections ``to_out`` /
 ``to_add_out`` with adaLN gate and residual in their epilogue; the MLPs as in :mod:`ditq.blocks` (norm -> fc1 with
-GELU, int8 out -> fc2 with gate and residual).
+GELU, int8 out -> fc2 with gate and residual). SD3's joint block is the same with the image stream first in the
+attention, no q/k norm or rotary embedding, and in its last block (``context_pre_only``) a text stream that only
+feeds k/v; both streams' q/k/v are concatenated along the sequence in one op and permuted once for SDPA.
 
 Single block: its attention's q/k/v and ``proj_mlp`` read the same normalized input, so one
 ``norm_modulate_quantize`` feeds both GEMMs (when their calibrated scales agree, as they do: they observe the same
@@ -29,7 +32,8 @@ from torch import nn
 from .blocks import _mlp, _quantize
 from .nn import QuantLinear
 
-JOINT, SINGLE = "FluxTransformerBlock", "FluxSingleTransformerBlock"
+JOINT, SINGLE, SD3 = "FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock"
+KINDS = (JOINT, SINGLE, SD3)
 
 
 def _plain_layernorm(norm) -> bool:
@@ -86,12 +90,41 @@ def why_not(block: nn.Module) -> Optional[str]:
             why = "its adaLN norms embed their own conditioning"
         return why or _nmq_why_not([block.attn.to_qkv, block.attn.to_added_qkv, block.ff.net[0].proj,
                                     block.ff_context.net[0].proj])
+    if kind == SD3:
+        return _sd3_why_not(block)
     return f"{kind} has no fused implementation"
 
 
-def _mods(b, norms, temb: torch.Tensor, parts: int):
-    """Each adaLN norm's ``linear(silu(temb))`` [B, parts * D] as ``parts`` contiguous [B, D] vectors (one copy per
-    norm). The norms of a block read the same ``silu(temb)``: it is computed once, and quantized once when their
+def _sd3_why_not(block) -> Optional[str]:
+    from diffusers.models.attention_processor import FusedJointAttnProcessor2_0
+
+    attn = block.attn
+    if block.use_dual_attention:
+        return "SD3.5's dual attention is not implemented fused"
+    if type(attn.processor) is not FusedJointAttnProcessor2_0:
+        return "its attention's q/k/v are not fused into one quantized GEMM (ditq.fuse), or it has another processor"
+    names = ("to_qkv", "to_added_qkv", "to_out.0") + (() if block.context_pre_only else ("to_add_out",))
+    for name in names:
+        if not isinstance(attn.get_submodule(name), QuantLinear):
+            return f"its attention's {name} is not quantized"
+    if any(getattr(attn, n, None) is not None for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")):
+        return "its attention normalizes q/k (not implemented fused)"
+    norms = [block.norm1.norm, block.norm1_context.norm, block.norm2]
+    mlps = [block.ff]
+    if not block.context_pre_only:
+        norms.append(block.norm2_context)
+        mlps.append(block.ff_context)
+    why = next((w for w in map(_mlp_why_not, mlps) if w is not None), None)
+    if why is None and not all(map(_plain_layernorm, norms)):
+        why = "its norms are not affine-free LayerNorms"
+    if why is None and getattr(block.norm1, "emb", None) is not None:
+        why = "its adaLN norm embeds its own conditioning"
+    return why or _nmq_why_not([attn.to_qkv, attn.to_added_qkv] + [ff.net[0].proj for ff in mlps])
+
+
+def _mods(b, norms, temb: torch.Tensor, dim: int):
+    """Each adaLN norm's ``linear(silu(temb))`` [B, parts * D] as its ``parts`` contiguous [B, D] vectors (one copy
+    per norm; D = ``dim``). The norms of a block read the same ``silu(temb)``: it is computed once, and quantized once when their
     scales agree (``_ditq_shared_ada``, checked when fusing)."""
     silu = torch.nn.functional.silu(temb)
     if b._ditq_shared_ada:
@@ -99,7 +132,7 @@ def _mods(b, norms, temb: torch.Tensor, parts: int):
         mods = [n.linear.forward_fused(q, s, temb.dtype) for n in norms]
     else:
         mods = [n.linear(silu) for n in norms]
-    return [m.view(m.shape[0], parts, -1).transpose(0, 1).contiguous().unbind(0) for m in mods]
+    return [m.view(m.shape[0], -1, dim).transpose(0, 1).contiguous().unbind(0) for m in mods]
 
 
 def _same_input_quantization(layers) -> bool:
@@ -148,7 +181,7 @@ def _joint_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_e
     (batch, seq, dim), text, dtype = x.shape, c.shape[1], x.dtype
     (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), \
         (c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = \
-        _mods(b, (b.norm1, b.norm1_context), temb, 6)
+        _mods(b, (b.norm1, b.norm1_context), temb, x.shape[-1])
 
     q8, s8 = attn.to_qkv._kernels.norm_modulate_quantize(x, shift_msa, scale_msa, b.norm1.norm.eps,
                                                          attn.to_qkv._buffers["act_scale"])
@@ -186,7 +219,7 @@ def _single_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_
     text = encoder_hidden_states.shape[1]
     x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
     (batch, seq, dim), dtype = x.shape, x.dtype
-    (shift, scale, gate), = _mods(b, (b.norm,), temb, 3)
+    (shift, scale, gate), = _mods(b, (b.norm,), temb, dim)
     to_qkv, proj_mlp, proj_out = attn.to_qkv, b.proj_mlp, b.proj_out
     eps = b.norm.norm.eps
     q8, s8 = to_qkv._kernels.norm_modulate_quantize(x, shift, scale, eps, to_qkv._buffers["act_scale"])
@@ -210,14 +243,60 @@ def _single_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_
     return y[:, :text], y[:, text:]
 
 
+def _sd3_forward(b, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
+    """SD3's ``JointTransformerBlock``: as the FLUX joint block, with the sample stream first in the attention, no
+    q/k norm or rotary embedding, and (last block, ``context_pre_only``) a context stream that only feeds k/v."""
+    attn, pre_only = b.attn, b.context_pre_only
+    mlps = (b.ff,) if pre_only else (b.ff, b.ff_context)
+    if b._chunk_size is not None or not _covered(b, joint_attention_kwargs, (attn.to_qkv, attn.to_added_qkv) +
+                                                  tuple(ff.net[0].proj for ff in mlps)):
+        return super(type(b), b).forward(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
+    x, c = hidden_states.contiguous(), encoder_hidden_states.contiguous()
+    (batch, seq, dim), text, dtype = x.shape, c.shape[1], x.dtype
+    mods, cmods = _mods(b, (b.norm1, b.norm1_context), temb, dim)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+    if pre_only:  # AdaLayerNormContinuous: (scale, shift)
+        c_scale_msa, c_shift_msa = cmods
+    else:
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmods
+
+    q8, s8 = attn.to_qkv._kernels.norm_modulate_quantize(x, shift_msa, scale_msa, b.norm1.norm.eps,
+                                                         attn.to_qkv._buffers["act_scale"])
+    qkv = attn.to_qkv.forward_fused(q8, s8, dtype)
+    q8, s8 = attn.to_added_qkv._kernels.norm_modulate_quantize(c, c_shift_msa, c_scale_msa,
+                                                               b.norm1_context.norm.eps,
+                                                               attn.to_added_qkv._buffers["act_scale"])
+    cqkv = attn.to_added_qkv.forward_fused(q8, s8, dtype)
+    # both streams' q, k and v in one concatenation along the sequence, one permute to SDPA's layout
+    heads = attn.heads
+    qkv = torch.cat([qkv.view(batch, seq, 3, heads, -1), cqkv.view(batch, text, 3, heads, -1)], dim=1)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    x_out, c_out = o.transpose(1, 2).reshape(batch, seq + text, -1).split_with_sizes([seq, text], dim=1)
+
+    to_out = attn.to_out[0]
+    h2d = to_out.forward_fused(*_quantize(to_out, x_out.reshape(batch * seq, -1)), dtype, gate=gate_msa,
+                               residual=x.view(batch * seq, dim), rows_per_gate=seq)
+    x = _mlp(b.ff, h2d.view(batch, seq, dim), shift_mlp, scale_mlp, b.norm2.eps, gate_mlp, h2d).view(batch, seq, dim)
+    if pre_only:
+        return None, x
+    c2d = c.view(batch * text, -1)
+    ch2d = attn.to_add_out.forward_fused(*_quantize(attn.to_add_out, c_out.reshape(batch * text, -1)), dtype,
+                                         gate=c_gate_msa, residual=c2d, rows_per_gate=text)
+    c = _mlp(b.ff_context, ch2d.view(batch, text, -1), c_shift_mlp, c_scale_mlp, b.norm2_context.eps, c_gate_mlp,
+             ch2d)
+    return c.view(batch, text, -1), x
+
+
 @lru_cache(maxsize=None)
 def fused_class(kind: str):
     """The diffusers FLUX block class ``kind`` with the fused forward (swapped in place: same modules, same state
     dict keys)."""
+    from diffusers.models.attention import JointTransformerBlock
     from diffusers.models.transformers import transformer_flux as tf
 
-    base = getattr(tf, kind)
-    forward = _joint_forward if kind == JOINT else _single_forward
+    base = JointTransformerBlock if kind == SD3 else getattr(tf, kind)
+    forward = {JOINT: _joint_forward, SINGLE: _single_forward, SD3: _sd3_forward}[kind]
     return type(f"Fused{kind}", (base,), {"forward": forward, "__module__": __name__,
                                           "__doc__": f"diffusers' {kind} with ditq's fused forward."})
 
@@ -231,7 +310,7 @@ def fuse(block: nn.Module) -> Optional[str]:
     if kind == SINGLE:
         block._ditq_shared_input = _same_input_quantization([block.attn.to_qkv, block.proj_mlp])
         norms = (block.norm,)
-    else:
+    else:  # both streams' adaLN norms (FLUX, SD3) read silu(temb)
         norms = (block.norm1, block.norm1_context)
     block._ditq_shared_ada = _same_input_quantization([n.linear for n in norms])
     block.__class__ = fused_class(kind)

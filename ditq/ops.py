@@ -9,8 +9,8 @@ Two kinds of op live in the ``ditq`` namespace:
 * the **kernel ops** each backend hands a quantized layer once (:meth:`ditq.backends.Backend.kernel_ops`): the
   same contracts without the backend argument. They validate their inputs *once*, in one place: in C++ for the
   CUDA kernels (``ditq_C``), in the Triton launchers for ``triton``, and with :func:`check_quantize_act` /
-  :func:`check_gemm_w8a8` / :func:`check_gemm_w4a8` below for the reference maths. Backends written in Python
-  register theirs with :func:`define_kernel_ops`.
+  :func:`check_gemm_w8a8` / :func:`check_gemm_w4a8` (and their ``_fused`` twins) below for the reference maths.
+  Backends written in Python register theirs with :func:`define_kernel_ops`.
 
 Every op has a fake implementation (shapes and dtypes only), so ``torch.compile`` traces through it; the fake
 implementations also refuse inputs on different devices, which is what a call mixing ``meta`` and real tensors

@@ -55,7 +55,7 @@ No configuration below has LDL/STL or a stack; all global loads are 16 bytes (LD
   sm90  M<=16     32   16x128x64      4/4       191   4 IGMMA.64x16x32  (48)     0   16    4    92  20 KB
   sm90  M<=32    128   32x128x128     4/4       239   8 IGMMA.64x32x32  (30)     0   32    5   120  48 KB
   sm90  M<=64    128   64x128x128     4/4       302   8 IGMMA.64x64x32  (38)     0   33    5   194  64 KB
-  sm90  M>64     128  128x128x128     8/3       263   4 IGMMA.64x128x32 (66)     0   17    2   215  72 KB
+  sm90  M>64     128  128x128x128     8/3       263   4 IGMMA.64x128x32 (66)     0   17    2   207  72 KB
   sm90  M>64      32  128x128x64      8/3       363   2 IGMMA.64x128x32 (182)    0    8    1   254  36 KB
   sm80  M<=16    128   16x128x128     4/4       164  16 IMMA.16832      (10)     0   32    1    96  30 KB
   sm80  M<=64    128   64x128x128     4/4       337  64 IMMA.16832      (5.3)    0   33    1   220  49 KB

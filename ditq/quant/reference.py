@@ -314,7 +314,6 @@ def gemm_epilogue_exact(y: torch.Tensor, magnitude: torch.Tensor, gelu: bool = F
         mag = 1.13 * mag + y.abs() + g.abs()
         y = g
     if gate is not None:
-        m, n = y.shape
         gt = gate.double().repeat_interleave(rows_per_gate, dim=0)
         y = y * gt
         mag = mag * gt.abs() + y.abs()

@@ -50,6 +50,9 @@ def test_json_holds_the_measurements(quick):
     # groups are a refinement of per-channel scales: never worse on any layer type
     for v in by_type.values():
         assert v["g32"] >= v["per_channel"] - 1e-6
+        assert v["g32_mse"] >= v["g32"] - 1e-6  # an MSE-chosen clip never loses weight SQNR to the absmax
+    overall = d["fig1"]["weights"]["overall"]
+    assert set(overall) == {"per_channel", "g128", "g64", "g32", "g32_mse"}
 
 
 def test_markdown_states_the_findings(quick):

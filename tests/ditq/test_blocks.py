@@ -56,9 +56,11 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.slow),
 
 # each family, format and activation scheme twice over, in four models (the suite's time budget)
 CASES = [("dit", "w8a8", "static"), ("dit", "w4a8", "dynamic"), ("pixart", "w8a8", "dynamic"),
-         ("pixart", "w4a8", "static"), ("flux", "w8a8", "dynamic"), ("flux", "w4a8", "static")]
-# fused norms per forward: DiT and PixArt 2 per block; FLUX 4 in its joint block (both streams) + 1 in its single one
-NORMS = {"dit": 4, "pixart": 4, "flux": 5}
+         ("pixart", "w4a8", "static"), ("flux", "w8a8", "dynamic"), ("flux", "w4a8", "static"),
+         ("sd3", "w8a8", "static"), ("sd3", "w4a8", "dynamic")]
+# fused norms per forward: DiT and PixArt 2 per block; FLUX 4 in its joint block (both streams) + 1 in its single
+# one; SD3 4 + 3 (its last block's context stream only feeds k/v: no context MLP)
+NORMS = {"dit": 4, "pixart": 4, "flux": 5, "sd3": 7}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,3 +188,21 @@ def test_backend_without_fused_epilogue_runs_the_plain_gemm_and_the_torch_epilog
         fc2._kernels = kernels
         with pytest.raises(ValueError, match=r"gate must be \[M // rows_per_gate, N\]"):
             fc2.forward_fused(q, s, torch.float32, gate=torch.ones(2, 5), rows_per_gate=3)
+
+
+def test_pixart_text_padding_mask_runs_fused():
+    """PixArt pipelines pass the prompt's padding mask to the cross-attention: the fused block applies it as
+    diffusers does (bit for bit here) instead of falling back."""
+    model, inputs = _quantized("pixart")
+    mask = torch.ones(2, 6)
+    mask[0, 4:], mask[1, 2:] = 0, 0
+    inputs = {**inputs, "encoder_attention_mask": mask}
+    unfused = copy.deepcopy(model)
+    fuse_blocks(model)
+    n, ops = _ops(model, inputs)
+    assert ops["ditq::torch_norm_modulate_quantize"] == 4  # the fused forward ran
+    with torch.no_grad():
+        y = _out(model(**inputs))
+        torch.testing.assert_close(y, _out(unfused(**inputs)), rtol=1e-5, atol=1e-5)
+        assert (y - _out(model(**{k: v for k, v in inputs.items() if k != "encoder_attention_mask"}))).abs().max() \
+            > 1e-3  # the mask matters on these inputs

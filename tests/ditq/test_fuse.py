@@ -114,8 +114,24 @@ def test_fused_model_saves_and_loads_fused(tmp_path, loader):
     block = loaded.transformer_blocks[0]
     assert isinstance(block.attn1.to_qkv, QuantLinear) and not hasattr(block.attn1, "to_q")
     assert type(block) is fused_block_class()
+    assert loaded._ditq_dit_plan == model._ditq_dit_plan  # the once-per-forward conditioning is back too
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).sample, model(**inputs).sample, rtol=0, atol=0)
+
+
+def test_fused_flux_saves_and_loads_fused(tmp_path):
+    from ditq.blocks import fuse_blocks
+
+    model, inputs = FAMILIES["flux"]()
+    ditq.quantize(model, ditq.QuantConfig.preset("w8a8", backend="torch", fuse=True, progress=False),
+                  calib_fn=lambda m: m(**inputs))
+    ditq.save_quantized(model, str(tmp_path))
+    loaded = ditq.load_quantized(str(tmp_path))
+    assert [type(b).__name__ for b in (loaded.transformer_blocks[0], loaded.single_transformer_blocks[0])] == \
+        ["FusedFluxTransformerBlock", "FusedFluxSingleTransformerBlock"]
+    assert fuse_blocks(loaded) == {}  # nothing left to fuse: loading restored all of it
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs)[0], model(**inputs)[0], rtol=0, atol=0)
 
 
 def test_quantize_with_fuse_reports_and_matches_the_unfused_model():

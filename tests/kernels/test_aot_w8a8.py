@@ -11,7 +11,8 @@ JOBS = aot.shipped_jobs("w8a8")  # [(arch, entry, None, job)]: every entry of th
 SHIPPED = [(arch, entry) for arch, entry, _, _ in JOBS]
 IDS = [f"{arch}-m{e['max_m']}" for arch, e in SHIPPED]
 # Negative controls: no alignment hints (what the launcher's K % 16 rule prevents) on cc 90 and cc 80,
-# and a 128x256x128 Hopper tile whose accumulator plus epilogue exceed 255 registers.
+# and a 128x256x128 Hopper tile whose accumulator plus epilogue exceed 255 registers (with an fp32 output:
+# since the store moved into kernels/epilogue.py, ptxas fits the bf16 store of this tile in 253 registers).
 NAIVE = dict(BM=128, BN=128, BK=64, GROUP_M=8, SWAP_AB=False, USE_TMA=False, num_warps=4, num_stages=3)
 BIG = dict(BM=128, BN=256, BK=128, GROUP_M=8, SWAP_AB=False, USE_TMA=True, num_warps=8, num_stages=3)
 
@@ -20,7 +21,7 @@ BIG = dict(BM=128, BN=256, BK=128, GROUP_M=8, SWAP_AB=False, USE_TMA=True, num_w
 def stats():
     jobs = [job for *_, job in JOBS]
     jobs += [w8a8.aot_job(NAIVE, 90, aligned=False), w8a8.aot_job(NAIVE, 80, aligned=False),
-             w8a8.aot_job(BIG, 90)]
+             w8a8.aot_job(BIG, 90, out_dtype="fp32")]
     compiled = aot.compile_many(jobs)
     s = [aot.sass_stats(c) for c in compiled]
     for (arch, e), st in zip(SHIPPED, s):  # shown with -s: the numbers the tables' comments quote
