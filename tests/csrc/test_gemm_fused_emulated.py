@@ -168,7 +168,7 @@ def test_pieces_exact(weights, pieces):
     i = PIECES.index(pieces)
     tile = TILES[i % len(TILES)]
     # odd N: element-wise loads and stores; even N: the paired 8- / 4- / 2-byte ones
-    pr = Problem(18, 33 + i % 2, 192, group=None if weights == "w8" else 64, seed=100 + i, per_token=i % 3 == 0)
+    pr = Problem(18, 33 + (i % 4 >= 2), 192, group=None if weights == "w8" else 64, seed=100 + i, per_token=i % 3 == 0)
     rows_per_gate = (1, 6, 18)[i % 3]  # per row, per "sample" of 6 tokens, one gate for all
     gate = pr.gate(rows_per_gate) if use_gate else None
     out_dtype = res_dtype if res_dtype is not None else OUT_DTYPES[i % 3]
