@@ -167,6 +167,7 @@ TORCH_LIBRARY_IMPL(ditq_C, CUDA, m) {
 
 // ---- more kernel families: headers with their checks and registrations (included here, compiled once) ----
 #include "gemm_bindings.h"  // the int8 GEMMs (ditq_C::gemm_*: schemas, checks, CPU + CUDA impls)
+#include "norm_quantize_bindings.h"  // ditq_C::norm_modulate_quantize (fused LayerNorm + modulate + quantize)
 
 // A Python module, so that `import ditq._C` loads the library and runs the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "ditq CUDA kernels and their host emulation (torch.ops.ditq_C)"; }

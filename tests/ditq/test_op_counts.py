@@ -77,14 +77,14 @@ FUSED = {
     "dit-tied": (78, {"norm_modulate_quantize": 4, "gemm_w8a8_fused": 12, "quantize_act": 5}),
     # PixArt: the cross-attention adds to_q, to_kv (fused), to_out and their three quantize_act per block; the
     # transformer's own adaLN-single embedder (3 plain GEMMs) runs as diffusers has it
-    "pixart": (135, {"norm_modulate_quantize": 4, "gemm_w8a8_fused": 14, "quantize_act": 11, "gemm_w8a8": 3}),
+    "pixart": (126, {"norm_modulate_quantize": 4, "gemm_w8a8_fused": 14, "quantize_act": 11, "gemm_w8a8": 3}),
     # FLUX (ditq.blocks_joint): joint block 10 fused GEMMs (2 adaLN, 2 q/k/v, 2 output projections, 2 MLPs),
     # single block 4 (adaLN, q/k/v, proj_mlp emitting proj_out's int8 input, proj_out); one quantize_act per
     # block's adaLN input and per attention output; the transformer's timestep embedder as diffusers has it
-    "flux": (274, {"norm_modulate_quantize": 5, "gemm_w8a8_fused": 14, "quantize_act": 8, "gemm_w8a8": 3}),
+    "flux": (265, {"norm_modulate_quantize": 5, "gemm_w8a8_fused": 14, "quantize_act": 8, "gemm_w8a8": 3}),
     # SD3 (ditq.blocks_joint): as FLUX's joint block; the last block's context stream only feeds k/v (no to_add_out,
     # no context MLP); the transformer's timestep embedder as diffusers has it
-    "sd3": (142, {"norm_modulate_quantize": 7, "gemm_w8a8_fused": 17, "quantize_act": 7, "gemm_w8a8": 2}),
+    "sd3": (133, {"norm_modulate_quantize": 7, "gemm_w8a8_fused": 17, "quantize_act": 7, "gemm_w8a8": 2}),
 }
 
 
@@ -124,12 +124,13 @@ def test_fused_dit_op_counts_on_triton():
 
 
 @pytest.mark.slow
-def test_compiled_fused_dit_has_no_graph_break():
-    """torch.compile(fullgraph=True) traces the fused DiT forward (the instance's own forward, the fused kernels'
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
+def test_compiled_fused_model_has_no_graph_break(family):
+    """torch.compile(fullgraph=True) traces the fused forward (DiT: the instance's own forward; the fused kernels'
     fake implementations) into one graph that runs the fused ops."""
     from torch._dynamo.backends.registry import lookup_backend
 
-    model, inputs = _model("dit")
+    model, inputs = _model(family)
     ditq.quantize(model, ditq.QuantConfig.preset("w8a8", backend="torch", fuse=True, progress=False),
                   calib_fn=lambda m: m(**inputs))
     graphs = []
@@ -141,13 +142,14 @@ def test_compiled_fused_dit_has_no_graph_break():
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend=record)
     with torch.no_grad():
-        eager = model(**inputs).sample
-        traced = compiled(**inputs).sample
+        eager = model(**inputs)[0]
+        traced = compiled(**inputs)[0]
     torch.testing.assert_close(traced, eager, rtol=0, atol=0)
     assert len(graphs) == 1
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
-    assert sum("torch_gemm_w8a8_fused" in t for t in targets) == FUSED["dit"][1]["gemm_w8a8_fused"], targets
-    assert sum("torch_norm_modulate_quantize" in t for t in targets) == 4, targets
+    kernels = FUSED[family][1]
+    assert sum("torch_gemm_w8a8_fused" in t for t in targets) == kernels["gemm_w8a8_fused"], targets
+    assert sum("torch_norm_modulate_quantize" in t for t in targets) == kernels["norm_modulate_quantize"], targets
 
 
 def test_equal_embedders_are_computed_once():
