@@ -356,3 +356,20 @@ def test_generic_ops_run_these_kernels():
                     got = torch.ops.ditq.gemm_w4a8_fused(pr.a, pr.sa, pr.w, pr.ws, pr.bias, group, True, gate,
                                                          residual, 3, out_scale, torch.bfloat16, BACKEND)
             assert_equal(got, want, f"generic op, group {group}, int8 {out_scale is not None}")
+
+
+@pytest.mark.parametrize("weights", ("w8", "w4g64"))
+def test_pieces_under_the_hopper_arch(weights):
+    """With emulator_options(arch="sm_90a") the plain GEMMs run the Hopper kernels, whose epilogue is the plain
+    one: the fused ops must keep running the mma.sync kernels that carry the pieces (and refuse a forced Hopper
+    tile), never return a Hopper result that silently lacks the gate, residual or int8 output."""
+    pr = Problem(18, 34, 192, group=None if weights == "w8" else 64, seed=7)
+    gate, residual = pr.gate(6), pr.residual(torch.bfloat16)
+    out_scale = torch.tensor([0.07], dtype=torch.float32)
+    with emulator_options(race_check=True):
+        y32 = pr.plain(torch.float32, 0, 1)
+    with emulator_options(race_check=True, arch="sm_90a"):
+        got = pr.fused(False, gate, residual, 6, out_scale, torch.bfloat16)
+        with pytest.raises(ValueError, match="fused epilogues run on the mma.sync tiles"):
+            pr.fused(False, gate, residual, 6, out_scale, torch.bfloat16, tile=100)  # kSm90TileBase
+    assert_equal(got, epilogue(y32, False, gate, residual, 6, out_scale, torch.bfloat16), f"{weights} sm_90a")
