@@ -369,14 +369,22 @@ def _dit_forward(self, hidden_states, timestep=None, class_labels=None, cross_at
     return Transformer2DModelOutput(sample=output)
 
 
+def _replan(transformer: nn.Module, incompatible_keys=None) -> None:
+    """After ``load_state_dict``: new weights can make equal embedders differ (or the reverse), so plan again."""
+    _install_dit_forward(transformer)
+
+
 def _install_dit_forward(transformer: nn.Module) -> bool:
     plan = _dit_plan(transformer)
-    if plan is None:
+    if plan is None or type(transformer.transformer_blocks[0].norm1.emb.time_proj) is not fused_timesteps_class():
+        # (the shared projection runs through the fused Timesteps: fuse_timesteps)
+        transformer.__dict__.pop("forward", None)  # diffusers' forward again
         return False
-    if type(transformer.transformer_blocks[0].norm1.emb.time_proj) is not fused_timesteps_class():
-        return False  # the shared projection runs through the fused Timesteps (fuse_timesteps)
     transformer._ditq_dit_plan = plan
     transformer.forward = types.MethodType(_dit_forward, transformer)
+    if not getattr(transformer, "_ditq_replans", False):
+        transformer.register_load_state_dict_post_hook(_replan)
+        transformer._ditq_replans = True
     return True
 
 

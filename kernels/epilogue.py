@@ -12,8 +12,7 @@ contract (``ditq.quant.reference.gemm_epilogue``), and stores it:
   output's dtype rounding to nearest even (``interpret.cast_rn``).
 
 A flag that is off compiles to nothing, so with every flag off this is exactly the plain GEMM's store.
-The tile is ``[BM, BN]``, or ``[BN, BM]`` when the kernel swapped its operands (``SWAP_AB``); :func:`tile_grid`
-gives every piece the row and column of each element in either orientation.
+The tile is ``[BM, BN]``, or ``[BN, BM]`` when the kernel swapped its operands (``SWAP_AB``).
 
 Rounding, the same IEEE operations compiled and interpreted:
 
@@ -89,46 +88,49 @@ def gelu_tanh(y, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def tile_grid(v_m, v_n, SWAP_AB: tl.constexpr):
-    """Broadcast a per-row vector ``v_m`` [BM] and a per-column vector ``v_n`` [BN] to the tile's orientation:
-    [BM, BN], or [BN, BM] when the kernel computes the transposed tile (``SWAP_AB``). Everything per row or per
-    column (bounds, int64 offsets, gate rows) is computed once on the vectors, then broadcast."""
-    if SWAP_AB:
-        a = v_m[None, :]
-        b = v_n[:, None]
-    else:
-        a = v_m[:, None]
-        b = v_n[None, :]
-    return a, b
-
-
-@triton.jit
 def store_tile(y, offs_m, offs_n, M, N, out_ptr, stride_om, gate_ptr, res_ptr, out_scale_ptr, rows_per_gate,
                HAS_GELU: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                QUANT_OUT: tl.constexpr, SWAP_AB: tl.constexpr, INTERPRET: tl.constexpr):
     """Apply the flagged pieces to the fp32 tile ``y`` and store it at ``out_ptr + m * stride_om + n`` for the
     rows ``offs_m`` < M and columns ``offs_n`` < N. gate is [M // rows_per_gate, N] and residual [M, N], both
-    contiguous; out_scale a float32 [1]."""
+    contiguous; out_scale a float32 [1].
+
+    Everything per row or per column (bounds, int64 offsets, gate rows) is computed once on the vectors, then
+    broadcast to the tile's orientation: [BM, BN], or [BN, BM] when the kernel computes the transposed tile
+    (``SWAP_AB``). Written inline rather than through small helpers: the interpreter re-patches
+    ``triton.language`` on every call of a jit function, a large share of an interpreted GEMM's time."""
     if HAS_GELU:
         y = gelu_tanh(y, INTERPRET)
-    # the bounds and offsets after GELU, which needs none of them
-    m_ok, n_ok = tile_grid(offs_m < M, offs_n < N, SWAP_AB)
-    ok = m_ok & n_ok
-    rows, cols = tile_grid(offs_m.to(tl.int64), offs_n, SWAP_AB)  # int64 offsets: M * N may exceed 2**31
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    rows = offs_m.to(tl.int64)  # int64 offsets: M * N may exceed 2**31
     if HAS_GATE:
-        g_rows, _ = tile_grid((offs_m // rows_per_gate).to(tl.int64), offs_n, SWAP_AB)
+        g_rows = (offs_m // rows_per_gate).to(tl.int64)
+    if SWAP_AB:
+        ok = m_ok[None, :] & n_ok[:, None]
+        row_off = rows[None, :]
+        cols = offs_n[:, None]
+        if HAS_GATE:
+            g_off = g_rows[None, :] * N + cols
+    else:
+        ok = m_ok[:, None] & n_ok[None, :]
+        row_off = rows[:, None]
+        cols = offs_n[None, :]
+        if HAS_GATE:
+            g_off = g_rows[:, None] * N + cols
+    if HAS_GATE:
         # other=0.0: lanes past M / N are never stored, but they must not read out of bounds
-        g = tl.load(gate_ptr + g_rows * N + cols, mask=ok, other=0.0)
+        g = tl.load(gate_ptr + g_off, mask=ok, other=0.0)
         y = y * g.to(tl.float32)
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + rows * N + cols, mask=ok, other=0.0)
+        r = tl.load(res_ptr + row_off * N + cols, mask=ok, other=0.0)
         y = _add_rn(y, r.to(tl.float32), INTERPRET)  # not an fma with the gate's or the scale's product
     if QUANT_OUT:
         # the static branch of the one int8 tail: it reads the scale at out_scale_ptr (s_ptr and row unused)
         v = quantize_row(y, out_scale_ptr, out_scale_ptr, 0, False, INTERPRET)
     else:
         v = cast_rn(y, out_ptr.dtype.element_ty, INTERPRET)
-    tl.store(out_ptr + rows * stride_om + cols, v, mask=ok)
+    tl.store(out_ptr + row_off * stride_om + cols, v, mask=ok)
 
 
 # ---- names of the pieces, for AOT jobs and reports --------------------------------------------------------

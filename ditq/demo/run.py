@@ -65,8 +65,9 @@ def _calibration_label(spec: Optional[dict]) -> str:
     return spec["calibration"]
 DEFAULT_STEPS = 10
 DEFAULT_SAMPLES_PER_CLASS = 4
-# Defaults measured on the shared 2-core CPU box (torch reference backend): 853 s of CPU time for all nine
-# settings (21 min wall while other jobs kept the load average at 5-12).
+# Measured on the shared 2-core CPU box (torch reference backend): 853 s of CPU time for all nine settings (21 min
+# wall while other jobs kept the load average at 5-12); the five DEFAULT_SETTINGS plus one more row, 176 s of CPU
+# time on one thread.
 # Guidance 1.5 is the bundled model's measured sweet spot (MODEL_CARD.md: 100% accuracy, Fréchet 44 at 25
 # steps); higher guidance makes samples within a class alike and the Fréchet distance climb (285 at 3.0).
 DEFAULT_GUIDANCE = 1.5

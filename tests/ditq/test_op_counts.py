@@ -164,3 +164,7 @@ def test_equal_embedders_are_computed_once():
         other.transformer_blocks[1].norm1.emb.class_embedder.embedding_table.weight[0] += 1
     fuse_blocks(other)
     assert other._ditq_dit_plan["owners"] == [0, 1]
+    model.load_state_dict(other.state_dict())  # new weights into a fused model: it plans again
+    assert model._ditq_dit_plan["owners"] == [0, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).sample, other(**inputs).sample, rtol=0, atol=0)

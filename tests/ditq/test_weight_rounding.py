@@ -184,3 +184,15 @@ def test_gptq_with_dynamic_activations_uses_the_calibration_inputs():
     rep = ditq.quantize(t, QuantConfig.preset("w4a8", group_size=32, act_scheme="dynamic", weight_method="gptq",
                                               progress=False), calib_fn=_calib(inp))
     assert all(lr.layer_output_sqnr > lr.layer_output_sqnr_rtn for lr in rep.layers)
+
+
+def test_gptq_with_smoothing_runs_on_the_smoothed_layers():
+    from tiny_models import tiny_dit_pipeline
+    pipe = tiny_dit_pipeline()
+    rep = ditq.quantize(pipe, QuantConfig.preset("w8a8", weight_method="gptq", calibration="all-steps",
+                                                 smooth_alpha=0.5, progress=False),
+                        calib_inputs=dict(class_labels=[1, 2, 3, 4], num_inference_steps=3, output_type="latent"))
+    smoothed = [lr for lr in rep.layers if lr.smoothed]
+    assert smoothed  # kept sites: these layers' Hessians come from the second (smoothed) calibration pass
+    assert all(lr.layer_output_sqnr > lr.layer_output_sqnr_rtn for lr in rep.layers)
+    assert rep.output_sqnr > 30

@@ -7,6 +7,7 @@ import pytest
 
 from ditq.kernels import aot, config_table, w4a8, w8a8
 
+pytestmark = pytest.mark.slow  # five compiles, ~30 s on a loaded 2-core CPU (one subprocess)
 M = 4096
 
 
