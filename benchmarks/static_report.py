@@ -234,6 +234,12 @@ def cuda_tiles() -> Tuple[Dict[int, Tuple[int, ...]], List[Tuple[int, int, int, 
 
 
 def _cuda_kernel_meta(demangled: str, tiles) -> Optional[Dict]:
+    h = re.search(r"Sm90Tile<(\d+), ?(\d+), ?(\d+), ?(\d+)>(?:, ?(\d+))?", demangled)  # gemm_sm90.cuh
+    if h:
+        (bm, bn, st, c), g = (int(v) for v in h.groups()[:4]), h.group(5)
+        return {"kernel": f"wgmma-w4a8 g{g}" if g else "wgmma-w8a8", "tile": None, "BM": bm, "BN": bn, "BK": 128,
+                "threads": 128 * (1 + c), "dyn_smem": st * (bm * 128 + bn * (64 if g else 128) + 16), "sm90": True,
+                "config": f"sm90 {bm}x{bn}x128, {c} consumer warpgroup(s), {st} stages"}
     m = re.search(r"Tile<(\d+), ?(\d+), ?(\d+), ?(\d+), ?(\d+), ?(\d+)>", demangled)
     if not m:
         return None
@@ -280,11 +286,14 @@ def cuda_rows(archs, short: bool = False) -> Tuple[List[Dict], str]:
         found = []
         for name, a in funcs.items():
             meta = _cuda_kernel_meta(names[name], tiles)
+            if meta and meta.get("sm90") and (arch != "sm90" or short and meta["kernel"] not in (
+                    "wgmma-w8a8", f"wgmma-w4a8 g{W4_GROUP}")):
+                continue  # the Hopper kernels are traps in the sm_80 pass; --short: every tile, w8a8 and one group
             if meta is None:  # not a GEMM tile (e.g. the activation quantizer): no tile, threads unknown
                 if short and "bfloat16" not in names[name]:
                     continue  # --short: the bf16 instances only (what a bf16 DiT runs)
                 meta = {"kernel": _short_name(names[name]), "config": "", "threads": None, "dyn_smem": 0}
-            elif short and (meta["tile"] not in picked or meta["kernel"] not in ("w8a8", f"w4a8 g{W4_GROUP}")):
+            elif short and not meta.get("sm90") and (meta["tile"] not in picked or meta["kernel"] not in ("w8a8", f"w4a8 g{W4_GROUP}")):
                 continue
             found.append((meta, a))
         for meta, a in sorted(found, key=lambda x: (x[0].get("tile") is None, x[0]["kernel"], x[0].get("tile") or 0)):

@@ -10,6 +10,8 @@
 //   emulator_get_options() -> int[]      [order, seed, cp_async, race_check]
 //   emulator_set_mem_check(bool on) -> ()  the global-memory checker (on by default)
 //   emulator_get_mem_check() -> bool
+//   emulator_set_hopper(int arch, int async_landing) -> ()   arch 0 sm_80 / 1 sm_90a; landing 0 issue / 1 wait
+//   emulator_get_hopper() -> int[]       [arch, async_landing]
 //   kernel_families() -> str             JSON: what each kernel family accepts (configs/kernel_families.h)
 //   built_with_cuda() -> bool
 // Every input is validated here with TORCH_CHECK before any launch: these ops are callable directly, not only
@@ -117,6 +119,19 @@ inline std::vector<int64_t> get_options() {
 }
 
 inline void set_mem_check(bool on) { emulator_set_mem_check(on); }
+
+inline void set_hopper(int64_t arch, int64_t async_landing) {
+  TORCH_CHECK_VALUE(arch == 0 || arch == 1, "emulator arch must be 0 (sm_80) or 1 (sm_90a)");
+  TORCH_CHECK_VALUE(async_landing == 0 || async_landing == 1,
+                    "emulator async_landing must be 0 (at issue) or 1 (at the wait)");
+  emulator_set_hopper(static_cast<int>(arch), static_cast<int>(async_landing));
+}
+
+inline std::vector<int64_t> get_hopper() {
+  int arch, landing;
+  emulator_get_hopper(arch, landing);
+  return {arch, landing};
+}
 inline bool get_mem_check() { return emulator_get_mem_check(); }
 inline std::string kernel_families() { return kernel_families_json(); }
 
@@ -131,6 +146,8 @@ TORCH_LIBRARY(ditq_C, m) {
   m.def("emulator_get_options() -> int[]", &ditq::binding::get_options);
   m.def("emulator_set_mem_check(bool on) -> ()", &ditq::binding::set_mem_check);
   m.def("emulator_get_mem_check() -> bool", &ditq::binding::get_mem_check);
+  m.def("emulator_set_hopper(int arch, int async_landing) -> ()", &ditq::binding::set_hopper);
+  m.def("emulator_get_hopper() -> int[]", &ditq::binding::get_hopper);
   m.def("kernel_families() -> str", &ditq::binding::kernel_families);
   m.def("built_with_cuda() -> bool", &ditq::binding::built_with_cuda);
   // ---- more kernel families: m.def their schemas here (or in a TORCH_LIBRARY_FRAGMENT of their header) ----
@@ -150,6 +167,7 @@ TORCH_LIBRARY_IMPL(ditq_C, CUDA, m) {
 
 // ---- more kernel families: headers with their checks and registrations (included here, compiled once) ----
 #include "gemm_bindings.h"  // the int8 GEMMs (ditq_C::gemm_*: schemas, checks, CPU + CUDA impls)
+#include "norm_quantize_bindings.h"  // ditq_C::norm_modulate_quantize (fused LayerNorm + modulate + quantize)
 
 // A Python module, so that `import ditq._C` loads the library and runs the registrations above.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.doc() = "ditq CUDA kernels and their host emulation (torch.ops.ditq_C)"; }

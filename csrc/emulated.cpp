@@ -41,6 +41,16 @@ void emulator_get_options(int& order, uint64_t& seed, int& cp_async, bool& race_
 }
 
 void emulator_set_mem_check(bool on) { emu::global_options().mem_check = on; }
+
+void emulator_set_hopper(int arch, int async_landing) {
+  emu::global_options().arch = static_cast<emu::Arch>(arch);
+  emu::global_options().async_landing = static_cast<emu::AsyncLanding>(async_landing);
+}
+
+void emulator_get_hopper(int& arch, int& async_landing) {
+  arch = static_cast<int>(emu::global_options().arch);
+  async_landing = static_cast<int>(emu::global_options().async_landing);
+}
 bool emulator_get_mem_check() { return emu::global_options().mem_check; }
 
 }  // namespace ditq

@@ -41,7 +41,10 @@ std::string kernel_families_json() {
   return "{\"quantize_act\": {\"k_multiple\": " + std::to_string(kQuantizeActKMultiple) +
          ", \"max_k\": " + std::to_string(kQuantizeActMaxK) + ", \"built_archs\": " + archs +
          ", \"emulated\": true}, \"gemm_w8a8\": " + gemm_family(8, gemm::kW8Layout, archs) +
-         ", \"gemm_w4a8\": " + gemm_family(4, gemm::kW4Layout, archs) + "}";
+         ", \"gemm_w4a8\": " + gemm_family(4, gemm::kW4Layout, archs) +
+         ", \"norm_quantize\": {\"k_multiple\": " + std::to_string(kNormQuantizeKMultiple) +
+         ", \"max_k\": " + std::to_string(kNormQuantizeMaxK) + ", \"built_archs\": " + archs +
+         ", \"emulated\": true}}";
 }
 
 }  // namespace ditq

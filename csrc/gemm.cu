@@ -1,63 +1,16 @@
-// Real CUDA launchers of the int8 GEMMs (csrc/gemm.cuh), torch-free so that nvcc compiles this file in
-// seconds (torch's headers cost ~65 s per architecture; they live in bindings.cpp only).
-#include <cuda_runtime.h>
-
-#include "gemm.cuh"
-#include "configs/kernel_families.h"
-#include "gemm.h"
-
-namespace ditq::gemm {
-namespace {
-
-template <class T, class WOp>
-__global__ void __launch_bounds__(T::THREADS) gemm_kernel(GemmParams p) {
-  extern __shared__ __align__(128) uint8_t smem[];
-  gemm_body<T, WOp>(p, smem);
-}
-
-template <class T, class WOp>
-const char* launch(const GemmParams& p, void* stream) {
-  constexpr int smem = smem_bytes<T, WOp>();
-  auto* kernel = &gemm_kernel<T, WOp>;
-  if (smem > 48 * 1024) {  // above 48 KB a kernel must opt in to dynamic shared memory
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return cudaGetErrorString(e);
-  }
-  const dim3 grid((p.N + T::BN - 1) / T::BN, (p.M + T::BM - 1) / T::BM, p.splits);
-  kernel<<<grid, T::THREADS, smem, static_cast<cudaStream_t>(stream)>>>(p);
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
-
-template <class WOp>
-const char* dispatch_tile(const GemmParams& p, int tile, void* stream) {
-  switch (tile) {
-#define DITQ_CASE(ID, BM, BN, BK, WM, WN, ST) \
-    case ID: return launch<Tile<BM, BN, BK, WM, WN, ST>, WOp>(p, stream);
-    DITQ_GEMM_TILES(DITQ_CASE)
-#undef DITQ_CASE
-  }
-  return "ditq: unknown GEMM tile id";
-}
-
-}  // namespace
-
-}  // namespace ditq::gemm
+// Real CUDA launchers of the int8 GEMMs (csrc/gemm.cuh), plain epilogue; torch-free so that nvcc compiles this
+// file in seconds (torch's headers cost ~65 s per architecture; they live in bindings.cpp only). The fused-
+// epilogue launchers are gemm_fused.cu.
+#include "gemm_launch.cuh"
 
 namespace ditq {
 
 const char* gemm_w8a8_cuda(const GemmArgs& args, void* stream) {
-  return gemm::dispatch_tile<gemm::W8>(args.params, args.tile, stream);
+  return gemm::dispatch_tile<gemm::W8, gemm::PlainEpilogue>(args.params, args.tile, stream);
 }
 
 const char* gemm_w4a8_cuda(const GemmArgs& args, void* stream) {
-  switch (args.group_size) {
-#define DITQ_GROUP_CASE(G) \
-    case G: return gemm::dispatch_tile<gemm::W4<G>>(args.params, args.tile, stream);
-    DITQ_W4_GROUP_SIZES(DITQ_GROUP_CASE)
-#undef DITQ_GROUP_CASE
-  }
-  return "ditq: W4A8 group size not built (configs/kernel_families.h)";
+  return gemm::dispatch_w4<gemm::PlainEpilogue>(args, stream);
 }
 
 }  // namespace ditq

@@ -64,6 +64,7 @@
 #include <cstring>
 #include <cmath>
 
+#include "epilogue.cuh"
 #include "ptx.cuh"
 #include "configs/gemm_tiles.h"
 #include "configs/kernel_families.h"
@@ -257,6 +258,98 @@ DITQ_DEVICE void store_pair(const GemmParams& p, int m, int n, const float (&y)[
   }
 }
 
+// ---- epilogue policies: what happens to y = acc * scale (+ bias) -------------------------------------------
+// A template parameter of gemm_body, so the plain GEMM compiles to exactly the code it had before the fused
+// pieces existed, and the fused kernels are separate instantiations (gemm_*_fused).
+
+// Plain: cast and store.
+struct PlainEpilogue {
+  DITQ_DEVICE explicit PlainEpilogue(const GemmParams&) {}
+  DITQ_DEVICE void store(const GemmParams& p, int m, int n, float (&y)[2]) const { store_pair(p, m, n, y); }
+};
+
+// Fused (p.fused): GELU, gate, residual, then int8 for the next layer or the float output, in that order
+// (the op contract). The pieces are chosen per launch by uniform branches: one instantiation covers every
+// combination (16 per kernel would multiply the build for the few instructions an untaken branch costs).
+// Loads and stores of the column pair (n, n + 1) follow store_pair: one 8- / 4- / 2-byte access when both
+// columns exist and N is even (the pair is then aligned: the binding gives 16-byte aligned buffers), else
+// one element at a time.
+struct FusedEpilogue {
+  float inv;  // 1 / out_scale (IEEE division, once per thread), as quantize_act's static path
+
+  // (in the body, not a mem-initializer: nvcc's host pass keeps initializers of device constructors, where
+  // the device intrinsics are not declared)
+  DITQ_DEVICE explicit FusedEpilogue(const GemmParams& p) {
+    inv = p.fused.out_scale ? __fdiv_rn(1.0f, ptx::ld_global(p.fused.out_scale)) : 0.0f;
+  }
+
+  DITQ_DEVICE void store(const GemmParams& p, int m, int n, float (&y)[2]) const {
+    const GemmParams::Fused& f = p.fused;
+    const bool both = n + 1 < p.N, paired = both && p.N % 2 == 0;
+    if (f.gelu) {
+      y[0] = epi::gelu_tanh(y[0]);
+      y[1] = epi::gelu_tanh(y[1]);
+    }
+    if (f.gate) {  // adaLN's per-sample gate, broadcast over the sample's rows_per_gate tokens
+      const float* g = f.gate + static_cast<int64_t>(m / f.rows_per_gate) * p.N + n;
+      float g0, g1 = 0.0f;
+      if (paired) {
+        const F32x2 v = ptx::ld_global(reinterpret_cast<const F32x2*>(g));
+        g0 = v.x;
+        g1 = v.y;
+      } else {
+        g0 = ptx::ld_global(g);
+        if (both) g1 = ptx::ld_global(g + 1);
+      }
+      y[0] = __fmul_rn(y[0], g0);
+      y[1] = __fmul_rn(y[1], g1);
+    }
+    if (f.residual) {
+      const int64_t o = static_cast<int64_t>(m) * p.N + n;
+      float r0, r1 = 0.0f;
+      if (f.residual_dtype == DType::kF32) {
+        const float* r = static_cast<const float*>(f.residual) + o;
+        if (paired) {
+          const F32x2 v = ptx::ld_global(reinterpret_cast<const F32x2*>(r));
+          r0 = v.x;
+          r1 = v.y;
+        } else {
+          r0 = ptx::ld_global(r);
+          if (both) r1 = ptx::ld_global(r + 1);
+        }
+      } else {
+        const uint16_t* r = static_cast<const uint16_t*>(f.residual) + o;
+        uint16_t b0, b1 = 0;
+        if (paired) {
+          const uint32_t v = ptx::ld_global(reinterpret_cast<const uint32_t*>(r));
+          b0 = static_cast<uint16_t>(v & 0xFFFFu);
+          b1 = static_cast<uint16_t>(v >> 16);
+        } else {
+          b0 = ptx::ld_global(r);
+          if (both) b1 = ptx::ld_global(r + 1);
+        }
+        r0 = epi::bits16_to_f32(b0, f.residual_dtype);
+        r1 = epi::bits16_to_f32(b1, f.residual_dtype);
+      }
+      y[0] = __fadd_rn(y[0], r0);
+      y[1] = __fadd_rn(y[1], r1);
+    }
+    if (!f.out_scale) {
+      store_pair(p, m, n, y);
+      return;
+    }
+    const int8_t q0 = epi::quantize_int8(y[0], inv), q1 = epi::quantize_int8(y[1], inv);
+    int8_t* out = static_cast<int8_t*>(p.out) + static_cast<int64_t>(m) * p.N + n;
+    if (paired) {  // little-endian: column n in the low byte
+      const uint16_t lo = static_cast<uint8_t>(q0), hi = static_cast<uint8_t>(q1);
+      ptx::st_global(reinterpret_cast<uint16_t*>(out), static_cast<uint16_t>(lo | (hi << 8)));
+    } else {
+      ptx::st_global(out, q0);
+      if (both) ptx::st_global(out + 1, q1);
+    }
+  }
+};
+
 // ---- the kernel body -----------------------------------------------------------------------------------------
 // Grid: x = N tiles, y = M tiles (consecutive CTAs share the A tile and walk the weights: at small M all CTAs
 // of a wave read one A tile from L2). Block: T::THREADS. Dynamic smem: smem_bytes<T, WOp>().
@@ -318,7 +411,7 @@ DITQ_DEVICE bool reduce_splits(const GemmParams& p, Acc& acc, FAcc& facc, uint8_
   return true;
 }
 
-template <class T, class WOp>
+template <class T, class WOp, class Epi = PlainEpilogue>
 DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
   constexpr int A_RB = T::BK, W_RB = WOp::template row_bytes<T::BK>();
   constexpr int A_STAGE = T::BM * A_RB, W_STAGE = T::BN * W_RB;
@@ -446,7 +539,9 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
 
   if (p.splits > 1 && !reduce_splits<T, WOp>(p, acc, facc, smem)) return;  // not the last split: done
 
-  // ---- epilogue: scale, bias, cast, store. Lane owns rows g, g + 8 and columns 2t, 2t + 1 of each mma tile.
+  // ---- epilogue: scale, bias, then the policy's pieces and store. Lane owns rows g, g + 8 and columns 2t,
+  // 2t + 1 of each mma tile.
+  const Epi epilogue(p);
 #pragma unroll
   for (int i = 0; i < MI; ++i) {
 #pragma unroll
@@ -467,7 +562,7 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
           else v = __int2float_rn(acc[i][j][2 * h + c]);
           y[c] = scale_bias(p, v, column_scale<WOp>(p, sa, nn), nn);
         }
-        store_pair(p, m, n, y);
+        epilogue.store(p, m, n, y);
       }
     }
   }

@@ -6,7 +6,9 @@
 
 #include <torch/extension.h>
 
+#include "binding_messages.h"
 #include "configs/gemm_tiles.h"
+#include "configs/gemm_tiles_sm90.h"
 #include "configs/kernel_families.h"
 #include "gemm.h"
 
@@ -79,6 +81,13 @@ inline GemmParams check_common(const char* op, const at::Tensor& a, const at::Te
 }
 
 inline int resolve_tile(int64_t tile, int arch, int64_t m, bool w4) {  // tile < 0: the table's choice
+  if (tile >= ditq::gemm::kSm90TileBase) {
+    const int count = w4 ? ditq::gemm::kSm90W4TileCount : ditq::gemm::kSm90W8TileCount;
+    TORCH_CHECK_VALUE(tile < ditq::gemm::kSm90TileBase + count, "GEMM tile ", tile, " is not in the Hopper ",
+                      w4 ? "W4A8" : "W8A8", " table (ids ", ditq::gemm::kSm90TileBase, "..",
+                      ditq::gemm::kSm90TileBase + count - 1, ")");
+    return static_cast<int>(tile);
+  }
   if (tile >= 0) {
     TORCH_CHECK_VALUE(tile < ditq::gemm::tile_count(), "GEMM tile ", tile, " is not in the table (",
                       ditq::gemm::tile_count(), " tiles)");
@@ -102,11 +111,76 @@ inline int resolve_splits(int64_t splits, int tile, int group, const GemmParams&
   return static_cast<int>(splits);
 }
 
+// ---- Hopper (sm_90a) dispatch: csrc/gemm_sm90.cuh ------------------------------------------------------------
+// The Hopper kernels run a problem when asked for by tile id (kSm90TileBase + i), or automatically (tile and
+// split count automatic, or splits = 1) on an sm_90 GPU this build has sm_90a code for, or in the emulator under
+// emulator_options(arch="sm_90a"), when they accept it (TMA's alignment rules, sm90_accepts) and the table has
+// a Hopper tile for the M bucket. Anything else runs the mma.sync kernels, which also run on sm_90.
+// Returns the Hopper tile id, or -1.
+inline int sm90_tile_for(const char* op, const GemmParams& p, bool w4, int64_t tile, int64_t splits, int arch,
+                         bool emulated) {
+  const bool accepts = ditq::gemm::sm90_accepts(p.K, w4, reinterpret_cast<uintptr_t>(p.a),
+                                                reinterpret_cast<uintptr_t>(p.w));
+  if (tile >= ditq::gemm::kSm90TileBase) {
+    resolve_tile(tile, arch, p.M, w4);  // checks the id
+    TORCH_CHECK_VALUE(splits < 0 || splits == 1, op, ": the Hopper tiles do not split K (splits must be 1 or "
+                      "automatic), got splits = ", splits);
+    TORCH_CHECK_VALUE(accepts, op, ": the Hopper tiles load by TMA, which needs 16-byte aligned rows and K % 16 "
+                      "== 0 (K = ", p.K, ")");
+    if (!emulated) {
+#if DITQ_WITH_CUDA
+      TORCH_CHECK_VALUE(arch == 90 && ditq::gemm_sm90_available(), op, ": Hopper tile ", tile, " needs an sm_90 "
+                        "GPU and a build with sm_90a code (TORCH_CUDA_ARCH_LIST=9.0a); this GPU is sm_", arch);
+#endif
+    }
+    return static_cast<int>(tile);
+  }
+  if (tile >= 0 || splits > 1 || !accepts || arch != 90) return -1;
+#if DITQ_WITH_CUDA
+  if (!emulated && !ditq::gemm_sm90_available()) return -1;
+#endif
+  const int i = ditq::gemm::pick_sm90_tile(static_cast<int>(std::min<int64_t>(p.M, 1 << 30)), w4);
+  return i < 0 ? -1 : ditq::gemm::kSm90TileBase + i;
+}
+
+// Allocates y, launches (or emulates) the Hopper tile `t` and checks the launch. No split-K.
+inline at::Tensor run_sm90(const char* op, GemmParams p, const at::Tensor& a, at::ScalarType out_dtype, int group,
+                           int t, bool emulated) {
+  const int i = t - ditq::gemm::kSm90TileBase;
+  int s[7];
+  ditq::gemm::sm90_tile_shape(i, group > 0, s);
+  TORCH_CHECK_VALUE((p.M + s[0] - 1) / s[0] <= 65535, op, ": M = ", p.M, " needs more than 65535 row tiles of ",
+                    s[0], " (the launch grid's y limit); split the batch");
+  p.splits = 1;
+  at::Tensor y = at::empty({p.M, p.N}, a.options().dtype(out_dtype));
+  p.out = y.data_ptr();
+  if (emulated) {
+    y.fill_(std::numeric_limits<float>::quiet_NaN());  // poison: an unwritten element shows as NaN
+    if (group > 0) ditq::gemm_w4a8_sm90_emulated({p, group, i});
+    else ditq::gemm_w8a8_sm90_emulated({p, 0, i});
+    return y;
+  }
+#if DITQ_WITH_CUDA
+  void* stream = at::cuda::getCurrentCUDAStream().stream();
+  const char* err = group > 0 ? ditq::gemm_w4a8_sm90_cuda({p, group, i}, stream)
+                              : ditq::gemm_w8a8_sm90_cuda({p, 0, i}, stream);
+  TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err ? err : "");
+  return y;
+#else
+  TORCH_CHECK(false, op, ": this build of ditq has no CUDA kernels (built without nvcc / CUDA torch)");
+#endif
+}
+
 // Runs one GEMM: allocates y (and the split-K workspace), picks the tile, launches on the current stream (or
 // emulates) and checks the launch.
+// `fused`: launch the fused-epilogue instantiation (p.fused filled in by check_fused); its output is int8 when
+// p.fused.out_scale is set.
 inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const std::optional<at::Tensor>& bias,
-                      at::ScalarType out_dtype, int group, int64_t tile, int64_t splits, bool emulated) {
+                      at::ScalarType out_dtype, int group, int64_t tile, int64_t splits, bool emulated,
+                      bool fused = false) {
   p.out_dtype = out_dtype_of(out_dtype);
+  const bool int8_out = fused && p.fused.out_scale != nullptr;
+  if (int8_out) out_dtype = at::kChar;
   at::Tensor bias32;
   if (bias) {
     bias32 = bias->to(at::kFloat).contiguous();  // the epilogue reads fp32 (a no-op for fp32 bias)
@@ -123,6 +197,16 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
   }
 #endif
   if (p.M == 0 || p.N == 0) return at::empty({p.M, p.N}, a.options().dtype(out_dtype));  // nothing to launch
+  if (fused) {
+    // The fused epilogue pieces live in the mma.sync kernels only (the Hopper kernels' epilogue is the plain
+    // one): a fused call must never reach run_sm90, whose output would silently lack the pieces.
+    TORCH_CHECK_VALUE(tile < ditq::gemm::kSm90TileBase, op, ": the fused epilogues run on the mma.sync tiles "
+                      "(ids 0..", ditq::gemm::tile_count() - 1, "), not on Hopper tile ", tile);
+  } else {
+    const int hopper = sm90_tile_for(op, p, group > 0, tile, splits, emulated ? ditq::emulated_gemm_arch() : arch,
+                                     emulated);
+    if (hopper >= 0) return run_sm90(op, p, a, out_dtype, group, hopper, emulated);
+  }
   const int t = resolve_tile(tile, arch, p.M, group > 0);
   {
     int s[7];
@@ -144,21 +228,98 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
     p.workspace = reinterpret_cast<uint32_t*>(workspace.data_ptr<int>());
   }
   if (emulated) {
-    y.fill_(std::numeric_limits<float>::quiet_NaN());  // poison: an unwritten element shows as NaN
+    // poison: an unwritten element shows as NaN (-128 for int8: never a quantizer output)
+    if (int8_out) y.fill_(-128);
+    else y.fill_(std::numeric_limits<float>::quiet_NaN());
     if (p.splits > 1) workspace.fill_(-1);
-    if (group > 0) ditq::gemm_w4a8_emulated({p, group, t});
-    else ditq::gemm_w8a8_emulated({p, 0, t});
+    if (fused) {
+      if (group > 0) ditq::gemm_w4a8_fused_emulated({p, group, t});
+      else ditq::gemm_w8a8_fused_emulated({p, 0, t});
+    } else {
+      if (group > 0) ditq::gemm_w4a8_emulated({p, group, t});
+      else ditq::gemm_w8a8_emulated({p, 0, t});
+    }
     return y;
   }
 #if DITQ_WITH_CUDA
   void* stream = at::cuda::getCurrentCUDAStream().stream();
-  const char* err = group > 0 ? ditq::gemm_w4a8_cuda({p, group, t}, stream)
-                              : ditq::gemm_w8a8_cuda({p, 0, t}, stream);
+  const char* err = fused ? (group > 0 ? ditq::gemm_w4a8_fused_cuda({p, group, t}, stream)
+                                       : ditq::gemm_w8a8_fused_cuda({p, 0, t}, stream))
+                          : (group > 0 ? ditq::gemm_w4a8_cuda({p, group, t}, stream)
+                                       : ditq::gemm_w8a8_cuda({p, 0, t}, stream));
   TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err ? err : "");
   return y;
 #else
   TORCH_CHECK(false, op, ": this build of ditq has no CUDA kernels (built without nvcc / CUDA torch)");
 #endif
+}
+
+// ---- the fused epilogue's inputs (gemm_*_fused) -------------------------------------------------------------
+// Tensors the kernel reads that the caller's tensors could not be used for directly (a gate in fp16 / bf16,
+// a misaligned residual): kept alive here until the launch has been issued (the caching allocator keeps
+// their memory stream-ordered after that).
+struct FusedInputs {
+  at::Tensor gate, residual;
+};
+
+// The texts follow ditq/ops.py's check of the same arguments (one message per mistake on every backend).
+inline void check_fused(const char* op, GemmParams& p, FusedInputs& keep, const at::Tensor& a, bool gelu,
+                        const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& residual,
+                        int64_t rows_per_gate, const std::optional<at::Tensor>& out_scale,
+                        at::ScalarType out_dtype, bool emulated) {
+  namespace msg = ditq::binding_messages;
+  const int64_t m = p.M, n = p.N;
+  const auto dev = a.device();
+  GemmParams::Fused f{};
+  f.gelu = gelu ? 1 : 0;
+  f.rows_per_gate = 1;
+  TORCH_CHECK_VALUE(rows_per_gate >= 1, op, ": rows_per_gate must be an int >= 1, got ", rows_per_gate);
+  if (gate) {
+    msg::check_float(op, "gate", *gate);
+    TORCH_CHECK_VALUE(m % rows_per_gate == 0, op, ": M = ", m, " must be a multiple of rows_per_gate = ",
+                      rows_per_gate, " (the rows of one gate row)");
+    TORCH_CHECK_VALUE(gate->dim() == 2 && gate->size(0) == m / rows_per_gate && gate->size(1) == n, op,
+                      ": gate must be [M // rows_per_gate, N] = [", m / rows_per_gate, ", ", n, "], got ",
+                      gate->sizes());
+    TORCH_CHECK_VALUE(gate->is_contiguous(), op, ": gate must be contiguous (call .contiguous() first)");
+  }
+  if (residual) {
+    TORCH_CHECK_TYPE(residual->scalar_type() == out_dtype, op, ": residual must be ", msg::dtype_name(out_dtype),
+                     "; got ", msg::dtype_name(residual->scalar_type()));
+    TORCH_CHECK_VALUE(residual->dim() == 2 && residual->size(0) == m && residual->size(1) == n, op,
+                      ": residual must be [M, N] = [", m, ", ", n, "], got ", residual->sizes());
+    TORCH_CHECK_VALUE(residual->is_contiguous(), op, ": residual must be contiguous (call .contiguous() first)");
+  }
+  if (out_scale) {
+    TORCH_CHECK_TYPE(out_scale->scalar_type() == at::kFloat, op, ": out_scale must be float32; got ",
+                     msg::dtype_name(out_scale->scalar_type()));
+    TORCH_CHECK_VALUE(out_scale->dim() == 1 && out_scale->size(0) == 1, op, ": out_scale must be a static scale, "
+                      "float32 [1], got shape ", out_scale->sizes());
+  }
+  if (gate) msg::check_same_device(op, "gate", *gate, dev);
+  if (residual) msg::check_same_device(op, "residual", *residual, dev);
+  if (out_scale) {
+    msg::check_same_device(op, "out_scale", *out_scale, dev);
+    // its value is checked only where reading it is free (the emulated build's CPU tensor): on a GPU it would
+    // synchronize every call
+    if (emulated) {
+      const float s = out_scale->item<float>();
+      TORCH_CHECK_VALUE(std::isfinite(s) && s > 0.0f, op, ": out_scale must be positive and finite, got ", s);
+    }
+  }
+  if (gate) {
+    keep.gate = gate->to(at::kFloat);  // exact for fp16 / bf16; [M // rows_per_gate, N] is small
+    if (!aligned16(keep.gate)) keep.gate = keep.gate.clone();
+    f.gate = keep.gate.data_ptr<float>();
+    f.rows_per_gate = static_cast<int>(m > 0 ? rows_per_gate : 1);  // <= M < 2^30 when M > 0
+  }
+  if (residual) {
+    keep.residual = aligned16(*residual) ? *residual : residual->clone();
+    f.residual = keep.residual.data_ptr();
+    f.residual_dtype = out_dtype_of(out_dtype);
+  }
+  if (out_scale) f.out_scale = out_scale->data_ptr<float>();
+  p.fused = f;
 }
 
 inline at::Tensor gemm_w8a8(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
@@ -197,6 +358,74 @@ inline at::Tensor gemm_w4a8(const at::Tensor& a, const at::Tensor& a_scale, cons
   return run(op, p, a, bias, out_dtype, static_cast<int>(group_size), tile, splits, emulated);
 }
 
+inline at::Tensor gemm_w8a8_fused(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                                  const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, bool gelu,
+                                  const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& residual,
+                                  int64_t rows_per_gate, const std::optional<at::Tensor>& out_scale,
+                                  at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
+  const char* op = "gemm_w8a8_fused";
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, op, ": w must be int8, got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.is_contiguous() && a.dim() == 2 && w.size(1) == a.size(1), op,
+                    ": w must be a contiguous int8 [N, K] tensor with K = a.shape[1]");
+  const int64_t n = w.size(0);
+  GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated);
+  TORCH_CHECK_VALUE(w_scale.dim() == 1 && w_scale.size(0) == n, op, ": w_scale must be float32 [N] = [", n, "]");
+  p.w = w.data_ptr();
+  p.w_scale = w_scale.data_ptr<float>();
+  out_dtype_of(out_dtype);  // the dtype check first: residual is compared with it
+  FusedInputs keep;
+  check_fused(op, p, keep, a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, emulated);
+  return run(op, p, a, bias, out_dtype, 0, tile, splits, emulated, true);
+}
+
+inline at::Tensor gemm_w4a8_fused(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                                  const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                                  int64_t group_size, bool gelu, const std::optional<at::Tensor>& gate,
+                                  const std::optional<at::Tensor>& residual, int64_t rows_per_gate,
+                                  const std::optional<at::Tensor>& out_scale, at::ScalarType out_dtype,
+                                  int64_t tile, int64_t splits, bool emulated) {
+  const char* op = "gemm_w4a8_fused";
+  TORCH_CHECK_VALUE(ditq::gemm::is_w4_group_size(group_size), op, ": group_size must be one of ",
+                    group_sizes_text(), " (the sizes this build's kernels were compiled for), got ", group_size);
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": w must be uint8 (two int4 per byte), got ",
+                   w.scalar_type());
+  TORCH_CHECK_VALUE(w_scale.dim() == 2, op, ": w_scale must be float32 [K // group_size, N]");
+  const int64_t n = w_scale.size(1), k = a.dim() == 2 ? a.size(1) : -1;
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == n && w.size(1) * 2 == k && w.is_contiguous(), op,
+                    ": w must be a contiguous uint8 [N, K // 2] = [", n, ", ", k / 2, "] tensor in the CUDA "
+                    "split-nibble layout (ditq.backends.cuda_layout), got shape ", w.sizes());
+  TORCH_CHECK_VALUE(k % group_size == 0 && w_scale.size(0) == k / group_size, op, ": K = ", k,
+                    " must be a multiple of group_size ", group_size, " and w_scale [K // group_size, N]");
+  GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated);
+  p.w = w.data_ptr();
+  p.w_scale = w_scale.data_ptr<float>();
+  out_dtype_of(out_dtype);
+  FusedInputs keep;
+  check_fused(op, p, keep, a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, emulated);
+  return run(op, p, a, bias, out_dtype, static_cast<int>(group_size), tile, splits, emulated, true);
+}
+
+template <bool EMULATED>
+at::Tensor gemm_w8a8_fused_op(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                              const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, bool gelu,
+                              const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& residual,
+                              int64_t rows_per_gate, const std::optional<at::Tensor>& out_scale,
+                              at::ScalarType out_dtype, int64_t tile, int64_t splits) {
+  return gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale, out_dtype,
+                         tile, splits, EMULATED);
+}
+
+template <bool EMULATED>
+at::Tensor gemm_w4a8_fused_op(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                              const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t group_size,
+                              bool gelu, const std::optional<at::Tensor>& gate,
+                              const std::optional<at::Tensor>& residual, int64_t rows_per_gate,
+                              const std::optional<at::Tensor>& out_scale, at::ScalarType out_dtype, int64_t tile,
+                              int64_t splits) {
+  return gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate, out_scale,
+                         out_dtype, tile, splits, EMULATED);
+}
+
 template <bool EMULATED>
 at::Tensor gemm_w8a8_op(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
                         const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
@@ -218,33 +447,53 @@ inline std::vector<int64_t> tile_info(int64_t tile) {  // {BM, BN, BK, WARPS_M, 
   return std::vector<int64_t>(s, s + 7);
 }
 
+// {BM, BN, BK, STAGES, CONSUMERS, THREADS, smem bytes} of Hopper tile id `tile` (kSm90TileBase + i).
+inline std::vector<int64_t> sm90_tile_info(int64_t tile, bool w4) {
+  int s[7];
+  const int64_t i = tile - ditq::gemm::kSm90TileBase;
+  TORCH_CHECK_VALUE(i >= 0 && i < 1024 && ditq::gemm::sm90_tile_shape(static_cast<int>(i), w4, s), "no Hopper ",
+                    w4 ? "W4A8" : "W8A8", " GEMM tile ", tile);
+  return std::vector<int64_t>(s, s + 7);
+}
+
 inline int64_t pick(int64_t arch, int64_t m, bool w4) {
   return ditq::gemm::pick_tile(static_cast<int>(arch), static_cast<int>(std::min<int64_t>(m, 1 << 30)), w4);
 }
 
 }  // namespace ditq::gemm_binding
 
-// ditq_C::gemm_* take the ditq op's arguments (minus the backend) plus the tile and the split-K count (-1 =
-// automatic: the table's tile, splits to fill the GPU):
+// ditq_C::gemm_* and gemm_*_fused take the ditq op's arguments (minus the backend) plus the tile and the
+// split-K count (-1 = automatic: the table's tile, splits to fill the GPU):
 // CPU tensors run the emulated kernels, CUDA tensors the real ones.
 TORCH_LIBRARY_FRAGMENT(ditq_C, m) {
   m.def("gemm_w8a8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
         "int tile=-1, int splits=-1) -> Tensor");
   m.def("gemm_w4a8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, int group_size, "
         "ScalarType out_dtype, int tile=-1, int splits=-1) -> Tensor");
+  m.def("gemm_w8a8_fused(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, bool gelu, "
+        "Tensor? gate, Tensor? residual, int rows_per_gate, Tensor? out_scale, ScalarType out_dtype, "
+        "int tile=-1, int splits=-1) -> Tensor");
+  m.def("gemm_w4a8_fused(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, int group_size, "
+        "bool gelu, Tensor? gate, Tensor? residual, int rows_per_gate, Tensor? out_scale, ScalarType out_dtype, "
+        "int tile=-1, int splits=-1) -> Tensor");
   m.def("gemm_tile_count() -> int", []() -> int64_t { return ditq::gemm::tile_count(); });
   m.def("gemm_tile_info(int tile) -> int[]", &ditq::gemm_binding::tile_info);
   m.def("gemm_pick_tile(int arch, int m, bool w4) -> int", &ditq::gemm_binding::pick);
+  m.def("gemm_sm90_tile_info(int tile, bool w4) -> int[]", &ditq::gemm_binding::sm90_tile_info);
 }
 
 TORCH_LIBRARY_IMPL(ditq_C, CPU, m) {
   m.impl("gemm_w8a8", &ditq::gemm_binding::gemm_w8a8_op<true>);
   m.impl("gemm_w4a8", &ditq::gemm_binding::gemm_w4a8_op<true>);
+  m.impl("gemm_w8a8_fused", &ditq::gemm_binding::gemm_w8a8_fused_op<true>);
+  m.impl("gemm_w4a8_fused", &ditq::gemm_binding::gemm_w4a8_fused_op<true>);
 }
 
 #if DITQ_WITH_CUDA
 TORCH_LIBRARY_IMPL(ditq_C, CUDA, m) {
   m.impl("gemm_w8a8", &ditq::gemm_binding::gemm_w8a8_op<false>);
   m.impl("gemm_w4a8", &ditq::gemm_binding::gemm_w4a8_op<false>);
+  m.impl("gemm_w8a8_fused", &ditq::gemm_binding::gemm_w8a8_fused_op<false>);
+  m.impl("gemm_w4a8_fused", &ditq::gemm_binding::gemm_w4a8_fused_op<false>);
 }
 #endif

@@ -35,6 +35,22 @@ struct QuantizeActArgs {
 const char* quantize_act_cuda(const QuantizeActArgs& args, void* stream);
 void quantize_act_emulated(const QuantizeActArgs& args);
 
+// ---- LayerNorm (no affine) + adaLN modulation + int8 quantization (csrc/norm_quantize.cuh) ----------------
+struct NormQuantizeArgs {
+  const void* x;             // [M, K] contiguous (M = B * S), of `dtype`
+  DType dtype;
+  int64_t M, K;              // M < 2^31, K < 2^31
+  int64_t S;                 // rows per image: row m takes shift / scale row m / S
+  const float* shift;        // [B, K] float32, or nullptr (then scale is nullptr too: no modulation)
+  const float* scale;        // [B, K] float32, or nullptr
+  float eps;
+  const float* static_scale; // [1], or nullptr for dynamic per-row scales
+  int8_t* q;                 // [M, K] out
+  float* scales;             // [M] out (dynamic only)
+};
+const char* norm_quantize_cuda(const NormQuantizeArgs& args, void* stream);
+void norm_quantize_emulated(const NormQuantizeArgs& args);
+
 // ---- the emulator's knobs (csrc/emu/core.h Options), set from Python -------------------------------------
 // order: 0 forward, 1 reverse, 2 random(seed); cp_async: 0 at issue, 1 at wait_group, 2 at the next barrier.
 void emulator_set_options(int order, uint64_t seed, int cp_async, bool race_check);
@@ -43,6 +59,10 @@ void emulator_get_options(int& order, uint64_t& seed, int& cp_async, bool& race_
 // of every global access against the buffers the launcher registered.
 void emulator_set_mem_check(bool on);
 bool emulator_get_mem_check();
+// Hopper: arch 0 sm_80 / 1 sm_90a (which kernels the emulated launchers pick); async_landing 0 at issue /
+// 1 lazily (TMA bytes at the first wait on their mbarrier, wgmma results at the retiring wait_group).
+void emulator_set_hopper(int arch, int async_landing);
+void emulator_get_hopper(int& arch, int& async_landing);
 
 // ---- what each family accepts (configs/kernel_families.h) as a JSON object: csrc/families.cpp ---------------
 std::string kernel_families_json();
@@ -68,6 +88,17 @@ struct GemmParams {
   int splits;
   int* counters;        // [tiles_m * tiles_n], zero
   uint32_t* workspace;  // [splits * tiles_m * BM * tiles_n * BN] 32-bit words
+  // The fused epilogue (gemm_*_fused: the FusedEpilogue instantiations read these; the plain kernels never
+  // do). After y = acc * scale (+ bias), in this order: GELU (tanh), y *= gate[m / rows_per_gate, n],
+  // y += residual[m, n], then either int8 = quantize(y, 1 / out_scale[0]) into `out` or y in out_dtype.
+  struct Fused {
+    int gelu;                 // 0 / 1
+    const float* gate;        // [M / rows_per_gate, N] or nullptr
+    int rows_per_gate;        // >= 1
+    const void* residual;     // [M, N] of residual_dtype, or nullptr
+    DType residual_dtype;
+    const float* out_scale;   // [1]: the output is int8 [M, N]; nullptr: out_dtype
+  } fused;
 };
 }  // namespace gemm
 
@@ -81,5 +112,23 @@ const char* gemm_w8a8_cuda(const GemmArgs& args, void* stream);
 void gemm_w8a8_emulated(const GemmArgs& args);
 const char* gemm_w4a8_cuda(const GemmArgs& args, void* stream);
 void gemm_w4a8_emulated(const GemmArgs& args);
+// The same GEMMs with the fused epilogue (params.fused): separate instantiations, so the plain ones above
+// are compiled exactly as before.
+const char* gemm_w8a8_fused_cuda(const GemmArgs& args, void* stream);
+void gemm_w8a8_fused_emulated(const GemmArgs& args);
+const char* gemm_w4a8_fused_cuda(const GemmArgs& args, void* stream);
+void gemm_w4a8_fused_emulated(const GemmArgs& args);
+
+// ---- Hopper int8 GEMMs (csrc/gemm_sm90.cuh, TMA + wgmma): GemmArgs.tile is an index into the sm90 lists of
+// configs/gemm_tiles_sm90.h (the binding strips kSm90TileBase); params.splits must be 1 (no split-K).
+const char* gemm_w8a8_sm90_cuda(const GemmArgs& args, void* stream);
+void gemm_w8a8_sm90_emulated(const GemmArgs& args);
+const char* gemm_w4a8_sm90_cuda(const GemmArgs& args, void* stream);
+void gemm_w4a8_sm90_emulated(const GemmArgs& args);
+// Whether the current GPU runs the Hopper kernels: this build loaded sm_90a code for it (a plain sm_90 build
+// has none). Real build only.
+bool gemm_sm90_available();
+// The architecture the emulated launch picks kernels for: 90 under emulator_options(arch="sm_90a"), else 80.
+int emulated_gemm_arch();
 
 }  // namespace ditq

@@ -34,6 +34,7 @@
 #include <string>
 
 #include "launch.h"
+#include "epilogue.cuh"
 #include "ptx.cuh"
 
 #if !DITQ_EMULATED
@@ -44,7 +45,7 @@
 namespace ditq::qact {
 
 constexpr int kWarps = 4;  // rows per block
-constexpr float kQmax = 127.0f;
+using epi::kQmax;
 
 DITQ_DEVICE float to_float(float v) { return v; }
 DITQ_DEVICE float to_float(__half v) { return __half2float(v); }
@@ -62,11 +63,9 @@ DITQ_DEVICE float abs_or_inf(float x) {
   return a <= kFloatMax ? a : __uint_as_float(0x7f800000u);
 }
 
-// NaN -> 0 (cvt.rni.s32.f32 of NaN), +-inf and anything past +-127 clamp to +-127.
-DITQ_DEVICE int8_t quantize(float x, float inv) {
-  const int q = __float2int_rn(__fmul_rn(x, inv));  // round half to even, as torch.round
-  return static_cast<int8_t>(q < -127 ? -127 : (q > 127 ? 127 : q));
-}
+// q = clamp(rint(x * inv), -127, 127), NaN -> 0, +-inf -> +-127: epilogue.cuh, shared with the GEMMs' int8
+// output and the fused norm.
+using epi::quantize_int8;
 
 // 16 bytes = kVec elements of T.
 template <class T>
@@ -133,13 +132,14 @@ DITQ_GLOBAL void quantize_act_kernel(const T* __restrict__ x, const float* __res
       const Vec<T> x16 = Vec<T>::load(xr + v * N);
       int8_t out[N];
 #pragma unroll
-      for (int j = 0; j < N; ++j) out[j] = quantize(to_float(x16.e[j]), inv);
+      for (int j = 0; j < N; ++j) out[j] = quantize_int8(to_float(x16.e[j]), inv);
       P p;
       std::memcpy(&p, out, N);
       ptx::st_global(reinterpret_cast<P*>(qr + v * N), p);
     }
   } else {
-    for (int k = lane; k < K; k += 32) ptx::st_global(qr + k, quantize(to_float(ptx::ld_global(xr + k)), inv));
+    for (int k = lane; k < K; k += 32)
+      ptx::st_global(qr + k, quantize_int8(to_float(ptx::ld_global(xr + k)), inv));
   }
 }
 

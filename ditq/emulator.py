@@ -15,6 +15,12 @@ checker on::
   a ``cp.async.wait_group`` retires its group: the latest legal moment), ``"barrier"`` (at the first
   ``__syncthreads`` after issue, if earlier than the wait).
 * ``race_check``: shadow-memory race checker on shared memory, and reads of ``cp.async`` data in flight.
+* ``arch``: ``"sm_80"`` (default) or ``"sm_90a"``: which kernels the emulated launchers pick -- the mma.sync
+  ones, or the Hopper ones (wgmma, TMA, mbarrier), whose instructions the emulator models too (guide:
+  ``csrc/README.md``).
+* ``async_landing``: when Hopper async work lands: ``"issue"`` (TMA bytes and wgmma results at once) or
+  ``"wait"`` (default: TMA bytes when a thread first waits on their mbarrier, wgmma results at the
+  ``wgmma.wait_group`` that retires them -- the latest a correct kernel may see them).
 * ``mem_check`` (on by default): the global-memory checker, the CPU twin of compute-sanitizer's memcheck. The
   launchers register every buffer they pass with its extent; an access outside one, a write to an input, or a
   read of output never written is reported (kinds ``global-address``, ``global-read-only``,
@@ -33,6 +39,8 @@ import torch
 
 ORDERS = ("forward", "reverse", "random")
 CP_ASYNC_MODES = ("issue", "wait", "barrier")
+ARCHS = ("sm_80", "sm_90a")
+ASYNC_LANDING_MODES = ("issue", "wait")
 
 
 # The options live in one process-wide C++ struct. A block under ``emulator_options`` holds this lock, so another
@@ -48,6 +56,8 @@ class EmulatorOptions(NamedTuple):
     cp_async: str
     race_check: bool
     mem_check: bool = True
+    arch: str = "sm_80"
+    async_landing: str = "wait"
 
 
 def _ops():
@@ -58,30 +68,50 @@ def _ops():
     return torch.ops.ditq_C
 
 
+def _hopper_ops(ops):
+    """The arch / async_landing ops, or None for a ditq._C built before they existed."""
+    try:
+        return ops.emulator_get_hopper, ops.emulator_set_hopper
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def get_emulator_options() -> EmulatorOptions:
     ops = _ops()
     order, seed, cp_async, race = ops.emulator_get_options()
+    hopper = _hopper_ops(ops)
+    arch, landing = hopper[0]() if hopper else (0, 1)
     return EmulatorOptions(ORDERS[order], int(seed), CP_ASYNC_MODES[cp_async], bool(race),
-                           bool(ops.emulator_get_mem_check()))
+                           bool(ops.emulator_get_mem_check()), ARCHS[arch], ASYNC_LANDING_MODES[landing])
 
 
 def set_emulator_options(order: str = "forward", seed: int = 0, cp_async: str = "wait",
-                         race_check: bool = False, mem_check: bool = True) -> None:
+                         race_check: bool = False, mem_check: bool = True, arch: str = "sm_80",
+                         async_landing: str = "wait") -> None:
     if order not in ORDERS:
         raise ValueError(f"emulator order must be one of {ORDERS}, got {order!r}")
     if cp_async not in CP_ASYNC_MODES:
         raise ValueError(f"emulator cp_async must be one of {CP_ASYNC_MODES}, got {cp_async!r}")
+    if arch not in ARCHS:
+        raise ValueError(f"emulator arch must be one of {ARCHS}, got {arch!r}")
+    if async_landing not in ASYNC_LANDING_MODES:
+        raise ValueError(f"emulator async_landing must be one of {ASYNC_LANDING_MODES}, got {async_landing!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"emulator seed must be a non-negative int, got {seed!r}")
     with _LOCK:  # not in the middle of another thread's emulator_options block
         ops = _ops()
         ops.emulator_set_options(ORDERS.index(order), seed, CP_ASYNC_MODES.index(cp_async), bool(race_check))
         ops.emulator_set_mem_check(bool(mem_check))
+        hopper = _hopper_ops(ops)
+        if hopper:
+            hopper[1](ARCHS.index(arch), ASYNC_LANDING_MODES.index(async_landing))
+        elif (arch, async_landing) != ("sm_80", "wait"):
+            raise RuntimeError("this ditq._C predates the emulator's arch / async_landing knobs: rebuild it")
 
 
 @contextlib.contextmanager
 def emulator_options(order: str = "forward", seed: int = 0, cp_async: str = "wait", race_check: bool = True,
-                     mem_check: bool = True):
+                     mem_check: bool = True, arch: str = "sm_80", async_landing: str = "wait"):
     """Run the block with these emulator settings, restoring the previous ones after.
 
     The settings are process-wide: while one thread is inside a block, another thread entering one waits until
@@ -89,7 +119,7 @@ def emulator_options(order: str = "forward", seed: int = 0, cp_async: str = "wai
     block for another thread that is about to enter one (it would wait forever)."""
     with _LOCK:
         previous = get_emulator_options()
-        set_emulator_options(order, seed, cp_async, race_check, mem_check)
+        set_emulator_options(order, seed, cp_async, race_check, mem_check, arch, async_landing)
         try:
             yield
         finally:

@@ -22,6 +22,12 @@ namespace ditq {
 constexpr int kQuantizeActKMultiple = 1;
 constexpr int64_t kQuantizeActMaxK = 2147483647;
 
+// ---- fused LayerNorm + modulation + quantization (csrc/norm_quantize.cuh) -----------------------------------
+// Any K (vector path when rows are 16-byte multiples, as quantize_act); the mean divides by K as a float,
+// exact up to 2^24.
+constexpr int kNormQuantizeKMultiple = 1;
+constexpr int64_t kNormQuantizeMaxK = int64_t{1} << 24;
+
 }  // namespace ditq
 
 namespace ditq::gemm {

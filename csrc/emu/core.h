@@ -47,10 +47,21 @@ enum class Order : int { Forward = 0, Reverse = 1, Random = 2 };
 // before the retiring wait.
 enum class CpAsync : int { Issue = 0, Wait = 1, Barrier = 2 };
 
+// Which kernels the launchers pick (emulated GEMM launchers read it): the sm_80 mma.sync kernels, or the
+// sm_90a wgmma / TMA / mbarrier ones.
+enum class Arch : int { Sm80 = 0, Sm90a = 1 };
+// When Hopper async work lands: TMA bytes in shared memory (and their complete_tx on the mbarrier), wgmma
+// results in the accumulators. Issue: at once. Wait (lazy): TMA bytes when a thread first waits on (or
+// try_waits) the barrier they complete on, wgmma results at the wgmma.wait_group that retires their group --
+// the latest a correct kernel may see them.
+enum class AsyncLanding : int { Issue = 0, Wait = 1 };
+
 struct Options {
   Order order = Order::Forward;
   uint64_t seed = 0;
   CpAsync cp_async = CpAsync::Wait;
+  Arch arch = Arch::Sm80;
+  AsyncLanding async_landing = AsyncLanding::Wait;
   bool race_check = false;  // shadow-memory race checker (and in-flight cp.async checks): on in the tests
   bool mem_check = true;    // global-memory checker (emu/global.h): bounds, read-only, unwritten reads
 };
@@ -86,7 +97,7 @@ inline std::string where(const char* file, int line) {
 
 // ---- per-thread and per-block state ------------------------------------------------------------------------
 enum class Run : int { Idle, Runnable, Blocked, Exited };
-enum class Wait : int { None, Barrier, Collective };
+enum class Wait : int { None, Barrier, Collective, Mbarrier };
 
 struct CpCopy {
   uint8_t* dst;
@@ -105,6 +116,7 @@ struct Thread {
   uint3 tid{0, 0, 0};
   int linear = 0, warp = 0, lane = 0;
   Wait waiting = Wait::None;
+  bool spinning = false;  // yielded from a try_wait that failed: no progress until someone else moves
   const char* wait_file = "";
   int wait_line = 0;
   const char* wait_what = "";
@@ -136,6 +148,8 @@ struct State {
   bool failed = false;
   std::string fail_kind, fail_msg;
   std::string kernel;  // the kernel's name, when the launcher gave one (launch_checked): for reports
+  uint64_t actions = 0;  // bumped by every memory access, barrier and async operation: tells a thread that
+                         // only spun on a failed try_wait (no progress) from one that did something
 };
 
 inline State& S() {
@@ -235,6 +249,19 @@ inline void block_here(Wait why, const char* what, const char* file, int line) {
   t.waiting = Wait::None;
 }
 
+// Fiber side: let the other runnable threads run first (a scheduling point that is not a wait): at
+// try_wait (a kernel may spin on it) and wgmma.wait_group (where a warpgroup's async work meets the rest).
+// A spinning yield (a failed try_wait) is not progress: a round in which every runnable thread only spins
+// is a deadlock (reported with the spin's what / line, set by the caller).
+inline void yield_here(bool spinning = false) {
+  State& s = S();
+  Thread& t = *s.cur;
+  t.state = Run::Runnable;
+  t.spinning = spinning;
+  if (!_setjmp(t.jb)) _longjmp(s.sched_jb, 1);
+  t.spinning = false;
+}
+
 inline void release(Thread& t) {
   t.state = Run::Runnable;
 }
@@ -253,7 +280,12 @@ inline std::string id_ranges(const std::vector<int>& ids) {
   return out;
 }
 
-// Hooks implemented by shared.h / cp_async.h / warp.h.
+// Hooks implemented by shared.h / cp_async.h / warp.h / hopper.h.
+inline void hopper_begin_block();
+inline void hopper_end_block();
+inline void hopper_clear_marks();
+inline bool hopper_drain();
+inline std::string mbar_wait_detail(int tid);
 inline void shared_begin_block();
 inline void cp_async_land_all_at_barrier();
 inline void cp_async_end_block();
@@ -265,6 +297,7 @@ inline void warps_begin_block();
 // luck depending on the architecture).
 inline void syncthreads(const char* file, int line) {
   State& s = S();
+  ++s.actions;
   Thread& t = *s.cur;
   if (s.bar_arrived == 0) {
     s.bar_file = file;
@@ -302,6 +335,7 @@ inline void deadlock_report() {
     }
     std::string w = std::string(t.wait_what) + " at " + where(t.wait_file, t.wait_line);
     if (t.waiting == Wait::Collective) w += " (warp " + std::to_string(t.warp) + ")";
+    if (t.waiting == Wait::Mbarrier) w += mbar_wait_detail(i);
     auto it = std::find_if(sites.begin(), sites.end(), [&](const Site& x) { return x.what == w; });
     if (it == sites.end()) sites.push_back({w, {i}});
     else it->ids.push_back(i);
@@ -325,6 +359,7 @@ inline void run_block(std::mt19937_64& rng) {
   ++s.epoch;
   shared_begin_block();
   warps_begin_block();
+  hopper_begin_block();
   for (int i = 0; i < n; ++i) {
     Thread& t = s.threads[i];
     if (!t.fiber_ready) init_fiber(t);
@@ -333,6 +368,7 @@ inline void run_block(std::mt19937_64& rng) {
     t.warp = i / 32;
     t.lane = i % 32;
     t.waiting = Wait::None;
+    t.spinning = false;
     t.shared_decl = 0;
     t.open_group.clear();
     t.groups.clear();
@@ -346,12 +382,18 @@ inline void run_block(std::mt19937_64& rng) {
     for (int i : order) {
       Thread& t = s.threads[i];
       if (t.state != Run::Runnable) continue;
-      progressed = true;
+      const uint64_t actions = s.actions;
       resume(t);
       if (s.failed) return;
+      if (!t.spinning || s.actions != actions) progressed = true;
     }
-    if (!progressed) deadlock_report();  // throws from the scheduler's context
+    if (!progressed) {
+      if (hopper_drain()) continue;  // in-flight TMA bytes land when nothing else can run
+      deadlock_report();             // throws from the scheduler's context
+    }
   }
+  hopper_end_block();
+  if (s.failed) return;
   cp_async_end_block();
 }
 

@@ -10,6 +10,7 @@
 #include "core.h"
 #include "cp_async.h"
 #include "global.h"
+#include "hopper.h"
 #include "shared.h"
 #include "warp.h"
 
@@ -18,6 +19,10 @@
 #define blockIdx (::ditq::emu::S().block_idx)
 #define blockDim (static_cast<const dim3&>(::ditq::emu::S().block_dim))
 #define gridDim (static_cast<const dim3&>(::ditq::emu::S().grid_dim))
+
+// A kernel parameter the kernel takes the address of (a TMA map): every fiber gets its own copy of the
+// arguments, so the qualifier has nothing to do here.
+#define __grid_constant__
 
 #define __syncthreads() ::ditq::emu::syncthreads(__FILE__, __LINE__)
 #define __syncwarp(...) ::ditq::emu::syncwarp(__FILE__, __LINE__)
@@ -165,6 +170,7 @@ void launch_checked(dim3 grid, dim3 block, size_t dynamic_smem, const Options& o
     // The block's fibers were abandoned mid-kernel: re-create them at the next launch, drop their copies.
     s.cur = nullptr;
     cp_async_end_block();
+    hopper_clear_marks();
     for (Thread& t : s.threads) {
       t.fiber_ready = false;
       t.state = Run::Idle;

@@ -111,6 +111,7 @@ inline std::string nearest_buffer(const uint8_t* b) {
 
 // The whole check of one global access of n bytes at p by the running thread. `what` names the instruction.
 inline void global_access(const void* p, size_t n, bool write, const char* what, const char* file, int line) {
+  ++S().actions;
   GlobalState& g = GL();
   if (!g.active) return;
   const uint8_t* b = static_cast<const uint8_t*>(p);

@@ -16,6 +16,11 @@
 // forward order too, where the data happens to be right.
 // A byte that an unretired cp.async will write is "in flight": any access to it (even by the issuing thread)
 // is reported, so a cp.async.wait_group that waits for one group too few is caught in every cp.async mode.
+// Hopper (emu/hopper.h) adds: bytes a TMA load writes are in flight until the mbarrier phase its bytes
+// complete on has completed; bytes an unretired wgmma reads (its shared-memory operands) may not be written;
+// bytes written by the async proxy (TMA) are ordered by the mbarrier, not by __syncthreads, so the barrier
+// race check skips them; and each generic write remembers its thread's fence.proxy.async count, so that a
+// wgmma reading it can tell whether the writer fenced.
 #pragma once
 
 #include <cstdlib>
@@ -33,10 +38,19 @@ struct Shadow {
   const char* w_file = nullptr;
   const char* r_file = nullptr;
   const char* p_file = nullptr;
+  const char* a_file = nullptr;
   int32_t w_tid = -1, r_tid = -1, r_warp = -1, p_tid = -1;
   int32_t w_line = 0, r_line = 0, p_line = 0;
+  uint32_t w_fence = 0;   // the writer's fence.proxy.async count when it wrote
+  int32_t r_first = -1;   // the first reader of this epoch (kept when r_tid becomes kManyReaders) ...
+  uint32_t r_arr = 0;     // ... and its mbarrier-arrive count when it read
+  int32_t a_tid = -1, a_line = 0;  // an in-flight wgmma reading this byte (issued by a_tid's warpgroup)
+  uint16_t a_count = 0;   // how many unretired wgmmas read it
+  uint8_t p_kind = 0;     // what p_tid's in-flight write is: kFlightCpAsync or kFlightTma
 };
 constexpr int32_t kManyReaders = -2;
+constexpr int32_t kAsyncWriter = -3;  // w_tid of bytes last written by a TMA load
+constexpr uint8_t kFlightCpAsync = 0, kFlightTma = 1;
 
 struct Region {
   const char* name;
@@ -54,9 +68,14 @@ struct SharedState {
   Region stat{"static", nullptr, 0, {}}, dyn{"dynamic", nullptr, 0, {}};
   std::vector<Decl> decls;
   uint64_t warp_sync[32] = {};  // per warp of the block: its collective count (monotonic across blocks)
+  uint64_t block_epoch = 0;     // the epoch the current block started in: older shadow writes are stale
+  uint32_t proxy_fences[1024] = {};  // per thread of the block: its fence.proxy.async count
+  uint32_t arrivals[1024] = {};      // per thread of the block: its mbarrier arrive count
   SharedState() {
-    stat.base = static_cast<uint8_t*>(std::aligned_alloc(128, kStaticSharedBytes));
-    dyn.base = static_cast<uint8_t*>(std::aligned_alloc(128, kMaxSharedBytes));
+    // 1024-aligned like the device's dynamic shared memory: a kernel that aligns a swizzled tile by its
+    // pointer gets the same offsets here.
+    stat.base = static_cast<uint8_t*>(std::aligned_alloc(1024, kStaticSharedBytes));
+    dyn.base = static_cast<uint8_t*>(std::aligned_alloc(1024, kMaxSharedBytes));
   }
 };
 
@@ -76,6 +95,9 @@ inline void shared_begin_block() {
   SharedState& sh = SH();
   sh.decls.clear();
   sh.stat.size = 0;
+  sh.block_epoch = S().epoch;
+  std::memset(sh.proxy_fences, 0, sizeof(sh.proxy_fences));
+  std::memset(sh.arrivals, 0, sizeof(sh.arrivals));
   std::memset(sh.dyn.base, kPoison, sh.dyn.size);
   if (S().opt.race_check && sh.dyn.shadow.size() < sh.dyn.size) sh.dyn.shadow.resize(sh.dyn.size);
 }
@@ -169,11 +191,21 @@ inline void shadow_access(Region& r, const void* p, size_t n, bool write, int ti
   const uint64_t e = S().epoch, sync = warp_sync_count(tid);
   for (size_t i = 0; i < n; ++i) {
     Shadow& sd = r.shadow[off0 + i];
-    if (sd.p_tid >= 0)
+    if (sd.p_tid >= 0 && sd.p_kind == kFlightCpAsync)
       fail("cp-async-in-flight",
            thread_desc(tid) + " " + (write ? "writes " : "reads ") + shared_desc(r, off0 + i) + " (" + what +
                " at " + where(file, line) + ") while the cp.async that " + thread_desc(sd.p_tid) + " issued at " +
                where(sd.p_file, sd.p_line) + " to it is still in flight (not retired by cp_async_wait)");
+    if (sd.p_tid >= 0)
+      fail("tma-in-flight",
+           thread_desc(tid) + " " + (write ? "writes " : "reads ") + shared_desc(r, off0 + i) + " (" + what +
+               " at " + where(file, line) + ") while the TMA load that " + thread_desc(sd.p_tid) + " issued at " +
+               where(sd.p_file, sd.p_line) + " to it is in flight (the mbarrier phase its bytes complete on has "
+               "not completed: a wait with the wrong parity, or an expect_tx that does not cover it)");
+    if (write && sd.a_count > 0)
+      fail("race", thread_desc(tid) + " writes " + shared_desc(r, off0 + i) + " (" + what + " at " +
+                       where(file, line) + ") that the wgmma issued at " + where(sd.a_file, sd.a_line) + " by " +
+                       thread_desc(sd.a_tid) + "'s warpgroup still reads (not retired by wgmma_wait_group)");
     if (sd.w_tid >= 0 && !ordered(tid, sd.w_tid, sd.w_epoch, sd.w_sync))
       race(write ? "writes" : "reads", tid, what, file, line, "wrote", sd.w_tid, sd.w_file, sd.w_line, r, off0 + i);
     if (write) {
@@ -187,6 +219,7 @@ inline void shadow_access(Region& r, const void* p, size_t n, bool write, int ti
       sd.w_sync = sync;
       sd.w_file = file;
       sd.w_line = line;
+      sd.w_fence = SH().proxy_fences[tid];
       sd.r_tid = -1;
     } else if (sd.r_tid == -1 || sd.r_epoch != e) {
       sd.r_tid = tid;
@@ -195,6 +228,8 @@ inline void shadow_access(Region& r, const void* p, size_t n, bool write, int ti
       sd.r_sync = sync;
       sd.r_file = file;
       sd.r_line = line;
+      sd.r_first = tid;
+      sd.r_arr = SH().arrivals[tid];
     } else if (sd.r_tid != tid) {
       sd.r_tid = kManyReaders;  // keeps the first reader's line for the report
       if (sd.r_warp != tid / 32) sd.r_warp = -1;
@@ -206,18 +241,21 @@ inline void shadow_access(Region& r, const void* p, size_t n, bool write, int ti
 // The whole check of one shared access by thread `tid`.
 inline void shared_access(const void* p, size_t n, size_t align, bool write, int tid, const char* what,
                           const char* file, int line) {
+  ++S().actions;
   Region& r = locate(p, n, tid, what, file, line);
   check_align(p, align, tid, what, "shared", file, line);
   shadow_access(r, p, n, write, tid, what, file, line);
 }
 
-inline void set_in_flight(const void* p, size_t n, int tid, const char* file, int line) {
+inline void set_in_flight(const void* p, size_t n, int tid, const char* file, int line,
+                          uint8_t kind = kFlightCpAsync) {
   if (!S().opt.race_check) return;
-  Region& r = locate(p, n, tid, "cp.async", file, line);
+  Region& r = locate(p, n, tid, kind == kFlightTma ? "TMA load" : "cp.async", file, line);
   const size_t off0 = static_cast<size_t>(static_cast<const uint8_t*>(p) - r.base);
   for (size_t i = 0; i < n; ++i) {
     Shadow& sd = r.shadow[off0 + i];
     sd.p_tid = tid;
+    sd.p_kind = kind;
     sd.p_file = file;
     sd.p_line = line;
   }

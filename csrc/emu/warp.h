@@ -39,6 +39,7 @@ inline void warps_begin_block() {
 // Arrival, part 1: checks; returns the warp's slot for the lane to store its operands in.
 inline WarpSlot& arrive(const char* what, const char* file, int line) {
   State& s = S();
+  ++s.actions;
   Thread& t = *s.cur;
   if ((t.warp + 1) * 32 > s.nthreads)
     fail("partial-warp", thread_desc(t.linear) + " executes " + what + " at " + where(file, line) + " in warp " +

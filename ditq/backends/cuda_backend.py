@@ -51,13 +51,14 @@ def _families():
 @lru_cache(maxsize=None)
 def _kernel_ops() -> KernelOps:
     """The ditq_C ops themselves (their C++ bindings validate every input), with fake implementations so that
-    torch.compile traces through them."""
+    torch.compile traces through them (ditq.ops's fakes: the ditq_C ops' extra tile / splits arguments fall in
+    their ``*_``)."""
     from ..ops import FAKES
 
-    for name in ("quantize_act", "gemm_w8a8", "gemm_w4a8"):
+    names = ("quantize_act", "gemm_w8a8", "gemm_w4a8", "gemm_w8a8_fused", "gemm_w4a8_fused", "norm_modulate_quantize")
+    for name in names:
         torch.library.register_fake(f"ditq_C::{name}", FAKES[name])
-    return KernelOps(torch.ops.ditq_C.quantize_act.default, torch.ops.ditq_C.gemm_w8a8.default,
-                     torch.ops.ditq_C.gemm_w4a8.default)
+    return KernelOps(**{name: getattr(torch.ops.ditq_C, name).default for name in names})
 
 
 # ---- GEMMs (csrc/gemm*.{h,cuh,cu,cpp}, layouts in cuda_layout.py) --------------------------------------------
@@ -128,6 +129,19 @@ class _CudaKernels(Backend):
     def gemm_w4a8(self, a, a_scale, w, w_scale, bias, group_size, out_dtype):
         return torch.ops.ditq_C.gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype,
                                           *_gemm_forced())
+
+    def gemm_w8a8_fused(self, a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale,
+                        out_dtype):
+        return torch.ops.ditq_C.gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate,
+                                                out_scale, out_dtype, *_gemm_forced())
+
+    def gemm_w4a8_fused(self, a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate,
+                        out_scale, out_dtype):
+        return torch.ops.ditq_C.gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual,
+                                                rows_per_gate, out_scale, out_dtype, *_gemm_forced())
+
+    def norm_modulate_quantize(self, x, shift, scale, eps, act_scale):
+        return torch.ops.ditq_C.norm_modulate_quantize(x, shift, scale, eps, act_scale)
 
 
 class CudaBackend(_CudaKernels):

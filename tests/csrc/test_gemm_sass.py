@@ -1,11 +1,14 @@
-"""The machine code of the CUDA GEMMs (csrc/gemm.cu), checked without a GPU: compiled here by nvcc for sm_80
-and sm_90a, disassembled with the cuobjdump that ships in triton's wheel.
+"""The machine code of the CUDA GEMMs (csrc/gemm.cu; with the fused epilogue csrc/gemm_fused.cu), checked
+without a GPU: compiled here by nvcc for sm_80 and sm_90a, disassembled with the cuobjdump that ships in
+triton's wheel.
 
 Every kernel (tile x weight kind) must use the int8 tensor cores (IMMA.16832.S8.S8), ldmatrix (LDSM) and
 16-byte async copies (LDGSTS), with no local memory (LDL / STL, spills), and convert its bf16 / fp16 output
 with exactly the round-to-nearest-even conversions (F2FP...PACK_AB without a rounding suffix): the device
 half of a conversion is code the emulator never runs, so its rounding is checked here, by instruction name.
-Registers, shared memory and the main loop's instruction mix per mma are printed (`pytest -s`) and kept in
+The fused-epilogue instantiations (FusedEpilogue: gemm_*_fused) pass the same checks, hold the pieces' own
+instructions, and keep the plain kernel's main-loop tensor-core and memory instructions. Registers, shared
+memory, instruction counts and the main loop's instruction mix per mma are printed (`pytest -s`) and kept in
 the test's user_properties."""
 import collections
 import os
@@ -46,38 +49,42 @@ def w4_group_sizes():
 
 
 def kernel_key(name):
-    """(tile id, 'w8' | 'w4g<G>') of a mangled gemm_kernel name."""
-    m = re.search(r"TileILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)EEE", name)
+    """(tile id, 'w8' | 'w4g<G>', 'plain' | 'fused') of a mangled gemm_kernel name."""
+    m = re.search(r"TileILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)EE", name)
     if not m or "gemm_kernel" not in name:
         return None
     shape = tuple(int(v) for v in m.groups())
     tile = {v: k for k, v in tile_table().items()}.get(shape)
     g = re.search(r"W4ILi(\d+)E", name)
-    return tile, ("w4g" + g.group(1)) if g else "w8"
+    epi = "fused" if "FusedEpilogue" in name else "plain"
+    assert epi == "fused" or "PlainEpilogue" in name, name
+    return tile, ("w4g" + g.group(1)) if g else "w8", epi
+
+
+def _compile(source, arch, tmp):
+    """{mangled name: SASS instructions}, {mangled name: (registers, spill bytes)} of csrc/<source> for arch."""
+    nvcc, cuobjdump = aot.nvcc_path(), aot.cuobjdump_path()
+    if nvcc is None:
+        pytest.skip(f"nvcc not found (set CUDA_HOME): cannot compile csrc/{source}")
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (it ships in triton's wheel, or pip install nvidia-cuda-cuobjdump)")
+    cubin = str(tmp / f"{source}_{arch}.cubin")
+    r = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                        "-I", CSRC, "-Xptxas", "-v", os.path.join(CSRC, source), "-o", cubin],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ptxas = {}  # mangled name -> (registers, spill bytes)
+    for m in re.finditer(r"Compiling entry function '(\S+)'.*?(\d+) bytes spill stores, (\d+) bytes spill "
+                         r"loads\s*\n.*?Used (\d+) registers", r.stderr, re.S):
+        ptxas[m.group(1)] = (int(m.group(4)), int(m.group(2)) + int(m.group(3)))
+    sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    return aot.sass_functions(sass), ptxas
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    nvcc, cuobjdump = aot.nvcc_path(), aot.cuobjdump_path()
-    if nvcc is None:
-        pytest.skip("nvcc not found (set CUDA_HOME): cannot compile csrc/gemm.cu")
-    if cuobjdump is None:
-        pytest.skip("cuobjdump not found (it ships in triton's wheel, or pip install nvidia-cuda-cuobjdump)")
-    out = {}
     tmp = tmp_path_factory.mktemp("gemm_sass")
-    for arch in ARCHS:
-        cubin = str(tmp / f"gemm_{arch}.cubin")
-        r = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                            "-I", CSRC, "-Xptxas", "-v", os.path.join(CSRC, "gemm.cu"), "-o", cubin],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-4000:]
-        ptxas = {}  # mangled name -> (registers, spill bytes)
-        for m in re.finditer(r"Compiling entry function '(\S+)'.*?(\d+) bytes spill stores, (\d+) bytes spill "
-                             r"loads\s*\n.*?Used (\d+) registers", r.stderr, re.S):
-            ptxas[m.group(1)] = (int(m.group(4)), int(m.group(2)) + int(m.group(3)))
-        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-        out[arch] = (aot.sass_functions(sass), ptxas)
-    return out
+    return {arch: _compile("gemm.cu", arch, tmp) for arch in ARCHS}
 
 
 def _smem(tile, kind):
@@ -85,17 +92,20 @@ def _smem(tile, kind):
     return stages * (bm * bk + bn * (bk if kind == "w8" else bk // 2))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_gemm_sass(compiled, arch, request):
-    funcs, ptxas = compiled[arch]
+def _check(arch, funcs, ptxas, epi, request, plain=None):
+    """Every kernel of one epilogue policy: the checks of the module docstring; for the fused policy also its
+    pieces' instructions and the plain kernel's main-loop tensor-core and memory work (``plain``: the plain
+    kernels' (funcs, ptxas))."""
+    plain_funcs, plain_ptxas = plain if plain is not None else (None, None)
     kernels = {kernel_key(n): n for n in funcs if kernel_key(n)}
-    expected = {(t, k) for t in tile_table() for k in ["w8"] + [f"w4g{g}" for g in w4_group_sizes()]}
+    expected = {(t, k, epi) for t in tile_table() for k in ["w8"] + [f"w4g{g}" for g in w4_group_sizes()]}
     assert set(kernels) == expected, f"kernels compiled {sorted(kernels)} != table {sorted(expected)}"
+    plain_kernels = {kernel_key(n)[:2]: n for n in (plain_funcs or {}) if kernel_key(n)}
     report = []
-    for (tile, kind), name in sorted(kernels.items()):
+    for (tile, kind, _), name in sorted(kernels.items()):
         ins = funcs[name]
         ops = collections.Counter(op for _, op, _ in ins)
-        what = f"{arch} tile {tile} {kind}"
+        what = f"{arch} tile {tile} {kind} {epi}"
         assert ops["IMMA.16832.S8.S8"] > 0, f"{what}: no int8 mma.sync (IMMA.16832.S8.S8)"
         assert any(o.startswith("LDSM") for o in ops), f"{what}: no ldmatrix (LDSM)"
         assert ops["LDGSTS.E.BYPASS.128"] > 0, f"{what}: no 16-byte cp.async (LDGSTS.E.BYPASS.128)"
@@ -111,17 +121,46 @@ def test_gemm_sass(compiled, arch, request):
         bm, bn, bk, wm, wn, _ = tile_table()[tile]
         # the whole k tile is unrolled: every warp issues (BM/WM/16)*(BN/WN/8)*(BK/32) mma per iteration
         assert imma == (bm // wm // 16) * (bn // wn // 8) * (bk // 32), f"{what}: {imma} IMMA in the main loop"
-        row = dict(arch=arch, tile=tile, kind=kind, registers=regs, smem=_smem(tile, kind),
+        row = dict(arch=arch, tile=tile, kind=kind, epi=epi, registers=regs, smem=_smem(tile, kind),
                    imma=ops["IMMA.16832.S8.S8"], ldsm=sum(v for o, v in ops.items() if o.startswith("LDSM")),
                    ldgsts=ops["LDGSTS.E.BYPASS.128"], loop_instructions=len(loop), loop_imma=imma,
-                   per_mma=round(len(loop) / imma, 2),
+                   per_mma=round(len(loop) / imma, 2), instructions=len(ins),
                    mix={o: v for o, v in lops.most_common(8)})
+        if plain is not None:
+            # the pieces are there (GELU's exp: MUFU.EX2; the int8 output's cvt.rni: F2I), and the main loop
+            # keeps the plain kernel's tensor-core and memory work: the same IMMA, LDSM and LDGSTS per iteration
+            # (its length is printed beside the plain one: ptxas may lay out the integer bookkeeping differently)
+            assert ops["MUFU.EX2"] > 0, f"{what}: no MUFU.EX2 (GELU's expf)"
+            assert any(o.startswith("F2I") for o in ops), f"{what}: no float -> int conversion (int8 output)"
+            pname = plain_kernels[(tile, kind)]
+            plain = collections.Counter(op for _, op, _ in aot.main_loop(plain_funcs[pname]))
+            for op in [o for o in set(plain) | set(lops) if o.startswith(("IMMA", "LDSM", "LDGSTS"))]:
+                assert lops[op] == plain[op], f"{what}: {lops[op]} {op} in the main loop, the plain kernel {plain[op]}"
+            row.update(plain_registers=plain_ptxas[pname][0], plain_instructions=len(plain_funcs[pname]),
+                       plain_loop_instructions=sum(plain.values()))
         report.append(row)
-        request.node.user_properties.append((f"tile{tile}_{kind}", row))
-    print(f"\n{arch}: tile kind     regs  smem  IMMA LDSM LDGSTS  loop/mma  (main-loop mix)")
+        request.node.user_properties.append((f"tile{tile}_{kind}_{epi}", row))
+    print(f"\n{arch}: tile kind    epi    regs  smem  IMMA LDSM LDGSTS  instrs  loop/mma  (main-loop mix)")
     for r in report:
-        print(f"{arch}: {r['tile']:>4} {r['kind']:<7} {r['registers']:>4} {r['smem']:>6} {r['imma']:>4} "
-              f"{r['ldsm']:>4} {r['ldgsts']:>6} {r['per_mma']:>8}  {r['mix']}")
+        print(f"{arch}: {r['tile']:>4} {r['kind']:<7} {r['epi']:<5} {r['registers']:>4} {r['smem']:>6} "
+              f"{r['imma']:>4} {r['ldsm']:>4} {r['ldgsts']:>6} {r['instructions']:>6} {r['per_mma']:>8}  {r['mix']}")
+        if "plain_registers" in r:
+            print(f"{arch}: {'':>4} {'':<7} plain {r['plain_registers']:>4} {'':>6} {'':>4} {'':>4} {'':>6} "
+                  f"{r['plain_instructions']:>6} {r['plain_loop_instructions'] / r['loop_imma']:>8.2f}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gemm_sass(compiled, arch, request):
+    funcs, ptxas = compiled[arch]
+    _check(arch, funcs, ptxas, "plain", request)
+
+
+# The fused-epilogue kernels (csrc/gemm_fused.cu): ~2.5x the plain kernels' code, so ~45 s of nvcc per
+# architecture; sm_90a runs with the slow tests.
+@pytest.mark.parametrize("arch", [ARCHS[0], pytest.param(ARCHS[1], marks=pytest.mark.slow)])
+def test_gemm_fused_sass(compiled, arch, request, tmp_path):
+    funcs, ptxas = _compile("gemm_fused.cu", arch, tmp_path)
+    _check(arch, funcs, ptxas, "fused", request, plain=compiled[arch])
 
 
 # The same check on a small kernel that calls the conversions from ptx.cuh, and on a copy of ptx.cuh whose

@@ -21,8 +21,8 @@ def families():
 
 def test_json_shape_and_keys():
     f = families()
-    assert set(f) == {"quantize_act", "gemm_w8a8", "gemm_w4a8"}
-    assert set(f["quantize_act"]) == {"k_multiple", "max_k", "built_archs", "emulated"}
+    assert set(f) == {"quantize_act", "gemm_w8a8", "gemm_w4a8", "norm_quantize"}
+    assert set(f["quantize_act"]) == set(f["norm_quantize"]) == {"k_multiple", "max_k", "built_archs", "emulated"}
     gemm_keys = {"weight_bits", "group_sizes", "k_multiple", "max_k", "layout", "layout_version", "min_arch",
                  "built_archs", "emulated"}
     assert set(f["gemm_w8a8"]) == gemm_keys and set(f["gemm_w4a8"]) == gemm_keys
@@ -45,7 +45,8 @@ def test_group_sizes_come_from_the_one_list():
 def test_built_archs_match_the_build():
     f = families()
     archs = f["gemm_w8a8"]["built_archs"]
-    assert archs == f["gemm_w4a8"]["built_archs"] == f["quantize_act"]["built_archs"]
+    assert archs == f["gemm_w4a8"]["built_archs"] == f["quantize_act"]["built_archs"] == \
+        f["norm_quantize"]["built_archs"]
     if torch.ops.ditq_C.built_with_cuda():
         assert archs and all(a >= f["gemm_w8a8"]["min_arch"] for a in archs), archs
     else:

@@ -116,7 +116,8 @@ def test_emulator_options_validate_and_restore():
     with pytest.raises(ValueError, match="emulator order must be 0"):
         torch.ops.ditq_C.emulator_set_options(7, 0, 0, False)
     with emulator_options(order="reverse", seed=3, cp_async="issue", race_check=True):
-        assert tuple(get_emulator_options()) == ("reverse", 3, "issue", True, True)  # mem_check on by default
+        # mem_check on by default, arch and async_landing at their defaults
+        assert tuple(get_emulator_options()) == ("reverse", 3, "issue", True, True, "sm_80", "wait")
     assert get_emulator_options() == before
 
 

@@ -18,7 +18,7 @@ def defaults():
     yield
     left = tuple(get_emulator_options())
     set_emulator_options(*DEFAULT)
-    assert left == DEFAULT + (True,), f"a test left the emulator options set: {left}"
+    assert left == DEFAULT + (True, "sm_80", "wait"), f"a test left the emulator options set: {left}"
 
 
 def test_nested_blocks_restore_the_outer_options():
@@ -86,3 +86,29 @@ def test_mem_check_is_a_knob_on_by_default():
     with emulator_options(mem_check=False):
         assert not get_emulator_options().mem_check
     assert get_emulator_options().mem_check
+
+
+def test_arch_and_async_landing_are_knobs_restored_after_the_block():
+    from ditq.emulator import emulator_options, get_emulator_options
+    assert (get_emulator_options().arch, get_emulator_options().async_landing) == ("sm_80", "wait")
+    with emulator_options(arch="sm_90a", async_landing="issue"):
+        assert (get_emulator_options().arch, get_emulator_options().async_landing) == ("sm_90a", "issue")
+        with emulator_options(arch="sm_80"):
+            assert (get_emulator_options().arch, get_emulator_options().async_landing) == ("sm_80", "wait")
+        assert (get_emulator_options().arch, get_emulator_options().async_landing) == ("sm_90a", "issue")
+    assert (get_emulator_options().arch, get_emulator_options().async_landing) == ("sm_80", "wait")
+    with pytest.raises(ValueError, match="emulator arch must be one of"):
+        with emulator_options(arch="sm_100"):
+            pass
+    with pytest.raises(ValueError, match="emulator async_landing must be one of"):
+        with emulator_options(async_landing="never"):
+            pass
+
+
+def test_direct_hopper_op_validates_its_arguments():
+    import torch
+    with pytest.raises(ValueError, match="emulator arch must be 0"):
+        torch.ops.ditq_C.emulator_set_hopper(2, 1)
+    with pytest.raises(ValueError, match="emulator async_landing must be 0"):
+        torch.ops.ditq_C.emulator_set_hopper(0, 5)
+    assert list(torch.ops.ditq_C.emulator_get_hopper()) == [0, 1]

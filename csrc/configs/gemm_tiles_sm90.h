@@ -1,0 +1,102 @@
+// Tile configurations of the Hopper int8 GEMMs (csrc/gemm_sm90.cuh: TMA + wgmma, warp-specialized), as data.
+//
+// Like configs/gemm_tiles.h, each list entry is instantiated once (per group size for W4) and the launchers
+// (csrc/gemm_sm90.cu, csrc/emulated_gemm.cpp) switch on its id, generated from the same list. The ids live
+// in their own range: a `tile` argument of kSm90TileBase + i names entry i of the family's list (W8 or W4),
+// ids below kSm90TileBase name the mma.sync table of configs/gemm_tiles.h. BK is 128 for every entry (four
+// k32 wgmma steps per stage; an A / activation tile row is then exactly one 128-byte swizzle row).
+//
+// W8A8 columns: id, BM, BN, STAGES, CONSUMERS (warpgroups; each owns BM / CONSUMERS = 64 rows x BN columns,
+//               one wgmma m64nBNk32 per k32 step). Block = 128 * (1 + CONSUMERS) threads (one producer
+//               warpgroup). Shared memory = STAGES * (BM + BN) * 128 bytes + barriers.
+// W4A8 columns: id, BM, BN, STAGES, CONSUMERS. The product is computed transposed (Y^T = W A^T): each consumer
+//               warpgroup owns 64 output channels (wgmma's M, weights from registers) x BM activation rows
+//               (wgmma's N, from shared memory), so BN = 64 * CONSUMERS. Shared memory = STAGES * (BM * 128 +
+//               BN * 64) bytes + barriers.
+// Register budget: a W8 consumer holds BN / 2 int32 accumulators; a W4 consumer 2 x BM / 2 int32 (two group
+// partials ping-ponged) + BM / 2 fp32 sums. The producer warpgroup gives registers back with setmaxnreg.
+#pragma once
+
+#include <cstdint>
+
+#define DITQ_GEMM_SM90_W8_TILES(X)                                                  \
+  /* small M: one consumer warpgroup, 64 x 128, a deep ring for the weight stream */ \
+  X(0, 64, 128, 6, 1)                                                               \
+  /* mid / large M: two consumer warpgroups, 128 x 128 (N = 1152 is 9 tiles) */     \
+  X(1, 128, 128, 5, 2)                                                              \
+  /* large M and N: 128 x 256, 64 x 256 per warpgroup (128 accumulators each) */    \
+  X(2, 128, 256, 4, 2)
+
+#define DITQ_GEMM_SM90_W4_TILES(X)                                              \
+  /* M <= 16: wgmma N = 16, 64 channels per CTA (N = 1152 gives 18 CTAs) */     \
+  X(0, 16, 64, 8, 1)                                                            \
+  /* M <= 64 */                                                                 \
+  X(1, 64, 64, 6, 1)                                                            \
+  /* large M: 128 activation rows x 128 channels, two consumer warpgroups */    \
+  X(2, 128, 128, 5, 2)
+
+namespace ditq::gemm {
+
+constexpr int kSm90TileBase = 100;  // tile ids >= this name the Hopper tables above
+constexpr int kSm90BK = 128;
+
+// Which Hopper tile runs a problem of M rows: the first rule with max_m >= M (-1 = any M). An entry of -1 for
+// a family hands that bucket to the mma.sync kernels (e.g. when split-K on the sm_80 path would serve a
+// memory-bound bucket better; the Hopper kernels do not split K).
+struct Sm90TileRule {
+  int max_m;
+  int w8_tile;  // index into DITQ_GEMM_SM90_W8_TILES, or -1
+  int w4_tile;  // index into DITQ_GEMM_SM90_W4_TILES, or -1
+};
+
+constexpr Sm90TileRule kSm90TileRules[] = {
+    {16, 0, 0},
+    {64, 0, 1},
+    {4096, 1, 2},
+    {-1, 2, 2},
+};
+
+constexpr int pick_sm90_tile(int m, bool w4) {
+  for (const Sm90TileRule& r : kSm90TileRules)
+    if (r.max_m < 0 || m <= r.max_m) return w4 ? r.w4_tile : r.w8_tile;
+  return -1;
+}
+
+#define DITQ_SM90_COUNT(...) +1
+constexpr int kSm90W8TileCount = 0 DITQ_GEMM_SM90_W8_TILES(DITQ_SM90_COUNT);
+constexpr int kSm90W4TileCount = 0 DITQ_GEMM_SM90_W4_TILES(DITQ_SM90_COUNT);
+#undef DITQ_SM90_COUNT
+
+// {BM, BN, BK, STAGES, CONSUMERS, THREADS, smem bytes} of Hopper tile `i` (W8 or W4 list); false if no such tile.
+constexpr int sm90_barrier_bytes(int stages) { return 2 * 8 * stages; }
+constexpr int sm90_smem_bytes(int bm, int bn, int stages, bool w4) {
+  // Tiles first (DITQ_DYNAMIC_SHARED is 1024-byte aligned, where the 128-byte swizzle's pattern starts; every
+  // stage's tiles are multiples of 1024 bytes), then the full / empty mbarriers.
+  return stages * (bm * kSm90BK + bn * (w4 ? kSm90BK / 2 : kSm90BK)) + sm90_barrier_bytes(stages);
+}
+
+// Whether the Hopper kernels can take a problem; when not, the mma.sync kernels (which also run on sm_90) do.
+// TMA needs 16-byte aligned global bases and row strides that are multiples of 16 bytes: K bytes for A and
+// W8 rows, K / 2 for W4 rows.
+constexpr bool sm90_accepts(int64_t K, bool w4, uintptr_t a, uintptr_t w) {
+  return K > 0 && a % 16 == 0 && w % 16 == 0 && K % 16 == 0 && (!w4 || (K / 2) % 16 == 0);
+}
+
+inline bool sm90_tile_shape(int i, bool w4, int (&out)[7]) {
+  int k = 0;
+#define DITQ_SM90_SHAPE(ID, BM, BN, ST, C)                                                       \
+  if (ID == i) {                                                                                 \
+    const int v[7] = {BM, BN, kSm90BK, ST, C, 128 * (1 + (C)), sm90_smem_bytes(BM, BN, ST, w4)}; \
+    for (k = 0; k < 7; ++k) out[k] = v[k];                                                       \
+    return true;                                                                                 \
+  }
+  if (w4) {
+    DITQ_GEMM_SM90_W4_TILES(DITQ_SM90_SHAPE)
+  } else {
+    DITQ_GEMM_SM90_W8_TILES(DITQ_SM90_SHAPE)
+  }
+#undef DITQ_SM90_SHAPE
+  return false;
+}
+
+}  // namespace ditq::gemm

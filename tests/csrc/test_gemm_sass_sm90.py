@@ -1,0 +1,129 @@
+"""The machine code of the Hopper GEMMs (csrc/gemm_sm90.cu), checked without a GPU: compiled here by nvcc for
+sm_90a and disassembled with the cuobjdump that ships in triton's wheel.
+
+Every kernel (Hopper tile x weight kind, every W4 group size) must use the int8 wgmma (IGMMA ... .S8.S8), TMA
+(UTMALDG) and mbarriers (SYNCS), no local memory (LDL / STL, spills), and the round-to-nearest-even output
+conversions. Its main loop (the innermost backward branch holding an IGMMA: the k loop) must keep a wgmma
+group in flight across its wait (WARPGROUP.DEPBAR.LE gsb0, 0x1): W8A8 never drains (no 0x0 in the loop);
+W4A8 drains once per stage at most, where a group ends and its partial is folded into the fp32 sums (see
+csrc/gemm_sm90.cuh for why). ptxas must not serialize the wgmmas (its C7514 warning). Registers, shared memory
+and the main loop's instructions per wgmma are printed (`pytest -s`) and kept in user_properties."""
+import collections
+import os
+import re
+import subprocess
+
+import pytest
+
+from ditq.kernels import aot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CSRC = os.path.join(ROOT, "csrc")
+RN_CONVERSIONS = {"F2FP.BF16.F32.PACK_AB", "F2FP.F16.F32.PACK_AB"}
+
+
+def sm90_tables():
+    """({id: (BM, BN, STAGES, CONSUMERS)} for W8, the same for W4) parsed from csrc/configs/gemm_tiles_sm90.h."""
+    text = open(os.path.join(CSRC, "configs", "gemm_tiles_sm90.h")).read()
+    out = []
+    for kind in ("W8", "W4"):
+        body = re.search(rf"#define DITQ_GEMM_SM90_{kind}_TILES\(X\)(.*?)\n\n", text, re.S).group(1)
+        rows = re.findall(r"X\((\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\)", body)
+        out.append({int(r[0]): tuple(int(v) for v in r[1:]) for r in rows})
+    return out
+
+
+def w4_group_sizes():
+    text = open(os.path.join(CSRC, "configs", "kernel_families.h")).read()
+    return [int(g) for g in re.findall(r"X\((\d+)\)", re.search(r"#define DITQ_W4_GROUP_SIZES\(X\)(.*)", text).group(1))]
+
+
+def kernel_key(name):
+    """('w8' | 'w4g<G>', (BM, BN, STAGES, CONSUMERS)) of a mangled Hopper kernel name, else None."""
+    m = re.search(r"gemm_(w8a8|w4a8)_sm90_kernelINS\w*?Sm90TileILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)EEE(?:Li(\d+)E)?", name)
+    if not m:
+        return None
+    shape = tuple(int(v) for v in m.groups()[1:5])
+    return ("w8" if m.group(1) == "w8a8" else f"w4g{m.group(6)}"), shape
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    nvcc, cuobjdump = aot.nvcc_path(), aot.cuobjdump_path()
+    if nvcc is None:
+        pytest.skip("nvcc not found (set CUDA_HOME): cannot compile csrc/gemm_sm90.cu")
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (it ships in triton's wheel, or pip install nvidia-cuda-cuobjdump)")
+    cubin = str(tmp_path_factory.mktemp("gemm_sass_sm90") / "gemm_sm90.cubin")
+    r = subprocess.run([nvcc, "-cubin", "-arch=sm_90a", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-I", CSRC,
+                        "-Xptxas", "-v", os.path.join(CSRC, "gemm_sm90.cu"), "-o", cubin],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ptxas = {}  # mangled name -> (registers, spill bytes)
+    for m in re.finditer(r"Compiling entry function '(\S+)'.*?(\d+) bytes spill stores, (\d+) bytes spill "
+                         r"loads\s*\n.*?Used (\d+) registers", r.stderr, re.S):
+        ptxas[m.group(1)] = (int(m.group(4)), int(m.group(2)) + int(m.group(3)))
+    serialized = set(re.findall(r"C7514\).*?in the function '(\S+)'", r.stderr))
+    sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    return aot.sass_functions(sass), ptxas, serialized
+
+
+def _op(op, operands):
+    """The whole opcode: aot's parser stops at the lowercase 'x' of a shape ('IGMMA.64' + 'x16x32.S8.S8 R24, ...')."""
+    return op + operands.split()[0] if operands.startswith("x") else op
+
+
+def _depbar(ops_with_operands):
+    """Counter of the pending-group counts of the WARPGROUP.DEPBAR.LE gsb0 waits in an instruction list."""
+    out = collections.Counter()
+    for _, op, operands in ops_with_operands:
+        if op.startswith("WARPGROUP.DEPBAR"):
+            out[int(re.search(r"0x([0-9a-f]+)", operands).group(1), 16)] += 1
+    return out
+
+
+def test_gemm_sass_sm90(compiled, request):
+    funcs, ptxas, serialized = compiled
+    w8, w4 = sm90_tables()
+    kernels = {kernel_key(n): n for n in funcs if kernel_key(n)}
+    expected = {("w8", s) for s in w8.values()} | {(f"w4g{g}", s) for s in w4.values() for g in w4_group_sizes()}
+    assert set(kernels) == expected, f"kernels compiled {sorted(kernels)} != tables {sorted(expected)}"
+    report = []
+    for (kind, shape), name in sorted(kernels.items()):
+        ins = funcs[name]
+        ops = collections.Counter(_op(op, operands) for _, op, operands in ins)
+        bm, bn, stages, consumers = shape
+        what = f"sm_90a {kind} {bm}x{bn} ({stages} stages, {consumers} consumer warpgroups)"
+        igmma = {o: v for o, v in ops.items() if o.startswith("IGMMA")}
+        # W8: one warpgroup's 64 x BN per wgmma; W4 (transposed): 64 channels x BM activation rows
+        n = bn if kind == "w8" else bm
+        assert set(igmma) <= {f"IGMMA.64x{n}x32.S8.S8"} and igmma, f"{what}: wgmma ops {igmma}"
+        assert ops["UTMALDG.2D"] > 0, f"{what}: no TMA load (UTMALDG.2D): {sorted(o for o in ops if 'TMA' in o)}"
+        assert any(o.startswith("SYNCS") for o in ops), f"{what}: no mbarrier instruction (SYNCS)"
+        assert ops["LDL"] == 0 and ops["STL"] == 0, f"{what}: local memory (LDL {ops['LDL']}, STL {ops['STL']})"
+        conv = {o for o in ops if o.split(".")[0] in ("F2F", "F2FP")}
+        assert conv == RN_CONVERSIONS, f"{what}: output conversions {conv}, expected exactly {RN_CONVERSIONS}"
+        regs, spill = ptxas[name]
+        assert spill == 0, f"{what}: {spill} bytes of spills"
+        assert name not in serialized, f"{what}: ptxas serialized the wgmmas (C7514)"
+        loop = aot.main_loop(ins)
+        lops = collections.Counter(_op(op, operands) for _, op, operands in loop)
+        loop_igmma = sum(v for o, v in lops.items() if o.startswith("IGMMA"))
+        assert loop_igmma == 4, f"{what}: {loop_igmma} wgmma in the main loop, expected 4 (BK = 128 per stage)"
+        waits = _depbar(loop)
+        assert waits[1] >= 1, f"{what}: the main loop never keeps a wgmma group in flight: waits {dict(waits)}"
+        if kind == "w8":
+            assert waits[0] == 0, f"{what}: the main loop drains the wgmma pipeline (DEPBAR 0x0): {dict(waits)}"
+        else:
+            assert waits[0] <= 1, f"{what}: the main loop drains more than once per stage: {dict(waits)}"
+        assert lops["LDSM.16.M88.4"] + lops["LDSM.16.M88.2"] == (0 if kind == "w8" else 2 if kind != "w4g32" else 4)
+        row = dict(kind=kind, BM=bm, BN=bn, stages=stages, consumers=consumers, registers=regs,
+                   smem=stages * (bm * 128 + bn * (128 if kind == "w8" else 64)) + 16 * stages,
+                   loop_instructions=len(loop), loop_wgmma=loop_igmma, per_wgmma=round(len(loop) / loop_igmma, 2),
+                   waits={f"0x{k}": v for k, v in sorted(waits.items())}, mix=dict(lops.most_common(8)))
+        report.append(row)
+        request.node.user_properties.append((f"{kind}_{bm}x{bn}", row))
+    print("\nsm_90a: kind    BMxBN    st  WG regs   smem  loop  /wgmma  waits  (main-loop mix)")
+    for r in report:
+        print(f"sm_90a: {r['kind']:<7} {r['BM']:>3}x{r['BN']:<4} {r['stages']:>2} {r['consumers']:>3} {r['registers']:>4} "
+              f"{r['smem']:>6} {r['loop_instructions']:>5} {r['per_wgmma']:>7}  {r['waits']}  {r['mix']}")

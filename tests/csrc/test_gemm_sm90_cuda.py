@@ -1,0 +1,91 @@
+"""The Hopper GEMMs (csrc/gemm_sm90.cu) on a real sm_90 GPU: exact against the integer reference at ragged
+shapes, every Hopper tile and W4 group size, and bit for bit equal to the same kernels run by the emulator.
+Skipped without an sm_90 GPU and a build with sm_90a code; benchmarks/gpu_suite.sh runs them (pytest -m cuda)."""
+import pytest
+import torch
+
+from ditq import backends
+from ditq.format import WeightFormat
+from ditq.quant import reference as ref
+from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8, random_int4, random_int8
+
+pytestmark = pytest.mark.cuda
+BASE = 100  # kSm90TileBase, csrc/configs/gemm_tiles_sm90.h
+W8_TILES = (100, 101, 102)
+W4_TILES = (100, 101, 102)
+GROUPS = (32, 64, 128, 256)
+
+
+@pytest.fixture(scope="module")
+def cb():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU (H100 / H200)")
+    for name, dev in (("cuda", "cuda"), ("cuda-emulated", "cpu")):
+        reason = backends.unavailable_reason(name, dev)
+        if reason is not None:
+            pytest.skip(f"backend {name!r} unavailable on {dev}: {reason}")
+    from ditq.backends import cuda_backend
+    return cuda_backend
+
+
+def _inputs(m, n, k, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = random_int8(m, k, generator=g)
+    sa = (torch.rand(m, generator=g) * 0.02 + 1e-3).float()
+    b = (torch.randn(n, generator=g) * 4).float()
+    if group is None:
+        return a, sa, random_int8(n, k, low=-128, generator=g), (torch.rand(n, generator=g) * 0.01).float(), b
+    return a, sa, random_int4(n, k, generator=g), (torch.rand(k // group, n, generator=g) * 0.05).float(), b
+
+
+def _run(cb, backend, device, a, sa, w, sw, b, group, dtype, tile):
+    be = backends.get_backend(backend, device)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    with cb.gemm_tile(tile):
+        if device == "cuda":  # a NaN block of the output's size for the op's allocation to get back
+            torch.full((a.shape[0], w.shape[0]), float("nan"), dtype=dtype, device="cuda")
+        if group is None:
+            pw, ps = be.prepare_weight(WeightFormat(8), w, sw)
+            return torch.ops.ditq.gemm_w8a8(to(a), to(sa), to(pw), to(ps), to(b), dtype, backend).cpu()
+        pw, ps = be.prepare_weight(WeightFormat(4, group), ref.pack_int4(w), sw)
+        return torch.ops.ditq.gemm_w4a8(to(a), to(sa), to(pw), to(ps), to(b), group, dtype, backend).cpu()
+
+
+@pytest.mark.parametrize("tile", W8_TILES)
+@pytest.mark.parametrize("shape", ((1, 9, 80), (70, 131, 1040), (300, 1152, 1152)))
+def test_w8a8_sm90_exact_and_equal_to_emulator(cb, tile, shape):
+    m, n, k = shape
+    a, sa, w, sw, b = _inputs(m, n, k, None, seed=m + tile)
+    for dtype in (torch.float32, torch.bfloat16):
+        y = _run(cb, "cuda", "cuda", a, sa, w, sw, b, None, dtype, tile)
+        assert_gemm_w8a8(y, a, sa, w, sw, b, what=f"sm_90 W8A8 tile {tile} {shape} {dtype}")
+        if m * n * k <= 70 * 131 * 1040:  # the emulator is slow
+            from ditq.emulator import emulator_options
+            with emulator_options(arch="sm_90a"):
+                ye = _run(cb, "cuda-emulated", "cpu", a, sa, w, sw, b, None, dtype, tile)
+            assert torch.equal(y.view(torch.int8), ye.view(torch.int8)), "GPU and emulator differ"
+
+
+@pytest.mark.parametrize("tile", W4_TILES)
+@pytest.mark.parametrize("group", GROUPS)
+def test_w4a8_sm90_exact_and_equal_to_emulator(cb, tile, group):
+    k = {32: 96, 64: 320, 128: 1152, 256: 1280}[group]
+    for m, n in ((1, 9), (33, 67), (200, 1152)):
+        a, sa, q, ss, b = _inputs(m, n, k, group, seed=m + group + tile)
+        y = _run(cb, "cuda", "cuda", a, sa, q, ss, b, group, torch.bfloat16, tile)
+        assert_gemm_w4a8(y, a, sa, q, ss, group, b, what=f"sm_90 W4A8 g{group} tile {tile} {(m, n, k)}")
+        if m * n <= 33 * 67:
+            from ditq.emulator import emulator_options
+            with emulator_options(arch="sm_90a"):
+                ye = _run(cb, "cuda-emulated", "cpu", a, sa, q, ss, b, group, torch.bfloat16, tile)
+            assert torch.equal(y.view(torch.int16), ye.view(torch.int16)), "GPU and emulator differ"
+
+
+def test_automatic_choice_runs_on_sm90(cb):
+    """No tile forced: the binding's own choice on sm_90 (the Hopper kernels) is exact at a DiT-like shape."""
+    a, sa, w, sw, b = _inputs(512, 1152, 1152, None, seed=3)
+    y = _run(cb, "cuda", "cuda", a, sa, w, sw, b, None, torch.bfloat16, None)
+    assert_gemm_w8a8(y, a, sa, w, sw, b)
+    a, sa, q, ss, b = _inputs(512, 1152, 1152, 128, seed=4)
+    y = _run(cb, "cuda", "cuda", a, sa, q, ss, b, 128, torch.bfloat16, None)
+    assert_gemm_w4a8(y, a, sa, q, ss, 128, b)

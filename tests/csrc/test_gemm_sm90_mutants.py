@@ -1,0 +1,143 @@
+"""Planted bugs in the Hopper GEMMs (csrc/gemm_sm90.cuh) that the emulator must catch: a copy of csrc/ with one
+edit, a small probe library (g++, no torch) running one W8A8 and one W4A8 (G = 32) kernel through more k tiles
+than the ring has stages, against the unmutated build.
+
+| planted bug                                                   | caught by                                   |
+| W8A8 releases the stage its in-flight wgmmas still read       | `race`: the refill's TMA vs the pending wgmma |
+| W4A8 waits for one wgmma group too few before folding         | wrong results (lazy wgmma landing)          |
+| the producer expects fewer bytes than its two TMA boxes bring | `deadlock` naming the waiting mbarrier      |
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from ditq.testing import random_int8
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CSRC = os.path.join(ROOT, "csrc")
+
+PROBE = r"""
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include "gemm_sm90_host.h"
+using namespace ditq;
+using namespace ditq::gemm;
+using namespace ditq::gemm::sm90;
+using T8 = Sm90Tile<64, 128, 6, 1>;
+using T4 = Sm90Tile<64, 64, 6, 1>;
+template <class T> void w8k(Sm90Params P) { DITQ_DYNAMIC_SHARED(uint8_t, smem); gemm_w8a8_sm90_body<T>(P, smem); }
+template <class T, int G> void w4k(Sm90Params P) { DITQ_DYNAMIC_SHARED(uint8_t, smem); gemm_w4a8_sm90_body<T, G>(P, smem); }
+extern "C" int run(int w4, int M, int N, int K, const void* a, const float* sa, const void* w, const float* sw,
+                   float* out, int landing, char* err, int errlen) {
+  GemmParams p{};
+  p.a = static_cast<const int8_t*>(a); p.a_scale = sa; p.a_scale_per_token = 1; p.w = w; p.w_scale = sw;
+  p.out = out; p.out_dtype = DType::kF32; p.M = M; p.N = N; p.K = K; p.splits = 1;
+  emu::Options o;
+  o.race_check = true;
+  o.order = emu::Order::Random;
+  o.seed = 1;
+  o.async_landing = landing ? emu::AsyncLanding::Wait : emu::AsyncLanding::Issue;
+  try {
+    Sm90Params P{};
+    P.p = p;
+    std::string e;
+    if (w4) {
+      if (!make_maps<T4>(P, true, &e)) throw std::runtime_error(e);
+      emu::launch(dim3((N + 63) / 64, (M + 63) / 64), dim3(T4::THREADS), sm90_smem_bytes(64, 64, 6, true), o,
+                  &w4k<T4, 32>, P);
+    } else {
+      if (!make_maps<T8>(P, false, &e)) throw std::runtime_error(e);
+      emu::launch(dim3((N + 127) / 128, (M + 63) / 64), dim3(T8::THREADS), sm90_smem_bytes(64, 128, 6, false), o,
+                  &w8k<T8>, P);
+    }
+  } catch (const std::exception& ex) {
+    std::strncpy(err, ex.what(), errlen - 1);
+    return 1;
+  }
+  return 0;
+}
+"""
+
+MUTANTS = {
+    "early_release": ("if (kt > 0) ptx::mbarrier_arrive(ring.empty + (kt - 1) % T::STAGES);",
+                      "ptx::mbarrier_arrive(ring.empty + kt % T::STAGES);"),
+    "fold_in_flight": ("else ptx::wgmma_wait_group<1>();", "else ptx::wgmma_wait_group<2>();"),
+    "short_expect_tx": ("ptx::mbarrier_arrive_expect_tx(ring.full + s, Ring<T, W4>::TX);",
+                        "ptx::mbarrier_arrive_expect_tx(ring.full + s, Ring<T, W4>::TX - 16);"),
+}
+
+
+def _build(tmp, mutant):
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no host C++ compiler ({cxx})")
+    src = tmp / (mutant or "clean")
+    shutil.copytree(CSRC, src)
+    if mutant:
+        old, new = MUTANTS[mutant]
+        text = (src / "gemm_sm90.cuh").read_text()
+        assert text.count(old) == 1, f"{old!r} is not (once) in csrc/gemm_sm90.cuh: update the mutant"
+        (src / "gemm_sm90.cuh").write_text(text.replace(old, new))
+    (src / "probe.cpp").write_text(PROBE)
+    lib = str(src / "probe.so")
+    r = subprocess.run([cxx, "-O1", "-std=c++17", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas", "-w", "-shared", "-fPIC",
+                        "-I", str(src), str(src / "probe.cpp"), "-o", lib], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return ctypes.CDLL(lib)
+
+
+def _inputs(w4):
+    g = torch.Generator().manual_seed(7 + w4)
+    m, n, k = (33, 70, 7 * 128) if not w4 else (33, 70, 7 * 128 - 32)  # 7 k tiles through a 6-stage ring
+    a = random_int8(m, k, generator=g)
+    sa = torch.rand(m, generator=g) * 0.01 + 1e-3
+    if w4:
+        w = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+        sw = torch.rand(k // 32, n, generator=g) * 0.01 + 1e-4
+    else:
+        w = random_int8(n, k, generator=g)
+        sw = torch.rand(n, generator=g) * 0.01 + 1e-4
+    return m, n, k, a, sa.float(), w, sw.float()
+
+
+def _run(lib, w4, landing):
+    m, n, k, a, sa, w, sw = _inputs(w4)
+    out = torch.full((m, n), float("nan"))
+    err = ctypes.create_string_buffer(2000)
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    rc = lib.run(w4, m, n, k, ptr(a), ptr(sa), ptr(w), ptr(sw), ptr(out), landing, err, 2000)
+    return out, (err.value.decode() if rc else None)
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    lib = _build(tmp_path_factory.mktemp("sm90_clean"), None)
+    return {(w4, landing): _run(lib, w4, landing) for w4 in (0, 1) for landing in (0, 1)}
+
+
+def test_clean_build_runs(clean):
+    for (w4, landing), (out, err) in clean.items():
+        assert err is None, err
+        assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("mutant", sorted(MUTANTS))
+def test_mutant_is_caught(clean, mutant, tmp_path):
+    lib = _build(tmp_path, mutant)
+    w4 = 1 if mutant == "fold_in_flight" else 0
+    caught = []
+    for landing in (0, 1):
+        out, err = _run(lib, w4, landing)
+        caught.append(err or (None if torch.equal(out, clean[(w4, landing)][0]) else "wrong results"))
+    print(f"\n{mutant}: issue-landing {caught[0]!s:.300}\n{mutant}: lazy-landing {caught[1]!s:.300}")
+    assert any(caught), f"{mutant}: not caught in either landing mode"
+    if mutant == "early_release":
+        assert any(c and "[race]" in c and "gemm_sm90.cuh" in c for c in caught), caught
+    if mutant == "short_expect_tx":
+        assert any(c and "[deadlock]" in c for c in caught), caught
