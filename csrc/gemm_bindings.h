@@ -322,10 +322,10 @@ inline void check_fused(const char* op, GemmParams& p, FusedInputs& keep, const 
   p.fused = f;
 }
 
-inline at::Tensor gemm_w8a8(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
-                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                            at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
-  const char* op = "gemm_w8a8";
+// The weight checks of the W8 and W4 GEMMs (plain and fused alike), then check_common: the launch
+// parameters with a, w and their scales filled in.
+inline GemmParams check_w8(const char* op, const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                           const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, bool emulated) {
   TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, op, ": w must be int8, got ", w.scalar_type());
   TORCH_CHECK_VALUE(w.dim() == 2 && w.is_contiguous() && a.dim() == 2 && w.size(1) == a.size(1), op,
                     ": w must be a contiguous int8 [N, K] tensor with K = a.shape[1]");
@@ -334,13 +334,12 @@ inline at::Tensor gemm_w8a8(const at::Tensor& a, const at::Tensor& a_scale, cons
   TORCH_CHECK_VALUE(w_scale.dim() == 1 && w_scale.size(0) == n, op, ": w_scale must be float32 [N] = [", n, "]");
   p.w = w.data_ptr();
   p.w_scale = w_scale.data_ptr<float>();
-  return run(op, p, a, bias, out_dtype, 0, tile, splits, emulated);
+  return p;
 }
 
-inline at::Tensor gemm_w4a8(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
-                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t group_size,
-                            at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
-  const char* op = "gemm_w4a8";
+inline GemmParams check_w4(const char* op, const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                           const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t group_size,
+                           bool emulated) {
   TORCH_CHECK_VALUE(ditq::gemm::is_w4_group_size(group_size), op, ": group_size must be one of ",
                     group_sizes_text(), " (the sizes this build's kernels were compiled for), got ", group_size);
   TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": w must be uint8 (two int4 per byte), got ",
@@ -355,7 +354,21 @@ inline at::Tensor gemm_w4a8(const at::Tensor& a, const at::Tensor& a_scale, cons
   GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated);
   p.w = w.data_ptr();
   p.w_scale = w_scale.data_ptr<float>();
-  return run(op, p, a, bias, out_dtype, static_cast<int>(group_size), tile, splits, emulated);
+  return p;
+}
+
+inline at::Tensor gemm_w8a8(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                            at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
+  GemmParams p = check_w8("gemm_w8a8", a, a_scale, w, w_scale, bias, emulated);
+  return run("gemm_w8a8", p, a, bias, out_dtype, 0, tile, splits, emulated);
+}
+
+inline at::Tensor gemm_w4a8(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t group_size,
+                            at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
+  GemmParams p = check_w4("gemm_w4a8", a, a_scale, w, w_scale, bias, group_size, emulated);
+  return run("gemm_w4a8", p, a, bias, out_dtype, static_cast<int>(group_size), tile, splits, emulated);
 }
 
 inline at::Tensor gemm_w8a8_fused(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
@@ -364,14 +377,7 @@ inline at::Tensor gemm_w8a8_fused(const at::Tensor& a, const at::Tensor& a_scale
                                   int64_t rows_per_gate, const std::optional<at::Tensor>& out_scale,
                                   at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
   const char* op = "gemm_w8a8_fused";
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, op, ": w must be int8, got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() == 2 && w.is_contiguous() && a.dim() == 2 && w.size(1) == a.size(1), op,
-                    ": w must be a contiguous int8 [N, K] tensor with K = a.shape[1]");
-  const int64_t n = w.size(0);
-  GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated);
-  TORCH_CHECK_VALUE(w_scale.dim() == 1 && w_scale.size(0) == n, op, ": w_scale must be float32 [N] = [", n, "]");
-  p.w = w.data_ptr();
-  p.w_scale = w_scale.data_ptr<float>();
+  GemmParams p = check_w8(op, a, a_scale, w, w_scale, bias, emulated);
   out_dtype_of(out_dtype);  // the dtype check first: residual is compared with it
   FusedInputs keep;
   check_fused(op, p, keep, a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, emulated);
@@ -385,20 +391,7 @@ inline at::Tensor gemm_w4a8_fused(const at::Tensor& a, const at::Tensor& a_scale
                                   const std::optional<at::Tensor>& out_scale, at::ScalarType out_dtype,
                                   int64_t tile, int64_t splits, bool emulated) {
   const char* op = "gemm_w4a8_fused";
-  TORCH_CHECK_VALUE(ditq::gemm::is_w4_group_size(group_size), op, ": group_size must be one of ",
-                    group_sizes_text(), " (the sizes this build's kernels were compiled for), got ", group_size);
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": w must be uint8 (two int4 per byte), got ",
-                   w.scalar_type());
-  TORCH_CHECK_VALUE(w_scale.dim() == 2, op, ": w_scale must be float32 [K // group_size, N]");
-  const int64_t n = w_scale.size(1), k = a.dim() == 2 ? a.size(1) : -1;
-  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == n && w.size(1) * 2 == k && w.is_contiguous(), op,
-                    ": w must be a contiguous uint8 [N, K // 2] = [", n, ", ", k / 2, "] tensor in the CUDA "
-                    "split-nibble layout (ditq.backends.cuda_layout), got shape ", w.sizes());
-  TORCH_CHECK_VALUE(k % group_size == 0 && w_scale.size(0) == k / group_size, op, ": K = ", k,
-                    " must be a multiple of group_size ", group_size, " and w_scale [K // group_size, N]");
-  GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated);
-  p.w = w.data_ptr();
-  p.w_scale = w_scale.data_ptr<float>();
+  GemmParams p = check_w4(op, a, a_scale, w, w_scale, bias, group_size, emulated);
   out_dtype_of(out_dtype);
   FusedInputs keep;
   check_fused(op, p, keep, a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, emulated);
