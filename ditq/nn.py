@@ -84,6 +84,9 @@ class QuantLinear(nn.Module):
 
         ``act_scale``: the calibrated static scale (float32 [1], or a float), required for ``act_scheme="static"``.
         ``backend``: overrides ``cfg.backend``; "auto" resolves on the weight's device (and again after a move).
+        The weights are rounded to nearest whatever ``cfg.weight_method`` says: "mse" and "gptq" need the layer's
+        calibration data and are applied by :func:`ditq.quantize`, which re-rounds the layer afterwards (and reports
+        the round-to-nearest baseline this gives it).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
