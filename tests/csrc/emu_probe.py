@@ -31,25 +31,31 @@ def _sources():
     return [SOURCE, os.path.join(CSRC, "ptx.cuh")] + sorted(glob.glob(os.path.join(CSRC, "emu", "*.h")))
 
 
-def build() -> str:
+def build_library(source: str, sources, stem: str, extra_flags=(), what: str = "the emulator probes") -> str:
+    """g++ ``source`` into ``<tmp>/ditq_emu_probe/<stem>_<hash of sources>.so`` (built once, reused while the
+    sources are unchanged) and return its path; skips the caller if there is no host compiler."""
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
-        pytest.skip(f"no host C++ compiler ({cxx}) to build the emulator probes")
+        pytest.skip(f"no host C++ compiler ({cxx}) to build {what}")
     h = hashlib.sha256()
-    for path in _sources():
+    for path in sources:
         with open(path, "rb") as f:
             h.update(f.read())
     out_dir = os.path.join(tempfile.gettempdir(), "ditq_emu_probe")
     os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, f"libemu_probe_{h.hexdigest()[:16]}.so")
+    out = os.path.join(out_dir, f"{stem}_{h.hexdigest()[:16]}.so")
     if not os.path.exists(out):
         tmp = f"{out}.{os.getpid()}.tmp"
-        cmd = [cxx, "-O1", "-std=c++17", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas", "-shared", "-fPIC",
-               "-I", CSRC, SOURCE, "-o", tmp]
+        cmd = [cxx, "-O1", "-std=c++17", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas", *extra_flags, "-shared",
+               "-fPIC", "-I", CSRC, source, "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, f"building the emulator probes failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
+        assert r.returncode == 0, f"building {what} failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
         os.replace(tmp, out)  # atomic: parallel test workers never load a half-written library
     return out
+
+
+def build() -> str:
+    return build_library(SOURCE, _sources(), "libemu_probe")
 
 
 def load():

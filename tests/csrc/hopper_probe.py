@@ -4,13 +4,10 @@ through ctypes. Loaded by path from the tests. Skips the caller if there is no h
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import glob
-import hashlib
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 
 import numpy as np
 import pytest
@@ -19,6 +16,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(ROOT, "csrc")
 SOURCE = os.path.join(HERE, "hopper_probe.cpp")
+
+# the shared probe-library builder (loaded by path, as the tests load these modules)
+_spec = importlib.util.spec_from_file_location("emu_probe", os.path.join(HERE, "emu_probe.py"))
+_emu_probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_emu_probe)
 
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
 LANDING = {"issue": 0, "wait": 1}
@@ -41,25 +43,10 @@ def _sources():
 
 
 def build() -> str:
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        pytest.skip(f"no host C++ compiler ({cxx}) to build the emulator probes")
-    h = hashlib.sha256()
-    for path in _sources():
-        with open(path, "rb") as f:
-            h.update(f.read())
-    out_dir = os.path.join(tempfile.gettempdir(), "ditq_emu_probe")
-    os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, f"libhopper_probe_{h.hexdigest()[:16]}.so")
-    if not os.path.exists(out):
-        tmp = f"{out}.{os.getpid()}.tmp"
-        # hidden visibility: the emulator's inline state stays private to this library (see hopper_probe.cpp)
-        cmd = [cxx, "-O1", "-std=c++17", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas", "-Wno-psabi", "-shared",
-               "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-I", CSRC, SOURCE, "-o", tmp]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, f"building the Hopper probes failed:\n{' '.join(cmd)}\n{r.stderr[-4000:]}"
-        os.replace(tmp, out)  # atomic: parallel test workers never load a half-written library
-    return out
+    # hidden visibility: the emulator's inline state stays private to this library (see hopper_probe.cpp)
+    return _emu_probe.build_library(SOURCE, _sources(), "libhopper_probe",
+                                    ("-Wno-psabi", "-fvisibility=hidden", "-fvisibility-inlines-hidden"),
+                                    "the Hopper probes")
 
 
 def load():
