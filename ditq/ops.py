@@ -53,6 +53,17 @@ out_dtype, backend) -> y``
     steps 2-5 are otherwise the same IEEE operations on every backend.
     A backend without these kernels leaves ``KernelOps.gemm_w8a8_fused`` / ``gemm_w4a8_fused`` None and its
     generic op raises NotImplementedError: callers then run the plain ops and the epilogue themselves.
+
+    Float activations: ``a`` may also be float16 / bfloat16 / float32 [M, K] (contiguous, the same K rules)
+    **when ``a_scale`` is a static float32 [1]**. The kernel then quantizes ``a`` as it loads it, exactly as
+    ``quantize_act(a, a_scale)`` does (``q = clamp(rint(x_fp32 * (1 / s)), -127, 127)``, NaN -> 0,
+    +-inf -> +-127: the same rounding helper), so the result equals ``quantize_act`` followed by the fused op
+    on int8 ``a`` bit for bit, every epilogue piece included. This makes a float input such as adaLN's
+    ``silu(emb)`` one op instead of two (for a few rows, re-quantizing A in every N tile costs nothing). A float
+    ``a`` with per-token scales [M] is a ValueError (dynamic scales need the whole row first: run
+    ``quantize_act``). ``KernelOps.fused_gemm_float_a`` says whether a backend's fused GEMMs do this (torch
+    and triton); where it is False (cuda, cuda-emulated: their kernels load A as int8) the generic op raises
+    NotImplementedError for a float ``a`` and callers quantize it first (``QuantLinear.forward_fused`` does).
 """
 from __future__ import annotations
 
@@ -63,6 +74,8 @@ from .backends import KernelOps
 from .quant.reference import MAX_K
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT8 = (torch.int8,)
+_FUSED_A_DTYPES = (torch.int8,) + _FLOAT_DTYPES  # the fused GEMMs also quantize a float ``a`` on load
 
 SCHEMAS = {
     "quantize_act": "(Tensor x, Tensor? scale{backend}) -> (Tensor, Tensor)",
@@ -165,9 +178,9 @@ def check_norm_modulate_quantize(x, shift, scale, eps, act_scale) -> None:
     _same_device(x, shift=shift, scale=scale, act_scale=act_scale)
 
 
-def check_gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype) -> None:
-    if not isinstance(a, torch.Tensor) or a.dtype != torch.int8 or a.dim() != 2:
-        raise _bad_tensor("a", a, (torch.int8,), 2)
+def check_gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype, a_dtypes=_INT8) -> None:
+    if not isinstance(a, torch.Tensor) or a.dtype not in a_dtypes or a.dim() != 2:
+        raise _bad_tensor("a", a, a_dtypes, 2)
     if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 2:
         raise _bad_tensor("w", w, (torch.int8,), 2)
     if not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32:
@@ -185,9 +198,9 @@ def check_gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype) -> None:
     _check_epilogue(a, a_scale, w, w_scale, bias, out_dtype, m, n)
 
 
-def check_gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype) -> None:
-    if not isinstance(a, torch.Tensor) or a.dtype != torch.int8 or a.dim() != 2:
-        raise _bad_tensor("a", a, (torch.int8,), 2)
+def check_gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype, a_dtypes=_INT8) -> None:
+    if not isinstance(a, torch.Tensor) or a.dtype not in a_dtypes or a.dim() != 2:
+        raise _bad_tensor("a", a, a_dtypes, 2)
     if not isinstance(w, torch.Tensor) or w.dtype != torch.uint8 or w.dim() != 2:
         raise _bad_tensor("w", w, (torch.uint8,), 2)
     if not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32 or w_scale.dim() != 2:
@@ -246,15 +259,26 @@ def _check_fused(a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, m
     _same_device(a, gate=gate, residual=residual, out_scale=out_scale)
 
 
+def float_a_needs_static_scale(a_scale) -> ValueError:
+    """The refusal of a float ``a`` with per-token scales (the Triton launchers raise the same words)."""
+    return ValueError(f"a float activation needs a static a_scale, float32 [1] (the fused GEMM quantizes it as it "
+                      f"loads it), got shape {tuple(a_scale.shape)}: quantize it with quantize_act for per-token "
+                      f"scales")
+
+
 def check_gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale,
                           out_dtype) -> None:
-    check_gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype)
+    check_gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype, _FUSED_A_DTYPES)
+    if a.dtype != torch.int8 and a_scale.shape != (1,):
+        raise float_a_needs_static_scale(a_scale)
     _check_fused(a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, a.shape[0], w.shape[0])
 
 
 def check_gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate, out_scale,
                           out_dtype) -> None:
-    check_gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype)
+    check_gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype, _FUSED_A_DTYPES)
+    if a.dtype != torch.int8 and a_scale.shape != (1,):
+        raise float_a_needs_static_scale(a_scale)
     _check_fused(a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, a.shape[0], w_scale.shape[1])
 
 
@@ -334,17 +358,26 @@ def _norm_modulate_quantize(x, shift, scale, eps, act_scale, backend: str):
     return backends.get_backend(backend, x.device).norm_modulate_quantize(x, shift, scale, eps, act_scale)
 
 
+def _fused_backend(a, backend: str):
+    """The backend of a fused GEMM; a float ``a`` is refused here, before any kernel (a C++ one included) sees
+    it, where the backend's fused kernels load A as int8 only (``KernelOps.fused_gemm_float_a``)."""
+    b = backends.get_backend(backend, a.device)
+    if a.dtype in _FLOAT_DTYPES and not b.kernel_ops().fused_gemm_float_a:
+        raise NotImplementedError(f"backend {b.name!r}: its fused GEMMs load A as int8 and take no float "
+                                  f"activation ({_dtype_name(a.dtype)}); quantize it with quantize_act first")
+    return b
+
+
 def _gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, rows_per_gate, out_scale, out_dtype,
                      backend: str):
-    return backends.get_backend(backend, a.device).gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate,
-                                                                   residual, rows_per_gate, out_scale, out_dtype)
+    return _fused_backend(a, backend).gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual,
+                                                      rows_per_gate, out_scale, out_dtype)
 
 
 def _gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate, out_scale,
                      out_dtype, backend: str):
-    return backends.get_backend(backend, a.device).gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu,
-                                                                   gate, residual, rows_per_gate, out_scale,
-                                                                   out_dtype)
+    return _fused_backend(a, backend).gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate,
+                                                      residual, rows_per_gate, out_scale, out_dtype)
 
 
 for _name, _fn in (("quantize_act", _quantize_act), ("gemm_w8a8", _gemm_w8a8), ("gemm_w4a8", _gemm_w4a8),

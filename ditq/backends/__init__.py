@@ -97,6 +97,10 @@ class KernelOps(NamedTuple):
     # GEMMs with a fused epilogue (GELU, gate, residual, int8 output; the contract in :mod:`ditq.ops`)
     gemm_w8a8_fused: Optional[Callable] = None
     gemm_w4a8_fused: Optional[Callable] = None
+    # Whether those fused GEMMs also take a float ``a`` with a static ``a_scale`` and quantize it as they load it
+    # (the contract in :mod:`ditq.ops`); a backend whose kernels load A as int8 only leaves it False, and
+    # callers then run ``quantize_act`` first.
+    fused_gemm_float_a: bool = False
 
 
 class Backend:

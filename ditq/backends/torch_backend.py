@@ -49,9 +49,11 @@ def _gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, resid
 
 @lru_cache(maxsize=None)
 def _kernel_ops():
+    # the reference fused GEMMs quantize a float ``a`` with the reference quantize_act (ditq.ops's contract)
     return define_kernel_ops("torch", {"quantize_act": _quantize_act, "gemm_w8a8": _gemm_w8a8,
                                        "gemm_w4a8": _gemm_w4a8, "norm_modulate_quantize": _norm_modulate_quantize,
-                                       "gemm_w8a8_fused": _gemm_w8a8_fused, "gemm_w4a8_fused": _gemm_w4a8_fused})
+                                       "gemm_w8a8_fused": _gemm_w8a8_fused, "gemm_w4a8_fused": _gemm_w4a8_fused}
+                             )._replace(fused_gemm_float_a=True)
 
 
 class TorchBackend(Backend):

@@ -286,14 +286,21 @@ def gemm_epilogue(y: torch.Tensor, gelu: bool = False, gate: Optional[torch.Tens
 
 def gemm_w8a8_fused(a, a_scale, w, w_scale, bias=None, gelu: bool = False, gate=None, residual=None,
                     rows_per_gate: int = 1, out_scale=None, out_dtype=torch.float32):
-    """:func:`gemm_w8a8` (its fp32 result, before the cast) followed by :func:`gemm_epilogue`."""
+    """:func:`gemm_w8a8` (its fp32 result, before the cast) followed by :func:`gemm_epilogue`. A float ``a``
+    (with a static ``a_scale`` [1]) is first quantized exactly as ``quantize_act`` does: that is the contract of
+    the fused kernels that quantize A as they load it."""
+    if a.is_floating_point():
+        a = quantize_with_scale(a, a_scale, INT8_QMAX)
     y = gemm_w8a8(a, a_scale, w, w_scale, bias, torch.float32)
     return gemm_epilogue(y, gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
 
 
 def gemm_w4a8_fused(a, a_scale, w_q, w_scales, group_size: int, bias=None, gelu: bool = False, gate=None,
                     residual=None, rows_per_gate: int = 1, out_scale=None, out_dtype=torch.float32):
-    """:func:`gemm_w4a8` (unpacked int4 values ``w_q``, its fp32 result) followed by :func:`gemm_epilogue`."""
+    """:func:`gemm_w4a8` (unpacked int4 values ``w_q``, its fp32 result) followed by :func:`gemm_epilogue`; a
+    float ``a`` is quantized first, as in :func:`gemm_w8a8_fused`."""
+    if a.is_floating_point():
+        a = quantize_with_scale(a, a_scale, INT8_QMAX)
     y = gemm_w4a8(a, a_scale, w_q, w_scales, group_size, bias, torch.float32)
     return gemm_epilogue(y, gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
 
