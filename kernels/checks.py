@@ -12,6 +12,7 @@ from typing import Iterable, Optional, Tuple
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FUSED_A_DTYPES = (torch.int8,) + FLOAT_DTYPES  # the fused GEMMs' A: int8, or float quantized on load
 
 
 def _dtype_names(dtypes) -> str:
@@ -39,6 +40,15 @@ def tensor(name: str, t, dtypes: Tuple[torch.dtype, ...], shape: Optional[tuple]
         # the kernels index with the logical shape's row-major strides, so a view would be read wrongly
         raise ValueError(f"{name} must be contiguous (call .contiguous() first), got strides {t.stride()}")
     return t
+
+
+def static_scale_for_float_a(a: torch.Tensor, a_scale: torch.Tensor) -> None:
+    """A fused GEMM quantizes a float ``a`` as it loads it, tile by tile, so only with a static scale [1]
+    (per-token scales need each whole row first). The words of ``ditq.ops.float_a_needs_static_scale``."""
+    if a.dtype != torch.int8 and tuple(a_scale.shape) != (1,):
+        raise ValueError(f"a float activation needs a static a_scale, float32 [1] (the fused GEMM quantizes it "
+                         f"as it loads it), got shape {tuple(a_scale.shape)}: quantize it with quantize_act for "
+                         f"per-token scales")
 
 
 def same_device(ref_name: str, ref: torch.Tensor, **others) -> None:

@@ -73,7 +73,20 @@ def quantize_row(x, s_ptr, static_scale_ptr, row, PER_TOKEN: tl.constexpr, INTER
         tl.store(s_ptr + row, s)
     else:
         s = tl.load(static_scale_ptr)
-    inv = tl.math.div_rn(tl.full([], 1.0, tl.float32), s)
+    return quantize_scaled(x, inverse_scale(s), INTERPRET)
+
+
+@triton.jit
+def inverse_scale(s):
+    """``1 / s`` as an IEEE division (plain ``/`` would compile to the approximate ``div.full.f32``)."""
+    return tl.math.div_rn(tl.full([], 1.0, tl.float32), s)
+
+
+@triton.jit
+def quantize_scaled(x, inv, INTERPRET: tl.constexpr):
+    """int8 ``clamp(rint(x * inv), -127, 127)`` of fp32 ``x`` with ``inv`` from :func:`inverse_scale`, NaN -> 0:
+    the core of :func:`quantize_row`, shared with the GEMMs that quantize a float A tile as they load it
+    (``A_FLOAT``; they compute ``inv`` once per program, outside their K loop)."""
     y = x * inv
     y = tl.where(y == y, y, 0.0)  # NaN -> 0 before the clamp (PTX max.f32 would turn it into -127)
     y = tl.minimum(tl.maximum(y, -127.0), 127.0)  # +-inf clamp to +-127 like any large value

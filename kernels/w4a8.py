@@ -83,7 +83,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import checks, config_table, epilogue
+from . import checks, config_table, epilogue, quantize_act
 from .interpret import check_device, interpreting
 
 KERNEL_NAME = "w4a8"
@@ -254,9 +254,11 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                 SWAP_AB: tl.constexpr, UNPACK_ASM: tl.constexpr, INTERPRET: tl.constexpr,
                 HAS_GELU: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
-                HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False):
+                HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False, A_FLOAT: tl.constexpr = False):
     # Arguments in the launcher's (the runtime op's) order, as in w8a8_kernel; then the strides, the fused
     # epilogue's arguments (epilogue.store_tile; compiled out while its flags are off) and GROUP.
+    # A_FLOAT: a_ptr points to float A with a static a_scale; every A tile is quantized in registers exactly as
+    # quantize_act does before its dot (as in w8a8_kernel; compiled out when off).
     HB: tl.constexpr = BK // 2        # bytes of one row per step = k per half-dot
     HALF: tl.constexpr = PB // 2      # k distance between the low and the high nibble of a byte
     STEPS: tl.constexpr = PB // BK    # steps per pack block (static: unrolled)
@@ -286,6 +288,8 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         zero = tl.zeros((BM, BN), dtype=tl.int32)
     p = zero
+    if A_FLOAT:
+        inv = quantize_act.inverse_scale(tl.load(a_scale_ptr))  # the static scale, read once, outside the loop
 
     n_blocks = K // PB
     for blk in range(0, n_blocks):
@@ -293,8 +297,14 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
             p = zero
         for st in tl.static_range(STEPS):
             k_lo = blk * PB + st * HB  # first k of this step's low nibbles; bytes start at k_lo - blk*HALF
-            a_lo = tl.load(a_rows + (k_lo + offs_b)[None, :])
-            a_hi = tl.load(a_rows + (k_lo + HALF + offs_b)[None, :])
+            if A_FLOAT:
+                a_lo = tl.load(a_rows + (k_lo + offs_b)[None, :]).to(tl.float32)
+                a_hi = tl.load(a_rows + (k_lo + HALF + offs_b)[None, :]).to(tl.float32)
+                a_lo = quantize_act.quantize_scaled(a_lo, inv, INTERPRET)
+                a_hi = quantize_act.quantize_scaled(a_hi, inv, INTERPRET)
+            else:
+                a_lo = tl.load(a_rows + (k_lo + offs_b)[None, :])
+                a_hi = tl.load(a_rows + (k_lo + HALF + offs_b)[None, :])
             w_lo, w_hi = _load_unpack(w_ptr, rn, stride_wn, blk * HALF + st * HB, HB, BN, UNPACK_ASM)
             if CHAIN:  # both halves of the byte tile are in this block's group: one int32 partial
                 p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, p, SWAP_AB), SWAP_AB)
@@ -312,8 +322,14 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
         if K % PB != 0:  # odd number of groups: the last 32 k are a short block (k = j and j + 16)
             k0 = n_blocks * PB
             valid = offs_b < 16
-            a_lo = tl.load(a_rows + (k0 + offs_b)[None, :], mask=valid[None, :], other=0)
-            a_hi = tl.load(a_rows + (k0 + 16 + offs_b)[None, :], mask=valid[None, :], other=0)
+            if A_FLOAT:  # other=0.0 quantizes to 0, as the int8 path's other=0
+                a_lo = tl.load(a_rows + (k0 + offs_b)[None, :], mask=valid[None, :], other=0.0).to(tl.float32)
+                a_hi = tl.load(a_rows + (k0 + 16 + offs_b)[None, :], mask=valid[None, :], other=0.0).to(tl.float32)
+                a_lo = quantize_act.quantize_scaled(a_lo, inv, INTERPRET)
+                a_hi = quantize_act.quantize_scaled(a_hi, inv, INTERPRET)
+            else:
+                a_lo = tl.load(a_rows + (k0 + offs_b)[None, :], mask=valid[None, :], other=0)
+                a_hi = tl.load(a_rows + (k0 + 16 + offs_b)[None, :], mask=valid[None, :], other=0)
             w_lo, w_hi = _load_unpack(w_ptr, rn, stride_wn, n_blocks * HALF, HB, BN, UNPACK_ASM, 16)
             p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, zero, SWAP_AB), SWAP_AB)  # one group: one partial
             acc = _rescale(acc, p, tl.load(w_scale_ptr + (2 * n_blocks) * stride_sg + rn), SWAP_AB)  # group K/32 - 1
@@ -376,10 +392,10 @@ def describe() -> Dict:
             "interpreter": "interpreter" in archs}
 
 
-def _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype):
-    """The GEMM's own arguments; returns (M, N, K)."""
+def _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype, a_dtypes=(torch.int8,)):
+    """The GEMM's own arguments; returns (M, N, K). The fused GEMM also takes a float ``a`` (``a_dtypes``)."""
     pack_block(group_size)
-    checks.tensor("a", a, (torch.int8,), dim=2)
+    checks.tensor("a", a, a_dtypes, dim=2)
     m, k = a.shape
     if k % group_size:
         raise ValueError(f"group_size {group_size} does not divide K = {k}")
@@ -397,6 +413,7 @@ def _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype):
     if bias is not None:
         checks.tensor("bias", bias, checks.FLOAT_DTYPES, shape=(n,), labels=("N",))
     checks.out_dtype(out_dtype)
+    checks.static_scale_for_float_a(a, a_scale)
     return m, n, k
 
 
@@ -436,9 +453,10 @@ def gemm_w4a8_fused(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_s
     """:func:`gemm_w4a8` with the fused epilogue of :mod:`.epilogue` (the contract of
     ``ditq.quant.reference.gemm_epilogue``): ``gelu``, ``gate`` [M // rows_per_gate, N], ``residual`` [M, N]
     of ``out_dtype``, and ``out_scale`` float32 [1] for an int8 output (``out_dtype`` then names only the
-    residual's dtype). ``out``: optional contiguous [M, N] tensor to write. Bad input raises ValueError /
-    TypeError."""
-    m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype)
+    residual's dtype). ``a`` may also be float16 / bfloat16 / float32 with a static ``a_scale`` [1]: the kernel
+    then quantizes it as it loads it, exactly as ``quantize_act`` (``A_FLOAT``). ``out``: optional contiguous
+    [M, N] tensor to write. Bad input raises ValueError / TypeError."""
+    m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype, checks.FUSED_A_DTYPES)
     epilogue.check_args(a.device, m, n, gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
     checks.same_device("a", a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, out=out)
     check_device(a)
@@ -467,27 +485,31 @@ def _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config, gelu
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], SWAP_AB=bool(cfg["SWAP_AB"]),
         UNPACK_ASM=bool(cfg["UNPACK_ASM"]) and not interpreting(),  # no inline asm in the interpreter
         INTERPRET=interpreting(), HAS_GELU=gelu, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
-        QUANT_OUT=out_scale is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        QUANT_OUT=out_scale is not None, A_FLOAT=a.dtype != torch.int8, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return out
 
 
 def aot_job(config: Dict, cc: int, *, group_size: int, out_dtype: str = "bf16", per_token: bool = True,
-            bias: bool = True, aligned: bool = True, fused: str = "") -> Dict:
+            bias: bool = True, aligned: bool = True, fused: str = "", a_float: str = "") -> Dict:
     """Arguments of ``aot.compile_kernel`` for one table entry at group size ``group_size``, as the launcher
     would run it on a GPU of compute capability ``cc``: BK fitted to the group, and the alignment the launcher
     guarantees, pointers, K, N and every stride divisible by 16 (K % 32 == 0), M not (``aligned=False``
     drops those hints). ``fused``: the epilogue's pieces, "+"-separated names from ``epilogue.PIECES``
-    (e.g. ``"gate+residual"``; "" = the plain GEMM), with a bf16 gate and a residual of the output dtype."""
+    (e.g. ``"gate+residual"``; "" = the plain GEMM), with a bf16 gate and a residual of the output dtype.
+    ``a_float`` (e.g. ``"bf16"``): a float A of that type, quantized on load (``A_FLOAT``)."""
     cfg = fit_config(config, group_size)
     flags = epilogue.flags(fused)
-    ptr = {"a_ptr": "*i8", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
-           "out_ptr": "*i8" if flags["QUANT_OUT"] else "*" + out_dtype}
+    ptr = {"a_ptr": f"*{a_float or 'i8'}", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32",
+           "bias_ptr": "*fp32", "out_ptr": "*i8" if flags["QUANT_OUT"] else "*" + out_dtype}
     ints = ("M", "N", "K", "stride_am", "stride_wn", "stride_sg", "stride_om")
     fused_args = {"gate_ptr": "*bf16", "res_ptr": "*" + out_dtype, "out_scale_ptr": "*fp32", "rows_per_gate": "i32"}
     constexprs = {"PER_TOKEN": per_token, "HAS_BIAS": bias, "GROUP": group_size, "PB": pack_block(group_size),
                   "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "GROUP_M": cfg["GROUP_M"],
                   "SWAP_AB": bool(cfg["SWAP_AB"]), "UNPACK_ASM": bool(cfg["UNPACK_ASM"]), "INTERPRET": False,
                   **flags}
+    if a_float:
+        constexprs["A_FLOAT"] = True
     hints = [n for n in (*ptr, *ints, "gate_ptr", "res_ptr", "out_scale_ptr") if n != "M"]
     return dict(fn=w4a8_kernel, signature={**ptr, **{n: "i32" for n in ints}, **fused_args}, constexprs=constexprs,
                 cc=cc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], aligned=hints if aligned else [])

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import checks, config_table, epilogue
+from . import checks, config_table, epilogue, quantize_act
 from .interpret import check_device, interpreting
 
 KERNEL_NAME = "w8a8"
@@ -51,10 +51,13 @@ def w8a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                 SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
                 HAS_GELU: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
-                HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False):
+                HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False, A_FLOAT: tl.constexpr = False):
     # Arguments in the launcher's (the runtime op's) order: a, a_scale, w, w_scale, bias, then the output;
     # then the fused epilogue's (epilogue.store_tile; unused, and compiled out, while its flags are off).
     # With USE_TMA, a_ptr and w_ptr are tensor descriptors rather than pointers.
+    # A_FLOAT: a_ptr points to float A (fp16 / bf16 / fp32, never a descriptor) with a static a_scale; each A
+    # tile is quantized in registers exactly as quantize_act does, then the same int8 dot. Off, nothing of it
+    # is compiled.
     # Grouped launch order: GROUP_M row-tiles share each weight column tile while it is in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
@@ -87,11 +90,17 @@ def w8a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
         offs_k = tl.arange(0, BK)
         a_ptrs = a_ptr + rows_a[:, None] * K + offs_k[None, :]
         w_ptrs = w_ptr + rows_w[:, None] * K + offs_k[None, :]
+        if A_FLOAT:
+            inv = quantize_act.inverse_scale(tl.load(a_scale_ptr))  # the static scale, read once, outside the loop
         for k0 in range(0, K, BK):
             k_ok = offs_k[None, :] < K - k0
             # other=0: the K tail's lanes enter the dot. One zero operand would do (an undefined int8 times 0
             # is 0), but both are explicit; tests/kernels/conftest.py poisons lanes loaded without other=.
-            a_tile = tl.load(a_ptrs, mask=k_ok, other=0)
+            if A_FLOAT:  # 0.0 quantizes to 0: the tail stays zero after quantize_act's rounding
+                a_f = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+                a_tile = quantize_act.quantize_scaled(a_f, inv, INTERPRET)
+            else:
+                a_tile = tl.load(a_ptrs, mask=k_ok, other=0)
             w_tile = tl.load(w_ptrs, mask=k_ok, other=0)
             if SWAP_AB:
                 acc = tl.dot(w_tile, a_tile.T, acc)
@@ -154,9 +163,9 @@ def _aligned(*tensors) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def _check_gemm(a, a_scale, w, w_scale, bias, out_dtype):
-    """The GEMM's own arguments; returns (M, N, K)."""
-    checks.tensor("a", a, (torch.int8,), dim=2)
+def _check_gemm(a, a_scale, w, w_scale, bias, out_dtype, a_dtypes=(torch.int8,)):
+    """The GEMM's own arguments; returns (M, N, K). The fused GEMM also takes a float ``a`` (``a_dtypes``)."""
+    checks.tensor("a", a, a_dtypes, dim=2)
     m, k = a.shape
     checks.tensor("w", w, (torch.int8,), shape=(None, k), labels=("N", "K"))
     n = w.shape[0]
@@ -169,6 +178,7 @@ def _check_gemm(a, a_scale, w, w_scale, bias, out_dtype):
     if bias is not None:
         checks.tensor("bias", bias, checks.FLOAT_DTYPES, shape=(n,), labels=("N",))
     checks.out_dtype(out_dtype)
+    checks.static_scale_for_float_a(a, a_scale)
     return m, n, k
 
 
@@ -204,8 +214,10 @@ def gemm_w8a8_fused(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_s
     """:func:`gemm_w8a8` with the fused epilogue of :mod:`.epilogue` (the contract of
     ``ditq.quant.reference.gemm_epilogue``): ``gelu``, ``gate`` [M // rows_per_gate, N], ``residual`` [M, N]
     of ``out_dtype``, and ``out_scale`` float32 [1] for an int8 output (``out_dtype`` then names only the
-    residual's dtype). Bad input raises ValueError / TypeError."""
-    m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, out_dtype)
+    residual's dtype). ``a`` may also be float16 / bfloat16 / float32 with a static ``a_scale`` [1]: the kernel
+    then quantizes it as it loads it, exactly as ``quantize_act`` (``A_FLOAT``). Bad input raises ValueError /
+    TypeError."""
+    m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, out_dtype, checks.FUSED_A_DTYPES)
     epilogue.check_args(a.device, m, n, gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
     checks.same_device("a", a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, out=out)
     check_device(a)
@@ -221,7 +233,8 @@ def _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config, gelu=False, gate
             rows_per_gate=1, out_scale=None):
     cfg = fit_config(config) if config is not None else kernel_config(m, a.device)
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
-    use_tma = bool(cfg["USE_TMA"]) and _aligned(a, w) and k > 0
+    a_float = a.dtype != torch.int8
+    use_tma = bool(cfg["USE_TMA"]) and _aligned(a, w) and k > 0 and not a_float  # a float A: pointer loads
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -238,30 +251,33 @@ def _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config, gelu=False, gate
                       BM=bm, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"], SWAP_AB=bool(cfg["SWAP_AB"]),
                       USE_TMA=use_tma, INTERPRET=interpreting(),
                       HAS_GELU=gelu, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
-                      QUANT_OUT=out_scale is not None,
+                      QUANT_OUT=out_scale is not None, A_FLOAT=a_float,
                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
 def aot_job(config: Dict, cc: int, *, out_dtype: str = "bf16", per_token: bool = True, bias: bool = True,
-            aligned: bool = True, fused: str = "", n_aligned: Optional[bool] = None) -> Dict:
+            aligned: bool = True, fused: str = "", n_aligned: Optional[bool] = None, a_float: str = "") -> Dict:
     """Arguments of ``aot.compile_kernel`` for one table entry, as the launcher would run it on a GPU of
     compute capability ``cc``: aligned pointers and K % 16 == 0 (``aligned=False`` drops those hints, the
     case the launcher refuses, to show what they buy). ``fused``: the epilogue's pieces, "+"-separated names
     from ``epilogue.PIECES`` (e.g. ``"gelu+quant"``; "" = the plain GEMM), with a bf16 gate and a residual of
     the output dtype. ``n_aligned`` (default: when fused) adds N % 16 == 0, as DiT widths are, which the
-    epilogue's gate and residual loads need to be wide."""
+    epilogue's gate and residual loads need to be wide. ``a_float`` (e.g. ``"bf16"``): a float A of that type,
+    quantized on load (``A_FLOAT``), with pointer loads as the launcher then uses even where the entry says TMA."""
     cfg = fit_config(config)
-    tma = bool(cfg["USE_TMA"])
+    tma = bool(cfg["USE_TMA"]) and not a_float
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     flags = epilogue.flags(fused)
-    sig = {"a_ptr": f"tensordesc<i8[{bm}, {bk}]>" if tma else "*i8", "a_scale_ptr": "*fp32",
+    sig = {"a_ptr": f"tensordesc<i8[{bm}, {bk}]>" if tma else f"*{a_float or 'i8'}", "a_scale_ptr": "*fp32",
            "w_ptr": f"tensordesc<i8[{bn}, {bk}]>" if tma else "*i8", "w_scale_ptr": "*fp32",
            "bias_ptr": "*fp32", "out_ptr": "*i8" if flags["QUANT_OUT"] else f"*{out_dtype}",
            "M": "i32", "N": "i32", "K": "i32", "gate_ptr": "*bf16", "res_ptr": f"*{out_dtype}",
            "out_scale_ptr": "*fp32", "rows_per_gate": "i32"}
     constexprs = dict(PER_TOKEN=per_token, HAS_BIAS=bias, BM=bm, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"],
                       SWAP_AB=bool(cfg["SWAP_AB"]), USE_TMA=tma, INTERPRET=False, **flags)
+    if a_float:
+        constexprs["A_FLOAT"] = True
     hints = ["a_scale_ptr", "w_scale_ptr", "bias_ptr", "out_ptr", "K", "gate_ptr", "res_ptr", "out_scale_ptr"]
     hints += ["N"] if (bool(fused) if n_aligned is None else n_aligned) else []
     hints += [] if tma else ["a_ptr", "w_ptr"]
