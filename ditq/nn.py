@@ -283,12 +283,26 @@ class QuantLinear(nn.Module):
         ``gate`` [M // rows_per_gate, N], a ``residual`` [M, N], and int8 output quantized with the next layer's
         static ``out_scale``. Returns [M, N] (int8 when ``out_scale`` is given).
 
+        ``q`` may also be the float input ``x`` [M, K] (float16 / bfloat16 / float32, contiguous) with ``s`` this
+        layer's static scale (``self._buffers["act_scale"]``, float32 [1]): where the backend's fused GEMMs
+        quantize a float A as they load it (``KernelOps.fused_gemm_float_a``) it goes to them as it is, one op;
+        elsewhere it is quantized with the backend's ``quantize_act`` first. Either way the result is that of
+        ``quantize_act`` followed by this method on int8, bit for bit. A float input with per-token scales is a
+        ValueError (``ditq.ops.float_a_needs_static_scale``).
+
         A backend without the fused kernels runs its plain GEMM in fp32 and the same epilogue in torch
         (``ditq.quant.reference.gemm_epilogue``, the contract), after the same argument checks: the same
         numbers up to GELU's last bits."""
         kernels = self._kernels
         if kernels is None:
             raise RuntimeError(self._not_ready)
+        if q.dtype in _FLOATS and not kernels.fused_gemm_float_a:
+            # the fused kernels' refusals, before quantize_act could take a missing or per-token scale instead
+            if not isinstance(s, torch.Tensor):
+                raise TypeError(f"a float input needs this layer's static scale (float32 [1]), got {type(s).__name__}")
+            if s.shape != (1,):
+                raise ops.float_a_needs_static_scale(s)
+            q, s = kernels.quantize_act(q, s)
         b = self._buffers
         if self._group_size is None:
             if kernels.gemm_w8a8_fused is not None:
