@@ -507,9 +507,7 @@ def aot_job(config: Dict, cc: int, *, group_size: int, out_dtype: str = "bf16", 
     constexprs = {"PER_TOKEN": per_token, "HAS_BIAS": bias, "GROUP": group_size, "PB": pack_block(group_size),
                   "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "GROUP_M": cfg["GROUP_M"],
                   "SWAP_AB": bool(cfg["SWAP_AB"]), "UNPACK_ASM": bool(cfg["UNPACK_ASM"]), "INTERPRET": False,
-                  **flags}
-    if a_float:
-        constexprs["A_FLOAT"] = True
+                  "A_FLOAT": bool(a_float), **flags}
     hints = [n for n in (*ptr, *ints, "gate_ptr", "res_ptr", "out_scale_ptr") if n != "M"]
     return dict(fn=w4a8_kernel, signature={**ptr, **{n: "i32" for n in ints}, **fused_args}, constexprs=constexprs,
                 cc=cc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], aligned=hints if aligned else [])

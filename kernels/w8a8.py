@@ -275,9 +275,7 @@ def aot_job(config: Dict, cc: int, *, out_dtype: str = "bf16", per_token: bool =
            "M": "i32", "N": "i32", "K": "i32", "gate_ptr": "*bf16", "res_ptr": f"*{out_dtype}",
            "out_scale_ptr": "*fp32", "rows_per_gate": "i32"}
     constexprs = dict(PER_TOKEN=per_token, HAS_BIAS=bias, BM=bm, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"],
-                      SWAP_AB=bool(cfg["SWAP_AB"]), USE_TMA=tma, INTERPRET=False, **flags)
-    if a_float:
-        constexprs["A_FLOAT"] = True
+                      SWAP_AB=bool(cfg["SWAP_AB"]), USE_TMA=tma, INTERPRET=False, A_FLOAT=bool(a_float), **flags)
     hints = ["a_scale_ptr", "w_scale_ptr", "bias_ptr", "out_ptr", "K", "gate_ptr", "res_ptr", "out_scale_ptr"]
     hints += ["N"] if (bool(fused) if n_aligned is None else n_aligned) else []
     hints += [] if tma else ["a_ptr", "w_ptr"]
