@@ -17,6 +17,12 @@ Loads (from a SASS study of triton 3.8):
   wrapped (``% M``) rather than masked, so only the K tail needs a mask, and that mask is constant over
   runs of 16 bytes (K and k0 are multiples of 16), which keeps the loads vectorised.
 
+* float A (``A_FLOAT``, the fused GEMM given a float ``a`` and a static scale): pointer loads of the float
+  tile, never TMA, since each tile is quantized in registers (``quantize_act.quantize_scaled``, quantize_act's
+  own rounding, with ``1 / s`` computed once per program) before the same int8 dot; ``other=0.0`` in the K
+  tail quantizes to 0. Measured for the adaLN case (M <= 16 entries, bf16 A; tests/kernels/test_aot_float_a.py):
+  sm90 64 registers, loop 278 instructions (83 for the int8 TMA twin), the same 8 IGMMA; no spills.
+
 Int8 ``tl.dot`` is never made asynchronous on Hopper (the pipeliner wants an fp32 accumulator), so the
 Hopper tables use BK = 128 to amortise the per-iteration wgmma wait.
 
