@@ -296,7 +296,8 @@ class QuantLinear(nn.Module):
         kernels = self._kernels
         if kernels is None:
             raise RuntimeError(self._not_ready)
-        if q.dtype in _FLOATS and not kernels.fused_gemm_float_a:
+        fused = kernels.gemm_w8a8_fused if self._group_size is None else kernels.gemm_w4a8_fused
+        if q.dtype in _FLOATS and not (kernels.fused_gemm_float_a and fused is not None):
             # the fused kernels' refusals, before quantize_act could take a missing or per-token scale instead
             if not isinstance(s, torch.Tensor):
                 raise TypeError(f"a float input needs this layer's static scale (float32 [1]), got {type(s).__name__}")
