@@ -30,11 +30,13 @@ model's final layer calls block 0's embedder again. The sinusoidal projection of
 of them, and DiT checkpoints converted from the original (one ``t_embedder`` / ``y_embedder``) hold the *same*
 embedder in every block. A fused ``DiTTransformer2DModel`` therefore runs its own forward (bound on the instance;
 its class and state dict stay diffusers'): the projection once, each distinct embedder once (equal embedders are
-found when fusing, by their tensors), each distinct input to the adaLN linears quantized once (their calibrated
-scales are equal because they observe the same tensor), the final layer reusing block 0's conditioning, and the
-label embedding added to the timestep embedding in ``linear_2``'s epilogue. These GEMMs have M = batch: they are
-bound by reading their weights, which stay int8; merging them further (one GEMM over the adaLN weights of all
-blocks) would need a second copy of those weights or a checkpoint format that stores them merged.
+found when fusing, by their tensors), the final layer reusing block 0's conditioning. The embedders stay in float by
+default (``ditq.convert.DEFAULT_SKIP``: one row per image); each block's adaLN GEMM then takes ``silu(emb)`` in float
+and quantizes it as it loads it (:func:`quantizes_on_load`), so a block is 8 ditq launches in all: two fused norms,
+the q/k/v, attention-output quantization, output, fc1 and fc2 GEMMs, and its adaLN GEMM. On a backend whose GEMMs
+cannot quantize on load, each distinct ``silu(emb)`` is quantized once for the adaLN linears that share it. A model
+whose embedders were quantized anyway (``include``) runs them as fused GEMMs: the projection quantized once for
+every ``linear_1``, the label embedding added in ``linear_2``'s epilogue.
 """
 from __future__ import annotations
 
@@ -107,6 +109,19 @@ def _why_not(block: nn.Module) -> Optional[str]:
 def _quantize(layer: QuantLinear, x2d: torch.Tensor):
     """``layer``'s activation quantization of a [M, K] tensor (its static scale, or per-token when dynamic)."""
     return layer._kernels.quantize_act(x2d.contiguous(), layer._buffers["act_scale"])
+
+
+def quantizes_on_load(layer: nn.Module) -> bool:
+    """Whether ``layer``'s fused GEMM takes its float input as it is and quantizes it while loading it (a static
+    scale and a backend whose kernels do: ``KernelOps.fused_gemm_float_a``): one launch instead of quantize_act +
+    GEMM, the same integers. The fused blocks use it for the adaLN linears, whose input is a few rows (one per
+    image), so re-quantizing it in every output tile costs nothing."""
+    kernels = getattr(layer, "_kernels", None)
+    if not isinstance(layer, QuantLinear) or kernels is None or not kernels.fused_gemm_float_a:
+        return False
+    fused = kernels.gemm_w8a8_fused if layer.fmt.bits == 8 else kernels.gemm_w4a8_fused
+    scale = layer._buffers.get("act_scale")
+    return fused is not None and scale is not None and scale.numel() == 1
 
 
 def _split_heads(t: torch.Tensor, batch: int, parts: int, heads: int):
@@ -346,11 +361,20 @@ def _dit_forward(self, hidden_states, timestep=None, class_labels=None, cross_at
     batch = hidden_states.shape[0]
     conds = _dit_conditioning(self, timestep, class_labels, dtype)
     silu = {o: F.silu(c) for o, c in conds.items()}
-    ada_q = {o: _quantize(blocks[o].norm1.linear, s) for o, s in silu.items() if plan["shared_ada_quant"][o]}
+    owners = plan["owners"]
+    # silu(emb) quantized once per distinct embedder for the adaLN linears that share it, unless each quantizes
+    # it as it loads it (then the adaLN is one launch per block)
+    ada_q = {o: _quantize(blocks[o].norm1.linear, s) for o, s in silu.items() if plan["shared_ada_quant"][o] and
+             not all(quantizes_on_load(b.norm1.linear) for b, ob in zip(blocks, owners) if ob == o)}
     for i, b in enumerate(blocks):
-        o = plan["owners"][i]
+        o = owners[i]
         lin = b.norm1.linear
-        mod = lin.forward_fused(*ada_q[o], dtype) if o in ada_q else lin(silu[o])
+        if o in ada_q:
+            mod = lin.forward_fused(*ada_q[o], dtype)
+        elif quantizes_on_load(lin):
+            mod = lin.forward_fused(silu[o], lin._buffers["act_scale"], dtype)
+        else:
+            mod = lin(silu[o])
         hidden_states = _body(b, hidden_states, mod.view(batch, 6, -1), b.norm1.norm.eps, b.norm3.eps)
 
     # final layer, as diffusers' (block 0's conditioning, already computed)

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .blocks import _mlp, _quantize
+from .blocks import _mlp, _quantize, quantizes_on_load
 from .nn import QuantLinear
 
 JOINT, SINGLE, SD3 = "FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock"
@@ -127,7 +127,9 @@ def _mods(b, norms, temb: torch.Tensor, dim: int):
     per norm; D = ``dim``). The norms of a block read the same ``silu(temb)``: it is computed once, and quantized once when their
     scales agree (``_ditq_shared_ada``, checked when fusing)."""
     silu = torch.nn.functional.silu(temb)
-    if b._ditq_shared_ada:
+    if all(quantizes_on_load(n.linear) for n in norms):  # each adaLN GEMM quantizes silu(temb) as it loads it
+        mods = [n.linear.forward_fused(silu, n.linear._buffers["act_scale"], temb.dtype) for n in norms]
+    elif b._ditq_shared_ada:
         q, s = _quantize(norms[0].linear, silu)
         mods = [n.linear.forward_fused(q, s, temb.dtype) for n in norms]
     else:

@@ -29,7 +29,7 @@ MLP fc1 / fc2                              37.5 / 37.6         50.4 / 51.2  41.6
 final adaLN ``proj_out_1``                 27.4 / 31.1         43.5 / 45.7  0.1%
 final projection ``proj_out_2``            23.7 / 23.7         37.4 / 39.6  <0.1%
 all of them                                21.5 / 22.4         36.1 / 38.1  100%
-all but ``proj_out*`` (the default)        29.6 / 31.4         46.1 / 47.1  99.9%
+all but ``proj_out*``                      29.6 / 31.4         46.1 / 47.1  99.9%
 =========================================  ==================  ===========  ===================================
 
 The two output layers alone cost more than any other group (proj_out_2 alone caps the output at ~24 dB in
@@ -37,8 +37,15 @@ W4A8) for 0.1% of the bytes: they write the prediction directly, with nothing af
 out. So ``proj_out*`` and ``norm_out.linear`` (the final adaLN of PixArt / SD3 / Flux, proj_out_1's analogue)
 stay in full precision. The adaLN linears are *quantized* by default: they hurt no more than attention, and
 they are a third of DiT-XL's linear weights, so skipping them would give up ~1/3 of the byte savings (add
-``"*norm1.linear"`` to ``skip`` to keep them). The timestep embedders cost least of all and stay quantized;
-their SQNR at t = 500 / 100 / 10 with first-step scales stayed within 6 dB of t = 999 (40.5 dB worst).
+``"*norm1.linear"`` to ``skip`` to keep them). The timestep embedders (``*timestep_embedder*``, and FLUX's
+``*guidance_embedder*``: a two-layer MLP on the sinusoidal projection of t) stay in full precision although
+quantizing them costs little accuracy: they run on one row per image, once per forward per distinct embedder
+(DiT checkpoints converted from the original hold one embedder copied into every block), where int8 buys no
+speed and costs an activation quantization per linear, i.e. two launches where the float GEMM needs one; what
+they would save is 6.4% of DiT-XL/2's linear weight bytes (under 0.1% of FLUX's). With them in float, a fused
+DiT block launches 8 ditq ops in all (its embedder included), and the adaLN GEMM quantizes the float
+conditioning as it loads it (``gemm_w8a8_fused`` with a float input). ``include=["*timestep_embedder*", ...]``
+quantizes them anyway.
 Not measured (random weights cannot show it) but kept in full precision: the projections of *text-encoder
 features* (``caption_projection``, ``context_embedder``, ``*text_embedder*``): T5 / CLIP hidden states carry
 outliers in the hundreds that one static int8 scale cannot hold, and these layers run once per prompt token,
@@ -71,6 +78,9 @@ DEFAULT_SKIP: Dict[str, str] = {
     "*caption_projection*": "projects text-encoder features (T5 outliers do not fit one static int8 scale)",
     "context_embedder": "projects text-encoder features (T5 outliers do not fit one static int8 scale)",
     "*text_embedder*": "projects pooled text-encoder features",
+    "*timestep_embedder*": "timestep embedding MLP: one row per image, once per forward (int8 saves no time, adds "
+                           "an activation quantization per linear; see ditq.convert)",
+    "*guidance_embedder*": "guidance embedding MLP (FLUX): one row per image, like the timestep embedder",
 }
 
 

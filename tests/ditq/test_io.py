@@ -41,7 +41,7 @@ def test_transformer_round_trip_meta_init_and_header(tmp_path, monkeypatch):
     ditq.save_quantized(t, str(tmp_path))
     header = json.load(open(tmp_path / HEADER_NAME))
     assert header["layout_version"] == 1 and header["model_class"].endswith("DiTTransformer2DModel")
-    assert header["quant_config"]["weight_bits"] == 4 and len(header["layers"]) == 18
+    assert header["quant_config"]["weight_bits"] == 4 and len(header["layers"]) == 14
     spec = header["layers"]["transformer_blocks.0.attn1.to_q"]
     assert spec["format"]["group_size"] == 32 and spec["act_scale"] == pytest.approx(
         float(t.transformer_blocks[0].attn1.to_q.act_scale))

@@ -41,8 +41,9 @@ def test_report_has_one_row_per_setting(result):
     assert fp["image_sqnr_db"] is None and fp["calibration"] == "-"
     assert (w8["calibration"], w4["calibration"]) == ("first-step", "all-steps")
     assert w8["backend"] == w4["backend"] == "torch"  # no GPU here: auto resolves to the reference
-    # Bytes follow from the format: int8 halves fp32 linears' bytes twice over, int4 g128 ~ 8x smaller.
-    assert fp["transformer_bytes"] > 3 * w8["transformer_bytes"] > 3 * w4["transformer_bytes"]
+    # Bytes follow from the format: int8 quarters the quantized fp32 linears' bytes, int4 g128 ~ 8x smaller; the
+    # layers kept in float (timestep embedders, output layers: ~13% of this model's weights) bound the whole ratio.
+    assert fp["transformer_bytes"] > 2.5 * w8["transformer_bytes"] > 2.5 * w4["transformer_bytes"]
     for r in (w8, w4):
         assert math.isfinite(r["image_sqnr_db"]) and r["transformer_sqnr_db"] > 20
         assert r["frechet_fp32"] >= 0
