@@ -45,6 +45,7 @@ NVCC_ARCH = {"sm80": "sm_80", "sm90": "sm_90a"}
 ROOFLINE_M = (16, 512, 4096)  # batch-1 adaLN-scale, 1 image at 256 px with CFG, 8 images
 W4_GROUP = 128  # the w4a8 preset's group size, used for the roofline's bytes
 SHORT_M = 4096  # --short: only the configurations picked at this M (DiT-XL/2, 8 images at 256 px with CFG)
+ADALN_M = 16  # the adaLN GEMMs' rows at the same batch (one per image and guidance branch)
 LIMITS = {"regs_per_sm": 65536, "threads_per_sm": 2048, "ctas_per_sm": 32, "reg_alloc_unit": 256,
           "smem_reserved_per_cta": 1024}
 
@@ -338,6 +339,11 @@ def triton_rows(archs, short: bool, groups) -> List[Dict]:
     shipped += [(kernel, fused, *job) for fused in ("gelu+quant", "gate+residual") for kernel in ("w8a8", "w4a8")
                 for job in aot.shipped_jobs(kernel, archs, groups if kernel == "w4a8" else None, m=SHORT_M,
                                             fused=fused)]
+    # The adaLN GEMMs of the fused blocks take the float conditioning and quantize it as they load it, at the
+    # entries picked at ADALN_M (bf16 A, no epilogue pieces)
+    shipped += [(kernel, "float-A bf16", *job) for kernel in ("w8a8", "w4a8")
+                for job in aot.shipped_jobs(kernel, archs, groups if kernel == "w4a8" else None, m=ADALN_M,
+                                            a_float="bf16")]
     rows = []
     for (kernel, fused, arch, entry, group, job), c in zip(shipped, _compile_all([j[-1] for j in shipped])):
         meta = _triton_meta(kernel, entry, group)

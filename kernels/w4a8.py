@@ -501,14 +501,16 @@ def aot_job(config: Dict, cc: int, *, group_size: int, out_dtype: str = "bf16", 
     guarantees, pointers, K, N and every stride divisible by 16 (K % 32 == 0), M not (``aligned=False``
     drops those hints). ``fused``: the epilogue's pieces, "+"-separated names from ``epilogue.PIECES``
     (e.g. ``"gate+residual"``; "" = the plain GEMM), with a bf16 gate and a residual of the output dtype.
-    ``a_float`` (e.g. ``"bf16"``): a float A of that type, quantized on load (``A_FLOAT``)."""
+    ``a_float`` (e.g. ``"bf16"``): a float A of that type, quantized on load (``A_FLOAT``) with its static
+    scale (a float A never has per-token scales)."""
     cfg = fit_config(config, group_size)
     flags = epilogue.flags(fused)
     ptr = {"a_ptr": f"*{a_float or 'i8'}", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32",
            "bias_ptr": "*fp32", "out_ptr": "*i8" if flags["QUANT_OUT"] else "*" + out_dtype}
     ints = ("M", "N", "K", "stride_am", "stride_wn", "stride_sg", "stride_om")
     fused_args = {"gate_ptr": "*bf16", "res_ptr": "*" + out_dtype, "out_scale_ptr": "*fp32", "rows_per_gate": "i32"}
-    constexprs = {"PER_TOKEN": per_token, "HAS_BIAS": bias, "GROUP": group_size, "PB": pack_block(group_size),
+    constexprs = {"PER_TOKEN": per_token and not a_float, "HAS_BIAS": bias, "GROUP": group_size,
+                  "PB": pack_block(group_size),
                   "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "GROUP_M": cfg["GROUP_M"],
                   "SWAP_AB": bool(cfg["SWAP_AB"]), "UNPACK_ASM": bool(cfg["UNPACK_ASM"]), "INTERPRET": False,
                   "A_FLOAT": bool(a_float), **flags}

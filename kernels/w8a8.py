@@ -270,7 +270,8 @@ def aot_job(config: Dict, cc: int, *, out_dtype: str = "bf16", per_token: bool =
     from ``epilogue.PIECES`` (e.g. ``"gelu+quant"``; "" = the plain GEMM), with a bf16 gate and a residual of
     the output dtype. ``n_aligned`` (default: when fused) adds N % 16 == 0, as DiT widths are, which the
     epilogue's gate and residual loads need to be wide. ``a_float`` (e.g. ``"bf16"``): a float A of that type,
-    quantized on load (``A_FLOAT``), with pointer loads as the launcher then uses even where the entry says TMA."""
+    quantized on load (``A_FLOAT``) with its static scale (a float A never has per-token scales), with pointer
+    loads as the launcher then uses even where the entry says TMA."""
     cfg = fit_config(config)
     tma = bool(cfg["USE_TMA"]) and not a_float
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
@@ -280,7 +281,7 @@ def aot_job(config: Dict, cc: int, *, out_dtype: str = "bf16", per_token: bool =
            "bias_ptr": "*fp32", "out_ptr": "*i8" if flags["QUANT_OUT"] else f"*{out_dtype}",
            "M": "i32", "N": "i32", "K": "i32", "gate_ptr": "*bf16", "res_ptr": f"*{out_dtype}",
            "out_scale_ptr": "*fp32", "rows_per_gate": "i32"}
-    constexprs = dict(PER_TOKEN=per_token, HAS_BIAS=bias, BM=bm, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"],
+    constexprs = dict(PER_TOKEN=per_token and not a_float, HAS_BIAS=bias, BM=bm, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"],
                       SWAP_AB=bool(cfg["SWAP_AB"]), USE_TMA=tma, INTERPRET=False, A_FLOAT=bool(a_float), **flags)
     hints = ["a_scale_ptr", "w_scale_ptr", "bias_ptr", "out_ptr", "K", "gate_ptr", "res_ptr", "out_scale_ptr"]
     hints += ["N"] if (bool(fused) if n_aligned is None else n_aligned) else []
