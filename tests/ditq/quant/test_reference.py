@@ -212,6 +212,35 @@ def test_int_matmul_is_exact_at_the_extremes():
     assert torch.equal(ref.group_partials(a, w, 128).sum(0), a.long() @ w.long().t())
 
 
+
+@pytest.mark.parametrize("k", [1024, 1040])  # float32 sums up to K = 1024, float64 beyond
+def test_gemm_w8a8_sums_are_the_int32_sums_at_the_extremes(k):
+    """The reference's float32 fast path holds every partial sum exactly: the output equals the int64 sums
+    scaled as the contract says, bit for bit, with the largest products everywhere (2^24 at K = 1024)."""
+    a = torch.full((3, k), -127, dtype=torch.int8)
+    w = torch.full((4, k), -128, dtype=torch.int8)
+    a[1, 1::2], w[2, ::3] = 127, 127
+    scale, w_scale = torch.tensor([0.37]), torch.rand(4, generator=torch.Generator().manual_seed(3))
+    want = (a.long() @ w.long().t()).to(torch.int32).float() * (scale.reshape(-1, 1) * w_scale.reshape(1, -1))
+    assert torch.equal(ref.gemm_w8a8(a, scale, w, w_scale), want)
+
+
+@pytest.mark.parametrize("group_size", [32, 256])
+def test_gemm_w4a8_partials_are_the_int32_partials_at_the_extremes(group_size):
+    """The float32 batched matmul and the row blocks give each group's int32 partial exactly, folded in group
+    order: bit for bit the int64 partials folded one group at a time (more rows than one block holds)."""
+    k, n = 2 * group_size, 3
+    m = ref._W4_BLOCK_ELEMENTS // (2 * n) + 5  # two row blocks, the second ragged
+    g = torch.Generator().manual_seed(4)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    a[:2] = 127
+    w = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    w[0] = -8
+    scales, a_scale = torch.rand(2, n, generator=g), torch.rand(m, generator=g)
+    p = ref.group_partials(a, w, group_size).to(torch.int32).float()
+    want = (p[0] * scales[0] + p[1] * scales[1]) * a_scale.reshape(-1, 1)
+    assert torch.equal(ref.gemm_w4a8(a, a_scale, w, scales, group_size), want)
+
 # ---- fused GEMM epilogues -----------------------------------------------------------------------------
 
 def test_gelu_tanh_is_diffusers_gelu_and_close_to_float64():
