@@ -33,6 +33,14 @@ inline void check_float(const char* op, const char* name, const at::Tensor& t) {
                    dtype_name(t.scalar_type()));
 }
 
+// A float `a` of the fused GEMMs with per-token scales (ValueError), ditq.ops.float_a_needs_static_scale's words:
+// the kernel quantizes a as it loads it, with one static scale.
+inline void check_float_a_static_scale(const char* op, const at::Tensor& a_scale) {
+  TORCH_CHECK_VALUE(a_scale.dim() == 1 && a_scale.size(0) == 1, op, ": a float activation needs a static a_scale, "
+                    "float32 [1] (the fused GEMM quantizes it as it loads it), got shape (", a_scale.size(0),
+                    ",): quantize it with quantize_act for per-token scales");
+}
+
 // "<name> is on meta but the activations are on cpu: move all inputs of a ditq op to one device" (ValueError).
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Device& dev) {
   TORCH_CHECK_VALUE(t.device() == dev, op, ": ", name, " is on ", t.device(), " but the activations are on ", dev,

@@ -15,16 +15,16 @@
 
 namespace ditq::gemm {
 
-template <class T, class WOp, class Epi>
+template <class T, class WOp, class Epi, class AT = int8_t>
 void gemm_kernel(GemmParams p) {
   DITQ_DYNAMIC_SHARED(uint8_t, smem);
-  gemm_body<T, WOp, Epi>(p, smem);
+  gemm_body<T, WOp, Epi, AT>(p, smem);
 }
 
 // Every global buffer the kernel may touch, with its exact extent, for the emulator's global-memory checker:
 // a read one row past A, a scale index past N or a store past the output tile is reported, not absorbed by
 // whatever lies next to the buffer.
-template <class T, class WOp, class Epi>
+template <class T, class WOp, class Epi, class AT = int8_t>
 std::vector<emu::GlobalBuffer> buffers(const GemmParams& p, const dim3& grid) {
   using emu::Access;
   constexpr bool kFused = std::is_same_v<Epi, FusedEpilogue>;
@@ -34,7 +34,7 @@ std::vector<emu::GlobalBuffer> buffers(const GemmParams& p, const dim3& grid) {
   const size_t w_scales = WOp::kGrouped ? K / WOp::kGroup * N : N;
   const size_t tiles = static_cast<size_t>(grid.x) * grid.y;
   std::vector<emu::GlobalBuffer> b = {
-      {p.a, M * K, "a", Access::ReadOnly},
+      {p.a, M * K * sizeof(AT), "a", Access::ReadOnly},  // a float A: its M * K elements, not M * K bytes
       {p.a_scale, (p.a_scale_per_token ? M : 1) * 4, "a_scale", Access::ReadOnly},
       {p.w, N * static_cast<size_t>(WOp::row_len(p.K)), "w", Access::ReadOnly},
       {p.w_scale, w_scales * 4, "w_scale", Access::ReadOnly},
@@ -55,7 +55,16 @@ std::vector<emu::GlobalBuffer> buffers(const GemmParams& p, const dim3& grid) {
   return b;
 }
 
-template <class T, class WOp, class Epi>
+// ", A=bf16" in a float-A kernel's name (the emulator's reports), nothing for int8 A.
+template <class AT>
+const char* a_name() {
+  if constexpr (std::is_same_v<AT, float>) return ", A=f32";
+  else if constexpr (std::is_same_v<AT, __half>) return ", A=f16";
+  else if constexpr (std::is_same_v<AT, __nv_bfloat16>) return ", A=bf16";
+  else return "";
+}
+
+template <class T, class WOp, class Epi, class AT = int8_t>
 void emulate(const GemmParams& p) {
   const dim3 grid((p.N + T::BN - 1) / T::BN, (p.M + T::BM - 1) / T::BM, p.splits);
   const char* fused = std::is_same_v<Epi, FusedEpilogue> ? "_fused" : "";
@@ -63,9 +72,9 @@ void emulate(const GemmParams& p) {
                                                 std::to_string(WOp::kGroup) + ", "
                                           : "gemm_w8a8" + std::string(fused) + "<") +
                            "BM=" + std::to_string(T::BM) + ", BN=" + std::to_string(T::BN) +
-                           ", BK=" + std::to_string(T::BK) + ">";
+                           ", BK=" + std::to_string(T::BK) + a_name<AT>() + ">";
   emu::launch_checked(grid, dim3(T::THREADS), smem_bytes<T, WOp>(), emu::global_options(), name.c_str(),
-                      buffers<T, WOp, Epi>(p, grid), &gemm_kernel<T, WOp, Epi>, p);
+                      buffers<T, WOp, Epi, AT>(p, grid), &gemm_kernel<T, WOp, Epi, AT>, p);
 }
 
 template <class WOp, class Epi>

@@ -10,6 +10,8 @@
 // ---- Data layout ------------------------------------------------------------------------------------------
 // a       int8 [M, K] row-major (the activation quantizer's output). K % kKMultiple == 0 (16) and 16-byte
 //         aligned rows (configs/kernel_families.h).
+//         The fused kernels also take a float A (fp32 / fp16 / bf16 [M, K], same rules) with a static a_scale
+//         and quantize it as they load it (FloatATileLoader).
 // W8      int8 [N, K] row-major: the canonical layout as it is. An mma B operand is "col" (k contiguous per n),
 //         and that is exactly a row of W, so ldmatrix reads fragments straight from a row-major smem tile.
 // W4      uint8 [N, K / 2], *split-nibble* order within every 32-k chunk (ditq/backends/cuda_layout.py):
@@ -63,6 +65,7 @@
 #include <cstdint>
 #include <cstring>
 #include <cmath>
+#include <type_traits>
 
 #include "epilogue.cuh"
 #include "ptx.cuh"
@@ -98,6 +101,17 @@ struct Tile {
   static_assert(BK % 32 == 0 && BK >= 32, "BK must be a multiple of the mma k (32)");
   static_assert(STAGES >= 2, "a pipeline needs two stages at least");
 };
+
+// The Tile of a table id, at compile time (for instantiations of one tile only: float_a_tile()).
+template <int ID>
+struct TileById;
+#define DITQ_TILE_BY_ID(ID, BM, BN, BK, WM, WN, ST) \
+  template <>                                      \
+  struct TileById<ID> {                            \
+    using type = Tile<BM, BN, BK, WM, WN, ST>;     \
+  };
+DITQ_GEMM_TILES(DITQ_TILE_BY_ID)
+#undef DITQ_TILE_BY_ID
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][ROW_BYTES] smem tile. Chunks are XORed with
 // a row-dependent key so that 8 consecutive rows' copies of one logical chunk occupy 8 distinct 16-byte bank
@@ -144,6 +158,92 @@ struct TileLoader {
         const int off = kt * ROW_BYTES;
         const bool in = col[j] + off < row_len;
         ptx::cp_async_16(smem + dst[j], in ? src[j] + off : base, in);
+      }
+    }
+  }
+};
+
+// ---- float A, quantized as it is loaded (the fused GEMMs with a static a_scale) -----------------------------
+// A is fp32 / fp16 / bf16 [M, K] (AT = float, __half, __nv_bfloat16; AT = int8_t is the int8 path above). The
+// tile in smem is the same int8 [BM][BK] tile TileLoader fills: every 16-byte chunk (16 k of one row) is read
+// as its 16 float elements with 16-byte global loads (4 for fp32, 2 for 16-bit types), converted to fp32
+// exactly, quantized with epi::quantize_int8 (the helper quantize_act's static path uses, with the same
+// inv = 1 / s by IEEE division, so q equals quantize_act's bit for bit) and written with one 16-byte st.shared
+// into the swizzled slot cp.async would have filled. Bounds: K % 16 == 0, so a chunk lies wholly inside K or
+// wholly past it, and rows past M or chunks past K store zeros without reading anything.
+//
+// The store is synchronous, not a cp.async, and the pipeline's barriers already make it race-free: the
+// main loop's issue(kt + STAGES - 1) writes stage (kt - 1) % STAGES, which every warp finished reading (its
+// ldmatrix of tile kt - 1) before the __syncthreads that precedes that issue; the tile is read at iteration
+// kt + STAGES - 1, after that iteration's __syncthreads, which also publishes these plain stores (the
+// prologue's stores precede the first one). The W tile's cp.async groups are unchanged; the A chunks are
+// simply not in them.
+template <class AT>
+constexpr bool kIntA = std::is_same_v<AT, int8_t>;
+
+// Element e (0..15) of a chunk's 16 elements, held as the 4 * sizeof(AT) words of its 16-byte loads, as fp32
+// (exact: every fp16 / bf16 value is an fp32 value).
+template <class AT>
+DITQ_DEVICE float chunk_elem_f32(const uint32_t* w, int e) {
+  if constexpr (std::is_same_v<AT, float>) {
+    float f;
+    std::memcpy(&f, &w[e], 4);  // a register reinterpretation
+    return f;
+  } else {
+    const uint16_t b = static_cast<uint16_t>(w[e >> 1] >> (16 * (e & 1)));  // little-endian: even e low half
+    if constexpr (std::is_same_v<AT, __nv_bfloat16>) return epi::bf16_bits_to_f32(b);
+    else return epi::f16_bits_to_f32(b);
+  }
+}
+
+template <int ROWS, int BK, int THREADS, class AT>
+struct FloatATileLoader {
+  static_assert(sizeof(AT) == 4 || sizeof(AT) == 2, "float A is fp32, fp16 or bf16");
+  static constexpr int C = BK / 16, CHUNKS = ROWS * C;
+  static constexpr int PER_THREAD = (CHUNKS + THREADS - 1) / THREADS;
+  static constexpr int LOADS = static_cast<int>(sizeof(AT));  // 16-byte loads per chunk of 16 elements
+  static constexpr int PER_LOAD = 16 / static_cast<int>(sizeof(AT));
+  const AT* src[PER_THREAD];  // the chunk's first element in k tile 0
+  int dst[PER_THREAD];
+  int col[PER_THREAD];  // element column of the chunk in tile 0; 1 << 30 when the row is out of range
+  int K;
+  float inv;  // 1 / a_scale[0]
+
+  DITQ_DEVICE FloatATileLoader(const AT* g, int r0, int nrows, int K_, int tid, const float* a_scale) : K(K_) {
+    inv = __fdiv_rn(1.0f, ptx::ld_global(a_scale));  // in the body: see FusedEpilogue's constructor
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+      const unsigned i = static_cast<unsigned>(j * THREADS + tid);
+      const int row = static_cast<int>(i / C), chunk = static_cast<int>(i % C);
+      const bool ok = (CHUNKS % THREADS == 0 || i < static_cast<unsigned>(CHUNKS)) && r0 + row < nrows;
+      src[j] = ok ? g + static_cast<int64_t>(r0 + row) * K_ + chunk * 16 : g;
+      dst[j] = swizzle<BK>(row, chunk);
+      col[j] = ok ? chunk * 16 : (1 << 30);
+    }
+  }
+
+  DITQ_DEVICE void load(uint8_t* smem, int kt) const {
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+      if (CHUNKS % THREADS == 0 || j * THREADS + static_cast<int>(threadIdx.x) < CHUNKS) {
+        const int off = kt * BK;
+        uint32_t q[4] = {0, 0, 0, 0};
+        if (col[j] + off < K) {
+          uint32_t w[4 * LOADS];
+#pragma unroll
+          for (int l = 0; l < LOADS; ++l) {
+            const uint4 v = ptx::ld_global_16(src[j] + off + l * PER_LOAD);
+            std::memcpy(&w[4 * l], &v, 16);
+          }
+#pragma unroll
+          for (int e = 0; e < 16; ++e) {
+            const uint8_t b = static_cast<uint8_t>(epi::quantize_int8(chunk_elem_f32<AT>(w, e), inv));
+            q[e >> 2] |= static_cast<uint32_t>(b) << (8 * (e & 3));  // byte e of the chunk = k column e
+          }
+        }
+        uint4 v;
+        std::memcpy(&v, q, 16);
+        ptx::st_shared(reinterpret_cast<uint4*>(smem + dst[j]), v);
       }
     }
   }
@@ -411,7 +511,9 @@ DITQ_DEVICE bool reduce_splits(const GemmParams& p, Acc& acc, FAcc& facc, uint8_
   return true;
 }
 
-template <class T, class WOp, class Epi = PlainEpilogue>
+// AT: A's element type. int8_t: the quantized A, copied by cp.async; float / __half / __nv_bfloat16: a float A
+// with a static a_scale, quantized as it is loaded (FloatATileLoader; fused kernels only).
+template <class T, class WOp, class Epi = PlainEpilogue, class AT = int8_t>
 DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
   constexpr int A_RB = T::BK, W_RB = WOp::template row_bytes<T::BK>();
   constexpr int A_STAGE = T::BM * A_RB, W_STAGE = T::BN * W_RB;
@@ -436,13 +538,20 @@ DITQ_DEVICE void gemm_body(const GemmParams& p, uint8_t* smem) {
 
   uint8_t* const a_smem = smem;
   uint8_t* const w_smem = smem + T::STAGES * A_STAGE;
-  const uint8_t* const a_g = reinterpret_cast<const uint8_t*>(p.a);
   const uint8_t* const w_g = static_cast<const uint8_t*>(p.w);
   const int w_len = WOp::row_len(K);
 
-  const TileLoader<T::BM, A_RB, T::THREADS> a_loader(a_g, m0, M, K, tid);
+  const auto a_loader = [&] {
+    if constexpr (kIntA<AT>) {
+      return TileLoader<T::BM, A_RB, T::THREADS>(static_cast<const uint8_t*>(p.a), m0, M, K, tid);
+    } else {
+      return FloatATileLoader<T::BM, T::BK, T::THREADS, AT>(static_cast<const AT*>(p.a), m0, M, K, tid, p.a_scale);
+    }
+  }();
   const TileLoader<T::BN, W_RB, T::THREADS> w_loader(w_g, n0, N, w_len, tid);
-  auto issue = [&](int kt) {  // cp.async tile kt into its stage; always commits a group (maybe empty)
+  // Tile kt into its stage: W by cp.async, A by cp.async too (int8) or by quantizing stores (float A: see
+  // FloatATileLoader for why they need no barrier of their own). Always commits a group (maybe empty).
+  auto issue = [&](int kt) {
     if (kt < kt1) {
       const int s = (kt - kt0) % T::STAGES;
       a_loader.load(a_smem + s * A_STAGE, kt);

@@ -36,10 +36,12 @@ inline std::string group_sizes_text() {  // "32, 64, ..." from DITQ_W4_GROUP_SIZ
 
 inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-// Checks shared by both GEMMs; returns the problem with everything but w / w_scale filled in.
+// Checks shared by both GEMMs; returns the problem with everything but w / w_scale filled in. `float_a`: the
+// fused GEMMs, which also take an fp32 / fp16 / bf16 `a` with a static a_scale (quantized on load).
 inline GemmParams check_common(const char* op, const at::Tensor& a, const at::Tensor& a_scale,
                                const at::Tensor& w, const at::Tensor& w_scale,
-                               const std::optional<at::Tensor>& bias, int64_t n, bool emulated) {
+                               const std::optional<at::Tensor>& bias, int64_t n, bool emulated,
+                               bool float_a = false) {
   const auto dev = a.device();
   if (emulated) {
     TORCH_CHECK_VALUE(dev.is_cpu(), op, " (cuda-emulated) runs on CPU tensors; a is on ", dev);
@@ -48,7 +50,13 @@ inline GemmParams check_common(const char* op, const at::Tensor& a, const at::Te
   }
   for (const at::Tensor* t : {&a_scale, &w, &w_scale})
     TORCH_CHECK_VALUE(t->device() == dev, op, ": all inputs must be on ", dev, ", got one on ", t->device());
-  TORCH_CHECK_TYPE(a.scalar_type() == at::kChar, op, ": a must be int8, got ", a.scalar_type());
+  if (float_a) {
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kChar || ditq::binding_messages::is_float_dtype(a.scalar_type()), op,
+                     ": a must be int8, float16, bfloat16, float32; got ",
+                     ditq::binding_messages::dtype_name(a.scalar_type()));
+  } else {
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kChar, op, ": a must be int8, got ", a.scalar_type());
+  }
   TORCH_CHECK_VALUE(a.dim() == 2 && a.is_contiguous(), op, ": a must be a contiguous [M, K] tensor");
   const int64_t m = a.size(0), k = a.size(1);
   TORCH_CHECK_VALUE(k > 0 && k % ditq::gemm::kKMultiple == 0, op, ": the CUDA kernels copy rows in 16-byte "
@@ -64,6 +72,8 @@ inline GemmParams check_common(const char* op, const at::Tensor& a, const at::Te
                    ": a_scale and w_scale must be float32");
   TORCH_CHECK_VALUE(a_scale.dim() == 1 && (a_scale.numel() == 1 || a_scale.numel() == m) &&
                     a_scale.is_contiguous(), op, ": a_scale must be float32 [1] or [M] = [", m, "]");
+  if (a.scalar_type() != at::kChar)  // only with float_a: the dtype check above refused it otherwise
+    ditq::binding_messages::check_float_a_static_scale(op, a_scale);
   TORCH_CHECK_VALUE(w_scale.is_contiguous(), op, ": w_scale must be contiguous");
   if (bias) {
     TORCH_CHECK_VALUE(bias->device() == dev, op, ": bias must be on ", dev);
@@ -71,7 +81,7 @@ inline GemmParams check_common(const char* op, const at::Tensor& a, const at::Te
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias must be [N] = [", n, "]");
   }
   GemmParams p{};
-  p.a = a.data_ptr<int8_t>();
+  p.a = a.data_ptr();
   p.a_scale = a_scale.data_ptr<float>();
   p.a_scale_per_token = a_scale.numel() == m && m != 1 ? 1 : 0;
   p.M = static_cast<int>(m);
@@ -207,6 +217,14 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
                                      emulated);
     if (hopper >= 0) return run_sm90(op, p, a, out_dtype, group, hopper, emulated);
   }
+  // A float `a` (fused only) runs the float-A instantiations, built for the one tile float_a_tile.
+  const bool float_a = a.scalar_type() != at::kChar;
+  if (float_a) {
+    const int ft = ditq::gemm::float_a_tile(group > 0);
+    TORCH_CHECK_VALUE(tile < 0 || tile == ft, op, ": a float a runs on GEMM tile ", ft, " only (its kernels, which "
+                      "quantize a as they load it, are built for the smallest-M tile), got tile ", tile);
+    tile = ft;
+  }
   const int t = resolve_tile(tile, arch, p.M, group > 0);
   {
     int s[7];
@@ -232,7 +250,9 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
     if (int8_out) y.fill_(-128);
     else y.fill_(std::numeric_limits<float>::quiet_NaN());
     if (p.splits > 1) workspace.fill_(-1);
-    if (fused) {
+    if (float_a) {
+      ditq::gemm_fused_float_a_emulated({p, group, t, true, out_dtype_of(a.scalar_type())});
+    } else if (fused) {
       if (group > 0) ditq::gemm_w4a8_fused_emulated({p, group, t});
       else ditq::gemm_w8a8_fused_emulated({p, 0, t});
     } else {
@@ -243,7 +263,9 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
   }
 #if DITQ_WITH_CUDA
   void* stream = at::cuda::getCurrentCUDAStream().stream();
-  const char* err = fused ? (group > 0 ? ditq::gemm_w4a8_fused_cuda({p, group, t}, stream)
+  const char* err = float_a ? ditq::gemm_fused_float_a_cuda({p, group, t, true, out_dtype_of(a.scalar_type())},
+                                                            stream)
+                  : fused ? (group > 0 ? ditq::gemm_w4a8_fused_cuda({p, group, t}, stream)
                                        : ditq::gemm_w8a8_fused_cuda({p, 0, t}, stream))
                           : (group > 0 ? ditq::gemm_w4a8_cuda({p, group, t}, stream)
                                        : ditq::gemm_w8a8_cuda({p, 0, t}, stream));
@@ -325,12 +347,13 @@ inline void check_fused(const char* op, GemmParams& p, FusedInputs& keep, const 
 // The weight checks of the W8 and W4 GEMMs (plain and fused alike), then check_common: the launch
 // parameters with a, w and their scales filled in.
 inline GemmParams check_w8(const char* op, const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
-                           const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, bool emulated) {
+                           const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, bool emulated,
+                           bool float_a = false) {
   TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, op, ": w must be int8, got ", w.scalar_type());
   TORCH_CHECK_VALUE(w.dim() == 2 && w.is_contiguous() && a.dim() == 2 && w.size(1) == a.size(1), op,
                     ": w must be a contiguous int8 [N, K] tensor with K = a.shape[1]");
   const int64_t n = w.size(0);
-  GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated);
+  GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated, float_a);
   TORCH_CHECK_VALUE(w_scale.dim() == 1 && w_scale.size(0) == n, op, ": w_scale must be float32 [N] = [", n, "]");
   p.w = w.data_ptr();
   p.w_scale = w_scale.data_ptr<float>();
@@ -339,7 +362,7 @@ inline GemmParams check_w8(const char* op, const at::Tensor& a, const at::Tensor
 
 inline GemmParams check_w4(const char* op, const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t group_size,
-                           bool emulated) {
+                           bool emulated, bool float_a = false) {
   TORCH_CHECK_VALUE(ditq::gemm::is_w4_group_size(group_size), op, ": group_size must be one of ",
                     group_sizes_text(), " (the sizes this build's kernels were compiled for), got ", group_size);
   TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": w must be uint8 (two int4 per byte), got ",
@@ -351,7 +374,7 @@ inline GemmParams check_w4(const char* op, const at::Tensor& a, const at::Tensor
                     "split-nibble layout (ditq.backends.cuda_layout), got shape ", w.sizes());
   TORCH_CHECK_VALUE(k % group_size == 0 && w_scale.size(0) == k / group_size, op, ": K = ", k,
                     " must be a multiple of group_size ", group_size, " and w_scale [K // group_size, N]");
-  GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated);
+  GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated, float_a);
   p.w = w.data_ptr();
   p.w_scale = w_scale.data_ptr<float>();
   return p;
@@ -377,7 +400,7 @@ inline at::Tensor gemm_w8a8_fused(const at::Tensor& a, const at::Tensor& a_scale
                                   int64_t rows_per_gate, const std::optional<at::Tensor>& out_scale,
                                   at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
   const char* op = "gemm_w8a8_fused";
-  GemmParams p = check_w8(op, a, a_scale, w, w_scale, bias, emulated);
+  GemmParams p = check_w8(op, a, a_scale, w, w_scale, bias, emulated, true);
   out_dtype_of(out_dtype);  // the dtype check first: residual is compared with it
   FusedInputs keep;
   check_fused(op, p, keep, a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, emulated);
@@ -391,7 +414,7 @@ inline at::Tensor gemm_w4a8_fused(const at::Tensor& a, const at::Tensor& a_scale
                                   const std::optional<at::Tensor>& out_scale, at::ScalarType out_dtype,
                                   int64_t tile, int64_t splits, bool emulated) {
   const char* op = "gemm_w4a8_fused";
-  GemmParams p = check_w4(op, a, a_scale, w, w_scale, bias, group_size, emulated);
+  GemmParams p = check_w4(op, a, a_scale, w, w_scale, bias, group_size, emulated, true);
   out_dtype_of(out_dtype);
   FusedInputs keep;
   check_fused(op, p, keep, a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, emulated);

@@ -12,16 +12,16 @@
 
 namespace ditq::gemm {
 
-template <class T, class WOp, class Epi>
+template <class T, class WOp, class Epi, class AT = int8_t>
 __global__ void __launch_bounds__(T::THREADS) gemm_kernel(GemmParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
-  gemm_body<T, WOp, Epi>(p, smem);
+  gemm_body<T, WOp, Epi, AT>(p, smem);
 }
 
-template <class T, class WOp, class Epi>
+template <class T, class WOp, class Epi, class AT = int8_t>
 const char* launch(const GemmParams& p, void* stream) {
   constexpr int smem = smem_bytes<T, WOp>();
-  auto* kernel = &gemm_kernel<T, WOp, Epi>;
+  auto* kernel = &gemm_kernel<T, WOp, Epi, AT>;
   if (smem > 48 * 1024) {  // above 48 KB a kernel must opt in to dynamic shared memory
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return cudaGetErrorString(e);

@@ -71,7 +71,8 @@ std::string kernel_families_json();
 namespace gemm {
 // Everything the kernel reads; passed to it by value. Plain pointers, no torch.
 struct GemmParams {
-  const int8_t* a;          // [M, K] row-major, 16-byte aligned, K % kKMultiple == 0
+  const void* a;            // int8 [M, K] row-major, 16-byte aligned, K % kKMultiple == 0; the fused kernels'
+                            // float-A instantiations: fp32 / fp16 / bf16 [M, K] (GemmArgs::a_float)
   const float* a_scale;     // [1] (static) or [M] (per token)
   int a_scale_per_token;    // 0 / 1
   const void* w;            // int8 [N, K] (W8) or split-nibble uint8 [N, K / 2] (W4), 16-byte aligned
@@ -107,6 +108,10 @@ struct GemmArgs {
   gemm::GemmParams params;
   int group_size;  // W4A8: one of DITQ_W4_GROUP_SIZES (configs/kernel_families.h); W8A8: 0
   int tile;        // an id of configs/gemm_tiles.h
+  // Fused GEMMs only: A is float of a_dtype (not int8), quantized on load with the static a_scale[0]; these
+  // instantiations exist for the tile float_a_tile() alone (gemm_fused_float_a_*).
+  bool a_float = false;
+  DType a_dtype = DType::kF32;
 };
 const char* gemm_w8a8_cuda(const GemmArgs& args, void* stream);
 void gemm_w8a8_emulated(const GemmArgs& args);
@@ -118,6 +123,10 @@ const char* gemm_w8a8_fused_cuda(const GemmArgs& args, void* stream);
 void gemm_w8a8_fused_emulated(const GemmArgs& args);
 const char* gemm_w4a8_fused_cuda(const GemmArgs& args, void* stream);
 void gemm_w4a8_fused_emulated(const GemmArgs& args);
+// The fused GEMMs with a float A (args.a_float; W8 when args.group_size == 0, else W4): csrc/gemm_fused_float_a.cu
+// and csrc/emulated_gemm_fused_float_a.cpp, a translation unit each.
+const char* gemm_fused_float_a_cuda(const GemmArgs& args, void* stream);
+void gemm_fused_float_a_emulated(const GemmArgs& args);
 
 // ---- Hopper int8 GEMMs (csrc/gemm_sm90.cuh, TMA + wgmma): GemmArgs.tile is an index into the sm90 lists of
 // configs/gemm_tiles_sm90.h (the binding strips kSm90TileBase); params.splits must be 1 (no split-K).

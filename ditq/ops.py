@@ -61,9 +61,9 @@ out_dtype, backend) -> y``
     on int8 ``a`` bit for bit, every epilogue piece included. This makes a float input such as adaLN's
     ``silu(emb)`` one op instead of two (for a few rows, re-quantizing A in every N tile costs nothing). A float
     ``a`` with per-token scales [M] is a ValueError (dynamic scales need the whole row first: run
-    ``quantize_act``). ``KernelOps.fused_gemm_float_a`` says whether a backend's fused GEMMs do this (torch
-    and triton); where it is False (cuda, cuda-emulated: their kernels load A as int8) the generic op raises
-    NotImplementedError for a float ``a`` and callers quantize it first (``QuantLinear.forward_fused`` does).
+    ``quantize_act``). ``KernelOps.fused_gemm_float_a`` says whether a backend's fused GEMMs do this (torch,
+    triton, cuda and cuda-emulated all do); where it is False the generic op raises NotImplementedError for a
+    float ``a`` and callers quantize it first (``QuantLinear.forward_fused`` does).
 """
 from __future__ import annotations
 

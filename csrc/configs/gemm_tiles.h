@@ -42,4 +42,9 @@ constexpr int pick_tile(int arch, int m, bool w4) {
   return -1;  // older than sm_80: no int8 mma.sync m16n8k32
 }
 
+// The one tile the fused GEMMs with a float A (quantized on load) are compiled for: the smallest-M bucket's
+// (their caller is adaLN's GEMM, one row per image). The launcher uses it at any M (correct everywhere, only
+// slower at large M, where no caller passes a float A); it never takes the Hopper path.
+constexpr int float_a_tile(bool w4) { return pick_tile(80, 1, w4); }
+
 }  // namespace ditq::gemm

@@ -58,7 +58,9 @@ def _kernel_ops() -> KernelOps:
     names = ("quantize_act", "gemm_w8a8", "gemm_w4a8", "gemm_w8a8_fused", "gemm_w4a8_fused", "norm_modulate_quantize")
     for name in names:
         torch.library.register_fake(f"ditq_C::{name}", FAKES[name])
-    return KernelOps(**{name: getattr(torch.ops.ditq_C, name).default for name in names})
+    # fused_gemm_float_a: the fused GEMMs also take a float `a` with a static a_scale and quantize it as they
+    # load it (csrc/gemm_fused_float_a.cu, gemm.cuh's FloatATileLoader), on both cuda and cuda-emulated
+    return KernelOps(**{name: getattr(torch.ops.ditq_C, name).default for name in names}, fused_gemm_float_a=True)
 
 
 # ---- GEMMs (csrc/gemm*.{h,cuh,cu,cpp}, layouts in cuda_layout.py) --------------------------------------------

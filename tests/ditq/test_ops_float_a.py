@@ -1,11 +1,12 @@
 """The fused GEMM ops given a float ``a`` with a static scale (the contract in ditq.ops): the torch backend
 equals quantize_act followed by the int8 fused op bit for bit; a per-token scale is refused with the same words
-on torch and triton; backends whose kernels load A as int8 (cuda-emulated here) say so and refuse a float ``a``
-before their C++ sees it; torch.compile traces the op with a float ``a`` in one graph."""
+on torch and triton; cuda-emulated's kernels quantize a float ``a`` on load as well; torch.compile traces the op
+with a float ``a`` in one graph."""
 import pytest
 import torch
 
 import ditq  # noqa: F401  (registers torch.ops.ditq)
+from ditq import ops as ops_module
 from ditq import backends, testing
 from ditq.quant import reference as ref
 
@@ -96,17 +97,26 @@ def test_float_a_with_per_token_scales_is_refused_alike_on_torch_and_triton(bits
 
 @pytest.mark.skipif(not EMULATED, reason="ditq._C is not built here")
 @pytest.mark.parametrize("bits", (8, 4), ids=("w8a8", "w4a8"))
-def test_cuda_emulated_says_its_fused_gemms_take_int8_a_only(bits):
-    ops = backends.get_backend("cuda-emulated").kernel_ops()
-    assert ops.fused_gemm_float_a is False and ops.gemm_w8a8_fused is not None
-    assert backends.get_backend("triton").kernel_ops().fused_gemm_float_a is True
-    m, n, k = 2, 16, 64
+def test_cuda_emulated_computes_float_a_as_quantize_act_then_the_int8_op(bits):
+    """The cuda backends' fused GEMMs quantize a float ``a`` on load too (tests/csrc/test_gemm_float_a_emulated.py
+    covers the kernel): the generic op on cuda-emulated equals its quantize_act + int8 fused op bit for bit, and a
+    per-token scale is refused in the words of ditq.ops."""
+    be = backends.get_backend("cuda-emulated")
+    ops = be.kernel_ops()
+    assert ops.fused_gemm_float_a is True and ops.gemm_w8a8_fused is not None
+    m, n, k = 2, 17, 64
     gen = torch.Generator().manual_seed(7)
     w, w_s = _weights(bits, 32, n, k, gen)
-    w, w_s = backends.get_backend("cuda-emulated").prepare_weight(_Fmt(bits), w, w_s)
-    with pytest.raises(NotImplementedError, match="backend 'cuda-emulated'.*load A as int8.*quantize_act"):
-        _fused(bits, 32, torch.randn(m, k, generator=gen), torch.tensor([0.05]), w, w_s, None,
-               (False, None, None, 1, None, torch.float32), "cuda-emulated")
+    w, w_s = be.prepare_weight(_Fmt(bits), w, w_s)
+    x, a_s = _float_a(m, k, torch.bfloat16, gen), torch.tensor([SCALE])
+    pieces = (True, None, None, 1, torch.tensor([0.05]), torch.float32)
+    q, s = torch.ops.ditq.quantize_act(x, a_s, "cuda-emulated")
+    got = _fused(bits, 32, x, a_s, w, w_s, None, pieces, "cuda-emulated")
+    want = _fused(bits, 32, q, s, w, w_s, None, pieces, "cuda-emulated")
+    assert got.dtype == torch.int8 and torch.equal(got, want) and got.ne(0).sum() > m * n // 2
+    with pytest.raises(ValueError) as info:
+        _fused(bits, 32, x, torch.full((m,), SCALE), w, w_s, None, pieces, "cuda-emulated")
+    assert str(ops_module.float_a_needs_static_scale(torch.full((m,), SCALE))) in str(info.value)
 
 
 def test_compiled_call_with_float_a_has_no_graph_break():
