@@ -7,7 +7,8 @@ Every kernel (tile x weight kind) must use the int8 tensor cores (IMMA.16832.S8.
 with exactly the round-to-nearest-even conversions (F2FP...PACK_AB without a rounding suffix): the device
 half of a conversion is code the emulator never runs, so its rounding is checked here, by instruction name.
 The fused-epilogue instantiations (FusedEpilogue: gemm_*_fused) pass the same checks, hold the pieces' own
-instructions, and keep the plain kernel's main-loop tensor-core and memory instructions. Registers, shared
+instructions, and keep the plain kernel's main-loop tensor-core and memory instructions; their float-A variants
+(gemm_fused_float_a.cu) keep the int8 twin's tensor-core work and read A with 16-byte loads. Registers, shared
 memory, instruction counts and the main loop's instruction mix per mma are printed (`pytest -s`) and kept in
 the test's user_properties."""
 import collections
@@ -87,6 +88,18 @@ def compiled(tmp_path_factory):
     return {arch: _compile("gemm.cu", arch, tmp) for arch in ARCHS}
 
 
+@pytest.fixture(scope="module")
+def compile_once(tmp_path_factory):
+    """_compile with a per-module cache: the fused kernels are compiled once for both tests that read them."""
+    tmp, cache = tmp_path_factory.mktemp("gemm_sass_once"), {}
+
+    def get(source, arch):
+        if (source, arch) not in cache:
+            cache[(source, arch)] = _compile(source, arch, tmp)
+        return cache[(source, arch)]
+    return get
+
+
 def _smem(tile, kind):
     bm, bn, bk, _, _, stages = tile_table()[tile]
     return stages * (bm * bk + bn * (bk if kind == "w8" else bk // 2))
@@ -158,9 +171,78 @@ def test_gemm_sass(compiled, arch, request):
 # The fused-epilogue kernels (csrc/gemm_fused.cu): ~2.5x the plain kernels' code, so ~45 s of nvcc per
 # architecture; sm_90a runs with the slow tests.
 @pytest.mark.parametrize("arch", [ARCHS[0], pytest.param(ARCHS[1], marks=pytest.mark.slow)])
-def test_gemm_fused_sass(compiled, arch, request, tmp_path):
-    funcs, ptxas = _compile("gemm_fused.cu", arch, tmp_path)
+def test_gemm_fused_sass(compiled, compile_once, arch, request):
+    funcs, ptxas = compile_once("gemm_fused.cu", arch)
     _check(arch, funcs, ptxas, "fused", request, plain=compiled[arch])
+
+
+# The fused GEMMs with a float A (csrc/gemm_fused_float_a.cu: FloatATileLoader quantizes A as it loads it),
+# compiled for one tile (float_a_tile: the smallest-M bucket's), W8 and every W4 group size, three A types.
+A_TYPES = {"f32": "EfEEv", "f16": "E6__halfEEv", "bf16": "E13__nv_bfloat16EEv"}  # the mangled A type argument
+
+
+def float_a_tile():
+    """The tile the float-A kernels are built for: the first sm_80 rule's (csrc/configs/gemm_tiles.h
+    float_a_tile = pick_tile(80, 1, w4); the rules give W8 and W4 the same tile at M = 1)."""
+    text = open(os.path.join(CSRC, "configs", "gemm_tiles.h")).read()
+    rules = re.findall(r"\{80, (-?\d+), (\d+), (\d+)\}", text)
+    w8, w4 = int(rules[0][1]), int(rules[0][2])
+    assert w8 == w4, "the float-A kernels assume one tile for W8 and W4"
+    return w8
+
+
+@pytest.mark.parametrize("arch", [ARCHS[0], pytest.param(ARCHS[1], marks=pytest.mark.slow)])
+def test_gemm_fused_float_a_sass(compile_once, arch, request):
+    """Every float-A kernel: the int8 tensor cores in its main loop (as many IMMA per iteration as its int8
+    twin), no local memory or spills, A read with 16-byte global loads (LDG.E.128, never a byte load) and
+    stored to shared memory 16 bytes at a time (STS.128), W still by cp.async (LDGSTS), and the quantizer's
+    float -> int conversion (F2I). Registers and main-loop length are printed beside the int8 twin's."""
+    funcs, ptxas = compile_once("gemm_fused_float_a.cu", arch)
+    twins, twin_ptxas = compile_once("gemm_fused.cu", arch)  # the int8 fused kernels, for comparison
+    tile = float_a_tile()
+    kernels = {}
+    for name in funcs:
+        key = kernel_key(name)
+        if key is None:
+            continue
+        a = [t for t, m in A_TYPES.items() if "FusedEpilogue" + m in name]
+        assert key[0] == tile and key[2] == "fused" and len(a) == 1, name
+        kernels[(key[1], a[0])] = name
+    kinds = ["w8"] + [f"w4g{g}" for g in w4_group_sizes()]
+    assert set(kernels) == {(k, a) for k in kinds for a in A_TYPES}, sorted(kernels)
+    twin_names = {kernel_key(n)[1]: n for n in twins if kernel_key(n) and kernel_key(n)[0] == tile}
+    bm, bn, bk, wm, wn, _ = tile_table()[tile]
+    print(f"\n{arch}: float-A fused kernels, tile {tile}: kind a_type regs loop(IMMA) LDG.128 STS.128 | int8 twin "
+          f"regs loop")
+    for (kind, a_type), name in sorted(kernels.items()):
+        ins = funcs[name]
+        ops = collections.Counter(op for _, op, _ in ins)
+        what = f"{arch} float-A {kind} {a_type}"
+        loop = aot.main_loop(ins)
+        lops = collections.Counter(op for _, op, _ in loop)
+        imma = lops["IMMA.16832.S8.S8"]
+        assert imma == (bm // wm // 16) * (bn // wn // 8) * (bk // 32), f"{what}: {imma} IMMA in the main loop"
+        assert any(o.startswith("LDSM") for o in lops), f"{what}: no ldmatrix in the main loop"
+        assert ops["LDL"] == 0 and ops["STL"] == 0, f"{what}: local memory (LDL {ops['LDL']}, STL {ops['STL']})"
+        regs, spill = ptxas[name]
+        assert spill == 0, f"{what}: {spill} bytes of spills"
+        ldg128 = sum(v for o, v in lops.items() if o.startswith("LDG.E.128"))
+        assert ldg128 > 0, f"{what}: A is not read with 16-byte loads (LDG.E.128) in the main loop"
+        byte_loads = {o: v for o, v in ops.items() if o.startswith("LDG") and (".U8" in o or ".S8" in o)}
+        assert not byte_loads, f"{what}: byte loads {byte_loads}"
+        assert lops["STS.128"] > 0, f"{what}: A's int8 chunks are not stored 16 bytes at a time (STS.128)"
+        assert lops["LDGSTS.E.BYPASS.128"] > 0, f"{what}: W is not loaded by cp.async in the main loop"
+        assert any(o.startswith("F2I") for o in lops), f"{what}: no float -> int conversion in the main loop"
+        row = dict(arch=arch, tile=tile, kind=kind, a_type=a_type, registers=regs, instructions=len(ins),
+                   loop_instructions=len(loop), loop_imma=imma, loop_ldg128=ldg128, loop_sts128=lops["STS.128"])
+        twin = ""
+        if kind in twin_names:
+            tl = aot.main_loop(twins[twin_names[kind]])
+            row.update(twin_registers=twin_ptxas[twin_names[kind]][0], twin_loop_instructions=len(tl))
+            twin = f"{row['twin_registers']:>4} {len(tl):>5}"
+        request.node.user_properties.append((f"float_a_{kind}_{a_type}", row))
+        print(f"{arch}: {kind:<7} {a_type:<5} {regs:>4} {len(loop):>5}({imma}) {ldg128:>6} {lops['STS.128']:>6} "
+              f"| {twin}")
 
 
 # The same check on a small kernel that calls the conversions from ptx.cuh, and on a copy of ptx.cuh whose
