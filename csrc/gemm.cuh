@@ -215,7 +215,7 @@ struct FloatATileLoader {
     for (int j = 0; j < PER_THREAD; ++j) {
       const unsigned i = static_cast<unsigned>(j * THREADS + tid);
       const int row = static_cast<int>(i / C), chunk = static_cast<int>(i % C);
-      const bool ok = (CHUNKS % THREADS == 0 || i < static_cast<unsigned>(CHUNKS)) && r0 + row < nrows;
+      const bool ok = r0 + row < nrows && (CHUNKS % THREADS == 0 || i < static_cast<unsigned>(CHUNKS));
       src[j] = ok ? g + static_cast<int64_t>(r0 + row) * K_ + chunk * 16 : g;
       dst[j] = swizzle<BK>(row, chunk);
       col[j] = ok ? chunk * 16 : (1 << 30);
