@@ -33,8 +33,9 @@ its class and state dict stay diffusers'): the projection once, each distinct em
 found when fusing, by their tensors), the final layer reusing block 0's conditioning. The embedders stay in float by
 default (``ditq.convert.DEFAULT_SKIP``: one row per image); each block's adaLN GEMM then takes ``silu(emb)`` in float
 and quantizes it as it loads it (:func:`quantizes_on_load`), so a block is 8 ditq launches in all: two fused norms,
-the q/k/v, attention-output quantization, output, fc1 and fc2 GEMMs, and its adaLN GEMM. On a backend whose GEMMs
-cannot quantize on load, each distinct ``silu(emb)`` is quantized once for the adaLN linears that share it. A model
+the q/k/v, attention-output quantization, output, fc1 and fc2 GEMMs, and its adaLN GEMM. Where the adaLN GEMMs
+cannot quantize on load (per-token scales, or a backend without ``KernelOps.fused_gemm_float_a``), each distinct
+``silu(emb)`` is quantized once for the adaLN linears that share it. A model
 whose embedders were quantized anyway (``include``) runs them as fused GEMMs: the projection quantized once for
 every ``linear_1``, the label embedding added in ``linear_2``'s epilogue.
 """
