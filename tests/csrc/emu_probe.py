@@ -58,6 +58,45 @@ def build() -> str:
     return build_library(SOURCE, _sources(), "libemu_probe")
 
 
+def build_mutant(name: str, edits, probe: str) -> str:
+    """g++ ``probe`` against a copy of csrc/ with ``edits`` applied in order, each ``(file under csrc/, text,
+    replacement)`` whose text must occur exactly once (a planted bug whose line moved fails loudly instead of
+    testing the unmutated kernel). Cached in ``<tmp>/ditq_mutants/<name>_<hash>.so`` by the hash of csrc/, the
+    probe and the edits; returns its path. Skips the caller if there is no host compiler."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no host C++ compiler ({cxx})")
+    h = hashlib.sha256(repr(list(edits)).encode())
+    for root, _, files in os.walk(CSRC):
+        for f in sorted(files):
+            if f.endswith((".h", ".cuh", ".cpp")):
+                with open(os.path.join(root, f), "rb") as fh:
+                    h.update(fh.read())
+    with open(probe, "rb") as fh:
+        h.update(fh.read())
+    out_dir = os.path.join(tempfile.gettempdir(), "ditq_mutants")
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, f"{name}_{h.hexdigest()[:16]}.so")
+    if not os.path.exists(out):
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "csrc")
+            shutil.copytree(CSRC, src)
+            for rel, old, new in edits:
+                path = os.path.join(src, rel)
+                with open(path) as fh:
+                    text = fh.read()
+                assert text.count(old) == 1, f"mutant {name}: {old!r} is not (once) in csrc/{rel}: update the mutant"
+                with open(path, "w") as fh:
+                    fh.write(text.replace(old, new))
+            tmp_out = f"{out}.{os.getpid()}.tmp"
+            cmd = [cxx, "-O1", "-std=c++17", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas", "-shared", "-fPIC",
+                   "-I", src, probe, "-o", tmp_out]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-4000:]
+            os.replace(tmp_out, out)  # atomic: parallel test workers never load a half-written library
+    return out
+
+
 def load():
     global _lib
     if _lib is None:

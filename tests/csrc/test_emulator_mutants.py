@@ -12,12 +12,8 @@ a ragged problem. Without the matching check each of these bugs passed the CPU s
 The device-only half of the conversion (a `_rz` in place of `_rn`) is covered by test_gemm_sass.py, which
 names the exact SASS conversion instruction and has its own mutant."""
 import ctypes
-import hashlib
 import importlib.util
 import os
-import shutil
-import subprocess
-import tempfile
 
 import numpy as np
 import pytest
@@ -29,7 +25,6 @@ from ditq.testing import assert_gemm_w8a8
 pytestmark = pytest.mark.skipif(not cuda_backend.built(), reason="ditq._C is not built")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
 
 
 def _load(name):
@@ -47,32 +42,7 @@ MUTANTS = {
 
 
 def build_mutant(name):
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        pytest.skip(f"no host C++ compiler ({cxx})")
-    rel, old, new = MUTANTS[name]
-    h = hashlib.sha256(repr(MUTANTS[name]).encode())
-    for root, _, files in os.walk(CSRC):
-        for f in sorted(files):
-            if f.endswith((".h", ".cuh", ".cpp")):
-                h.update(open(os.path.join(root, f), "rb").read())
-    h.update(open(os.path.join(HERE, "gemm_probe.cpp"), "rb").read())
-    out_dir = os.path.join(tempfile.gettempdir(), "ditq_mutants")
-    os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, f"{name}_{h.hexdigest()[:16]}.so")
-    if not os.path.exists(out):
-        with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, "csrc")
-            shutil.copytree(CSRC, src)
-            path = os.path.join(src, rel)
-            text = open(path).read()
-            assert text.count(old) == 1, f"mutant {name}: {old!r} is not (once) in csrc/{rel}: update the mutant"
-            open(path, "w").write(text.replace(old, new))
-            cmd = [cxx, "-O1", "-std=c++17", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas", "-shared", "-fPIC",
-                   "-I", src, os.path.join(HERE, "gemm_probe.cpp"), "-o", out + f".{os.getpid()}.tmp"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            assert r.returncode == 0, r.stderr[-4000:]
-            os.replace(out + f".{os.getpid()}.tmp", out)
+    out = _load("emu_probe").build_mutant(name, [MUTANTS[name]], os.path.join(HERE, "gemm_probe.cpp"))
     lib = ctypes.CDLL(out)
     lib.gemm_probe.restype = ctypes.c_int
     lib.gemm_probe.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 7

@@ -8,11 +8,8 @@ hash) and runs them on inputs the unmutated kernel gets exactly right:
 * a quantizer that rounds ties away from zero (rintf's half-to-even replaced) breaks the bit-for-bit equality
   with quantize_act + the int8 kernel on the exact .5 ties the exactness tests feed it."""
 import ctypes
-import hashlib
+import importlib.util
 import os
-import shutil
-import subprocess
-import tempfile
 
 import pytest
 import torch
@@ -22,8 +19,10 @@ from ditq.backends import cuda_backend
 pytestmark = [pytest.mark.skipif(not cuda_backend.built(), reason="ditq._C is not built"), pytest.mark.slow]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
 PROBE = os.path.join(HERE, "gemm_float_a_probe.cpp")
+_spec = importlib.util.spec_from_file_location("emu_probe", os.path.join(HERE, "emu_probe.py"))
+_emu_probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_emu_probe)
 
 # name -> (file under csrc/, original text, mutated text)
 MUTANTS = {
@@ -39,36 +38,8 @@ TIES_AWAY = ("template <class AT>\nconstexpr bool kIntA",
 
 
 def build_mutant(name):
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        pytest.skip(f"no host C++ compiler ({cxx})")
-    rel, old, new = MUTANTS[name]
-    h = hashlib.sha256(repr((MUTANTS[name], TIES_AWAY)).encode())
-    for root, _, files in os.walk(CSRC):
-        for f in sorted(files):
-            if f.endswith((".h", ".cuh", ".cpp")):
-                h.update(open(os.path.join(root, f), "rb").read())
-    h.update(open(PROBE, "rb").read())
-    out_dir = os.path.join(tempfile.gettempdir(), "ditq_mutants")
-    os.makedirs(out_dir, exist_ok=True)
-    out = os.path.join(out_dir, f"{name}_{h.hexdigest()[:16]}.so")
-    if not os.path.exists(out):
-        with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, "csrc")
-            shutil.copytree(CSRC, src)
-            path = os.path.join(src, rel)
-            text = open(path).read()
-            assert text.count(old) == 1, f"mutant {name}: {old!r} is not (once) in csrc/{rel}: update the mutant"
-            text = text.replace(old, new)
-            if name == "float_a_ties_away":
-                assert text.count(TIES_AWAY[0]) == 1
-                text = text.replace(*TIES_AWAY)
-            open(path, "w").write(text)
-            cmd = [cxx, "-O1", "-std=c++17", "-U_FORTIFY_SOURCE", "-Wno-unknown-pragmas", "-shared", "-fPIC",
-                   "-I", src, PROBE, "-o", out + f".{os.getpid()}.tmp"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            assert r.returncode == 0, r.stderr[-4000:]
-            os.replace(out + f".{os.getpid()}.tmp", out)
+    edits = [MUTANTS[name]] + ([("gemm.cuh", *TIES_AWAY)] if name == "float_a_ties_away" else [])
+    out = _emu_probe.build_mutant(name, edits, PROBE)
     lib = ctypes.CDLL(out)
     lib.gemm_float_a_probe.restype = ctypes.c_int
     lib.gemm_float_a_probe.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
