@@ -251,7 +251,14 @@ def _cuda_kernel_meta(demangled: str, tiles) -> Optional[Dict]:
     group = int(g.group(1)) if g else None
     # Dynamic shared memory as gemm_tiles.h documents it: STAGES * (BM * BK + BN * BK / (W4 ? 2 : 1)).
     smem = st * (bm * bk + (bn * bk) // (2 if group else 1))
-    return {"kernel": f"w4a8 g{group}" if group else "w8a8", "tile": tid, "BM": bm, "BN": bn, "BK": bk,
+    kernel = f"w4a8 g{group}" if group else "w8a8"
+    # gemm_kernel<Tile, WOp, Epilogue, A element>: the fused-epilogue instances, and those taking a float A
+    if "FusedEpilogue" in demangled:
+        kernel += " +fused"
+    a_type = re.search(r"Epilogue, ?(float|__half|__nv_bfloat16)>", demangled)
+    if a_type:
+        kernel += " +float-A " + {"float": "fp32", "__half": "fp16", "__nv_bfloat16": "bf16"}[a_type.group(1)]
+    return {"kernel": kernel, "tile": tid, "BM": bm, "BN": bn, "BK": bk,
             "threads": wm * wn * 32, "dyn_smem": smem,
             "config": f"tile {tid}: {bm}x{bn}x{bk}, warps {wm}x{wn}, {st} stages"}
 

@@ -259,6 +259,13 @@ def test_cuda_kernel_names():
     assert meta["dyn_smem"] == 3 * (128 * 64 + 128 * 64 // 2)  # the formula of csrc/configs/gemm_tiles.h
     meta = sr._cuda_kernel_meta(f"void {ns}gemm_kernel<{ns}Tile<16, 64, 128, 1, 2, 4>, {ns}W8>(x)", tiles)
     assert meta["kernel"] == "w8a8" and meta["tile"] == 0 and meta["dyn_smem"] == 4 * (16 * 128 + 64 * 128)
+    for epi, a_type, want in [("PlainEpilogue", "signed char", "w4a8 g128"),
+                              ("FusedEpilogue", "signed char", "w4a8 g128 +fused"),
+                              ("FusedEpilogue", "__nv_bfloat16", "w4a8 g128 +fused +float-A bf16"),
+                              ("FusedEpilogue", "float", "w4a8 g128 +fused +float-A fp32")]:
+        meta = sr._cuda_kernel_meta(f"void {ns}gemm_kernel<{ns}Tile<16, 64, 128, 1, 2, 4>, {ns}W4<128>, {ns}{epi}, "
+                                    f"{a_type}>(ditq::gemm::GemmParams)", tiles)
+        assert meta["kernel"] == want, (epi, a_type, meta["kernel"])
     assert sr._cuda_kernel_meta("void ditq::qact::quantize_act_kernel<float, true, true>(P)", tiles) is None
     assert sr._short_name("void ditq::qact::quantize_act_kernel<float, true, true>(P)") == \
         "qact::quantize_act_kernel<float, true, true>"
