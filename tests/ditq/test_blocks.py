@@ -161,6 +161,24 @@ def test_timestep_grouped_scales_run_fused():
         assert ditq.sqnr(a, b) > 60
 
 
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_quantized_embedders_run_fused(preset):
+    """Timestep embedders quantized on request (``include``; the default keeps them float): the fused DiT runs them
+    as fused GEMMs (the projection quantized once, the label embedding in linear_2's epilogue) and equals the
+    unfused quantized model to fp32 rounding."""
+    kw = {"group_size": 32} if preset == "w4a8" else {}
+    include = ["*timestep_embedder*", "*norm1.linear", "*attn1.to_*", "*ff.net*"]
+    model, inputs = _quantized("dit", preset, include=include, **kw)
+    assert isinstance(model.transformer_blocks[0].norm1.emb.timestep_embedder.linear_1, ditq.nn.QuantLinear)
+    unfused = copy.deepcopy(model)
+    assert all(why is None for why in fuse_blocks(model).values())
+    assert model._ditq_dit_plan["quantized_embedders"]
+    with torch.no_grad():
+        torch.testing.assert_close(_out(model(**inputs)), _out(unfused(**inputs)), rtol=1e-5, atol=1e-5)
+    _, ops = _ops(model, inputs)
+    assert ops[f"ditq::torch_gemm_{preset}_fused"] == 14  # 5 per block, and each block's linear_1 and linear_2
+
+
 def test_dynamic_activations_run_fused():
     """Per-token scales: the fused norm emits them itself; equal to the unfused model to fp32 rounding."""
     model, inputs = _quantized("dit", act_scheme="dynamic")
