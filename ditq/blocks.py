@@ -363,16 +363,17 @@ def _dit_forward(self, hidden_states, timestep=None, class_labels=None, cross_at
     conds = _dit_conditioning(self, timestep, class_labels, dtype)
     silu = {o: F.silu(c) for o, c in conds.items()}
     owners = plan["owners"]
+    on_load = [quantizes_on_load(b.norm1.linear) for b in blocks]
     # silu(emb) quantized once per distinct embedder for the adaLN linears that share it, unless each quantizes
     # it as it loads it (then the adaLN is one launch per block)
     ada_q = {o: _quantize(blocks[o].norm1.linear, s) for o, s in silu.items() if plan["shared_ada_quant"][o] and
-             not all(quantizes_on_load(b.norm1.linear) for b, ob in zip(blocks, owners) if ob == o)}
+             not all(ok for ok, ob in zip(on_load, owners) if ob == o)}
     for i, b in enumerate(blocks):
         o = owners[i]
         lin = b.norm1.linear
         if o in ada_q:
             mod = lin.forward_fused(*ada_q[o], dtype)
-        elif quantizes_on_load(lin):
+        elif on_load[i]:
             mod = lin.forward_fused(silu[o], lin._buffers["act_scale"], dtype)
         else:
             mod = lin(silu[o])
