@@ -241,6 +241,12 @@ def test_gemm_w4a8_partials_are_the_int32_partials_at_the_extremes(group_size):
     want = (p[0] * scales[0] + p[1] * scales[1]) * a_scale.reshape(-1, 1)
     assert torch.equal(ref.gemm_w4a8(a, a_scale, w, scales, group_size), want)
 
+
+def test_gemm_w4a8_refuses_groups_too_long_for_exact_float32_partials():
+    a, w = torch.ones(1, 2048, dtype=torch.int8), torch.ones(2, 2048, dtype=torch.int8)
+    with pytest.raises(ValueError, match="too large for exact float32 group partials"):
+        ref.gemm_w4a8(a, torch.ones(1), w, torch.ones(1, 2), 2048)
+
 # ---- fused GEMM epilogues -----------------------------------------------------------------------------
 
 def test_gelu_tanh_is_diffusers_gelu_and_close_to_float64():
