@@ -266,6 +266,14 @@ def test_cuda_kernel_names():
         meta = sr._cuda_kernel_meta(f"void {ns}gemm_kernel<{ns}Tile<16, 64, 128, 1, 2, 4>, {ns}W4<128>, {ns}{epi}, "
                                     f"{a_type}>(ditq::gemm::GemmParams)", tiles)
         assert meta["kernel"] == want, (epi, a_type, meta["kernel"])
+    h = "ditq::gemm::sm90::"  # the Hopper kernels: Sm90Tile<BM, BN, STAGES, CONSUMERS>[, G], epilogue policy
+    for args, want in [("Sm90Tile<64, 128, 6, 1>, ditq::gemm::PlainEpilogue", "wgmma-w8a8"),
+                       ("Sm90Tile<64, 128, 6, 1>, ditq::gemm::FusedEpilogue", "wgmma-w8a8 +fused"),
+                       ("Sm90Tile<16, 64, 8, 1>, 32, ditq::gemm::PlainEpilogue", "wgmma-w4a8 g32"),
+                       ("Sm90Tile<16, 64, 8, 1>, 32, ditq::gemm::FusedEpilogue", "wgmma-w4a8 g32 +fused")]:
+        kernel = "gemm_w4a8_sm90_kernel" if "w4a8" in want else "gemm_w8a8_sm90_kernel"
+        meta = sr._cuda_kernel_meta(f"void {h}{kernel}<{h}{args}>({h}Sm90Params)", tiles)
+        assert meta["kernel"] == want and meta["sm90"], (args, meta["kernel"])
     assert sr._cuda_kernel_meta("void ditq::qact::quantize_act_kernel<float, true, true>(P)", tiles) is None
     assert sr._short_name("void ditq::qact::quantize_act_kernel<float, true, true>(P)") == \
         "qact::quantize_act_kernel<float, true, true>"
