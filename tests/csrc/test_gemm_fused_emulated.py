@@ -8,7 +8,8 @@ contract's fp32 operation applied to the plain op's fp32 output in torch, which 
 bit for bit, except GELU, whose exp differs in its last bits between libraries (compared with the contract's
 tolerance). The binding poisons the output (NaN, or -128 for int8: never a quantizer output) before the
 kernel runs, so an element never written fails; the global-memory checker knows the exact extents of gate,
-residual and out_scale."""
+residual and out_scale. The Hopper kernels (csrc/gemm_sm90.cuh, which carry the same FusedEpilogue) run a fused
+GEMM with an int8 a where a plain one would; they are checked the same way at the end of this file."""
 import itertools
 import json
 
