@@ -24,8 +24,9 @@ cut short by ``--max-seconds`` still compares shipped and best for whatever it r
 Writes tiles.json and tiles.md under --out / $OUT / benchmarks/out. ``--write-configs`` rewrites
 ``kernels/configs/<kernel>_<arch>.json`` (or the copies in ``--configs-dir``) with the best configuration per
 bucket (lowest total time over the bucket's cases, among configurations that ran correctly on all of them) and a
-"measured" record, and writes ``gemm_tile_rules.h.txt``: proposed rule arrays for csrc/configs/gemm_tiles*.h,
-which a person applies by hand (the CUDA tiles are template arguments: a change needs a rebuild).
+"measured" record, with a copy in the output folder's configs/, and writes ``gemm_tile_rules.h.txt`` there:
+proposed rule arrays for csrc/configs/gemm_tiles*.h, which a person applies by hand (the CUDA tiles are template
+arguments: a change needs a rebuild).
 """
 from __future__ import annotations
 
@@ -404,6 +405,7 @@ class Tuner:
             self.cases[fam.name] = [(_bucket(bounds, m), m, s) for m in ms for s in shapes
                                     if fam.bits == 8 or s[3] % fam.group == 0]
         self.results: Dict = {}  # (family, M, N, K) -> {config key: result}
+        self.broken: Optional[str] = None
 
     def measure(self, fam, cfg, m, shape) -> Dict:
         _, _, n, k = shape
@@ -412,8 +414,8 @@ class Tuner:
         if key in res:
             return res[key]
         r = res[key] = {"config": cfg, "label": fam.label(cfg)}
-        if self.deadline.passed():
-            r["status"] = "skipped: time budget (--max-seconds)"
+        if self.deadline.passed() or self.broken:
+            r["status"] = "skipped: " + (self.broken or "time budget (--max-seconds)")
             return r
         try:
             why = check(self.torch, fam, cfg, self.data, m, n, k)
@@ -426,8 +428,14 @@ class Tuner:
                                   self.args.iters, graph_calls=0 if self.args.smoke else max(sets, 4))
             r.update(status="ok", median_ms=t["median_ms"], timing=t["timing"],
                      sm_fill=fam.ctas(cfg, m, n, k) / self.sms())
+        except KeyboardInterrupt:
+            r["status"] = "skipped: interrupted (SIGTERM)"
+            raise
         except Exception as e:
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if self.device.type == "cuda" and ("illegal" in msg or "CUDA error" in msg):
+                # a faulting kernel leaves the CUDA context unusable: every later call would fail too
+                self.broken = f"CUDA context unusable after {fam.name} {fam.label(cfg)} ({msg})"
             # an argument the launcher refuses, or a tile too big for this GPU: unavailable, not a kernel error
             unavailable = isinstance(e, (ValueError, TypeError)) or "OutOfResources" in type(e).__name__
             r["status"] = ("unavailable: " if unavailable else "error: ") + msg
@@ -536,9 +544,10 @@ def markdown(report: Dict) -> str:
 
 # ---- proposed tables --------------------------------------------------------------------------------------
 
-def write_triton_tables(report: Dict, fams, env: Dict) -> List[str]:
+def write_triton_tables(report: Dict, fams, env: Dict, out_dir: str) -> List[str]:
     """Rewrite each measured Triton table: every bucket whose best complete configuration is not the shipped one
-    takes it (keys in the table's order, its by_group kept); a 'measured' record says what, where and how fast."""
+    takes it (keys in the table's order, its by_group kept); a 'measured' record says what, where and how fast.
+    A copy goes to ``out_dir``/configs, which comes back from a GPU machine with the report."""
     from ditq.kernels import config_table
 
     written = []
@@ -578,9 +587,11 @@ def write_triton_tables(report: Dict, fams, env: Dict) -> List[str]:
         if changed and "comment" in data and "re-chosen" not in data["comment"]:
             data["comment"] += (" Tiles re-chosen from timings by benchmarks/tune_tiles.py (see 'measured'); "
                                 "figures above describe the tiles before that.")
-        with open(primary.path, "w") as f:
-            f.write(_table_json(data))
-        written.append(primary.path)
+        os.makedirs(os.path.join(out_dir, "configs"), exist_ok=True)
+        for path in (primary.path, os.path.join(out_dir, "configs", os.path.basename(primary.path))):
+            with open(path, "w") as f:
+                f.write(_table_json(data))
+            written.append(path)
     return written
 
 
@@ -740,7 +751,7 @@ def main(argv=None) -> int:
     d = common.out_dir(args.out)
     written = []
     if args.write_configs:
-        written = write_triton_tables(report, fams, env)
+        written = write_triton_tables(report, fams, env, d)
         text = cuda_rules_text(report, fams, env)
         if text:
             with open(os.path.join(d, "gemm_tile_rules.h.txt"), "w") as f:
