@@ -97,13 +97,55 @@ def test_gemm_one_row_per_case(gemm):
     for (model, layer), s in shapes.items():
         for m in rep["m_values"]:
             impls = {k[3] for k in keys if k[:3] == (model, layer, m)}
-            assert {"bf16 matmul", "torch._int_mm + scale"} <= impls
+            assert {"bf16 matmul", "torch._int_mm + scale", "fp8 row-wise (_scaled_mm)"} <= impls
             for b in rep["backends"]:
                 assert f"ditq-{b} w8a8" in impls
                 for g in rep["group_sizes"]:
                     assert (f"ditq-{b} w4a8 g{g}" in impls) == (s["K"] % g == 0)
     quant = [r for r in rep["rows"] if r["kind"] == "quant"]
-    assert {r["impl"].rsplit(" ", 1)[1] for r in quant} == {"static", "dynamic"}
+    ditq_quant = [r for r in quant if r["impl"].startswith("ditq-")]
+    assert {r["impl"].rsplit(" ", 1)[1] for r in ditq_quant} == {"static", "dynamic"}
+    fp8_quant = {(r["M"], r["K"], r["impl"]) for r in quant if not r["impl"].startswith("ditq-")}
+    ks = {s["K"] for s in rep["shapes"]}
+    assert fp8_quant == {(m, k, f"fp8 row-wise quantize {how}") for m in rep["m_values"] for k in ks
+                         for how in ("eager", "compiled")}
+
+
+def test_gemm_fp8_rowwise(gemm):
+    """The fp8 row-wise peer runs on CPU (torch._scaled_mm with [M, 1] and [1, N] fp32 scales): finite times,
+    the speedup columns against it and against bf16 filled in, its own speedup vs itself exactly 1."""
+    rows = gemm[0]["rows"]
+    fp8 = [r for r in rows if r["impl"] == "fp8 row-wise (_scaled_mm)"]
+    assert fp8 and all(r["status"] == "ok" for r in fp8), [r["status"] for r in fp8]
+    for r in fp8:
+        assert r["speedup_vs_fp8"] == 1.0 and r["bytes"] == r["M"] * r["K"] + 4 * r["M"] + r["N"] * r["K"] \
+            + 4 * r["N"] + 2 * r["M"] * r["N"] + 2 * r["N"]
+    for r in rows:
+        if r["kind"] == "gemm" and r["status"] == "ok":
+            assert isinstance(r["speedup_vs_fp8"], NUM) and r["speedup_vs_fp8"] > 0, r
+        else:
+            assert r.get("speedup_vs_fp8") is None, r
+    md = (gemm[1] / "gemm.md").read_text()
+    assert "speedup vs fp8 row-wise" in md and "fp8 row-wise quantize compiled" in md
+
+
+def test_fp8_rowwise_quantize_is_exact_per_row():
+    """The activation pass the fp8 rows time: each row's largest magnitude maps to 448 (e4m3's largest finite
+    value) exactly, every value round-trips to within e4m3's rounding (3 mantissa bits: half an ulp is 1/16 of
+    the value's power of two), and a zero row gives zeros with a positive scale, not NaN."""
+    import torch
+    sys.path.insert(0, BENCH)
+    import bench_gemm
+
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(5, 48, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 1e3, 0.0])[:, None]).to(torch.bfloat16)
+    q, scale = bench_gemm.fp8_rowwise_quantize(x)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and scale.shape == (5, 1)
+    qf = q.float()
+    assert torch.equal(qf[:4].abs().amax(dim=1), torch.full((4,), 448.0))
+    assert torch.equal(qf[4], torch.zeros(48)) and scale[4].item() > 0
+    err = (qf * scale - x.float()).abs()
+    assert bool((err <= x.float().abs() / 16 + scale * 2.0 ** -9).all())  # subnormals: 2^-9 steps below 2^-6
 
 
 def test_gemm_row_fields(gemm):
