@@ -312,6 +312,8 @@ class Data:
         return max(1, min(8, math.ceil(2 * self.l2 / nbytes))) if self.l2 else 1
 
     def shape(self, n, k):
+        from ditq.quant import reference as ref
+
         if (n, k) not in self.weights:
             t, dev, g = self.torch, self.device, self.g
             d = {"w8": [], **{f"w4-{gs}": [] for gs in self.groups}}
@@ -319,7 +321,7 @@ class Data:
                 d["w8"].append((t.randint(-127, 128, (n, k), dtype=t.int8, device=dev, generator=g),
                                 t.rand(n, device=dev, generator=g) * 1e-2 + 1e-3))
                 w_q = t.randint(-8, 8, (n, k), dtype=t.int8, device=dev, generator=g)
-                packed = ((w_q[:, 1::2].to(t.uint8) & 0xF) << 4) | (w_q[:, 0::2].to(t.uint8) & 0xF)  # canonical
+                packed = ref.pack_int4(w_q)  # the canonical format each backend's prepare_weight takes
                 for gs in self.groups:
                     d[f"w4-{gs}"].append((packed, w_q, t.rand(k // gs, n, device=dev, generator=g) * 1e-2 + 1e-3))
             self.weights[(n, k)] = d
@@ -347,15 +349,18 @@ class Data:
         return self.layouts[key]
 
     def reference(self, fam, m, n, k):
-        """Rows to check (the first, the last, up to 30 more spread over M) and their float64 value and magnitude
-        (ditq.quant.reference: the integer sums, exact)."""
+        """Rows to check and their float64 value and magnitude (ditq.quant.reference: the integer sums, exact).
+        Every row up to M = 128; beyond, the first, the last and one at a random offset in each 64-row block, so
+        every row tile of every configuration (BM <= 256) is seen, at varying positions within it. All columns."""
         from ditq.quant import reference as ref
 
         key = (fam.bits, fam.group, m, n, k)
         if key not in self.exact:
             a, a_scale, bias = self.act(m, n, k)[0]
-            rows = sorted(set([0, m - 1] + list(range(0, m, max(1, m // 30)))))
-            idx = self.torch.tensor(rows, device=self.device)
+            rng = self.torch.Generator().manual_seed(m)
+            rows = range(m) if m <= 128 else sorted({0, m - 1} | {
+                b + int(self.torch.randint(min(64, m - b), (1,), generator=rng)) for b in range(0, m, 64)})
+            idx = self.torch.tensor(list(rows), device=self.device)
             if fam.bits == 8:
                 w, w_scale = self.shape(n, k)["w8"][0]
                 exact, mag = ref.gemm_w8a8_exact(a[idx], a_scale, w, w_scale, bias)
@@ -570,12 +575,20 @@ def write_triton_tables(report: Dict, fams, env: Dict, out_dir: str) -> List[str
                     entries[i]["by_group"] = e["by_group"]
                 changed = True
             for other in [f for f in fams if f.kind == "triton" and f.kernel == fam.kernel and f is not primary]:
+                # another group size measured: where its best differs from what the entry gives it (BK fitted to
+                # its pack block), a by_group override says so; where it agrees, an old override goes
                 ob = _bucket_row(report, other.name, e["max_m"])
                 if ob and ob["best"] and b["best"]:
-                    diff = {k: v for k, v in ob["best"].items() if b["best"].get(k) != v}
+                    given = other.fit(dict(b["best"]))
+                    diff = {k: v for k, v in ob["best"].items() if given.get(k) != v}
+                    groups = entries[i].setdefault("by_group", {})
                     if diff:
-                        entries[i].setdefault("by_group", {})[str(other.group)] = diff
-                        changed = True
+                        groups[str(other.group)] = diff
+                    else:
+                        groups.pop(str(other.group), None)
+                    if not groups:
+                        del entries[i]["by_group"]
+                    changed = True
         if not record:
             continue
         config_table.validate_table(entries, primary.path)
@@ -624,20 +637,25 @@ def cuda_rules_text(report: Dict, fams, env: Dict) -> Optional[str]:
     for b_max in f0.bounds():
         mm = -1 if b_max is None else b_max
         top = b_max if b_max is not None else 1 << 30
-        mma, sm90 = [_current(f0.rules, row_arch, mm, bits) for bits in (8, 4)], [-1, -1]
+        # what the rules say now for this bucket; a family that was not measured keeps it
+        mma = [_current(f0.rules, row_arch, mm, bits) for bits in (8, 4)]
+        sm90 = list(next(r[1:] for r in f0.sm90_rules if r[0] < 0 or top <= r[0]))
         for j, bits in enumerate((8, 4)):
             fam = fam_of[bits]
-            cur = fam.auto_tile(top) if fam else f0.cb.gemm_pick_tile(f0.arch, top, bits == 4)
             rows = [r for r in report["rows"] if fam and r["family"] == fam.name and r["bucket_max_m"] == b_max]
-            best = _best_total(rows, lambda c: c["splits"] is None) if rows else None
-            anyb = _best_total(rows, lambda c: True) if rows else None
+            if not rows:
+                continue
+            cur = fam.auto_tile(top)
+            best = _best_total(rows, lambda c: c["splits"] is None)
+            anyb = _best_total(rows, lambda c: True)
             tile = cur if best is None or best[0]["tile"] is None else best[0]["tile"]
             if tile >= 100:
                 sm90[j] = tile - 100
-            else:
-                mma[j] = tile
+            else:  # an mma.sync tile: on sm_90 the Hopper rule must hand the bucket over
+                mma[j], sm90[j] = tile, -1
             if best:
-                notes.append(f"//   {f'M <= {b_max}' if b_max else 'larger M'}, {fam.name}: {fam.label(best[0])} {best[1]:.4g} ms over "
+                where = f"M <= {b_max}" if b_max else "larger M"
+                notes.append(f"//   {where}, {fam.name}: {fam.label(best[0])} {best[1]:.4g} ms over "
                              f"{len(rows)} cases (now: tile {cur})" + (
                                  f"; a fixed split did better: {fam.label(anyb[0])} {anyb[1]:.4g} ms"
                                  if anyb and anyb[1] < best[1] else ""))

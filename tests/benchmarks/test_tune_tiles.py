@@ -137,3 +137,72 @@ def test_a_wrong_configuration_is_marked_and_never_chosen(tmp_path, monkeypatch)
     assert all(r["best"]["config"]["BN"] != 32 for r in rep["rows"])
     assert all(b["best"]["BN"] != 32 for b in rep["buckets"])
     assert all(e["BN"] != 32 for e in json.load(open(cfg / "w8a8_interpreter.json"))["entries"])
+
+
+def _report_row(family, max_m, m, results):
+    """A tiles.json row with the given (config, median_ms or None for a wrong one) results."""
+    cands = [{"config": c, "status": "ok", "median_ms": t} if t else {"config": c, "status": "wrong: garbage"}
+             for c, t in results]
+    return {"family": family, "bucket_max_m": max_m, "M": m, "candidates": cands}
+
+
+def test_write_configs_on_a_gpu_table_with_two_group_sizes(tmp_path):
+    """sm80's W4A8 table (by_group on its last entry), measured at G = 128 then G = 32: the entries take G = 128's
+    best, G = 32 gets a by_group override only where its best differs from what the entry gives it."""
+    mod = _module()
+    cfg = tmp_path / "configs"
+    shutil.copytree(CONFIGS, cfg)
+    table = config_table.load_table("w4a8", "sm80")
+    fams = []
+    for g in (128, 32):  # a family as the script builds it on an sm80 GPU, without the GPU
+        f = mod.TritonFamily.__new__(mod.TritonFamily)
+        f.torch, f.bits, f.group, f.mod, f.kernel, f.name = torch, 4, g, w4a8, "w4a8", f"triton-w4a8-g{g}"
+        f.kind, f.path, f.table, f.table_file = "triton", str(cfg / "w4a8_sm80.json"), table, json.load(
+            open(cfg / "w4a8_sm80.json"))
+        fams.append(f)
+    buckets = []
+    for i, e in enumerate(table):
+        for f in fams:
+            best = f.shipped(i)
+            if i == 0:
+                best = dict(best, BN=64)  # both groups: the entry changes, no override
+            if i == 1 and f.group == 32:
+                best = dict(best, num_stages=3)  # G = 32 only: an override
+            buckets.append({"family": f.name, "bucket_max_m": e["max_m"], "best": best, "shipped": f.shipped(i),
+                            "m_values": [1], "cases": 1, "shipped_label": "", "shipped_total_ms": 2.0,
+                            "best_label": "", "best_total_ms": 1.0, "speedup": 2.0})
+    written = mod.write_triton_tables({"buckets": buckets}, fams, {"command": "test"}, str(tmp_path))
+    assert str(cfg / "w4a8_sm80.json") in written
+    new = json.load(open(cfg / "w4a8_sm80.json"))
+    config_table.validate_table(new["entries"])
+    assert [e["max_m"] for e in new["entries"]] == [e["max_m"] for e in table]
+    assert new["entries"][0]["BN"] == 64 and "by_group" not in new["entries"][0]
+    assert new["entries"][1]["by_group"] == {"32": {"num_stages": 3}}
+    assert new["entries"][2]["by_group"] == table[2]["by_group"]  # G = 256's override, not measured: kept
+    assert w4a8.fit_config(config_table.params(new["entries"][1]), 32)["num_stages"] == 3
+    assert w4a8.fit_config(config_table.params(new["entries"][1]), 128)["num_stages"] == table[1]["num_stages"]
+    assert new["measured"]["group_sizes"] == [128, 32] and len(new["measured"]["buckets"]) == len(table)
+
+
+@pytest.mark.skipif(not _cuda_built(), reason="ditq._C is not built")
+def test_cuda_rules_proposal_for_a_hopper_gpu():
+    """The proposal a sm_90 run writes: a Hopper tile's bucket names it in kSm90TileRules; an mma.sync tile's
+    bucket hands over (-1) and sets the arch-90 kTileRules row; a fixed split that did better is noted."""
+    mod = _module()
+    f = mod.CudaFamily.__new__(mod.CudaFamily)
+    f.torch, f.bits, f.group, f.kernel, f.name, f.kind = torch, 8, None, "w8a8", "cuda-w8a8", "cuda"
+    from ditq.backends import cuda_backend
+    f.cb, f.arch, f.sms, f.hopper = cuda_backend, 90, 132, True
+    f.rules, f.sm90_rules = mod.read_tile_rules()
+    auto = {"tile": None, "splits": None}
+    rows = [_report_row("cuda-w8a8", 16, 16, [(auto, 3.0), ({"tile": 101, "splits": None}, 2.0),
+                                               ({"tile": 0, "splits": 2}, 1.0), ({"tile": 2, "splits": None}, None)]),
+            _report_row("cuda-w8a8", 64, 64, [(auto, 3.0), ({"tile": 1, "splits": None}, 2.0)])]
+    text = mod.cuda_rules_text({"rows": rows}, [f], {"command": "test"})
+    sm90 = text.split("kSm90TileRules[] = {")[1].split("};")[0]
+    w4_now = {r[0]: r[2] for r in f.sm90_rules}  # W4 was not measured: its buckets keep what they have
+    assert f"{{16, 1, {w4_now[16]}}}," in sm90 and f"{{64, -1, {w4_now[64]}}}," in sm90
+    mma = text.split("kTileRules[] = {")[1].split("};")[0]
+    assert "{90, 64, 1, " in mma and "{80, 64, 1, 1}," in mma
+    assert "a fixed split did better: tile 0" in text
+    assert "tile 2 " not in text.split("// csrc")[0]  # the wrong one is never proposed
