@@ -433,8 +433,8 @@ class Tuner:
                                   self.args.iters, graph_calls=0 if self.args.smoke else max(sets, 4))
             r.update(status="ok", median_ms=t["median_ms"], timing=t["timing"],
                      sm_fill=fam.ctas(cfg, m, n, k) / self.sms())
-        except KeyboardInterrupt:
-            r["status"] = "skipped: interrupted (SIGTERM)"
+        except (common.Stopped, KeyboardInterrupt):
+            r["status"] = "skipped: stopped (SIGTERM)"
             raise
         except Exception as e:
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -719,10 +719,6 @@ def parse_shapes(specs) -> List[tuple]:
     return out
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU: interpreter tables, cuda-emulated, tiny shapes")
@@ -754,12 +750,13 @@ def main(argv=None) -> int:
     fams = make_families(torch, device, args)
     tuner = Tuner(torch, device, fams, shapes, args, Data(torch, device, args.groups, l2))
 
-    # gpu_suite.sh stops a stage with SIGTERM: finish as if the budget ran out, and write what was measured
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    # gpu_suite.sh stops a stage with SIGTERM: stop there and write what was measured
+    previous = signal.getsignal(signal.SIGTERM)
+    common.stop_on_sigterm()
     try:
         tuner.run()
-    except KeyboardInterrupt:
-        print("interrupted: writing what was measured", file=sys.stderr)
+    except (common.Stopped, KeyboardInterrupt) as e:
+        print(f"stopped ({type(e).__name__}: {e}): writing what was measured", file=sys.stderr)
     finally:
         signal.signal(signal.SIGTERM, previous)
     env = common.environment()
