@@ -532,7 +532,8 @@ def markdown(report: Dict) -> str:
         s, b = r["shipped"], r["best"] or {}
         bad = sum(c.get("status", "").startswith(("wrong", "error")) for c in r["candidates"])
         flat.append(dict(family=r["family"], shape=f"{r['model']} {r['layer']}", N=r["N"], K=r["K"], M=r["M"],
-                         shipped=s["label"], shipped_status=s["status"], shipped_ms=s.get("median_ms"),
+                         shipped=s["label"] + (f" (tile {r['auto_tile']})" if r["auto_tile"] is not None else ""),
+                         shipped_status=s["status"], shipped_ms=s.get("median_ms"),
                          shipped_fill=s.get("sm_fill"), best=b.get("label"), best_ms=b.get("median_ms"),
                          speedup=r["speedup"], best_fill=b.get("sm_fill"), wrong=bad, tried=len(r["candidates"])))
     out += ["", "Per case (SM fill = CTAs / SMs):", "",
