@@ -1,15 +1,20 @@
 """GEMM benchmark: every ditq backend (W8A8, W4A8 at each group size) against cuBLAS bf16, ``torch._int_mm`` plus
-its scaling pass, and torchao / gemlite when importable, on DiT-XL/2, PixArt, SD3 and FLUX linear shapes.
+its scaling pass (torchao int8 dynamic's path), ``torch._scaled_mm`` with row-wise fp8 e4m3 scales (torchao float8
+row-wise's path: on Hopper the peer to beat), and torchao / gemlite when importable, on DiT-XL/2, PixArt, SD3 and
+FLUX linear shapes.
 
 For each (shape, M, implementation): the median time (CUDA events around CUDA-graph replays of several calls,
 after warm-up, rotating input buffers so the weights do not sit in L2), TOP/s, the fraction of the roofline
 (max of FLOP time and byte time, from ceilings measured in the same run: a large bf16 and int8 matmul, a device
-copy) and the speedup over bf16. ditq and ``_int_mm`` rows time the GEMM on int8 activations; the activation
-quantization op has rows of its own (GB/s vs the measured copy bandwidth); torchao / gemlite rows include their
-own activation quantization.
+copy) and the speedups over bf16 and over fp8 row-wise. ditq, ``_int_mm`` and fp8 rows time the GEMM on already
+quantized activations (int8, or e4m3 with one fp32 scale per row); each activation quantization has rows of its
+own (GB/s vs the measured copy bandwidth): ditq's ``quantize_act`` (static / dynamic), and fp8 row-wise's
+amax / scale / cast pass in plain torch ("eager", several kernels) and ``torch.compile``d ("compiled", the one
+fused kernel torchao's compiled path runs). torchao / gemlite rows include their own activation quantization.
+fp8 rows need compute capability >= 8.9 and K, N multiples of 16; elsewhere they are 'unavailable' rows.
 
     python benchmarks/bench_gemm.py              # full grid on the GPU (about 15-30 min on an H100)
-    python benchmarks/bench_gemm.py --quick      # DiT-XL/2 shapes, a few M, group size 128: a few minutes
+    python benchmarks/bench_gemm.py --quick      # DiT-XL/2 + FLUX.1 shapes, a few M, groups 64 and 128: minutes
     python benchmarks/bench_gemm.py --smoke      # tiny shapes on CPU, wall-clock timing, same JSON schema
 
 Writes gemm.json, gemm.md and gemm_speedup.png (when matplotlib imports) under --out / $OUT / benchmarks/out.
@@ -27,10 +32,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 SCHEMA = "ditq.bench_gemm/1"
-QUICK_M = (16, 512, 4096, 16384)
+# --quick runs M in this order (a --max-seconds cut drops the last ones first): the sizes the targets name
+# (W8A8 at M >= 4096, W4A8 at M <= 64) come first; rows are still written in shape-major order.
+QUICK_M = (16, 4096, 64, 16384, 512)
+QUICK_SHAPES = common.DIT_SHAPES + [s for s in common.OTHER_SHAPES
+                                    if s[0] == "FLUX.1" and s[1] in ("attn q/k/v/out", "mlp fc1", "mlp fc2")]
+SHAPE_SETS = {"all": common.ALL_SHAPES, "dit": common.DIT_SHAPES, "quick": QUICK_SHAPES,
+              "flux": [s for s in common.OTHER_SHAPES if s[0] == "FLUX.1"]}
+FP8_GEMM = "fp8 row-wise (_scaled_mm)"
+FP8_QUANT = "fp8 row-wise quantize"
 ROW_KEYS = ("model", "layer", "N", "K", "M", "impl", "kind", "backend", "bits", "group_size", "status",
             "median_ms", "min_ms", "timing", "tops", "gbps", "roofline_ms", "roofline_fraction",
-            "speedup_vs_bf16", "bytes", "flops")
+            "speedup_vs_bf16", "speedup_vs_fp8", "bytes", "flops")
 
 
 # ---- ceilings -----------------------------------------------------------------------------------------
@@ -70,6 +83,12 @@ def enumerate_cases(shapes, ms, backends, groups, extra: List[str]) -> List[Dict
             cases.append(dict(base, impl="bf16 matmul", kind="gemm", backend="torch", bits=16, group_size=None))
             cases.append(dict(base, impl="torch._int_mm + scale", kind="gemm", backend="torch", bits=8,
                               group_size=None))
+            cases.append(dict(base, impl=FP8_GEMM, kind="gemm", backend="torch", bits=8, group_size=None))
+            if ("fp8", m, k) not in seen_quant:
+                seen_quant.add(("fp8", m, k))
+                for scheme in ("eager", "compiled"):
+                    cases.append(dict(base, impl=f"{FP8_QUANT} {scheme}", kind="quant", backend="torch", bits=8,
+                                      group_size=None, scheme=scheme))
             for b in backends:
                 cases.append(dict(base, impl=f"ditq-{b} w8a8", kind="gemm", backend=b, bits=8, group_size=None))
                 for g in groups:
@@ -95,6 +114,8 @@ def _nbytes(c: Dict) -> Tuple[float, float]:
     if c["bits"] == 16:
         return 2.0 * m * n * k, 2 * m * k + 2 * n * k + out
     act = 2 * m * k if c["backend"] in ("torchao", "gemlite") else m * k + 4  # those quantize inside
+    if c["impl"] == FP8_GEMM:
+        act = m * k + 4 * m  # e4m3 values and one fp32 scale per row
     if c["bits"] == 8:
         return 2.0 * m * n * k, act + n * k + 4 * n + out
     return 2.0 * m * n * k, act + n * k // 2 + 4 * (k // c["group_size"]) * n + out
@@ -153,6 +174,8 @@ def make_call(torch, case: Dict, inp: Inputs) -> Callable[[int], object]:
             a, sa, wt, sw, b = s[i % len(s)]
             return (torch._int_mm(a, wt).float().mul_(sa).mul_(sw).add_(b)).to(bf16)  # the 2nd pass it needs
         return int_mm
+    if case["impl"] == FP8_GEMM or case.get("scheme") in ("eager", "compiled"):
+        return _fp8(torch, case, inp)
     if case["backend"] in ("torchao", "gemlite"):
         return _third_party(torch, case, inp)
     be = case["backend"]
@@ -181,6 +204,44 @@ def make_call(torch, case: Dict, inp: Inputs) -> Callable[[int], object]:
     s = inp.get(f"w4-{be}-{g}", make4)
     op = torch.ops.ditq.gemm_w4a8
     return lambda i: op(*s[i % len(s)][:5], g, bf16, be)
+
+
+_FP8_COMPILED = {}
+
+
+def _fp8(torch, case: Dict, inp: Inputs):
+    """torch._scaled_mm on e4m3 operands with fp32 scales per activation row and per weight row (output channel),
+    bias and bf16 output in the same call, fast accumulation as torchao's inference default; or the activation's
+    quantization pass alone (plain torch, or torch.compile'd: dynamic shapes, one compile serves every M and K)."""
+    import fp8_rowwise
+
+    m, n, k = case["M"], case["N"], case["K"]
+    why = fp8_rowwise.unsupported_reason(inp.device, n, k)
+    if why:
+        raise Unsupported(why)
+    if case["kind"] == "quant":
+        fn = fp8_rowwise.quantize
+        if case["scheme"] == "compiled":
+            backend = "inductor" if inp.device.type == "cuda" else "eager"  # CPU smoke: trace only, no C++ build
+            if backend not in _FP8_COMPILED:
+                _FP8_COMPILED[backend] = torch.compile(fp8_rowwise.quantize, backend=backend, dynamic=True)
+            fn = _FP8_COMPILED[backend]
+        s = inp.get("act", lambda: (inp.randn(m, k), inp.scales(1)))  # the bf16 activations ditq's rows read
+        return lambda i: fn(s[i % len(s)][0])
+
+    def make():
+        a, sa = fp8_rowwise.quantize(inp.randn(m, k))
+        w, sw = fp8_rowwise.quantize(inp.randn(n, k) * 0.02)
+        return a, sa, w.t(), sw.t(), inp.randn(n)  # mat2 column-major [K, N], its scales [1, N]
+    s = inp.get("fp8", make)
+
+    def call(i):
+        return fp8_rowwise.matmul(*s[i % len(s)], torch.bfloat16)
+    try:
+        call(0)
+    except RuntimeError as e:  # e.g. a build whose _scaled_mm takes tensor-wide scales only
+        raise Unsupported(f"torch._scaled_mm refused row-wise scales: {str(e).splitlines()[0][:160]}") from e
+    return call
 
 
 def third_party_impls() -> List[str]:
@@ -254,12 +315,13 @@ def run_case(torch, case, inp, ceil, args) -> Dict:
 
 
 def add_speedups(rows: List[Dict]) -> None:
-    base = {(r["model"], r["layer"], r["M"]): r["median_ms"] for r in rows
-            if r["impl"] == "bf16 matmul" and r["status"] == "ok"}
-    for r in rows:
-        b = base.get((r["model"], r["layer"], r["M"]))
-        if r["kind"] == "gemm" and r["status"] == "ok" and b:
-            r["speedup_vs_bf16"] = b / r["median_ms"]
+    for impl, key in (("bf16 matmul", "speedup_vs_bf16"), (FP8_GEMM, "speedup_vs_fp8")):
+        base = {(r["model"], r["layer"], r["M"]): r["median_ms"] for r in rows
+                if r["impl"] == impl and r["status"] == "ok"}
+        for r in rows:
+            b = base.get((r["model"], r["layer"], r["M"]))
+            if r["kind"] == "gemm" and r["status"] == "ok" and b:
+                r[key] = b / r["median_ms"]
 
 
 def plot(rows: List[Dict], path: str) -> Optional[str]:
@@ -293,9 +355,9 @@ def plot(rows: List[Dict], path: str) -> Optional[str]:
 
 
 MD_COLS = ["model", "layer", "N", "K", "M", "impl", "status", "median_ms", "tops", "gbps", "roofline_fraction",
-           "speedup_vs_bf16", "timing"]
+           "speedup_vs_bf16", "speedup_vs_fp8", "timing"]
 MD_HEAD = ["model", "layer", "N", "K", "M", "impl", "status", "median ms", "TOP/s", "GB/s", "of roofline",
-           "speedup vs bf16", "timing"]
+           "speedup vs bf16", "speedup vs fp8 row-wise", "timing"]
 
 
 def markdown(report: Dict) -> str:
@@ -304,23 +366,27 @@ def markdown(report: Dict) -> str:
             common.env_markdown(report["env"]), "",
             f"Measured ceilings: bf16 {c['bf16_flops'] / 1e12:.4g} TFLOP/s, int8 {c['int8_ops'] / 1e12:.4g} TOP/s "
             f"({c['matmul_size']}^3), copy {c['copy_bytes_s'] / 1e9:.4g} GB/s (read + write). "
-            "'of roofline' = max(FLOP time, byte time) / measured time; ditq and _int_mm rows time the GEMM on int8 "
-            "activations (add the quantize_act row for the activation pass); quantize_act rows: GB/s vs copy.", ""]
+            "'of roofline' = max(FLOP time, byte time) / measured time; ditq, _int_mm and fp8 row-wise rows time "
+            "the GEMM on already quantized activations (int8; e4m3 with fp32 row scales): add the quantize_act row "
+            "(ditq) or the 'fp8 row-wise quantize' row (amax / scale / cast, plain torch or torch.compile'd) for "
+            "the activation pass; quantization rows: GB/s vs copy.", ""]
     return "\n".join(head) + common.md_table(report["rows"], MD_COLS, MD_HEAD) + "\n"
 
 
 def short_table(rows: List[Dict]) -> str:
     """The lines a GPU run prints last: DiT-XL/2 fc1 at the target M values."""
-    pick = [r for r in rows if r["layer"] in ("mlp fc1", "square") and r["M"] in (1, 16, 17, 512, 4096)]
+    pick = [r for r in rows if r["layer"] in ("mlp fc1", "square") and r["M"] in (1, 16, 17, 512, 4096)
+            and r["model"] in ("DiT-XL/2", "tiny")]
     return common.md_table(pick, ["layer", "M", "impl", "status", "median_ms", "tops", "roofline_fraction",
-                                  "speedup_vs_bf16"])
+                                  "speedup_vs_bf16", "speedup_vs_fp8"])
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (torch / interpreter / emulator)")
-    ap.add_argument("--quick", action="store_true", help="DiT-XL/2 shapes, M in %s, group size 128" % (QUICK_M,))
-    ap.add_argument("--shapes", choices=("all", "dit"), default="all")
+    ap.add_argument("--quick", action="store_true", help="DiT-XL/2 shapes and FLUX.1's attention / MLP, M in %s, "
+                    "group sizes 64 and 128" % (QUICK_M,))
+    ap.add_argument("--shapes", choices=sorted(SHAPE_SETS), default=None, help="default: all (quick with --quick)")
     ap.add_argument("--m", type=int, nargs="+", help="M values (default: 1 .. 16384)")
     ap.add_argument("--backends", nargs="+", help="ditq backends (default: every one available on the device, "
                     "except 'torch' on a GPU: it is the int64 reference, not an engine)")
@@ -344,11 +410,11 @@ def main(argv=None) -> int:
     if args.smoke:
         shapes, ms = common.TINY_SHAPES, tuple(args.m or common.TINY_M)
     else:
-        shapes = common.DIT_SHAPES if (args.quick or args.shapes == "dit") else common.ALL_SHAPES
+        shapes = SHAPE_SETS[args.shapes or ("quick" if args.quick else "all")]
         ms = tuple(args.m or (QUICK_M if args.quick else common.M_VALUES))
     avail = B.available_backends(device)
     backends = args.backends or [b for b in avail if not (device.type == "cuda" and b == "torch")]
-    groups = args.groups or ((128,) if args.quick else SUPPORTED_GROUP_SIZES)
+    groups = args.groups or ((64, 128) if args.quick else SUPPORTED_GROUP_SIZES)
     extra = [] if args.smoke else third_party_impls()
     cases = enumerate_cases(shapes, ms, backends, groups, extra)
     deadline = common.Deadline(args.max_seconds)
@@ -359,32 +425,44 @@ def main(argv=None) -> int:
     else:
         ceil = measure_ceilings(torch, device, 256, 1, 3)
         l2 = 0
-    rows = []
+    common.stop_on_sigterm()
+    done: Dict[int, Dict] = {}
     by_shape: Dict[tuple, Inputs] = {}
-    for i, case in enumerate(cases):
-        key = (case["N"], case["K"], case["M"])
-        if deadline.passed():
-            rows.append(dict({k: case.get(k) for k in ROW_KEYS}, status="skipped: time budget (--max-seconds)"))
-            continue
-        if key not in by_shape:
-            by_shape.clear()  # free the previous shape's buffers first
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            by_shape[key] = Inputs(torch, device, case["M"], case["N"], case["K"], l2, 16)
-        if case["backend"] not in avail and case["backend"] not in ("torchao", "gemlite"):
-            why = B.unavailable_reason(case["backend"], device)
-            rows.append(dict({k: case.get(k) for k in ROW_KEYS}, status=f"unavailable: {why}"))
-            continue
-        rows.append(run_case(torch, case, by_shape[key], ceil, args))
-        if args.verbose:
-            r = rows[-1]
-            print(f"[{i + 1}/{len(cases)}] {r['model']} {r['layer']} M={r['M']} {r['impl']}: {r['status']} "
-                  f"{common.fmt(r.get('median_ms'))} ms", file=sys.stderr)
+    # M-outer execution (in the order of --m / QUICK_M, which puts the targets' sizes first), so that a budget
+    # cut drops whole M values across every shape instead of whole shapes; rows keep the shape-major case order.
+    order = sorted(range(len(cases)), key=lambda j: (ms.index(cases[j]["M"]), j))
+    stopped = None
+    try:
+        for n_run, i in enumerate(order):
+            case = cases[i]
+            key = (case["N"], case["K"], case["M"])
+            if deadline.passed():
+                done[i] = dict({k: case.get(k) for k in ROW_KEYS}, status="skipped: time budget (--max-seconds)")
+                continue
+            if key not in by_shape:
+                by_shape.clear()  # free the previous shape's buffers first
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                by_shape[key] = Inputs(torch, device, case["M"], case["N"], case["K"], l2, 16)
+            if case["backend"] not in avail and case["backend"] not in ("torchao", "gemlite"):
+                why = B.unavailable_reason(case["backend"], device)
+                done[i] = dict({k: case.get(k) for k in ROW_KEYS}, status=f"unavailable: {why}")
+                continue
+            done[i] = run_case(torch, case, by_shape[key], ceil, args)
+            if args.verbose:
+                r = done[i]
+                print(f"[{n_run + 1}/{len(cases)}] {r['model']} {r['layer']} M={r['M']} {r['impl']}: {r['status']} "
+                      f"{common.fmt(r.get('median_ms'))} ms", file=sys.stderr)
+    except common.Stopped as e:  # the stage's cap: keep what ran, say why the rest did not
+        stopped = str(e)
+        print(f"stopped: {stopped}; writing what ran", file=sys.stderr)
+    rows = [done.get(i) or dict({k: c.get(k) for k in ROW_KEYS}, status=f"skipped: {stopped}")
+            for i, c in enumerate(cases)]
     by_shape.clear()
     add_speedups(rows)
     report = {"schema": SCHEMA, "smoke": args.smoke, "device": str(device), "env": common.environment(),
               "ceilings": ceil, "backends": list(backends), "available_backends": list(avail),
-              "group_sizes": list(groups), "m_values": list(ms), "cases": len(cases),
+              "group_sizes": list(groups), "m_values": list(ms), "cases": len(cases), "stopped": stopped,
               "shapes": [common.shape_dict(*s) for s in shapes], "rows": rows}
     d = common.out_dir(args.out)
     common.write_json(os.path.join(d, "gemm.json"), report)

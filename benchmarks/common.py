@@ -142,6 +142,25 @@ class Deadline:
     def passed(self) -> bool:
         return self.end is not None and time.monotonic() > self.end
 
+    def left(self) -> float:
+        """Seconds left (inf without a budget)."""
+        return float("inf") if self.end is None else self.end - time.monotonic()
+
+
+class Stopped(BaseException):
+    """Raised in the main thread on SIGTERM (what ``timeout`` sends at a stage's cap): the script stops the case
+    it is in, marks the rest skipped and still writes its JSON. A BaseException, so that the ``except Exception``
+    around each case (which turns a failure into an error row) does not swallow it."""
+
+
+def stop_on_sigterm() -> None:
+    import signal
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second TERM (or timeout's KILL) ends the process
+        raise Stopped("SIGTERM (the stage's time limit)")
+    signal.signal(signal.SIGTERM, handler)
+
 
 # ---- environment --------------------------------------------------------------------------------------
 

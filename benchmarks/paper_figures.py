@@ -2,6 +2,7 @@
 
     nice python benchmarks/paper_figures.py             # full run: PNGs in benchmarks/figures/, PAPER_FIGURES.md
     python benchmarks/paper_figures.py --quick          # CI: 3 steps, 1 sample per class, fewer calibration choices
+    python benchmarks/paper_figures.py --from-json benchmarks/figures/paper_figures.json   # markdown only, no runs
 
 What each figure measures (all on the bundled DiT -- its depth and width are read from it -- DDIM, guidance 1.5 as in the model card;
 one sampling step = one transformer call on the doubled classifier-free-guidance batch):
@@ -410,6 +411,7 @@ def run(args) -> dict:
     plot_fig2(result["fig2"], os.path.join(out, "fig2_calibration_step.png"))
     save_grid(grid, os.path.join(out, "fig3_grid.png"))
     plot_fig4(rows, os.path.join(out, "fig4_settings.png"))
+    result["quick"] = args.quick
     with open(os.path.join(out, "paper_figures.json"), "w") as f:
         json.dump(_finite(result), f, indent=1)
     return result
@@ -498,13 +500,13 @@ def findings(r: dict) -> List[str]:
         out.append(text)
     rows = {row["setting"]: row for row in r["table"]}
 
-    def cmp(a, b, what):
+    def cmp(a, b):
         ra, rb = rows.get(a), rows.get(b)
         if not ra or not rb:
             return None
         d = ra["trajectory_sqnr"] - rb["trajectory_sqnr"]
         di = ra["image_sqnr"] - rb["image_sqnr"]
-        return (f"{what}: trajectory SQNR {ra['trajectory_sqnr']:.1f} vs {rb['trajectory_sqnr']:.1f} dB "
+        return (f"Trajectory SQNR {ra['trajectory_sqnr']:.1f} vs {rb['trajectory_sqnr']:.1f} dB "
                 f"({d:+.1f}), final images {ra['image_sqnr']:.1f} vs {rb['image_sqnr']:.1f} dB ({di:+.1f}), "
                 f"Fréchet to fp32 {ra['frechet_fp32']:.2f} vs {rb['frechet_fp32']:.2f}"), d, di
 
@@ -520,7 +522,7 @@ def findings(r: dict) -> List[str]:
              "the paper finds group-wise int4 better"),
             ("W4A8 g32 first-step", "W4A8 per-channel first-step", "W4A8 first-step, g32 vs per-channel",
              "the paper finds group-wise int4 better")]:
-        c = cmp(a, b, what)
+        c = cmp(a, b)
         if c:
             text, d, di = c
             verdict = ("agrees" if d > 0.5 and di > 0 else "disagrees" if d < -0.5 and di < 0
@@ -599,6 +601,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=os.path.join(HERE, "figures"), help="PNGs and paper_figures.json")
     p.add_argument("--markdown", default=os.path.join(HERE, "PAPER_FIGURES.md"), help="markdown file to write")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--from-json", metavar="PATH",
+                   help="rewrite the markdown from a saved paper_figures.json (no model runs, PNGs untouched)")
     args = p.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 10)
     args.samples_per_class = args.samples_per_class or (1 if args.quick else 3)
@@ -608,10 +612,13 @@ def main(argv=None) -> int:
         print("paper_figures: error: --steps must be >= 2, --samples-per-class and --fig2-points >= 1",
               file=sys.stderr)
         return 1
-    from diffusers.utils import logging as dlogging
-    dlogging.disable_progress_bar()  # "Loading pipeline components" once per setting
-    r = run(args)
-    r["quick"] = args.quick
+    if args.from_json:
+        with open(args.from_json) as f:
+            r = json.load(f)
+    else:
+        from diffusers.utils import logging as dlogging
+        dlogging.disable_progress_bar()  # "Loading pipeline components" once per setting
+        r = run(args)
     rel = os.path.relpath(args.out_dir, os.path.dirname(os.path.abspath(args.markdown)))
     with open(args.markdown, "w") as f:
         f.write(markdown(r, rel) + "\n")

@@ -426,13 +426,15 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     swapped: List[Tuple[nn.Module, str, nn.Linear]] = []
     reports: List[LayerReport] = []
     fmt = cfg.weight_format
-    dyn_cfg = dataclasses.replace(cfg, act_scheme="dynamic", timestep_groups=1, smooth_alpha=None,
+    # Each layer is first rounded to nearest (the baseline the report quotes), then re-rounded by _round.
+    rtn_cfg = dataclasses.replace(cfg, weight_method="rtn")
+    dyn_cfg = dataclasses.replace(rtn_cfg, act_scheme="dynamic", timestep_groups=1, smooth_alpha=None,
                                   max_dynamic_layers=0)
     grouped: Dict[str, torch.Tensor] = {}
     try:
         for name, lin in tqdm(layers.items(), desc="ditq quantize", unit="layer", disable=not cfg.progress):
             dyn = name in dynamic_layers
-            q = QuantLinear.from_linear(lin, dyn_cfg if dyn else cfg, scales.get(name), cfg.backend)
+            q = QuantLinear.from_linear(lin, dyn_cfg if dyn else rtn_cfg, scales.get(name), cfg.backend)
             w_rtn = _weight_sqnr(lin.weight.detach(), q.canonical(), fmt)
             w_sqnr, rounding = w_rtn, {}
             if cfg.weight_method != "rtn":

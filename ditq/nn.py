@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import backends, ops  # noqa: F401  (ops registers torch.ops.ditq.*)
+from . import backends, ops, weight_rounding  # noqa: F401  (ops registers torch.ops.ditq.*)
 from .format import WeightFormat
 from .quant import reference as ref
 
@@ -79,14 +79,14 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg, act_scale: Optional[torch.Tensor] = None,
-                    backend: Optional[str] = None) -> "QuantLinear":
+                    backend: Optional[str] = None, hessian: Optional[torch.Tensor] = None) -> "QuantLinear":
         """Quantize ``linear`` (left untouched) with ``cfg`` (a :class:`ditq.QuantConfig`).
 
         ``act_scale``: the calibrated static scale (float32 [1], or a float), required for ``act_scheme="static"``.
         ``backend``: overrides ``cfg.backend``; "auto" resolves on the weight's device (and again after a move).
-        The weights are rounded to nearest whatever ``cfg.weight_method`` says: "mse" and "gptq" need the layer's
-        calibration data and are applied by :func:`ditq.quantize`, which re-rounds the layer afterwards (and reports
-        the round-to-nearest baseline this gives it).
+        The weights are rounded as ``cfg.weight_method`` says (:mod:`ditq.weight_rounding`): "rtn" and "mse" need
+        nothing more; "gptq" rounds against the layer's inputs and needs ``hessian``, the float [K, K] sum of
+        ``x x^T`` over its calibration inputs (:func:`ditq.quantize` collects it for every layer).
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear takes an nn.Linear, got {type(linear).__name__}")
@@ -104,7 +104,11 @@ class QuantLinear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, fmt, bias=linear.bias is not None,
                     act_scheme=cfg.act_scheme, backend=backend or cfg.backend, device=w.device,
                     bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32)
-        qweight, scales = quantize_weight(w.detach(), fmt)
+        if cfg.weight_method == "gptq" and hessian is None:
+            raise ValueError("weight_method='gptq' rounds each weight against the layer's inputs: pass "
+                             "hessian= (the [K, K] sum of x x^T over its calibration inputs), use "
+                             "ditq.quantize (which collects it), or weight_method='rtn' or 'mse'")
+        qweight, scales = weight_rounding.quantize_weight(w.detach(), fmt, cfg.weight_method, hessian)
         layer.load_canonical(qweight, scales,
                              None if linear.bias is None else linear.bias.detach().clone(), act_scale)
         return layer
@@ -345,16 +349,6 @@ def _check_values(name: str, t: torch.Tensor, positive: bool) -> None:
                          f"calibration)")
     if positive and not bool((t > 0).all()):
         raise ValueError(f"{name} must be {what}, got a minimum of {float(t.min())}")
-
-
-def quantize_weight(w: torch.Tensor, fmt: WeightFormat):
-    """Canonical (qweight, scales) of a float [N, K] weight in format ``fmt`` (``ditq.quant.reference``)."""
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("weight holds NaN or inf values; cannot quantize")
-    if fmt.bits == 8:
-        return ref.quantize_per_channel(w)
-    q, s = ref.quantize_groupwise(w, fmt.group_size)
-    return ref.pack_int4(q), s
 
 
 def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:

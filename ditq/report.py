@@ -140,6 +140,11 @@ class QuantReport:
                   f"quantized layers: {len(self.layers)}; transformer bytes {self.bytes_before:,} -> "
                   f"{self.bytes_after:,} ({self.compression:.2f}x smaller)",
                   f"model-output SQNR vs full precision on the calibration inputs: {db(self.output_sqnr)} dB"]
+        if self.config.get("weight_method") == "gptq":
+            # GPTQ fitted the weights to these very inputs: the figure is in-sample and flatters it against
+            # rtn / mse. Held-out inputs (other seeds or prompts) tell the generalizing figure.
+            lines.append("  (in-sample for gptq, whose weights were fitted to these inputs: compare on other seeds "
+                         "or prompts)")
         return "\n".join(lines)
 
 

@@ -19,18 +19,13 @@ from .data import NUM_CLASSES, load_digits_split
 from .pipeline import PixelDiTPipeline
 
 
-def save_grid(images: torch.Tensor, path: str, columns: int, scale: int = 2) -> None:
-    """images (N, 1, H, W) in [0, 1] -> one PNG, `columns` images per row (white digits on black, as in sklearn)."""
-    from PIL import Image
+def save_grid(images: torch.Tensor, path: str, per_class: int) -> None:
+    """images (N, 1, H, W) in [0, 1], ``per_class`` consecutive images per class -> one PNG, one labelled row per
+    class (the demo's grid: :func:`ditq.demo.run.save_grid`)."""
+    from .run import save_grid as save_rows
 
-    n, _, h, w = images.shape
-    rows = (n + columns - 1) // columns
-    grid = torch.zeros(rows * h, columns * w)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = images[i, 0]
-    img = Image.fromarray((grid * 255).round().byte().numpy(), mode="L")
-    img.resize((columns * w * scale, rows * h * scale), Image.NEAREST).save(path)
+    rows = {f"digit {c}": images[c * per_class:(c + 1) * per_class] for c in range(len(images) // per_class)}
+    save_rows(rows, path)
 
 
 def evaluate(pipe: PixelDiTPipeline, per_class: int, steps: int, guidance: float, seed: int) -> dict:
@@ -73,7 +68,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     result, images = evaluate(pipe, args.per_class, args.steps, args.guidance, args.seed)
     if args.grid:
-        save_grid(images, args.grid, columns=args.per_class)
+        save_grid(images, args.grid, args.per_class)
     print(json.dumps(result, indent=2))
 
 

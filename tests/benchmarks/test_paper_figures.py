@@ -61,3 +61,21 @@ def test_markdown_states_the_findings(quick):
     assert text.startswith("# The paper's analysis on the bundled digits DiT")
     assert "| W8A8 all-steps (baseline) |" in text and "![Fig. 2" in text
     assert "Which single step to calibrate on (Fig. 2)" in text and "Which single step" in stdout
+
+
+def test_committed_markdown_is_what_the_committed_json_renders(tmp_path):
+    """PAPER_FIGURES.md holds no hand edits: --from-json re-renders it from benchmarks/figures/paper_figures.json
+    (image paths aside, which follow --markdown's folder), and no finding repeats its bold title in its text."""
+    md = tmp_path / "PAPER_FIGURES.md"
+    bench = os.path.join(ROOT, "benchmarks")
+    r = subprocess.run([sys.executable, os.path.join(bench, "paper_figures.py"), "--from-json",
+                        os.path.join(bench, "figures", "paper_figures.json"), "--markdown", str(md),
+                        "--out-dir", os.path.join(bench, "figures")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    committed = open(os.path.join(bench, "PAPER_FIGURES.md")).read()
+    rel = os.path.relpath(os.path.join(bench, "figures"), str(tmp_path))
+    assert md.read_text().replace(rel + "/", "figures/") == committed
+    for line in committed.splitlines():
+        if line.startswith("- **"):
+            title, text = line[4:].split("**", 1)
+            assert title.rstrip(".") not in text, line

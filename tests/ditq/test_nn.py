@@ -99,3 +99,29 @@ def test_errors():
         QuantLinear(128, 48, cfg.weight_format, device="meta")(torch.randn(1, 128))
     with pytest.raises(ValueError, match="qweight must be"):
         q.load_canonical(torch.zeros(48, 64, dtype=torch.int8), torch.ones(48), torch.zeros(48), torch.ones(1))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_from_linear_rounds_as_the_weight_method_says(bits):
+    """"mse" and "gptq" round in from_linear itself (not only inside ditq.quantize): the canonical weights equal
+    ditq.weight_rounding's for that method, and differ from round-to-nearest on Gaussian weights."""
+    from ditq import weight_rounding
+
+    lin = _linear(k=256, n=40, seed=3)
+    x = torch.randn(300, 256) * torch.linspace(0.1, 3.0, 256)  # uneven channels: GPTQ has something to trade
+    hessian = x.T @ x
+    preset, group = ("w8a8", {}) if bits == 8 else ("w4a8", {"group_size": 64})
+    fmt = QuantConfig.preset(preset, **group).weight_format
+    rtn = QuantLinear.from_linear(lin, QuantConfig.preset(preset, **group), act_scale=0.05).canonical()
+    for method, h in (("mse", None), ("gptq", hessian)):
+        cfg = QuantConfig.preset(preset, weight_method=method, **group)
+        got = QuantLinear.from_linear(lin, cfg, act_scale=0.05, hessian=h).canonical()
+        want_q, want_s = weight_rounding.quantize_weight(lin.weight.detach(), fmt, method, h)
+        assert torch.equal(got["qweight"], want_q) and torch.equal(got["scales"], want_s), method
+        assert not torch.equal(got["qweight"], rtn["qweight"]), f"{method} gave round-to-nearest's integers"
+
+
+def test_from_linear_gptq_without_hessian_is_a_clear_error():
+    cfg = QuantConfig.preset("w4a8", group_size=32, weight_method="gptq")
+    with pytest.raises(ValueError, match="hessian="):
+        QuantLinear.from_linear(_linear(), cfg, act_scale=0.05)

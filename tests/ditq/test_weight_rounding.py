@@ -143,6 +143,9 @@ def test_quantize_reports_the_method_and_its_gain_and_round_trips(method, tmp_pa
         assert all(lr.layer_output_sqnr > lr.layer_output_sqnr_rtn for lr in rep.layers)
     assert rep.output_sqnr > reports["rtn"].output_sqnr
     assert f"weights: {method}: mean weight SQNR" in str(rep)
+    # the model-output SQNR is measured on the inputs gptq fitted its weights to: the report says so
+    assert ("in-sample for gptq" in str(rep)) == (method == "gptq")
+    assert "in-sample" not in str(reports["rtn"])
     assert json.loads(rep.to_json())["layers"][0]["weight_method"] == method
     # the packed weights differ from round-to-nearest's, survive a checkpoint, and the config names the method
     t = outs[method]

@@ -1,0 +1,790 @@
+"""Tile tuning: time every shipped GEMM tile configuration and its nearby alternatives at model shapes, and propose
+the tile tables from what was measured.
+
+ditq picks its GEMM tiles from tables by M bucket: ``kernels/configs/{w8a8,w4a8}_<arch>.json`` for Triton and
+``csrc/configs/gemm_tiles*.h`` for CUDA. For each kernel family, each bucket of this GPU's table and a few M per
+bucket (the bucket bounds and 16 / 64 / 512 / 2048 / 8192), at a few model shapes, this script times
+
+* Triton: the bucket's shipped entry, then its neighbours (BM / BN / BK halved and doubled, num_stages +-1,
+  num_warps 4 <-> 8, SWAP_AB flipped, GROUP_M halved and doubled) that the launcher's ``fit_config`` accepts and
+  whose tiles fit the device's shared memory;
+* CUDA: the automatic choice, then every compiled tile id (mma.sync 0..n-1 and, on sm_90, the Hopper ids 100+)
+  with split-K automatic, 1, 2 and 4.
+
+Every configuration's output is checked against the exact integer reference (``ditq.testing``'s tolerance: the
+fp32 epilogue's rounding only) on a sample of rows, after the output was poisoned, before it is timed: a wrong or
+failing configuration is recorded as such and never chosen. The shipped configurations are timed first, so a run
+cut short by ``--max-seconds`` still compares shipped and best for whatever it reached.
+
+    python benchmarks/tune_tiles.py --max-seconds 240             # a GPU: every family, default shapes
+    python benchmarks/tune_tiles.py --families triton-w8a8 cuda-w8a8 --shapes "DiT-XL/2:mlp fc1" 4608x1152
+    python benchmarks/tune_tiles.py --write-configs               # also rewrite the Triton tables (see below)
+    python benchmarks/tune_tiles.py --smoke                       # CPU: interpreter / cuda-emulated, tiny shapes
+
+Writes tiles.json and tiles.md under --out / $OUT / benchmarks/out. ``--write-configs`` rewrites
+``kernels/configs/<kernel>_<arch>.json`` (or the copies in ``--configs-dir``) with the best configuration per
+bucket (lowest total time over the bucket's cases, among configurations that ran correctly on all of them) and a
+"measured" record, with a copy in the output folder's configs/, and writes ``gemm_tile_rules.h.txt`` there:
+proposed rule arrays for csrc/configs/gemm_tiles*.h, which a person applies by hand (the CUDA tiles are template
+arguments: a change needs a rebuild).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import signal
+import sys
+import traceback
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+SCHEMA = "ditq.tune_tiles/1"
+FAMILIES = ("triton-w8a8", "triton-w4a8", "cuda-w8a8", "cuda-w4a8")
+# The heaviest GEMMs of DiT-XL/2 (PixArt shares its widths) and FLUX.1 (common.py has every model shape)
+DEFAULT_SHAPES = ("DiT-XL/2:mlp fc1", "DiT-XL/2:mlp fc2", "FLUX.1:single linear1")
+REP_M = (16, 64, 512, 2048, 8192)  # with each bucket's bound; 512 = one image's tokens: must fill the SMs
+SMOKE_SHAPES = [("tiny", "ragged", 40, 128)]  # N not a multiple of any tile; K one group of 128
+SPLITS = (None, 1, 2, 4)  # None: the binding's automatic split count
+
+
+# ---- families ---------------------------------------------------------------------------------------------
+
+def cfg_key(cfg: Dict) -> str:
+    return json.dumps(cfg, sort_keys=True)
+
+
+class TritonFamily:
+    """One Triton GEMM (``ditq.kernels.w8a8`` / ``w4a8`` at one group size) and its tile table."""
+
+    kind = "triton"
+
+    def __init__(self, torch, device, bits: int, group: Optional[int], configs_dir: str, max_candidates):
+        from ditq.kernels import config_table, w4a8, w8a8
+
+        self.torch, self.device, self.bits, self.group = torch, device, bits, group
+        self.mod = w8a8 if bits == 8 else w4a8
+        self.kernel = self.mod.KERNEL_NAME
+        self.name = f"triton-{self.kernel}" + (f"-g{group}" if group else "")
+        self.arch = config_table.arch_for_device(device)
+        self.path = os.path.join(configs_dir, f"{self.kernel}_{self.arch}.json")
+        with open(self.path) as f:
+            self.table_file = json.load(f)
+        self.table = config_table.validate_table(self.table_file["entries"], self.path)
+        self.max_candidates = max_candidates
+        self.smem_limit = _smem_limit(torch, device)
+
+    def bounds(self) -> List[Optional[int]]:
+        return [e["max_m"] for e in self.table]
+
+    def fit(self, cfg: Dict) -> Dict:
+        return self.mod.fit_config(cfg) if self.bits == 8 else self.mod.fit_config(cfg, self.group)
+
+    def shipped(self, bucket: int) -> Dict:
+        return self.fit({k: v for k, v in self.table[bucket].items() if k != "max_m"})
+
+    def smem_bytes(self, c: Dict) -> int:
+        """A bound on the pipeline's shared memory: num_stages buffers of the A tile and the (packed) weight tile."""
+        w_bytes = c["BN"] * c["BK"] // (1 if self.bits == 8 else 2)
+        return max(1, c["num_stages"]) * (c["BM"] * c["BK"] + w_bytes)
+
+    def candidates(self, bucket: int) -> List[Dict]:
+        """The shipped entry's neighbours, most promising first, each fitted and checked to fit the device."""
+        base = self.shipped(bucket)
+        moves = [("BN", 2), ("BM", 0.5), ("BN", 0.5), ("BM", 2), ("num_stages", +1), ("num_stages", -1),
+                 ("num_warps", None), ("BK", 2), ("BK", 0.5), ("SWAP_AB", None), ("GROUP_M", 0.5), ("GROUP_M", 2)]
+        out, seen = [], {cfg_key(base)}
+        for key, step in moves:
+            c = dict(base)
+            if key in ("BM", "BN", "BK", "GROUP_M"):
+                c[key] = int(c[key] * step)
+            elif key == "num_stages":
+                c[key] += step
+            elif key == "num_warps":
+                c[key] = 8 if c[key] == 4 else 4
+            else:
+                c[key] = not c[key]
+            # tl.dot's int8 tiles: at least 16 rows and columns and K = 32
+            if not (16 <= c["BM"] <= 256 and 16 <= c["BN"] <= 256 and 32 <= c["BK"] <= 256
+                    and 1 <= c["num_stages"] <= 6 and 1 <= c["GROUP_M"] <= 32):
+                continue
+            try:
+                c = self.fit(c)
+            except ValueError:  # the launcher refuses it (BK too small for the kernel...)
+                continue
+            if cfg_key(c) in seen or (self.smem_limit and self.smem_bytes(c) > self.smem_limit):
+                continue
+            seen.add(cfg_key(c))
+            out.append(c)
+        return out[:self.max_candidates]
+
+    def prepare(self, shape_data):
+        """The weights in this kernel's layout (one per rotating buffer set)."""
+        if self.bits == 8:
+            return [(w, s) for w, s in shape_data["w8"]]
+        return [(self.mod.pack_weight(packed, self.group), s) for packed, _, s in shape_data[f"w4-{self.group}"]]
+
+    def run(self, cfg, weights, act, i, poison=False):
+        """The GEMM on buffer set i with tile configuration ``cfg``; ``poison``: into an output filled with NaN."""
+        a, a_scale, bias = act[i % len(act)]
+        w, w_scale = weights[i % len(weights)]
+        bf16 = self.torch.bfloat16
+        out = self.torch.full((a.shape[0], w_scale.shape[-1]), float("nan"), dtype=bf16, device=a.device) \
+            if poison else None
+        if self.bits == 8:
+            return self.mod.gemm_w8a8(a, a_scale, w, w_scale, bias, bf16, out=out, config=cfg)
+        return self.mod.gemm_w4a8(a, a_scale, w, w_scale, bias, self.group, bf16, out=out, config=cfg)
+
+    def ctas(self, cfg, m, n, k) -> int:
+        return math.ceil(m / cfg["BM"]) * math.ceil(n / cfg["BN"])
+
+    def label(self, c: Dict) -> str:
+        return (f"{c['BM']}x{c['BN']}x{c['BK']} w{c['num_warps']} s{c['num_stages']} g{c['GROUP_M']}"
+                + (" swap" if c["SWAP_AB"] else "") + (" tma" if c.get("USE_TMA") else ""))
+
+
+class CudaFamily:
+    """One CUDA GEMM of ditq._C (real on a GPU, cuda-emulated on CPU tensors): tile ids x split-K counts."""
+
+    kind = "cuda"
+
+    def __init__(self, torch, device, bits: int, group: Optional[int], smoke: bool, max_candidates):
+        from ditq.backends import cuda_backend as cb
+
+        self.torch, self.device, self.bits, self.group, self.cb = torch, device, bits, group, cb
+        self.kernel = f"w{bits}a8"
+        self.name = f"cuda-{self.kernel}" + (f"-g{group}" if group else "")
+        self.op = getattr(torch.ops.ditq_C, f"gemm_{self.kernel}")
+        if device.type == "cuda":
+            major, minor = torch.cuda.get_device_capability(device)
+            self.arch, self.sms = major * 10 + minor, torch.cuda.get_device_properties(device).multi_processor_count
+            built = json.loads(torch.ops.ditq_C.kernel_families())[f"gemm_{self.kernel}"]["built_archs"]
+            self.hopper = self.arch == 90 and 90 in built
+        else:  # the emulated binding decides as on an H100 (sm_90, 132 SMs), with the mma.sync kernels
+            self.arch, self.sms, self.hopper = 90, 132, False
+        self.rules, self.sm90_rules = read_tile_rules()
+        hopper_ids = []  # 100, 101, ...: as many as this family's Hopper list has
+        while self.hopper and self._sm90_info(100 + len(hopper_ids)):
+            hopper_ids.append(100 + len(hopper_ids))
+        ids = list(range(cb.gemm_tile_count())) + hopper_ids
+        self.tile_ids = ids[:2] if smoke else ids
+        self.splits = SPLITS[:2] if smoke else SPLITS
+        self.max_candidates = max_candidates
+
+    def _sm90_info(self, tile):
+        try:
+            return list(self.torch.ops.ditq_C.gemm_sm90_tile_info(tile, self.bits == 4))
+        except (RuntimeError, ValueError):
+            return None
+
+    def bounds(self) -> List[Optional[int]]:
+        ms = {r[1] for r in self.rules if r[0] == self.arch_row()}
+        if self.hopper:
+            ms |= {r[0] for r in self.sm90_rules}
+        return sorted(m for m in ms if m >= 0) + [None]
+
+    def arch_row(self) -> int:
+        """The kTileRules rows this GPU uses: the first arch_min <= arch (rows are listed newest first)."""
+        return next(r[0] for r in self.rules if self.arch >= r[0])
+
+    def auto_tile(self, m: int) -> int:
+        """The tile the binding picks by itself (mirrors gemm_bindings.h: the Hopper rules first, when built)."""
+        w4 = self.bits == 4
+        if self.hopper:
+            for max_m, t8, t4 in self.sm90_rules:
+                if max_m < 0 or m <= max_m:
+                    if (t4 if w4 else t8) >= 0:
+                        return 100 + (t4 if w4 else t8)
+                    break
+        return self.cb.gemm_pick_tile(self.arch, m, w4)
+
+    def shipped(self, bucket: int) -> Dict:
+        return {"tile": None, "splits": None}
+
+    def candidates(self, bucket: int) -> List[Dict]:
+        out = []
+        for t in self.tile_ids:
+            for s in ((None,) if t >= 100 else self.splits):  # the Hopper kernels do not split K
+                out.append({"tile": t, "splits": s})
+        return out[:self.max_candidates]
+
+    def prepare(self, shape_data):
+        from ditq.backends import cuda_layout
+
+        if self.bits == 8:
+            return [(w, s) for w, s in shape_data["w8"]]
+        return [cuda_layout.prepare_weight(4, packed, s) for packed, _, s in shape_data[f"w4-{self.group}"]]
+
+    def run(self, cfg, weights, act, i, poison=False):
+        """The GEMM on buffer set i with ``cfg`` (tile id / split count, None: automatic). ``poison``: the op
+        allocates its output, and the emulated binding fills it with NaN itself; on a GPU, a freed NaN block of
+        the output's size is what the caching allocator hands back next, so a configuration that writes nothing
+        shows NaN rather than an earlier call's correct result."""
+        a, a_scale, bias = act[i % len(act)]
+        w, w_scale = weights[i % len(weights)]
+        tile = -1 if cfg["tile"] is None else cfg["tile"]
+        splits = -1 if cfg["splits"] is None else cfg["splits"]
+        if poison and self.device.type == "cuda":
+            self.torch.full((a.shape[0], w_scale.shape[-1]), float("nan"), dtype=self.torch.bfloat16,
+                            device=a.device)  # allocated and freed at once
+        if self.bits == 8:
+            return self.op(a, a_scale, w, w_scale, bias, self.torch.bfloat16, tile, splits)
+        return self.op(a, a_scale, w, w_scale, bias, self.group, self.torch.bfloat16, tile, splits)
+
+    def tile_shape(self, tile: int):
+        if tile >= 100:
+            return self._sm90_info(tile)[:3]
+        return self.cb.gemm_tile_info(tile)[:3]
+
+    def ctas(self, cfg, m, n, k) -> int:
+        tile = self.auto_tile(m) if cfg["tile"] is None else cfg["tile"]
+        bm, bn, bk = self.tile_shape(tile)
+        ctas = math.ceil(m / bm) * math.ceil(n / bn)
+        if tile >= 100:
+            return ctas
+        splits = cfg["splits"]
+        if splits is None:  # auto_splits of csrc/gemm_tiles.cpp: two waves of CTAs, at most 16, at most the k units
+            units = math.ceil(k / max(self.group or 0, bk))
+            splits = max(1, min(math.ceil(2 * self.sms / ctas), 16, units))
+        return ctas * splits
+
+    def label(self, c: Dict) -> str:
+        t = c["tile"]
+        if t is None and c["splits"] is None:
+            return "auto"
+        tile = "auto" if t is None else f"{t} ({'x'.join(map(str, self.tile_shape(t)))})"
+        return f"tile {tile} split {c['splits'] or 'auto'}"
+
+
+def read_tile_rules(csrc: Optional[str] = None):
+    """(kTileRules rows (arch_min, max_m, w8, w4), kSm90TileRules rows (max_m, w8, w4)) from the headers."""
+    csrc = csrc or os.path.join(common.REPO, "csrc", "configs")
+
+    def rows(path, name, width):
+        text = open(os.path.join(csrc, path)).read()
+        body = re.search(name + r"\[\]\s*=\s*\{(.*?)\};", text, re.S).group(1)
+        return [tuple(int(x) for x in r.split(",")) for r in re.findall(r"\{([-\d,\s]+)\}", body)
+                if len(r.split(",")) == width]
+    return rows("gemm_tiles.h", "kTileRules", 4), rows("gemm_tiles_sm90.h", "kSm90TileRules", 3)
+
+
+def _smem_limit(torch, device) -> Optional[int]:
+    if device.type != "cuda":
+        return None  # the interpreter has no shared memory
+    p = torch.cuda.get_device_properties(device)
+    return getattr(p, "shared_memory_per_block_optin", None) or None
+
+
+def make_families(torch, device, args) -> List:
+    fams = []
+    from ditq.backends import cuda_backend
+
+    for name in args.families:
+        bits = 8 if name.endswith("w8a8") else 4
+        groups = [None] if bits == 8 else args.groups
+        for g in groups:
+            if name.startswith("triton"):
+                fams.append(TritonFamily(torch, device, bits, g, args.configs_dir,
+                                         args.max_candidates or (2 if args.smoke else None)))
+            elif cuda_backend.built() and (device.type == "cpu" or cuda_backend.built_with_cuda()):
+                fams.append(CudaFamily(torch, device, bits, g, args.smoke, args.max_candidates))
+            else:
+                print(f"{name}: skipped, ditq._C is not built for this device", file=sys.stderr)
+    return fams
+
+
+# ---- inputs and the correctness check ----------------------------------------------------------------------
+
+class Data:
+    """Random operands per shape (weights) and per (M, K) (activations), a few rotating copies each so that
+    timed calls read from memory rather than L2, plus the exact reference of a sample of rows per case."""
+
+    def __init__(self, torch, device, groups, l2_bytes: int, seed: int = 0):
+        self.torch, self.device, self.groups, self.l2 = torch, device, groups, l2_bytes
+        self.g = torch.Generator(device=device).manual_seed(seed)
+        self.weights, self.acts, self.layouts, self.exact = {}, {}, {}, {}
+
+    def sets(self, nbytes: int) -> int:
+        return max(1, min(8, math.ceil(2 * self.l2 / nbytes))) if self.l2 else 1
+
+    def shape(self, n, k):
+        from ditq.quant import reference as ref
+
+        if (n, k) not in self.weights:
+            t, dev, g = self.torch, self.device, self.g
+            d = {"w8": [], **{f"w4-{gs}": [] for gs in self.groups}}
+            for _ in range(self.sets(n * k)):
+                d["w8"].append((t.randint(-127, 128, (n, k), dtype=t.int8, device=dev, generator=g),
+                                t.rand(n, device=dev, generator=g) * 1e-2 + 1e-3))
+                w_q = t.randint(-8, 8, (n, k), dtype=t.int8, device=dev, generator=g)
+                packed = ref.pack_int4(w_q)  # the canonical format each backend's prepare_weight takes
+                for gs in self.groups:
+                    d[f"w4-{gs}"].append((packed, w_q, t.rand(k // gs, n, device=dev, generator=g) * 1e-2 + 1e-3))
+            self.weights[(n, k)] = d
+        return self.weights[(n, k)]
+
+    def act(self, m, n, k):
+        if (m, k) not in self.acts:
+            t = self.torch
+            self.acts[(m, k)] = [(t.randint(-127, 128, (m, k), dtype=t.int8, device=self.device, generator=self.g),
+                                  t.rand(1, device=self.device, generator=self.g) * 1e-2 + 1e-3)
+                                 for _ in range(self.sets(m * k))]
+        bias = self.bias(n)
+        return [(a, s, bias) for a, s in self.acts[(m, k)]]
+
+    def bias(self, n):
+        key = ("bias", n)
+        if key not in self.weights:
+            self.weights[key] = self.torch.randn(n, device=self.device, generator=self.g).to(self.torch.bfloat16)
+        return self.weights[key]
+
+    def layout(self, fam, n, k):
+        key = (fam.name, n, k)
+        if key not in self.layouts:
+            self.layouts[key] = fam.prepare(self.shape(n, k))
+        return self.layouts[key]
+
+    def reference(self, fam, m, n, k):
+        """Rows to check and their float64 value and magnitude (ditq.quant.reference: the integer sums, exact).
+        Every row up to M = 128; beyond, the first, the last and one at a random offset in each 64-row block, so
+        every row tile of every configuration (BM <= 256) is seen, at varying positions within it. All columns."""
+        from ditq.quant import reference as ref
+
+        key = (fam.bits, fam.group, m, n, k)
+        if key not in self.exact:
+            a, a_scale, bias = self.act(m, n, k)[0]
+            rng = self.torch.Generator().manual_seed(m)
+            rows = range(m) if m <= 128 else sorted({0, m - 1} | {
+                b + int(self.torch.randint(min(64, m - b), (1,), generator=rng)) for b in range(0, m, 64)})
+            idx = self.torch.tensor(list(rows), device=self.device)
+            if fam.bits == 8:
+                w, w_scale = self.shape(n, k)["w8"][0]
+                exact, mag = ref.gemm_w8a8_exact(a[idx], a_scale, w, w_scale, bias)
+                ops = 4
+            else:
+                _, w_q, scales = self.shape(n, k)[f"w4-{fam.group}"][0]
+                exact, mag = ref.gemm_w4a8_exact(a[idx], a_scale, w_q, scales, fam.group, bias)
+                ops = 4 + 2 * (k // fam.group)
+            self.exact[key] = (idx, exact, mag, ops)
+        return self.exact[key]
+
+
+def check(torch, fam, cfg, data, m, n, k) -> Optional[str]:
+    """None if ``cfg`` computes the product (poisoned output, finite everywhere, exact on the sampled rows),
+    else why not."""
+    from ditq import testing
+
+    y = fam.run(cfg, data.layout(fam, n, k), data.act(m, n, k), 0, poison=True)
+    if y is None or tuple(y.shape) != (m, n):
+        return f"output shape {None if y is None else tuple(y.shape)}, expected {(m, n)}"
+    bad = ~torch.isfinite(y.float())
+    if bool(bad.any()):
+        return f"{int(bad.sum())} of {m * n} outputs not written or not finite"
+    idx, exact, mag, ops = data.reference(fam, m, n, k)
+    try:
+        testing.assert_matches_exact(y[idx], exact, mag, ops, what=f"{fam.name} {fam.label(cfg)}")
+    except AssertionError as e:
+        return str(e).splitlines()[0][:300]
+    return None
+
+
+# ---- measuring ------------------------------------------------------------------------------------------
+
+class Tuner:
+    def __init__(self, torch, device, fams, shapes, args, data):
+        self.torch, self.device, self.fams, self.args, self.data = torch, device, fams, args, data
+        self.deadline = common.Deadline(args.max_seconds)
+        self.cases = {}  # family name -> [(bucket index, M, shape)]
+        for fam in fams:
+            bounds = fam.bounds()
+            if args.m:
+                ms = sorted(set(args.m))
+            elif args.smoke:
+                ms = sorted({b for b in bounds if b} | {max([b for b in bounds if b] or [0]) + 17})
+            else:
+                ms = sorted(set(REP_M) | {b for b in bounds if b})
+            self.cases[fam.name] = [(_bucket(bounds, m), m, s) for m in ms for s in shapes
+                                    if fam.bits == 8 or s[3] % fam.group == 0]
+        self.results: Dict = {}  # (family, M, N, K) -> {config key: result}
+        self.broken: Optional[str] = None
+
+    def measure(self, fam, cfg, m, shape) -> Dict:
+        _, _, n, k = shape
+        res = self.results.setdefault((fam.name, m, n, k), {})
+        key = cfg_key(cfg)
+        if key in res:
+            return res[key]
+        r = res[key] = {"config": cfg, "label": fam.label(cfg)}
+        if self.deadline.passed() or self.broken:
+            r["status"] = "skipped: " + (self.broken or "time budget (--max-seconds)")
+            return r
+        try:
+            why = check(self.torch, fam, cfg, self.data, m, n, k)
+            if why:
+                r["status"] = f"wrong: {why}"
+                return r
+            weights, act = self.data.layout(fam, n, k), self.data.act(m, n, k)
+            sets = max(len(weights), len(act))
+            t = common.time_calls(lambda i: fam.run(cfg, weights, act, i), self.device, self.args.warmup,
+                                  self.args.iters, graph_calls=0 if self.args.smoke else max(sets, 4))
+            r.update(status="ok", median_ms=t["median_ms"], timing=t["timing"],
+                     sm_fill=fam.ctas(cfg, m, n, k) / self.sms())
+        except (common.Stopped, KeyboardInterrupt):
+            r["status"] = "skipped: stopped (SIGTERM)"
+            raise
+        except Exception as e:
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            if self.device.type == "cuda" and ("illegal" in msg or "CUDA error" in msg):
+                # a faulting kernel leaves the CUDA context unusable: every later call would fail too
+                self.broken = f"CUDA context unusable after {fam.name} {fam.label(cfg)} ({msg})"
+            # an argument the launcher refuses, or a tile too big for this GPU: unavailable, not a kernel error
+            unavailable = isinstance(e, (ValueError, TypeError)) or "OutOfResources" in type(e).__name__
+            r["status"] = ("unavailable: " if unavailable else "error: ") + msg
+            if self.args.verbose:
+                traceback.print_exc()
+        if self.args.verbose:
+            print(f"{fam.name} M={m} {shape[1]} {r['label']}: {r['status']} {common.fmt(r.get('median_ms'))} ms",
+                  file=sys.stderr)
+        return r
+
+    def sms(self) -> int:
+        if self.device.type == "cuda":
+            return self.torch.cuda.get_device_properties(self.device).multi_processor_count
+        return 132  # as the emulated binding assumes (an H100 SXM)
+
+    def run(self):
+        # 1. what ships, everywhere first: a run cut short still says how the shipped tables do
+        for fam in self.fams:
+            for b, m, shape in self.cases[fam.name]:
+                self.measure(fam, fam.shipped(b), m, shape)
+        # 2. the alternatives: CUDA first (nothing to compile), then Triton, one candidate of each bucket in
+        #    turn, each on every case of its bucket (what a bucket's choice is judged by)
+        queues = []
+        for fam in sorted(self.fams, key=lambda f: f.kind != "cuda"):
+            for b in sorted({c[0] for c in self.cases[fam.name]}):
+                queues.append((fam, b, fam.candidates(b)))
+        for rank in range(max((len(q[2]) for q in queues), default=0)):
+            for fam, b, cands in queues:
+                if rank < len(cands):
+                    for bb, m, shape in self.cases[fam.name]:
+                        if bb == b:
+                            self.measure(fam, cands[rank], m, shape)
+
+
+def _bucket(bounds, m) -> int:
+    return next(i for i, b in enumerate(bounds) if b is None or m <= b)
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+def summarize(tuner) -> Dict:
+    """One row per case (family, M, shape): shipped and best; one per bucket: totals over the bucket's cases."""
+    rows, buckets = [], []
+    for fam in tuner.fams:
+        bounds = fam.bounds()
+        for b in sorted({c[0] for c in tuner.cases[fam.name]}):
+            shipped = fam.shipped(b)
+            brows = []
+            for _, m, (model, layer, n, k) in [c for c in tuner.cases[fam.name] if c[0] == b]:
+                res = tuner.results.get((fam.name, m, n, k), {})
+                ok = [r for r in res.values() if r.get("status") == "ok"]
+                best = min(ok, key=lambda r: r["median_ms"]) if ok else None
+                ship = res.get(cfg_key(shipped), {"config": shipped, "label": fam.label(shipped),
+                                                  "status": "skipped: time budget (--max-seconds)"})
+                brows.append({"family": fam.name, "kernel": fam.kernel, "kind": fam.kind, "group_size": fam.group,
+                              "bucket_max_m": bounds[b], "M": m, "model": model, "layer": layer, "N": n, "K": k,
+                              "auto_tile": fam.auto_tile(m) if fam.kind == "cuda" else None,
+                              "shipped": ship, "best": best,
+                              "speedup": (ship["median_ms"] / best["median_ms"]
+                                          if best and ship.get("status") == "ok" else None),
+                              "candidates": list(res.values())})
+            rows += brows
+            best = _best_total(brows, lambda c: True)
+            ship_total = _best_total(brows, lambda c: c == shipped)
+            buckets.append({"family": fam.name, "kernel": fam.kernel, "kind": fam.kind, "group_size": fam.group,
+                            "bucket_max_m": bounds[b], "m_values": sorted({r["M"] for r in brows}),
+                            "cases": len(brows), "shipped": shipped, "shipped_label": fam.label(shipped),
+                            "shipped_total_ms": ship_total[1] if ship_total else None,
+                            "best": best[0] if best else None, "best_label": fam.label(best[0]) if best else None,
+                            "best_total_ms": best[1] if best else None,
+                            "speedup": ship_total[1] / best[1] if best and ship_total else None,
+                            "configs_complete": _best_total(brows, lambda c: True, count=True),
+                            "configs_tried": len({cfg_key(c["config"]) for r in brows for c in r["candidates"]})})
+    return {"rows": rows, "buckets": buckets}
+
+
+def markdown(report: Dict) -> str:
+    out = [f"## GEMM tile tuning ({'smoke, CPU' if report['smoke'] else report['env'].get('gpu')})", "",
+           common.env_markdown(report["env"]), "",
+           "Per bucket: total time over the bucket's cases (its M values x shapes) of the shipped configuration and "
+           "of the best one that ran correctly on every case.", ""]
+    out.append(common.md_table(report["buckets"], ["family", "bucket_max_m", "m_values", "cases", "shipped_label",
+                                                  "shipped_total_ms", "best_label", "best_total_ms", "speedup",
+                                                  "configs_complete", "configs_tried"],
+                               ["family", "max M", "M", "cases", "shipped", "shipped ms", "best", "best ms",
+                                "speedup", "complete", "tried"]))
+    flat = []
+    for r in report["rows"]:
+        s, b = r["shipped"], r["best"] or {}
+        bad = sum(c.get("status", "").startswith(("wrong", "error")) for c in r["candidates"])
+        flat.append(dict(family=r["family"], shape=f"{r['model']} {r['layer']}", N=r["N"], K=r["K"], M=r["M"],
+                         shipped=s["label"] + (f" (tile {r['auto_tile']})" if r["auto_tile"] is not None else ""),
+                         shipped_status=s["status"], shipped_ms=s.get("median_ms"),
+                         shipped_fill=s.get("sm_fill"), best=b.get("label"), best_ms=b.get("median_ms"),
+                         speedup=r["speedup"], best_fill=b.get("sm_fill"), wrong=bad, tried=len(r["candidates"])))
+    out += ["", "Per case (SM fill = CTAs / SMs):", "",
+            common.md_table(flat, ["family", "shape", "N", "K", "M", "shipped", "shipped_status", "shipped_ms",
+                                   "shipped_fill", "best", "best_ms", "speedup", "best_fill", "wrong", "tried"],
+                            ["family", "shape", "N", "K", "M", "shipped", "status", "shipped ms", "fill",
+                             "best", "best ms", "speedup", "best fill", "wrong/error", "tried"])]
+    thin = [f for f in flat if f["M"] == 512 and f["best_fill"] is not None and f["best_fill"] < 1]
+    if thin:
+        out += ["", "M = 512 cases whose best configuration launches fewer CTAs than SMs: " +
+                ", ".join(f"{f['family']} {f['shape']} ({f['best_fill']:.2f})" for f in thin)]
+    return "\n".join(out) + "\n"
+
+
+# ---- proposed tables --------------------------------------------------------------------------------------
+
+def write_triton_tables(report: Dict, fams, env: Dict, out_dir: str) -> List[str]:
+    """Rewrite each measured Triton table: every bucket whose best complete configuration is not the shipped one
+    takes it (keys in the table's order, its by_group kept); a 'measured' record says what, where and how fast.
+    A copy goes to ``out_dir``/configs, which comes back from a GPU machine with the report."""
+    from ditq.kernels import config_table
+
+    written = []
+    for fam in [f for f in fams if f.kind == "triton"]:
+        primary = [f for f in fams if f.kind == "triton" and f.kernel == fam.kernel][0]
+        if fam is not primary:
+            continue  # the table's entries follow the first group size measured; others add by_group below
+        data = json.loads(json.dumps(primary.table_file))
+        entries, record, changed = data["entries"], [], False
+        for i, e in enumerate(entries):
+            b = _bucket_row(report, primary.name, e["max_m"])
+            if not b:
+                continue
+            record.append({k: b[k] for k in ("bucket_max_m", "m_values", "cases", "shipped_label",
+                                             "shipped_total_ms", "best_label", "best_total_ms", "speedup")})
+            if b["best"] and b["best"] != b["shipped"]:
+                entries[i] = {"max_m": e["max_m"], **{k: b["best"].get(k, v) for k, v in e.items()
+                                                      if k not in ("max_m", "by_group")}}
+                if "by_group" in e:
+                    entries[i]["by_group"] = e["by_group"]
+                changed = True
+            for other in [f for f in fams if f.kind == "triton" and f.kernel == fam.kernel and f is not primary]:
+                # another group size measured: where its best differs from what the entry gives it (BK fitted to
+                # its pack block), a by_group override says so; where it agrees, an old override goes
+                ob = _bucket_row(report, other.name, e["max_m"])
+                if ob and ob["best"] and b["best"]:
+                    given = other.fit(dict(b["best"]))
+                    diff = {k: v for k, v in ob["best"].items() if given.get(k) != v}
+                    groups = entries[i].setdefault("by_group", {})
+                    if diff:
+                        groups[str(other.group)] = diff
+                    else:
+                        groups.pop(str(other.group), None)
+                    if not groups:
+                        del entries[i]["by_group"]
+                    changed = True
+        if not record:
+            continue
+        config_table.validate_table(entries, primary.path)
+        data["measured"] = {**{k: env.get(k) for k in ("date", "gpu", "driver", "capability", "torch", "triton",
+                                                        "cuda", "commit", "command")},
+                            "group_sizes": [f.group for f in fams if f.kind == "triton" and f.kernel == fam.kernel
+                                            and f.group],
+                            "buckets": record}
+        if changed and "comment" in data and "re-chosen" not in data["comment"]:
+            data["comment"] += (" Tiles re-chosen from timings by benchmarks/tune_tiles.py (see 'measured'); "
+                                "figures above describe the tiles before that.")
+        os.makedirs(os.path.join(out_dir, "configs"), exist_ok=True)
+        for path in (primary.path, os.path.join(out_dir, "configs", os.path.basename(primary.path))):
+            with open(path, "w") as f:
+                f.write(_table_json(data))
+            written.append(path)
+    return written
+
+
+def _bucket_row(report, family, max_m):
+    return next((b for b in report["buckets"] if b["family"] == family and b["bucket_max_m"] == max_m), None)
+
+
+def _table_json(data: Dict) -> str:
+    """The tables' own style: header keys, then one entry per line."""
+    head = {k: v for k, v in data.items() if k not in ("entries", "measured")}
+    lines = ["{" + json.dumps(head)[1:-1] + ","]
+    lines.append(' "entries": [')
+    lines.append(",\n".join("  " + json.dumps(e) for e in data["entries"]))
+    lines.append(" ]" + ("," if "measured" in data else ""))
+    if "measured" in data:
+        lines.append(' "measured": ' + json.dumps(common._clean(data["measured"])))
+    return "\n".join(lines) + "}\n"
+
+
+def cuda_rules_text(report: Dict, fams, env: Dict) -> Optional[str]:
+    """Proposed kSm90TileRules / kTileRules arrays: per bucket, the best configuration with automatic split-K (what
+    a rule can say) over the bucket's cases; a fixed split count that did better is noted beside it."""
+    cfams = [f for f in fams if f.kind == "cuda"]
+    if not cfams:
+        return None
+    f0 = cfams[0]
+    fam_of = {bits: next((f for f in cfams if f.bits == bits), None) for bits in (8, 4)}
+    row_arch = f0.arch_row()
+    notes, mma_rows, sm90_rows = [], [], []
+    for b_max in f0.bounds():
+        mm = -1 if b_max is None else b_max
+        top = b_max if b_max is not None else 1 << 30
+        # what the rules say now for this bucket; a family that was not measured keeps it
+        mma = [_current(f0.rules, row_arch, mm, bits) for bits in (8, 4)]
+        sm90 = list(next(r[1:] for r in f0.sm90_rules if r[0] < 0 or top <= r[0]))
+        for j, bits in enumerate((8, 4)):
+            fam = fam_of[bits]
+            rows = [r for r in report["rows"] if fam and r["family"] == fam.name and r["bucket_max_m"] == b_max]
+            if not rows:
+                continue
+            cur = fam.auto_tile(top)
+            best = _best_total(rows, lambda c: c["splits"] is None)
+            anyb = _best_total(rows, lambda c: True)
+            tile = cur if best is None or best[0]["tile"] is None else best[0]["tile"]
+            if tile >= 100:
+                sm90[j] = tile - 100
+            else:  # an mma.sync tile: on sm_90 the Hopper rule must hand the bucket over
+                mma[j], sm90[j] = tile, -1
+            if best:
+                where = f"M <= {b_max}" if b_max else "larger M"
+                notes.append(f"//   {where}, {fam.name}: {fam.label(best[0])} {best[1]:.4g} ms over "
+                             f"{len(rows)} cases (now: tile {cur})" + (
+                                 f"; a fixed split did better: {fam.label(anyb[0])} {anyb[1]:.4g} ms"
+                                 if anyb and anyb[1] < best[1] else ""))
+        mma_rows.append((row_arch, mm, *mma))
+        sm90_rows.append((mm, *sm90))
+    lines = [f"// Proposed by benchmarks/tune_tiles.py on {env.get('date')}, {env.get('gpu') or 'cuda-emulated (CPU)'}"
+             f" (driver {env.get('driver')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, commit "
+             f"{env.get('commit')}): {env.get('command')}",
+             "// Apply by hand to csrc/configs/gemm_tiles*.h and rebuild (tiles are template arguments). Buckets "
+             "with no complete measurement keep the tile they have now.", "// Measured:"] + notes + [""]
+    if f0.hopper:
+        lines += ["// csrc/configs/gemm_tiles_sm90.h (-1: that bucket runs the mma.sync tiles below)",
+                  "constexpr Sm90TileRule kSm90TileRules[] = {"]
+        lines += ["    {%d, %d, %d}," % r for r in sm90_rows] + ["};", ""]
+    lines += [f"// csrc/configs/gemm_tiles.h (the rows of arch {row_arch}; the other rows as they are)",
+              "constexpr TileRule kTileRules[] = {"]
+    out_rows = [r for r in f0.rules if r[0] > row_arch] + mma_rows + [r for r in f0.rules if r[0] < row_arch]
+    lines += ["    {%d, %d, %d, %d}," % r for r in out_rows] + ["};"]
+    return "\n".join(lines) + "\n"
+
+
+def _current(rules, arch, max_m, bits):
+    """The tile the current rows of ``arch`` give at the top of this bucket (-1 = unbounded)."""
+    m = max_m if max_m >= 0 else 1 << 30
+    r = next(r for r in rules if r[0] == arch and (r[1] < 0 or m <= r[1]))
+    return r[2] if bits == 8 else r[3]
+
+
+def _best_total(rows, keep, count=False):
+    """(config, total ms) with the lowest total over ``rows`` among configs that ran ok on every row (``count``:
+    how many did)."""
+    totals: Dict[str, list] = {}
+    for r in rows:
+        for c in r["candidates"]:
+            if keep(c["config"]):
+                t = totals.setdefault(cfg_key(c["config"]), [c["config"], 0.0, 0])
+                if c.get("status") == "ok":
+                    t[1] += c["median_ms"]
+                    t[2] += 1
+    done = [(c, t) for c, t, n in totals.values() if n == len(rows)]
+    if count:
+        return len(done)
+    return min(done, key=lambda x: x[1]) if done else None
+
+
+# ---- main -----------------------------------------------------------------------------------------------
+
+def parse_shapes(specs) -> List[tuple]:
+    """"model:layer" (a row of benchmarks/common.py) or "NxK"."""
+    out = []
+    for s in specs:
+        m = re.fullmatch(r"(\d+)x(\d+)", s)
+        if m:
+            out.append(("custom", s, int(m.group(1)), int(m.group(2))))
+            continue
+        hit = [x for x in common.ALL_SHAPES if f"{x[0]}:{x[1]}" == s]
+        if not hit:
+            raise SystemExit(f"unknown shape {s!r}: use NxK or one of "
+                             + ", ".join(f"'{x[0]}:{x[1]}'" for x in common.ALL_SHAPES))
+        out.append(hit[0])
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU: interpreter tables, cuda-emulated, tiny shapes")
+    ap.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    ap.add_argument("--groups", type=int, nargs="+", default=[128], help="W4A8 group sizes (first: the table's)")
+    ap.add_argument("--shapes", nargs="+", help=f"'model:layer' or NxK (default: {', '.join(DEFAULT_SHAPES)})")
+    ap.add_argument("--m", type=int, nargs="+", help="M values (default: each bucket's bound and %s)" % (REP_M,))
+    ap.add_argument("--max-candidates", type=int, default=None, help="alternatives per bucket (default: all)")
+    ap.add_argument("--max-seconds", type=float, default=None, help="budget: later cases become 'skipped'")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--write-configs", action="store_true",
+                    help="rewrite the Triton tables with the measured best; write gemm_tile_rules.h.txt")
+    ap.add_argument("--configs-dir", help="Triton tables to read and rewrite (default: kernels/configs)")
+    ap.add_argument("--out", help="output folder (default $OUT or benchmarks/out)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = common.select_device(args, "interpreter tables, cuda-emulated, tiny shapes")
+    import torch
+    import ditq  # noqa: F401  (registers torch.ops.ditq.*)
+    from ditq.backends import cuda_backend  # noqa: F401  (loads ditq._C when built)
+
+    args.configs_dir = args.configs_dir or os.path.join(common.REPO, "kernels", "configs")
+    args.warmup = args.warmup if args.warmup is not None else (0 if args.smoke else 3)
+    args.iters = args.iters if args.iters is not None else (1 if args.smoke else 20)
+    shapes = SMOKE_SHAPES if args.smoke and not args.shapes else parse_shapes(args.shapes or DEFAULT_SHAPES)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
+    fams = make_families(torch, device, args)
+    tuner = Tuner(torch, device, fams, shapes, args, Data(torch, device, args.groups, l2))
+
+    # gpu_suite.sh stops a stage with SIGTERM: stop there and write what was measured
+    previous = signal.getsignal(signal.SIGTERM)
+    common.stop_on_sigterm()
+    try:
+        tuner.run()
+    except (common.Stopped, KeyboardInterrupt) as e:
+        print(f"stopped ({type(e).__name__}: {e}): writing what was measured", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    env = common.environment()
+    report = {"schema": SCHEMA, "smoke": args.smoke, "device": str(device), "env": env,
+              "families": [f.name for f in fams], "shapes": [common.shape_dict(*s) for s in shapes],
+              "sms": tuner.sms(), **summarize(tuner)}
+    d = common.out_dir(args.out)
+    written = []
+    if args.write_configs:
+        written = write_triton_tables(report, fams, env, d)
+        text = cuda_rules_text(report, fams, env)
+        if text:
+            with open(os.path.join(d, "gemm_tile_rules.h.txt"), "w") as f:
+                f.write(text)
+            written.append(os.path.join(d, "gemm_tile_rules.h.txt"))
+    report["written"] = written
+    common.write_json(os.path.join(d, "tiles.json"), report)
+    with open(os.path.join(d, "tiles.md"), "w") as f:
+        f.write(markdown(report))
+    print(common.md_table(report["buckets"], ["family", "bucket_max_m", "shipped_label", "shipped_total_ms",
+                                              "best_label", "best_total_ms", "speedup"]))
+    ok = sum(c.get("status") == "ok" for r in report["rows"] for c in r["candidates"])
+    total = sum(len(r["candidates"]) for r in report["rows"])
+    print(f"\n{ok}/{total} measurements ok; wrote tiles.json, tiles.md in {d}"
+          + (f"; rewrote {', '.join(written)}" if written else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
