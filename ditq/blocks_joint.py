@@ -3,12 +3,16 @@
 side by side.
 
 Joint block, per stream (image, and text with its own weights): ``norm_modulate_quantize`` -> the stream's fused
-q/k/v GEMM (``to_qkv`` / ``to_added_qkv``, :mod:`ditq.fuse`); one attention over both streams (diffusers' own
-q/k RMSNorm, rotary embedding and attention dispatch, so the numbers are its); the output projections ``to_out`` /
+q/k/v GEMM (``to_qkv`` / ``to_added_qkv``, :mod:`ditq.fuse`); one ``attention_inputs`` op from both GEMM outputs to
+the attention's q, k, v (each stream's q/k RMSNorm, the streams concatenated, the rotary embedding: diffusers'
+composition op for op, :mod:`ditq.ops`); diffusers' attention dispatch; the output projections ``to_out`` /
 ``to_add_out`` with adaLN gate and residual in their epilogue; the MLPs as in :mod:`ditq.blocks` (norm -> fc1 with
 GELU, int8 out -> fc2 with gate and residual). SD3's joint block is the same with the image stream first in the
-attention, no q/k norm or rotary embedding, and in its last block (``context_pre_only``) a text stream that only
-feeds k/v; both streams' q/k/v are concatenated along the sequence in one op and permuted once for SDPA.
+attention, no rotary embedding, q/k RMSNorms only where the model has them (SD3.5-large's ``qk_norm="rms_norm"``),
+SDPA itself, and in its last block (``context_pre_only``) a text stream that only feeds k/v. A backend without
+``attention_inputs`` (or q/k norms it does not take) runs diffusers' own norms, concatenations and rotary
+embedding instead (SD3 then concatenates both streams' q/k/v in one op and permutes once for SDPA; SD3.5 runs the
+diffusers forward).
 
 Single block: its attention's q/k/v and ``proj_mlp`` read the same normalized input, so one
 ``norm_modulate_quantize`` feeds both GEMMs (when their calibrated scales agree, as they do: they observe the same
@@ -95,20 +99,43 @@ def why_not(block: nn.Module) -> Optional[str]:
     return f"{kind} has no fused implementation"
 
 
+def _qk_norms_why_not(attn, head_dim: int) -> Optional[str]:
+    """None when the attention's q/k norms are what ``attention_inputs`` computes (each absent, or an RMSNorm over
+    one head with a weight and no bias: all diffusers' ``RMSNorm``, as SD3.5 has, or all ``torch.nn.RMSNorm``, as
+    FLUX's attention has, with one eps), else why not."""
+    from diffusers.models.normalization import RMSNorm
+
+    norms = [n for n in (getattr(attn, m, None) for m in QK_NORMS) if n is not None]
+    for norm in norms:
+        if type(norm) not in (RMSNorm, torch.nn.RMSNorm):
+            return f"its attention's q/k norm is a {type(norm).__name__}, not an RMSNorm (not implemented fused)"
+        if norm.weight is None or getattr(norm, "bias", None) is not None or \
+                tuple(norm.weight.shape) != (head_dim,):
+            return ("its attention's q/k RMSNorm is not one weight per head dimension without bias (e.g. "
+                    "rms_norm_across_heads; not implemented fused)")
+    if len({type(n) for n in norms}) > 1 or len({n.eps for n in norms}) > 1 or \
+            any(n.eps is None for n in norms):
+        return "its attention's q/k RMSNorms differ in kind or eps, or have none (not implemented fused)"
+    return None
+
+
 def _sd3_why_not(block) -> Optional[str]:
     from diffusers.models.attention_processor import FusedJointAttnProcessor2_0
+
+    from .fuse import joint_qk_norm_processor
 
     attn = block.attn
     if block.use_dual_attention:
         return "SD3.5's dual attention is not implemented fused"
-    if type(attn.processor) is not FusedJointAttnProcessor2_0:
+    if type(attn.processor) not in (FusedJointAttnProcessor2_0, joint_qk_norm_processor()):
         return "its attention's q/k/v are not fused into one quantized GEMM (ditq.fuse), or it has another processor"
     names = ("to_qkv", "to_added_qkv", "to_out.0") + (() if block.context_pre_only else ("to_add_out",))
     for name in names:
         if not isinstance(attn.get_submodule(name), QuantLinear):
             return f"its attention's {name} is not quantized"
-    if any(getattr(attn, n, None) is not None for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")):
-        return "its attention normalizes q/k (not implemented fused)"
+    why = _qk_norms_why_not(attn, attn.to_qkv.out_features // 3 // attn.heads)
+    if why is not None:
+        return why
     norms = [block.norm1.norm, block.norm1_context.norm, block.norm2]
     mlps = [block.ff]
     if not block.context_pre_only:
@@ -147,20 +174,60 @@ def _same_input_quantization(layers) -> bool:
             for n in ("act_scale", "act_scales", "timestep_bounds")) for m in layers)
 
 
+QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+
+
+def _attention_inputs(b, first_qkv: torch.Tensor, second_qkv: Optional[torch.Tensor], batch: int, heads: int,
+                      first_norms, second_norms, rotary=None):
+    """``attention_inputs`` on two (or one) streams' fused q/k/v outputs -> q, k, v [B, H, S, Dh], or None where the
+    block runs diffusers' ops instead: the backend has no such kernel, the q/k norms are not RMSNorms it takes
+    (``b._ditq_qk`` is None, decided when fusing), or the rotary embedding is not FLUX's (cos, sin) pair.
+    ``*_norms``: the stream's (q norm, k norm) module names on the attention."""
+    attn = b.attn
+    op = attn.to_qkv._kernels.attention_inputs if attn.to_qkv._kernels is not None else None
+    plan = getattr(b, "_ditq_qk", None)
+    if op is None or plan is None:
+        return None
+    eps, torch_norm = plan
+    cos = sin = None
+    if rotary is not None:
+        if not (isinstance(rotary, tuple) and len(rotary) == 2 and all(
+                isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 2 for t in rotary)):
+            return None
+        cos, sin = rotary
+        cos, sin = cos.to(first_qkv.device), sin.to(first_qkv.device)  # as apply_rotary_emb moves them
+
+    def weight(name):
+        norm = getattr(attn, name, None)
+        return None if norm is None else norm.weight
+
+    return op(first_qkv.view(-1, first_qkv.shape[-1]),
+              None if second_qkv is None else second_qkv.view(-1, second_qkv.shape[-1]), batch, heads,
+              *map(weight, first_norms), *(map(weight, second_norms) if second_qkv is not None else (None, None)),
+              eps, cos, sin, torch_norm)
+
+
 def _heads(attn, qkv: torch.Tensor, batch: int):
     """[B * S, 3 * H * Dh] -> q, k, v [B, S, H, Dh] (the layout diffusers' FLUX processor works in)."""
     return qkv.view(batch, -1, 3, attn.heads, attn.head_dim).unbind(2)
 
 
 def _attend(attn, q, k, v, rotary):
-    """diffusers' FLUX attention after the projections: q/k RMSNorm, rotary embedding, its attention dispatch.
-    Returns [B, S, H * Dh]."""
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    """diffusers' FLUX attention after the q/k norms: rotary embedding, its attention dispatch. Returns
+    [B, S, H * Dh]."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     if rotary is not None:
         q = apply_rotary_emb(q, rotary, sequence_dim=1)
         k = apply_rotary_emb(k, rotary, sequence_dim=1)
+    return _dispatch(attn, q, k, v)
+
+
+def _dispatch(attn, q, k, v):
+    """diffusers' FLUX attention dispatch on q, k, v [B, S, H, Dh] (views of ``attention_inputs``' [B, H, S, Dh]
+    are fine: its native backend permutes them back for SDPA). Returns [B, S, H * Dh]."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
     proc = attn.processor
     out = dispatch_attention_fn(q, k, v, attn_mask=None, backend=proc._attention_backend,
                                 parallel_config=proc._parallel_config)
@@ -187,15 +254,23 @@ def _joint_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_e
 
     q8, s8 = attn.to_qkv._kernels.norm_modulate_quantize(x, shift_msa, scale_msa, b.norm1.norm.eps,
                                                          attn.to_qkv._buffers["act_scale"])
-    q, k, v = _heads(attn, attn.to_qkv.forward_fused(q8, s8, dtype), batch)
+    qkv = attn.to_qkv.forward_fused(q8, s8, dtype)
     q8, s8 = attn.to_added_qkv._kernels.norm_modulate_quantize(c, c_shift_msa, c_scale_msa,
                                                                b.norm1_context.norm.eps,
                                                                attn.to_added_qkv._buffers["act_scale"])
-    cq, ck, cv = _heads(attn, attn.to_added_qkv.forward_fused(q8, s8, dtype), batch)
-    q = torch.cat([attn.norm_added_q(cq), attn.norm_q(q)], dim=1)  # text first, as diffusers' FLUX
-    k = torch.cat([attn.norm_added_k(ck), attn.norm_k(k)], dim=1)
-    v = torch.cat([cv, v], dim=1)
-    c_out, x_out = _attend(attn, q, k, v, image_rotary_emb).split_with_sizes([text, seq], dim=1)
+    cqkv = attn.to_added_qkv.forward_fused(q8, s8, dtype)
+    # text first, as diffusers' FLUX
+    qkv_heads = _attention_inputs(b, cqkv, qkv, batch, attn.heads, ("norm_added_q", "norm_added_k"),
+                                  ("norm_q", "norm_k"), image_rotary_emb)
+    if qkv_heads is not None:
+        o = _dispatch(attn, *(t.transpose(1, 2) for t in qkv_heads))
+    else:
+        (q, k, v), (cq, ck, cv) = _heads(attn, qkv, batch), _heads(attn, cqkv, batch)
+        q = torch.cat([attn.norm_added_q(cq), attn.norm_q(q)], dim=1)
+        k = torch.cat([attn.norm_added_k(ck), attn.norm_k(k)], dim=1)
+        v = torch.cat([cv, v], dim=1)
+        o = _attend(attn, q, k, v, image_rotary_emb)
+    c_out, x_out = o.split_with_sizes([text, seq], dim=1)
 
     to_out, to_add_out = attn.to_out[0], attn.to_add_out
     x2d, c2d = x.view(batch * seq, dim), c.view(batch * text, -1)
@@ -229,8 +304,14 @@ def _single_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_
         m8, ms8 = q8, s8
     else:
         m8, ms8 = proj_mlp._kernels.norm_modulate_quantize(x, shift, scale, eps, proj_mlp._buffers["act_scale"])
-    q, k, v = _heads(attn, to_qkv.forward_fused(q8, s8, dtype), batch)
-    o = _attend(attn, attn.norm_q(q), attn.norm_k(k), v, image_rotary_emb).reshape(batch * seq, dim)
+    qkv = to_qkv.forward_fused(q8, s8, dtype)
+    qkv_heads = _attention_inputs(b, qkv, None, batch, attn.heads, ("norm_q", "norm_k"), None, image_rotary_emb)
+    if qkv_heads is not None:
+        o = _dispatch(attn, *(t.transpose(1, 2) for t in qkv_heads))
+    else:
+        q, k, v = _heads(attn, qkv, batch)
+        o = _attend(attn, attn.norm_q(q), attn.norm_k(k), v, image_rotary_emb)
+    o = o.reshape(batch * seq, dim)
     out_scale = proj_out._buffers["act_scale"]
     if out_scale is not None:  # static: both halves of proj_out's input come out int8, with its scale
         a8, _ = proj_out._kernels.quantize_act(o.contiguous(), out_scale)
@@ -247,11 +328,14 @@ def _single_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_
 
 def _sd3_forward(b, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
     """SD3's ``JointTransformerBlock``: as the FLUX joint block, with the sample stream first in the attention, no
-    q/k norm or rotary embedding, and (last block, ``context_pre_only``) a context stream that only feeds k/v."""
+    rotary embedding, q/k norms where the model has them (SD3.5), and (last block, ``context_pre_only``) a context
+    stream that only feeds k/v."""
     attn, pre_only = b.attn, b.context_pre_only
     mlps = (b.ff,) if pre_only else (b.ff, b.ff_context)
+    normed = any(getattr(attn, n, None) is not None for n in QK_NORMS)
     if b._chunk_size is not None or not _covered(b, joint_attention_kwargs, (attn.to_qkv, attn.to_added_qkv) +
-                                                  tuple(ff.net[0].proj for ff in mlps)):
+                                                  tuple(ff.net[0].proj for ff in mlps)) or \
+            (normed and attn.to_qkv._kernels.attention_inputs is None):  # no fused path applies q/k norms then
         return super(type(b), b).forward(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
     x, c = hidden_states.contiguous(), encoder_hidden_states.contiguous()
     (batch, seq, dim), text, dtype = x.shape, c.shape[1], x.dtype
@@ -269,10 +353,13 @@ def _sd3_forward(b, hidden_states, encoder_hidden_states, temb, joint_attention_
                                                                b.norm1_context.norm.eps,
                                                                attn.to_added_qkv._buffers["act_scale"])
     cqkv = attn.to_added_qkv.forward_fused(q8, s8, dtype)
-    # both streams' q, k and v in one concatenation along the sequence, one permute to SDPA's layout
     heads = attn.heads
-    qkv = torch.cat([qkv.view(batch, seq, 3, heads, -1), cqkv.view(batch, text, 3, heads, -1)], dim=1)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    qkv_heads = _attention_inputs(b, qkv, cqkv, batch, heads, ("norm_q", "norm_k"), ("norm_added_q", "norm_added_k"))
+    if qkv_heads is not None:
+        q, k, v = qkv_heads
+    else:  # both streams' q, k and v in one concatenation along the sequence, one permute to SDPA's layout
+        qkv = torch.cat([qkv.view(batch, seq, 3, heads, -1), cqkv.view(batch, text, 3, heads, -1)], dim=1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
     x_out, c_out = o.transpose(1, 2).reshape(batch, seq + text, -1).split_with_sizes([seq, text], dim=1)
 
@@ -309,6 +396,13 @@ def fuse(block: nn.Module) -> Optional[str]:
     if why is not None:
         return why
     kind = type(block).__name__
+    attn = block.attn
+    # attention_inputs' (eps, torch_norm) (eps 1e-6 when there is no norm: unused then), or None where the q/k
+    # norms are not what it computes (FLUX then keeps diffusers' norms; SD3 refused such a block above)
+    head_dim = attn.to_qkv.out_features // 3 // attn.heads
+    norm = next((n for n in (getattr(attn, m, None) for m in QK_NORMS) if n is not None), None)
+    block._ditq_qk = None if _qk_norms_why_not(attn, head_dim) is not None else \
+        (1e-6 if norm is None else float(norm.eps), isinstance(norm, torch.nn.RMSNorm))
     if kind == SINGLE:
         block._ditq_shared_input = _same_input_quantization([block.attn.to_qkv, block.proj_mlp])
         norms = (block.norm,)

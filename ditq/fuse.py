@@ -12,7 +12,8 @@ attention                          fused layers                      how diffuse
 ``Attention`` + ``AttnProcessor2_0``    ``to_qkv`` (self), ``to_kv``     ``FusedAttnProcessor2_0``
   (DiT, PixArt)                          (cross: k and v of the context)
 ``Attention`` + ``JointAttnProcessor2_0``  ``to_qkv``, ``to_added_qkv``   ``FusedJointAttnProcessor2_0``
-  (SD3)
+  (SD3)                                                                (with q/k norms, SD3.5:
+                                                                       :func:`joint_qk_norm_processor`)
 ``FluxAttention``                  ``to_qkv``, ``to_added_qkv``      its ``fused_projections`` flag
 ================================  ===============================  ===========================================
 
@@ -24,6 +25,7 @@ arrive.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -58,8 +60,54 @@ def _plan(attn: nn.Module) -> Tuple[Optional[Dict[str, Tuple[str, ...]]], object
             return dict(CROSS_KV), ap.FusedAttnProcessor2_0()
         return dict(SELF_QKV), ap.FusedAttnProcessor2_0()
     if proc is ap.JointAttnProcessor2_0:
+        if any(getattr(attn, n, None) is not None for n in QK_NORMS):
+            return {**SELF_QKV, **ADDED_QKV}, joint_qk_norm_processor()()
         return {**SELF_QKV, **ADDED_QKV}, ap.FusedJointAttnProcessor2_0()
     return None, f"processor {proc.__name__} has no fused twin"
+
+
+QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+
+
+@lru_cache(maxsize=None)
+def joint_qk_norm_processor():
+    """diffusers' ``FusedJointAttnProcessor2_0`` with the q/k norms ``JointAttnProcessor2_0`` applies (SD3.5's
+    ``qk_norm="rms_norm"``): the fused twin skips them (diffusers 0.42), so switching to it would silently change
+    the model. This is ``JointAttnProcessor2_0``'s computation, op for op, on the fused projections' outputs."""
+    import torch.nn.functional as F
+    from diffusers.models.attention_processor import FusedJointAttnProcessor2_0
+
+    class FusedJointQKNormAttnProcessor(FusedJointAttnProcessor2_0):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+            batch, seq = hidden_states.shape[:2]
+            qkv = attn.to_qkv(hidden_states)
+            head_dim = qkv.shape[-1] // 3 // attn.heads
+
+            def heads(t):
+                return t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+            query, key, value = map(heads, qkv.chunk(3, dim=-1))
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            c_query, c_key, c_value = map(heads, attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1))
+            if attn.norm_added_q is not None:
+                c_query = attn.norm_added_q(c_query)
+            if attn.norm_added_k is not None:
+                c_key = attn.norm_added_k(c_key)
+            query = torch.cat([query, c_query], dim=2)
+            key = torch.cat([key, c_key], dim=2)
+            value = torch.cat([value, c_value], dim=2)
+            out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+            out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+            out, c_out = out[:, :seq], out[:, seq:]
+            if not attn.context_pre_only:
+                c_out = attn.to_add_out(c_out)
+            return attn.to_out[1](attn.to_out[0](out)), c_out
+
+    FusedJointQKNormAttnProcessor.__module__ = __name__
+    return FusedJointQKNormAttnProcessor
 
 
 def _mismatch(layers: List[nn.Module]) -> Optional[str]:

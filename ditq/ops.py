@@ -66,16 +66,17 @@ out_dtype, backend) -> y``
     triton, cuda and cuda-emulated all do); where it is False the generic op raises NotImplementedError for a
     float ``a`` and callers quantize it first (``QuantLinear.forward_fused`` does).
 ``attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps,
-rope_cos, rope_sin, backend) -> (q, k, v)``
+rope_cos, rope_sin, torch_norm, backend) -> (q, k, v)``
     From the fused q/k/v GEMM outputs of one or two token streams to SDPA's inputs, in one pass.
     ``first``: float16/bfloat16/float32 [batch * S1, 3 * heads * D], contiguous, column blocks q | k | v (each
     heads x D, head-major); ``second``: None, or the same for S2 more tokens (same dtype, heads and D), placed
     after ``first`` in the sequence (FLUX's joint block: text first; SD3: image first). ``*_q_norm`` /
     ``*_k_norm``: a stream's q / k RMSNorm weight [D] (the activations' dtype or float32), or None for no norm;
-    ``eps``: the norms' epsilon (one value for all four). ``rope_cos`` / ``rope_sin``: float32 [S1 + S2, D]
+    ``eps``: the norms' epsilon (one value for all four); ``torch_norm``: False for diffusers' ``RMSNorm`` (SD3.5),
+    True for ``torch.nn.RMSNorm`` (FLUX's attention), which rounds differently in 16 bits. ``rope_cos`` / ``rope_sin``: float32 [S1 + S2, D]
     (diffusers' FLUX ``image_rotary_emb``, interleaved pairs (2i, 2i + 1); D even), or both None. Returns q, k, v
     [batch, heads, S1 + S2, D], contiguous, in ``first``'s dtype. The numbers are diffusers' composition op for
-    op (``ditq.quant.reference.attention_inputs``: ``RMSNorm``, concatenation, ``apply_rotary_emb``; v copied
+    op (``ditq.quant.reference.attention_inputs``: the RMSNorm, concatenation, ``apply_rotary_emb``; v copied
     bit for bit); a kernel may sum a head's squares in another order, which can move a 16-bit output by one
     unit in the last place. Where ``KernelOps.attention_inputs`` is None, callers run diffusers' own ops.
 """
@@ -108,7 +109,7 @@ SCHEMAS = {
                        "{backend}) -> Tensor",
     "attention_inputs": "(Tensor first, Tensor? second, int batch, int heads, Tensor? first_q_norm, "
                         "Tensor? first_k_norm, Tensor? second_q_norm, Tensor? second_k_norm, float eps, "
-                        "Tensor? rope_cos, Tensor? rope_sin{backend}) -> (Tensor, Tensor, Tensor)",
+                        "Tensor? rope_cos, Tensor? rope_sin, bool torch_norm{backend}) -> (Tensor, Tensor, Tensor)",
 }
 
 
@@ -344,7 +345,7 @@ def _fake_gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, 
 
 
 def _fake_attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm,
-                           eps, rope_cos, rope_sin, *_):
+                           eps, rope_cos, rope_sin, torch_norm, *_):
     _same_device(first, second=second, first_q_norm=first_q_norm, first_k_norm=first_k_norm,
                  second_q_norm=second_q_norm, second_k_norm=second_k_norm, rope_cos=rope_cos, rope_sin=rope_sin)
     seq = (first.shape[0] + (0 if second is None else second.shape[0])) // batch
@@ -417,10 +418,10 @@ def _gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, resid
 
 
 def _attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps,
-                      rope_cos, rope_sin, backend: str):
+                      rope_cos, rope_sin, torch_norm, backend: str):
     return backends.get_backend(backend, first.device).attention_inputs(
         first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps, rope_cos,
-        rope_sin)
+        rope_sin, torch_norm)
 
 
 for _name, _fn in (("quantize_act", _quantize_act), ("gemm_w8a8", _gemm_w8a8), ("gemm_w4a8", _gemm_w4a8),

@@ -12,10 +12,12 @@ kernel once per stream, each writing its own range of the sequence.
 rope_cos, rope_sin) -> (q, k, v)``: ``ditq.quant.reference.attention_inputs`` is the contract (diffusers'
 ``RMSNorm`` and ``apply_rotary_emb``, op for op). Per element of q / k, in fp32:
 
-* RMSNorm (when the stream's weight is given): ``r = 1 / sqrt(sum(x * x) / D + eps)``; ``y = x * r``; with a
-  16-bit weight (the activations' dtype) ``y`` is rounded to that dtype, multiplied by the weight and rounded
-  again (the product of two 16-bit values is exact in fp32, so this is torch's 16-bit multiply); with a float32
-  weight ``y = y * w`` in fp32.
+* RMSNorm (when the stream's weight is given): ``r = 1 / sqrt(sum(x * x) / D + eps)``; ``y = x * r``; then,
+  diffusers' ``RMSNorm`` (SD3.5's): with a 16-bit weight (the activations' dtype) ``y`` is rounded to that dtype,
+  multiplied by the weight and rounded again (the product of two 16-bit values is exact in fp32, so this is
+  torch's 16-bit multiply), with a float32 weight ``y = y * w`` in fp32, not rounded; ``torch.nn.RMSNorm``
+  (``torch_norm``, FLUX's attention): ``y * w`` in fp32, rounded once to the activations' dtype (torch's fused
+  ``rms_norm``, checked bit for bit on the CPU).
 * rotary embedding: ``out[2i] = y[2i] * cos[2i] - y[2i+1] * sin[2i]``, ``out[2i+1] = y[2i+1] * cos[2i+1] +
   y[2i] * sin[2i+1]``: two rounded products and a rounded add, as torch's eager ops.
 * one rounding to the activations' dtype at the end; v is copied bit for bit.
@@ -51,8 +53,22 @@ from .norm_quantize import _add_rn, _mul_rn
 __all__ = ["attention_inputs", "MAX_HEAD_DIM"]
 
 
+# Where the RMSNorm's output is rounded to the activations' dtype (the constexpr ROUND):
+ROUND_NONE = tl.constexpr(0)  # diffusers' RMSNorm with a float32 weight: float32 on into the rope
+ROUND_AFTER = tl.constexpr(1)  # torch.nn.RMSNorm: x * r * w in float32, rounded once
+ROUND_BOTH = tl.constexpr(2)  # diffusers' RMSNorm with a 16-bit weight: x * r rounded, * w, rounded again
+
+
+def _rounding(weight: Optional[torch.Tensor], torch_norm: bool) -> int:
+    if weight is None:
+        return 0
+    if torch_norm:
+        return ROUND_AFTER.value
+    return ROUND_BOTH.value if weight.dtype != torch.float32 else ROUND_NONE.value
+
+
 @triton.jit
-def _norm_rope(x, w_ptr, cos, sin, pair, mask, D, eps, NORM: tl.constexpr, W16: tl.constexpr,
+def _norm_rope(x, w_ptr, cos, sin, pair, mask, D, eps, NORM: tl.constexpr, ROUND: tl.constexpr,
                ROPE: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """q or k of a block of heads, fp32 [BLOCK_H, HALF, 2] -> RMSNorm per head (NORM) -> rotary embedding
     (ROPE), still fp32."""
@@ -62,10 +78,11 @@ def _norm_rope(x, w_ptr, cos, sin, pair, mask, D, eps, NORM: tl.constexpr, W16: 
         r = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.math.sqrt_rn(tl.math.div_rn(ss, D * 1.0) + eps))
         y = x * r[:, None, None]  # followed by a cast or a multiply, never an add: nothing to contract
         w = tl.load(w_ptr + pair, mask=mask, other=0.0).to(tl.float32)  # [1, HALF, 2]: every head's weight
-        if W16:  # to(weight dtype) * weight: both 16-bit, their product exact in fp32, rounded once
-            y = cast_rn(cast_rn(y, DTYPE, INTERPRET).to(tl.float32) * w, DTYPE, INTERPRET).to(tl.float32)
-        else:
-            y = y * w
+        if ROUND == ROUND_BOTH:  # diffusers, 16-bit weight: to(weight dtype) * weight (exact in fp32), rounded
+            y = cast_rn(y, DTYPE, INTERPRET).to(tl.float32)
+        y = y * w
+        if ROUND != ROUND_NONE:  # the norm's output in the activations' dtype
+            y = cast_rn(y, DTYPE, INTERPRET).to(tl.float32)
     if ROPE:
         ye, yo = tl.split(y)  # the pairs (2i, 2i + 1), [BLOCK_H, HALF] each
         ce, co = tl.split(cos)
@@ -82,7 +99,7 @@ def _norm_rope(x, w_ptr, cos, sin, pair, mask, D, eps, NORM: tl.constexpr, W16: 
 @triton.jit
 def attention_inputs_kernel(x_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                             S, S_OFF, S_TOTAL, H, D, eps,
-                            Q_NORM: tl.constexpr, K_NORM: tl.constexpr, Q_W16: tl.constexpr, K_W16: tl.constexpr,
+                            Q_NORM: tl.constexpr, K_NORM: tl.constexpr, Q_ROUND: tl.constexpr, K_ROUND: tl.constexpr,
                             ROPE: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr, DTYPE: tl.constexpr,
                             INTERPRET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # token of this stream, b * S + s; int64: B * S * 3HD may pass 2**31
@@ -101,10 +118,10 @@ def attention_inputs_kernel(x_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, q_ptr, k_pt
         sin = tl.load(sin_ptr + t * D + pair, mask=dmask, other=0.0)
     # other=0.0: padding lanes add nothing to a head's sum of squares (and are never stored)
     q = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    q = _norm_rope(q, qn_ptr, cos, sin, pair, dmask, D, eps, Q_NORM, Q_W16, ROPE, DTYPE, INTERPRET)
+    q = _norm_rope(q, qn_ptr, cos, sin, pair, dmask, D, eps, Q_NORM, Q_ROUND, ROPE, DTYPE, INTERPRET)
     tl.store(q_ptr + dst, cast_rn(q, DTYPE, INTERPRET), mask=mask)
     k = tl.load(src + H * D, mask=mask, other=0.0).to(tl.float32)
-    k = _norm_rope(k, kn_ptr, cos, sin, pair, dmask, D, eps, K_NORM, K_W16, ROPE, DTYPE, INTERPRET)
+    k = _norm_rope(k, kn_ptr, cos, sin, pair, dmask, D, eps, K_NORM, K_ROUND, ROPE, DTYPE, INTERPRET)
     tl.store(k_ptr + dst, cast_rn(k, DTYPE, INTERPRET), mask=mask)
     v = tl.load(src + 2 * H * D, mask=mask)  # copied as it is: no float round trip
     tl.store(v_ptr + dst, v, mask=mask)
@@ -128,16 +145,18 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 def attention_inputs(first: torch.Tensor, second: Optional[torch.Tensor], batch: int, heads: int,
                      first_q_norm: Optional[torch.Tensor], first_k_norm: Optional[torch.Tensor],
                      second_q_norm: Optional[torch.Tensor], second_k_norm: Optional[torch.Tensor], eps: float,
-                     rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor], *,
+                     rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor], torch_norm: bool = False,
+                     *,
                      out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v [batch, heads, S1 + S2, D] in ``first``'s dtype, from the fused q/k/v outputs ``first``
     [batch * S1, 3 * heads * D] and optionally ``second`` [batch * S2, 3 * heads * D] (placed after ``first``):
     each stream's q / k RMSNorm (weights [D], the activations' dtype or float32; None: no norm), then the
-    rotary embedding (``rope_cos`` / ``rope_sin`` float32 [S1 + S2, D], or both None). See the module docstring.
+    rotary embedding (``rope_cos`` / ``rope_sin`` float32 [S1 + S2, D], or both None). ``torch_norm``: the norms
+    are ``torch.nn.RMSNorm`` (FLUX's), not diffusers' ``RMSNorm``. See the module docstring.
     ``out``: three tensors to write q, k, v into. Bad input raises ValueError / TypeError."""
     s1, s2, d, eps = check_args(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm,
-                                second_k_norm, eps, rope_cos, rope_sin)
+                                second_k_norm, eps, rope_cos, rope_sin, torch_norm)
     check_device(first)
     total = s1 + s2
     if out is None:
@@ -156,7 +175,7 @@ def attention_inputs(first: torch.Tensor, second: Optional[torch.Tensor], batch:
             x, x if qn is None else qn, x if kn is None else kn, rope_cos if rope else x, rope_sin if rope else x,
             q, k, v, s, off, total, heads, d, eps,
             Q_NORM=qn is not None, K_NORM=kn is not None,
-            Q_W16=qn is not None and qn.dtype != torch.float32, K_W16=kn is not None and kn.dtype != torch.float32,
+            Q_ROUND=_rounding(qn, torch_norm), K_ROUND=_rounding(kn, torch_norm),
             ROPE=rope, BLOCK_H=block_h, HALF=half, DTYPE=_TL_DTYPES[first.dtype], INTERPRET=interpreting(),
             num_warps=num_warps)
     return q, k, v

@@ -49,9 +49,11 @@ def _stream(name: str, x, dtypes, batch: int, width: Optional[int]) -> int:
 
 
 def check_args(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps,
-               rope_cos, rope_sin) -> Tuple[int, int, int, float]:
+               rope_cos, rope_sin, torch_norm=False) -> Tuple[int, int, int, float]:
     """Validate the arguments of ``attention_inputs``; returns ``(S1, S2, D, eps as float32)`` (S2 = 0 without a
     second stream). Bad input raises ValueError / TypeError naming the argument."""
+    if type(torch_norm) is not bool:
+        raise TypeError(f"torch_norm must be a bool, got {type(torch_norm).__name__}")
     batch = _positive_int("batch", batch)
     heads = _positive_int("heads", heads)
     s1 = _stream("first", first, checks.FLOAT_DTYPES, batch, None)

@@ -178,12 +178,12 @@ class Backend:
         raise NotImplementedError(f"backend {self.name!r} has no W4A8 GEMM with a fused epilogue")
 
     def attention_inputs(self, first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm,
-                         second_k_norm, eps, rope_cos, rope_sin):
+                         second_k_norm, eps, rope_cos, rope_sin, torch_norm):
         op = self.kernel_ops().attention_inputs
         if op is None:
             raise NotImplementedError(f"backend {self.name!r} has no fused attention-inputs kernel")
         return op(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps,
-                  rope_cos, rope_sin)
+                  rope_cos, rope_sin, torch_norm)
 
     def __repr__(self):
         return f"<ditq backend {self.name}>"

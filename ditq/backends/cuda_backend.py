@@ -65,7 +65,7 @@ def _kernel_ops() -> KernelOps:
 
 
 def _attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps,
-                      rope_cos, rope_sin):
+                      rope_cos, rope_sin, torch_norm):
     """attention_inputs, a float op with no C++ kernel: the Triton kernel on CUDA tensors (Triton comes with a CUDA
     torch), the torch reference on the emulator's CPU tensors."""
     if first.device.type == "cuda":
@@ -73,7 +73,7 @@ def _attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, s
     else:
         from .torch_backend import attention_inputs
     return attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm,
-                            eps, rope_cos, rope_sin)
+                            eps, rope_cos, rope_sin, torch_norm)
 
 
 # ---- GEMMs (csrc/gemm*.{h,cuh,cu,cpp}, layouts in cuda_layout.py) --------------------------------------------

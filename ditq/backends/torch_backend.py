@@ -48,12 +48,12 @@ def _gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, resid
 
 
 def attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps,
-                     rope_cos, rope_sin):
+                     rope_cos, rope_sin, torch_norm):
     """The reference, validated (also what cuda-emulated binds: there is no C++ kernel for this float op)."""
     check_attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm,
-                           eps, rope_cos, rope_sin)
+                           eps, rope_cos, rope_sin, torch_norm)
     return ref.attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm,
-                                second_k_norm, eps, rope_cos, rope_sin)
+                                second_k_norm, eps, rope_cos, rope_sin, torch_norm)
 
 
 @lru_cache(maxsize=None)

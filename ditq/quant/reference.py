@@ -395,21 +395,28 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 def attention_inputs(first: torch.Tensor, second: Optional[torch.Tensor], batch: int, heads: int,
                      first_q_norm: Optional[torch.Tensor], first_k_norm: Optional[torch.Tensor],
                      second_q_norm: Optional[torch.Tensor], second_k_norm: Optional[torch.Tensor], eps: float,
-                     rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor]):
+                     rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor], torch_norm: bool = False):
     """SDPA's q, k, v [batch, heads, S1 + S2, D] (``first``'s dtype, contiguous) from one or two streams' fused
     q/k/v GEMM outputs ``[batch * S, 3 * heads * D]`` (column blocks q | k | v, head-major): what diffusers' FLUX
     attention processor computes between its projections and its attention, in its order: each stream's q / k
-    through its RMSNorm (:func:`rms_norm`; a None weight: no norm), the streams concatenated along the sequence
+    through its RMSNorm (:func:`rms_norm`, diffusers' ``RMSNorm`` as SD3.5 has it, or with ``torch_norm``
+    ``torch.nn.RMSNorm`` as FLUX's attention has it: ``torch.nn.functional.rms_norm``, whose output is
+    ``x * r * w`` in float32 rounded once to x's dtype; a None weight: no norm), the streams concatenated along the sequence
     (``first`` first), the rotary embedding (:func:`rotary_embedding`) when ``rope_cos`` / ``rope_sin`` [S1 + S2, D]
     are given; v unchanged. The arguments are not checked here (``ditq.ops.check_attention_inputs`` does)."""
     d = first.shape[1] // (3 * heads)
+    if torch_norm:
+        def norm(t, w, eps):
+            return torch.nn.functional.rms_norm(t, (d,), w, eps)
+    else:
+        norm = rms_norm
     outs = [], [], []
     for x, norms in ((first, (first_q_norm, first_k_norm)), (second, (second_q_norm, second_k_norm))):
         if x is None:
             continue
         q, k, v = x.view(batch, -1, 3, heads, d).unbind(2)  # [B, S, H, D] views, as diffusers' processor
         for i, (t, w) in enumerate(((q, norms[0]), (k, norms[1]), (v, None))):
-            outs[i].append(t if w is None else rms_norm(t, w, eps))
+            outs[i].append(t if w is None else norm(t, w, eps))
     q, k, v = (torch.cat(o, dim=1) if len(o) > 1 else o[0] for o in outs)
     if rope_cos is not None:
         q, k = rotary_embedding(q, rope_cos, rope_sin), rotary_embedding(k, rope_cos, rope_sin)

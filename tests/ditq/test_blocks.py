@@ -50,13 +50,14 @@ def _fused_kernels_missing(backend):
 
 
 
-# each family, format and activation scheme twice over, in four models (the suite's time budget)
+# each family, format and activation scheme twice over, in four models (the suite's time budget); the SD3.5-like
+# model (SD3 with q/k RMSNorms) once
 CASES = [("dit", "w8a8", "static"), ("dit", "w4a8", "dynamic"), ("pixart", "w8a8", "dynamic"),
          ("pixart", "w4a8", "static"), ("flux", "w8a8", "dynamic"), ("flux", "w4a8", "static"),
-         ("sd3", "w8a8", "static"), ("sd3", "w4a8", "dynamic")]
+         ("sd3", "w8a8", "static"), ("sd3", "w4a8", "dynamic"), ("sd35", "w8a8", "dynamic")]
 # fused norms per forward: DiT and PixArt 2 per block; FLUX 4 in its joint block (both streams) + 1 in its single
-# one; SD3 4 + 3 (its last block's context stream only feeds k/v: no context MLP)
-NORMS = {"dit": 4, "pixart": 4, "flux": 5, "sd3": 7}
+# one; SD3 (and SD3.5-like, with q/k RMSNorms) 4 + 3 (its last block's context stream only feeds k/v: no context MLP)
+NORMS = {"dit": 4, "pixart": 4, "flux": 5, "sd3": 7, "sd35": 7}
 
 
 # The kernel backends run the same contracts as torch (each kernel is exact against the reference in its own

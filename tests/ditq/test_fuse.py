@@ -46,11 +46,11 @@ def _families():
 
 # fused layers each family must end up with (per block): a fusion that silently falls back fails here
 EXPECTED = {"dit": {"to_qkv": 2}, "pixart": {"to_qkv": 2, "to_kv": 2}, "sd3": {"to_qkv": 2, "to_added_qkv": 2},
-            "flux": {"to_qkv": 2, "to_added_qkv": 1}}
+            "sd35": {"to_qkv": 2, "to_added_qkv": 2}, "flux": {"to_qkv": 2, "to_added_qkv": 1}}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "sd35", "flux"])  # sd35: the q/k norms are kept
 def test_fused_projections_equal_the_unfused_quantized_model(family, backend):
     name, model, inputs = next(f for f in _families() if f[0] == family)
     cfg = ditq.QuantConfig.preset("w4a8", group_size=32, backend=backend, progress=False)

@@ -29,7 +29,9 @@ def _out(o):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("family", sorted(MODELS))
+# the SD3.5-like model is SD3 with q/k RMSNorms: the same layers to quantize, so it is left out here (its fused
+# projections and blocks are tested in test_fuse, test_blocks and test_blocks_joint)
+@pytest.mark.parametrize("family", sorted(set(MODELS) - {"sd35"}))
 @pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
 def test_transformer_families(family, preset, backend, tmp_path):
     backend = _backend(backend)

@@ -80,11 +80,17 @@ FUSED = {
     "pixart": (122, {"norm_modulate_quantize": 4, "gemm_w8a8_fused": 14, "quantize_act": 9, "gemm_w8a8": 1}),
     # FLUX (ditq.blocks_joint): joint block 10 fused GEMMs (2 adaLN, 2 q/k/v, 2 output projections, 2 MLPs),
     # single block 4 (adaLN, q/k/v, proj_mlp emitting proj_out's int8 input, proj_out); one quantize_act per
-    # attention output; the transformer's x_embedder as diffusers has it (a plain GEMM and its quantize_act)
-    "flux": (259, {"norm_modulate_quantize": 5, "gemm_w8a8_fused": 14, "quantize_act": 4, "gemm_w8a8": 1}),
+    # attention output; one attention_inputs per block (q/k RMSNorms, rope, concatenation: 259 ops before it, 93 ->
+    # 45 in the joint block, 61 -> 29 in the single one); the transformer's x_embedder as diffusers has it (a plain
+    # GEMM and its quantize_act)
+    "flux": (179, {"norm_modulate_quantize": 5, "gemm_w8a8_fused": 14, "quantize_act": 4, "gemm_w8a8": 1,
+                   "attention_inputs": 2}),
     # SD3 (ditq.blocks_joint): as FLUX's joint block; the last block's context stream only feeds k/v (no to_add_out,
-    # no context MLP)
-    "sd3": (127, {"norm_modulate_quantize": 7, "gemm_w8a8_fused": 17, "quantize_act": 3}),
+    # no context MLP); attention_inputs replaces the streams' concatenation and permute (127 ops before it)
+    "sd3": (125, {"norm_modulate_quantize": 7, "gemm_w8a8_fused": 17, "quantize_act": 3, "attention_inputs": 2}),
+    # SD3.5-large-like (q/k RMSNorms): the same ops, the norms inside attention_inputs (before it, the blocks ran
+    # diffusers' forward)
+    "sd35": (125, {"norm_modulate_quantize": 7, "gemm_w8a8_fused": 17, "quantize_act": 3, "attention_inputs": 2}),
 }
 DIT_BLOCKS = 2
 
@@ -167,6 +173,7 @@ def test_compiled_fused_model_has_no_graph_break(family):
     kernels = FUSED[family][1]
     assert sum("torch_gemm_w8a8_fused" in t for t in targets) == kernels["gemm_w8a8_fused"], targets
     assert sum("torch_norm_modulate_quantize" in t for t in targets) == kernels["norm_modulate_quantize"], targets
+    assert sum("torch_attention_inputs" in t for t in targets) == kernels.get("attention_inputs", 0), targets
 
 
 def test_equal_embedders_are_computed_once():

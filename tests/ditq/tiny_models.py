@@ -50,17 +50,27 @@ def tiny_pixart():
     return m, inp
 
 
-def tiny_sd3():
+def tiny_sd3(**overrides):
     from diffusers import SD3Transformer2DModel
     torch.manual_seed(0)
     m = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=32,
                               num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=64,
-                              pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16).eval()
+                              pooled_projection_dim=32, out_channels=4, pos_embed_max_size=16, **overrides).eval()
+    if overrides.get("qk_norm"):  # trained norm weights are not ones: random ones show each norm is applied
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if ".norm_q." in name or ".norm_k." in name or ".norm_added_" in name:
+                    p.uniform_(0.5, 1.5)
     g = torch.Generator().manual_seed(1)
     inp = dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g),
                encoder_hidden_states=torch.randn(2, 6, 32, generator=g),
                pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([999, 999]))
     return m, inp
+
+
+def tiny_sd35():
+    """SD3.5-large-like: SD3's joint blocks with RMSNorm q/k norms (``qk_norm="rms_norm"``), no dual attention."""
+    return tiny_sd3(qk_norm="rms_norm")
 
 
 def tiny_flux():
@@ -80,4 +90,4 @@ def tiny_flux():
     return m, inp
 
 
-FAMILIES = {"pixart": tiny_pixart, "sd3": tiny_sd3, "flux": tiny_flux}
+FAMILIES = {"pixart": tiny_pixart, "sd3": tiny_sd3, "sd35": tiny_sd35, "flux": tiny_flux}
