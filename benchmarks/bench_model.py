@@ -22,9 +22,10 @@ latency per image, images per second (per step), peak GPU memory during the step
 step's transient allocations), the transformer's weight bytes, output SQNR of the quantized model vs bf16 on the
 calibration input, speedups vs bf16 eager and bf16 compiled.
 
-Budget (``--max-seconds``): precisions are built first, then every precision runs eager, then CUDA graph, then
-compiled, so a cut drops compiles first; a case starts only when its estimated cost (steps x the last measured
-step time; ``--compile-estimate`` seconds for a compile) fits in what is left, else it is a ``skipped`` row. On
+Budget (``--max-seconds``): each precision is built and runs eager and CUDA graph at once, the compiles come after
+all of them, so a cut drops compiles first; a build, or a case, starts only when its estimated cost (the slowest
+build so far; steps x the last measured step time; ``--compile-estimate`` seconds for a compile) fits in what is
+left, else its rows are ``skipped`` rows saying so. On
 SIGTERM (a stage's ``timeout``) the rows not run are marked skipped and the JSON is still written; it is also
 rewritten after every case.
 
@@ -38,6 +39,7 @@ Writes model.json, model.md and model_latency.png (FLUX: model_flux.*) under --o
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import math
 import os
@@ -327,21 +329,26 @@ def run(args, torch, device, dtype, write_partial: Callable[[Dict], None]) -> Di
     measured: Dict[str, float] = {}  # precision -> last eager / CUDA-graph step seconds (for the estimates)
     try:
         for res in args.resolutions:
-            # All precisions are built first (DiT-XL/2 is ~1.3 GB in bf16, FLUX.1-dev ~24 GB: five or six copies fit
-            # an H100 / H200), then each mode runs over all of them: eager and CUDA-graph numbers for every precision
-            # arrive before the slow compiles, so a --max-seconds budget cuts compiles, not whole precisions.
+            # Each precision is built, then runs eager and CUDA graph at once; the compiles come after all of them
+            # (every model stays built: DiT-XL/2 is ~1.3 GB in bf16, FLUX.1-dev ~24 GB, and five or six copies fit
+            # an H100 / H200). So a --max-seconds budget cuts compiles first, then the last precisions, and the
+            # rows measured before a cut are complete.
             models: Dict[str, tuple] = {}
-            for prec in args.precisions:
-                if deadline.passed():
-                    models[prec] = (None, {}, "skipped: time budget (--max-seconds) before the model was built")
-                    continue
+            build_s = 0.0  # the slowest build + quantization so far: the next one starts only if it may fit
+
+            def fresh():
+                """A bf16 model: a copy of the bf16 precision's when built (the same random weights; copying ~24 GB
+                on the GPU takes milliseconds, constructing FLUX.1-dev's thousands of modules seconds), else built."""
+                base = models.get("bf16", (None,))[0]
+                return copy.deepcopy(base) if base is not None else spec.build(torch, sizes[res], device, dtype)
+
+            def build(prec):
                 info, model, err = {}, None, None
                 try:
-                    model = spec.build(torch, sizes[res], device, dtype)
+                    model = fresh()
                     if prec != "bf16":
                         calib = spec.inputs(torch, sizes[res], 1, device, dtype)
-                        model, info = quantize(torch, model, prec, args.backend, calib,
-                                               rebuild=lambda: spec.build(torch, sizes[res], device, dtype))
+                        model, info = quantize(torch, model, prec, args.backend, calib, rebuild=fresh)
                     else:
                         info = {"implementation": "torch"}
                 except Exception as e:
@@ -352,36 +359,51 @@ def run(args, torch, device, dtype, write_partial: Callable[[Dict], None]) -> Di
                         traceback.print_exc()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()  # the bf16 weights a quantization replaced
-                models[prec] = (model, info, err)
                 if args.verbose:
                     print(f"{res}px {prec}: {err or 'built'} {info}", file=sys.stderr)
-            for mode in [m for m in MODES if m in args.modes]:
+                return model, info, err
+
+            def run_cases(prec, mode):
+                model, info, err = models[prec]
+                wbytes = weight_bytes(model) if model is not None else None
+                for c in [c for c in cases if (c["resolution"], c["precision"], c["mode"]) == (res, prec, mode)]:
+                    row = rows[id(c)]
+                    row.update(weight_bytes=wbytes, output_sqnr_db=info.get("output_sqnr_db"),
+                               fused_blocks=info.get("fused_blocks"), implementation=info.get("implementation"))
+                    need = _estimate_s(mode, prec, measured, args)
+                    if err:
+                        row["status"] = err
+                    elif deadline.passed() or need > deadline.left():
+                        row["status"] = (f"skipped: time budget (--max-seconds): about {need:.0f} s needed, "
+                                         f"{max(deadline.left(), 0):.0f} s left")
+                    elif mode == "compile" and args.compile_batches and c["batch"] not in args.compile_batches:
+                        row["status"] = "skipped: batch not in --compile-batches"
+                    elif mode == "cudagraph" and device.type != "cuda":
+                        row["status"] = "skipped: CUDA graphs need a GPU"
+                    else:
+                        run_one(torch, model, spec, sizes[res], c, row, device, dtype, args)
+                        if row["status"] == "ok" and mode != "compile":
+                            measured[prec] = row["median_ms"] * 1e-3
+                    if args.verbose:
+                        print(f"{res}px b{c['batch']} {c['variant']}: {row['status']} "
+                              f"{common.fmt(row.get('median_ms'))} ms", file=sys.stderr)
+                    write_partial(snapshot())
+
+            for prec in args.precisions:
+                need = build_s + _estimate_s("eager", prec, measured, args)
+                if deadline.passed() or need > deadline.left():
+                    models[prec] = (None, {}, f"skipped: time budget (--max-seconds) before the model was built: "
+                                              f"about {need:.0f} s needed, {max(deadline.left(), 0):.0f} s left")
+                else:
+                    t0 = time.perf_counter()
+                    models[prec] = build(prec)
+                    build_s = max(build_s, time.perf_counter() - t0)
+                for mode in [m for m in MODES if m in args.modes and m != "compile"]:
+                    run_cases(prec, mode)
+            if "compile" in args.modes:
                 for prec in args.precisions:
-                    model, info, err = models[prec]
-                    wbytes = weight_bytes(model) if model is not None else None
-                    for c in [c for c in cases if (c["resolution"], c["precision"], c["mode"]) == (res, prec, mode)]:
-                        row = rows[id(c)]
-                        row.update(weight_bytes=wbytes, output_sqnr_db=info.get("output_sqnr_db"),
-                                   fused_blocks=info.get("fused_blocks"), implementation=info.get("implementation"))
-                        need = _estimate_s(mode, prec, measured, args)
-                        if err:
-                            row["status"] = err
-                        elif deadline.passed() or need > deadline.left():
-                            row["status"] = (f"skipped: time budget (--max-seconds): about {need:.0f} s needed, "
-                                             f"{max(deadline.left(), 0):.0f} s left")
-                        elif mode == "compile" and args.compile_batches and c["batch"] not in args.compile_batches:
-                            row["status"] = "skipped: batch not in --compile-batches"
-                        elif mode == "cudagraph" and device.type != "cuda":
-                            row["status"] = "skipped: CUDA graphs need a GPU"
-                        else:
-                            run_one(torch, model, spec, sizes[res], c, row, device, dtype, args)
-                            if row["status"] == "ok" and mode != "compile":
-                                measured[prec] = row["median_ms"] * 1e-3
-                        if args.verbose:
-                            print(f"{res}px b{c['batch']} {c['variant']}: {row['status']} "
-                                  f"{common.fmt(row.get('median_ms'))} ms", file=sys.stderr)
-                        write_partial(snapshot())
-                    if mode == "compile" and hasattr(torch, "_dynamo"):
+                    run_cases(prec, "compile")
+                    if hasattr(torch, "_dynamo"):
                         torch._dynamo.reset()  # this precision's compiled graphs are done with
             models.clear()
             gc.collect()
