@@ -453,3 +453,34 @@ def test_record_gpu_run_target_lines():
     lines = "\n".join(rec.dit_targets(dit))
     assert "1.6x bf16 torch.compile: 1.60x (w8a8-fused cudagraph 62.50 ms vs 100.00 ms): **met**" in lines
     assert "faster than fp8 row-wise: 0.96x" in lines and lines.endswith("60.00 ms): not met")
+
+
+def test_fp8_rowwise_linear_matches_its_dequantized_product():
+    """The plain fp8 row-wise linear bench_model falls back to (no torchao) computes exactly what its e4m3 operands
+    and scales say, up to the bf16 output's rounding: checked against the float64 product of the dequantized
+    operands at a ragged shape (M = 1 and 5 rows, odd batch dims, N not a multiple of 32); shapes _scaled_mm cannot
+    take are refused with the reason."""
+    import torch
+    sys.path.insert(0, BENCH)
+    import fp8_rowwise
+
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 64, generator=g) * 0.05)
+        lin.bias.copy_(torch.randn(48, generator=g))
+    fp8 = fp8_rowwise.Fp8RowwiseLinear(lin)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight_scale.shape == (1, 48)
+    for shape in ((1, 64), (5, 1, 64)):
+        x = (torch.randn(*shape, generator=g) * 3).to(torch.bfloat16)
+        out = torch.full((*shape[:-1], 48), float("nan"), dtype=torch.bfloat16)
+        out.copy_(fp8(x))  # poisoned first: every element must be written
+        q, s = fp8_rowwise.quantize(x.reshape(-1, 64))
+        ref = (q.double() * s.double()) @ (fp8.weight.double() * fp8.weight_scale.double().t()).t() \
+            + lin.bias.double()
+        ref = ref.reshape(out.shape)
+        assert bool(torch.isfinite(out).all())
+        assert torch.allclose(out.double(), ref, rtol=2 ** -7, atol=1e-3), (out.double() - ref).abs().max()
+    assert "multiples of 16" in fp8_rowwise.unsupported_reason("cpu", 48, 72)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        fp8_rowwise.Fp8RowwiseLinear(torch.nn.Linear(72, 48))
