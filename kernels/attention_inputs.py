@@ -39,7 +39,7 @@ two) and heads past H are masked and loaded as 0, adding nothing to a head's sum
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -68,31 +68,32 @@ def _rounding(weight: Optional[torch.Tensor], torch_norm: bool) -> int:
 
 
 @triton.jit
-def _norm_rope(x, w_ptr, cos, sin, pair, mask, D, eps, NORM: tl.constexpr, ROUND: tl.constexpr,
-               ROPE: tl.constexpr, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """q or k of a block of heads, fp32 [BLOCK_H, HALF, 2] -> RMSNorm per head (NORM) -> rotary embedding
+def _norm_rope(x, w_ptr, cos, sin, offs, mask, D, eps, NORM: tl.constexpr, ROUND: tl.constexpr,
+               ROPE: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr, DTYPE: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    """q or k of a block of heads, fp32 [BLOCK_H, 2 * HALF] -> RMSNorm per head (NORM) -> rotary embedding
     (ROPE), still fp32."""
     y = x
     if NORM:
-        ss = tl.sum(tl.sum(_mul_rn(x, x, INTERPRET), axis=2), axis=1)  # [BLOCK_H]: one sum of squares per head
+        ss = tl.sum(_mul_rn(x, x, INTERPRET), axis=1)  # [BLOCK_H]: one sum of squares per head
         r = tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.math.sqrt_rn(tl.math.div_rn(ss, D * 1.0) + eps))
-        y = x * r[:, None, None]  # followed by a cast or a multiply, never an add: nothing to contract
-        w = tl.load(w_ptr + pair, mask=mask, other=0.0).to(tl.float32)  # [1, HALF, 2]: every head's weight
+        y = x * r[:, None]  # followed by a cast or a multiply, never an add: nothing to contract
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [1, 2 * HALF]: every head's weight
         if ROUND == ROUND_BOTH:  # diffusers, 16-bit weight: to(weight dtype) * weight (exact in fp32), rounded
             y = cast_rn(y, DTYPE, INTERPRET).to(tl.float32)
         y = y * w
         if ROUND != ROUND_NONE:  # the norm's output in the activations' dtype
             y = cast_rn(y, DTYPE, INTERPRET).to(tl.float32)
     if ROPE:
-        ye, yo = tl.split(y)  # the pairs (2i, 2i + 1), [BLOCK_H, HALF] each
-        ce, co = tl.split(cos)
-        se, so = tl.split(sin)
+        ye, yo = tl.split(tl.reshape(y, [BLOCK_H, HALF, 2]))  # the pairs (2i, 2i + 1), [BLOCK_H, HALF] each
+        ce, co = tl.split(tl.reshape(cos, [1, HALF, 2]))
+        se, so = tl.split(tl.reshape(sin, [1, HALF, 2]))
         # diffusers: x * cos + stack(-x_imag, x_real) * sin. (-a) * b == -(a * b), and IEEE defines p - q as
         # p + (-q), signed zeros included: a plain subtraction, which cannot be contracted into an fma since
         # both operands come from mul.rn (Triton's unary minus is 0 - x, which would turn -0 into +0)
         oe = _mul_rn(ye, ce, INTERPRET) - _mul_rn(yo, se, INTERPRET)
         oo = _add_rn(_mul_rn(yo, co, INTERPRET), _mul_rn(ye, so, INTERPRET), INTERPRET)
-        y = tl.join(oe, oo)
+        y = tl.reshape(tl.join(oe, oo), [BLOCK_H, 2 * HALF])
     return y
 
 
@@ -100,28 +101,29 @@ def _norm_rope(x, w_ptr, cos, sin, pair, mask, D, eps, NORM: tl.constexpr, ROUND
 def attention_inputs_kernel(x_ptr, qn_ptr, kn_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr,
                             S, S_OFF, S_TOTAL, H, D, eps,
                             Q_NORM: tl.constexpr, K_NORM: tl.constexpr, Q_ROUND: tl.constexpr, K_ROUND: tl.constexpr,
-                            ROPE: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr, DTYPE: tl.constexpr,
-                            INTERPRET: tl.constexpr):
+                            ROPE: tl.constexpr, BLOCK_H: tl.constexpr, HALF: tl.constexpr, INTERPRET: tl.constexpr):
+    DTYPE = q_ptr.dtype.element_ty  # the activations' dtype (q, k, v and x share it)
     row = tl.program_id(0).to(tl.int64)  # token of this stream, b * S + s; int64: B * S * 3HD may pass 2**31
     b = row // S
     t = S_OFF + row % S  # position in the concatenated sequence
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None, None]  # [BLOCK_H, 1, 1]
-    pair = tl.arange(0, HALF)[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]  # [1, HALF, 2]: offset in a head
-    dmask = pair < D
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+    # [1, 2 * HALF]: offsets in a head, contiguous, so each thread loads 16 bytes at a time
+    offs = tl.arange(0, 2 * HALF)[None, :]
+    dmask = offs < D
     mask = (heads < H) & dmask
-    src = x_ptr + row * (3 * H * D) + heads * D + pair  # q; k and v follow H * D columns apart
-    dst = ((b * H + heads) * S_TOTAL + t) * D + pair
-    cos = tl.zeros([1, HALF, 2], dtype=tl.float32)
-    sin = tl.zeros([1, HALF, 2], dtype=tl.float32)
+    src = x_ptr + row * (3 * H * D) + heads * D + offs  # q; k and v follow H * D columns apart
+    dst = ((b * H + heads) * S_TOTAL + t) * D + offs
+    cos = tl.zeros([1, 2 * HALF], dtype=tl.float32)
+    sin = tl.zeros([1, 2 * HALF], dtype=tl.float32)
     if ROPE:  # one position: the same cos / sin for every head
-        cos = tl.load(cos_ptr + t * D + pair, mask=dmask, other=0.0)
-        sin = tl.load(sin_ptr + t * D + pair, mask=dmask, other=0.0)
+        cos = tl.load(cos_ptr + t * D + offs, mask=dmask, other=0.0)
+        sin = tl.load(sin_ptr + t * D + offs, mask=dmask, other=0.0)
     # other=0.0: padding lanes add nothing to a head's sum of squares (and are never stored)
     q = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    q = _norm_rope(q, qn_ptr, cos, sin, pair, dmask, D, eps, Q_NORM, Q_ROUND, ROPE, DTYPE, INTERPRET)
+    q = _norm_rope(q, qn_ptr, cos, sin, offs, dmask, D, eps, Q_NORM, Q_ROUND, ROPE, BLOCK_H, HALF, DTYPE, INTERPRET)
     tl.store(q_ptr + dst, cast_rn(q, DTYPE, INTERPRET), mask=mask)
     k = tl.load(src + H * D, mask=mask, other=0.0).to(tl.float32)
-    k = _norm_rope(k, kn_ptr, cos, sin, pair, dmask, D, eps, K_NORM, K_ROUND, ROPE, DTYPE, INTERPRET)
+    k = _norm_rope(k, kn_ptr, cos, sin, offs, dmask, D, eps, K_NORM, K_ROUND, ROPE, BLOCK_H, HALF, DTYPE, INTERPRET)
     tl.store(k_ptr + dst, cast_rn(k, DTYPE, INTERPRET), mask=mask)
     v = tl.load(src + 2 * H * D, mask=mask)  # copied as it is: no float round trip
     tl.store(v_ptr + dst, v, mask=mask)
@@ -137,9 +139,6 @@ def launch_config(heads: int, d: int) -> Tuple[int, int, int]:
     half = max(1, triton.next_power_of_2(d) // 2)
     block_h = min(triton.next_power_of_2(heads), max(1, MAX_BLOCK // (2 * half)))
     return block_h, half, max(1, min(4, block_h * half // 256))
-
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def attention_inputs(first: torch.Tensor, second: Optional[torch.Tensor], batch: int, heads: int,
@@ -176,6 +175,28 @@ def attention_inputs(first: torch.Tensor, second: Optional[torch.Tensor], batch:
             q, k, v, s, off, total, heads, d, eps,
             Q_NORM=qn is not None, K_NORM=kn is not None,
             Q_ROUND=_rounding(qn, torch_norm), K_ROUND=_rounding(kn, torch_norm),
-            ROPE=rope, BLOCK_H=block_h, HALF=half, DTYPE=_TL_DTYPES[first.dtype], INTERPRET=interpreting(),
+            ROPE=rope, BLOCK_H=block_h, HALF=half, INTERPRET=interpreting(),
             num_warps=num_warps)
     return q, k, v
+
+
+def aot_job(cc: int, *, dtype: str = "bf16", heads: int = 24, d: int = 128, norm_dtype: Optional[str] = "bf16",
+            rounding: int = 1, rope: bool = True, ones: Tuple[str, ...] = ()) -> Dict:
+    """Arguments of ``aot.compile_kernel`` for this kernel as the launcher runs it on a GPU of compute capability
+    ``cc`` (default: FLUX.1's attention, 24 heads x 128 in bfloat16, torch.nn.RMSNorm on q and k, rope).
+    ``norm_dtype`` None: no norm; ``rounding``: the ROUND constexpr; ``ones``: integer arguments passed as 1
+    (Triton's JIT makes an integer argument equal to 1 a constexpr: one token per image, one head)."""
+    block_h, half, num_warps = launch_config(heads, d)
+    norm = norm_dtype or dtype
+    sig = {"x_ptr": f"*{dtype}", "qn_ptr": f"*{norm}", "kn_ptr": f"*{norm}", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+           "q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "S": "i32", "S_OFF": "i32",
+           "S_TOTAL": "i32", "H": "i32", "D": "i32", "eps": "fp32"}
+    constexprs = dict(Q_NORM=norm_dtype is not None, K_NORM=norm_dtype is not None, Q_ROUND=rounding,
+                      K_ROUND=rounding, ROPE=rope, BLOCK_H=block_h, HALF=half, INTERPRET=False)
+    for name in ones:
+        del sig[name]
+        constexprs[name] = 1
+    # 16-byte aligned rows as torch allocates them; D a multiple of 16 (DiT head sizes are)
+    aligned = [n for n in sig if n.endswith("_ptr")] + (["D"] if "D" in sig and d % 16 == 0 else [])
+    return dict(fn=attention_inputs_kernel, signature=sig, constexprs=constexprs, cc=cc, num_warps=num_warps,
+                num_stages=1, aligned=aligned)
