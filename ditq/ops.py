@@ -67,18 +67,18 @@ out_dtype, backend) -> y``
     float ``a`` and callers quantize it first (``QuantLinear.forward_fused`` does).
 ``attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps,
 rope_cos, rope_sin, torch_norm, backend) -> (q, k, v)``
-    From the fused q/k/v GEMM outputs of one or two token streams to SDPA's inputs, in one pass.
-    ``first``: float16/bfloat16/float32 [batch * S1, 3 * heads * D], contiguous, column blocks q | k | v (each
-    heads x D, head-major); ``second``: None, or the same for S2 more tokens (same dtype, heads and D), placed
-    after ``first`` in the sequence (FLUX's joint block: text first; SD3: image first). ``*_q_norm`` /
-    ``*_k_norm``: a stream's q / k RMSNorm weight [D] (the activations' dtype or float32), or None for no norm;
-    ``eps``: the norms' epsilon (one value for all four); ``torch_norm``: False for diffusers' ``RMSNorm`` (SD3.5),
-    True for ``torch.nn.RMSNorm`` (FLUX's attention), which rounds differently in 16 bits. ``rope_cos`` / ``rope_sin``: float32 [S1 + S2, D]
+    From the fused q/k/v GEMM outputs of one or two token streams to SDPA's inputs, in one pass. ``first``:
+    float16/bfloat16/float32 [batch * S1, 3 * heads * D], contiguous, column blocks q | k | v (each heads x D,
+    head-major); ``second``: None, or the same for S2 more tokens (same dtype, heads and D), placed after ``first``
+    in the sequence (FLUX's joint block: text first; SD3: image first). ``*_q_norm`` / ``*_k_norm``: a stream's q /
+    k RMSNorm weight [D] (the activations' dtype or float32), or None for no norm; ``eps``: the norms' epsilon (one
+    value for all four); ``torch_norm``: False for diffusers' ``RMSNorm`` (SD3.5), True for ``torch.nn.RMSNorm``
+    (FLUX's attention), which rounds differently in 16 bits. ``rope_cos`` / ``rope_sin``: float32 [S1 + S2, D]
     (diffusers' FLUX ``image_rotary_emb``, interleaved pairs (2i, 2i + 1); D even), or both None. Returns q, k, v
-    [batch, heads, S1 + S2, D], contiguous, in ``first``'s dtype. The numbers are diffusers' composition op for
-    op (``ditq.quant.reference.attention_inputs``: the RMSNorm, concatenation, ``apply_rotary_emb``; v copied
-    bit for bit); a kernel may sum a head's squares in another order, which can move a 16-bit output by one
-    unit in the last place. Where ``KernelOps.attention_inputs`` is None, callers run diffusers' own ops.
+    [batch, heads, S1 + S2, D], contiguous, in ``first``'s dtype. The numbers are diffusers' composition op for op
+    (``ditq.quant.reference.attention_inputs``: the RMSNorm, concatenation, ``apply_rotary_emb``; v copied bit for
+    bit); a kernel may sum a head's squares in another order, which can move a 16-bit output by one unit in the last
+    place. Where ``KernelOps.attention_inputs`` is None, callers run diffusers' own ops.
 """
 from __future__ import annotations
 

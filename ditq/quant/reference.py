@@ -400,8 +400,8 @@ def attention_inputs(first: torch.Tensor, second: Optional[torch.Tensor], batch:
     q/k/v GEMM outputs ``[batch * S, 3 * heads * D]`` (column blocks q | k | v, head-major): what diffusers' FLUX
     attention processor computes between its projections and its attention, in its order: each stream's q / k
     through its RMSNorm (:func:`rms_norm`, diffusers' ``RMSNorm`` as SD3.5 has it, or with ``torch_norm``
-    ``torch.nn.RMSNorm`` as FLUX's attention has it: ``torch.nn.functional.rms_norm``, whose output is
-    ``x * r * w`` in float32 rounded once to x's dtype; a None weight: no norm), the streams concatenated along the sequence
+    ``torch.nn.RMSNorm`` as FLUX's attention has it: ``torch.nn.functional.rms_norm``, whose output is ``x * r * w``
+    in float32 rounded once to x's dtype; a None weight: no norm), the streams concatenated along the sequence
     (``first`` first), the rotary embedding (:func:`rotary_embedding`) when ``rope_cos`` / ``rope_sin`` [S1 + S2, D]
     are given; v unchanged. The arguments are not checked here (``ditq.ops.check_attention_inputs`` does)."""
     d = first.shape[1] // (3 * heads)

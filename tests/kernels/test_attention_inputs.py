@@ -25,7 +25,9 @@ from ditq.quant import reference as ref
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-NORMS = {"none": (False,) * 4, "all": (True,) * 4, "q1k2": (True, False, False, True), "k1": (False, True, False, False)}
+# which of (first q, first k, second q, second k) has a norm
+NORMS = {"none": (False,) * 4, "all": (True,) * 4, "q1k2": (True, False, False, True),
+         "k1": (False, True, False, False)}
 
 
 def _args(batch, heads, d, s1, s2, dtype, norms, rope, exact, seed, w_dtype=None):
