@@ -195,7 +195,7 @@ def fp8_targets(model) -> Dict:
 
 def quantize_fp8_rowwise(torch, model, calib: Dict, rebuild: Callable):
     """(model, info): torchao's float8 row-wise config on the same linears when torchao imports and a forward runs
-    after it, else the plain module above (on a fresh copy of the model: a failed torchao pass may have left it
+    after it, else fp8_rowwise.Fp8RowwiseLinear in their place (on a fresh copy of the model: a failed torchao pass may have left it
     half converted)."""
     targets = fp8_targets(model)
     ref = _output(model(**calib))
@@ -311,7 +311,7 @@ def run(args, torch, device, dtype, write_partial: Callable[[Dict], None]) -> Di
     cases = enumerate_cases(args.resolutions, args.batches, args.precisions, args.modes)
     deadline = common.Deadline(args.max_seconds)
     res_out = {"cases": len(cases), "config": dict(spec.cfg), "sample_sizes": sizes, "model": args.model,
-               "text_tokens": spec.text_tokens}
+               "text_tokens": spec.text_tokens, "quantize_info": {}}
 
     def base(c):
         ss = sizes[c["resolution"]]
@@ -361,6 +361,7 @@ def run(args, torch, device, dtype, write_partial: Callable[[Dict], None]) -> Di
                     torch.cuda.empty_cache()  # the bf16 weights a quantization replaced
                 if args.verbose:
                     print(f"{res}px {prec}: {err or 'built'} {info}", file=sys.stderr)
+                res_out["quantize_info"][f"{res} {prec}"] = dict(info, error=err)  # e.g. why torchao was not used
                 return model, info, err
 
             def run_cases(prec, mode):

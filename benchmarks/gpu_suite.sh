@@ -17,7 +17,7 @@
 #   bench-model    150 cap           DiT-XL/2 256 px, batch 1 and 8, all precisions eager + CUDA graph, then
 #                                    compiles at batch 8 while the budget allows (bf16 and fp8 row-wise first)
 #   bench-flux     rest (~100-150)   FLUX.1-dev 1024^2 batch 1: bf16, fp8 row-wise, ditq W8A8 / W4A8 fused,
-#                                    eager + CUDA graph; compiles only if ~180 s are left (not in this part)
+#                                    eager + CUDA graph; a compile starts only if ~150 s are left (--compile-estimate)
 #   summary          5               record_gpu_run.py --summary: targets and short tables from the JSON
 # A second call on a fresh machine (it reinstalls and rebuilds) can measure what the first had no time for:
 #   DITQ_SUITE_PART=models bash benchmarks/gpu_suite.sh   # no tests / static / GEMMs: DiT and FLUX, compiles
