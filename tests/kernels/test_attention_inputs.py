@@ -240,9 +240,9 @@ def test_bad_input_is_refused_alike_on_every_backend(case):
 
 # ---- more combinations, slow ---------------------------------------------------------------------------------
 
-# every dtype x norm style x norm set x rope at one ragged two-stream shape, exact and random inputs alternating
-SWEEP = [(2, 3, 32, 3, 1, dt, n, r, (i % 2 == 0), t) for i, (dt, t, n, r) in enumerate(itertools.product(
-    [torch.float32, torch.bfloat16, torch.float16], [False, True], ["all", "q1k2"], [True, False]))]
+# every dtype x norm style at one ragged two-stream shape with rope, random inputs (the suite's time budget)
+SWEEP = [(2, 3, 32, 3, 1, dt, "all", True, False, t) for dt, t in itertools.product(
+    [torch.float32, torch.bfloat16, torch.float16], [False, True])]
 
 
 @pytest.mark.slow
