@@ -414,7 +414,8 @@ def attention_inputs(first: torch.Tensor, second: Optional[torch.Tensor], batch:
     for x, norms in ((first, (first_q_norm, first_k_norm)), (second, (second_q_norm, second_k_norm))):
         if x is None:
             continue
-        q, k, v = x.view(batch, -1, 3, heads, d).unbind(2)  # [B, S, H, D] views, as diffusers' processor
+        # [B, S, H, D] views, as diffusers' processor (S spelled out: a stream may hold no token)
+        q, k, v = x.view(batch, x.shape[0] // batch, 3, heads, d).unbind(2)
         for i, (t, w) in enumerate(((q, norms[0]), (k, norms[1]), (v, None))):
             outs[i].append(t if w is None else norm(t, w, eps))
     q, k, v = (torch.cat(o, dim=1) if len(o) > 1 else o[0] for o in outs)

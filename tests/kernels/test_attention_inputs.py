@@ -139,6 +139,11 @@ def test_float32_weights_on_16_bit_activations(torch_norm):
     _run((1, 2, 16, 1, 2, torch.bfloat16, "all", True, True, torch_norm), seed=5, w_dtype=torch.float32)
 
 
+def test_a_stream_without_tokens():
+    """S1 = 0 (a stream with no token in this call): the other stream fills the sequence, as torch.cat would."""
+    _run((2, 2, 16, 0, 3, torch.bfloat16, "all", True, False, True), seed=7)
+
+
 @pytest.mark.parametrize("norm_class", ["diffusers", "torch"])
 def test_the_reference_is_diffusers(norm_class):
     """ref.attention_inputs is the norm modules (diffusers' RMSNorm, or torch.nn.RMSNorm as FLUX's attention has
