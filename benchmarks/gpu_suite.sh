@@ -22,6 +22,10 @@
 # A second call on a fresh machine (it reinstalls and rebuilds) can measure what the first had no time for:
 #   DITQ_SUITE_PART=models bash benchmarks/gpu_suite.sh   # no tests / static / GEMMs: DiT and FLUX, compiles
 #   DITQ_SUITE_PART=flux   bash benchmarks/gpu_suite.sh   # FLUX.1-dev only, compiles included
+#   DITQ_SUITE_PART=tune   bash benchmarks/gpu_suite.sh   # tile tuning: benchmarks/tune_tiles.py times every
+#                                    shipped tile and its neighbours at model shapes and writes the measured Triton
+#                                    tables (under $OUT/configs/, copy them to kernels/configs/) and proposed CUDA
+#                                    tile rules (gemm_tile_rules.h.txt, applied by hand: they need a rebuild)
 #
 #   bash benchmarks/gpu_suite.sh            # results under $OUT if set, else benchmarks/out/
 #   DITQ_SUITE_SKIP_INSTALL=1 bash benchmarks/gpu_suite.sh   # dry run on a CPU machine (benchmarks fall back
@@ -33,15 +37,16 @@
 # image has its dependencies):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
 # .whl/ is git-ignored (.git/info/exclude), so the device tool carries it only when asked: carry=[".whl"].
-# With $OUT set, only 8 files come back: summary.md, gpu_suite.log, the four JSON files, the GEMM plot and
-# gpu_suite_results.tar.gz (everything: markdown tables, model plots, stages.txt, JUnit XML).
+# With $OUT set, only these files come back: summary.md, gpu_suite.log, the JSON files, the GEMM plot, the tuning
+# report (tune part) and gpu_suite_results.tar.gz (everything: markdown tables, model plots, stages.txt, JUnit XML,
+# the rewritten configs/).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
 export PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 BUDGET=${DITQ_SUITE_SECONDS:-570}  # 10 minutes less a margin for the copy-out
 PART=${DITQ_SUITE_PART:-all}
-case "$PART" in all|models|flux) ;; *) echo "DITQ_SUITE_PART must be all, models or flux (got '$PART')" >&2; exit 2;; esac
+case "$PART" in all|models|flux|tune) ;; *) echo "DITQ_SUITE_PART must be all, models, flux or tune (got '$PART')" >&2; exit 2;; esac
 START=$(date +%s)
 if [ -n "${OUT:-}" ]; then WORK=$(mktemp -d /tmp/ditq_suite.XXXXXX); else WORK="$REPO/benchmarks/out"; fi
 mkdir -p "$WORK"
@@ -111,16 +116,26 @@ if [ "$PART" = all ] || [ "$PART" = models ]; then
   stage bench-model "$T" python3 benchmarks/bench_model.py --resolutions 256 --batches 1 8 --compile-batches 8 \
     --precisions $DIT_PREC --max-seconds $((T - 25)) --out "$WORK"
 fi
-T=$(cap 600 10)
-stage bench-flux "$T" python3 benchmarks/bench_model.py --model flux --precisions $FLUX_PREC \
-  --max-seconds $((T - 25)) --out "$WORK"
+if [ "$PART" != tune ]; then
+  T=$(cap 600 10)
+  stage bench-flux "$T" python3 benchmarks/bench_model.py --model flux --precisions $FLUX_PREC \
+    --max-seconds $((T - 25)) --out "$WORK"
+else
+  # tile tuning on copies of the Triton tables (nothing else in this call reads them); the shipped
+  # configurations are timed first, so a cut-short run still compares shipped and best
+  cp -r kernels/configs "$WORK/configs"
+  T=$(cap 600 10)
+  stage tune-tiles "$T" python3 benchmarks/tune_tiles.py --write-configs --configs-dir "$WORK/configs" \
+    --max-seconds $((T - 30)) --out "$WORK"
+fi
 
 # 6. the short report, last (targets and tables from the JSON: the same text record_gpu_run.py puts in RESULTS.md)
 python3 benchmarks/record_gpu_run.py --summary "$WORK" 2>&1 | tee "$WORK/summary.md"
 
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/gpu_suite_results.tar.gz" -C "$WORK" . 2>/dev/null
-  for f in summary.md gpu_suite.log gemm.json model.json model_flux.json static_report.json gemm_speedup.png; do
+  for f in summary.md gpu_suite.log gemm.json model.json model_flux.json static_report.json gemm_speedup.png \
+           tiles.json tiles.md gemm_tile_rules.h.txt; do
     [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"
   done
   echo "results: $OUT (everything in gpu_suite_results.tar.gz)"
