@@ -42,14 +42,20 @@ void emulate(Kernel kernel, const GemmParams& p, int group) {
   if (!make_maps<T>(P, w4, &error)) throw std::invalid_argument("ditq: " + error);
   const size_t M = static_cast<size_t>(p.M), N = static_cast<size_t>(p.N), K = static_cast<size_t>(p.K);
   const size_t out_bytes = p.out_dtype == DType::kF32 ? 4 : 2;
-  const std::vector<emu::GlobalBuffer> buffers = {
+  std::vector<emu::GlobalBuffer> buffers = {
       {p.a, M * K, "a", Access::ReadOnly},
       {p.a_scale, (p.a_scale_per_token ? M : 1) * 4, "a_scale", Access::ReadOnly},
       {p.w, N * (w4 ? K / 2 : K), "w", Access::ReadOnly},
       {p.w_scale, (w4 ? K / group * N : N) * 4, "w_scale", Access::ReadOnly},
       {p.bias, p.bias ? N * 4 : 0, "bias", Access::ReadOnly},
       {p.out, M * N * out_bytes, "out", Access::Output}};
-  const dim3 grid((p.N + T::BN - 1) / T::BN, (p.M + T::BM - 1) / T::BM, 1);
+  const dim3 grid((p.N + T::BN - 1) / T::BN, (p.M + T::BM - 1) / T::BM, p.splits);  // z: split-K
+  if (p.splits > 1) {  // as the mma.sync launcher registers them (emulated_gemm.h)
+    const size_t tiles = static_cast<size_t>(grid.x) * grid.y;
+    buffers.push_back({p.counters, tiles * 4, "counters", Access::ReadWrite});  // zeroed by the binding
+    buffers.push_back({p.workspace, static_cast<size_t>(p.splits) * tiles * T::BM * T::BN * 4, "workspace",
+                       Access::Output});  // a split reads only partials stored in this launch
+  }
   const std::string name = std::string(w4 ? "gemm_w4a8_sm90<G=" + std::to_string(group) + ", " : "gemm_w8a8_sm90<") +
                            "BM=" + std::to_string(T::BM) + ", BN=" + std::to_string(T::BN) + ">";
   emu::launch_checked(grid, dim3(T::THREADS), sm90_smem_bytes(T::BM, T::BN, T::STAGES, w4), emu::global_options(),

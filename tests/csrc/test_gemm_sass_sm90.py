@@ -6,8 +6,10 @@ Every kernel (Hopper tile x weight kind, every W4 group size) must use the int8 
 conversions. Its main loop (the innermost backward branch holding an IGMMA: the k loop) must keep a wgmma
 group in flight across its wait (WARPGROUP.DEPBAR.LE gsb0, 0x1): W8A8 never drains (no 0x0 in the loop);
 W4A8 drains once per stage at most, where a group ends and its partial is folded into the fp32 sums (see
-csrc/gemm_sm90.cuh for why). ptxas must not serialize the wgmmas (its C7514 warning). Registers, shared memory
-and the main loop's instructions per wgmma are printed (`pytest -s`) and kept in user_properties."""
+csrc/gemm_sm90.cuh for why). ptxas must not serialize the wgmmas (its C7514 warning). The same kernels run
+every split-K count: the reduction (atomic count, fences, block barriers) is compiled in, after the main loop.
+Registers, shared memory and the main loop's instructions per wgmma are printed (`pytest -s`) and kept in
+user_properties."""
 import collections
 import os
 import re
@@ -117,6 +119,10 @@ def test_gemm_sass_sm90(compiled, request):
         else:
             assert waits[0] <= 1, f"{what}: the main loop drains more than once per stage: {dict(waits)}"
         assert lops["LDSM.16.M88.4"] + lops["LDSM.16.M88.2"] == (0 if kind == "w8" else 2 if kind != "w4g32" else 4)
+        # split-K (one kernel for every split count): the tile's atomic count and the gpu-scope fences are there,
+        # after the main loop, never in it
+        assert any(o.startswith("ATOMG") for o in ops) and any(o.startswith("MEMBAR") for o in ops), what
+        assert not any(o.startswith(("ATOMG", "MEMBAR", "BAR.SYNC")) for o in lops), f"{what}: split-K in the loop"
         row = dict(kind=kind, BM=bm, BN=bn, stages=stages, consumers=consumers, registers=regs,
                    smem=stages * (bm * 128 + bn * (128 if kind == "w8" else 64)) + 16 * stages,
                    loop_instructions=len(loop), loop_wgmma=loop_igmma, per_wgmma=round(len(loop) / loop_igmma, 2),
