@@ -41,7 +41,6 @@ SHAPE_SETS = {"all": common.ALL_SHAPES, "dit": common.DIT_SHAPES, "quick": QUICK
               "flux": [s for s in common.OTHER_SHAPES if s[0] == "FLUX.1"]}
 FP8_GEMM = "fp8 row-wise (_scaled_mm)"
 FP8_QUANT = "fp8 row-wise quantize"
-FP8_MAX = 448.0  # largest finite float8 e4m3fn
 ROW_KEYS = ("model", "layer", "N", "K", "M", "impl", "kind", "backend", "bits", "group_size", "status",
             "median_ms", "min_ms", "timing", "tops", "gbps", "roofline_ms", "roofline_fraction",
             "speedup_vs_bf16", "speedup_vs_fp8", "bytes", "flops")
@@ -207,28 +206,6 @@ def make_call(torch, case: Dict, inp: Inputs) -> Callable[[int], object]:
     return lambda i: op(*s[i % len(s)][:5], g, bf16, be)
 
 
-def fp8_rowwise_quantize(x):
-    """(e4m3 [M, K], fp32 [M, 1]) with x ~= q * scale row by row: what torchao's float8 row-wise config does to
-    an activation (amax per row, floored at 1e-12 so a zero row divides by something; scale = amax / 448)."""
-    import torch
-
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
-
-
-def fp8_unsupported(torch, device, n: int, k: int) -> Optional[str]:
-    """Why torch._scaled_mm with row-wise scales cannot run this shape here, or None."""
-    if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
-        return f"torch {torch.__version__} has no float8_e4m3fn / _scaled_mm"
-    if torch.device(device).type == "cuda":
-        cap = torch.cuda.get_device_capability(device)
-        if cap < (8, 9):
-            return f"fp8 e4m3 matmuls need compute capability >= 8.9 (this GPU: {cap[0]}.{cap[1]})"
-    if k % 16 or n % 16:
-        return f"torch._scaled_mm needs K and N multiples of 16 (K = {k}, N = {n})"
-    return None
-
-
 _FP8_COMPILED = {}
 
 
@@ -236,31 +213,30 @@ def _fp8(torch, case: Dict, inp: Inputs):
     """torch._scaled_mm on e4m3 operands with fp32 scales per activation row and per weight row (output channel),
     bias and bf16 output in the same call, fast accumulation as torchao's inference default; or the activation's
     quantization pass alone (plain torch, or torch.compile'd: dynamic shapes, one compile serves every M and K)."""
+    import fp8_rowwise
+
     m, n, k = case["M"], case["N"], case["K"]
-    why = fp8_unsupported(torch, inp.device, n, k)
+    why = fp8_rowwise.unsupported_reason(inp.device, n, k)
     if why:
         raise Unsupported(why)
     if case["kind"] == "quant":
-        fn = fp8_rowwise_quantize
+        fn = fp8_rowwise.quantize
         if case["scheme"] == "compiled":
             backend = "inductor" if inp.device.type == "cuda" else "eager"  # CPU smoke: trace only, no C++ build
             if backend not in _FP8_COMPILED:
-                _FP8_COMPILED[backend] = torch.compile(fp8_rowwise_quantize, backend=backend, dynamic=True)
+                _FP8_COMPILED[backend] = torch.compile(fp8_rowwise.quantize, backend=backend, dynamic=True)
             fn = _FP8_COMPILED[backend]
         s = inp.get("act", lambda: (inp.randn(m, k), inp.scales(1)))  # the bf16 activations ditq's rows read
         return lambda i: fn(s[i % len(s)][0])
 
     def make():
-        a, sa = fp8_rowwise_quantize(inp.randn(m, k))
-        w, sw = fp8_rowwise_quantize(inp.randn(n, k) * 0.02)
+        a, sa = fp8_rowwise.quantize(inp.randn(m, k))
+        w, sw = fp8_rowwise.quantize(inp.randn(n, k) * 0.02)
         return a, sa, w.t(), sw.t(), inp.randn(n)  # mat2 column-major [K, N], its scales [1, N]
     s = inp.get("fp8", make)
-    fast = inp.device.type == "cuda"
 
     def call(i):
-        a, sa, wt, sw, b = s[i % len(s)]
-        return torch._scaled_mm(a, wt, scale_a=sa, scale_b=sw, bias=b, out_dtype=torch.bfloat16,
-                                use_fast_accum=fast)
+        return fp8_rowwise.matmul(*s[i % len(s)], torch.bfloat16)
     try:
         call(0)
     except RuntimeError as e:  # e.g. a build whose _scaled_mm takes tensor-wide scales only

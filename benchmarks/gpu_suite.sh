@@ -1,29 +1,54 @@
 #!/usr/bin/env bash
-# The one call a GPU machine needs: install + build, the CUDA tests, the static report on the cubins
-# just built, both GPU benchmarks, a short table last. Fits in 10 minutes: every stage has a time cap taken from
-# what is left, and the benchmarks get a --max-seconds budget so they write their JSON before the cap.
+# The one call a GPU machine needs: install + build, the CUDA tests (the static report on the cubins just built
+# runs beside them), the GEMM table, the DiT-XL/2 model table, the FLUX.1-dev model rows, a short report last.
+# Fits in one device call (10 minutes, of which BUDGET = 570 s is planned): every stage has a time cap taken
+# from what is left after reserving the later stages' minimum, in priority order (correctness first, then GEMMs,
+# then DiT, then FLUX), and each benchmark gets a --max-seconds budget below its cap, writes its JSON after every
+# case (the model benchmarks) and on SIGTERM marks what it did not reach as skipped.
+#
+# Stage plan on an H200 (16 cores), default DITQ_SUITE_PART=all, seconds as capped / as expected:
+#   wheels          60 cap /   5     carried wheels (diffusers) into a fresh --target folder
+#   install        240 cap /  90?    pip install -e . (the CUDA extension for this GPU's architecture only)
+#   pytest-cuda    120 cap /  60?    real kernels vs the integer references; static_report runs beside it
+#                                    (own cap 150 s; waited for before the model stages, whose eager timings
+#                                    a busy CPU would distort)
+#   bench-gemm     110 cap           DiT-XL/2 + FLUX.1 attention / MLP shapes, M 16 / 4096 / 64 / 16384 / 512
+#                                    in that order, W8A8, W4A8 g64 / g128, bf16, _int_mm, fp8 row-wise
+#   bench-model    150 cap           DiT-XL/2 256 px, batch 1 and 8, all precisions eager + CUDA graph, then
+#                                    compiles at batch 8 while the budget allows (bf16 and fp8 row-wise first)
+#   bench-flux     rest (~100-150)   FLUX.1-dev 1024^2 batch 1: bf16, fp8 row-wise, ditq W8A8 / W4A8 fused,
+#                                    eager + CUDA graph; compiles only if ~180 s are left (not in this part)
+#   summary          5               record_gpu_run.py --summary: targets and short tables from the JSON
+# A second call on a fresh machine (it reinstalls and rebuilds) can measure what the first had no time for:
+#   DITQ_SUITE_PART=models bash benchmarks/gpu_suite.sh   # no tests / static / GEMMs: DiT and FLUX, compiles
+#   DITQ_SUITE_PART=flux   bash benchmarks/gpu_suite.sh   # FLUX.1-dev only, compiles included
 #
 #   bash benchmarks/gpu_suite.sh            # results under $OUT if set, else benchmarks/out/
 #   DITQ_SUITE_SKIP_INSTALL=1 bash benchmarks/gpu_suite.sh   # dry run on a CPU machine (benchmarks fall back
 #                                                            # to --smoke, the cuda tests skip)
+# Then, on the machine the files came back to: python benchmarks/record_gpu_run.py FOLDER (writes RESULTS.md).
 #
 # Packages the machine lacks travel as wheels in .whl/ at the repo root (installed with --no-deps into a
-# fresh /tmp/ditq_site.* put on PYTHONPATH). The DiT model benchmark needs diffusers, a pure-Python wheel (the GPU image has its dependencies):
+# fresh /tmp/ditq_site.* put on PYTHONPATH). The model benchmarks need diffusers, a pure-Python wheel (the GPU
+# image has its dependencies):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
 # .whl/ is git-ignored (.git/info/exclude), so the device tool carries it only when asked: carry=[".whl"].
-# With $OUT set, only 8 files come back: summary.md, gpu_suite.log, the three JSON files, the two plots and
-# gpu_suite_results.tar.gz (everything, markdown tables and JUnit XML included).
+# With $OUT set, only 8 files come back: summary.md, gpu_suite.log, the four JSON files, the GEMM plot and
+# gpu_suite_results.tar.gz (everything: markdown tables, model plots, stages.txt, JUnit XML).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
 export PYTHONUNBUFFERED=1 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 BUDGET=${DITQ_SUITE_SECONDS:-570}  # 10 minutes less a margin for the copy-out
+PART=${DITQ_SUITE_PART:-all}
+case "$PART" in all|models|flux) ;; *) echo "DITQ_SUITE_PART must be all, models or flux (got '$PART')" >&2; exit 2;; esac
 START=$(date +%s)
 if [ -n "${OUT:-}" ]; then WORK=$(mktemp -d /tmp/ditq_suite.XXXXXX); else WORK="$REPO/benchmarks/out"; fi
 mkdir -p "$WORK"
 LOG="$WORK/gpu_suite.log"
 STATUS="$WORK/stages.txt"
 : >"$STATUS"
+: >"$LOG"
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 cap() {  # cap SECONDS RESERVE: at most SECONDS, leaving RESERVE seconds for the stages after this one
@@ -39,89 +64,63 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log everything, r
   return "$rc"
 }
 
-{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1;
+{ date -u; echo "DITQ_SUITE_PART=$PART, budget ${BUDGET}s";
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1;
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   git log -1 --oneline 2>/dev/null; } 2>&1 | tee -a "$LOG"
 
 # 1. carried wheels, then ditq itself (the extension builds for this GPU's architecture only: short compile)
 if ls .whl/*.whl >/dev/null 2>&1 && [ "${DITQ_SUITE_SKIP_INSTALL:-0}" != 1 ]; then
   SITE=$(mktemp -d /tmp/ditq_site.XXXXXX)
-  stage wheels 120 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  stage wheels 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" .whl/*.whl && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 ARCH=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))" 2>/dev/null)
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${ARCH:-9.0a}}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 if [ "${DITQ_SUITE_SKIP_INSTALL:-0}" = 1 ]; then
   echo "DITQ_SUITE_SKIP_INSTALL=1: using the ditq already installed" | tee -a "$LOG"
-elif ! stage install "$(cap 240 330)" python3 -m pip install --no-deps --no-build-isolation -e .; then
+elif ! stage install "$(cap 240 300)" python3 -m pip install --no-deps --no-build-isolation -e .; then
   # Keep going without the CUDA extension: the Triton kernels and the baselines still run.
-  DITQ_NO_EXTENSION=1 stage install-noext 120 python3 -m pip install -q --no-deps --no-build-isolation -e .
+  DITQ_NO_EXTENSION=1 stage install-noext 60 python3 -m pip install -q --no-deps --no-build-isolation -e .
 fi
 
-# 2. the real kernels against the integer references
-stage pytest-cuda "$(cap 150 250)" python3 -m pytest -m cuda -q -p no:cacheprovider tests \
-  --junitxml="$WORK/pytest_cuda.xml"
+STATIC_PID=
+if [ "$PART" = all ]; then
+  # 2. the real kernels against the integer references; what the cubins just built look like (CPU work, beside
+  #    the tests: neither is timed)
+  ( timeout --signal=TERM --kill-after=10 150 python3 benchmarks/static_report.py --short --out "$WORK" \
+      >"$WORK/static.log" 2>&1; rc=$?
+    printf '%-14s rc=%-4s (beside pytest-cuda)\n' static "$rc" >>"$STATUS" ) &
+  STATIC_PID=$!
+  stage pytest-cuda "$(cap 120 280)" python3 -m pytest -m cuda -q -p no:cacheprovider tests \
+    --junitxml="$WORK/pytest_cuda.xml"
 
-# 3. what the cubins just built look like (CPU work; sm_90 only, as built)
-stage static "$(cap 60 210)" python3 benchmarks/static_report.py --short --out "$WORK"
+  # 3. GEMMs: DiT-XL/2 and FLUX.1 shapes, the targets' M first; writes its JSON before its cap
+  T=$(cap 110 190); stage bench-gemm "$T" python3 benchmarks/bench_gemm.py --quick --max-seconds $((T - 20)) \
+    --out "$WORK"
+fi
+if [ -n "$STATIC_PID" ]; then  # the model stages time eager steps: no compiler may share the CPU with them
+  wait "$STATIC_PID"; echo "===== static (beside pytest-cuda) =====" >>"$LOG"; cat "$WORK/static.log" >>"$LOG"
+fi
 
-# 4. GEMMs (DiT-XL/2 shapes), then the model; each writes its JSON before its cap
-T=$(cap 150 110); stage bench-gemm "$T" python3 benchmarks/bench_gemm.py --quick --max-seconds $((T - 25)) --out "$WORK"
-T=$(cap 400 5); stage bench-model "$T" python3 benchmarks/bench_model.py --resolutions 256 --batches 1 8 \
-  --compile-batches 8 --max-seconds $((T - 40)) --out "$WORK"
+# 4. the DiT-XL/2 model table; 5. FLUX.1-dev rows (each writes its JSON after every case and on SIGTERM)
+DIT_PREC="bf16 fp8-rowwise w8a8-fused w8a8 w4a8-fused w4a8"  # compile order under a budget: the targets' first
+FLUX_PREC="bf16 fp8-rowwise w8a8-fused w4a8-fused"
+if [ "$PART" = all ] || [ "$PART" = models ]; then
+  if [ "$PART" = all ]; then T=$(cap 150 100); else T=$(cap 260 200); fi
+  stage bench-model "$T" python3 benchmarks/bench_model.py --resolutions 256 --batches 1 8 --compile-batches 8 \
+    --precisions $DIT_PREC --max-seconds $((T - 25)) --out "$WORK"
+fi
+T=$(cap 600 10)
+stage bench-flux "$T" python3 benchmarks/bench_model.py --model flux --precisions $FLUX_PREC \
+  --max-seconds $((T - 25)) --out "$WORK"
 
-# 5. the short table, last
-python3 - "$WORK" <<'EOF' 2>&1 | tee "$WORK/summary.md"
-import json, os, sys
-sys.path.insert(0, "benchmarks")
-import common
-work = sys.argv[1]
-print("# ditq GPU suite: short table\n")
-print("```\n" + open(os.path.join(work, "stages.txt")).read() + "```\n")
-def load(name):
-    try:
-        return json.load(open(os.path.join(work, name)))
-    except Exception as e:
-        print(f"_{name}: not written ({type(e).__name__})_\n")
-g, m, s = load("gemm.json"), load("model.json"), load("static_report.json")
-if g:
-    c = g["ceilings"]
-    print(common.env_markdown(g["env"]) + "\n")
-    print(f"Measured: bf16 {c['bf16_flops']/1e12:.4g} TFLOP/s, int8 {c['int8_ops']/1e12:.4g} TOP/s, "
-          f"copy {c['copy_bytes_s']/1e9:.4g} GB/s\n")
-    rows = [r for r in g["rows"] if r["layer"] == "mlp fc1" and r["M"] in (16, 512, 4096)]
-    print(common.md_table(rows, ["layer", "M", "impl", "status", "median_ms", "tops", "roofline_fraction",
-                                 "speedup_vs_bf16"]) + "\n")
-if m and m.get("rows"):
-    # the project's targets (H100, 256 px): best ditq variant vs bf16 torch.compile, weight bytes, peak memory
-    def best(prec, batch):
-        ok = [r for r in m["rows"] if r["precision"] == prec and r["batch"] == batch and r["resolution"] == 256
-              and r["status"] == "ok"]
-        return min(ok, key=lambda r: r["median_ms"]) if ok else None
-    for batch, prec, want in ((8, "w8a8", 1.4), (8, "w4a8", 1.3), (1, "w4a8", 1.5)):
-        b, c = best(prec, batch), next((r for r in m["rows"] if r["variant"] == "bf16 compile"
-                                        and r["batch"] == batch and r["resolution"] == 256 and r["status"] == "ok"), None)
-        ref = c or best("bf16", batch)
-        if b and ref:
-            print(f"- target {prec} batch {batch}: {ref['median_ms'] / b['median_ms']:.2f}x vs {ref['variant']} "
-                  f"(want >= {want}x; best ditq variant: {b['variant']})")
-    for prec, want in (("w8a8", 0.52), ("w4a8", 0.30)):
-        r = next((r for r in m["rows"] if r["precision"] == prec and r.get("weight_ratio_vs_bf16")), None)
-        if r:
-            print(f"- weight bytes {prec}: {r['weight_ratio_vs_bf16']:.3f}x bf16 (want <= {want})")
-    print()
-    rows = [r for r in m["rows"] if r["batch"] in (1, 8)]
-    print(common.md_table(rows, ["resolution", "batch", "variant", "status", "median_ms", "peak_mem_gib",
-                                 "weight_ratio_vs_bf16", "speedup_vs_bf16_compile"]) + "\n")
-elif m:
-    print(f"model benchmark: {m.get('error')}\n")
-if s:
-    print(f"static report: {s['summary']}")
-EOF
+# 6. the short report, last (targets and tables from the JSON: the same text record_gpu_run.py puts in RESULTS.md)
+python3 benchmarks/record_gpu_run.py --summary "$WORK" 2>&1 | tee "$WORK/summary.md"
 
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/gpu_suite_results.tar.gz" -C "$WORK" . 2>/dev/null
-  for f in summary.md gpu_suite.log gemm.json model.json static_report.json gemm_speedup.png model_latency.png; do
+  for f in summary.md gpu_suite.log gemm.json model.json model_flux.json static_report.json gemm_speedup.png; do
     [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"
   done
   echo "results: $OUT (everything in gpu_suite_results.tar.gz)"

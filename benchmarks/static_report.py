@@ -238,7 +238,8 @@ def _cuda_kernel_meta(demangled: str, tiles) -> Optional[Dict]:
     h = re.search(r"Sm90Tile<(\d+), ?(\d+), ?(\d+), ?(\d+)>(?:, ?(\d+))?", demangled)  # gemm_sm90.cuh
     if h:
         (bm, bn, st, c), g = (int(v) for v in h.groups()[:4]), h.group(5)
-        return {"kernel": f"wgmma-w4a8 g{g}" if g else "wgmma-w8a8", "tile": None, "BM": bm, "BN": bn, "BK": 128,
+        kernel = (f"wgmma-w4a8 g{g}" if g else "wgmma-w8a8") + (" +fused" if "FusedEpilogue" in demangled else "")
+        return {"kernel": kernel, "tile": None, "BM": bm, "BN": bn, "BK": 128,
                 "threads": 128 * (1 + c), "dyn_smem": st * (bm * 128 + bn * (64 if g else 128) + 16), "sm90": True,
                 "config": f"sm90 {bm}x{bn}x128, {c} consumer warpgroup(s), {st} stages"}
     m = re.search(r"Tile<(\d+), ?(\d+), ?(\d+), ?(\d+), ?(\d+), ?(\d+)>", demangled)

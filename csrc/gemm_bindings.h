@@ -137,9 +137,12 @@ inline void alloc_splits(GemmParams& p, const at::Tensor& a, int bm, int bn, boo
 
 // ---- Hopper (sm_90a) dispatch: csrc/gemm_sm90.cuh ------------------------------------------------------------
 // The Hopper kernels run a problem when asked for by tile id (kSm90TileBase + i, with any split count), or
-// automatically (tile and split count automatic, or splits = 1) on an sm_90 GPU this build has sm_90a code for, or in the emulator under
-// emulator_options(arch="sm_90a"), when they accept it (TMA's alignment rules, sm90_accepts) and the table has
+// automatically (tile and split count automatic, or splits = 1) on an sm_90 GPU this build has sm_90a code for,
+// or in the emulator under emulator_options(arch="sm_90a"), when they accept it (TMA's alignment rules, sm90_accepts) and the table has
 // a Hopper tile for the M bucket. Anything else runs the mma.sync kernels, which also run on sm_90.
+// The same rule holds for the plain GEMMs and for the fused ones with an int8 a (the Hopper kernels carry
+// FusedEpilogue too: gemm_sm90_fused.cu); a fused GEMM with a float a always runs the mma.sync float-A kernel
+// (it quantizes A as it loads it with pointer loads; TMA copies bytes and cannot).
 // Returns the Hopper tile id, or -1.
 inline int sm90_tile_for(const char* op, const GemmParams& p, bool w4, int64_t tile, int64_t splits, int arch,
                          bool emulated) {
@@ -167,8 +170,10 @@ inline int sm90_tile_for(const char* op, const GemmParams& p, bool w4, int64_t t
 
 // Allocates y (and the split-K workspace), launches (or emulates) the Hopper tile `t` and checks the launch.
 // splits < 0: automatic (sm90_auto_splits, configs/gemm_tiles_sm90.h); else 1 .. the k units of the tile.
+// `fused`: the FusedEpilogue instantiation (p.fused filled in; it runs once, in the last CTA of a split tile);
+// out_dtype is then int8 when p.fused.out_scale is set.
 inline at::Tensor run_sm90(const char* op, GemmParams p, const at::Tensor& a, at::ScalarType out_dtype, int group,
-                           int t, int64_t splits, int sm_count, bool emulated) {
+                           int t, int64_t splits, int sm_count, bool emulated, bool fused) {
   const int i = t - ditq::gemm::kSm90TileBase;
   int s[7];
   ditq::gemm::sm90_tile_shape(i, group > 0, s);
@@ -189,15 +194,24 @@ inline at::Tensor run_sm90(const char* op, GemmParams p, const at::Tensor& a, at
   at::Tensor counters, workspace;
   alloc_splits(p, a, s[0], s[1], emulated, counters, workspace);
   if (emulated) {
-    y.fill_(std::numeric_limits<float>::quiet_NaN());  // poison: an unwritten element shows as NaN
-    if (group > 0) ditq::gemm_w4a8_sm90_emulated({p, group, i});
-    else ditq::gemm_w8a8_sm90_emulated({p, 0, i});
+    // poison: an unwritten element shows as NaN (-128 for int8: never a quantizer output)
+    if (out_dtype == at::kChar) y.fill_(-128);
+    else y.fill_(std::numeric_limits<float>::quiet_NaN());
+    if (fused) {
+      if (group > 0) ditq::gemm_w4a8_sm90_fused_emulated({p, group, i});
+      else ditq::gemm_w8a8_sm90_fused_emulated({p, 0, i});
+    } else {
+      if (group > 0) ditq::gemm_w4a8_sm90_emulated({p, group, i});
+      else ditq::gemm_w8a8_sm90_emulated({p, 0, i});
+    }
     return y;
   }
 #if DITQ_WITH_CUDA
   void* stream = at::cuda::getCurrentCUDAStream().stream();
-  const char* err = group > 0 ? ditq::gemm_w4a8_sm90_cuda({p, group, i}, stream)
-                              : ditq::gemm_w8a8_sm90_cuda({p, 0, i}, stream);
+  const char* err = fused ? (group > 0 ? ditq::gemm_w4a8_sm90_fused_cuda({p, group, i}, stream)
+                                       : ditq::gemm_w8a8_sm90_fused_cuda({p, 0, i}, stream))
+                          : (group > 0 ? ditq::gemm_w4a8_sm90_cuda({p, group, i}, stream)
+                                       : ditq::gemm_w8a8_sm90_cuda({p, 0, i}, stream));
   TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err ? err : "");
   return y;
 #else
@@ -231,18 +245,14 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
   }
 #endif
   if (p.M == 0 || p.N == 0) return at::empty({p.M, p.N}, a.options().dtype(out_dtype));  // nothing to launch
-  if (fused) {
-    // The fused epilogue pieces live in the mma.sync kernels only (the Hopper kernels' epilogue is the plain
-    // one): a fused call must never reach run_sm90, whose output would silently lack the pieces.
-    TORCH_CHECK_VALUE(tile < ditq::gemm::kSm90TileBase, op, ": the fused epilogues run on the mma.sync tiles "
-                      "(ids 0..", ditq::gemm::tile_count() - 1, "), not on Hopper tile ", tile);
-  } else {
+  // A float `a` (fused only) runs the float-A instantiations, built for the one tile float_a_tile: never the
+  // Hopper kernels (TMA cannot quantize on load; a forced Hopper tile is refused below like any other tile).
+  const bool float_a = a.scalar_type() != at::kChar;
+  if (!float_a) {
     const int hopper = sm90_tile_for(op, p, group > 0, tile, splits, emulated ? ditq::emulated_gemm_arch() : arch,
                                      emulated);
-    if (hopper >= 0) return run_sm90(op, p, a, out_dtype, group, hopper, splits, sm_count, emulated);
+    if (hopper >= 0) return run_sm90(op, p, a, out_dtype, group, hopper, splits, sm_count, emulated, fused);
   }
-  // A float `a` (fused only) runs the float-A instantiations, built for the one tile float_a_tile.
-  const bool float_a = a.scalar_type() != at::kChar;
   if (float_a) {
     const int ft = ditq::gemm::float_a_tile(group > 0);
     TORCH_CHECK_VALUE(tile < 0 || tile == ft, op, ": a float a runs on GEMM tile ", ft, " only (its kernels, which "

@@ -92,12 +92,18 @@
 // the ring has retired.
 //
 // ---- Epilogue -------------------------------------------------------------------------------------------------
+// A policy, as in gemm.cuh (template parameter Epi of both bodies): PlainEpilogue (gemm_w8a8 / gemm_w4a8: cast
+// and store) or FusedEpilogue (gemm_*_fused with an int8 a: GELU, gate, residual, int8 output for the next
+// layer). Constructed once per consumer thread after the main loop (FusedEpilogue reads out_scale there), it
+// gets y = acc * scale (+ bias) as column pairs (n, n + 1) of row m with n even: exactly what
+// the mma.sync kernels hand it; the plain policy is store_pair itself, so the plain kernels compile as before.
 // The accumulator fragment of wgmma m64nN is mma.m16n8's C fragment repeated N / 8 times per warp: d[i] is
-// row 16w + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2t + (i & 1). W8A8 stores column pairs with gemm.cuh's
-// store_pair. W4A8's tile is transposed (row = channel n, column = activation row m), so a lane's pair is two
-// rows of y: one shuffle with the lane holding the neighbouring channel makes column pairs again. (A transpose
-// through shared memory would give full-row stores; it needs a warpgroup-wide named barrier, which ptx.cuh
-// does not have yet.)
+// row 16w + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2t + (i & 1). W8A8 hands column pairs over directly.
+// W4A8's tile is transposed (row = channel n, column = activation row m), so a lane's pair is two rows of y:
+// one shuffle with the lane holding the neighbouring channel makes column pairs again, before the policy sees
+// them (its gate / residual / int8 stores then run on column pairs of one row, as on the mma.sync path). (A
+// transpose through shared memory would give full-row stores; it needs a warpgroup-wide named barrier, which
+// ptx.cuh does not have yet.)
 #pragma once
 
 #include <cstdint>
@@ -264,7 +270,7 @@ DITQ_DEVICE bool reduce_splits_flat(const GemmParams& p, V (&v)[E], int ct, uint
 }
 
 // ---- W8A8 -----------------------------------------------------------------------------------------------------
-template <class T>
+template <class T, class Epi = PlainEpilogue>
 DITQ_DEVICE void gemm_w8a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   static_assert(T::BM == 64 * T::CONSUMERS, "W8A8: each consumer warpgroup owns 64 rows of the tile");
   static_assert(T::BN % 16 == 0 && T::BN >= 16 && T::BN <= 256, "W8A8: BN is wgmma's N (16..256, step 16)");
@@ -306,6 +312,7 @@ DITQ_DEVICE void gemm_w8a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   if (p.splits > 1 && !reduce_splits_flat<T, T::BN / 2>(p, acc, static_cast<int>(threadIdx.x) - 128, smem)) return;
 
   // Epilogue: d[i] = row 16w + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2t + (i & 1) of this warpgroup's 64.
+  const Epi epi(p);
   const int lane = static_cast<int>(threadIdx.x) & 31, w = (static_cast<int>(threadIdx.x) >> 5) & 3;
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -320,10 +327,10 @@ DITQ_DEVICE void gemm_w8a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
       float y[2];
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const int nn = n + c < p.N ? n + c : p.N - 1;  // clamp the loads; store_pair stores n + c < N only
+        const int nn = n + c < p.N ? n + c : p.N - 1;  // clamp the loads; the policy stores n + c < N only
         y[c] = scale_bias(p, __int2float_rn(acc[4 * j + 2 * h + c]), column_scale<W8>(p, sa, nn), nn);
       }
-      store_pair(p, m, n, y);
+      epi.store(p, m, n, y);
     }
   }
 }
@@ -333,7 +340,7 @@ DITQ_DEVICE void gemm_w8a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
 // swizzle (address bits 4-5 ^= bits 7-8; the tile starts on a 1024-byte boundary).
 DITQ_DEVICE int sw64_offset(int row, int chunk) { return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4); }
 
-template <class T, int G>
+template <class T, int G, class Epi = PlainEpilogue>
 DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   static_assert(is_w4_group_size(G), "W4A8 group sizes are listed in configs/kernel_families.h");
   constexpr int BK = T::BK, BM = T::BM, KSTEPS = BK / 32;
@@ -474,7 +481,8 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   // Epilogue, transposed: element i is channel 16w + g + 8 ((i >> 1) & 1), activation row 8 (i >> 2) + 2t + (i & 1).
   // A lane holds channel n for rows r, r + 1; lane ^ 4 holds channel n ^ 1 for the same rows. One shuffle per
   // pair turns that into column pairs of y: the even-g lane stores (n, n + 1) of row r, the odd-g lane
-  // (n - 1, n) of row r + 1, with gemm.cuh's store_pair (half the stores, 4 or 8 bytes wide).
+  // (n - 1, n) of row r + 1, through the epilogue policy (plain: store_pair, half the stores, 4 or 8 bytes wide).
+  const Epi epi(p);
   const int t = lane & 3;
   const bool odd = (g & 1) != 0;
 #pragma unroll
@@ -496,8 +504,8 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
       const float other = ptx::shfl_xor(odd ? y[0] : y[1], 4);  // every lane: a warp collective
       const int m = odd ? r + 1 : r;
       const int n_pair = odd ? n - 1 : n;  // even: n + n0 + 16w + 64cw is even, so the pair is aligned
-      const float pair[2] = {odd ? other : y[0], odd ? y[1] : other};
-      if (m < p.M && n_pair < p.N) store_pair(p, m, n_pair, pair);
+      float pair[2] = {odd ? other : y[0], odd ? y[1] : other};  // the fused policy works on it in place
+      if (m < p.M && n_pair < p.N) epi.store(p, m, n_pair, pair);
     }
   }
 }

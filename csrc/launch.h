@@ -135,6 +135,12 @@ const char* gemm_w8a8_sm90_cuda(const GemmArgs& args, void* stream);
 void gemm_w8a8_sm90_emulated(const GemmArgs& args);
 const char* gemm_w4a8_sm90_cuda(const GemmArgs& args, void* stream);
 void gemm_w4a8_sm90_emulated(const GemmArgs& args);
+// The Hopper GEMMs with the fused epilogue (params.fused; int8 A only): csrc/gemm_sm90_fused.cu and
+// csrc/emulated_gemm_sm90_fused.cpp, a translation unit each, so the plain Hopper kernels compile as before.
+const char* gemm_w8a8_sm90_fused_cuda(const GemmArgs& args, void* stream);
+void gemm_w8a8_sm90_fused_emulated(const GemmArgs& args);
+const char* gemm_w4a8_sm90_fused_cuda(const GemmArgs& args, void* stream);
+void gemm_w4a8_sm90_fused_emulated(const GemmArgs& args);
 // Whether the current GPU runs the Hopper kernels: this build loaded sm_90a code for it (a plain sm_90 build
 // has none). Real build only.
 bool gemm_sm90_available();

@@ -3,13 +3,14 @@
 Two kinds of op live in the ``ditq`` namespace:
 
 * the **generic ops**, ``quantize_act`` / ``gemm_w8a8`` / ``gemm_w4a8`` / ``norm_modulate_quantize`` /
-  ``gemm_w8a8_fused`` / ``gemm_w4a8_fused``, whose last argument names a backend:
+  ``gemm_w8a8_fused`` / ``gemm_w4a8_fused`` / ``attention_inputs``, whose last argument names a backend:
   the entry point for tests, benchmarks and users who call a kernel by hand. Each resolves the backend on the
   inputs' device and runs that backend's (validating) kernel.
 * the **kernel ops** each backend hands a quantized layer once (:meth:`ditq.backends.Backend.kernel_ops`): the
   same contracts without the backend argument. They validate their inputs *once*, in one place: in C++ for the
   CUDA kernels (``ditq_C``), in the Triton launchers for ``triton``, and with :func:`check_quantize_act` /
-  :func:`check_gemm_w8a8` / :func:`check_gemm_w4a8` (and their ``_fused`` twins) below for the reference maths.
+  :func:`check_gemm_w8a8` / :func:`check_gemm_w4a8` (and their ``_fused`` twins) below for the reference maths
+  (``attention_inputs`` everywhere with one function, ``ditq.kernels.attention_inputs_checks.check_args``).
   Backends written in Python register theirs with :func:`define_kernel_ops`.
 
 Every op has a fake implementation (shapes and dtypes only), so ``torch.compile`` traces through it; the fake
@@ -64,6 +65,19 @@ out_dtype, backend) -> y``
     ``quantize_act``). ``KernelOps.fused_gemm_float_a`` says whether a backend's fused GEMMs do this (torch,
     triton, cuda and cuda-emulated all do); where it is False the generic op raises NotImplementedError for a
     float ``a`` and callers quantize it first (``QuantLinear.forward_fused`` does).
+``attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps,
+rope_cos, rope_sin, backend) -> (q, k, v)``
+    From the fused q/k/v GEMM outputs of one or two token streams to SDPA's inputs, in one pass.
+    ``first``: float16/bfloat16/float32 [batch * S1, 3 * heads * D], contiguous, column blocks q | k | v (each
+    heads x D, head-major); ``second``: None, or the same for S2 more tokens (same dtype, heads and D), placed
+    after ``first`` in the sequence (FLUX's joint block: text first; SD3: image first). ``*_q_norm`` /
+    ``*_k_norm``: a stream's q / k RMSNorm weight [D] (the activations' dtype or float32), or None for no norm;
+    ``eps``: the norms' epsilon (one value for all four). ``rope_cos`` / ``rope_sin``: float32 [S1 + S2, D]
+    (diffusers' FLUX ``image_rotary_emb``, interleaved pairs (2i, 2i + 1); D even), or both None. Returns q, k, v
+    [batch, heads, S1 + S2, D], contiguous, in ``first``'s dtype. The numbers are diffusers' composition op for
+    op (``ditq.quant.reference.attention_inputs``: ``RMSNorm``, concatenation, ``apply_rotary_emb``; v copied
+    bit for bit); a kernel may sum a head's squares in another order, which can move a 16-bit output by one
+    unit in the last place. Where ``KernelOps.attention_inputs`` is None, callers run diffusers' own ops.
 """
 from __future__ import annotations
 
@@ -71,6 +85,7 @@ import torch
 
 from . import backends
 from .backends import KernelOps
+from .kernels.attention_inputs_checks import check_args
 from .quant.reference import MAX_K
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,6 +106,9 @@ SCHEMAS = {
     "gemm_w4a8_fused": "(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, int group_size, bool gelu, "
                        "Tensor? gate, Tensor? residual, int rows_per_gate, Tensor? out_scale, ScalarType out_dtype"
                        "{backend}) -> Tensor",
+    "attention_inputs": "(Tensor first, Tensor? second, int batch, int heads, Tensor? first_q_norm, "
+                        "Tensor? first_k_norm, Tensor? second_q_norm, Tensor? second_k_norm, float eps, "
+                        "Tensor? rope_cos, Tensor? rope_sin{backend}) -> (Tensor, Tensor, Tensor)",
 }
 
 
@@ -282,6 +300,10 @@ def check_gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, 
     _check_fused(a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, a.shape[0], w_scale.shape[1])
 
 
+# one validation for every backend (plain torch, shared with the Triton launcher): the same words everywhere
+check_attention_inputs = check_args
+
+
 # ---- fake implementations: shapes only, plus the one check a meta tensor needs --------------------------
 
 def _fake_quantize_act(x, scale, *_):
@@ -321,9 +343,18 @@ def _fake_gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, 
     return a.new_empty((a.shape[0], w_scale.shape[1]), dtype=torch.int8 if out_scale is not None else out_dtype)
 
 
+def _fake_attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm,
+                           eps, rope_cos, rope_sin, *_):
+    _same_device(first, second=second, first_q_norm=first_q_norm, first_k_norm=first_k_norm,
+                 second_q_norm=second_q_norm, second_k_norm=second_k_norm, rope_cos=rope_cos, rope_sin=rope_sin)
+    seq = (first.shape[0] + (0 if second is None else second.shape[0])) // batch
+    shape = (batch, heads, seq, first.shape[1] // (3 * heads))
+    return tuple(first.new_empty(shape) for _ in range(3))
+
+
 FAKES = {"quantize_act": _fake_quantize_act, "gemm_w8a8": _fake_gemm_w8a8, "gemm_w4a8": _fake_gemm_w4a8,
          "norm_modulate_quantize": _fake_norm_modulate_quantize, "gemm_w8a8_fused": _fake_gemm_w8a8_fused,
-         "gemm_w4a8_fused": _fake_gemm_w4a8_fused}
+         "gemm_w4a8_fused": _fake_gemm_w4a8_fused, "attention_inputs": _fake_attention_inputs}
 
 _lib = torch.library.Library("ditq", "DEF")
 
@@ -332,12 +363,17 @@ def define_kernel_ops(prefix: str, impls: dict) -> KernelOps:
     """Register a Python backend's kernels as ``torch.ops.ditq.<prefix>_<op>`` (CPU and CUDA keys, with fake
     implementations) and return them as :class:`KernelOps`. ``impls`` maps op name to a function with the
     op's contract that validates its own inputs; the optional fused ops may be left out."""
-    for name, fn in impls.items():
-        _lib.define(f"{prefix}_{name}" + SCHEMAS[name].format(backend=""))
-        for key in ("CPU", "CUDA"):
-            _lib.impl(f"{prefix}_{name}", fn, key)
-        torch.library.register_fake(f"ditq::{prefix}_{name}", FAKES[name], lib=_lib)
-    return KernelOps(**{name: getattr(torch.ops.ditq, f"{prefix}_{name}").default for name in impls})
+    return KernelOps(**{name: define_kernel_op(prefix, name, fn) for name, fn in impls.items()})
+
+
+def define_kernel_op(prefix: str, name: str, fn):
+    """Register one kernel op ``torch.ops.ditq.<prefix>_<name>`` (CPU and CUDA keys, fake implementation) and
+    return it (for a backend that adds a Python op to others, as cuda's ``attention_inputs``)."""
+    _lib.define(f"{prefix}_{name}" + SCHEMAS[name].format(backend=""))
+    for key in ("CPU", "CUDA"):
+        _lib.impl(f"{prefix}_{name}", fn, key)
+    torch.library.register_fake(f"ditq::{prefix}_{name}", FAKES[name], lib=_lib)
+    return getattr(torch.ops.ditq, f"{prefix}_{name}").default
 
 
 # ---- the generic ops: resolve the backend, run its kernel op ----------------------------------------------
@@ -380,9 +416,16 @@ def _gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, resid
                                                       residual, rows_per_gate, out_scale, out_dtype)
 
 
+def _attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps,
+                      rope_cos, rope_sin, backend: str):
+    return backends.get_backend(backend, first.device).attention_inputs(
+        first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps, rope_cos,
+        rope_sin)
+
+
 for _name, _fn in (("quantize_act", _quantize_act), ("gemm_w8a8", _gemm_w8a8), ("gemm_w4a8", _gemm_w4a8),
                    ("norm_modulate_quantize", _norm_modulate_quantize), ("gemm_w8a8_fused", _gemm_w8a8_fused),
-                   ("gemm_w4a8_fused", _gemm_w4a8_fused)):
+                   ("gemm_w4a8_fused", _gemm_w4a8_fused), ("attention_inputs", _attention_inputs)):
     _lib.define(_name + SCHEMAS[_name].format(backend=", str backend"))
     for _key in ("CPU", "CUDA"):
         _lib.impl(_name, _fn, _key)
@@ -394,3 +437,4 @@ gemm_w4a8 = torch.ops.ditq.gemm_w4a8
 norm_modulate_quantize = torch.ops.ditq.norm_modulate_quantize
 gemm_w8a8_fused = torch.ops.ditq.gemm_w8a8_fused
 gemm_w4a8_fused = torch.ops.ditq.gemm_w4a8_fused
+attention_inputs = torch.ops.ditq.attention_inputs

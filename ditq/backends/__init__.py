@@ -101,6 +101,11 @@ class KernelOps(NamedTuple):
     # (the contract in :mod:`ditq.ops`); a backend whose kernels load A as int8 only leaves it False, and
     # callers then run ``quantize_act`` first.
     fused_gemm_float_a: bool = False
+    # q/k RMSNorm + rotary embedding + stream concatenation from the fused q/k/v GEMM's output to SDPA's inputs
+    # (a float op, the contract in :mod:`ditq.ops`): torch's reference maths, the Triton kernel on ``triton``
+    # and, on a CUDA device, on ``cuda`` too (there is no CUDA C++ kernel for it; Triton comes with CUDA torch);
+    # ``cuda-emulated`` runs the reference. None: the fused blocks run diffusers' own ops.
+    attention_inputs: Optional[Callable] = None
 
 
 class Backend:
@@ -171,6 +176,14 @@ class Backend:
     def gemm_w4a8_fused(self, a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate,
                         out_scale, out_dtype):
         raise NotImplementedError(f"backend {self.name!r} has no W4A8 GEMM with a fused epilogue")
+
+    def attention_inputs(self, first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm,
+                         second_k_norm, eps, rope_cos, rope_sin):
+        op = self.kernel_ops().attention_inputs
+        if op is None:
+            raise NotImplementedError(f"backend {self.name!r} has no fused attention-inputs kernel")
+        return op(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps,
+                  rope_cos, rope_sin)
 
     def __repr__(self):
         return f"<ditq backend {self.name}>"

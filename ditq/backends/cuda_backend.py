@@ -53,14 +53,27 @@ def _kernel_ops() -> KernelOps:
     """The ditq_C ops themselves (their C++ bindings validate every input), with fake implementations so that
     torch.compile traces through them (ditq.ops's fakes: the ditq_C ops' extra tile / splits arguments fall in
     their ``*_``)."""
-    from ..ops import FAKES
+    from ..ops import FAKES, define_kernel_op
 
     names = ("quantize_act", "gemm_w8a8", "gemm_w4a8", "gemm_w8a8_fused", "gemm_w4a8_fused", "norm_modulate_quantize")
     for name in names:
         torch.library.register_fake(f"ditq_C::{name}", FAKES[name])
     # fused_gemm_float_a: the fused GEMMs also take a float `a` with a static a_scale and quantize it as they
     # load it (csrc/gemm_fused_float_a.cu, gemm.cuh's FloatATileLoader), on both cuda and cuda-emulated
-    return KernelOps(**{name: getattr(torch.ops.ditq_C, name).default for name in names}, fused_gemm_float_a=True)
+    return KernelOps(**{name: getattr(torch.ops.ditq_C, name).default for name in names}, fused_gemm_float_a=True,
+                     attention_inputs=define_kernel_op("cuda", "attention_inputs", _attention_inputs))
+
+
+def _attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps,
+                      rope_cos, rope_sin):
+    """attention_inputs, a float op with no C++ kernel: the Triton kernel on CUDA tensors (Triton comes with a CUDA
+    torch), the torch reference on the emulator's CPU tensors."""
+    if first.device.type == "cuda":
+        from ..kernels.attention_inputs import attention_inputs
+    else:
+        from .torch_backend import attention_inputs
+    return attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm,
+                            eps, rope_cos, rope_sin)
 
 
 # ---- GEMMs (csrc/gemm*.{h,cuh,cu,cpp}, layouts in cuda_layout.py) --------------------------------------------

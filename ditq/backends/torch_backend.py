@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..ops import (check_gemm_w4a8, check_gemm_w4a8_fused, check_gemm_w8a8, check_gemm_w8a8_fused,
-                   check_norm_modulate_quantize, check_quantize_act, define_kernel_ops)
+from ..ops import (check_attention_inputs, check_gemm_w4a8, check_gemm_w4a8_fused, check_gemm_w8a8,
+                   check_gemm_w8a8_fused, check_norm_modulate_quantize, check_quantize_act, define_kernel_ops)
 from ..quant import reference as ref
 from . import Backend, KernelFamily, register
 
@@ -47,12 +47,22 @@ def _gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, resid
                                rows_per_gate, out_scale, out_dtype)
 
 
+def attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps,
+                     rope_cos, rope_sin):
+    """The reference, validated (also what cuda-emulated binds: there is no C++ kernel for this float op)."""
+    check_attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm,
+                           eps, rope_cos, rope_sin)
+    return ref.attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm,
+                                second_k_norm, eps, rope_cos, rope_sin)
+
+
 @lru_cache(maxsize=None)
 def _kernel_ops():
     # the reference fused GEMMs quantize a float ``a`` with the reference quantize_act (ditq.ops's contract)
     return define_kernel_ops("torch", {"quantize_act": _quantize_act, "gemm_w8a8": _gemm_w8a8,
                                        "gemm_w4a8": _gemm_w4a8, "norm_modulate_quantize": _norm_modulate_quantize,
-                                       "gemm_w8a8_fused": _gemm_w8a8_fused, "gemm_w4a8_fused": _gemm_w4a8_fused}
+                                       "gemm_w8a8_fused": _gemm_w8a8_fused, "gemm_w4a8_fused": _gemm_w4a8_fused,
+                                       "attention_inputs": attention_inputs}
                              )._replace(fused_gemm_float_a=True)
 
 

@@ -44,7 +44,8 @@ def _kernel_ops():
                                         "gemm_w4a8": _w4a8().gemm_w4a8,
                                         "norm_modulate_quantize": _kernels("norm_quantize").norm_modulate_quantize,
                                         "gemm_w8a8_fused": _kernels("w8a8").gemm_w8a8_fused,
-                                        "gemm_w4a8_fused": _w4a8().gemm_w4a8_fused}
+                                        "gemm_w4a8_fused": _w4a8().gemm_w4a8_fused,
+                                        "attention_inputs": _kernels("attention_inputs").attention_inputs}
                              )._replace(fused_gemm_float_a=True)  # the fused kernels' A_FLOAT: quantize on load
 
 

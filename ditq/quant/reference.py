@@ -364,6 +364,59 @@ def gemm_epilogue_exact(y: torch.Tensor, magnitude: torch.Tensor, gelu: bool = F
     return y, mag
 
 
+# ---- attention inputs: q/k RMSNorm, rotary embedding, streams concatenated ----------------------------
+
+def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """diffusers' ``RMSNorm.forward`` (its non-NPU path), op for op, over the last dimension: the variance as
+    ``x.to(float32).pow(2).mean(-1)`` (a float32 sum, then a division), ``x * rsqrt(variance + eps)`` in float32,
+    then ``to(weight dtype)`` when the weight is float16 / bfloat16 and ``* weight``; with no weight,
+    ``to(x's dtype)``. (On the CPU torch's float32 ``rsqrt`` is ``1 / sqrt`` with both steps correctly rounded,
+    which is what the Triton kernel computes.)"""
+    input_dtype = x.dtype
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    if weight is None:
+        return x.to(input_dtype)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        x = x.to(weight.dtype)
+    return x * weight
+
+
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1, sequence_dim=1)`` for
+    x [B, S, H, D] and cos / sin [S, D]: interleaved pairs (2i, 2i + 1) rotated as
+    ``x * cos + (-x[2i + 1], x[2i]) * sin`` in float32 (two rounded products and a rounded add), then x's dtype."""
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    x_real, x_imag = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rotated = torch.stack([-x_imag, x_real], dim=-1).flatten(3)
+    return (x.float() * cos + x_rotated.float() * sin).to(x.dtype)
+
+
+def attention_inputs(first: torch.Tensor, second: Optional[torch.Tensor], batch: int, heads: int,
+                     first_q_norm: Optional[torch.Tensor], first_k_norm: Optional[torch.Tensor],
+                     second_q_norm: Optional[torch.Tensor], second_k_norm: Optional[torch.Tensor], eps: float,
+                     rope_cos: Optional[torch.Tensor], rope_sin: Optional[torch.Tensor]):
+    """SDPA's q, k, v [batch, heads, S1 + S2, D] (``first``'s dtype, contiguous) from one or two streams' fused
+    q/k/v GEMM outputs ``[batch * S, 3 * heads * D]`` (column blocks q | k | v, head-major): what diffusers' FLUX
+    attention processor computes between its projections and its attention, in its order: each stream's q / k
+    through its RMSNorm (:func:`rms_norm`; a None weight: no norm), the streams concatenated along the sequence
+    (``first`` first), the rotary embedding (:func:`rotary_embedding`) when ``rope_cos`` / ``rope_sin`` [S1 + S2, D]
+    are given; v unchanged. The arguments are not checked here (``ditq.ops.check_attention_inputs`` does)."""
+    d = first.shape[1] // (3 * heads)
+    outs = [], [], []
+    for x, norms in ((first, (first_q_norm, first_k_norm)), (second, (second_q_norm, second_k_norm))):
+        if x is None:
+            continue
+        q, k, v = x.view(batch, -1, 3, heads, d).unbind(2)  # [B, S, H, D] views, as diffusers' processor
+        for i, (t, w) in enumerate(((q, norms[0]), (k, norms[1]), (v, None))):
+            outs[i].append(t if w is None else rms_norm(t, w, eps))
+    q, k, v = (torch.cat(o, dim=1) if len(o) > 1 else o[0] for o in outs)
+    if rope_cos is not None:
+        q, k = rotary_embedding(q, rope_cos, rope_sin), rotary_embedding(k, rope_cos, rope_sin)
+    # a float32 norm weight leaves float32 q / k (diffusers would pass them on so): one rounding to the input dtype
+    return tuple(t.to(first.dtype).transpose(1, 2).contiguous() for t in (q, k, v))
+
+
 # ---- error metric -------------------------------------------------------------------------------------
 
 def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:

@@ -17,12 +17,15 @@ NUM = (int, float)
 
 
 SCRIPTS = {"gemm": ("bench_gemm.py", "--smoke"), "model": ("bench_model.py", "--smoke"),
+           # FLUX: eager only (compiling is the DiT run's business; the same code path)
+           "flux": ("bench_model.py", "--smoke", "--model", "flux", "--precisions", "bf16", "w8a8-fused",
+                    "fp8-rowwise", "--modes", "eager"),
            "static": ("static_report.py", "--short")}
 
 
 @pytest.fixture(scope="module")
 def _runs(tmp_path_factory):
-    """Start the three scripts at once (they are mostly waiting on subprocesses and imports: together they
+    """Start the four scripts at once (they are mostly waiting on subprocesses and imports: together they
     take about as long as the slowest), then hand each test its finished run."""
     procs = {}
     for key, (script, *args) in SCRIPTS.items():
@@ -52,6 +55,11 @@ def gemm(_runs):
 @pytest.fixture(scope="module")
 def model(_runs):
     return _finished(_runs, "model", "model.json")
+
+
+@pytest.fixture(scope="module")
+def flux(_runs):
+    return _finished(_runs, "flux", "model_flux.json")
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +143,11 @@ def test_fp8_rowwise_quantize_is_exact_per_row():
     the value's power of two), and a zero row gives zeros with a positive scale, not NaN."""
     import torch
     sys.path.insert(0, BENCH)
-    import bench_gemm
+    import fp8_rowwise
 
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(5, 48, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 1e3, 0.0])[:, None]).to(torch.bfloat16)
-    q, scale = bench_gemm.fp8_rowwise_quantize(x)
+    q, scale = fp8_rowwise.quantize(x)
     assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and scale.shape == (5, 1)
     qf = q.float()
     assert torch.equal(qf[:4].abs().amax(dim=1), torch.full((4,), 448.0))
@@ -196,10 +204,55 @@ def test_model_rows(model):
         for k in ("median_ms", "ms_per_image", "images_per_s", "weight_bytes", "first_call_s"):
             assert isinstance(r[k], NUM) and r[k] > 0, (k, r)
     by = {r["precision"]: r["weight_bytes"] for r in rows}
-    assert by["w8a8"] < by["bf16"] and by["w4a8"] < by["bf16"]
+    assert by["w8a8"] < by["bf16"] and by["w4a8"] < by["bf16"] and by["fp8-rowwise"] < by["bf16"]
     for r in rows:
+        assert r["model"] == "dit" and r["text_tokens"] == 0
         if r["precision"] != "bf16":
             assert isinstance(r["output_sqnr_db"], NUM)  # quantize() ran and measured itself
+            assert r["output_sqnr_db"] > 15, r  # and the model still computes what bf16 computes
+    _fp8_rows(rows)
+
+
+def _fp8_rows(rows):
+    """The fp8 row-wise peer ran in every mode asked (torch._scaled_mm on CPU; torchao where it is installed) over
+    the linears ditq quantizes: its weight bytes sit next to W8A8's (one byte a weight, fp32 scales per channel)."""
+    fp8 = [r for r in rows if r["precision"] == "fp8-rowwise"]
+    assert fp8 and all(r["implementation"] in ("torch._scaled_mm", "torchao") for r in fp8)
+    assert all(r["status"] == "ok" for r in fp8 if r["mode"] != "cudagraph")
+    w8 = next(r["weight_bytes"] for r in rows if r["precision"].startswith("w8a8"))
+    assert abs(fp8[0]["weight_bytes"] - w8) / w8 < 0.05, (fp8[0]["weight_bytes"], w8)
+
+
+# ---- bench_model --model flux -------------------------------------------------------------------------
+
+def test_flux_schema(flux):
+    rep, out, stdout = flux
+    assert rep["schema"] == "ditq.bench_model/1" and rep["smoke"] is True and rep["model"] == "flux"
+    _env_ok(rep["env"])
+    cfg = rep["config"]  # the tiny FLUX: one double- and one single-stream block, with a guidance embedder
+    assert (cfg["num_layers"], cfg["num_single_layers"], cfg["guidance_embeds"]) == (1, 1, True)
+    assert rep["precisions"] == ["bf16", "w8a8-fused", "fp8-rowwise"] and rep["batches"] == [1]
+    assert rep["modes"] == ["eager"] and len(rep["rows"]) == rep["cases"] == len(rep["precisions"])
+    assert not rep.get("partial")
+    for name in ("model_flux.md", "model_flux.json"):
+        assert (out / name).stat().st_size > 0
+    assert not (out / "model.json").exists()  # a DiT run's file is never overwritten by a FLUX run
+
+
+def test_flux_rows(flux):
+    rows = flux[0]["rows"]
+    for r in rows:
+        _ok_or_reason(r)
+        assert r["model"] == "flux" and r["cfg_batch"] == r["batch"]  # guidance-distilled: no CFG batch
+        assert r["tokens_per_image"] == (r["sample_size"] // 2) ** 2 and r["text_tokens"] == 6
+        assert r["M"] == r["batch"] * (r["tokens_per_image"] + r["text_tokens"])
+        assert r["status"] == "ok", r
+        assert isinstance(r["median_ms"], NUM) and r["median_ms"] > 0
+        if r["precision"] != "bf16":
+            assert isinstance(r["output_sqnr_db"], NUM) and r["output_sqnr_db"] > 15, r
+    fused = [r for r in rows if r["precision"] == "w8a8-fused"]
+    assert all(r["fused_blocks"] == 2 for r in fused)  # both blocks ran the fused MM-DiT path
+    _fp8_rows(rows)
 
 
 # ---- static_report ------------------------------------------------------------------------------------
@@ -308,6 +361,95 @@ def test_cuda_kernel_names():
         meta = sr._cuda_kernel_meta(f"void {ns}gemm_kernel<{ns}Tile<16, 64, 128, 1, 2, 4>, {ns}W4<128>, {ns}{epi}, "
                                     f"{a_type}>(ditq::gemm::GemmParams)", tiles)
         assert meta["kernel"] == want, (epi, a_type, meta["kernel"])
+    h = "ditq::gemm::sm90::"  # the Hopper kernels: Sm90Tile<BM, BN, STAGES, CONSUMERS>[, G], epilogue policy
+    for args, want in [("Sm90Tile<64, 128, 6, 1>, ditq::gemm::PlainEpilogue", "wgmma-w8a8"),
+                       ("Sm90Tile<64, 128, 6, 1>, ditq::gemm::FusedEpilogue", "wgmma-w8a8 +fused"),
+                       ("Sm90Tile<16, 64, 8, 1>, 32, ditq::gemm::PlainEpilogue", "wgmma-w4a8 g32"),
+                       ("Sm90Tile<16, 64, 8, 1>, 32, ditq::gemm::FusedEpilogue", "wgmma-w4a8 g32 +fused")]:
+        kernel = "gemm_w4a8_sm90_kernel" if "w4a8" in want else "gemm_w8a8_sm90_kernel"
+        meta = sr._cuda_kernel_meta(f"void {h}{kernel}<{h}{args}>({h}Sm90Params)", tiles)
+        assert meta["kernel"] == want and meta["sm90"], (args, meta["kernel"])
     assert sr._cuda_kernel_meta("void ditq::qact::quantize_act_kernel<float, true, true>(P)", tiles) is None
     assert sr._short_name("void ditq::qact::quantize_act_kernel<float, true, true>(P)") == \
         "qact::quantize_act_kernel<float, true, true>"
+
+
+# ---- record_gpu_run -----------------------------------------------------------------------------------
+
+def _recorder():
+    sys.path.insert(0, BENCH)
+    import record_gpu_run
+    return record_gpu_run
+
+
+def _suite_folder(tmp_path, gemm, model, flux, commit=None):
+    """A folder shaped like the suite's $OUT, from the smoke runs' files (optionally as if from another commit)."""
+    import shutil
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for (rep, out, _), name in ((gemm, "gemm.json"), (model, "model.json"), (flux, "model_flux.json")):
+        shutil.copy(out / name, tmp_path / name)
+        if commit:
+            data = json.load(open(tmp_path / name))
+            data["env"]["commit"] = commit
+            json.dump(data, open(tmp_path / name, "w"))
+    (tmp_path / "stages.txt").write_text("pytest-cuda    rc=0      41s\nbench-gemm     rc=0     120s\n")
+    return tmp_path
+
+
+def test_record_gpu_run_writes_one_entry_idempotently(tmp_path, gemm, model, flux, capsys):
+    rec = _recorder()
+    folder = _suite_folder(tmp_path / "run", gemm, model, flux)
+    results = tmp_path / "RESULTS.md"
+    original = open(os.path.join(BENCH, "RESULTS.md")).read()
+    assert original.count(rec.BEGIN) == 1 and original.count(rec.END) == 1  # the real file carries the markers
+    results.write_text(original)
+    assert rec.main([str(folder), "--results", str(results)]) == 2  # smoke results are not a GPU run
+    assert results.read_text() == original
+    assert rec.main([str(folder), "--results", str(results), "--allow-smoke"]) == 0
+    once = results.read_text()
+    key = rec.entry_key(str(folder))
+    assert once.count(f"<!-- gpu-run {key} -->") == 1 and rec.NONE_YET not in once
+    head, tail = original.split(rec.BEGIN)[0], original.split(rec.END)[1]
+    assert once.startswith(head) and once.endswith(tail)  # nothing outside the markers moves
+    block = once.split(rec.BEGIN)[1].split(rec.END)[0]
+    for needle in ("fp8-rowwise", "fp8 row-wise (_scaled_mm)", "FLUX.1-dev batch 1", "x28 =", "bench-gemm",
+                   "target W4A8 GEMM at M <= 64", "torch: `"):
+        assert needle in block, needle
+    assert rec.main([str(folder), "--results", str(results), "--allow-smoke"]) == 0
+    assert results.read_text() == once  # same run again: same file
+    other = _suite_folder(tmp_path / "run2", gemm, model, flux, commit="f00dfee")
+    assert rec.main([str(other), "--results", str(results), "--allow-smoke"]) == 0
+    twice = results.read_text()
+    keys = [m.group("key") for m in rec.ENTRY_RE.finditer(twice)]
+    assert keys == [rec.entry_key(str(other)), key]  # the newer run first, the older one kept as it was
+    assert rec.main([str(folder), "--summary"]) == 0
+    assert "## Targets" in capsys.readouterr().out
+
+
+def test_record_gpu_run_target_lines():
+    """The target arithmetic on made-up rows: medians of speedups over the selected M, verdicts at the thresholds,
+    the DiT comparison against bf16 compiled and against the fastest fp8 row-wise variant."""
+    rec = _recorder()
+
+    def g(m, impl, sp, vs8=None):
+        return dict(kind="gemm", status="ok", impl=impl, M=m, speedup_vs_bf16=sp, speedup_vs_fp8=vs8)
+    rows = [g(4096, "ditq-cuda w8a8", 1.9, 1.1), g(16384, "ditq-cuda w8a8", 1.7, 1.0),
+            g(8192, "ditq-cuda w8a8", 2.0, 1.2), g(512, "ditq-cuda w8a8", 0.1),  # M < 4096: not counted
+            g(16, "ditq-cuda w4a8 g128", 2.9), g(64, "ditq-cuda w4a8 g128", 3.1), g(64, "ditq-cuda w4a8 g128", 3.5),
+            g(4096, "fp8 row-wise (_scaled_mm)", 1.6, 1.0)]
+    lines = "\n".join(rec.gemm_targets({"rows": rows, "backends": ["cuda"], "group_sizes": [128]}))
+    assert "ditq-cuda median 1.90x (min 1.70x, max 2.00x, 3 shapes x M): **met**; vs fp8 row-wise median 1.10x" \
+        in lines
+    assert "ditq-cuda g128 median 3.10x (min 2.90x, max 3.50x, 3 shapes x M): **met**" in lines
+    assert "fp8 row-wise (`torch._scaled_mm`) vs bf16 at M >= 4096: median 1.60x" in lines
+
+    def d(variant, ms, impl=None):
+        prec, mode = variant.rsplit(" ", 1)
+        return dict(resolution=256, batch=8, variant=variant, precision=prec, mode=mode, status="ok",
+                    median_ms=ms, implementation=impl)
+    dit = {"rows": [d("bf16 compile", 100.0), d("bf16 eager", 150.0), d("w8a8 eager", 70.0),
+                    d("w8a8-fused cudagraph", 62.5), d("fp8-rowwise compile", 60.0, "torch._scaled_mm"),
+                    d("fp8-rowwise eager", 90.0, "torch._scaled_mm")]}
+    lines = "\n".join(rec.dit_targets(dit))
+    assert "1.6x bf16 torch.compile: 1.60x (w8a8-fused cudagraph 62.50 ms vs 100.00 ms): **met**" in lines
+    assert "faster than fp8 row-wise: 0.96x" in lines and lines.endswith("60.00 ms): not met")

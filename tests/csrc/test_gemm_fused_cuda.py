@@ -80,3 +80,59 @@ def test_fused_gelu_within_the_contract(cb, group):
     got = _fused("cuda", group, args, True, None, None, None, torch.float32, -1, 1)
     want = _fused("cpu", group, args, True, None, None, None, torch.float32, -1, 1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-30)
+
+
+# ---- the Hopper kernels with the fused epilogue (csrc/gemm_sm90_fused.cu), on an sm_90 GPU ---------------------
+
+SM90_BASE = 100  # kSm90TileBase, csrc/configs/gemm_tiles_sm90.h
+SM90_K = {None: 400, 32: 416, 64: 448, 128: 384, 256: 512}  # K % G == 0, and not a multiple of 128 below G = 128
+
+
+def _sm90_tiles(w4):
+    out = []
+    while True:
+        try:
+            torch.ops.ditq_C.gemm_sm90_tile_info(SM90_BASE + len(out), w4)
+        except (RuntimeError, ValueError):
+            return [SM90_BASE + i for i in range(len(out))]
+        out.append(SM90_BASE + len(out))
+
+
+@pytest.fixture(scope="module")
+def hopper(cb):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernels need an sm_90 GPU")
+    return cb
+
+
+@pytest.mark.parametrize("group", (None, 32, 64, 128, 256), ids=("w8", "w4g32", "w4g64", "w4g128", "w4g256"))
+def test_sm90_fused_gemm_equals_the_emulated_kernel(hopper, group):
+    """Every Hopper tile, every piece but GELU: the real kernel's bits are the emulated Hopper kernel's (odd N,
+    M = 34 with a gate per 2 rows, K not a multiple of the 128-k stage below G = 128); the automatic choice on
+    this GPU is the forced Hopper tile of its M bucket."""
+    scale = torch.tensor([0.05])
+    for tile in _sm90_tiles(group is not None):
+        a, sa, w, ws, b, gate, residual = _problem(34, 71, SM90_K[group], group, seed=tile + (group or 0))
+        args = (a, sa, w, ws, b)
+        for out_dtype, g, r, s in ((torch.bfloat16, gate, residual, None), (torch.float16, gate, residual, scale),
+                                   (torch.float32, None, residual, None), (torch.float32, gate, None, scale),
+                                   (torch.bfloat16, None, None, None)):
+            got = _fused("cuda", group, args, False, g, r, s, out_dtype, tile, -1)
+            want = _fused("cpu", group, args, False, g, r, s, out_dtype, tile, -1)
+            assert torch.equal(got, want), f"Hopper tile {tile} {out_dtype} int8={s is not None}"
+    a, sa, w, ws, b, gate, residual = _problem(34, 71, SM90_K[group], group, seed=99)
+    args = (a, sa, w, ws, b)
+    auto = _fused("cuda", group, args, False, gate, residual, scale, torch.float32, -1, -1)
+    forced = _fused("cuda", group, args, False, gate, residual, scale, torch.float32, SM90_BASE + (0 if group is None
+                                                                                                    else 1), -1)
+    assert torch.equal(auto, forced), "M = 34: the automatic choice is Hopper tile 0 (W8) / 1 (W4)"
+
+
+@pytest.mark.parametrize("group", (None, 64), ids=("w8", "w4g64"))
+def test_sm90_fused_gelu_within_the_contract(hopper, group):
+    a, sa, w, ws, b, gate, residual = _problem(16, 40, 256, group, seed=5)
+    args = (a, sa * 20, w, ws, b)
+    for tile in _sm90_tiles(group is not None):
+        got = _fused("cuda", group, args, True, None, None, None, torch.float32, tile, -1)
+        want = _fused("cpu", group, args, True, None, None, None, torch.float32, tile, -1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-30)

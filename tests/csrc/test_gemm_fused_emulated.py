@@ -8,8 +8,10 @@ contract's fp32 operation applied to the plain op's fp32 output in torch, which 
 bit for bit, except GELU, whose exp differs in its last bits between libraries (compared with the contract's
 tolerance). The binding poisons the output (NaN, or -128 for int8: never a quantizer output) before the
 kernel runs, so an element never written fails; the global-memory checker knows the exact extents of gate,
-residual and out_scale."""
+residual and out_scale. The Hopper kernels (csrc/gemm_sm90.cuh, which carry the same FusedEpilogue) run a fused
+GEMM with an int8 a where a plain one would; they are checked the same way at the end of this file."""
 import itertools
+import json
 
 import pytest
 import torch
@@ -358,18 +360,133 @@ def test_generic_ops_run_these_kernels():
             assert_equal(got, want, f"generic op, group {group}, int8 {out_scale is not None}")
 
 
-@pytest.mark.parametrize("weights", ("w8", "w4g64"))
-def test_pieces_under_the_hopper_arch(weights):
-    """With emulator_options(arch="sm_90a") the plain GEMMs run the Hopper kernels, whose epilogue is the plain
-    one: the fused ops must keep running the mma.sync kernels that carry the pieces (and refuse a forced Hopper
-    tile), never return a Hopper result that silently lacks the gate, residual or int8 output."""
-    pr = Problem(18, 34, 192, group=None if weights == "w8" else 64, seed=7)
-    gate, residual = pr.gate(6), pr.residual(torch.bfloat16)
-    out_scale = torch.tensor([0.07], dtype=torch.float32)
+# ---- the Hopper kernels (csrc/gemm_sm90.cuh with FusedEpilogue) -------------------------------------------------
+# An int8 `a` runs them exactly when the plain op would: a forced Hopper tile id (kSm90TileBase + i), or the
+# automatic choice under emulator_options(arch="sm_90a"). Their epilogue is the same FusedEpilogue after the
+# Hopper main loop, so each piece is checked on every Hopper tile (and W4 group size) against the contract
+# applied in torch to the plain Hopper op's fp32 output (itself exact against the integer reference).
+
+SM90_BASE = 100  # kSm90TileBase, csrc/configs/gemm_tiles_sm90.h
+
+
+def _sm90_tiles(w4):
+    if _reason is not None:
+        return (SM90_BASE,)
+    out = []
+    while True:
+        try:
+            torch.ops.ditq_C.gemm_sm90_tile_info(SM90_BASE + len(out), w4)
+        except (RuntimeError, ValueError):
+            return tuple(SM90_BASE + i for i in range(len(out)))
+        out.append(SM90_BASE + len(out))
+
+
+def _w4_groups():
+    if _reason is not None:
+        return (32,)
+    return tuple(json.loads(torch.ops.ditq_C.kernel_families())["gemm_w4a8"]["group_sizes"])
+
+
+# K a multiple of the group but, below G = 128, not of the 128-k stage (G = 256: two stages per group).
+SM90_K = {None: 176, 32: 96, 64: 192, 128: 384, 256: 512}
+SM90_CASES = [(f"w8-t{t}", None, t) for t in _sm90_tiles(False)] + \
+             [(f"w4g{g}-t{t}", g, t) for g in _w4_groups() for t in _sm90_tiles(True)]
+
+
+@pytest.mark.parametrize("cid,group,tile", SM90_CASES, ids=[c[0] for c in SM90_CASES])
+def test_sm90_pieces_exact(cid, group, tile):
+    """Every piece on a forced Hopper tile: none (the plain Hopper kernel bit for bit), gate with
+    rows_per_gate > 1 + bf16 residual + bias, fp32 residual + int8 output, GELU (fp32 out, and with gate,
+    residual and int8 out: the mma.sync fused kernel's bits, the same emulated expf). M = 1 and M = 18, odd N
+    (and an even one: the paired loads and stores), K not a multiple of the 128-k stage below G = 128."""
+    i = SM90_CASES.index((cid, group, tile))
+    k = SM90_K[group]
+    p1 = Problem(1, 9 + 2 * (i % 3), k, group=group, seed=300 + i, bias=False)
+    p18 = Problem(18, 33 + 7 * (i % 2), k, group=group, seed=400 + i, per_token=i % 3 != 1)
     with emulator_options(race_check=True):
-        y32 = pr.plain(torch.float32, 0, 1)
-    with emulator_options(race_check=True, arch="sm_90a"):
-        got = pr.fused(False, gate, residual, 6, out_scale, torch.bfloat16)
-        with pytest.raises(ValueError, match="fused epilogues run on the mma.sync tiles"):
-            pr.fused(False, gate, residual, 6, out_scale, torch.bfloat16, tile=100)  # kSm90TileBase
-    assert_equal(got, epilogue(y32, False, gate, residual, 6, out_scale, torch.bfloat16), f"{weights} sm_90a")
+        y1 = p1.plain(torch.float32, tile, 1)
+        y18 = p18.plain(torch.float32, tile, 1)
+        none32 = p1.fused(out_dtype=torch.float32, tile=tile, splits=1)
+        none16 = p1.fused(out_dtype=torch.float16, tile=tile, splits=1)
+        want16 = p1.plain(torch.float16, tile, 1)
+    p1.assert_plain_exact(y1, what=f"{cid} plain M=1")
+    p18.assert_plain_exact(y18, what=f"{cid} plain M=18")
+    assert_equal(none32, y1, f"{cid} no piece fp32")
+    assert_equal(none16, want16, f"{cid} no piece fp16")
+
+    gate6, res16 = p18.gate(6), p18.residual(torch.bfloat16)
+    gate1, res32 = p1.gate(1), p1.residual(torch.float32)
+    scale = torch.tensor([0.04 + 0.01 * (i % 4)], dtype=torch.float32)
+    with emulator_options(race_check=True):
+        got = p18.fused(False, gate6, res16, 6, None, torch.bfloat16, tile, 1)
+        q = p1.fused(False, gate1, res32, 1, scale, torch.float32, tile, 1)
+    assert_equal(got, epilogue(y18, False, gate6, res16, 6, None, torch.bfloat16), f"{cid} gate6 + bf16 residual")
+    assert_equal(q, epilogue(y1, False, gate1, res32, 1, scale), f"{cid} fp32 residual + int8 out")
+
+    gate3, res18 = p18.gate(3), p18.residual(torch.float32)
+    with emulator_options(race_check=True):
+        g32 = p18.fused(True, out_dtype=torch.float32, tile=tile, splits=1)
+        gq = p18.fused(True, gate3, res18, 3, scale, torch.float32, tile, 1)
+        mma_gq = p18.fused(True, gate3, res18, 3, scale, torch.float32, 0, 1)  # an mma.sync tile
+    want = gelu_tanh(y18)
+    assert bool(((g32.double() - want.double()).abs() <= _gelu_bound(y18, want, None).double()).all()), cid
+    assert_equal(gq, mma_gq, f"{cid} GELU + gate3 + fp32 residual + int8 out vs the mma.sync kernel")
+    assert bool((gq.abs() == 127).any()) and bool((gq.abs() < 127).any()), "saturation and rounding both seen"
+
+
+def test_sm90_automatic_choice():
+    """Under arch="sm_90a" the op's own choice (tile and splits automatic) runs the Hopper tile a plain call
+    would: its bits are the forced Hopper tile's with its automatic split count. The W4 problem tells the two
+    paths apart: both split K here, in the same 128-k units, but into different counts (9 tiles of 64 channels:
+    the Hopper rule fits one wave, 14 splits; the mma.sync rule two, 16), so their fp32 bits differ."""
+    for group in (None, 32):
+        pr = Problem(8, 576, 2048, group=group, seed=21)
+        gate, residual = pr.gate(4), pr.residual(torch.float32)
+        forced = SM90_BASE  # M = 8: kSm90TileRules' first rule (M <= 16) picks Hopper tile 0, W8 and W4 alike
+        with emulator_options(race_check=True, arch="sm_90a"):
+            auto = pr.fused(False, gate, residual, 4, None, torch.float32)
+        with emulator_options(race_check=True):
+            hopper = pr.fused(False, gate, residual, 4, None, torch.float32, forced)
+            mma_split = pr.fused(False, gate, residual, 4, None, torch.float32)  # sm_80: mma.sync, split-K
+        assert_equal(auto, hopper, f"group {group}: automatic choice under sm_90a vs Hopper tile {forced}")
+        if group is not None:
+            assert not torch.equal(auto, mma_split), "the mma.sync split-K result is the same bits: no proof"
+
+
+ORDER_LANDINGS = [(o, s, landing) for o, s in ORDERS for landing in ("issue", "wait")]
+
+
+@pytest.mark.parametrize("order,seed,landing", ORDER_LANDINGS, ids=[f"{o}{s}-{l}" for o, s, l in ORDER_LANDINGS])
+def test_sm90_fiber_orders_and_landing(order, seed, landing):
+    """Every schedule x async-landing mode, race checker on, two consumer warpgroups: the same exact bits."""
+    p8 = Problem(19, 21, 272, seed=31)
+    p4 = Problem(19, 21, 320, group=32, seed=32)
+    for pr, tile in ((p8, _sm90_tiles(False)[-1]), (p4, _sm90_tiles(True)[-1])):
+        with emulator_options():
+            y32 = pr.plain(torch.float32, tile, 1)
+        gate, residual, scale = pr.gate(19), pr.residual(torch.float16), torch.tensor([0.1])
+        with emulator_options(order=order, seed=seed, async_landing=landing, race_check=True):
+            got = pr.fused(False, gate, residual, 19, None, torch.float16, tile, 1)
+            q = pr.fused(False, gate, residual, 19, scale, torch.float16, tile, 1)
+        assert_equal(got, epilogue(y32, False, gate, residual, 19, None, torch.float16), f"tile {tile}")
+        assert_equal(q, epilogue(y32, False, gate, residual, 19, scale), f"int8 tile {tile}")
+
+
+def test_sm90_binding_checks():
+    """A forced Hopper tile splits K into at most its k units, must be in the table, and a float `a` (quantized on
+    load, which TMA cannot do) never runs one."""
+    for group in (None, 64):
+        pr = Problem(6, 8, 128, group=group, seed=9)
+        with pytest.raises(ValueError, match=r"split-K count must be in \[1, 1\]"):
+            pr.fused(tile=SM90_BASE, splits=2)
+        n_tiles = len(_sm90_tiles(group is not None))
+        with pytest.raises(ValueError, match="is not in the Hopper"):
+            pr.fused(tile=SM90_BASE + n_tiles)
+        x = torch.randn(6, 128)
+        with pytest.raises(ValueError, match="a float a runs on GEMM tile"):
+            if group is None:
+                torch.ops.ditq_C.gemm_w8a8_fused(x, torch.tensor([0.02]), pr.w, pr.ws, None, False, None, None, 1,
+                                                 None, torch.float32, SM90_BASE, -1)
+            else:
+                torch.ops.ditq_C.gemm_w4a8_fused(x, torch.tensor([0.02]), pr.w, pr.ws, None, group, False, None,
+                                                 None, 1, None, torch.float32, SM90_BASE, -1)

@@ -1,15 +1,18 @@
-"""The machine code of the Hopper GEMMs (csrc/gemm_sm90.cu), checked without a GPU: compiled here by nvcc for
-sm_90a and disassembled with the cuobjdump that ships in triton's wheel.
+"""The machine code of the Hopper GEMMs (csrc/gemm_sm90.cu; with the fused epilogue csrc/gemm_sm90_fused.cu),
+checked without a GPU: compiled here by nvcc for sm_90a and disassembled with the cuobjdump that ships in
+triton's wheel.
 
 Every kernel (Hopper tile x weight kind, every W4 group size) must use the int8 wgmma (IGMMA ... .S8.S8), TMA
 (UTMALDG) and mbarriers (SYNCS), no local memory (LDL / STL, spills), and the round-to-nearest-even output
 conversions. Its main loop (the innermost backward branch holding an IGMMA: the k loop) must keep a wgmma
 group in flight across its wait (WARPGROUP.DEPBAR.LE gsb0, 0x1): W8A8 never drains (no 0x0 in the loop);
 W4A8 drains once per stage at most, where a group ends and its partial is folded into the fp32 sums (see
-csrc/gemm_sm90.cuh for why). ptxas must not serialize the wgmmas (its C7514 warning). The same kernels run
-every split-K count: the reduction (atomic count, fences, block barriers) is compiled in, after the main loop.
-Registers, shared memory and the main loop's instructions per wgmma are printed (`pytest -s`) and kept in
-user_properties."""
+csrc/gemm_sm90.cuh for why). ptxas must not serialize the wgmmas (its C7514 warning). The fused-epilogue
+instantiations (FusedEpilogue) pass the same checks, hold the pieces' own instructions (GELU's MUFU.EX2, the int8
+output's F2I), keep the plain kernel's main-loop wgmma, TMA, ldmatrix and wait work, and use no more registers
+than a consumer warpgroup gets from setmaxnreg. The same kernels run every split-K count: the reduction (atomic
+count, fences, block barriers) is compiled in, after the main loop. Registers, shared memory and the main loop's
+instructions per wgmma are printed (`pytest -s`) and kept in user_properties."""
 import collections
 import os
 import re
@@ -41,24 +44,33 @@ def w4_group_sizes():
 
 
 def kernel_key(name):
-    """('w8' | 'w4g<G>', (BM, BN, STAGES, CONSUMERS)) of a mangled Hopper kernel name, else None."""
+    """('w8' | 'w4g<G>', (BM, BN, STAGES, CONSUMERS), 'plain' | 'fused') of a mangled Hopper kernel name, else
+    None."""
     m = re.search(r"gemm_(w8a8|w4a8)_sm90_kernelINS\w*?Sm90TileILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)EEE(?:Li(\d+)E)?", name)
     if not m:
         return None
     shape = tuple(int(v) for v in m.groups()[1:5])
-    return ("w8" if m.group(1) == "w8a8" else f"w4g{m.group(6)}"), shape
+    epi = "fused" if "FusedEpilogue" in name else "plain"
+    assert epi == "fused" or "PlainEpilogue" in name, name
+    return ("w8" if m.group(1) == "w8a8" else f"w4g{m.group(6)}"), shape, epi
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory):
+def consumer_regs():
+    """kConsumerRegs of csrc/gemm_sm90.cuh: the registers a consumer thread has after setmaxnreg."""
+    text = open(os.path.join(CSRC, "gemm_sm90.cuh")).read()
+    return int(re.search(r"kConsumerRegs = (\d+)", text).group(1))
+
+
+def _compile(source, tmp):
+    """({mangled name: SASS}, {mangled name: (registers, spill bytes)}, {names ptxas serialized}) of csrc/<source>."""
     nvcc, cuobjdump = aot.nvcc_path(), aot.cuobjdump_path()
     if nvcc is None:
-        pytest.skip("nvcc not found (set CUDA_HOME): cannot compile csrc/gemm_sm90.cu")
+        pytest.skip(f"nvcc not found (set CUDA_HOME): cannot compile csrc/{source}")
     if cuobjdump is None:
         pytest.skip("cuobjdump not found (it ships in triton's wheel, or pip install nvidia-cuda-cuobjdump)")
-    cubin = str(tmp_path_factory.mktemp("gemm_sass_sm90") / "gemm_sm90.cubin")
+    cubin = str(tmp / f"{source}.cubin")
     r = subprocess.run([nvcc, "-cubin", "-arch=sm_90a", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-I", CSRC,
-                        "-Xptxas", "-v", os.path.join(CSRC, "gemm_sm90.cu"), "-o", cubin],
+                        "-Xptxas", "-v", os.path.join(CSRC, source), "-o", cubin],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
     ptxas = {}  # mangled name -> (registers, spill bytes)
@@ -68,6 +80,11 @@ def compiled(tmp_path_factory):
     serialized = set(re.findall(r"C7514\).*?in the function '(\S+)'", r.stderr))
     sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     return aot.sass_functions(sass), ptxas, serialized
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    return _compile("gemm_sm90.cu", tmp_path_factory.mktemp("gemm_sass_sm90"))
 
 
 def _op(op, operands):
@@ -84,18 +101,41 @@ def _depbar(ops_with_operands):
     return out
 
 
+def _max_register(ins):
+    """1 + the highest general register (R<n>) an instruction list names: what a thread must hold."""
+    regs = [int(r) for _, _, operands in ins for r in re.findall(r"\bR(\d+)\b", operands)]
+    return 1 + max(regs) if regs else 0
+
+
 def test_gemm_sass_sm90(compiled, request):
+    _check(compiled, "plain", request)
+
+
+# The fused-epilogue kernels (csrc/gemm_sm90_fused.cu): another nvcc run of the same size as gemm_sm90.cu's, so
+# with the slow tests.
+@pytest.mark.slow
+def test_gemm_fused_sass_sm90(compiled, tmp_path_factory, request):
+    _check(_compile("gemm_sm90_fused.cu", tmp_path_factory.mktemp("gemm_sass_sm90_fused")), "fused", request,
+           plain=compiled)
+
+
+def _check(compiled, epi, request, plain=None):
+    """Every Hopper kernel of one epilogue policy: the checks of the module docstring; for the fused policy also
+    its pieces' instructions, the plain kernel's main-loop work and the setmaxnreg budget (``plain``: the plain
+    kernels' compile)."""
     funcs, ptxas, serialized = compiled
     w8, w4 = sm90_tables()
     kernels = {kernel_key(n): n for n in funcs if kernel_key(n)}
-    expected = {("w8", s) for s in w8.values()} | {(f"w4g{g}", s) for s in w4.values() for g in w4_group_sizes()}
+    expected = {("w8", s, epi) for s in w8.values()} | \
+               {(f"w4g{g}", s, epi) for s in w4.values() for g in w4_group_sizes()}
     assert set(kernels) == expected, f"kernels compiled {sorted(kernels)} != tables {sorted(expected)}"
+    plain_kernels = {kernel_key(n)[:2]: n for n in (plain[0] if plain else {}) if kernel_key(n)}
     report = []
-    for (kind, shape), name in sorted(kernels.items()):
+    for (kind, shape, _), name in sorted(kernels.items()):
         ins = funcs[name]
         ops = collections.Counter(_op(op, operands) for _, op, operands in ins)
         bm, bn, stages, consumers = shape
-        what = f"sm_90a {kind} {bm}x{bn} ({stages} stages, {consumers} consumer warpgroups)"
+        what = f"sm_90a {kind} {epi} {bm}x{bn} ({stages} stages, {consumers} consumer warpgroups)"
         igmma = {o: v for o, v in ops.items() if o.startswith("IGMMA")}
         # W8: one warpgroup's 64 x BN per wgmma; W4 (transposed): 64 channels x BM activation rows
         n = bn if kind == "w8" else bm
@@ -123,13 +163,35 @@ def test_gemm_sass_sm90(compiled, request):
         # after the main loop, never in it
         assert any(o.startswith("ATOMG") for o in ops) and any(o.startswith("MEMBAR") for o in ops), what
         assert not any(o.startswith(("ATOMG", "MEMBAR", "BAR.SYNC")) for o in lops), f"{what}: split-K in the loop"
-        row = dict(kind=kind, BM=bm, BN=bn, stages=stages, consumers=consumers, registers=regs,
+        # ptxas reports the launch's allocation; a consumer runs with kConsumerRegs after setmaxnreg, and every
+        # register the code names must fit in that
+        max_reg = _max_register(ins)
+        assert max_reg <= consumer_regs(), f"{what}: names R{max_reg - 1}, over setmaxnreg's {consumer_regs()}"
+        row = dict(kind=kind, epi=epi, BM=bm, BN=bn, stages=stages, consumers=consumers, registers=regs,
+                   max_register=max_reg, instructions=len(ins),
                    smem=stages * (bm * 128 + bn * (128 if kind == "w8" else 64)) + 16 * stages,
                    loop_instructions=len(loop), loop_wgmma=loop_igmma, per_wgmma=round(len(loop) / loop_igmma, 2),
                    waits={f"0x{k}": v for k, v in sorted(waits.items())}, mix=dict(lops.most_common(8)))
+        if plain is not None:
+            # the pieces are there (GELU's exp: MUFU.EX2; the int8 output's cvt.rni: F2I), and the main loop keeps
+            # the plain kernel's wgmma, TMA, ldmatrix and wait work (its length is printed beside the plain one)
+            assert ops["MUFU.EX2"] > 0, f"{what}: no MUFU.EX2 (GELU's expf)"
+            assert any(o.startswith("F2I") for o in ops), f"{what}: no float -> int conversion (int8 output)"
+            pname = plain_kernels[(kind, shape)]
+            ploop = aot.main_loop(plain[0][pname])
+            pops = collections.Counter(_op(op, operands) for _, op, operands in ploop)
+            for op in [o for o in set(pops) | set(lops) if o.startswith(("IGMMA", "UTMALDG", "LDSM", "SYNCS"))]:
+                assert lops[op] == pops[op], f"{what}: {lops[op]} {op} in the main loop, the plain kernel {pops[op]}"
+            assert waits == _depbar(ploop), f"{what}: main-loop waits {dict(waits)}, plain {dict(_depbar(ploop))}"
+            row.update(plain_max_register=_max_register(plain[0][pname]), plain_instructions=len(plain[0][pname]),
+                       plain_loop_instructions=len(ploop))
         report.append(row)
-        request.node.user_properties.append((f"{kind}_{bm}x{bn}", row))
-    print("\nsm_90a: kind    BMxBN    st  WG regs   smem  loop  /wgmma  waits  (main-loop mix)")
+        request.node.user_properties.append((f"{kind}_{bm}x{bn}_{epi}", row))
+    print("\nsm_90a: kind    epi    BMxBN    st  WG regs maxR   smem  instrs  loop  /wgmma  waits  (main-loop mix)")
     for r in report:
-        print(f"sm_90a: {r['kind']:<7} {r['BM']:>3}x{r['BN']:<4} {r['stages']:>2} {r['consumers']:>3} {r['registers']:>4} "
-              f"{r['smem']:>6} {r['loop_instructions']:>5} {r['per_wgmma']:>7}  {r['waits']}  {r['mix']}")
+        print(f"sm_90a: {r['kind']:<7} {r['epi']:<5} {r['BM']:>3}x{r['BN']:<4} {r['stages']:>2} {r['consumers']:>3} "
+              f"{r['registers']:>4} {r['max_register']:>4} {r['smem']:>6} {r['instructions']:>6} "
+              f"{r['loop_instructions']:>5} {r['per_wgmma']:>7}  {r['waits']}  {r['mix']}")
+        if "plain_max_register" in r:
+            print(f"sm_90a: {'':<7} plain {'':>8} {'':>2} {'':>3} {'':>4} {r['plain_max_register']:>4} {'':>6} "
+                  f"{r['plain_instructions']:>6} {r['plain_loop_instructions']:>5}")

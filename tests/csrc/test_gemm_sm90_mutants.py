@@ -1,11 +1,15 @@
 """Planted bugs in the Hopper GEMMs (csrc/gemm_sm90.cuh) that the emulator must catch: a copy of csrc/ with one
 edit, a small probe library (g++, no torch) running one W8A8 and one W4A8 (G = 32) kernel through more k tiles
-than the ring has stages, against the unmutated build.
+than the ring has stages, each with the plain and the fused epilogue (gate per 3 rows + fp32 residual), against
+the unmutated build.
 
 | planted bug                                                   | caught by                                   |
 | W8A8 releases the stage its in-flight wgmmas still read       | `race`: the refill's TMA vs the pending wgmma |
 | W4A8 waits for one wgmma group too few before folding         | wrong results (lazy wgmma landing)          |
 | the producer expects fewer bytes than its two TMA boxes bring | `deadlock` naming the waiting mbarrier      |
+| W8A8 stores y itself, bypassing the epilogue policy           | wrong results of the fused kernel (the plain |
+|                                                               | one is unchanged by it)                     |
+| W4A8 hands the policy its unshuffled pair (two rows of y)     | wrong results of the fused kernel           |
 """
 import ctypes
 import os
@@ -31,13 +35,18 @@ using namespace ditq::gemm;
 using namespace ditq::gemm::sm90;
 using T8 = Sm90Tile<64, 128, 6, 1>;
 using T4 = Sm90Tile<64, 64, 6, 1>;
-template <class T> void w8k(Sm90Params P) { DITQ_DYNAMIC_SHARED(uint8_t, smem); gemm_w8a8_sm90_body<T>(P, smem); }
-template <class T, int G> void w4k(Sm90Params P) { DITQ_DYNAMIC_SHARED(uint8_t, smem); gemm_w4a8_sm90_body<T, G>(P, smem); }
-extern "C" int run(int w4, int M, int N, int K, const void* a, const float* sa, const void* w, const float* sw,
-                   float* out, int landing, char* err, int errlen) {
+template <class T, class E> void w8k(Sm90Params P) { DITQ_DYNAMIC_SHARED(uint8_t, smem); gemm_w8a8_sm90_body<T, E>(P, smem); }
+template <class T, int G, class E> void w4k(Sm90Params P) { DITQ_DYNAMIC_SHARED(uint8_t, smem); gemm_w4a8_sm90_body<T, G, E>(P, smem); }
+extern "C" int run(int w4, int fused, int M, int N, int K, const void* a, const float* sa, const void* w,
+                   const float* sw, const float* gate, const float* residual, float* out, int landing, char* err,
+                   int errlen) {
   GemmParams p{};
   p.a = static_cast<const int8_t*>(a); p.a_scale = sa; p.a_scale_per_token = 1; p.w = w; p.w_scale = sw;
   p.out = out; p.out_dtype = DType::kF32; p.M = M; p.N = N; p.K = K; p.splits = 1;
+  p.fused.rows_per_gate = 1;
+  if (fused) {
+    p.fused.gate = gate; p.fused.rows_per_gate = 3; p.fused.residual = residual; p.fused.residual_dtype = DType::kF32;
+  }
   emu::Options o;
   o.race_check = true;
   o.order = emu::Order::Random;
@@ -50,11 +59,11 @@ extern "C" int run(int w4, int M, int N, int K, const void* a, const float* sa, 
     if (w4) {
       if (!make_maps<T4>(P, true, &e)) throw std::runtime_error(e);
       emu::launch(dim3((N + 63) / 64, (M + 63) / 64), dim3(T4::THREADS), sm90_smem_bytes(64, 64, 6, true), o,
-                  &w4k<T4, 32>, P);
+                  fused ? &w4k<T4, 32, FusedEpilogue> : &w4k<T4, 32, PlainEpilogue>, P);
     } else {
       if (!make_maps<T8>(P, false, &e)) throw std::runtime_error(e);
       emu::launch(dim3((N + 127) / 128, (M + 63) / 64), dim3(T8::THREADS), sm90_smem_bytes(64, 128, 6, false), o,
-                  &w8k<T8>, P);
+                  fused ? &w8k<T8, FusedEpilogue> : &w8k<T8, PlainEpilogue>, P);
     }
   } catch (const std::exception& ex) {
     std::strncpy(err, ex.what(), errlen - 1);
@@ -64,12 +73,15 @@ extern "C" int run(int w4, int M, int N, int K, const void* a, const float* sa, 
 }
 """
 
+# name -> (original text, mutated text, W4 kernel?, fused epilogue?): the run that must catch it
 MUTANTS = {
     "early_release": ("if (kt > 0) ptx::mbarrier_arrive(ring.empty + (kt - 1) % T::STAGES);",
-                      "ptx::mbarrier_arrive(ring.empty + kt % T::STAGES);"),
-    "fold_in_flight": ("else ptx::wgmma_wait_group<1>();", "else ptx::wgmma_wait_group<2>();"),
+                      "ptx::mbarrier_arrive(ring.empty + kt % T::STAGES);", 0, 0),
+    "fold_in_flight": ("else ptx::wgmma_wait_group<1>();", "else ptx::wgmma_wait_group<2>();", 1, 0),
     "short_expect_tx": ("ptx::mbarrier_arrive_expect_tx(ring.full + s, Ring<T, W4>::TX);",
-                        "ptx::mbarrier_arrive_expect_tx(ring.full + s, Ring<T, W4>::TX - 16);"),
+                        "ptx::mbarrier_arrive_expect_tx(ring.full + s, Ring<T, W4>::TX - 16);", 0, 0),
+    "w8_bypasses_policy": ("epi.store(p, m, n, y);", "store_pair(p, m, n, y);", 0, 1),
+    "w4_unshuffled_pair": ("epi.store(p, m, n_pair, pair);", "epi.store(p, m, n_pair, y);", 1, 1),
 }
 
 
@@ -80,7 +92,7 @@ def _build(tmp, mutant):
     src = tmp / (mutant or "clean")
     shutil.copytree(CSRC, src)
     if mutant:
-        old, new = MUTANTS[mutant]
+        old, new = MUTANTS[mutant][:2]
         text = (src / "gemm_sm90.cuh").read_text()
         assert text.count(old) == 1, f"{old!r} is not (once) in csrc/gemm_sm90.cuh: update the mutant"
         (src / "gemm_sm90.cuh").write_text(text.replace(old, new))
@@ -103,38 +115,46 @@ def _inputs(w4):
     else:
         w = random_int8(n, k, generator=g)
         sw = torch.rand(n, generator=g) * 0.01 + 1e-4
-    return m, n, k, a, sa.float(), w, sw.float()
+    gate = torch.randn(m // 3, n, generator=g) * 2  # one gate row per 3 rows (M = 33)
+    residual = torch.randn(m, n, generator=g) * 3
+    return m, n, k, a, sa.float(), w, sw.float(), gate, residual
 
 
-def _run(lib, w4, landing):
-    m, n, k, a, sa, w, sw = _inputs(w4)
+def _run(lib, w4, fused, landing):
+    m, n, k, a, sa, w, sw, gate, residual = _inputs(w4)
     out = torch.full((m, n), float("nan"))
     err = ctypes.create_string_buffer(2000)
     ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    rc = lib.run(w4, m, n, k, ptr(a), ptr(sa), ptr(w), ptr(sw), ptr(out), landing, err, 2000)
+    rc = lib.run(w4, fused, m, n, k, ptr(a), ptr(sa), ptr(w), ptr(sw), ptr(gate), ptr(residual), ptr(out), landing,
+                 err, 2000)
     return out, (err.value.decode() if rc else None)
+
+
+RUNS = [(w4, fused, landing) for w4 in (0, 1) for fused in (0, 1) for landing in (0, 1)]
 
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     lib = _build(tmp_path_factory.mktemp("sm90_clean"), None)
-    return {(w4, landing): _run(lib, w4, landing) for w4 in (0, 1) for landing in (0, 1)}
+    return {run: _run(lib, *run) for run in RUNS}
 
 
 def test_clean_build_runs(clean):
-    for (w4, landing), (out, err) in clean.items():
+    for (w4, fused, landing), (out, err) in clean.items():
         assert err is None, err
         assert not torch.isnan(out).any()
+    for w4 in (0, 1):  # the fused probe applies its pieces: its results are not the plain ones
+        assert not torch.equal(clean[(w4, 1, 0)][0], clean[(w4, 0, 0)][0])
 
 
 @pytest.mark.parametrize("mutant", sorted(MUTANTS))
 def test_mutant_is_caught(clean, mutant, tmp_path):
     lib = _build(tmp_path, mutant)
-    w4 = 1 if mutant == "fold_in_flight" else 0
+    w4, fused = MUTANTS[mutant][2:]
     caught = []
     for landing in (0, 1):
-        out, err = _run(lib, w4, landing)
-        caught.append(err or (None if torch.equal(out, clean[(w4, landing)][0]) else "wrong results"))
+        out, err = _run(lib, w4, fused, landing)
+        caught.append(err or (None if torch.equal(out, clean[(w4, fused, landing)][0]) else "wrong results"))
     print(f"\n{mutant}: issue-landing {caught[0]!s:.300}\n{mutant}: lazy-landing {caught[1]!s:.300}")
     assert any(caught), f"{mutant}: not caught in either landing mode"
     if mutant == "early_release":
