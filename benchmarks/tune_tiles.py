@@ -208,7 +208,7 @@ class CudaFamily:
     def candidates(self, bucket: int) -> List[Dict]:
         out = []
         for t in self.tile_ids:
-            for s in ((None,) if t >= 100 else self.splits):  # the Hopper kernels do not split K
+            for s in self.splits:  # Hopper ids too: gemm_sm90.cuh splits K
                 out.append({"tile": t, "splits": s})
         return out[:self.max_candidates]
 
@@ -242,11 +242,16 @@ class CudaFamily:
 
     def ctas(self, cfg, m, n, k) -> int:
         tile = self.auto_tile(m) if cfg["tile"] is None else cfg["tile"]
+        if cfg["tile"] is None and cfg["splits"] not in (None, 1):  # a forced count with no tile: mma.sync
+            tile = self.cb.gemm_pick_tile(self.arch, m, self.bits == 4)
         bm, bn, bk = self.tile_shape(tile)
         ctas = math.ceil(m / bm) * math.ceil(n / bn)
-        if tile >= 100:
-            return ctas
         splits = cfg["splits"]
+        if tile >= 100:
+            if splits is None:  # sm90_auto_splits of configs/gemm_tiles_sm90.h: as many as fit one wave
+                units = math.ceil(k / max(self.group or 0, bk))
+                splits = 1 if ctas >= self.sms else max(1, min(self.sms // ctas, 16, units))
+            return ctas * splits
         if splits is None:  # auto_splits of csrc/gemm_tiles.cpp: two waves of CTAs, at most 16, at most the k units
             units = math.ceil(k / max(self.group or 0, bk))
             splits = max(1, min(math.ceil(2 * self.sms / ctas), 16, units))

@@ -26,9 +26,10 @@ void w4_kernel(Sm90Params P) {
   gemm_w4a8_sm90_body<T, G, Epi>(P, smem);
 }
 
-// The buffers are the mma.sync kernels' list (gemm::buffers: a, scales, w, bias, out, and for the fused policy
-// gate / residual / out_scale with an int8 out); a Hopper problem never splits K, so no workspace. The weight
-// buffer is what the TMA map covers: a box past N or K is zero-filled, never read.
+// The buffers are the mma.sync kernels' list (gemm::buffers: a, scales, w, bias, out, for the fused policy
+// gate / residual / out_scale with an int8 out, and with split-K the counters and the workspace, BM x BN words
+// per tile and split as the Hopper reduction indexes it). The weight buffer is what the TMA map covers: a box
+// past N or K is zero-filled, never read.
 template <class T, class WOp, class Epi, class Kernel>
 void emulate(Kernel kernel, const GemmParams& p) {
   constexpr bool w4 = WOp::kGrouped;
@@ -36,7 +37,7 @@ void emulate(Kernel kernel, const GemmParams& p) {
   P.p = p;
   std::string error;
   if (!make_maps<T>(P, w4, &error)) throw std::invalid_argument("ditq: " + error);
-  const dim3 grid((p.N + T::BN - 1) / T::BN, (p.M + T::BM - 1) / T::BM, 1);
+  const dim3 grid((p.N + T::BN - 1) / T::BN, (p.M + T::BM - 1) / T::BM, p.splits);  // z: split-K
   const std::string fused = std::is_same_v<Epi, FusedEpilogue> ? "_fused" : "";
   const std::string name = (w4 ? "gemm_w4a8_sm90" + fused + "<G=" + std::to_string(WOp::kGroup) + ", "
                                : "gemm_w8a8_sm90" + fused + "<") +

@@ -121,10 +121,24 @@ inline int resolve_splits(int64_t splits, int tile, int group, const GemmParams&
   return static_cast<int>(splits);
 }
 
+// The split-K workspace and counters of a launch with p.splits > 1 on tiles of bm x bn (mma.sync or Hopper: the
+// kernels index it the same way, BM x BN words per output tile and split): counters zeroed (the kernels leave
+// them zeroed), the workspace poisoned under the emulator (a partial read before it is stored shows).
+inline void alloc_splits(GemmParams& p, const at::Tensor& a, int bm, int bn, bool emulated, at::Tensor& counters,
+                         at::Tensor& workspace) {
+  if (p.splits <= 1) return;
+  const int64_t tm = (p.M + bm - 1) / bm, tn = (p.N + bn - 1) / bn;
+  counters = at::zeros({tm * tn}, a.options().dtype(at::kInt));
+  workspace = at::empty({p.splits * tm * bm * tn * bn}, a.options().dtype(at::kInt));
+  if (emulated) workspace.fill_(-1);
+  p.counters = counters.data_ptr<int>();
+  p.workspace = reinterpret_cast<uint32_t*>(workspace.data_ptr<int>());
+}
+
 // ---- Hopper (sm_90a) dispatch: csrc/gemm_sm90.cuh ------------------------------------------------------------
-// The Hopper kernels run a problem when asked for by tile id (kSm90TileBase + i), or automatically (tile and
-// split count automatic, or splits = 1) on an sm_90 GPU this build has sm_90a code for, or in the emulator under
-// emulator_options(arch="sm_90a"), when they accept it (TMA's alignment rules, sm90_accepts) and the table has
+// The Hopper kernels run a problem when asked for by tile id (kSm90TileBase + i, with any split count), or
+// automatically (tile and split count automatic, or splits = 1) on an sm_90 GPU this build has sm_90a code for,
+// or in the emulator under emulator_options(arch="sm_90a"), when they accept it (TMA's alignment rules, sm90_accepts) and the table has
 // a Hopper tile for the M bucket. Anything else runs the mma.sync kernels, which also run on sm_90.
 // The same rule holds for the plain GEMMs and for the fused ones with an int8 a (the Hopper kernels carry
 // FusedEpilogue too: gemm_sm90_fused.cu); a fused GEMM with a float a always runs the mma.sync float-A kernel
@@ -135,9 +149,7 @@ inline int sm90_tile_for(const char* op, const GemmParams& p, bool w4, int64_t t
   const bool accepts = ditq::gemm::sm90_accepts(p.K, w4, reinterpret_cast<uintptr_t>(p.a),
                                                 reinterpret_cast<uintptr_t>(p.w));
   if (tile >= ditq::gemm::kSm90TileBase) {
-    resolve_tile(tile, arch, p.M, w4);  // checks the id
-    TORCH_CHECK_VALUE(splits < 0 || splits == 1, op, ": the Hopper tiles do not split K (splits must be 1 or "
-                      "automatic), got splits = ", splits);
+    resolve_tile(tile, arch, p.M, w4);  // checks the id (the split count: run_sm90)
     TORCH_CHECK_VALUE(accepts, op, ": the Hopper tiles load by TMA, which needs 16-byte aligned rows and K % 16 "
                       "== 0 (K = ", p.K, ")");
     if (!emulated) {
@@ -156,18 +168,31 @@ inline int sm90_tile_for(const char* op, const GemmParams& p, bool w4, int64_t t
   return i < 0 ? -1 : ditq::gemm::kSm90TileBase + i;
 }
 
-// Allocates y, launches (or emulates) the Hopper tile `t` and checks the launch. No split-K. `fused`: the
-// FusedEpilogue instantiation (p.fused filled in); out_dtype is then int8 when p.fused.out_scale is set.
+// Allocates y (and the split-K workspace), launches (or emulates) the Hopper tile `t` and checks the launch.
+// splits < 0: automatic (sm90_auto_splits, configs/gemm_tiles_sm90.h); else 1 .. the k units of the tile.
+// `fused`: the FusedEpilogue instantiation (p.fused filled in; it runs once, in the last CTA of a split tile);
+// out_dtype is then int8 when p.fused.out_scale is set.
 inline at::Tensor run_sm90(const char* op, GemmParams p, const at::Tensor& a, at::ScalarType out_dtype, int group,
-                           int t, bool emulated, bool fused) {
+                           int t, int64_t splits, int sm_count, bool emulated, bool fused) {
   const int i = t - ditq::gemm::kSm90TileBase;
   int s[7];
   ditq::gemm::sm90_tile_shape(i, group > 0, s);
   TORCH_CHECK_VALUE((p.M + s[0] - 1) / s[0] <= 65535, op, ": M = ", p.M, " needs more than 65535 row tiles of ",
                     s[0], " (the launch grid's y limit); split the batch");
-  p.splits = 1;
+  const int units = ditq::gemm::sm90_k_units(group, p.K);
+  if (splits < 0) {
+    const int64_t ctas = static_cast<int64_t>((p.M + s[0] - 1) / s[0]) * ((p.N + s[1] - 1) / s[1]);
+    p.splits = ditq::gemm::sm90_auto_splits(ctas, units, sm_count);
+  } else {
+    TORCH_CHECK_VALUE(splits >= 1 && splits <= units, op, ": split-K count must be in [1, ", units, "] (the "
+                      "number of k units of ", group > 128 ? group : 128, " for the Hopper tiles at K = ", p.K,
+                      "), got ", splits);
+    p.splits = static_cast<int>(splits);
+  }
   at::Tensor y = at::empty({p.M, p.N}, a.options().dtype(out_dtype));
   p.out = y.data_ptr();
+  at::Tensor counters, workspace;
+  alloc_splits(p, a, s[0], s[1], emulated, counters, workspace);
   if (emulated) {
     // poison: an unwritten element shows as NaN (-128 for int8: never a quantizer output)
     if (out_dtype == at::kChar) y.fill_(-128);
@@ -226,7 +251,7 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
   if (!float_a) {
     const int hopper = sm90_tile_for(op, p, group > 0, tile, splits, emulated ? ditq::emulated_gemm_arch() : arch,
                                      emulated);
-    if (hopper >= 0) return run_sm90(op, p, a, out_dtype, group, hopper, emulated, fused);
+    if (hopper >= 0) return run_sm90(op, p, a, out_dtype, group, hopper, splits, sm_count, emulated, fused);
   }
   if (float_a) {
     const int ft = ditq::gemm::float_a_tile(group > 0);
@@ -245,20 +270,15 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
   at::Tensor y = at::empty({p.M, p.N}, a.options().dtype(out_dtype));
   p.out = y.data_ptr();
   at::Tensor counters, workspace;
-  if (p.splits > 1) {
+  {
     int s[7];
     ditq::gemm::tile_shape(t, s);
-    const int64_t tm = (p.M + s[0] - 1) / s[0], tn = (p.N + s[1] - 1) / s[1];
-    counters = at::zeros({tm * tn}, a.options().dtype(at::kInt));
-    workspace = at::empty({p.splits * tm * s[0] * tn * s[1]}, a.options().dtype(at::kInt));
-    p.counters = counters.data_ptr<int>();
-    p.workspace = reinterpret_cast<uint32_t*>(workspace.data_ptr<int>());
+    alloc_splits(p, a, s[0], s[1], emulated, counters, workspace);
   }
   if (emulated) {
     // poison: an unwritten element shows as NaN (-128 for int8: never a quantizer output)
     if (int8_out) y.fill_(-128);
     else y.fill_(std::numeric_limits<float>::quiet_NaN());
-    if (p.splits > 1) workspace.fill_(-1);
     if (float_a) {
       ditq::gemm_fused_float_a_emulated({p, group, t, true, out_dtype_of(a.scalar_type())});
     } else if (fused) {

@@ -16,7 +16,8 @@
 // ---- The ring: STAGES x (activation tile, weight tile), full[STAGES] and empty[STAGES] mbarriers -------------
 // full[s]:  count 1. The producer arrives with expect_tx(tile bytes); the TMA loads complete_tx the same
 //           bytes (a box past the matrix edge is zero-filled and still counts its full size), so the phase
-//           completes when both tiles have landed. Consumers wait on parity (kt / STAGES) & 1.
+//           completes when both tiles have landed. Consumers wait on parity (kt / STAGES) & 1 (kt: the CTA's
+//           local k tile index, 0 for its first tile: see Split-K).
 // empty[s]: count 128 * CONSUMERS: every consumer thread arrives once its wgmmas reading stage s are retired
 //           (wgmma_wait_group). The producer waits on parity ((kt / STAGES) & 1) ^ 1 before refilling stage
 //           s: for the first round that is the phase "before" the barrier's first, complete at once.
@@ -66,6 +67,30 @@
 // the unit in flight (each k32 step of a stage has its own, and a stage has at least two units): a wgmma's
 // registers must not change until it completes.
 //
+// ---- Split-K --------------------------------------------------------------------------------------------------
+// At batch 1 a DiT layer has too few output tiles for the SMs (M = 512, N = 1152: 36 tiles of 128 x 128 on 132
+// SMs). gridDim.z = p.splits splits the k tiles into whole units as gemm.cuh does (units of BK = 128 k for W8;
+// for W4 max(G, BK) k, so a group never straddles two splits and every split's last stage ends a group): CTA z
+// walks k tiles kt0 .. kt0 + KT - 1 (k_range). Producer and consumers index the ring by the local tile index
+// 0 .. KT - 1, so stages and mbarrier parities restart at every split exactly as for a whole-K CTA; only the
+// producer's TMA coordinates add kt0, and W4 counts its groups from the split's first one (a row offset of the
+// scales), so the consumers' main loops are the unsplit ones (no extra work per k tile).
+// After the main loop each consumer thread stores its accumulators (W8: BN / 2 int32; W4: BM / 2 fp32 sums of
+// whole groups) to the workspace and fences; the last CTA of the output tile to arrive (an atomic counter per
+// tile, reset to zero by that CTA) reloads every split's partial, adds them in split order 0..S-1 and runs the
+// epilogue once. W8 partials are int32: identical bits for every split count; W4 partials are added in a fixed
+// order: fixed bits for a given count. The reduction is gemm.cuh's reduce_splits on a flat accumulator array
+// (reduce_splits_flat below; the binding sizes workspace and counters as for the mma.sync tiles).
+// The count needs two block-wide barriers, and the producer warpgroup returns early in the unsplit kernel
+// (after setmaxnreg). A __syncthreads waiting on exited threads is undefined (the emulator reports it), so
+// with splits > 1 the producer warpgroup stays alive: its idle threads go straight to the reduction's barriers,
+// its issuing thread after its last TMA load, and thread 0 (that issuing thread, which holds no accumulators)
+// does the atomic count. That keeps every barrier a plain __syncthreads; a named barrier over the consumers
+// alone (bar.sync id, 128 * CONSUMERS) would need a new ptx.cuh instruction with an emulated twin, for two
+// barriers per CTA. The flag the count hands the block goes through the ring's first word: by the first
+// barrier every TMA load has landed (consumers waited on every full phase) and every wgmma / ldmatrix reading
+// the ring has retired.
+//
 // ---- Epilogue -------------------------------------------------------------------------------------------------
 // A policy, as in gemm.cuh (template parameter Epi of both bodies): PlainEpilogue (gemm_w8a8 / gemm_w4a8: cast
 // and store) or FusedEpilogue (gemm_*_fused with an int8 a: GELU, gate, residual, int8 output for the next
@@ -82,6 +107,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "gemm.cuh"
 #include "configs/gemm_tiles_sm90.h"
@@ -126,9 +153,10 @@ struct Ring {
 static_assert(sm90_smem_bytes(64, 128, 2, false) == 2 * (64 + 128) * 128 + 32, "smem formula and Ring agree");
 
 // The producer warpgroup: gives its registers to the consumers, then thread 0 issues every TMA load (two boxes
-// per stage, both completing on the stage's full barrier). Returns for every producer thread.
+// per stage, both completing on the stage's full barrier) of the CTA's k tiles kt0..kt0 + KT - 1. Stages and
+// parities follow the local index kt, as the consumers' do. Returns for every producer thread.
 template <class T, bool W4>
-DITQ_DEVICE void produce(const Sm90Params& P, const Ring<T, W4>& ring, int m0, int n0, int KT) {
+DITQ_DEVICE void produce(const Sm90Params& P, const Ring<T, W4>& ring, int m0, int n0, int kt0, int KT) {
   ptx::setmaxnreg_dec<kProducerRegs>();
   if (threadIdx.x != 0) return;
   for (int kt = 0; kt < KT; ++kt) {
@@ -136,8 +164,8 @@ DITQ_DEVICE void produce(const Sm90Params& P, const Ring<T, W4>& ring, int m0, i
     const uint32_t round = static_cast<uint32_t>(kt / T::STAGES);
     ptx::mbarrier_wait_parity(ring.empty + s, (round & 1u) ^ 1u);  // round 0: passes at once
     ptx::mbarrier_arrive_expect_tx(ring.full + s, Ring<T, W4>::TX);
-    ptx::tma_load_2d(ring.a_stage(s), &P.a_map, kt * T::BK, m0, ring.full + s);
-    ptx::tma_load_2d(ring.w_stage(s), &P.w_map, kt * (W4 ? T::BK / 2 : T::BK), n0, ring.full + s);
+    ptx::tma_load_2d(ring.a_stage(s), &P.a_map, (kt0 + kt) * T::BK, m0, ring.full + s);
+    ptx::tma_load_2d(ring.w_stage(s), &P.w_map, (kt0 + kt) * (W4 ? T::BK / 2 : T::BK), n0, ring.full + s);
   }
 }
 
@@ -161,6 +189,86 @@ DITQ_DEVICE uint64_t desc_sw128(const uint8_t* tile, int ks) {
   return ptx::wgmma_smem_desc(tile + 32 * ks, ptx::WgmmaSwizzle::B128, 16, 1024);
 }
 
+// ---- Split-K (see the top of the file) --------------------------------------------------------------------------
+// This CTA's k tiles [kt0, kt0 + count): split blockIdx.z of p.splits over whole units of UNIT_TILES k tiles, as
+// gemm.cuh's gemm_body (a W4 group never straddles two splits). One split: [0, KT).
+struct KRange {
+  int kt0, count;
+};
+template <int UNIT_TILES>
+DITQ_DEVICE KRange k_range(int K, int splits) {
+  const int KT = (K + kSm90BK - 1) / kSm90BK;  // the last k tile may be partial (zero-filled by TMA)
+  const int units = (KT + UNIT_TILES - 1) / UNIT_TILES;
+  const int z = static_cast<int>(blockIdx.z);
+  const int kt0 = (z * units / splits) * UNIT_TILES, end = ((z + 1) * units / splits) * UNIT_TILES;
+  return {kt0, (end < KT ? end : KT) - kt0};
+}
+
+// Workspace word of element e of split zz's partial, for consumer thread ct (0 .. 128 * CONSUMERS - 1) of this
+// output tile: consecutive threads store consecutive words. E words per thread, so a tile holds
+// E * 128 * CONSUMERS = BM * BN words (the binding sizes the workspace as for the mma.sync tiles).
+template <class T, int E>
+DITQ_DEVICE int64_t split_word(int zz, int e, int ct) {
+  const int64_t tiles = static_cast<int64_t>(gridDim.x) * gridDim.y;
+  const int64_t tile = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  return ((zz * tiles + tile) * E + e) * (128 * T::CONSUMERS) + ct;
+}
+
+// Every thread of the block, once every consumer has stored its partial and fenced: thread 0 (the producer's
+// issuing thread) counts the CTA in; true in every thread of the last CTA of the output tile to arrive. The
+// flag goes through the first word of the ring: by the first barrier every TMA load has landed (consumers
+// waited on every full phase) and every wgmma / ldmatrix reading the ring has retired.
+DITQ_DEVICE bool last_split(const GemmParams& p, uint8_t* smem) {
+  __syncthreads();  // every consumer's partial stored and fenced
+  int* flag = reinterpret_cast<int*>(smem);
+  if (threadIdx.x == 0) {
+    const int64_t tile = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+    const int last = ptx::atomic_add_gpu(p.counters + tile, 1) == p.splits - 1;
+    if (last) ptx::st_global(p.counters + tile, 0);  // leave the counters zeroed for the next launch
+    ptx::st_shared(flag, last);
+  }
+  __syncthreads();
+  return ptx::ld_shared(flag) != 0;
+}
+
+// A consumer thread's part of the reduction: store its E partial sums (int32 for W8, fp32 for W4), then, in the
+// last CTA, replace them with the sum of every split's partial in split order 0..S-1 (so the float result never
+// depends on which CTA arrives last; int32 sums wrap as the wgmma accumulates). False: not the last CTA.
+// gemm.cuh's reduce_splits with a flat accumulator array and the split loop outside: one split's E loads are
+// independent, so they are all in flight at once instead of S dependent loads per element.
+template <class T, int E, class V>
+DITQ_DEVICE bool reduce_splits_flat(const GemmParams& p, V (&v)[E], int ct, uint8_t* smem) {
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    uint32_t b;
+    std::memcpy(&b, &v[e], 4);
+    ptx::st_global(p.workspace + split_word<T, E>(static_cast<int>(blockIdx.z), e, ct), b);
+  }
+  ptx::fence_gpu();  // release: the partial is visible before this CTA is counted
+  if (!last_split(p, smem)) return false;
+  ptx::fence_gpu();  // acquire: the other CTAs' partials
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    const uint32_t b = ptx::ld_cg(p.workspace + split_word<T, E>(0, e, ct));
+    std::memcpy(&v[e], &b, 4);
+  }
+#pragma unroll 1  // S is small and runtime
+  for (int zz = 1; zz < p.splits; ++zz) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const uint32_t b = ptx::ld_cg(p.workspace + split_word<T, E>(zz, e, ct));
+      if constexpr (std::is_same_v<V, float>) {
+        float f;
+        std::memcpy(&f, &b, 4);
+        v[e] = __fadd_rn(v[e], f);
+      } else {
+        v[e] = static_cast<int32_t>(static_cast<uint32_t>(v[e]) + b);
+      }
+    }
+  }
+  return true;
+}
+
 // ---- W8A8 -----------------------------------------------------------------------------------------------------
 template <class T, class Epi = PlainEpilogue>
 DITQ_DEVICE void gemm_w8a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
@@ -169,10 +277,15 @@ DITQ_DEVICE void gemm_w8a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   const GemmParams& p = P.p;
   const Ring<T, false> ring(smem);
   const int m0 = static_cast<int>(blockIdx.y) * T::BM, n0 = static_cast<int>(blockIdx.x) * T::BN;
-  const int KT = (p.K + T::BK - 1) / T::BK;  // the last k tile may be partial (zero-filled by TMA)
+  const KRange kr = k_range<1>(p.K, p.splits);  // k tiles kt0.. of this split (all of K when p.splits == 1)
+  const int KT = kr.count;
   init_barriers<T, false>(P, ring);
   const int wg = static_cast<int>(threadIdx.x) / 128;
-  if (wg == 0) return produce<T, false>(P, ring, m0, n0, KT);
+  if (wg == 0) {
+    produce<T, false>(P, ring, m0, n0, kr.kt0, KT);
+    if (p.splits > 1) last_split(p, smem);  // the reduction's block barriers count every thread
+    return;
+  }
   ptx::setmaxnreg_inc<kConsumerRegs>();
 
   const int cw = wg - 1;  // consumer warpgroup: rows 64 cw.. of the tile
@@ -196,6 +309,7 @@ DITQ_DEVICE void gemm_w8a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   }
   ptx::wgmma_wait_group<0>();
   ptx::wgmma_fence_operands(acc);
+  if (p.splits > 1 && !reduce_splits_flat<T, T::BN / 2>(p, acc, static_cast<int>(threadIdx.x) - 128, smem)) return;
 
   // Epilogue: d[i] = row 16w + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2t + (i & 1) of this warpgroup's 64.
   const Epi epi(p);
@@ -241,11 +355,20 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   const GemmParams& p = P.p;
   const Ring<T, true> ring(smem);
   const int m0 = static_cast<int>(blockIdx.y) * BM, n0 = static_cast<int>(blockIdx.x) * T::BN;
-  const int KT = (p.K + BK - 1) / BK;
-  const int ngroups = p.K / G;  // K % G == 0 (checked by the binding)
+  const KRange kr = k_range<(G > BK ? G / BK : 1)>(p.K, p.splits);  // whole groups per split
+  const int KT = kr.count;
+  // The split starts on a group boundary (whole units), so the main loop counts k and groups from the split's
+  // start, exactly as the unsplit kernel does from 0, and the split's first group row of scales is the base.
+  const int group0 = kr.kt0 * BK / G;
+  const int ngroups = p.K / G - group0;  // K % G == 0 (checked by the binding)
+  const float* const w_scale = p.w_scale + static_cast<int64_t>(group0) * p.N;
   init_barriers<T, true>(P, ring);
   const int wg = static_cast<int>(threadIdx.x) / 128;
-  if (wg == 0) return produce<T, true>(P, ring, m0, n0, KT);
+  if (wg == 0) {
+    produce<T, true>(P, ring, m0, n0, kr.kt0, KT);
+    if (p.splits > 1) last_split(p, smem);  // the reduction's block barriers count every thread
+    return;
+  }
   ptx::setmaxnreg_inc<kConsumerRegs>();
 
   const int cw = wg - 1;
@@ -271,7 +394,7 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   // filled rows) and no scale is read; groups past K (the zero-filled tail of the last stage) are skipped.
   auto fold = [&](const int32_t(&part)[BM / 2], int grp) {
     if (grp >= ngroups) return;
-    const float* srow = p.w_scale + static_cast<int64_t>(grp) * p.N;
+    const float* srow = w_scale + static_cast<int64_t>(grp) * p.N;
     const float s0 = ch0 < p.N ? __fmul_rn(ptx::ld_global(srow + ch0), 0.0625f) : 0.0f;  // exact: 2^-4
     const float s1 = ch1 < p.N ? __fmul_rn(ptx::ld_global(srow + ch1), 0.0625f) : 0.0f;
 #pragma unroll
@@ -287,7 +410,7 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
     ptx::mbarrier_wait_parity(ring.full + s, static_cast<uint32_t>(kt / T::STAGES) & 1u);
     const uint8_t* a_tile = ring.a_stage(s);
     const uint8_t* w_tile = ring.w_stage(s);
-    const int k0 = kt * BK;
+    const int k0 = kt * BK;  // from the split's first k (a group boundary): see w_scale above
 #pragma unroll
     for (int j = 0; j < UNITS; ++j) {
       // Everything about a unit's group is static: a stage starts on a group boundary when G <= BK, and
@@ -352,7 +475,8 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
       }
     }
   }
-  ptx::wgmma_wait_group<0>();  // nothing is in flight here (the last stage ends a group: K % G == 0)
+  ptx::wgmma_wait_group<0>();  // nothing is in flight here (a split's last stage ends a group: K % G == 0)
+  if (p.splits > 1 && !reduce_splits_flat<T, BM / 2>(p, facc, static_cast<int>(threadIdx.x) - 128, smem)) return;
 
   // Epilogue, transposed: element i is channel 16w + g + 8 ((i >> 1) & 1), activation row 8 (i >> 2) + 2t + (i & 1).
   // A lane holds channel n for rows r, r + 1; lane ^ 4 holds channel n ^ 1 for the same rows. One shuffle per

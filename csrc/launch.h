@@ -129,7 +129,8 @@ const char* gemm_fused_float_a_cuda(const GemmArgs& args, void* stream);
 void gemm_fused_float_a_emulated(const GemmArgs& args);
 
 // ---- Hopper int8 GEMMs (csrc/gemm_sm90.cuh, TMA + wgmma): GemmArgs.tile is an index into the sm90 lists of
-// configs/gemm_tiles_sm90.h (the binding strips kSm90TileBase); params.splits must be 1 (no split-K).
+// configs/gemm_tiles_sm90.h (the binding strips kSm90TileBase). Split-K as above (gridDim.z = params.splits;
+// workspace of BM x BN words per output tile and split, units of max(G, 128) k).
 const char* gemm_w8a8_sm90_cuda(const GemmArgs& args, void* stream);
 void gemm_w8a8_sm90_emulated(const GemmArgs& args);
 const char* gemm_w4a8_sm90_cuda(const GemmArgs& args, void* stream);

@@ -41,8 +41,8 @@ constexpr int kSm90TileBase = 100;  // tile ids >= this name the Hopper tables a
 constexpr int kSm90BK = 128;
 
 // Which Hopper tile runs a problem of M rows: the first rule with max_m >= M (-1 = any M). An entry of -1 for
-// a family hands that bucket to the mma.sync kernels (e.g. when split-K on the sm_80 path would serve a
-// memory-bound bucket better; the Hopper kernels do not split K).
+// a family hands that bucket to the mma.sync kernels (e.g. when the sm_80 path would serve a memory-bound
+// bucket better). The Hopper kernels split K too (sm90_auto_splits below picks the count).
 struct Sm90TileRule {
   int max_m;
   int w8_tile;  // index into DITQ_GEMM_SM90_W8_TILES, or -1
@@ -74,6 +74,32 @@ constexpr int sm90_smem_bytes(int bm, int bn, int stages, bool w4) {
   // stage's tiles are multiples of 1024 bytes), then the full / empty mbarriers.
   return stages * (bm * kSm90BK + bn * (w4 ? kSm90BK / 2 : kSm90BK)) + sm90_barrier_bytes(stages);
 }
+
+// Split-K (gemm_sm90.cuh): blockIdx.z of `splits` sums whole k units: BK = 128 k for W8, max(G, BK) for W4 (a
+// group never straddles two splits), so at most this many splits.
+constexpr int sm90_k_units(int group_size, int64_t K) {
+  const int64_t unit = group_size > kSm90BK ? group_size : kSm90BK;
+  return static_cast<int>((K + unit - 1) / unit);
+}
+
+// The automatic split count of a Hopper launch of `ctas` output tiles on `sm_count` SMs. A Hopper CTA takes a
+// whole SM (one per SM: __launch_bounds__(THREADS, 1), and setmaxnreg hands the consumers the register file),
+// so a grid of ctas < sm_count tiles leaves SMs idle for the whole kernel. Rule: no split once the tiles fill
+// a wave; below that, the largest count whose ctas * splits CTAs still fit in one wave (at most the k units,
+// at most 16). Not the smallest count reaching a wave: 36 tiles x 4 = 144 CTAs on 132 SMs is two waves of a
+// quarter of K each (time ~ 2 / 4), where 3 splits is one wave of a third (~ 1 / 3). The reduction's cost
+// (every split stores BM x BN words, the last CTA reads them back) is not modelled: the tuning run
+// (benchmarks/tune_tiles.py) times forced counts against this choice.
+constexpr int sm90_auto_splits(int64_t ctas, int units, int sm_count) {
+  if (ctas <= 0 || ctas >= sm_count) return 1;
+  int64_t s = sm_count / ctas;
+  if (s > 16) s = 16;
+  if (s > units) s = units;
+  return s < 1 ? 1 : static_cast<int>(s);
+}
+static_assert(sm90_auto_splits(36, 9, 132) == 3 && sm90_auto_splits(108, 9, 132) == 1 &&
+              sm90_auto_splits(144, 36, 132) == 1 && sm90_auto_splits(9, 36, 132) == 14 &&
+              sm90_auto_splits(9, 2, 132) == 2, "sm90_auto_splits: the documented rule");
 
 // Whether the Hopper kernels can take a problem; when not, the mma.sync kernels (which also run on sm_90) do.
 // TMA needs 16-byte aligned global bases and row strides that are multiples of 16 bytes: K bytes for A and

@@ -406,8 +406,8 @@ def test_sm90_pieces_exact(cid, group, tile):
     with emulator_options(race_check=True):
         y1 = p1.plain(torch.float32, tile, 1)
         y18 = p18.plain(torch.float32, tile, 1)
-        none32 = p1.fused(out_dtype=torch.float32, tile=tile)
-        none16 = p1.fused(out_dtype=torch.float16, tile=tile)
+        none32 = p1.fused(out_dtype=torch.float32, tile=tile, splits=1)
+        none16 = p1.fused(out_dtype=torch.float16, tile=tile, splits=1)
         want16 = p1.plain(torch.float16, tile, 1)
     p1.assert_plain_exact(y1, what=f"{cid} plain M=1")
     p18.assert_plain_exact(y18, what=f"{cid} plain M=18")
@@ -418,15 +418,15 @@ def test_sm90_pieces_exact(cid, group, tile):
     gate1, res32 = p1.gate(1), p1.residual(torch.float32)
     scale = torch.tensor([0.04 + 0.01 * (i % 4)], dtype=torch.float32)
     with emulator_options(race_check=True):
-        got = p18.fused(False, gate6, res16, 6, None, torch.bfloat16, tile)
-        q = p1.fused(False, gate1, res32, 1, scale, torch.float32, tile)
+        got = p18.fused(False, gate6, res16, 6, None, torch.bfloat16, tile, 1)
+        q = p1.fused(False, gate1, res32, 1, scale, torch.float32, tile, 1)
     assert_equal(got, epilogue(y18, False, gate6, res16, 6, None, torch.bfloat16), f"{cid} gate6 + bf16 residual")
     assert_equal(q, epilogue(y1, False, gate1, res32, 1, scale), f"{cid} fp32 residual + int8 out")
 
     gate3, res18 = p18.gate(3), p18.residual(torch.float32)
     with emulator_options(race_check=True):
-        g32 = p18.fused(True, out_dtype=torch.float32, tile=tile)
-        gq = p18.fused(True, gate3, res18, 3, scale, torch.float32, tile)
+        g32 = p18.fused(True, out_dtype=torch.float32, tile=tile, splits=1)
+        gq = p18.fused(True, gate3, res18, 3, scale, torch.float32, tile, 1)
         mma_gq = p18.fused(True, gate3, res18, 3, scale, torch.float32, 0, 1)  # an mma.sync tile
     want = gelu_tanh(y18)
     assert bool(((g32.double() - want.double()).abs() <= _gelu_bound(y18, want, None).double()).all()), cid
@@ -436,17 +436,18 @@ def test_sm90_pieces_exact(cid, group, tile):
 
 def test_sm90_automatic_choice():
     """Under arch="sm_90a" the op's own choice (tile and splits automatic) runs the Hopper tile a plain call
-    would: its bits are the forced Hopper tile's. The W4 problem tells the two paths apart: the mma.sync
-    kernels would split K here (fp32 partials added in split order), and their bits differ."""
+    would: its bits are the forced Hopper tile's with its automatic split count. The W4 problem tells the two
+    paths apart: both split K here, in the same 128-k units, but into different counts (9 tiles of 64 channels:
+    the Hopper rule fits one wave, 14 splits; the mma.sync rule two, 16), so their fp32 bits differ."""
     for group in (None, 32):
-        pr = Problem(8, 70, 1024, group=group, seed=21)
-        gate, residual = pr.gate(4), pr.residual(torch.bfloat16)
+        pr = Problem(8, 576, 2048, group=group, seed=21)
+        gate, residual = pr.gate(4), pr.residual(torch.float32)
         forced = SM90_BASE  # M = 8: kSm90TileRules' first rule (M <= 16) picks Hopper tile 0, W8 and W4 alike
         with emulator_options(race_check=True, arch="sm_90a"):
-            auto = pr.fused(False, gate, residual, 4, None, torch.bfloat16)
+            auto = pr.fused(False, gate, residual, 4, None, torch.float32)
         with emulator_options(race_check=True):
-            hopper = pr.fused(False, gate, residual, 4, None, torch.bfloat16, forced, 1)
-            mma_split = pr.fused(False, gate, residual, 4, None, torch.bfloat16)  # sm_80: mma.sync, split-K
+            hopper = pr.fused(False, gate, residual, 4, None, torch.float32, forced)
+            mma_split = pr.fused(False, gate, residual, 4, None, torch.float32)  # sm_80: mma.sync, split-K
         assert_equal(auto, hopper, f"group {group}: automatic choice under sm_90a vs Hopper tile {forced}")
         if group is not None:
             assert not torch.equal(auto, mma_split), "the mma.sync split-K result is the same bits: no proof"
@@ -465,18 +466,18 @@ def test_sm90_fiber_orders_and_landing(order, seed, landing):
             y32 = pr.plain(torch.float32, tile, 1)
         gate, residual, scale = pr.gate(19), pr.residual(torch.float16), torch.tensor([0.1])
         with emulator_options(order=order, seed=seed, async_landing=landing, race_check=True):
-            got = pr.fused(False, gate, residual, 19, None, torch.float16, tile)
-            q = pr.fused(False, gate, residual, 19, scale, torch.float16, tile)
+            got = pr.fused(False, gate, residual, 19, None, torch.float16, tile, 1)
+            q = pr.fused(False, gate, residual, 19, scale, torch.float16, tile, 1)
         assert_equal(got, epilogue(y32, False, gate, residual, 19, None, torch.float16), f"tile {tile}")
         assert_equal(q, epilogue(y32, False, gate, residual, 19, scale), f"int8 tile {tile}")
 
 
 def test_sm90_binding_checks():
-    """A forced Hopper tile does not split K, must be in the table, and a float `a` (quantized on load, which
-    TMA cannot do) never runs one."""
+    """A forced Hopper tile splits K into at most its k units, must be in the table, and a float `a` (quantized on
+    load, which TMA cannot do) never runs one."""
     for group in (None, 64):
         pr = Problem(6, 8, 128, group=group, seed=9)
-        with pytest.raises(ValueError, match="do not split K"):
+        with pytest.raises(ValueError, match=r"split-K count must be in \[1, 1\]"):
             pr.fused(tile=SM90_BASE, splits=2)
         n_tiles = len(_sm90_tiles(group is not None))
         with pytest.raises(ValueError, match="is not in the Hopper"):

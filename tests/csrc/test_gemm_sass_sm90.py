@@ -10,8 +10,9 @@ W4A8 drains once per stage at most, where a group ends and its partial is folded
 csrc/gemm_sm90.cuh for why). ptxas must not serialize the wgmmas (its C7514 warning). The fused-epilogue
 instantiations (FusedEpilogue) pass the same checks, hold the pieces' own instructions (GELU's MUFU.EX2, the int8
 output's F2I), keep the plain kernel's main-loop wgmma, TMA, ldmatrix and wait work, and use no more registers
-than a consumer warpgroup gets from setmaxnreg. Registers, shared memory and the main loop's instructions per
-wgmma are printed (`pytest -s`) and kept in user_properties."""
+than a consumer warpgroup gets from setmaxnreg. The same kernels run every split-K count: the reduction (atomic
+count, fences, block barriers) is compiled in, after the main loop. Registers, shared memory and the main loop's
+instructions per wgmma are printed (`pytest -s`) and kept in user_properties."""
 import collections
 import os
 import re
@@ -158,6 +159,10 @@ def _check(compiled, epi, request, plain=None):
         else:
             assert waits[0] <= 1, f"{what}: the main loop drains more than once per stage: {dict(waits)}"
         assert lops["LDSM.16.M88.4"] + lops["LDSM.16.M88.2"] == (0 if kind == "w8" else 2 if kind != "w4g32" else 4)
+        # split-K (one kernel for every split count): the tile's atomic count and the gpu-scope fences are there,
+        # after the main loop, never in it
+        assert any(o.startswith("ATOMG") for o in ops) and any(o.startswith("MEMBAR") for o in ops), what
+        assert not any(o.startswith(("ATOMG", "MEMBAR", "BAR.SYNC")) for o in lops), f"{what}: split-K in the loop"
         # ptxas reports the launch's allocation; a consumer runs with kConsumerRegs after setmaxnreg, and every
         # register the code names must fit in that
         max_reg = _max_register(ins)

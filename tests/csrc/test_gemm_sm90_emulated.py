@@ -151,7 +151,7 @@ def test_sm90_tile_tables():
 
 def test_sm90_binding_checks():
     a, sa, w, sw, b = _inputs(4, 8, 64, seed=1)
-    with pytest.raises(ValueError, match="do not split K"):
+    with pytest.raises(ValueError, match="split-K count"):  # one k unit (split-K: test_gemm_sm90_splitk_emulated.py)
         _w8a8(a, sa, w, sw, b, torch.float32, BASE, splits=2)
     with pytest.raises(ValueError, match="Hopper W8A8 table"):
         _w8a8(a, sa, w, sw, b, torch.float32, BASE + len(W8_TILES))

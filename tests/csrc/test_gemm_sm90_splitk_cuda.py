@@ -1,0 +1,90 @@
+"""Split-K of the Hopper GEMMs (csrc/gemm_sm90.cuh) on a real sm_90 GPU, where the split CTAs of a tile really
+run at once and the fences and the atomic count matter: exact against the integer reference, W8 bit for bit
+equal to the unsplit kernel for every split count, W4 repeatable for one count, and equal to the emulator bit
+for bit. Includes DiT-XL/2's batch-1 shapes (M = 512), where the automatic choice splits K. Skipped without an
+sm_90 GPU and a build with sm_90a code; benchmarks/gpu_suite.sh runs them (pytest -m cuda)."""
+import pytest
+import torch
+
+from ditq import backends
+from ditq.format import WeightFormat
+from ditq.quant import reference as ref
+from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8, random_int4, random_int8
+
+pytestmark = pytest.mark.cuda
+BASE = 100  # kSm90TileBase, csrc/configs/gemm_tiles_sm90.h
+
+
+@pytest.fixture(scope="module")
+def cb():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an sm_90 GPU (H100 / H200)")
+    for name, dev in (("cuda", "cuda"), ("cuda-emulated", "cpu")):
+        reason = backends.unavailable_reason(name, dev)
+        if reason is not None:
+            pytest.skip(f"backend {name!r} unavailable on {dev}: {reason}")
+    from ditq.backends import cuda_backend
+    return cuda_backend
+
+
+def _inputs(m, n, k, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = random_int8(m, k, generator=g)
+    sa = (torch.rand(m, generator=g) * 0.02 + 1e-3).float()
+    b = (torch.randn(n, generator=g) * 4).float()
+    if group is None:
+        return a, sa, random_int8(n, k, low=-128, generator=g), (torch.rand(n, generator=g) * 0.01).float(), b
+    return a, sa, random_int4(n, k, generator=g), (torch.rand(k // group, n, generator=g) * 0.05).float(), b
+
+
+def _run(cb, backend, device, a, sa, w, sw, b, group, tile, splits, dtype=torch.float32):
+    be = backends.get_backend(backend, device)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    with cb.gemm_tile(tile, splits):
+        if device == "cuda":  # a NaN block of the output's size for the op's allocation to get back
+            torch.full((a.shape[0], w.shape[0]), float("nan"), dtype=dtype, device="cuda")
+        if group is None:
+            pw, ps = be.prepare_weight(WeightFormat(8), w, sw)
+            return torch.ops.ditq.gemm_w8a8(to(a), to(sa), to(pw), to(ps), to(b), dtype, backend).cpu()
+        pw, ps = be.prepare_weight(WeightFormat(4, group), ref.pack_int4(w), sw)
+        return torch.ops.ditq.gemm_w4a8(to(a), to(sa), to(pw), to(ps), to(b), group, dtype, backend).cpu()
+
+
+def _emulated(cb, *args):
+    from ditq.emulator import emulator_options
+    with emulator_options(arch="sm_90a"):
+        return _run(cb, "cuda-emulated", "cpu", *args)
+
+
+@pytest.mark.parametrize("tile", (BASE, BASE + 1, BASE + 2))
+def test_w8a8_sm90_splits_on_gpu(cb, tile):
+    for m, n, k in ((1, 9, 400), (512, 1152, 1152), (512, 1152, 4608)):
+        a, sa, w, sw, b = _inputs(m, n, k, None, seed=m + tile)
+        y1 = _run(cb, "cuda", "cuda", a, sa, w, sw, b, None, tile, 1)
+        assert_gemm_w8a8(y1, a, sa, w, sw, b, what=f"sm_90 W8A8 tile {tile} {(m, n, k)}")
+        for s in (2, 3, 4, 16, None):
+            if s == 16 and k < 16 * 128:
+                continue
+            y = _run(cb, "cuda", "cuda", a, sa, w, sw, b, None, tile, s)
+            assert torch.equal(y.view(torch.int32), y1.view(torch.int32)), f"tile {tile} {(m, n, k)} splits={s}"
+    a, sa, w, sw, b = _inputs(33, 67, 400, None, seed=tile)
+    for s in (3, None):
+        y = _run(cb, "cuda", "cuda", a, sa, w, sw, b, None, tile, s)
+        ye = _emulated(cb, a, sa, w, sw, b, None, tile, s)
+        assert torch.equal(y.view(torch.int32), ye.view(torch.int32)), f"tile {tile} splits={s}: GPU != emulator"
+
+
+@pytest.mark.parametrize("tile", (BASE, BASE + 1, BASE + 2))
+@pytest.mark.parametrize("group", (32, 64, 128, 256))
+def test_w4a8_sm90_splits_on_gpu(cb, tile, group):
+    for m, n, k in ((1, 9, 1024), (512, 1152, 1152 if group != 256 else 1280), (512, 1152, 4608)):
+        a, sa, q, ss, b = _inputs(m, n, k, group, seed=m + group + tile)
+        for s in (1, 3, None):
+            y = _run(cb, "cuda", "cuda", a, sa, q, ss, b, group, tile, s, torch.bfloat16)
+            assert_gemm_w4a8(y, a, sa, q, ss, group, b, what=f"sm_90 W4A8 g{group} tile {tile} {(m, n, k)} s={s}")
+            again = _run(cb, "cuda", "cuda", a, sa, q, ss, b, group, tile, s, torch.bfloat16)
+            assert torch.equal(y.view(torch.int16), again.view(torch.int16)), f"splits={s} is not repeatable"
+    a, sa, q, ss, b = _inputs(33, 67, 1024, group, seed=group + tile)
+    y = _run(cb, "cuda", "cuda", a, sa, q, ss, b, group, tile, 3)
+    ye = _emulated(cb, a, sa, q, ss, b, group, tile, 3)
+    assert torch.equal(y.view(torch.int32), ye.view(torch.int32)), f"g{group} tile {tile}: GPU != emulator"
