@@ -234,6 +234,30 @@ def cuda_tiles() -> Tuple[Dict[int, Tuple[int, ...]], List[Tuple[int, int, int, 
     return tiles, rules
 
 
+def sm90_tiles() -> Tuple[Dict[str, List[Tuple[int, ...]]], List[Tuple[int, int, int]]]:
+    """({"w8": [(BM, BN, STAGES, CONSUMERS)], "w4": [...]} in list order, [(max_m, w8 index, w4 index)]) from
+    csrc/configs/gemm_tiles_sm90.h: the Hopper tiles and the rules that pick them."""
+    path = os.path.join(CSRC, "configs", "gemm_tiles_sm90.h")
+    if not os.path.exists(path):
+        return {"w8": [], "w4": []}, []
+    text = open(path).read()
+    w8_text, w4_text = text.split("#define DITQ_GEMM_SM90_W4_TILES", 1)
+    entry = r"X\((\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\)"
+    tiles = {name: [tuple(int(v) for v in r[1:]) for r in re.findall(entry, part.split("namespace", 1)[0])]
+             for name, part in (("w8", w8_text.split("#define DITQ_GEMM_SM90_W8_TILES", 1)[-1]), ("w4", w4_text))}
+    rules = [tuple(int(v) for v in r) for r in re.findall(r"\{\s*(-?\d+),\s*(-?\d+),\s*(-?\d+)\s*\}",
+                                                        text.split("kSm90TileRules[]", 1)[-1].split(";", 1)[0])]
+    return tiles, rules
+
+
+def sm90_auto_splits(ctas: int, units: int, sms: int) -> int:
+    """The Hopper kernels' automatic split-K count (csrc/configs/gemm_tiles_sm90.h, sm90_auto_splits): none once
+    the tiles fill a wave, else the most splits that still fit in one wave, at most 16 and the k units."""
+    if ctas <= 0 or ctas >= sms:
+        return 1
+    return max(1, min(sms // ctas, 16, units))
+
+
 def _cuda_kernel_meta(demangled: str, tiles) -> Optional[Dict]:
     h = re.search(r"Sm90Tile<(\d+), ?(\d+), ?(\d+), ?(\d+)>(?:, ?(\d+))?", demangled)  # gemm_sm90.cuh
     if h:
@@ -403,6 +427,7 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
     from ditq.kernels import w4a8
 
     tiles, rules = cuda_tiles()
+    h_tiles, sm90_rules = sm90_tiles()
     ok = {(r["family"], r["kernel"], r.get("BM"), r.get("BN"), r.get("BK")): r
           for r in rows if r.get("status") == "ok" and r["arch"] == "sm90"}
     out = []
@@ -428,31 +453,44 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
                     e = config_table.params(config_table.pick(config_table.load_table(kern, "sm90"), m))
                     if bits == 4:
                         e = w4a8.fit_config(e, W4_GROUP)  # BK and by_group at this group size, as launched
-                    cands.append(("triton", impl, e.get("BM"), e.get("BN"), e.get("BK")))
-                rule = next((r for r in rules if r[0] <= 90 and (r[1] < 0 or m <= r[1])), None)
-                if rule and (rule[2] if bits == 8 else rule[3]) in tiles:
-                    t = tiles[rule[2] if bits == 8 else rule[3]]
-                    cands.append(("cuda", impl, t[0], t[1], t[2]))
+                    cands.append(("triton", impl, e.get("BM"), e.get("BN"), e.get("BK"), 1))
+                # sm_90 runs the Hopper (wgmma) tile its rules pick, split-K as the binding does; a rule of -1
+                # hands the bucket to the mma.sync tiles (whose split-K is not modelled)
+                h_rule = next((r for r in sm90_rules if r[0] < 0 or m <= r[0]), None)
+                h_index = None if h_rule is None else (h_rule[1] if bits == 8 else h_rule[2])
+                family_tiles = h_tiles["w8" if bits == 8 else "w4"]
+                if h_index is not None and 0 <= h_index < len(family_tiles):
+                    bm, bn = family_tiles[h_index][:2]
+                    units = math.ceil(k / (128 if bits == 8 else max(W4_GROUP, 128)))
+                    cands.append(("cuda wgmma", impl, bm, bn, 128,
+                                  sm90_auto_splits(math.ceil(m / bm) * math.ceil(n / bn), units, d["sms"])))
+                else:
+                    rule = next((r for r in rules if r[0] <= 90 and (r[1] < 0 or m <= r[1])), None)
+                    if rule and (rule[2] if bits == 8 else rule[3]) in tiles:
+                        t = tiles[rule[2] if bits == 8 else rule[3]]
+                        cands.append(("cuda", impl, t[0], t[1], t[2], 1))
                 ideal = common.roofline_s(flops, min_bytes, d["int8_ops"], d["hbm_bytes_s"]) * 1e6
                 out.append({"shape": f"{model} {layer}", "M": m, "N": n, "K": k, "impl": f"{impl} (ideal)",
                             "tile": "", "gflop": flops / 1e9, "min_mb": min_bytes / 1e6, "tiled_mb": None,
                             "bound_us": ideal, "bound_by": _by(flops, min_bytes, d, "int8_ops"),
                             "ideal_speedup_vs_bf16": bf16_us / ideal})
-                for fam, kname, bm, bn, bk in cands:
+                for fam, kname, bm, bn, bk, splits in cands:
                     if not bm or not bn:
                         continue
                     tm, tn = math.ceil(m / bm), math.ceil(n / bn)
                     tiled = a_bytes * tn + w_bytes * tm + o_bytes  # re-reads: A per N tile, W per M tile
-                    # Tensor cores busy: a wave of tiles covers at most every SM once (more resident CTAs hide
-                    # latency, they add no peak); split-K, which the CUDA kernels use at small M, is not modelled.
-                    util = tm * tn / (math.ceil(tm * tn / d["sms"]) * d["sms"])
+                    # Tensor cores busy: a wave of CTAs covers at most every SM once (more resident CTAs hide
+                    # latency, they add no peak); a split-K CTA does 1 / splits of its tile's work (the partials'
+                    # round trip through the workspace is not counted).
+                    ctas = tm * tn * splits
+                    util = ctas / (math.ceil(ctas / d["sms"]) * d["sms"])
                     bound = max(flops / (d["int8_ops"] * util), min_bytes / d["hbm_bytes_s"]) * 1e6
                     out.append({"shape": f"{model} {layer}", "M": m, "N": n, "K": k, "impl": f"{fam} {impl}",
-                                "tile": f"{bm}x{bn}x{bk}", "gflop": flops / 1e9, "min_mb": min_bytes / 1e6,
+                                "tile": f"{bm}x{bn}x{bk}" + (f" split {splits}" if splits > 1 else ""), "gflop": flops / 1e9, "min_mb": min_bytes / 1e6,
                                 "tiled_mb": tiled / 1e6, "bound_us": bound,
                                 "bound_by": "compute" if flops / (d["int8_ops"] * util) >= min_bytes / d["hbm_bytes_s"]
                                 else "memory",
-                                "reread_bound_us": tiled / d["hbm_bytes_s"] * 1e6, "ctas": tm * tn,
+                                "reread_bound_us": tiled / d["hbm_bytes_s"] * 1e6, "ctas": ctas,
                                 "sm_utilization": util, "ideal_speedup_vs_bf16": bf16_us / bound})
     return out
 
@@ -569,11 +607,12 @@ def markdown(report: Dict) -> str:
         "",
         "Minimal bytes: int8 activations + packed weights + scales + bf16 output, each read once. A tile row's "
         "bound is max(FLOPs / (INT8 peak x SM use), minimal bytes / HBM), SM use = output tiles / (waves x 132 "
-        "SMs) with the tile the table picks for M (sm_90 tables; split-K not modelled). 'incl. re-reads': "
+        "SMs) with the tile the table picks for M (sm_90 tables: the CUDA rows are the Hopper wgmma tiles with the "
+        "binding's automatic split-K count, a split CTA doing its share of the tile). 'incl. re-reads': "
         "activations once per N tile, weights once per M tile; '\u00b5s if no L2 reuse' moves those bytes "
         f"through HBM (the worst case: H100's 50 MB L2 holds most of them). W4 bytes at group size {W4_GROUP}. "
-        "The CUDA kernels run mma.sync, which on Hopper stays well below the wgmma peak used here: "
-        "their compute bounds are optimistic.",
+        "The Triton int8 dots wait on every wgmma (synchronous in triton 3.8): their compute bounds are "
+        "optimistic.",
         "",
         common.md_table(report["roofline"], ROOF_COLS, ROOF_HEAD),
         "",
