@@ -87,22 +87,20 @@ def gemm_targets(g: Dict) -> List[str]:
     if fp8:
         out.append(f"- reference: fp8 row-wise (`torch._scaled_mm`) vs bf16 at M >= {W8A8_GEMM_M}: "
                    f"{_spread([r['speedup_vs_bf16'] for r in fp8])} (H100 published: 1.70x)")
+    def target(what, want, impl, rows):
+        sp = [r["speedup_vs_bf16"] for r in rows]
+        vs8 = [r["speedup_vs_fp8"] for r in rows if r.get("speedup_vs_fp8")]
+        return (f"- target {what} >= {want}x bf16: {impl} {_spread(sp)}: {_verdict(statistics.median(sp), want)}"
+                + (f"; vs fp8 row-wise median {statistics.median(vs8):.2f}x" if vs8 else ""))
+
     for b in g.get("backends", []):
         w8 = sel(f"ditq-{b} w8a8", big)
         if w8:
-            sp = [r["speedup_vs_bf16"] for r in w8]
-            vs8 = [r["speedup_vs_fp8"] for r in w8 if r.get("speedup_vs_fp8")]
-            out.append(f"- target W8A8 GEMM at M >= {W8A8_GEMM_M} >= {W8A8_GEMM_WANT}x bf16: ditq-{b} {_spread(sp)}: "
-                       f"{_verdict(statistics.median(sp), W8A8_GEMM_WANT)}"
-                       + (f"; vs fp8 row-wise median {statistics.median(vs8):.2f}x" if vs8 else ""))
+            out.append(target(f"W8A8 GEMM at M >= {W8A8_GEMM_M}", W8A8_GEMM_WANT, f"ditq-{b}", w8))
         for gs in g.get("group_sizes", []):
             w4 = sel(f"ditq-{b} w4a8 g{gs}", small)
             if w4:
-                sp = [r["speedup_vs_bf16"] for r in w4]
-                vs8 = [r["speedup_vs_fp8"] for r in w4 if r.get("speedup_vs_fp8")]
-                out.append(f"- target W4A8 GEMM at M <= {W4A8_GEMM_M} >= {W4A8_GEMM_WANT}x bf16: ditq-{b} g{gs} "
-                           f"{_spread(sp)}: {_verdict(statistics.median(sp), W4A8_GEMM_WANT)}"
-                           + (f"; vs fp8 row-wise median {statistics.median(vs8):.2f}x" if vs8 else ""))
+                out.append(target(f"W4A8 GEMM at M <= {W4A8_GEMM_M}", W4A8_GEMM_WANT, f"ditq-{b} g{gs}", w4))
     if not out:
         out.append(f"- GEMM targets: no ok rows at M >= {W8A8_GEMM_M} or M <= {W4A8_GEMM_M}")
     return out
