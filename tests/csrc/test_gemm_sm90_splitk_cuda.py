@@ -9,32 +9,9 @@ import torch
 from ditq import backends
 from ditq.format import WeightFormat
 from ditq.quant import reference as ref
-from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8, random_int4, random_int8
-
-pytestmark = pytest.mark.cuda
-BASE = 100  # kSm90TileBase, csrc/configs/gemm_tiles_sm90.h
-
-
-@pytest.fixture(scope="module")
-def cb():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("needs an sm_90 GPU (H100 / H200)")
-    for name, dev in (("cuda", "cuda"), ("cuda-emulated", "cpu")):
-        reason = backends.unavailable_reason(name, dev)
-        if reason is not None:
-            pytest.skip(f"backend {name!r} unavailable on {dev}: {reason}")
-    from ditq.backends import cuda_backend
-    return cuda_backend
-
-
-def _inputs(m, n, k, group, seed):
-    g = torch.Generator().manual_seed(seed)
-    a = random_int8(m, k, generator=g)
-    sa = (torch.rand(m, generator=g) * 0.02 + 1e-3).float()
-    b = (torch.randn(n, generator=g) * 4).float()
-    if group is None:
-        return a, sa, random_int8(n, k, low=-128, generator=g), (torch.rand(n, generator=g) * 0.01).float(), b
-    return a, sa, random_int4(n, k, generator=g), (torch.rand(k // group, n, generator=g) * 0.05).float(), b
+from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8
+# the unsplit Hopper GPU tests' fixture (skips without an sm_90 GPU and both CUDA backends) and inputs
+from test_gemm_sm90_cuda import BASE, _inputs, cb, pytestmark  # noqa: F401
 
 
 def _run(cb, backend, device, a, sa, w, sw, b, group, tile, splits, dtype=torch.float32):

@@ -11,39 +11,14 @@ import pytest
 import torch
 
 from ditq import backends
+from ditq.backends import cuda_backend
 from ditq.format import WeightFormat
 from ditq.quant import reference as ref
-from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8, random_int4, random_int8
+from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8
+# the unsplit Hopper tests' setup: backend, skip reason, tile ids read from the build, emulator options, inputs
+from test_gemm_sm90_emulated import BACKEND, BASE, W4_TILES, W8_TILES, _inputs, _opts, pytestmark  # noqa: F401
 
-BACKEND = "cuda-emulated"
-BASE = 100  # kSm90TileBase, csrc/configs/gemm_tiles_sm90.h
-_reason = backends.unavailable_reason(BACKEND, "cpu")
-if _reason is None:
-    import torch.ops  # noqa: F401
-    from ditq.backends import cuda_backend
-    if not hasattr(torch.ops.ditq_C, "gemm_sm90_tile_info"):
-        _reason = "this build of the CUDA backend has no Hopper GEMMs"
-pytestmark = pytest.mark.skipif(_reason is not None, reason=f"backend {BACKEND!r} unavailable: {_reason}")
-
-W8_TILES = W4_TILES = (BASE, BASE + 1, BASE + 2)  # test_gemm_sm90_emulated.py checks the tables' lengths
 SPLITS = (1, 2, 3, 4, None)  # None: automatic (the op's choice for the forced tile)
-
-
-def _opts(**kw):
-    from ditq.emulator import emulator_options
-    return emulator_options(race_check=True, **kw)
-
-
-def _inputs(m, n, k, *, group=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    a = random_int8(m, k, generator=g)
-    sa = (torch.rand(m, generator=g) * 0.02 + 1e-3).float()
-    b = (torch.randn(n, generator=g) * 4).float()
-    if group is None:
-        return a, sa, random_int8(n, k, low=-128, generator=g), (torch.rand(n, generator=g) * 0.01 + 1e-4).float(), b
-    q = random_int4(n, k, generator=g)
-    q[0, 0], q[-1, -1] = -8, 7  # both ends of the int4 range
-    return a, sa, q, (torch.rand(k // group, n, generator=g) * 0.05 + 1e-4).float(), b
 
 
 def _w8a8(a, sa, w, sw, b, tile=None, splits=None, dtype=torch.float32):
@@ -86,7 +61,7 @@ W4_SPLITS = {32: SPLITS, 64: SPLITS, 128: SPLITS, 256: (1, 2, 3, None)}
 @pytest.mark.parametrize("group", sorted(W4_SHAPES))
 def test_w4a8_splits_exact_and_repeatable(tile, group):
     m, n, k = W4_SHAPES[group]
-    a, sa, q, ss, b = _inputs(m, n, k, group=group, seed=group + tile)
+    a, sa, q, ss, b = _inputs(m, n, k, w4_group=group, seed=group + tile)
     dtype = (torch.float32, torch.bfloat16, torch.float16)[(tile + group // 32) % 3]
     with _opts():
         for s in W4_SPLITS[group]:
@@ -107,7 +82,7 @@ def test_splitk_orders_and_landing(order, seed, landing):
     warpgroup takes part), the flag through the ring's first word after the last wgmma / TMA, the partials.
     9 k tiles in 3 splits of 3 tiles through the 6-stage ring; W4 G = 256 over 2 splits of 2 groups."""
     a, sa, w, sw, b = _inputs(19, 21, 1136, seed=21)
-    a4, sa4, q, ss, b4 = _inputs(19, 21, 1024, group=256, seed=22)
+    a4, sa4, q, ss, b4 = _inputs(19, 21, 1024, w4_group=256, seed=22)
     with _opts(order=order, seed=seed, async_landing=landing):
         y8 = _w8a8(a, sa, w, sw, b, BASE, 3)
         y4 = _w4a8(a4, sa4, q, ss, b4, 256, BASE + 1, 2)
@@ -119,7 +94,7 @@ def test_splitk_automatic():
     """arch="sm_90a", nothing forced: the op picks the Hopper tile and, one CTA of tiles on 132 SMs, splits K
     (sm90_auto_splits: as many splits as fit one wave, at most the k units: here 4)."""
     a, sa, w, sw, b = _inputs(1, 9, 400, seed=31)
-    a4, sa4, q, ss, b4 = _inputs(5, 7, 512, group=64, seed=32)
+    a4, sa4, q, ss, b4 = _inputs(5, 7, 512, w4_group=64, seed=32)
     with _opts(arch="sm_90a"):
         y8 = _w8a8(a, sa, w, sw, b, dtype=torch.bfloat16)
         y4 = _w4a8(a4, sa4, q, ss, b4, 64, dtype=torch.bfloat16)
@@ -134,7 +109,7 @@ def test_splitk_fused_epilogue(group):
     """The fused epilogue (gate, fp32 residual) runs on the reduced sums, in the last CTA: equal bit for bit to
     the plain split GEMM of the same count followed by the same fp32 multiply and add in torch."""
     m, n, k = 18, 33, 448
-    a, sa, w, sw, b = _inputs(m, n, k, group=group, seed=41)
+    a, sa, w, sw, b = _inputs(m, n, k, w4_group=group, seed=41)
     be = backends.get_backend(BACKEND, "cpu")
     fmt = WeightFormat(8) if group is None else WeightFormat(4, group)
     pw, ps = be.prepare_weight(fmt, w if group is None else ref.pack_int4(w), sw)
@@ -160,6 +135,6 @@ def test_splitk_binding_checks():
         _w8a8(a, sa, w, sw, b, BASE, 5)
     with pytest.raises(ValueError, match=r"split-K count must be in \[1, 4\]"):
         _w8a8(a, sa, w, sw, b, BASE, 0)
-    a4, sa4, q, ss, b4 = _inputs(4, 8, 768, group=256, seed=2)
+    a4, sa4, q, ss, b4 = _inputs(4, 8, 768, w4_group=256, seed=2)
     with pytest.raises(ValueError, match=r"split-K count must be in \[1, 3\]"):
         _w4a8(a4, sa4, q, ss, b4, 256, BASE + 1, 4)
