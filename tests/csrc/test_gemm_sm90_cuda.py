@@ -38,10 +38,10 @@ def _inputs(m, n, k, group, seed):
     return a, sa, random_int4(n, k, generator=g), (torch.rand(k // group, n, generator=g) * 0.05).float(), b
 
 
-def _run(cb, backend, device, a, sa, w, sw, b, group, dtype, tile):
+def _run(cb, backend, device, a, sa, w, sw, b, group, dtype, tile, splits=None):
     be = backends.get_backend(backend, device)
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    with cb.gemm_tile(tile):
+    with cb.gemm_tile(tile, splits):
         if device == "cuda":  # a NaN block of the output's size for the op's allocation to get back
             torch.full((a.shape[0], w.shape[0]), float("nan"), dtype=dtype, device="cuda")
         if group is None:

@@ -6,25 +6,14 @@ sm_90 GPU and a build with sm_90a code; benchmarks/gpu_suite.sh runs them (pytes
 import pytest
 import torch
 
-from ditq import backends
-from ditq.format import WeightFormat
-from ditq.quant import reference as ref
 from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8
 # the unsplit Hopper GPU tests' fixture (skips without an sm_90 GPU and both CUDA backends) and inputs
 from test_gemm_sm90_cuda import BASE, _inputs, cb, pytestmark  # noqa: F401
+from test_gemm_sm90_cuda import _run as run_sm90
 
 
 def _run(cb, backend, device, a, sa, w, sw, b, group, tile, splits, dtype=torch.float32):
-    be = backends.get_backend(backend, device)
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    with cb.gemm_tile(tile, splits):
-        if device == "cuda":  # a NaN block of the output's size for the op's allocation to get back
-            torch.full((a.shape[0], w.shape[0]), float("nan"), dtype=dtype, device="cuda")
-        if group is None:
-            pw, ps = be.prepare_weight(WeightFormat(8), w, sw)
-            return torch.ops.ditq.gemm_w8a8(to(a), to(sa), to(pw), to(ps), to(b), dtype, backend).cpu()
-        pw, ps = be.prepare_weight(WeightFormat(4, group), ref.pack_int4(w), sw)
-        return torch.ops.ditq.gemm_w4a8(to(a), to(sa), to(pw), to(ps), to(b), group, dtype, backend).cpu()
+    return run_sm90(cb, backend, device, a, sa, w, sw, b, group, dtype, tile, splits)
 
 
 def _emulated(cb, *args):
