@@ -28,8 +28,9 @@ void w4_kernel(Sm90Params P) {
 
 // The buffers are the mma.sync kernels' list (gemm::buffers: a, scales, w, bias, out, for the fused policy
 // gate / residual / out_scale with an int8 out, and with split-K the counters and the workspace, BM x BN words
-// per tile and split as the Hopper reduction indexes it). The weight buffer is what the TMA map covers: a box
-// past N or K is zero-filled, never read.
+// per tile and split as the Hopper reduction indexes it). buffers() sizes the last two from its grid argument's
+// x * y tiles: here the split tiles alone, the extent the Hopper kernels may touch. The weight buffer is what the
+// TMA map covers: a box past N or K is zero-filled, never read.
 template <class T, class WOp, class Epi, class Kernel>
 void emulate(Kernel kernel, const GemmParams& p) {
   constexpr bool w4 = WOp::kGrouped;
@@ -37,13 +38,14 @@ void emulate(Kernel kernel, const GemmParams& p) {
   P.p = p;
   std::string error;
   if (!make_maps<T>(P, w4, &error)) throw std::invalid_argument("ditq: " + error);
-  const dim3 grid((p.N + T::BN - 1) / T::BN, (p.M + T::BM - 1) / T::BM, p.splits);  // z: split-K
+  const dim3 grid(static_cast<unsigned>(launch_ctas<T>(p)));  // 1-D: work_unit maps a CTA to its tile and split
   const std::string fused = std::is_same_v<Epi, FusedEpilogue> ? "_fused" : "";
   const std::string name = (w4 ? "gemm_w4a8_sm90" + fused + "<G=" + std::to_string(WOp::kGroup) + ", "
                                : "gemm_w8a8_sm90" + fused + "<") +
                            "BM=" + std::to_string(T::BM) + ", BN=" + std::to_string(T::BN) + ">";
   emu::launch_checked(grid, dim3(T::THREADS), sm90_smem_bytes(T::BM, T::BN, T::STAGES, w4), emu::global_options(),
-                      name.c_str(), buffers<T, WOp, Epi>(p, grid), kernel, P);
+                      name.c_str(), buffers<T, WOp, Epi>(p, dim3(static_cast<unsigned>(split_tiles<T>(p)))),
+                      kernel, P);
 }
 
 template <class Epi>

@@ -113,6 +113,19 @@ inline int resolve_tile(int64_t tile, int arch, int64_t m, bool w4) {  // tile <
 // calls through the op exercise what a GPU would run.
 constexpr int kEmulatedArch = 90, kEmulatedSmCount = 132;
 
+// The SM count the emulated launches schedule for: kEmulatedSmCount unless a test sets another
+// (ditq.emulator.emulator_options(sm_count=...): the ops emulator_set_sm_count / emulator_get_sm_count below),
+// so that a schedule of full waves plus a split tail (sm90_auto_schedule) takes a handful of tiles instead of
+// 133 or more, which the emulator would run for minutes. Process-wide, like the emulator's other options.
+inline int& emulated_sm_count() {
+  static int count = kEmulatedSmCount;
+  return count;
+}
+inline void set_emulated_sm_count(int64_t n) {
+  TORCH_CHECK_VALUE(n >= 1 && n <= 1024, "emulator sm_count must be in [1, 1024], got ", n);
+  emulated_sm_count() = static_cast<int>(n);
+}
+
 inline int resolve_splits(int64_t splits, int tile, int group, const GemmParams& p, int sm_count) {
   const int units = ditq::gemm::k_units(tile, group, p.K);
   if (splits < 0) return ditq::gemm::auto_splits(tile, group, p.M, p.N, p.K, sm_count);
@@ -122,14 +135,15 @@ inline int resolve_splits(int64_t splits, int tile, int group, const GemmParams&
 }
 
 // The split-K workspace and counters of a launch with p.splits > 1 on tiles of bm x bn (mma.sync or Hopper: the
-// kernels index it the same way, BM x BN words per output tile and split): counters zeroed (the kernels leave
+// kernels index it the same way, BM x BN words per split tile and split): counters zeroed (the kernels leave
 // them zeroed), the workspace poisoned under the emulator (a partial read before it is stored shows).
+// `split_tiles`: how many tiles are split (the Hopper schedule's tail; < 0: all of them, the mma.sync kernels).
 inline void alloc_splits(GemmParams& p, const at::Tensor& a, int bm, int bn, bool emulated, at::Tensor& counters,
-                         at::Tensor& workspace) {
+                         at::Tensor& workspace, int64_t split_tiles = -1) {
   if (p.splits <= 1) return;
-  const int64_t tm = (p.M + bm - 1) / bm, tn = (p.N + bn - 1) / bn;
-  counters = at::zeros({tm * tn}, a.options().dtype(at::kInt));
-  workspace = at::empty({p.splits * tm * bm * tn * bn}, a.options().dtype(at::kInt));
+  const int64_t tiles = split_tiles >= 0 ? split_tiles : int64_t{(p.M + bm - 1) / bm} * ((p.N + bn - 1) / bn);
+  counters = at::zeros({tiles}, a.options().dtype(at::kInt));
+  workspace = at::empty({p.splits * tiles * bm * bn}, a.options().dtype(at::kInt));
   if (emulated) workspace.fill_(-1);
   p.counters = counters.data_ptr<int>();
   p.workspace = reinterpret_cast<uint32_t*>(workspace.data_ptr<int>());
@@ -169,7 +183,8 @@ inline int sm90_tile_for(const char* op, const GemmParams& p, bool w4, int64_t t
 }
 
 // Allocates y (and the split-K workspace), launches (or emulates) the Hopper tile `t` and checks the launch.
-// splits < 0: automatic (sm90_auto_splits, configs/gemm_tiles_sm90.h); else 1 .. the k units of the tile.
+// splits < 0: automatic (sm90_auto_schedule, configs/gemm_tiles_sm90.h: full waves whole, the last partial wave's
+// tiles split); else a uniform split of every tile, 1 .. the k units of the tile.
 // `fused`: the FusedEpilogue instantiation (p.fused filled in; it runs once, in the last CTA of a split tile);
 // out_dtype is then int8 when p.fused.out_scale is set.
 inline at::Tensor run_sm90(const char* op, GemmParams p, const at::Tensor& a, at::ScalarType out_dtype, int group,
@@ -177,22 +192,27 @@ inline at::Tensor run_sm90(const char* op, GemmParams p, const at::Tensor& a, at
   const int i = t - ditq::gemm::kSm90TileBase;
   int s[7];
   ditq::gemm::sm90_tile_shape(i, group > 0, s);
-  TORCH_CHECK_VALUE((p.M + s[0] - 1) / s[0] <= 65535, op, ": M = ", p.M, " needs more than 65535 row tiles of ",
-                    s[0], " (the launch grid's y limit); split the batch");
   const int units = ditq::gemm::sm90_k_units(group, p.K);
+  const int64_t tiles = static_cast<int64_t>((p.M + s[0] - 1) / s[0]) * ((p.N + s[1] - 1) / s[1]);
+  ditq::gemm::Sm90Schedule sched{tiles, 1};
   if (splits < 0) {
-    const int64_t ctas = static_cast<int64_t>((p.M + s[0] - 1) / s[0]) * ((p.N + s[1] - 1) / s[1]);
-    p.splits = ditq::gemm::sm90_auto_splits(ctas, units, sm_count);
+    sched = ditq::gemm::sm90_auto_schedule(tiles, units, sm_count);
   } else {
     TORCH_CHECK_VALUE(splits >= 1 && splits <= units, op, ": split-K count must be in [1, ", units, "] (the "
                       "number of k units of ", group > 128 ? group : 128, " for the Hopper tiles at K = ", p.K,
                       "), got ", splits);
-    p.splits = static_cast<int>(splits);
+    if (splits > 1) sched = {0, static_cast<int>(splits)};  // a forced count splits every tile
   }
+  const int64_t ctas = ditq::gemm::sm90_ctas(tiles, sched);
+  TORCH_CHECK_VALUE(ctas <= std::numeric_limits<int>::max(), op, ": M = ", p.M, ", N = ", p.N, " with ",
+                    sched.splits, " splits needs ", ctas, " CTAs of ", s[0], " x ", s[1], ", more than the launch "
+                    "grid's 2^31 - 1; split the batch");
+  p.splits = sched.splits;
+  p.dp_tiles = static_cast<int>(sched.dp_tiles);
   at::Tensor y = at::empty({p.M, p.N}, a.options().dtype(out_dtype));
   p.out = y.data_ptr();
   at::Tensor counters, workspace;
-  alloc_splits(p, a, s[0], s[1], emulated, counters, workspace);
+  alloc_splits(p, a, s[0], s[1], emulated, counters, workspace, ditq::gemm::sm90_split_tiles(tiles, sched));
   if (emulated) {
     // poison: an unwritten element shows as NaN (-128 for int8: never a quantizer output)
     if (out_dtype == at::kChar) y.fill_(-128);
@@ -234,7 +254,7 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
     bias32 = bias->to(at::kFloat).contiguous();  // the epilogue reads fp32 (a no-op for fp32 bias)
     p.bias = bias32.data_ptr<float>();
   }
-  int arch = kEmulatedArch, sm_count = kEmulatedSmCount;
+  int arch = kEmulatedArch, sm_count = emulated_sm_count();
 #if DITQ_WITH_CUDA
   std::optional<c10::cuda::CUDAGuard> guard;
   if (!emulated) {
@@ -525,6 +545,8 @@ TORCH_LIBRARY_FRAGMENT(ditq_C, m) {
   m.def("gemm_tile_info(int tile) -> int[]", &ditq::gemm_binding::tile_info);
   m.def("gemm_pick_tile(int arch, int m, bool w4) -> int", &ditq::gemm_binding::pick);
   m.def("gemm_sm90_tile_info(int tile, bool w4) -> int[]", &ditq::gemm_binding::sm90_tile_info);
+  m.def("emulator_set_sm_count(int n) -> ()", &ditq::gemm_binding::set_emulated_sm_count);
+  m.def("emulator_get_sm_count() -> int", []() -> int64_t { return ditq::gemm_binding::emulated_sm_count(); });
 }
 
 TORCH_LIBRARY_IMPL(ditq_C, CPU, m) {

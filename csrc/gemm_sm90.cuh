@@ -189,28 +189,58 @@ DITQ_DEVICE uint64_t desc_sw128(const uint8_t* tile, int ks) {
   return ptx::wgmma_smem_desc(tile + 32 * ks, ptx::WgmmaSwizzle::B128, 16, 1024);
 }
 
-// ---- Split-K (see the top of the file) --------------------------------------------------------------------------
-// This CTA's k tiles [kt0, kt0 + count): split blockIdx.z of p.splits over whole units of UNIT_TILES k tiles, as
-// gemm.cuh's gemm_body (a W4 group never straddles two splits). One split: [0, KT).
+// ---- Work units: which output tile, which k range (see Schedule at the top of the file) -------------------------
+// A 1-D grid of p.dp_tiles + (tiles - p.dp_tiles) * p.splits CTAs (tiles = output tiles of BM x BN, numbered
+// with n fastest within m, the launch order of the old 2-D grid: CTAs running together share A rows in L2).
+// CTA b < dp_tiles runs tile b whole; the others run split z of split tile st = dp_tiles.. (split-major: all
+// first splits, then all second ones, as gridDim.z did). With splits == 1 every CTA is whole whatever dp_tiles
+// is; dp_tiles == 0 is the uniform split-K of every tile. `tile` indexes the counters and the workspace, which
+// cover the split tiles only: a whole tile never touches them.
+struct WorkUnit {
+  int m0, n0;  // the output tile's first row and column
+  int tile;    // split tiles only: the tile's index among them (counters, workspace)
+  int z;       // split index 0 .. splits - 1 (0 for a whole tile)
+  bool split;  // part of a split tile: store the partial, count, the last CTA reduces
+};
+template <class T>
+DITQ_DEVICE WorkUnit work_unit(const GemmParams& p) {
+  const int tiles_n = (p.N + T::BN - 1) / T::BN;
+  const int b = static_cast<int>(blockIdx.x);
+  WorkUnit u{0, 0, 0, 0, false};
+  int tile = b;
+  if (p.splits > 1 && b >= p.dp_tiles) {
+    const int split_tiles = tiles_n * ((p.M + T::BM - 1) / T::BM) - p.dp_tiles;
+    const int q = b - p.dp_tiles;
+    u.z = q / split_tiles;
+    u.tile = q - u.z * split_tiles;
+    u.split = true;
+    tile = p.dp_tiles + u.tile;
+  }
+  const int tm = tile / tiles_n;
+  u.m0 = tm * T::BM;
+  u.n0 = (tile - tm * tiles_n) * T::BN;
+  return u;
+}
+
+// This CTA's k tiles [kt0, kt0 + count): split z of `splits` over whole units of UNIT_TILES k tiles, as gemm.cuh's
+// gemm_body (a W4 group never straddles two splits). A whole tile (splits 1): [0, KT).
 struct KRange {
   int kt0, count;
 };
 template <int UNIT_TILES>
-DITQ_DEVICE KRange k_range(int K, int splits) {
+DITQ_DEVICE KRange k_range(int K, int z, int splits) {
   const int KT = (K + kSm90BK - 1) / kSm90BK;  // the last k tile may be partial (zero-filled by TMA)
   const int units = (KT + UNIT_TILES - 1) / UNIT_TILES;
-  const int z = static_cast<int>(blockIdx.z);
   const int kt0 = (z * units / splits) * UNIT_TILES, end = ((z + 1) * units / splits) * UNIT_TILES;
   return {kt0, (end < KT ? end : KT) - kt0};
 }
 
-// Workspace word of element e of split zz's partial, for consumer thread ct (0 .. 128 * CONSUMERS - 1) of this
-// output tile: consecutive threads store consecutive words. E words per thread, so a tile holds
-// E * 128 * CONSUMERS = BM * BN words (the binding sizes the workspace as for the mma.sync tiles).
+// Workspace word of element e of split zz's partial, for consumer thread ct (0 .. 128 * CONSUMERS - 1) of split
+// tile `tile`: consecutive threads store consecutive words. E words per thread, so a tile holds
+// E * 128 * CONSUMERS = BM * BN words; the workspace is splits x split tiles of them (the binding sizes it).
 template <class T, int E>
-DITQ_DEVICE int64_t split_word(int zz, int e, int ct) {
-  const int64_t tiles = static_cast<int64_t>(gridDim.x) * gridDim.y;
-  const int64_t tile = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+DITQ_DEVICE int64_t split_word(const GemmParams& p, int tile, int zz, int e, int ct) {
+  const int64_t tiles = static_cast<int64_t>((p.M + T::BM - 1) / T::BM) * ((p.N + T::BN - 1) / T::BN) - p.dp_tiles;
   return ((zz * tiles + tile) * E + e) * (128 * T::CONSUMERS) + ct;
 }
 
@@ -218,11 +248,10 @@ DITQ_DEVICE int64_t split_word(int zz, int e, int ct) {
 // issuing thread) counts the CTA in; true in every thread of the last CTA of the output tile to arrive. The
 // flag goes through the first word of the ring: by the first barrier every TMA load has landed (consumers
 // waited on every full phase) and every wgmma / ldmatrix reading the ring has retired.
-DITQ_DEVICE bool last_split(const GemmParams& p, uint8_t* smem) {
+DITQ_DEVICE bool last_split(const GemmParams& p, int tile, uint8_t* smem) {
   __syncthreads();  // every consumer's partial stored and fenced
   int* flag = reinterpret_cast<int*>(smem);
   if (threadIdx.x == 0) {
-    const int64_t tile = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
     const int last = ptx::atomic_add_gpu(p.counters + tile, 1) == p.splits - 1;
     if (last) ptx::st_global(p.counters + tile, 0);  // leave the counters zeroed for the next launch
     ptx::st_shared(flag, last);
@@ -237,26 +266,26 @@ DITQ_DEVICE bool last_split(const GemmParams& p, uint8_t* smem) {
 // gemm.cuh's reduce_splits with a flat accumulator array and the split loop outside: one split's E loads are
 // independent, so they are all in flight at once instead of S dependent loads per element.
 template <class T, int E, class V>
-DITQ_DEVICE bool reduce_splits_flat(const GemmParams& p, V (&v)[E], int ct, uint8_t* smem) {
+DITQ_DEVICE bool reduce_splits_flat(const GemmParams& p, const WorkUnit& u, V (&v)[E], int ct, uint8_t* smem) {
 #pragma unroll
   for (int e = 0; e < E; ++e) {
     uint32_t b;
     std::memcpy(&b, &v[e], 4);
-    ptx::st_global(p.workspace + split_word<T, E>(static_cast<int>(blockIdx.z), e, ct), b);
+    ptx::st_global(p.workspace + split_word<T, E>(p, u.tile, u.z, e, ct), b);
   }
   ptx::fence_gpu();  // release: the partial is visible before this CTA is counted
-  if (!last_split(p, smem)) return false;
+  if (!last_split(p, u.tile, smem)) return false;
   ptx::fence_gpu();  // acquire: the other CTAs' partials
 #pragma unroll
   for (int e = 0; e < E; ++e) {
-    const uint32_t b = ptx::ld_cg(p.workspace + split_word<T, E>(0, e, ct));
+    const uint32_t b = ptx::ld_cg(p.workspace + split_word<T, E>(p, u.tile, 0, e, ct));
     std::memcpy(&v[e], &b, 4);
   }
 #pragma unroll 1  // S is small and runtime
   for (int zz = 1; zz < p.splits; ++zz) {
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-      const uint32_t b = ptx::ld_cg(p.workspace + split_word<T, E>(zz, e, ct));
+      const uint32_t b = ptx::ld_cg(p.workspace + split_word<T, E>(p, u.tile, zz, e, ct));
       if constexpr (std::is_same_v<V, float>) {
         float f;
         std::memcpy(&f, &b, 4);
@@ -276,14 +305,15 @@ DITQ_DEVICE void gemm_w8a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   static_assert(T::BN % 16 == 0 && T::BN >= 16 && T::BN <= 256, "W8A8: BN is wgmma's N (16..256, step 16)");
   const GemmParams& p = P.p;
   const Ring<T, false> ring(smem);
-  const int m0 = static_cast<int>(blockIdx.y) * T::BM, n0 = static_cast<int>(blockIdx.x) * T::BN;
-  const KRange kr = k_range<1>(p.K, p.splits);  // k tiles kt0.. of this split (all of K when p.splits == 1)
+  const WorkUnit u = work_unit<T>(p);
+  const int m0 = u.m0, n0 = u.n0;
+  const KRange kr = k_range<1>(p.K, u.z, u.split ? p.splits : 1);  // k tiles kt0.. of this split (all K: whole)
   const int KT = kr.count;
   init_barriers<T, false>(P, ring);
   const int wg = static_cast<int>(threadIdx.x) / 128;
   if (wg == 0) {
     produce<T, false>(P, ring, m0, n0, kr.kt0, KT);
-    if (p.splits > 1) last_split(p, smem);  // the reduction's block barriers count every thread
+    if (u.split) last_split(p, u.tile, smem);  // the reduction's block barriers count every thread
     return;
   }
   ptx::setmaxnreg_inc<kConsumerRegs>();
@@ -309,7 +339,7 @@ DITQ_DEVICE void gemm_w8a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   }
   ptx::wgmma_wait_group<0>();
   ptx::wgmma_fence_operands(acc);
-  if (p.splits > 1 && !reduce_splits_flat<T, T::BN / 2>(p, acc, static_cast<int>(threadIdx.x) - 128, smem)) return;
+  if (u.split && !reduce_splits_flat<T, T::BN / 2>(p, u, acc, static_cast<int>(threadIdx.x) - 128, smem)) return;
 
   // Epilogue: d[i] = row 16w + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2t + (i & 1) of this warpgroup's 64.
   const Epi epi(p);
@@ -354,8 +384,9 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
 
   const GemmParams& p = P.p;
   const Ring<T, true> ring(smem);
-  const int m0 = static_cast<int>(blockIdx.y) * BM, n0 = static_cast<int>(blockIdx.x) * T::BN;
-  const KRange kr = k_range<(G > BK ? G / BK : 1)>(p.K, p.splits);  // whole groups per split
+  const WorkUnit u = work_unit<T>(p);
+  const int m0 = u.m0, n0 = u.n0;
+  const KRange kr = k_range<(G > BK ? G / BK : 1)>(p.K, u.z, u.split ? p.splits : 1);  // whole groups per split
   const int KT = kr.count;
   // The split starts on a group boundary (whole units), so the main loop counts k and groups from the split's
   // start, exactly as the unsplit kernel does from 0, and the split's first group row of scales is the base.
@@ -366,7 +397,7 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   const int wg = static_cast<int>(threadIdx.x) / 128;
   if (wg == 0) {
     produce<T, true>(P, ring, m0, n0, kr.kt0, KT);
-    if (p.splits > 1) last_split(p, smem);  // the reduction's block barriers count every thread
+    if (u.split) last_split(p, u.tile, smem);  // the reduction's block barriers count every thread
     return;
   }
   ptx::setmaxnreg_inc<kConsumerRegs>();
@@ -476,7 +507,7 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
     }
   }
   ptx::wgmma_wait_group<0>();  // nothing is in flight here (a split's last stage ends a group: K % G == 0)
-  if (p.splits > 1 && !reduce_splits_flat<T, BM / 2>(p, facc, static_cast<int>(threadIdx.x) - 128, smem)) return;
+  if (u.split && !reduce_splits_flat<T, BM / 2>(p, u, facc, static_cast<int>(threadIdx.x) - 128, smem)) return;
 
   // Epilogue, transposed: element i is channel 16w + g + 8 ((i >> 1) & 1), activation row 8 (i >> 2) + 2t + (i & 1).
   // A lane holds channel n for rows r, r + 1; lane ^ 4 holds channel n ^ 1 for the same rows. One shuffle per

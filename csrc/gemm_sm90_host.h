@@ -3,6 +3,7 @@
 // build, the emulator's decoded map on the host build).
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "gemm_sm90.cuh"
@@ -21,6 +22,23 @@ bool make_maps(Sm90Params& P, bool w4, std::string* error) {
   if (!ptx::make_tma_map_2d(&P.a_map, p.a, K, M, K, T::BK, T::BM, ptx::TmaSwizzle::B128, error)) return false;
   if (w4) return ptx::make_tma_map_2d(&P.w_map, p.w, K / 2, N, K / 2, T::BK / 2, T::BN, ptx::TmaSwizzle::B64, error);
   return ptx::make_tma_map_2d(&P.w_map, p.w, K, N, K, T::BK, T::BN, ptx::TmaSwizzle::B128, error);
+}
+
+// Output tiles of a problem, and the CTAs of its launch (a 1-D grid, gemm_sm90.cuh work_unit): p.dp_tiles
+// whole tiles, then p.splits CTAs per remaining tile; every tile whole when p.splits == 1. Split tiles: what the
+// counters and the workspace cover.
+template <class T>
+int64_t output_tiles(const GemmParams& p) {
+  return static_cast<int64_t>((p.M + T::BM - 1) / T::BM) * ((p.N + T::BN - 1) / T::BN);
+}
+template <class T>
+int64_t launch_ctas(const GemmParams& p) {
+  const int64_t tiles = output_tiles<T>(p);
+  return p.splits > 1 ? sm90_ctas(tiles, {p.dp_tiles, p.splits}) : tiles;
+}
+template <class T>
+int64_t split_tiles(const GemmParams& p) {
+  return p.splits > 1 ? output_tiles<T>(p) - p.dp_tiles : 0;
 }
 
 }  // namespace ditq::gemm::sm90

@@ -48,7 +48,7 @@ const char* launch(Kernel kernel, const GemmParams& p, bool w4, void* stream) {
   const int bytes = sm90_smem_bytes(T::BM, T::BN, T::STAGES, w4);
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return cudaGetErrorString(e);
-  const dim3 grid((p.N + T::BN - 1) / T::BN, (p.M + T::BM - 1) / T::BM, p.splits);  // z: split-K
+  const dim3 grid(static_cast<unsigned>(launch_ctas<T>(p)));  // 1-D: work_unit maps a CTA to its tile and split
   kernel<<<grid, T::THREADS, bytes, static_cast<cudaStream_t>(stream)>>>(P);
   e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);

@@ -87,8 +87,12 @@ struct GemmParams {
   // before the launch, left zeroed after it) adds the partials in split order 0..S-1 and runs the epilogue:
   // the result does not depend on which CTA finishes last.
   int splits;
-  int* counters;        // [tiles_m * tiles_n], zero
-  uint32_t* workspace;  // [splits * tiles_m * BM * tiles_n * BN] 32-bit words
+  int* counters;        // [tiles_m * tiles_n], zero (Hopper: [split tiles])
+  uint32_t* workspace;  // [splits * tiles_m * BM * tiles_n * BN] 32-bit words (Hopper: splits * split tiles tiles)
+  // Hopper kernels only (gemm_sm90.cuh; the mma.sync kernels never read it): the first dp_tiles output tiles run
+  // whole, one CTA each, and only the remaining ones are split `splits` ways ("data-parallel + split tail").
+  // 0 (the value-initialized default): every tile split, the uniform split-K above.
+  int dp_tiles;
   // The fused epilogue (gemm_*_fused: the FusedEpilogue instantiations read these; the plain kernels never
   // do). After y = acc * scale (+ bias), in this order: GELU (tanh), y *= gate[m / rows_per_gate, n],
   // y += residual[m, n], then either int8 = quantize(y, 1 / out_scale[0]) into `out` or y in out_dtype.

@@ -21,6 +21,9 @@ checker on::
 * ``async_landing``: when Hopper async work lands: ``"issue"`` (TMA bytes and wgmma results at once) or
   ``"wait"`` (default: TMA bytes when a thread first waits on their mbarrier, wgmma results at the
   ``wgmma.wait_group`` that retires them -- the latest a correct kernel may see them).
+* ``sm_count`` (default 132, an H100 SXM): the SM count the emulated launches schedule for when they choose
+  tiles and split counts themselves. A small count lets a test run the Hopper GEMMs' schedule of full waves plus
+  a split last wave (``csrc/configs/gemm_tiles_sm90.h``, sm90_auto_schedule) on a handful of tiles.
 * ``mem_check`` (on by default): the global-memory checker, the CPU twin of compute-sanitizer's memcheck. The
   launchers register every buffer they pass with its extent; an access outside one, a write to an input, or a
   read of output never written is reported (kinds ``global-address``, ``global-read-only``,
@@ -58,6 +61,7 @@ class EmulatorOptions(NamedTuple):
     mem_check: bool = True
     arch: str = "sm_80"
     async_landing: str = "wait"
+    sm_count: int = 132
 
 
 def _ops():
@@ -76,18 +80,28 @@ def _hopper_ops(ops):
         return None
 
 
+def _sm_count_ops(ops):
+    """The sm_count ops, or None for a ditq._C built before they existed."""
+    try:
+        return ops.emulator_get_sm_count, ops.emulator_set_sm_count
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def get_emulator_options() -> EmulatorOptions:
     ops = _ops()
     order, seed, cp_async, race = ops.emulator_get_options()
     hopper = _hopper_ops(ops)
     arch, landing = hopper[0]() if hopper else (0, 1)
+    sms = _sm_count_ops(ops)
     return EmulatorOptions(ORDERS[order], int(seed), CP_ASYNC_MODES[cp_async], bool(race),
-                           bool(ops.emulator_get_mem_check()), ARCHS[arch], ASYNC_LANDING_MODES[landing])
+                           bool(ops.emulator_get_mem_check()), ARCHS[arch], ASYNC_LANDING_MODES[landing],
+                           int(sms[0]()) if sms else 132)
 
 
 def set_emulator_options(order: str = "forward", seed: int = 0, cp_async: str = "wait",
                          race_check: bool = False, mem_check: bool = True, arch: str = "sm_80",
-                         async_landing: str = "wait") -> None:
+                         async_landing: str = "wait", sm_count: int = 132) -> None:
     if order not in ORDERS:
         raise ValueError(f"emulator order must be one of {ORDERS}, got {order!r}")
     if cp_async not in CP_ASYNC_MODES:
@@ -98,6 +112,8 @@ def set_emulator_options(order: str = "forward", seed: int = 0, cp_async: str = 
         raise ValueError(f"emulator async_landing must be one of {ASYNC_LANDING_MODES}, got {async_landing!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"emulator seed must be a non-negative int, got {seed!r}")
+    if not isinstance(sm_count, int) or isinstance(sm_count, bool) or not 1 <= sm_count <= 1024:
+        raise ValueError(f"emulator sm_count must be an int in [1, 1024], got {sm_count!r}")
     with _LOCK:  # not in the middle of another thread's emulator_options block
         ops = _ops()
         ops.emulator_set_options(ORDERS.index(order), seed, CP_ASYNC_MODES.index(cp_async), bool(race_check))
@@ -107,11 +123,16 @@ def set_emulator_options(order: str = "forward", seed: int = 0, cp_async: str = 
             hopper[1](ARCHS.index(arch), ASYNC_LANDING_MODES.index(async_landing))
         elif (arch, async_landing) != ("sm_80", "wait"):
             raise RuntimeError("this ditq._C predates the emulator's arch / async_landing knobs: rebuild it")
+        sms = _sm_count_ops(ops)
+        if sms:
+            sms[1](sm_count)
+        elif sm_count != 132:
+            raise RuntimeError("this ditq._C predates the emulator's sm_count knob: rebuild it")
 
 
 @contextlib.contextmanager
 def emulator_options(order: str = "forward", seed: int = 0, cp_async: str = "wait", race_check: bool = True,
-                     mem_check: bool = True, arch: str = "sm_80", async_landing: str = "wait"):
+                     mem_check: bool = True, arch: str = "sm_80", async_landing: str = "wait", sm_count: int = 132):
     """Run the block with these emulator settings, restoring the previous ones after.
 
     The settings are process-wide: while one thread is inside a block, another thread entering one waits until
@@ -119,7 +140,7 @@ def emulator_options(order: str = "forward", seed: int = 0, cp_async: str = "wai
     block for another thread that is about to enter one (it would wait forever)."""
     with _LOCK:
         previous = get_emulator_options()
-        set_emulator_options(order, seed, cp_async, race_check, mem_check, arch, async_landing)
+        set_emulator_options(order, seed, cp_async, race_check, mem_check, arch, async_landing, sm_count)
         try:
             yield
         finally:

@@ -42,7 +42,7 @@ constexpr int kSm90BK = 128;
 
 // Which Hopper tile runs a problem of M rows: the first rule with max_m >= M (-1 = any M). An entry of -1 for
 // a family hands that bucket to the mma.sync kernels (e.g. when the sm_80 path would serve a memory-bound
-// bucket better). The Hopper kernels split K too (sm90_auto_splits below picks the count).
+// bucket better). The Hopper kernels split K too (sm90_auto_schedule below picks which tiles and how).
 struct Sm90TileRule {
   int max_m;
   int w8_tile;  // index into DITQ_GEMM_SM90_W8_TILES, or -1
@@ -75,31 +75,63 @@ constexpr int sm90_smem_bytes(int bm, int bn, int stages, bool w4) {
   return stages * (bm * kSm90BK + bn * (w4 ? kSm90BK / 2 : kSm90BK)) + sm90_barrier_bytes(stages);
 }
 
-// Split-K (gemm_sm90.cuh): blockIdx.z of `splits` sums whole k units: BK = 128 k for W8, max(G, BK) for W4 (a
+// Split-K (gemm_sm90.cuh): split z of `splits` sums whole k units: BK = 128 k for W8, max(G, BK) for W4 (a
 // group never straddles two splits), so at most this many splits.
 constexpr int sm90_k_units(int group_size, int64_t K) {
   const int64_t unit = group_size > kSm90BK ? group_size : kSm90BK;
   return static_cast<int>((K + unit - 1) / unit);
 }
 
-// The automatic split count of a Hopper launch of `ctas` output tiles on `sm_count` SMs. A Hopper CTA takes a
-// whole SM (one per SM: __launch_bounds__(THREADS, 1), and setmaxnreg hands the consumers the register file),
-// so a grid of ctas < sm_count tiles leaves SMs idle for the whole kernel. Rule: no split once the tiles fill
-// a wave; below that, the largest count whose ctas * splits CTAs still fit in one wave (at most the k units,
-// at most 16). Not the smallest count reaching a wave: 36 tiles x 4 = 144 CTAs on 132 SMs is two waves of a
-// quarter of K each (time ~ 2 / 4), where 3 splits is one wave of a third (~ 1 / 3). The reduction's cost
-// (every split stores BM x BN words, the last CTA reads them back) is not modelled: the tuning run
-// (benchmarks/tune_tiles.py) times forced counts against this choice.
-constexpr int sm90_auto_splits(int64_t ctas, int units, int sm_count) {
-  if (ctas <= 0 || ctas >= sm_count) return 1;
-  int64_t s = sm_count / ctas;
+// The automatic schedule of a Hopper launch of `tiles` output tiles on `sm_count` SMs: the first dp_tiles tiles
+// run whole (one CTA each), the other tiles are each split `splits` ways over K (gemm_sm90.cuh, Schedule).
+// A Hopper CTA takes a whole SM (one per SM: __launch_bounds__(THREADS, 1), and setmaxnreg hands the consumers
+// the register file), so the grid runs in waves of sm_count CTAs, and a last wave of R < sm_count tiles leaves
+// SMs idle for a whole tile time (M = 512, N = 4608 on 128 x 128 tiles: 144 tiles = 132 + 12, two tile times for
+// 1.09 waves of work).
+// Rule: W = tiles / sm_count full waves run whole; the R = tiles - W * sm_count tail tiles are split
+// S = min(sm_count / R, k units, 16) ways, so the tail is one wave of 1 / S of a tile's work (time ~ W + 1 / S
+// instead of W + 1). Only the tail, because splitting the full waves too (uniform split-K) adds waves (144 x 2
+// = 288 CTAs = 2.2 waves) and a reduction per tile for nothing. Split only when S >= 2 (R > sm_count / 2 leaves
+// no room for two slices of each tail tile: no split). W = 0 is the uniform split of a grid under one wave:
+// the largest count whose tiles * S CTAs still fit in one wave (36 tiles x 4 = 144 CTAs would be two waves of
+// a quarter of K each, ~ 2 / 4, where 3 splits is one wave of a third, ~ 1 / 3). The reduction's cost (every
+// slice stores BM x BN words, the last CTA reads S of them back) is not modelled; it grows with S but stays
+// a small fraction of a tile for K >= 1152, and is the same in the tail as under one wave. The tuning run
+// (benchmarks/tune_tiles.py) times forced uniform counts against this choice.
+struct Sm90Schedule {
+  int64_t dp_tiles;  // whole tiles, first in launch order
+  int splits;        // slices of each of the other tiles (1: no split, dp_tiles = tiles)
+};
+constexpr Sm90Schedule sm90_auto_schedule(int64_t tiles, int units, int sm_count) {
+  if (tiles <= 0 || sm_count <= 0) return {tiles, 1};
+  const int64_t tail = tiles % sm_count;
+  if (tail == 0) return {tiles, 1};
+  int64_t s = sm_count / tail;
   if (s > 16) s = 16;
   if (s > units) s = units;
-  return s < 1 ? 1 : static_cast<int>(s);
+  if (s < 2) return {tiles, 1};
+  return {tiles - tail, static_cast<int>(s)};
 }
-static_assert(sm90_auto_splits(36, 9, 132) == 3 && sm90_auto_splits(108, 9, 132) == 1 &&
-              sm90_auto_splits(144, 36, 132) == 1 && sm90_auto_splits(9, 36, 132) == 14 &&
-              sm90_auto_splits(9, 2, 132) == 2, "sm90_auto_splits: the documented rule");
+// The CTAs of a schedule: the whole tiles, then `splits` per remaining tile.
+constexpr int64_t sm90_ctas(int64_t tiles, Sm90Schedule s) { return s.dp_tiles + (tiles - s.dp_tiles) * s.splits; }
+// The split tiles: what the counters (one each) and the workspace (BM x BN words per tile and split) cover.
+constexpr int64_t sm90_split_tiles(int64_t tiles, Sm90Schedule s) { return s.splits > 1 ? tiles - s.dp_tiles : 0; }
+
+constexpr bool sm90_schedule_is(Sm90Schedule s, int64_t dp_tiles, int splits) {
+  return s.dp_tiles == dp_tiles && s.splits == splits;
+}
+static_assert(sm90_schedule_is(sm90_auto_schedule(36, 9, 132), 0, 3), "under a wave: uniform split, one wave");
+static_assert(sm90_schedule_is(sm90_auto_schedule(144, 9, 132), 132, 9), "132 whole + 12 tails x 9 (the k units)");
+static_assert(sm90_schedule_is(sm90_auto_schedule(108, 9, 132), 108, 1), "108 > 132 / 2: no room to split");
+static_assert(sm90_schedule_is(sm90_auto_schedule(264, 36, 132), 264, 1), "whole waves: no split");
+static_assert(sm90_schedule_is(sm90_auto_schedule(200, 36, 132), 200, 1), "a tail of 68: S would be 1");
+static_assert(sm90_schedule_is(sm90_auto_schedule(9, 36, 132), 0, 14) &&
+              sm90_schedule_is(sm90_auto_schedule(9, 2, 132), 0, 2) &&
+              sm90_schedule_is(sm90_auto_schedule(4, 1, 132), 4, 1), "at most the k units, at least 2");
+static_assert(sm90_schedule_is(sm90_auto_schedule(134, 9, 132), 132, 9) &&
+              sm90_schedule_is(sm90_auto_schedule(6, 4, 4), 4, 2), "tails: at most the k units; S = SMs / R");
+static_assert(sm90_ctas(144, {132, 9}) == 240 && sm90_split_tiles(144, {132, 9}) == 12 &&
+              sm90_split_tiles(144, {144, 1}) == 0 && sm90_ctas(36, {0, 3}) == 108, "CTA and split tile counts");
 
 // Whether the Hopper kernels can take a problem; when not, the mma.sync kernels (which also run on sm_90) do.
 // TMA needs 16-byte aligned global bases and row strides that are multiples of 16 bytes: K bytes for A and

@@ -1,6 +1,6 @@
 // Test-only probe of the Hopper GEMMs' split-K (tests/csrc/test_gemm_sm90_splitk_mutants.py): one W8A8 tile and
-// one W4A8 tile (G = 256) under the emulator, with the caller's workspace and counters and every global buffer
-// registered with the global-memory checker. Built against csrc/ or a mutated copy (emu_probe.build_mutant).
+// one W4A8 tile (G = 256) under the emulator, with the caller's schedule (dp_tiles whole tiles first), workspace
+// and counters (the split tiles' only) and every global buffer registered with the global-memory checker. Built against csrc/ or a mutated copy (emu_probe.build_mutant).
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -19,8 +19,8 @@ void go(Kernel kernel, bool w4, const GemmParams& p, const emu::Options& o) {
   P.p = p;
   std::string e;
   if (!make_maps<T>(P, w4, &e)) throw std::runtime_error(e);
-  const dim3 grid((p.N + T::BN - 1) / T::BN, (p.M + T::BM - 1) / T::BM, p.splits);
-  const size_t M = p.M, N = p.N, K = p.K, tiles = grid.x * grid.y;
+  const dim3 grid(static_cast<unsigned>(launch_ctas<T>(p)));  // whole tiles, then the split tiles' CTAs
+  const size_t M = p.M, N = p.N, K = p.K, tiles = static_cast<size_t>(split_tiles<T>(p));
   using emu::Access;
   const std::vector<emu::GlobalBuffer> bufs = {
       {p.a, M * K, "a", Access::ReadOnly}, {p.a_scale, M * 4, "a_scale", Access::ReadOnly},
@@ -29,12 +29,12 @@ void go(Kernel kernel, bool w4, const GemmParams& p, const emu::Options& o) {
       {p.workspace, p.splits * tiles * T::BM * T::BN * 4, "workspace", Access::Output}};
   emu::launch_checked(grid, dim3(T::THREADS), sm90_smem_bytes(T::BM, T::BN, T::STAGES, w4), o, "probe", bufs, kernel, P);
 }
-extern "C" int run(int w4, int splits, int M, int N, int K, const void* a, const float* sa, const void* w,
+extern "C" int run(int w4, int splits, int dp_tiles, int M, int N, int K, const void* a, const float* sa, const void* w,
                    const float* sw, float* out, int* counters, uint32_t* workspace, int landing, char* err, int errlen) {
   GemmParams p{};
   p.a = a; p.a_scale = sa; p.a_scale_per_token = 1; p.w = w; p.w_scale = sw;
   p.out = out; p.out_dtype = DType::kF32; p.M = M; p.N = N; p.K = K;
-  p.splits = splits; p.counters = counters; p.workspace = workspace;
+  p.splits = splits; p.dp_tiles = dp_tiles; p.counters = counters; p.workspace = workspace;
   emu::Options o;
   o.race_check = true;
   o.order = emu::Order::Random;
