@@ -250,12 +250,24 @@ def sm90_tiles() -> Tuple[Dict[str, List[Tuple[int, ...]]], List[Tuple[int, int,
     return tiles, rules
 
 
-def sm90_auto_splits(ctas: int, units: int, sms: int) -> int:
-    """The Hopper kernels' automatic split-K count (csrc/configs/gemm_tiles_sm90.h, sm90_auto_splits): none once
-    the tiles fill a wave, else the most splits that still fit in one wave, at most 16 and the k units."""
-    if ctas <= 0 or ctas >= sms:
-        return 1
-    return max(1, min(sms // ctas, 16, units))
+def sm90_auto_schedule(tiles: int, units: int, sms: int) -> Tuple[int, int]:
+    """(dp_tiles, splits): the Hopper kernels' automatic schedule (csrc/configs/gemm_tiles_sm90.h,
+    sm90_auto_schedule): the full waves' tiles run whole, the R = tiles % sms tiles of the last wave are split
+    S = min(sms // R, 16, k units) ways when S >= 2; no split otherwise. Under one wave (dp_tiles = 0) that is a
+    uniform split of every tile."""
+    tail = tiles % sms if tiles > 0 and sms > 0 else 0
+    s = min(sms // tail, 16, units) if tail else 1
+    return (tiles - tail, s) if s >= 2 else (tiles, 1)
+
+
+def sm90_tile_times(tiles: int, dp_tiles: int, splits: int, sms: int) -> float:
+    """How long a schedule runs, in the time of one whole tile, if every CTA takes its share of a tile's work
+    (a whole tile 1, a slice 1 / splits) and the SMs take CTAs in launch order: whole tiles' waves, then the
+    slices' waves. The reduction's round trip through the workspace is not counted."""
+    if splits <= 1:
+        return float(math.ceil(tiles / sms))
+    # whole tiles' waves (whole waves in the automatic schedule), then the slices' waves of 1 / splits each
+    return math.ceil(dp_tiles / sms) + math.ceil((tiles - dp_tiles) * splits / sms) / splits
 
 
 def _cuda_kernel_meta(demangled: str, tiles) -> Optional[Dict]:
@@ -463,7 +475,7 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
                     bm, bn = family_tiles[h_index][:2]
                     units = math.ceil(k / (128 if bits == 8 else max(W4_GROUP, 128)))
                     cands.append(("cuda wgmma", impl, bm, bn, 128,
-                                  sm90_auto_splits(math.ceil(m / bm) * math.ceil(n / bn), units, d["sms"])))
+                                  sm90_auto_schedule(math.ceil(m / bm) * math.ceil(n / bn), units, d["sms"])))
                 else:
                     rule = next((r for r in rules if r[0] <= 90 and (r[1] < 0 or m <= r[1])), None)
                     if rule and (rule[2] if bits == 8 else rule[3]) in tiles:
@@ -474,19 +486,24 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
                             "tile": "", "gflop": flops / 1e9, "min_mb": min_bytes / 1e6, "tiled_mb": None,
                             "bound_us": ideal, "bound_by": _by(flops, min_bytes, d, "int8_ops"),
                             "ideal_speedup_vs_bf16": bf16_us / ideal})
-                for fam, kname, bm, bn, bk, splits in cands:
+                for fam, kname, bm, bn, bk, sched in cands:
                     if not bm or not bn:
                         continue
                     tm, tn = math.ceil(m / bm), math.ceil(n / bn)
+                    tiles = tm * tn
+                    dp_tiles, splits = sched if isinstance(sched, tuple) else (0 if sched > 1 else tiles, sched)
                     tiled = a_bytes * tn + w_bytes * tm + o_bytes  # re-reads: A per N tile, W per M tile
                     # Tensor cores busy: a wave of CTAs covers at most every SM once (more resident CTAs hide
-                    # latency, they add no peak); a split-K CTA does 1 / splits of its tile's work (the partials'
-                    # round trip through the workspace is not counted).
-                    ctas = tm * tn * splits
-                    util = ctas / (math.ceil(ctas / d["sms"]) * d["sms"])
+                    # latency, they add no peak); a split CTA does 1 / splits of its tile's work (the partials'
+                    # round trip through the workspace is not counted): the tiles' work over the SM time the
+                    # schedule takes (sm90_tile_times).
+                    ctas = dp_tiles + (tiles - dp_tiles) * splits
+                    util = tiles / (sm90_tile_times(tiles, dp_tiles, splits, d["sms"]) * d["sms"])
+                    split_text = ("" if splits <= 1 else f" split {splits}" if dp_tiles == 0
+                                  else f" {dp_tiles} whole + {tiles - dp_tiles} split {splits}")
                     bound = max(flops / (d["int8_ops"] * util), min_bytes / d["hbm_bytes_s"]) * 1e6
                     out.append({"shape": f"{model} {layer}", "M": m, "N": n, "K": k, "impl": f"{fam} {impl}",
-                                "tile": f"{bm}x{bn}x{bk}" + (f" split {splits}" if splits > 1 else ""), "gflop": flops / 1e9, "min_mb": min_bytes / 1e6,
+                                "tile": f"{bm}x{bn}x{bk}" + split_text, "gflop": flops / 1e9, "min_mb": min_bytes / 1e6,
                                 "tiled_mb": tiled / 1e6, "bound_us": bound,
                                 "bound_by": "compute" if flops / (d["int8_ops"] * util) >= min_bytes / d["hbm_bytes_s"]
                                 else "memory",

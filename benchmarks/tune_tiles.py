@@ -248,10 +248,12 @@ class CudaFamily:
         ctas = math.ceil(m / bm) * math.ceil(n / bn)
         splits = cfg["splits"]
         if tile >= 100:
-            if splits is None:  # sm90_auto_splits of configs/gemm_tiles_sm90.h: as many as fit one wave
-                units = math.ceil(k / max(self.group or 0, bk))
-                splits = 1 if ctas >= self.sms else max(1, min(self.sms // ctas, 16, units))
-            return ctas * splits
+            if splits is None:  # sm90_auto_schedule of configs/gemm_tiles_sm90.h: the full waves' tiles whole,
+                units = math.ceil(k / max(self.group or 0, bk))  # the last wave's R tiles split S ways if S >= 2
+                tail = ctas % self.sms
+                s = min(self.sms // tail, 16, units) if tail else 1
+                return ctas - tail + tail * s if s >= 2 else ctas
+            return ctas * splits  # a forced count splits every tile
         if splits is None:  # auto_splits of csrc/gemm_tiles.cpp: two waves of CTAs, at most 16, at most the k units
             units = math.ceil(k / max(self.group or 0, bk))
             splits = max(1, min(math.ceil(2 * self.sms / ctas), 16, units))

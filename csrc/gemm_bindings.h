@@ -521,6 +521,16 @@ inline std::vector<int64_t> sm90_tile_info(int64_t tile, bool w4) {
   return std::vector<int64_t>(s, s + 7);
 }
 
+// [dp_tiles, splits] of the automatic Hopper schedule (configs/gemm_tiles_sm90.h sm90_auto_schedule), for tests
+// and the static report's model of it.
+inline std::vector<int64_t> sm90_schedule(int64_t tiles, int64_t units, int64_t sm_count) {
+  TORCH_CHECK_VALUE(tiles >= 0 && units >= 1 && units <= (1 << 20) && sm_count >= 1 && sm_count <= 1024,
+                    "gemm_sm90_schedule: tiles >= 0, units in [1, 2^20], sm_count in [1, 1024]");
+  const ditq::gemm::Sm90Schedule s =
+      ditq::gemm::sm90_auto_schedule(tiles, static_cast<int>(units), static_cast<int>(sm_count));
+  return {s.dp_tiles, s.splits};
+}
+
 inline int64_t pick(int64_t arch, int64_t m, bool w4) {
   return ditq::gemm::pick_tile(static_cast<int>(arch), static_cast<int>(std::min<int64_t>(m, 1 << 30)), w4);
 }
@@ -545,6 +555,7 @@ TORCH_LIBRARY_FRAGMENT(ditq_C, m) {
   m.def("gemm_tile_info(int tile) -> int[]", &ditq::gemm_binding::tile_info);
   m.def("gemm_pick_tile(int arch, int m, bool w4) -> int", &ditq::gemm_binding::pick);
   m.def("gemm_sm90_tile_info(int tile, bool w4) -> int[]", &ditq::gemm_binding::sm90_tile_info);
+  m.def("gemm_sm90_schedule(int tiles, int units, int sm_count) -> int[]", &ditq::gemm_binding::sm90_schedule);
   m.def("emulator_set_sm_count(int n) -> ()", &ditq::gemm_binding::set_emulated_sm_count);
   m.def("emulator_get_sm_count() -> int", []() -> int64_t { return ditq::gemm_binding::emulated_sm_count(); });
 }

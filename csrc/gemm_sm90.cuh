@@ -17,7 +17,7 @@
 // full[s]:  count 1. The producer arrives with expect_tx(tile bytes); the TMA loads complete_tx the same
 //           bytes (a box past the matrix edge is zero-filled and still counts its full size), so the phase
 //           completes when both tiles have landed. Consumers wait on parity (kt / STAGES) & 1 (kt: the CTA's
-//           local k tile index, 0 for its first tile: see Split-K).
+//           local k tile index, 0 for its first tile: see Split-K and the schedule).
 // empty[s]: count 128 * CONSUMERS: every consumer thread arrives once its wgmmas reading stage s are retired
 //           (wgmma_wait_group). The producer waits on parity ((kt / STAGES) & 1) ^ 1 before refilling stage
 //           s: for the first round that is the phase "before" the barrier's first, complete at once.
@@ -67,9 +67,17 @@
 // the unit in flight (each k32 step of a stage has its own, and a stage has at least two units): a wgmma's
 // registers must not change until it completes.
 //
-// ---- Split-K --------------------------------------------------------------------------------------------------
-// At batch 1 a DiT layer has too few output tiles for the SMs (M = 512, N = 1152: 36 tiles of 128 x 128 on 132
-// SMs). gridDim.z = p.splits splits the k tiles into whole units as gemm.cuh does (units of BK = 128 k for W8;
+// ---- Split-K and the schedule -----------------------------------------------------------------------------------
+// A Hopper CTA takes a whole SM, so a grid runs in waves of SM-count CTAs. At batch 1 a DiT layer has too few
+// output tiles (M = 512, N = 1152: 36 tiles of 128 x 128 on 132 SMs), or a last wave with most SMs idle (N = 4608:
+// 144 tiles = one wave + 12, two tile times for 1.09 waves of work). Schedule: the grid is 1-D; the first
+// p.dp_tiles CTAs run one output tile each over all of K, and every remaining tile is split into p.splits CTAs
+// over K (work_unit below). dp_tiles = 0 is the uniform split-K of every tile (a forced split count, or a grid
+// under one wave), splits = 1 no split; the automatic schedule (configs/gemm_tiles_sm90.h sm90_auto_schedule)
+// runs the full waves whole and splits only the last wave's tiles, so the tail is one short wave (144 tiles:
+// 132 whole + 12 x 9 slices of one k unit each, ~ 1 + 1 / 9 tile times instead of 2). A whole tile's CTA runs
+// exactly the unsplit kernel: it never touches the counters or the workspace, which cover the split tiles alone.
+// A split CTA sums whole units of k tiles, as gemm.cuh does (units of BK = 128 k for W8;
 // for W4 max(G, BK) k, so a group never straddles two splits and every split's last stage ends a group): CTA z
 // walks k tiles kt0 .. kt0 + KT - 1 (k_range). Producer and consumers index the ring by the local tile index
 // 0 .. KT - 1, so stages and mbarrier parities restart at every split exactly as for a whole-K CTA; only the
@@ -80,10 +88,10 @@
 // tile, reset to zero by that CTA) reloads every split's partial, adds them in split order 0..S-1 and runs the
 // epilogue once. W8 partials are int32: identical bits for every split count; W4 partials are added in a fixed
 // order: fixed bits for a given count. The reduction is gemm.cuh's reduce_splits on a flat accumulator array
-// (reduce_splits_flat below; the binding sizes workspace and counters as for the mma.sync tiles).
+// (reduce_splits_flat below; the binding sizes workspace and counters for the split tiles of the schedule).
 // The count needs two block-wide barriers, and the producer warpgroup returns early in the unsplit kernel
 // (after setmaxnreg). A __syncthreads waiting on exited threads is undefined (the emulator reports it), so
-// with splits > 1 the producer warpgroup stays alive: its idle threads go straight to the reduction's barriers,
+// in a split CTA the producer warpgroup stays alive: its idle threads go straight to the reduction's barriers,
 // its issuing thread after its last TMA load, and thread 0 (that issuing thread, which holds no accumulators)
 // does the atomic count. That keeps every barrier a plain __syncthreads; a named barrier over the consumers
 // alone (bar.sync id, 128 * CONSUMERS) would need a new ptx.cuh instruction with an emulated twin, for two
@@ -189,7 +197,7 @@ DITQ_DEVICE uint64_t desc_sw128(const uint8_t* tile, int ks) {
   return ptx::wgmma_smem_desc(tile + 32 * ks, ptx::WgmmaSwizzle::B128, 16, 1024);
 }
 
-// ---- Work units: which output tile, which k range (see Schedule at the top of the file) -------------------------
+// ---- Work units: which output tile, which k range (Split-K and the schedule, at the top of the file) --------------
 // A 1-D grid of p.dp_tiles + (tiles - p.dp_tiles) * p.splits CTAs (tiles = output tiles of BM x BN, numbered
 // with n fastest within m, the launch order of the old 2-D grid: CTAs running together share A rows in L2).
 // CTA b < dp_tiles runs tile b whole; the others run split z of split tile st = dp_tiles.. (split-major: all

@@ -21,10 +21,37 @@ def test_hopper_tiles_and_rules_are_read_from_the_header():
                                                 for r in rules)
 
 
-def test_auto_splits_follows_the_documented_rule():
-    # the header's static_assert cases: a third of a wave -> 3 splits, a full wave -> none, capped by the k units
-    got = [static_report.sm90_auto_splits(c, u, 132) for c, u in ((36, 9), (108, 9), (144, 36), (9, 36), (9, 2))]
-    assert got == [3, 1, 1, 14, 2]
+def test_auto_schedule_follows_the_documented_rule():
+    # the header's static_assert cases: a third of a wave -> 3 uniform splits, a full wave -> none, capped by the
+    # k units; one wave + 12 tiles -> the 12 split 9 ways (the k units); a tail of 68 > 132 / 2 -> none
+    cases = ((36, 9), (108, 9), (144, 36), (144, 9), (9, 36), (9, 2), (264, 36), (200, 36), (6, 4))
+    got = [static_report.sm90_auto_schedule(t, u, 132 if t != 6 else 4) for t, u in cases]
+    assert got == [(0, 3), (108, 1), (132, 11), (132, 9), (0, 14), (0, 2), (264, 1), (200, 1), (4, 2)]
+
+
+def test_auto_schedule_matches_the_build():
+    """The model is the build's sm90_auto_schedule (when ditq._C is built), over a grid of cases."""
+    import torch
+    from ditq.backends import cuda_backend
+    if not cuda_backend.built() or not hasattr(torch.ops.ditq_C, "gemm_sm90_schedule"):
+        import pytest
+        pytest.skip("ditq._C with gemm_sm90_schedule is not built")
+    for sms in (4, 78, 114, 132):
+        for tiles in (1, 3, 36, 100, 131, 132, 133, 144, 200, 264, 270, 300, 1000):
+            for units in (1, 2, 9, 36):
+                assert tuple(torch.ops.ditq_C.gemm_sm90_schedule(tiles, units, sms)) == \
+                    static_report.sm90_auto_schedule(tiles, units, sms), (tiles, units, sms)
+
+
+def test_roofline_splits_the_tail_of_fc1():
+    """DiT-XL/2 at batch 1 (M = 512), fc1 (N = 4608, K = 1152): 144 tiles of 128 x 128 = one wave of 132 whole
+    tiles + 12 tails split 9 ways (240 CTAs): 1 + 1 / 9 tile times instead of 2 (55% of the SMs busy)."""
+    rows = [r for r in static_report.roofline_rows([], short=True)
+            if r["shape"] == "DiT-XL/2 mlp fc1" and r["M"] == 512 and r["impl"] == "cuda wgmma w8a8"]
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["tile"] == "128x128x128 132 whole + 12 split 9" and r["ctas"] == 240, r
+    assert abs(r["sm_utilization"] - 144 / (132 * (1 + 1 / 9))) < 1e-9
 
 
 def test_roofline_splits_the_batch_one_hopper_tile():
