@@ -58,11 +58,13 @@ extern "C" int run(int w4, int fused, int M, int N, int K, const void* a, const 
     std::string e;
     if (w4) {
       if (!make_maps<T4>(P, true, &e)) throw std::runtime_error(e);
-      emu::launch(dim3((N + 63) / 64, (M + 63) / 64), dim3(T4::THREADS), sm90_smem_bytes(64, 64, 6, true), o,
+      emu::launch(dim3(static_cast<unsigned>(launch_ctas<T4>(p))),
+                  dim3(T4::THREADS), sm90_smem_bytes(64, 64, 6, true), o,
                   fused ? &w4k<T4, 32, FusedEpilogue> : &w4k<T4, 32, PlainEpilogue>, P);
     } else {
       if (!make_maps<T8>(P, false, &e)) throw std::runtime_error(e);
-      emu::launch(dim3((N + 127) / 128, (M + 63) / 64), dim3(T8::THREADS), sm90_smem_bytes(64, 128, 6, false), o,
+      emu::launch(dim3(static_cast<unsigned>(launch_ctas<T8>(p))),
+                  dim3(T8::THREADS), sm90_smem_bytes(64, 128, 6, false), o,
                   fused ? &w8k<T8, FusedEpilogue> : &w8k<T8, PlainEpilogue>, P);
     }
   } catch (const std::exception& ex) {

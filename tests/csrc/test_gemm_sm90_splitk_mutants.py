@@ -2,8 +2,8 @@
 the test's hands: a probe library (g++, no torch) runs one W8A8 (8 k tiles in 3 splits, the last tile partial)
 and one W4A8 kernel (G = 256: 4 groups of two k tiles in 3 splits), workspace poisoned, counters zeroed; the
 counters must be zero again after the launch. The split tail (W8 on 2 x 2 tiles: the first whole, the other
-three split 3 ways, counters and workspace for those three only) is the same code with dp_tiles > 0. Then planted bugs (a copy of csrc/ with one edit each,
-emu_probe.build_mutant) against the unmutated build:
+three split 3 ways, counters and workspace for those three only) is the same code with dp_tiles > 0. Then
+planted bugs (a copy of csrc/ with one edit each, emu_probe.build_mutant) against the unmutated build:
 
 | planted bug                                                    | caught by                                        |
 | the first CTA to arrive reduces, not the last                  | `global-unwritten`: partials not yet stored      |
