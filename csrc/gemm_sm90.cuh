@@ -199,11 +199,11 @@ DITQ_DEVICE uint64_t desc_sw128(const uint8_t* tile, int ks) {
 
 // ---- Work units: which output tile, which k range (Split-K and the schedule, at the top of the file) --------------
 // A 1-D grid of p.dp_tiles + (tiles - p.dp_tiles) * p.splits CTAs (tiles = output tiles of BM x BN, numbered
-// with n fastest within m, the launch order of the old 2-D grid: CTAs running together share A rows in L2).
-// CTA b < dp_tiles runs tile b whole; the others run split z of split tile st = dp_tiles.. (split-major: all
-// first splits, then all second ones, as gridDim.z did). With splits == 1 every CTA is whole whatever dp_tiles
-// is; dp_tiles == 0 is the uniform split-K of every tile. `tile` indexes the counters and the workspace, which
-// cover the split tiles only: a whole tile never touches them.
+// with n fastest within m, so that CTAs launched together share rows of A in L2). CTA b < dp_tiles runs tile b
+// whole; the others run split z of the split tiles dp_tiles.., split-major (every split tile's first slice,
+// then every second one: a tile's slices are spread over the wave, not bunched). With splits == 1 every CTA is
+// whole whatever dp_tiles is; dp_tiles == 0 is the uniform split-K of every tile. `tile` indexes the counters
+// and the workspace, which cover the split tiles only: a whole tile never touches them.
 struct WorkUnit {
   int m0, n0;  // the output tile's first row and column
   int tile;    // split tiles only: the tile's index among them (counters, workspace)

@@ -92,7 +92,7 @@ def test_splitk_orders_and_landing(order, seed, landing):
 
 def test_splitk_automatic():
     """arch="sm_90a", nothing forced: the op picks the Hopper tile and, one CTA of tiles on 132 SMs, splits K
-    (sm90_auto_splits: as many splits as fit one wave, at most the k units: here 4)."""
+    (sm90_auto_schedule: under a wave, as many splits as fit one wave, at most the k units: here 4)."""
     a, sa, w, sw, b = _inputs(1, 9, 400, seed=31)
     a4, sa4, q, ss, b4 = _inputs(5, 7, 512, w4_group=64, seed=32)
     with _opts(arch="sm_90a"):

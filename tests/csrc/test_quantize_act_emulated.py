@@ -116,8 +116,8 @@ def test_emulator_options_validate_and_restore():
     with pytest.raises(ValueError, match="emulator order must be 0"):
         torch.ops.ditq_C.emulator_set_options(7, 0, 0, False)
     with emulator_options(order="reverse", seed=3, cp_async="issue", race_check=True):
-        # mem_check on by default, arch and async_landing at their defaults
-        assert tuple(get_emulator_options()) == ("reverse", 3, "issue", True, True, "sm_80", "wait")
+        # mem_check on by default, arch, async_landing and sm_count at their defaults
+        assert tuple(get_emulator_options()) == ("reverse", 3, "issue", True, True, "sm_80", "wait", 132)
     assert get_emulator_options() == before
 
 

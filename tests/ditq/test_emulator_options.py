@@ -18,7 +18,7 @@ def defaults():
     yield
     left = tuple(get_emulator_options())
     set_emulator_options(*DEFAULT)
-    assert left == DEFAULT + (True, "sm_80", "wait"), f"a test left the emulator options set: {left}"
+    assert left == DEFAULT + (True, "sm_80", "wait", 132), f"a test left the emulator options set: {left}"
 
 
 def test_nested_blocks_restore_the_outer_options():
