@@ -83,7 +83,8 @@ constexpr int sm90_k_units(int group_size, int64_t K) {
 }
 
 // The automatic schedule of a Hopper launch of `tiles` output tiles on `sm_count` SMs: the first dp_tiles tiles
-// run whole (one CTA each), the other tiles are each split `splits` ways over K (gemm_sm90.cuh, Schedule).
+// run whole (one CTA each), the other tiles are each split `splits` ways over K (gemm_sm90.cuh, Split-K and the
+// schedule).
 // A Hopper CTA takes a whole SM (one per SM: __launch_bounds__(THREADS, 1), and setmaxnreg hands the consumers
 // the register file), so the grid runs in waves of sm_count CTAs, and a last wave of R < sm_count tiles leaves
 // SMs idle for a whole tile time (M = 512, N = 4608 on 128 x 128 tiles: 144 tiles = 132 + 12, two tile times for
@@ -94,10 +95,13 @@ constexpr int sm90_k_units(int group_size, int64_t K) {
 // = 288 CTAs = 2.2 waves) and a reduction per tile for nothing. Split only when S >= 2 (R > sm_count / 2 leaves
 // no room for two slices of each tail tile: no split). W = 0 is the uniform split of a grid under one wave:
 // the largest count whose tiles * S CTAs still fit in one wave (36 tiles x 4 = 144 CTAs would be two waves of
-// a quarter of K each, ~ 2 / 4, where 3 splits is one wave of a third, ~ 1 / 3). The reduction's cost (every
-// slice stores BM x BN words, the last CTA reads S of them back) is not modelled; it grows with S but stays
-// a small fraction of a tile for K >= 1152, and is the same in the tail as under one wave. The tuning run
-// (benchmarks/tune_tiles.py) times forced uniform counts against this choice.
+// a quarter of K each, ~ 2 / 4, where 3 splits is one wave of a third, ~ 1 / 3). The reduction's cost is not
+// modelled: every slice stores BM x BN words (in parallel), and the last CTA of a tile reads S x BM x BN words
+// back alone (S x 64 KB on 128 x 128 tiles), a cost that grows with S and does not shrink with K. At K = 1152
+// (fc1: S = 9, each slice one k unit) that read is of the order of a slice's main loop or more, so a smaller
+// S may time better there; the same holds for the uniform split under a wave. The rule is kept simple until
+// GPU timings say otherwise: benchmarks/tune_tiles.py times forced uniform counts against this choice, and
+// a cap on S is a one-line change here.
 struct Sm90Schedule {
   int64_t dp_tiles;  // whole tiles, first in launch order
   int splits;        // slices of each of the other tiles (1: no split, dp_tiles = tiles)
