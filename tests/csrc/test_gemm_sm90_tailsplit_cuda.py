@@ -2,8 +2,8 @@
 fc1 at batch 1 with guidance (M = 512, N = 4608, K = 1152) is 144 tiles of 128 x 128, on 132 SMs one wave of 132
 whole tiles and 12 tails split 9 ways, where the tails' slices and the whole tiles really run at once. W8: bit
 for bit the unsplit kernel; W4: exact and repeatable; both equal to the emulator scheduling for the GPU's SM
-count (at K = 256, 2 slices per tail tile: the emulator's share of the GPU run stays a few seconds). Skipped without an sm_90 GPU and a build with sm_90a code; benchmarks/gpu_suite.sh runs them
-(pytest -m cuda)."""
+count (at K = 256, 2 slices per tail tile: the emulator's share of the GPU run stays a few seconds). Skipped
+without an sm_90 GPU and a build with sm_90a code; benchmarks/gpu_suite.sh runs them (pytest -m cuda)."""
 import pytest
 import torch
 
