@@ -11,8 +11,9 @@ csrc/gemm_sm90.cuh for why). ptxas must not serialize the wgmmas (its C7514 warn
 instantiations (FusedEpilogue) pass the same checks, hold the pieces' own instructions (GELU's MUFU.EX2, the int8
 output's F2I), keep the plain kernel's main-loop wgmma, TMA, ldmatrix and wait work, and use no more registers
 than a consumer warpgroup gets from setmaxnreg. The same kernels run every split-K count: the reduction (atomic
-count, fences, block barriers) is compiled in, after the main loop. Registers, shared memory and the main loop's
-instructions per wgmma are printed (`pytest -s`) and kept in user_properties."""
+count, fences, block barriers) is compiled in, after the main loop, and the schedule's work-unit mapping (the
+CTA's tile and split, from its 1-D block index: integer divisions) before it. Registers, shared memory and the
+main loop's instructions per wgmma are printed (`pytest -s`) and kept in user_properties."""
 import collections
 import os
 import re
@@ -163,6 +164,8 @@ def _check(compiled, epi, request, plain=None):
         # after the main loop, never in it
         assert any(o.startswith("ATOMG") for o in ops) and any(o.startswith("MEMBAR") for o in ops), what
         assert not any(o.startswith(("ATOMG", "MEMBAR", "BAR.SYNC")) for o in lops), f"{what}: split-K in the loop"
+        # the work-unit mapping (a CTA's tile and split: runtime integer divisions, MUFU.RCP) runs once, before
+        assert not any(o.startswith("MUFU.RCP") for o in lops) and any(o.startswith("MUFU.RCP") for o in ops), what
         # ptxas reports the launch's allocation; a consumer runs with kConsumerRegs after setmaxnreg, and every
         # register the code names must fit in that
         max_reg = _max_register(ins)
