@@ -369,10 +369,15 @@ def define_kernel_ops(prefix: str, impls: dict) -> KernelOps:
 
 def define_kernel_op(prefix: str, name: str, fn):
     """Register one kernel op ``torch.ops.ditq.<prefix>_<name>`` (CPU and CUDA keys, fake implementation) and
-    return it (for a backend that adds a Python op to others, as cuda's ``attention_inputs``)."""
+    return it (for a backend that adds a Python op to others, as cuda's ``attention_inputs``). ``fn``: one function
+    for both keys, or a dict of one per key (``{"CPU": ..., "CUDA": ...}``): torch's dispatcher then picks the
+    implementation by the tensors' device, as it does for the ``ditq_C`` ops."""
     _lib.define(f"{prefix}_{name}" + SCHEMAS[name].format(backend=""))
-    for key in ("CPU", "CUDA"):
-        _lib.impl(f"{prefix}_{name}", fn, key)
+    impls = fn if isinstance(fn, dict) else {"CPU": fn, "CUDA": fn}
+    if set(impls) != {"CPU", "CUDA"}:
+        raise ValueError(f"define_kernel_op: implementations for the CPU and CUDA keys, got {sorted(impls)}")
+    for key, impl in impls.items():
+        _lib.impl(f"{prefix}_{name}", impl, key)
     torch.library.register_fake(f"ditq::{prefix}_{name}", FAKES[name], lib=_lib)
     return getattr(torch.ops.ditq, f"{prefix}_{name}").default
 
