@@ -106,9 +106,9 @@ def w8a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
             a_tile = a_ptr.load([pid_m * BM, k0])
             w_tile = w_ptr.load([pid_n * BN, k0])
             if SWAP_AB:
-                acc = tl.dot(w_tile, a_tile.T, acc)
+                acc = tl.dot(w_tile, a_tile.T, acc, out_dtype=tl.int32)
             else:
-                acc = tl.dot(a_tile, w_tile.T, acc)
+                acc = tl.dot(a_tile, w_tile.T, acc, out_dtype=tl.int32)
     else:
         # int64 row offsets: M * K may exceed 2**31.
         rows_a = ((pid_m * BM + tl.arange(0, BM)) % M).to(tl.int64)
@@ -132,9 +132,9 @@ def w8a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
                 a_tile = tl.load(a_ptrs, mask=k_ok, other=0)
             w_tile = tl.load(w_ptrs, mask=k_ok, other=0)
             if SWAP_AB:
-                acc = tl.dot(w_tile, a_tile.T, acc)
+                acc = tl.dot(w_tile, a_tile.T, acc, out_dtype=tl.int32)
             else:
-                acc = tl.dot(a_tile, w_tile.T, acc)
+                acc = tl.dot(a_tile, w_tile.T, acc, out_dtype=tl.int32)
             a_ptrs += BK
             w_ptrs += BK
 
