@@ -208,3 +208,29 @@ def test_w4a8_fused_epilogue_runs_once_on_the_split_sum(combo, workspaces):
     else:
         assert torch.equal(y.cpu(), want)
     assert workspaces == [(3, m, n), (3, m, n)]
+
+
+@pytest.mark.parametrize("bits", (8, 4), ids=("w8a8", "w4a8"))
+def test_float_a_quantized_on_load_splits_too(bits, workspaces):
+    """A float A with a static scale (quantized as each split loads its k range): W8A8 gives the unsplit bits,
+    W4A8 the unsplit result to fp32 rounding, the same bits on every run."""
+    m, n = 5, 19
+    gen = torch.Generator().manual_seed(11)
+    a_f = (torch.randn(m, 160, generator=gen) * 3).to(torch.bfloat16).to(DEVICE)
+    a_s = torch.tensor([0.05], device=DEVICE)
+    if bits == 8:
+        _, _, w, w_s, b = _w8_inputs(m, n, 160, seed=12)
+        run = lambda s: w8a8.gemm_w8a8_fused(a_f, a_s, w, w_s, b, False, None, None, 1, None, torch.float32,  # noqa
+                                             out=_poisoned(m, n, torch.float32), config=W8_CFG["ptr"], splits=s)
+    else:
+        *_, (_, _, w, s4, b) = _w4_inputs(m, n, 160, 32, seed=12)
+        run = lambda s: w4a8.gemm_w4a8_fused(a_f, a_s, w, s4, b, 32, False, None, None, 1, None,  # noqa
+                                             torch.float32, out=_poisoned(m, n, torch.float32),
+                                             config=_w4_cfg(False), splits=s)
+    one, three, again = run(1), run(3), run(3)
+    assert torch.equal(three, again) and one.abs().amax() > 0
+    if bits == 8:
+        assert torch.equal(three, one)
+    else:
+        torch.testing.assert_close(three, one, rtol=1e-5, atol=1e-5 * float(one.abs().amax()))
+    assert workspaces == [(3, m, n), (3, m, n)]
