@@ -25,6 +25,8 @@ Loads (from a SASS study of triton 3.8):
 
 Int8 ``tl.dot`` is never made asynchronous on Hopper (the pipeliner wants an fp32 accumulator), so the
 Hopper tables use BK = 128 to amortise the per-iteration wgmma wait.
+Every int8 dot names ``out_dtype=tl.int32``: Triton before 3.8 asserts that the accumulator's dtype is
+``out_dtype``, which defaults to float32 (tests/kernels/test_triton_versions.py).
 
 The tile configuration comes from ``configs/w8a8_<arch>.json`` by M bucket (``config_table``); CPU tensors
 run under the interpreter with the small tiles of ``w8a8_interpreter.json``.
