@@ -7,8 +7,8 @@ most of the GPU idles. Splitting K over ``S`` programs per tile fills it.
 Design: two launches, not one.
 
 1. The GEMM kernel with ``SPLIT_K`` on runs a grid ``(tiles, S)``: program ``(t, z)`` sums the k units
-   ``[z * U // S, (z + 1) * U // S)`` of tile ``t`` (``U`` = :func:`k_units`: BK-wide steps for W8A8, whole
-   pack blocks for W4A8, so a W4 group never straddles two splits and each partial carries the unsplit
+   ``[z * U // S, (z + 1) * U // S)`` of tile ``t`` (``U`` from the kernel's ``split_shape``: BK-wide steps for
+   W8A8, whole pack blocks for W4A8, so a W4 group never straddles two splits and each partial carries the unsplit
    per-group scaling) and stores its raw accumulator to the workspace ``[S, M, N]`` (:func:`store_partial`):
    int32 for W8A8, fp32 (after the group scales) for W4A8. Nothing of the epilogue runs there.
 2. A reduce kernel (one program per tile, the same BM x BN and orientation) adds the S partials in the fixed
@@ -35,8 +35,10 @@ whose ``tiles * S`` programs still fit one wave, at most :data:`MAX_SPLITS` and 
 smallest count that reaches a wave: 36 tiles x 4 = 144 programs on 132 SMs are two waves of a quarter of K
 each (time ~ 2 / 4), where 3 splits are one wave of a third (~ 1 / 3). The reduce launch is not modelled;
 ``benchmarks/tune_tiles.py`` times forced counts against this choice. Without a GPU (the interpreter) the
-count is computed for :data:`INTERPRETER_SM_COUNT` SMs, as the CUDA emulator pretends, so CPU runs take the
-branch a GPU would.
+count is computed for :data:`INTERPRETER_SM_COUNT` SMs, as the CUDA emulator pretends, so CPU runs go through
+the same rule and the split launches. The interpreter's tiles are small, though, so the tiny shapes of the
+CPU tests split more often and further than a GPU's tiles would (4 tiles of K = 256 at BK = 32: 8 splits),
+which costs interpreter time (every program has a fixed cost); ``splits=`` forces a count.
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_SPLITS = 16  # the CUDA backend's cap: beyond it the reduction's traffic outgrows what the split saves
+MAX_SPLITS = 16  # the CUDA backend's cap (each split adds a BM x BN partial to write and read back)
 INTERPRETER_SM_COUNT = 132  # an H100 SXM / H200, what the CUDA emulator pretends too
 
 
