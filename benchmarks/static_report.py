@@ -436,7 +436,7 @@ def _row(family: str, arch: str, meta: Dict, a: Dict, smem: int, threads: Option
 def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
     """Per DiT-XL/2 shape and M: the bound of each kernel family at H100 ceilings with the tile it picks."""
     d = common.DATASHEET["H100-SXM"]
-    from ditq.kernels import w4a8
+    from ditq.kernels import w4a8, w8a8
 
     tiles, rules = cuda_tiles()
     h_tiles, sm90_rules = sm90_tiles()
@@ -465,7 +465,10 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
                     e = config_table.params(config_table.pick(config_table.load_table(kern, "sm90"), m))
                     if bits == 4:
                         e = w4a8.fit_config(e, W4_GROUP)  # BK and by_group at this group size, as launched
-                    cands.append(("triton", impl, e.get("BM"), e.get("BN"), e.get("BK"), 1))
+                    # the launcher's automatic split-K count for this tile on the datasheet's SMs (split_k.py)
+                    t_splits = (w8a8.auto_split_count(e, m, n, k, d["sms"]) if bits == 8
+                                else w4a8.auto_split_count(e, m, n, k, W4_GROUP, d["sms"]))
+                    cands.append(("triton", impl, e.get("BM"), e.get("BN"), e.get("BK"), t_splits))
                 # sm_90 runs the Hopper (wgmma) tile its rules pick, split-K as the binding does; a rule of -1
                 # hands the bucket to the mma.sync tiles (whose split-K is not modelled)
                 h_rule = next((r for r in sm90_rules if r[0] < 0 or m <= r[0]), None)

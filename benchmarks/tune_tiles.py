@@ -7,7 +7,9 @@ bucket (the bucket bounds and 16 / 64 / 512 / 2048 / 8192), at a few model shape
 
 * Triton: the bucket's shipped entry, then its neighbours (BM / BN / BK halved and doubled, num_stages +-1,
   num_warps 4 <-> 8, SWAP_AB flipped, GROUP_M halved and doubled) that the launcher's ``fit_config`` accepts and
-  whose tiles fit the device's shared memory;
+  whose tiles fit the device's shared memory, then the shipped entry with split-K forced to 1, 2 and 4 (the
+  launcher's ``splits=``; --smoke: 1) against its automatic count (a table cannot hold a count: a bucket's best,
+  and what --write-configs writes, is among the automatic-count configurations);
 * CUDA: the automatic choice, then every compiled tile id (mma.sync 0..n-1 and, on sm_90, the Hopper ids 100+)
   with split-K automatic, 1, 2 and 4.
 
@@ -50,6 +52,7 @@ DEFAULT_SHAPES = ("DiT-XL/2:mlp fc1", "DiT-XL/2:mlp fc2", "FLUX.1:single linear1
 REP_M = (16, 64, 512, 2048, 8192)  # with each bucket's bound; 512 = one image's tokens: must fill the SMs
 SMOKE_SHAPES = [("tiny", "ragged", 40, 128)]  # N not a multiple of any tile; K one group of 128
 SPLITS = (None, 1, 2, 4)  # None: the binding's automatic split count
+TRITON_SPLITS = (1, 2, 4)  # forced counts timed against the Triton launcher's automatic one (kernels/split_k.py)
 
 
 # ---- families ---------------------------------------------------------------------------------------------
@@ -63,7 +66,8 @@ class TritonFamily:
 
     kind = "triton"
 
-    def __init__(self, torch, device, bits: int, group: Optional[int], configs_dir: str, max_candidates):
+    def __init__(self, torch, device, bits: int, group: Optional[int], configs_dir: str, max_candidates,
+                 smoke: bool = False):
         from ditq.kernels import config_table, w4a8, w8a8
 
         self.torch, self.device, self.bits, self.group = torch, device, bits, group
@@ -77,6 +81,7 @@ class TritonFamily:
         self.table = config_table.validate_table(self.table_file["entries"], self.path)
         self.max_candidates = max_candidates
         self.smem_limit = _smem_limit(torch, device)
+        self.splits = TRITON_SPLITS[:1] if smoke else TRITON_SPLITS  # a config's "splits": forced, absent: auto
 
     def bounds(self) -> List[Optional[int]]:
         return [e["max_m"] for e in self.table]
@@ -120,7 +125,7 @@ class TritonFamily:
                 continue
             seen.add(cfg_key(c))
             out.append(c)
-        return out[:self.max_candidates]
+        return out[:self.max_candidates] + [dict(base, splits=s) for s in self.splits]
 
     def prepare(self, shape_data):
         """The weights in this kernel's layout (one per rotating buffer set)."""
@@ -135,16 +140,25 @@ class TritonFamily:
         bf16 = self.torch.bfloat16
         out = self.torch.full((a.shape[0], w_scale.shape[-1]), float("nan"), dtype=bf16, device=a.device) \
             if poison else None
+        tile, splits = {k: v for k, v in cfg.items() if k != "splits"}, cfg.get("splits")
         if self.bits == 8:
-            return self.mod.gemm_w8a8(a, a_scale, w, w_scale, bias, bf16, out=out, config=cfg)
-        return self.mod.gemm_w4a8(a, a_scale, w, w_scale, bias, self.group, bf16, out=out, config=cfg)
+            return self.mod.gemm_w8a8(a, a_scale, w, w_scale, bias, bf16, out=out, config=tile, splits=splits)
+        return self.mod.gemm_w4a8(a, a_scale, w, w_scale, bias, self.group, bf16, out=out, config=tile,
+                                  splits=splits)
 
     def ctas(self, cfg, m, n, k) -> int:
-        return math.ceil(m / cfg["BM"]) * math.ceil(n / cfg["BN"])
+        splits = cfg.get("splits") or (self.mod.auto_split_count(cfg, m, n, k, self._sms()) if self.bits == 8
+                                       else self.mod.auto_split_count(cfg, m, n, k, self.group, self._sms()))
+        return math.ceil(m / cfg["BM"]) * math.ceil(n / cfg["BN"]) * splits
+
+    def _sms(self) -> int:
+        from ditq.kernels import split_k
+        return split_k.sm_count(self.device)
 
     def label(self, c: Dict) -> str:
         return (f"{c['BM']}x{c['BN']}x{c['BK']} w{c['num_warps']} s{c['num_stages']} g{c['GROUP_M']}"
-                + (" swap" if c["SWAP_AB"] else "") + (" tma" if c.get("USE_TMA") else ""))
+                + (" swap" if c["SWAP_AB"] else "") + (" tma" if c.get("USE_TMA") else "")
+                + (f" split {c['splits']}" if "splits" in c else ""))
 
 
 class CudaFamily:
@@ -296,7 +310,7 @@ def make_families(torch, device, args) -> List:
         for g in groups:
             if name.startswith("triton"):
                 fams.append(TritonFamily(torch, device, bits, g, args.configs_dir,
-                                         args.max_candidates or (2 if args.smoke else None)))
+                                         args.max_candidates or (2 if args.smoke else None), smoke=args.smoke))
             elif cuda_backend.built() and (device.type == "cpu" or cuda_backend.built_with_cuda()):
                 fams.append(CudaFamily(torch, device, bits, g, args.smoke, args.max_candidates))
             else:
@@ -510,7 +524,8 @@ def summarize(tuner) -> Dict:
                                           if best and ship.get("status") == "ok" else None),
                               "candidates": list(res.values())})
             rows += brows
-            best = _best_total(brows, lambda c: True)
+            # a Triton table entry cannot force a split count: the bucket's best is among the automatic ones
+            best = _best_total(brows, lambda c: "splits" not in c if fam.kind == "triton" else True)
             ship_total = _best_total(brows, lambda c: c == shipped)
             buckets.append({"family": fam.name, "kernel": fam.kernel, "kind": fam.kind, "group_size": fam.group,
                             "bucket_max_m": bounds[b], "m_values": sorted({r["M"] for r in brows}),

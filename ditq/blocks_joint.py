@@ -8,11 +8,15 @@ the attention's q, k, v (each stream's q/k RMSNorm, the streams concatenated, th
 composition op for op, :mod:`ditq.ops`); diffusers' attention dispatch; the output projections ``to_out`` /
 ``to_add_out`` with adaLN gate and residual in their epilogue; the MLPs as in :mod:`ditq.blocks` (norm -> fc1 with
 GELU, int8 out -> fc2 with gate and residual). SD3's joint block is the same with the image stream first in the
-attention, no rotary embedding, q/k RMSNorms only where the model has them (SD3.5-large's ``qk_norm="rms_norm"``),
-SDPA itself, and in its last block (``context_pre_only``) a text stream that only feeds k/v. A backend without
-``attention_inputs`` (or q/k norms it does not take) runs diffusers' own norms, concatenations and rotary
-embedding instead (SD3 then concatenates both streams' q/k/v in one op and permutes once for SDPA; SD3.5 runs the
-diffusers forward).
+attention, no rotary embedding, q/k RMSNorms only where the model has them (SD3.5's ``qk_norm="rms_norm"``),
+SDPA itself, and in its last block (``context_pre_only``) a text stream that only feeds k/v. SD3.5-medium's dual
+attention blocks (diffusers' MMDiT-X: ``SD35AdaLayerNormZeroX`` gives nine adaLN vectors, ``attn2`` is a second
+self-attention over the image stream alone) add, after attn's gated residual and as diffusers orders it: a fused
+norm of the block's input with attn2's own shift / scale -> attn2's fused q/k/v GEMM -> ``attention_inputs`` on
+that one stream (its q/k RMSNorms) -> SDPA -> attn2's ``to_out`` with its gate and the stream so far as residual
+in the epilogue. A backend without ``attention_inputs`` (or q/k norms it does not take) runs diffusers' own norms,
+concatenations and rotary embedding instead (SD3 then concatenates both streams' q/k/v in one op and permutes once
+for SDPA; SD3.5 runs the diffusers forward).
 
 Single block: its attention's q/k/v and ``proj_mlp`` read the same normalized input, so one
 ``norm_modulate_quantize`` feeds both GEMMs (when their calibrated scales agree, as they do: they observe the same
@@ -99,7 +103,7 @@ def why_not(block: nn.Module) -> Optional[str]:
     return f"{kind} has no fused implementation"
 
 
-def _qk_norms_why_not(attn, head_dim: int) -> Optional[str]:
+def _qk_norms_why_not(attn, head_dim: int, what: str = "its attention's") -> Optional[str]:
     """None when the attention's q/k norms are what ``attention_inputs`` computes (each absent, or an RMSNorm over
     one head with a weight and no bias: all diffusers' ``RMSNorm``, as SD3.5 has, or all ``torch.nn.RMSNorm``, as
     FLUX's attention has, with one eps), else why not."""
@@ -108,14 +112,14 @@ def _qk_norms_why_not(attn, head_dim: int) -> Optional[str]:
     norms = [n for n in (getattr(attn, m, None) for m in QK_NORMS) if n is not None]
     for norm in norms:
         if type(norm) not in (RMSNorm, torch.nn.RMSNorm):
-            return f"its attention's q/k norm is a {type(norm).__name__}, not an RMSNorm (not implemented fused)"
+            return f"{what} q/k norm is a {type(norm).__name__}, not an RMSNorm (not implemented fused)"
         if norm.weight is None or getattr(norm, "bias", None) is not None or \
                 tuple(norm.weight.shape) != (head_dim,):
-            return ("its attention's q/k RMSNorm is not one weight per head dimension without bias (e.g. "
+            return (f"{what} q/k RMSNorm is not one weight per head dimension without bias (e.g. "
                     "rms_norm_across_heads; not implemented fused)")
     if len({type(n) for n in norms}) > 1 or len({n.eps for n in norms}) > 1 or \
             any(n.eps is None for n in norms):
-        return "its attention's q/k RMSNorms differ in kind or eps, or have none (not implemented fused)"
+        return f"{what} q/k RMSNorms differ in kind or eps, or have none (not implemented fused)"
     return None
 
 
@@ -125,8 +129,6 @@ def _sd3_why_not(block) -> Optional[str]:
     from .fuse import joint_qk_norm_processor
 
     attn = block.attn
-    if block.use_dual_attention:
-        return "SD3.5's dual attention is not implemented fused"
     if type(attn.processor) not in (FusedJointAttnProcessor2_0, joint_qk_norm_processor()):
         return "its attention's q/k/v are not fused into one quantized GEMM (ditq.fuse), or it has another processor"
     names = ("to_qkv", "to_added_qkv", "to_out.0") + (() if block.context_pre_only else ("to_add_out",))
@@ -136,6 +138,17 @@ def _sd3_why_not(block) -> Optional[str]:
     why = _qk_norms_why_not(attn, attn.to_qkv.out_features // 3 // attn.heads)
     if why is not None:
         return why
+    attn2 = block.attn2 if block.use_dual_attention else None
+    if attn2 is not None:  # SD3.5-medium (MMDiT-X): a second, image-only self-attention
+        if type(attn2.processor) is not joint_qk_norm_processor() or not getattr(attn2, "fused_projections", False):
+            return ("its dual attention's (attn2) q/k/v are not fused into one quantized GEMM (ditq.fuse), or it has "
+                    "another processor")
+        for name in ("to_qkv", "to_out.0"):
+            if not isinstance(attn2.get_submodule(name), QuantLinear):
+                return f"its dual attention's {name} is not quantized"
+        why = _qk_norms_why_not(attn2, attn2.to_qkv.out_features // 3 // attn2.heads, "its dual attention's")
+        if why is not None:
+            return why
     norms = [block.norm1.norm, block.norm1_context.norm, block.norm2]
     mlps = [block.ff]
     if not block.context_pre_only:
@@ -146,7 +159,8 @@ def _sd3_why_not(block) -> Optional[str]:
         why = "its norms are not affine-free LayerNorms"
     if why is None and getattr(block.norm1, "emb", None) is not None:
         why = "its adaLN norm embeds its own conditioning"
-    return why or _nmq_why_not([attn.to_qkv, attn.to_added_qkv] + [ff.net[0].proj for ff in mlps])
+    return why or _nmq_why_not([attn.to_qkv, attn.to_added_qkv] + ([attn2.to_qkv] if attn2 is not None else []) +
+                               [ff.net[0].proj for ff in mlps])
 
 
 def _mods(b, norms, temb: torch.Tensor, dim: int):
@@ -178,14 +192,15 @@ QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
 
 def _attention_inputs(b, first_qkv: torch.Tensor, second_qkv: Optional[torch.Tensor], batch: int, heads: int,
-                      first_norms, second_norms, rotary=None):
+                      first_norms, second_norms, rotary=None, attn2: bool = False):
     """``attention_inputs`` on two (or one) streams' fused q/k/v outputs -> q, k, v [B, H, S, Dh], or None where the
     block runs diffusers' ops instead: the backend has no such kernel, the q/k norms are not RMSNorms it takes
     (``b._ditq_qk`` is None, decided when fusing), or the rotary embedding is not FLUX's (cos, sin) pair.
-    ``*_norms``: the stream's (q norm, k norm) module names on the attention."""
-    attn = b.attn
+    ``*_norms``: the stream's (q norm, k norm) module names on the attention; ``attn2``: the block's second
+    attention (SD3.5-medium's dual attention, planned in ``b._ditq_qk2``) instead of ``b.attn``."""
+    attn = b.attn2 if attn2 else b.attn
     op = attn.to_qkv._kernels.attention_inputs if attn.to_qkv._kernels is not None else None
-    plan = getattr(b, "_ditq_qk", None)
+    plan = getattr(b, "_ditq_qk2" if attn2 else "_ditq_qk", None)
     if op is None or plan is None:
         return None
     eps, torch_norm = plan
@@ -328,19 +343,22 @@ def _single_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_
 
 def _sd3_forward(b, hidden_states, encoder_hidden_states, temb, joint_attention_kwargs=None):
     """SD3's ``JointTransformerBlock``: as the FLUX joint block, with the sample stream first in the attention, no
-    rotary embedding, q/k norms where the model has them (SD3.5), and (last block, ``context_pre_only``) a context
-    stream that only feeds k/v."""
-    attn, pre_only = b.attn, b.context_pre_only
+    rotary embedding, q/k norms where the model has them (SD3.5), (last block, ``context_pre_only``) a context
+    stream that only feeds k/v, and (SD3.5-medium's dual attention) a second attention over the image stream."""
+    attn, attn2, pre_only = b.attn, b.attn2 if b.use_dual_attention else None, b.context_pre_only
+    attns = (attn,) if attn2 is None else (attn, attn2)
     mlps = (b.ff,) if pre_only else (b.ff, b.ff_context)
-    normed = any(getattr(attn, n, None) is not None for n in QK_NORMS)
     if b._chunk_size is not None or not _covered(b, joint_attention_kwargs, (attn.to_qkv, attn.to_added_qkv) +
+                                                  tuple(a.to_qkv for a in attns[1:]) +
                                                   tuple(ff.net[0].proj for ff in mlps)) or \
-            (normed and attn.to_qkv._kernels.attention_inputs is None):  # no fused path applies q/k norms then
+            any(a.to_qkv._kernels.attention_inputs is None and  # no fused path applies q/k norms then
+                any(getattr(a, n, None) is not None for n in QK_NORMS) for a in attns):
         return super(type(b), b).forward(hidden_states, encoder_hidden_states, temb, joint_attention_kwargs)
     x, c = hidden_states.contiguous(), encoder_hidden_states.contiguous()
     (batch, seq, dim), text, dtype = x.shape, c.shape[1], x.dtype
     mods, cmods = _mods(b, (b.norm1, b.norm1_context), temb, dim)
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+    # SD35AdaLayerNormZeroX (dual attention): 9 vectors, the last three attn2's (shift, scale, gate)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
     if pre_only:  # AdaLayerNormContinuous: (scale, shift)
         c_scale_msa, c_shift_msa = cmods
     else:
@@ -366,6 +384,8 @@ def _sd3_forward(b, hidden_states, encoder_hidden_states, temb, joint_attention_
     to_out = attn.to_out[0]
     h2d = to_out.forward_fused(*_quantize(to_out, x_out.reshape(batch * seq, -1)), dtype, gate=gate_msa,
                                residual=x.view(batch * seq, dim), rows_per_gate=seq)
+    if attn2 is not None:  # diffusers adds attn2's gated output after attn's: its to_out takes h2d as residual
+        h2d = _attn2(b, x, h2d, *mods[6:])
     x = _mlp(b.ff, h2d.view(batch, seq, dim), shift_mlp, scale_mlp, b.norm2.eps, gate_mlp, h2d).view(batch, seq, dim)
     if pre_only:
         return None, x
@@ -375,6 +395,28 @@ def _sd3_forward(b, hidden_states, encoder_hidden_states, temb, joint_attention_
     c = _mlp(b.ff_context, ch2d.view(batch, text, -1), c_shift_mlp, c_scale_mlp, b.norm2_context.eps, c_gate_mlp,
              ch2d)
     return c.view(batch, text, -1), x
+
+
+def _attn2(b, x: torch.Tensor, residual: torch.Tensor, shift, scale, gate) -> torch.Tensor:
+    """SD3.5-medium's second attention (``attn2``: self-attention over the image stream ``x`` [B, S, D], q/k
+    RMSNorms) gated and added to ``residual`` [B * S, D] (the stream after attn's residual add): the fused norm
+    modulates ``norm1``'s LayerNorm of the same ``x`` with attn2's own shift / scale (diffusers'
+    ``norm_hidden_states2``) -> attn2's fused q/k/v GEMM -> ``attention_inputs`` on one stream (or a view and one
+    permute where the backend lacks it and attn2 has no q/k norm) -> SDPA -> ``to_out`` with gate and residual in
+    its epilogue. [B * S, D]."""
+    attn2 = b.attn2
+    (batch, seq, dim), dtype = x.shape, x.dtype
+    to_qkv, to_out = attn2.to_qkv, attn2.to_out[0]
+    q8, s8 = to_qkv._kernels.norm_modulate_quantize(x, shift, scale, b.norm1.norm.eps, to_qkv._buffers["act_scale"])
+    qkv = to_qkv.forward_fused(q8, s8, dtype)
+    qkv_heads = _attention_inputs(b, qkv, None, batch, attn2.heads, ("norm_q", "norm_k"), None, attn2=True)
+    if qkv_heads is not None:
+        q, k, v = qkv_heads
+    else:
+        q, k, v = qkv.view(batch, seq, 3, attn2.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    return to_out.forward_fused(*_quantize(to_out, o.transpose(1, 2).reshape(batch * seq, -1)), dtype, gate=gate,
+                                residual=residual, rows_per_gate=seq)
 
 
 @lru_cache(maxsize=None)
@@ -390,6 +432,15 @@ def fused_class(kind: str):
                                           "__doc__": f"diffusers' {kind} with ditq's fused forward."})
 
 
+def _qk_plan(attn):
+    """attention_inputs' (eps, torch_norm) for ``attn`` (eps 1e-6 when there is no norm: unused then), or None where
+    the q/k norms are not what it computes (FLUX then keeps diffusers' norms; SD3 refuses such a block)."""
+    head_dim = attn.to_qkv.out_features // 3 // attn.heads
+    norm = next((n for n in (getattr(attn, m, None) for m in QK_NORMS) if n is not None), None)
+    return None if _qk_norms_why_not(attn, head_dim) is not None else \
+        (1e-6 if norm is None else float(norm.eps), isinstance(norm, torch.nn.RMSNorm))
+
+
 def fuse(block: nn.Module) -> Optional[str]:
     """Fuse one FLUX block in place; None, or why it was left as it was."""
     why = why_not(block)
@@ -397,12 +448,9 @@ def fuse(block: nn.Module) -> Optional[str]:
         return why
     kind = type(block).__name__
     attn = block.attn
-    # attention_inputs' (eps, torch_norm) (eps 1e-6 when there is no norm: unused then), or None where the q/k
-    # norms are not what it computes (FLUX then keeps diffusers' norms; SD3 refused such a block above)
-    head_dim = attn.to_qkv.out_features // 3 // attn.heads
-    norm = next((n for n in (getattr(attn, m, None) for m in QK_NORMS) if n is not None), None)
-    block._ditq_qk = None if _qk_norms_why_not(attn, head_dim) is not None else \
-        (1e-6 if norm is None else float(norm.eps), isinstance(norm, torch.nn.RMSNorm))
+    block._ditq_qk = _qk_plan(attn)
+    if kind == SD3 and block.use_dual_attention:  # SD3.5-medium's attn2: its own norms, its own plan
+        block._ditq_qk2 = _qk_plan(block.attn2)
     if kind == SINGLE:
         block._ditq_shared_input = _same_input_quantization([block.attn.to_qkv, block.proj_mlp])
         norms = (block.norm,)

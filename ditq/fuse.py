@@ -14,6 +14,8 @@ attention                          fused layers                      how diffuse
 ``Attention`` + ``JointAttnProcessor2_0``  ``to_qkv``, ``to_added_qkv``   ``FusedJointAttnProcessor2_0``
   (SD3)                                                                (with q/k norms, SD3.5:
                                                                        :func:`joint_qk_norm_processor`)
+  without added projections          ``to_qkv``                        :func:`joint_qk_norm_processor`
+  (SD3.5-medium's ``attn2``)
 ``FluxAttention``                  ``to_qkv``, ``to_added_qkv``      its ``fused_projections`` flag
 ================================  ===============================  ===========================================
 
@@ -60,6 +62,8 @@ def _plan(attn: nn.Module) -> Tuple[Optional[Dict[str, Tuple[str, ...]]], object
             return dict(CROSS_KV), ap.FusedAttnProcessor2_0()
         return dict(SELF_QKV), ap.FusedAttnProcessor2_0()
     if proc is ap.JointAttnProcessor2_0:
+        if getattr(attn, "add_q_proj", None) is None:  # SD3.5-medium's attn2: a self-attention, no context stream
+            return dict(SELF_QKV), joint_qk_norm_processor()()
         if any(getattr(attn, n, None) is not None for n in QK_NORMS):
             return {**SELF_QKV, **ADDED_QKV}, joint_qk_norm_processor()()
         return {**SELF_QKV, **ADDED_QKV}, ap.FusedJointAttnProcessor2_0()
@@ -73,7 +77,12 @@ QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 def joint_qk_norm_processor():
     """diffusers' ``FusedJointAttnProcessor2_0`` with the q/k norms ``JointAttnProcessor2_0`` applies (SD3.5's
     ``qk_norm="rms_norm"``): the fused twin skips them (diffusers 0.42), so switching to it would silently change
-    the model. This is ``JointAttnProcessor2_0``'s computation, op for op, on the fused projections' outputs."""
+    the model. This is ``JointAttnProcessor2_0``'s computation, op for op, on the fused projections' outputs.
+
+    It also runs a joint attention without a context stream (SD3.5-medium's ``attn2``: no added projections,
+    called without ``encoder_hidden_states``), which the fused twin cannot (it reads the context's shape first):
+    the image stream alone, its q/k norms, SDPA, ``to_out``; one tensor returned, as ``JointAttnProcessor2_0``
+    does then."""
     import torch.nn.functional as F
     from diffusers.models.attention_processor import FusedJointAttnProcessor2_0
 
@@ -91,6 +100,10 @@ def joint_qk_norm_processor():
                 query = attn.norm_q(query)
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
+            if encoder_hidden_states is None:
+                out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+                out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+                return attn.to_out[1](attn.to_out[0](out))
             c_query, c_key, c_value = map(heads, attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1))
             if attn.norm_added_q is not None:
                 c_query = attn.norm_added_q(c_query)

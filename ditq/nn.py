@@ -30,6 +30,7 @@ from torch import nn
 
 from . import backends, ops, weight_rounding  # noqa: F401  (ops registers torch.ops.ditq.*)
 from .format import WeightFormat
+from .kernels.epilogue_checks import check_args as check_epilogue_args
 from .quant import reference as ref
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -319,7 +320,7 @@ class QuantLinear(nn.Module):
                 return kernels.gemm_w4a8_fused(q, s, b["qweight"], b["scales"], b["bias"], self._group_size, gelu,
                                                gate, residual, rows_per_gate, out_scale, out_dtype)
             y = kernels.gemm_w4a8(q, s, b["qweight"], b["scales"], b["bias"], self._group_size, torch.float32)
-        ops._check_fused(q, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, y.shape[0], y.shape[1])
+        check_epilogue_args(q.device, y.shape[0], y.shape[1], gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
         return ref.gemm_epilogue(y, gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
 
     def extra_repr(self) -> str:

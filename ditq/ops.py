@@ -87,6 +87,7 @@ import torch
 from . import backends
 from .backends import KernelOps
 from .kernels.attention_inputs_checks import check_args
+from .kernels.epilogue_checks import check_args as check_epilogue_args
 from .quant.reference import MAX_K
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -243,41 +244,6 @@ def check_gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype, a_dtype
     _check_epilogue(a, a_scale, w, w_scale, bias, out_dtype, m, n)
 
 
-def _check_fused(a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, m: int, n: int) -> None:
-    """The fused epilogue's own arguments (the GEMM's are checked by check_gemm_w8a8 / check_gemm_w4a8)."""
-    if type(gelu) is not bool:
-        raise TypeError(f"gelu must be a bool, got {type(gelu).__name__}")
-    if type(rows_per_gate) is not int or rows_per_gate < 1:
-        raise ValueError(f"rows_per_gate must be an int >= 1, got {rows_per_gate!r}")
-    if gate is not None:
-        if not isinstance(gate, torch.Tensor) or gate.dtype not in _FLOAT_DTYPES:
-            raise _bad_tensor("gate", gate, _FLOAT_DTYPES)
-        if m % rows_per_gate:
-            raise ValueError(f"M = {m} must be a multiple of rows_per_gate = {rows_per_gate} (the rows of one "
-                             f"gate row)")
-        if gate.shape != (m // rows_per_gate, n):
-            raise ValueError(f"gate must be [M // rows_per_gate, N] = [{m // rows_per_gate}, {n}], "
-                             f"got {tuple(gate.shape)}")
-        if not gate.is_contiguous():
-            raise ValueError("gate must be contiguous (call .contiguous() first)")
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor) or residual.dtype != out_dtype:
-            raise _bad_tensor("residual", residual, (out_dtype,) if out_dtype in _FLOAT_DTYPES else _FLOAT_DTYPES)
-        if residual.shape != (m, n):
-            raise ValueError(f"residual must be [M, N] = [{m}, {n}], got {tuple(residual.shape)}")
-        if not residual.is_contiguous():
-            raise ValueError("residual must be contiguous (call .contiguous() first)")
-    if out_scale is not None:
-        if not isinstance(out_scale, torch.Tensor) or out_scale.dtype != torch.float32:
-            raise _bad_tensor("out_scale", out_scale, (torch.float32,))
-        if out_scale.shape != (1,):
-            raise ValueError(f"out_scale must be a static scale, float32 [1], got shape {tuple(out_scale.shape)}")
-        # its value is checked only where reading it is free: on a GPU it would synchronize every call
-        if out_scale.device.type == "cpu" and not 0 < float(out_scale) < float("inf"):
-            raise ValueError(f"out_scale must be positive and finite, got {float(out_scale)!r}")
-    _same_device(a, gate=gate, residual=residual, out_scale=out_scale)
-
-
 def float_a_needs_static_scale(a_scale) -> ValueError:
     """The refusal of a float ``a`` with per-token scales (the Triton launchers raise the same words)."""
     return ValueError(f"a float activation needs a static a_scale, float32 [1] (the fused GEMM quantizes it as it "
@@ -290,7 +256,7 @@ def check_gemm_w8a8_fused(a, a_scale, w, w_scale, bias, gelu, gate, residual, ro
     check_gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype, _FUSED_A_DTYPES)
     if a.dtype != torch.int8 and a_scale.shape != (1,):
         raise float_a_needs_static_scale(a_scale)
-    _check_fused(a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, a.shape[0], w.shape[0])
+    check_epilogue_args(a.device, a.shape[0], w.shape[0], gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
 
 
 def check_gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate, out_scale,
@@ -298,7 +264,8 @@ def check_gemm_w4a8_fused(a, a_scale, w, w_scale, bias, group_size, gelu, gate, 
     check_gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype, _FUSED_A_DTYPES)
     if a.dtype != torch.int8 and a_scale.shape != (1,):
         raise float_a_needs_static_scale(a_scale)
-    _check_fused(a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, a.shape[0], w_scale.shape[1])
+    check_epilogue_args(a.device, a.shape[0], w_scale.shape[1], gelu, gate, residual, rows_per_gate, out_scale,
+                        out_dtype)
 
 
 # one validation for every backend (plain torch, shared with the Triton launcher): the same words everywhere
@@ -369,10 +336,15 @@ def define_kernel_ops(prefix: str, impls: dict) -> KernelOps:
 
 def define_kernel_op(prefix: str, name: str, fn):
     """Register one kernel op ``torch.ops.ditq.<prefix>_<name>`` (CPU and CUDA keys, fake implementation) and
-    return it (for a backend that adds a Python op to others, as cuda's ``attention_inputs``)."""
+    return it (for a backend that adds a Python op to others, as cuda's ``attention_inputs``). ``fn``: one function
+    for both keys, or a dict of one per key (``{"CPU": ..., "CUDA": ...}``): torch's dispatcher then picks the
+    implementation by the tensors' device, as it does for the ``ditq_C`` ops."""
     _lib.define(f"{prefix}_{name}" + SCHEMAS[name].format(backend=""))
-    for key in ("CPU", "CUDA"):
-        _lib.impl(f"{prefix}_{name}", fn, key)
+    impls = fn if isinstance(fn, dict) else {"CPU": fn, "CUDA": fn}
+    if set(impls) != {"CPU", "CUDA"}:
+        raise ValueError(f"define_kernel_op: implementations for the CPU and CUDA keys, got {sorted(impls)}")
+    for key, impl in impls.items():
+        _lib.impl(f"{prefix}_{name}", impl, key)
     torch.library.register_fake(f"ditq::{prefix}_{name}", FAKES[name], lib=_lib)
     return getattr(torch.ops.ditq, f"{prefix}_{name}").default
 

@@ -78,6 +78,16 @@ Designs compared (G = 128, BK = 128):
   200 instr., 0 PRMT. Tables ship ``UNPACK_ASM: true``; the interpreter (and ``UNPACK_ASM: false``) runs the 278 one.
 * Note: on cc 80 Triton emits ``mma ... .satfinite`` (SASS ``IMMA...SAT``): saturation never triggers here,
   since a group partial is < 2^31 by the bound above.
+
+Split-K (:mod:`.split_k`): when the output tiles fill less than a wave of SMs, ``S`` programs per tile
+(``SPLIT_K``, grid axis 1) each sum whole pack blocks -- whole groups, each rescaled by its own group scale
+exactly as unsplit; for G = 32 the short tail block goes with the last split -- into an fp32 workspace, and
+:func:`w4a8_reduce_kernel` adds the S partials in split order and runs the same epilogue (:func:`_epilogue`).
+fp32 adds in a fixed order: deterministic, within the reference's fp32 tolerance, but not the unsplit bits.
+S = 1 compiles exactly as without split-K. Measured (AOT, 128 x 128 entry, G = 128): sm90 split kernel 196
+registers (207 unsplit), loop 255 (263), the same 4 IGMMA; sm80 172 (170), loop 509 (519), the same 64 IMMA,
+64 KB shared (48 KB: the partial's store goes through shared memory); reduce 128 registers, 154-166 with
+gate + residual; nothing spills (tests/kernels/test_aot_split_k.py).
 """
 from __future__ import annotations
 
@@ -87,7 +97,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import checks, config_table, epilogue, quantize_act
+from . import checks, config_table, epilogue, quantize_act, split_k
 from .interpret import check_device, interpreting
 
 KERNEL_NAME = "w4a8"
@@ -258,11 +268,16 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                 SWAP_AB: tl.constexpr, UNPACK_ASM: tl.constexpr, INTERPRET: tl.constexpr,
                 HAS_GELU: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
-                HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False, A_FLOAT: tl.constexpr = False):
+                HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False, A_FLOAT: tl.constexpr = False,
+                SPLIT_K: tl.constexpr = False):
     # Arguments in the launcher's (the runtime op's) order, as in w8a8_kernel; then the strides, the fused
     # epilogue's arguments (epilogue.store_tile; compiled out while its flags are off) and GROUP.
     # A_FLOAT: a_ptr points to float A with a static a_scale; every A tile is quantized in registers exactly as
     # quantize_act does before its dot (as in w8a8_kernel; compiled out when off).
+    # SPLIT_K (split_k.py): grid axis 1 is the split; this program sums only its split's pack blocks (whole
+    # groups, each scaled by its own group scale as unsplit) and stores the raw fp32 tile to out_ptr, the
+    # workspace [S, M, N]; w4a8_reduce_kernel adds the splits in order and runs the epilogue. Off, nothing of
+    # it is compiled.
     HB: tl.constexpr = BK // 2        # bytes of one row per step = k per half-dot
     HALF: tl.constexpr = PB // 2      # k distance between the low and the high nibble of a byte
     STEPS: tl.constexpr = PB // BK    # steps per pack block (static: unrolled)
@@ -296,7 +311,13 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
         inv = quantize_act.inverse_scale(tl.load(a_scale_ptr))  # the static scale, read once, outside the loop
 
     n_blocks = K // PB
-    for blk in range(0, n_blocks):
+    if SPLIT_K:  # k units = pack blocks, the G = 32 tail block (K % PB != 0) the last one
+        blk_lo, blk_hi = split_k.k_range(tl.cdiv(K, PB), tl.num_programs(1))
+        blk_end = tl.minimum(blk_hi, n_blocks)
+    else:
+        blk_lo = 0
+        blk_end = n_blocks
+    for blk in range(blk_lo, blk_end):
         if CHAIN:  # one group per block: a fresh int32 partial
             p = zero
         for st in tl.static_range(STEPS):
@@ -323,7 +344,10 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
             acc = _rescale(acc, p, tl.load(w_scale_ptr + blk * stride_sg + rn), SWAP_AB)
 
     if GROUP == 32:
-        if K % PB != 0:  # odd number of groups: the last 32 k are a short block (k = j and j + 16)
+        has_tail = K % PB != 0
+        if SPLIT_K:  # the tail block belongs to the split whose units reach the end
+            has_tail = has_tail & (blk_hi > n_blocks)
+        if has_tail:  # odd number of groups: the last 32 k are a short block (k = j and j + 16)
             k0 = n_blocks * PB
             valid = offs_b < 16
             if A_FLOAT:  # other=0.0 quantizes to 0, as the int8 path's other=0
@@ -338,6 +362,22 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
             p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, zero, SWAP_AB), SWAP_AB)  # one group: one partial
             acc = _rescale(acc, p, tl.load(w_scale_ptr + (2 * n_blocks) * stride_sg + rn), SWAP_AB)  # group K/32 - 1
 
+    if SPLIT_K:
+        split_k.store_partial(acc, out_ptr, offs_m, offs_n, M, N, SWAP_AB)
+    else:
+        _epilogue(acc, offs_m, offs_n, rm, rn, a_scale_ptr, bias_ptr, out_ptr, M, N, stride_om, gate_ptr, res_ptr,
+                  out_scale_ptr, rows_per_gate, PER_TOKEN, HAS_BIAS, SWAP_AB, INTERPRET, HAS_GELU, HAS_GATE,
+                  HAS_RESIDUAL, QUANT_OUT)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, rm, rn, a_scale_ptr, bias_ptr, out_ptr, M, N, stride_om, gate_ptr, res_ptr,
+              out_scale_ptr, rows_per_gate, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr,
+              INTERPRET: tl.constexpr, HAS_GELU: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              QUANT_OUT: tl.constexpr):
+    """The fp32 tile ``acc`` (the whole K sum, 16x the reference's) scaled, biased, through the fused pieces and
+    stored: the end of the unsplit kernel and of the split-K reduce, one code path. ``rm`` / ``rn``: the rows
+    and columns clamped into range (``% M``, ``% N``), for unmasked loads."""
     # epilogue: acc is exactly 16x the reference's accumulator; fold the 1/16 into the activation scale
     if PER_TOKEN:
         a_s = tl.load(a_scale_ptr + rm) * 0.0625
@@ -357,6 +397,25 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
     # bf16 -- and a masked store) and the store, shared with the W8A8 kernel
     epilogue.store_tile(y, offs_m, offs_n, M, N, out_ptr, stride_om, gate_ptr, res_ptr, out_scale_ptr,
                         rows_per_gate, HAS_GELU, HAS_GATE, HAS_RESIDUAL, QUANT_OUT, SWAP_AB, INTERPRET)
+
+
+@triton.jit
+def w4a8_reduce_kernel(ws_ptr, S, a_scale_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                       gate_ptr, res_ptr, out_scale_ptr, rows_per_gate,
+                       PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       SWAP_AB: tl.constexpr, INTERPRET: tl.constexpr,
+                       HAS_GELU: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
+                       HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False):
+    """Split-K's second launch: one program per output tile adds the S fp32 partials of the workspace
+    [S, M, N] in split order (deterministic) and runs the same epilogue."""
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(N, BN)
+    offs_m = (pid // n_n) * BM + tl.arange(0, BM)
+    offs_n = (pid % n_n) * BN + tl.arange(0, BN)
+    acc = split_k.load_sum(ws_ptr, S, offs_m, offs_n, M, N, SWAP_AB)
+    _epilogue(acc, offs_m, offs_n, offs_m % M, offs_n % N, a_scale_ptr, bias_ptr, out_ptr, M, N, stride_om, gate_ptr,
+              res_ptr, out_scale_ptr, rows_per_gate, PER_TOKEN, HAS_BIAS, SWAP_AB, INTERPRET, HAS_GELU, HAS_GATE,
+              HAS_RESIDUAL, QUANT_OUT)
 
 
 # ---- configuration and launcher ---------------------------------------------------------------------------
@@ -386,6 +445,18 @@ def fit_config(cfg: Dict, group_size: int) -> Dict:
         raise ValueError(f"w4a8 BK must be a power of two >= {MIN_BK}, got {bk!r}")
     cfg["BK"] = min(bk, pb)
     return cfg
+
+
+def split_shape(cfg: Dict, m: int, n: int, k: int, group_size: int):
+    """(output tiles, k units) of a launch with tile entry ``cfg``: what the split count is chosen from. A k
+    unit is one pack block (``pack_block(G)`` k, whole groups; for G = 32 the short tail block counts as one),
+    so a group never straddles two splits."""
+    return triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), triton.cdiv(k, pack_block(group_size))
+
+
+def auto_split_count(cfg: Dict, m: int, n: int, k: int, group_size: int, sm_count: int) -> int:
+    """The split-K count the launcher picks for this shape, tile and group size on ``sm_count`` SMs."""
+    return split_k.auto_splits(*split_shape(cfg, m, n, k, group_size), sm_count)
 
 
 def describe() -> Dict:
@@ -423,14 +494,17 @@ def _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype, a_dtypes=(t
 
 def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
-              out: Optional[torch.Tensor] = None, config: Optional[Dict] = None) -> torch.Tensor:
+              out: Optional[torch.Tensor] = None, config: Optional[Dict] = None,
+              splits: Optional[int] = None) -> torch.Tensor:
     """``y = a_scale * sum_g w_scale[g] * (a @ w_g^T) + bias`` with ``w`` from :func:`pack_weight`.
 
     a int8 [M, K], a_scale float32 [1] or [M], w uint8 [N, K // 2] (this kernel's layout, 16-byte aligned),
     w_scale float32 [K // G, N], bias float16 / bfloat16 / float32 [N] or None; all contiguous, on one device;
     G in :data:`GROUP_SIZES`, K a multiple of G and at most :data:`MAX_K`. Anything else raises ValueError /
     TypeError. ``out``: optional [M, N] tensor of ``out_dtype`` to write (row stride free, unit column
-    stride). ``config``: optional table entry overriding the tile table (tests, benchmarks)."""
+    stride). ``config``: optional table entry overriding the tile table (tests, benchmarks). ``splits``: the
+    split-K count, None = automatic (``split_k.auto_splits``), or forced in [1, cdiv(K, pack_block(G))]
+    (tests, benchmarks); splits add fp32 partials in a fixed order, so a count always gives the same bits."""
     m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype)
     checks.same_device("a", a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, out=out)
     check_device(a)
@@ -446,20 +520,21 @@ def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
         return out
     if k == 0:
         return out.copy_(torch.zeros_like(out) if bias is None else bias.to(out_dtype).expand(m, n))
-    return _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config)
+    return _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config, splits)
 
 
 def gemm_w4a8_fused(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                     bias: Optional[torch.Tensor], group_size: int, gelu: bool, gate: Optional[torch.Tensor],
                     residual: Optional[torch.Tensor], rows_per_gate: int, out_scale: Optional[torch.Tensor],
                     out_dtype: torch.dtype, out: Optional[torch.Tensor] = None,
-                    config: Optional[Dict] = None) -> torch.Tensor:
+                    config: Optional[Dict] = None, splits: Optional[int] = None) -> torch.Tensor:
     """:func:`gemm_w4a8` with the fused epilogue of :mod:`.epilogue` (the contract of
     ``ditq.quant.reference.gemm_epilogue``): ``gelu``, ``gate`` [M // rows_per_gate, N], ``residual`` [M, N]
     of ``out_dtype``, and ``out_scale`` float32 [1] for an int8 output (``out_dtype`` then names only the
     residual's dtype). ``a`` may also be float16 / bfloat16 / float32 with a static ``a_scale`` [1]: the kernel
     then quantizes it as it loads it, exactly as ``quantize_act`` (``A_FLOAT``). ``out``: optional contiguous
-    [M, N] tensor to write. Bad input raises ValueError / TypeError."""
+    [M, N] tensor to write. ``splits`` as in :func:`gemm_w4a8` (the epilogue runs once, on the whole sum). Bad
+    input raises ValueError / TypeError."""
     m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype, checks.FUSED_A_DTYPES)
     epilogue.check_args(a.device, m, n, gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
     checks.same_device("a", a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, out=out)
@@ -470,21 +545,43 @@ def gemm_w4a8_fused(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_s
     if m == 0 or n == 0:
         return out
     # K = 0 runs the kernel too: no pack block, so the epilogue sees acc = 0
-    return _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config, gelu, gate, residual,
+    return _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config, splits, gelu, gate, residual,
                    rows_per_gate, out_scale)
 
 
-def _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config, gelu=False, gate=None,
+def _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config, splits=None, gelu=False, gate=None,
             residual=None, rows_per_gate=1, out_scale=None):
     cfg = fit_config(config, group_size) if config is not None else kernel_config(m, a.device, group_size)
-    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
+    tiles, units = split_shape(cfg, m, n, k, group_size)
+    s = split_k.resolve(splits, tiles, units, m * n, a.device, KERNEL_NAME)
     unused = w_scale  # a valid pointer for the arguments a constexpr flag switches off
+    per_token = a_scale.numel() == m and m > 1
+    if s > 1:
+        # the split launch stores raw fp32 partials (no epilogue: its flags off, one compiled variant per
+        # tile), the reduce launch adds them in split order and runs the epilogue (split_k.py)
+        ws = split_k.workspace(s, m, n, torch.float32, a.device)
+        w4a8_kernel[(tiles, s)](
+            a, a_scale, w, w_scale, unused, ws, m, n, k, a.stride(0), w.stride(0), w_scale.stride(0), n,
+            unused, unused, unused, 1, PER_TOKEN=False, HAS_BIAS=False, GROUP=group_size,
+            PB=pack_block(group_size), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
+            SWAP_AB=bool(cfg["SWAP_AB"]), UNPACK_ASM=bool(cfg["UNPACK_ASM"]) and not interpreting(),
+            INTERPRET=interpreting(), A_FLOAT=a.dtype != torch.int8, SPLIT_K=True,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        w4a8_reduce_kernel[(tiles,)](
+            ws, s, a_scale, bias if bias is not None else unused, out, m, n, out.stride(0),
+            gate if gate is not None else unused, residual if residual is not None else unused,
+            out_scale if out_scale is not None else unused, rows_per_gate, PER_TOKEN=per_token,
+            HAS_BIAS=bias is not None, BM=cfg["BM"], BN=cfg["BN"], SWAP_AB=bool(cfg["SWAP_AB"]),
+            INTERPRET=interpreting(), HAS_GELU=gelu, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
+            QUANT_OUT=out_scale is not None, num_warps=cfg["num_warps"])
+        return out
+    grid = (tiles,)
     w4a8_kernel[grid](
         a, a_scale, w, w_scale, bias if bias is not None else unused, out, m, n, k,
         a.stride(0), w.stride(0), w_scale.stride(0), out.stride(0),
         gate if gate is not None else unused, residual if residual is not None else unused,
         out_scale if out_scale is not None else unused, rows_per_gate,
-        PER_TOKEN=a_scale.numel() == m and m > 1, HAS_BIAS=bias is not None, GROUP=group_size,
+        PER_TOKEN=per_token, HAS_BIAS=bias is not None, GROUP=group_size,
         PB=pack_block(group_size),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], SWAP_AB=bool(cfg["SWAP_AB"]),
         UNPACK_ASM=bool(cfg["UNPACK_ASM"]) and not interpreting(),  # no inline asm in the interpreter
@@ -495,25 +592,47 @@ def _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config, gelu
 
 
 def aot_job(config: Dict, cc: int, *, group_size: int, out_dtype: str = "bf16", per_token: bool = True,
-            bias: bool = True, aligned: bool = True, fused: str = "", a_float: str = "") -> Dict:
+            bias: bool = True, aligned: bool = True, fused: str = "", a_float: str = "", split: bool = False) -> Dict:
     """Arguments of ``aot.compile_kernel`` for one table entry at group size ``group_size``, as the launcher
     would run it on a GPU of compute capability ``cc``: BK fitted to the group, and the alignment the launcher
     guarantees, pointers, K, N and every stride divisible by 16 (K % 32 == 0), M not (``aligned=False``
     drops those hints). ``fused``: the epilogue's pieces, "+"-separated names from ``epilogue.PIECES``
     (e.g. ``"gate+residual"``; "" = the plain GEMM), with a bf16 gate and a residual of the output dtype.
     ``a_float`` (e.g. ``"bf16"``): a float A of that type, quantized on load (``A_FLOAT``) with its static
-    scale (a float A never has per-token scales)."""
+    scale (a float A never has per-token scales). ``split``: the split-K launch (``SPLIT_K``: fp32 partials
+    to the workspace, no epilogue, so no ``fused``; its reduce is :func:`reduce_aot_job`)."""
     cfg = fit_config(config, group_size)
+    if split and fused:
+        raise ValueError("the split-K launch has no epilogue: its pieces belong to reduce_aot_job")
     flags = epilogue.flags(fused)
+    out = "*fp32" if split else "*i8" if flags["QUANT_OUT"] else "*" + out_dtype
     ptr = {"a_ptr": f"*{a_float or 'i8'}", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32",
-           "bias_ptr": "*fp32", "out_ptr": "*i8" if flags["QUANT_OUT"] else "*" + out_dtype}
+           "bias_ptr": "*fp32", "out_ptr": out}
     ints = ("M", "N", "K", "stride_am", "stride_wn", "stride_sg", "stride_om")
     fused_args = {"gate_ptr": "*bf16", "res_ptr": "*" + out_dtype, "out_scale_ptr": "*fp32", "rows_per_gate": "i32"}
-    constexprs = {"PER_TOKEN": per_token and not a_float, "HAS_BIAS": bias, "GROUP": group_size,
-                  "PB": pack_block(group_size),
+    constexprs = {"PER_TOKEN": per_token and not a_float and not split, "HAS_BIAS": bias and not split,
+                  "GROUP": group_size, "PB": pack_block(group_size),
                   "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "GROUP_M": cfg["GROUP_M"],
                   "SWAP_AB": bool(cfg["SWAP_AB"]), "UNPACK_ASM": bool(cfg["UNPACK_ASM"]), "INTERPRET": False,
                   "A_FLOAT": bool(a_float), **flags}
+    constexprs["SPLIT_K"] = split  # AOT compiles take every constexpr, defaults included
     hints = [n for n in (*ptr, *ints, "gate_ptr", "res_ptr", "out_scale_ptr") if n != "M"]
     return dict(fn=w4a8_kernel, signature={**ptr, **{n: "i32" for n in ints}, **fused_args}, constexprs=constexprs,
                 cc=cc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], aligned=hints if aligned else [])
+
+
+def reduce_aot_job(config: Dict, cc: int, *, group_size: int, out_dtype: str = "bf16", per_token: bool = True,
+                   bias: bool = True, fused: str = "") -> Dict:
+    """Arguments of ``aot.compile_kernel`` for the split-K reduce launch of one table entry (its tile and
+    orientation at ``group_size``), with the epilogue ``fused`` as in :func:`aot_job`, N and the output's row
+    stride multiples of 16."""
+    cfg = fit_config(config, group_size)
+    flags = epilogue.flags(fused)
+    sig = {"ws_ptr": "*fp32", "S": "i32", "a_scale_ptr": "*fp32", "bias_ptr": "*fp32",
+           "out_ptr": "*i8" if flags["QUANT_OUT"] else "*" + out_dtype, "M": "i32", "N": "i32", "stride_om": "i32",
+           "gate_ptr": "*bf16", "res_ptr": "*" + out_dtype, "out_scale_ptr": "*fp32", "rows_per_gate": "i32"}
+    constexprs = dict(PER_TOKEN=per_token, HAS_BIAS=bias, BM=cfg["BM"], BN=cfg["BN"], SWAP_AB=bool(cfg["SWAP_AB"]),
+                      INTERPRET=False, **flags)
+    hints = [k for k in sig if k.endswith("_ptr")] + ["N", "stride_om"]
+    return dict(fn=w4a8_reduce_kernel, signature=sig, constexprs=constexprs, cc=cc, num_warps=cfg["num_warps"],
+                num_stages=1, aligned=hints)

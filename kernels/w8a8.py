@@ -25,9 +25,20 @@ Loads (from a SASS study of triton 3.8):
 
 Int8 ``tl.dot`` is never made asynchronous on Hopper (the pipeliner wants an fp32 accumulator), so the
 Hopper tables use BK = 128 to amortise the per-iteration wgmma wait.
+Every int8 dot names ``out_dtype=tl.int32``: Triton before 3.8 asserts that the accumulator's dtype is
+``out_dtype``, which defaults to float32 (tests/kernels/test_triton_versions.py).
 
 The tile configuration comes from ``configs/w8a8_<arch>.json`` by M bucket (``config_table``); CPU tensors
 run under the interpreter with the small tiles of ``w8a8_interpreter.json``.
+
+Grid: one program per output tile, or, when the tiles fill less than a wave of SMs (DiT-XL/2 at batch 1:
+fc2 and attention out are 36 tiles of 128 x 128 on 132 SMs), ``S`` programs per tile that each sum whole BK
+steps of K (``SPLIT_K``, grid axis 1) into an int32 workspace, then :func:`w8a8_reduce_kernel` adds them and
+runs the same epilogue (:func:`_epilogue`). int32 sums are exact, so every split count gives the unsplit
+bits. The count, the design and why: :mod:`.split_k`. Measured (AOT, the 128 x 128 entry, bf16 out; S = 1
+compiles exactly as without split-K): sm90 split kernel 90 registers, loop 85 instructions (84 unsplit), the
+same 4 IGMMA, no spills; sm80 144 registers, loop 145 (143), the same 64 IMMA; the reduce 128-152 registers,
+146 with gate + residual, 16-byte loads, no spills (tests/kernels/test_aot_split_k.py).
 """
 from __future__ import annotations
 
@@ -37,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import checks, config_table, epilogue, quantize_act
+from . import checks, config_table, epilogue, quantize_act, split_k
 from .interpret import check_device, interpreting
 
 KERNEL_NAME = "w8a8"
@@ -57,13 +68,17 @@ def w8a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                 SWAP_AB: tl.constexpr, USE_TMA: tl.constexpr, INTERPRET: tl.constexpr,
                 HAS_GELU: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
-                HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False, A_FLOAT: tl.constexpr = False):
+                HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False, A_FLOAT: tl.constexpr = False,
+                SPLIT_K: tl.constexpr = False):
     # Arguments in the launcher's (the runtime op's) order: a, a_scale, w, w_scale, bias, then the output;
     # then the fused epilogue's (epilogue.store_tile; unused, and compiled out, while its flags are off).
     # With USE_TMA, a_ptr and w_ptr are tensor descriptors rather than pointers.
     # A_FLOAT: a_ptr points to float A (fp16 / bf16 / fp32, never a descriptor) with a static a_scale; each A
     # tile is quantized in registers exactly as quantize_act does, then the same int8 dot. Off, nothing of it
     # is compiled.
+    # SPLIT_K (split_k.py): grid axis 1 is the split; this program sums only its split's BK steps and stores the
+    # raw int32 tile to out_ptr, the workspace [S, M, N]; w8a8_reduce_kernel adds the splits and runs the
+    # epilogue. Off, nothing of it is compiled.
     # Grouped launch order: GROUP_M row-tiles share each weight column tile while it is in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BM)
@@ -80,15 +95,22 @@ def w8a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
         acc = tl.zeros((BN, BM), dtype=tl.int32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.int32)
+    if SPLIT_K:  # whole BK steps: the split's first and last k are multiples of BK (or K itself)
+        unit_lo, unit_hi = split_k.k_range(tl.cdiv(K, BK), tl.num_programs(1))
+        k_lo = unit_lo * BK
+        k_hi = tl.minimum(unit_hi * BK, K)
+    else:
+        k_lo = 0
+        k_hi = K
     if USE_TMA:
         # a_ptr, w_ptr are tensor descriptors with blocks [BM, BK] and [BN, BK]; out-of-range reads are zeros.
-        for k0 in range(0, K, BK):
+        for k0 in range(k_lo, k_hi, BK):
             a_tile = a_ptr.load([pid_m * BM, k0])
             w_tile = w_ptr.load([pid_n * BN, k0])
             if SWAP_AB:
-                acc = tl.dot(w_tile, a_tile.T, acc)
+                acc = tl.dot(w_tile, a_tile.T, acc, out_dtype=tl.int32)
             else:
-                acc = tl.dot(a_tile, w_tile.T, acc)
+                acc = tl.dot(a_tile, w_tile.T, acc, out_dtype=tl.int32)
     else:
         # int64 row offsets: M * K may exceed 2**31.
         rows_a = ((pid_m * BM + tl.arange(0, BM)) % M).to(tl.int64)
@@ -96,9 +118,12 @@ def w8a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
         offs_k = tl.arange(0, BK)
         a_ptrs = a_ptr + rows_a[:, None] * K + offs_k[None, :]
         w_ptrs = w_ptr + rows_w[:, None] * K + offs_k[None, :]
+        if SPLIT_K:
+            a_ptrs += k_lo
+            w_ptrs += k_lo
         if A_FLOAT:
             inv = quantize_act.inverse_scale(tl.load(a_scale_ptr))  # the static scale, read once, outside the loop
-        for k0 in range(0, K, BK):
+        for k0 in range(k_lo, k_hi, BK):
             k_ok = offs_k[None, :] < K - k0
             # other=0: the K tail's lanes enter the dot. One zero operand would do (an undefined int8 times 0
             # is 0), but both are explicit; tests/kernels/conftest.py poisons lanes loaded without other=.
@@ -109,16 +134,31 @@ def w8a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
                 a_tile = tl.load(a_ptrs, mask=k_ok, other=0)
             w_tile = tl.load(w_ptrs, mask=k_ok, other=0)
             if SWAP_AB:
-                acc = tl.dot(w_tile, a_tile.T, acc)
+                acc = tl.dot(w_tile, a_tile.T, acc, out_dtype=tl.int32)
             else:
-                acc = tl.dot(a_tile, w_tile.T, acc)
+                acc = tl.dot(a_tile, w_tile.T, acc, out_dtype=tl.int32)
             a_ptrs += BK
             w_ptrs += BK
 
-    # Epilogue, in the reference's order: (a_scale * w_scale) first, then times the sum, then + bias.
-    # With SWAP_AB everything is indexed [n, m] (the product of two scales is the same either way round).
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
+    if SPLIT_K:
+        split_k.store_partial(acc, out_ptr, offs_m, offs_n, M, N, SWAP_AB)
+    else:
+        _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
+                  gate_ptr, res_ptr, out_scale_ptr, rows_per_gate, PER_TOKEN, HAS_BIAS, SWAP_AB, INTERPRET,
+                  HAS_GELU, HAS_GATE, HAS_RESIDUAL, QUANT_OUT)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
+              gate_ptr, res_ptr, out_scale_ptr, rows_per_gate, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+              SWAP_AB: tl.constexpr, INTERPRET: tl.constexpr, HAS_GELU: tl.constexpr, HAS_GATE: tl.constexpr,
+              HAS_RESIDUAL: tl.constexpr, QUANT_OUT: tl.constexpr):
+    """The int32 tile ``acc`` (the whole K sum) scaled, biased, through the fused pieces and stored: the end of
+    the unsplit kernel and of the split-K reduce, one code path."""
+    # Epilogue, in the reference's order: (a_scale * w_scale) first, then times the sum, then + bias.
+    # With SWAP_AB everything is indexed [n, m] (the product of two scales is the same either way round).
     m_ok = offs_m < M
     n_ok = offs_n < N
     w_s = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)
@@ -141,6 +181,25 @@ def w8a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
                         HAS_GELU, HAS_GATE, HAS_RESIDUAL, QUANT_OUT, SWAP_AB, INTERPRET)
 
 
+@triton.jit
+def w8a8_reduce_kernel(ws_ptr, S, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
+                       gate_ptr, res_ptr, out_scale_ptr, rows_per_gate,
+                       PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       SWAP_AB: tl.constexpr, INTERPRET: tl.constexpr,
+                       HAS_GELU: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
+                       HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False):
+    """Split-K's second launch: one program per output tile adds the S int32 partials of the workspace
+    [S, M, N] (exact, so the result is the unsplit kernel's bit for bit) and runs the same epilogue."""
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BN)
+    offs_m = (pid // num_pid_n) * BM + tl.arange(0, BM)
+    offs_n = (pid % num_pid_n) * BN + tl.arange(0, BN)
+    acc = split_k.load_sum(ws_ptr, S, offs_m, offs_n, M, N, SWAP_AB)
+    _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
+              gate_ptr, res_ptr, out_scale_ptr, rows_per_gate, PER_TOKEN, HAS_BIAS, SWAP_AB, INTERPRET,
+              HAS_GELU, HAS_GATE, HAS_RESIDUAL, QUANT_OUT)
+
+
 def kernel_config(m: int, device) -> Dict:
     """The tile configuration the launcher uses for M rows on ``device`` (the one place it is chosen)."""
     table = config_table.load_table(KERNEL_NAME, config_table.arch_for_device(device))
@@ -155,6 +214,17 @@ def fit_config(cfg: Dict) -> Dict:
         if not isinstance(v, int) or v < 16 or v & (v - 1):
             raise ValueError(f"w8a8 {key} must be a power of two >= 16 (tl.dot's smallest tile), got {v!r}")
     return cfg
+
+
+def split_shape(cfg: Dict, m: int, n: int, k: int):
+    """(output tiles, k units) of a launch with tile entry ``cfg``: what the split count is chosen from. A k
+    unit is one BK step."""
+    return triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), triton.cdiv(k, cfg["BK"])
+
+
+def auto_split_count(cfg: Dict, m: int, n: int, k: int, sm_count: int) -> int:
+    """The split-K count the launcher picks for this shape and tile on ``sm_count`` SMs (``split_k``)."""
+    return split_k.auto_splits(*split_shape(cfg, m, n, k), sm_count)
 
 
 def describe() -> Dict:
@@ -190,13 +260,16 @@ def _check_gemm(a, a_scale, w, w_scale, bias, out_dtype, a_dtypes=(torch.int8,))
 
 def gemm_w8a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
-              out: Optional[torch.Tensor] = None, config: Optional[Dict] = None) -> torch.Tensor:
+              out: Optional[torch.Tensor] = None, config: Optional[Dict] = None,
+              splits: Optional[int] = None) -> torch.Tensor:
     """``y = (a_scale * w_scale) * (a @ w.T) + bias`` as ``out_dtype`` [M, N].
 
     a int8 [M, K], w int8 [N, K] (K a multiple of 16, at most 16384), a_scale float32 [1] or [M],
     w_scale float32 [N], bias float16 / bfloat16 / float32 [N] or None, every tensor contiguous and on one
     device. ``out``: optional contiguous [M, N] tensor of ``out_dtype`` to write into. ``config``: a tile
-    entry overriding the table (tests, benchmarks). Anything else raises ValueError / TypeError.
+    entry overriding the table (tests, benchmarks). ``splits``: the split-K count, None = automatic
+    (``split_k.auto_splits``), or forced in [1, cdiv(K, BK)] (tests, benchmarks); the result is the same bits
+    whatever the count. Anything else raises ValueError / TypeError.
     """
     m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, out_dtype)
     checks.same_device("a", a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, out=out)
@@ -209,20 +282,20 @@ def gemm_w8a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
         return out
     if k == 0:
         return out.copy_(torch.zeros_like(out) if bias is None else bias.to(out_dtype).expand(m, n))
-    return _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config)
+    return _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config, splits)
 
 
 def gemm_w8a8_fused(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                     bias: Optional[torch.Tensor], gelu: bool, gate: Optional[torch.Tensor],
                     residual: Optional[torch.Tensor], rows_per_gate: int, out_scale: Optional[torch.Tensor],
                     out_dtype: torch.dtype, out: Optional[torch.Tensor] = None,
-                    config: Optional[Dict] = None) -> torch.Tensor:
+                    config: Optional[Dict] = None, splits: Optional[int] = None) -> torch.Tensor:
     """:func:`gemm_w8a8` with the fused epilogue of :mod:`.epilogue` (the contract of
     ``ditq.quant.reference.gemm_epilogue``): ``gelu``, ``gate`` [M // rows_per_gate, N], ``residual`` [M, N]
     of ``out_dtype``, and ``out_scale`` float32 [1] for an int8 output (``out_dtype`` then names only the
     residual's dtype). ``a`` may also be float16 / bfloat16 / float32 with a static ``a_scale`` [1]: the kernel
-    then quantizes it as it loads it, exactly as ``quantize_act`` (``A_FLOAT``). Bad input raises ValueError /
-    TypeError."""
+    then quantizes it as it loads it, exactly as ``quantize_act`` (``A_FLOAT``). ``splits`` as in
+    :func:`gemm_w8a8` (the epilogue runs once, on the whole sum). Bad input raises ValueError / TypeError."""
     m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, out_dtype, checks.FUSED_A_DTYPES)
     epilogue.check_args(a.device, m, n, gelu, gate, residual, rows_per_gate, out_scale, out_dtype)
     checks.same_device("a", a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, out=out)
@@ -231,14 +304,16 @@ def gemm_w8a8_fused(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_s
     if m == 0 or n == 0:
         return out
     # K = 0 runs the kernel too: its loop is then empty and the epilogue sees acc = 0 (pointer loads only)
-    return _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config, gelu, gate, residual, rows_per_gate,
-                   out_scale)
+    return _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config, splits, gelu, gate, residual,
+                   rows_per_gate, out_scale)
 
 
-def _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config, gelu=False, gate=None, residual=None,
-            rows_per_gate=1, out_scale=None):
+def _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config, splits=None, gelu=False, gate=None,
+            residual=None, rows_per_gate=1, out_scale=None):
     cfg = fit_config(config) if config is not None else kernel_config(m, a.device)
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
+    tiles, units = split_shape(cfg, m, n, k)
+    s = split_k.resolve(splits, tiles, units, m * n, a.device, KERNEL_NAME)
     a_float = a.dtype != torch.int8
     use_tma = bool(cfg["USE_TMA"]) and _aligned(a, w) and k > 0 and not a_float  # a float A: pointer loads
     if use_tma:
@@ -248,8 +323,26 @@ def _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config, gelu=False, gate
         w_arg = TensorDescriptor.from_tensor(w, [bn, bk])
     else:
         a_arg, w_arg = a, w
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     unused = w_scale  # a valid pointer for the arguments a constexpr flag switches off
+    if s > 1:
+        # the split launch stores raw int32 partials (no epilogue: its flags off, one compiled variant per
+        # tile), the reduce launch adds them and runs the epilogue (split_k.py)
+        ws = split_k.workspace(s, m, n, torch.int32, a.device)
+        w8a8_kernel[(tiles, s)](a_arg, a_scale, w_arg, w_scale, unused, ws, m, n, k, unused, unused, unused, 1,
+                                PER_TOKEN=False, HAS_BIAS=False, BM=bm, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"],
+                                SWAP_AB=bool(cfg["SWAP_AB"]), USE_TMA=use_tma, INTERPRET=interpreting(),
+                                A_FLOAT=a_float, SPLIT_K=True,
+                                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        w8a8_reduce_kernel[(tiles,)](ws, s, a_scale, w_scale, bias if bias is not None else unused, out, m, n,
+                                     gate if gate is not None else unused,
+                                     residual if residual is not None else unused,
+                                     out_scale if out_scale is not None else unused, rows_per_gate,
+                                     PER_TOKEN=a_scale.numel() != 1, HAS_BIAS=bias is not None, BM=bm, BN=bn,
+                                     SWAP_AB=bool(cfg["SWAP_AB"]), INTERPRET=interpreting(), HAS_GELU=gelu,
+                                     HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
+                                     QUANT_OUT=out_scale is not None, num_warps=cfg["num_warps"])
+        return out
+    grid = (tiles,)
     w8a8_kernel[grid](a_arg, a_scale, w_arg, w_scale, bias if bias is not None else unused, out, m, n, k,
                       gate if gate is not None else unused, residual if residual is not None else unused,
                       out_scale if out_scale is not None else unused, rows_per_gate,
@@ -263,28 +356,52 @@ def _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config, gelu=False, gate
 
 
 def aot_job(config: Dict, cc: int, *, out_dtype: str = "bf16", per_token: bool = True, bias: bool = True,
-            aligned: bool = True, fused: str = "", n_aligned: Optional[bool] = None, a_float: str = "") -> Dict:
+            aligned: bool = True, fused: str = "", n_aligned: Optional[bool] = None, a_float: str = "",
+            split: bool = False) -> Dict:
     """Arguments of ``aot.compile_kernel`` for one table entry, as the launcher would run it on a GPU of
     compute capability ``cc``: aligned pointers and K % 16 == 0 (``aligned=False`` drops those hints, the
     case the launcher refuses, to show what they buy). ``fused``: the epilogue's pieces, "+"-separated names
     from ``epilogue.PIECES`` (e.g. ``"gelu+quant"``; "" = the plain GEMM), with a bf16 gate and a residual of
-    the output dtype. ``n_aligned`` (default: when fused) adds N % 16 == 0, as DiT widths are, which the
-    epilogue's gate and residual loads need to be wide. ``a_float`` (e.g. ``"bf16"``): a float A of that type,
-    quantized on load (``A_FLOAT``) with its static scale (a float A never has per-token scales), with pointer
-    loads as the launcher then uses even where the entry says TMA."""
+    the output dtype. ``n_aligned`` (default: when fused or split) adds N % 16 == 0, as DiT widths are, which
+    the epilogue's gate and residual loads (and the split partials' stores) need to be wide. ``a_float`` (e.g.
+    ``"bf16"``): a float A of that type, quantized on load (``A_FLOAT``) with its static scale (a float A never
+    has per-token scales), with pointer loads as the launcher then uses even where the entry says TMA.
+    ``split``: the split-K launch (``SPLIT_K``: int32 partials to the workspace, no epilogue, so no ``fused``;
+    its reduce is :func:`reduce_aot_job`)."""
     cfg = fit_config(config)
+    if split and fused:
+        raise ValueError("the split-K launch has no epilogue: its pieces belong to reduce_aot_job")
     tma = bool(cfg["USE_TMA"]) and not a_float
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     flags = epilogue.flags(fused)
+    out = "*i32" if split else "*i8" if flags["QUANT_OUT"] else f"*{out_dtype}"
     sig = {"a_ptr": f"tensordesc<i8[{bm}, {bk}]>" if tma else f"*{a_float or 'i8'}", "a_scale_ptr": "*fp32",
            "w_ptr": f"tensordesc<i8[{bn}, {bk}]>" if tma else "*i8", "w_scale_ptr": "*fp32",
-           "bias_ptr": "*fp32", "out_ptr": "*i8" if flags["QUANT_OUT"] else f"*{out_dtype}",
+           "bias_ptr": "*fp32", "out_ptr": out,
            "M": "i32", "N": "i32", "K": "i32", "gate_ptr": "*bf16", "res_ptr": f"*{out_dtype}",
            "out_scale_ptr": "*fp32", "rows_per_gate": "i32"}
-    constexprs = dict(PER_TOKEN=per_token and not a_float, HAS_BIAS=bias, BM=bm, BN=bn, BK=bk, GROUP_M=cfg["GROUP_M"],
-                      SWAP_AB=bool(cfg["SWAP_AB"]), USE_TMA=tma, INTERPRET=False, A_FLOAT=bool(a_float), **flags)
+    constexprs = dict(PER_TOKEN=per_token and not a_float and not split, HAS_BIAS=bias and not split, BM=bm, BN=bn,
+                      BK=bk, GROUP_M=cfg["GROUP_M"], SWAP_AB=bool(cfg["SWAP_AB"]), USE_TMA=tma, INTERPRET=False,
+                      A_FLOAT=bool(a_float), **flags)
+    constexprs["SPLIT_K"] = split  # AOT compiles take every constexpr, defaults included
     hints = ["a_scale_ptr", "w_scale_ptr", "bias_ptr", "out_ptr", "K", "gate_ptr", "res_ptr", "out_scale_ptr"]
-    hints += ["N"] if (bool(fused) if n_aligned is None else n_aligned) else []
+    hints += ["N"] if (bool(fused) or split if n_aligned is None else n_aligned) else []
     hints += [] if tma else ["a_ptr", "w_ptr"]
     return dict(fn=w8a8_kernel, signature=sig, constexprs=constexprs, cc=cc, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"], aligned=hints if aligned else [])
+
+
+def reduce_aot_job(config: Dict, cc: int, *, out_dtype: str = "bf16", per_token: bool = True, bias: bool = True,
+                   fused: str = "") -> Dict:
+    """Arguments of ``aot.compile_kernel`` for the split-K reduce launch of one table entry (its tile and
+    orientation), with the epilogue ``fused`` as in :func:`aot_job`, N % 16 == 0 as DiT widths are."""
+    cfg = fit_config(config)
+    flags = epilogue.flags(fused)
+    sig = {"ws_ptr": "*i32", "S": "i32", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
+           "out_ptr": "*i8" if flags["QUANT_OUT"] else f"*{out_dtype}", "M": "i32", "N": "i32",
+           "gate_ptr": "*bf16", "res_ptr": f"*{out_dtype}", "out_scale_ptr": "*fp32", "rows_per_gate": "i32"}
+    constexprs = dict(PER_TOKEN=per_token, HAS_BIAS=bias, BM=cfg["BM"], BN=cfg["BN"], SWAP_AB=bool(cfg["SWAP_AB"]),
+                      INTERPRET=False, **flags)
+    hints = [k for k in sig if k.endswith("_ptr")] + ["N"]
+    return dict(fn=w8a8_reduce_kernel, signature=sig, constexprs=constexprs, cc=cc, num_warps=cfg["num_warps"],
+                num_stages=1, aligned=hints)

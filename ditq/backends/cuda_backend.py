@@ -61,19 +61,22 @@ def _kernel_ops() -> KernelOps:
     # fused_gemm_float_a: the fused GEMMs also take a float `a` with a static a_scale and quantize it as they
     # load it (csrc/gemm_fused_float_a.cu, gemm.cuh's FloatATileLoader), on both cuda and cuda-emulated
     return KernelOps(**{name: getattr(torch.ops.ditq_C, name).default for name in names}, fused_gemm_float_a=True,
-                     attention_inputs=define_kernel_op("cuda", "attention_inputs", _attention_inputs))
+                     attention_inputs=define_kernel_op("cuda", "attention_inputs",
+                                                       {"CPU": _attention_inputs_cpu, "CUDA": _attention_inputs_cuda}))
 
 
-def _attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm, eps,
-                      rope_cos, rope_sin, torch_norm):
-    """attention_inputs, a float op with no C++ kernel: the Triton kernel on CUDA tensors (Triton comes with a CUDA
-    torch), the torch reference on the emulator's CPU tensors."""
-    if first.device.type == "cuda":
-        from ..kernels.attention_inputs import attention_inputs
-    else:
-        from .torch_backend import attention_inputs
-    return attention_inputs(first, second, batch, heads, first_q_norm, first_k_norm, second_q_norm, second_k_norm,
-                            eps, rope_cos, rope_sin, torch_norm)
+def _attention_inputs_cuda(*args):
+    """attention_inputs on CUDA tensors: a float op with no C++ kernel, so the Triton kernel (Triton comes with a
+    CUDA torch)."""
+    from ..kernels.attention_inputs import attention_inputs
+    return attention_inputs(*args)
+
+
+def _attention_inputs_cpu(*args):
+    """attention_inputs on the emulator's CPU tensors: the torch reference (the op is not an integer kernel, so
+    there is nothing of csrc/ to emulate)."""
+    from .torch_backend import attention_inputs
+    return attention_inputs(*args)
 
 
 # ---- GEMMs (csrc/gemm*.{h,cuh,cu,cpp}, layouts in cuda_layout.py) --------------------------------------------

@@ -62,3 +62,16 @@ def test_roofline_splits_the_batch_one_hopper_tile():
     for r in rows:
         assert r["tile"] == "128x128x128 split 3" and r["ctas"] == 108, r
         assert abs(r["sm_utilization"] - 108 / 132) < 1e-9
+
+
+def test_roofline_splits_the_batch_one_triton_tile():
+    """The Triton rows carry their launcher's automatic split-K count (kernels/split_k.py): at M = 512, fc2's 36
+    tiles of the sm90 tables' 128 x 128 entry split 3 ways, 108 programs, the bound the CUDA rows reach."""
+    rows = [r for r in static_report.roofline_rows([], short=True)
+            if r["shape"] == "DiT-XL/2 mlp fc2" and r["M"] == 512 and r["impl"].startswith(("triton", "cuda wgmma"))]
+    triton = {r["impl"].split(" ", 1)[1]: r for r in rows if r["impl"].startswith("triton")}
+    cuda = {r["impl"].split(" ", 2)[2]: r for r in rows if r["impl"].startswith("cuda wgmma")}
+    assert set(triton) == {"w8a8", f"w4a8 g{static_report.W4_GROUP}"} == set(cuda)
+    for impl, r in triton.items():
+        assert r["tile"] == "128x128x128 split 3" and r["ctas"] == 108, r
+        assert abs(r["bound_us"] - cuda[impl]["bound_us"]) < 1e-9 and r["ideal_speedup_vs_bf16"] > 1.5, r

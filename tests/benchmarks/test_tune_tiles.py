@@ -75,6 +75,11 @@ def test_smoke_report_has_the_shipped_config_in_every_row(smoke):
         assert {r["bucket_max_m"] for r in rep["rows"] if r["family"] == fam} == {e["max_m"] for e in table}
     for b in rep["buckets"]:
         assert b["best_total_ms"] <= b["shipped_total_ms"] and b["configs_complete"] == b["configs_tried"] >= 3
+    for r in [r for r in rep["rows"] if r["kind"] == "triton"]:  # the automatic split count against a forced 1
+        forced = [c for c in r["candidates"] if "splits" in c["config"]]
+        assert [c["config"] for c in forced] == [dict(r["shipped"]["config"], splits=1)], r["candidates"]
+        assert forced[0]["label"].endswith(" split 1")
+    assert not any("splits" in b["best"] for b in rep["buckets"] if b["kind"] == "triton")  # tables hold no count
     assert (out / "tiles.md").read_text().count("\n| ") >= len(rep["rows"]) + len(rep["buckets"])
 
 

@@ -12,21 +12,6 @@ from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8, random_int4, random
 pytestmark = pytest.mark.cuda
 
 
-def _need(name, device):
-    reason = backends.unavailable_reason(name, device)
-    if reason is not None:
-        pytest.skip(f"backend {name!r} unavailable on {device}: {reason}")
-
-
-@pytest.fixture(scope="module")
-def cuda_backend():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    _need("cuda", "cuda")
-    from ditq.backends import cuda_backend as cb
-    return cb
-
-
 def _poisoned_alloc(m, n, dtype):
     # Leave a NaN block of the output's size in the caching allocator: the op's torch.empty gets it back, so
     # an element the kernel never writes stays NaN and fails the check.
@@ -65,28 +50,27 @@ CASES = [(None, (1, 9, 80)), (None, (70, 130, 176)), (None, (300, 1152, 1152)),
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("group,shape", CASES)
-def test_cuda_matches_reference_and_emulator(cuda_backend, group, shape, dtype):
+def test_cuda_matches_reference_and_emulator(cuda_pair, group, shape, dtype):
     m, n, k = shape
-    for tile in range(cuda_backend.gemm_tile_count()):
+    for tile in range(cuda_pair.gemm_tile_count()):
         bk = torch.ops.ditq_C.gemm_tile_info(tile)[2]
         units = -(-k // max(bk, group or 0))  # split-K counts allowed: 1..units
         a, sa, w, sw, b = _inputs(m, n, k, group, seed=m + n + k + tile, per_token=tile != 1, bias=tile != 2)
         for splits in sorted({1, min(3, units), None}, key=str):
-            y = _run(cuda_backend, "cuda", "cuda", a, sa, w, sw, b, group, dtype, tile, splits)
+            y = _run(cuda_pair, "cuda", "cuda", a, sa, w, sw, b, group, dtype, tile, splits)
             what = f"cuda tile {tile} splits {splits} group {group} {shape} {dtype}"
             if group is None:
                 assert_gemm_w8a8(y, a, sa, w, sw, b, what=what)
             else:
                 assert_gemm_w4a8(y, a, sa, w, sw, group, b, what=what)
-            if (splits is not None and m * n * k <= 2 ** 22
-                    and backends.unavailable_reason("cuda-emulated", "cpu") is None):
-                y_emu = _run(cuda_backend, "cuda-emulated", "cpu", a, sa, w, sw, b, group, dtype, tile, splits)
+            if splits is not None and m * n * k <= 2 ** 22:
+                y_emu = _run(cuda_pair, "cuda-emulated", "cpu", a, sa, w, sw, b, group, dtype, tile, splits)
                 assert torch.equal(y.view(torch.uint8), y_emu.view(torch.uint8)), f"{what}: real != emulated"
 
 
-def test_cuda_uses_current_stream(cuda_backend):
+def test_cuda_uses_current_stream(cuda_pair):
     a, sa, w, sw, b = _inputs(64, 256, 512, None, seed=9)
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
-        y = _run(cuda_backend, "cuda", "cuda", a, sa, w, sw, b, None, torch.float32, None)
+        y = _run(cuda_pair, "cuda", "cuda", a, sa, w, sw, b, None, torch.float32, None)
     assert_gemm_w8a8(y, a, sa, w, sw, b)

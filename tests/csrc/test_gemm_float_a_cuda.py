@@ -15,16 +15,6 @@ pytestmark = pytest.mark.cuda
 SCALE = 0.0625
 
 
-@pytest.fixture(scope="module")
-def ready():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    for name, device in (("cuda", "cuda"), ("cuda-emulated", "cpu")):
-        reason = backends.unavailable_reason(name, device)
-        if reason is not None:
-            pytest.skip(f"backend {name!r} unavailable on {device}: {reason}")
-
-
 def _inputs(m, n, k, group, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g) * 30 * SCALE
@@ -54,7 +44,7 @@ def _call(backend, device, group, a, a_s, w, ws, bias, pieces):
 
 @pytest.mark.parametrize("a_dtype", (torch.float32, torch.bfloat16, torch.float16), ids=("f32", "bf16", "f16"))
 @pytest.mark.parametrize("group", (None, 32, 128), ids=("w8", "w4g32", "w4g128"))
-def test_real_kernel_equals_the_emulator(ready, group, a_dtype):
+def test_real_kernel_equals_the_emulator(cuda_pair, group, a_dtype):
     from ditq.backends import cuda_backend
     k = 384 if group == 128 else 208 if group is None else 160
     for m, n, splits in ((1, 1153, 1), (3, 17, 2), (70, 130, 1)):  # splits pinned: the SM counts may differ

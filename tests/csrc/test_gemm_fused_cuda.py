@@ -13,18 +13,6 @@ from ditq.testing import random_int4, random_int8
 pytestmark = pytest.mark.cuda
 
 
-@pytest.fixture(scope="module")
-def cb():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    for name, dev in (("cuda", "cuda"), ("cuda-emulated", "cpu")):
-        why = backends.unavailable_reason(name, dev)
-        if why is not None:
-            pytest.skip(f"backend {name!r} unavailable on {dev}: {why}")
-    from ditq.backends import cuda_backend
-    return cuda_backend
-
-
 def _problem(m, n, k, group, seed):
     g = torch.Generator().manual_seed(seed)
     a = random_int8(m, k, generator=g)
@@ -60,7 +48,7 @@ def _fused(dev, group, args, gelu, gate, residual, out_scale, out_dtype, tile, s
 
 @pytest.mark.parametrize("group", (None, 32, 128), ids=("w8", "w4g32", "w4g128"))
 @pytest.mark.parametrize("tile", (0, 1, 2))
-def test_fused_gemm_equals_the_emulated_kernel(cb, group, tile):
+def test_fused_gemm_equals_the_emulated_kernel(cuda_pair, group, tile):
     a, sa, w, ws, b, gate, residual = _problem(34, 70, 384, group, seed=tile + (group or 0))
     scale = torch.tensor([0.05])
     for splits in (1, -1):
@@ -73,7 +61,7 @@ def test_fused_gemm_equals_the_emulated_kernel(cb, group, tile):
 
 
 @pytest.mark.parametrize("group", (None, 64), ids=("w8", "w4g64"))
-def test_fused_gelu_within_the_contract(cb, group):
+def test_fused_gelu_within_the_contract(cuda_pair, group):
     a, sa, w, ws, b, gate, residual = _problem(16, 40, 256, group, seed=5)
     sa = sa * 20
     args = (a, sa, w, ws, b)
@@ -98,15 +86,8 @@ def _sm90_tiles(w4):
         out.append(SM90_BASE + len(out))
 
 
-@pytest.fixture(scope="module")
-def hopper(cb):
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the Hopper kernels need an sm_90 GPU")
-    return cb
-
-
 @pytest.mark.parametrize("group", (None, 32, 64, 128, 256), ids=("w8", "w4g32", "w4g64", "w4g128", "w4g256"))
-def test_sm90_fused_gemm_equals_the_emulated_kernel(hopper, group):
+def test_sm90_fused_gemm_equals_the_emulated_kernel(hopper_pair, group):
     """Every Hopper tile, every piece but GELU: the real kernel's bits are the emulated Hopper kernel's (odd N,
     M = 34 with a gate per 2 rows, K not a multiple of the 128-k stage below G = 128); the automatic choice on
     this GPU is the forced Hopper tile of its M bucket."""
@@ -129,7 +110,7 @@ def test_sm90_fused_gemm_equals_the_emulated_kernel(hopper, group):
 
 
 @pytest.mark.parametrize("group", (None, 64), ids=("w8", "w4g64"))
-def test_sm90_fused_gelu_within_the_contract(hopper, group):
+def test_sm90_fused_gelu_within_the_contract(hopper_pair, group):
     a, sa, w, ws, b, gate, residual = _problem(16, 40, 256, group, seed=5)
     args = (a, sa * 20, w, ws, b)
     for tile in _sm90_tiles(group is not None):

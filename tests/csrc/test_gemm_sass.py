@@ -15,9 +15,9 @@ import collections
 import os
 import re
 import shutil
-import subprocess
 
 import pytest
+from nvcc_sass import compile_cuda
 
 from ditq.kernels import aot
 
@@ -64,22 +64,8 @@ def kernel_key(name):
 
 def _compile(source, arch, tmp):
     """{mangled name: SASS instructions}, {mangled name: (registers, spill bytes)} of csrc/<source> for arch."""
-    nvcc, cuobjdump = aot.nvcc_path(), aot.cuobjdump_path()
-    if nvcc is None:
-        pytest.skip(f"nvcc not found (set CUDA_HOME): cannot compile csrc/{source}")
-    if cuobjdump is None:
-        pytest.skip("cuobjdump not found (it ships in triton's wheel, or pip install nvidia-cuda-cuobjdump)")
-    cubin = str(tmp / f"{source}_{arch}.cubin")
-    r = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                        "-I", CSRC, "-Xptxas", "-v", os.path.join(CSRC, source), "-o", cubin],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-4000:]
-    ptxas = {}  # mangled name -> (registers, spill bytes)
-    for m in re.finditer(r"Compiling entry function '(\S+)'.*?(\d+) bytes spill stores, (\d+) bytes spill "
-                         r"loads\s*\n.*?Used (\d+) registers", r.stderr, re.S):
-        ptxas[m.group(1)] = (int(m.group(4)), int(m.group(2)) + int(m.group(3)))
-    sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    return aot.sass_functions(sass), ptxas
+    cubin = compile_cuda(source, arch, tmp)
+    return cubin.functions, cubin.ptxas
 
 
 @pytest.fixture(scope="module")
@@ -261,9 +247,6 @@ __global__ void cvt_probe(const float* x, uint32_t* y) {
 @pytest.mark.parametrize("mutant", [None, ("__float2bfloat16_rn(f)", "__float2bfloat16_rz(f)"),
                                     ("__float2half_rn(f)", "__float2half_rd(f)")], ids=["ptx", "bf16_rz", "f16_rd"])
 def test_conversion_check_names_the_rounding(arch, mutant, tmp_path):
-    nvcc, cuobjdump = aot.nvcc_path(), aot.cuobjdump_path()
-    if nvcc is None or cuobjdump is None:
-        pytest.skip("nvcc / cuobjdump not found")
     src = tmp_path / "csrc"
     shutil.copytree(CSRC, src)
     if mutant:
@@ -271,12 +254,7 @@ def test_conversion_check_names_the_rounding(arch, mutant, tmp_path):
         assert text.count(mutant[0]) == 1, f"{mutant[0]} is not (once) in csrc/ptx.cuh: update the mutant"
         (src / "ptx.cuh").write_text(text.replace(*mutant))
     (tmp_path / "cvt_probe.cu").write_text(CVT_PROBE)
-    cubin = str(tmp_path / "cvt.cubin")
-    r = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "-I", str(src),
-                        str(tmp_path / "cvt_probe.cu"), "-o", cubin], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-4000:]
-    sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    (ins,) = aot.sass_functions(sass).values()
+    (ins,) = compile_cuda(str(tmp_path / "cvt_probe.cu"), arch, tmp_path, include=str(src), flags=()).functions.values()
     conv = set(conversions(ins))
     if mutant is None:
         assert conv == RN_CONVERSIONS[arch], conv

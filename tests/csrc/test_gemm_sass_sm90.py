@@ -17,9 +17,9 @@ main loop's instructions per wgmma are printed (`pytest -s`) and kept in user_pr
 import collections
 import os
 import re
-import subprocess
 
 import pytest
+from nvcc_sass import compile_cuda
 
 from ditq.kernels import aot
 
@@ -64,23 +64,8 @@ def consumer_regs():
 
 def _compile(source, tmp):
     """({mangled name: SASS}, {mangled name: (registers, spill bytes)}, {names ptxas serialized}) of csrc/<source>."""
-    nvcc, cuobjdump = aot.nvcc_path(), aot.cuobjdump_path()
-    if nvcc is None:
-        pytest.skip(f"nvcc not found (set CUDA_HOME): cannot compile csrc/{source}")
-    if cuobjdump is None:
-        pytest.skip("cuobjdump not found (it ships in triton's wheel, or pip install nvidia-cuda-cuobjdump)")
-    cubin = str(tmp / f"{source}.cubin")
-    r = subprocess.run([nvcc, "-cubin", "-arch=sm_90a", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-I", CSRC,
-                        "-Xptxas", "-v", os.path.join(CSRC, source), "-o", cubin],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-4000:]
-    ptxas = {}  # mangled name -> (registers, spill bytes)
-    for m in re.finditer(r"Compiling entry function '(\S+)'.*?(\d+) bytes spill stores, (\d+) bytes spill "
-                         r"loads\s*\n.*?Used (\d+) registers", r.stderr, re.S):
-        ptxas[m.group(1)] = (int(m.group(4)), int(m.group(2)) + int(m.group(3)))
-    serialized = set(re.findall(r"C7514\).*?in the function '(\S+)'", r.stderr))
-    sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    return aot.sass_functions(sass), ptxas, serialized
+    cubin = compile_cuda(source, "sm_90a", tmp)
+    return cubin.functions, cubin.ptxas, cubin.serialized
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,6 @@ W4_TILES = (100, 101, 102)
 GROUPS = (32, 64, 128, 256)
 
 
-@pytest.fixture(scope="module")
-def cb():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("needs an sm_90 GPU (H100 / H200)")
-    for name, dev in (("cuda", "cuda"), ("cuda-emulated", "cpu")):
-        reason = backends.unavailable_reason(name, dev)
-        if reason is not None:
-            pytest.skip(f"backend {name!r} unavailable on {dev}: {reason}")
-    from ditq.backends import cuda_backend
-    return cuda_backend
-
-
 def _inputs(m, n, k, group, seed):
     g = torch.Generator().manual_seed(seed)
     a = random_int8(m, k, generator=g)
@@ -53,39 +41,39 @@ def _run(cb, backend, device, a, sa, w, sw, b, group, dtype, tile, splits=None):
 
 @pytest.mark.parametrize("tile", W8_TILES)
 @pytest.mark.parametrize("shape", ((1, 9, 80), (70, 131, 1040), (300, 1152, 1152)))
-def test_w8a8_sm90_exact_and_equal_to_emulator(cb, tile, shape):
+def test_w8a8_sm90_exact_and_equal_to_emulator(hopper_pair, tile, shape):
     m, n, k = shape
     a, sa, w, sw, b = _inputs(m, n, k, None, seed=m + tile)
     for dtype in (torch.float32, torch.bfloat16):
-        y = _run(cb, "cuda", "cuda", a, sa, w, sw, b, None, dtype, tile)
+        y = _run(hopper_pair, "cuda", "cuda", a, sa, w, sw, b, None, dtype, tile)
         assert_gemm_w8a8(y, a, sa, w, sw, b, what=f"sm_90 W8A8 tile {tile} {shape} {dtype}")
         if m * n * k <= 70 * 131 * 1040:  # the emulator is slow
             from ditq.emulator import emulator_options
             with emulator_options(arch="sm_90a"):
-                ye = _run(cb, "cuda-emulated", "cpu", a, sa, w, sw, b, None, dtype, tile)
+                ye = _run(hopper_pair, "cuda-emulated", "cpu", a, sa, w, sw, b, None, dtype, tile)
             assert torch.equal(y.view(torch.int8), ye.view(torch.int8)), "GPU and emulator differ"
 
 
 @pytest.mark.parametrize("tile", W4_TILES)
 @pytest.mark.parametrize("group", GROUPS)
-def test_w4a8_sm90_exact_and_equal_to_emulator(cb, tile, group):
+def test_w4a8_sm90_exact_and_equal_to_emulator(hopper_pair, tile, group):
     k = {32: 96, 64: 320, 128: 1152, 256: 1280}[group]
     for m, n in ((1, 9), (33, 67), (200, 1152)):
         a, sa, q, ss, b = _inputs(m, n, k, group, seed=m + group + tile)
-        y = _run(cb, "cuda", "cuda", a, sa, q, ss, b, group, torch.bfloat16, tile)
+        y = _run(hopper_pair, "cuda", "cuda", a, sa, q, ss, b, group, torch.bfloat16, tile)
         assert_gemm_w4a8(y, a, sa, q, ss, group, b, what=f"sm_90 W4A8 g{group} tile {tile} {(m, n, k)}")
         if m * n <= 33 * 67:
             from ditq.emulator import emulator_options
             with emulator_options(arch="sm_90a"):
-                ye = _run(cb, "cuda-emulated", "cpu", a, sa, q, ss, b, group, torch.bfloat16, tile)
+                ye = _run(hopper_pair, "cuda-emulated", "cpu", a, sa, q, ss, b, group, torch.bfloat16, tile)
             assert torch.equal(y.view(torch.int16), ye.view(torch.int16)), "GPU and emulator differ"
 
 
-def test_automatic_choice_runs_on_sm90(cb):
+def test_automatic_choice_runs_on_sm90(hopper_pair):
     """No tile forced: the binding's own choice on sm_90 (the Hopper kernels) is exact at a DiT-like shape."""
     a, sa, w, sw, b = _inputs(512, 1152, 1152, None, seed=3)
-    y = _run(cb, "cuda", "cuda", a, sa, w, sw, b, None, torch.bfloat16, None)
+    y = _run(hopper_pair, "cuda", "cuda", a, sa, w, sw, b, None, torch.bfloat16, None)
     assert_gemm_w8a8(y, a, sa, w, sw, b)
     a, sa, q, ss, b = _inputs(512, 1152, 1152, 128, seed=4)
-    y = _run(cb, "cuda", "cuda", a, sa, q, ss, b, 128, torch.bfloat16, None)
+    y = _run(hopper_pair, "cuda", "cuda", a, sa, q, ss, b, 128, torch.bfloat16, None)
     assert_gemm_w4a8(y, a, sa, q, ss, 128, b)

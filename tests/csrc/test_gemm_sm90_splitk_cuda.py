@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8
-# the unsplit Hopper GPU tests' fixture (skips without an sm_90 GPU and both CUDA backends) and inputs
-from test_gemm_sm90_cuda import BASE, _inputs, cb, pytestmark  # noqa: F401
+# the unsplit Hopper GPU tests' inputs and runner (the hopper_pair fixture: conftest.py)
+from test_gemm_sm90_cuda import BASE, _inputs, pytestmark  # noqa: F401
 from test_gemm_sm90_cuda import _run as run_sm90
 
 
@@ -23,34 +23,34 @@ def _emulated(cb, *args):
 
 
 @pytest.mark.parametrize("tile", (BASE, BASE + 1, BASE + 2))
-def test_w8a8_sm90_splits_on_gpu(cb, tile):
+def test_w8a8_sm90_splits_on_gpu(hopper_pair, tile):
     for m, n, k in ((1, 9, 400), (512, 1152, 1152), (512, 1152, 4608)):
         a, sa, w, sw, b = _inputs(m, n, k, None, seed=m + tile)
-        y1 = _run(cb, "cuda", "cuda", a, sa, w, sw, b, None, tile, 1)
+        y1 = _run(hopper_pair, "cuda", "cuda", a, sa, w, sw, b, None, tile, 1)
         assert_gemm_w8a8(y1, a, sa, w, sw, b, what=f"sm_90 W8A8 tile {tile} {(m, n, k)}")
         for s in (2, 3, 4, 16, None):
             if s == 16 and k < 16 * 128:
                 continue
-            y = _run(cb, "cuda", "cuda", a, sa, w, sw, b, None, tile, s)
+            y = _run(hopper_pair, "cuda", "cuda", a, sa, w, sw, b, None, tile, s)
             assert torch.equal(y.view(torch.int32), y1.view(torch.int32)), f"tile {tile} {(m, n, k)} splits={s}"
     a, sa, w, sw, b = _inputs(33, 67, 400, None, seed=tile)
     for s in (3, None):
-        y = _run(cb, "cuda", "cuda", a, sa, w, sw, b, None, tile, s)
-        ye = _emulated(cb, a, sa, w, sw, b, None, tile, s)
+        y = _run(hopper_pair, "cuda", "cuda", a, sa, w, sw, b, None, tile, s)
+        ye = _emulated(hopper_pair, a, sa, w, sw, b, None, tile, s)
         assert torch.equal(y.view(torch.int32), ye.view(torch.int32)), f"tile {tile} splits={s}: GPU != emulator"
 
 
 @pytest.mark.parametrize("tile", (BASE, BASE + 1, BASE + 2))
 @pytest.mark.parametrize("group", (32, 64, 128, 256))
-def test_w4a8_sm90_splits_on_gpu(cb, tile, group):
+def test_w4a8_sm90_splits_on_gpu(hopper_pair, tile, group):
     for m, n, k in ((1, 9, 1024), (512, 1152, 1152 if group != 256 else 1280), (512, 1152, 4608)):
         a, sa, q, ss, b = _inputs(m, n, k, group, seed=m + group + tile)
         for s in (1, 3, None):
-            y = _run(cb, "cuda", "cuda", a, sa, q, ss, b, group, tile, s, torch.bfloat16)
+            y = _run(hopper_pair, "cuda", "cuda", a, sa, q, ss, b, group, tile, s, torch.bfloat16)
             assert_gemm_w4a8(y, a, sa, q, ss, group, b, what=f"sm_90 W4A8 g{group} tile {tile} {(m, n, k)} s={s}")
-            again = _run(cb, "cuda", "cuda", a, sa, q, ss, b, group, tile, s, torch.bfloat16)
+            again = _run(hopper_pair, "cuda", "cuda", a, sa, q, ss, b, group, tile, s, torch.bfloat16)
             assert torch.equal(y.view(torch.int16), again.view(torch.int16)), f"splits={s} is not repeatable"
     a, sa, q, ss, b = _inputs(33, 67, 1024, group, seed=group + tile)
-    y = _run(cb, "cuda", "cuda", a, sa, q, ss, b, group, tile, 3)
-    ye = _emulated(cb, a, sa, q, ss, b, group, tile, 3)
+    y = _run(hopper_pair, "cuda", "cuda", a, sa, q, ss, b, group, tile, 3)
+    ye = _emulated(hopper_pair, a, sa, q, ss, b, group, tile, 3)
     assert torch.equal(y.view(torch.int32), ye.view(torch.int32)), f"g{group} tile {tile}: GPU != emulator"

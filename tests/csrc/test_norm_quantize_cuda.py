@@ -5,24 +5,13 @@ inputs (the same summation order in both builds). Skipped without a GPU; benchma
 import pytest
 import torch
 
-from ditq import backends
 
 pytestmark = pytest.mark.cuda
 
 
-@pytest.fixture(scope="module")
-def cb():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    for name, dev in (("cuda", "cuda"), ("cuda-emulated", "cpu")):
-        why = backends.unavailable_reason(name, dev)
-        if why is not None:
-            pytest.skip(f"backend {name!r} unavailable on {dev}: {why}")
-
-
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=("f32", "bf16", "f16"))
 @pytest.mark.parametrize("k", (1152, 37))
-def test_fused_norm_equals_the_emulated_kernel(cb, dtype, k):
+def test_fused_norm_equals_the_emulated_kernel(cuda_pair, dtype, k):
     g = torch.Generator().manual_seed(k)
     x = (torch.randn(2, 33, k, generator=g) * 3 + 1).to(dtype)
     shift, scale = torch.randn(2, k, generator=g).to(dtype), (torch.randn(2, k, generator=g) * 0.2).to(dtype)

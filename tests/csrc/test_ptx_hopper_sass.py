@@ -6,33 +6,21 @@ instruction, a missing operand) shows here."""
 import collections
 import os
 import re
-import subprocess
 
 import pytest
-
-from ditq.kernels import aot
+from nvcc_sass import compile_cuda
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc")
 PROBE = os.path.join(HERE, "hopper_sass_probe.cu")
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    nvcc, cuobjdump = aot.nvcc_path(), aot.cuobjdump_path()
-    if nvcc is None:
-        pytest.skip("nvcc not found (set CUDA_HOME): cannot compile the Hopper probe")
-    if cuobjdump is None:
-        pytest.skip("cuobjdump not found (it ships in triton's wheel, or pip install nvidia-cuda-cuobjdump)")
     tmp = tmp_path_factory.mktemp("hopper_sass")
     out = {}
     for arch in ("sm_90a", "sm_80"):
-        cubin = str(tmp / f"probe_{arch}.cubin")
-        r = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-O3", "-std=c++17", "-I", CSRC, PROBE, "-o", cubin],
-                           capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-4000:]
-        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-        out[arch] = (aot.sass_functions(sass), r.stderr)
+        cubin = compile_cuda(PROBE, arch, tmp)
+        out[arch] = (cubin.functions, cubin.log)
     return out
 
 

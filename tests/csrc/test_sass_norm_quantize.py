@@ -8,35 +8,20 @@ absmax) with no shared memory or barrier; the square root and the divisions are 
 the PTX (sqrt.rn.f32, div.rn.f32, no .approx: in SASS both expand into MUFU plus a Newton fix-up that looks
 much the same either way); the 16-byte paths load x, and the fp32 shift / scale, with LDG.E.128 and store 4
 or 8 int8 at once."""
-import os
 import re
-import subprocess
 
 import pytest
+from nvcc_sass import by_key, compile_cuda, count as _count
 
 from ditq.kernels import aot
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CSRC = os.path.join(ROOT, "csrc")
 ARCHS = ("sm_80", "sm_90a")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def compiled(request, tmp_path_factory):
-    nvcc, cuobjdump = aot.nvcc_path(), aot.cuobjdump_path()
-    if nvcc is None or cuobjdump is None:
-        pytest.skip("needs nvcc (CUDA_HOME) and cuobjdump (triton's wheel or the CUDA toolkit)")
     arch = request.param
-    tmp = tmp_path_factory.mktemp("normq")
-    cubin, ptx = str(tmp / f"norm_quantize_{arch}.cubin"), str(tmp / f"norm_quantize_{arch}.ptx")
-    common = [nvcc, "-O3", "-std=c++17", f"-arch={arch}", "-I", CSRC, os.path.join(CSRC, "norm_quantize.cu")]
-    r = subprocess.run(common + ["-cubin", "-Xptxas", "-v", "-o", cubin], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    p = subprocess.run(common + ["-ptx", "-o", ptx], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
-    sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    res = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-    return arch, sass, res, open(ptx).read()
+    return arch, compile_cuda("norm_quantize.cu", arch, tmp_path_factory.mktemp("normq"), ptx=True)
 
 
 def _key(mangled):
@@ -45,25 +30,18 @@ def _key(mangled):
     return {"f": "f32", "6__half": "f16", "13__nv_bfloat16": "bf16"}[m.group(1)], int(m.group(2)), int(m.group(3))
 
 
-def _functions(sass):
-    out = {}
-    for name, instrs in aot.sass_functions(sass).items():
-        out.setdefault(_key(name), []).extend(f"{op} {operands}".rstrip() for _, op, operands in instrs)
-    return out
-
-
-def _count(instrs, opcode_re):
-    return sum(1 for i in instrs if re.search(opcode_re, i))
+def _functions(cubin):
+    return by_key(cubin, _key)
 
 
 def test_twelve_instantiations(compiled):
-    _, sass, _, _ = compiled
-    assert sorted(_functions(sass)) == sorted((d, v, y) for d in ("f32", "f16", "bf16") for v in (0, 1) for y in (0, 1))
+    _, cubin = compiled
+    assert sorted(_functions(cubin)) == sorted((d, v, y) for d in ("f32", "f16", "bf16") for v in (0, 1) for y in (0, 1))
 
 
 def test_vector_paths_use_16_byte_loads_and_wide_stores(compiled):
-    arch, sass, _, _ = compiled
-    for (dtype, vec, dyn), ins in _functions(sass).items():
+    arch, cubin = compiled
+    for (dtype, vec, dyn), ins in _functions(cubin).items():
         n128 = _count(ins, r"^LDG\.E\.128")
         if vec:
             # x in each pass (3, or 4 with a dynamic scale) plus shift and scale in the passes that modulate
@@ -76,8 +54,8 @@ def test_vector_paths_use_16_byte_loads_and_wide_stores(compiled):
 
 
 def test_row_sums_are_warp_butterflies(compiled):
-    arch, sass, _, _ = compiled
-    for (dtype, vec, dyn), ins in _functions(sass).items():
+    arch, cubin = compiled
+    for (dtype, vec, dyn), ins in _functions(cubin).items():
         shfl = _count(ins, r"^SHFL\.BFLY")
         assert shfl == (15 if dyn else 10), f"{arch} {dtype} vec={vec} dyn={dyn}: {shfl} SHFL.BFLY"
         assert _count(ins, r"^(BAR|LDS|STS)") == 0
@@ -86,7 +64,8 @@ def test_row_sums_are_warp_butterflies(compiled):
 def test_ieee_sqrt_and_division(compiled):
     """The PTX holds only round-to-nearest square roots and divisions (no .approx, no .ftz, no fma
     contraction of the explicit products: every mul / add is .rn)."""
-    arch, _, _, ptx = compiled
+    arch, cubin = compiled
+    ptx = cubin.ptx
     assert re.search(r"sqrt\.rn\.f32", ptx) and re.search(r"div\.rn\.f32", ptx)
     assert not re.search(r"(sqrt|div|rsqrt|rcp)\.approx", ptx), f"{arch}: an approximate sqrt / division"
     assert not re.search(r"\.ftz\.", ptx), f"{arch}: flush-to-zero arithmetic"
@@ -94,8 +73,9 @@ def test_ieee_sqrt_and_division(compiled):
 
 
 def test_no_spills_no_stack_modest_registers(compiled, record_property):
-    arch, sass, res, _ = compiled
-    for ins in _functions(sass).values():
+    arch, cubin = compiled
+    res = cubin.res_usage
+    for ins in _functions(cubin).values():
         assert _count(ins, r"^(LDL|STL)") == 0
     usage = aot.parse_res_usage(res)
     assert len(usage) == 12, res

@@ -5,40 +5,23 @@ cuobjdump in triton's wheel.
 Every instantiation: no local memory (no LDL / STL, STACK:0 and LOCAL:0 in -res-usage), a modest register
 count. The 16-byte paths load with LDG.E.128 and store 4 or 8 int8 at once; the per-token paths reduce the
 row max with SHFL.BFLY (5 butterfly steps) and no shared memory or barrier."""
-import os
 import re
-import subprocess
 
 import pytest
+from nvcc_sass import by_key, compile_cuda, count as _count
 
-from ditq.kernels import aot
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CSRC = os.path.join(ROOT, "csrc")
 ARCHS = ("sm_80", "sm_90a")
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def compiled(request, tmp_path_factory):
-    nvcc, cuobjdump = aot.nvcc_path(), aot.cuobjdump_path()
-    if nvcc is None or cuobjdump is None:
-        pytest.skip("needs nvcc (CUDA_HOME) and cuobjdump (triton's wheel or the CUDA toolkit)")
     arch = request.param
-    cubin = str(tmp_path_factory.mktemp("qact") / f"quantize_act_{arch}.cubin")
-    r = subprocess.run([nvcc, "-O3", "-std=c++17", "-cubin", f"-arch={arch}", "-I", CSRC, "-Xptxas", "-v",
-                        os.path.join(CSRC, "quantize_act.cu"), "-o", cubin], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
-    res = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-    return arch, sass, res, r.stderr
+    return arch, compile_cuda("quantize_act.cu", arch, tmp_path_factory.mktemp("qact"))
 
 
-def _functions(sass):
+def _functions(cubin):
     """{kernel signature (demangled-ish key): [unpredicated instructions]}, key like ('bf16', 1, 1)."""
-    out = {}
-    for name, instrs in aot.sass_functions(sass).items():
-        out.setdefault(_key(name), []).extend(f"{op} {operands}".rstrip() for _, op, operands in instrs)
-    return out
+    return by_key(cubin, _key)
 
 
 def _key(mangled):
@@ -47,18 +30,14 @@ def _key(mangled):
     return {"f": "f32", "6__half": "f16", "13__nv_bfloat16": "bf16"}[m.group(1)], int(m.group(2)), int(m.group(3))
 
 
-def _count(instrs, opcode_re):
-    return sum(1 for i in instrs if re.search(opcode_re, i))
-
-
 def test_all_twelve_instantiations_are_built(compiled):
-    _, sass, _, _ = compiled
-    assert sorted(_functions(sass)) == sorted((d, v, y) for d in ("f32", "f16", "bf16") for v in (0, 1) for y in (0, 1))
+    _, cubin = compiled
+    assert sorted(_functions(cubin)) == sorted((d, v, y) for d in ("f32", "f16", "bf16") for v in (0, 1) for y in (0, 1))
 
 
 def test_vector_paths_use_16_byte_loads_and_wide_stores(compiled):
-    arch, sass, _, _ = compiled
-    for (dtype, vec, dyn), ins in _functions(sass).items():
+    arch, cubin = compiled
+    for (dtype, vec, dyn), ins in _functions(cubin).items():
         n128 = _count(ins, r"^LDG\.E\.128")
         if vec:
             assert n128 >= (2 if dyn else 1), f"{arch} {dtype} vec dyn={dyn}: {n128} LDG.E.128"
@@ -70,16 +49,17 @@ def test_vector_paths_use_16_byte_loads_and_wide_stores(compiled):
 
 
 def test_per_token_paths_reduce_with_shuffles_only(compiled):
-    arch, sass, _, _ = compiled
-    for (dtype, vec, dyn), ins in _functions(sass).items():
+    arch, cubin = compiled
+    for (dtype, vec, dyn), ins in _functions(cubin).items():
         shfl = _count(ins, r"^SHFL\.BFLY")
         assert shfl == (5 if dyn else 0), f"{arch} {dtype} vec={vec} dyn={dyn}: {shfl} SHFL.BFLY"
         assert _count(ins, r"^(BAR|LDS|STS)") == 0  # one warp per row: no shared memory, no barrier
 
 
 def test_no_spills_no_stack_modest_registers(compiled, record_property):
-    arch, sass, res, ptxas = compiled
-    for ins in _functions(sass).values():
+    arch, cubin = compiled
+    res, ptxas = cubin.res_usage, cubin.log
+    for ins in _functions(cubin).values():
         assert _count(ins, r"^(LDL|STL)") == 0
     usage = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
     assert len(usage) == 12, res

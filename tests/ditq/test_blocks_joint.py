@@ -35,13 +35,14 @@ def _run(model, inputs):
     return (out.sample if hasattr(out, "sample") else out[0]), c.ops
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "sd35"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "sd35", "sd35m"])
 def test_without_the_op_the_blocks_run_diffusers_ops_to_the_same_numbers(family):
     """A backend without ``attention_inputs``: FLUX and SD3 blocks run diffusers' norms / rope / concatenation
-    inside the fused forward, SD3.5's (q/k norms) the diffusers forward; the outputs equal the op's."""
+    inside the fused forward, SD3.5's (q/k norms) the diffusers forward; the outputs equal the op's. For SD3.5's
+    that is the fused model equal to the unfused quantized one bit for bit (SD3.5-medium's dual attention too)."""
     model, inputs = _fused(family)
     y, ops = _run(model, inputs)
-    assert ops["ditq::torch_attention_inputs"] == 2
+    assert ops["ditq::torch_attention_inputs"] == (3 if family == "sd35m" else 2)  # + attn2's (one stream)
     # FLUX's attention normalizes with torch.nn.RMSNorm, SD3.5's with diffusers' RMSNorm (they round differently in
     # 16 bits); SD3 has no q/k norm
     eps = getattr(model.transformer_blocks[0].attn.norm_q, "eps", 1e-6)
@@ -53,7 +54,7 @@ def test_without_the_op_the_blocks_run_diffusers_ops_to_the_same_numbers(family)
     y_plain, ops_plain = _run(plain, inputs)
     assert "ditq::torch_attention_inputs" not in ops_plain
     # SD3.5 without the op: the diffusers forward (no fused norm); the others stay fused
-    assert ops_plain["ditq::torch_norm_modulate_quantize"] == (0 if family == "sd35" else ops[
+    assert ops_plain["ditq::torch_norm_modulate_quantize"] == (0 if family.startswith("sd35") else ops[
         "ditq::torch_norm_modulate_quantize"])
     assert sum(ops_plain.values()) > sum(ops.values())
     # the same norms, rope and concatenation, op for op; only SDPA reads another memory layout
@@ -109,3 +110,66 @@ def test_q_k_norms_it_does_not_compute_are_refused():
     assert joint._ditq_qk is None
     _, ops = _run(flux, flux_inputs)
     assert ops["ditq::torch_attention_inputs"] == 1  # the single block only
+
+
+def _dual(**overrides):
+    """The tiny SD3.5-medium-like model, or (``overrides``) SD3 with other dual-attention layers or q/k norms."""
+    from tiny_models import tiny_sd3
+
+    return tiny_sd3(**{"qk_norm": "rms_norm", "dual_attention_layers": (0,), **overrides})
+
+
+def test_dual_attention_without_qk_norms_and_in_the_last_block_runs_fused():
+    """Dual attention in every block (the last one's context stream only feeds k/v) and without q/k norms: fused,
+    bit for bit the unfused quantized model; without ``attention_inputs`` attn2 takes a view and one permute to
+    SDPA's layout inside the fused forward (no norm to apply), to the same numbers."""
+    model, inputs = _dual(qk_norm=None, dual_attention_layers=(0, 1))
+    ditq.quantize(model, ditq.QuantConfig.preset("w8a8", backend="torch", progress=False),
+                  calib_fn=lambda m: m(**inputs))
+    fuse_projections(model)
+    unfused = copy.deepcopy(model)
+    assert all(why is None for why in fuse_blocks(model).values())
+    assert [b._ditq_qk2 for b in model.transformer_blocks] == [(1e-6, False)] * 2
+    (y, ops), (y_ref, _) = _run(model, inputs), _run(unfused, inputs)
+    assert ops["ditq::torch_attention_inputs"] == 4 and ops["ditq::torch_norm_modulate_quantize"] == 9
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for m in model.modules():
+        if isinstance(m, ditq.nn.QuantLinear):
+            m._kernels = m._kernels._replace(attention_inputs=None)
+    y_plain, ops_plain = _run(model, inputs)
+    assert "ditq::torch_attention_inputs" not in ops_plain and ops_plain["ditq::torch_norm_modulate_quantize"] == 9
+    torch.testing.assert_close(y_plain, y_ref, rtol=0, atol=0)
+    with torch.no_grad():  # attn2 matters: without its output projection the model's output changes
+        for b in model.transformer_blocks:
+            b.attn2.to_out[0].bias.zero_()
+    assert (_run(model, inputs)[0] - y_ref).abs().max() > 1e-3
+
+
+def test_dual_attention_refusals_and_checkpoint_round_trip(tmp_path):
+    """The SD3.5-medium-like model quantized with ``fuse=True``: every block fused, attn2's q/k/v in one GEMM; the
+    checkpoint loads fused, bit for bit. A dual block whose attn2 is not fused or has q/k norms the op does not
+    take is refused with the reason."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from diffusers.models.normalization import RMSNorm
+
+    model, inputs = _dual()
+    report = ditq.quantize(model, ditq.QuantConfig.preset("w8a8", backend="torch", fuse=True, progress=False),
+                           calib_fn=lambda m: m(**inputs))
+    assert all(why is None for why in report.fusion["blocks"].values()), report.fusion
+    assert report.fusion["projections"]["transformer_blocks.0.attn2"] == {"to_qkv": ["to_q", "to_k", "to_v"]}
+    ditq.save_quantized(model, str(tmp_path))
+    loaded = ditq.load_quantized(str(tmp_path))
+    block = loaded.transformer_blocks[0]
+    assert type(block).__name__ == "FusedJointTransformerBlock" and not hasattr(block.attn2, "to_q")
+    assert fuse_blocks(loaded) == {}  # nothing left to fuse: loading restored all of it
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs)[0], model(**inputs)[0], rtol=0, atol=0)
+
+    block = model.transformer_blocks[0]
+    attn2 = block.attn2
+    assert blocks_joint._sd3_why_not(block) is None
+    saved, attn2.norm_k = attn2.norm_k, RMSNorm(attn2.norm_k.weight.shape[0], eps=1e-5)
+    assert "its dual attention's q/k RMSNorms differ in kind or eps" in blocks_joint._sd3_why_not(block)
+    attn2.norm_k = saved
+    attn2.set_processor(JointAttnProcessor2_0())  # diffusers' own: it would call the fused-away to_q
+    assert "its dual attention's (attn2) q/k/v are not fused" in blocks_joint._sd3_why_not(block)

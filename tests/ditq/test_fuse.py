@@ -37,11 +37,9 @@ def _count(model, inputs):
     return c
 
 
-def _families():
-    yield "dit", tiny_dit(seed=0), dit_inputs(batch=2, seed=1)
-    for name, build in sorted(FAMILIES.items()):
-        model, inputs = build()
-        yield name, model, inputs
+def _family(name):
+    """(model, inputs) of one tiny family (only that one is built)."""
+    return (tiny_dit(seed=0), dit_inputs(batch=2, seed=1)) if name == "dit" else FAMILIES[name]()
 
 
 # fused layers each family must end up with (per block): a fusion that silently falls back fails here
@@ -49,10 +47,12 @@ EXPECTED = {"dit": {"to_qkv": 2}, "pixart": {"to_qkv": 2, "to_kv": 2}, "sd3": {"
             "sd35": {"to_qkv": 2, "to_added_qkv": 2}, "flux": {"to_qkv": 2, "to_added_qkv": 1}}
 
 
+# sd35: the q/k norms are kept. SD3.5-medium's attn2 (q/k/v fused without a context stream): its processor in float
+# below, its quantized fusion in test_blocks_joint (the suite's time budget)
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "sd35", "flux"])  # sd35: the q/k norms are kept
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "sd35", "flux"])
 def test_fused_projections_equal_the_unfused_quantized_model(family, backend):
-    name, model, inputs = next(f for f in _families() if f[0] == family)
+    model, inputs = _family(family)
     cfg = ditq.QuantConfig.preset("w4a8", group_size=32, backend=backend, progress=False)
     ditq.quantize(model, cfg, calib_fn=lambda m: m(**inputs))
     unfused = copy.deepcopy(model)
@@ -79,6 +79,36 @@ def test_fused_projections_equal_the_unfused_quantized_model(family, backend):
     assert after.ditq() == before.ditq() - saved
     print(f"{family}: ditq ops {before.ditq()} -> {after.ditq()}, all ops {sum(before.ops.values())} -> "
           f"{sum(after.ops.values())}")
+
+
+def test_dual_attention_processor_is_diffusers_joint_processor_in_float():
+    """SD3.5-medium's second attention (attn2: diffusers' joint processor called without a context stream, with q/k
+    RMSNorms) on fused float projections (no quantization: only the processor differs) gives the model's own
+    output; diffusers' fused joint processor could not run it, and its fused self-attention twin is not used."""
+    from ditq.fuse import _plan, _switch, joint_qk_norm_processor
+
+    model, inputs = FAMILIES["sd35m"]()
+    with torch.no_grad():
+        y_ref = model(**inputs)[0]
+    for name, attn in list(model.named_modules()):
+        if not hasattr(attn, "to_k"):
+            continue
+        groups, processor = _plan(attn)
+        assert type(processor) is joint_qk_norm_processor()  # every attention here has q/k norms
+
+        def linear(fused_name, members, attn=attn):  # the members' float weights side by side
+            parts = [getattr(attn, m) for m in members]
+            out = torch.nn.Linear(parts[0].in_features, sum(p.out_features for p in parts))
+            with torch.no_grad():
+                out.weight.copy_(torch.cat([p.weight for p in parts]))
+                out.bias.copy_(torch.cat([p.bias for p in parts]))
+            return out
+        _switch(attn, groups, processor, linear)
+        assert not hasattr(attn, "to_q") and (name.endswith("attn2") == (not hasattr(attn, "to_added_qkv")))
+    with torch.no_grad():
+        y = model(**inputs)[0]
+    assert model.transformer_blocks[0].attn2.to_qkv.out_features == 3 * model.transformer_blocks[0].attn2.inner_dim
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
 
 
 def test_concat_refuses_members_that_disagree():

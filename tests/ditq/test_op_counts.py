@@ -91,6 +91,10 @@ FUSED = {
     # SD3.5-large-like (q/k RMSNorms): the same ops, the norms inside attention_inputs (before it, the blocks ran
     # diffusers' forward)
     "sd35": (125, {"norm_modulate_quantize": 7, "gemm_w8a8_fused": 17, "quantize_act": 3, "attention_inputs": 2}),
+    # SD3.5-medium-like (dual attention in block 0): attn2 adds a fused norm (its own modulation of the block's
+    # input), its q/k/v and to_out GEMMs, one attention_inputs (one stream) and one quantize_act (258 ops while the
+    # dual block ran diffusers' forward)
+    "sd35m": (135, {"norm_modulate_quantize": 8, "gemm_w8a8_fused": 19, "quantize_act": 4, "attention_inputs": 3}),
 }
 DIT_BLOCKS = 2
 

@@ -73,6 +73,13 @@ def tiny_sd35():
     return tiny_sd3(qk_norm="rms_norm")
 
 
+def tiny_sd35m():
+    """SD3.5-medium-like (diffusers' MMDiT-X): q/k RMSNorms and, in the first block, the dual attention (``attn2``,
+    a second self-attention over the image stream with its own q/k RMSNorms and adaLN shift / scale / gate); the
+    last block is a plain SD3.5 block, as in SD3.5-medium, whose dual attention stops halfway."""
+    return tiny_sd3(qk_norm="rms_norm", dual_attention_layers=(0,))
+
+
 def tiny_flux():
     from diffusers import FluxTransformer2DModel
     torch.manual_seed(0)
@@ -90,4 +97,4 @@ def tiny_flux():
     return m, inp
 
 
-FAMILIES = {"pixart": tiny_pixart, "sd3": tiny_sd3, "sd35": tiny_sd35, "flux": tiny_flux}
+FAMILIES = {"pixart": tiny_pixart, "sd3": tiny_sd3, "sd35": tiny_sd35, "sd35m": tiny_sd35m, "flux": tiny_flux}
