@@ -29,9 +29,10 @@ reduce reads S x BM x BN words per tile from L2, small next to the K loop it spl
 With ``SPLIT_K`` off (S = 1) the kernels compile exactly as before (every split branch is a ``tl.constexpr``)
 and no workspace exists.
 
-The count (:func:`auto_splits`) follows the CUDA backend's Hopper rule (``sm90_auto_splits`` in
-csrc/configs/gemm_tiles_sm90.h): no split once the tiles fill a wave of SMs; below that, the largest count
-whose ``tiles * S`` programs still fit one wave, at most :data:`MAX_SPLITS` and at most the k units. Not the
+The count (:func:`auto_splits`) follows the CUDA backend's Hopper rule under one wave (``sm90_auto_schedule`` in
+csrc/configs/gemm_tiles_sm90.h, which also splits the tiles of a last, partial wave; this one does not): no
+split once the tiles fill a wave of SMs; below that, the largest count whose ``tiles * S`` programs still fit
+one wave, at most :data:`MAX_SPLITS` and at most the k units. Not the
 smallest count that reaches a wave: 36 tiles x 4 = 144 programs on 132 SMs are two waves of a quarter of K
 each (time ~ 2 / 4), where 3 splits are one wave of a third (~ 1 / 3). The reduce launch is not modelled;
 ``benchmarks/tune_tiles.py`` times forced counts against this choice. Without a GPU (the interpreter) the

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8
-# the unsplit Hopper GPU tests' fixture (skips without an sm_90 GPU and both CUDA backends), inputs and runner
-from test_gemm_sm90_cuda import BASE, _inputs, _run, cb, pytestmark  # noqa: F401
+# the unsplit Hopper GPU tests' inputs and runner (the hopper_pair fixture, which skips without an sm_90 GPU and
+# both CUDA backends: conftest.py)
+from test_gemm_sm90_cuda import BASE, _inputs, _run, pytestmark  # noqa: F401
 
 M, N, K = 512, 4608, 1152
 
@@ -21,7 +22,7 @@ def _emulated(cb, *args):
         return _run(cb, "cuda-emulated", "cpu", *args)
 
 
-def test_schedule_on_this_gpu(cb):
+def test_schedule_on_this_gpu(hopper_pair):
     """What the tests below run: on an H100 / H200 (132 SMs) 132 whole tiles + 12 tails x 9 slices."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     dp, s = torch.ops.ditq_C.gemm_sm90_schedule(4 * 36, K // 128, sms)
@@ -32,8 +33,9 @@ def test_schedule_on_this_gpu(cb):
 
 
 @pytest.mark.parametrize("group", (None, 64))
-def test_tail_split_on_gpu(cb, group):
+def test_tail_split_on_gpu(hopper_pair, group):
     """fc1 itself (12 tails x 9 slices on 132 SMs): W8 the unsplit kernel's bits, W4 exact and repeatable."""
+    cb = hopper_pair
     a, sa, w, sw, b = _inputs(M, N, K, group, seed=91)
     y = _run(cb, "cuda", "cuda", a, sa, w, sw, b, group, torch.bfloat16, None, None)  # tile and schedule auto
     again = _run(cb, "cuda", "cuda", a, sa, w, sw, b, group, torch.bfloat16, None, None)
@@ -47,9 +49,10 @@ def test_tail_split_on_gpu(cb, group):
 
 
 @pytest.mark.parametrize("group", (None, 64))
-def test_tail_split_on_gpu_equals_emulator(cb, group):
+def test_tail_split_on_gpu_equals_emulator(hopper_pair, group):
     """The same 144 tiles at K = 256 (2 k units: 12 tails x 2 slices), so that the emulator, scheduling for
     this GPU's SM count, runs them in seconds: bit for bit the GPU's output."""
+    cb = hopper_pair
     a, sa, w, sw, b = _inputs(M, N, 256, group, seed=92)
     y = _run(cb, "cuda", "cuda", a, sa, w, sw, b, group, torch.float32, None, None)
     ye = _emulated(cb, a, sa, w, sw, b, group, torch.float32, None, None)

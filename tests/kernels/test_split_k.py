@@ -69,7 +69,8 @@ def _w4_inputs(m, n, k, g_size, seed):
 # ---- the count ----------------------------------------------------------------------------------------------
 
 def test_auto_splits_follows_the_cuda_rule():
-    # the CUDA backend's sm90_auto_splits cases: a third of a wave -> 3, a full wave -> none, capped by the units
+    # the CUDA backend's sm90_auto_schedule cases under a wave: a third of a wave -> 3, a full wave -> none, capped
+    # by the units
     got = [split_k.auto_splits(t, u, 132) for t, u in ((36, 9), (108, 9), (144, 36), (9, 36), (9, 2), (1, 99))]
     assert got == [3, 1, 1, 14, 2, split_k.MAX_SPLITS]
     assert split_k.auto_splits(36, 0, 132) == 1  # K = 0: no unit to split
