@@ -104,17 +104,22 @@ def test_splitk_automatic():
     assert torch.equal(_bits(y8), _bits(y8_1))
 
 
+def fused_inputs(m, n, k, group, seed, gate_rows):
+    """_inputs, the weights prepared for the fused ops (W8, or W4 of ``group``), a gate [gate_rows, n] and an fp32
+    residual [m, n]."""
+    a, sa, w, sw, b = _inputs(m, n, k, w4_group=group, seed=seed)
+    fmt = WeightFormat(8) if group is None else WeightFormat(4, group)
+    pw, ps = backends.get_backend(BACKEND, "cpu").prepare_weight(fmt, w if group is None else ref.pack_int4(w), sw)
+    g = torch.Generator().manual_seed(seed + 1)
+    return a, sa, w, sw, b, pw, ps, torch.randn(gate_rows, n, generator=g), torch.randn(m, n, generator=g)
+
+
 @pytest.mark.parametrize("group", (None, 64))
 def test_splitk_fused_epilogue(group):
     """The fused epilogue (gate, fp32 residual) runs on the reduced sums, in the last CTA: equal bit for bit to
     the plain split GEMM of the same count followed by the same fp32 multiply and add in torch."""
     m, n, k = 18, 33, 448
-    a, sa, w, sw, b = _inputs(m, n, k, w4_group=group, seed=41)
-    be = backends.get_backend(BACKEND, "cpu")
-    fmt = WeightFormat(8) if group is None else WeightFormat(4, group)
-    pw, ps = be.prepare_weight(fmt, w if group is None else ref.pack_int4(w), sw)
-    g = torch.Generator().manual_seed(42)
-    gate, residual = torch.randn(1, n, generator=g), torch.randn(m, n, generator=g)
+    a, sa, w, sw, b, pw, ps, gate, residual = fused_inputs(m, n, k, group, seed=41, gate_rows=1)
     tile = BASE + 1
     with _opts():
         if group is None:

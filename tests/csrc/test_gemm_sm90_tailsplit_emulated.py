@@ -13,12 +13,10 @@ and on a GPU in test_gemm_sm90_tailsplit_cuda.py."""
 import pytest
 import torch
 
-from ditq import backends
-from ditq.format import WeightFormat
-from ditq.quant import reference as ref
 from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8
 # the Hopper split-K tests' helpers (which take the unsplit Hopper tests' setup: backend, tile ids, inputs)
-from test_gemm_sm90_splitk_emulated import BACKEND, BASE, _bits, _inputs, _opts, _w4a8, _w8a8, pytestmark  # noqa: F401
+from test_gemm_sm90_splitk_emulated import BASE, _bits, _inputs, _opts, _w4a8, _w8a8, fused_inputs
+from test_gemm_sm90_splitk_emulated import pytestmark  # noqa: F401
 
 # 250 rows (2 row tiles of 128, the second partial) x 500 columns (4 column tiles) = 8 tiles on 6 SMs: one wave
 # of 6 whole tiles and a tail of 2, split min(6 // 2, k units) = 3 ways at K = 400 (4 units of 128).
@@ -80,13 +78,7 @@ def test_w4a8_tail_split_exact_and_repeatable(group):
 def test_tail_split_fused_epilogue(group):
     """Gate + fp32 residual on a tail-split launch: the plain tail-split GEMM followed by the same fp32 ops, bit
     for bit; int8 out (W8): the unsplit fused kernel's bytes (int32 partials: the same sums)."""
-    k = 448
-    a, sa, w, sw, b = _inputs(M, N, k, w4_group=group, seed=61)
-    be = backends.get_backend(BACKEND, "cpu")
-    fmt = WeightFormat(8) if group is None else WeightFormat(4, group)
-    pw, ps = be.prepare_weight(fmt, w if group is None else ref.pack_int4(w), sw)
-    g = torch.Generator().manual_seed(62)
-    gate, residual = torch.randn(2, N, generator=g), torch.randn(M, N, generator=g)
+    a, sa, w, sw, b, pw, ps, gate, residual = fused_inputs(M, N, 448, group, seed=61, gate_rows=2)
     out_scale = torch.tensor([0.05])
     tile = W8_TILE if group is None else W4_TILE
     with _opts(arch="sm_90a", sm_count=SMS):
