@@ -40,6 +40,7 @@ QUICK_SHAPES = common.DIT_SHAPES + [s for s in common.OTHER_SHAPES
 SHAPE_SETS = {"all": common.ALL_SHAPES, "dit": common.DIT_SHAPES, "quick": QUICK_SHAPES,
               "flux": [s for s in common.OTHER_SHAPES if s[0] == "FLUX.1"]}
 FP8_GEMM = "fp8 row-wise (_scaled_mm)"
+TORCHAO_INT8, TORCHAO_FP8 = "torchao int8-dyn-act int8-weight", "torchao fp8 row-wise"  # when torchao imports
 FP8_QUANT = "fp8 row-wise quantize"
 ROW_KEYS = ("model", "layer", "N", "K", "M", "impl", "kind", "backend", "bits", "group_size", "status",
             "median_ms", "min_ms", "timing", "tops", "gbps", "roofline_ms", "roofline_fraction",
@@ -248,7 +249,7 @@ def third_party_impls() -> List[str]:
     out = []
     try:
         import torchao  # noqa: F401
-        out.append("torchao int8-dyn-act int8-weight")
+        out += [TORCHAO_INT8, TORCHAO_FP8]
     except Exception:
         pass
     try:
@@ -266,6 +267,13 @@ def _third_party(torch, case, inp):
 
     def make_linear():
         lin = torch.nn.Linear(k, n, bias=True, device=inp.device, dtype=torch.bfloat16)
+        if case["impl"] == TORCHAO_FP8:  # torchao's float8 row-wise inference path: the peer on Hopper
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+            try:
+                quantize_(lin, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+            except (AssertionError, NotImplementedError, RuntimeError) as e:  # e.g. no fp8 tensor cores (cc < 8.9)
+                raise Unsupported(f"torchao float8 row-wise refused: {str(e).splitlines()[0][:160]}") from e
+            return lin, inp.randn(m, k)
         if case["backend"] == "torchao":
             from torchao.quantization import quantize_
             try:

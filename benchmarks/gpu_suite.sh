@@ -34,8 +34,11 @@
 #
 # Packages the machine lacks travel as wheels in .whl/ at the repo root (installed with --no-deps into a
 # fresh /tmp/ditq_site.* put on PYTHONPATH). The model benchmarks need diffusers, a pure-Python wheel (the GPU
-# image has its dependencies):
+# image has its dependencies); torchao gives the GEMM and model tables torchao's own int8 / fp8 row-wise rows
+# (0.17.0 imports and quantizes with the image's torch 2.11: checked on a CPU venv of torch 2.11 + triton 3.6):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl torchao==0.17.0
 # .whl/ is git-ignored (.git/info/exclude), so the device tool carries it only when asked: carry=[".whl"].
 # With $OUT set, only these files come back: summary.md, gpu_suite.log, the JSON files, the GEMM plot, the tuning
 # report (tune part) and gpu_suite_results.tar.gz (everything: markdown tables, model plots, stages.txt, JUnit XML,
