@@ -9,7 +9,8 @@
 # Stage plan on an H200 (16 cores), default DITQ_SUITE_PART=all, seconds as capped / as expected:
 #   wheels          60 cap /   5     carried wheels (diffusers) into a fresh --target folder
 #   install        240 cap /  90?    pip install -e . (the CUDA extension for this GPU's architecture only)
-#   pytest-cuda    120 cap /  60?    real kernels vs the integer references; static_report runs beside it
+#   pytest-cuda    120 cap /  60?    real kernels vs the integer references and the emulator, over 4 processes
+#                                    (DITQ_SUITE_PYTEST_WORKERS); static_report runs beside it
 #                                    (own cap 150 s; waited for before the model stages, whose eager timings
 #                                    a busy CPU would distort)
 #   bench-gemm     110 cap           DiT-XL/2 + FLUX.1 attention / MLP shapes, M 16 / 4096 / 64 / 16384 / 512
@@ -100,7 +101,10 @@ if [ "$PART" = all ]; then
       >"$WORK/static.log" 2>&1; rc=$?
     printf '%-14s rc=%-4s (beside pytest-cuda)\n' static "$rc" >>"$STATUS" ) &
   STATIC_PID=$!
-  stage pytest-cuda "$(cap 120 280)" python3 -m pytest -m cuda -q -p no:cacheprovider tests \
+  # the tests compare each real kernel with the emulator, CPU-bound work: spread over a few processes (the image
+  # has pytest-xdist; the kernels themselves are small, so the processes share the GPU without waiting on it)
+  XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${DITQ_SUITE_PYTEST_WORKERS:-4}")
+  stage pytest-cuda "$(cap 120 280)" python3 -m pytest -m cuda -q -p no:cacheprovider $XDIST tests \
     --junitxml="$WORK/pytest_cuda.xml"
 
   # 3. GEMMs: DiT-XL/2 and FLUX.1 shapes, the targets' M first; writes its JSON before its cap
