@@ -41,6 +41,7 @@ FLUX_STEPS = 28
 FLUX_ANCHOR_H100 = (("bf16 compiled", 4.21), ("torchao int8 dynamic compiled", 3.41),
                     ("torchao fp8 row-wise compiled", 2.97))  # 2.97-3.04 s; the faster end is the harder bar
 FP8_GEMM = "fp8 row-wise (_scaled_mm)"
+TORCHAO_FP8 = "torchao fp8 row-wise"  # bench_gemm's row names
 
 
 def load(folder: str, name: str) -> Optional[Dict]:
@@ -87,6 +88,10 @@ def gemm_targets(g: Dict) -> List[str]:
     if fp8:
         out.append(f"- reference: fp8 row-wise (`torch._scaled_mm`) vs bf16 at M >= {W8A8_GEMM_M}: "
                    f"{_spread([r['speedup_vs_bf16'] for r in fp8])} (H100 published: 1.70x)")
+    ao = sel(TORCHAO_FP8, big)  # torchao's own float8 row-wise linear (its activation quantization included)
+    if ao:
+        out.append(f"- reference: {TORCHAO_FP8} (torchao's linear, its quantization pass included) vs bf16 at "
+                   f"M >= {W8A8_GEMM_M}: {_spread([r['speedup_vs_bf16'] for r in ao])}")
     def target(what, want, impl, rows):
         sp = [r["speedup_vs_bf16"] for r in rows]
         vs8 = [r["speedup_vs_fp8"] for r in rows if r.get("speedup_vs_fp8")]

@@ -436,12 +436,15 @@ def test_record_gpu_run_target_lines():
     rows = [g(4096, "ditq-cuda w8a8", 1.9, 1.1), g(16384, "ditq-cuda w8a8", 1.7, 1.0),
             g(8192, "ditq-cuda w8a8", 2.0, 1.2), g(512, "ditq-cuda w8a8", 0.1),  # M < 4096: not counted
             g(16, "ditq-cuda w4a8 g128", 2.9), g(64, "ditq-cuda w4a8 g128", 3.1), g(64, "ditq-cuda w4a8 g128", 3.5),
-            g(4096, "fp8 row-wise (_scaled_mm)", 1.6, 1.0)]
+            g(4096, "fp8 row-wise (_scaled_mm)", 1.6, 1.0), g(4096, "torchao fp8 row-wise", 1.4),
+            g(16384, "torchao fp8 row-wise", 1.5)]
     lines = "\n".join(rec.gemm_targets({"rows": rows, "backends": ["cuda"], "group_sizes": [128]}))
     assert "ditq-cuda median 1.90x (min 1.70x, max 2.00x, 3 shapes x M): **met**; vs fp8 row-wise median 1.10x" \
         in lines
     assert "ditq-cuda g128 median 3.10x (min 2.90x, max 3.50x, 3 shapes x M): **met**" in lines
     assert "fp8 row-wise (`torch._scaled_mm`) vs bf16 at M >= 4096: median 1.60x" in lines
+    assert "torchao fp8 row-wise (torchao's linear, its quantization pass included) vs bf16 at M >= 4096: median " \
+           "1.45x (min 1.40x, max 1.50x, 2 shapes x M)" in lines
 
     def d(variant, ms, impl=None):
         prec, mode = variant.rsplit(" ", 1)
