@@ -43,6 +43,7 @@ which costs interpreter time (every program has a fixed cost); ``splits=`` force
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -66,7 +67,13 @@ def sm_count(device) -> int:
     device = torch.device(device)
     if device.type != "cuda":
         return INTERPRETER_SM_COUNT
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    # asked once per GPU, not on every launch: the launchers call sm_count on the hot path
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def resolve(splits: Optional[int], tiles: int, units: int, elements: int, device, kernel: str) -> int:
