@@ -10,7 +10,9 @@ File ``configs/<kernel>_<arch>.json``::
      "entries": [{"max_m": 64, "BM": 64, ...}, ..., {"max_m": null, "BM": 128, ...}]}
 
 Entries are sorted by ``max_m`` (inclusive upper bound of the bucket); the last one has ``max_m: null``
-and takes every larger M. All other keys are the kernel's own (tile sizes, num_warps, num_stages...);
+and takes every larger M. An entry may carry ``"max_splits"``: the cap on the automatic split-K count in its
+bucket (an int >= 1, 1 = never split; absent = ``split_k.MAX_SPLITS``), checked here and read by the
+launchers (:mod:`.split_k`). All other keys are the kernel's own (tile sizes, num_warps, num_stages...);
 this loader does not interpret them.
 
 Architectures: ``sm80`` (Ampere and Ada: ``mma.sync``), ``sm90`` (Hopper: ``wgmma``), and
@@ -73,6 +75,11 @@ def validate_table(entries: List[Dict], where: str = "table") -> List[Dict]:
                               f"entry {i} has {max_m!r} after {prev}")
         if max_m is not None:
             prev = max_m
+        if "max_splits" in e:
+            cap = e["max_splits"]
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise ConfigError(f"{where}: entry {i}'s max_splits must be an int >= 1 (the most split-K "
+                                  f"programs per tile; 1 never splits), got {cap!r}")
     return entries
 
 

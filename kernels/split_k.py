@@ -32,10 +32,15 @@ and no workspace exists.
 The count (:func:`auto_splits`) follows the CUDA backend's Hopper rule under one wave (``sm90_auto_schedule`` in
 csrc/configs/gemm_tiles_sm90.h, which also splits the tiles of a last, partial wave; this one does not): no
 split once the tiles fill a wave of SMs; below that, the largest count whose ``tiles * S`` programs still fit
-one wave, at most :data:`MAX_SPLITS` and at most the k units. Not the
+one wave, at most the cap (the table entry's optional ``"max_splits"``, :data:`MAX_SPLITS` when absent)
+and at most the k units. Not the
 smallest count that reaches a wave: 36 tiles x 4 = 144 programs on 132 SMs are two waves of a quarter of K
-each (time ~ 2 / 4), where 3 splits are one wave of a third (~ 1 / 3). The reduce launch is not modelled;
-``benchmarks/tune_tiles.py`` times forced counts against this choice. Without a GPU (the interpreter) the
+each (time ~ 2 / 4), where 3 splits are one wave of a third (~ 1 / 3). The reduce launch is not modelled
+here: at small M the GEMM is memory-bound and the workspace round trip ([S, M, N] written, then read by the
+reduce) plus a second launch may cost more than the split gains. Hence the cap, per M bucket, as data: an
+entry of ``kernels/configs/*.json`` may carry ``"max_splits": c`` (an int >= 1; 1 never splits), which
+``benchmarks/tune_tiles.py --write-configs`` sets from timings (it times caps 1, 2, 4, 8 against the automatic
+count) only where the cap beats the automatic count by a margin. Without a GPU (the interpreter) the
 count is computed for :data:`INTERPRETER_SM_COUNT` SMs, as the CUDA emulator pretends, so CPU runs go through
 the same rule and the split launches. The interpreter's tiles are small, though, so the tiny shapes of the
 CPU tests split more often and further than a GPU's tiles would (4 tiles of K = 256 at BK = 32: 8 splits),
@@ -54,12 +59,26 @@ MAX_SPLITS = 16  # the CUDA backend's cap (each split adds a BM x BN partial to 
 INTERPRETER_SM_COUNT = 132  # an H100 SXM / H200, what the CUDA emulator pretends too
 
 
-def auto_splits(tiles: int, units: int, sm_count: int) -> int:
+def auto_splits(tiles: int, units: int, sm_count: int, max_splits: Optional[int] = None) -> int:
     """The automatic split count of a launch of ``tiles`` output tiles whose K is ``units`` k units, on
-    ``sm_count`` SMs (the rule in the module docstring; the same as the CUDA backend's Hopper kernels)."""
+    ``sm_count`` SMs, at most ``max_splits`` (the table entry's ``"max_splits"``; None: :data:`MAX_SPLITS`): the
+    rule in the module docstring, the same as the CUDA backend's Hopper kernels' under one wave."""
+    cap = MAX_SPLITS if max_splits is None else check_max_splits(max_splits)
     if tiles <= 0 or tiles >= sm_count:
         return 1
-    return max(1, min(sm_count // tiles, MAX_SPLITS, units))
+    return max(1, min(sm_count // tiles, cap, units))
+
+
+def check_max_splits(value, where: str = "max_splits") -> int:
+    """A split cap must be an int >= 1 (1: the bucket never splits); returns it, else raises ValueError /
+    TypeError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where} must be an int >= 1 (the most split-K programs per tile), got "
+                        f"{type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{where} must be an int >= 1 (the most split-K programs per tile; 1 never splits), "
+                         f"got {value}")
+    return value
 
 
 def sm_count(device) -> int:
@@ -76,13 +95,15 @@ def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def resolve(splits: Optional[int], tiles: int, units: int, elements: int, device, kernel: str) -> int:
+def resolve(splits: Optional[int], tiles: int, units: int, elements: int, device, kernel: str,
+            max_splits: Optional[int] = None) -> int:
     """The split count of a launch of ``tiles`` output tiles, ``units`` k units and ``elements`` = M * N outputs:
-    :func:`auto_splits` when ``splits`` is None, else the forced count, which must be an int in [1, units] (each
-    split sums at least one whole k unit). A split launch needs M * N < 2**31 (the workspace's in-slice offsets
-    are int32); the automatic count never splits such a grid (it is far more than a wave)."""
+    :func:`auto_splits` (at most ``max_splits``, the tile entry's cap) when ``splits`` is None, else the
+    forced count, an int in [1, units] (each split sums at least one whole k unit; the cap does not apply).
+    A split launch needs M * N < 2**31 (the workspace's in-slice offsets are int32); the automatic count never
+    splits such a grid (it is far more than a wave)."""
     if splits is None:
-        return auto_splits(tiles, units, sm_count(device))
+        return auto_splits(tiles, units, sm_count(device), max_splits)
     if isinstance(splits, bool) or not isinstance(splits, int):
         raise TypeError(f"{kernel}: splits must be an int or None (automatic), got {type(splits).__name__}")
     if not 1 <= splits <= max(units, 1):

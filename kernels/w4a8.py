@@ -423,9 +423,9 @@ def w4a8_reduce_kernel(ws_ptr, S, a_scale_ptr, bias_ptr, out_ptr, M, N, stride_o
 # Keys of a tile table entry (configs/w4a8_<arch>.json): tiles BM x BN (M and N extents, whatever SWAP_AB
 # does), BK = k per step (two half-dots of BK/2), GROUP_M (launch grouping), SWAP_AB (weights as the dot's
 # first operand), UNPACK_ASM (unpack with inline PTX; the interpreter always runs the pure-Triton twin),
-# num_warps, num_stages. Optional: by_group ({"256": {"BN": 64}}: keys that replace the entry's at that group
-# size, where a bigger pack block would spill: sm80 128x128 at G = 256 took 255 registers and 2 spill
-# instructions, BN = 64 takes 163 and none).
+# num_warps, num_stages. Optional: max_splits (the bucket's cap on the automatic split-K count, split_k.py);
+# by_group ({"256": {"BN": 64}}: keys that replace the entry's at that group size, where a bigger pack block
+# would spill: sm80 128x128 at G = 256 took 255 registers and 2 spill instructions, BN = 64 takes 163 and none).
 CONFIG_KEYS = ("BM", "BN", "BK", "GROUP_M", "SWAP_AB", "UNPACK_ASM", "num_warps", "num_stages")
 
 
@@ -444,6 +444,8 @@ def fit_config(cfg: Dict, group_size: int) -> Dict:
     if not isinstance(bk, int) or bk < MIN_BK or bk & (bk - 1):
         raise ValueError(f"w4a8 BK must be a power of two >= {MIN_BK}, got {bk!r}")
     cfg["BK"] = min(bk, pb)
+    if "max_splits" in cfg:  # optional: the bucket's cap on the automatic split-K count (split_k.py)
+        split_k.check_max_splits(cfg["max_splits"], "w4a8 max_splits")
     return cfg
 
 
@@ -456,7 +458,7 @@ def split_shape(cfg: Dict, m: int, n: int, k: int, group_size: int):
 
 def auto_split_count(cfg: Dict, m: int, n: int, k: int, group_size: int, sm_count: int) -> int:
     """The split-K count the launcher picks for this shape, tile and group size on ``sm_count`` SMs."""
-    return split_k.auto_splits(*split_shape(cfg, m, n, k, group_size), sm_count)
+    return split_k.auto_splits(*split_shape(cfg, m, n, k, group_size), sm_count, cfg.get("max_splits"))
 
 
 def describe() -> Dict:
@@ -503,8 +505,9 @@ def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     G in :data:`GROUP_SIZES`, K a multiple of G and at most :data:`MAX_K`. Anything else raises ValueError /
     TypeError. ``out``: optional [M, N] tensor of ``out_dtype`` to write (row stride free, unit column
     stride). ``config``: optional table entry overriding the tile table (tests, benchmarks). ``splits``: the
-    split-K count, None = automatic (``split_k.auto_splits``), or forced in [1, cdiv(K, pack_block(G))]
-    (tests, benchmarks); splits add fp32 partials in a fixed order, so a count always gives the same bits."""
+    split-K count, None = automatic (``split_k.auto_splits``, at most the entry's optional ``max_splits``), or
+    forced in [1, cdiv(K, pack_block(G))] (tests, benchmarks); splits add fp32 partials in a fixed order, so a
+    count always gives the same bits."""
     m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype)
     checks.same_device("a", a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, out=out)
     check_device(a)
@@ -553,7 +556,7 @@ def _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config, spli
             residual=None, rows_per_gate=1, out_scale=None):
     cfg = fit_config(config, group_size) if config is not None else kernel_config(m, a.device, group_size)
     tiles, units = split_shape(cfg, m, n, k, group_size)
-    s = split_k.resolve(splits, tiles, units, m * n, a.device, KERNEL_NAME)
+    s = split_k.resolve(splits, tiles, units, m * n, a.device, KERNEL_NAME, cfg.get("max_splits"))
     unused = w_scale  # a valid pointer for the arguments a constexpr flag switches off
     per_token = a_scale.numel() == m and m > 1
     if s > 1:

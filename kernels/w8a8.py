@@ -209,6 +209,8 @@ def kernel_config(m: int, device) -> Dict:
 def fit_config(cfg: Dict) -> Dict:
     """A table entry (or a caller's override) checked for the keys the launcher reads."""
     cfg = checks.config_keys(KERNEL_NAME, cfg, CONFIG_KEYS)
+    if "max_splits" in cfg:  # optional: the bucket's cap on the automatic split-K count (split_k.py)
+        split_k.check_max_splits(cfg["max_splits"], "w8a8 max_splits")
     for key in ("BM", "BN", "BK"):
         v = cfg[key]
         if not isinstance(v, int) or v < 16 or v & (v - 1):
@@ -224,7 +226,7 @@ def split_shape(cfg: Dict, m: int, n: int, k: int):
 
 def auto_split_count(cfg: Dict, m: int, n: int, k: int, sm_count: int) -> int:
     """The split-K count the launcher picks for this shape and tile on ``sm_count`` SMs (``split_k``)."""
-    return split_k.auto_splits(*split_shape(cfg, m, n, k), sm_count)
+    return split_k.auto_splits(*split_shape(cfg, m, n, k), sm_count, cfg.get("max_splits"))
 
 
 def describe() -> Dict:
@@ -268,8 +270,9 @@ def gemm_w8a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     w_scale float32 [N], bias float16 / bfloat16 / float32 [N] or None, every tensor contiguous and on one
     device. ``out``: optional contiguous [M, N] tensor of ``out_dtype`` to write into. ``config``: a tile
     entry overriding the table (tests, benchmarks). ``splits``: the split-K count, None = automatic
-    (``split_k.auto_splits``), or forced in [1, cdiv(K, BK)] (tests, benchmarks); the result is the same bits
-    whatever the count. Anything else raises ValueError / TypeError.
+    (``split_k.auto_splits``, at most the entry's optional ``max_splits``), or forced in [1, cdiv(K, BK)]
+    (tests, benchmarks); the result is the same bits whatever the count. Anything else raises ValueError /
+    TypeError.
     """
     m, n, k = _check_gemm(a, a_scale, w, w_scale, bias, out_dtype)
     checks.same_device("a", a, a_scale=a_scale, w=w, w_scale=w_scale, bias=bias, out=out)
@@ -313,7 +316,7 @@ def _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config, splits=None, gel
     cfg = fit_config(config) if config is not None else kernel_config(m, a.device)
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     tiles, units = split_shape(cfg, m, n, k)
-    s = split_k.resolve(splits, tiles, units, m * n, a.device, KERNEL_NAME)
+    s = split_k.resolve(splits, tiles, units, m * n, a.device, KERNEL_NAME, cfg.get("max_splits"))
     a_float = a.dtype != torch.int8
     use_tma = bool(cfg["USE_TMA"]) and _aligned(a, w) and k > 0 and not a_float  # a float A: pointer loads
     if use_tma:

@@ -30,11 +30,23 @@ def test_pick_by_bucket(tmp_path, monkeypatch):
     ([{"max_m": None}, {"max_m": None}], "exactly the last"),
     ([{"max_m": 64}, {"max_m": 16}, {"max_m": None}], "increasing"),
     ([{"max_m": 0}, {"max_m": None}], "increasing"),
+    ([{"max_m": 16, "max_splits": 0}, {"max_m": None}], r"entry 0's max_splits must be an int >= 1.*got 0"),
+    ([{"max_m": 16}, {"max_m": None, "max_splits": True}], "entry 1's max_splits must be an int >= 1"),
+    ([{"max_m": None, "max_splits": 2.0}], "max_splits must be an int >= 1"),
+    ([{"max_m": None, "max_splits": "4"}], "max_splits must be an int >= 1"),
 ])
 def test_malformed_tables_are_refused(tmp_path, monkeypatch, entries, msg):
     _write(tmp_path, monkeypatch, "bad", "sm80", {"kernel": "bad", "arch": "sm80", "entries": entries})
     with pytest.raises(ct.ConfigError, match=msg):
         ct.load_table("bad", "sm80")
+
+
+def test_split_cap_is_kept(tmp_path, monkeypatch):
+    """An entry's optional max_splits (the bucket's cap on the automatic split-K count) loads as given."""
+    entries = [{"max_m": 16, "BM": 16, "max_splits": 1}, {"max_m": None, "BM": 128}]
+    _write(tmp_path, monkeypatch, "cap", "sm90", {"kernel": "cap", "arch": "sm90", "entries": entries})
+    table = ct.load_table("cap", "sm90")
+    assert ct.params(ct.pick(table, 3)) == {"BM": 16, "max_splits": 1} and "max_splits" not in table[1]
 
 
 def test_header_and_missing_file_errors(tmp_path, monkeypatch):

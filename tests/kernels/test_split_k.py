@@ -77,6 +77,50 @@ def test_auto_splits_follows_the_cuda_rule():
     assert split_k.sm_count("cpu") == split_k.INTERPRETER_SM_COUNT == 132
 
 
+def test_auto_splits_takes_the_cap():
+    """A table entry's max_splits caps the automatic count (None: MAX_SPLITS, today's rule unchanged)."""
+    assert [split_k.auto_splits(36, 9, 132, c) for c in (None, 16, 4, 3, 2, 1)] == [3, 3, 3, 3, 2, 1]
+    assert [split_k.auto_splits(1, 99, 132, c) for c in (None, 8, 1)] == [split_k.MAX_SPLITS, 8, 1]
+    assert split_k.auto_splits(200, 9, 132, 4) == 1  # past a wave: no split, whatever the cap
+    for bad, err in ((0, ValueError), (-2, ValueError), (True, TypeError), (2.0, TypeError), ("3", TypeError)):
+        with pytest.raises(err, match="max_splits must be an int >= 1"):
+            split_k.auto_splits(36, 9, 132, bad)
+
+
+@pytest.mark.parametrize("bits", (8, 4), ids=("w8a8", "w4a8"))
+def test_launchers_read_the_entry_cap(bits, workspaces):
+    """The launchers pass the tile entry's max_splits to the automatic count: a 2-tile grid of 4 k units that
+    splits 4 ways uncapped (132 SMs counted) splits 2 ways at cap 2 and not at all at cap 1; a forced count
+    ignores the cap; the results are the unsplit ones (W8 bit for bit, W4 to fp32 rounding); a bad cap in a
+    config is refused like a bad table entry."""
+    m, n = 3, 31
+    if bits == 8:
+        k, cfg = 112, dict(W8_CFG["ptr"])  # 4 units of BK = 32; 1 x 2 tiles of 16 x 16
+        a, a_s, w, w_s, b = _w8_inputs(m, n, k, seed=21)
+        run = lambda c, s=None: w8a8.gemm_w8a8(a, a_s, w, w_s, b, torch.float32,  # noqa: E731
+                                               out=_poisoned(m, n, torch.float32), config=c, splits=s)
+        count = lambda c: w8a8.auto_split_count(w8a8.fit_config(c), m, n, k, 132)  # noqa: E731
+    else:
+        k, cfg = 256, _w4_cfg(False)  # 4 pack blocks of G = 64
+        a0, q, s4, a_s0, b0, (a, a_s, w, s_, b) = _w4_inputs(m, n, k, 64, seed=21)
+        run = lambda c, s=None: w4a8.gemm_w4a8(a, a_s, w, s_, b, 64, torch.float32,  # noqa: E731
+                                               out=_poisoned(m, n, torch.float32), config=c, splits=s)
+        count = lambda c: w4a8.auto_split_count(w4a8.fit_config(c, 64), m, n, k, 64, 132)  # noqa: E731
+    assert [count(dict(cfg, **({} if c is None else {"max_splits": c}))) for c in (None, 2, 1)] == [4, 2, 1]
+    ys = [run(dict(cfg, max_splits=2)), run(dict(cfg, max_splits=1)), run(dict(cfg, max_splits=1), 3)]
+    if DEVICE == "cpu":  # the interpreter counts 132 SMs: the cap is what limits the count
+        assert workspaces == [(2, m, n), (3, m, n)]
+    if bits == 8:
+        testing.assert_gemm_w8a8(ys[1], a, a_s, w, w_s, b)
+        assert torch.equal(ys[0], ys[1]) and torch.equal(ys[2], ys[1])
+    else:
+        for y in ys:
+            testing.assert_gemm_w4a8(y, a0, a_s0, q, s4, 64, b0)
+    for bad, err in ((0, ValueError), (False, TypeError), (1.5, TypeError)):
+        with pytest.raises(err, match=f"w{bits}a8 max_splits must be an int >= 1"):
+            run(dict(cfg, max_splits=bad))
+
+
 # DiT-XL/2 at batch 1 with guidance (M = 512 tokens x 2), hidden 1152, MLP 4608; adaLN at M = 2 (the two
 # conditionings' rows) into 6 x 1152 modulation columns.
 DIT = [("attn-out", 512, 1152, 1152, 3), ("fc2", 512, 1152, 4608, 3), ("qkv", 512, 3456, 1152, 1),
