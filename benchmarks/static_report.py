@@ -234,9 +234,10 @@ def cuda_tiles() -> Tuple[Dict[int, Tuple[int, ...]], List[Tuple[int, int, int, 
     return tiles, rules
 
 
-def sm90_tiles() -> Tuple[Dict[str, List[Tuple[int, ...]]], List[Tuple[int, int, int]]]:
-    """({"w8": [(BM, BN, STAGES, CONSUMERS)], "w4": [...]} in list order, [(max_m, w8 index, w4 index)]) from
-    csrc/configs/gemm_tiles_sm90.h: the Hopper tiles and the rules that pick them."""
+def sm90_tiles() -> Tuple[Dict[str, List[Tuple[int, ...]]], List[Tuple[int, int, int, int]]]:
+    """({"w8": [(BM, BN, STAGES, CONSUMERS)], "w4": [...]} in list order, [(max_m, w8 index, w4 index,
+    max_splits)]) from csrc/configs/gemm_tiles_sm90.h: the Hopper tiles, the rules that pick them and the cap on
+    the automatic split count per M bucket."""
     path = os.path.join(CSRC, "configs", "gemm_tiles_sm90.h")
     if not os.path.exists(path):
         return {"w8": [], "w4": []}, []
@@ -245,29 +246,81 @@ def sm90_tiles() -> Tuple[Dict[str, List[Tuple[int, ...]]], List[Tuple[int, int,
     entry = r"X\((\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\)"
     tiles = {name: [tuple(int(v) for v in r[1:]) for r in re.findall(entry, part.split("namespace", 1)[0])]
              for name, part in (("w8", w8_text.split("#define DITQ_GEMM_SM90_W8_TILES", 1)[-1]), ("w4", w4_text))}
-    rules = [tuple(int(v) for v in r) for r in re.findall(r"\{\s*(-?\d+),\s*(-?\d+),\s*(-?\d+)\s*\}",
+    rules = [tuple(int(v) for v in r) for r in re.findall(r"\{\s*(-?\d+),\s*(-?\d+),\s*(-?\d+),\s*(\d+)\s*\}",
                                                         text.split("kSm90TileRules[]", 1)[-1].split(";", 1)[0])]
     return tiles, rules
 
 
-def sm90_auto_schedule(tiles: int, units: int, sms: int) -> Tuple[int, int]:
+SM90_MAX_SPLITS = 16  # kSm90MaxSplits of gemm_tiles_sm90.h: the default cap
+
+
+def sm90_auto_schedule(tiles: int, units: int, sms: int, max_splits: int = SM90_MAX_SPLITS) -> Tuple[int, int]:
     """(dp_tiles, splits): the Hopper kernels' automatic schedule (csrc/configs/gemm_tiles_sm90.h,
     sm90_auto_schedule): the full waves' tiles run whole, the R = tiles % sms tiles of the last wave are split
-    S = min(sms // R, 16, k units) ways when S >= 2; no split otherwise. Under one wave (dp_tiles = 0) that is a
-    uniform split of every tile."""
+    S = min(sms // R, max_splits, k units) ways when S >= 2; no split otherwise. Under one wave (dp_tiles = 0)
+    that is a uniform split of every tile. ``max_splits``: the M bucket's column of kSm90TileRules."""
     tail = tiles % sms if tiles > 0 and sms > 0 else 0
-    s = min(sms // tail, 16, units) if tail else 1
+    s = min(sms // tail, max_splits, units) if tail else 1
     return (tiles - tail, s) if s >= 2 else (tiles, 1)
+
+
+def sm90_forced_schedule(tiles: int, splits: int, sms: int) -> Tuple[int, int]:
+    """(dp_tiles, splits) of a forced count (sm90_forced_schedule): the last wave's 1 .. sms tiles split
+    ``splits`` ways, the full waves before it whole (under one wave, and at exactly one, every tile)."""
+    if tiles <= 0 or sms <= 0 or splits <= 1:
+        return tiles, 1
+    return tiles - (tiles - (tiles - 1) // sms * sms), splits
 
 
 def sm90_tile_times(tiles: int, dp_tiles: int, splits: int, sms: int) -> float:
     """How long a schedule runs, in the time of one whole tile, if every CTA takes its share of a tile's work
     (a whole tile 1, a slice 1 / splits) and the SMs take CTAs in launch order: whole tiles' waves, then the
-    slices' waves. The reduction's round trip through the workspace is not counted."""
+    slices' waves. The reduction's round trip through the workspace is :func:`split_reduce_us`."""
     if splits <= 1:
         return float(math.ceil(tiles / sms))
     # whole tiles' waves (whole waves in the automatic schedule), then the slices' waves of 1 / splits each
     return math.ceil(dp_tiles / sms) + math.ceil((tiles - dp_tiles) * splits / sms) / splits
+
+
+# The reductions' cost. A split tile's partials go through L2 (the workspace of a DiT shape is a few MB, far under
+# H100's 50 MB), and one SM moves a tile's partials by itself, so the rate that counts is one SM's share of L2,
+# not the chip's: an SM's L1 <-> L2 path moves about 64 B per clock (an assumption, not a measurement; the tail's
+# few reducing SMs are far from the chip-wide L2 limit, about 5.5 TB/s measured on H100 PCIe, which caps the
+# total). At the int8 datasheet clock (1979 TOP/s = 132 SMs x 8192 ops x 1.83 GHz) that is ~117 GB/s per SM.
+SM_CLOCK_HZ = 1.83e9
+L2_BYTES_PER_CLK_SM = 64
+L2_BYTES_S = 5.5e12
+PARTIAL_BYTES = 4  # int32 (W8) and fp32 (W4) partials alike
+
+
+def split_reduce_us(kind: str, bm: int, bn: int, m: int, n: int, tiles: int, dp_tiles: int, splits: int,
+                    sms: int) -> float:
+    """Microseconds a split launch adds to its tiles' main loops: every slice stores its BM x BN partial, then
+
+    * Hopper (``kind`` "cuda wgmma", one launch): the last CTA of each split tile reads all S partials back and
+      adds them, alone, after its own slice: (1 + S) x BM x BN x 4 bytes serial on one SM, at the end of the
+      tail wave (the reductions of the tiles split together run at once, on their own SMs); the partials are
+      whole BM x BN tiles, rows past M too;
+    * Triton (``kind`` "triton", two launches): the split programs store [S, M, N] (one BM x BN tile each, in
+      parallel), then the reduce launch's programs (one per tile, in waves of SMs) read their S partials: the
+      same (1 + S) x BM x BN x 4 bytes per SM (masked to M x N), with the reduce's waves; the launch itself is
+      not counted (this
+      report models no launch overhead; a second launch adds a few µs on a real GPU).
+
+    Each at least the chip-wide L2 time of all the bytes ((1 + S) x the workspace's M x N x 4, Triton; the split
+    tiles' share, Hopper). 0 for an unsplit launch."""
+    if splits <= 1:
+        return 0.0
+    per_sm = L2_BYTES_PER_CLK_SM * SM_CLOCK_HZ
+    tile_bytes = bm * bn * PARTIAL_BYTES  # Hopper: the whole tile's accumulators, rows past M included
+    split_tiles = tiles - dp_tiles
+    if kind == "triton":
+        tile_bytes = min(bm, m) * min(bn, n) * PARTIAL_BYTES  # Triton's partials are masked to M x N
+        waves = math.ceil(tiles / sms)  # the reduce launch: one program per tile
+        total = (1 + splits) * m * n * PARTIAL_BYTES
+        return max(tile_bytes / per_sm + waves * splits * tile_bytes / per_sm, total / L2_BYTES_S) * 1e6
+    total = (1 + splits) * split_tiles * tile_bytes
+    return max((1 + splits) * tile_bytes / per_sm, total / L2_BYTES_S) * 1e6
 
 
 def _cuda_kernel_meta(demangled: str, tiles) -> Optional[Dict]:
@@ -478,7 +531,8 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
                     bm, bn = family_tiles[h_index][:2]
                     units = math.ceil(k / (128 if bits == 8 else max(W4_GROUP, 128)))
                     cands.append(("cuda wgmma", impl, bm, bn, 128,
-                                  sm90_auto_schedule(math.ceil(m / bm) * math.ceil(n / bn), units, d["sms"])))
+                                  sm90_auto_schedule(math.ceil(m / bm) * math.ceil(n / bn), units, d["sms"],
+                                                     h_rule[3])))
                 else:
                     rule = next((r for r in rules if r[0] <= 90 and (r[1] < 0 or m <= r[1])), None)
                     if rule and (rule[2] if bits == 8 else rule[3]) in tiles:
@@ -496,23 +550,54 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
                     tiles = tm * tn
                     dp_tiles, splits = sched if isinstance(sched, tuple) else (0 if sched > 1 else tiles, sched)
                     tiled = a_bytes * tn + w_bytes * tm + o_bytes  # re-reads: A per N tile, W per M tile
-                    # Tensor cores busy: a wave of CTAs covers at most every SM once (more resident CTAs hide
-                    # latency, they add no peak); a split CTA does 1 / splits of its tile's work (the partials'
-                    # round trip through the workspace is not counted): the tiles' work over the SM time the
-                    # schedule takes (sm90_tile_times).
+                    b = schedule_bound(fam, flops, min_bytes, bm, bn, m, n, dp_tiles, splits, d)
                     ctas = dp_tiles + (tiles - dp_tiles) * splits
-                    util = tiles / (sm90_tile_times(tiles, dp_tiles, splits, d["sms"]) * d["sms"])
                     split_text = ("" if splits <= 1 else f" split {splits}" if dp_tiles == 0
                                   else f" {dp_tiles} whole + {tiles - dp_tiles} split {splits}")
-                    bound = max(flops / (d["int8_ops"] * util), min_bytes / d["hbm_bytes_s"]) * 1e6
-                    out.append({"shape": f"{model} {layer}", "M": m, "N": n, "K": k, "impl": f"{fam} {impl}",
-                                "tile": f"{bm}x{bn}x{bk}" + split_text, "gflop": flops / 1e9, "min_mb": min_bytes / 1e6,
-                                "tiled_mb": tiled / 1e6, "bound_us": bound,
-                                "bound_by": "compute" if flops / (d["int8_ops"] * util) >= min_bytes / d["hbm_bytes_s"]
-                                else "memory",
-                                "reread_bound_us": tiled / d["hbm_bytes_s"] * 1e6, "ctas": ctas,
-                                "sm_utilization": util, "ideal_speedup_vs_bf16": bf16_us / bound})
+                    row = {"shape": f"{model} {layer}", "M": m, "N": n, "K": k, "impl": f"{fam} {impl}",
+                           "tile": f"{bm}x{bn}x{bk}" + split_text, "gflop": flops / 1e9, "min_mb": min_bytes / 1e6,
+                           "tiled_mb": tiled / 1e6, "bound_us": b["bound_us"], "bound_by": b["bound_by"],
+                           "reduce_us": b["reduce_us"], "reread_bound_us": tiled / d["hbm_bytes_s"] * 1e6,
+                           "ctas": ctas, "sm_utilization": b["util"], "ideal_speedup_vs_bf16": bf16_us / b["bound_us"]}
+                    if fam == "cuda wgmma":
+                        # the count this model would force on the last wave, the cap aside (what the GPU's
+                        # timings, benchmarks/tune_tiles.py, settle)
+                        units = math.ceil(k / (128 if bits == 8 else max(W4_GROUP, 128)))
+                        row["model_tail_splits"] = model_best_splits(fam, flops, min_bytes, bm, bn, m, n, units, d)
+                    out.append(row)
     return out
+
+
+def schedule_bound(kind: str, flops: float, min_bytes: float, bm: int, bn: int, m: int, n: int, dp_tiles: int,
+                   splits: int, d: Dict) -> Dict:
+    """The bound of one launch: max(FLOPs / (INT8 peak x SM use), minimal bytes / HBM) + the split reduction
+    (:func:`split_reduce_us`, after the slices: it does not overlap them). SM use: a wave of CTAs covers at most
+    every SM once (more resident CTAs hide latency, they add no peak); a split CTA does 1 / splits of its tile's
+    work: the tiles' work over the SM time the schedule takes (:func:`sm90_tile_times`)."""
+    tiles = math.ceil(m / bm) * math.ceil(n / bn)
+    if splits <= 1:
+        dp_tiles = tiles
+    util = tiles / (sm90_tile_times(tiles, dp_tiles, splits, d["sms"]) * d["sms"])
+    compute, memory = flops / (d["int8_ops"] * util), min_bytes / d["hbm_bytes_s"]
+    reduce_us = split_reduce_us(kind if kind == "triton" else "cuda wgmma", bm, bn, m, n, tiles, dp_tiles, splits,
+                                d["sms"])
+    return {"bound_us": max(compute, memory) * 1e6 + reduce_us, "util": util, "reduce_us": reduce_us,
+            "bound_by": "compute" if compute >= memory else "memory"}
+
+
+TAIL_SPLITS = (1, 2, 3, 4, 6, 9, 16)  # the tail counts the model compares (tune_tiles.py times 1..9 on a GPU)
+
+
+def model_best_splits(kind: str, flops: float, min_bytes: float, bm: int, bn: int, m: int, n: int, units: int,
+                      d: Dict) -> int:
+    """The tail count of :data:`TAIL_SPLITS` (at most the k units) with the lowest :func:`schedule_bound` when
+    forced (sm90_forced_schedule), 1 = no split."""
+    tiles = math.ceil(m / bm) * math.ceil(n / bn)
+
+    def bound(s):
+        dp, sp = sm90_forced_schedule(tiles, s, d["sms"])
+        return schedule_bound(kind, flops, min_bytes, bm, bn, m, n, dp, sp, d)["bound_us"]
+    return min((s for s in TAIL_SPLITS if s <= units), key=bound)
 
 
 def _by(flops, nbytes, d, peak_key) -> str:
@@ -582,9 +667,10 @@ KERNEL_HEAD = ["family", "arch", "kernel", "config", "status", "regs", "stack", 
                "non-MMA/MMA", "1-2 B loads in loop", "PRMT in loop", "wgmma waits in loop"]
 MIX_COLS = ["family", "arch", "kernel", "config"] + [c for c in CLASS_NAMES if c != "mma"] + ["loads"]
 ROOF_COLS = ["shape", "M", "N", "K", "impl", "tile", "gflop", "min_mb", "tiled_mb", "ctas", "sm_utilization",
-             "bound_us", "bound_by", "reread_bound_us", "ideal_speedup_vs_bf16"]
+             "reduce_us", "bound_us", "bound_by", "model_tail_splits", "reread_bound_us", "ideal_speedup_vs_bf16"]
 ROOF_HEAD = ["shape", "M", "N", "K", "impl", "tile", "GFLOP", "min MB", "MB incl. re-reads", "CTAs",
-             "SM use (last wave)", "bound µs", "bound by", "µs if no L2 reuse", "bound speedup vs bf16"]
+             "SM use (last wave)", "split reduce µs", "bound µs", "bound by", "model's tail S", "µs if no L2 reuse",
+             "bound speedup vs bf16"]
 
 
 def markdown(report: Dict) -> str:
@@ -626,9 +712,16 @@ def markdown(report: Dict) -> str:
         f"{common.DATASHEET['H100-SXM']['hbm_bytes_s'] / 1e12:.2f} TB/s)",
         "",
         "Minimal bytes: int8 activations + packed weights + scales + bf16 output, each read once. A tile row's "
-        "bound is max(FLOPs / (INT8 peak x SM use), minimal bytes / HBM), SM use = output tiles / (waves x 132 "
-        "SMs) with the tile the table picks for M (sm_90 tables: the CUDA rows are the Hopper wgmma tiles with the "
-        "binding's automatic split-K count, a split CTA doing its share of the tile). 'incl. re-reads': "
+        "bound is max(FLOPs / (INT8 peak x SM use), minimal bytes / HBM) + the split reduction, SM use = output "
+        "tiles / (waves x 132 SMs) with the tile the table picks for M (sm_90 tables: the CUDA rows are the Hopper "
+        "wgmma tiles with the binding's automatic split-K count, a split CTA doing its share of the tile). Split "
+        "reduction: each slice stores its BM x BN partial (4-byte words) and one SM per tile reads the S partials "
+        "back (Hopper: the tile's last CTA, after its slice; Triton: the reduce launch, one program per tile), "
+        f"(1 + S) x BM x BN x 4 bytes serial at one SM's L2 rate ({L2_BYTES_PER_CLK_SM} B/clock x "
+        f"{SM_CLOCK_HZ / 1e9:.2f} GHz, an assumption), at least all the partial bytes at {L2_BYTES_S / 1e12:.1f} "
+        "TB/s chip-wide; the Triton reduce's launch overhead is not counted. 'model's tail S': for a Hopper row, "
+        "the split count forced on the last wave (1 2 3 4 6 9 16, at most the k units; 1 = none) that this model "
+        "bounds lowest, which benchmarks/tune_tiles.py times on a GPU. 'incl. re-reads': "
         "activations once per N tile, weights once per M tile; '\u00b5s if no L2 reuse' moves those bytes "
         f"through HBM (the worst case: H100's 50 MB L2 holds most of them). W4 bytes at group size {W4_GROUP}. "
         "The Triton int8 dots wait on every wgmma (synchronous in triton 3.8): their compute bounds are "

@@ -19,6 +19,9 @@ def test_hopper_tiles_and_rules_are_read_from_the_header():
         assert all(len(t) == 4 and t[0] % 8 == 0 and t[1] % 16 == 0 for t in tiles[name])
     assert rules and rules[-1][0] == -1 and all(-1 <= r[1] < len(tiles["w8"]) and -1 <= r[2] < len(tiles["w4"])
                                                 for r in rules)
+    # the split cap column, as many rules as the array has rows
+    body = text.split("kSm90TileRules[] = {", 1)[1].split("};", 1)[0]
+    assert len(rules) == body.count("{") and all(len(r) == 4 and r[3] >= 1 for r in rules)
 
 
 def test_auto_schedule_follows_the_documented_rule():
@@ -29,18 +32,44 @@ def test_auto_schedule_follows_the_documented_rule():
     assert got == [(0, 3), (108, 1), (132, 11), (132, 9), (0, 14), (0, 2), (264, 1), (200, 1), (4, 2)]
 
 
+def test_capped_and_forced_schedules():
+    """A cap (kSm90TileRules' max_splits) bounds the automatic count; a forced count splits the last wave."""
+    assert static_report.sm90_auto_schedule(144, 9, 132, 3) == (132, 3)
+    assert static_report.sm90_auto_schedule(36, 9, 132, 2) == (0, 2)
+    assert static_report.sm90_auto_schedule(144, 9, 132, 1) == (144, 1)
+    forced = [static_report.sm90_forced_schedule(t, s, 132) for t, s in
+              ((144, 4), (36, 4), (132, 2), (264, 2), (200, 2), (144, 1))]
+    assert forced == [(132, 4), (0, 4), (0, 2), (132, 2), (132, 2), (144, 1)]
+
+
 def test_auto_schedule_matches_the_build():
-    """The model is the build's sm90_auto_schedule (when ditq._C is built), over a grid of cases."""
+    """The model is the build's schedule (when ditq._C is built), over a grid of cases: automatic (the default
+    cap, and the cap of M's bucket read from the header) and forced."""
+    import pytest
     import torch
     from ditq.backends import cuda_backend
-    if not cuda_backend.built() or not hasattr(torch.ops.ditq_C, "gemm_sm90_schedule"):
-        import pytest
-        pytest.skip("ditq._C with gemm_sm90_schedule is not built")
+    if not cuda_backend.built() or not hasattr(torch.ops.ditq_C, "gemm_sm90_max_splits"):
+        pytest.skip("ditq._C with gemm_sm90_schedule(m, splits) is not built")
+    op = torch.ops.ditq_C.gemm_sm90_schedule
+    _, rules = static_report.sm90_tiles()
+    for r in rules:  # the build's caps are the header's
+        for m in ((r[0], 1) if r[0] > 0 else (1 << 20,)):
+            want = next(q[3] for q in rules if q[0] < 0 or m <= q[0])
+            assert torch.ops.ditq_C.gemm_sm90_max_splits(m) == want
     for sms in (4, 78, 114, 132):
         for tiles in (1, 3, 36, 100, 131, 132, 133, 144, 200, 264, 270, 300, 1000):
             for units in (1, 2, 9, 36):
-                assert tuple(torch.ops.ditq_C.gemm_sm90_schedule(tiles, units, sms)) == \
-                    static_report.sm90_auto_schedule(tiles, units, sms), (tiles, units, sms)
+                assert tuple(op(tiles, units, sms)) == static_report.sm90_auto_schedule(tiles, units, sms)
+                assert tuple(op(tiles, units, sms, 512)) == static_report.sm90_auto_schedule(
+                    tiles, units, sms, torch.ops.ditq_C.gemm_sm90_max_splits(512))
+                for s in {1, 2, 3, units}:
+                    if s <= units:
+                        assert tuple(op(tiles, units, sms, -1, s)) == \
+                            static_report.sm90_forced_schedule(tiles, s, sms), (tiles, units, sms, s)
+    with pytest.raises(ValueError, match=r"forced split count must be in \[1, 9\]"):
+        op(144, 9, 132, -1, 10)
+    with pytest.raises(ValueError, match=r"forced split count must be in \[1, 9\]"):
+        op(144, 9, 132, -1, 0)
 
 
 def test_roofline_splits_the_tail_of_fc1():
@@ -52,6 +81,29 @@ def test_roofline_splits_the_tail_of_fc1():
     r = rows[0]
     assert r["tile"] == "128x128x128 132 whole + 12 split 9" and r["ctas"] == 240, r
     assert abs(r["sm_utilization"] - 144 / (132 * (1 + 1 / 9))) < 1e-9
+    # the reduction: after its slice, each tail tile's last CTA stores its partial and reads the 9 back, 10 x 64 KB
+    # on one SM; the bound is the tiles' bound plus that
+    per_sm = static_report.L2_BYTES_PER_CLK_SM * static_report.SM_CLOCK_HZ
+    assert abs(r["reduce_us"] - 10 * 128 * 128 * 4 / per_sm * 1e6) < 1e-9 and r["reduce_us"] > 5
+    d = static_report.common.DATASHEET["H100-SXM"]
+    unreduced = max(2 * 512 * 4608 * 1152 / (d["int8_ops"] * r["sm_utilization"]),
+                    r["min_mb"] * 1e6 / d["hbm_bytes_s"]) * 1e6
+    assert abs(r["bound_us"] - unreduced - r["reduce_us"]) < 1e-9
+    # with that cost charged, the model bounds a smaller forced tail count lower than 9
+    assert r["model_tail_splits"] < 9
+
+
+def test_split_reduce_model():
+    """The reduction's cost: none unsplit; (1 + S) partial tiles on one SM, Hopper's whole BM x BN and Triton's
+    masked to M x N, and never under the chip-wide L2 time of all the partial bytes."""
+    per_sm = static_report.L2_BYTES_PER_CLK_SM * static_report.SM_CLOCK_HZ
+    f = static_report.split_reduce_us
+    assert f("cuda wgmma", 128, 128, 512, 4608, 144, 144, 1, 132) == 0 == f("triton", 16, 128, 16, 1152, 9, 0, 1, 132)
+    assert abs(f("cuda wgmma", 64, 128, 16, 1152, 9, 0, 14, 132) - 15 * 64 * 128 * 4 / per_sm * 1e6) < 1e-9
+    assert abs(f("triton", 64, 128, 16, 1152, 9, 0, 14, 132) - 15 * 16 * 128 * 4 / per_sm * 1e6) < 1e-9
+    many = f("triton", 128, 128, 16384, 1152, 1152, 0, 16, 132)  # far past a wave: L2-bound, in waves
+    assert many >= 17 * 16384 * 1152 * 4 / static_report.L2_BYTES_S * 1e6
+    assert f("cuda wgmma", 128, 128, 512, 1152, 36, 0, 3, 132) == f("triton", 128, 128, 512, 1152, 36, 0, 3, 132)
 
 
 def test_roofline_splits_the_batch_one_hopper_tile():
@@ -66,7 +118,8 @@ def test_roofline_splits_the_batch_one_hopper_tile():
 
 def test_roofline_splits_the_batch_one_triton_tile():
     """The Triton rows carry their launcher's automatic split-K count (kernels/split_k.py): at M = 512, fc2's 36
-    tiles of the sm90 tables' 128 x 128 entry split 3 ways, 108 programs, the bound the CUDA rows reach."""
+    tiles of the sm90 tables' 128 x 128 entry split 3 ways, 108 programs, the bound the CUDA rows reach (the same
+    partial bytes: 4 x 64 KB per tile), under the unsplit launch's even with the reduction charged."""
     rows = [r for r in static_report.roofline_rows([], short=True)
             if r["shape"] == "DiT-XL/2 mlp fc2" and r["M"] == 512 and r["impl"].startswith(("triton", "cuda wgmma"))]
     triton = {r["impl"].split(" ", 1)[1]: r for r in rows if r["impl"].startswith("triton")}
@@ -74,4 +127,8 @@ def test_roofline_splits_the_batch_one_triton_tile():
     assert set(triton) == {"w8a8", f"w4a8 g{static_report.W4_GROUP}"} == set(cuda)
     for impl, r in triton.items():
         assert r["tile"] == "128x128x128 split 3" and r["ctas"] == 108, r
-        assert abs(r["bound_us"] - cuda[impl]["bound_us"]) < 1e-9 and r["ideal_speedup_vs_bf16"] > 1.5, r
+        assert abs(r["bound_us"] - cuda[impl]["bound_us"]) < 1e-9 and r["reduce_us"] > 0, r
+        d = static_report.common.DATASHEET["H100-SXM"]
+        unsplit = static_report.schedule_bound("triton", r["gflop"] * 1e9, r["min_mb"] * 1e6, 128, 128, 512, 1152,
+                                               36, 1, d)
+        assert unsplit["reduce_us"] == 0 and r["bound_us"] < unsplit["bound_us"] / 1.5, (r, unsplit)
