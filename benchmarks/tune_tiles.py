@@ -8,10 +8,16 @@ bucket (the bucket bounds and 16 / 64 / 512 / 2048 / 8192), at a few model shape
 * Triton: the bucket's shipped entry, then its neighbours (BM / BN / BK halved and doubled, num_stages +-1,
   num_warps 4 <-> 8, SWAP_AB flipped, GROUP_M halved and doubled) that the launcher's ``fit_config`` accepts and
   whose tiles fit the device's shared memory, then the shipped entry with split-K forced to 1, 2 and 4 (the
-  launcher's ``splits=``; --smoke: 1) against its automatic count (a table cannot hold a count: a bucket's best,
-  and what --write-configs writes, is among the automatic-count configurations);
+  launcher's ``splits=``; --smoke: 1) and with its automatic count capped at 1, 2, 4 and 8 (the entry's
+  ``max_splits``, which a table can hold; --smoke: 1) against its automatic count. A bucket's best tile is among
+  the uncapped automatic-count configurations; its best cap is the one whose total beats the automatic count's
+  by more than :data:`CAP_MARGIN` (else none);
 * CUDA: the automatic choice, then every compiled tile id (mma.sync 0..n-1 and, on sm_90, the Hopper ids 100+)
-  with split-K automatic, 1, 2 and 4.
+  with split-K automatic, 1, 2 and 4, and on the Hopper ids 3, 6 and 9 too. A forced count on a Hopper tile splits
+  the tiles of the last wave (the full waves before it run whole; under one wave every tile), so past one wave
+  (DiT-XL/2 fc1 at M = 512: 132 whole + 12 tails) it times the tail count against the automatic one. From
+  those, a bucket's best cap on the automatic count (kSm90TileRules' max_splits) on its best Hopper tile: each
+  case's automatic count limited to the cap, timed by the forced count it comes to.
 
 Every configuration's output is checked against the exact integer reference (``ditq.testing``'s tolerance: the
 fp32 epilogue's rounding only) on a sample of rows, after the output was poisoned, before it is timed: a wrong or
@@ -25,10 +31,11 @@ cut short by ``--max-seconds`` still compares shipped and best for whatever it r
 
 Writes tiles.json and tiles.md under --out / $OUT / benchmarks/out. ``--write-configs`` rewrites
 ``kernels/configs/<kernel>_<arch>.json`` (or the copies in ``--configs-dir``) with the best configuration per
-bucket (lowest total time over the bucket's cases, among configurations that ran correctly on all of them) and a
-"measured" record, with a copy in the output folder's configs/, and writes ``gemm_tile_rules.h.txt`` there:
-proposed rule arrays for csrc/configs/gemm_tiles*.h, which a person applies by hand (the CUDA tiles are template
-arguments: a change needs a rebuild).
+bucket (lowest total time over the bucket's cases, among configurations that ran correctly on all of them), its
+best cap as ``"max_splits"`` where one won (an entry's existing cap stays where none did), and a "measured"
+record, with a copy in the output folder's configs/, and writes ``gemm_tile_rules.h.txt`` there: proposed rule
+arrays for csrc/configs/gemm_tiles*.h (kSm90TileRules with its max_splits column), which a person applies by hand
+(the CUDA tiles are template arguments: a change needs a rebuild).
 """
 from __future__ import annotations
 
@@ -52,7 +59,11 @@ DEFAULT_SHAPES = ("DiT-XL/2:mlp fc1", "DiT-XL/2:mlp fc2", "FLUX.1:single linear1
 REP_M = (16, 64, 512, 2048, 8192)  # with each bucket's bound; 512 = one image's tokens: must fill the SMs
 SMOKE_SHAPES = [("tiny", "ragged", 40, 128)]  # N not a multiple of any tile; K one group of 128
 SPLITS = (None, 1, 2, 4)  # None: the binding's automatic split count
+SM90_SPLITS = (None, 1, 2, 3, 4, 6, 9)  # the Hopper ids: forced on the last wave, so past a wave the tail count
 TRITON_SPLITS = (1, 2, 4)  # forced counts timed against the Triton launcher's automatic one (kernels/split_k.py)
+TRITON_CAPS = (1, 2, 4, 8)  # caps on the automatic count (a table entry's max_splits)
+SM90_CAPS = (1, 2, 3, 4, 6, 9, 16)  # caps proposed for kSm90TileRules' max_splits (16: kSm90MaxSplits)
+CAP_MARGIN = 0.03  # a cap is chosen only when its total beats the automatic count's by more than this
 
 
 # ---- families ---------------------------------------------------------------------------------------------
@@ -82,6 +93,7 @@ class TritonFamily:
         self.max_candidates = max_candidates
         self.smem_limit = _smem_limit(torch, device)
         self.splits = TRITON_SPLITS[:1] if smoke else TRITON_SPLITS  # a config's "splits": forced, absent: auto
+        self.caps = TRITON_CAPS[:1] if smoke else TRITON_CAPS  # a config's "max_splits": the entry's cap
 
     def bounds(self) -> List[Optional[int]]:
         return [e["max_m"] for e in self.table]
@@ -125,7 +137,13 @@ class TritonFamily:
                 continue
             seen.add(cfg_key(c))
             out.append(c)
-        return out[:self.max_candidates] + [dict(base, splits=s) for s in self.splits]
+        return out[:self.max_candidates] + [dict(base, splits=s) for s in self.splits] + self.capped(bucket)
+
+    def capped(self, bucket: int) -> List[Dict]:
+        """The shipped tile with its automatic count capped (``max_splits``), and uncapped when it ships a cap."""
+        auto = {k: v for k, v in self.shipped(bucket).items() if k != "max_splits"}
+        return ([auto] if "max_splits" in self.shipped(bucket) else []) + [dict(auto, max_splits=c)
+                                                                            for c in self.caps]
 
     def prepare(self, shape_data):
         """The weights in this kernel's layout (one per rotating buffer set)."""
@@ -147,8 +165,9 @@ class TritonFamily:
                                   splits=splits)
 
     def ctas(self, cfg, m, n, k) -> int:
-        splits = cfg.get("splits") or (self.mod.auto_split_count(cfg, m, n, k, self._sms()) if self.bits == 8
-                                       else self.mod.auto_split_count(cfg, m, n, k, self.group, self._sms()))
+        tile = {k_: v for k_, v in cfg.items() if k_ != "splits"}  # max_splits stays: the count honours it
+        splits = cfg.get("splits") or (self.mod.auto_split_count(tile, m, n, k, self._sms()) if self.bits == 8
+                                       else self.mod.auto_split_count(tile, m, n, k, self.group, self._sms()))
         return math.ceil(m / cfg["BM"]) * math.ceil(n / cfg["BN"]) * splits
 
     def _sms(self) -> int:
@@ -158,7 +177,8 @@ class TritonFamily:
     def label(self, c: Dict) -> str:
         return (f"{c['BM']}x{c['BN']}x{c['BK']} w{c['num_warps']} s{c['num_stages']} g{c['GROUP_M']}"
                 + (" swap" if c["SWAP_AB"] else "") + (" tma" if c.get("USE_TMA") else "")
-                + (f" split {c['splits']}" if "splits" in c else ""))
+                + (f" split {c['splits']}" if "splits" in c else "")
+                + (f" cap {c['max_splits']}" if "max_splits" in c else ""))
 
 
 class CudaFamily:
@@ -187,6 +207,7 @@ class CudaFamily:
         ids = list(range(cb.gemm_tile_count())) + hopper_ids
         self.tile_ids = ids[:2] if smoke else ids
         self.splits = SPLITS[:2] if smoke else SPLITS
+        self.sm90_splits = SM90_SPLITS[:2] if smoke else SM90_SPLITS
         self.max_candidates = max_candidates
 
     def _sm90_info(self, tile):
@@ -209,7 +230,7 @@ class CudaFamily:
         """The tile the binding picks by itself (mirrors gemm_bindings.h: the Hopper rules first, when built)."""
         w4 = self.bits == 4
         if self.hopper:
-            for max_m, t8, t4 in self.sm90_rules:
+            for max_m, t8, t4, _ in self.sm90_rules:
                 if max_m < 0 or m <= max_m:
                     if (t4 if w4 else t8) >= 0:
                         return 100 + (t4 if w4 else t8)
@@ -222,7 +243,9 @@ class CudaFamily:
     def candidates(self, bucket: int) -> List[Dict]:
         out = []
         for t in self.tile_ids:
-            for s in self.splits:  # Hopper ids too: gemm_sm90.cuh splits K
+            # Hopper ids too (gemm_sm90.cuh splits K), with the tail counts; a count over a case's k units is
+            # refused by the binding and recorded as unavailable there
+            for s in (self.sm90_splits if t >= 100 else self.splits):
                 out.append({"tile": t, "splits": s})
         return out[:self.max_candidates]
 
@@ -261,17 +284,27 @@ class CudaFamily:
         bm, bn, bk = self.tile_shape(tile)
         ctas = math.ceil(m / bm) * math.ceil(n / bn)
         splits = cfg["splits"]
-        if tile >= 100:
-            if splits is None:  # sm90_auto_schedule of configs/gemm_tiles_sm90.h: the full waves' tiles whole,
-                units = math.ceil(k / max(self.group or 0, bk))  # the last wave's R tiles split S ways if S >= 2
-                tail = ctas % self.sms
-                s = min(self.sms // tail, 16, units) if tail else 1
-                return ctas - tail + tail * s if s >= 2 else ctas
-            return ctas * splits  # a forced count splits every tile
+        if tile >= 100:  # the binding's schedule (configs/gemm_tiles_sm90.h): automatic, capped by M's bucket,
+            dp, s = self.sm90_schedule(ctas, math.ceil(k / max(self.group or 0, bk)), m, splits)  # or forced
+            return dp + (ctas - dp) * s
         if splits is None:  # auto_splits of csrc/gemm_tiles.cpp: two waves of CTAs, at most 16, at most the k units
             units = math.ceil(k / max(self.group or 0, bk))
             splits = max(1, min(math.ceil(2 * self.sms / ctas), 16, units))
         return ctas * splits
+
+    def sm90_schedule(self, tiles: int, units: int, m: int, splits: Optional[int]):
+        """(whole tiles, splits) of a Hopper launch: the build's own schedule (gemm_sm90_schedule: automatic, at
+        most the max_splits of M's bucket, or a forced count on the last wave)."""
+        return tuple(self.torch.ops.ditq_C.gemm_sm90_schedule(tiles, units, self.sms, m,
+                                                              -1 if splits is None else splits))
+
+    def sm90_auto_splits(self, tile: int, m: int, n: int, k: int) -> int:
+        """The split count of the automatic schedule of Hopper ``tile`` with no cap (kSm90MaxSplits): what a cap
+        limits."""
+        bm, bn, bk = self.tile_shape(tile)
+        tiles = math.ceil(m / bm) * math.ceil(n / bn)
+        return int(self.torch.ops.ditq_C.gemm_sm90_schedule(tiles, math.ceil(k / max(self.group or 0, bk)),
+                                                            self.sms)[1])
 
     def label(self, c: Dict) -> str:
         t = c["tile"]
@@ -282,7 +315,8 @@ class CudaFamily:
 
 
 def read_tile_rules(csrc: Optional[str] = None):
-    """(kTileRules rows (arch_min, max_m, w8, w4), kSm90TileRules rows (max_m, w8, w4)) from the headers."""
+    """(kTileRules rows (arch_min, max_m, w8, w4), kSm90TileRules rows (max_m, w8, w4, max_splits)) from the
+    headers."""
     csrc = csrc or os.path.join(common.REPO, "csrc", "configs")
 
     def rows(path, name, width):
@@ -290,7 +324,7 @@ def read_tile_rules(csrc: Optional[str] = None):
         body = re.search(name + r"\[\]\s*=\s*\{(.*?)\};", text, re.S).group(1)
         return [tuple(int(x) for x in r.split(",")) for r in re.findall(r"\{([-\d,\s]+)\}", body)
                 if len(r.split(",")) == width]
-    return rows("gemm_tiles.h", "kTileRules", 4), rows("gemm_tiles_sm90.h", "kSm90TileRules", 3)
+    return rows("gemm_tiles.h", "kTileRules", 4), rows("gemm_tiles_sm90.h", "kSm90TileRules", 4)
 
 
 def _smem_limit(torch, device) -> Optional[int]:
@@ -524,9 +558,13 @@ def summarize(tuner) -> Dict:
                                           if best and ship.get("status") == "ok" else None),
                               "candidates": list(res.values())})
             rows += brows
-            # a Triton table entry cannot force a split count: the bucket's best is among the automatic ones
-            best = _best_total(brows, lambda c: "splits" not in c if fam.kind == "triton" else True)
+            # a Triton table entry cannot force a split count: the bucket's best tile is among the automatic
+            # (uncapped) ones; the cap is chosen apart (best_cap)
+            best = _best_total(brows, lambda c: "splits" not in c and c.get("max_splits") == shipped.get("max_splits")
+                               if fam.kind == "triton" else True)
             ship_total = _best_total(brows, lambda c: c == shipped)
+            caps = triton_cap_totals(fam, brows, shipped) if fam.kind == "triton" else \
+                sm90_cap_totals(fam, brows, best[0] if best else None)
             buckets.append({"family": fam.name, "kernel": fam.kernel, "kind": fam.kind, "group_size": fam.group,
                             "bucket_max_m": bounds[b], "m_values": sorted({r["M"] for r in brows}),
                             "cases": len(brows), "shipped": shipped, "shipped_label": fam.label(shipped),
@@ -535,8 +573,72 @@ def summarize(tuner) -> Dict:
                             "best_total_ms": best[1] if best else None,
                             "speedup": ship_total[1] / best[1] if best and ship_total else None,
                             "configs_complete": _best_total(brows, lambda c: True, count=True),
-                            "configs_tried": len({cfg_key(c["config"]) for r in brows for c in r["candidates"]})})
+                            "configs_tried": len({cfg_key(c["config"]) for r in brows for c in r["candidates"]}),
+                            **caps})
     return {"rows": rows, "buckets": buckets}
+
+
+def _choose_cap(totals: Dict[int, float], auto_total: Optional[float]) -> Optional[int]:
+    """The cap with the lowest total, if it beats the automatic count's total by more than CAP_MARGIN (ties: the
+    larger cap, the smaller change); None otherwise."""
+    if not totals or auto_total is None:
+        return None
+    cap = min(sorted(totals, reverse=True), key=lambda c: totals[c])
+    return cap if totals[cap] < auto_total * (1 - CAP_MARGIN) else None
+
+
+def triton_cap_totals(fam, brows, shipped) -> Dict:
+    """Per cap on the shipped tile's automatic count (the entry's max_splits): its total over the bucket's cases
+    (only caps that ran correctly on all of them), the uncapped automatic count's, and the cap chosen (or None)."""
+    auto = {k: v for k, v in shipped.items() if k != "max_splits"}
+    auto_total = _best_total(brows, lambda c: c == auto)
+    totals = {}
+    for cap in fam.caps:
+        t = _best_total(brows, lambda c, cap=cap: c == dict(auto, max_splits=cap))
+        if t:
+            totals[cap] = t[1]
+    auto_ms = auto_total[1] if auto_total else None
+    best = _choose_cap(totals, auto_ms)
+    return {"cap_tile": fam.label(auto), "auto_total_ms": auto_ms, "cap_totals_ms": totals, "best_cap": best,
+            "cap_speedup": auto_ms / totals[best] if best else None}
+
+
+def sm90_cap_totals(fam, brows, best) -> Dict:
+    """The Hopper cap (kSm90TileRules' max_splits) on the bucket's best Hopper tile (its automatic-count
+    configuration, the shipped choice when that is a Hopper tile): per cap, the total over the bucket's cases of
+    each case's automatic count limited to the cap, timed by the forced count it comes to (a capped automatic
+    schedule is the forced one of that count: the same whole tiles and the same split tail); a case the tile
+    does not split counts its automatic time. Only caps whose every case was timed."""
+    none = {"cap_tile": None, "auto_total_ms": None, "cap_totals_ms": {}, "best_cap": None, "cap_speedup": None}
+    if not getattr(fam, "hopper", False) or not brows:
+        return none
+    tile = best["tile"] if best and best.get("tile") is not None else fam.auto_tile(brows[0]["M"])
+    if tile is None or tile < 100:
+        return none
+    totals, auto_total = {}, 0.0
+    for cap in (None,) + SM90_CAPS:
+        total = 0.0
+        for r in brows:
+            s = fam.sm90_auto_splits(tile, r["M"], r["N"], r["K"])  # uncapped
+            now = next(q[3] for q in fam.sm90_rules if q[0] < 0 or r["M"] <= q[0])  # the bucket's cap today
+            got = s if cap is None else min(s, cap)
+            # None: the automatic configuration's time (what the build runs today: min(s, now)); else forced
+            want = None if got == min(s, now) else got if got >= 2 else 1
+            res = {cfg_key(c["config"]): c for c in r["candidates"]}.get(cfg_key({"tile": tile, "splits": want}))
+            if not res or res.get("status") != "ok":
+                total = None
+                break
+            total += res["median_ms"]
+        if cap is None:
+            if total is None:
+                return none
+            auto_total = total
+        elif total is not None:
+            totals[cap] = total
+    chosen = _choose_cap(totals, auto_total)
+    return {"cap_tile": fam.label({"tile": tile, "splits": None}), "auto_total_ms": auto_total,
+            "cap_totals_ms": totals, "best_cap": chosen,
+            "cap_speedup": auto_total / totals[chosen] if chosen else None}
 
 
 def markdown(report: Dict) -> str:
@@ -549,6 +651,17 @@ def markdown(report: Dict) -> str:
                                                   "configs_complete", "configs_tried"],
                                ["family", "max M", "M", "cases", "shipped", "shipped ms", "best", "best ms",
                                 "speedup", "complete", "tried"]))
+    capped = [dict(family=b["family"], bucket_max_m=b["bucket_max_m"], tile=b["cap_tile"], auto=b["auto_total_ms"],
+                   caps=", ".join(f"{c}: {common.fmt(t)}" for c, t in sorted(b["cap_totals_ms"].items(),
+                                                                            key=lambda x: int(x[0]))),
+                   best_cap=b["best_cap"], speedup=b["cap_speedup"])
+              for b in report["buckets"] if b.get("cap_totals_ms")]
+    if capped:
+        out += ["", f"Split caps per bucket (the tile's automatic split count at most the cap; total ms over the "
+                f"bucket's cases; a cap is chosen when it beats the automatic count by more than {CAP_MARGIN:.0%}):",
+                "", common.md_table(capped, ["family", "bucket_max_m", "tile", "auto", "caps", "best_cap", "speedup"],
+                                    ["family", "max M", "tile", "automatic ms", "cap: ms", "chosen cap",
+                                     "speedup"])]
     flat = []
     for r in report["rows"]:
         s, b = r["shipped"], r["best"] or {}
@@ -589,13 +702,20 @@ def write_triton_tables(report: Dict, fams, env: Dict, out_dir: str) -> List[str
             b = _bucket_row(report, primary.name, e["max_m"])
             if not b:
                 continue
-            record.append({k: b[k] for k in ("bucket_max_m", "m_values", "cases", "shipped_label",
-                                             "shipped_total_ms", "best_label", "best_total_ms", "speedup")})
-            if b["best"] and b["best"] != b["shipped"]:
+            record.append({k: b.get(k) for k in ("bucket_max_m", "m_values", "cases", "shipped_label",
+                                                 "shipped_total_ms", "best_label", "best_total_ms", "speedup",
+                                                 "auto_total_ms", "cap_totals_ms", "best_cap")})
+            if b["best"] and b["best"] != b["shipped"]:  # (the tile candidates carry the entry's own cap)
                 entries[i] = {"max_m": e["max_m"], **{k: b["best"].get(k, v) for k, v in e.items()
                                                       if k not in ("max_m", "by_group")}}
                 if "by_group" in e:
                     entries[i]["by_group"] = e["by_group"]
+                changed = True
+            # the caps were timed on the shipped tile: a winning cap goes in only when that tile stays; without
+            # one, the entry's own cap (if any) stays as it is
+            if b.get("best_cap") and (not b["best"] or b["best"] == b["shipped"]):
+                entries[i] = {**{k: v for k, v in entries[i].items() if k != "by_group"},
+                              "max_splits": b["best_cap"], **({"by_group": e["by_group"]} if "by_group" in e else {})}
                 changed = True
             for other in [f for f in fams if f.kind == "triton" and f.kernel == fam.kernel and f is not primary]:
                 # another group size measured: where its best differs from what the entry gives it (BK fitted to
@@ -649,7 +769,9 @@ def _table_json(data: Dict) -> str:
 
 def cuda_rules_text(report: Dict, fams, env: Dict) -> Optional[str]:
     """Proposed kSm90TileRules / kTileRules arrays: per bucket, the best configuration with automatic split-K (what
-    a rule can say) over the bucket's cases; a fixed split count that did better is noted beside it."""
+    a rule can say) over the bucket's cases; a fixed split count that did better is noted beside it. The Hopper
+    rules' max_splits: the bucket's chosen cap (``sm90_cap_totals``; the smaller when W8 and W4 both chose one, each
+    noted), else the cap it has now."""
     cfams = [f for f in fams if f.kind == "cuda"]
     if not cfams:
         return None
@@ -662,7 +784,8 @@ def cuda_rules_text(report: Dict, fams, env: Dict) -> Optional[str]:
         top = b_max if b_max is not None else 1 << 30
         # what the rules say now for this bucket; a family that was not measured keeps it
         mma = [_current(f0.rules, row_arch, mm, bits) for bits in (8, 4)]
-        sm90 = list(next(r[1:] for r in f0.sm90_rules if r[0] < 0 or top <= r[0]))
+        sm90 = list(next(r[1:] for r in f0.sm90_rules if r[0] < 0 or top <= r[0]))  # w8, w4, max_splits
+        caps = []
         for j, bits in enumerate((8, 4)):
             fam = fam_of[bits]
             rows = [r for r in report["rows"] if fam and r["family"] == fam.name and r["bucket_max_m"] == b_max]
@@ -682,6 +805,19 @@ def cuda_rules_text(report: Dict, fams, env: Dict) -> Optional[str]:
                              f"{len(rows)} cases (now: tile {cur})" + (
                                  f"; a fixed split did better: {fam.label(anyb[0])} {anyb[1]:.4g} ms"
                                  if anyb and anyb[1] < best[1] else ""))
+            b = _bucket_row(report, fam.name, b_max) if "buckets" in report else None
+            if b and b.get("cap_totals_ms"):
+                where = f"M <= {b_max}" if b_max else "larger M"
+                notes.append(f"//   {where}, {fam.name} split cap on {b['cap_tile']}: automatic (cap {sm90[2]}) "
+                             f"{b['auto_total_ms']:.4g} ms; " + ", ".join(
+                                 f"cap {c} {t:.4g} ms" for c, t in sorted(b["cap_totals_ms"].items(),
+                                                                          key=lambda x: int(x[0])))
+                             + (f" -> cap {b['best_cap']}" if b["best_cap"] else
+                                f" -> none beats it by > {CAP_MARGIN:.0%}"))
+                if b["best_cap"]:
+                    caps.append(int(b["best_cap"]))
+        if caps:
+            sm90[2] = min(caps)
         mma_rows.append((row_arch, mm, *mma))
         sm90_rows.append((mm, *sm90))
     lines = [f"// Proposed by benchmarks/tune_tiles.py on {env.get('date')}, {env.get('gpu') or 'cuda-emulated (CPU)'}"
@@ -690,9 +826,10 @@ def cuda_rules_text(report: Dict, fams, env: Dict) -> Optional[str]:
              "// Apply by hand to csrc/configs/gemm_tiles*.h and rebuild (tiles are template arguments). Buckets "
              "with no complete measurement keep the tile they have now.", "// Measured:"] + notes + [""]
     if f0.hopper:
-        lines += ["// csrc/configs/gemm_tiles_sm90.h (-1: that bucket runs the mma.sync tiles below)",
+        lines += ["// csrc/configs/gemm_tiles_sm90.h (-1: that bucket runs the mma.sync tiles below; the last column "
+                  "is max_splits, the cap on the automatic split count)",
                   "constexpr Sm90TileRule kSm90TileRules[] = {"]
-        lines += ["    {%d, %d, %d}," % r for r in sm90_rows] + ["};", ""]
+        lines += ["    {%d, %d, %d, %d}," % r for r in sm90_rows] + ["};", ""]
     lines += [f"// csrc/configs/gemm_tiles.h (the rows of arch {row_arch}; the other rows as they are)",
               "constexpr TileRule kTileRules[] = {"]
     out_rows = [r for r in f0.rules if r[0] > row_arch] + mma_rows + [r for r in f0.rules if r[0] < row_arch]

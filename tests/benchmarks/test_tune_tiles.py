@@ -80,6 +80,15 @@ def test_smoke_report_has_the_shipped_config_in_every_row(smoke):
         assert [c["config"] for c in forced] == [dict(r["shipped"]["config"], splits=1)], r["candidates"]
         assert forced[0]["label"].endswith(" split 1")
     assert not any("splits" in b["best"] for b in rep["buckets"] if b["kind"] == "triton")  # tables hold no count
+    for r in [r for r in rep["rows"] if r["kind"] == "triton"]:  # the automatic count capped (smoke: at 1)
+        capped = [c for c in r["candidates"] if "max_splits" in c["config"]]
+        assert [c["config"] for c in capped] == [dict(r["shipped"]["config"], max_splits=1)], r["candidates"]
+        assert capped[0]["label"].endswith(" cap 1") and capped[0]["status"] == "ok"
+    for b in [b for b in rep["buckets"] if b["kind"] == "triton"]:  # the cap timed, and chosen only by a margin
+        assert set(b["cap_totals_ms"]) == {"1"} and b["auto_total_ms"] == b["shipped_total_ms"]
+        wins = b["cap_totals_ms"]["1"] < b["auto_total_ms"] * 0.97
+        assert b["best_cap"] == (1 if wins else None) and "max_splits" not in b["best"]
+    assert "Split caps per bucket" in (out / "tiles.md").read_text()
     assert (out / "tiles.md").read_text().count("\n| ") >= len(rep["rows"]) + len(rep["buckets"])
 
 
@@ -91,11 +100,15 @@ def test_write_configs_keeps_the_bucket_structure(smoke, monkeypatch):
         after = json.load(open(cfg / f"{kernel}_interpreter.json"))
         table = config_table.load_table(kernel, "interpreter")  # through the loader, from the copy
         assert [e["max_m"] for e in table] == [e["max_m"] for e in before["entries"]]
-        assert [list(e) for e in table] == [list(e) for e in before["entries"]]  # same keys, same order
+        # same keys, same order (and the cap, where one won)
+        assert [[k for k in e if k != "max_splits"] for e in table] == [list(e) for e in before["entries"]]
         fam = next(f for f in rep["families"] if f.startswith(f"triton-{kernel}"))
         for e in table:
             b = next(b for b in rep["buckets"] if b["family"] == fam and b["bucket_max_m"] == e["max_m"])
-            assert config_table.params(e) == b["best"]  # the measured best, which the launcher accepts
+            tile = {k: v for k, v in config_table.params(e).items() if k != "max_splits"}
+            assert tile == b["best"]  # the measured best, which the launcher accepts
+            # a winning cap goes in only on the tile it was timed on (the shipped one)
+            assert e.get("max_splits") == (b["best_cap"] if b["best"] == b["shipped"] else None)
             KERNELS[kernel].fit_config(config_table.params(e), *([128] if kernel == "w4a8" else []))
         rec = after["measured"]
         assert rec["command"].startswith("tune_tiles.py --smoke") and rec["torch"] == torch.__version__
@@ -206,8 +219,102 @@ def test_cuda_rules_proposal_for_a_hopper_gpu():
     text = mod.cuda_rules_text({"rows": rows}, [f], {"command": "test"})
     sm90 = text.split("kSm90TileRules[] = {")[1].split("};")[0]
     w4_now = {r[0]: r[2] for r in f.sm90_rules}  # W4 was not measured: its buckets keep what they have
-    assert f"{{16, 1, {w4_now[16]}}}," in sm90 and f"{{64, -1, {w4_now[64]}}}," in sm90
+    cap_now = {r[0]: r[3] for r in f.sm90_rules}  # no cap was timed: each bucket keeps its max_splits
+    assert f"{{16, 1, {w4_now[16]}, {cap_now[16]}}}," in sm90 and f"{{64, -1, {w4_now[64]}, {cap_now[64]}}}," in sm90
     mma = text.split("kTileRules[] = {")[1].split("};")[0]
     assert "{90, 64, 1, " in mma and "{80, 64, 1, 1}," in mma
     assert "a fixed split did better: tile 0" in text
     assert "tile 2 " not in text.split("// csrc")[0]  # the wrong one is never proposed
+
+
+def test_triton_cap_chosen_by_margin_and_written(tmp_path):
+    """Made-up timings: per bucket of sm90's W8A8 table, the shipped tile's automatic count against caps 1, 2, 4,
+    8. A cap > 3% faster is chosen and written as the entry's max_splits; one within 3% is not; a cap timed on
+    a tile the bucket does not keep is not written; an entry's own cap stays where no cap won."""
+    mod = _module()
+    cfg = tmp_path / "configs"
+    shutil.copytree(CONFIGS, cfg)
+    path = cfg / "w8a8_sm90.json"
+    data = json.load(open(path))
+    data["entries"][2]["max_splits"] = 4  # a cap shipped earlier: kept when nothing beats it
+    path.write_text(json.dumps(data))
+    table = config_table.validate_table(json.load(open(path))["entries"])
+    f = mod.TritonFamily.__new__(mod.TritonFamily)
+    f.torch, f.bits, f.group, f.mod, f.kernel, f.name = torch, 8, None, w8a8, "w8a8", "triton-w8a8"
+    f.kind, f.path, f.table, f.table_file, f.caps = "triton", str(path), table, json.load(open(path)), mod.TRITON_CAPS
+    # bucket 0 (M <= 16): cap 2 is 10% faster -> chosen; bucket 1: cap 1 only 2% faster -> none;
+    # bucket 2 (ships cap 4): a neighbour tile wins and cap 1 is faster on the old tile -> tile changes, no cap
+    timings = [{None: 10.0, 1: 9.5, 2: 9.0, 4: 9.8, 8: 10.0}, {None: 10.0, 1: 9.8, 2: 10.5, 4: 10.0, 8: 10.0},
+               {None: 10.0, 1: 5.0, 2: 6.0, 4: 10.0, 8: 10.0}]
+    buckets = []
+    for i, e in enumerate(table):
+        shipped = f.shipped(i)
+        assert shipped.get("max_splits") == (4 if i == 2 else None)
+        auto = {k: v for k, v in shipped.items() if k != "max_splits"}
+        assert f.capped(i) == ([auto] if i == 2 else []) + [dict(auto, max_splits=c) for c in (1, 2, 4, 8)]
+        cands = [(auto, timings[i][None])] + [(dict(auto, max_splits=c), timings[i][c]) for c in (1, 2, 4, 8)]
+        best = dict(shipped, BN=64) if i == 2 else shipped  # (buckets 0 and 1: the shipped entry is `auto`)
+        if i == 2:  # (its shipped entry is the cap-4 candidate)
+            cands.append((best, 1.0))
+        row = _report_row(f.name, e["max_m"], 16 * (i + 1), cands)
+        caps = mod.triton_cap_totals(f, [row], shipped)
+        assert caps["auto_total_ms"] == timings[i][None]
+        assert caps["cap_totals_ms"] == {c: timings[i][c] for c in (1, 2, 4, 8)}
+        assert caps["best_cap"] == (2, None, 1)[i]
+        buckets.append({"family": f.name, "bucket_max_m": e["max_m"], "best": best, "shipped": shipped,
+                        "m_values": [16], "cases": 1, "shipped_label": "", "shipped_total_ms": 10.0,
+                        "best_label": "", "best_total_ms": 1.0, "speedup": 10.0, **caps})
+    assert buckets[0]["cap_speedup"] == pytest.approx(10 / 9)
+    mod.write_triton_tables({"buckets": buckets}, [f], {"command": "test"}, str(tmp_path))
+    new = json.load(open(path))["entries"]
+    config_table.validate_table(new)
+    assert new[0]["max_splits"] == 2 and config_table.params(new[0]) == dict(f.shipped(0), max_splits=2)
+    assert new[1] == table[1]  # within the margin: as it was
+    assert new[2]["BN"] == 64 and new[2]["max_splits"] == 4  # the new tile keeps the entry's own cap
+    cfg0 = w8a8.fit_config(config_table.params(new[0]))
+    assert w8a8.auto_split_count(cfg0, 16, 1152, 4608, 132) == 2  # and the launcher honours it
+    assert w8a8.auto_split_count(f.shipped(0), 16, 1152, 4608, 132) == 14
+
+
+def test_hopper_tail_counts_and_cap_proposal():
+    """Made-up timings of a sm_90 run at DiT-XL/2 fc1 (M = 512: 132 whole + 12 tails, automatic S = 9) and fc2
+    (M = 512: 36 tiles, automatic S = 3): the Hopper tile's forced counts time the tail; the cap that limits
+    each case's automatic count is timed by the forced count it comes to, chosen by the 3% margin, and proposed
+    as the bucket's max_splits in kSm90TileRules."""
+    mod = _module()
+    f = mod.CudaFamily.__new__(mod.CudaFamily)
+    f.torch, f.bits, f.group, f.kernel, f.name, f.kind = torch, 8, None, "w8a8", "cuda-w8a8", "cuda"
+    f.arch, f.sms, f.hopper = 90, 132, True
+    f.rules, f.sm90_rules = mod.read_tile_rules()
+    assert all(len(r) == 4 and r[3] >= 1 for r in f.sm90_rules)  # the max_splits column is read
+    f.splits, f.sm90_splits, f.tile_ids, f.max_candidates = mod.SPLITS, mod.SM90_SPLITS, [0, 101], None
+    assert {"tile": 101, "splits": 9} in f.candidates(2) and {"tile": 0, "splits": 9} not in f.candidates(2)
+    f.tile_shape = lambda t: (128, 128, 128) if t >= 100 else (64, 64, 64)
+    f.sm90_auto_splits = lambda tile, m, n, k: {4608: 9, 1152: 3}[n]
+    f.auto_tile = lambda m: 101
+    f.cb = None
+    # fc1: the tail at 9 (auto) 10 ms, forced 4 -> 8, 3 -> 8.5, 2 -> 9, 1 -> 12; fc2: auto (3) 5, 2 -> 6, 1 -> 9
+    fc1 = {None: 10.0, 1: 12.0, 2: 9.0, 3: 8.5, 4: 8.0, 6: 9.0, 9: 10.0}
+    fc2 = {None: 5.0, 1: 9.0, 2: 6.0, 3: 5.0, 4: 5.5, 6: 6.0, 9: 7.0}
+    rows = []
+    for n, times in ((4608, fc1), (1152, fc2)):
+        row = _report_row("cuda-w8a8", 4096, 512, [({"tile": 101, "splits": s}, t) for s, t in times.items()])
+        row.update(N=n, K=1152)
+        rows.append(row)
+    caps = mod.sm90_cap_totals(f, rows, {"tile": 101, "splits": None})
+    # cap c: fc1 runs min(9, c), fc2 min(3, c); 16 and 9 are today's schedule
+    want = {1: 12 + 9, 2: 9 + 6, 3: 8.5 + 5, 4: 8 + 5, 6: 9 + 5, 9: 10 + 5, 16: 10 + 5}
+    assert caps["auto_total_ms"] == 15 and caps["cap_totals_ms"] == want and caps["best_cap"] == 4
+    assert caps["cap_speedup"] == pytest.approx(15 / 13)
+    bucket = {"family": "cuda-w8a8", "bucket_max_m": 4096, **caps}
+    text = mod.cuda_rules_text({"rows": rows, "buckets": [bucket]}, [f], {"command": "test"})
+    sm90 = text.split("kSm90TileRules[] = {")[1].split("};")[0]
+    now = {r[0]: r for r in f.sm90_rules}
+    assert f"{{4096, 1, {now[4096][2]}, 4}}," in sm90  # the cap proposed for the measured bucket
+    assert f"{{64, {now[64][1]}, {now[64][2]}, {now[64][3]}}}," in sm90  # the others keep theirs
+    assert "cap 4 13 ms" in text and "-> cap 4" in text
+    # within the margin: no cap proposed, the bucket keeps its own
+    close = {**fc1, 4: 9.8, 3: 9.9, 2: 9.9, 6: 9.9}
+    rows[0]["candidates"] = _report_row("", 0, 0, [({"tile": 101, "splits": s}, t)
+                                                   for s, t in close.items()])["candidates"]
+    assert mod.sm90_cap_totals(f, rows, {"tile": 101, "splits": None})["best_cap"] is None
