@@ -550,7 +550,7 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
                     tiles = tm * tn
                     dp_tiles, splits = sched if isinstance(sched, tuple) else (0 if sched > 1 else tiles, sched)
                     tiled = a_bytes * tn + w_bytes * tm + o_bytes  # re-reads: A per N tile, W per M tile
-                    b = schedule_bound(fam, flops, min_bytes, bm, bn, m, n, dp_tiles, splits, d)
+                    b = schedule_bound(fam, flops, min_bytes, bm, bn, m, n, dp_tiles, splits, d, bits)
                     ctas = dp_tiles + (tiles - dp_tiles) * splits
                     split_text = ("" if splits <= 1 else f" split {splits}" if dp_tiles == 0
                                   else f" {dp_tiles} whole + {tiles - dp_tiles} split {splits}")
@@ -563,22 +563,30 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
                         # the count this model would force on the last wave, the cap aside (what the GPU's
                         # timings, benchmarks/tune_tiles.py, settle)
                         units = math.ceil(k / (128 if bits == 8 else max(W4_GROUP, 128)))
-                        row["model_tail_splits"] = model_best_splits(fam, flops, min_bytes, bm, bn, m, n, units, d)
+                        row["model_tail_splits"] = model_best_splits(fam, flops, min_bytes, bm, bn, m, n, units, d,
+                                                                     bits)
                     out.append(row)
     return out
 
 
 def schedule_bound(kind: str, flops: float, min_bytes: float, bm: int, bn: int, m: int, n: int, dp_tiles: int,
-                   splits: int, d: Dict) -> Dict:
-    """The bound of one launch: max(FLOPs / (INT8 peak x SM use), minimal bytes / HBM) + the split reduction
-    (:func:`split_reduce_us`, after the slices: it does not overlap them). SM use: a wave of CTAs covers at most
-    every SM once (more resident CTAs hide latency, they add no peak); a split CTA does 1 / splits of its tile's
-    work: the tiles' work over the SM time the schedule takes (:func:`sm90_tile_times`)."""
+                   splits: int, d: Dict, w_bits: int = 8) -> Dict:
+    """The bound of one launch: max(FLOPs / (INT8 peak x SM use), minimal bytes / HBM, one SM's streaming) + the
+    split reduction (:func:`split_reduce_us`, after the slices: it does not overlap them). SM use: a wave of CTAs
+    covers at most every SM once (more resident CTAs hide latency, they add no peak); a split CTA does 1 / splits
+    of its tile's work: the tiles' work over the SM time the schedule takes (:func:`sm90_tile_times`). One SM's
+    streaming: a tile's operands (min(BM, M) activation rows and min(BN, N) weight rows of K, ``w_bits`` wide)
+    pass through its SM's L2 port at the rate the reduction is charged at, over the same tile times: what keeps
+    a launch of a few CTAs from being bounded by the whole chip's HBM bandwidth (and so flattered against its
+    split form, which the reduction charge alone would do at small M)."""
     tiles = math.ceil(m / bm) * math.ceil(n / bn)
     if splits <= 1:
         dp_tiles = tiles
-    util = tiles / (sm90_tile_times(tiles, dp_tiles, splits, d["sms"]) * d["sms"])
-    compute, memory = flops / (d["int8_ops"] * util), min_bytes / d["hbm_bytes_s"]
+    times = sm90_tile_times(tiles, dp_tiles, splits, d["sms"])
+    util = tiles / (times * d["sms"])
+    k = flops / (2.0 * m * n) if m and n else 0.0
+    stream = times * (min(bm, m) * k + min(bn, n) * k * w_bits / 8) / (L2_BYTES_PER_CLK_SM * SM_CLOCK_HZ)
+    compute, memory = flops / (d["int8_ops"] * util), max(min_bytes / d["hbm_bytes_s"], stream)
     reduce_us = split_reduce_us(kind if kind == "triton" else "cuda wgmma", bm, bn, m, n, tiles, dp_tiles, splits,
                                 d["sms"])
     return {"bound_us": max(compute, memory) * 1e6 + reduce_us, "util": util, "reduce_us": reduce_us,
@@ -589,14 +597,14 @@ TAIL_SPLITS = (1, 2, 3, 4, 6, 9, 16)  # the tail counts the model compares (tune
 
 
 def model_best_splits(kind: str, flops: float, min_bytes: float, bm: int, bn: int, m: int, n: int, units: int,
-                      d: Dict) -> int:
+                      d: Dict, w_bits: int = 8) -> int:
     """The tail count of :data:`TAIL_SPLITS` (at most the k units) with the lowest :func:`schedule_bound` when
     forced (sm90_forced_schedule), 1 = no split."""
     tiles = math.ceil(m / bm) * math.ceil(n / bn)
 
     def bound(s):
         dp, sp = sm90_forced_schedule(tiles, s, d["sms"])
-        return schedule_bound(kind, flops, min_bytes, bm, bn, m, n, dp, sp, d)["bound_us"]
+        return schedule_bound(kind, flops, min_bytes, bm, bn, m, n, dp, sp, d, w_bits)["bound_us"]
     return min((s for s in TAIL_SPLITS if s <= units), key=bound)
 
 
@@ -712,7 +720,8 @@ def markdown(report: Dict) -> str:
         f"{common.DATASHEET['H100-SXM']['hbm_bytes_s'] / 1e12:.2f} TB/s)",
         "",
         "Minimal bytes: int8 activations + packed weights + scales + bf16 output, each read once. A tile row's "
-        "bound is max(FLOPs / (INT8 peak x SM use), minimal bytes / HBM) + the split reduction, SM use = output "
+        "bound is max(FLOPs / (INT8 peak x SM use), minimal bytes / HBM, one SM's streaming of its tiles' operands "
+        "at its L2 rate below) + the split reduction, SM use = output "
         "tiles / (waves x 132 SMs) with the tile the table picks for M (sm_90 tables: the CUDA rows are the Hopper "
         "wgmma tiles with the binding's automatic split-K count, a split CTA doing its share of the tile). Split "
         "reduction: each slice stores its BM x BN partial (4-byte words) and one SM per tile reads the S partials "
