@@ -132,3 +132,15 @@ def test_roofline_splits_the_batch_one_triton_tile():
         unsplit = static_report.schedule_bound("triton", r["gflop"] * 1e9, r["min_mb"] * 1e6, 128, 128, 512, 1152,
                                                36, 1, d)
         assert unsplit["reduce_us"] == 0 and r["bound_us"] < unsplit["bound_us"] / 1.5, (r, unsplit)
+
+
+def test_roofline_takes_the_bucket_cap(monkeypatch):
+    """A max_splits in kSm90TileRules caps the Hopper rows' automatic count (here 2 on the M <= 4096 bucket):
+    fc2 at M = 512 splits 2 ways, fc1's tail 2 ways."""
+    tiles, rules = static_report.sm90_tiles()
+    capped = [r[:3] + (2,) if r[0] == 4096 else r for r in rules]
+    monkeypatch.setattr(static_report, "sm90_tiles", lambda: (tiles, capped))
+    rows = {r["shape"]: r for r in static_report.roofline_rows([], short=True)
+            if r["M"] == 512 and r["impl"] == "cuda wgmma w8a8"}
+    assert rows["DiT-XL/2 mlp fc2"]["tile"] == "128x128x128 split 2" and rows["DiT-XL/2 mlp fc2"]["ctas"] == 72
+    assert rows["DiT-XL/2 mlp fc1"]["tile"] == "128x128x128 132 whole + 12 split 2"
