@@ -182,9 +182,20 @@ inline int sm90_tile_for(const char* op, const GemmParams& p, bool w4, int64_t t
   return i < 0 ? -1 : ditq::gemm::kSm90TileBase + i;
 }
 
+// The Hopper schedule of a launch of `tiles` tiles and `units` k units for M rows: automatic (splits < 0, capped by
+// M's bucket) or forced on the last wave (splits >= 1, checked by the caller). The launch and the
+// gemm_sm90_schedule op both go through here.
+inline ditq::gemm::Sm90Schedule sm90_schedule_for(int64_t tiles, int units, int sm_count, int64_t m,
+                                                  int64_t splits) {
+  if (splits >= 1) return ditq::gemm::sm90_forced_schedule(tiles, static_cast<int>(splits), sm_count);
+  return ditq::gemm::sm90_auto_schedule(tiles, units, sm_count,
+                                        ditq::gemm::sm90_max_splits(static_cast<int>(std::min<int64_t>(m, 1 << 30))));
+}
+
 // Allocates y (and the split-K workspace), launches (or emulates) the Hopper tile `t` and checks the launch.
 // splits < 0: automatic (sm90_auto_schedule, configs/gemm_tiles_sm90.h: full waves whole, the last partial wave's
-// tiles split); else a uniform split of every tile, 1 .. the k units of the tile.
+// tiles split, at most the M bucket's max_splits ways); else 1 .. the k units of the tile, forced on the last wave
+// (sm90_forced_schedule: its tiles split that many ways, full waves before it whole; under one wave every tile).
 // `fused`: the FusedEpilogue instantiation (p.fused filled in; it runs once, in the last CTA of a split tile);
 // out_dtype is then int8 when p.fused.out_scale is set.
 inline at::Tensor run_sm90(const char* op, GemmParams p, const at::Tensor& a, at::ScalarType out_dtype, int group,
@@ -194,15 +205,11 @@ inline at::Tensor run_sm90(const char* op, GemmParams p, const at::Tensor& a, at
   ditq::gemm::sm90_tile_shape(i, group > 0, s);
   const int units = ditq::gemm::sm90_k_units(group, p.K);
   const int64_t tiles = static_cast<int64_t>((p.M + s[0] - 1) / s[0]) * ((p.N + s[1] - 1) / s[1]);
-  ditq::gemm::Sm90Schedule sched{tiles, 1};
-  if (splits < 0) {
-    sched = ditq::gemm::sm90_auto_schedule(tiles, units, sm_count);
-  } else {
+  if (splits >= 0)
     TORCH_CHECK_VALUE(splits >= 1 && splits <= units, op, ": split-K count must be in [1, ", units, "] (the "
                       "number of k units of ", group > 128 ? group : 128, " for the Hopper tiles at K = ", p.K,
                       "), got ", splits);
-    if (splits > 1) sched = {0, static_cast<int>(splits)};  // a forced count splits every tile
-  }
+  const ditq::gemm::Sm90Schedule sched = sm90_schedule_for(tiles, units, sm_count, p.M, splits);
   const int64_t ctas = ditq::gemm::sm90_ctas(tiles, sched);
   TORCH_CHECK_VALUE(ctas <= std::numeric_limits<int>::max(), op, ": M = ", p.M, ", N = ", p.N, " with ",
                     sched.splits, " splits needs ", ctas, " CTAs of ", s[0], " x ", s[1], ", more than the launch "
@@ -521,13 +528,20 @@ inline std::vector<int64_t> sm90_tile_info(int64_t tile, bool w4) {
   return std::vector<int64_t>(s, s + 7);
 }
 
-// [dp_tiles, splits] of the automatic Hopper schedule (configs/gemm_tiles_sm90.h sm90_auto_schedule), for tests
-// and the static report's model of it.
-inline std::vector<int64_t> sm90_schedule(int64_t tiles, int64_t units, int64_t sm_count) {
+// [dp_tiles, splits] of the Hopper schedule (configs/gemm_tiles_sm90.h) the binding runs for `tiles` output tiles of
+// `units` k units on `sm_count` SMs, for tests and the static report's model of it: splits < 0 automatic
+// (sm90_auto_schedule, capped by the max_splits of M's bucket; m < 0: kSm90MaxSplits), else forced
+// (sm90_forced_schedule, 1 .. units).
+inline std::vector<int64_t> sm90_schedule(int64_t tiles, int64_t units, int64_t sm_count, int64_t m,
+                                          int64_t splits) {
   TORCH_CHECK_VALUE(tiles >= 0 && units >= 1 && units <= (1 << 20) && sm_count >= 1 && sm_count <= 1024,
                     "gemm_sm90_schedule: tiles >= 0, units in [1, 2^20], sm_count in [1, 1024]");
+  TORCH_CHECK_VALUE(splits < 0 || (splits >= 1 && splits <= units), "gemm_sm90_schedule: a forced split count ",
+                    "must be in [1, ", units, "] (the k units), got ", splits);
   const ditq::gemm::Sm90Schedule s =
-      ditq::gemm::sm90_auto_schedule(tiles, static_cast<int>(units), static_cast<int>(sm_count));
+      m < 0 && splits < 0
+          ? ditq::gemm::sm90_auto_schedule(tiles, static_cast<int>(units), static_cast<int>(sm_count))
+          : sm90_schedule_for(tiles, static_cast<int>(units), static_cast<int>(sm_count), m, splits);
   return {s.dp_tiles, s.splits};
 }
 
@@ -555,7 +569,11 @@ TORCH_LIBRARY_FRAGMENT(ditq_C, m) {
   m.def("gemm_tile_info(int tile) -> int[]", &ditq::gemm_binding::tile_info);
   m.def("gemm_pick_tile(int arch, int m, bool w4) -> int", &ditq::gemm_binding::pick);
   m.def("gemm_sm90_tile_info(int tile, bool w4) -> int[]", &ditq::gemm_binding::sm90_tile_info);
-  m.def("gemm_sm90_schedule(int tiles, int units, int sm_count) -> int[]", &ditq::gemm_binding::sm90_schedule);
+  m.def("gemm_sm90_schedule(int tiles, int units, int sm_count, int m=-1, int splits=-1) -> int[]",
+        &ditq::gemm_binding::sm90_schedule);
+  m.def("gemm_sm90_max_splits(int m) -> int", [](int64_t m) -> int64_t {
+    return ditq::gemm::sm90_max_splits(static_cast<int>(std::min<int64_t>(std::max<int64_t>(m, 0), 1 << 30)));
+  });
   m.def("emulator_set_sm_count(int n) -> ()", &ditq::gemm_binding::set_emulated_sm_count);
   m.def("emulator_get_sm_count() -> int", []() -> int64_t { return ditq::gemm_binding::emulated_sm_count(); });
 }

@@ -72,8 +72,9 @@
 // output tiles (M = 512, N = 1152: 36 tiles of 128 x 128 on 132 SMs), or a last wave with most SMs idle (N = 4608:
 // 144 tiles = one wave + 12, two tile times for 1.09 waves of work). Schedule: the grid is 1-D; the first
 // p.dp_tiles CTAs run one output tile each over all of K, and every remaining tile is split into p.splits CTAs
-// over K (work_unit below). dp_tiles = 0 is the uniform split-K of every tile (a forced split count, or a grid
-// under one wave), splits = 1 no split; the automatic schedule (configs/gemm_tiles_sm90.h sm90_auto_schedule)
+// over K (work_unit below). dp_tiles = 0 is the uniform split-K of every tile (a grid under one wave, split
+// automatically or by a forced count), splits = 1 no split; a forced count past one wave splits the last wave's
+// tiles (sm90_forced_schedule); the automatic schedule (configs/gemm_tiles_sm90.h sm90_auto_schedule)
 // runs the full waves whole and splits only the last wave's tiles, so the tail is one short wave (144 tiles:
 // 132 whole + 12 x 9 slices of one k unit each, ~ 1 + 1 / 9 tile times instead of 2). A whole tile's CTA runs
 // exactly the unsplit kernel: it never touches the counters or the workspace, which cover the split tiles alone.

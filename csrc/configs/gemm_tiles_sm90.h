@@ -42,25 +42,41 @@ constexpr int kSm90BK = 128;
 
 // Which Hopper tile runs a problem of M rows: the first rule with max_m >= M (-1 = any M). An entry of -1 for
 // a family hands that bucket to the mma.sync kernels (e.g. when the sm_80 path would serve a memory-bound
-// bucket better). The Hopper kernels split K too (sm90_auto_schedule below picks which tiles and how).
+// bucket better). The Hopper kernels split K too (sm90_auto_schedule below picks which tiles and how), at most
+// max_splits ways in the bucket: a cap on the automatic count, as data, for a GPU's timings to set
+// (benchmarks/tune_tiles.py times the tail counts and proposes this column). kSm90MaxSplits everywhere until a
+// measurement says otherwise.
+constexpr int kSm90MaxSplits = 16;  // each split adds a BM x BN partial that the tile's last CTA reads back
+
 struct Sm90TileRule {
   int max_m;
-  int w8_tile;  // index into DITQ_GEMM_SM90_W8_TILES, or -1
-  int w4_tile;  // index into DITQ_GEMM_SM90_W4_TILES, or -1
+  int w8_tile;     // index into DITQ_GEMM_SM90_W8_TILES, or -1
+  int w4_tile;     // index into DITQ_GEMM_SM90_W4_TILES, or -1
+  int max_splits;  // cap on the automatic split count (>= 1; 1: the bucket never splits)
 };
 
 constexpr Sm90TileRule kSm90TileRules[] = {
-    {16, 0, 0},
-    {64, 0, 1},
-    {4096, 1, 2},
-    {-1, 2, 2},
+    {16, 0, 0, 16},
+    {64, 0, 1, 16},
+    {4096, 1, 2, 16},
+    {-1, 2, 2, 16},
 };
 
-constexpr int pick_sm90_tile(int m, bool w4) {
+constexpr const Sm90TileRule& sm90_rule(int m) {
   for (const Sm90TileRule& r : kSm90TileRules)
-    if (r.max_m < 0 || m <= r.max_m) return w4 ? r.w4_tile : r.w8_tile;
-  return -1;
+    if (r.max_m < 0 || m <= r.max_m) return r;
+  return kSm90TileRules[sizeof(kSm90TileRules) / sizeof(kSm90TileRules[0]) - 1];  // the last rule is -1
 }
+constexpr int pick_sm90_tile(int m, bool w4) { return w4 ? sm90_rule(m).w4_tile : sm90_rule(m).w8_tile; }
+// The automatic split count's cap for a problem of M rows (its bucket's max_splits).
+constexpr int sm90_max_splits(int m) { return sm90_rule(m).max_splits; }
+
+constexpr bool sm90_rules_valid() {
+  for (const Sm90TileRule& r : kSm90TileRules)
+    if (r.max_splits < 1 || r.max_splits > 1024) return false;
+  return kSm90TileRules[sizeof(kSm90TileRules) / sizeof(kSm90TileRules[0]) - 1].max_m == -1;
+}
+static_assert(sm90_rules_valid(), "kSm90TileRules: max_splits in [1, 1024], the last rule takes any M (-1)");
 
 #define DITQ_SM90_COUNT(...) +1
 constexpr int kSm90W8TileCount = 0 DITQ_GEMM_SM90_W8_TILES(DITQ_SM90_COUNT);
@@ -90,31 +106,42 @@ constexpr int sm90_k_units(int group_size, int64_t K) {
 // SMs idle for a whole tile time (M = 512, N = 4608 on 128 x 128 tiles: 144 tiles = 132 + 12, two tile times for
 // 1.09 waves of work).
 // Rule: W = tiles / sm_count full waves run whole; the R = tiles - W * sm_count tail tiles are split
-// S = min(sm_count / R, k units, 16) ways, so the tail is one wave of 1 / S of a tile's work (time ~ W + 1 / S
-// instead of W + 1). Only the tail, because splitting the full waves too (uniform split-K) adds waves (144 x 2
-// = 288 CTAs = 2.2 waves) and a reduction per tile for nothing. Split only when S >= 2 (R > sm_count / 2 leaves
-// no room for two slices of each tail tile: no split). W = 0 is the uniform split of a grid under one wave:
-// the largest count whose tiles * S CTAs still fit in one wave (36 tiles x 4 = 144 CTAs would be two waves of
-// a quarter of K each, ~ 2 / 4, where 3 splits is one wave of a third, ~ 1 / 3). The reduction's cost is not
-// modelled: every slice stores BM x BN words (in parallel), and the last CTA of a tile reads S x BM x BN words
-// back alone (S x 64 KB on 128 x 128 tiles), a cost that grows with S and does not shrink with K. At K = 1152
-// (fc1: S = 9, each slice one k unit) that read is of the order of a slice's main loop or more, so a smaller
-// S may time better there; the same holds for the uniform split under a wave. The rule is kept simple until
-// GPU timings say otherwise: benchmarks/tune_tiles.py times forced uniform counts against this choice, and
-// a cap on S is a one-line change here.
+// S = min(sm_count / R, k units, max_splits) ways, so the tail is one wave of 1 / S of a tile's work (time ~ W +
+// 1 / S instead of W + 1). Only the tail, because splitting the full waves too (uniform split-K) adds waves (144
+// x 2 = 288 CTAs = 2.2 waves) and a reduction per tile for nothing. Split only when S >= 2 (R > sm_count / 2
+// leaves no room for two slices of each tail tile: no split). W = 0 is the uniform split of a grid under one
+// wave: the largest count whose tiles * S CTAs still fit in one wave (36 tiles x 4 = 144 CTAs would be two waves
+// of a quarter of K each, ~ 2 / 4, where 3 splits is one wave of a third, ~ 1 / 3). The reduction's cost is not
+// modelled here: every slice stores BM x BN words (in parallel), and the last CTA of a tile reads S x BM x BN
+// words back alone (S x 64 KB on 128 x 128 tiles), a cost that grows with S and does not shrink with K. At
+// K = 1152 (fc1: S = 9, each slice one k unit) that read is of the order of a slice's main loop or more, so a
+// smaller S may time better there; the same holds for the uniform split under a wave. That is what max_splits
+// (the M bucket's column of kSm90TileRules, default kSm90MaxSplits) is for: benchmarks/tune_tiles.py times the
+// tail counts on a GPU (sm90_forced_schedule) and proposes the column; benchmarks/static_report.py's roofline
+// charges the read-back.
 struct Sm90Schedule {
   int64_t dp_tiles;  // whole tiles, first in launch order
   int splits;        // slices of each of the other tiles (1: no split, dp_tiles = tiles)
 };
-constexpr Sm90Schedule sm90_auto_schedule(int64_t tiles, int units, int sm_count) {
+constexpr Sm90Schedule sm90_auto_schedule(int64_t tiles, int units, int sm_count, int max_splits = kSm90MaxSplits) {
   if (tiles <= 0 || sm_count <= 0) return {tiles, 1};
   const int64_t tail = tiles % sm_count;
   if (tail == 0) return {tiles, 1};
   int64_t s = sm_count / tail;
-  if (s > 16) s = 16;
+  if (s > max_splits) s = max_splits;
   if (s > units) s = units;
   if (s < 2) return {tiles, 1};
   return {tiles - tail, static_cast<int>(s)};
+}
+// A forced split count (the ops' splits >= 1: tests, benchmarks/tune_tiles.py): the tiles of the last wave are
+// split `splits` ways and the full waves before it run whole, as the automatic schedule does, with S chosen by
+// the caller. The last wave is its 1 .. sm_count tiles (a whole wave when tiles is a multiple of sm_count, so a
+// forced count always splits something): under one wave, and at exactly one, every tile is split (uniform
+// split-K); past a wave, the tail. The caller checks splits against the k units.
+constexpr Sm90Schedule sm90_forced_schedule(int64_t tiles, int splits, int sm_count) {
+  if (tiles <= 0 || sm_count <= 0 || splits <= 1) return {tiles, 1};
+  const int64_t last = tiles - (tiles - 1) / sm_count * sm_count;
+  return {tiles - last, splits};
 }
 // The CTAs of a schedule: the whole tiles, then `splits` per remaining tile.
 constexpr int64_t sm90_ctas(int64_t tiles, Sm90Schedule s) { return s.dp_tiles + (tiles - s.dp_tiles) * s.splits; }
@@ -134,6 +161,18 @@ static_assert(sm90_schedule_is(sm90_auto_schedule(9, 36, 132), 0, 14) &&
               sm90_schedule_is(sm90_auto_schedule(4, 1, 132), 4, 1), "at most the k units, at least 2");
 static_assert(sm90_schedule_is(sm90_auto_schedule(134, 9, 132), 132, 9) &&
               sm90_schedule_is(sm90_auto_schedule(6, 4, 4), 4, 2), "tails: at most the k units; S = SMs / R");
+static_assert(sm90_schedule_is(sm90_auto_schedule(1, 99, 132), 0, kSm90MaxSplits), "at most kSm90MaxSplits");
+static_assert(sm90_schedule_is(sm90_auto_schedule(144, 9, 132, 3), 132, 3) &&
+              sm90_schedule_is(sm90_auto_schedule(36, 9, 132, 2), 0, 2) &&
+              sm90_schedule_is(sm90_auto_schedule(144, 9, 132, 1), 144, 1), "capped: at most max_splits");
+static_assert(sm90_schedule_is(sm90_forced_schedule(144, 4, 132), 132, 4) &&
+              sm90_schedule_is(sm90_forced_schedule(36, 4, 132), 0, 4) &&
+              sm90_schedule_is(sm90_forced_schedule(132, 2, 132), 0, 2) &&
+              sm90_schedule_is(sm90_forced_schedule(264, 2, 132), 132, 2) &&
+              sm90_schedule_is(sm90_forced_schedule(200, 2, 132), 132, 2) &&
+              sm90_schedule_is(sm90_forced_schedule(144, 1, 132), 144, 1), "forced: the last wave, S ways");
+static_assert(sm90_max_splits(512) == kSm90MaxSplits && sm90_max_splits(1 << 30) == kSm90MaxSplits &&
+              pick_sm90_tile(16, false) == 0 && pick_sm90_tile(512, true) == 2, "the shipped rules");
 static_assert(sm90_ctas(144, {132, 9}) == 240 && sm90_split_tiles(144, {132, 9}) == 12 &&
               sm90_split_tiles(144, {144, 1}) == 0 && sm90_ctas(36, {0, 3}) == 108, "CTA and split tile counts");
 

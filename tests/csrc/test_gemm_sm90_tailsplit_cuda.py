@@ -57,3 +57,26 @@ def test_tail_split_on_gpu_equals_emulator(hopper_pair, group):
     y = _run(cb, "cuda", "cuda", a, sa, w, sw, b, group, torch.float32, None, None)
     ye = _emulated(cb, a, sa, w, sw, b, group, torch.float32, None, None)
     assert torch.equal(y.view(torch.int32), ye.view(torch.int32)), f"group {group}: GPU != emulator"
+
+
+@pytest.mark.parametrize("group", (None, 64))
+def test_forced_tail_counts_on_gpu(hopper_pair, group):
+    """The tuner's tail counts (a forced count splits the last wave only): fc1 with its 12 tails forced to 2, 3
+    and 4 slices: W8 the unsplit kernel's bits, W4 exact and repeatable; at K = 256 (2 k units) the forced
+    tail x 2 equals the emulator's, scheduling for this GPU's SM count."""
+    cb = hopper_pair
+    tile = BASE + (1 if group is None else 2)  # 128 x 128, the table's choice at M = 512
+    a, sa, w, sw, b = _inputs(M, N, K, group, seed=93)
+    y1 = _run(cb, "cuda", "cuda", a, sa, w, sw, b, group, torch.bfloat16, tile, 1)
+    for s in (2, 3, 4):
+        y = _run(cb, "cuda", "cuda", a, sa, w, sw, b, group, torch.bfloat16, tile, s)
+        if group is None:
+            assert torch.equal(y.view(torch.int16), y1.view(torch.int16)), f"forced tail x {s} != unsplit"
+        else:
+            assert_gemm_w4a8(y, a, sa, w, sw, group, b, what=f"sm_90 W4A8 g{group} fc1 forced tail x {s}")
+            again = _run(cb, "cuda", "cuda", a, sa, w, sw, b, group, torch.bfloat16, tile, s)
+            assert torch.equal(y.view(torch.int16), again.view(torch.int16)), f"tail x {s}: not repeatable"
+    a, sa, w, sw, b = _inputs(M, N, 256, group, seed=94)
+    y = _run(cb, "cuda", "cuda", a, sa, w, sw, b, group, torch.float32, tile, 2)
+    ye = _emulated(cb, a, sa, w, sw, b, group, torch.float32, tile, 2)
+    assert torch.equal(y.view(torch.int32), ye.view(torch.int32)), f"group {group}: forced tail GPU != emulator"

@@ -35,6 +35,15 @@ def test_schedule_of_the_build():
     assert _schedule(36, 9, 132) == (0, 3)  # under a wave: uniform split, as before
     assert _schedule(108, 9, 132) == (108, 1) and _schedule(264, 36, 132) == (264, 1)
     assert _schedule(8, 4, SMS) == (6, 3) and _schedule(2 * 3, 4, 4) == (4, 2)
+    # the cap of M's bucket (kSm90TileRules' max_splits: 16 everywhere as shipped), and forced counts: the
+    # last wave's tiles split S ways, the full waves before it whole (under one wave, and at one, every tile)
+    op = torch.ops.ditq_C.gemm_sm90_schedule
+    assert [torch.ops.ditq_C.gemm_sm90_max_splits(m) for m in (1, 16, 17, 512, 4097, 1 << 40)] == [16] * 6
+    assert tuple(op(1, 99, 132, 512)) == (0, 16) and tuple(op(144, 9, 132, 512)) == (132, 9)
+    assert [tuple(op(t, 9, 132, -1, s)) for t, s in ((144, 4), (36, 4), (132, 2), (264, 2), (144, 1))] == \
+        [(132, 4), (0, 4), (0, 2), (132, 2), (144, 1)]
+    with pytest.raises(ValueError, match=r"forced split count must be in \[1, 9\] .*got 10"):
+        op(144, 9, 132, -1, 10)
 
 
 def _tail_rows_cols(tile_m, tile_n, sms=SMS, m=M, n=N):
@@ -55,6 +64,26 @@ def test_w8a8_tail_split_bit_identical():
     assert_gemm_w8a8(y1, a, sa, w, sw, b, what="Hopper W8A8 128x128 unsplit")
     assert torch.equal(_bits(y), _bits(y1)), "tail-split schedule differs from the unsplit kernel"
     assert torch.equal(_bits(y_forced), _bits(y1))
+
+
+def test_forced_count_splits_the_tail():
+    """A forced count past one wave splits the last wave's tiles only (the tuner's tail count): 8 tiles on 6 SMs
+    forced to 2 and 4 slices run 6 whole tiles + 2 x S (12 / 14 CTAs: the binding sizes counters and workspace for
+    the 2 tail tiles, and the checker reports a whole tile touching them), bit for bit the unsplit kernel; W4:
+    the whole tiles' bits are the unsplit kernel's, the tail's are not (its fp32 partials were split)."""
+    a, sa, w, sw, b = _inputs(M, N, 512, seed=55)
+    a4, sa4, q, ss, b4 = _inputs(M, N, 512, w4_group=128, seed=56)
+    tail = _tail_rows_cols(128, 128)
+    with _opts(arch="sm_90a", sm_count=SMS):
+        y1 = _w8a8(a, sa, w, sw, b, W8_TILE, 1)
+        ys = [_w8a8(a, sa, w, sw, b, W8_TILE, s) for s in (2, 4)]
+        z1 = _w4a8(a4, sa4, q, ss, b4, 128, W4_TILE, 1)
+        z4 = _w4a8(a4, sa4, q, ss, b4, 128, W4_TILE, 4)
+    assert_gemm_w8a8(y1, a, sa, w, sw, b, what="Hopper W8A8 128x128 unsplit")
+    assert all(torch.equal(_bits(y), _bits(y1)) for y in ys), "a forced tail split differs from the unsplit kernel"
+    assert_gemm_w4a8(z4, a4, sa4, q, ss, 128, b4, what="Hopper W4A8 forced tail x 4")
+    assert torch.equal(_bits(z4)[~tail], _bits(z1)[~tail]), "a forced count split a tile of the full wave"
+    assert not torch.equal(_bits(z4)[tail], _bits(z1)[tail]), "the tail tiles were not split"
 
 
 @pytest.mark.parametrize("group", (64, 128))
