@@ -563,8 +563,10 @@ def summarize(tuner) -> Dict:
             best = _best_total(brows, lambda c: "splits" not in c and c.get("max_splits") == shipped.get("max_splits")
                                if fam.kind == "triton" else True)
             ship_total = _best_total(brows, lambda c: c == shipped)
+            auto_best = None if fam.kind == "triton" else _best_total(brows, lambda c: c["splits"] is None)
+            # (the CUDA cap goes on the tile a rule would name: the best with automatic split-K, as proposed)
             caps = triton_cap_totals(fam, brows, shipped) if fam.kind == "triton" else \
-                sm90_cap_totals(fam, brows, best[0] if best else None)
+                sm90_cap_totals(fam, brows, auto_best[0] if auto_best else None)
             buckets.append({"family": fam.name, "kernel": fam.kernel, "kind": fam.kind, "group_size": fam.group,
                             "bucket_max_m": bounds[b], "m_values": sorted({r["M"] for r in brows}),
                             "cases": len(brows), "shipped": shipped, "shipped_label": fam.label(shipped),
@@ -604,8 +606,8 @@ def triton_cap_totals(fam, brows, shipped) -> Dict:
 
 
 def sm90_cap_totals(fam, brows, best) -> Dict:
-    """The Hopper cap (kSm90TileRules' max_splits) on the bucket's best Hopper tile (its automatic-count
-    configuration, the shipped choice when that is a Hopper tile): per cap, the total over the bucket's cases of
+    """The Hopper cap (kSm90TileRules' max_splits) on the bucket's best automatic-count configuration's tile (the
+    table's own when that is ``auto``), if a Hopper one: per cap, the total over the bucket's cases of
     each case's automatic count limited to the cap, timed by the forced count it comes to (a capped automatic
     schedule is the forced one of that count: the same whole tiles and the same split tail); a case the tile
     does not split counts its automatic time. Only caps whose every case was timed."""
@@ -621,9 +623,9 @@ def sm90_cap_totals(fam, brows, best) -> Dict:
         for r in brows:
             s = fam.sm90_auto_splits(tile, r["M"], r["N"], r["K"])  # uncapped
             now = next(q[3] for q in fam.sm90_rules if q[0] < 0 or r["M"] <= q[0])  # the bucket's cap today
-            got = s if cap is None else min(s, cap)
-            # None: the automatic configuration's time (what the build runs today: min(s, now)); else forced
-            want = None if got == min(s, now) else got if got >= 2 else 1
+            got = min(s, now if cap is None else cap)
+            # the automatic configuration's time where the count is today's (min(s, now)); else the forced count
+            want = None if got == min(s, now) else got
             res = {cfg_key(c["config"]): c for c in r["candidates"]}.get(cfg_key({"tile": tile, "splits": want}))
             if not res or res.get("status") != "ok":
                 total = None

@@ -313,6 +313,13 @@ def test_hopper_tail_counts_and_cap_proposal():
     assert f"{{4096, 1, {now[4096][2]}, 4}}," in sm90  # the cap proposed for the measured bucket
     assert f"{{64, {now[64][1]}, {now[64][2]}, {now[64][3]}}}," in sm90  # the others keep theirs
     assert "cap 4 13 ms" in text and "-> cap 4" in text
+    # a bucket that ships a cap (3 here): the automatic configuration runs fc1 at 3, so cap 16 is timed by the
+    # forced 9 and cap 3 is today's schedule itself
+    f.sm90_rules = [r[:3] + (3,) if r[0] == 4096 else r for r in f.sm90_rules]
+    shipped3 = mod.sm90_cap_totals(f, rows, {"tile": 101, "splits": None})
+    assert shipped3["auto_total_ms"] == 15 and shipped3["cap_totals_ms"][16] == 10 + 5
+    assert shipped3["cap_totals_ms"][3] == 15 and shipped3["cap_totals_ms"][4] == 8 + 5
+    f.sm90_rules = mod.read_tile_rules()[1]
     # within the margin: no cap proposed, the bucket keeps its own
     close = {**fc1, 4: 9.8, 3: 9.9, 2: 9.9, 6: 9.9}
     rows[0]["candidates"] = _report_row("", 0, 0, [({"tile": 101, "splits": s}, t)
