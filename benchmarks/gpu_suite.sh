@@ -9,8 +9,11 @@
 # Stage plan on an H200 (16 cores), default DITQ_SUITE_PART=all, seconds as capped / as expected:
 #   wheels          60 cap /   5     carried wheels (diffusers) into a fresh --target folder
 #   install        240 cap /  90?    pip install -e . (the CUDA extension for this GPU's architecture only)
-#   pytest-cuda    120 cap /  60?    real kernels vs the integer references and the emulator, over 4 processes
-#                                    (DITQ_SUITE_PYTEST_WORKERS); static_report runs beside it
+#   pytest-cuda    150 cap /  80?    the `cuda` tests (real CUDA and Triton kernels at the shipped tiles vs the
+#                                    integer references and the emulator) and the `gpu` ones (CPU tests that run
+#                                    their kernels on the GPU when there is one), over 4 processes
+#                                    (DITQ_SUITE_PYTEST_WORKERS); tests not started 20 s before the cap skip as
+#                                    "out of time" (tests/conftest.py); static_report runs beside it
 #                                    (own cap 150 s; waited for before the model stages, whose eager timings
 #                                    a busy CPU would distort)
 #   bench-gemm     110 cap           DiT-XL/2 + FLUX.1 attention / MLP shapes, M 16 / 4096 / 64 / 16384 / 512
@@ -106,8 +109,8 @@ if [ "$PART" = all ]; then
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${DITQ_SUITE_PYTEST_WORKERS:-4}")
   # a deadline 20 s before the cap: tests not started by then skip ("out of time", tests/conftest.py), so pytest
   # still prints its failures and writes the JUnit XML (a SIGTERM at the cap gets the same report, if late)
-  T=$(cap 120 280)
-  DITQ_TEST_DEADLINE=$(($(date +%s) + T - 20)) stage pytest-cuda "$T" python3 -m pytest -m cuda -q \
+  T=$(cap 150 280)
+  DITQ_TEST_DEADLINE=$(($(date +%s) + T - 20)) stage pytest-cuda "$T" python3 -m pytest -m "cuda or gpu" -q \
     -p no:cacheprovider $XDIST tests --junitxml="$WORK/pytest_cuda.xml"
 
   # 3. GEMMs: DiT-XL/2 and FLUX.1 shapes, the targets' M first; writes its JSON before its cap

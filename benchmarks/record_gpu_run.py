@@ -95,7 +95,7 @@ def cuda_tests(folder: str) -> Optional[List[str]]:
             counts["failed" if outcome.tag == "failure" else "error"] += 1
             first = (outcome.get("message") or outcome.text or "").strip().splitlines()
             broken.append(f"  - {outcome.tag}: `{name}`" + (f": {first[0][:200]}" if first else ""))
-    lines = [f"- cuda tests: **{counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors**, "
+    lines = [f"- GPU tests (`cuda` and `gpu` marks): **{counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors**, "
              f"{counts['skipped']} skipped"
              + "".join(f"; {n} skipped: {r}" for r, n in sorted(skips.items(), key=lambda kv: -kv[1]))]
     return lines + broken

@@ -480,7 +480,8 @@ def test_record_gpu_run_reports_the_cuda_tests(tmp_path):
     assert rec.cuda_tests(str(tmp_path)) is None  # no XML: no section
     (tmp_path / "pytest_cuda.xml").write_text(JUNIT)
     lines = rec.cuda_tests(str(tmp_path))
-    assert lines[0] == ("- cuda tests: **2 passed, 1 failed, 1 errors**, 3 skipped; 2 skipped: out of time: "
+    assert lines[0] == ("- GPU tests (`cuda` and `gpu` marks): **2 passed, 1 failed, 1 errors**, 3 skipped; "
+                        "2 skipped: out of time: "
                         "DITQ_TEST_DEADLINE has passed (the run's time cap); 1 skipped: needs an sm_80 GPU")
     assert lines[1] == "  - failure: `tests.csrc.test_b::test_wgmma[w8]`: AssertionError: 17 of 4096 outputs differ"
     assert lines[2].startswith("  - error: `tests.kernels.test_c::test_fixture`: failed on setup with")
