@@ -15,12 +15,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = '''
 import os, time
 
+import pytest
+
 def test_first():
     assert 1 + 1 == 2
 
 def test_waits():
     open(os.environ["STARTED_FLAG"], "w").close()
     time.sleep(float(os.environ.get("WAIT_S", "0")))
+
+
+@pytest.mark.cuda
+def test_on_the_gpu():
+    pass
 '''
 
 
@@ -34,7 +41,7 @@ def run_pytest(tmp_path, deadline, wait_s=0.0, terminate=False):
         env.pop("DITQ_TEST_DEADLINE", None)
     else:
         env["DITQ_TEST_DEADLINE"] = str(deadline)
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:xdist",
                              "-p", "no:randomly", "-ra", f"--junitxml={xml}", "--rootdir", str(tmp_path), str(tmp_path)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if terminate:
@@ -50,14 +57,17 @@ def run_pytest(tmp_path, deadline, wait_s=0.0, terminate=False):
 def test_a_passed_deadline_skips_every_test_with_the_reason(tmp_path):
     rc, out, xml = run_pytest(tmp_path, time.time() - 1)
     assert rc == 0, out
-    assert "2 skipped" in out and "out of time" in out, out
-    assert xml is not None and xml.find(".//testsuite").get("skipped") == "2"
+    assert "3 skipped" in out and "out of time" in out, out
+    assert xml is not None and xml.find(".//testsuite").get("skipped") == "3"
+    # under a deadline the cuda-marked test runs first, though defined last
+    order = [line.split("::")[1].split()[0] for line in out.splitlines() if "test_sample.py::" in line]
+    assert order == ["test_on_the_gpu", "test_first", "test_waits"], out
 
 
 def test_sigterm_under_a_deadline_still_reports(tmp_path):
     rc, out, xml = run_pytest(tmp_path, time.time() + 3600, wait_s=60, terminate=True)
     assert rc == pytest.ExitCode.INTERRUPTED, out
-    assert "KeyboardInterrupt" in out and "1 passed" in out, out
+    assert "KeyboardInterrupt" in out and "test_first PASSED" in out, out
     assert xml is not None, "no JUnit XML after SIGTERM"
 
 
