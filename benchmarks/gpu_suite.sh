@@ -107,11 +107,16 @@ if [ "$PART" = all ]; then
   # the tests compare each real kernel with the emulator, CPU-bound work: spread over a few processes (the image
   # has pytest-xdist; the kernels themselves are small, so the processes share the GPU without waiting on it)
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${DITQ_SUITE_PYTEST_WORKERS:-4}")
+  # a kernel that never finishes (an mbarrier wait on the wrong phase) would hold its test, and the GPU, until the
+  # cap kills pytest: the image's pytest-timeout ends that one process instead (thread method: it works while
+  # the test waits inside a CUDA call), xdist reports the test as crashed and carries on with a new worker
+  TIMEOUT=$(python3 -c "import pytest_timeout" 2>/dev/null && [ -n "$XDIST" ] \
+    && echo "--timeout=${DITQ_SUITE_TEST_TIMEOUT:-90} --timeout-method=thread")
   # a deadline 20 s before the cap: tests not started by then skip ("out of time", tests/conftest.py), so pytest
   # still prints its failures and writes the JUnit XML (a SIGTERM at the cap gets the same report, if late)
   T=$(cap 150 280)
   DITQ_TEST_DEADLINE=$(($(date +%s) + T - 20)) stage pytest-cuda "$T" python3 -m pytest -m "cuda or gpu" -q \
-    -p no:cacheprovider $XDIST tests --junitxml="$WORK/pytest_cuda.xml"
+    -p no:cacheprovider $XDIST $TIMEOUT tests --junitxml="$WORK/pytest_cuda.xml"
 
   # 3. GEMMs: DiT-XL/2 and FLUX.1 shapes, the targets' M first; writes its JSON before its cap
   T=$(cap 110 190); stage bench-gemm "$T" python3 benchmarks/bench_gemm.py --quick --max-seconds $((T - 20)) \
