@@ -9,8 +9,11 @@
 # Stage plan on an H200 (16 cores), default DITQ_SUITE_PART=all, seconds as capped / as expected:
 #   wheels          60 cap /   5     carried wheels (diffusers) into a fresh --target folder
 #   install        240 cap /  90?    pip install -e . (the CUDA extension for this GPU's architecture only)
-#   pytest-cuda    120 cap /  60?    real kernels vs the integer references and the emulator, over 4 processes
-#                                    (DITQ_SUITE_PYTEST_WORKERS); static_report runs beside it
+#   pytest-cuda    150 cap /  80?    the `cuda` tests (real CUDA and Triton kernels at the shipped tiles vs the
+#                                    integer references and the emulator) and the `gpu` ones (CPU tests that run
+#                                    their kernels on the GPU when there is one), over 4 processes
+#                                    (DITQ_SUITE_PYTEST_WORKERS); tests not started 20 s before the cap skip as
+#                                    "out of time" (tests/conftest.py); static_report runs beside it
 #                                    (own cap 150 s; waited for before the model stages, whose eager timings
 #                                    a busy CPU would distort)
 #   bench-gemm     110 cap           DiT-XL/2 + FLUX.1 attention / MLP shapes, M 16 / 4096 / 64 / 16384 / 512
@@ -41,9 +44,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl torchao==0.17.0
 # .whl/ is git-ignored (.git/info/exclude), so the device tool carries it only when asked: carry=[".whl"].
-# With $OUT set, only these files come back: summary.md, gpu_suite.log, the JSON files, the GEMM plot, the tuning
-# report (tune part) and gpu_suite_results.tar.gz (everything: markdown tables, model plots, stages.txt, JUnit XML,
-# the rewritten configs/).
+# With $OUT set, only these files come back: summary.md, gpu_suite.log, pytest_cuda.xml (the cuda tests' JUnit
+# report), the JSON files, the GEMM plot, the tuning report (tune part) and gpu_suite_results.tar.gz (everything:
+# markdown tables, model plots, stages.txt, the rewritten configs/).
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -104,8 +107,16 @@ if [ "$PART" = all ]; then
   # the tests compare each real kernel with the emulator, CPU-bound work: spread over a few processes (the image
   # has pytest-xdist; the kernels themselves are small, so the processes share the GPU without waiting on it)
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${DITQ_SUITE_PYTEST_WORKERS:-4}")
-  stage pytest-cuda "$(cap 120 280)" python3 -m pytest -m cuda -q -p no:cacheprovider $XDIST tests \
-    --junitxml="$WORK/pytest_cuda.xml"
+  # a kernel that never finishes (an mbarrier wait on the wrong phase) would hold its test, and the GPU, until the
+  # cap kills pytest: the image's pytest-timeout ends that one process instead (thread method: it works while
+  # the test waits inside a CUDA call), xdist reports the test as crashed and carries on with a new worker
+  TIMEOUT=$(python3 -c "import pytest_timeout" 2>/dev/null && [ -n "$XDIST" ] \
+    && echo "--timeout=${DITQ_SUITE_TEST_TIMEOUT:-90} --timeout-method=thread")
+  # a deadline 20 s before the cap: tests not started by then skip ("out of time", tests/conftest.py), so pytest
+  # still prints its failures and writes the JUnit XML (a SIGTERM at the cap gets the same report, if late)
+  T=$(cap 150 280)
+  DITQ_TEST_DEADLINE=$(($(date +%s) + T - 20)) stage pytest-cuda "$T" python3 -m pytest -m "cuda or gpu" -q \
+    -p no:cacheprovider $XDIST $TIMEOUT tests --junitxml="$WORK/pytest_cuda.xml"
 
   # 3. GEMMs: DiT-XL/2 and FLUX.1 shapes, the targets' M first; writes its JSON before its cap
   T=$(cap 110 190); stage bench-gemm "$T" python3 benchmarks/bench_gemm.py --quick --max-seconds $((T - 20)) \
@@ -141,7 +152,7 @@ python3 benchmarks/record_gpu_run.py --summary "$WORK" 2>&1 | tee "$WORK/summary
 
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/gpu_suite_results.tar.gz" -C "$WORK" . 2>/dev/null
-  for f in summary.md gpu_suite.log gemm.json model.json model_flux.json static_report.json gemm_speedup.png \
+  for f in summary.md gpu_suite.log pytest_cuda.xml gemm.json model.json model_flux.json static_report.json gemm_speedup.png \
            tiles.json tiles.md gemm_tile_rules.h.txt; do
     [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/"
   done

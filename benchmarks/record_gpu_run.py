@@ -3,8 +3,9 @@
     python benchmarks/record_gpu_run.py FOLDER              # add (or replace) this run's entry in RESULTS.md
     python benchmarks/record_gpu_run.py --summary FOLDER    # print the short report (gpu_suite.sh's summary.md)
 
-FOLDER holds what ``benchmarks/gpu_suite.sh`` leaves under $OUT: gemm.json, model.json (DiT-XL/2),
-model_flux.json (FLUX.1-dev), static_report.json, and stages.txt or summary.md (the stage table); any of them may
+FOLDER holds what ``benchmarks/gpu_suite.sh`` leaves under $OUT: pytest_cuda.xml (the cuda tests' JUnit report),
+gemm.json, model.json (DiT-XL/2), model_flux.json (FLUX.1-dev), static_report.json, and stages.txt or summary.md
+(the stage table); any of them may
 be missing (a stage cut short), and the report says so. The entry sits between the ``gpu-runs`` markers of
 RESULTS.md's "GPU runs" section, keyed by the run's date and commit: recording the same run again replaces its
 entry (the entry holds nothing but what the files say, so the result is the same file), another run is added
@@ -23,6 +24,7 @@ import os
 import re
 import statistics
 import sys
+import xml.etree.ElementTree as ET
 from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +55,8 @@ def load(folder: str, name: str) -> Optional[Dict]:
 
 
 def stages(folder: str) -> Optional[str]:
-    """The stage table (name, rc, seconds): stages.txt, or the first code block of summary.md (only 8 files come
-    back from the GPU machine, and stages.txt is not one of them)."""
+    """The stage table (name, rc, seconds): stages.txt, or the first code block of summary.md (only a few files
+    come back from the GPU machine, and stages.txt is not one of them)."""
     try:
         return open(os.path.join(folder, "stages.txt")).read().strip() or None
     except OSError:
@@ -64,6 +66,39 @@ def stages(folder: str) -> Optional[str]:
         return m.group(1).strip() if m else None
     except OSError:
         return None
+
+
+def cuda_tests(folder: str) -> Optional[List[str]]:
+    """The cuda tests' outcome from pytest_cuda.xml: counts, the skips by reason ("out of time" when the run's
+    deadline stopped them) and every failed or erroring test with the first line of its message. None without
+    the file; a line saying so when it cannot be read (pytest killed while writing it)."""
+    path = os.path.join(folder, "pytest_cuda.xml")
+    if not os.path.exists(path):
+        return None
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as ex:
+        return [f"- pytest_cuda.xml is unreadable ({ex}): see gpu_suite.log"]
+    counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+    skips: Dict[str, int] = {}
+    broken = []
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
+        if outcome is None:
+            counts["passed"] += 1
+        elif outcome.tag == "skipped":
+            counts["skipped"] += 1
+            reason = ((outcome.get("message") or "").strip().splitlines() or ["no reason"])[0][:100]
+            skips[reason] = skips.get(reason, 0) + 1
+        else:
+            counts["failed" if outcome.tag == "failure" else "error"] += 1
+            first = (outcome.get("message") or outcome.text or "").strip().splitlines()
+            broken.append(f"  - {outcome.tag}: `{name}`" + (f": {first[0][:200]}" if first else ""))
+    lines = [f"- GPU tests (`cuda` and `gpu` marks): **{counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors**, "
+             f"{counts['skipped']} skipped"
+             + "".join(f"; {n} skipped: {r}" for r, n in sorted(skips.items(), key=lambda kv: -kv[1]))]
+    return lines + broken
 
 
 def _verdict(value: float, want: float, strict: bool = False) -> str:
@@ -220,6 +255,9 @@ def body(folder: str, heading: str = "###") -> str:
     st = stages(folder)
     if st:
         parts.append("Stages (name, exit code, seconds):\n\n```\n" + st + "\n```\n")
+    tests = cuda_tests(folder)
+    if tests:
+        parts.append(f"{heading} Correctness\n\n" + "\n".join(tests) + "\n")
     parts.append(f"{heading} Targets\n")
     lines = []
     for rep, name in ((g, "gemm.json"), (m, "model.json"), (f, "model_flux.json")):

@@ -22,6 +22,7 @@ template <class T, class WOp, class Epi, class AT = int8_t>
 const char* launch(const GemmParams& p, void* stream) {
   constexpr int smem = smem_bytes<T, WOp>();
   auto* kernel = &gemm_kernel<T, WOp, Epi, AT>;
+  cudaGetLastError();  // an earlier, unrelated error must not be reported as ours (cudaGetLastError below)
   if (smem > 48 * 1024) {  // above 48 KB a kernel must opt in to dynamic shared memory
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (e != cudaSuccess) return cudaGetErrorString(e);

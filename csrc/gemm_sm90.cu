@@ -18,14 +18,21 @@ __device__ const int kHasSm90aCode = DITQ_SM90A;
 namespace ditq {
 
 bool gemm_sm90_available() {
-  // Asked once per device (a device-to-host copy; every GEMM call asks): 0 unknown, 1 no, 2 yes.
+  // Asked once per device (a device-to-host copy; every GEMM call asks): 0 unknown, 1 no, 2 yes. Only an answer
+  // is cached. The copy is synchronous on the legacy stream, which a CUDA-graph capture in the global mode
+  // refuses (and a pending error fails it too): such a failure answers "no" for this call only, and its error
+  // is cleared so that the GEMM launch that follows does not report it as its own.
   static std::atomic<int> known[64];
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
   int k = known[dev].load(std::memory_order_relaxed);
   if (k == 0) {
     int v = 0;
-    k = cudaMemcpyFromSymbol(&v, gemm::sm90::kHasSm90aCode, sizeof(v)) == cudaSuccess && v == 1 ? 2 : 1;
+    if (cudaMemcpyFromSymbol(&v, gemm::sm90::kHasSm90aCode, sizeof(v)) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    k = v == 1 ? 2 : 1;
     known[dev].store(k, std::memory_order_relaxed);
   }
   return k == 2;

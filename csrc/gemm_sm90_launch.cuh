@@ -42,6 +42,7 @@ __global__ void __launch_bounds__(T::THREADS, 1) gemm_w4a8_sm90_kernel(const __g
 template <class T, class Kernel>
 const char* launch(Kernel kernel, const GemmParams& p, bool w4, void* stream) {
   static thread_local std::string error;  // the returned message outlives this call (launchers return char*)
+  cudaGetLastError();  // an earlier, unrelated error must not be reported as ours (cudaGetLastError below)
   Sm90Params P;
   P.p = p;
   if (!make_maps<T>(P, w4, &error)) return error.c_str();

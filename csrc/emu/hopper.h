@@ -365,6 +365,15 @@ inline void mbar_arrive(uint64_t* bar, uint32_t tx, bool expect, const char* fil
     fail("mbarrier", thread_desc(S().cur->linear) + ": mbarrier.arrive at " + where(file, line) + " on " +
                          bar_state(bar, m) + ": more arrivals than the init count in one phase");
   if (expect) {
+    // PTX ISA, mbarrier contents: the tx-count lives in [-(2^20 - 1), 2^20 - 1] (a 21-bit signed field of the
+    // 64-bit object). Beyond it the GPU's count wraps and the phase completes early or never, so it is reported
+    // here instead of being emulated with a wider integer.
+    constexpr int64_t kTxMax = (int64_t{1} << 20) - 1;
+    if (static_cast<int64_t>(tx) > kTxMax || m.tx + static_cast<int64_t>(tx) > kTxMax)
+      fail("mbarrier", thread_desc(S().cur->linear) + ": mbarrier.arrive.expect_tx at " + where(file, line) + " on " +
+                           bar_state(bar, m) + " expects " + std::to_string(tx) + " more transaction bytes: the "
+                           "tx-count would reach " + std::to_string(m.tx + static_cast<int64_t>(tx)) +
+                           ", past the ISA's 2^20 - 1");
     m.tx += tx;
     m.expected += tx;
   }

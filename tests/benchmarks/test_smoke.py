@@ -458,6 +458,38 @@ def test_record_gpu_run_target_lines():
     assert "faster than fp8 row-wise: 0.96x" in lines and lines.endswith("60.00 ms): not met")
 
 
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest" errors="1"
+ failures="1" skipped="3" tests="7"><testcase classname="tests.csrc.test_a" name="test_ok[1]" time="0.1" />
+<testcase classname="tests.csrc.test_a" name="test_ok[2]" time="0.1" />
+<testcase classname="tests.csrc.test_b" name="test_wgmma[w8]" time="0.3"><failure
+ message="AssertionError: 17 of 4096 outputs differ&#10;assert 17 == 0">long traceback</failure></testcase>
+<testcase classname="tests.kernels.test_c" name="test_fixture" time="0.0"><error message="failed on setup with
+ &quot;RuntimeError: CUDA error&quot;">trace</error></testcase>
+<testcase classname="tests.kernels.test_c" name="test_late[1]" time="0.0"><skipped type="pytest.skip"
+ message="out of time: DITQ_TEST_DEADLINE has passed (the run's time cap)">x</skipped></testcase>
+<testcase classname="tests.kernels.test_c" name="test_late[2]" time="0.0"><skipped type="pytest.skip"
+ message="out of time: DITQ_TEST_DEADLINE has passed (the run's time cap)">x</skipped></testcase>
+<testcase classname="tests.kernels.test_d" name="test_a100" time="0.0"><skipped type="pytest.skip"
+ message="needs an sm_80 GPU">x</skipped></testcase></testsuite></testsuites>"""
+
+
+def test_record_gpu_run_reports_the_cuda_tests(tmp_path):
+    """The short report's correctness lines come from the cuda tests' JUnit XML: counts, skips by reason (the
+    deadline's "out of time" apart from the others), every failure and error with its message's first line."""
+    rec = _recorder()
+    assert rec.cuda_tests(str(tmp_path)) is None  # no XML: no section
+    (tmp_path / "pytest_cuda.xml").write_text(JUNIT)
+    lines = rec.cuda_tests(str(tmp_path))
+    assert lines[0] == ("- GPU tests (`cuda` and `gpu` marks): **2 passed, 1 failed, 1 errors**, 3 skipped; "
+                        "2 skipped: out of time: "
+                        "DITQ_TEST_DEADLINE has passed (the run's time cap); 1 skipped: needs an sm_80 GPU")
+    assert lines[1] == "  - failure: `tests.csrc.test_b::test_wgmma[w8]`: AssertionError: 17 of 4096 outputs differ"
+    assert lines[2].startswith("  - error: `tests.kernels.test_c::test_fixture`: failed on setup with")
+    assert "## Correctness" in rec.summary(str(tmp_path))
+    (tmp_path / "pytest_cuda.xml").write_text(JUNIT[:300])  # pytest killed while writing it
+    assert "unreadable" in rec.cuda_tests(str(tmp_path))[0]
+
+
 def test_fp8_rowwise_linear_matches_its_dequantized_product():
     """The plain fp8 row-wise linear bench_model falls back to (no torchao) computes exactly what its e4m3 operands
     and scales say, up to the bf16 output's rounding: checked against the float64 product of the dequantized

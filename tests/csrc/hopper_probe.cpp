@@ -273,7 +273,7 @@ DITQ_GLOBAL void ring_kernel(const __grid_constant__ ptx::TmaMap map, int tiles,
 // ---- misuse of mbarriers and TMA, one per mode ----------------------------------------------------------------
 // 1: re-init of a barrier whose phase is in progress; 2: more arrivals than the count in one phase (the
 // phase still waiting for transaction bytes); 3: a TMA load nobody waits for (the block exits with it in
-// flight); 4: prefetch of a map never built.
+// flight); 4: prefetch of a map never built; 5: an expect_tx past the tx-count's 2^20 - 1.
 DITQ_GLOBAL void misuse_kernel(const __grid_constant__ ptx::TmaMap map, int mode) {
   DITQ_DYNAMIC_SHARED(uint8_t, smem);
   DITQ_SHARED(uint64_t, bar, 1);
@@ -295,6 +295,7 @@ DITQ_GLOBAL void misuse_kernel(const __grid_constant__ ptx::TmaMap map, int mode
     ptx::mbarrier_arrive_expect_tx(&bar[0], 1024);
     ptx::tma_load_2d(smem, &map, 0, 0, &bar[0]);  // @misuse_unwaited_tma
   }
+  if (mode == 5 && t == 0) ptx::mbarrier_arrive_expect_tx(&bar[0], 1u << 20);  // @misuse_tx_overflow
   if (mode == 4 && t == 0) {
     const ptx::TmaMap unbuilt{};
     ptx::prefetch_tma_map(&unbuilt);  // @misuse_unbuilt_map

@@ -127,6 +127,7 @@ MISUSE = {
     2: ("mbarrier", "misuse_extra_arrive", "more arrivals than the init count"),
     3: ("tma-pending", "misuse_unwaited_tma", "before the block exited"),
     4: ("config", "misuse_unbuilt_map", "never built"),
+    5: ("mbarrier", "misuse_tx_overflow", "past the ISA's 2^20 - 1"),
 }
 
 

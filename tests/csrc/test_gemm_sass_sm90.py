@@ -62,6 +62,49 @@ def consumer_regs():
     return int(re.search(r"kConsumerRegs = (\d+)", text).group(1))
 
 
+def producer_regs():
+    """kProducerRegs of csrc/gemm_sm90.cuh: the registers a producer thread keeps after setmaxnreg."""
+    text = open(os.path.join(CSRC, "gemm_sm90.cuh")).read()
+    return int(re.search(r"kProducerRegs = (\d+)", text).group(1))
+
+
+SM_REGISTERS = 65536  # 32-bit registers per SM (sm_90)
+
+
+def setmaxnreg_problems(ins, entry_regs, consumers, producer, consumer):
+    """Why a warp-specialized kernel's register hand-over would fail on the GPU (empty: it will not).
+
+    PTX ISA, setmaxnreg: registers move between warps through a per-CTA pool, filled by the launch's allocation
+    (the entry register count ptxas reports x the block's threads); setmaxnreg.inc blocks until the pool can serve
+    it. ptxas drops every setmaxnreg when it cannot tell the entry count (its C7508 note; __launch_bounds__(T, 1)
+    pins it), leaving no USETMAXREG in the SASS. The emulator does not model registers at all, so a pool that
+    cannot serve the consumers' increase (a kConsumerRegs / kProducerRegs / CONSUMERS change) would pass every
+    CPU test and hang on the GPU, the consumers spinning in USETMAXREG.TRY_ALLOC.
+    ``ins``: the kernel's (address, opcode, operands) list; one producer and ``consumers`` consumer warpgroups."""
+    out = []
+    threads = 128 * (1 + consumers)
+
+    def counts(prefix):
+        return [int(re.findall(r"0x([0-9a-f]+)", operands)[-1], 16) for _, op, operands in ins
+                if op.startswith(prefix)]
+
+    dealloc, alloc = counts("USETMAXREG.DEALLOC"), counts("USETMAXREG.TRY_ALLOC")
+    if dealloc != [producer]:
+        out.append(f"USETMAXREG.DEALLOC counts {dealloc}, expected one to kProducerRegs = {producer} (none: ptxas "
+                   f"dropped setmaxnreg, C7508)")
+    if alloc != [consumer]:
+        out.append(f"USETMAXREG.TRY_ALLOC counts {alloc}, expected one to kConsumerRegs = {consumer}")
+    if entry_regs * threads > SM_REGISTERS:
+        out.append(f"{entry_regs} registers x {threads} threads = {entry_regs * threads} > {SM_REGISTERS}: the "
+                   f"block cannot launch")
+    need = 128 * (producer + consumers * consumer)
+    if entry_regs * threads < need:
+        out.append(f"the CTA's pool is {entry_regs} x {threads} = {entry_regs * threads} registers, the warpgroups "
+                   f"ask for 128 x ({producer} + {consumers} x {consumer}) = {need}: setmaxnreg.inc never "
+                   f"completes (a hang)")
+    return out
+
+
 def _compile(source, tmp):
     """({mangled name: SASS}, {mangled name: (registers, spill bytes)}, {names ptxas serialized}) of csrc/<source>."""
     cubin = compile_cuda(source, "sm_90a", tmp)
@@ -155,6 +198,9 @@ def _check(compiled, epi, request, plain=None):
         # register the code names must fit in that
         max_reg = _max_register(ins)
         assert max_reg <= consumer_regs(), f"{what}: names R{max_reg - 1}, over setmaxnreg's {consumer_regs()}"
+        # the hand-over itself: both setmaxnreg survive in the SASS and the CTA's pool can serve them
+        problems = setmaxnreg_problems(ins, regs, consumers, producer_regs(), consumer_regs())
+        assert not problems, f"{what}: " + "; ".join(problems)
         row = dict(kind=kind, epi=epi, BM=bm, BN=bn, stages=stages, consumers=consumers, registers=regs,
                    max_register=max_reg, instructions=len(ins),
                    smem=stages * (bm * 128 + bn * (128 if kind == "w8" else 64)) + 16 * stages,
@@ -183,3 +229,29 @@ def _check(compiled, epi, request, plain=None):
         if "plain_max_register" in r:
             print(f"sm_90a: {'':<7} plain {'':>8} {'':>2} {'':>3} {'':>4} {r['plain_max_register']:>4} {'':>6} "
                   f"{r['plain_instructions']:>6} {r['plain_loop_instructions']:>5}")
+
+
+# The register-pool rule above, on hand-made instruction lists (no nvcc): it passes the shapes the kernels have
+# today and names each way the hand-over would fail on a GPU.
+_USETMAXREG = [(0x100, "USETMAXREG.TRY_ALLOC.CTAPOOL", "UP0, 0xe8"), (0x900, "USETMAXREG.DEALLOC.CTAPOOL", "0x28")]
+
+
+@pytest.mark.parametrize("entry_regs, consumers, expect", [
+    (168, 2, ""),  # 2 consumer warpgroups: 168 x 384 = 64512 = 128 x (40 + 2 x 232), exactly
+    (232, 1, ""),  # 1 consumer warpgroup: ptxas enters with 232
+    (160, 2, "never completes"),  # a pool of 61440 cannot give two warpgroups 232
+    (176, 2, "cannot launch"),  # 176 x 384 > 65536
+    (168, 3, "cannot launch"),  # a third consumer warpgroup: 168 x 512 > 65536
+])
+def test_setmaxnreg_pool_rule(entry_regs, consumers, expect):
+    problems = setmaxnreg_problems(_USETMAXREG, entry_regs, consumers, 40, 232)
+    if not expect:
+        assert problems == []
+    else:
+        assert any(expect in p for p in problems), problems
+
+
+def test_setmaxnreg_rule_needs_both_instructions():
+    assert any("C7508" in p for p in setmaxnreg_problems(_USETMAXREG[:1], 168, 2, 40, 232))
+    assert any("TRY_ALLOC" in p for p in setmaxnreg_problems(_USETMAXREG[1:], 168, 2, 40, 232))
+    assert any("TRY_ALLOC" in p for p in setmaxnreg_problems(_USETMAXREG, 168, 2, 40, 240))

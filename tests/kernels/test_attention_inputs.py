@@ -22,6 +22,7 @@ from ditq import backends
 from ditq.kernels import attention_inputs as ai
 from ditq.quant import reference as ref
 
+pytestmark = pytest.mark.gpu  # also run on the GPU by benchmarks/gpu_suite.sh
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}

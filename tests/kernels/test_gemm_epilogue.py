@@ -99,6 +99,7 @@ def _assert_int8_near(q, q_ref, y_ref, y_pre, out_scale):
     assert bool((near | (diff == 0)).all()), f"{int(((diff > 0) & ~near).sum())} int8 outputs off away from a tie"
 
 
+@pytest.mark.gpu  # also run on the GPU by benchmarks/gpu_suite.sh: code paths the GPU tables do not pick
 @pytest.mark.parametrize("swap", (False, True), ids=("plain-tile", "swapped-tile"))
 @pytest.mark.parametrize("bits", (8, 4), ids=("w8a8", "w4a8"))
 @pytest.mark.parametrize("combo", COMBOS, ids=[c[0] for c in COMBOS])

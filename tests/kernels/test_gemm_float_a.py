@@ -65,6 +65,7 @@ def _run(kernel, group, a, a_s, w, w_s, b, gelu, gate, res, rows, out_scale, out
     return y.cpu()
 
 
+@pytest.mark.gpu  # also run on the GPU by benchmarks/gpu_suite.sh: code paths the GPU tables do not pick
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("combo", COMBOS, ids=[c[0] for c in COMBOS])
 @pytest.mark.parametrize("kernel, group, k", KERNELS, ids=("w8a8", "w4a8-g32", "w4a8-g128"))

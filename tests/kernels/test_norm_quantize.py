@@ -22,6 +22,7 @@ import torch
 import ditq.kernels
 from ditq.kernels import interpret, norm_quantize as nq
 
+pytestmark = pytest.mark.gpu  # also run on the GPU by benchmarks/gpu_suite.sh
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (B, S, K): one token of one image; odd K (masked tail); K not a multiple of the block (300 -> 512);

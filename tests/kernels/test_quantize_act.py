@@ -5,6 +5,7 @@ import torch
 from ditq.kernels import interpret, quantize_act as qa
 from ditq.quant import reference as ref
 
+pytestmark = pytest.mark.gpu  # also run on the GPU by benchmarks/gpu_suite.sh
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (tests/conftest.py)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = ((1, 16), (5, 300), (33, 1152))  # M = 1, odd M and K (K not a power of two: masked tail)

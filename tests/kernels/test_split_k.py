@@ -13,6 +13,7 @@ from ditq import testing
 from ditq.kernels import config_table, split_k, w4a8, w8a8
 from ditq.quant import reference as ref
 
+pytestmark = pytest.mark.gpu  # also run on the GPU by benchmarks/gpu_suite.sh: real concurrent splits
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Interpreter-sized tiles (BK = 32: K = 80 is 3 units, K = 112 is 4); pointer and TMA loads, both orientations.
 W8_CFG = {

@@ -43,6 +43,7 @@ def _run(a, q, s, a_s, bias, g, out_dtype, cfg):
 SHAPES = [(1, 17, 3), (7, 45, 3), (37, 33, 5)]
 
 
+@pytest.mark.gpu  # also run on the GPU by benchmarks/gpu_suite.sh: code paths the GPU tables do not pick
 @pytest.mark.parametrize("swap", [True, False], ids=["swap", "noswap"])
 @pytest.mark.parametrize("g", [32, 64, 128, 256])
 def test_matches_exact_reference(g, swap):

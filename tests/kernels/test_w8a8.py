@@ -44,6 +44,7 @@ def test_table_config(m, n, k, out_dtype, bias, per_token):
     _run(m, n, k, out_dtype, per_token, bias, seed=m * 1000 + n + k)
 
 
+@pytest.mark.gpu  # also run on the GPU by benchmarks/gpu_suite.sh: code paths the GPU tables do not pick
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_every_code_path(m, n, k, name):
