@@ -12,6 +12,9 @@ own (GB/s vs the measured copy bandwidth): ditq's ``quantize_act`` (static / dyn
 amax / scale / cast pass in plain torch ("eager", several kernels) and ``torch.compile``d ("compiled", the one
 fused kernel torchao's compiled path runs). torchao / gemlite rows include their own activation quantization.
 fp8 rows need compute capability >= 8.9 and K, N multiples of 16; elsewhere they are 'unavailable' rows.
+Before a ditq GEMM is timed its output is checked against the exact integer reference (every row up to M = 128,
+about three per 64-row block beyond, all columns; ditq.testing's fp32-rounding tolerance): a kernel that computes
+something else gets a 'wrong: ...' row and no time, so no table quotes the speed of a wrong result.
 
     python benchmarks/bench_gemm.py              # full grid on the GPU (about 15-30 min on an H100)
     python benchmarks/bench_gemm.py --quick      # DiT-XL/2 + FLUX.1 shapes, a few M, groups 64 and 128: minutes
@@ -186,25 +189,40 @@ def make_call(torch, case: Dict, inp: Inputs) -> Callable[[int], object]:
         q = torch.ops.ditq.quantize_act
         return lambda i: q(s[i % len(s)][0], s[i % len(s)][1] if static else None, be)
     backend = B.get_backend(be, inp.device)
+    # each set: the op's operands (the weight in the backend's layout), then the canonical weight values and
+    # scales the exact reference reads
     if case["bits"] == 8:
         fmt = WeightFormat(8)
 
         def make8():
-            w, ws = backend.prepare_weight(fmt, inp.int8(n, k), inp.scales(n))
-            return inp.int8(m, k), inp.scales(1), w, ws, inp.randn(n)
+            w_q, w_scale = inp.int8(n, k), inp.scales(n)
+            w, ws = backend.prepare_weight(fmt, w_q, w_scale)
+            return inp.int8(m, k), inp.scales(1), w, ws, inp.randn(n), w_q, w_scale
         s = inp.get(f"w8-{be}", make8)
-        op = torch.ops.ditq.gemm_w8a8
-        return lambda i: op(*s[i % len(s)], bf16, be)
-    g = case["group_size"]
-    fmt = WeightFormat(4, g)
+        op8 = torch.ops.ditq.gemm_w8a8
+        call = lambda i: op8(*s[i % len(s)][:5], bf16, be)  # noqa: E731
+        group = None
+    else:
+        group = case["group_size"]
+        fmt = WeightFormat(4, group)
 
-    def make4():
-        canon = torch.randint(0, 256, (n, k // 2), device=inp.device, generator=inp.g, dtype=torch.uint8)
-        w, ws = backend.prepare_weight(fmt, canon, inp.scales(k // g, n))
-        return inp.int8(m, k), inp.scales(1), w, ws, inp.randn(n)
-    s = inp.get(f"w4-{be}-{g}", make4)
-    op = torch.ops.ditq.gemm_w4a8
-    return lambda i: op(*s[i % len(s)][:5], g, bf16, be)
+        def make4():
+            from ditq.quant import reference as ref
+
+            canon, w_scale = torch.randint(0, 256, (n, k // 2), device=inp.device, generator=inp.g,
+                                           dtype=torch.uint8), inp.scales(k // group, n)
+            w, ws = backend.prepare_weight(fmt, canon, w_scale)
+            return inp.int8(m, k), inp.scales(1), w, ws, inp.randn(n), ref.unpack_int4(canon), w_scale
+        s = inp.get(f"w4-{be}-{group}", make4)
+        op4 = torch.ops.ditq.gemm_w4a8
+        call = lambda i: op4(*s[i % len(s)][:5], group, bf16, be)  # noqa: E731
+
+    def check() -> Optional[str]:
+        a, a_scale, _, _, bias, w_q, w_scale = s[0]
+        ref_rows = common.exact_rows(torch, common.sample_rows(torch, m), a, a_scale, w_q, w_scale, bias, group)
+        return common.output_error(torch, call(0), m, n, ref_rows)
+    call.check = check
+    return call
 
 
 _FP8_COMPILED = {}
@@ -297,6 +315,11 @@ def run_case(torch, case, inp, ceil, args) -> Dict:
     row.update(flops=flops, bytes=nbytes)
     try:
         fn = make_call(torch, case, inp)
+        # a ditq GEMM is timed only once its output is the product: a wrong kernel's time is no result
+        why = fn.check() if hasattr(fn, "check") else None
+        if why:
+            row["status"] = f"wrong: {why}"
+            return row
         big = case["M"] * case["N"] * case["K"] >= 1 << 33
         t = common.time_calls(fn, inp.device, args.warmup, args.iters,
                               graph_calls=0 if args.smoke or args.no_graph else max(inp.sets, 2 if big else 10))

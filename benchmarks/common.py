@@ -66,6 +66,53 @@ def roofline_s(flops: float, nbytes: float, peak_flops: float, bytes_s: float) -
     return max(flops / peak_flops if peak_flops else 0.0, nbytes / bytes_s if bytes_s else 0.0)
 
 
+# ---- correctness of a timed GEMM ------------------------------------------------------------------------
+
+def sample_rows(torch, m: int, seed: int = 0) -> List[int]:
+    """Rows of an M-row GEMM output to check against the exact reference: all of them up to M = 128; beyond, the
+    first, the last and one at a random offset in each 64-row block, so every row tile of any configuration
+    (BM <= 256) is seen, at varying positions within it."""
+    if m <= 128:
+        return list(range(m))
+    rng = torch.Generator().manual_seed(seed + m)
+    return sorted({0, m - 1} | {b + int(torch.randint(min(64, m - b), (1,), generator=rng))
+                                for b in range(0, m, 64)})
+
+
+def exact_rows(torch, rows: List[int], a, a_scale, w_q, w_scale, bias, group: Optional[int]):
+    """(row index tensor, float64 value, magnitude, fp32 operations) of the exact W8A8 (``group`` None; ``w_q``
+    int8 [N, K], ``w_scale`` [N]) or W4A8 (``w_q`` the int4 values as int8 [N, K], ``w_scale`` [K // G, N])
+    product on ``rows``: ditq.quant.reference's integer sums, computed where the operands live."""
+    from ditq.quant import reference as ref
+
+    idx = torch.tensor(rows, device=a.device)
+    a_rows = a[idx]
+    s_rows = a_scale if a_scale.numel() == 1 else a_scale.reshape(-1)[idx]
+    if group is None:
+        exact, mag = ref.gemm_w8a8_exact(a_rows, s_rows, w_q, w_scale, bias)
+        return idx, exact, mag, 4
+    exact, mag = ref.gemm_w4a8_exact(a_rows, s_rows, w_q, w_scale, group, bias)
+    return idx, exact, mag, 4 + 2 * (a.shape[1] // group)
+
+
+def output_error(torch, y, m: int, n: int, reference) -> Optional[str]:
+    """None if ``y`` is the [M, N] product (finite everywhere: the caller poisoned it; on the reference's rows
+    within ditq.testing's fp32-rounding tolerance), else why not, in one line. ``reference``: exact_rows' tuple."""
+    from ditq import testing
+
+    if y is None or tuple(y.shape) != (m, n):
+        return f"output shape {None if y is None else tuple(y.shape)}, expected {(m, n)}"
+    bad = ~torch.isfinite(y.float())
+    if bool(bad.any()):
+        return f"{int(bad.sum())} of {m * n} outputs not written or not finite"
+    idx, exact, mag, ops = reference
+    try:
+        testing.assert_matches_exact(y[idx], exact, mag, ops, what="output")
+    except AssertionError as e:
+        return str(e).splitlines()[0][:300]
+    return None
+
+
 # ---- timing -------------------------------------------------------------------------------------------
 
 def median(xs: Sequence[float]) -> float:

@@ -404,47 +404,25 @@ class Data:
         return self.layouts[key]
 
     def reference(self, fam, m, n, k):
-        """Rows to check and their float64 value and magnitude (ditq.quant.reference: the integer sums, exact).
-        Every row up to M = 128; beyond, the first, the last and one at a random offset in each 64-row block, so
-        every row tile of every configuration (BM <= 256) is seen, at varying positions within it. All columns."""
-        from ditq.quant import reference as ref
-
+        """The exact reference of common.sample_rows' rows (all columns) for this family and shape, cached."""
         key = (fam.bits, fam.group, m, n, k)
         if key not in self.exact:
             a, a_scale, bias = self.act(m, n, k)[0]
-            rng = self.torch.Generator().manual_seed(m)
-            rows = range(m) if m <= 128 else sorted({0, m - 1} | {
-                b + int(self.torch.randint(min(64, m - b), (1,), generator=rng)) for b in range(0, m, 64)})
-            idx = self.torch.tensor(list(rows), device=self.device)
             if fam.bits == 8:
-                w, w_scale = self.shape(n, k)["w8"][0]
-                exact, mag = ref.gemm_w8a8_exact(a[idx], a_scale, w, w_scale, bias)
-                ops = 4
+                w_q, w_scale = self.shape(n, k)["w8"][0]
             else:
-                _, w_q, scales = self.shape(n, k)[f"w4-{fam.group}"][0]
-                exact, mag = ref.gemm_w4a8_exact(a[idx], a_scale, w_q, scales, fam.group, bias)
-                ops = 4 + 2 * (k // fam.group)
-            self.exact[key] = (idx, exact, mag, ops)
+                _, w_q, w_scale = self.shape(n, k)[f"w4-{fam.group}"][0]
+            self.exact[key] = common.exact_rows(self.torch, common.sample_rows(self.torch, m), a, a_scale, w_q,
+                                                w_scale, bias, None if fam.bits == 8 else fam.group)
         return self.exact[key]
 
 
 def check(torch, fam, cfg, data, m, n, k) -> Optional[str]:
     """None if ``cfg`` computes the product (poisoned output, finite everywhere, exact on the sampled rows),
     else why not."""
-    from ditq import testing
-
     y = fam.run(cfg, data.layout(fam, n, k), data.act(m, n, k), 0, poison=True)
-    if y is None or tuple(y.shape) != (m, n):
-        return f"output shape {None if y is None else tuple(y.shape)}, expected {(m, n)}"
-    bad = ~torch.isfinite(y.float())
-    if bool(bad.any()):
-        return f"{int(bad.sum())} of {m * n} outputs not written or not finite"
-    idx, exact, mag, ops = data.reference(fam, m, n, k)
-    try:
-        testing.assert_matches_exact(y[idx], exact, mag, ops, what=f"{fam.name} {fam.label(cfg)}")
-    except AssertionError as e:
-        return str(e).splitlines()[0][:300]
-    return None
+    why = common.output_error(torch, y, m, n, data.reference(fam, m, n, k))
+    return None if why is None else f"{fam.name} {fam.label(cfg)}: {why}"
 
 
 # ---- measuring ------------------------------------------------------------------------------------------

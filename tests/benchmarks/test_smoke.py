@@ -119,6 +119,46 @@ def test_gemm_one_row_per_case(gemm):
                          for how in ("eager", "compiled")}
 
 
+def test_gemm_rows_are_checked_before_timing(monkeypatch):
+    """A ditq row is timed only when its output is the exact product on the sampled rows: a planted error in one
+    element of a sampled row, a NaN or a wrong shape gives 'wrong: ...' and no time; the true product passes."""
+    import argparse
+
+    import torch
+    sys.path.insert(0, BENCH)
+    import bench_gemm
+    import common
+    from ditq.quant import reference as ref
+
+    m, n, k = 300, 24, 64
+    g = torch.Generator().manual_seed(0)
+    a, w = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8), torch.randint(
+        -127, 128, (n, k), generator=g, dtype=torch.int8)
+    a_s, w_s, bias = torch.rand(1, generator=g) / 100 + 1e-3, torch.rand(n, generator=g) / 100, torch.randn(n)
+    rows = common.sample_rows(torch, m)
+    assert rows[0] == 0 and rows[-1] == m - 1 and len(rows) < m and all(b <= r < b + 64 for b, r in
+                                                                        zip(range(0, m, 64), rows[1:]))
+    good = ref.gemm_w8a8(a, a_s, w, w_s, bias, torch.bfloat16)
+    reference = common.exact_rows(torch, rows, a, a_s, w, w_s, bias, None)
+    assert common.output_error(torch, good, m, n, reference) is None
+    off = good.clone()
+    off[rows[3], 5] += 1.0
+    nan = good.clone()
+    nan[m // 2 + 1, 0] = float("nan")  # an unsampled row: the finiteness check still sees it
+    assert "outputs off the exact reference" in common.output_error(torch, off, m, n, reference)
+    assert "not written or not finite" in common.output_error(torch, nan, m, n, reference)
+    assert "output shape" in common.output_error(torch, good[:-1], m, n, reference)
+
+    def planted(torch_, case, inp):
+        fn = lambda i: off  # noqa: E731
+        fn.check = lambda: common.output_error(torch, fn(0), m, n, reference)
+        return fn
+    monkeypatch.setattr(bench_gemm, "make_call", planted)
+    case = dict(model="t", layer="t", N=n, K=k, M=m, impl="ditq-torch w8a8", kind="gemm", backend="torch", bits=8)
+    row = bench_gemm.run_case(torch, case, None, {}, argparse.Namespace())
+    assert row["status"].startswith("wrong: output: 1 outputs off") and row.get("median_ms") is None
+
+
 def test_gemm_fp8_rowwise(gemm):
     """The fp8 row-wise peer runs on CPU (torch._scaled_mm with [M, 1] and [1, N] fp32 scales): finite times,
     the speedup columns against it and against bf16 filled in, its own speedup vs itself exactly 1."""
