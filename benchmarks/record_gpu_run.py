@@ -101,6 +101,15 @@ def cuda_tests(folder: str) -> Optional[List[str]]:
     return lines + broken
 
 
+def wrong_gemms(g: Dict) -> List[str]:
+    """The GEMM table's rows whose output failed bench_gemm's exactness check (never timed), one line each."""
+    bad = [r for r in g.get("rows", []) if str(r.get("status", "")).startswith("wrong")]
+    if not bad:
+        return []
+    return [f"- GEMM table: **{len(bad)} ditq rows computed a wrong product** (not timed):"] + [
+        f"  - {r['model']} {r['layer']} M={r['M']} {r['impl']}: {r['status'][len('wrong: '):][:200]}" for r in bad]
+
+
 def _verdict(value: float, want: float, strict: bool = False) -> str:
     ok = value > want if strict else value >= want
     return "**met**" if ok else "not met"
@@ -255,7 +264,7 @@ def body(folder: str, heading: str = "###") -> str:
     st = stages(folder)
     if st:
         parts.append("Stages (name, exit code, seconds):\n\n```\n" + st + "\n```\n")
-    tests = cuda_tests(folder)
+    tests = (cuda_tests(folder) or []) + (wrong_gemms(g) if g else [])
     if tests:
         parts.append(f"{heading} Correctness\n\n" + "\n".join(tests) + "\n")
     parts.append(f"{heading} Targets\n")

@@ -526,6 +526,11 @@ def test_record_gpu_run_reports_the_cuda_tests(tmp_path):
     assert lines[1] == "  - failure: `tests.csrc.test_b::test_wgmma[w8]`: AssertionError: 17 of 4096 outputs differ"
     assert lines[2].startswith("  - error: `tests.kernels.test_c::test_fixture`: failed on setup with")
     assert "## Correctness" in rec.summary(str(tmp_path))
+    assert rec.wrong_gemms({"rows": [dict(status="ok")]}) == []
+    wrong = rec.wrong_gemms({"rows": [dict(model="FLUX.1", layer="mlp", M=4096, impl="ditq-cuda w8a8",
+                                           status="wrong: output: 3 outputs off the exact reference")]})
+    assert wrong == ["- GEMM table: **1 ditq rows computed a wrong product** (not timed):",
+                     "  - FLUX.1 mlp M=4096 ditq-cuda w8a8: output: 3 outputs off the exact reference"]
     (tmp_path / "pytest_cuda.xml").write_text(JUNIT[:300])  # pytest killed while writing it
     assert "unreadable" in rec.cuda_tests(str(tmp_path))[0]
 
