@@ -101,6 +101,24 @@ def cuda_tests(folder: str) -> Optional[List[str]]:
     return lines + broken
 
 
+KERNELS_VS_REFERENCE_MIN_DB = 30.0  # same integers on both sides: only fp32 rounding and the int8 ties it moves
+
+
+def suspect_models(rep: Dict, label: str) -> List[str]:
+    """Model builds whose kernels' output is far from the torch backend's on the same quantized model."""
+    seen, out = set(), []
+    for r in rep.get("rows", []):
+        db = r.get("sqnr_vs_torch_backend_db")
+        key = (r.get("resolution"), r.get("precision"))
+        if db is None or key in seen:
+            continue
+        seen.add(key)
+        if not db >= KERNELS_VS_REFERENCE_MIN_DB:  # NaN included
+            out.append(f"- {label} {r['precision']}: kernels vs the torch backend **{db:.1f} dB** (< "
+                       f"{KERNELS_VS_REFERENCE_MIN_DB:.0f}: a kernel computes something else)")
+    return out
+
+
 def wrong_gemms(g: Dict) -> List[str]:
     """The GEMM table's rows whose output failed bench_gemm's exactness check (never timed), one line each."""
     bad = [r for r in g.get("rows", []) if str(r.get("status", "")).startswith("wrong")]
@@ -264,7 +282,8 @@ def body(folder: str, heading: str = "###") -> str:
     st = stages(folder)
     if st:
         parts.append("Stages (name, exit code, seconds):\n\n```\n" + st + "\n```\n")
-    tests = (cuda_tests(folder) or []) + (wrong_gemms(g) if g else [])
+    tests = ((cuda_tests(folder) or []) + (wrong_gemms(g) if g else []) + (suspect_models(m, "DiT-XL/2") if m else [])
+             + (suspect_models(f, "FLUX.1-dev") if f else []))
     if tests:
         parts.append(f"{heading} Correctness\n\n" + "\n".join(tests) + "\n")
     parts.append(f"{heading} Targets\n")

@@ -253,6 +253,35 @@ def test_model_rows(model):
     _fp8_rows(rows)
 
 
+@pytest.mark.parametrize("precision", ["w8a8", "w4a8-fused"])
+def test_model_kernels_are_checked_against_the_torch_backend(precision):
+    """bench_model's end-to-end check of a quantized model's kernels: the tiny DiT on the emulated CUDA kernels
+    against the same quantized model on the torch backend is close (same integers: fp32 rounding only), every
+    layer is back on its backend after, and one layer that computes something else on its kernels shows."""
+    import torch
+    sys.path.insert(0, BENCH)
+    import bench_model
+    from ditq import backends
+    from ditq.nn import QuantLinear
+
+    if backends.unavailable_reason("cuda-emulated", "cpu"):
+        pytest.skip("needs ditq._C (cuda-emulated)")
+    spec = bench_model.Spec("dit", smoke=True)
+    model = spec.build(torch, bench_model.SMOKE_SAMPLE_SIZE, torch.device("cpu"), torch.float32)
+    calib = spec.inputs(torch, bench_model.SMOKE_SAMPLE_SIZE, 1, torch.device("cpu"), torch.float32)
+    model, info = bench_model.quantize(torch, model, precision, "cuda-emulated", calib, rebuild=None)
+    assert info["backend"] == "cuda-emulated"
+    assert info["sqnr_vs_torch_backend_db"] > 60, info
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.backend == "cuda-emulated" for m in layers)
+    if precision.endswith("-fused"):
+        return
+    victim = layers[len(layers) // 2]
+    forward = victim.forward
+    victim.forward = lambda x, *a, **k: forward(x, *a, **k) * (1.0 if victim.backend == "torch" else 1.1)
+    assert bench_model.kernels_vs_reference_db(torch, model, calib) < 40
+
+
 def _fp8_rows(rows):
     """The fp8 row-wise peer ran in every mode asked (torch._scaled_mm on CPU; torchao where it is installed) over
     the linears ditq quantizes: its weight bytes sit next to W8A8's (one byte a weight, fp32 scales per channel)."""
@@ -529,6 +558,12 @@ def test_record_gpu_run_reports_the_cuda_tests(tmp_path):
     assert rec.wrong_gemms({"rows": [dict(status="ok")]}) == []
     wrong = rec.wrong_gemms({"rows": [dict(model="FLUX.1", layer="mlp", M=4096, impl="ditq-cuda w8a8",
                                            status="wrong: output: 3 outputs off the exact reference")]})
+    rows = [dict(resolution=256, precision="w8a8", sqnr_vs_torch_backend_db=52.0),
+            dict(resolution=256, precision="w4a8", sqnr_vs_torch_backend_db=3.5),
+            dict(resolution=256, precision="w4a8", sqnr_vs_torch_backend_db=3.5),  # another mode, same build
+            dict(resolution=256, precision="bf16", sqnr_vs_torch_backend_db=None)]
+    assert rec.suspect_models({"rows": rows}, "DiT-XL/2") == [
+        "- DiT-XL/2 w4a8: kernels vs the torch backend **3.5 dB** (< 30: a kernel computes something else)"]
     assert wrong == ["- GEMM table: **1 ditq rows computed a wrong product** (not timed):",
                      "  - FLUX.1 mlp M=4096 ditq-cuda w8a8: output: 3 outputs off the exact reference"]
     (tmp_path / "pytest_cuda.xml").write_text(JUNIT[:300])  # pytest killed while writing it
