@@ -57,3 +57,16 @@ def random_int8(*shape, low=-127, high=127, generator=None) -> torch.Tensor:
 def random_int4(*shape, generator=None) -> torch.Tensor:
     """Random int4 values in [-8, 7] as int8, both ends included."""
     return torch.randint(-8, 8, shape, dtype=torch.int8, generator=generator)
+
+
+def random_w4a8_case(m: int, n: int, k: int, group_size: int, seed: int):
+    """A W4A8 GEMM's operands on the CPU: ``(a, w_q, w_scales, a_scale, bias)``, a int8 [M, K] over the whole
+    range, w_q int4 values as int8 [N, K] (pack them with ``ditq.quant.reference.pack_int4``), group scales
+    [K // G, N], per-row activation scales [M] and a float32 bias [N], all fresh random values from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    a = random_int8(m, k, generator=g)
+    w_q = random_int4(n, k, generator=g)
+    w_scales = torch.rand(k // group_size, n, generator=g) * 0.02 + 1e-4
+    a_scale = torch.rand(m, generator=g) * 0.05 + 1e-3
+    bias = torch.randn(n, generator=g) * 4
+    return a, w_q, w_scales, a_scale, bias

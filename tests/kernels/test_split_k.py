@@ -57,12 +57,7 @@ def _w8_inputs(m, n, k, seed, per_token=True):
 
 
 def _w4_inputs(m, n, k, g_size, seed):
-    g = torch.Generator().manual_seed(seed)
-    a = testing.random_int8(m, k, generator=g)
-    q = testing.random_int4(n, k, generator=g)
-    s = torch.rand(k // g_size, n, generator=g) * 0.02 + 1e-4
-    a_s = torch.rand(m, generator=g) * 0.05 + 1e-3
-    b = torch.randn(n, generator=g) * 4
+    a, q, s, a_s, b = testing.random_w4a8_case(m, n, k, g_size, seed)
     w = w4a8.pack_weight(ref.pack_int4(q), g_size)
     return a, q, s, a_s, b, [t.to(DEVICE) for t in (a, a_s, w, s, b)]
 

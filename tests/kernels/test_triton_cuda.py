@@ -39,16 +39,6 @@ def _w8_inputs(m, n, k, per_token, bias, seed):
     return a, a_s, w, w_s, b
 
 
-def _w4_inputs(m, n, k, group, seed):
-    g = torch.Generator().manual_seed(seed)
-    a = testing.random_int8(m, k, generator=g)
-    q = testing.random_int4(n, k, generator=g)
-    s = torch.rand(k // group, n, generator=g) * 0.02 + 1e-4
-    a_s = torch.rand(m, generator=g) * 0.05 + 1e-3
-    b = torch.randn(n, generator=g) * 4
-    return a, q, s, a_s, b
-
-
 def _dev(*ts):
     return [None if t is None else t.to(DEVICE) for t in ts]
 
@@ -77,7 +67,7 @@ def test_w8a8_table_tiles_exact(m, n, k, out_dtype, per_token, bias):
 def test_w4a8_table_tiles_exact(group):
     k = W4_K[group]
     for m, n in ((1, 1153), (61, 3073), (515, 1155)):
-        a, q, s, a_s, b = _w4_inputs(m, n, k, group, seed=m + n + group)
+        a, q, s, a_s, b = testing.random_w4a8_case(m, n, k, group, seed=m + n + group)
         w = w4a8.pack_weight(ref.pack_int4(q), group)
         out = _poisoned(m, n, torch.bfloat16)
         y = w4a8.gemm_w4a8(*_dev(a, a_s, w, s, b), group, torch.bfloat16, out=out)
@@ -118,7 +108,7 @@ def test_w4a8_automatic_split_exact_and_repeatable():
     m, n, k = SPLIT_SHAPE
     if _auto_count(4, m, n, k) < 2:
         pytest.skip(f"{DEVICE}: the automatic count does not split {m}x{n}x{k}")
-    a, q, s, a_s, b = _w4_inputs(m, n, k, 128, seed=6)
+    a, q, s, a_s, b = testing.random_w4a8_case(m, n, k, 128, seed=6)
     args = _dev(a, a_s, w4a8.pack_weight(ref.pack_int4(q), 128), s, b)
     runs = [w4a8.gemm_w4a8(*args, 128, torch.float32, out=_poisoned(m, n, torch.float32)) for _ in range(3)]
     _sync()
@@ -143,7 +133,7 @@ def test_fused_gate_and_residual_exact(bits):
         exact = ref.gemm_w8a8_exact(a, a_s, w, w_s, b)
         ops = 8
     else:
-        a, q, w_s, a_s, b = _w4_inputs(m, n, k, 128, seed=42)
+        a, q, w_s, a_s, b = testing.random_w4a8_case(m, n, k, 128, seed=42)
         w = w4a8.pack_weight(ref.pack_int4(q), 128)
         y = w4a8.gemm_w4a8_fused(*_dev(a, a_s, w, w_s, b), 128, False, *_dev(gate, res), rows, None,
                                  torch.bfloat16, out=out)
