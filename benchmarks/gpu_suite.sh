@@ -8,7 +8,10 @@
 #
 # Stage plan on an H200 (16 cores), default DITQ_SUITE_PART=all, seconds as capped / as expected:
 #   wheels          60 cap /   5     carried wheels (diffusers) into a fresh --target folder
-#   install        240 cap /  90?    pip install -e . (the CUDA extension for this GPU's architecture only)
+#   install        240 cap / 150?    pip install -e . (the CUDA extension for this GPU's architecture only; the
+#                                    longest unit, gemm_sm90.cu, takes ~140 s of nvcc on one core), or ~10 s with
+#                                    a carried .prebuilt/ built from these sources for this torch and GPU
+#                                    (benchmarks/prebuild_extension.sh; carry=[".whl", ".prebuilt"])
 #   pytest-cuda    150 cap /  80?    the `cuda` tests (real CUDA and Triton kernels at the shipped tiles vs the
 #                                    integer references and the emulator) and the `gpu` ones (CPU tests that run
 #                                    their kernels on the GPU when there is one), over 4 processes
@@ -89,8 +92,28 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ "${DITQ_SUITE_SKIP_INSTALL:-0}" != 1 ]; th
 fi
 ARCH=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))" 2>/dev/null)
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${ARCH:-9.0a}}" MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+prebuilt() {  # use .prebuilt/ (benchmarks/prebuild_extension.sh) when it is this tree's, torch's and GPU's build
+  local suffix so want
+  [ -f .prebuilt/BUILD_INFO ] || { echo "no .prebuilt/: building here"; return 1; }
+  suffix=$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+  so=.prebuilt/_C$suffix
+  [ -f "$so" ] || { echo "prebuilt: no _C$suffix for this Python: building here"; return 1; }
+  want="sources $(bash benchmarks/source_hash.sh)
+torch $(python3 -c 'import torch; print(torch.__version__)')
+archs $TORCH_CUDA_ARCH_LIST"
+  if [ "$(head -3 .prebuilt/BUILD_INFO)" != "$want" ]; then
+    echo "prebuilt: built for other sources / torch / archs, building here. It has:"; cat .prebuilt/BUILD_INFO
+    echo "here:"; echo "$want"; return 1
+  fi
+  cp "$so" ditq/ && DITQ_NO_EXTENSION=1 python3 -m pip install -q --no-deps --no-build-isolation -e . \
+    && python3 -c "from ditq import backends; why = backends.unavailable_reason('cuda', 'cuda'); print('prebuilt ditq._C loads; cuda backend:', why or 'available'); raise SystemExit(why is not None)" \
+    && return 0
+  echo "prebuilt: did not load or install: building here"; rm -f "ditq/_C$suffix"; return 1
+}
 if [ "${DITQ_SUITE_SKIP_INSTALL:-0}" = 1 ]; then
   echo "DITQ_SUITE_SKIP_INSTALL=1: using the ditq already installed" | tee -a "$LOG"
+elif T0=$(date +%s) && prebuilt 2>&1 | tee -a "$LOG" && [ "${PIPESTATUS[0]}" = 0 ]; then
+  printf '%-14s rc=%-4s %4ss\n' install-prebuilt 0 "$(($(date +%s) - T0))" | tee -a "$STATUS"
 elif ! stage install "$(cap 240 300)" python3 -m pip install --no-deps --no-build-isolation -e .; then
   # Keep going without the CUDA extension: the Triton kernels and the baselines still run.
   DITQ_NO_EXTENSION=1 stage install-noext 60 python3 -m pip install -q --no-deps --no-build-isolation -e .
