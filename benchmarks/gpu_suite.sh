@@ -46,7 +46,12 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl torchao==0.17.0
-# .whl/ is git-ignored (.git/info/exclude), so the device tool carries it only when asked: carry=[".whl"].
+# The extension can be compiled here too, against the image's Python 3.12 and torch 2.11, so the GPU's minutes are
+# not spent in nvcc (see benchmarks/prebuild_extension.sh; the suite checks it matches, else builds):
+#   python3.12 -m venv /work/venv312 && /work/venv312/bin/pip install torch==2.11.0 numpy setuptools wheel ninja
+#   bash benchmarks/prebuild_extension.sh /work/venv312/bin/python        # -> .prebuilt/
+# .whl/ and .prebuilt/ are git-ignored, so the device tool carries them only when asked:
+# carry=[".whl", ".prebuilt"].
 # With $OUT set, only these files come back: summary.md, gpu_suite.log, pytest_cuda.xml (the cuda tests' JUnit
 # report), the JSON files, the GEMM plot, the tuning report (tune part) and gpu_suite_results.tar.gz (everything:
 # markdown tables, model plots, stages.txt, the rewritten configs/).
