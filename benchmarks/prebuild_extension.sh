@@ -14,7 +14,7 @@
 #   python3.12 -m venv /work/venv312 && /work/venv312/bin/pip install torch==2.11.0 numpy setuptools wheel ninja
 #   bash benchmarks/prebuild_extension.sh /work/venv312/bin/python     # ~10 min on 2 cores; 20-30 MB
 set -eu
-PY=${1:?usage: prebuild_extension.sh PYTHON (a python with the GPU machine's torch version)}
+PY=${1:?usage: prebuild_extension.sh PYTHON, a python with the torch version of the GPU machine}
 cd "$(dirname "$0")/.."
 REPO=$PWD
 ARCHS=${TORCH_CUDA_ARCH_LIST:-9.0a}
@@ -28,8 +28,9 @@ SO=$(ls ditq/_C*.so)
 mkdir -p "$REPO/.prebuilt"
 rm -f "$REPO"/.prebuilt/_C*.so
 cp "$SO" "$REPO/.prebuilt/"
+TORCH_VERSION=$("$PY" -c 'import torch; print(torch.__version__)')
 { echo "sources $(bash benchmarks/source_hash.sh)"
-  echo "torch $("$PY" -c 'import torch; print(torch.__version__)')"
+  echo "torch $TORCH_VERSION"
   echo "archs $ARCHS"
   echo "commit $(git rev-parse --short HEAD)"; } >"$REPO/.prebuilt/BUILD_INFO"
 echo "prebuilt: $REPO/.prebuilt/$(basename "$SO") ($(du -h "$SO" | cut -f1)); carry it with carry=[\".prebuilt\"]"
