@@ -92,7 +92,9 @@ def _gemm_forced():
 @contextlib.contextmanager
 def gemm_tile(tile: Optional[int] = None, splits: Optional[int] = None):
     """Run the CUDA GEMMs in this block with tile id ``tile`` and ``splits`` split-K slices (None: automatic).
-    Process-wide, like the emulator options."""
+    A forced count splits every tile on the mma.sync kernels; on the Hopper kernels it splits the tiles of the last
+    wave of SMs (every tile when they fit one wave) and runs the full waves before it whole, as the automatic
+    schedule does. Process-wide, like the emulator options."""
     previous = list(_GEMM_FORCED)
     _GEMM_FORCED[:] = [-1 if tile is None else int(tile), -1 if splits is None else int(splits)]
     try:
