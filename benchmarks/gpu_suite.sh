@@ -19,6 +19,7 @@
 #                                    "out of time" (tests/conftest.py); static_report runs beside it
 #                                    (own cap 150 s; waited for before the model stages, whose eager timings
 #                                    a busy CPU would distort)
+#   sanitize        90 cap           only if GPU tests failed: the first 3 again under compute-sanitizer memcheck
 #   bench-gemm     110 cap           DiT-XL/2 + FLUX.1 attention / MLP shapes, M 16 / 4096 / 64 / 16384 / 512
 #                                    in that order, W8A8, W4A8 g64 / g128, bf16, _int_mm, fp8 row-wise
 #   bench-model    150 cap           DiT-XL/2 256 px, batch 1 and 8, all precisions eager + CUDA graph, then
@@ -145,6 +146,14 @@ if [ "$PART" = all ]; then
   T=$(cap 150 280)
   DITQ_TEST_DEADLINE=$(($(date +%s) + T - 20)) stage pytest-cuda "$T" python3 -m pytest -m "cuda or gpu" -q \
     -p no:cacheprovider $XDIST $TIMEOUT tests --junitxml="$WORK/pytest_cuda.xml"
+  # Only when tests failed: the first few again under compute-sanitizer's memcheck (out-of-bounds and misaligned
+  # accesses the emulator did not model), whose report names the kernel and the address; the timings after
+  # matter less than why a kernel is wrong.
+  mapfile -t FAILED < <(python3 benchmarks/record_gpu_run.py "$WORK" --failed 3)  # node ids: no globbing
+  if [ "${#FAILED[@]}" -gt 0 ] && command -v compute-sanitizer >/dev/null; then
+    stage sanitize "$(cap 90 190)" compute-sanitizer --tool memcheck --print-limit 20 python3 -m pytest -q \
+      -p no:cacheprovider -x "${FAILED[@]}"
+  fi
 
   # 3. GEMMs: DiT-XL/2 and FLUX.1 shapes, the targets' M first; writes its JSON before its cap
   T=$(cap 110 190); stage bench-gemm "$T" python3 benchmarks/bench_gemm.py --quick --max-seconds $((T - 20)) \

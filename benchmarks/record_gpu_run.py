@@ -119,6 +119,22 @@ def suspect_models(rep: Dict, label: str) -> List[str]:
     return out
 
 
+def failed_tests(folder: str) -> List[str]:
+    """pytest node ids of the GPU tests that failed or errored (pytest_cuda.xml), for a rerun under
+    compute-sanitizer; [] without the file or with nothing failed."""
+    try:
+        root = ET.parse(os.path.join(folder, "pytest_cuda.xml")).getroot()
+    except (OSError, ET.ParseError):
+        return []
+    out = []
+    for case in root.iter("testcase"):
+        if any(c.tag in ("failure", "error") for c in case) and case.get("classname"):
+            path = case.get("classname").replace(".", "/") + ".py"  # function tests: classname is the module
+            if os.path.exists(path):
+                out.append(f"{path}::{case.get('name')}")
+    return out
+
+
 def wrong_gemms(g: Dict) -> List[str]:
     """The GEMM table's rows whose output failed bench_gemm's exactness check (never timed), one line each."""
     bad = [r for r in g.get("rows", []) if str(r.get("status", "")).startswith("wrong")]
@@ -361,7 +377,12 @@ def main(argv=None) -> int:
     ap.add_argument("--summary", action="store_true", help="print the short report; RESULTS.md is not touched")
     ap.add_argument("--results", default=RESULTS, help="the file to update (default benchmarks/RESULTS.md)")
     ap.add_argument("--allow-smoke", action="store_true", help="record CPU smoke results too (tests only)")
+    ap.add_argument("--failed", type=int, metavar="N", help="print the node ids of up to N failed GPU tests, one a "
+                                                            "line (gpu_suite.sh reruns them under compute-sanitizer)")
     args = ap.parse_args(argv)
+    if args.failed is not None:
+        print("\n".join(failed_tests(args.folder)[:args.failed]))
+        return 0
     if args.summary:
         print(summary(args.folder))
         return 0

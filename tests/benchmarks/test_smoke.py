@@ -568,6 +568,24 @@ def test_record_gpu_run_reports_the_cuda_tests(tmp_path):
                      "  - FLUX.1 mlp M=4096 ditq-cuda w8a8: output: 3 outputs off the exact reference"]
     (tmp_path / "pytest_cuda.xml").write_text(JUNIT[:300])  # pytest killed while writing it
     assert "unreadable" in rec.cuda_tests(str(tmp_path))[0]
+    assert rec.failed_tests(str(tmp_path)) == []
+
+
+def test_record_gpu_run_lists_failed_tests_for_the_sanitizer(tmp_path, monkeypatch, capsys):
+    """gpu_suite.sh reruns failed GPU tests under compute-sanitizer from these node ids: real modules only (the
+    made-up ones of the XML above are dropped), failures and errors, parametrized ids intact, at most N."""
+    rec = _recorder()
+    monkeypatch.chdir(ROOT)
+    real = JUNIT.replace("tests.csrc.test_b", "tests.csrc.test_gemm_cuda").replace(
+        'name="test_wgmma[w8]"', 'name="test_cuda_matches_reference_and_emulator[None-shape0-dtype0]"').replace(
+        "tests.kernels.test_c", "tests.kernels.test_triton_cuda")
+    (tmp_path / "pytest_cuda.xml").write_text(real)
+    assert rec.failed_tests(str(tmp_path)) == [
+        "tests/csrc/test_gemm_cuda.py::test_cuda_matches_reference_and_emulator[None-shape0-dtype0]",
+        "tests/kernels/test_triton_cuda.py::test_fixture"]
+    assert rec.main([str(tmp_path), "--failed", "1"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "tests/csrc/test_gemm_cuda.py::test_cuda_matches_reference_and_emulator[None-shape0-dtype0]"]
 
 
 def test_fp8_rowwise_linear_matches_its_dequantized_product():
