@@ -68,23 +68,29 @@ def stages(folder: str) -> Optional[str]:
         return None
 
 
+def _test_cases(folder: str):
+    """[(classname, name, outcome element or None)] of pytest_cuda.xml's test cases (outcome: the failure, error or
+    skipped child); raises OSError without the file, ET.ParseError when it cannot be read."""
+    root = ET.parse(os.path.join(folder, "pytest_cuda.xml")).getroot()
+    return [(case.get("classname", ""), case.get("name", ""),
+             next((c for c in case if c.tag in ("failure", "error", "skipped")), None))
+            for case in root.iter("testcase")]
+
+
 def cuda_tests(folder: str) -> Optional[List[str]]:
     """The cuda tests' outcome from pytest_cuda.xml: counts, the skips by reason ("out of time" when the run's
     deadline stopped them) and every failed or erroring test with the first line of its message. None without
     the file; a line saying so when it cannot be read (pytest killed while writing it)."""
-    path = os.path.join(folder, "pytest_cuda.xml")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(folder, "pytest_cuda.xml")):
         return None
     try:
-        root = ET.parse(path).getroot()
+        cases = _test_cases(folder)
     except ET.ParseError as ex:
         return [f"- pytest_cuda.xml is unreadable ({ex}): see gpu_suite.log"]
     counts = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
     skips: Dict[str, int] = {}
     broken = []
-    for case in root.iter("testcase"):
-        name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        outcome = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
+    for classname, name, outcome in cases:
         if outcome is None:
             counts["passed"] += 1
         elif outcome.tag == "skipped":
@@ -94,9 +100,9 @@ def cuda_tests(folder: str) -> Optional[List[str]]:
         else:
             counts["failed" if outcome.tag == "failure" else "error"] += 1
             first = (outcome.get("message") or outcome.text or "").strip().splitlines()
-            broken.append(f"  - {outcome.tag}: `{name}`" + (f": {first[0][:200]}" if first else ""))
-    lines = [f"- GPU tests (`cuda` and `gpu` marks): **{counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors**, "
-             f"{counts['skipped']} skipped"
+            broken.append(f"  - {outcome.tag}: `{classname}::{name}`" + (f": {first[0][:200]}" if first else ""))
+    lines = [f"- GPU tests (`cuda` and `gpu` marks): **{counts['passed']} passed, {counts['failed']} failed, "
+             f"{counts['error']} errors**, {counts['skipped']} skipped"
              + "".join(f"; {n} skipped: {r}" for r, n in sorted(skips.items(), key=lambda kv: -kv[1]))]
     return lines + broken
 
@@ -123,15 +129,14 @@ def failed_tests(folder: str) -> List[str]:
     """pytest node ids of the GPU tests that failed or errored (pytest_cuda.xml), for a rerun under
     compute-sanitizer; [] without the file or with nothing failed."""
     try:
-        root = ET.parse(os.path.join(folder, "pytest_cuda.xml")).getroot()
+        cases = _test_cases(folder)
     except (OSError, ET.ParseError):
         return []
     out = []
-    for case in root.iter("testcase"):
-        if any(c.tag in ("failure", "error") for c in case) and case.get("classname"):
-            path = case.get("classname").replace(".", "/") + ".py"  # function tests: classname is the module
-            if os.path.exists(path):
-                out.append(f"{path}::{case.get('name')}")
+    for classname, name, outcome in cases:
+        path = classname.replace(".", "/") + ".py"  # function tests: the classname is the module
+        if outcome is not None and outcome.tag in ("failure", "error") and classname and os.path.exists(path):
+            out.append(f"{path}::{name}")
     return out
 
 

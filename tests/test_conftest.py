@@ -42,7 +42,8 @@ def run_pytest(tmp_path, deadline, wait_s=0.0, terminate=False):
     else:
         env["DITQ_TEST_DEADLINE"] = str(deadline)
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p", "no:xdist",
-                             "-p", "no:randomly", "-ra", f"--junitxml={xml}", "--rootdir", str(tmp_path), str(tmp_path)],
+                             "-p", "no:randomly", "-ra", f"--junitxml={xml}", "--rootdir", str(tmp_path),
+                             str(tmp_path)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if terminate:
         t0 = time.time()
