@@ -545,6 +545,16 @@ inline std::vector<int64_t> sm90_schedule(int64_t tiles, int64_t units, int64_t 
   return {s.dp_tiles, s.splits};
 }
 
+// Whether the current CUDA device runs the Hopper kernels: an sm_90 GPU for which this build loaded sm_90a code.
+// False with no GPU, on any other GPU, and in a build without CUDA kernels. Never touches a stream.
+inline bool sm90_available() {
+#if DITQ_WITH_CUDA
+  return ditq::gemm_sm90_available();
+#else
+  return false;
+#endif
+}
+
 inline int64_t pick(int64_t arch, int64_t m, bool w4) {
   return ditq::gemm::pick_tile(static_cast<int>(arch), static_cast<int>(std::min<int64_t>(m, 1 << 30)), w4);
 }
@@ -574,6 +584,7 @@ TORCH_LIBRARY_FRAGMENT(ditq_C, m) {
   m.def("gemm_sm90_max_splits(int m) -> int", [](int64_t m) -> int64_t {
     return ditq::gemm::sm90_max_splits(static_cast<int>(std::min<int64_t>(std::max<int64_t>(m, 0), 1 << 30)));
   });
+  m.def("gemm_sm90_available() -> bool", &ditq::gemm_binding::sm90_available);
   m.def("emulator_set_sm_count(int n) -> ()", &ditq::gemm_binding::set_emulated_sm_count);
   m.def("emulator_get_sm_count() -> int", []() -> int64_t { return ditq::gemm_binding::emulated_sm_count(); });
 }

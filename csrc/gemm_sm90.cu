@@ -5,33 +5,24 @@
 
 #include <atomic>
 
-namespace ditq::gemm::sm90 {
-namespace {
-
-// 1 in the sm_90a device code, 0 in any other pass (an sm_90 build without the "a" has no wgmma / setmaxnreg:
-// its Hopper kernels are traps). The copy the runtime loads is the one for the current GPU.
-__device__ const int kHasSm90aCode = DITQ_SM90A;
-
-}  // namespace
-}  // namespace ditq::gemm::sm90
+#include "sm90a_marker.cuh"
 
 namespace ditq {
 
 bool gemm_sm90_available() {
-  // Asked once per device (a device-to-host copy; every GEMM call asks): 0 unknown, 1 no, 2 yes. Only an answer
-  // is cached. The copy is synchronous on the legacy stream, which a CUDA-graph capture in the global mode
-  // refuses (and a pending error fails it too): such a failure answers "no" for this call only, and its error
-  // is cleared so that the GEMM launch that follows does not report it as its own.
+  // Asked once per device (every GEMM call asks): 0 unknown, 1 no, 2 yes. Only an answer is cached. The question
+  // reads a kernel attribute, never a stream (sm90a_marker.cuh), so it is legal inside a CUDA-graph capture in
+  // any mode, the first GEMM of a process included.
   static std::atomic<int> known[64];
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    cudaGetLastError();
+    return false;
+  }
   int k = known[dev].load(std::memory_order_relaxed);
   if (k == 0) {
-    int v = 0;
-    if (cudaMemcpyFromSymbol(&v, gemm::sm90::kHasSm90aCode, sizeof(v)) != cudaSuccess) {
-      cudaGetLastError();
-      return false;
-    }
+    const int v = gemm::sm90::loaded_code_is_sm90a();
+    if (v < 0) return false;
     k = v == 1 ? 2 : 1;
     known[dev].store(k, std::memory_order_relaxed);
   }

@@ -1,6 +1,9 @@
 """The Hopper GEMMs (csrc/gemm_sm90.cu) on a real sm_90 GPU: exact against the integer reference at ragged
 shapes, every Hopper tile and W4 group size, and bit for bit equal to the same kernels run by the emulator.
 Skipped without an sm_90 GPU and a build with sm_90a code; benchmarks/gpu_suite.sh runs them (pytest -m cuda)."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -71,9 +74,45 @@ def test_w4a8_sm90_exact_and_equal_to_emulator(hopper_pair, tile, group):
 
 def test_automatic_choice_runs_on_sm90(hopper_pair):
     """No tile forced: the binding's own choice on sm_90 (the Hopper kernels) is exact at a DiT-like shape."""
+    assert torch.ops.ditq_C.gemm_sm90_available(), "the runtime did not load this build's sm_90a code"
     a, sa, w, sw, b = _inputs(512, 1152, 1152, None, seed=3)
     y = _run(hopper_pair, "cuda", "cuda", a, sa, w, sw, b, None, torch.bfloat16, None)
     assert_gemm_w8a8(y, a, sa, w, sw, b)
     a, sa, q, ss, b = _inputs(512, 1152, 1152, 128, seed=4)
     y = _run(hopper_pair, "cuda", "cuda", a, sa, q, ss, b, 128, torch.bfloat16, None)
     assert_gemm_w4a8(y, a, sa, q, ss, 128, b)
+
+
+# Run in a fresh interpreter: no ditq GEMM has run in it yet, so the sm_90a probe is asked inside the capture.
+FIRST_GEMM_CAPTURED = r"""
+import torch
+from ditq import backends
+from ditq.format import WeightFormat
+from ditq.testing import assert_gemm_w8a8, random_int8
+
+g = torch.Generator().manual_seed(5)
+m, n, k = 512, 1152, 1152
+a = random_int8(m, k, generator=g)
+sa = (torch.rand(m, generator=g) * 0.02 + 1e-3).float()
+w = random_int8(n, k, low=-128, generator=g)
+sw = (torch.rand(n, generator=g) * 0.01).float()
+b = (torch.randn(n, generator=g) * 4).float()
+pw, ps = backends.get_backend("cuda", "cuda").prepare_weight(WeightFormat(8), w, sw)
+args = [t.cuda() for t in (a, sa, pw, ps, b)]
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):  # capture_error_mode "global": synchronous calls from any thread are refused
+    y = torch.ops.ditq_C.gemm_w8a8(*args, torch.bfloat16)
+y.fill_(float("nan"))
+graph.replay()
+torch.cuda.synchronize()
+assert torch.ops.ditq_C.gemm_sm90_available(), "the probe answered no inside the capture"
+assert_gemm_w8a8(y.cpu(), a, sa, w, sw, b, what="the process's first GEMM, captured")
+print("captured")
+"""
+
+
+def test_first_gemm_of_a_process_inside_a_cuda_graph_capture(hopper_pair):
+    """The sm_90a probe is stream-free (csrc/sm90a_marker.cuh): a capture that holds the process's first GEMM is
+    not invalidated, and the Hopper kernels still run in it."""
+    r = subprocess.run([sys.executable, "-c", FIRST_GEMM_CAPTURED], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "captured" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
