@@ -237,6 +237,10 @@ def environment() -> Dict:
         env.update(gpu=p.name, sms=p.multi_processor_count, capability=f"{p.major}.{p.minor}",
                    gpu_memory_gib=round(p.total_memory / 2 ** 30, 1),
                    driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) or None)
+        # Whether the cuda backend's Hopper (wgmma) kernels run here: an sm_90 GPU and this build's sm_90a code.
+        from ditq.backends import cuda_backend
+        env["sm90a_kernels"] = (bool(torch.ops.ditq_C.gemm_sm90_available()) if cuda_backend.built_with_cuda()
+                                else None)
     else:
         env.update(gpu=None, cpu=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads())
     return env
@@ -315,5 +319,6 @@ def md_table(rows: List[Dict], cols: List[str], headers: Optional[List[str]] = N
 
 
 def env_markdown(env: Dict) -> str:
-    keys = ("date", "gpu", "driver", "capability", "cpu", "python", "torch", "cuda", "triton", "commit", "command")
+    keys = ("date", "gpu", "driver", "capability", "sm90a_kernels", "cpu", "python", "torch", "cuda", "triton", "commit",
+            "command")
     return "\n".join(f"- {k}: `{env[k]}`" for k in keys if env.get(k) is not None)

@@ -196,8 +196,8 @@ class CudaFamily:
         if device.type == "cuda":
             major, minor = torch.cuda.get_device_capability(device)
             self.arch, self.sms = major * 10 + minor, torch.cuda.get_device_properties(device).multi_processor_count
-            built = json.loads(torch.ops.ditq_C.kernel_families())[f"gemm_{self.kernel}"]["built_archs"]
-            self.hopper = self.arch == 90 and 90 in built
+            # sm_90 in the build's list is not enough: a plain sm_90 pass (no "a") holds the Hopper kernels as traps
+            self.hopper = bool(torch.ops.ditq_C.gemm_sm90_available())
         else:  # the emulated binding decides as on an H100 (sm_90, 132 SMs), with the mma.sync kernels
             self.arch, self.sms, self.hopper = 90, 132, False
         self.rules, self.sm90_rules = read_tile_rules()
