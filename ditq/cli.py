@@ -8,21 +8,27 @@
 
 MODEL is ``bundled`` (the digits DiT shipped with ditq), a local diffusers pipeline directory, or a Hugging Face
 hub id (needs internet; loaded with ``DiffusionPipeline.from_pretrained``). Errors a user can fix (a missing
-directory, a pipeline without a transformer, a bad class label, ...) print one line on stderr and exit with 1;
-``--debug`` shows the traceback instead. The work itself lives in the library (``ditq.quantize``,
-``ditq.demo.run``); this module only parses, loads and prints.
+directory, a pipeline without a transformer, a bad class label, a device this machine lacks, a setting
+``QuantConfig`` refuses, a corrupt checkpoint, ...) print one line on stderr and exit with 2, as argparse does for
+a bad flag; anything else (a failure inside ditq) prints one line and exits with 1. ``--debug`` shows the
+traceback instead. The work itself lives in the library (``ditq.quantize``, ``ditq.demo.run``); this module only
+parses, loads and prints.
 
-Checks made before any work is spent: ``generate`` checks its ``--out`` (an image extension Pillow writes, an
-existing writable directory) before loading or sampling, and refuses to write images holding NaN / inf (a corrupt
-checkpoint). ``info`` checks the weights file against its header (length, each layer's tensors, finite scales)
-and reports a corrupt one as an error. ``quantize`` prints one warning line on stderr, even with ``--quiet``, when
-layers it was meant to quantize could not be (e.g. a group size that does not divide their K), and fails when none
-was.
+Checks made before any work is spent: every command checks ``--device`` (a CUDA device needs a visible GPU) and
+that ``--backend`` runs on it; ``quantize`` and ``demo`` check that ``--out`` can be a directory; ``generate``
+checks its ``--out`` (an image extension Pillow writes, an existing writable directory) before loading or
+sampling, and refuses to write images holding NaN / inf (a corrupt checkpoint). Flags that would be ignored are
+refused (``--calib-prompts`` for a class-conditional model, ``--calib-labels`` for a text-to-image one,
+``generate --backend`` for a full-precision pipeline). ``info`` checks the weights file against its header
+(length, each layer's tensors, finite scales) and reports a corrupt one as an error. ``quantize`` prints one
+warning line on stderr, even with ``--quiet``, when layers it was meant to quantize could not be (e.g. a group size
+that does not divide their K), and fails when none was.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -131,11 +137,17 @@ def _calib_inputs(pipe, args) -> dict:
     params = inspect.signature(pipe.__call__).parameters
     kw = dict(num_inference_steps=args.calib_steps)
     if "class_labels" in params:
+        if args.calib_prompts is not None:
+            raise CLIError(f"--calib-prompts: {type(pipe).__name__} is class-conditional (its calls take "
+                           f"class_labels, not prompts); give --calib-labels instead")
         n = _num_classes(pipe)
         labels = args.calib_labels if args.calib_labels is not None else list(range(min(n or 8, 16)))
         _check_labels(labels, n)
         kw["class_labels"] = labels
     elif "prompt" in params:
+        if args.calib_labels is not None:
+            raise CLIError(f"--calib-labels: {type(pipe).__name__} is text-to-image (its calls take prompts, not "
+                           f"class labels); give --calib-prompts instead")
         kw["prompt"] = list(args.calib_prompts or DEFAULT_PROMPTS)
     else:
         raise CLIError(f"{type(pipe).__name__} takes neither class_labels nor prompt: use the Python API "
@@ -157,10 +169,53 @@ def _check_labels(labels: List[int], n: Optional[int]) -> None:
                            if n is not None else f"class label {c} is negative")
 
 
+# ---- checks made before any work ---------------------------------------------------------------------
+
+def _check_device_and_backend(args) -> None:
+    """A device this machine lacks, or a ``--backend`` that cannot run on the device, fails here: before a model
+    is loaded or calibrated, not at the first tensor copy (torch's "Found no NVIDIA driver") or after minutes of
+    work (``demo`` runs its fp32 row before the first quantized one)."""
+    import torch
+    from . import backends
+    from .io import check_device
+    device = getattr(args, "device", None)
+    if device is not None:
+        try:
+            device = check_device(device, "--device")
+        except (TypeError, ValueError) as e:
+            raise CLIError(str(e)) from None
+    backend = getattr(args, "backend", None)
+    if backend in (None, "auto"):
+        return
+    if device is None:  # demo: the GPU when there is one (ditq.demo.run.default_device)
+        device = torch.device("cuda" if torch.cuda.is_available() and backend not in ("torch", "cuda-emulated")
+                              else "cpu")
+    reason = backends.unavailable_reason(backend, device)
+    if reason is not None:
+        raise CLIError(f"--backend {backend} cannot run on {device}: {reason}; available there: "
+                       f"{', '.join(backends.available_backends(device)) or 'none'}")
+
+
+def _check_out_dir(path: str) -> None:
+    """``--out`` of quantize / demo: a directory that exists or can be created, checked before the work."""
+    if not path:
+        raise CLIError("--out is empty: give a directory")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CLIError(f"--out {path} exists and is not a directory")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):  # the nearest existing ancestor is where the directory gets created
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CLIError(f"--out {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {path}: directory {parent} is not writable")
+
+
 # ---- commands -----------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
     from .demo.run import run_demo
+    _check_out_dir(args.out)
     run_demo(args.out, steps=args.steps, samples_per_class=args.samples_per_class, backend=args.backend,
              settings=args.settings, seed=args.seed, device=args.device, progress=not args.quiet)
     return 0
@@ -168,7 +223,10 @@ def cmd_demo(args) -> int:
 
 def cmd_quantize(args) -> int:
     import ditq
-    if os.path.exists(args.out) and os.listdir(args.out) and not args.overwrite:
+    _check_out_dir(args.out)
+    if args.group_size is not None and args.preset == "w8a8":
+        raise CLIError("--group-size applies to --preset w4a8: w8a8 weights have one scale per output channel")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise CLIError(f"{args.out} exists and is not empty (pass --overwrite to write into it)")
     cfg = ditq.QuantConfig.preset(args.preset, calibration=args.calibration, act_scheme=args.act_scheme,
                                   backend=args.backend, progress=not args.quiet, act_estimator=args.act_estimator,
@@ -249,18 +307,24 @@ def cmd_generate(args) -> int:
     import torch
 
     _check_out_image(args.out)
-    if not os.path.isdir(args.model):
-        if args.model != BUNDLED:
-            raise CLIError(f"no such directory: {args.model}")
-        pipe = load_pipeline(BUNDLED, device=args.device)
-    elif _is_ditq_checkpoint(args.model):
+    if not os.path.isdir(args.model) and args.model != BUNDLED:
+        raise CLIError(f"no such directory: {args.model}")
+    if os.path.isdir(args.model) and _is_ditq_checkpoint(args.model):
         import ditq
-        _read_index(args.model)  # a bare quantized transformer cannot generate
+        from .backends import BackendUnavailableError
+        if not os.path.isfile(os.path.join(args.model, "model_index.json")):
+            raise CLIError(f"{args.model} holds a quantized transformer without its pipeline (no "
+                           f"model_index.json): generate needs a pipeline checkpoint, as 'ditq quantize' writes")
         try:
             pipe = ditq.load_quantized(args.model, device=args.device, backend=args.backend)
         except Exception as e:
-            raise CLIError(f"cannot load {args.model}: {type(e).__name__}: {_first_line(e)}")
+            hint = " (pass --backend to run it on another)" if isinstance(e, BackendUnavailableError) and \
+                args.backend is None else ""
+            raise CLIError(f"cannot load {args.model}: {type(e).__name__}: {_first_line(e)}{hint}")
     else:
+        if args.backend is not None:
+            raise CLIError(f"--backend {args.backend}: {args.model} is a full-precision pipeline, not a ditq "
+                           f"checkpoint; --backend chooses the kernels of a quantized one")
         pipe = load_pipeline(args.model, device=args.device)
     _check_labels(args.class_labels, _num_classes(pipe))
     if hasattr(pipe, "set_progress_bar_config"):
@@ -359,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="ditq", description="Post-training int8/int4 quantization of diffusion "
                                 "transformers (DiT): quantize, inspect, generate, and a demo on a bundled model.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"ditq {__version__}")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -445,11 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(args) -> None:
+def _check_numbers(args) -> None:
     for name in ("steps", "samples_per_class", "calib_steps"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    g = getattr(args, "guidance_scale", None)
+    if g is not None and not math.isfinite(g):
+        raise CLIError(f"--guidance-scale must be a finite number, got {g}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -461,7 +530,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from diffusers.utils import logging as dlogging
     dlogging.disable_progress_bar()  # "Loading pipeline components" bars; ours and the sampling bars stay
     try:
-        _positive(args)
+        _check_numbers(args)
+        _check_device_and_backend(args)
         return args.func(args)
     except KeyboardInterrupt:
         print("ditq: interrupted", file=sys.stderr)
@@ -470,8 +540,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.debug:
             raise
         what = "" if isinstance(e, CLIError) else f"{type(e).__name__}: "
-        print(f"ditq {args.command}: error: {what}{_first_line(e)}", file=sys.stderr)
+        if _is_user_error(e):
+            print(f"ditq {args.command}: error: {what}{_first_line(e)}", file=sys.stderr)
+            return 2
+        print(f"ditq {args.command}: error: {what}{_first_line(e)} (unexpected: rerun with --debug for the "
+              f"traceback)", file=sys.stderr)
         return 1
+
+
+def _is_user_error(e: BaseException) -> bool:
+    """What the user can fix: bad input (ValueError / TypeError: QuantConfig, checkpoints, devices, ops), the file
+    system, a backend that cannot run here, calibration data that does not run, and the CLI's own checks."""
+    user = (CLIError, ValueError, TypeError, OSError)
+    try:
+        from .backends import BackendUnavailableError
+        from .calibrate import CalibrationError
+        from .convert import QuantizeError
+    except ImportError:  # the failure may be ditq's own import: then only the plain classes count
+        return isinstance(e, user)
+    return isinstance(e, user + (BackendUnavailableError, CalibrationError, QuantizeError))
 
 
 if __name__ == "__main__":

@@ -227,8 +227,9 @@ class QuantConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "QuantConfig":
         """``"w8a8"`` (int8 per-channel weights) or ``"w4a8"`` (int4, groups of 128); ``overrides`` replace fields."""
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise QuantConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        cls._check_field_names(overrides, " in the preset's overrides")
         kw = dict(PRESETS[name])
         if "weight_bits" in overrides and "group_size" not in overrides:
             kw.pop("group_size")  # let the new bit width pick its own default group size
@@ -243,8 +244,12 @@ class QuantConfig:
     def from_dict(cls, d: dict) -> "QuantConfig":
         if not isinstance(d, dict):
             raise QuantConfigError(f"QuantConfig.from_dict takes a dict, got {type(d).__name__}")
+        cls._check_field_names(d)
+        return cls(**d)
+
+    @classmethod
+    def _check_field_names(cls, d: dict, where: str = "") -> None:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise QuantConfigError(f"unknown QuantConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+            raise QuantConfigError(f"unknown QuantConfig fields {sorted(unknown)}{where}; known: {sorted(known)}")

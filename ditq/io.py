@@ -301,6 +301,41 @@ def _one_line(e: BaseException) -> str:
     return "; ".join(lines) if lines else type(e).__name__
 
 
+def check_path(path, what: str = "path") -> str:
+    """``path`` (a str or ``os.PathLike``) as a str, or a TypeError / ValueError naming ``what``: a None or a number
+    would otherwise fail inside ``os.path`` with a message that names neither the argument nor the function."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a directory path (str or os.PathLike), got {type(path).__name__}")
+    path = os.fsdecode(os.fspath(path))
+    if not path:
+        raise ValueError(f"{what} is an empty string: give a directory")
+    return path
+
+
+def check_device(device, what: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``, checked to exist on this machine before anything is read or built.
+
+    A device string torch cannot parse, or a CUDA device on a machine without one (or past the visible GPUs), is
+    a ValueError naming ``what``; torch itself would fail only at the first tensor copy, deep inside loading,
+    with "Found no NVIDIA driver" or an invalid device ordinal. Only CUDA devices are probed: other device types
+    are left to the backends, which say which of them can run there."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"{what} must be a torch.device, a str such as 'cpu' or 'cuda:0', or a CUDA index, "
+                        f"got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{what} {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} {str(dev)!r}: no CUDA GPU is visible here (torch.cuda.is_available() is "
+                             f"False); use 'cpu'")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{what} {str(dev)!r}: only {n} CUDA device(s) are visible (cuda:0 to cuda:{n - 1})")
+    return dev
+
+
 # ---- meta-device construction ------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -395,13 +430,22 @@ def _save_transformer(transformer: nn.Module, directory: str, pipeline_class: Op
 
 def save_quantized(pipe_or_module, path: str) -> None:
     """Save a quantized diffusers pipeline (``path/transformer`` + ``save_pretrained`` for the rest) or a
-    quantized diffusers model (``path`` itself). See the module docstring for the layout."""
+    quantized diffusers model (``path`` itself). See the module docstring for the layout.
+
+    ``path`` is a directory, created if missing; files an earlier save wrote there are overwritten. Raises
+    ValueError for a model :func:`ditq.quantize` has not quantized, TypeError for one that is not a diffusers
+    model (nothing to rebuild it from) or a ``path`` that is not a path, NotADirectoryError when ``path`` is a
+    file."""
+    path = check_path(path)
     transformer, pipe = _target(pipe_or_module)
     if not is_quantized(transformer):
         raise ValueError(f"this {type(transformer).__name__} is not quantized: call ditq.quantize first")
     if not hasattr(transformer, "to_json_string") or not hasattr(type(transformer), "from_config"):
         raise TypeError(f"save_quantized needs a diffusers model (ModelMixin with a config) so it can rebuild it; "
                         f"{type(transformer).__name__} has none. Save its state_dict() (canonical layout) instead")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"save_quantized: {path} exists and is not a directory (a checkpoint is a "
+                                 f"directory)")
     os.makedirs(path, exist_ok=True)
     if pipe is None:
         _save_transformer(transformer, path)
@@ -441,6 +485,13 @@ def read_header(directory: str) -> dict:
         raise CheckpointError(f"{p} is not readable JSON: {_one_line(e)}") from e
     check_header(header, where=p)
     return header
+
+
+def _check_backend_name(backend) -> None:
+    from .backends import BACKEND_NAMES
+    if backend is not None and (not isinstance(backend, str) or backend not in BACKEND_NAMES + ("auto",)):
+        raise ValueError(f"backend must be None (the checkpoint's) or one of {', '.join(BACKEND_NAMES + ('auto',))}"
+                         f", got {backend!r}")
 
 
 def _resolve_backend(header: dict, backend: Optional[str], device) -> str:
@@ -485,9 +536,11 @@ def load_transformer(directory: str, device="cpu", backend: Optional[str] = None
     ``torch_dtype``: the dtype of everything but the QuantLinear scales (which stay float32: the ops take them
     so); None keeps the dtypes as saved."""
     torch_dtype = _check_dtype(torch_dtype)
+    directory = check_path(directory, "directory")
+    device = check_device(device)
+    _check_backend_name(backend)
     header = read_header(directory)
     where = os.path.join(directory, HEADER_NAME)
-    device = torch.device(device)
     cls = _import(header["model_class"], where, "model_class", base=nn.Module)
     if not hasattr(cls, "from_config"):
         raise CheckpointError(f"{where}: field 'model_class' names {cls.__name__}, not a diffusers model "
@@ -536,9 +589,16 @@ def load_quantized(path: str, device="cpu", backend: Optional[str] = None, **pip
     ``device``: where the model goes; ``backend``: the kernel backend (default: the one the checkpoint's
     QuantConfig named, "auto" resolving on ``device``). ``pipeline_kwargs`` go to the pipeline's
     ``from_pretrained``; ``torch_dtype`` (the only one a bare transformer takes) applies to the transformer too:
-    its biases, norms and unquantized layers take that dtype, the quantized layers' scales stay float32."""
+    its biases, norms and unquantized layers take that dtype, the quantized layers' scales stay float32.
+
+    Everything is checked before the weights are read: a ``path`` that is not a ditq checkpoint or a corrupt one
+    raises :class:`CheckpointError`, a ``device`` this machine lacks or an unknown ``backend`` name ValueError,
+    a backend that cannot run on ``device`` :class:`ditq.backends.BackendUnavailableError`."""
+    path = check_path(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory")
+    check_device(device)
+    _check_backend_name(backend)
     torch_dtype = _transformer_dtype(pipeline_kwargs.get("torch_dtype"))
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         extra = sorted(set(pipeline_kwargs) - {"torch_dtype"})

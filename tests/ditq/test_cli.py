@@ -39,7 +39,7 @@ def test_no_command_prints_help(capsys):
 
 
 def _one_line_error(code, err, *needles):
-    assert code == 1
+    assert code == 2  # an error the user can fix: argparse's code for a bad flag
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert "Traceback" not in err
@@ -92,7 +92,7 @@ def test_bad_preset_and_bad_numbers(tmp_path, capsys):
 def test_python_dash_m(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ditq", "info", str(tmp_path / "missing")],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert r.stderr.strip() == f"ditq info: error: no such directory: {tmp_path / 'missing'}"
 
 
@@ -288,7 +288,7 @@ def test_quantize_warns_about_layers_it_could_not_quantize(tiny_pipeline_dir, tm
 
 
 def test_quantize_fails_when_no_layer_fits(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
-    """Every linear refused (as on a model none of whose K the group size divides): exit 1, nothing written."""
+    """Every linear refused (as on a model none of whose K the group size divides): exit 2, nothing written."""
     import ditq.convert as convert
     real = convert.select_layers
 
@@ -318,7 +318,7 @@ def test_quantize_refuses_a_report_without_layers(tiny_pipeline_dir, tmp_path, c
     code, _, err = run(["quantize", tiny_pipeline_dir, "--preset", "w8a8", "--calib-labels", "1", "--quiet",
                         "--out", str(out)], capsys)
     lines = err.strip().splitlines()
-    assert code == 1 and len(lines) == 2 and "Traceback" not in err, err
+    assert code == 2 and len(lines) == 2 and "Traceback" not in err, err
     assert "1 of 1 linear layers could not be quantized" in lines[0] and "never ran during calibration" in lines[0]
     assert lines[1] == "ditq quantize: error: no layer was quantized (see the warning above); nothing written"
     assert not out.exists() or not os.listdir(out)
@@ -335,7 +335,7 @@ def test_quantize_with_the_calibration_policy_and_fusion(tiny_pipeline_dir, tmp_
     assert report["fusion"]["projections"], report["fusion"]
     code, _, err = run(["quantize", tiny_pipeline_dir, "--preset", "w8a8", "--timestep-groups", "2", "--quiet",
                         "--out", str(tmp_path / "p")], capsys)
-    assert code == 1 and "timestep_groups > 1 needs" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "timestep_groups > 1 needs" in err and len(err.strip().splitlines()) == 1
 
 
 def test_quantize_with_a_weight_method(tiny_pipeline_dir, tmp_path, capsys):
@@ -350,3 +350,138 @@ def test_quantize_with_a_weight_method(tiny_pipeline_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse refuses an unknown method before any work
         main(["quantize", tiny_pipeline_dir, "--preset", "w4a8", "--weight-method", "awq", "--out", str(tmp_path)])
     assert e.value.code == 2 and "invalid choice: 'awq'" in capsys.readouterr().err
+
+
+# ---- mistakes caught before any work: devices, backends, --out, flags that would be ignored ------------------
+
+def _no_gpu(monkeypatch):
+    """This machine as one without a GPU, whatever it has (the GPU runs of the suite included)."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _fail_if_anything_runs(monkeypatch):
+    import ditq.demo.run as demo_run
+    _fail_if_loaded(monkeypatch)
+
+    def boom(*a, **k):
+        raise AssertionError("the demo ran before its flags were checked")
+    monkeypatch.setattr(demo_run, "run_demo", boom)
+
+
+def _argv(cmd, tmp_path, *extra):
+    return {"quantize": ["quantize", "bundled", "--preset", "w8a8", "--out", str(tmp_path / "o")],
+            "generate": ["generate", "bundled", "--class-labels", "1", "--out", str(tmp_path / "x.png")],
+            "demo": ["demo", "--out", str(tmp_path / "d")]}[cmd] + list(extra)
+
+
+@pytest.mark.parametrize("cmd", ["quantize", "generate", "demo"])
+@pytest.mark.parametrize("device, needle", [("cuda:7", "--device 'cuda:7': no CUDA GPU is visible"),
+                                            ("cuda", "--device 'cuda': no CUDA GPU is visible"),
+                                            ("gpu", "--device 'gpu' is not a torch device")],
+                         ids=["cuda7", "cuda", "not-a-device"])
+def test_a_device_this_machine_lacks_is_refused_before_loading(cmd, device, needle, tmp_path, capsys, monkeypatch):
+    _no_gpu(monkeypatch)
+    _fail_if_anything_runs(monkeypatch)
+    _one_line_error(*run(_argv(cmd, tmp_path, "--device", device), capsys)[::2], needle)
+
+
+def test_a_cuda_index_past_the_visible_gpus_is_refused(tmp_path, capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    _fail_if_anything_runs(monkeypatch)
+    _one_line_error(*run(_argv("quantize", tmp_path, "--device", "cuda:2"), capsys)[::2],
+                    "--device 'cuda:2': only 2 CUDA device(s) are visible (cuda:0 to cuda:1)")
+
+
+@pytest.mark.parametrize("cmd", ["quantize", "generate", "demo"])
+def test_a_backend_that_cannot_run_here_is_refused_before_loading(cmd, tmp_path, capsys, monkeypatch):
+    _no_gpu(monkeypatch)
+    _fail_if_anything_runs(monkeypatch)
+    _one_line_error(*run(_argv(cmd, tmp_path, "--backend", "cuda"), capsys)[::2],
+                    "--backend cuda cannot run on cpu", "available there: torch")
+
+
+@pytest.mark.parametrize("cmd", ["quantize", "demo"])
+@pytest.mark.parametrize("out, needle", [("a_file", "exists and is not a directory"),
+                                         ("a_file/sub", "is a file, not a directory"),
+                                         ("", "--out is empty")], ids=["file", "under-a-file", "empty"])
+def test_an_out_that_cannot_be_a_directory_is_refused_before_loading(cmd, out, needle, tmp_path, capsys,
+                                                                      monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    _fail_if_anything_runs(monkeypatch)
+    argv = _argv(cmd, tmp_path)
+    argv[argv.index("--out") + 1] = str(tmp_path / out) if out else ""
+    _one_line_error(*run(argv, capsys)[::2], needle)
+
+
+def test_quantize_out_in_a_read_only_directory(tmp_path, capsys, monkeypatch):
+    # Permission bits do not bind root (these tests may run as root), so the access check itself is faked.
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.path.samefile(p, tmp_path) else
+                        real_access(p, mode))
+    _fail_if_anything_runs(monkeypatch)
+    _one_line_error(*run(_argv("quantize", tmp_path), capsys)[::2], f"directory {tmp_path} is not writable")
+
+
+def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys, monkeypatch):
+    _fail_if_anything_runs(monkeypatch)
+    _one_line_error(*run(_argv("generate", tmp_path, "--backend", "torch"), capsys)[::2],
+                    "--backend torch: bundled is a full-precision pipeline, not a ditq checkpoint")
+    _one_line_error(*run(_argv("quantize", tmp_path, "--group-size", "32"), capsys)[::2],
+                    "--group-size applies to --preset w4a8")
+    _one_line_error(*run(_argv("generate", tmp_path, "--guidance-scale", "nan"), capsys)[::2],
+                    "--guidance-scale must be a finite number")
+
+
+@pytest.mark.parametrize("takes, flag, needle", [
+    ("class_labels", ["--calib-prompts", "a cat"], "--calib-prompts: T is class-conditional"),
+    ("prompt", ["--calib-labels", "1"], "--calib-labels: T is text-to-image")], ids=["prompts", "labels"])
+def test_calibration_inputs_of_the_other_kind_are_refused(takes, flag, needle, tmp_path, capsys, monkeypatch):
+    """A loaded pipeline whose calls take the other kind of input: refused before calibrating it."""
+    import ditq.cli as cli
+    pipe_cls = type("T", (), {"transformer": _NaNPipe.transformer, "__call__": _call_taking(takes)})
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pipe_cls())
+    _one_line_error(*run(_argv("quantize", tmp_path, *flag), capsys)[::2], needle)
+    assert not (tmp_path / "o").exists()
+
+
+def _call_taking(takes):
+    if takes == "prompt":
+        def call(self, prompt=None, num_inference_steps=25):
+            raise AssertionError("calibrated")
+    else:
+        def call(self, class_labels=None, num_inference_steps=25):
+            raise AssertionError("calibrated")
+    return call
+
+
+def test_generate_on_a_bare_transformer_checkpoint(tmp_path, capsys):
+    import ditq
+    from tiny_models import tiny_dit
+    t = tiny_dit()
+    ditq.quantize(t, ditq.QuantConfig(act_scheme="dynamic", backend="torch", progress=False))
+    ditq.save_quantized(t, str(tmp_path / "t"))
+    _one_line_error(*run(["generate", str(tmp_path / "t"), "--class-labels", "1", "--out", str(tmp_path / "x.png")],
+                         capsys)[::2], "a quantized transformer without its pipeline (no model_index.json)")
+
+
+def test_an_unexpected_failure_exits_1_and_points_to_debug(tmp_path, capsys, monkeypatch):
+    import ditq.cli as cli
+
+    def broken(args):
+        raise RuntimeError("an internal failure\nsecond line")
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    code, _, err = run(["info", str(tmp_path)], capsys)
+    assert code == 1 and err.strip() == ("ditq info: error: RuntimeError: an internal failure (unexpected: rerun "
+                                         "with --debug for the traceback)")
+    with pytest.raises(RuntimeError, match="an internal failure"):
+        main(["--debug", "info", str(tmp_path)])
+
+
+def test_version(capsys):
+    import ditq
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ditq {ditq.__version__}"

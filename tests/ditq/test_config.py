@@ -76,3 +76,11 @@ def test_group_size_is_checked_against_the_kernels_own_description():
         with pytest.raises(QuantConfigError, match="not built into backend 'cuda-emulated'"):
             QuantConfig(weight_bits=4, group_size=512, backend="cuda-emulated")
     assert QuantConfig(weight_bits=4, group_size=512, backend="torch").group_size == 512  # the reference runs any
+
+
+def test_preset_mistakes_say_what_is_accepted():
+    with pytest.raises(QuantConfigError, match=r"unknown preset \['w8a8'\]; choose one of \['w4a8', 'w8a8'\]"):
+        QuantConfig.preset(["w8a8"])
+    with pytest.raises(QuantConfigError, match=r"unknown QuantConfig fields \['bits'\] in the preset's overrides; "
+                                               r"known: \['act_bits'"):
+        QuantConfig.preset("w8a8", bits=4)

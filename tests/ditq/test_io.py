@@ -118,3 +118,56 @@ def test_diffusers_from_pretrained(tmp_path):
     assert bf.proj_out_2.weight.dtype == torch.bfloat16  # and so do the layers left unquantized
     x = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in inp.items()}
     assert bf(**x).sample.dtype == torch.bfloat16
+
+
+# ---- the obvious mistakes, each refused before anything is read or written, naming the argument ---------------
+
+@pytest.fixture(scope="module")
+def dynamic_dit():
+    return _quantized_dit(QuantConfig.preset("w8a8", act_scheme="dynamic", progress=False))
+
+
+@pytest.mark.parametrize("path", [None, 5])
+def test_a_path_that_is_not_a_path(dynamic_dit, path):
+    t, _ = dynamic_dit
+    with pytest.raises(TypeError, match="path must be a directory path .*, got "):
+        ditq.save_quantized(t, path)
+    with pytest.raises(TypeError, match="path must be a directory path .*, got "):
+        ditq.load_quantized(path)
+    with pytest.raises(ValueError, match="path is an empty string"):
+        ditq.save_quantized(t, "")
+
+
+def test_save_into_a_file_is_refused_and_a_pathlike_works(dynamic_dit, tmp_path):
+    import pathlib
+    t, inp = dynamic_dit
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="save_quantized: .*/f exists and is not a directory"):
+        ditq.save_quantized(t, str(tmp_path / "f"))
+    ditq.save_quantized(t, pathlib.Path(tmp_path / "ok"))
+    with torch.no_grad():
+        assert torch.equal(ditq.load_quantized(pathlib.Path(tmp_path / "ok"))(**inp).sample, t(**inp).sample)
+
+
+@pytest.mark.parametrize("device, gpus, match", [
+    ("cuda:7", 0, "device 'cuda:7': no CUDA GPU is visible here"),
+    ("cuda", 0, "device 'cuda': no CUDA GPU is visible here"),
+    (0, 0, "device 'cuda:0': no CUDA GPU is visible here"),
+    ("cuda:2", 2, r"device 'cuda:2': only 2 CUDA device\(s\) are visible \(cuda:0 to cuda:1\)"),
+    ("gpu", 0, "device 'gpu' is not a torch device"),
+], ids=["cuda7-no-gpu", "cuda-no-gpu", "index-no-gpu", "cuda2-of-2", "not-a-device"])
+def test_a_device_this_machine_lacks_is_refused_before_reading(tmp_path, monkeypatch, device, gpus, match):
+    """Checked first: the directory need not even hold a checkpoint (torch would fail only at the first tensor
+    copy, with "Found no NVIDIA driver" or an invalid device ordinal)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    with pytest.raises(ValueError, match=match):
+        ditq.load_quantized(str(tmp_path), device=device)
+    with pytest.raises(TypeError, match="device must be a torch.device, a str"):
+        ditq.load_quantized(str(tmp_path), device=1.5)
+
+
+def test_an_unknown_backend_name_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="backend must be None .* or one of torch, triton, cuda, cuda-emulated, "
+                                         "auto, got 'cublas'"):
+        ditq.load_quantized(str(tmp_path), backend="cublas")

@@ -74,7 +74,7 @@ def test_bad_setting_and_numbers(tmp_path, capsys):
     assert set(demo.DEFAULT_SETTINGS) < set(demo.SETTINGS)  # the full set stays behind --settings all
     assert demo.check_settings(["all"]) == list(demo.SETTINGS)
     code = main(["demo", "--out", str(tmp_path), "--steps", "0"])
-    assert code == 1 and "--steps must be at least 1" in capsys.readouterr().err
+    assert code == 2 and "--steps must be at least 1" in capsys.readouterr().err
     with pytest.raises(demo.DemoError, match="--samples-per-class must be a positive integer"):
         demo.run_demo(str(tmp_path), samples_per_class=0)
     with pytest.raises(ValueError, match="backend"):
