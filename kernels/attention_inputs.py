@@ -47,7 +47,7 @@ import triton.language as tl
 
 from . import checks
 from .attention_inputs_checks import MAX_HEAD_DIM, check_args
-from .interpret import cast_rn, check_device, interpreting
+from .interpret import cast_rn, check_device, interpreting, on_input_device
 from .norm_quantize import _add_rn, _mul_rn
 
 __all__ = ["attention_inputs", "MAX_HEAD_DIM"]
@@ -141,6 +141,7 @@ def launch_config(heads: int, d: int) -> Tuple[int, int, int]:
     return block_h, half, max(1, min(4, block_h * half // 256))
 
 
+@on_input_device
 def attention_inputs(first: torch.Tensor, second: Optional[torch.Tensor], batch: int, heads: int,
                      first_q_norm: Optional[torch.Tensor], first_k_norm: Optional[torch.Tensor],
                      second_q_norm: Optional[torch.Tensor], second_k_norm: Optional[torch.Tensor], eps: float,

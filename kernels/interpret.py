@@ -11,6 +11,8 @@ so GPU code is unchanged.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -39,6 +41,25 @@ def check_device(t: torch.Tensor) -> None:
         f"ditq's Triton kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter; got "
         f"{t.device} tensors with the interpreter off: set TRITON_INTERPRET=1 before importing triton or "
         f"diffusers, or move the tensors to a GPU")
+
+
+def on_input_device(launcher):
+    """Run ``launcher`` with its first argument's GPU as the current device.
+
+    Triton launches a kernel on the *current* CUDA device and its current stream, whatever device the tensors
+    live on; torch's own ops (and ditq's C++ ops, through a device guard) follow the tensors. Without this, a
+    model on ``cuda:1`` while ``cuda:0`` is current (diffusers' ``device_map`` places pipelines so) would launch
+    on the wrong GPU with pointers it cannot read. The check costs one ``current_device`` call when the devices
+    already agree, the common case."""
+
+    @functools.wraps(launcher)
+    def launch(first, *args, **kwargs):
+        if getattr(first, "is_cuda", False) and first.device.index not in (None, torch.cuda.current_device()):
+            with torch.cuda.device(first.device.index):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+
+    return launch
 
 
 @triton.jit

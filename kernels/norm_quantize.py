@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from . import checks, config_table
-from .interpret import check_device, interpreting
+from .interpret import check_device, interpreting, on_input_device
 from .quantize_act import quantize_row
 
 MAX_BLOCK_K = 16384  # a row lives in registers: 16384 fp32 over 16 warps is 32 per thread
@@ -152,6 +152,7 @@ def _check_args(x, shift, scale, eps, act_scale):
     return eps
 
 
+@on_input_device
 def norm_modulate_quantize(x: torch.Tensor, shift: Optional[torch.Tensor], scale: Optional[torch.Tensor],
                            eps: float, act_scale: Optional[torch.Tensor], *,
                            out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:

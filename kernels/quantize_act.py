@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import checks, config_table
-from .interpret import check_device, interpreting
+from .interpret import check_device, interpreting, on_input_device
 
 try:  # the CUDA libdevice wrappers; only used when compiling for a GPU
     from triton.language.extra.cuda import libdevice
@@ -117,6 +117,7 @@ def describe() -> Dict:
             "interpreter": "interpreter" in archs}
 
 
+@on_input_device
 def quantize_act(x: torch.Tensor, scale: Optional[torch.Tensor] = None,
                  out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` [M, K] to int8. ``scale``: float32 [1] static scale, or None for per-token scales.

@@ -98,7 +98,7 @@ import triton
 import triton.language as tl
 
 from . import checks, config_table, epilogue, quantize_act, split_k
-from .interpret import check_device, interpreting
+from .interpret import check_device, interpreting, on_input_device
 
 KERNEL_NAME = "w4a8"
 # The group sizes this family runs: the launcher's check, the config picker (pack_block) and describe() all
@@ -494,6 +494,7 @@ def _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype, a_dtypes=(t
     return m, n, k
 
 
+@on_input_device
 def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
               out: Optional[torch.Tensor] = None, config: Optional[Dict] = None,
@@ -526,6 +527,7 @@ def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     return _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config, splits)
 
 
+@on_input_device
 def gemm_w4a8_fused(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                     bias: Optional[torch.Tensor], group_size: int, gelu: bool, gate: Optional[torch.Tensor],
                     residual: Optional[torch.Tensor], rows_per_gate: int, out_scale: Optional[torch.Tensor],

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from . import checks, config_table, epilogue, quantize_act, split_k
-from .interpret import check_device, interpreting
+from .interpret import check_device, interpreting, on_input_device
 
 KERNEL_NAME = "w8a8"
 K_MULTIPLE = 16  # 16-byte aligned rows: Triton's divisibility specialisation of K gives 16-byte loads
@@ -260,6 +260,7 @@ def _check_gemm(a, a_scale, w, w_scale, bias, out_dtype, a_dtypes=(torch.int8,))
     return m, n, k
 
 
+@on_input_device
 def gemm_w8a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor] = None, out_dtype: torch.dtype = torch.bfloat16,
               out: Optional[torch.Tensor] = None, config: Optional[Dict] = None,
@@ -288,6 +289,7 @@ def gemm_w8a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     return _launch(a, a_scale, w, w_scale, bias, out, m, n, k, config, splits)
 
 
+@on_input_device
 def gemm_w8a8_fused(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                     bias: Optional[torch.Tensor], gelu: bool, gate: Optional[torch.Tensor],
                     residual: Optional[torch.Tensor], rows_per_gate: int, out_scale: Optional[torch.Tensor],

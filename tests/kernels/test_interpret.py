@@ -1,0 +1,97 @@
+"""kernels/interpret.py's launch-side rules: where a Triton kernel runs.
+
+Triton launches on the current CUDA device, not the tensors' device; every public launcher runs with its first
+tensor's GPU made current (``on_input_device``). No machine here has two GPUs, so the switch itself is checked with
+stand-ins for the tensor and for torch.cuda's device context; the `cuda` test runs it for real where there are two."""
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ditq.kernels import attention_inputs, norm_quantize, quantize_act, w4a8, w8a8
+from ditq.kernels.interpret import on_input_device
+
+LAUNCHERS = [quantize_act.quantize_act, norm_quantize.norm_modulate_quantize, attention_inputs.attention_inputs,
+             w8a8.gemm_w8a8, w8a8.gemm_w8a8_fused, w4a8.gemm_w4a8, w4a8.gemm_w4a8_fused]
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """torch.cuda.current_device / torch.cuda.device over a made-up current index (starts at 0); returns the list of
+    indices a device context was entered with."""
+    state = {"current": 0, "entered": []}
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            state["entered"].append(self.index)
+            self.prev, state["current"] = state["current"], self.index
+
+        def __exit__(self, *exc):
+            state["current"] = self.prev
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: state["current"])
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    return state
+
+
+def _on(index):
+    return SimpleNamespace(is_cuda=True, device=torch.device("cuda", index))
+
+
+def test_a_launch_runs_on_its_inputs_gpu_and_restores_the_current_one(fake_gpus):
+    seen = []
+
+    @on_input_device
+    def launcher(first, x, *, y=1):
+        seen.append((torch.cuda.current_device(), x, y))
+        return "launched"
+
+    assert launcher(_on(1), 2, y=3) == "launched"
+    assert seen == [(1, 2, 3)] and fake_gpus["current"] == 0 and fake_gpus["entered"] == [1]
+    launcher(_on(0), 4)  # already current: no switch
+    launcher(torch.zeros(2), 5)  # a CPU tensor (the interpreter): no switch
+    launcher("not a tensor", 6)  # left for the launcher's own checks to refuse
+    assert seen[1:] == [(0, 4, 1), (0, 5, 1), (0, 6, 1)] and fake_gpus["entered"] == [1]
+
+
+def test_the_switch_is_undone_when_the_launcher_raises(fake_gpus):
+    @on_input_device
+    def launcher(first):
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        launcher(_on(2))
+    assert fake_gpus["current"] == 0
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS, ids=lambda f: f.__name__)
+def test_every_public_launcher_follows_its_inputs(launcher):
+    """The launchers the backends bind (ditq/backends/triton_backend.py; cuda binds attention_inputs) carry the
+    switch, and keep their own name, docstring and signature."""
+    assert launcher.__qualname__ == inspect.unwrap(launcher).__qualname__
+    assert launcher.__code__ is on_input_device(lambda first: None).__code__
+    assert list(inspect.signature(launcher).parameters)[:1] == list(
+        inspect.signature(inspect.unwrap(launcher)).parameters)[:1]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_kernels_on_the_second_gpu_while_the_first_is_current():
+    from ditq.quant import reference as ref
+    from ditq.testing import assert_gemm_w8a8, random_int8
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 160, generator=g)
+    a, sa, w, sw = random_int8(33, 160, generator=g), torch.rand(33, generator=g) + 0.01, \
+        random_int8(67, 160, generator=g), torch.rand(67, generator=g) * 0.01
+    with torch.cuda.device(0):
+        q, s = quantize_act.quantize_act(x.to("cuda:1"))
+        y = w8a8.gemm_w8a8(*(t.to("cuda:1") for t in (a, sa, w, sw)), None, torch.float32)
+        torch.cuda.synchronize(1)
+    qr, sr = ref.quantize_per_token(x)
+    assert q.device == torch.device("cuda:1") and torch.equal(q.cpu(), qr) and torch.equal(s.cpu(), sr)
+    assert_gemm_w8a8(y.cpu(), a, sa, w, sw, None)
