@@ -527,8 +527,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from diffusers.utils import logging as dlogging
-    dlogging.disable_progress_bar()  # "Loading pipeline components" bars; ours and the sampling bars stay
+    if args.command != "info":  # info reads files only: it never imports diffusers (seconds saved)
+        from diffusers.utils import logging as dlogging
+        dlogging.disable_progress_bar()  # "Loading pipeline components" bars; ours and the sampling bars stay
     try:
         _check_numbers(args)
         _check_device_and_backend(args)

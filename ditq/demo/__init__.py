@@ -13,16 +13,24 @@ import os
 
 import torch
 
-from .pipeline import PixelDiTPipeline
-
 BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
 
 
-def load_bundled_pipeline(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PixelDiTPipeline:
+def __getattr__(name: str):
+    # The pipeline (and with it diffusers, seconds to import) loads on first use, so that `ditq --help` and
+    # `ditq info`, which read only ditq.demo.run's setting names, do not pay for it.
+    if name == "PixelDiTPipeline":
+        from .pipeline import PixelDiTPipeline
+        return PixelDiTPipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def load_bundled_pipeline(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "PixelDiTPipeline":
     """The bundled digits DiT, read from the package directory only (never the network).
 
     Weights are stored in fp16; diffusers loads them as float32, and `dtype` casts afterwards (fp16 is slow on CPU).
     """
+    from .pipeline import PixelDiTPipeline
     pipe = PixelDiTPipeline.from_pretrained(BUNDLED_MODEL_DIR, local_files_only=True)
     return pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
 
