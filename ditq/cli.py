@@ -326,6 +326,11 @@ def cmd_generate(args) -> int:
             raise CLIError(f"--backend {args.backend}: {args.model} is a full-precision pipeline, not a ditq "
                            f"checkpoint; --backend chooses the kernels of a quantized one")
         pipe = load_pipeline(args.model, device=args.device)
+    import inspect
+    params = inspect.signature(pipe.__call__).parameters.values()
+    if not any(p.name == "class_labels" or p.kind is p.VAR_KEYWORD for p in params):
+        raise CLIError(f"{type(pipe).__name__} does not take class labels: ditq generate samples class-conditional "
+                       f"pipelines (DiT); call a text-to-image pipeline from Python")
     _check_labels(args.class_labels, _num_classes(pipe))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=args.quiet)
@@ -491,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample images from a ditq checkpoint (or 'bundled')",
                        description="Loads a checkpoint written by 'ditq quantize' (or a full-precision pipeline "
                        "directory, or 'bundled') and writes one PNG with the images side by side.")
-    g.add_argument("model", metavar="DIR", help="checkpoint directory from 'ditq quantize'")
+    g.add_argument("model", metavar="DIR", help="a checkpoint directory from 'ditq quantize', a full-precision "
+                   "pipeline directory, or 'bundled'")
     g.add_argument("--class-labels", type=int, nargs="+", required=True, metavar="C", help="one image per label")
     g.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -503,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="describe a ditq checkpoint: format, layers, bytes",
-                       description="Reads a checkpoint's header and tensor sizes (no weights are loaded).")
+                       description="Reads a checkpoint's header, its tensor sizes and scales (the weights "
+                       "themselves are not loaded) and reports a truncated or corrupt checkpoint as an error.")
     i.add_argument("dir", metavar="DIR", help="checkpoint directory")
     i.add_argument("--layers", action="store_true", help="list every quantized layer")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")

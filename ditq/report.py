@@ -24,6 +24,8 @@ from typing import Dict, List, Optional
 
 @dataclass
 class LayerReport:
+    """One quantized layer: its shape and format, weight and activation SQNR (dB), static scale, bytes."""
+
     name: str
     in_features: int
     out_features: int
@@ -46,6 +48,12 @@ class LayerReport:
 
 @dataclass
 class QuantReport:
+    """What :func:`ditq.quantize` did, measured: ``print(report)`` shows the table, ``report.layer(name)`` one
+    quantized layer (:class:`LayerReport`), ``report.skipped`` the layers kept in full precision and why,
+    ``report.output_sqnr`` the model-output SQNR on the first-step calibration inputs (None without them),
+    ``report.compression`` the transformer's bytes before / after, ``to_json()`` all of it (the module docstring
+    lists every field)."""
+
     config: dict
     backend: str
     layers: List[LayerReport] = field(default_factory=list)

@@ -491,3 +491,13 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ditq {ditq.__version__}"
+
+
+def test_generate_refuses_a_pipeline_without_class_labels(tmp_path, capsys, monkeypatch):
+    import ditq.cli as cli
+    pipe_cls = type("TextPipe", (), {"transformer": _NaNPipe.transformer, "__call__": _call_taking("prompt")})
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pipe_cls())
+    _one_line_error(*run(["generate", str(tmp_path), "--class-labels", "1", "--out", str(tmp_path / "x.png")],
+                         capsys)[::2], "TextPipe does not take class labels")
+    assert not (tmp_path / "x.png").exists()
+
