@@ -3,8 +3,9 @@
     ditq demo [--out DIR] [--steps N] [--samples-per-class N] [--backend B] [--settings w8a8 w8a8-best ...]
     ditq quantize MODEL --preset w4a8|w8a8 [--calibration first-step|all-steps] [--act-scheme static|dynamic]
                   [--backend B] --out DIR
-    ditq generate DIR --class-labels 1 2 3 [--steps N] [--seed S] --out PNG
-    ditq info DIR
+    ditq generate DIR --class-labels 1 2 3 [--steps N] [--seed S] [--backend B] --out PNG
+    ditq info DIR [--layers] [--json]
+    ditq --version
 
 MODEL is ``bundled`` (the digits DiT shipped with ditq), a local diffusers pipeline directory, or a Hugging Face
 hub id (needs internet; loaded with ``DiffusionPipeline.from_pretrained``). Errors a user can fix (a missing

@@ -499,7 +499,16 @@ def _resolve_backend(header: dict, backend: Optional[str], device) -> str:
     layer moves to), checked to run on ``device`` now so that a wrong choice fails before anything is built."""
     from . import backends
     name = backend if backend is not None else header["quant_config"].get("backend", "auto")
-    backends.resolve(name, device)
+    try:
+        backends.resolve(name, device)
+    except backends.BackendUnavailableError as e:
+        if backend is not None:
+            raise
+        # The name came from the checkpoint (quantized elsewhere, e.g. with backend="cuda" on a GPU): say so, and
+        # how to run it here anyway, since the canonical weights load on every backend.
+        raise backends.BackendUnavailableError(
+            f"{e} (the checkpoint's QuantConfig names backend {name!r}: pass backend= to load_quantized to run it "
+            f"on another)") from None
     return name
 
 

@@ -171,3 +171,19 @@ def test_an_unknown_backend_name_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="backend must be None .* or one of torch, triton, cuda, cuda-emulated, "
                                          "auto, got 'cublas'"):
         ditq.load_quantized(str(tmp_path), backend="cublas")
+
+
+def test_a_checkpoint_whose_backend_cannot_run_here_says_how_to_load_it(dynamic_dit, tmp_path, monkeypatch):
+    """Quantized on a GPU with backend="cuda", loaded on a CPU: the error names the checkpoint's choice and the
+    way out, which works (the weights on disk are canonical, for every backend)."""
+    t, inp = dynamic_dit
+    ditq.save_quantized(t, str(tmp_path))
+    header = json.load(open(tmp_path / HEADER_NAME))
+    header["quant_config"]["backend"] = "cuda"
+    json.dump(header, open(tmp_path / HEADER_NAME, "w"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ditq.backends.BackendUnavailableError,
+                       match="the checkpoint's QuantConfig names backend 'cuda': pass backend= to load_quantized"):
+        ditq.load_quantized(str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(ditq.load_quantized(str(tmp_path), backend="torch")(**inp).sample, t(**inp).sample)
