@@ -381,7 +381,8 @@ def info(path: str) -> dict:
         nbytes = sum(b for k, b in sizes.items() if k.startswith(name + "."))
         layers.append(dict(name=name, in_features=spec["in_features"], out_features=spec["out_features"],
                            bits=fmt.get("bits"), group_size=fmt.get("group_size"), act_scheme=spec["act_scheme"],
-                           act_scale=spec.get("act_scale"), bytes=nbytes))
+                           act_scale=spec.get("act_scale"), act_scales=spec.get("act_scales"),
+                           timestep_bounds=spec.get("timestep_bounds"), bytes=nbytes))
     quant_bytes = sum(layer["bytes"] for layer in layers)
     total = sum(sizes.values())
     full_precision = sum(layer["in_features"] * layer["out_features"] * 2 + layer["out_features"] * 2
@@ -391,6 +392,33 @@ def info(path: str) -> dict:
                 pipeline_class=header.get("pipeline_class"), quant_config=header.get("quant_config"),
                 layers=layers, quantized_layer_bytes=quant_bytes, quantized_layers_bf16_bytes=full_precision,
                 other_bytes=total - quant_bytes, total_bytes=total)
+
+
+def _policy(cfg: dict) -> List[str]:
+    """The settings beyond format and calibration mode that shaped a checkpoint, where they differ from the
+    defaults (the weight rounding, the range estimator, timestep groups, smoothing, per-token layers, fusion)."""
+    out = []
+    if cfg.get("weight_method", "rtn") != "rtn":
+        out.append(f"weights rounded by {cfg['weight_method']}")
+    if cfg.get("act_scheme") == "static" and cfg.get("act_estimator", "max") != "max":
+        out.append(f"ranges by {cfg['act_estimator']}")
+    if (cfg.get("timestep_groups") or 1) > 1:
+        out.append(f"up to {cfg['timestep_groups']} timestep groups")
+    if cfg.get("smooth_alpha") is not None:
+        out.append(f"smoothing alpha {cfg['smooth_alpha']}")
+    if cfg.get("max_dynamic_layers"):
+        out.append(f"up to {cfg['max_dynamic_layers']} per-token layers")
+    if cfg.get("fuse"):
+        out.append("fused")
+    return out
+
+
+def _scale_text(layer: dict) -> str:
+    if layer["act_scale"] is None:
+        return "dynamic"
+    if layer["act_scales"]:  # one static scale per timestep group: the range they span
+        return f"{min(layer['act_scales']):.3g}-{max(layer['act_scales']):.3g}"
+    return f"{layer['act_scale']:.3g}"
 
 
 def cmd_info(args) -> int:
@@ -403,15 +431,17 @@ def cmd_info(args) -> int:
     print(f"{d['path']}: ditq {d['ditq_version']} checkpoint, layout {d['layout']} v{d['layout_version']}")
     print(f"model: {d['model_class']}" + (f" in {d['pipeline_class']}" if d["pipeline_class"] else ""))
     print(f"config: {cfg.get('weight_bits')}-bit weights (group {group}), {cfg.get('act_bits')}-bit activations "
-          f"({cfg.get('act_scheme')}), calibration {cfg.get('calibration')}, backend {cfg.get('backend')}")
+          f"({cfg.get('act_scheme')}), calibration {cfg.get('calibration')}, backend {cfg.get('backend')}"
+          + "".join(f", {text}" for text in _policy(cfg)))
     if args.layers:
         width = max([len(layer["name"]) for layer in d["layers"]] + [5])
-        print(f"\n{'layer':<{width}}  {'K':>6} {'N':>6}  {'format':<10} {'act scale':>10} {'bytes':>9}")
-        for layer in d["layers"]:
+        scales = [_scale_text(layer) for layer in d["layers"]]
+        sw = max([len(t) for t in scales] + [10])
+        print(f"\n{'layer':<{width}}  {'K':>6} {'N':>6}  {'format':<10} {'act scale':>{sw}} {'bytes':>9}")
+        for layer, scale in zip(d["layers"], scales):
             fmt = f"w{layer['bits']}" + (f"g{layer['group_size']}" if layer["group_size"] else "") + "a8"
-            scale = "dynamic" if layer["act_scale"] is None else f"{layer['act_scale']:.3g}"
             print(f"{layer['name']:<{width}}  {layer['in_features']:>6} {layer['out_features']:>6}  {fmt:<10} "
-                  f"{scale:>10} {layer['bytes']:>9}")
+                  f"{scale:>{sw}} {layer['bytes']:>9}")
         print()
     n = len(d["layers"])
     print(f"quantized layers: {n}; their bytes {d['quantized_layer_bytes']:,} (bf16 would be "

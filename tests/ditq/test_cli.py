@@ -339,6 +339,14 @@ def test_quantize_with_the_calibration_policy_and_fusion(tiny_pipeline_dir, tmp_
     report = json.load(open(os.path.join(out, "ditq_report.json")))
     assert report["config"]["timestep_groups"] == 2 and report["config"]["fuse"] is True
     assert report["fusion"]["projections"], report["fusion"]
+    # info shows what shaped the checkpoint, and each grouped layer's scales (not one of them)
+    code, text, _ = run(["info", out, "--layers"], capsys)
+    assert code == 0
+    assert "calibration all-steps, backend auto, up to 2 timestep groups, smoothing alpha 0.5, fused" in text
+    header = json.load(open(os.path.join(out, "transformer", "ditq_quant.json")))
+    name, spec = next((n, s) for n, s in header["layers"].items() if s.get("act_scales"))
+    row = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
+    assert f"{min(spec['act_scales']):.3g}-{max(spec['act_scales']):.3g}" in row, row
     code, _, err = run(["quantize", tiny_pipeline_dir, "--preset", "w8a8", "--timestep-groups", "2", "--quiet",
                         "--out", str(tmp_path / "p")], capsys)
     assert code == 2 and "timestep_groups > 1 needs" in err and len(err.strip().splitlines()) == 1
