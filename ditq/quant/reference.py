@@ -429,6 +429,8 @@ def attention_inputs(first: torch.Tensor, second: Optional[torch.Tensor], batch:
 
 def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB: ``10 log10(‖ref‖² / ‖ref − x‖²)``; +inf when equal."""
+    if not isinstance(ref, torch.Tensor) or not isinstance(x, torch.Tensor):
+        raise TypeError(f"sqnr takes two tensors, got {type(ref).__name__} and {type(x).__name__}")
     if ref.shape != x.shape:
         raise ValueError(f"sqnr needs tensors of one shape, got {tuple(ref.shape)} and {tuple(x.shape)}")
     ref64, x64 = ref.detach().double(), x.detach().double()
