@@ -60,16 +60,53 @@ def bin_edges() -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.float64), inner, torch.full((1,), math.inf, dtype=torch.float64)])
 
 
+# Elements of |x| binned per pass: each pass holds ~6 float64/int64 temporaries of this length (~50 MB), however
+# large the activation (a FLUX.1 single block's [4608, 12288] input would otherwise take ~3 GB of temporaries).
+HIST_CHUNK = 1 << 20
+
+
 def histogram(x: torch.Tensor) -> torch.Tensor:
     """float64 [3, NUM_BINS]: per bin of |x|, the count, the sum of |x| and the sum of x²."""
-    a = x.detach().abs().reshape(-1).double()
-    idx = torch.floor((torch.log2(a.clamp(min=2.0 ** LOG2_MIN)) - LOG2_MIN) * BINS_PER_OCTAVE).long() + 1
-    idx = torch.where(a < 2.0 ** LOG2_MIN, torch.zeros_like(idx), idx.clamp(1, NUM_BINS - 1))
-    out = torch.zeros(3, NUM_BINS, dtype=torch.float64, device=a.device)
-    out[0].index_add_(0, idx, torch.ones_like(a))
-    out[1].index_add_(0, idx, a)
-    out[2].index_add_(0, idx, a * a)
+    flat = x.detach().reshape(-1)
+    out = torch.zeros(3, NUM_BINS, dtype=torch.float64, device=flat.device)
+    for i in range(0, flat.numel(), HIST_CHUNK):
+        a = flat[i:i + HIST_CHUNK].abs().double()
+        idx = torch.floor((torch.log2(a.clamp(min=2.0 ** LOG2_MIN)) - LOG2_MIN) * BINS_PER_OCTAVE).long() + 1
+        idx = torch.where(a < 2.0 ** LOG2_MIN, torch.zeros_like(idx), idx.clamp(1, NUM_BINS - 1))
+        out[0].index_add_(0, idx, torch.ones_like(a))
+        out[1].index_add_(0, idx, a)
+        out[2].index_add_(0, idx, a * a)
     return out.cpu()
+
+
+def release_freed_memory(device) -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``) after CPU work on a large model.
+
+    Calibration and the layer swap free hundreds of transients of 1-40 MB (activations, a layer's fp32 weight
+    copy) while small tensors that live on (histograms, packed weights) land between them; glibc keeps the
+    freed space in its heap, so RSS only grows. Measured on DiT-XL/2 in float32 (benchmarks/real_size.py): RSS
+    peaked 3.1 GiB above the 2.8 GiB model during ``quantize``, and stayed 2.3 GiB above the quantized model
+    after it returned. A no-op on GPUs (the caching allocator reuses its blocks) and off glibc."""
+    if torch.device(device).type != "cpu":
+        return
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+_TRIM = []
+
+
+def _malloc_trim():
+    if not _TRIM:
+        fn = None
+        try:
+            import ctypes
+            fn = getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)  # glibc only: other libcs lack it
+        except (OSError, AttributeError):
+            fn = None
+        _TRIM.append(fn)
+    return _TRIM[0]
 
 
 def quant_mse(hist: torch.Tensor, clip: float, qmax: int = INT8_QMAX) -> float:

@@ -65,7 +65,8 @@ from torch import nn
 from . import backends
 from . import timestep_groups as tgroups
 from . import weight_rounding
-from .calibrate import ESTIMATORS, CalibrationError, Calibrator, calibrate, hist_sqnr, pipeline_runs
+from .calibrate import (ESTIMATORS, CalibrationError, Calibrator, calibrate, hist_sqnr, pipeline_runs,
+                        release_freed_memory)
 from .config import QuantConfig, QuantConfigError
 from .nn import QuantLinear, dequantize_weight
 from .quant import reference as ref
@@ -368,6 +369,7 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
             steps = cfg.calibration_steps() if cfg.needs_calibration or gptq else [0]
             cal = calibrate(transformer, layers, runs, steps, record_ranges=cfg.needs_calibration,
                             progress=cfg.progress, pipe=pipe, record_hessian=gptq)
+            release_freed_memory(device)  # the forwards' activations and the observers' temporaries
         if cfg.needs_calibration:
             for name in list(layers):
                 rec = cal.absmax[name]
@@ -461,6 +463,7 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
                 aliases=[a for a in aliases.get(name, [name]) if a != name],
                 weight_method=cfg.weight_method, weight_sqnr_rtn=None if cfg.weight_method == "rtn" else w_rtn,
                 **rounding))
+            release_freed_memory(device)  # this layer's fp32 copies, before the next layer's packed weight lands
         tgroups.install(transformer, grouped, bounds)
         # 5. quantized outputs on the same inputs
         outs = _rerun(transformer, inputs)
@@ -473,6 +476,14 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
         if isinstance(e, Exception):
             raise QuantizeError(f"quantization failed and the model was restored: {type(e).__name__}: {e}") from e
         raise
+    # The originals are no longer needed (nothing can fail and restore them now): drop every reference to them
+    # here, so that their memory is freed (and handed back to the OS) before quantize returns, not after.
+    swapped.clear()
+    layers = dict.fromkeys(layers)
+    lin = None
+    if cal is not None:
+        cal.layers.clear()
+    release_freed_memory(device)
     output_sqnr, per_run = _sqnr_total(refs, outs)
     transformer._ditq_config = cfg.to_dict()
     fusion = _fuse(transformer) if cfg.fuse else {}
