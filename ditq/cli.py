@@ -319,6 +319,8 @@ def cmd_generate(args) -> int:
         try:
             pipe = ditq.load_quantized(args.model, device=args.device, backend=args.backend)
         except Exception as e:
+            if not _is_user_error(e):
+                raise  # a failure inside ditq: main reports it as one (exit 1), not as a bad checkpoint
             hint = " (pass --backend to run it on another)" if isinstance(e, BackendUnavailableError) and \
                 args.backend is None else ""
             raise CLIError(f"cannot load {args.model}: {type(e).__name__}: {_first_line(e)}{hint}")

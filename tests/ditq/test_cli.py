@@ -509,3 +509,14 @@ def test_generate_refuses_a_pipeline_without_class_labels(tmp_path, capsys, monk
                          capsys)[::2], "TextPipe does not take class labels")
     assert not (tmp_path / "x.png").exists()
 
+
+
+def test_a_failure_inside_loading_is_not_blamed_on_the_checkpoint(checkpoint, tmp_path, capsys, monkeypatch):
+    import ditq
+
+    def broken(*a, **k):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(ditq, "load_quantized", broken)
+    code, _, err = run(["generate", checkpoint, "--class-labels", "1", "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 1 and err.strip() == ("ditq generate: error: RuntimeError: a bug (unexpected: rerun with --debug "
+                                         "for the traceback)")
