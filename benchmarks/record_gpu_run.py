@@ -149,6 +149,15 @@ def wrong_gemms(g: Dict) -> List[str]:
         f"  - {r['model']} {r['layer']} M={r['M']} {r['impl']}: {r['status'][len('wrong: '):][:200]}" for r in bad]
 
 
+def hopper_kernels_missing(env: Dict) -> List[str]:
+    """A line when an sm_90 GPU did not run the cuda backend's Hopper kernels (the build's sm_90a code was not
+    loaded: built for plain sm_90, or without CUDA): every cuda row then timed the mma.sync kernels."""
+    if env.get("capability") != "9.0" or env.get("sm90a_kernels") is not False:
+        return []
+    return ["- **the cuda backend's Hopper (wgmma) kernels did not run**: this build's sm_90a code was not loaded "
+            "on this sm_90 GPU (build with TORCH_CUDA_ARCH_LIST=9.0a); every cuda row is the mma.sync kernels"]
+
+
 def _verdict(value: float, want: float, strict: bool = False) -> str:
     ok = value > want if strict else value >= want
     return "**met**" if ok else "not met"
@@ -303,7 +312,7 @@ def body(folder: str, heading: str = "###") -> str:
     st = stages(folder)
     if st:
         parts.append("Stages (name, exit code, seconds):\n\n```\n" + st + "\n```\n")
-    tests = ((cuda_tests(folder) or []) + (wrong_gemms(g) if g else []) + (suspect_models(m, "DiT-XL/2") if m else [])
+    tests = ((hopper_kernels_missing(env) if env else []) + (cuda_tests(folder) or []) + (wrong_gemms(g) if g else []) + (suspect_models(m, "DiT-XL/2") if m else [])
              + (suspect_models(f, "FLUX.1-dev") if f else []))
     if tests:
         parts.append(f"{heading} Correctness\n\n" + "\n".join(tests) + "\n")

@@ -527,6 +527,15 @@ def test_record_gpu_run_target_lines():
     assert "faster than fp8 row-wise: 0.96x" in lines and lines.endswith("60.00 ms): not met")
 
 
+def test_record_gpu_run_says_when_the_hopper_kernels_did_not_run():
+    rec = _recorder()
+    line = rec.hopper_kernels_missing({"capability": "9.0", "sm90a_kernels": False})
+    assert len(line) == 1 and "Hopper (wgmma) kernels did not run" in line[0] and "9.0a" in line[0]
+    for env in ({"capability": "9.0", "sm90a_kernels": True}, {"capability": "8.0", "sm90a_kernels": False},
+                {"capability": "9.0", "sm90a_kernels": None}, {"gpu": None}):
+        assert rec.hopper_kernels_missing(env) == [], env
+
+
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite name="pytest" errors="1"
  failures="1" skipped="3" tests="7"><testcase classname="tests.csrc.test_a" name="test_ok[1]" time="0.1" />
 <testcase classname="tests.csrc.test_a" name="test_ok[2]" time="0.1" />
