@@ -435,7 +435,8 @@ def save_quantized(pipe_or_module, path: str) -> None:
     ``path`` is a directory, created if missing; files an earlier save wrote there are overwritten. Raises
     ValueError for a model :func:`ditq.quantize` has not quantized, TypeError for one that is not a diffusers
     model (nothing to rebuild it from) or a ``path`` that is not a path, NotADirectoryError when ``path`` is a
-    file."""
+    file, ValueError for a bare transformer saved over a pipeline checkpoint (which would still load as that
+    pipeline)."""
     path = check_path(path)
     transformer, pipe = _target(pipe_or_module)
     if not is_quantized(transformer):
@@ -446,6 +447,10 @@ def save_quantized(pipe_or_module, path: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"save_quantized: {path} exists and is not a directory (a checkpoint is a "
                                  f"directory)")
+    if pipe is None and os.path.isfile(os.path.join(path, "model_index.json")):
+        # load_quantized would read this directory as the pipeline it holds and return its old transformer/
+        raise ValueError(f"save_quantized: {path} holds a pipeline checkpoint (model_index.json); save a bare "
+                         f"transformer into a directory of its own")
     os.makedirs(path, exist_ok=True)
     if pipe is None:
         _save_transformer(transformer, path)

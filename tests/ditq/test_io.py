@@ -187,3 +187,12 @@ def test_a_checkpoint_whose_backend_cannot_run_here_says_how_to_load_it(dynamic_
         ditq.load_quantized(str(tmp_path))
     with torch.no_grad():
         assert torch.equal(ditq.load_quantized(str(tmp_path), backend="torch")(**inp).sample, t(**inp).sample)
+
+
+def test_a_bare_transformer_is_not_saved_over_a_pipeline_checkpoint(dynamic_dit, tmp_path):
+    """The directory would still load as the old pipeline (model_index.json decides), silently not this model."""
+    t, _ = dynamic_dit
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds a pipeline checkpoint .*save a bare transformer into a directory"):
+        ditq.save_quantized(t, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["model_index.json"]
