@@ -413,19 +413,37 @@ def restore_fusion(model: nn.Module, header: dict) -> None:
 # ---- save -----------------------------------------------------------------------------------------------
 
 def _save_transformer(transformer: nn.Module, directory: str, pipeline_class: Optional[str] = None) -> None:
+    """Write the three files of a transformer checkpoint so that no interruption leaves a wrong one.
+
+    The header (and config.json, which carries it for diffusers) describes the weights: an old header over new
+    weights of the same shapes would load without complaint, with the old activation scales. So every file is
+    first written beside its final name, then the old header and config are removed, the weights moved in, and
+    the config and header moved in last (``os.replace``: atomic within a directory). Interrupted anywhere, the
+    directory holds the old checkpoint, or no header (refused as "not a ditq checkpoint"), or the new one."""
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
     header = build_header(transformer)
     header["pipeline_class"] = pipeline_class
     state = {k: v.detach().contiguous().cpu() for k, v in transformer.state_dict().items()}
-    save_file(state, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt", "ditq": "1"})
     config = dict(header["model_config"])
     config["quantization_config"] = {"quant_method": QUANT_METHOD,
                                      **{k: v for k, v in header.items() if k != "model_config"}}
-    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    with open(os.path.join(directory, HEADER_NAME), "w") as f:
-        json.dump(header, f, indent=2)
+    final = {name: os.path.join(directory, name) for name in (WEIGHTS_NAME, CONFIG_NAME, HEADER_NAME)}
+    staged = {name: os.path.join(directory, f".{name}.{os.getpid()}.partial") for name in final}
+    try:
+        save_file(state, staged[WEIGHTS_NAME], metadata={"format": "pt", "ditq": "1"})
+        for name, obj, kw in ((CONFIG_NAME, config, dict(sort_keys=True)), (HEADER_NAME, header, {})):
+            with open(staged[name], "w") as f:
+                json.dump(obj, f, indent=2, **kw)
+        for name in (HEADER_NAME, CONFIG_NAME):
+            if os.path.lexists(final[name]):
+                os.remove(final[name])
+        for name in (WEIGHTS_NAME, CONFIG_NAME, HEADER_NAME):
+            os.replace(staged[name], final[name])
+    finally:
+        for p in staged.values():
+            if os.path.lexists(p):
+                os.remove(p)
 
 
 def save_quantized(pipe_or_module, path: str) -> None:

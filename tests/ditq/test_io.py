@@ -196,3 +196,60 @@ def test_a_bare_transformer_is_not_saved_over_a_pipeline_checkpoint(dynamic_dit,
     with pytest.raises(ValueError, match="holds a pipeline checkpoint .*save a bare transformer into a directory"):
         ditq.save_quantized(t, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["model_index.json"]
+
+
+def _static_dit(seed):
+    """A W8A8 DiT with static scales calibrated on inputs of ``seed``: same shapes, other scales per seed."""
+    t = tiny_dit()
+    inp = dit_inputs(seed=seed)
+    ditq.quantize(t, QuantConfig.preset("w8a8", progress=False), calib_fn=lambda m: m(**inp))
+    return t, inp
+
+
+@pytest.mark.parametrize("fail_at", ["weights", "header", "config"])
+def test_an_interrupted_save_never_leaves_an_old_header_over_new_weights(tmp_path, monkeypatch, fail_at):
+    """Saved over an older checkpoint of the same shapes, a save that stops early leaves the old checkpoint whole
+    (stopped while writing) or a directory refused as not a checkpoint (stopped while moving files in): never
+    the old header's activation scales with the new weights, which would load silently."""
+    from ditq import io
+
+    old, inp = _static_dit(seed=1)
+    new, _ = _static_dit(seed=2)
+    assert float(old.transformer_blocks[0].attn1.to_q.act_scale) != float(new.transformer_blocks[0].attn1.to_q.act_scale)
+    ditq.save_quantized(old, str(tmp_path))
+    before = sorted(os.listdir(tmp_path))
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == io.CONFIG_NAME:  # the weights are already in: the worst moment
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    real_open = open
+
+    def open_(path, mode="r", *a, **k):
+        if io.HEADER_NAME in os.path.basename(str(path)) and "w" in mode:  # writing the header: the last file
+            raise OSError("disk full")
+        return real_open(path, mode, *a, **k)
+
+    if fail_at == "weights":
+        monkeypatch.setattr("safetensors.torch.save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    elif fail_at == "header":
+        monkeypatch.setattr("builtins.open", open_)
+    else:
+        monkeypatch.setattr(io.os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        ditq.save_quantized(new, str(tmp_path))
+    monkeypatch.undo()
+    leftovers = [n for n in os.listdir(tmp_path) if n.endswith(".partial")]
+    assert not leftovers
+    if fail_at in ("weights", "header"):
+        assert sorted(os.listdir(tmp_path)) == before
+        with torch.no_grad():
+            assert torch.equal(ditq.load_quantized(str(tmp_path))(**inp).sample, old(**inp).sample)
+    else:
+        with pytest.raises(CheckpointError, match="not a ditq checkpoint"):
+            ditq.load_quantized(str(tmp_path))
+    ditq.save_quantized(new, str(tmp_path))  # and a save that completes replaces it
+    with torch.no_grad():
+        assert torch.equal(ditq.load_quantized(str(tmp_path))(**inp).sample, new(**inp).sample)
