@@ -135,28 +135,34 @@ def test_cpu_quantized_model_moves_to_the_gpu_kernels():
     torch.testing.assert_close(layer(x.cuda()).cpu(), y_ref, rtol=1e-4, atol=1e-4)
 
 
+def _tiny_family(name):
+    import tiny_models
+
+    if name == "dit":
+        return tiny_models.tiny_dit(seed=0), tiny_models.dit_inputs(batch=2, seed=1)
+    return getattr(tiny_models, f"tiny_{name}")()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_fused_quantized_dit_replays_in_a_cuda_graph(backend):
-    """A quantized, fused DiT forward is capturable as it stands: no host sync, no allocation the graph does not
-    own, nothing resolved per call. One eager warm-up (Triton compiles on its first call), then the replay equals
-    the eager forward bit for bit (split-K is deterministic)."""
-    from tiny_models import dit_inputs, tiny_dit
-
+@pytest.mark.parametrize("family, backend", [("dit", "cuda"), ("dit", "triton"), ("flux", "cuda"), ("sd35", "triton")])
+def test_fused_quantized_model_replays_in_a_cuda_graph(family, backend):
+    """A quantized, fused transformer forward is capturable as it stands: no host sync, no allocation the graph
+    does not own, nothing resolved per call (FLUX / SD3.5 add the attention_inputs kernel and q/k norms). One
+    eager warm-up (Triton compiles on its first call), then the replay equals the eager forward bit for bit
+    (split-K is deterministic)."""
     reason = backends.unavailable_reason(backend, "cuda")
     if reason is not None:
         pytest.skip(f"backend {backend!r} unavailable on cuda: {reason}")
-    model = tiny_dit(seed=0)
-    inputs = dit_inputs(batch=2, seed=1)
-    ditq.quantize(model, ditq.QuantConfig.preset("w8a8", fuse=True, backend="torch"),
+    model, inputs = _tiny_family(family)
+    ditq.quantize(model, ditq.QuantConfig.preset("w8a8", fuse=True, backend="torch", progress=False),
                   calib_fn=lambda m: m(**inputs))
     model.cuda()
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for m in layers:
         m.set_backend(backend)
     assert layers and all(m.backend == backend for m in layers)
-    x = {k: v.cuda() for k, v in inputs.items()}
+    x = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     with torch.no_grad():
         eager = model(**x).sample.clone()
         side = torch.cuda.Stream()
@@ -170,7 +176,7 @@ def test_fused_quantized_dit_replays_in_a_cuda_graph(backend):
         captured.fill_(float("nan"))  # the replay must write every element
         graph.replay()
         torch.cuda.synchronize()
-    assert torch.equal(captured, eager)
+    assert torch.isfinite(eager).all() and torch.equal(captured, eager)
 
 
 @pytest.mark.parametrize("code", [
