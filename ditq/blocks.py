@@ -112,6 +112,12 @@ def _quantize(layer: QuantLinear, x2d: torch.Tensor):
     return layer._kernels.quantize_act(x2d.contiguous(), layer._buffers["act_scale"])
 
 
+def _norm_quantize(layer: QuantLinear, x: torch.Tensor, shift, scale, eps: float):
+    """``layer``'s int8 input straight from the modulated LayerNorm of ``x`` [B, S, D] (one row pass,
+    ``norm_modulate_quantize``; its static scale, or per-token when dynamic)."""
+    return layer._kernels.norm_modulate_quantize(x, shift, scale, eps, layer._buffers["act_scale"])
+
+
 def quantizes_on_load(layer: nn.Module) -> bool:
     """Whether ``layer``'s fused GEMM takes its float input as it is and quantizes it while loading it (a static
     scale and a backend whose kernels do: ``KernelOps.fused_gemm_float_a``): one launch instead of quantize_act +
@@ -154,7 +160,7 @@ def _body(b, x: torch.Tensor, mod: torch.Tensor, eps1: float, eps2: float, encod
     x2d = x.view(batch * seq, dim)
 
     attn, to_qkv = b.attn1, b.attn1.to_qkv
-    q8, s8 = to_qkv._kernels.norm_modulate_quantize(x, shift_msa, scale_msa, eps1, to_qkv._buffers["act_scale"])
+    q8, s8 = _norm_quantize(to_qkv, x, shift_msa, scale_msa, eps1)
     q, k, v = _split_heads(to_qkv.forward_fused(q8, s8, dtype), batch, 3, attn.heads)
     h2d = _attention_out(attn, q, k, v, dtype, gate=gate_msa, residual=x2d, rows_per_gate=seq)
 
@@ -180,7 +186,7 @@ def _mlp(ff, x: torch.Tensor, shift, scale, eps: float, gate, residual: torch.Te
     dynamic fc2: a float output and a per-token ``quantize_act``) -> fc2 with gate and residual fused. [B * S, D]."""
     act, fc1, fc2 = ff.net[0], ff.net[0].proj, ff.net[2]
     dtype, seq = x.dtype, x.shape[1]
-    q8, s8 = fc1._kernels.norm_modulate_quantize(x, shift, scale, eps, fc1._buffers["act_scale"])
+    q8, s8 = _norm_quantize(fc1, x, shift, scale, eps)
     fc2_scale = fc2._buffers["act_scale"]
     if act.approximate == "tanh" and fc2_scale is not None:  # fc1's epilogue emits fc2's int8 input
         q8, s8 = fc1.forward_fused(q8, s8, dtype, gelu=True, out_scale=fc2_scale), fc2_scale

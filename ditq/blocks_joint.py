@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .blocks import _mlp, _quantize, quantizes_on_load
+from .blocks import _mlp, _norm_quantize, _quantize, quantizes_on_load
 from .nn import QuantLinear
 
 JOINT, SINGLE, SD3 = "FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock"
@@ -191,6 +191,16 @@ def _same_input_quantization(layers) -> bool:
 QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
 
+def _joint_qkv(b, x: torch.Tensor, c: torch.Tensor, shift, scale, c_shift, c_scale):
+    """A joint block's two fused q/k/v GEMMs, each fed by its stream's own modulated norm: image ``x`` through
+    ``to_qkv``, text ``c`` through ``to_added_qkv``. Returns (image qkv, text qkv), [B * S, 3 * D] each."""
+    attn = b.attn
+    qkv = attn.to_qkv.forward_fused(*_norm_quantize(attn.to_qkv, x, shift, scale, b.norm1.norm.eps), x.dtype)
+    cqkv = attn.to_added_qkv.forward_fused(
+        *_norm_quantize(attn.to_added_qkv, c, c_shift, c_scale, b.norm1_context.norm.eps), x.dtype)
+    return qkv, cqkv
+
+
 def _attention_inputs(b, first_qkv: torch.Tensor, second_qkv: Optional[torch.Tensor], batch: int, heads: int,
                       first_norms, second_norms, rotary=None, attn2: bool = False):
     """``attention_inputs`` on two (or one) streams' fused q/k/v outputs -> q, k, v [B, H, S, Dh], or None where the
@@ -267,13 +277,7 @@ def _joint_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_e
         (c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = \
         _mods(b, (b.norm1, b.norm1_context), temb, x.shape[-1])
 
-    q8, s8 = attn.to_qkv._kernels.norm_modulate_quantize(x, shift_msa, scale_msa, b.norm1.norm.eps,
-                                                         attn.to_qkv._buffers["act_scale"])
-    qkv = attn.to_qkv.forward_fused(q8, s8, dtype)
-    q8, s8 = attn.to_added_qkv._kernels.norm_modulate_quantize(c, c_shift_msa, c_scale_msa,
-                                                               b.norm1_context.norm.eps,
-                                                               attn.to_added_qkv._buffers["act_scale"])
-    cqkv = attn.to_added_qkv.forward_fused(q8, s8, dtype)
+    qkv, cqkv = _joint_qkv(b, x, c, shift_msa, scale_msa, c_shift_msa, c_scale_msa)
     # text first, as diffusers' FLUX
     qkv_heads = _attention_inputs(b, cqkv, qkv, batch, attn.heads, ("norm_added_q", "norm_added_k"),
                                   ("norm_q", "norm_k"), image_rotary_emb)
@@ -314,11 +318,11 @@ def _single_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_
     (shift, scale, gate), = _mods(b, (b.norm,), temb, dim)
     to_qkv, proj_mlp, proj_out = attn.to_qkv, b.proj_mlp, b.proj_out
     eps = b.norm.norm.eps
-    q8, s8 = to_qkv._kernels.norm_modulate_quantize(x, shift, scale, eps, to_qkv._buffers["act_scale"])
+    q8, s8 = _norm_quantize(to_qkv, x, shift, scale, eps)
     if b._ditq_shared_input:  # proj_mlp quantizes the normalized input exactly as to_qkv does
         m8, ms8 = q8, s8
     else:
-        m8, ms8 = proj_mlp._kernels.norm_modulate_quantize(x, shift, scale, eps, proj_mlp._buffers["act_scale"])
+        m8, ms8 = _norm_quantize(proj_mlp, x, shift, scale, eps)
     qkv = to_qkv.forward_fused(q8, s8, dtype)
     qkv_heads = _attention_inputs(b, qkv, None, batch, attn.heads, ("norm_q", "norm_k"), None, image_rotary_emb)
     if qkv_heads is not None:
@@ -364,13 +368,7 @@ def _sd3_forward(b, hidden_states, encoder_hidden_states, temb, joint_attention_
     else:
         c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmods
 
-    q8, s8 = attn.to_qkv._kernels.norm_modulate_quantize(x, shift_msa, scale_msa, b.norm1.norm.eps,
-                                                         attn.to_qkv._buffers["act_scale"])
-    qkv = attn.to_qkv.forward_fused(q8, s8, dtype)
-    q8, s8 = attn.to_added_qkv._kernels.norm_modulate_quantize(c, c_shift_msa, c_scale_msa,
-                                                               b.norm1_context.norm.eps,
-                                                               attn.to_added_qkv._buffers["act_scale"])
-    cqkv = attn.to_added_qkv.forward_fused(q8, s8, dtype)
+    qkv, cqkv = _joint_qkv(b, x, c, shift_msa, scale_msa, c_shift_msa, c_scale_msa)
     heads = attn.heads
     qkv_heads = _attention_inputs(b, qkv, cqkv, batch, heads, ("norm_q", "norm_k"), ("norm_added_q", "norm_added_k"))
     if qkv_heads is not None:
@@ -407,7 +405,7 @@ def _attn2(b, x: torch.Tensor, residual: torch.Tensor, shift, scale, gate) -> to
     attn2 = b.attn2
     (batch, seq, dim), dtype = x.shape, x.dtype
     to_qkv, to_out = attn2.to_qkv, attn2.to_out[0]
-    q8, s8 = to_qkv._kernels.norm_modulate_quantize(x, shift, scale, b.norm1.norm.eps, to_qkv._buffers["act_scale"])
+    q8, s8 = _norm_quantize(to_qkv, x, shift, scale, b.norm1.norm.eps)
     qkv = to_qkv.forward_fused(q8, s8, dtype)
     qkv_heads = _attention_inputs(b, qkv, None, batch, attn2.heads, ("norm_q", "norm_k"), None, attn2=True)
     if qkv_heads is not None:
