@@ -167,10 +167,14 @@ class QuantLinear(nn.Module):
         self.__dict__.pop("_not_ready", None)
 
     def set_backend(self, backend: str) -> "QuantLinear":
-        """Run on ``backend`` from now on (``"auto"`` re-resolves on each device move): re-prepares the weight."""
+        """Run on ``backend`` from now on (``"auto"`` re-resolves on each device move): re-prepares the weight.
+        A backend that cannot run on the layer's device raises BackendUnavailableError and leaves the layer as it
+        was."""
         if backend != "auto" and backend not in backends.BACKEND_NAMES:
             raise backends.BackendUnavailableError(
                 f"unknown backend {backend!r}; choose one of {', '.join(backends.BACKEND_NAMES + ('auto',))}")
+        if self.qweight.device.type != "meta":  # a backend that cannot run here is refused before anything changes
+            backends.resolve_for(backend, self.qweight.device, self.fmt, self.in_features)
         can = self._canonical_weight()
         self.backend_request = backend
         self._install(*can)

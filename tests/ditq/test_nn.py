@@ -125,3 +125,25 @@ def test_from_linear_gptq_without_hessian_is_a_clear_error():
     cfg = QuantConfig.preset("w4a8", group_size=32, weight_method="gptq")
     with pytest.raises(ValueError, match="hessian="):
         QuantLinear.from_linear(_linear(), cfg, act_scale=0.05)
+
+
+def test_a_backend_that_cannot_run_here_leaves_the_layer_as_it_was():
+    """set_backend refuses a backend this device cannot run before it changes anything: the layer keeps its
+    backend, its request and its weights, and still computes the same output (it used to be left unusable)."""
+    from ditq.backends import BackendUnavailableError
+
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 24)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(24, 64, generator=g) * 0.05)
+    layer = QuantLinear.from_linear(lin, QuantConfig.preset("w8a8", backend="torch"), act_scale=torch.tensor([0.02]))
+    x = torch.randn(5, 64, generator=g)
+    y = layer(x)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    unavailable = [b for b in ("cuda", "triton") if ditq.backends.unavailable_reason(b, "cpu") is not None]
+    assert unavailable, "every backend runs on this CPU: nothing to refuse"
+    with pytest.raises(BackendUnavailableError):
+        layer.set_backend(unavailable[0])
+    assert (layer.backend, layer.backend_request) == ("torch", "torch")
+    assert all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())
+    assert torch.equal(layer(x), y)
