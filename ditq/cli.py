@@ -33,7 +33,10 @@ import math
 import os
 import re
 import sys
+import warnings
 from typing import List, Optional
+
+from .report import UnquantizedLayersWarning
 
 # Transformer classes ditq's tests cover; other diffusers transformers are tried with a warning.
 TESTED_TRANSFORMERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
@@ -238,7 +241,9 @@ def cmd_quantize(args) -> int:
     pipe = load_pipeline(args.model, device=args.device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=args.quiet)
-    report = ditq.quantize(pipe, cfg, calib_inputs=_calib_inputs(pipe, args))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnquantizedLayersWarning)  # _warn_unquantized prints it as one line
+        report = ditq.quantize(pipe, cfg, calib_inputs=_calib_inputs(pipe, args))
     _warn_unquantized(report)
     if not report.layers:
         raise CLIError("no layer was quantized (see the warning above); nothing written")
@@ -253,24 +258,14 @@ def cmd_quantize(args) -> int:
 
 
 # Skips the user asked for (or ditq's default skip list): listed in the report, not warned about.
-_CHOSEN_SKIPS = ("skip pattern", "not matched by any include pattern", "default skip list")
-
-
 def _warn_unquantized(report) -> None:
     """One stderr line, even with --quiet, when layers that were meant to be quantized could not be (a group size
     that does not divide K, a layer calibration never reached, ...): the checkpoint would otherwise silently be
-    mostly full precision."""
-    failed = {n: why for n, why in report.skipped.items() if not why.startswith(_CHOSEN_SKIPS)}
-    if not failed:
-        return
-    reasons: dict = {}
-    for why in failed.values():
-        reasons[why] = reasons.get(why, 0) + 1
-    shown = "; ".join(f"{n} x {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
-    more = f"; {len(reasons) - 3} more reasons" if len(reasons) > 3 else ""
-    total = len(report.layers) + len(failed)
-    print(f"ditq quantize: warning: {len(failed)} of {total} linear layers could not be quantized and stay in "
-          f"full precision ({shown}{more}); quantized {len(report.layers)}", file=sys.stderr)
+    mostly full precision. (ditq.quantize's own UnquantizedLayersWarning says the same; the command line shows
+    this line instead.)"""
+    summary = report.unplanned_summary()
+    if summary is not None:
+        print(f"ditq quantize: warning: {summary}", file=sys.stderr)
 
 
 # What 'ditq generate' writes: formats PIL saves an RGB / grey picture to without extra plugins.

@@ -73,7 +73,7 @@ from .calibrate import (ESTIMATORS, CalibrationError, Calibrator, calibrate, his
 from .config import QuantConfig, QuantConfigError
 from .nn import QuantLinear, dequantize_weight
 from .quant import reference as ref
-from .report import LayerReport, QuantReport
+from .report import LayerReport, QuantReport, UnquantizedLayersWarning
 
 # pattern (fnmatch on the module name relative to the transformer) -> why it stays in full precision
 DEFAULT_SKIP: Dict[str, str] = {
@@ -513,12 +513,17 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
             if lr.aliases:
                 cal_info.setdefault("policy", []).append(
                     f"{lr.name} is also reachable as {', '.join(lr.aliases)}: quantized once, shared")
-    return QuantReport(
+    report = QuantReport(
         config=cfg.to_dict(), backend=backend, layers=reports, skipped=skipped, output_sqnr=output_sqnr,
         output_sqnr_per_run=per_run, bytes_before=bytes_before, bytes_after=module_bytes(transformer),
         calibration=cal_info,
         act_absmax_per_step={n: dict(sorted(r.items())) for n, r in (cal.absmax.items() if cal else [])
                              if n in layers}, fusion=fusion)
+    summary = report.unplanned_summary()
+    if summary is not None:  # the model would otherwise be silently mostly full precision
+        warnings.warn(f"ditq.quantize: {summary} (report.unplanned_skips lists them)", UnquantizedLayersWarning,
+                      stacklevel=2)
+    return report
 
 
 def _fuse(transformer: nn.Module) -> dict:

@@ -46,6 +46,16 @@ class LayerReport:
     layer_output_sqnr_rtn: Optional[float] = None  # gptq: the same with round-to-nearest weights
 
 
+# How ditq.convert.select_layers words the layers a user's own choice keeps in full precision (a skip pattern, the
+# include list, the default skip list); every other reason is a layer the config meant to quantize.
+CHOSEN_SKIPS = ("skip pattern", "not matched by any include pattern", "default skip list")
+
+
+class UnquantizedLayersWarning(UserWarning):
+    """:func:`ditq.quantize` kept layers in full precision that its config meant to quantize (a group size that
+    does not divide K, a layer calibration never reached, ...): ``QuantReport.unplanned_skips`` lists them."""
+
+
 @dataclass
 class QuantReport:
     """What :func:`ditq.quantize` did, measured: ``print(report)`` shows the table, ``report.layer(name)`` one
@@ -66,6 +76,26 @@ class QuantReport:
     act_absmax_per_step: Dict[str, Dict[int, float]] = field(default_factory=dict)
     # QuantConfig(fuse=True): attention -> {fused layer: members} (ditq.fuse), block -> None or why not fused
     fusion: dict = field(default_factory=dict)
+
+    @property
+    def unplanned_skips(self) -> Dict[str, str]:
+        """The skipped layers the config meant to quantize, and why (not the ones a skip pattern, the include list
+        or the default skip list kept)."""
+        return {n: why for n, why in self.skipped.items() if not why.startswith(CHOSEN_SKIPS)}
+
+    def unplanned_summary(self) -> Optional[str]:
+        """One line on :attr:`unplanned_skips` (how many of the linear layers, the three commonest reasons), or
+        None when every layer the config meant to quantize was."""
+        failed = self.unplanned_skips
+        if not failed:
+            return None
+        reasons: Dict[str, int] = {}
+        for why in failed.values():
+            reasons[why] = reasons.get(why, 0) + 1
+        shown = "; ".join(f"{n} x {why}" for why, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:3])
+        more = f"; {len(reasons) - 3} more reasons" if len(reasons) > 3 else ""
+        return (f"{len(failed)} of {len(self.layers) + len(failed)} linear layers could not be quantized and stay "
+                f"in full precision ({shown}{more}); quantized {len(self.layers)}")
 
     @property
     def compression(self) -> float:

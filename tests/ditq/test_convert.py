@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -109,11 +110,26 @@ def test_module_with_calib_fn_and_skip_include():
     assert "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1" in names
 
 
-def test_layers_that_do_not_fit_are_reported():
+def test_layers_that_do_not_fit_are_reported_and_warned_about():
+    """A model mostly left in full precision must not pass silently: quantize warns (UnquantizedLayersWarning)
+    with the count and the reasons, and the report lists them; layers the user chose to skip are no cause."""
+    from ditq.report import UnquantizedLayersWarning
+
     t = tiny_dit(attention_head_dim=24)  # inner dim 96: groups of 64 do not divide K = 96
-    report = ditq.quantize(t, QuantConfig.preset("w4a8", group_size=64, act_scheme="dynamic", progress=False))
+    with pytest.warns(UnquantizedLayersWarning, match=r"ditq.quantize: (\d+) of (\d+) linear layers could not be "
+                                                      r"quantized .*group_size 64 does not divide K = 96") as rec:
+        report = ditq.quantize(t, QuantConfig.preset("w4a8", group_size=64, act_scheme="dynamic", progress=False))
     assert "does not divide K = 96" in report.skipped["transformer_blocks.0.attn1.to_q"]
     assert "transformer_blocks.0.ff.net.2" in {lr.name for lr in report.layers}  # K = 384 fits
+    unplanned = report.unplanned_skips
+    assert "transformer_blocks.0.attn1.to_q" in unplanned and "proj_out_2" not in unplanned  # default skip list
+    assert f"{len(unplanned)} of {len(unplanned) + len(report.layers)} linear layers" in str(rec[0].message)
+
+    with warnings.catch_warnings():  # everything the config meant to quantize was: no warning
+        warnings.simplefilter("error", UnquantizedLayersWarning)
+        report = ditq.quantize(tiny_dit(), QuantConfig.preset("w8a8", act_scheme="dynamic", progress=False,
+                                                              skip=["*to_k"]))
+    assert report.unplanned_skips == {} and report.unplanned_summary() is None and report.skipped
 
 
 def test_failures_leave_the_model_untouched(base_pipe, monkeypatch):
@@ -268,8 +284,11 @@ def test_an_all_zero_layer_warns_and_stays_in_full_precision():
         model[0].weight.zero_()
         model[0].bias.zero_()  # layer 1 sees only zeros
     x = torch.randn(3, 16)
-    with pytest.warns(UserWarning, match=r"layer '1' saw only zero activations"):
+    with pytest.warns(UserWarning) as rec:
         report = ditq.quantize(model, QuantConfig(progress=False), calib_fn=lambda m: m(x))
+    messages = [str(w.message) for w in rec]
+    assert any("layer '1' saw only zero activations" in m for m in messages), messages
+    assert any("1 of 2 linear layers could not be quantized" in m for m in messages), messages  # the summary
     assert isinstance(model[0], QuantLinear) and isinstance(model[1], nn.Linear)
     assert "all calibration activations were zero" in report.skipped["1"]
 
