@@ -466,7 +466,7 @@ def save_quantized(pipe_or_module, path: str) -> None:
         raise NotADirectoryError(f"save_quantized: {path} exists and is not a directory (a checkpoint is a "
                                  f"directory)")
     if pipe is None and os.path.isfile(os.path.join(path, "model_index.json")):
-        # load_quantized would read this directory as the pipeline it holds and return its old transformer/
+        # load_quantized would read this directory as the pipeline it holds and return its old transformer
         raise ValueError(f"save_quantized: {path} holds a pipeline checkpoint (model_index.json); save a bare "
                          f"transformer into a directory of its own")
     os.makedirs(path, exist_ok=True)
