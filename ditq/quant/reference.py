@@ -189,13 +189,19 @@ _EXACT_F32_K = 1024
 def gemm_w8a8(a, a_scale, w, w_scale, bias: Optional[torch.Tensor] = None, out_dtype=torch.float32):
     """``y = (a_scale[m] * w_scale[n]) * Σ_k a[m,k] w[n,k] + bias[n]``: int32 sums, fp32 epilogue.
 
-    Up to K = 1024 the sums come from a float32 matmul, which is exact there (every product and partial sum is
-    an integer of magnitude at most 1024 * 128 * 128 = 2^24, which float32 holds exactly) and twice as fast on
-    the CPU as the float64 one that longer rows need."""
-    if a.shape[1] <= _EXACT_F32_K:
-        acc = a.to(torch.float32) @ w.to(torch.float32).t()
+    The sums come from float32 matmuls over slices of at most K = 1024, each exact (every product and partial
+    sum is an integer of magnitude at most 1024 * 128 * 128 = 2^24, which float32 holds exactly), added up as
+    int32 (exact: at most MAX_K * 127 * 128 < 2^31). Twice as fast on the CPU as one float64 matmul over the
+    whole row, and the same integers."""
+    k = a.shape[1]
+    a32, w32 = a.to(torch.float32), w.to(torch.float32)
+    if k <= _EXACT_F32_K:
+        acc = a32 @ w32.t()
     else:
-        acc = int_matmul(a, w).to(torch.int32).float()
+        acc = (a32[:, :_EXACT_F32_K] @ w32[:, :_EXACT_F32_K].t()).to(torch.int32)
+        for k0 in range(_EXACT_F32_K, k, _EXACT_F32_K):
+            acc += (a32[:, k0:k0 + _EXACT_F32_K] @ w32[:, k0:k0 + _EXACT_F32_K].t()).to(torch.int32)
+        acc = acc.float()
     a_col = a_scale.float().reshape(-1, 1)  # _act_scale_column inline: the reference backend's hot path
     if a_col.shape[0] not in (1, a.shape[0]):
         raise ValueError(f"activation scale must have 1 or M = {a.shape[0]} elements, got {a_col.shape[0]}")

@@ -213,16 +213,22 @@ def test_int_matmul_is_exact_at_the_extremes():
 
 
 
-@pytest.mark.parametrize("k", [1024, 1040])  # float32 sums up to K = 1024, float64 beyond
+@pytest.mark.parametrize("k", [1024, 1040, 3 * 1024 + 16, ref.MAX_K])  # float32 slices of 1024, int32 sums
 def test_gemm_w8a8_sums_are_the_int32_sums_at_the_extremes(k):
-    """The reference's float32 fast path holds every partial sum exactly: the output equals the int64 sums
-    scaled as the contract says, bit for bit, with the largest products everywhere (2^24 at K = 1024)."""
+    """The reference's float32 slices hold every partial sum exactly and their int32 total is exact: the output
+    equals the int64 sums scaled as the contract says, bit for bit, with the largest products everywhere (2^24
+    per slice of 1024; 127 * 128 * MAX_K in all), and on random values at a ragged K."""
     a = torch.full((3, k), -127, dtype=torch.int8)
     w = torch.full((4, k), -128, dtype=torch.int8)
     a[1, 1::2], w[2, ::3] = 127, 127
     scale, w_scale = torch.tensor([0.37]), torch.rand(4, generator=torch.Generator().manual_seed(3))
     want = (a.long() @ w.long().t()).to(torch.int32).float() * (scale.reshape(-1, 1) * w_scale.reshape(1, -1))
     assert torch.equal(ref.gemm_w8a8(a, scale, w, w_scale), want)
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-127, 128, (5, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-128, 128, (7, k), dtype=torch.int8, generator=g)
+    want = (a.long() @ w.long().t()).to(torch.int32).float() * (scale.reshape(-1, 1) * w_scale[:1].reshape(1, -1))
+    assert torch.equal(ref.gemm_w8a8(a, scale, w, w_scale[:1].expand(7).contiguous()), want)
 
 
 @pytest.mark.parametrize("group_size", [32, 256])
