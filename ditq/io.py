@@ -536,20 +536,20 @@ def _resolve_backend(header: dict, backend: Optional[str], device) -> str:
 
 
 def _read_tensors(path: str, device) -> dict:
-    """Every tensor of a safetensors file on ``device``, each in its own 64-byte-aligned allocation: tensors that
-    view a file buffer at an odd offset make some CPU kernels take another (differently rounding) code path, so
-    a loaded model would not reproduce the saved one bit for bit. One tensor at a time is copied."""
+    """Every tensor of a safetensors file on ``device``, each in its own allocation, one tensor at a time.
+
+    On the CPU every tensor is copied out of the file's memory map: a tensor left as a view keeps the whole map
+    alive after the file is closed, so every page read while loading stays resident (a loaded model took twice its
+    checkpoint's size in RSS) and the model would change if the file were rewritten in place. Own allocations are
+    also 64-byte aligned: a view at an odd offset makes some CPU kernels take another (differently rounding) code
+    path, so a loaded model would not reproduce the saved one bit for bit."""
     from safetensors import SafetensorError, safe_open
     out = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             for k in f.keys():
                 t = f.get_tensor(k)
-                if device.type != "cpu":
-                    t = t.to(device)
-                elif t.data_ptr() % 64:
-                    t = t.clone()
-                out[k] = t
+                out[k] = t.to(device) if device.type != "cpu" else t.clone()
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is corrupt (not a readable safetensors file): {_one_line(e)}") from e
     return out

@@ -253,3 +253,26 @@ def test_an_interrupted_save_never_leaves_an_old_header_over_new_weights(tmp_pat
     ditq.save_quantized(new, str(tmp_path))  # and a save that completes replaces it
     with torch.no_grad():
         assert torch.equal(ditq.load_quantized(str(tmp_path))(**inp).sample, new(**inp).sample)
+
+
+def test_a_loaded_model_does_not_depend_on_its_file(tmp_path):
+    """Every loaded tensor is a copy, none a view of the weights file's memory map: overwriting the file in place
+    (every data byte) does not change the loaded model. A view would also keep the whole map resident."""
+    from ditq import io
+
+    t, inp = _static_dit(seed=1)
+    ditq.save_quantized(t, str(tmp_path))
+    path = tmp_path / io.WEIGHTS_NAME
+    raw = path.read_bytes()
+    start = 8 + int.from_bytes(raw[:8], "little")  # safetensors: u64 header length, JSON header, then the data
+    header = json.loads(raw[8:start])
+    aligned = [k for k, v in header.items() if k != "__metadata__" and (start + v["data_offsets"][0]) % 64 == 0]
+    assert aligned, "no tensor sits 64-byte aligned in the file: the case this test is about does not arise"
+    loaded = ditq.load_quantized(str(tmp_path))
+    with torch.no_grad():
+        before = loaded(**inp).sample.clone()
+    with open(path, "r+b") as f:  # in place: the same inode, as a map would see it
+        f.seek(start)
+        f.write(bytes(len(raw) - start))
+    with torch.no_grad():
+        assert torch.equal(loaded(**inp).sample, before)
