@@ -245,14 +245,20 @@ def dir_bytes(path: str) -> int:
 
 # ---- the two workers (each in its own process) ----------------------------------------------------------------
 
-def worker_quantize(args) -> Dict:
+def _start_worker(args):
+    """A worker's RSS sampler, with the imports timed as their own phase (diffusers imports a model's module on
+    first use: not the build's time), torch's threads set; returns (sampler, torch, ditq, the model dtype)."""
     sampler = RssSampler(collect=not getattr(args, "in_process", False))
-    with sampler.phase("import"):  # diffusers imports a model's module on first use: not the build's time
+    with sampler.phase("import"):
         import torch
         import ditq
         model_class(args.model)
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    return sampler, torch, ditq, getattr(torch, args.dtype)
+
+
+def worker_quantize(args) -> Dict:
+    sampler, torch, ditq, dtype = _start_worker(args)
     res: Dict = {}
     with sampler.phase("build"):
         model = build(args.model, args.tiny, dtype)
@@ -283,13 +289,7 @@ def worker_quantize(args) -> Dict:
 
 
 def worker_load(args) -> Dict:
-    sampler = RssSampler(collect=not getattr(args, "in_process", False))
-    with sampler.phase("import"):  # diffusers imports a model's module on first use: not the build's time
-        import torch
-        import ditq
-        model_class(args.model)
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    sampler, torch, ditq, dtype = _start_worker(args)
     with sampler.phase("load"):
         model = ditq.load_quantized(args.ckpt, device="cpu")
     inputs = make_inputs(args.model, args.tiny, dtype)
