@@ -379,6 +379,8 @@ def run_all(args, write) -> List[Dict]:
         for config in args.configs:
             row = _row(model, config, count, tok, status="running", estimated_peak_rss=est)
             rows.append(row)
+            if args.work:
+                os.makedirs(args.work, exist_ok=True)
             ckpt = tempfile.mkdtemp(prefix=f"ditq_real_{model}_{config}_", dir=args.work)
             try:
                 q = _spawn(args, "quantize", model, config, ckpt, args.timeout)
