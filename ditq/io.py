@@ -535,21 +535,36 @@ def _resolve_backend(header: dict, backend: Optional[str], device) -> str:
     return name
 
 
+# Bytes of tensors copied out of one memory map of the weights file before it is closed and opened again: the
+# pages read while copying count as resident until the map goes, so the window bounds that transient.
+_MAP_WINDOW_BYTES = 256 << 20
+
+
 def _read_tensors(path: str, device) -> dict:
     """Every tensor of a safetensors file on ``device``, each in its own allocation, one tensor at a time.
 
     On the CPU every tensor is copied out of the file's memory map: a tensor left as a view keeps the whole map
-    alive after the file is closed, so every page read while loading stays resident (a loaded model took twice its
-    checkpoint's size in RSS) and the model would change if the file were rewritten in place. Own allocations are
-    also 64-byte aligned: a view at an odd offset makes some CPU kernels take another (differently rounding) code
-    path, so a loaded model would not reproduce the saved one bit for bit."""
+    alive after the file is closed, so every page it holds stays resident beside the copies (a loaded model took
+    up to twice its checkpoint's size in RSS) and the model would change if the file were rewritten in place.
+    The map is closed and reopened every ``_MAP_WINDOW_BYTES`` of tensors, so the file's pages read while copying
+    do not pile up either. Own allocations are also 64-byte aligned: a view at an odd offset makes some CPU
+    kernels take another (differently rounding) code path, so a loaded model would not reproduce the saved one
+    bit for bit."""
     from safetensors import SafetensorError, safe_open
     out = {}
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            for k in f.keys():
-                t = f.get_tensor(k)
-                out[k] = t.to(device) if device.type != "cpu" else t.clone()
+            keys = list(f.keys())
+        i = 0
+        while i < len(keys):
+            with safe_open(path, framework="pt", device="cpu") as f:
+                window = 0
+                while i < len(keys) and window < _MAP_WINDOW_BYTES:
+                    t = f.get_tensor(keys[i])
+                    window += t.numel() * t.element_size()
+                    out[keys[i]] = t.to(device) if device.type != "cpu" else t.clone()
+                    i += 1
+                del t  # the last view of this map: it closes with the file
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path} is corrupt (not a readable safetensors file): {_one_line(e)}") from e
     return out
