@@ -35,6 +35,7 @@ would otherwise become a NaN scale and an SQNR of "nan dB" with no warning.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -94,19 +95,14 @@ def release_freed_memory(device) -> None:
         trim(0)
 
 
-_TRIM = []
-
-
+@functools.lru_cache(maxsize=None)
 def _malloc_trim():
-    if not _TRIM:
-        fn = None
-        try:
-            import ctypes
-            fn = getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)  # glibc only: other libcs lack it
-        except (OSError, AttributeError):
-            fn = None
-        _TRIM.append(fn)
-    return _TRIM[0]
+    """glibc's ``malloc_trim``, looked up once; None off glibc (other libcs lack it)."""
+    try:
+        import ctypes
+        return getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
 
 
 def quant_mse(hist: torch.Tensor, clip: float, qmax: int = INT8_QMAX) -> float:

@@ -11,13 +11,7 @@ from ditq.blocks import fuse_blocks, fused_block_class
 from ditq.fuse import fuse_projections
 from ditq.quant import reference as ref
 from test_fuse import CountOps
-from tiny_models import FAMILIES, dit_inputs, tiny_dit
-
-
-def _model(family):
-    if family == "dit":
-        return tiny_dit(seed=0), dit_inputs(batch=2, seed=1)
-    return FAMILIES[family]()
+from tiny_models import tiny_family
 
 
 def _out(o):
@@ -25,7 +19,7 @@ def _out(o):
 
 
 def _quantized(family, preset="w8a8", backend="torch", **kw):
-    model, inputs = _model(family)
+    model, inputs = tiny_family(family)
     ditq.quantize(model, ditq.QuantConfig.preset(preset, backend=backend, progress=False, **kw),
                   calib_fn=lambda m: m(**inputs))
     fuse_projections(model)
@@ -145,7 +139,7 @@ def test_uncovered_calls_and_backends_fall_back():
 
 
 def test_timestep_grouped_scales_run_fused():
-    base, inputs = _model("dit")
+    base, inputs = tiny_family("dit")
     outs = {}
     for fuse in (False, True):
         model = copy.deepcopy(base)

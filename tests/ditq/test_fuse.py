@@ -11,7 +11,7 @@ import ditq
 from ditq import backends
 from ditq.fuse import concat, fuse_projections
 from ditq.nn import QuantLinear
-from tiny_models import FAMILIES, dit_inputs, tiny_dit
+from tiny_models import FAMILIES, dit_inputs, tiny_dit, tiny_family
 
 BACKENDS = [b for b in ("torch", "cuda-emulated") if backends.unavailable_reason(b, "cpu") is None]
 
@@ -37,11 +37,6 @@ def _count(model, inputs):
     return c
 
 
-def _family(name):
-    """(model, inputs) of one tiny family (only that one is built)."""
-    return (tiny_dit(seed=0), dit_inputs(batch=2, seed=1)) if name == "dit" else FAMILIES[name]()
-
-
 # fused layers each family must end up with (per block): a fusion that silently falls back fails here
 EXPECTED = {"dit": {"to_qkv": 2}, "pixart": {"to_qkv": 2, "to_kv": 2}, "sd3": {"to_qkv": 2, "to_added_qkv": 2},
             "sd35": {"to_qkv": 2, "to_added_qkv": 2}, "flux": {"to_qkv": 2, "to_added_qkv": 1}}
@@ -52,7 +47,7 @@ EXPECTED = {"dit": {"to_qkv": 2}, "pixart": {"to_qkv": 2, "to_kv": 2}, "sd3": {"
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "sd35", "flux"])
 def test_fused_projections_equal_the_unfused_quantized_model(family, backend):
-    model, inputs = _family(family)
+    model, inputs = tiny_family(family)
     cfg = ditq.QuantConfig.preset("w4a8", group_size=32, backend=backend, progress=False)
     ditq.quantize(model, cfg, calib_fn=lambda m: m(**inputs))
     unfused = copy.deepcopy(model)

@@ -135,14 +135,6 @@ def test_cpu_quantized_model_moves_to_the_gpu_kernels():
     torch.testing.assert_close(layer(x.cuda()).cpu(), y_ref, rtol=1e-4, atol=1e-4)
 
 
-def _tiny_family(name):
-    import tiny_models
-
-    if name == "dit":
-        return tiny_models.tiny_dit(seed=0), tiny_models.dit_inputs(batch=2, seed=1)
-    return getattr(tiny_models, f"tiny_{name}")()
-
-
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family, backend", [("dit", "cuda"), ("dit", "triton"), ("flux", "cuda"), ("sd35", "triton")])
@@ -154,7 +146,9 @@ def test_fused_quantized_model_replays_in_a_cuda_graph(family, backend):
     reason = backends.unavailable_reason(backend, "cuda")
     if reason is not None:
         pytest.skip(f"backend {backend!r} unavailable on cuda: {reason}")
-    model, inputs = _tiny_family(family)
+    from tiny_models import tiny_family
+
+    model, inputs = tiny_family(family)
     ditq.quantize(model, ditq.QuantConfig.preset("w8a8", fuse=True, backend="torch", progress=False),
                   calib_fn=lambda m: m(**inputs))
     model.cuda()

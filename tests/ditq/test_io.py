@@ -13,9 +13,10 @@ from ditq.nn import QuantLinear
 from tiny_models import dit_inputs, tiny_dit, tiny_dit_pipeline
 
 
-def _quantized_dit(cfg=None):
+def _quantized_dit(cfg=None, seed=0):
+    """A quantized tiny DiT calibrated on the inputs of ``seed`` (same shapes, other scales per seed)."""
     t = tiny_dit()
-    inp = dit_inputs()
+    inp = dit_inputs(seed=seed)
     ditq.quantize(t, cfg or QuantConfig.preset("w4a8", group_size=32, progress=False), calib_fn=lambda m: m(**inp))
     return t, inp
 
@@ -198,14 +199,6 @@ def test_a_bare_transformer_is_not_saved_over_a_pipeline_checkpoint(dynamic_dit,
     assert sorted(os.listdir(tmp_path)) == ["model_index.json"]
 
 
-def _static_dit(seed):
-    """A W8A8 DiT with static scales calibrated on inputs of ``seed``: same shapes, other scales per seed."""
-    t = tiny_dit()
-    inp = dit_inputs(seed=seed)
-    ditq.quantize(t, QuantConfig.preset("w8a8", progress=False), calib_fn=lambda m: m(**inp))
-    return t, inp
-
-
 @pytest.mark.parametrize("fail_at", ["weights", "header", "config"])
 def test_an_interrupted_save_never_leaves_an_old_header_over_new_weights(tmp_path, monkeypatch, fail_at):
     """Saved over an older checkpoint of the same shapes, a save that stops early leaves the old checkpoint whole
@@ -213,8 +206,8 @@ def test_an_interrupted_save_never_leaves_an_old_header_over_new_weights(tmp_pat
     the old header's activation scales with the new weights, which would load silently."""
     from ditq import io
 
-    old, inp = _static_dit(seed=1)
-    new, _ = _static_dit(seed=2)
+    old, inp = _quantized_dit(QuantConfig.preset("w8a8", progress=False), seed=1)
+    new, _ = _quantized_dit(QuantConfig.preset("w8a8", progress=False), seed=2)
     assert float(old.transformer_blocks[0].attn1.to_q.act_scale) != float(new.transformer_blocks[0].attn1.to_q.act_scale)
     ditq.save_quantized(old, str(tmp_path))
     before = sorted(os.listdir(tmp_path))
@@ -264,7 +257,7 @@ def test_a_loaded_model_does_not_depend_on_its_file(tmp_path, monkeypatch, windo
 
     if window is not None:
         monkeypatch.setattr(io, "_MAP_WINDOW_BYTES", window)
-    t, inp = _static_dit(seed=1)
+    t, inp = _quantized_dit(QuantConfig.preset("w8a8", progress=False), seed=1)
     ditq.save_quantized(t, str(tmp_path))
     path = tmp_path / io.WEIGHTS_NAME
     raw = path.read_bytes()

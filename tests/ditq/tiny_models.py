@@ -98,3 +98,8 @@ def tiny_flux():
 
 
 FAMILIES = {"pixart": tiny_pixart, "sd3": tiny_sd3, "sd35": tiny_sd35, "sd35m": tiny_sd35m, "flux": tiny_flux}
+
+
+def tiny_family(name):
+    """(model, inputs) of one tiny family, "dit" included (only that one is built)."""
+    return (tiny_dit(seed=0), dit_inputs(batch=2, seed=1)) if name == "dit" else FAMILIES[name]()
