@@ -8,11 +8,19 @@ so GPU code is unchanged.
 * fp32 -> bf16 casts *truncate* under the interpreter (its ``_convert_float`` drops the low bits when no
   rounding mode is given), whereas compiled code rounds to nearest even (``cvt.rn.bf16.f32``). fp32 -> fp16
   goes through NumPy's ``astype`` and is correctly rounded.
+
+Some interpreters cannot run our kernels at all: triton 3.6's turns a loop bound computed in the kernel into a
+Python int with ``int(array)`` on a one-element array, which NumPy 2.4 refuses ("only 0-dimensional arrays can
+be converted to Python scalars"); every GEMM's K loop has such a bound. :func:`interpreter_defect` finds that
+out once, on a probe kernel with the same loop, and the launchers refuse CPU tensors with its reason instead of
+failing inside a kernel.
 """
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -31,11 +39,40 @@ def interpreting() -> bool:
     return type(_probe).__name__ == "InterpretedFunction"
 
 
+@triton.jit
+def _loop_probe(out_ptr, n):
+    count = 0
+    for _ in range(0, n // 1):  # a bound computed in the kernel, as every GEMM's K loop has
+        count += 1
+    tl.store(out_ptr, count)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_defect() -> Optional[str]:
+    """None when the interpreter (if on) runs a kernel loop like our GEMMs'; else why it cannot, in one line."""
+    if not interpreting():
+        return None
+    out = torch.full((1,), -1, dtype=torch.int32)
+    try:
+        _loop_probe[(1,)](out, 3)
+        result = int(out.item())
+    except Exception as e:  # the interpreter wraps what failed in its own error type
+        return (f"Triton {triton.__version__}'s interpreter cannot run a kernel loop with NumPy {np.__version__} "
+                f"({str(e).strip() or type(e).__name__}); run a Triton whose interpreter does (3.8 does) or "
+                f"NumPy < 2.4")
+    if result != 3:
+        return f"Triton {triton.__version__}'s interpreter ran a 3-step kernel loop {result} times"
+    return None
+
+
 def check_device(t: torch.Tensor) -> None:
-    """CPU tensors run only under the interpreter; otherwise say how to turn it on."""
+    """CPU tensors run only under an interpreter that can run our kernels; otherwise say what to change."""
     if t.device.type == "cuda":
         return
     if t.device.type == "cpu" and interpreting():  # looked up at call time: tests patch it
+        defect = interpreter_defect()
+        if defect is not None:
+            raise RuntimeError(defect)
         return
     raise RuntimeError(
         f"ditq's Triton kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter; got "

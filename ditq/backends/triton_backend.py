@@ -62,11 +62,17 @@ class TritonBackend(Backend):
             return f"triton is not installed or does not import ({type(e).__name__}: {e}); pip install triton"
         if not torch.cuda.is_available() and not interpret.interpreting():
             return f"there is no CUDA GPU and Triton's interpreter is off ({_INTERPRETER_HINT})"
+        if not torch.cuda.is_available():
+            return interpret.interpreter_defect()
         return None
 
     def unavailable_on(self, device: torch.device) -> Optional[str]:
-        if device.type == "cpu" and not _kernels("interpret").interpreting():
-            return f"CPU tensors run only under Triton's interpreter: {_INTERPRETER_HINT}"
+        if device.type == "cpu":
+            interpret = _kernels("interpret")
+            if not interpret.interpreting():
+                return f"CPU tensors run only under Triton's interpreter: {_INTERPRETER_HINT}"
+            if interpret.interpreter_defect() is not None:
+                return interpret.interpreter_defect()
         if device.type == "cuda" and not torch.cuda.is_available():
             return "no CUDA GPU is visible"
         return super().unavailable_on(device)

@@ -1,4 +1,4 @@
-"""kernels/interpret.py's launch-side rules: where a Triton kernel runs.
+"""kernels/interpret.py's launch-side rules: where a Triton kernel runs, and whether the interpreter can run it.
 
 Triton launches on the current CUDA device, not the tensors' device; every public launcher runs with its first
 tensor's GPU made current (``on_input_device``). No machine here has two GPUs, so the switch itself is checked with
@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ditq.kernels import attention_inputs, norm_quantize, quantize_act, w4a8, w8a8
+from ditq import backends
+from ditq.kernels import attention_inputs, interpret, norm_quantize, quantize_act, w4a8, w8a8
 from ditq.kernels.interpret import on_input_device
 
 LAUNCHERS = [quantize_act.quantize_act, norm_quantize.norm_modulate_quantize, attention_inputs.attention_inputs,
@@ -95,3 +96,46 @@ def test_kernels_on_the_second_gpu_while_the_first_is_current():
     qr, sr = ref.quantize_per_token(x)
     assert q.device == torch.device("cuda:1") and torch.equal(q.cpu(), qr) and torch.equal(s.cpu(), sr)
     assert_gemm_w8a8(y.cpu(), a, sa, w, sw, None)
+
+
+@pytest.fixture
+def broken_interpreter(monkeypatch):
+    """The loop probe replaced by what an interpreter that cannot run it does (``fails``: raise as triton 3.6's
+    does under NumPy 2.4; else count wrong); the cached answer is cleared before and after."""
+    state = {"fails": True}
+
+    def launch(out, n):
+        if state["fails"]:
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+        out.fill_(n + 1)
+
+    interpret.interpreter_defect.cache_clear()
+    monkeypatch.setattr(interpret, "interpreting", lambda: True)
+    monkeypatch.setattr(interpret, "_loop_probe", {(1,): launch})
+    yield state
+    interpret.interpreter_defect.cache_clear()
+
+
+@pytest.mark.skipif(not interpret.interpreting(), reason="the probe runs only under the interpreter")
+def test_this_interpreter_runs_the_kernels_loops():
+    interpret.interpreter_defect.cache_clear()
+    assert interpret.interpreter_defect() is None
+    assert backends.unavailable_reason("triton", torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("fails", [True, False], ids=["raises", "miscounts"])
+def test_an_interpreter_that_cannot_run_the_loops_is_refused_on_every_path(broken_interpreter, fails):
+    """One sentence, the same from the backend check and from a launcher, instead of an error deep in a kernel."""
+    broken_interpreter["fails"] = fails
+    defect = interpret.interpreter_defect()
+    assert defect is not None and "\n" not in defect and "interpreter" in defect
+    assert ("only 0-dimensional" in defect and "NumPy" in defect) if fails else "4 times" in defect
+    assert backends.unavailable_reason("triton", torch.device("cpu")) == defect
+    g = torch.Generator().manual_seed(1)
+    a, w = torch.randint(-127, 128, (3, 32), generator=g, dtype=torch.int8), \
+        torch.randint(-127, 128, (5, 32), generator=g, dtype=torch.int8)
+    with pytest.raises(RuntimeError) as e:
+        w8a8.gemm_w8a8(a, torch.rand(1, generator=g), w, torch.rand(5, generator=g), None, torch.float32)
+    assert str(e.value) == defect
+    with pytest.raises(RuntimeError, match="interpreter"):
+        quantize_act.quantize_act(torch.randn(3, 32, generator=g))
