@@ -6,6 +6,7 @@ of a packed weight), so the meaning of ``group_size`` lives in one place.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Set as AbstractSet
 from dataclasses import dataclass, field, fields
 from typing import List, Optional, Sequence, Union
 
@@ -33,10 +34,18 @@ def _is_int(v) -> bool:
 
 
 def _patterns(value, what: str) -> List[str]:
+    """One pattern, or a list / tuple (or any iterator: consumed once, in its order) of them, as the list kept.
+
+    A mapping is refused: its keys would silently act as the patterns, whatever its values meant (``{"a": 1}``).
+    So is a set: its iteration order changes from process to process (string hashing is randomized), so the
+    same config would be written into checkpoint headers in a different order each run; bytes are not text."""
     if value is None:
         return []
     if isinstance(value, str):
         value = [value]
+    if isinstance(value, (Mapping, AbstractSet, bytes, bytearray)):
+        raise QuantConfigError(f"{what} must be a list of fnmatch patterns (str), got a {type(value).__name__}"
+                               + (" (pass sorted(...) of it)" if isinstance(value, AbstractSet) else ""))
     try:
         value = list(value)
     except TypeError:

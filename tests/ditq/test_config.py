@@ -84,3 +84,23 @@ def test_preset_mistakes_say_what_is_accepted():
     with pytest.raises(QuantConfigError, match=r"unknown QuantConfig fields \['bits'\] in the preset's overrides; "
                                                r"known: \['act_bits'"):
         QuantConfig.preset("w8a8", bits=4)
+
+
+@pytest.mark.parametrize("field", ["skip", "include"])
+@pytest.mark.parametrize("value, match", [
+    ({"proj*": 1}, r"got a dict$"),
+    ({"proj*", "norm*"}, r"got a set \(pass sorted\(...\) of it\)"),
+    (frozenset({"proj*"}), r"got a frozenset \(pass sorted"),
+    (b"proj*", "got a bytes"),
+], ids=["dict", "set", "frozenset", "bytes"])
+def test_pattern_containers_without_a_meaning_or_an_order_are_refused(field, value, match):
+    """A dict's keys would silently act as the patterns; a set's order changes from process to process, so the
+    same config would be written into checkpoint headers differently each run."""
+    with pytest.raises(QuantConfigError, match=f"^{field} must be a list of fnmatch patterns .*" + match):
+        QuantConfig(**{field: value})
+
+
+def test_pattern_sequences_and_iterators_are_kept_in_order():
+    assert QuantConfig(skip=("b*", "a*")).skip == ["b*", "a*"]
+    assert QuantConfig(include=(p for p in ["z*", "y*"])).include == ["z*", "y*"]  # consumed once, in order
+    assert QuantConfig(skip="proj*").skip == ["proj*"]
