@@ -317,8 +317,10 @@ def check_device(device, what: str = "device") -> torch.device:
 
     A device string torch cannot parse, or a CUDA device on a machine without one (or past the visible GPUs), is
     a ValueError naming ``what``; torch itself would fail only at the first tensor copy, deep inside loading,
-    with "Found no NVIDIA driver" or an invalid device ordinal. Only CUDA devices are probed: other device types
-    are left to the backends, which say which of them can run there."""
+    with "Found no NVIDIA driver" or an invalid device ordinal. So is any other device type this machine lacks
+    (``mps`` on Linux, ``xpu`` in a torch built without it: torch would fail late, each type its own way), asked
+    through torch's module for that type (``torch.mps.is_available()``, ...). ``cpu`` and ``meta`` always exist;
+    which backend can run on a device that exists is the backends' to say."""
     if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
         raise TypeError(f"{what} must be a torch.device, a str such as 'cpu' or 'cuda:0', or a CUDA index, "
                         f"got {type(device).__name__}")
@@ -333,7 +335,27 @@ def check_device(device, what: str = "device") -> torch.device:
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
             raise ValueError(f"{what} {str(dev)!r}: only {n} CUDA device(s) are visible (cuda:0 to cuda:{n - 1})")
+    elif dev.type not in ("cpu", "meta"):
+        module = getattr(torch, dev.type, None)  # torch.mps, torch.xpu, ... (a backend module for the type)
+        if not _device_type_available(module):
+            raise ValueError(f"{what} {str(dev)!r}: this machine has no {dev.type} device (torch.{dev.type}"
+                             f"{'.is_available() is False' if module is not None else ' does not exist'}); "
+                             f"use 'cpu'" + (" or 'cuda'" if torch.cuda.is_available() else ""))
+        count = getattr(module, "device_count", None)
+        n = count() if callable(count) else None
+        if dev.index is not None and n is not None and dev.index >= n:
+            raise ValueError(f"{what} {str(dev)!r}: only {n} {dev.type} device(s) are visible")
     return dev
+
+
+def _device_type_available(module) -> bool:
+    is_available = getattr(module, "is_available", None)
+    if not callable(is_available):
+        return False
+    try:
+        return bool(is_available())
+    except Exception:  # a half-built device module: treat as absent rather than fail inside the check
+        return False
 
 
 # ---- meta-device construction ------------------------------------------------------------------------

@@ -392,10 +392,15 @@ def _argv(cmd, tmp_path, *extra):
 @pytest.mark.parametrize("cmd", ["quantize", "generate", "demo"])
 @pytest.mark.parametrize("device, needle", [("cuda:7", "--device 'cuda:7': no CUDA GPU is visible"),
                                             ("cuda", "--device 'cuda': no CUDA GPU is visible"),
-                                            ("gpu", "--device 'gpu' is not a torch device")],
-                         ids=["cuda7", "cuda", "not-a-device"])
+                                            ("gpu", "--device 'gpu' is not a torch device"),
+                                            ("mps", "--device 'mps': this machine has no mps device"),
+                                            ("xpu", "--device 'xpu': this machine has no xpu device")],
+                         ids=["cuda7", "cuda", "not-a-device", "mps", "xpu"])
 def test_a_device_this_machine_lacks_is_refused_before_loading(cmd, device, needle, tmp_path, capsys, monkeypatch):
+    import torch
     _no_gpu(monkeypatch)
+    monkeypatch.setattr(torch.mps, "is_available", lambda: False)  # the same answer on a Mac
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
     _fail_if_anything_runs(monkeypatch)
     _one_line_error(*run(_argv(cmd, tmp_path, "--device", device), capsys)[::2], needle)
 

@@ -156,12 +156,19 @@ def test_save_into_a_file_is_refused_and_a_pathlike_works(dynamic_dit, tmp_path)
     (0, 0, "device 'cuda:0': no CUDA GPU is visible here"),
     ("cuda:2", 2, r"device 'cuda:2': only 2 CUDA device\(s\) are visible \(cuda:0 to cuda:1\)"),
     ("gpu", 0, "device 'gpu' is not a torch device"),
-], ids=["cuda7-no-gpu", "cuda-no-gpu", "index-no-gpu", "cuda2-of-2", "not-a-device"])
+    ("mps", 0, r"device 'mps': this machine has no mps device \(torch.mps.is_available\(\) is False\); use 'cpu'$"),
+    ("xpu:1", 2, r"device 'xpu:1': this machine has no xpu device .*; use 'cpu' or 'cuda'$"),
+    ("hpu", 0, r"device 'hpu': this machine has no hpu device \(torch.hpu does not exist\)"),
+], ids=["cuda7-no-gpu", "cuda-no-gpu", "index-no-gpu", "cuda2-of-2", "not-a-device", "mps", "xpu", "hpu"])
 def test_a_device_this_machine_lacks_is_refused_before_reading(tmp_path, monkeypatch, device, gpus, match):
     """Checked first: the directory need not even hold a checkpoint (torch would fail only at the first tensor
-    copy, with "Found no NVIDIA driver" or an invalid device ordinal)."""
+    copy, with "Found no NVIDIA driver" or an invalid device ordinal; on mps / xpu with a RuntimeError or an
+    AssertionError from deep inside torch)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.mps, "is_available", lambda: False)  # the same answer on a Mac
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+    monkeypatch.delattr(torch, "hpu", raising=False)
     with pytest.raises(ValueError, match=match):
         ditq.load_quantized(str(tmp_path), device=device)
     with pytest.raises(TypeError, match="device must be a torch.device, a str"):
