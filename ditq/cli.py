@@ -232,12 +232,16 @@ def cmd_quantize(args) -> int:
         raise CLIError("--group-size applies to --preset w4a8: w8a8 weights have one scale per output channel")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise CLIError(f"{args.out} exists and is not empty (pass --overwrite to write into it)")
-    cfg = ditq.QuantConfig.preset(args.preset, calibration=args.calibration, act_scheme=args.act_scheme,
-                                  backend=args.backend, progress=not args.quiet, act_estimator=args.act_estimator,
-                                  timestep_groups=args.timestep_groups, smooth_alpha=args.smooth_alpha,
-                                  max_dynamic_layers=args.max_dynamic_layers, fuse=args.fuse,
-                                  weight_method=args.weight_method,
-                                  **({} if args.group_size is None else {"group_size": args.group_size}))
+    from .config import QuantConfigError
+    try:
+        cfg = ditq.QuantConfig.preset(args.preset, calibration=args.calibration, act_scheme=args.act_scheme,
+                                      backend=args.backend, progress=not args.quiet,
+                                      act_estimator=args.act_estimator, timestep_groups=args.timestep_groups,
+                                      smooth_alpha=args.smooth_alpha, max_dynamic_layers=args.max_dynamic_layers,
+                                      fuse=args.fuse, weight_method=args.weight_method,
+                                      **({} if args.group_size is None else {"group_size": args.group_size}))
+    except QuantConfigError as e:
+        raise CLIError(_in_flags(str(e))) from None
     pipe = load_pipeline(args.model, device=args.device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=args.quiet)
@@ -255,6 +259,26 @@ def cmd_quantize(args) -> int:
     print(f"wrote {args.out} ({report.bytes_before:,} -> {report.bytes_after:,} transformer bytes, "
           f"{report.compression:.2f}x); report in {os.path.join(args.out, 'ditq_report.json')}")
     return 0
+
+
+# The QuantConfig field each 'ditq quantize' flag sets: QuantConfig's messages name fields (as a Python user
+# writes them), the command line's name the flags the user typed.
+FLAG_OF_FIELD = {"weight_bits": "--preset", "group_size": "--group-size", "weight_method": "--weight-method",
+                 "act_scheme": "--act-scheme", "calibration": "--calibration", "act_estimator": "--act-estimator",
+                 "timestep_groups": "--timestep-groups", "smooth_alpha": "--smooth-alpha",
+                 "max_dynamic_layers": "--max-dynamic-layers", "backend": "--backend", "fuse": "--fuse"}
+
+
+def _in_flags(message: str) -> str:
+    """A QuantConfigError message in the command line's terms: ``field='value'`` -> ``--flag value``, and a field
+    name -> its flag where it is unambiguous (a name with an underscore anywhere, a one-word name such as
+    ``calibration`` only as the message's subject, since the word also occurs as plain English). Choices only
+    the Python API has are dropped: None for a number flag (leave the flag out instead), a list of steps."""
+    for name, flag in FLAG_OF_FIELD.items():
+        message = re.sub(rf"\b{name}='([^']*)'", rf"{flag} \1", message)
+        message = re.sub(rf"\b{name}\b" if "_" in name else rf"^{name}\b", flag, message)
+    message = message.replace("--calibration all-steps or a list of steps", "--calibration all-steps")
+    return message.replace(" must be None (off) or ", " must be ")
 
 
 # Skips the user asked for (or ditq's default skip list): listed in the report, not warned about.

@@ -454,6 +454,37 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys, monkeypatch):
                     "--guidance-scale must be a finite number")
 
 
+@pytest.mark.parametrize("flags, line", [
+    (["--timestep-groups", "0"], "--timestep-groups must be a positive int, got 0"),
+    (["--timestep-groups", "2"], "--timestep-groups > 1 needs --act-scheme static and more than one calibration "
+                                 "step (--calibration all-steps)"),
+    (["--smooth-alpha", "2"], "--smooth-alpha must be a number in (0, 1], got 2.0"),
+    (["--smooth-alpha", "0.5", "--act-scheme", "dynamic"],
+     "--smooth-alpha needs calibration data: use it with --act-scheme static"),
+    (["--max-dynamic-layers", "-1"], "--max-dynamic-layers must be a non-negative int, got -1"),
+], ids=["groups-0", "groups-first-step", "alpha-2", "alpha-dynamic", "dynamic-layers"])
+def test_a_setting_quantconfig_refuses_names_the_flag(flags, line, tmp_path, capsys, monkeypatch):
+    """QuantConfig's messages name its fields (group_size, act_scheme='static'); the command line's name the flags
+    the user typed. Every flag that feeds QuantConfig and takes a free value is here; the others take argparse
+    choices (--group-size: the sizes the kernels are built for) or are switches (test_choice_flags_name_themselves)."""
+    _fail_if_anything_runs(monkeypatch)
+    code, _, err = run(["quantize", "bundled", "--preset", "w4a8", "--out", str(tmp_path / "o")] + flags, capsys)
+    _one_line_error(code, err, f"ditq quantize: error: {line}")
+    assert err.strip() == f"ditq quantize: error: {line}"
+
+
+@pytest.mark.parametrize("flag", ["--preset", "--calibration", "--act-scheme", "--group-size", "--weight-method",
+                                  "--act-estimator", "--backend"])
+def test_choice_flags_name_themselves(flag, tmp_path, capsys, monkeypatch):
+    _fail_if_anything_runs(monkeypatch)
+    argv = ["quantize", "bundled", "--preset", "w4a8", "--out", str(tmp_path / "o"), flag, "48"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert f"argument {flag}: invalid choice: '48'" in capsys.readouterr().err.replace("invalid choice: 48",
+                                                                                        "invalid choice: '48'")
+
+
 @pytest.mark.parametrize("takes, flag, needle", [
     ("class_labels", ["--calib-prompts", "a cat"], "--calib-prompts: T is class-conditional"),
     ("prompt", ["--calib-labels", "1"], "--calib-labels: T is text-to-image")], ids=["prompts", "labels"])
