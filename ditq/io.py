@@ -652,13 +652,18 @@ def _transformer_dtype(torch_dtype):
     return torch_dtype
 
 
-def load_quantized(path: str, device="cpu", backend: Optional[str] = None, **pipeline_kwargs):
+def load_quantized(path: str, device="cpu", backend: Optional[str] = None, progress: bool = True,
+                   **pipeline_kwargs):
     """Load what :func:`save_quantized` wrote: a pipeline (``path/model_index.json`` exists) or a transformer.
 
     ``device``: where the model goes; ``backend``: the kernel backend (default: the one the checkpoint's
-    QuantConfig named, "auto" resolving on ``device``). ``pipeline_kwargs`` go to the pipeline's
-    ``from_pretrained``; ``torch_dtype`` (the only one a bare transformer takes) applies to the transformer too:
-    its biases, norms and unquantized layers take that dtype, the quantized layers' scales stay float32.
+    QuantConfig named, "auto" resolving on ``device``). ``progress``: False hides the progress bar diffusers
+    shows while it loads a pipeline's components ("Loading pipeline components"), as ``QuantConfig.progress``
+    does ditq's own bars; diffusers' global setting is restored afterwards, and the loaded pipeline's sampling
+    bar stays as diffusers sets it (``pipe.set_progress_bar_config(disable=True)`` hides that one).
+    ``pipeline_kwargs`` go to the pipeline's ``from_pretrained``; ``torch_dtype`` (the only one a bare
+    transformer takes) applies to the transformer too: its biases, norms and unquantized layers take that dtype,
+    the quantized layers' scales stay float32.
 
     Everything is checked before the weights are read: a ``path`` that is not a ditq checkpoint or a corrupt one
     raises :class:`CheckpointError`, a ``device`` this machine lacks or an unknown ``backend`` name ValueError,
@@ -668,6 +673,8 @@ def load_quantized(path: str, device="cpu", backend: Optional[str] = None, **pip
         raise CheckpointError(f"{path} is not a directory")
     check_device(device)
     _check_backend_name(backend)
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
     torch_dtype = _transformer_dtype(pipeline_kwargs.get("torch_dtype"))
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         extra = sorted(set(pipeline_kwargs) - {"torch_dtype"})
@@ -683,5 +690,21 @@ def load_quantized(path: str, device="cpu", backend: Optional[str] = None, **pip
         raise CheckpointError(f"{os.path.join(tdir, HEADER_NAME)}: field 'pipeline_class' names "
                               f"{pipe_cls.__name__}, not a diffusers pipeline (no from_pretrained)")
     transformer = load_transformer(tdir, device, backend, torch_dtype=torch_dtype)
-    pipe = pipe_cls.from_pretrained(path, transformer=transformer, **pipeline_kwargs)
+    with _diffusers_progress_bars(progress):
+        pipe = pipe_cls.from_pretrained(path, transformer=transformer, **pipeline_kwargs)
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def _diffusers_progress_bars(enabled: bool):
+    """diffusers' own progress bars (a global switch of its logging module) off inside when ``enabled`` is False,
+    then back as they were: a caller that turned them off keeps them off."""
+    from diffusers.utils import logging as dlogging
+    was_enabled = dlogging.is_progress_bar_enabled()
+    if was_enabled and not enabled:
+        dlogging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            dlogging.enable_progress_bar()

@@ -281,3 +281,33 @@ def test_a_loaded_model_does_not_depend_on_its_file(tmp_path, monkeypatch, windo
         f.write(bytes(len(raw) - start))
     with torch.no_grad():
         assert torch.equal(loaded(**inp).sample, before)
+
+
+@pytest.fixture(scope="module")
+def pipeline_checkpoint(tmp_path_factory):
+    pipe = tiny_dit_pipeline()
+    ditq.quantize(pipe, QuantConfig.preset("w8a8", act_scheme="dynamic", progress=False))
+    path = str(tmp_path_factory.mktemp("pipe"))
+    ditq.save_quantized(pipe, path)
+    return path
+
+
+def test_progress_off_loads_a_pipeline_silently_and_restores_diffusers_bars(pipeline_checkpoint, capfd):
+    """diffusers' "Loading pipeline components" bar follows ``progress``; its global switch is left as it was."""
+    from diffusers.utils import logging as dlogging
+    was = dlogging.is_progress_bar_enabled()
+    try:
+        dlogging.enable_progress_bar()
+        capfd.readouterr()
+        ditq.load_quantized(pipeline_checkpoint, progress=False)
+        assert capfd.readouterr().err == ""
+        assert dlogging.is_progress_bar_enabled()
+        ditq.load_quantized(pipeline_checkpoint)  # the default shows diffusers' bar, as diffusers does
+        assert "Loading pipeline components" in capfd.readouterr().err
+        dlogging.disable_progress_bar()  # a caller's choice stays
+        ditq.load_quantized(pipeline_checkpoint, progress=True)
+        assert capfd.readouterr().err == "" and not dlogging.is_progress_bar_enabled()
+        with pytest.raises(TypeError, match="progress must be True or False, got 'no'"):
+            ditq.load_quantized(pipeline_checkpoint, progress="no")
+    finally:
+        (dlogging.enable_progress_bar if was else dlogging.disable_progress_bar)()
