@@ -25,11 +25,11 @@ namespace ditq::gemm {
 // Both architectures run mma.sync today; the sm90 rows are where Hopper's wgmma kernels will slot in (they
 // would get tile ids of their own, in a separate list, dispatched by the sm90 launcher).
 // The same rule caps the automatic split-K count (auto_splits, csrc/gemm_tiles.cpp): max_splits, as data like
-// kSm90TileRules' column, for a GPU's timings to set (benchmarks/tune_tiles.py times caps on the buckets it tunes
-// and proposes the column). Why a cap: every split adds a BM x BN int32 partial that its CTA writes to the
-// workspace and the tile's last CTA reads back and reduces alone, a cost that grows with the count and does not
-// shrink with K, so past some count (small K, large tiles) more splits time worse, not better. kMaxSplits
-// everywhere until a measurement says otherwise.
+// kSm90TileRules' column, for a GPU's timings to set (benchmarks/tune_tiles.py times caps on the buckets it
+// tunes and proposes the column). Why a cap: every split adds a BM x BN partial (4-byte words: int32 for W8,
+// fp32 for W4) that its CTA writes to the workspace and the tile's last CTA reads back and reduces alone, a cost
+// that grows with the count and does not shrink with K, so past some count (small K, large tiles) more splits
+// time worse, not better. kMaxSplits everywhere until a measurement says otherwise.
 constexpr int kMaxSplits = 16;
 
 struct TileRule {
