@@ -295,9 +295,9 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
     TORCH_CHECK_VALUE((p.M + s[0] - 1) / s[0] <= 65535, op, ": M = ", p.M, " needs more than 65535 row tiles of ",
                       s[0], " (the launch grid's y limit); split the batch");
   }
-  // The automatic count's cap comes from the rule the tile does: the float-A tile's own rule (float_a_max_splits),
-  // else the rule of this GPU's arch and M (a forced tile with an automatic count: M's bucket's cap, as the Hopper
-  // schedule does).
+  // The automatic count's cap comes from the rule that picks the tile: the float-A tile's own rule
+  // (float_a_max_splits), else the rule of this GPU's arch and M (a forced tile with an automatic count: M's
+  // bucket's cap, as the Hopper schedule does).
   const int cap = float_a ? ditq::gemm::float_a_max_splits()
                           : ditq::gemm::max_splits(arch, static_cast<int>(std::min<int64_t>(p.M, 1 << 30)));
   p.splits = resolve_splits(splits, t, group, p, sm_count, cap);
