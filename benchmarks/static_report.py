@@ -221,8 +221,10 @@ def cuda_cubins(archs, compile_sources: bool = True) -> Tuple[Dict[str, List[str
     return found, f"{why_so}: compiled csrc/*.cu here with nvcc"
 
 
-def cuda_tiles() -> Tuple[Dict[int, Tuple[int, ...]], List[Tuple[int, int, int, int]]]:
-    """({tile id: (BM, BN, BK, WARPS_M, WARPS_N, STAGES)}, [(arch_min, max_m, w8 tile, w4 tile)])."""
+def cuda_tiles() -> Tuple[Dict[int, Tuple[int, ...]], List[Tuple[int, int, int, int, int]]]:
+    """({tile id: (BM, BN, BK, WARPS_M, WARPS_N, STAGES)}, [(arch_min, max_m, w8 tile, w4 tile, max_splits)]) from
+    csrc/configs/gemm_tiles.h: the mma.sync tiles, the rules that pick them and the cap on the automatic split
+    count per rule."""
     path = os.path.join(CSRC, "configs", "gemm_tiles.h")
     if not os.path.exists(path):
         return {}, []
@@ -230,8 +232,19 @@ def cuda_tiles() -> Tuple[Dict[int, Tuple[int, ...]], List[Tuple[int, int, int, 
     tiles = {int(r[0]): tuple(int(v) for v in r[1:])
              for r in re.findall(r"X\((\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+)\)", text)}
     rules = [tuple(int(v) for v in r) for r in
-             re.findall(r"\{\s*(\d+),\s*(-?\d+),\s*(\d+),\s*(\d+)\s*\}", text.split("kTileRules", 1)[-1])]
+             re.findall(r"\{\s*(\d+),\s*(-?\d+),\s*(\d+),\s*(\d+),\s*(\d+)\s*\}",
+                        text.split("kTileRules[]", 1)[-1].split(";", 1)[0])]
     return tiles, rules
+
+
+MMA_MAX_SPLITS = 16  # kMaxSplits of gemm_tiles.h: the default cap
+
+
+def mma_auto_splits(ctas: int, units: int, sms: int, max_splits: int = MMA_MAX_SPLITS) -> int:
+    """The mma.sync kernels' automatic split count (csrc/gemm_tiles.cpp auto_splits) for a grid of ``ctas`` output
+    tiles: two waves' worth of CTAs (ceil(2 x sms / ctas)), at most ``max_splits`` (the rule's column of
+    kTileRules), at most the k units, at least 1. Every tile is split that many ways (a uniform split)."""
+    return max(1, min(-(-2 * sms // max(ctas, 1)), max_splits, units))
 
 
 def sm90_tiles() -> Tuple[Dict[str, List[Tuple[int, ...]]], List[Tuple[int, int, int, int]]]:
@@ -380,7 +393,7 @@ def cuda_rows(archs, short: bool = False) -> Tuple[List[Dict], str]:
         names = demangle(list(funcs))
         _, rules = cuda_tiles()
         rule = next((r for r in rules if r[0] <= ARCH_CC[arch] and (r[1] < 0 or SHORT_M <= r[1])), None)
-        picked = set(rule[2:]) if short and rule else set()
+        picked = set(rule[2:4]) if short and rule else set()  # the w8 and w4 tiles
         found = []
         for name, a in funcs.items():
             if "sm90a_marker_kernel" in names[name]:
@@ -525,7 +538,8 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
                                 else w4a8.auto_split_count(e, m, n, k, W4_GROUP, d["sms"]))
                     cands.append(("triton", impl, e.get("BM"), e.get("BN"), e.get("BK"), t_splits))
                 # sm_90 runs the Hopper (wgmma) tile its rules pick, split-K as the binding does; a rule of -1
-                # hands the bucket to the mma.sync tiles (whose split-K is not modelled)
+                # hands the bucket to the mma.sync tiles, split-K as auto_splits does (every tile, at most the
+                # rule's max_splits; its reduction is the Hopper one: the tile's last CTA reads the partials back)
                 h_rule = next((r for r in sm90_rules if r[0] < 0 or m <= r[0]), None)
                 h_index = None if h_rule is None else (h_rule[1] if bits == 8 else h_rule[2])
                 family_tiles = h_tiles["w8" if bits == 8 else "w4"]
@@ -539,7 +553,10 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
                     rule = next((r for r in rules if r[0] <= 90 and (r[1] < 0 or m <= r[1])), None)
                     if rule and (rule[2] if bits == 8 else rule[3]) in tiles:
                         t = tiles[rule[2] if bits == 8 else rule[3]]
-                        cands.append(("cuda", impl, t[0], t[1], t[2], 1))
+                        units = math.ceil(k / (t[2] if bits == 8 else max(W4_GROUP, t[2])))
+                        cands.append(("cuda", impl, t[0], t[1], t[2],
+                                      mma_auto_splits(math.ceil(m / t[0]) * math.ceil(n / t[1]), units, d["sms"],
+                                                      rule[4])))
                 ideal = common.roofline_s(flops, min_bytes, d["int8_ops"], d["hbm_bytes_s"]) * 1e6
                 out.append({"shape": f"{model} {layer}", "M": m, "N": n, "K": k, "impl": f"{impl} (ideal)",
                             "tile": "", "gflop": flops / 1e9, "min_mb": min_bytes / 1e6, "tiled_mb": None,
@@ -549,13 +566,13 @@ def roofline_rows(rows: List[Dict], short: bool) -> List[Dict]:
                     if not bm or not bn:
                         continue
                     tm, tn = math.ceil(m / bm), math.ceil(n / bn)
-                    tiles = tm * tn
-                    dp_tiles, splits = sched if isinstance(sched, tuple) else (0 if sched > 1 else tiles, sched)
+                    n_tiles = tm * tn  # (not `tiles`: the mma.sync tile table, read again next M)
+                    dp_tiles, splits = sched if isinstance(sched, tuple) else (0 if sched > 1 else n_tiles, sched)
                     tiled = a_bytes * tn + w_bytes * tm + o_bytes  # re-reads: A per N tile, W per M tile
                     b = schedule_bound(fam, flops, min_bytes, bm, bn, m, n, dp_tiles, splits, d, bits)
-                    ctas = dp_tiles + (tiles - dp_tiles) * splits
+                    ctas = dp_tiles + (n_tiles - dp_tiles) * splits
                     split_text = ("" if splits <= 1 else f" split {splits}" if dp_tiles == 0
-                                  else f" {dp_tiles} whole + {tiles - dp_tiles} split {splits}")
+                                  else f" {dp_tiles} whole + {n_tiles - dp_tiles} split {splits}")
                     row = {"shape": f"{model} {layer}", "M": m, "N": n, "K": k, "impl": f"{fam} {impl}",
                            "tile": f"{bm}x{bn}x{bk}" + split_text, "gflop": flops / 1e9, "min_mb": min_bytes / 1e6,
                            "tiled_mb": tiled / 1e6, "bound_us": b["bound_us"], "bound_by": b["bound_by"],
@@ -725,7 +742,9 @@ def markdown(report: Dict) -> str:
         "bound is max(FLOPs / (INT8 peak x SM use), minimal bytes / HBM, one SM's streaming of its tiles' operands "
         "at its L2 rate below) + the split reduction, SM use = output "
         "tiles / (waves x 132 SMs) with the tile the table picks for M (sm_90 tables: the CUDA rows are the Hopper "
-        "wgmma tiles with the binding's automatic split-K count, a split CTA doing its share of the tile). Split "
+        "wgmma tiles with the binding's automatic split-K count, a split CTA doing its share of the tile; a bucket "
+        "a Hopper rule hands over (-1) runs the mma.sync tile with auto_splits' count, every tile split, at most the "
+        "rule's max_splits). Split "
         "reduction: each slice stores its BM x BN partial (4-byte words) and one SM per tile reads the S partials "
         "back (Hopper: the tile's last CTA, after its slice; Triton: the reduce launch, one program per tile), "
         f"(1 + S) x BM x BN x 4 bytes serial at one SM's L2 rate ({L2_BYTES_PER_CLK_SM} B/clock x "

@@ -17,7 +17,10 @@ bucket (the bucket bounds and 16 / 64 / 512 / 2048 / 8192), at a few model shape
   the tiles of the last wave (the full waves before it run whole; under one wave every tile), so past one wave
   (DiT-XL/2 fc1 at M = 512: 132 whole + 12 tails) it times the tail count against the automatic one. From
   those, a bucket's best cap on the automatic count (kSm90TileRules' max_splits) on its best Hopper tile: each
-  case's automatic count limited to the cap, timed by the forced count it comes to.
+  case's automatic count limited to the cap, timed by the forced count it comes to. A bucket that runs an
+  mma.sync tile (every bucket off Hopper; on sm_90 one its Hopper rule hands over) also times the automatic
+  count capped at 1, 2, 4, 8 and 16 (kTileRules' max_splits; --smoke: 1), each case's count asked of the build
+  (``gemm_auto_splits``) and forced; the best cap is chosen as for Triton.
 
 Every configuration's output is checked against the exact integer reference (``ditq.testing``'s tolerance: the
 fp32 epilogue's rounding only) on a sample of rows, after the output was poisoned, before it is timed: a wrong or
@@ -34,8 +37,8 @@ Writes tiles.json and tiles.md under --out / $OUT / benchmarks/out. ``--write-co
 bucket (lowest total time over the bucket's cases, among configurations that ran correctly on all of them), its
 best cap as ``"max_splits"`` where one won (an entry's existing cap stays where none did), and a "measured"
 record, with a copy in the output folder's configs/, and writes ``gemm_tile_rules.h.txt`` there: proposed rule
-arrays for csrc/configs/gemm_tiles*.h (kSm90TileRules with its max_splits column), which a person applies by hand
-(the CUDA tiles are template arguments: a change needs a rebuild).
+arrays for csrc/configs/gemm_tiles*.h (kSm90TileRules and kTileRules, each with its max_splits column), which a
+person applies by hand (the CUDA tiles are template arguments: a change needs a rebuild).
 """
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ SM90_SPLITS = (None, 1, 2, 3, 4, 6, 9)  # the Hopper ids: forced on the last wav
 TRITON_SPLITS = (1, 2, 4)  # forced counts timed against the Triton launcher's automatic one (kernels/split_k.py)
 TRITON_CAPS = (1, 2, 4, 8)  # caps on the automatic count (a table entry's max_splits)
 SM90_CAPS = (1, 2, 3, 4, 6, 9, 16)  # caps proposed for kSm90TileRules' max_splits (16: kSm90MaxSplits)
+MMA_CAPS = (1, 2, 4, 8, 16)  # caps on the mma.sync automatic count, kTileRules' max_splits (16: kMaxSplits)
 CAP_MARGIN = 0.03  # a cap is chosen only when its total beats the automatic count's by more than this
 
 
@@ -208,6 +212,7 @@ class CudaFamily:
         self.tile_ids = ids[:2] if smoke else ids
         self.splits = SPLITS[:2] if smoke else SPLITS
         self.sm90_splits = SM90_SPLITS[:2] if smoke else SM90_SPLITS
+        self.caps = MMA_CAPS[:1] if smoke else MMA_CAPS  # a config's "max_splits": the mma.sync rule's cap
         self.max_candidates = max_candidates
 
     def _sm90_info(self, tile):
@@ -247,7 +252,21 @@ class CudaFamily:
             # refused by the binding and recorded as unavailable there
             for s in (self.sm90_splits if t >= 100 else self.splits):
                 out.append({"tile": t, "splits": s})
-        return out[:self.max_candidates]
+        return out[:self.max_candidates] + self.capped(bucket)
+
+    def capped(self, bucket: int) -> List[Dict]:
+        """The bucket's automatic configuration with its count capped (kTileRules' max_splits), when the bucket
+        runs an mma.sync tile today (a Hopper tile's cap is timed through its forced tail counts instead)."""
+        bound = self.bounds()[bucket]
+        if self.auto_tile(1 << 30 if bound is None else bound) >= 100:
+            return []
+        return [{"tile": None, "splits": None, "max_splits": c} for c in self.caps]
+
+    def mma_splits(self, tile: int, m: int, n: int, k: int, cap: Optional[int] = None) -> int:
+        """The automatic split count of mma.sync ``tile`` as the build computes it (gemm_auto_splits): at most
+        ``cap``, or None: the cap of the rule of this GPU's arch and M, what a launch does."""
+        return int(self.torch.ops.ditq_C.gemm_auto_splits(tile, self.group or 0, m, n, k, self.sms, self.arch,
+                                                          -1 if cap is None else cap))
 
     def prepare(self, shape_data):
         from ditq.backends import cuda_layout
@@ -265,6 +284,10 @@ class CudaFamily:
         w, w_scale = weights[i % len(weights)]
         tile = -1 if cfg["tile"] is None else cfg["tile"]
         splits = -1 if cfg["splits"] is None else cfg["splits"]
+        if "max_splits" in cfg:  # the automatic tile's count capped: forced to what the capped rule would give
+            m, k, n = a.shape[0], a.shape[1], w_scale.shape[-1]
+            tile = self.cb.gemm_pick_tile(self.arch, m, self.bits == 4)
+            splits = self.mma_splits(tile, m, n, k, cfg["max_splits"])
         if poison and self.device.type == "cuda":
             self.torch.full((a.shape[0], w_scale.shape[-1]), float("nan"), dtype=self.torch.bfloat16,
                             device=a.device)  # allocated and freed at once
@@ -287,9 +310,8 @@ class CudaFamily:
         if tile >= 100:  # the binding's schedule (configs/gemm_tiles_sm90.h): automatic, capped by M's bucket,
             dp, s = self.sm90_schedule(ctas, math.ceil(k / max(self.group or 0, bk)), m, splits)  # or forced
             return dp + (ctas - dp) * s
-        if splits is None:  # auto_splits of csrc/gemm_tiles.cpp: two waves of CTAs, at most 16, at most the k units
-            units = math.ceil(k / max(self.group or 0, bk))
-            splits = max(1, min(math.ceil(2 * self.sms / ctas), 16, units))
+        if splits is None:  # the build's auto_splits: at most the rule's cap, or the config's
+            splits = self.mma_splits(tile, m, n, k, cfg.get("max_splits"))
         return ctas * splits
 
     def sm90_schedule(self, tiles: int, units: int, m: int, splits: Optional[int]):
@@ -308,15 +330,16 @@ class CudaFamily:
 
     def label(self, c: Dict) -> str:
         t = c["tile"]
+        cap = f" cap {c['max_splits']}" if "max_splits" in c else ""
         if t is None and c["splits"] is None:
-            return "auto"
+            return "auto" + cap
         tile = "auto" if t is None else f"{t} ({'x'.join(map(str, self.tile_shape(t)))})"
-        return f"tile {tile} split {c['splits'] or 'auto'}"
+        return f"tile {tile} split {c['splits'] or 'auto'}" + cap
 
 
 def read_tile_rules(csrc: Optional[str] = None):
-    """(kTileRules rows (arch_min, max_m, w8, w4), kSm90TileRules rows (max_m, w8, w4, max_splits)) from the
-    headers."""
+    """(kTileRules rows (arch_min, max_m, w8, w4, max_splits), kSm90TileRules rows (max_m, w8, w4, max_splits))
+    from the headers."""
     csrc = csrc or os.path.join(common.REPO, "csrc", "configs")
 
     def rows(path, name, width):
@@ -324,7 +347,7 @@ def read_tile_rules(csrc: Optional[str] = None):
         body = re.search(name + r"\[\]\s*=\s*\{(.*?)\};", text, re.S).group(1)
         return [tuple(int(x) for x in r.split(",")) for r in re.findall(r"\{([-\d,\s]+)\}", body)
                 if len(r.split(",")) == width]
-    return rows("gemm_tiles.h", "kTileRules", 4), rows("gemm_tiles_sm90.h", "kSm90TileRules", 4)
+    return rows("gemm_tiles.h", "kTileRules", 5), rows("gemm_tiles_sm90.h", "kSm90TileRules", 4)
 
 
 def _smem_limit(torch, device) -> Optional[int]:
@@ -541,10 +564,15 @@ def summarize(tuner) -> Dict:
             best = _best_total(brows, lambda c: "splits" not in c and c.get("max_splits") == shipped.get("max_splits")
                                if fam.kind == "triton" else True)
             ship_total = _best_total(brows, lambda c: c == shipped)
-            auto_best = None if fam.kind == "triton" else _best_total(brows, lambda c: c["splits"] is None)
-            # (the CUDA cap goes on the tile a rule would name: the best with automatic split-K, as proposed)
-            caps = triton_cap_totals(fam, brows, shipped) if fam.kind == "triton" else \
-                sm90_cap_totals(fam, brows, auto_best[0] if auto_best else None)
+            auto_best = None if fam.kind == "triton" else _best_total(brows, _rule_config)
+            # (the Hopper cap goes on the tile a rule would name: the best with automatic split-K, as proposed; the
+            # mma.sync cap on the tile the bucket runs today, as for Triton)
+            if fam.kind == "triton":
+                caps = triton_cap_totals(fam, brows, shipped)
+            else:
+                caps = sm90_cap_totals(fam, brows, auto_best[0] if auto_best else None)
+                if not caps["cap_totals_ms"] and any("max_splits" in c["config"] for c in brows[0]["candidates"]):
+                    caps = mma_cap_totals(fam, brows, shipped)
             buckets.append({"family": fam.name, "kernel": fam.kernel, "kind": fam.kind, "group_size": fam.group,
                             "bucket_max_m": bounds[b], "m_values": sorted({r["M"] for r in brows}),
                             "cases": len(brows), "shipped": shipped, "shipped_label": fam.label(shipped),
@@ -567,9 +595,30 @@ def _choose_cap(totals: Dict[int, float], auto_total: Optional[float]) -> Option
     return cap if totals[cap] < auto_total * (1 - CAP_MARGIN) else None
 
 
+def _rule_config(c: Dict) -> bool:
+    """A CUDA configuration a tile rule can name: a tile (or the table's) with the automatic split count."""
+    return c["splits"] is None and "max_splits" not in c
+
+
 def triton_cap_totals(fam, brows, shipped) -> Dict:
     """Per cap on the shipped tile's automatic count (the entry's max_splits): its total over the bucket's cases
     (only caps that ran correctly on all of them), the uncapped automatic count's, and the cap chosen (or None)."""
+    return {**_shipped_cap_totals(fam, brows, shipped), "cap_kind": "triton"}
+
+
+def mma_cap_totals(fam, brows, shipped) -> Dict:
+    """The mma.sync cap (kTileRules' max_splits) on the bucket's automatic configuration (the tile its rule picks
+    today): per cap, the total over the bucket's cases of the automatic count limited to the cap (each case's
+    count from the build, forced: ``CudaFamily.capped``), against the automatic count's total at the rule's cap
+    today; the cap chosen by :data:`CAP_MARGIN`, or None."""
+    out = _shipped_cap_totals(fam, brows, shipped)
+    if brows and getattr(fam, "cb", None) is not None:
+        tile = fam.cb.gemm_pick_tile(fam.arch, brows[0]["M"], fam.bits == 4)
+        out["cap_tile"] = fam.label({"tile": tile, "splits": None})
+    return {**out, "cap_kind": "mma"}
+
+
+def _shipped_cap_totals(fam, brows, shipped) -> Dict:
     auto = {k: v for k, v in shipped.items() if k != "max_splits"}
     auto_total = _best_total(brows, lambda c: c == auto)
     totals = {}
@@ -589,7 +638,8 @@ def sm90_cap_totals(fam, brows, best) -> Dict:
     each case's automatic count limited to the cap, timed by the forced count it comes to (a capped automatic
     schedule is the forced one of that count: the same whole tiles and the same split tail); a case the tile
     does not split counts its automatic time. Only caps whose every case was timed."""
-    none = {"cap_tile": None, "auto_total_ms": None, "cap_totals_ms": {}, "best_cap": None, "cap_speedup": None}
+    none = {"cap_tile": None, "auto_total_ms": None, "cap_totals_ms": {}, "best_cap": None, "cap_speedup": None,
+            "cap_kind": None}
     if not getattr(fam, "hopper", False) or not brows:
         return none
     tile = best["tile"] if best and best.get("tile") is not None else fam.auto_tile(brows[0]["M"])
@@ -618,7 +668,7 @@ def sm90_cap_totals(fam, brows, best) -> Dict:
     chosen = _choose_cap(totals, auto_total)
     return {"cap_tile": fam.label({"tile": tile, "splits": None}), "auto_total_ms": auto_total,
             "cap_totals_ms": totals, "best_cap": chosen,
-            "cap_speedup": auto_total / totals[chosen] if chosen else None}
+            "cap_speedup": auto_total / totals[chosen] if chosen else None, "cap_kind": "sm90"}
 
 
 def markdown(report: Dict) -> str:
@@ -751,7 +801,8 @@ def cuda_rules_text(report: Dict, fams, env: Dict) -> Optional[str]:
     """Proposed kSm90TileRules / kTileRules arrays: per bucket, the best configuration with automatic split-K (what
     a rule can say) over the bucket's cases; a fixed split count that did better is noted beside it. The Hopper
     rules' max_splits: the bucket's chosen cap (``sm90_cap_totals``; the smaller when W8 and W4 both chose one, each
-    noted), else the cap it has now."""
+    noted), else the cap it has now. The mma.sync rules' max_splits likewise (``mma_cap_totals``), where the
+    bucket keeps the tile the cap was timed on; else the cap it has now."""
     cfams = [f for f in fams if f.kind == "cuda"]
     if not cfams:
         return None
@@ -764,15 +815,16 @@ def cuda_rules_text(report: Dict, fams, env: Dict) -> Optional[str]:
         top = b_max if b_max is not None else 1 << 30
         # what the rules say now for this bucket; a family that was not measured keeps it
         mma = [_current(f0.rules, row_arch, mm, bits) for bits in (8, 4)]
+        mma_cap = _current(f0.rules, row_arch, mm, None)
         sm90 = list(next(r[1:] for r in f0.sm90_rules if r[0] < 0 or top <= r[0]))  # w8, w4, max_splits
-        caps = []
+        caps, mma_caps = [], []
         for j, bits in enumerate((8, 4)):
             fam = fam_of[bits]
             rows = [r for r in report["rows"] if fam and r["family"] == fam.name and r["bucket_max_m"] == b_max]
             if not rows:
                 continue
             cur = fam.auto_tile(top)
-            best = _best_total(rows, lambda c: c["splits"] is None)
+            best = _best_total(rows, _rule_config)
             anyb = _best_total(rows, lambda c: True)
             tile = cur if best is None or best[0]["tile"] is None else best[0]["tile"]
             if tile >= 100:
@@ -788,17 +840,25 @@ def cuda_rules_text(report: Dict, fams, env: Dict) -> Optional[str]:
             b = _bucket_row(report, fam.name, b_max) if "buckets" in report else None
             if b and b.get("cap_totals_ms"):
                 where = f"M <= {b_max}" if b_max else "larger M"
-                notes.append(f"//   {where}, {fam.name} split cap on {b['cap_tile']}: automatic (cap {sm90[2]}) "
+                mma_kind = b.get("cap_kind") == "mma"
+                notes.append(f"//   {where}, {fam.name} split cap on {b['cap_tile']}: automatic (cap "
+                             f"{mma_cap if mma_kind else sm90[2]}) "
                              f"{b['auto_total_ms']:.4g} ms; " + ", ".join(
                                  f"cap {c} {t:.4g} ms" for c, t in sorted(b["cap_totals_ms"].items(),
                                                                           key=lambda x: int(x[0])))
                              + (f" -> cap {b['best_cap']}" if b["best_cap"] else
                                 f" -> none beats it by > {CAP_MARGIN:.0%}"))
-                if b["best_cap"]:
+                if b["best_cap"] and not mma_kind:
                     caps.append(int(b["best_cap"]))
+                elif b["best_cap"] and tile == cur:  # timed on today's mma.sync tile, which the bucket keeps
+                    mma_caps.append(int(b["best_cap"]))
+                elif b["best_cap"]:
+                    notes[-1] += f" (not proposed: the bucket changes tile to {tile})"
         if caps:
             sm90[2] = min(caps)
-        mma_rows.append((row_arch, mm, *mma))
+        if mma_caps:
+            mma_cap = min(mma_caps)
+        mma_rows.append((row_arch, mm, *mma, mma_cap))
         sm90_rows.append((mm, *sm90))
     lines = [f"// Proposed by benchmarks/tune_tiles.py on {env.get('date')}, {env.get('gpu') or 'cuda-emulated (CPU)'}"
              f" (driver {env.get('driver')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, commit "
@@ -810,18 +870,20 @@ def cuda_rules_text(report: Dict, fams, env: Dict) -> Optional[str]:
                   "is max_splits, the cap on the automatic split count)",
                   "constexpr Sm90TileRule kSm90TileRules[] = {"]
         lines += ["    {%d, %d, %d, %d}," % r for r in sm90_rows] + ["};", ""]
-    lines += [f"// csrc/configs/gemm_tiles.h (the rows of arch {row_arch}; the other rows as they are)",
+    lines += [f"// csrc/configs/gemm_tiles.h (the rows of arch {row_arch}; the other rows as they are; the last "
+              "column is max_splits, the cap on the automatic split count)",
               "constexpr TileRule kTileRules[] = {"]
     out_rows = [r for r in f0.rules if r[0] > row_arch] + mma_rows + [r for r in f0.rules if r[0] < row_arch]
-    lines += ["    {%d, %d, %d, %d}," % r for r in out_rows] + ["};"]
+    lines += ["    {%d, %d, %d, %d, %d}," % r for r in out_rows] + ["};"]
     return "\n".join(lines) + "\n"
 
 
 def _current(rules, arch, max_m, bits):
-    """The tile the current rows of ``arch`` give at the top of this bucket (-1 = unbounded)."""
+    """The tile (``bits`` 8 or 4; None: the max_splits cap) the current rows of ``arch`` give at the top of this
+    bucket (-1 = unbounded)."""
     m = max_m if max_m >= 0 else 1 << 30
     r = next(r for r in rules if r[0] == arch and (r[1] < 0 or m <= r[1]))
-    return r[2] if bits == 8 else r[3]
+    return r[4] if bits is None else r[2] if bits == 8 else r[3]
 
 
 def _best_total(rows, keep, count=False):

@@ -16,8 +16,10 @@ void tile_shape(int tile, int (&shape)[7]);
 int tile_smem_bytes(int tile, int group_size);
 
 // Split-K: the number of k units a problem has for a tile (>= 1), and the split count used when the caller
-// asks for the automatic one: enough CTAs to cover `sm_count` SMs twice, at most 16, at least one unit each.
+// asks for the automatic one: enough CTAs to cover `sm_count` SMs twice, at most `max_splits` (the cap of the
+// configs/gemm_tiles.h rule that picked the tile: max_splits(arch, M), float_a_max_splits() for the float-A
+// kernels; >= 1, else std::invalid_argument), at least one k unit each.
 int k_units(int tile, int group_size, int K);
-int auto_splits(int tile, int group_size, int M, int N, int K, int sm_count);
+int auto_splits(int tile, int group_size, int M, int N, int K, int sm_count, int max_splits);
 
 }  // namespace ditq::gemm

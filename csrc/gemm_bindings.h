@@ -126,9 +126,11 @@ inline void set_emulated_sm_count(int64_t n) {
   emulated_sm_count() = static_cast<int>(n);
 }
 
-inline int resolve_splits(int64_t splits, int tile, int group, const GemmParams& p, int sm_count) {
+// The split count of an mma.sync launch: automatic (splits < 0: auto_splits, at most `max_splits`, the cap of the
+// rule that picked the tile) or forced (checked against the tile's k units).
+inline int resolve_splits(int64_t splits, int tile, int group, const GemmParams& p, int sm_count, int max_splits) {
   const int units = ditq::gemm::k_units(tile, group, p.K);
-  if (splits < 0) return ditq::gemm::auto_splits(tile, group, p.M, p.N, p.K, sm_count);
+  if (splits < 0) return ditq::gemm::auto_splits(tile, group, p.M, p.N, p.K, sm_count, max_splits);
   TORCH_CHECK_VALUE(splits >= 1 && splits <= units, "split-K count must be in [1, ", units, "] (the number of ",
                     "k units for this tile and group size), got ", splits);
   return static_cast<int>(splits);
@@ -293,7 +295,12 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
     TORCH_CHECK_VALUE((p.M + s[0] - 1) / s[0] <= 65535, op, ": M = ", p.M, " needs more than 65535 row tiles of ",
                       s[0], " (the launch grid's y limit); split the batch");
   }
-  p.splits = resolve_splits(splits, t, group, p, sm_count);
+  // The automatic count's cap comes from the rule that picks the tile: the float-A tile's own rule
+  // (float_a_max_splits), else the rule of this GPU's arch and M (a forced tile with an automatic count: M's
+  // bucket's cap, as the Hopper schedule does).
+  const int cap = float_a ? ditq::gemm::float_a_max_splits()
+                          : ditq::gemm::max_splits(arch, static_cast<int>(std::min<int64_t>(p.M, 1 << 30)));
+  p.splits = resolve_splits(splits, t, group, p, sm_count, cap);
   at::Tensor y = at::empty({p.M, p.N}, a.options().dtype(out_dtype));
   p.out = y.data_ptr();
   at::Tensor counters, workspace;
@@ -559,10 +566,31 @@ inline int64_t pick(int64_t arch, int64_t m, bool w4) {
   return ditq::gemm::pick_tile(static_cast<int>(arch), static_cast<int>(std::min<int64_t>(m, 1 << 30)), w4);
 }
 
+inline int clamp_m(int64_t m) { return static_cast<int>(std::min<int64_t>(std::max<int64_t>(m, 0), 1 << 30)); }
+
+// The automatic split count of an mma.sync launch of `tile` (configs/gemm_tiles.h id) on `sm_count` SMs, as the
+// launch computes it (auto_splits), for benchmarks/tune_tiles.py and tests: at most `max_splits` (>= 1), or with
+// max_splits < 0 the cap of the rule of `arch` and M (max_splits(arch, M): what a launch with an int8 a does).
+inline int64_t auto_splits_op(int64_t tile, int64_t group_size, int64_t m, int64_t n, int64_t k, int64_t sm_count,
+                              int64_t arch, int64_t max_splits) {
+  TORCH_CHECK_VALUE(tile >= 0 && tile < ditq::gemm::tile_count(), "gemm_auto_splits: no mma.sync GEMM tile ", tile,
+                    " (ids 0..", ditq::gemm::tile_count() - 1, ")");
+  TORCH_CHECK_VALUE(m >= 1 && m < (int64_t{1} << 30) && n >= 1 && n < (int64_t{1} << 26) && k >= 1 &&
+                    k <= ditq::gemm::kMaxK && sm_count >= 1 && sm_count <= 1024 && group_size >= 0,
+                    "gemm_auto_splits: M in [1, 2^30), N in [1, 2^26), K in [1, ", ditq::gemm::kMaxK,
+                    "], sm_count in [1, 1024], group_size >= 0");
+  TORCH_CHECK_VALUE(max_splits != 0 && max_splits <= 1024, "gemm_auto_splits: max_splits must be in [1, 1024] ",
+                    "(or < 0: the rule's cap), got ", max_splits);
+  const int cap = max_splits < 0 ? ditq::gemm::max_splits(static_cast<int>(arch), clamp_m(m))
+                                 : static_cast<int>(max_splits);
+  return ditq::gemm::auto_splits(static_cast<int>(tile), static_cast<int>(group_size), static_cast<int>(m),
+                                 static_cast<int>(n), static_cast<int>(k), static_cast<int>(sm_count), cap);
+}
+
 }  // namespace ditq::gemm_binding
 
 // ditq_C::gemm_* and gemm_*_fused take the ditq op's arguments (minus the backend) plus the tile and the
-// split-K count (-1 = automatic: the table's tile, splits to fill the GPU):
+// split-K count (-1 = automatic: the table's tile, splits to fill the GPU, at most the rule's max_splits):
 // CPU tensors run the emulated kernels, CUDA tensors the real ones.
 TORCH_LIBRARY_FRAGMENT(ditq_C, m) {
   m.def("gemm_w8a8(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype, "
@@ -578,6 +606,11 @@ TORCH_LIBRARY_FRAGMENT(ditq_C, m) {
   m.def("gemm_tile_count() -> int", []() -> int64_t { return ditq::gemm::tile_count(); });
   m.def("gemm_tile_info(int tile) -> int[]", &ditq::gemm_binding::tile_info);
   m.def("gemm_pick_tile(int arch, int m, bool w4) -> int", &ditq::gemm_binding::pick);
+  m.def("gemm_max_splits(int arch, int m) -> int", [](int64_t arch, int64_t m) -> int64_t {
+    return ditq::gemm::max_splits(static_cast<int>(arch), ditq::gemm_binding::clamp_m(m));
+  });
+  m.def("gemm_auto_splits(int tile, int group_size, int m, int n, int k, int sm_count, int arch, "
+        "int max_splits=-1) -> int", &ditq::gemm_binding::auto_splits_op);
   m.def("gemm_sm90_tile_info(int tile, bool w4) -> int[]", &ditq::gemm_binding::sm90_tile_info);
   m.def("gemm_sm90_schedule(int tiles, int units, int sm_count, int m=-1, int splits=-1) -> int[]",
         &ditq::gemm_binding::sm90_schedule);

@@ -43,11 +43,12 @@ int k_units(int tile, int group_size, int K) {
   return (K + unit - 1) / unit;
 }
 
-int auto_splits(int tile, int group_size, int M, int N, int K, int sm_count) {
+int auto_splits(int tile, int group_size, int M, int N, int K, int sm_count, int max_splits) {
+  if (max_splits < 1) throw std::invalid_argument("ditq: a split-K cap (max_splits) must be >= 1");
   const Shape& s = shape(tile);
   const long ctas = static_cast<long>((M + s.bm - 1) / s.bm) * ((N + s.bn - 1) / s.bn);
   const long want = (2L * sm_count + ctas - 1) / ctas;  // two waves' worth of CTAs
-  long splits = want < 16 ? want : 16;
+  long splits = want < max_splits ? want : max_splits;
   const int units = k_units(tile, group_size, K);
   if (splits > units) splits = units;
   return splits < 1 ? 1 : static_cast<int>(splits);

@@ -144,3 +144,60 @@ def test_roofline_takes_the_bucket_cap(monkeypatch):
             if r["M"] == 512 and r["impl"] == "cuda wgmma w8a8"}
     assert rows["DiT-XL/2 mlp fc2"]["tile"] == "128x128x128 split 2" and rows["DiT-XL/2 mlp fc2"]["ctas"] == 72
     assert rows["DiT-XL/2 mlp fc1"]["tile"] == "128x128x128 132 whole + 12 split 2"
+
+
+def test_mma_rules_are_read_from_the_header():
+    """kTileRules' five columns (arch_min, max_m, w8, w4, max_splits): every row read, tiles listed, caps >= 1."""
+    tiles, rules = static_report.cuda_tiles()
+    text = open(os.path.join(ROOT, "csrc", "configs", "gemm_tiles.h")).read()
+    body = text.split("kTileRules[] = {", 1)[1].split("};", 1)[0]
+    assert rules and len(rules) == body.count("{")
+    assert all(len(r) == 5 and r[2] in tiles and r[3] in tiles and 1 <= r[4] <= 1024 for r in rules), rules
+
+
+def test_mma_auto_splits_takes_the_cap():
+    """auto_splits' rule: two waves' worth of CTAs, at most the cap (kTileRules' max_splits), at most the k units."""
+    assert [static_report.mma_auto_splits(36, 72, 132, c) for c in (16, 8, 2, 1)] == [8, 8, 2, 1]
+    assert static_report.mma_auto_splits(1, 99, 132) == static_report.MMA_MAX_SPLITS == 16
+    assert static_report.mma_auto_splits(18, 5, 132) == 5 and static_report.mma_auto_splits(300, 72, 132) == 1
+
+
+def test_mma_auto_splits_matches_the_build():
+    """The model is the build's count (gemm_auto_splits, when ditq._C is built), capped and at the rules' caps."""
+    import pytest
+    import torch
+    from ditq.backends import cuda_backend
+    if not cuda_backend.built() or not hasattr(torch.ops.ditq_C, "gemm_auto_splits"):
+        pytest.skip("ditq._C with gemm_auto_splits is not built")
+    tiles, rules = static_report.cuda_tiles()
+    for arch_min, max_m, _, _, cap in rules:  # the build's caps are the header's
+        assert torch.ops.ditq_C.gemm_max_splits(arch_min, max_m if max_m > 0 else 1 << 20) == cap
+    for t, (bm, bn, bk) in ((t, s[:3]) for t, s in tiles.items()):
+        for m, n, k, group in ((1, 1152, 1152, 0), (16, 4608, 1152, 128), (512, 1152, 4608, 0),
+                               (77, 333, 4608, 32), (4096, 4608, 1152, 256)):
+            ctas = -(-m // bm) * -(-n // bn)
+            units = -(-k // max(group, bk))
+            for sms, cap in ((132, 16), (132, 3), (108, 1), (8, 5)):
+                want = static_report.mma_auto_splits(ctas, units, sms, cap)
+                assert torch.ops.ditq_C.gemm_auto_splits(t, group, m, n, k, sms, 90, cap) == want, (t, m, n, k, cap)
+
+
+def test_roofline_mma_rows_take_the_rule_cap(monkeypatch):
+    """A bucket the Hopper rules hand over (-1) runs the mma.sync tile with auto_splits' count: at M = 512, fc2's
+    36 tiles of 128 x 128 split 8 ways (two waves of 132 SMs), or 2 under a max_splits of 2 in kTileRules."""
+    h_tiles, h_rules = static_report.sm90_tiles()
+    monkeypatch.setattr(static_report, "sm90_tiles",
+                        lambda: (h_tiles, [(r[0], -1, -1, r[3]) if r[0] == 4096 else r for r in h_rules]))
+    tiles, rules = static_report.cuda_tiles()
+
+    def fc2(cap=None):
+        if cap is not None:
+            monkeypatch.setattr(static_report, "cuda_tiles",
+                                lambda: (tiles, [r[:4] + (cap,) if r[0] == 90 else r for r in rules]))
+        return {r["impl"]: r for r in static_report.roofline_rows([], short=True)
+                if r["shape"] == "DiT-XL/2 mlp fc2" and r["M"] == 512 and r["impl"].startswith("cuda ")}
+    free, capped = fc2(), fc2(2)
+    for impl in ("cuda w8a8", f"cuda w4a8 g{static_report.W4_GROUP}"):
+        assert free[impl]["tile"] == "128x128x64 split 8" and free[impl]["ctas"] == 288, free[impl]
+        assert capped[impl]["tile"] == "128x128x64 split 2" and capped[impl]["ctas"] == 72, capped[impl]
+        assert capped[impl]["reduce_us"] < free[impl]["reduce_us"]

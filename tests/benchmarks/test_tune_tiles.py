@@ -88,6 +88,12 @@ def test_smoke_report_has_the_shipped_config_in_every_row(smoke):
         assert set(b["cap_totals_ms"]) == {"1"} and b["auto_total_ms"] == b["shipped_total_ms"]
         wins = b["cap_totals_ms"]["1"] < b["auto_total_ms"] * 0.97
         assert b["best_cap"] == (1 if wins else None) and "max_splits" not in b["best"]
+    for r in [r for r in rep["rows"] if r["kind"] == "cuda"]:  # mma.sync buckets: the automatic count capped at 1
+        capped = [c for c in r["candidates"] if "max_splits" in c["config"]]
+        assert [c["config"] for c in capped] == [{"tile": None, "splits": None, "max_splits": 1}], r["candidates"]
+        assert capped[0]["label"] == "auto cap 1" and capped[0]["status"] == "ok"
+    for b in [b for b in rep["buckets"] if b["kind"] == "cuda"]:
+        assert b["cap_kind"] == "mma" and set(b["cap_totals_ms"]) == {"1"} and b["cap_tile"].startswith("tile ")
     assert "Split caps per bucket" in (out / "tiles.md").read_text()
     assert (out / "tiles.md").read_text().count("\n| ") >= len(rep["rows"]) + len(rep["buckets"])
 
@@ -222,7 +228,8 @@ def test_cuda_rules_proposal_for_a_hopper_gpu():
     cap_now = {r[0]: r[3] for r in f.sm90_rules}  # no cap was timed: each bucket keeps its max_splits
     assert f"{{16, 1, {w4_now[16]}, {cap_now[16]}}}," in sm90 and f"{{64, -1, {w4_now[64]}, {cap_now[64]}}}," in sm90
     mma = text.split("kTileRules[] = {")[1].split("};")[0]
-    assert "{90, 64, 1, " in mma and "{80, 64, 1, 1}," in mma
+    mma_cap = {(r[0], r[1]): r[4] for r in f.rules}  # no mma.sync cap was timed: each row keeps its max_splits
+    assert "{90, 64, 1, " in mma and f"{{80, 64, 1, 1, {mma_cap[80, 64]}}}," in mma
     assert "a fixed split did better: tile 0" in text
     assert "tile 2 " not in text.split("// csrc")[0]  # the wrong one is never proposed
 
@@ -325,3 +332,91 @@ def test_hopper_tail_counts_and_cap_proposal():
     rows[0]["candidates"] = _report_row("", 0, 0, [({"tile": 101, "splits": s}, t)
                                                    for s, t in close.items()])["candidates"]
     assert mod.sm90_cap_totals(f, rows, {"tile": 101, "splits": None})["best_cap"] is None
+
+
+def _mma_family(mod, hopper=False):
+    """A cuda-w8a8 family as the script builds it on an sm_80 GPU (or sm_90 with ``hopper``), without the GPU or
+    the build: tile picks from the header's rules, made-up tile shapes."""
+    from types import SimpleNamespace
+    f = mod.CudaFamily.__new__(mod.CudaFamily)
+    f.torch, f.bits, f.group, f.kernel, f.name, f.kind = torch, 8, None, "w8a8", "cuda-w8a8", "cuda"
+    f.arch, f.sms, f.hopper = (90, 132, True) if hopper else (80, 108, False)
+    f.rules, f.sm90_rules = mod.read_tile_rules()
+    shapes = {0: (16, 64, 128), 1: (64, 64, 64), 2: (128, 128, 64)}
+    f.cb = SimpleNamespace(gemm_pick_tile=lambda arch, m, w4: mod._current(f.rules, f.arch_row(), m, 4 if w4 else 8),
+                           gemm_tile_info=lambda t: list(shapes[t]) + [1, 1, 1, 32])
+    f.splits, f.sm90_splits, f.tile_ids, f.caps, f.max_candidates = mod.SPLITS, mod.SM90_SPLITS, [0, 1, 2], \
+        mod.MMA_CAPS, None
+    return f
+
+
+def test_mma_caps_are_candidates_where_mma_runs():
+    """Every bucket that runs an mma.sync tile times its automatic count capped at each of MMA_CAPS; a bucket that
+    runs a Hopper tile does not (its cap is timed by its forced tail counts), unless its rule hands it over."""
+    mod = _module()
+    f = _mma_family(mod)
+    assert all(len(r) == 5 and r[4] >= 1 for r in f.rules)  # the max_splits column is read
+    caps = [{"tile": None, "splits": None, "max_splits": c} for c in mod.MMA_CAPS]
+    assert f.bounds() == [16, 64, None]
+    for b in range(3):
+        cands = f.candidates(b)
+        assert cands[-len(caps):] == caps and len(cands) == 3 * len(mod.SPLITS) + len(caps)
+    assert f.label(caps[1]) == "auto cap 2"
+    h = _mma_family(mod, hopper=True)
+    assert all(h.capped(b) == [] for b in range(len(h.bounds())))
+    h.sm90_rules = [(r[0], -1, r[2], r[3]) if r[0] == 64 else r for r in h.sm90_rules]  # M <= 64 handed over
+    assert [bool(h.capped(b)) for b in range(len(h.bounds()))] == [h.bounds()[b] == 64 for b in range(len(h.bounds()))]
+
+
+def test_mma_cap_chosen_by_margin_and_proposed():
+    """Made-up timings of an sm_80 run, per bucket: the automatic count against caps 1, 2, 4, 8, 16 (each case's
+    count capped, forced). M <= 16: cap 4 is 17% faster over its two cases -> proposed as the arch-80 row's
+    max_splits; M <= 64: within 3% -> the row keeps its cap; larger M: cap 2 wins, but a forced tile 1 with
+    automatic split-K beats the rule's tile, which changes -> the cap (timed on the old tile) is not proposed."""
+    mod = _module()
+    f = _mma_family(mod)
+    auto = {"tile": None, "splits": None}
+    timings = {16: [{None: 10.0, 1: 14.0, 2: 9.0, 4: 8.0, 8: 9.5, 16: 10.0},
+                    {None: 5.0, 1: 6.0, 2: 5.0, 4: 4.5, 8: 5.0, 16: 5.0}],
+               64: [{None: 10.0, 1: 9.9, 2: 9.8, 4: 9.9, 8: 10.0, 16: 10.0}],
+               None: [{None: 10.0, 1: 12.0, 2: 8.0, 4: 9.0, 8: 10.0, 16: 10.0}]}
+    rows, buckets = [], []
+    for b_max, cases in timings.items():
+        brows = []
+        for i, t in enumerate(cases):
+            res = [(auto if c is None else dict(auto, max_splits=c), ms) for c, ms in t.items()]
+            if b_max is None:
+                res.append(({"tile": 1, "splits": None}, 5.0))
+            row = _report_row("cuda-w8a8", b_max, (b_max or 4096) - i, res)
+            row.update(N=(4608, 1152)[i], K=1152)
+            brows.append(row)
+        caps = mod.mma_cap_totals(f, brows, auto)
+        assert caps["cap_kind"] == "mma" and caps["auto_total_ms"] == sum(t[None] for t in cases)
+        assert caps["cap_totals_ms"] == {c: sum(t[c] for t in cases) for c in mod.MMA_CAPS}
+        assert caps["best_cap"] == {16: 4, 64: None, None: 2}[b_max]
+        rows += brows
+        buckets.append({"family": "cuda-w8a8", "bucket_max_m": b_max, **caps})
+    assert buckets[0]["cap_speedup"] == pytest.approx(15 / 12.5) and buckets[0]["cap_tile"].startswith("tile 0 (")
+    text = mod.cuda_rules_text({"rows": rows, "buckets": buckets}, [f], {"command": "test"})
+    mma = text.split("kTileRules[] = {")[1].split("};")[0]
+    now = {(r[0], r[1]): r for r in f.rules}
+    assert f"{{80, 16, 0, {now[80, 16][3]}, 4}}," in mma  # the cap chosen, on the tile the bucket keeps
+    assert f"{{80, 64, 1, {now[80, 64][3]}, {now[80, 64][4]}}}," in mma  # within the margin: as it is
+    assert f"{{80, -1, 1, {now[80, -1][3]}, {now[80, -1][4]}}}," in mma  # a new tile: the cap it has now
+    assert "{%d, %d, %d, %d, %d}," % now[90, 16] in mma  # the other arch's rows as they are
+    assert f"automatic (cap {now[80, 16][4]}) 15 ms; cap 1 20 ms, cap 2 14 ms, cap 4 12.5 ms, cap 8 14.5 ms, cap 16 15 ms -> cap 4" \
+        in text and "-> cap 2 (not proposed: the bucket changes tile to 1)" in text
+    assert "kSm90TileRules" not in text  # no Hopper kernels on this GPU
+
+
+@pytest.mark.skipif(not _cuda_built(), reason="ditq._C is not built")
+def test_mma_cap_counts_come_from_the_build():
+    """CudaFamily asks the build for the count (gemm_auto_splits), capped or at the rule's cap: M = 16, N = 1152
+    on the 16 x 64 tile is 18 CTAs, 15 splits for two waves of 132 SMs (K = 4608: 36 units); capped at 2, 36 CTAs."""
+    mod = _module()
+    f = mod.CudaFamily(torch, torch.device("cpu"), 8, None, False, None)
+    assert f.cb.gemm_tile_info(0)[:2] == [16, 64] and f.cb.gemm_pick_tile(90, 16, False) == 0
+    assert f.ctas({"tile": None, "splits": None}, 16, 1152, 4608) == 18 * 15
+    assert f.ctas({"tile": None, "splits": None, "max_splits": 2}, 16, 1152, 4608) == 18 * 2
+    assert f.ctas({"tile": 0, "splits": None}, 16, 1152, 4608) == 18 * 15
+    assert f.mma_splits(0, 16, 1152, 4608, 7) == 7 and f.mma_splits(0, 16, 1152, 4608) == 15

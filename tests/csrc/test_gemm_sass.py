@@ -171,7 +171,7 @@ def float_a_tile():
     """The tile the float-A kernels are built for: the first sm_80 rule's (csrc/configs/gemm_tiles.h
     float_a_tile = pick_tile(80, 1, w4); the rules give W8 and W4 the same tile at M = 1)."""
     text = open(os.path.join(CSRC, "configs", "gemm_tiles.h")).read()
-    rules = re.findall(r"\{80, (-?\d+), (\d+), (\d+)\}", text)
+    rules = re.findall(r"\{80, (-?\d+), (\d+), (\d+)[,}]", text)  # a row: arch, max_m, w8, w4[, max_splits]
     w8, w4 = int(rules[0][1]), int(rules[0][2])
     assert w8 == w4, "the float-A kernels assume one tile for W8 and W4"
     return w8
