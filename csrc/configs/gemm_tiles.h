@@ -22,8 +22,8 @@
 namespace ditq::gemm {
 
 // Which tile runs a problem: the first rule of the GPU's architecture whose max_m >= M (-1 = any M).
-// Both architectures run mma.sync today; the sm90 rows are where Hopper's wgmma kernels will slot in (they
-// would get tile ids of their own, in a separate list, dispatched by the sm90 launcher).
+// On Hopper the wgmma kernels have their own table (configs/gemm_tiles_sm90.h); the arch-90 rows here serve the
+// buckets that table hands over (-1) and GPUs running a build without sm_90a code.
 // The same rule caps the automatic split-K count (auto_splits, csrc/gemm_tiles.cpp): max_splits, as data like
 // kSm90TileRules' column, for a GPU's timings to set (benchmarks/tune_tiles.py times caps on the buckets it
 // tunes and proposes the column). Why a cap: every split adds a BM x BN partial (4-byte words: int32 for W8,

@@ -80,8 +80,8 @@ def _attention_inputs_cpu(*args):
 
 
 # ---- GEMMs (csrc/gemm*.{h,cuh,cu,cpp}, layouts in cuda_layout.py) --------------------------------------------
-# The tile comes from csrc/configs/gemm_tiles.h by M bucket and architecture, the split-K count from the
-# grid size and the SM count (both chosen in the binding). gemm_tile() pins them, for tests and benchmarks.
+# The tile comes from csrc/configs/gemm_tiles*.h by M bucket and architecture, the split-K count from the
+# grid size and the SM count, at most the M bucket's max_splits (both chosen in the binding). gemm_tile() pins them, for tests and benchmarks.
 _GEMM_FORCED = [-1, -1]  # [tile, splits]; -1 = automatic
 
 
