@@ -661,9 +661,11 @@ def load_quantized(path: str, device="cpu", backend: Optional[str] = None, progr
     shows while it loads a pipeline's components ("Loading pipeline components"), as ``QuantConfig.progress``
     does ditq's own bars; diffusers' global setting is restored afterwards, and the loaded pipeline's sampling
     bar stays as diffusers sets it (``pipe.set_progress_bar_config(disable=True)`` hides that one).
-    ``pipeline_kwargs`` go to the pipeline's ``from_pretrained``; ``torch_dtype`` (the only one a bare
-    transformer takes) applies to the transformer too: its biases, norms and unquantized layers take that dtype,
-    the quantized layers' scales stay float32.
+    ``pipeline_kwargs`` go to the pipeline's ``from_pretrained``; ``dtype`` (``torch_dtype`` in older diffusers;
+    the only one a bare transformer takes) applies to the transformer too: its biases, norms and unquantized
+    layers take that dtype, the quantized layers' scales stay float32. Without it a pipeline's other components
+    load in the transformer's saved dtype (diffusers alone would make them float32 beside a bfloat16
+    transformer).
 
     Everything is checked before the weights are read: a ``path`` that is not a ditq checkpoint or a corrupt one
     raises :class:`CheckpointError`, a ``device`` this machine lacks or an unknown ``backend`` name ValueError,
@@ -675,12 +677,14 @@ def load_quantized(path: str, device="cpu", backend: Optional[str] = None, progr
     _check_backend_name(backend)
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be True or False, got {progress!r}")
-    torch_dtype = _transformer_dtype(pipeline_kwargs.get("torch_dtype"))
+    if pipeline_kwargs.get("dtype") is not None and pipeline_kwargs.get("torch_dtype") is not None:
+        raise ValueError("give dtype or torch_dtype (its older name), not both")
+    torch_dtype = _transformer_dtype(pipeline_kwargs.get("dtype", pipeline_kwargs.get("torch_dtype")))
     if not os.path.isfile(os.path.join(path, "model_index.json")):
-        extra = sorted(set(pipeline_kwargs) - {"torch_dtype"})
+        extra = sorted(set(pipeline_kwargs) - {"torch_dtype", "dtype"})
         if extra:
-            raise TypeError(f"{path} holds a bare transformer: load_quantized takes only torch_dtype besides "
-                            f"device and backend for it, got {extra}")
+            raise TypeError(f"{path} holds a bare transformer: load_quantized takes only torch_dtype (or dtype, "
+                            f"its newer name) besides device and backend for it, got {extra}")
         return load_transformer(path, device, backend, torch_dtype=torch_dtype)
     tdir = os.path.join(path, "transformer")
     header = read_header(tdir)
@@ -690,9 +694,34 @@ def load_quantized(path: str, device="cpu", backend: Optional[str] = None, progr
         raise CheckpointError(f"{os.path.join(tdir, HEADER_NAME)}: field 'pipeline_class' names "
                               f"{pipe_cls.__name__}, not a diffusers pipeline (no from_pretrained)")
     transformer = load_transformer(tdir, device, backend, torch_dtype=torch_dtype)
+    if pipeline_kwargs.get("dtype") is None and pipeline_kwargs.get("torch_dtype") is None:
+        # diffusers alone loads every component in float32, while the transformer keeps its saved dtype: a
+        # pipeline saved in bfloat16 would come back mixed and fail at its first call (bf16 latents into an fp32
+        # VAE). The rest of the pipeline takes the transformer's dtype instead, as it was saved.
+        saved = _float_dtype(transformer)
+        if saved is not None and saved != torch.float32:
+            pipeline_kwargs = dict(pipeline_kwargs, **{_dtype_keyword(): saved})
     with _diffusers_progress_bars(progress):
         pipe = pipe_cls.from_pretrained(path, transformer=transformer, **pipeline_kwargs)
     return pipe.to(device)
+
+
+def _dtype_keyword() -> str:
+    """The name this diffusers' from_pretrained takes a dtype by: ``dtype`` in recent releases (which deprecate
+    ``torch_dtype`` with a FutureWarning), ``torch_dtype`` before."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present with ``dtype``)
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
+def _float_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The one floating dtype of the model's own tensors (QuantLinear's float32 scales aside), None if mixed."""
+    dtypes = {t.dtype for m in model.modules() if not isinstance(m, QuantLinear)
+              for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+              if t is not None and t.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
 
 
 @contextlib.contextmanager

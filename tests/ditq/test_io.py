@@ -284,12 +284,47 @@ def test_a_loaded_model_does_not_depend_on_its_file(tmp_path, monkeypatch, windo
 
 
 @pytest.fixture(scope="module")
-def pipeline_checkpoint(tmp_path_factory):
+def bf16_pipeline(tmp_path_factory):
+    """A quantized tiny DiT pipeline cast to bfloat16 after quantizing (``pipe.to(dtype)``), and its checkpoint."""
     pipe = tiny_dit_pipeline()
     ditq.quantize(pipe, QuantConfig.preset("w8a8", act_scheme="dynamic", progress=False))
+    pipe = pipe.to(torch.bfloat16)
     path = str(tmp_path_factory.mktemp("pipe"))
     ditq.save_quantized(pipe, path)
-    return path
+    return pipe, path
+
+
+@pytest.fixture
+def pipeline_checkpoint(bf16_pipeline):
+    return bf16_pipeline[1]
+
+
+def test_a_bf16_pipeline_loads_in_bf16_and_samples_the_same(bf16_pipeline):
+    """diffusers alone would load the VAE in float32 beside the bf16 transformer: the first call failed with
+    "Input type (c10::BFloat16) and bias type (float) should be the same"."""
+    import warnings
+    pipe, path = bf16_pipeline
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the dtype is passed by the name this diffusers takes
+        loaded = ditq.load_quantized(path, progress=False)
+    assert loaded.vae.dtype == loaded.transformer.pos_embed.proj.weight.dtype == torch.bfloat16
+    run = dict(class_labels=[3, 4], num_inference_steps=2, output_type="pt")
+    a = pipe(**run, generator=torch.Generator().manual_seed(0)).images
+    b = loaded(**run, generator=torch.Generator().manual_seed(0)).images
+    assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    as_f32 = ditq.load_quantized(path, progress=False, dtype=torch.float32)  # asked for: every component
+    assert as_f32.vae.dtype == as_f32.transformer.pos_embed.proj.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="give dtype or torch_dtype .*, not both"):
+        ditq.load_quantized(path, dtype=torch.float32, torch_dtype=torch.float32)
+
+
+def test_a_bare_transformer_takes_dtype_as_diffusers_names_it(dynamic_dit, tmp_path):
+    t, _ = dynamic_dit
+    ditq.save_quantized(t, str(tmp_path))
+    assert ditq.load_quantized(str(tmp_path), dtype=torch.bfloat16).pos_embed.proj.weight.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"takes only torch_dtype \(or dtype, its newer name\) besides device and "
+                                        r"backend for it, got \['variant'\]"):
+        ditq.load_quantized(str(tmp_path), variant="fp16")
 
 
 def test_progress_off_loads_a_pipeline_silently_and_restores_diffusers_bars(pipeline_checkpoint, capfd):
