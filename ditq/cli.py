@@ -349,8 +349,9 @@ def cmd_generate(args) -> int:
                            f"checkpoint; --backend chooses the kernels of a quantized one")
         pipe = load_pipeline(args.model, device=args.device)
     import inspect
-    params = inspect.signature(pipe.__call__).parameters.values()
-    if not any(p.name == "class_labels" or p.kind is p.VAR_KEYWORD for p in params):
+    # A named class_labels parameter, not **kwargs: PixArt's pipelines take **kwargs and would swallow the labels,
+    # then fail asking for a prompt (or, given a default one, sample it with the labels ignored).
+    if "class_labels" not in inspect.signature(pipe.__call__).parameters:
         raise CLIError(f"{type(pipe).__name__} does not take class labels: ditq generate samples class-conditional "
                        f"pipelines (DiT); call a text-to-image pipeline from Python")
     _check_labels(args.class_labels, _num_classes(pipe))

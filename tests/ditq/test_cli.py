@@ -200,9 +200,9 @@ class _NaNPipe:
     """A pipeline whose sampler returns NaN images (what NaN weight scales give)."""
     transformer = type("T", (), {"config": type("C", (), {"num_embeds_ada_norm": 10})()})()
 
-    def __call__(self, **kw):
+    def __call__(self, class_labels, **kw):
         import torch
-        images = torch.rand(len(kw["class_labels"]), 1, 16, 16)
+        images = torch.rand(len(class_labels), 1, 16, 16)
         images[0, 0, 3, 4] = float("nan")
         return type("Out", (), {"images": images})()
 
@@ -349,7 +349,7 @@ def test_quantize_with_the_calibration_policy_and_fusion(tiny_pipeline_dir, tmp_
     assert f"{min(spec['act_scales']):.3g}-{max(spec['act_scales']):.3g}" in row, row
     code, _, err = run(["quantize", tiny_pipeline_dir, "--preset", "w8a8", "--timestep-groups", "2", "--quiet",
                         "--out", str(tmp_path / "p")], capsys)
-    assert code == 2 and "timestep_groups > 1 needs" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "--timestep-groups > 1 needs --act-scheme static" in err and len(err.strip().splitlines()) == 1
 
 
 def test_quantize_with_a_weight_method(tiny_pipeline_dir, tmp_path, capsys):
@@ -537,9 +537,14 @@ def test_version(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ditq {ditq.__version__}"
 
 
-def test_generate_refuses_a_pipeline_without_class_labels(tmp_path, capsys, monkeypatch):
+def _call_taking_prompt_and_kwargs(self, prompt=None, num_inference_steps=25, **kwargs):
+    raise AssertionError("sampled")  # as PixArt's pipelines: labels would vanish into **kwargs
+
+
+@pytest.mark.parametrize("call", [_call_taking("prompt"), _call_taking_prompt_and_kwargs], ids=["prompt", "kwargs"])
+def test_generate_refuses_a_pipeline_without_class_labels(call, tmp_path, capsys, monkeypatch):
     import ditq.cli as cli
-    pipe_cls = type("TextPipe", (), {"transformer": _NaNPipe.transformer, "__call__": _call_taking("prompt")})
+    pipe_cls = type("TextPipe", (), {"transformer": _NaNPipe.transformer, "__call__": call})
     monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pipe_cls())
     _one_line_error(*run(["generate", str(tmp_path), "--class-labels", "1", "--out", str(tmp_path / "x.png")],
                          capsys)[::2], "TextPipe does not take class labels")
