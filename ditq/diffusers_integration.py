@@ -126,6 +126,12 @@ def _build():
             self._loaded.add((module_name, tensor))
 
         def _process_model_after_weight_loading(self, model, **kwargs):
+            # diffusers leaves CPU tensors as views into the weights file's memory map; one at an offset that is
+            # not 64-byte aligned makes some CPU kernels take another (differently rounding) path, so the loaded
+            # model would not reproduce the saved one bit for bit (as ditq.load_quantized's own copies do).
+            for t in list(model.parameters()) + list(model.buffers()):
+                if t.device.type == "cpu" and t.data_ptr() % 64:
+                    t.data = t.data.clone()
             for name, m in model.named_modules():
                 if not isinstance(m, QuantLinear):
                     continue
