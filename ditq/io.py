@@ -717,11 +717,16 @@ def _dtype_keyword() -> str:
 
 
 def _float_dtype(model: nn.Module) -> Optional[torch.dtype]:
-    """The one floating dtype of the model's own tensors (QuantLinear's float32 scales aside), None if mixed."""
-    dtypes = {t.dtype for m in model.modules() if not isinstance(m, QuantLinear)
-              for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-              if t is not None and t.is_floating_point()}
-    return dtypes.pop() if len(dtypes) == 1 else None
+    """The floating dtype most of the model's own float values have (QuantLinear's float32 scales aside: a model
+    may also keep a few modules in float32, as diffusers' ``_keep_in_fp32_modules``); None if it has none."""
+    count = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            continue
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            if t is not None and t.is_floating_point():
+                count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+    return max(count, key=count.get) if count else None
 
 
 @contextlib.contextmanager
