@@ -679,7 +679,8 @@ def load_quantized(path: str, device="cpu", backend: Optional[str] = None, progr
         raise TypeError(f"progress must be True or False, got {progress!r}")
     if pipeline_kwargs.get("dtype") is not None and pipeline_kwargs.get("torch_dtype") is not None:
         raise ValueError("give dtype or torch_dtype (its older name), not both")
-    torch_dtype = _transformer_dtype(pipeline_kwargs.get("dtype", pipeline_kwargs.get("torch_dtype")))
+    torch_dtype = pipeline_kwargs.get("dtype")
+    torch_dtype = _transformer_dtype(pipeline_kwargs.get("torch_dtype") if torch_dtype is None else torch_dtype)
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         extra = sorted(set(pipeline_kwargs) - {"torch_dtype", "dtype"})
         if extra:
