@@ -25,18 +25,18 @@ output SQNR vs full precision on the first-step inputs, and at t = 500 / 100 / 1
 =========================================  ==================  ===========  ===================================
 group (diffusers DiT names)                W4A8 g32 alone, dB  W8A8 alone   share of linear weights, DiT-XL/2
 =========================================  ==================  ===========  ===================================
-timestep embedders ``*.emb.*``             42.1 / 44.2         63.2 / 64.5  6.4% (one embedder per block)
-adaLN modulation ``*norm1.linear``         33.7 / 35.5         49.9 / 49.5  31.2%
-attention q / k / v / out                  34.5 / 35.9         53.3 / 56.6  20.8%
-MLP fc1 / fc2                              37.5 / 37.6         50.4 / 51.2  41.6%
-final adaLN ``proj_out_1``                 27.4 / 31.1         43.5 / 45.7  0.1%
+timestep embedders ``*.emb.*``             42.1 / 44.2         63.2 / 64.5  6.3% (one embedder per block)
+adaLN modulation ``*norm1.linear``         33.7 / 35.5         49.9 / 49.5  31.1%
+attention q / k / v / out                  34.5 / 35.9         53.3 / 56.6  20.7%
+MLP fc1 / fc2                              37.5 / 37.6         50.4 / 51.2  41.5%
+final adaLN ``proj_out_1``                 27.4 / 31.1         43.5 / 45.7  0.4%
 final projection ``proj_out_2``            23.7 / 23.7         37.4 / 39.6  <0.1%
 all of them                                21.5 / 22.4         36.1 / 38.1  100%
-all but ``proj_out*``                      29.6 / 31.4         46.1 / 47.1  99.9%
+all but ``proj_out*``                      29.6 / 31.4         46.1 / 47.1  99.6%
 =========================================  ==================  ===========  ===================================
 
 The two output layers alone cost more than any other group (proj_out_2 alone caps the output at ~24 dB in
-W4A8) for 0.1% of the bytes: they write the prediction directly, with nothing after them to average errors
+W4A8) for 0.4% of the bytes: they write the prediction directly, with nothing after them to average errors
 out. So ``proj_out*`` and ``norm_out.linear`` (the final adaLN of PixArt / SD3 / Flux, proj_out_1's analogue)
 stay in full precision. The adaLN linears are *quantized* by default: they hurt no more than attention, and
 they are a third of DiT-XL's linear weights, so skipping them would give up ~1/3 of the byte savings (add
@@ -45,7 +45,7 @@ they are a third of DiT-XL's linear weights, so skipping them would give up ~1/3
 quantizing them costs little accuracy: they run on one row per image, once per forward per distinct embedder
 (DiT checkpoints converted from the original hold one embedder copied into every block), where int8 buys no
 speed and costs an activation quantization per linear, i.e. two launches where the float GEMM needs one; what
-they would save is 6.4% of DiT-XL/2's linear weight bytes (under 0.1% of FLUX's). With them in float, a fused
+they would save is 6.3% of DiT-XL/2's linear weight bytes (0.2% of FLUX.1-dev's). With them in float, a fused
 DiT block launches 8 ditq ops in all (its embedder included), and the adaLN GEMM quantizes the float
 conditioning as it loads it (``gemm_w8a8_fused`` with a float input). ``include=["*timestep_embedder*", ...]``
 quantizes them anyway.
