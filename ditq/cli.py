@@ -15,11 +15,11 @@ a bad flag; anything else (a failure inside ditq) prints one line and exits with
 traceback instead. The work itself lives in the library (``ditq.quantize``, ``ditq.demo.run``); this module only
 parses, loads and prints.
 
-Checks made before any work is spent: every command checks ``--device`` (a CUDA device needs a visible GPU, ``mps``,
-``xpu`` or any other type a device of that type here) and that ``--backend`` runs on it; ``quantize`` and ``demo``
-check that ``--out`` can be a directory; ``generate`` checks its ``--out`` (an image extension Pillow writes, an
-existing writable directory) before loading or sampling, and refuses to write images holding NaN / inf (a corrupt
-checkpoint). Flags that would be ignored are refused (``--calib-prompts`` for a class-conditional model,
+Checks made before any work is spent: every command with a ``--device`` checks it (a CUDA device needs a visible
+GPU, ``mps``, ``xpu`` or any other type a device of that type here) and that ``--backend`` runs on it; ``quantize``
+and ``demo`` check that ``--out`` can be a directory; ``generate`` checks its ``--out`` (an image extension Pillow
+writes, an existing writable directory) before loading or sampling, and refuses to write images holding NaN / inf (a
+corrupt checkpoint). Flags that would be ignored are refused (``--calib-prompts`` for a class-conditional model,
 ``--calib-labels`` for a text-to-image one, ``generate --backend`` for a full-precision pipeline). ``info`` checks
 the weights file against its header (length, each layer's tensors, finite scales) and reports a corrupt one as an
 error. ``quantize`` prints one warning line on stderr, even with ``--quiet``, when layers it was meant to quantize

@@ -68,8 +68,8 @@ DEFAULT_SAMPLES_PER_CLASS = 4
 # Measured on the shared 2-core CPU box (torch reference backend): 853 s of CPU time for all nine settings (21 min
 # wall while other jobs kept the load average at 5-12); the five DEFAULT_SETTINGS plus one more row, 176 s of CPU
 # time on one thread.
-# Guidance 1.5 is the bundled model's measured sweet spot (MODEL_CARD.md: 100% accuracy, Fréchet 44 at 25
-# steps); higher guidance makes samples within a class alike and the Fréchet distance climb (285 at 3.0).
+# Guidance 1.5 is the bundled model's measured sweet spot (MODEL_CARD.md: 100% accuracy, Fréchet 50.2 at 25
+# steps); higher guidance makes samples within a class alike and the Fréchet distance climb (124.4 at 2.0).
 DEFAULT_GUIDANCE = 1.5
 CALIB_SEED = 1234  # differs from every evaluation seed a user is likely to pick: calibration is not evaluation
 CELL = 64          # pixels per image in the PNG grid (16x16 digits scaled by 4, nearest neighbour)
