@@ -37,7 +37,7 @@ def _same_state(module, state):
         getattr(module, "_ditq_config", None) is None
 
 
-# Thresholds from the maths (BRIEF §2). nn.Linear weights are uniform on [-a, a]: symmetric quantization with
+# Thresholds from the maths. nn.Linear weights are uniform on [-a, a]: symmetric quantization with
 # step s = a / qmax has noise s²/12 against a signal a²/3, so SQNR = 10·log10(4·qmax²): 48.1 dB for int8
 # (qmax 127) and 22.9 dB for int4 (qmax 7); a group's absmax is slightly below a, so measured values sit at or a
 # little above the prediction. For the model output: a Gaussian-like activation quantized with its absmax (~4σ)

@@ -58,7 +58,7 @@ def test_transformer_families(family, preset, backend, tmp_path):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_dit_pipeline_end_to_end(backend, tmp_path):
-    """The issue's snippet on DiTPipeline: quantize with first-step calibration, generate, save, load."""
+    """The README's snippet on DiTPipeline: quantize with first-step calibration, generate, save, load."""
     backend = _backend(backend)
     pipe = tiny_dit_pipeline()
     ref_pipe = copy.deepcopy(pipe)
