@@ -302,7 +302,7 @@ def _frequencies(time_proj: nn.Module, device) -> torch.Tensor:
 def _timestep_proj(time_proj: nn.Module, timestep: torch.Tensor) -> torch.Tensor:
     """diffusers' ``get_timestep_embedding`` with its constant frequency table kept (``_ditq_freqs``, computed by
     diffusers' own expression) and ``flip_sin_to_cos`` as the concatenation order: the same values, 6 ops
-    instead of 16."""
+    instead of 15 (integer timesteps; 5 instead of 14 for float ones)."""
     freqs = time_proj._ditq_freqs
     if freqs.dtype != torch.float32:  # a cast model (.half()) cast the table too: diffusers keeps it float32
         freqs = _frequencies(time_proj, freqs.device)
@@ -325,7 +325,7 @@ def fused_timesteps_class():
 def fuse_timesteps(model: nn.Module) -> int:
     """Give every sinusoidal timestep projection (diffusers' ``Timesteps``, even width) of ``model`` its constant
     frequency table (a non-persistent buffer, computed on the model's device by diffusers' expression): the same
-    values in 6 ops instead of 16. Returns how many it changed."""
+    values in 6 ops instead of 15 (integer timesteps). Returns how many it changed."""
     n = 0
     for module in model.modules():
         if type(module).__name__ == "Timesteps" and module.num_channels % 2 == 0:

@@ -147,3 +147,38 @@ def test_no_planning_references():
             hits += [f"{path}:{n}: {line.strip()[:100]}" for n, line in enumerate(text.splitlines(), 1)
                      if pattern.search(line)]
     assert not hits, hits
+
+
+def test_readme_timestep_projection_op_counts():
+    """The README's "6 ops instead of 15 (integer timesteps ...; 5 instead of 14 for float ones)", counted with a
+    dispatch mode over diffusers' ``Timesteps`` before and after ``fuse_timesteps``; the values stay the same."""
+    import torch
+    from diffusers.models.embeddings import Timesteps
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ditq.blocks import fuse_timesteps
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(module, t):
+        with torch.no_grad(), Count() as c:
+            y = module(t)
+        return c.n, y
+
+    counted = []
+    for t in (torch.tensor([999, 500]), torch.tensor([999.0, 37.5])):
+        holder = torch.nn.Module()
+        holder.proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=1)
+        n_before, before = ops(holder.proj, t)
+        assert fuse_timesteps(holder) == 1
+        n_after, after = ops(holder.proj, t)
+        assert torch.equal(after, before)
+        counted.append(f"{n_after} instead of {n_before}")
+    text = " ".join(_read("README.md").split())
+    assert f"values in {counted[0].replace('instead', 'ops instead')} (integer timesteps" in text, counted
+    assert f"{counted[1]} for float ones" in text, counted
