@@ -95,13 +95,15 @@ class QuantConfig:
             many layers, those whose static scale fits their recorded activations worst, run dynamic.
         backend: ``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"`` or ``"cuda-emulated"`` (``ditq.backends``).
         skip: fnmatch patterns of module names (relative to the transformer) never to quantize; wins over all.
-        include: fnmatch patterns; when given, only matching ``nn.Linear`` layers are candidates, and a layer that
-            matches one is quantized even if the default skip list names it.
+            One str, or a list / tuple / iterator, kept in order; a dict (its keys would act as the patterns) or a
+            set (its order, written into checkpoint headers, changes run to run) is refused.
+        include: fnmatch patterns, taken as ``skip``'s; when given, only matching ``nn.Linear`` layers are
+            candidates, and a layer that matches one is quantized even if the default skip list names it.
         default_skip: apply :data:`ditq.convert.DEFAULT_SKIP` (layers best kept in full precision).
         fuse: after quantizing, run sibling projections (q/k/v) as one GEMM and, where the backend has the kernel,
-            fuse each DiT / PixArt block's norms into the next GEMM's activation quantization (``ditq.fuse``,
-            ``ditq.blocks``; the same integer GEMMs). Off by default: the model then keeps diffusers' module names
-            layer for layer.
+            fuse each DiT / PixArt / SD3 / FLUX block's norms into the next GEMM's activation quantization
+            (``ditq.fuse``, ``ditq.blocks``, ``ditq.blocks_joint``; the same integer GEMMs). Off by default: the
+            model then keeps diffusers' module names layer for layer.
         progress: show tqdm progress bars during calibration and conversion.
     """
 
