@@ -235,7 +235,7 @@ def _fp8(torch, case: Dict, inp: Inputs):
     import fp8_rowwise
 
     m, n, k = case["M"], case["N"], case["K"]
-    why = fp8_rowwise.unsupported_reason(inp.device, n, k)
+    why = fp8_rowwise.unsupported_reason(inp.device, n, k, product=case["kind"] == "gemm")
     if why:
         raise Unsupported(why)
     if case["kind"] == "quant":

@@ -384,6 +384,9 @@ def run(args, torch, device, dtype, write_partial: Callable[[Dict], None]) -> Di
                 except Exception as e:
                     err = f"error: {'quantize' if model is not None else 'build'} failed: {type(e).__name__}: " \
                           f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+                    import fp8_rowwise  # here select_device has run, as the module asks
+                    if isinstance(e, fp8_rowwise.Unavailable):  # a peer this torch build cannot run here
+                        err = f"unavailable: {e}"
                     model = None
                     if args.verbose:
                         traceback.print_exc()

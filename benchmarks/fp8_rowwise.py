@@ -8,6 +8,7 @@ triton, which reads TRITON_INTERPRET once).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -22,8 +23,13 @@ def quantize(x: torch.Tensor):
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-def unsupported_reason(device, n: int, k: int) -> Optional[str]:
-    """Why torch._scaled_mm with row-wise scales cannot take an [M, K] x [K, N] product here, or None."""
+class Unavailable(ValueError):
+    """This torch build or device cannot run the fp8 row-wise product (a peer that cannot run, not a failure)."""
+
+
+def unsupported_reason(device, n: int, k: int, product: bool = True) -> Optional[str]:
+    """Why torch._scaled_mm with row-wise scales cannot take an [M, K] x [K, N] product here, or None.
+    ``product=False``: the same question for the activation quantization pass alone, which runs no _scaled_mm."""
     if not hasattr(torch, "float8_e4m3fn") or not hasattr(torch, "_scaled_mm"):
         return f"torch {torch.__version__} has no float8_e4m3fn / _scaled_mm"
     if torch.device(device).type == "cuda":
@@ -32,6 +38,19 @@ def unsupported_reason(device, n: int, k: int) -> Optional[str]:
             return f"fp8 e4m3 matmuls need compute capability >= 8.9 (this GPU: {cap[0]}.{cap[1]})"
     if k % 16 or n % 16:
         return f"torch._scaled_mm needs K and N multiples of 16 (K = {k}, N = {n})"
+    return _rowwise_refusal(str(torch.device(device))) if product else None
+
+
+@functools.lru_cache(maxsize=None)
+def _rowwise_refusal(device: str) -> Optional[str]:
+    """One 16 x 16 x 16 row-wise product on ``device``, once: some builds' _scaled_mm takes only tensor-wide
+    scales there (torch 2.11's CPU kernel asserts "only supports per-tensor scaling for CPU backend")."""
+    q, scale = quantize(torch.ones(16, 16, device=device))
+    try:
+        matmul(q, scale, q.t(), scale.t(), None, torch.bfloat16)
+    except RuntimeError as e:
+        return f"torch {torch.__version__}'s _scaled_mm refused row-wise scales on {device}: " \
+               f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__}"
     return None
 
 
@@ -49,7 +68,7 @@ class Fp8RowwiseLinear(torch.nn.Module):
         super().__init__()
         why = unsupported_reason(lin.weight.device, lin.out_features, lin.in_features)
         if why:
-            raise ValueError(why)
+            raise Unavailable(why)
         self.in_features, self.out_features = lin.in_features, lin.out_features
         w, s = quantize(lin.weight.detach())
         self.register_buffer("weight", w)  # [N, K] e4m3, row-major: .t() is the column-major mat2 cuBLAS wants
