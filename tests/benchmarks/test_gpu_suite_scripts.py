@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -50,7 +51,9 @@ def _prebuilt_check(tree, info):
         (tree / ".prebuilt").mkdir(exist_ok=True)
         (tree / ".prebuilt" / "BUILD_INFO").write_text(info)
     script = f"set -u\nexport TORCH_CUDA_ARCH_LIST=9.0a\n{func}\nprebuilt\n"
-    return subprocess.run(["bash", "-c", script], cwd=tree, capture_output=True, text=True)
+    # the function asks `python3` for the extension suffix and torch version: make that this test's interpreter
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    return subprocess.run(["bash", "-c", script], cwd=tree, capture_output=True, text=True, env=env)
 
 
 def test_prebuilt_extension_is_refused_unless_it_is_this_trees(tmp_path):
