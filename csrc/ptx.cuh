@@ -2,7 +2,7 @@
 //
 // Kernels (csrc/*.cuh) contain no inline assembly: they call ditq::ptx::*. The same kernel source compiles
 //   * with nvcc (csrc/*.cu): the real instruction (`asm volatile`), for sm_80 and newer;
-//   * with g++ (csrc/emulated.cpp, DITQ_EMULATED = 1): the twin, which runs the instruction's semantics in the
+//   * with g++ (csrc/emulated*.cpp, DITQ_EMULATED = 1): the twin, which runs the instruction's semantics in the
 //     host SIMT emulator (csrc/emu/), checks addresses, alignment and races, and knows the source line of the
 //     call (the DITQ_LOC default arguments, present only in the emulated build).
 // What the emulator cannot check here: wrong asm constraints or a missing "memory" clobber in the device

@@ -2,7 +2,7 @@
 //
 // A kernel's tile is a template argument (the fragment counts and the smem layout must be compile-time), so
 // the table is a constexpr header rather than JSON: every tile listed in DITQ_GEMM_TILES is instantiated
-// once per operand kind, and the launchers (csrc/gemm.cu, csrc/emulated_gemm.cpp) dispatch on its id with a
+// once per operand kind, and the launchers (csrc/gemm_launch.cuh, csrc/emulated_gemm.h) dispatch on its id with a
 // switch generated from the same list, so a tile can never be picked without having been compiled.
 //
 // Columns: id, BM, BN, BK (k per main-loop iteration, in int8 elements: a W4 tile row is BK / 2 bytes),

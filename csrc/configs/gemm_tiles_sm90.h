@@ -1,7 +1,7 @@
 // Tile configurations of the Hopper int8 GEMMs (csrc/gemm_sm90.cuh: TMA + wgmma, warp-specialized), as data.
 //
 // Like configs/gemm_tiles.h, each list entry is instantiated once (per group size for W4) and the launchers
-// (csrc/gemm_sm90.cu, csrc/emulated_gemm.cpp) switch on its id, generated from the same list. The ids live
+// (csrc/gemm_sm90_launch.cuh, csrc/emulated_gemm_sm90.h) switch on its id, generated from the same list. The ids live
 // in their own range: a `tile` argument of kSm90TileBase + i names entry i of the family's list (W8 or W4),
 // ids below kSm90TileBase name the mma.sync table of configs/gemm_tiles.h. BK is 128 for every entry (four
 // k32 wgmma steps per stage; an A / activation tile row is then exactly one 128-byte swizzle row).

@@ -1,5 +1,5 @@
 // What each CUDA kernel family accepts, written once. Everything that depends on it is generated from here:
-// the W4 instantiations and the launch switches (csrc/gemm.cu, csrc/emulated_gemm.cpp), the binding's checks
+// the W4 instantiations and the launch switches (csrc/gemm_launch.cuh, csrc/emulated_gemm.h), the binding's checks
 // (csrc/gemm_bindings.h) and the description torch.ops.ditq_C.kernel_families() returns (csrc/families.cpp),
 // which the Python runtime reads instead of keeping its own copy.
 //
