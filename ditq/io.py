@@ -642,7 +642,22 @@ def load_transformer(directory: str, device="cpu", backend: Optional[str] = None
     if left:
         raise CheckpointError(f"{weights}: parameters not in the checkpoint: {left[:5]}")
     model = finish_load(model, header, device, where)
-    return model if torch_dtype is None else model.to(torch_dtype)
+    return model if torch_dtype is None else _cast(model, torch_dtype)
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model``'s float values in ``dtype``, as diffusers' ``from_pretrained(torch_dtype=...)`` leaves them: the
+    values its class keeps in float32 (``_keep_in_fp32_modules``, matched on the parts of a parameter's or
+    buffer's dotted name, as diffusers matches them) stay float32; a QuantLinear's scales stay float32 whatever the dtype. ``nn.Module.to`` rather
+    than diffusers' ``ModelMixin.to``, which warns on every dtype cast of a class that declares the list, even an
+    empty one."""
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    nn.Module.to(model, dtype)
+    if keep:
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and any(k in name.split(".") for k in keep):
+                t.data = t.data.float()
+    return model
 
 
 def _transformer_dtype(torch_dtype):

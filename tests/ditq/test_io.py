@@ -341,6 +341,23 @@ def test_a_bare_transformer_takes_dtype_as_diffusers_names_it(dynamic_dit, tmp_p
         ditq.load_quantized(str(tmp_path), variant="fp16")
 
 
+def test_dtype_keeps_the_classes_fp32_modules_and_casts_without_diffusers_warning(dynamic_dit, tmp_path, capfd,
+                                                                                  monkeypatch):
+    """A load with a dtype leaves what the model class keeps in float32 (``_keep_in_fp32_modules``) in float32, as
+    diffusers' from_pretrained does, and says nothing: ModelMixin.to warned on every such cast."""
+    t, inp = dynamic_dit
+    ditq.save_quantized(t, str(tmp_path))
+    capfd.readouterr()
+    monkeypatch.setattr(type(t), "_keep_in_fp32_modules", ["pos_embed"])
+    bf = ditq.load_quantized(str(tmp_path), dtype=torch.bfloat16)
+    assert capfd.readouterr().err == ""
+    assert bf.pos_embed.proj.weight.dtype == torch.float32 and bf.proj_out_1.weight.dtype == torch.bfloat16
+    quantized = [m for m in bf.modules() if isinstance(m, QuantLinear)]
+    assert quantized and all(m.scales.dtype == torch.float32 for m in quantized)
+    monkeypatch.setattr(type(t), "_keep_in_fp32_modules", None)
+    assert ditq.load_quantized(str(tmp_path), dtype=torch.bfloat16).pos_embed.proj.weight.dtype == torch.bfloat16
+
+
 def test_progress_off_loads_a_pipeline_silently_and_restores_diffusers_bars(pipeline_checkpoint, capfd):
     """diffusers' "Loading pipeline components" bar follows ``progress``; its global switch is left as it was."""
     from diffusers.utils import logging as dlogging
