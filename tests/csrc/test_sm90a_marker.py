@@ -47,6 +47,17 @@ def _elf(cuobjdump, cubin):
     return subprocess.run([cuobjdump, "-elf", cubin], capture_output=True, text=True, check=True).stdout
 
 
+def _cubin_arch(elf_text: str) -> str:
+    """The architecture a cubin was compiled for ("sm_90a"), from its ``cuobjdump -elf`` text: the nvcc command
+    line embedded in the cubin (``-arch sm_90a``) first, then the PTX target, then the header's ``sm=``. An older
+    cuobjdump (triton 3.6 bundles CUDA 12.8's) reads a CUDA 13 cubin's header as ``sm=90`` and names the file
+    ``.sm_90.cubin``: only the embedded command line keeps the "a"."""
+    m = (re.search(r"-arch[ =]sm_(\d+a?)\b", elf_text) or re.search(r"\.target sm_(\d+a?)\b", elf_text)
+         or re.search(r"\bsm=(\d+a?)\b", elf_text))
+    assert m, "no architecture in the cubin's cuobjdump -elf text"
+    return f"sm_{m.group(1)}"
+
+
 def test_the_two_bounds_tell_the_passes_apart():
     assert SM90A_THREADS != OTHER_THREADS and 0 < min(SM90A_THREADS, OTHER_THREADS)
     assert max(SM90A_THREADS, OTHER_THREADS) <= 1024 and SM90A_THREADS % 32 == 0 and OTHER_THREADS % 32 == 0
@@ -81,9 +92,9 @@ def _built_cubins():
                    capture_output=True, check=True)
     found = {}
     for f in sorted(os.listdir(tmp)):
-        m = re.search(r"\.(sm_\d+a?)\.cubin$", f)
-        if m and MARKER.encode() in open(os.path.join(tmp, f), "rb").read():
-            found.setdefault(m.group(1), []).append(os.path.join(tmp, f))
+        path = os.path.join(tmp, f)
+        if f.endswith(".cubin") and MARKER.encode() in open(path, "rb").read():
+            found.setdefault(_cubin_arch(_elf(cuobjdump, path)), []).append(path)
     if not found:
         pytest.skip("ditq._C holds no cubin with the marker kernel")
     return cuobjdump, found
