@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from unittest import mock
 
 
 def main(argv=None) -> int:
@@ -32,15 +33,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    names = []
-    for g in args.groups:
-        for m in args.methods:
-            name = f"w4a8-g{g}-{m}"
-            run.SETTINGS[name] = dict(preset="w4a8", group_size=g, weight_method=m, **run.BEST_POLICY)
-            names.append(name)
+    extra = {f"w4a8-g{g}-{m}": dict(preset="w4a8", group_size=g, weight_method=m, **run.BEST_POLICY)
+             for g in args.groups for m in args.methods}
+    names = list(extra)
     t0, c0 = time.perf_counter(), time.process_time()
-    res = run.run_demo(args.out, steps=args.steps, samples_per_class=args.samples_per_class, settings=names,
-                       progress=False)
+    with mock.patch.dict(run.SETTINGS, extra):  # the demo's own settings, for this run only
+        res = run.run_demo(args.out, steps=args.steps, samples_per_class=args.samples_per_class, settings=names,
+                           progress=False)
     print(f"wall {time.perf_counter() - t0:.0f} s, CPU {time.process_time() - c0:.0f} s, "
           f"{torch.get_num_threads()} thread(s)")
 
