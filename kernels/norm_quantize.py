@@ -55,7 +55,8 @@ from .interpret import check_device, interpreting, on_input_device
 from .quantize_act import quantize_row
 
 MAX_BLOCK_K = 16384  # a row lives in registers: 16384 fp32 over 16 warps is 32 per thread
-K_MULTIPLE = 1  # any K: the row tail is masked (K % 8 == 0, which DiT widths are, gives 16-byte loads)
+K_MULTIPLE = 1  # any K: the row tail is masked (K % 16 == 0, which DiT widths are, gives wider loads: Triton
+# specialises an integer argument only by divisibility by 16, so K % 8 == 0 alone gives the loads nothing)
 QMAX = 127
 
 
@@ -108,7 +109,8 @@ def norm_quantize_kernel(x_ptr, shift_ptr, scale_ptr, static_scale_ptr, q_ptr, s
         sh = tl.load(shift_ptr + img * K + offs, mask=mask, other=0.0).to(tl.float32)
         y = _add_rn(_mul_rn(y, 1.0 + sc, INTERPRET), sh, INTERPRET)
     # y is 0 on the padding lanes (d is, and shift / scale load 0 there) unless rstd is NaN, which only a
-    # non-finite real lane causes (and then the row's scale is NaN either way): quantize_row may reduce over them
+    # non-finite real lane or a row sum overflowing fp32 causes (and then every real lane's y is NaN too, so
+    # the row's scale is NaN either way): quantize_row may reduce over them
     q = quantize_row(y, s_ptr, static_scale_ptr, row, PER_TOKEN, INTERPRET)
     tl.store(q_ptr + row * K + offs, q, mask=mask)
 

@@ -13,8 +13,9 @@ Design, and why
   instructions than integer ones, and on cc 90 integer scales gain nothing in Triton because every int8
   ``tl.dot`` waits for its wgmma anyway. Float scales also keep the checkpoint's scales exact (no second
   rounding to an integer scale). A group partial is at most 127 * 128 * 256 = 4,161,536 < 2^24 in magnitude,
-  so its int32 -> fp32 conversion is exact; we never accumulate int32 across groups, so the K <= 16384 bound
-  of a single int32 accumulator is not even needed here (it would still hold: 127 * 128 * 16384 < 2^31).
+  so its int32 -> fp32 conversion is exact; we never accumulate int32 across groups, so the int32 bound on
+  K of a single accumulator (128 * 128 * K < 2^31) is not even needed here; the runtime's K <= 16384
+  (``MAX_K``) is kept for every int8 GEMM alike.
 * **The x16 nibble trick**: a nibble kept in the *high* half of a byte is an int8 equal to 16 * w.
   ``b & 0xF0`` is 16 * w_hi and ``b << 4`` (8-bit shift, the old high nibble falls off) is 16 * w_lo, so the
   int8 tensor-core dot runs on them with no sign extension. Every partial is then exactly 16 * P_g

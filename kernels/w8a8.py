@@ -31,14 +31,15 @@ Every int8 dot names ``out_dtype=tl.int32``: Triton before 3.8 asserts that the 
 The tile configuration comes from ``configs/w8a8_<arch>.json`` by M bucket (``config_table``); CPU tensors
 run under the interpreter with the small tiles of ``w8a8_interpreter.json``.
 
-Grid: one program per output tile, or, when the tiles fill less than a wave of SMs (DiT-XL/2 at batch 1:
-fc2 and attention out are 36 tiles of 128 x 128 on 132 SMs), ``S`` programs per tile that each sum whole BK
-steps of K (``SPLIT_K``, grid axis 1) into an int32 workspace, then :func:`w8a8_reduce_kernel` adds them and
-runs the same epilogue (:func:`_epilogue`). int32 sums are exact, so every split count gives the unsplit
-bits. The count, the design and why: :mod:`.split_k`. Measured (AOT, the 128 x 128 entry, bf16 out; S = 1
-compiles exactly as without split-K): sm90 split kernel 90 registers, loop 85 instructions (84 unsplit), the
-same 4 IGMMA, no spills; sm80 144 registers, loop 145 (143), the same 64 IMMA; the reduce 128-152 registers,
-146 with gate + residual, 16-byte loads, no spills (tests/kernels/test_aot_split_k.py).
+Grid: one program per output tile, or, when the tiles fill less than a wave of SMs (DiT-XL/2 at batch 1 with
+guidance, M = 512: fc2 and attention out are 36 tiles of 128 x 128 on 132 SMs), ``S`` programs per tile that
+each sum whole BK steps of K (``SPLIT_K``, grid axis 1) into an int32 workspace, then
+:func:`w8a8_reduce_kernel` adds them and runs the same epilogue (:func:`_epilogue`). int32 sums are exact, so
+every split count gives the unsplit bits. The count, the design and why: :mod:`.split_k`. Measured (AOT, the
+128 x 128 entry, bf16 out; S = 1 compiles exactly as without split-K): sm90 split kernel 90 registers, loop 85
+instructions (84 unsplit), the same 4 IGMMA, no spills; sm80 144 registers, loop 145 (143), the same 64 IMMA;
+the reduce 128-152 registers, 146 with gate + residual, 16-byte loads, no spills
+(tests/kernels/test_aot_split_k.py).
 """
 from __future__ import annotations
 
@@ -53,7 +54,10 @@ from .interpret import check_device, interpreting, on_input_device
 
 KERNEL_NAME = "w8a8"
 K_MULTIPLE = 16  # 16-byte aligned rows: Triton's divisibility specialisation of K gives 16-byte loads
-MAX_K = 16384  # int32 accumulation is exact up to here: 127 * 128 * 16384 < 2**31
+# The project-wide K bound (ditq.quant.reference.MAX_K, csrc's kMaxK), a contract kept with headroom, not
+# where exactness ends: every int8 product is at most 128 * 128 = 2**14 in magnitude, so one int32 sum is
+# exact for any K < 2**17 (here 127 * 128 * 16384 < 2**28). Nothing else in this kernel limits K.
+MAX_K = 16384
 LAYOUT = "int8_nk"  # the canonical int8 weight [N, K], row-major, used as it is
 LAYOUT_VERSION = 1
 # Keys of a tile table entry (configs/w8a8_<arch>.json): tile sizes, launch grouping, swapped operands
