@@ -237,7 +237,17 @@ def cuda_tiles() -> Tuple[Dict[int, Tuple[int, ...]], List[Tuple[int, int, int, 
     return tiles, rules
 
 
-MMA_MAX_SPLITS = 16  # kMaxSplits of gemm_tiles.h: the default cap
+def header_int(header: str, name: str) -> int:
+    """The value of ``constexpr int <name> = <value>;`` in csrc/configs/<header>: the table's constants are read
+    from the one place the build reads them, never repeated here."""
+    text = open(os.path.join(CSRC, "configs", header)).read()
+    found = re.search(r"constexpr\s+int\s+" + re.escape(name) + r"\s*=\s*(\d+)\s*;", text)
+    if not found:
+        raise ValueError(f"csrc/configs/{header} defines no 'constexpr int {name} = ...;'")
+    return int(found.group(1))
+
+
+MMA_MAX_SPLITS = header_int("gemm_tiles.h", "kMaxSplits")  # the default cap
 
 
 def mma_auto_splits(ctas: int, units: int, sms: int, max_splits: int = MMA_MAX_SPLITS) -> int:
@@ -264,7 +274,7 @@ def sm90_tiles() -> Tuple[Dict[str, List[Tuple[int, ...]]], List[Tuple[int, int,
     return tiles, rules
 
 
-SM90_MAX_SPLITS = 16  # kSm90MaxSplits of gemm_tiles_sm90.h: the default cap
+SM90_MAX_SPLITS = header_int("gemm_tiles_sm90.h", "kSm90MaxSplits")  # the default cap
 
 
 def sm90_auto_schedule(tiles: int, units: int, sms: int, max_splits: int = SM90_MAX_SPLITS) -> Tuple[int, int]:

@@ -158,8 +158,25 @@ def test_mma_rules_are_read_from_the_header():
 def test_mma_auto_splits_takes_the_cap():
     """auto_splits' rule: two waves' worth of CTAs, at most the cap (kTileRules' max_splits), at most the k units."""
     assert [static_report.mma_auto_splits(36, 72, 132, c) for c in (16, 8, 2, 1)] == [8, 8, 2, 1]
-    assert static_report.mma_auto_splits(1, 99, 132) == static_report.MMA_MAX_SPLITS == 16
+    assert static_report.mma_auto_splits(1, 99, 132) == static_report.MMA_MAX_SPLITS
     assert static_report.mma_auto_splits(18, 5, 132) == 5 and static_report.mma_auto_splits(300, 72, 132) == 1
+
+
+def test_default_caps_are_read_from_the_headers(tmp_path, monkeypatch):
+    """The default caps are the headers' constants (kMaxSplits, kSm90MaxSplits), read rather than repeated; the
+    shipped rules all use them, as the build says; a header without the constant is an error naming it."""
+    import pytest
+    import torch
+    from ditq.backends import cuda_backend
+    if cuda_backend.built() and hasattr(torch.ops.ditq_C, "gemm_max_splits"):
+        assert torch.ops.ditq_C.gemm_max_splits(90, 512) == static_report.MMA_MAX_SPLITS
+        assert torch.ops.ditq_C.gemm_sm90_max_splits(512) == static_report.SM90_MAX_SPLITS
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "t.h").write_text("constexpr int kOther = 3;\nconstexpr int  kMaxSplits=7;  // cap\n")
+    monkeypatch.setattr(static_report, "CSRC", str(tmp_path))
+    assert static_report.header_int("t.h", "kMaxSplits") == 7 and static_report.header_int("t.h", "kOther") == 3
+    with pytest.raises(ValueError, match="kMissing"):
+        static_report.header_int("t.h", "kMissing")
 
 
 def test_mma_auto_splits_matches_the_build():
