@@ -135,7 +135,7 @@ struct TileLoader {
   const uint8_t* base;  // a valid address for predicated-off copies (they still carry one)
   const uint8_t* src[PER_THREAD];
   int dst[PER_THREAD];
-  int col[PER_THREAD];  // byte column of the chunk in tile 0; INT32_MAX-ish when the row is out of range
+  int col[PER_THREAD];  // byte column of the chunk in tile 0; 1 << 30 when the row is out of range
   int row_len;
 
   DITQ_DEVICE TileLoader(const uint8_t* g, int r0, int nrows, int row_len_, int tid)

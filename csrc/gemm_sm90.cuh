@@ -190,7 +190,8 @@ DITQ_DEVICE void init_barriers(const Sm90Params& P, const Ring<T, W4>& ring) {
     }
     ptx::fence_mbarrier_init();
   }
-  __syncthreads();  // the only block barrier: every thread sees initialized mbarriers
+  __syncthreads();  // every thread sees initialized mbarriers; the main loop has no other block barrier (a
+                    // split CTA's reduction adds two, last_split's)
 }
 
 // Descriptor of a K-major, 128-byte-swizzled operand tile whose rows are 128 bytes, at k32 step ks.
@@ -543,7 +544,7 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
       for (int c = 0; c < 2; ++c) y[c] = scale_bias(p, facc[4 * j + 2 * h + c], sa[c], nn);
       const float other = ptx::shfl_xor(odd ? y[0] : y[1], 4);  // every lane: a warp collective
       const int m = odd ? r + 1 : r;
-      const int n_pair = odd ? n - 1 : n;  // even: n + n0 + 16w + 64cw is even, so the pair is aligned
+      const int n_pair = odd ? n - 1 : n;  // n = n0 + 64cw + 16w + g (+ 8) has g's parity: n_pair is even, aligned
       float pair[2] = {odd ? other : y[0], odd ? y[1] : other};  // the fused policy works on it in place
       if (m < p.M && n_pair < p.N) epi.store(p, m, n_pair, pair);
     }

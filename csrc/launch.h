@@ -27,7 +27,7 @@ enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 struct QuantizeActArgs {
   const void* x;             // [M, K] contiguous, of `dtype`
   DType dtype;
-  int64_t M, K;              // M < 2^31 * 4, K < 2^31
+  int64_t M, K;              // M < 2^31, K < 2^31 (the kernel takes both as int)
   const float* static_scale; // [1], or nullptr for dynamic per-row scales
   int8_t* q;                 // [M, K] out
   float* scales;             // [M] out (dynamic only)

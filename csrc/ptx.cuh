@@ -239,7 +239,9 @@ DITQ_DEVICE uint4 ld_global_16(const void* p DITQ_LOC) {
 #endif
 }
 
-// ---- inter-CTA communication (split-K): fence.acq_rel.gpu, atom.add.gpu, ld.global.cg ----------------------
+// ---- inter-CTA communication (split-K): membar.gl, atom.add.gpu, ld.global.cg ------------------------------
+// __threadfence() compiles to membar.gl, which on sm_70 and newer is fence.sc.gpu: stronger than the
+// fence.acq_rel.gpu the last-CTA handshake needs.
 // The emulator runs blocks one after another, so these are plain memory operations there (bounds-checked);
 // what they order between concurrently running CTAs is beyond what it can check.
 DITQ_DEVICE void fence_gpu() {
