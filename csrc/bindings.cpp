@@ -84,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, const std::
   QuantizeActArgs a{x.data_ptr(), dt, m, k, scale ? s.data_ptr<float>() : nullptr, q.data_ptr<int8_t>(),
                     scale ? nullptr : s.data_ptr<float>()};
   if (EMULATED) {
-    // Poison: -128 is never a quantizer output and NaN never a scale, so an element the kernel fails to write
-    // shows up in an exact comparison.
+    // Poison: -128 is never a quantizer output and NaN never a finite row's scale, so an element the kernel
+    // fails to write shows up in an exact comparison (a row holding NaN / inf has scale NaN: not there).
     q.fill_(-128);
     if (!scale) s.fill_(std::numeric_limits<float>::quiet_NaN());
     quantize_act_emulated(a);

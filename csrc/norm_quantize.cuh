@@ -24,7 +24,8 @@
 // ---- Work split and memory access --------------------------------------------------------------------------
 // As quantize_act: one warp per row, kWarps rows per block, no shared memory, no __syncthreads (a block with
 // rows past M loses whole warps). The row is read three times (sum, squared deviations, quantize) and four
-// with a dynamic scale (its absmax first); a row is at most 64 KB, so the passes after the first hit L1 / L2.
+// with a dynamic scale (its absmax first); a DiT row (K <= 16384) is at most 64 KB, so the passes after the
+// first hit L1 / L2.
 // kVec: 16-byte loads of x (LDG.E.128) and of shift / scale (fp32, one or two 16-byte loads per x vector), 4-
 // or 8-byte stores of q; needs 16-byte aligned rows (the binding checks the pointers, dispatch the row size).
 #pragma once
@@ -119,7 +120,7 @@ DITQ_GLOBAL void norm_quantize_kernel(const T* __restrict__ x, const float* __re
 #pragma unroll
     for (int j = 0; j < N; ++j) sum = __fadd_rn(sum, xv[j]);
   });
-  const float mean = __fdiv_rn(warp_sum(sum), static_cast<float>(K));  // K < 2^24: exact as a float
+  const float mean = __fdiv_rn(warp_sum(sum), static_cast<float>(K));  // K <= 2^24: exact as a float
 
   float ss = 0.0f;
   each([&](int, const float (&xv)[N]) {
