@@ -74,8 +74,9 @@ inline Options& global_options() {
 
 // ---- errors -----------------------------------------------------------------------------------------------
 // kind: "deadlock", "divergent-barrier", "divergent-collective", "partial-warp", "shared-address",
-// "misaligned", "race", "cp-async-in-flight", "global-address", "global-read-only", "global-unwritten",
-// "kernel-exception", "config".
+// "shared-unwritten", "misaligned", "race", "cp-async-in-flight", "global-address", "global-read-only",
+// "global-unwritten", "kernel-exception", "config"; Hopper (emu/hopper.h): "mbarrier", "tma-in-flight",
+// "tma-pending", "proxy-fence", "wgmma-fence", "wgmma-pending", "wgmma-accumulator", "wgmma-descriptor".
 class Error : public std::runtime_error {
  public:
   Error(std::string kind, const std::string& what) : std::runtime_error(what), kind_(std::move(kind)) {}

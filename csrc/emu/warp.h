@@ -76,7 +76,7 @@ inline void complete(WarpSlot& w, Compute&& compute) {
     if (s.threads[base + l].waiting == Wait::Collective) release(s.threads[base + l]);
 }
 
-// ---- shfl.sync.bfly.b32 / shfl.sync.idx.b32 (full mask, c = 0x1f) ------------------------------------------
+// ---- shfl.sync.bfly.b32 (full mask, c = 0x1f) --------------------------------------------------------------
 inline uint32_t shfl_bfly(uint32_t v, int lane_mask, const char* file, int line) {
   Thread& t = *S().cur;
   WarpSlot& w = arrive("shfl.sync.bfly", file, line);
