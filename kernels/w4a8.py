@@ -34,10 +34,12 @@ Design, and why
   int8 MMA's K). When K / 32 is odd (G = 32 only) the last 32 k form a short block split the same way
   (k = j and j + 16); the kernel does it in one masked tail step.
 * **Swapped operands (``SWAP_AB``)**, for Hopper and small M: compute the transposed tile ``acc^T[BN, BM] =
-  W[BN, K] @ A^T`` with the unpacked weights as the *first* operand. wgmma reads its A operand from
-  registers, so the weights unpacked in registers feed it without a round trip through shared memory (no
-  ``STS``), and a small M becomes wgmma's N (``IGMMA.64xBMx32``). Group scales are then per *row* of the tile.
-  Not swapped, the weights are the B operand and are staged through shared memory.
+  W[BN, K] @ A^T`` with the unpacked weights as the *first* operand. wgmma may read its A operand from
+  registers, and a small M becomes wgmma's N (``IGMMA.64xBMx32``). Group scales are then per *row* of the tile.
+  Not swapped, the weights are the B operand and are staged through shared memory. Swapped does not remove
+  every round trip: Triton 3.8 still moves the weight tile through shared memory once per step to reach the
+  A-fragment layout (``STS.128`` then ``LDSM`` in the loop: the STS column of the table below, 5 against the
+  plain kernel's 9 at 64x128).
 * **Float A** (``A_FLOAT``, the fused GEMM given a float ``a`` and a static scale): each activation half-tile is
   loaded as float and quantized in registers with quantize_act's own rounding (``quantize_act.quantize_scaled``,
   ``1 / s`` computed once per program) before its dot. sm80 M <= 16 entry at G = 128, bf16 A: 106 registers
