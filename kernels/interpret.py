@@ -104,6 +104,8 @@ def cast_rn(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     """fp32 ``x`` cast to ``dtype`` rounding to nearest even, in both execution modes."""
     if INTERPRET and dtype == tl.bfloat16:
         # Round the fp32 bit pattern to its top 16 bits, ties to even: add 0x7FFF plus the lowest kept bit.
+        # (Finite values and the NaNs arithmetic produces, 0x7FC00000 and its negative, come out right; a NaN
+        # with another payload can carry into the exponent or wrap: 0x7F800001 becomes inf, 0x7FFFFFFF -0.)
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
