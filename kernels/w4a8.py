@@ -385,7 +385,7 @@ def _epilogue(acc, offs_m, offs_n, rm, rn, a_scale_ptr, bias_ptr, out_ptr, M, N,
     if PER_TOKEN:
         a_s = tl.load(a_scale_ptr + rm) * 0.0625
     else:
-        a_s = tl.load(a_scale_ptr + offs_m * 0) * 0.0625
+        a_s = tl.load(a_scale_ptr + offs_m * 0) * 0.0625  # the static scale as a [BM] vector, as per token
     if SWAP_AB:
         y = acc * a_s[None, :]
     else:
@@ -563,7 +563,7 @@ def _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config, spli
     tiles, units = split_shape(cfg, m, n, k, group_size)
     s = split_k.resolve(splits, tiles, units, m * n, a.device, KERNEL_NAME, cfg.get("max_splits"))
     unused = w_scale  # a valid pointer for the arguments a constexpr flag switches off
-    per_token = a_scale.numel() == m and m > 1
+    per_token = a_scale.numel() == m and m > 1  # M = 1: a [1] scale reads the same either way
     if s > 1:
         # the split launch stores raw fp32 partials (no epilogue: its flags off, one compiled variant per
         # tile), the reduce launch adds them in split order and runs the epilogue (split_k.py)

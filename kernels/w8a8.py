@@ -169,7 +169,7 @@ def _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
     if PER_TOKEN:
         a_s = tl.load(a_scale_ptr + offs_m, mask=m_ok, other=0.0)
     else:
-        a_s = tl.load(a_scale_ptr + offs_m * 0)
+        a_s = tl.load(a_scale_ptr + offs_m * 0)  # the one static scale as a [BM] vector, as per token
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     if SWAP_AB:
