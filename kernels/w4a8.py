@@ -381,7 +381,8 @@ def _epilogue(acc, offs_m, offs_n, rm, rn, a_scale_ptr, bias_ptr, out_ptr, M, N,
     """The fp32 tile ``acc`` (the whole K sum, 16x the reference's) scaled, biased, through the fused pieces and
     stored: the end of the unsplit kernel and of the split-K reduce, one code path. ``rm`` / ``rn``: the rows
     and columns clamped into range (``% M``, ``% N``), for unmasked loads."""
-    # epilogue: acc is exactly 16x the reference's accumulator; fold the 1/16 into the activation scale
+    # epilogue: acc is exactly 16x the reference's accumulator; fold the 1/16 into the activation scale.
+    # Compiled, acc * a_s and + bias contract into one fma (as in w8a8's epilogue); interpreted, two roundings.
     if PER_TOKEN:
         a_s = tl.load(a_scale_ptr + rm) * 0.0625
     else:

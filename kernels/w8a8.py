@@ -162,6 +162,8 @@ def _epilogue(acc, offs_m, offs_n, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, 
     """The int32 tile ``acc`` (the whole K sum) scaled, biased, through the fused pieces and stored: the end of
     the unsplit kernel and of the split-K reduce, one code path."""
     # Epilogue, in the reference's order: (a_scale * w_scale) first, then times the sum, then + bias.
+    # Compiled, the last product and the bias add contract into one fma (the PTX has fma.rn.f32 and no
+    # add.f32), as the CUDA kernels' scale_bias does on purpose; interpreted they round twice, as the reference.
     # With SWAP_AB everything is indexed [n, m] (the product of two scales is the same either way round).
     m_ok = offs_m < M
     n_ok = offs_n < N
