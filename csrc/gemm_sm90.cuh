@@ -11,7 +11,7 @@
 // Thread 0 of the producer warpgroup issues every TMA load; the rest of that warpgroup gives its registers
 // away (setmaxnreg) and returns. Consumers wait for a stage to be full, issue its wgmmas, and hand the stage
 // back once the wgmmas that read it have completed. No __syncthreads after the barrier init: the stages are
-// ordered by mbarriers alone.
+// ordered by mbarriers alone (a split CTA's reduction adds two block barriers after the main loop: Split-K).
 //
 // ---- The ring: STAGES x (activation tile, weight tile), full[STAGES] and empty[STAGES] mbarriers -------------
 // full[s]:  count 1. The producer arrives with expect_tx(tile bytes); the TMA loads complete_tx the same
