@@ -232,14 +232,12 @@ def gemm_w4a8(a, a_scale, w_q, w_scales, group_size: int, bias=None, out_dtype=t
     an fp32 accumulator group by group (the "fused dequantization").
 
     The partials come from a float32 batched matmul, which is exact here: every product and partial sum of a
-    group is an integer of magnitude at most group_size * 127 * 128 <= 4.2e6 < 2^24 (groups of at most 256),
-    so float32 holds each exactly in whatever order the BLAS adds them, and P[g] is the int32 partial converted
-    to float32 as the kernels convert it."""
+    group is an integer of magnitude at most group_size * 128 * 8 <= 2^24 (int4 weights, |w| <= 8, and any
+    canonical group size, up to MAX_K = 2^14), so float32 holds each exactly in whatever order the BLAS adds
+    them, and P[g] is the int32 partial converted to float32 as the kernels convert it."""
     a_col = a_scale.float().reshape(-1, 1)  # _act_scale_column inline: the reference backend's hot path
     if a_col.shape[0] not in (1, a.shape[0]):
         raise ValueError(f"activation scale must have 1 or M = {a.shape[0]} elements, got {a_col.shape[0]}")
-    if group_size > 1024:  # beyond 1024 * 127 * 128 a float32 partial could round
-        raise ValueError(f"group_size {group_size} is too large for exact float32 group partials")
     m, k = a.shape
     n, groups = w_q.shape[0], k // group_size
     wg = w_q.to(torch.float32).reshape(n, groups, group_size).permute(1, 2, 0)  # [G, group, N]

@@ -248,10 +248,23 @@ def test_gemm_w4a8_partials_are_the_int32_partials_at_the_extremes(group_size):
     assert torch.equal(ref.gemm_w4a8(a, a_scale, w, scales, group_size), want)
 
 
-def test_gemm_w4a8_refuses_groups_too_long_for_exact_float32_partials():
-    a, w = torch.ones(1, 2048, dtype=torch.int8), torch.ones(2, 2048, dtype=torch.int8)
-    with pytest.raises(ValueError, match="too large for exact float32 group partials"):
-        ref.gemm_w4a8(a, torch.ones(1), w, torch.ones(1, 2), 2048)
+@pytest.mark.parametrize("group_size", [2048, ref.MAX_K])
+def test_gemm_w4a8_groups_beyond_exact_float32_partials(group_size):
+    """Groups past 1024 (canonical up to MAX_K, so the torch backend takes them): an int4 partial is at most
+    128 * 8 * group_size <= 2^24, so the float32 partials are still exact, at the extremes too."""
+    k, n = ref.MAX_K, 3
+    g = torch.Generator().manual_seed(5)
+    a = torch.randint(-127, 128, (4, k), dtype=torch.int8, generator=g)
+    a[:2] = 127  # rows at the extremes: with w[0] = -8, partials of 127 * 8 * group_size (float32 spacing 1..2 there)
+    w = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    w[0] = -8
+    scales, a_scale = torch.rand(k // group_size, n, generator=g), torch.rand(4, generator=g)
+    p = ref.group_partials(a, w, group_size).to(torch.int32).float()
+    want = p[0] * scales[0]
+    for i in range(1, k // group_size):
+        want += p[i] * scales[i]
+    got = ref.gemm_w4a8(a, a_scale, w, scales, group_size)
+    assert p.abs().max() == 127 * 8 * group_size and torch.equal(got, want * a_scale.reshape(-1, 1))
 
 # ---- fused GEMM epilogues -----------------------------------------------------------------------------
 
