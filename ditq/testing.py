@@ -70,3 +70,24 @@ def random_w4a8_case(m: int, n: int, k: int, group_size: int, seed: int):
     a_scale = torch.rand(m, generator=g) * 0.05 + 1e-3
     bias = torch.randn(n, generator=g) * 4
     return a, w_q, w_scales, a_scale, bias
+
+
+def assert_gemm_fused(out, a, a_scale, w, w_scale, group_size=None, bias=None, gelu=False, gate=None,
+                      residual=None, rows_per_gate=1, what="fused GEMM"):
+    """A fused GEMM's float output (no ``out_scale``) against the float64 composition of the exact GEMM and the
+    epilogue pieces (:func:`ditq.quant.reference.gemm_epilogue_exact`). ``a``: int8 (quantize a float input with
+    ``quantize_act`` first); ``w``: int8 [N, K] for W8A8 (``group_size`` None) or the unpacked int4 values for
+    W4A8. Tolerance: the plain GEMM's fp32 roundings (as :func:`assert_gemm_w8a8` / :func:`assert_gemm_w4a8`)
+    plus four for the pieces (GELU, gate, residual: each rounding within an ulp of the magnitude the float64
+    twin tracks)."""
+    a, a_scale, w, w_scale = a.cpu(), a_scale.cpu(), w.cpu(), w_scale.cpu()
+    bias = None if bias is None else bias.cpu()
+    if group_size is None:
+        exact, mag = ref.gemm_w8a8_exact(a, a_scale, w, w_scale, bias)
+        fp32_ops = 4
+    else:
+        exact, mag = ref.gemm_w4a8_exact(a, a_scale, w, w_scale, group_size, bias)
+        fp32_ops = 4 + 2 * (a.shape[1] // group_size)
+    exact, mag = ref.gemm_epilogue_exact(exact, mag, gelu, None if gate is None else gate.cpu(),
+                                         None if residual is None else residual.cpu(), rows_per_gate)
+    assert_matches_exact(out, exact, mag, fp32_ops=fp32_ops + 4, what=what)
