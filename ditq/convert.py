@@ -20,20 +20,21 @@ Which layers: every ``nn.Linear`` of the transformer, minus ``DEFAULT_SKIP``, mi
 restricts the candidates and overrides the default list. The default list comes from quantizing one group of
 layers at a time in two tiny random ``DiTTransformer2DModel`` (2 blocks, 4x16 heads, 8x8x4 input; seeds 0 / 1;
 static scales calibrated at the first step, t = T, on 4 class labels) and measuring the transformer's output SQNR
-vs full precision on fresh inputs at random timesteps (``python3 benchmarks/skip_study.py`` prints this table):
+vs full precision on fresh inputs at random timesteps, in dB, seed 0 / seed 1 (``python3 benchmarks/skip_study.py``
+prints this table):
 
-==========================================  ==================  ===========  ==============  ============================
-group (diffusers DiT names)                 W4A8 g32 alone, dB  W8A8 alone   W8A8 per-token  DiT-XL/2 linear weights
-==========================================  ==================  ===========  ==============  ============================
-timestep embedders ``*timestep_embedder*``  34.8 / 43.6         34.7 / 47.5  63.2 / 65.8     6.3% (one embedder per block)
-adaLN modulation ``*norm1.linear``          35.2 / 37.5         49.4 / 53.3  53.0 / 55.7     31.1%
-attention q / k / v / out                   35.6 / 37.5         52.6 / 57.2  56.6 / 59.5     20.7%
-MLP fc1 / fc2                               37.0 / 39.0         50.3 / 52.6  54.9 / 55.9     41.5%
-final adaLN ``proj_out_1``                  29.7 / 32.2         44.9 / 47.2  47.4 / 49.1     0.4%
-final projection ``proj_out_2``             23.8 / 23.7         38.7 / 39.6  42.6 / 42.9     <0.1%
-all of them                                 22.4 / 22.4         32.9 / 37.8  40.7 / 41.6     100%
-all but ``proj_out*``                       29.6 / 32.8         34.3 / 45.2  50.0 / 52.0     99.6%
-==========================================  ==================  ===========  ==============  ============================
+==========================================  ===========  ===========  ==============  =============================
+group (diffusers DiT names)                 W4A8 g32     W8A8         W8A8 per-token  DiT-XL/2 linear weights
+==========================================  ===========  ===========  ==============  =============================
+timestep embedders ``*timestep_embedder*``  34.8 / 43.6  34.7 / 47.5  63.2 / 65.8     6.3% (one embedder per block)
+adaLN modulation ``*norm1.linear``          35.2 / 37.5  49.4 / 53.3  53.0 / 55.7     31.1%
+attention q / k / v / out                   35.6 / 37.5  52.6 / 57.2  56.6 / 59.5     20.7%
+MLP fc1 / fc2                               37.0 / 39.0  50.3 / 52.6  54.9 / 55.9     41.5%
+final adaLN ``proj_out_1``                  29.7 / 32.2  44.9 / 47.2  47.4 / 49.1     0.4%
+final projection ``proj_out_2``             23.8 / 23.7  38.7 / 39.6  42.6 / 42.9     <0.1%
+all of them                                 22.4 / 22.4  32.9 / 37.8  40.7 / 41.6     100%
+all but ``proj_out*``                       29.6 / 32.8  34.3 / 45.2  50.0 / 52.0     99.6%
+==========================================  ===========  ===========  ==============  =============================
 
 The two output layers alone cost more than any other group (proj_out_2 alone caps the output at ~24 dB in
 W4A8) for 0.4% of the bytes: they write the prediction directly, with nothing after them to average errors
@@ -167,7 +168,7 @@ def select_layers(transformer: nn.Module, cfg: QuantConfig) -> Tuple[Dict[str, n
         if fmt.group_size is not None and k % fmt.group_size:
             skipped[name] = f"group_size {fmt.group_size} does not divide K = {k}"
         elif k > ref.MAX_K:
-            skipped[name] = f"K = {k} exceeds {ref.MAX_K} (int32 accumulation could overflow)"
+            skipped[name] = f"K = {k} exceeds {ref.MAX_K}, the largest K ditq's int8 GEMMs take"
         elif lin.weight.device.type == "meta":
             skipped[name] = "weight is on the meta device (not loaded)"
         elif not lin.weight.is_floating_point():

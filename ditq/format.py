@@ -27,7 +27,7 @@ from typing import Optional
 LAYOUT = "ditq-canonical"
 LAYOUT_VERSION = 1
 SUPPORTED_BITS = (4, 8)
-MAX_GROUP_SIZE = 16384  # the int32 accumulation bound on K (ditq.quant.reference.MAX_K)
+MAX_GROUP_SIZE = 16384  # the K bound every GEMM shares (ditq.quant.reference.MAX_K)
 
 
 def is_canonical_group_size(group_size) -> bool:

@@ -210,7 +210,7 @@ def check_gemm_w8a8(a, a_scale, w, w_scale, bias, out_dtype, a_dtypes=_INT8) -> 
     if w.shape[1] != k:
         raise ValueError(f"a is [M, K] = {tuple(a.shape)} but w is {tuple(w.shape)}: w must be [N, K]")
     if not 0 < k <= MAX_K:
-        raise ValueError(f"K = {k} must be in [1, {MAX_K}] (beyond it int32 accumulation could overflow)")
+        raise ValueError(f"K = {k} must be in [1, {MAX_K}], the K ditq's int8 GEMMs take")
     if not (a.is_contiguous() and w.is_contiguous()):
         raise ValueError("a and w must be contiguous")
     if w_scale.shape != (n,):
@@ -230,8 +230,8 @@ def check_gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype, a_dtype
     if not (type(group_size) is int and 2 <= group_size <= MAX_K and group_size & (group_size - 1) == 0):
         raise ValueError(f"group_size must be a power of two from 2 to {MAX_K}, got {group_size!r}")
     if not 0 < k <= MAX_K or k % group_size:
-        raise ValueError(f"K = {k} must be a multiple of group_size {group_size} in [1, {MAX_K}] (beyond it "
-                         f"int32 accumulation could overflow)")
+        raise ValueError(f"K = {k} must be a multiple of group_size {group_size} in [1, {MAX_K}], the K ditq's "
+                         f"int8 GEMMs take")
     n = w_scale.shape[1]
     if w_scale.shape[0] != k // group_size:
         raise ValueError(f"w_scale must be [K // group_size, N] = [{k // group_size}, N], "

@@ -68,7 +68,7 @@ def k_dim(k: int, multiple: int, max_k: Optional[int], why: str) -> None:
     if k % multiple:
         raise ValueError(f"K = {k} must be a multiple of {multiple}: {why}")
     if max_k is not None and k > max_k:
-        raise ValueError(f"K = {k} exceeds {max_k}, the largest K the kernel's int32 accumulation is exact for")
+        raise ValueError(f"K = {k} exceeds {max_k}, the largest K ditq's int8 GEMMs take")
 
 
 def config_keys(kernel: str, cfg, keys: Iterable[str]) -> dict:

@@ -9,7 +9,8 @@ Conventions every backend follows exactly, so that results can be compared bit f
 * int8 range is ``[-127, 127]`` (−128 kept out so negation is safe); int4 is ``[-7, 7]`` from the quantizer,
   ``[-8, 7]`` accepted everywhere downstream.
 * GEMMs accumulate in int32 (exact: |a| ≤ 127, |w| ≤ 128, K ≤ 16384 ⇒ |Σ| < 2^31) and apply an fp32
-  epilogue; the float64 twins below define the tolerance (``ditq.testing``).
+  epilogue; the float64 twins below define the tolerance (``ditq.testing``). 16384 is the K every backend
+  takes and is tested to, with headroom: the int32 sums alone would stay exact to K < 2^17.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 INT8_QMAX = 127
 INT4_QMAX = 7
-MAX_K = 16384  # int32 accumulation is exact up to here: 127 * 128 * 16384 < 2^31
+MAX_K = 16384  # the K every GEMM takes: 127 * 128 * 16384 < 2^31 with 8x headroom (exact to K < 2^17)
 
 
 def _check_float(x: torch.Tensor, what: str) -> None:

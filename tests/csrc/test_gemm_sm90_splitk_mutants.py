@@ -15,8 +15,9 @@ planted bugs (a copy of csrc/ with one edit each, emu_probe.build_mutant) agains
 | split tail: a tail CTA's tile not offset by the whole tiles    | wrong results (a tail tile never written)        |
 | split tail: whole tiles count and reduce as split tiles        | wrong results / counters / emulator error        |
 
-Not catchable here: the fences around the count (fence.acq_rel.gpu). The emulator runs blocks one after
-another, so every partial is stored long before the last CTA reads it (ptx.cuh, inter-CTA communication)."""
+Not catchable here: the fences around the count (__threadfence: membar.gl, i.e. fence.sc.gpu). The emulator runs
+blocks one after another, so every partial is stored long before the last CTA reads it (ptx.cuh, inter-CTA
+communication)."""
 import ctypes
 import importlib.util
 import os
