@@ -104,9 +104,9 @@ def cast_rn(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     """fp32 ``x`` cast to ``dtype`` rounding to nearest even, in both execution modes."""
     if INTERPRET and dtype == tl.bfloat16:
         # Round the fp32 bit pattern to its top 16 bits, ties to even: add 0x7FFF plus the lowest kept bit.
-        # (Finite values and the NaNs arithmetic produces, 0x7FC00000 and its negative, come out right; a NaN
-        # with another payload can carry into the exponent or wrap: 0x7F800001 becomes inf, 0x7FFFFFFF -0.)
-        bits = x.to(tl.uint32, bitcast=True)
+        # A NaN is first made the canonical quiet NaN: the addition would carry another payload into the
+        # exponent or past the sign (0x7F800001 would become inf, 0x7FFFFFFF -0); the GPU's cvt gives NaN.
+        bits = tl.where(x == x, x.to(tl.uint32, bitcast=True), 0x7FC00000)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:

@@ -6,8 +6,11 @@ stand-ins for the tensor and for torch.cuda's device context; the `cuda` test ru
 import inspect
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from ditq import backends
 from ditq.kernels import attention_inputs, interpret, norm_quantize, quantize_act, w4a8, w8a8
@@ -139,3 +142,28 @@ def test_an_interpreter_that_cannot_run_the_loops_is_refused_on_every_path(broke
     assert str(e.value) == defect
     with pytest.raises(RuntimeError, match="interpreter"):
         quantize_act.quantize_act(torch.randn(3, 32, generator=g))
+
+
+@triton.jit
+def _cast_to_bf16(x_ptr, y_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(y_ptr + offs, interpret.cast_rn(tl.load(x_ptr + offs), tl.bfloat16, True))
+
+
+def test_cast_rn_rounds_to_nearest_even_and_keeps_every_nan():
+    """The interpreter's bf16 rounding (bit arithmetic on the fp32 pattern) equals torch's round-to-nearest-even
+    on finite values, ties and overflow to inf included, and gives NaN for a NaN of any payload: an unguarded
+    carry turned 0x7F800001 into inf and 0x7FFFFFFF into -0."""
+    if backends.unavailable_reason("triton", "cpu") is not None:
+        pytest.skip(backends.unavailable_reason("triton", "cpu"))
+    g = torch.Generator().manual_seed(11)
+    finite = torch.cat([torch.randn(40, generator=g) * 100, torch.tensor([1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8,
+                                                                       -(1.0 + 2.0 ** -8), 3.4e38, -3.4e38])])
+    nans = torch.from_numpy(np.array([0x7FC00000, 0x7F800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FBFFFFF, 0xFFC00000],
+                                     dtype=np.uint32).view(np.float32))
+    x = torch.cat([finite, nans, torch.full((64 - finite.numel() - nans.numel(),), 0.5)])
+    y = torch.full((64,), float("nan"), dtype=torch.bfloat16)  # poisoned
+    _cast_to_bf16[(1,)](x, y, N=64)
+    n = finite.numel()
+    assert torch.equal(y[:n].view(torch.int16), finite.to(torch.bfloat16).view(torch.int16))
+    assert bool(torch.isnan(y[n:n + nans.numel()]).all()), y[n:n + nans.numel()].float()
