@@ -1,9 +1,9 @@
 """ditq: real-integer post-training quantization and inference for Diffusion Transformers.
 
-The public API (``QuantConfig``, ``quantize``, ``save_quantized``, ``load_quantized``, ``sqnr``, ``QuantReport``)
-is imported on first use, so that ``import ditq.kernels`` (the Triton kernels, which know nothing of the runtime)
-costs no more than the kernels themselves: it registers the ``torch.ops.ditq`` ops and nothing else, and never
-imports diffusers.
+The public API (``QuantConfig``, ``quantize``, ``save_quantized``, ``load_quantized``, ``sqnr``, ``QuantReport``,
+and the run-time LoRA functions ``load_lora``, ``set_lora_scale``, ``unload_lora``) is imported on first use, so
+that ``import ditq.kernels`` (the Triton kernels, which know nothing of the runtime) costs no more than the
+kernels themselves: it registers the ``torch.ops.ditq`` ops and nothing else, and never imports diffusers.
 
 ditq teaches diffusers to load its checkpoints (``<Model>.from_pretrained`` on a ditq directory): the registration
 runs as soon as both ditq and diffusers are imported, in either order.
@@ -26,6 +26,9 @@ _API = {
     "save_quantized": ".io",
     "load_quantized": ".io",
     "sqnr": ".quant.reference",
+    "load_lora": ".lora",
+    "unload_lora": ".lora",
+    "set_lora_scale": ".lora",
 }
 __all__ = list(_API)
 

@@ -200,9 +200,10 @@ def _mlp(ff, x: torch.Tensor, shift, scale, eps: float, gate, residual: torch.Te
 
 def _runs_fused(b, attention_mask, encoder_attention_mask, cross_attention_kwargs) -> bool:
     """What the fused forward covers, checked per call (a moved model may sit on a backend without the fused
-    norm; masks and chunking are per-call arguments)."""
+    norm; masks and chunking are per-call arguments; a run-time LoRA branch (:mod:`ditq.lora`) needs its layer's
+    float input, which the fused norms never write)."""
     return attention_mask is None and (encoder_attention_mask is None or b.attn2 is not None) and \
-        not cross_attention_kwargs and \
+        not cross_attention_kwargs and not b._ditq_lora and \
         b._chunk_size is None and not b.training and \
         b.attn1.to_qkv._kernels is not None and b.attn1.to_qkv._kernels.norm_modulate_quantize is not None and \
         b.ff.net[0].proj._kernels is not None and b.ff.net[0].proj._kernels.norm_modulate_quantize is not None
@@ -233,7 +234,8 @@ def fused_block_class():
     from diffusers.models.attention import BasicTransformerBlock
 
     return type("FusedBasicTransformerBlock", (BasicTransformerBlock,),
-                {"forward": _forward, "__doc__": __doc__.split("\n\n")[0], "__module__": __name__})
+                {"forward": _forward, "__doc__": __doc__.split("\n\n")[0], "__module__": __name__,
+                 "_ditq_lora": False})  # ditq.lora sets it per instance while a layer inside has an adapter
 
 
 # ---- DiT: the conditioning computed once per forward --------------------------------------------------------

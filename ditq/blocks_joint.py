@@ -260,7 +260,8 @@ def _dispatch(attn, q, k, v):
 
 
 def _covered(b, joint_attention_kwargs, layers) -> bool:
-    return not joint_attention_kwargs and not b.training and \
+    # a run-time LoRA branch (ditq.lora: the _ditq_lora flag) needs its layer's float input, never written here
+    return not joint_attention_kwargs and not b.training and not b._ditq_lora and \
         all(layer._kernels is not None and layer._kernels.norm_modulate_quantize is not None for layer in layers)
 
 
@@ -427,7 +428,8 @@ def fused_class(kind: str):
     base = JointTransformerBlock if kind == SD3 else getattr(tf, kind)
     forward = {JOINT: _joint_forward, SINGLE: _single_forward, SD3: _sd3_forward}[kind]
     return type(f"Fused{kind}", (base,), {"forward": forward, "__module__": __name__,
-                                          "__doc__": f"diffusers' {kind} with ditq's fused forward."})
+                                          "__doc__": f"diffusers' {kind} with ditq's fused forward.",
+                                          "_ditq_lora": False})  # set per instance by ditq.lora
 
 
 def _qk_plan(attn):

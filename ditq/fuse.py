@@ -155,6 +155,9 @@ def concat(layers: List[QuantLinear]) -> QuantLinear:
     for buf in ("act_scales", "timestep_bounds"):  # timestep-grouped scales (ditq.timestep_groups)
         if getattr(first, buf, None) is not None:
             fused.register_buffer(buf, getattr(first, buf).clone(), persistent=False)
+    from .lora import carry_over  # run-time LoRA adapters on the members: stacked onto the fused layer
+
+    carry_over(layers, fused)
     return fused
 
 

@@ -473,14 +473,23 @@ def save_quantized(pipe_or_module, path: str) -> None:
     quantized diffusers model (``path`` itself). See the module docstring for the layout.
 
     ``path`` is a directory, created if missing; files an earlier save wrote there are overwritten. Raises
-    ValueError for a model :func:`ditq.quantize` has not quantized, TypeError for one that is not a diffusers
-    model (nothing to rebuild it from) or a ``path`` that is not a path, NotADirectoryError when ``path`` is a
+    ValueError for a model :func:`ditq.quantize` has not quantized or one with run-time LoRA adapters loaded
+    (:mod:`ditq.lora`: not part of a checkpoint, so refused rather than dropped), TypeError for one that is not a
+    diffusers model (nothing to rebuild it from) or a ``path`` that is not a path, NotADirectoryError when ``path`` is a
     file, ValueError for a bare transformer saved over a pipeline checkpoint (which would still load as that
     pipeline)."""
     path = check_path(path)
     transformer, pipe = _target(pipe_or_module)
     if not is_quantized(transformer):
         raise ValueError(f"this {type(transformer).__name__} is not quantized: call ditq.quantize first")
+    from .lora import loaded_adapters
+
+    adapters = loaded_adapters(transformer)
+    if adapters:  # run-time state a checkpoint does not hold: refused rather than dropped without a word
+        names = ", ".join(map(repr, adapters))
+        raise ValueError(f"this {type(transformer).__name__} has LoRA adapters loaded ({names}); checkpoints hold "
+                         f"the quantized model only: ditq.unload_lora(model), save, and load the adapters again "
+                         f"after load_quantized (or merge the LoRA before quantizing)")
     if not hasattr(transformer, "to_json_string") or not hasattr(type(transformer), "from_config"):
         raise TypeError(f"save_quantized needs a diffusers model (ModelMixin with a config) so it can rebuild it; "
                         f"{type(transformer).__name__} has none. Save its state_dict() (canonical layout) instead")

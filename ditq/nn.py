@@ -262,14 +262,18 @@ class QuantLinear(nn.Module):
         if x.requires_grad and not self._warned_grad:
             _warn_inference_only(self)
         b = self._buffers
-        q, s = kernels.quantize_act(x.reshape(-1, self.in_features).contiguous(), b["act_scale"])
+        x2d = x.reshape(-1, self.in_features).contiguous()
+        q, s = kernels.quantize_act(x2d, b["act_scale"])
         if self._group_size is None:
             y = kernels.gemm_w8a8(q, s, b["qweight"], b["scales"], b["bias"], x.dtype)
         else:
             y = kernels.gemm_w4a8(q, s, b["qweight"], b["scales"], b["bias"], self._group_size, x.dtype)
+        if self._lora_on:  # run-time LoRA adapters (ditq.lora): a float low-rank branch on the float input
+            y = self._modules["ditq_lora"](x2d, y)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     _warned_grad = False
+    _lora_on = False  # True while an adapter with a nonzero scale is loaded (ditq.lora sets it per instance)
 
     def forward_quantized(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype, lead) -> torch.Tensor:
         """The GEMM alone, on activations already quantized with this layer's scheme and scale (a fused producer

@@ -1,0 +1,356 @@
+"""Run-time LoRA on a quantized model (ditq.lora): the quantized GEMM plus a float low-rank branch, loaded, re-scaled
+and unloaded without touching the packed weights. The adapters are built by hand in diffusers / peft keys, so
+nothing here needs peft (the community-format check goes through diffusers' FLUX loader mixin, which needs none)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import ditq
+from ditq import backends, lora
+from ditq.nn import QuantLinear
+from ditq.testing import assert_matches_exact
+
+from .tiny_models import dit_inputs, tiny_dit, tiny_flux
+
+EMULATED = backends.unavailable_reason("cuda-emulated", "cpu") is None
+FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2"]
+DIT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_out_1"]
+
+
+def _adapter(model, targets, rank=4, seed=0, std=0.05, prefix="transformer."):
+    """A random LoRA in diffusers keys for every linear whose path ends with one of ``targets`` (float model
+    paths: to_q / to_k / to_v, never the fused to_qkv). std sets B's size: 0.05 moves the tiny models' outputs
+    to about 20-30 dB from the unadapted ones."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, QuantLinear)) and any(name == t or name.endswith("." + t) for t in targets):
+            sd[f"{prefix}{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5
+            sd[f"{prefix}{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * std / rank ** 0.5
+    assert sd
+    return sd
+
+
+def _merged(model, *adapters_and_scales):
+    """The float model with the adapters merged into its weights by hand: W + scale * B A."""
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for sd, scale in adapters_and_scales:
+            for key, a in sd.items():
+                if key.endswith(".lora_A.weight"):
+                    path = key[:-len(".lora_A.weight")]
+                    merged.get_submodule(path.removeprefix("transformer.")).weight += \
+                        scale * (sd[path + ".lora_B.weight"] @ a)
+    return merged
+
+
+def _quantized(model, inputs, preset="w8a8", **kw):
+    q = copy.deepcopy(model)
+    ditq.quantize(q, ditq.QuantConfig.preset(preset, backend="torch", progress=False, **kw),
+                  calib_fn=lambda m: m(**inputs))
+    return q
+
+
+def _out(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).sample
+
+
+def _has_lora_state(model) -> bool:
+    return any(lora.BRANCH in m._modules or lora.FLAG in m.__dict__ or "_lora_on" in m.__dict__ or
+               any(h is lora._linear_hook for h in m._forward_hooks.values()) for m in model.modules())
+
+
+# ---- one layer: exact against the hand-computed branch ------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cuda-emulated"] if EMULATED else []))
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [1, 7])
+def test_layer_branch_is_the_quantized_output_plus_the_float_branch(backend, bits, m):
+    """y = W_q x (the layer's own output without the adapter) + scale * (alpha / r) * (x A^T) B^T, exact up to fp32
+    rounding: the K-long and r-long dot products, the alpha and scale products and the add (an fp32 sum of n terms
+    is within n roundings of the magnitude), on a quantized layer and on a float nn.Linear (odd N, K a multiple
+    of the group but not of 128)."""
+    g = torch.Generator().manual_seed(100 * bits + m)
+    k, n, n2, rank, alpha, scale = 96, 45, 33, 3, 6.0, 0.7
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+    cfg = ditq.QuantConfig.preset("w8a8" if bits == 8 else "w4a8", group_size=None if bits == 8 else 32,
+                                  backend=backend)
+    model = nn.Sequential(QuantLinear.from_linear(lin, cfg, act_scale=torch.tensor([0.02])), nn.Linear(n, n2))
+    x = torch.randn(m, k, generator=g)
+    with torch.no_grad():
+        y0, z0 = model[0](x), model[1](x[:, :n] * 2)
+    sd = {}
+    for name, (kk, nn_) in {"0": (k, n), "1": (n, n2)}.items():
+        sd[f"{name}.lora_A.weight"] = torch.randn(rank, kk, generator=g)
+        sd[f"{name}.lora_B.weight"] = torch.randn(nn_, rank, generator=g) * 0.1
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    assert ditq.load_lora(model, sd, scale=scale) == {"0": ["0"], "1": ["1"]}
+    assert type(model[1]) is nn.Linear  # the float layer keeps its class: a forward hook adds the branch
+    with torch.no_grad():
+        y, z = model[0](x), model[1](x[:, :n] * 2)
+    for out, base, inp, name in ((y, y0, x, "0"), (z, z0, x[:, :n] * 2, "1")):
+        a, b = sd[f"{name}.lora_A.weight"].double(), sd[f"{name}.lora_B.weight"].double()
+        ratio = scale * alpha / rank
+        exact = base.double() + ratio * (inp.double() @ a.T) @ b.T
+        mag = base.double().abs() + abs(ratio) * (inp.double().abs() @ a.abs().T) @ b.abs().T
+        assert_matches_exact(out, exact, mag, fp32_ops=a.shape[1] + rank + 4, what=f"layer {name} with LoRA")
+    ditq.unload_lora(model)
+    with torch.no_grad():
+        assert torch.equal(model[0](x), y0) and torch.equal(model[1](x[:, :n] * 2), z0)
+    assert not _has_lora_state(model)
+
+
+# ---- tiny models ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flux():
+    """(float model, inputs, quantized W8A8 copy), shared: tests copy the quantized model before changing it."""
+    model, inputs = tiny_flux()
+    return model, inputs, _quantized(model, inputs)
+
+
+@pytest.fixture(scope="module")
+def dit():
+    model, inputs = tiny_dit(seed=0), dit_inputs(batch=2, seed=1)
+    return model, inputs, _quantized(model, inputs)
+
+
+@pytest.fixture
+def family_model(request, flux, dit):
+    """(float model, inputs, a fresh copy of its quantized model, LoRA targets) of the family parametrized."""
+    model, inputs, q = flux if request.param == "flux" else dit
+    return model, inputs, copy.deepcopy(q), FLUX_TARGETS if request.param == "flux" else DIT_TARGETS
+
+
+@pytest.mark.parametrize("family_model", ["dit", "flux"], indirect=True)
+def test_tiny_model_computes_the_merged_float_model(family_model):
+    """Loaded: the output moves away from the unadapted quantized model and close to the float model with the LoRA
+    merged (measured 42 dB FLUX, 47 dB DiT, W8A8, which is what the unadapted quantized model scores against its
+    own float model); scale 0 is the model without it bit for bit; a new scale is the scaled adapter; unloading
+    restores bit for bit."""
+    model, inputs, q, targets = family_model
+    sd = _adapter(model, targets)
+    base = _out(q, inputs)
+    ditq.load_lora(q, sd)
+    with_lora = _out(q, inputs)
+    merged = _out(_merged(model, (sd, 1.0)), inputs)
+    assert ditq.sqnr(merged, _out(model, inputs)) < 32  # the adapter matters
+    assert ditq.sqnr(merged, with_lora) > 40 > ditq.sqnr(base, with_lora) + 8
+    ditq.set_lora_scale(q, 0.0)
+    assert torch.equal(_out(q, inputs), base)
+    ditq.set_lora_scale(q, -0.5)
+    half = _out(_merged(model, (sd, -0.5)), inputs)
+    assert ditq.sqnr(half, _out(q, inputs)) > 40
+    ditq.unload_lora(q)
+    assert torch.equal(_out(q, inputs), base) and not _has_lora_state(q)
+
+
+def test_two_adapters_add_up(flux):
+    """Two adapters on overlapping layers: the output is the float model with both merged; unloading one leaves
+    exactly the other (bit for bit the model with only that one loaded)."""
+    model, inputs, q = flux
+    q = copy.deepcopy(q)
+    a = _adapter(model, FLUX_TARGETS[:5], seed=1, std=0.2)
+    b = _adapter(model, FLUX_TARGETS[3:], seed=2, std=0.2, prefix="")
+    ditq.load_lora(q, a, adapter_name="a", scale=0.8)
+    ditq.load_lora(q, b, adapter_name="b", scale=1.5)
+    assert lora.loaded_adapters(q) == {"a": pytest.approx(0.8), "b": 1.5}
+    both = _out(q, inputs)
+    to_both = ditq.sqnr(_out(_merged(model, (a, 0.8), (b, 1.5)), inputs), both)  # measured 42.5 dB
+    assert to_both > 40
+    # each one merged alone is further away (measured 32.2 dB without a, 5.4 dB without b)
+    assert max(ditq.sqnr(_out(_merged(model, (b, 1.5)), inputs), both),
+               ditq.sqnr(_out(_merged(model, (a, 0.8)), inputs), both)) < to_both - 6
+    ditq.unload_lora(q, "a")
+    only_b = _out(q, inputs)
+    ditq.unload_lora(q)
+    ditq.load_lora(q, b, adapter_name="b", scale=1.5)
+    assert torch.equal(_out(q, inputs), only_b)
+
+
+@pytest.mark.parametrize("family_model", ["dit", "flux"], indirect=True)
+def test_fused_projections_and_blocks(family_model):
+    """A fused model (q/k/v as one GEMM, fused blocks): a LoRA written for to_q / to_k / to_v goes on to_qkv (A
+    stacked, B block-diagonal); the blocks that carry one run diffusers' forward, which gives the unfused
+    quantized model with the same LoRA to fp32 rounding; after unloading they run fused again, bit for bit as
+    before. Fusing a model that already carries adapters stacks them onto the fused layers the same way."""
+    from ditq.blocks import _runs_fused
+    from ditq.blocks_joint import _covered
+
+    model, inputs, unfused, targets = family_model
+    family = "flux" if targets is FLUX_TARGETS else "dit"
+    fused = _quantized(model, inputs, fuse=True)
+    block = fused.transformer_blocks[0]
+    assert type(block).__name__.startswith("Fused") and hasattr(block.attn1 if family == "dit" else block.attn,
+                                                                 "to_qkv")
+
+    def runs_fused():
+        return _runs_fused(block, None, None, None) if family == "dit" else _covered(block, None, ())
+
+    sd = _adapter(model, targets)
+    base = _out(fused, inputs)
+    assert runs_fused()
+    placed = ditq.load_lora(fused, sd)
+    qkv = next(p for p in placed if p.endswith("to_qkv"))
+    assert [p.rsplit(".", 1)[1] for p in placed[qkv]] == ["to_q", "to_k", "to_v"]
+    assert not runs_fused()
+    reference = copy.deepcopy(unfused)
+    ditq.load_lora(reference, sd)
+    expected = _out(reference, inputs)
+    assert ditq.sqnr(expected, _out(fused, inputs)) > 100
+    ditq.set_lora_scale(fused, 0)
+    assert runs_fused() and torch.equal(_out(fused, inputs), base)
+    ditq.unload_lora(fused)
+    assert runs_fused() and torch.equal(_out(fused, inputs), base) and not _has_lora_state(fused)
+
+    # adapters first, then fusion: concat stacks them
+    from ditq.blocks import fuse_blocks
+    from ditq.fuse import fuse_projections
+
+    late = unfused
+    ditq.load_lora(late, sd)
+    fuse_projections(late)
+    fuse_blocks(late)
+    assert isinstance(late.transformer_blocks[0].get_submodule("attn1.to_qkv" if family == "dit" else "attn.to_qkv"),
+                      QuantLinear)
+    assert ditq.sqnr(expected, _out(late, inputs)) > 100
+
+
+def test_save_quantized_refuses_adapters(flux, tmp_path):
+    """Adapters are run-time state a checkpoint does not hold: saving with one loaded is refused (never dropped
+    silently); after unloading, the model saves as before."""
+    model, inputs, q = flux
+    q = copy.deepcopy(q)
+    ditq.load_lora(q, _adapter(model, ["proj_out"]), adapter_name="style")
+    with pytest.raises(ValueError, match="LoRA adapters loaded \\('style'\\).*unload_lora"):
+        ditq.save_quantized(q, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
+    ditq.unload_lora(q)
+    ditq.save_quantized(q, tmp_path / "ckpt")
+
+
+def test_safetensors_file_with_diffusers_metadata(flux, tmp_path):
+    """A path to a .safetensors file; diffusers' LoRA metadata (lora_alpha, alpha_pattern) sets alpha / r."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model, inputs, q = flux
+    q = copy.deepcopy(q)
+    sd = _adapter(model, ["proj_out", "to_out.0"], rank=4)
+    meta = {"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.alpha_pattern": {"proj_out": 2}}
+    save_file(sd, tmp_path / "a.safetensors", metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    ditq.load_lora(q, tmp_path / "a.safetensors")
+    got = _out(q, inputs)
+    scaled = {k: v * (0.5 if ".proj_out." in k and k.endswith("B.weight") else
+                      2.0 if k.endswith("B.weight") else 1.0) for k, v in sd.items()}
+    assert ditq.sqnr(_out(_merged(model, (scaled, 1.0)), inputs), got) > 40
+    with pytest.raises(ValueError, match="reads .safetensors"):
+        (tmp_path / "a.bin").write_bytes(b"x")
+        ditq.load_lora(q, tmp_path / "a.bin", adapter_name="other")
+
+
+def test_community_format_through_the_pipeline_loader(flux):
+    """A pipeline whose class has diffusers' lora_state_dict (FLUX here) converts a kohya LoRA (BFL names, fused
+    qkv, alpha baked in) to diffusers keys before ditq applies it; no peft involved. The same dict on the bare
+    transformer names no module."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    class Pipe(FluxLoraLoaderMixin):  # a FluxPipeline's LoRA side without its text encoders and VAE
+        def __init__(self, transformer):
+            self.transformer = transformer
+
+    model, inputs, q = flux
+    q = copy.deepcopy(q)
+    g = torch.Generator().manual_seed(5)
+    kohya = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, 64, generator=g) / 8,
+             "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(192, 4, generator=g) * 0.05,
+             "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(2.0)}
+    with pytest.raises(ValueError, match="not LoRA weights"):
+        ditq.load_lora(q, kohya)
+    placed = ditq.load_lora(Pipe(q), kohya)
+    assert sorted(placed) == [f"transformer_blocks.0.attn.to_{p}" for p in "kqv"]
+    # kohya's branch is up @ down * alpha / r on the concatenated q/k/v rows
+    delta = kohya["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"] @ \
+        kohya["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"] * 0.5
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for i, p in enumerate("qkv"):
+            merged.transformer_blocks[0].attn.get_submodule(f"to_{p}").weight += delta[64 * i:64 * (i + 1)]
+    assert ditq.sqnr(_out(merged, inputs), _out(q, inputs)) > 40
+
+
+# ---- bad input -----------------------------------------------------------------------------------------------
+
+def test_bad_input_is_refused_and_leaves_the_model_unchanged(flux):
+    model, inputs, q = flux
+    q = copy.deepcopy(q)
+    good = _adapter(model, ["proj_out", "to_out.0"])
+    key_a = "transformer.proj_out.lora_A.weight"
+    key_b = "transformer.proj_out.lora_B.weight"
+    cases = [
+        ({**good, "transformer.nope.lora_A.weight": good[key_a], "transformer.nope.lora_B.weight": good[key_b]},
+         ValueError, "1 LoRA modules name no layer of this FluxTransformer2DModel: 'nope'"),
+        ({**good, key_a: good[key_a][:, :-1]}, ValueError,
+         r"proj_out: lora_A \[4, 63\] / lora_B \[16, 4\] do not fit the layer \(A must be \[r, 64\]"),
+        ({**good, key_b: good[key_b][:, :3]}, ValueError, r"proj_out: lora_A \[4, 64\] and lora_B \[16, 3\] have "
+                                                          r"different ranks"),
+        ({**good, key_b: good[key_b].clone().index_fill_(0, torch.tensor([3]), float("nan"))}, ValueError,
+         "lora_B.weight holds NaN or inf"),
+        ({k: v for k, v in good.items() if k != key_b}, ValueError, "proj_out: lora_A without lora_B"),
+        ({**good, "transformer.proj_out.lora_B.bias": torch.zeros(64)}, ValueError, "not LoRA weights"),
+        ({**good, "text_encoder.x.lora_A.weight": torch.zeros(1, 1)}, ValueError, "other components"),
+        ({"transformer.norm_out.lora_A.weight": torch.zeros(1, 1), "transformer.norm_out.lora_B.weight":
+          torch.zeros(1, 1)}, ValueError, "norm_out is a AdaLayerNormContinuous, not a linear layer"),
+        ({}, ValueError, "holds no LoRA weights"),
+        ([1, 2], TypeError, "lora must be a state dict or the path"),
+    ]
+    base = _out(q, inputs)
+    for sd, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            ditq.load_lora(q, sd)
+        assert not _has_lora_state(q)
+    with pytest.raises(ValueError, match="finite"):
+        ditq.load_lora(q, good, scale=float("inf"))
+    with pytest.raises(ValueError, match="cannot name an adapter"):
+        ditq.load_lora(q, good, adapter_name="a.b")
+    assert not _has_lora_state(q) and torch.equal(_out(q, inputs), base)
+
+    ditq.load_lora(q, good, adapter_name="one")
+    with pytest.raises(ValueError, match="'one' is already loaded"):
+        ditq.load_lora(q, good, adapter_name="one")
+    for call in (lambda: ditq.set_lora_scale(q, 2.0, adapter_name="two"),
+                 lambda: ditq.unload_lora(q, adapter_name="two")):
+        with pytest.raises(ValueError, match="no adapter named 'two' is loaded \\(loaded: 'one'\\)"):
+            call()
+    with pytest.raises(ValueError, match="has no ditq-quantized layer.*diffusers"):
+        ditq.load_lora(model, good)  # the float model: diffusers' own loader is the tool
+    with pytest.raises(TypeError, match="got int"):
+        ditq.load_lora(3, good)
+
+
+# ---- torch.compile ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_compiled_model_with_lora_has_no_graph_break(dit):
+    """torch.compile(fullgraph=True) traces a quantized DiT whose quantized layers and float proj_out_1 carry a
+    branch (the hook included), equal to eager; a new nonzero scale reuses the graph (the scale is a buffer
+    written in place), switching the adapter off compiles once more. About 16 s on the CPU: slow."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model, inputs, q = dit
+    q = copy.deepcopy(q)
+    ditq.load_lora(q, _adapter(model, DIT_TARGETS))
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(q, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        for scale, compiles in ((1.0, 1), (0.5, 1), (0.0, 2)):
+            ditq.set_lora_scale(q, scale)
+            torch.testing.assert_close(compiled(**inputs).sample, _out(q, inputs), rtol=1e-5, atol=1e-5)
+            assert counter.frame_count == compiles, scale
