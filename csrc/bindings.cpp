@@ -84,10 +84,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, const std::
   QuantizeActArgs a{x.data_ptr(), dt, m, k, scale ? s.data_ptr<float>() : nullptr, q.data_ptr<int8_t>(),
                     scale ? nullptr : s.data_ptr<float>()};
   if (EMULATED) {
-    // Poison: -128 is never a quantizer output and NaN never a finite row's scale, so an element the kernel
-    // fails to write shows up in an exact comparison (a row holding NaN / inf has scale NaN: not there).
+    // Poison: -128 is never a quantizer output and -1 never a scale (scales are positive, or NaN for a row
+    // holding NaN / inf, so a NaN fill could not show that row's scale unwritten): an element the kernel fails
+    // to write shows up in an exact comparison.
     q.fill_(-128);
-    if (!scale) s.fill_(std::numeric_limits<float>::quiet_NaN());
+    if (!scale) s.fill_(-1.0f);
     quantize_act_emulated(a);
     return {q, s};
   }

@@ -21,6 +21,10 @@ namespace ditq::gemm_binding {
 
 using ditq::gemm::GemmParams;
 
+// M as the tile tables' rules read it (an int; every bucket bound is far below 2^30), from a tensor's row count
+// or an op's int argument: clamped to [0, 2^30] so that no int64 M wraps into another bucket.
+inline int clamp_m(int64_t m) { return static_cast<int>(std::min<int64_t>(std::max<int64_t>(m, 0), 1 << 30)); }
+
 inline ditq::DType out_dtype_of(at::ScalarType t) {
   if (t == at::kFloat) return ditq::DType::kF32;
   if (t == at::kHalf) return ditq::DType::kF16;
@@ -63,7 +67,7 @@ inline GemmParams check_common(const char* op, const at::Tensor& a, const at::Te
                     "pieces, so K must be a positive multiple of ", ditq::gemm::kKMultiple, "; got K = ", k,
                     " (pad the layer's inputs)");
   TORCH_CHECK_VALUE(k <= ditq::gemm::kMaxK, op, ": K = ", k, " exceeds ", ditq::gemm::kMaxK,
-                    ", beyond which int32 sums could overflow");
+                    ", the largest K ditq's int8 GEMMs take");
   TORCH_CHECK_VALUE(m < (int64_t{1} << 30) && n < (int64_t{1} << 26), op, ": M = ", m, ", N = ", n,
                     " exceed the launch grid (M < 2^30, N < 2^26)");
   TORCH_CHECK_VALUE(aligned16(a) && aligned16(w), op, ": a and w must start at 16-byte aligned addresses "
@@ -103,7 +107,7 @@ inline int resolve_tile(int64_t tile, int arch, int64_t m, bool w4) {  // tile <
                       ditq::gemm::tile_count(), " tiles)");
     return static_cast<int>(tile);
   }
-  const int t = ditq::gemm::pick_tile(arch, static_cast<int>(std::min<int64_t>(m, 1 << 30)), w4);
+  const int t = ditq::gemm::pick_tile(arch, clamp_m(m), w4);
   TORCH_CHECK_VALUE(t >= 0, "the int8 GEMMs need compute capability 8.0 or newer (mma.sync m16n8k32); this GPU "
                     "is sm_", arch);
   return t;
@@ -154,8 +158,9 @@ inline void alloc_splits(GemmParams& p, const at::Tensor& a, int bm, int bn, boo
 // ---- Hopper (sm_90a) dispatch: csrc/gemm_sm90.cuh ------------------------------------------------------------
 // The Hopper kernels run a problem when asked for by tile id (kSm90TileBase + i, with any split count), or
 // automatically (tile and split count automatic, or splits = 1) on an sm_90 GPU this build has sm_90a code for,
-// or in the emulator under emulator_options(arch="sm_90a"), when they accept it (TMA's alignment rules, sm90_accepts) and the table has
-// a Hopper tile for the M bucket. Anything else runs the mma.sync kernels, which also run on sm_90.
+// or in the emulator under emulator_options(arch="sm_90a"), when they accept it (TMA's alignment rules,
+// sm90_accepts) and the table has a Hopper tile for the M bucket. Anything else runs the mma.sync kernels, which
+// also run on sm_90.
 // The same rule holds for the plain GEMMs and for the fused ones with an int8 a (the Hopper kernels carry
 // FusedEpilogue too: gemm_sm90_fused.cu); a fused GEMM with a float a always runs the mma.sync float-A kernel
 // (it quantizes A as it loads it with pointer loads; TMA copies bytes and cannot).
@@ -180,7 +185,7 @@ inline int sm90_tile_for(const char* op, const GemmParams& p, bool w4, int64_t t
 #if DITQ_WITH_CUDA
   if (!emulated && !ditq::gemm_sm90_available()) return -1;
 #endif
-  const int i = ditq::gemm::pick_sm90_tile(static_cast<int>(std::min<int64_t>(p.M, 1 << 30)), w4);
+  const int i = ditq::gemm::pick_sm90_tile(clamp_m(p.M), w4);
   return i < 0 ? -1 : ditq::gemm::kSm90TileBase + i;
 }
 
@@ -190,8 +195,7 @@ inline int sm90_tile_for(const char* op, const GemmParams& p, bool w4, int64_t t
 inline ditq::gemm::Sm90Schedule sm90_schedule_for(int64_t tiles, int units, int sm_count, int64_t m,
                                                   int64_t splits) {
   if (splits >= 1) return ditq::gemm::sm90_forced_schedule(tiles, static_cast<int>(splits), sm_count);
-  return ditq::gemm::sm90_auto_schedule(tiles, units, sm_count,
-                                        ditq::gemm::sm90_max_splits(static_cast<int>(std::min<int64_t>(m, 1 << 30))));
+  return ditq::gemm::sm90_auto_schedule(tiles, units, sm_count, ditq::gemm::sm90_max_splits(clamp_m(m)));
 }
 
 // Allocates y (and the split-K workspace), launches (or emulates) the Hopper tile `t` and checks the launch.
@@ -299,7 +303,7 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
   // (float_a_max_splits), else the rule of this GPU's arch and M (a forced tile with an automatic count: M's
   // bucket's cap, as the Hopper schedule does).
   const int cap = float_a ? ditq::gemm::float_a_max_splits()
-                          : ditq::gemm::max_splits(arch, static_cast<int>(std::min<int64_t>(p.M, 1 << 30)));
+                          : ditq::gemm::max_splits(arch, clamp_m(p.M));
   p.splits = resolve_splits(splits, t, group, p, sm_count, cap);
   at::Tensor y = at::empty({p.M, p.N}, a.options().dtype(out_dtype));
   p.out = y.data_ptr();
@@ -563,10 +567,8 @@ inline bool sm90_available() {
 }
 
 inline int64_t pick(int64_t arch, int64_t m, bool w4) {
-  return ditq::gemm::pick_tile(static_cast<int>(arch), static_cast<int>(std::min<int64_t>(m, 1 << 30)), w4);
+  return ditq::gemm::pick_tile(static_cast<int>(arch), clamp_m(m), w4);
 }
-
-inline int clamp_m(int64_t m) { return static_cast<int>(std::min<int64_t>(std::max<int64_t>(m, 0), 1 << 30)); }
 
 // The automatic split count of an mma.sync launch of `tile` (configs/gemm_tiles.h id) on `sm_count` SMs, as the
 // launch computes it (auto_splits), for benchmarks/tune_tiles.py and tests: at most `max_splits` (>= 1), or with
@@ -615,7 +617,7 @@ TORCH_LIBRARY_FRAGMENT(ditq_C, m) {
   m.def("gemm_sm90_schedule(int tiles, int units, int sm_count, int m=-1, int splits=-1) -> int[]",
         &ditq::gemm_binding::sm90_schedule);
   m.def("gemm_sm90_max_splits(int m) -> int", [](int64_t m) -> int64_t {
-    return ditq::gemm::sm90_max_splits(static_cast<int>(std::min<int64_t>(std::max<int64_t>(m, 0), 1 << 30)));
+    return ditq::gemm::sm90_max_splits(ditq::gemm_binding::clamp_m(m));
   });
   m.def("gemm_sm90_available() -> bool", &ditq::gemm_binding::sm90_available);
   m.def("emulator_set_sm_count(int n) -> ()", &ditq::gemm_binding::set_emulated_sm_count);

@@ -88,9 +88,9 @@ std::tuple<at::Tensor, at::Tensor> norm_modulate_quantize(const at::Tensor& x, c
                      eps32, act_scale ? sc.data_ptr<float>() : nullptr, q.data_ptr<int8_t>(),
                      act_scale ? nullptr : sc.data_ptr<float>()};
   if (EMULATED) {
-    // Poison: -128 is never a quantizer output and NaN never a finite row's scale.
+    // Poison: -128 is never a quantizer output and -1 never a scale (positive, or NaN for a non-finite row).
     q.fill_(-128);
-    if (!act_scale) sc.fill_(std::numeric_limits<float>::quiet_NaN());
+    if (!act_scale) sc.fill_(-1.0f);
     norm_quantize_emulated(a);
     return {q, sc};
   }

@@ -73,8 +73,9 @@ constexpr bool tile_rules_valid() {
   return true;
 }
 static_assert(tile_rules_valid(), "kTileRules: max_splits in [1, 1024], each arch's last rule takes any M (-1)");
-static_assert(max_splits(90, 512) == kMaxSplits && max_splits(80, 1) == kMaxSplits && max_splits(75, 1) == kMaxSplits &&
-              pick_tile(75, 1, false) == -1, "the shipped rules: every cap kMaxSplits (no rule before sm_80)");
+static_assert(max_splits(90, 512) == kMaxSplits && max_splits(80, 1) == kMaxSplits &&
+                  max_splits(75, 1) == kMaxSplits && pick_tile(75, 1, false) == -1,
+              "the shipped rules: every cap kMaxSplits (no rule before sm_80)");
 
 // The one tile the fused GEMMs with a float A (quantized on load) are compiled for: the smallest-M bucket's
 // (their caller is adaLN's GEMM, one row per image). The launcher uses it at any M (correct everywhere, only
