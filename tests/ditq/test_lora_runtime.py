@@ -105,6 +105,27 @@ def test_layer_branch_is_the_quantized_output_plus_the_float_branch(backend, bit
     assert not _has_lora_state(model)
 
 
+def test_branch_follows_the_model_dtype():
+    """The adapter's A and B follow model.to(dtype) like the layer's bias; its scale stays float32 (a bfloat16
+    scale would be rounded); the bfloat16 output is the float32 one to bfloat16 precision."""
+    g = torch.Generator().manual_seed(7)
+    lin = nn.Linear(64, 33)
+    cfg = ditq.QuantConfig.preset("w8a8", backend="torch")
+    model = nn.Sequential(QuantLinear.from_linear(lin, cfg, act_scale=torch.tensor([0.02])))
+    ditq.load_lora(model, {"0.lora_A.weight": torch.randn(2, 64, generator=g),
+                           "0.lora_B.weight": torch.randn(33, 2, generator=g)}, scale=0.3)
+    x = torch.randn(5, 64, generator=g)
+    with torch.no_grad():
+        y32 = model(x)
+        model.to(torch.bfloat16)
+        adapter = model[0].ditq_lora["default"]
+        assert (adapter.down.dtype, adapter.up.dtype, adapter.scale.dtype) == \
+            (torch.bfloat16, torch.bfloat16, torch.float32) and float(adapter.scale) == pytest.approx(0.3, abs=1e-7)
+        y16 = model(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, rtol=3e-2, atol=3e-2)
+
+
 # ---- tiny models ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
