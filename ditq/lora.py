@@ -88,12 +88,14 @@ class LoraBranch(nn.ModuleDict):
     """A layer's adapters by name; ``forward(x, y)`` returns ``y`` plus every active adapter's branch on ``x``."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x2d, y2d = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        out = None
         for adapter in self.values():
-            if adapter.active:
+            if adapter.active:  # scale 0: skipped, y as it was (no op at all)
+                if out is None:
+                    x2d, out = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
                 # the scale on the [M, r] intermediate (the smallest tensor), the add in addmm's epilogue
-                y2d = torch.addmm(y2d, F.linear(x2d, adapter.down) * adapter.scale, adapter.up.t())
-        return y2d.view(y.shape)
+                out = torch.addmm(out, F.linear(x2d, adapter.down) * adapter.scale, adapter.up.t())
+        return y if out is None else out.view(y.shape)
 
 
 def _linear_hook(module: nn.Module, args, output):
@@ -341,8 +343,9 @@ def _parse(state, alphas):
     if unsupported:
         raise ValueError(f"{len(unsupported)} keys are not LoRA weights ditq can apply (it takes "
                          f"'<module>.lora_A.weight' / '.lora_B.weight' pairs and optional '<module>.alpha'; "
-                         f"DoRA magnitudes, LoRA biases and norm weights are not supported): "
-                         f"{', '.join(map(repr, unsupported[:5]))}{' ...' if len(unsupported) > 5 else ''}")
+                         f"DoRA magnitudes, LoRA biases and norm weights are not supported; a community format "
+                         f"such as kohya's lora_down / lora_up: pass the pipeline, whose lora_state_dict converts "
+                         f"it): {', '.join(map(repr, unsupported[:5]))}{' ...' if len(unsupported) > 5 else ''}")
     if not modules:
         raise ValueError("this state dict holds no LoRA weights ('<module>.lora_A.weight' / '.lora_B.weight')")
     for path, parts in modules.items():

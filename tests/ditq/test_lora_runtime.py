@@ -142,9 +142,9 @@ def dit():
 
 
 @pytest.fixture
-def family_model(request, flux, dit):
+def family_model(request):
     """(float model, inputs, a fresh copy of its quantized model, LoRA targets) of the family parametrized."""
-    model, inputs, q = flux if request.param == "flux" else dit
+    model, inputs, q = request.getfixturevalue(request.param)
     return model, inputs, copy.deepcopy(q), FLUX_TARGETS if request.param == "flux" else DIT_TARGETS
 
 
