@@ -62,7 +62,7 @@ class Budget(NamedTuple):
 # the reference take milliseconds. The file stays under ~30 s on one core.
 _MULT = float(os.environ.get("DITQ_FUZZ_EXAMPLES", "1"))
 BUDGET = {"torch": Budget(30, 70, 40, 320), "triton": Budget(4, 9, 24, 192),
-          "cuda-emulated": Budget(25, 70, 40, 320), "cuda": Budget(60, 70, 40, 320)}
+          "cuda-emulated": Budget(25, 70, 40, 320), "cuda": Budget(20, 70, 40, 320)}  # cuda: the GPU suite's cap
 
 
 def _param(name, *marks):
@@ -146,16 +146,18 @@ _TORCH_EMPTY, _TORCH_EMPTY_LIKE = torch.empty, torch.empty_like
 def test_poison_fills_fresh_outputs(name):
     """The poison this file relies on: fresh tensors hold NaN / -128 during a backend call, and under the
     interpreter masked loads without ``other=`` are wrapped; nothing of it outlives the call."""
+    loads = None
     if name == "triton":
         _backend(name)
-    from triton.runtime import interpreter as ti
-    original = ti.InterpreterBuilder.create_masked_load
+        from triton.runtime import interpreter as ti
+        loads = ti.InterpreterBuilder
+    original = None if loads is None else loads.create_masked_load
     with _poison(name):
         assert torch.empty(3).isnan().all() and torch.empty_like(torch.ones(2, dtype=torch.bfloat16)).isnan().all()
         assert torch.empty(2, 3, dtype=torch.int8).eq(-128).all() and torch.empty(4, dtype=torch.uint8).eq(128).all()
         assert torch.empty(2, dtype=torch.int32).eq(-128).all()
-        assert (ti.InterpreterBuilder.create_masked_load is not original) == (name == "triton")
-    assert ti.InterpreterBuilder.create_masked_load is original
+        assert loads is None or loads.create_masked_load is not original
+    assert loads is None or loads.create_masked_load is original
     assert torch.empty is _TORCH_EMPTY and torch.empty_like is _TORCH_EMPTY_LIKE
 
 
