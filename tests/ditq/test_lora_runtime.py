@@ -16,7 +16,7 @@ from .tiny_models import dit_inputs, tiny_dit, tiny_flux
 
 EMULATED = backends.unavailable_reason("cuda-emulated", "cpu") is None
 FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2"]
-DIT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_out_1"]
+DIT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear", "proj_out_1"]
 
 
 def _adapter(model, targets, rank=4, seed=0, std=0.05, prefix="transformer."):
@@ -150,10 +150,10 @@ def family_model(request):
 
 @pytest.mark.parametrize("family_model", ["dit", "flux"], indirect=True)
 def test_tiny_model_computes_the_merged_float_model(family_model):
-    """Loaded: the output moves away from the unadapted quantized model and close to the float model with the LoRA
-    merged (measured 42 dB FLUX, 47 dB DiT, W8A8, which is what the unadapted quantized model scores against its
-    own float model); scale 0 is the model without it bit for bit; a new scale is the scaled adapter; unloading
-    restores bit for bit."""
+    """Loaded: the output moves away from the unadapted quantized model (to 23.5 dB FLUX, 27.5 dB DiT) and close to
+    the float model with the LoRA merged (measured 42.3 dB FLUX, 46.4 dB DiT, W8A8, about what the unadapted
+    quantized model scores against its own float model: 42.2 and 47.5 dB); scale 0 is the model without it bit for
+    bit; a new scale is the scaled adapter; unloading restores bit for bit."""
     model, inputs, q, targets = family_model
     sd = _adapter(model, targets)
     base = _out(q, inputs)
