@@ -475,8 +475,8 @@ def save_quantized(pipe_or_module, path: str) -> None:
     ``path`` is a directory, created if missing; files an earlier save wrote there are overwritten. Raises
     ValueError for a model :func:`ditq.quantize` has not quantized or one with run-time LoRA adapters loaded
     (:mod:`ditq.lora`: not part of a checkpoint, so refused rather than dropped), TypeError for one that is not a
-    diffusers model (nothing to rebuild it from) or a ``path`` that is not a path, NotADirectoryError when ``path`` is a
-    file, ValueError for a bare transformer saved over a pipeline checkpoint (which would still load as that
+    diffusers model (nothing to rebuild it from) or a ``path`` that is not a path, NotADirectoryError when ``path``
+    is a file, ValueError for a bare transformer saved over a pipeline checkpoint (which would still load as that
     pipeline)."""
     path = check_path(path)
     transformer, pipe = _target(pipe_or_module)
