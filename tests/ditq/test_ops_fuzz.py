@@ -59,10 +59,10 @@ class Budget(NamedTuple):
 
 # Triton's interpreter runs each program of the grid in NumPy, ~0.1-1 s a call at these shapes (a fused example
 # makes up to five calls): few examples, small shapes, still a masked tail in every dimension. The emulator and
-# the reference take milliseconds. The file stays under ~30 s on one core.
+# the reference take milliseconds. The file takes ~15-25 s on one idle core.
 _MULT = float(os.environ.get("DITQ_FUZZ_EXAMPLES", "1"))
-BUDGET = {"torch": Budget(30, 70, 40, 320), "triton": Budget(4, 9, 24, 192),
-          "cuda-emulated": Budget(25, 70, 40, 320), "cuda": Budget(20, 70, 40, 320)}  # cuda: the GPU suite's cap
+BUDGET = {"torch": Budget(40, 70, 40, 320), "triton": Budget(6, 9, 24, 192),
+          "cuda-emulated": Budget(40, 70, 40, 320), "cuda": Budget(20, 70, 40, 320)}  # cuda: the GPU suite's cap
 
 
 def _param(name, *marks):
@@ -83,8 +83,11 @@ def _backend(name):
     return backends.get_backend(name, DEVICE[name])
 
 
-def _settings(name):
-    return settings(max_examples=max(1, int(BUDGET[name].examples * _MULT)), deadline=None)
+def _settings(name, row_op=False):
+    """``row_op``: quantize_act and the norm, one program per row: under the interpreter ~40 ms an example at these
+    shapes, against ~0.3-1 s for a GEMM, so five times the examples."""
+    examples = BUDGET[name].examples * (5 if row_op and name == "triton" else 1)
+    return settings(max_examples=max(1, int(examples * _MULT)), deadline=None)
 
 
 # ---- poison -----------------------------------------------------------------------------------------------
@@ -237,7 +240,7 @@ def check_quantize_act(name, case: QuantCase):
 def test_quantize_act(name):
     _backend(name)
 
-    @_settings(name)
+    @_settings(name, row_op=True)
     @given(case=quant_cases(name))
     def run(case):
         check_quantize_act(name, case)
@@ -277,7 +280,8 @@ def gemm_shapes(draw, name, bits):
     group = draw(st.sampled_from(_group_sizes(name))) if bits == 4 else None
     unit = max(fam.k_multiple, group or 1)  # powers of two: the larger is a multiple of the smaller
     max_k = min(fam.max_k or ref.MAX_K, ref.MAX_K)
-    if name == "torch" and draw(st.integers(0, 9)) == 9:
+    # near MAX_K on the reference only where it is cheap: its W4A8 folds the groups in a Python loop
+    if name == "torch" and (group or 64) >= 64 and draw(st.integers(0, 9)) == 9:
         k = (max_k // unit - draw(st.integers(0, 2))) * unit
     else:
         k = draw(st.integers(1, max(1, BUDGET[name].k // unit))) * unit
@@ -564,7 +568,7 @@ def check_norm_modulate_quantize(name, case: NormCase):
 def test_norm_modulate_quantize(name):
     _backend(name)
 
-    @_settings(name)
+    @_settings(name, row_op=True)
     @given(case=norm_cases(name))
     def run(case):
         check_norm_modulate_quantize(name, case)
