@@ -300,8 +300,9 @@ class QuantLinear(nn.Module):
         layer's static scale (``self._buffers["act_scale"]``, float32 [1]): where the backend's fused GEMMs
         quantize a float A as they load it (``KernelOps.fused_gemm_float_a``) it goes to them as it is, one op;
         elsewhere it is quantized with the backend's ``quantize_act`` first. Either way the result is that of
-        ``quantize_act`` followed by this method on int8, bit for bit. A float input with per-token scales is a
-        ValueError (``ditq.ops.float_a_needs_static_scale``).
+        ``quantize_act`` followed by this method on int8: the same integers, and bit for bit but for W4A8 on the
+        CUDA kernels where the int8 call splits K (``ditq.ops``, float activations). A float input with
+        per-token scales is a ValueError (``ditq.ops.float_a_needs_static_scale``).
 
         A backend without the fused kernels runs its plain GEMM in fp32 and the same epilogue in torch
         (``ditq.quant.reference.gemm_epilogue``, the contract), after the same argument checks: the same

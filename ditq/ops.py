@@ -59,7 +59,10 @@ out_dtype, backend) -> y``
     **when ``a_scale`` is a static float32 [1]**. The kernel then quantizes ``a`` as it loads it, exactly as
     ``quantize_act(a, a_scale)`` does (``q = clamp(rint(x_fp32 * (1 / s)), -127, 127)``, NaN -> 0,
     +-inf -> +-127: the same rounding helper), so the result equals ``quantize_act`` followed by the fused op
-    on int8 ``a`` bit for bit, every epilogue piece included. This makes a float input such as adaLN's
+    on int8 ``a`` bit for bit, every epilogue piece included, when both run the same split-K count. (The CUDA
+    kernels run a float ``a`` on one tile, unsplit, while an int8 ``a`` gets its M bucket's tile and split count.
+    W8A8's int32 sums make every split count give the same bits; a split W4A8 launch adds its fp32 group sums
+    per split, in another order, so there the two agree to fp32 rounding, within ``ditq.testing``'s bounds.) This makes a float input such as adaLN's
     ``silu(emb)`` one op instead of two (for a few rows, re-quantizing A in every N tile costs nothing). A float
     ``a`` with per-token scales [M] is a ValueError (dynamic scales need the whole row first: run
     ``quantize_act``). ``KernelOps.fused_gemm_float_a`` says whether a backend's fused GEMMs do this (torch,

@@ -143,10 +143,9 @@ def _check_args(x, shift, scale, eps, act_scale):
         raise ValueError(f"K = {k} exceeds {MAX_BLOCK_K}: a row must fit in one program's registers")
     if (shift is None) != (scale is None):
         raise ValueError("shift and scale must both be given (adaLN modulation) or both be None (plain LayerNorm)")
-    mod_dtypes = tuple(dict.fromkeys((x.dtype, torch.float32)))  # x's own dtype, or float32
-    for name, t in (("shift", shift), ("scale", scale)):
+    for name, t in (("shift", shift), ("scale", scale)):  # any float dtype, each its own: loaded as float32
         if t is not None:
-            checks.tensor(name, t, mod_dtypes, shape=(b, k), labels=("B", "K"))
+            checks.tensor(name, t, checks.FLOAT_DTYPES, shape=(b, k), labels=("B", "K"))
     if act_scale is not None:
         checks.tensor("act_scale", act_scale, (torch.float32,), shape=(1,))
     eps = _check_eps(eps)
@@ -159,7 +158,7 @@ def norm_modulate_quantize(x: torch.Tensor, shift: Optional[torch.Tensor], scale
                            eps: float, act_scale: Optional[torch.Tensor], *,
                            out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm (no affine weight) of ``x`` [B, S, K] over K, adaLN modulation ``y * (1 + scale[b]) +
-    shift[b]`` (``shift``, ``scale`` [B, K], x's dtype or float32, or both None), int8 quantization.
+    shift[b]`` (``shift``, ``scale`` [B, K], any float dtype, or both None), int8 quantization.
 
     ``act_scale``: float32 [1] static scale, or None for per-token scales. Returns ``(q, s)``: q int8
     [B*S, K] (written into ``out`` if given), s float32 [1] (a copy of ``act_scale``) or [B*S]. The maths

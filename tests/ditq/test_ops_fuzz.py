@@ -421,7 +421,7 @@ def _same_split(name, bits):
     """On the cuda backends a float ``a`` runs on GEMM tile 0 only while an int8 one gets the tile and split-K
     count of its M, and a W4A8 result depends on the split count (fp32 group sums added per split): pin both to
     tile 0, unsplit, so the comparison is of the quantization on load alone. The unpinned float-a W4A8 case is
-    test_cuda_w4a8_float_a_equals_quantize_act_then_int8_op, an xfail."""
+    test_cuda_float_a_against_quantize_act_then_int8_op_unpinned (ditq.ops: fp32 rounding there)."""
     if name in ("cuda", "cuda-emulated") and bits == 4:
         from ditq.backends import cuda_backend
         return cuda_backend.gemm_tile(0, 1)
@@ -521,9 +521,7 @@ def norm_cases(draw, name):
     rows = BUDGET[name].m
     b = draw(st.integers(1, 3))
     dtype = draw(st.sampled_from(sorted(DTYPES)))
-    # shift / scale: any float dtype (ditq.ops), each its own; triton's launcher takes only x's dtype or float32
-    # (test_norm_modulation_in_any_float_dtype, an xfail there), so its draws keep to those
-    mod = sorted(DTYPES) if name != "triton" else sorted({dtype, "f32"})
+    mod = sorted(DTYPES)  # shift / scale: any float dtype (ditq.ops), each its own
     return NormCase(b=b, s=draw(st.integers(1, max(1, rows // b))), k=draw(st.integers(1, BUDGET[name].k)), dtype=dtype,
                     shift_dtype=draw(st.none() | st.sampled_from(mod)), scale_dtype=draw(st.sampled_from(mod)),
                     power=draw(st.integers(-4, 4)),
@@ -575,48 +573,38 @@ def test_norm_modulate_quantize(name):
     run()
 
 
-NORM_MOD_DTYPE_DEFECT = (
-    "triton's norm_modulate_quantize launcher (kernels/norm_quantize.py _check_args) refuses shift / scale in a "
-    "float dtype other than x's or float32 with a TypeError; ditq.ops's contract and the torch and cuda-emulated "
-    "backends take any float dtype (the kernel converts them to float32 as it loads them)")
-
-
-@pytest.mark.parametrize("name", [p if p.values[0] != "triton" else
-                                  pytest.param("triton", id="triton",
-                                               marks=pytest.mark.xfail(strict=True, raises=TypeError,
-                                                                       reason=NORM_MOD_DTYPE_DEFECT))
-                                  for p in BACKENDS])
+@pytest.mark.parametrize("name", BACKENDS)
 def test_norm_modulation_in_any_float_dtype(name):
-    """A case the fuzz draws for every backend but triton: bfloat16 x modulated by a float16 shift and a float32
-    scale, on exact-sum rows, equals the reference bit for bit."""
+    """bfloat16 x modulated by a float16 shift and a float32 scale, on exact-sum rows, equals the reference bit for
+    bit on every backend (triton's launcher once took only x's dtype or float32, refusing what ditq.ops allows)."""
     _backend(name)
     check_norm_modulate_quantize(name, NormCase(b=2, s=3, k=37, dtype="bf16", shift_dtype="f16", scale_dtype="f32",
                                                 power=-1, eps=1e-6, static=False, nonfinite=False, seed=11))
 
 
-CUDA_FLOAT_A_SPLIT_DEFECT = (
-    "cuda / cuda-emulated: gemm_w4a8_fused with a float a runs on GEMM tile 0 unsplit, the same call with int8 a "
-    "(its quantize_act) gets the tile and split-K count the binding picks for M (here tile 1, 2 splits), and W4A8 "
-    "results depend on the split count (fp32 group sums added per split, csrc/gemm.cuh), so the two differ in "
-    "the last bits where ditq.ops promises bit for bit")
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=CUDA_FLOAT_A_SPLIT_DEFECT)
-def test_cuda_w4a8_float_a_equals_quantize_act_then_int8_op():
+@pytest.mark.parametrize("bits", (8, 4), ids=("w8a8", "w4a8"))
+def test_cuda_float_a_against_quantize_act_then_int8_op_unpinned(bits):
     """The fuzz's first counterexample (M = 17, N = 1, K = 96, group 32, bfloat16 a, no epilogue piece), unpinned:
-    float a against quantize_act + the int8 fused op, bit for bit, as ditq.ops says. On the emulator only: a GPU's
-    split-K count follows its SM count, so whether this case splits there is the GPU's to say."""
+    the float-a kernel runs tile 0 unsplit while the int8 call takes its M bucket's tile and 2 splits here. W8A8
+    (int32 sums) gives the same bits at any split; W4A8 adds its fp32 group sums per split, so ditq.ops promises
+    the same integers and fp32 rounding there, and bit for bit when both are pinned to one tile and split count
+    (what check_fused does). On the emulator only: a GPU's split count follows its SM count."""
+    from ditq.backends import cuda_backend
     name = "cuda-emulated"
     _backend(name)
-    case = FusedCase(gemm=GemmCase(bits=4, group=32, m=17, n=1, k=96, a_values="uniform", w_values="uniform",
-                                   per_row=False, nan_row=False, bias=None, out_dtype="f32", seed=0),
-                     a_dtype="bf16", a_scale_exp=3, gelu=False, rows_per_gate=0, gate_dtype="bf16", residual=False,
-                     out_scale=False, nonfinite=False)
-    c = case.gemm
+    c = GemmCase(bits=bits, group=32 if bits == 4 else None, m=17, n=1, k=96, a_values="uniform",
+                 w_values="uniform", per_row=False, nan_row=False, bias=None, out_dtype="f32", seed=0)
     gen = torch.Generator().manual_seed(c.seed)
     p = Problem(name, c, gen)
-    a_scale = torch.tensor([2.0 ** -case.a_scale_exp])
+    a_scale = torch.tensor([2.0 ** -3])
     x = _float_values(c.m, c.k, torch.bfloat16, float(a_scale), False, gen)
     q, s = _call(name, "quantize_act", x, a_scale)
-    assert_same_bits(p.fused(name, x, a_scale, False, None, None, 1, None, torch.float32),
-                     p.fused(name, q, s, False, None, None, 1, None, torch.float32), f"{name} float a vs int8 a")
+    float_a = p.fused(name, x, a_scale, False, None, None, 1, None, torch.float32)
+    int8_a = p.fused(name, q, s, False, None, None, 1, None, torch.float32)
+    testing.assert_gemm_fused(float_a, q, s, p.w_q, p.w_scale, p.group, None, what=f"{name} float a")
+    testing.assert_gemm_fused(int8_a, q, s, p.w_q, p.w_scale, p.group, None, what=f"{name} int8 a")
+    if bits == 8:
+        assert_same_bits(float_a, int8_a, f"{name} W8A8 float a vs int8 a, unpinned")
+    with cuda_backend.gemm_tile(0, 1):
+        pinned = p.fused(name, q, s, False, None, None, 1, None, torch.float32)
+    assert_same_bits(float_a, pinned, f"{name} float a vs int8 a on the same tile, unsplit")

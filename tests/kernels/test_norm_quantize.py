@@ -291,7 +291,7 @@ def test_errors(monkeypatch):
         f(x, sh, None, EPS, None)
     with pytest.raises(ValueError, match="both be given"):
         f(x, None, sc, EPS, None)
-    with pytest.raises(ValueError, match=r"shift must be float32 \[B, K\] = \[2, 32\], got shape \(1, 32\)"):
+    with pytest.raises(ValueError, match=r"shift must be float16, bfloat16, float32 \[B, K\] = \[2, 32\], got shape \(1, 32\)"):
         f(x, sh[:1], sc, EPS, None)
     with pytest.raises(ValueError, match=r"scale must be float32 \[B, K\] = \[2, 32\]"):
         f(x, sh, sc[:, :31].contiguous(), EPS, None)
