@@ -98,14 +98,14 @@ class QuantizeError(RuntimeError):
 
 # ---- helpers ------------------------------------------------------------------------------------------
 
-def _target(obj) -> Tuple[nn.Module, Optional[object]]:
-    """(transformer, pipeline or None)."""
+def _target(obj, what: str = "ditq.quantize") -> Tuple[nn.Module, Optional[object]]:
+    """(transformer, pipeline or None) of what a public function (``what``, for the error) was given."""
     if isinstance(obj, nn.Module):
         return obj, None
     t = getattr(obj, "transformer", None)
     if isinstance(t, nn.Module):
         return t, obj
-    raise TypeError(f"ditq.quantize takes a diffusers pipeline with a .transformer or an nn.Module, got "
+    raise TypeError(f"{what} takes a diffusers pipeline with a .transformer or an nn.Module, got "
                     f"{type(obj).__name__}")
 
 

@@ -479,7 +479,7 @@ def save_quantized(pipe_or_module, path: str) -> None:
     is a file, ValueError for a bare transformer saved over a pipeline checkpoint (which would still load as that
     pipeline)."""
     path = check_path(path)
-    transformer, pipe = _target(pipe_or_module)
+    transformer, pipe = _target(pipe_or_module, "ditq.save_quantized")
     if not is_quantized(transformer):
         raise ValueError(f"this {type(transformer).__name__} is not quantized: call ditq.quantize first")
     from .lora import loaded_adapters

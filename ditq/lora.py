@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .convert import _target
 from .nn import QuantLinear
 
 BRANCH = "ditq_lora"  # the child module holding a layer's adapters
@@ -126,7 +127,7 @@ def load_lora(model, lora, *, scale: float = 1.0, adapter_name: str = "default")
     text-encoder keys, A without B, shapes that do not fit the layer (module and both shapes named), A and B of
     different ranks, non-finite values, an adapter name already loaded. Returns ``{layer path: [lora module
     paths]}``: which layer took which keys (a fused layer takes several)."""
-    transformer, pipe = _target(model)
+    transformer, pipe = _target(model, "ditq.load_lora")
     if not any(isinstance(m, QuantLinear) for m in transformer.modules()):
         raise ValueError(f"this {type(transformer).__name__} has no ditq-quantized layer: ditq.load_lora adds "
                          f"adapters to quantized models. Load a LoRA into a float model with diffusers "
@@ -151,7 +152,7 @@ def set_lora_scale(model, scale: float, adapter_name: Optional[str] = None) -> N
     ``scale * (alpha / r) * B (A x)``. Scale 0 switches the adapter off: skipped, bit for bit the model without it
     (fused blocks run fused again). A compiled model keeps its graph for a new nonzero scale (the scale is a
     buffer written in place); switching an adapter on or off recompiles."""
-    transformer, _ = _target(model)
+    transformer, _ = _target(model, "ditq.set_lora_scale")
     scale = _check_scale(scale)
     names = _check_loaded(transformer, adapter_name)
     for _, branch in _branches(transformer):
@@ -166,7 +167,7 @@ def unload_lora(model, adapter_name: Optional[str] = None) -> None:
     """Remove the adapter ``adapter_name`` (every adapter when None; nothing loaded is then a no-op). The model
     then computes exactly what it computed before loading, bit for bit: the branches, hooks and fall-back flags
     go, the packed weights were never touched."""
-    transformer, _ = _target(model)
+    transformer, _ = _target(model, "ditq.unload_lora")
     names = _check_loaded(transformer, adapter_name) if adapter_name is not None else None
     for layer, branch in _branches(transformer):
         for n in list(branch.keys()):
@@ -182,7 +183,7 @@ def unload_lora(model, adapter_name: Optional[str] = None) -> None:
 
 def loaded_adapters(model) -> Dict[str, float]:
     """The adapters loaded in ``model`` (a transformer or a pipeline), name -> scale."""
-    transformer, _ = _target(model)
+    transformer, _ = _target(model, "ditq.lora.loaded_adapters")
     out = {}
     for _, branch in _branches(transformer):
         for n, adapter in branch.items():
@@ -221,16 +222,6 @@ def carry_over(members: List[QuantLinear], fused: QuantLinear) -> None:
 
 
 # ---- reading ------------------------------------------------------------------------------------------------
-
-def _target(model) -> Tuple[nn.Module, Optional[object]]:
-    if isinstance(model, nn.Module):
-        return model, None
-    t = getattr(model, "transformer", None)
-    if isinstance(t, nn.Module):
-        return t, model
-    raise TypeError(f"ditq's LoRA functions take a quantized transformer or a pipeline with a .transformer, got "
-                    f"{type(model).__name__}")
-
 
 def _check_name(name) -> str:
     if not isinstance(name, str):
