@@ -141,7 +141,8 @@ def load_lora(model, lora, *, scale: float = 1.0, adapter_name: str = "default")
     state, alphas = _through_pipeline(pipe, state)
     plan = _plan(transformer, state, alphas, metadata)
     for path, (layer, pieces) in plan.items():
-        down, up = _stack(layer, pieces, _compute_dtype(layer, transformer), _device(layer))
+        down, up = _stack(layer.out_features, [p[1:] for p in pieces], _compute_dtype(layer, transformer),
+                          _device(layer))
         _attach(layer, name, LoraAdapter(down, up, scale))
     _refresh(transformer)
     return {path: [p[0] for p in pieces] for path, (_, pieces) in plan.items()}
@@ -209,14 +210,8 @@ def carry_over(members: List[QuantLinear], fused: QuantLinear) -> None:
             if adapter is not None:
                 pieces.append((off, m.out_features, adapter.down, adapter.up))
                 scale = float(adapter.scale)
-        dtype, device = pieces[0][2].dtype, pieces[0][2].device
-        rank = sum(p[2].shape[0] for p in pieces)
-        up = torch.zeros(fused.out_features, rank, dtype=dtype, device=device)
-        r0 = 0
-        for off, size, a, b in pieces:
-            up[off:off + size, r0:r0 + a.shape[0]] = b
-            r0 += a.shape[0]
-        _attach(fused, n, LoraAdapter(torch.cat([p[2] for p in pieces]), up, scale))
+        down, up = _stack(fused.out_features, pieces, pieces[0][2].dtype, pieces[0][2].device)
+        _attach(fused, n, LoraAdapter(down, up, scale))
     if names:
         _refresh_layer(fused)
 
@@ -445,16 +440,17 @@ def _device(layer: nn.Module) -> torch.device:
     return layer.weight.device if isinstance(layer, nn.Linear) else layer.qweight.device
 
 
-def _stack(layer, pieces, dtype, device):
-    """One (A, B) for all of a layer's pieces: A stacked along the rank, each B at its rows (block-diagonal)."""
-    rank = sum(p[3].shape[0] for p in pieces)
-    up = torch.zeros(layer.out_features, rank, dtype=torch.float32)
+def _stack(out_features: int, pieces, dtype, device):
+    """One (A, B) for all of a layer's pieces ``(row offset, rows, A, B)``: A stacked along the rank, each B at its
+    rows (block-diagonal), built in float32 (exact for values already in a 16-bit dtype) and cast once."""
+    rank = sum(a.shape[0] for _, _, a, _ in pieces)
+    up = torch.zeros(out_features, rank, dtype=torch.float32, device=device)
     r0 = 0
-    for _, off, rows, a, b in pieces:
+    for off, rows, a, b in pieces:
         up[off:off + rows, r0:r0 + a.shape[0]] = b
         r0 += a.shape[0]
-    down = torch.cat([p[3] for p in pieces])
-    return down.to(device=device, dtype=dtype), up.to(device=device, dtype=dtype)
+    down = torch.cat([a.to(device) for _, _, a, _ in pieces])
+    return down.to(dtype=dtype), up.to(dtype=dtype)
 
 
 def _attach(layer: nn.Module, name: str, adapter: LoraAdapter) -> None:
