@@ -118,6 +118,15 @@ def _norm_quantize(layer: QuantLinear, x: torch.Tensor, shift, scale, eps: float
     return layer._kernels.norm_modulate_quantize(x, shift, scale, eps, layer._buffers["act_scale"])
 
 
+def _lora_norm(layers, x: torch.Tensor, shift, scale, eps: float) -> Optional[torch.Tensor]:
+    """The float input a run-time LoRA branch (:mod:`ditq.lora`) on any of ``layers`` reads where a fused norm
+    writes only int8: the modulated LayerNorm of ``x`` [B, S, D], as diffusers' adaLN norms compute it (shift /
+    scale [B, D]). None, computing nothing, while none of them carries an adapter."""
+    if not any(layer._lora_on for layer in (layers if isinstance(layers, tuple) else (layers,))):
+        return None
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+
+
 def quantizes_on_load(layer: nn.Module) -> bool:
     """Whether ``layer``'s fused GEMM takes its float input as it is and quantizes it while loading it (a static
     scale and a backend whose kernels do: ``KernelOps.fused_gemm_float_a``): one launch instead of quantize_act +
@@ -144,7 +153,7 @@ def _attention_out(attn, q, k, v, dtype, mask=None, **epilogue) -> torch.Tensor:
     o = o.transpose(1, 2).reshape(-1, o.shape[1] * o.shape[3])
     to_out = attn.to_out[0]
     qo, so = _quantize(to_out, o)
-    return to_out.forward_fused(qo, so, dtype, **epilogue)
+    return to_out.forward_fused(qo, so, dtype, lora_input=o, **epilogue)
 
 
 def _body(b, x: torch.Tensor, mod: torch.Tensor, eps1: float, eps2: float, encoder_hidden_states=None,
@@ -161,15 +170,17 @@ def _body(b, x: torch.Tensor, mod: torch.Tensor, eps1: float, eps2: float, encod
 
     attn, to_qkv = b.attn1, b.attn1.to_qkv
     q8, s8 = _norm_quantize(to_qkv, x, shift_msa, scale_msa, eps1)
-    q, k, v = _split_heads(to_qkv.forward_fused(q8, s8, dtype), batch, 3, attn.heads)
+    qkv = to_qkv.forward_fused(q8, s8, dtype, lora_input=_lora_norm(to_qkv, x, shift_msa, scale_msa, eps1))
+    q, k, v = _split_heads(qkv, batch, 3, attn.heads)
     h2d = _attention_out(attn, q, k, v, dtype, gate=gate_msa, residual=x2d, rows_per_gate=seq)
 
     if b.attn2 is not None:  # PixArt's cross-attention, on the un-normalized states, residual fused
         attn = b.attn2
         qx, sx = _quantize(attn.to_q, h2d)
         enc = encoder_hidden_states
-        kv = attn.to_kv.forward_fused(*_quantize(attn.to_kv, enc.reshape(-1, enc.shape[-1])), dtype)
-        q = attn.to_q.forward_fused(qx, sx, dtype).view(batch, seq, attn.heads, -1).transpose(1, 2)
+        enc2d = enc.reshape(-1, enc.shape[-1])
+        kv = attn.to_kv.forward_fused(*_quantize(attn.to_kv, enc2d), dtype, lora_input=enc2d)
+        q = attn.to_q.forward_fused(qx, sx, dtype, lora_input=h2d).view(batch, seq, attn.heads, -1).transpose(1, 2)
         k, v = _split_heads(kv, batch, 2, attn.heads)
         mask = encoder_attention_mask
         if mask is not None:  # the text padding mask (a bias), as diffusers' processor prepares it for SDPA
@@ -183,28 +194,29 @@ def _body(b, x: torch.Tensor, mod: torch.Tensor, eps1: float, eps2: float, encod
 def _mlp(ff, x: torch.Tensor, shift, scale, eps: float, gate, residual: torch.Tensor) -> torch.Tensor:
     """A GELU MLP (diffusers' ``FeedForward``) on the modulated norm of ``x`` [B, S, D], gated, plus ``residual``
     [B * S, D]: norm -> fc1 with GELU in its epilogue, emitting fc2's int8 input when fc2's scale is static (a
-    dynamic fc2: a float output and a per-token ``quantize_act``) -> fc2 with gate and residual fused. [B * S, D]."""
+    dynamic fc2, or one with a run-time LoRA adapter, which reads the float hidden state: a float output and
+    ``quantize_act``) -> fc2 with gate and residual fused. [B * S, D]."""
     act, fc1, fc2 = ff.net[0], ff.net[0].proj, ff.net[2]
     dtype, seq = x.dtype, x.shape[1]
     q8, s8 = _norm_quantize(fc1, x, shift, scale, eps)
+    xn = _lora_norm(fc1, x, shift, scale, eps)
     fc2_scale = fc2._buffers["act_scale"]
-    if act.approximate == "tanh" and fc2_scale is not None:  # fc1's epilogue emits fc2's int8 input
-        q8, s8 = fc1.forward_fused(q8, s8, dtype, gelu=True, out_scale=fc2_scale), fc2_scale
+    hidden = None
+    if act.approximate == "tanh" and fc2_scale is not None and not fc2._lora_on:  # fc1 emits fc2's int8 input
+        q8, s8 = fc1.forward_fused(q8, s8, dtype, gelu=True, out_scale=fc2_scale, lora_input=xn), fc2_scale
     else:
-        hidden = fc1.forward_fused(q8, s8, dtype, gelu=act.approximate == "tanh")
+        hidden = fc1.forward_fused(q8, s8, dtype, gelu=act.approximate == "tanh", lora_input=xn)
         if act.approximate != "tanh":
             hidden = F.gelu(hidden)
         q8, s8 = _quantize(fc2, hidden)
-    return fc2.forward_fused(q8, s8, dtype, gate=gate, residual=residual, rows_per_gate=seq)
+    return fc2.forward_fused(q8, s8, dtype, gate=gate, residual=residual, rows_per_gate=seq, lora_input=hidden)
 
 
 def _runs_fused(b, attention_mask, encoder_attention_mask, cross_attention_kwargs) -> bool:
     """What the fused forward covers, checked per call (a moved model may sit on a backend without the fused
-    norm; masks and chunking are per-call arguments; a run-time LoRA branch (:mod:`ditq.lora`) needs its layer's
-    float input, which the fused norms never write)."""
+    norm; masks and chunking are per-call arguments)."""
     return attention_mask is None and (encoder_attention_mask is None or b.attn2 is not None) and \
-        not cross_attention_kwargs and not b._ditq_lora and \
-        b._chunk_size is None and not b.training and \
+        not cross_attention_kwargs and b._chunk_size is None and not b.training and \
         b.attn1.to_qkv._kernels is not None and b.attn1.to_qkv._kernels.norm_modulate_quantize is not None and \
         b.ff.net[0].proj._kernels is not None and b.ff.net[0].proj._kernels.norm_modulate_quantize is not None
 
@@ -234,8 +246,7 @@ def fused_block_class():
     from diffusers.models.attention import BasicTransformerBlock
 
     return type("FusedBasicTransformerBlock", (BasicTransformerBlock,),
-                {"forward": _forward, "__doc__": __doc__.split("\n\n")[0], "__module__": __name__,
-                 "_ditq_lora": False})  # ditq.lora sets it per instance while a layer inside has an adapter
+                {"forward": _forward, "__doc__": __doc__.split("\n\n")[0], "__module__": __name__})
 
 
 # ---- DiT: the conditioning computed once per forward --------------------------------------------------------
@@ -349,8 +360,8 @@ def _dit_conditioning(self, timestep, class_labels, dtype):
         labels = emb.class_embedder.embedding_table(class_labels)
         te = emb.timestep_embedder
         if plan["quantized_embedders"]:
-            h = F.silu(te.linear_1.forward_fused(*(shared_q or _quantize(te.linear_1, t)), dtype))
-            conds[o] = te.linear_2.forward_fused(*_quantize(te.linear_2, h), dtype, residual=labels)
+            h = F.silu(te.linear_1.forward_fused(*(shared_q or _quantize(te.linear_1, t)), dtype, lora_input=t))
+            conds[o] = te.linear_2.forward_fused(*_quantize(te.linear_2, h), dtype, residual=labels, lora_input=h)
         else:
             conds[o] = te(t) + labels
     return conds
@@ -380,9 +391,9 @@ def _dit_forward(self, hidden_states, timestep=None, class_labels=None, cross_at
         o = owners[i]
         lin = b.norm1.linear
         if o in ada_q:
-            mod = lin.forward_fused(*ada_q[o], dtype)
+            mod = lin.forward_fused(*ada_q[o], dtype, lora_input=silu[o])
         elif on_load[i]:
-            mod = lin.forward_fused(silu[o], lin._buffers["act_scale"], dtype)
+            mod = lin.forward_fused(silu[o], lin._buffers["act_scale"], dtype, lora_input=silu[o])
         else:
             mod = lin(silu[o])
         hidden_states = _body(b, hidden_states, mod.view(batch, 6, -1), b.norm1.norm.eps, b.norm3.eps)

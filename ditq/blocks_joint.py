@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .blocks import _mlp, _norm_quantize, _quantize, quantizes_on_load
+from .blocks import _lora_norm, _mlp, _norm_quantize, _quantize, quantizes_on_load
 from .nn import QuantLinear
 
 JOINT, SINGLE, SD3 = "FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock"
@@ -169,10 +169,11 @@ def _mods(b, norms, temb: torch.Tensor, dim: int):
     scales agree (``_ditq_shared_ada``, checked when fusing)."""
     silu = torch.nn.functional.silu(temb)
     if all(quantizes_on_load(n.linear) for n in norms):  # each adaLN GEMM quantizes silu(temb) as it loads it
-        mods = [n.linear.forward_fused(silu, n.linear._buffers["act_scale"], temb.dtype) for n in norms]
+        mods = [n.linear.forward_fused(silu, n.linear._buffers["act_scale"], temb.dtype, lora_input=silu)
+                for n in norms]
     elif b._ditq_shared_ada:
         q, s = _quantize(norms[0].linear, silu)
-        mods = [n.linear.forward_fused(q, s, temb.dtype) for n in norms]
+        mods = [n.linear.forward_fused(q, s, temb.dtype, lora_input=silu) for n in norms]
     else:
         mods = [n.linear(silu) for n in norms]
     return [m.view(m.shape[0], -1, dim).transpose(0, 1).contiguous().unbind(0) for m in mods]
@@ -194,10 +195,11 @@ QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 def _joint_qkv(b, x: torch.Tensor, c: torch.Tensor, shift, scale, c_shift, c_scale):
     """A joint block's two fused q/k/v GEMMs, each fed by its stream's own modulated norm: image ``x`` through
     ``to_qkv``, text ``c`` through ``to_added_qkv``. Returns (image qkv, text qkv), [B * S, 3 * D] each."""
-    attn = b.attn
-    qkv = attn.to_qkv.forward_fused(*_norm_quantize(attn.to_qkv, x, shift, scale, b.norm1.norm.eps), x.dtype)
-    cqkv = attn.to_added_qkv.forward_fused(
-        *_norm_quantize(attn.to_added_qkv, c, c_shift, c_scale, b.norm1_context.norm.eps), x.dtype)
+    attn, eps, c_eps = b.attn, b.norm1.norm.eps, b.norm1_context.norm.eps
+    qkv = attn.to_qkv.forward_fused(*_norm_quantize(attn.to_qkv, x, shift, scale, eps), x.dtype,
+                                    lora_input=_lora_norm(attn.to_qkv, x, shift, scale, eps))
+    cqkv = attn.to_added_qkv.forward_fused(*_norm_quantize(attn.to_added_qkv, c, c_shift, c_scale, c_eps), x.dtype,
+                                           lora_input=_lora_norm(attn.to_added_qkv, c, c_shift, c_scale, c_eps))
     return qkv, cqkv
 
 
@@ -260,8 +262,7 @@ def _dispatch(attn, q, k, v):
 
 
 def _covered(b, joint_attention_kwargs, layers) -> bool:
-    # a run-time LoRA branch (ditq.lora: the _ditq_lora flag) needs its layer's float input, never written here
-    return not joint_attention_kwargs and not b.training and not b._ditq_lora and \
+    return not joint_attention_kwargs and not b.training and \
         all(layer._kernels is not None and layer._kernels.norm_modulate_quantize is not None for layer in layers)
 
 
@@ -294,10 +295,11 @@ def _joint_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_e
 
     to_out, to_add_out = attn.to_out[0], attn.to_add_out
     x2d, c2d = x.view(batch * seq, dim), c.view(batch * text, -1)
-    h2d = to_out.forward_fused(*_quantize(to_out, x_out.reshape(batch * seq, -1)), dtype, gate=gate_msa,
-                               residual=x2d, rows_per_gate=seq)
-    ch2d = to_add_out.forward_fused(*_quantize(to_add_out, c_out.reshape(batch * text, -1)), dtype,
-                                    gate=c_gate_msa, residual=c2d, rows_per_gate=text)
+    x_out, c_out = x_out.reshape(batch * seq, -1), c_out.reshape(batch * text, -1)
+    h2d = to_out.forward_fused(*_quantize(to_out, x_out), dtype, gate=gate_msa, residual=x2d, rows_per_gate=seq,
+                               lora_input=x_out)
+    ch2d = to_add_out.forward_fused(*_quantize(to_add_out, c_out), dtype, gate=c_gate_msa, residual=c2d,
+                                    rows_per_gate=text, lora_input=c_out)
     x = _mlp(b.ff, h2d.view(batch, seq, dim), shift_mlp, scale_mlp, b.norm2.eps, gate_mlp, h2d)
     c = _mlp(b.ff_context, ch2d.view(batch, text, -1), c_shift_mlp, c_scale_mlp, b.norm2_context.eps, c_gate_mlp,
              ch2d)
@@ -324,7 +326,8 @@ def _single_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_
         m8, ms8 = q8, s8
     else:
         m8, ms8 = _norm_quantize(proj_mlp, x, shift, scale, eps)
-    qkv = to_qkv.forward_fused(q8, s8, dtype)
+    xn = _lora_norm((to_qkv, proj_mlp), x, shift, scale, eps)
+    qkv = to_qkv.forward_fused(q8, s8, dtype, lora_input=xn)
     qkv_heads = _attention_inputs(b, qkv, None, batch, attn.heads, ("norm_q", "norm_k"), None, image_rotary_emb)
     if qkv_heads is not None:
         o = _dispatch(attn, *(t.transpose(1, 2) for t in qkv_heads))
@@ -333,13 +336,17 @@ def _single_forward(b, hidden_states, encoder_hidden_states, temb, image_rotary_
         o = _attend(attn, attn.norm_q(q), attn.norm_k(k), v, image_rotary_emb)
     o = o.reshape(batch * seq, dim)
     out_scale = proj_out._buffers["act_scale"]
-    if out_scale is not None:  # static: both halves of proj_out's input come out int8, with its scale
+    p = None
+    if out_scale is not None and not proj_out._lora_on:  # static: both halves of proj_out's input come out int8
         a8, _ = proj_out._kernels.quantize_act(o.contiguous(), out_scale)
-        p8 = torch.cat([a8, proj_mlp.forward_fused(m8, ms8, dtype, gelu=True, out_scale=out_scale)], dim=1)
+        p8 = torch.cat([a8, proj_mlp.forward_fused(m8, ms8, dtype, gelu=True, out_scale=out_scale, lora_input=xn)],
+                       dim=1)
         ps = out_scale
-    else:  # per-token scales span the whole concatenated row
-        p8, ps = _quantize(proj_out, torch.cat([o, proj_mlp.forward_fused(m8, ms8, dtype, gelu=True)], dim=1))
-    y = proj_out.forward_fused(p8, ps, dtype, gate=gate, residual=x.view(batch * seq, dim), rows_per_gate=seq)
+    else:  # per-token scales span the whole concatenated row; a LoRA branch on proj_out reads it in float
+        p = torch.cat([o, proj_mlp.forward_fused(m8, ms8, dtype, gelu=True, lora_input=xn)], dim=1)
+        p8, ps = _quantize(proj_out, p)
+    y = proj_out.forward_fused(p8, ps, dtype, gate=gate, residual=x.view(batch * seq, dim), rows_per_gate=seq,
+                               lora_input=p)
     y = y.view(batch, seq, dim)
     if y.dtype == torch.float16:
         y = y.clip(-65504, 65504)
@@ -381,16 +388,18 @@ def _sd3_forward(b, hidden_states, encoder_hidden_states, temb, joint_attention_
     x_out, c_out = o.transpose(1, 2).reshape(batch, seq + text, -1).split_with_sizes([seq, text], dim=1)
 
     to_out = attn.to_out[0]
-    h2d = to_out.forward_fused(*_quantize(to_out, x_out.reshape(batch * seq, -1)), dtype, gate=gate_msa,
-                               residual=x.view(batch * seq, dim), rows_per_gate=seq)
+    x_out = x_out.reshape(batch * seq, -1)
+    h2d = to_out.forward_fused(*_quantize(to_out, x_out), dtype, gate=gate_msa, residual=x.view(batch * seq, dim),
+                               rows_per_gate=seq, lora_input=x_out)
     if attn2 is not None:  # diffusers adds attn2's gated output after attn's: its to_out takes h2d as residual
         h2d = _attn2(b, x, h2d, *mods[6:])
     x = _mlp(b.ff, h2d.view(batch, seq, dim), shift_mlp, scale_mlp, b.norm2.eps, gate_mlp, h2d).view(batch, seq, dim)
     if pre_only:
         return None, x
     c2d = c.view(batch * text, -1)
-    ch2d = attn.to_add_out.forward_fused(*_quantize(attn.to_add_out, c_out.reshape(batch * text, -1)), dtype,
-                                         gate=c_gate_msa, residual=c2d, rows_per_gate=text)
+    c_out = c_out.reshape(batch * text, -1)
+    ch2d = attn.to_add_out.forward_fused(*_quantize(attn.to_add_out, c_out), dtype, gate=c_gate_msa, residual=c2d,
+                                         rows_per_gate=text, lora_input=c_out)
     c = _mlp(b.ff_context, ch2d.view(batch, text, -1), c_shift_mlp, c_scale_mlp, b.norm2_context.eps, c_gate_mlp,
              ch2d)
     return c.view(batch, text, -1), x
@@ -406,16 +415,18 @@ def _attn2(b, x: torch.Tensor, residual: torch.Tensor, shift, scale, gate) -> to
     attn2 = b.attn2
     (batch, seq, dim), dtype = x.shape, x.dtype
     to_qkv, to_out = attn2.to_qkv, attn2.to_out[0]
-    q8, s8 = _norm_quantize(to_qkv, x, shift, scale, b.norm1.norm.eps)
-    qkv = to_qkv.forward_fused(q8, s8, dtype)
+    eps = b.norm1.norm.eps
+    q8, s8 = _norm_quantize(to_qkv, x, shift, scale, eps)
+    qkv = to_qkv.forward_fused(q8, s8, dtype, lora_input=_lora_norm(to_qkv, x, shift, scale, eps))
     qkv_heads = _attention_inputs(b, qkv, None, batch, attn2.heads, ("norm_q", "norm_k"), None, attn2=True)
     if qkv_heads is not None:
         q, k, v = qkv_heads
     else:
         q, k, v = qkv.view(batch, seq, 3, attn2.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-    return to_out.forward_fused(*_quantize(to_out, o.transpose(1, 2).reshape(batch * seq, -1)), dtype, gate=gate,
-                                residual=residual, rows_per_gate=seq)
+    o = o.transpose(1, 2).reshape(batch * seq, -1)
+    return to_out.forward_fused(*_quantize(to_out, o), dtype, gate=gate, residual=residual, rows_per_gate=seq,
+                                lora_input=o)
 
 
 @lru_cache(maxsize=None)
@@ -428,8 +439,7 @@ def fused_class(kind: str):
     base = JointTransformerBlock if kind == SD3 else getattr(tf, kind)
     forward = {JOINT: _joint_forward, SINGLE: _single_forward, SD3: _sd3_forward}[kind]
     return type(f"Fused{kind}", (base,), {"forward": forward, "__module__": __name__,
-                                          "__doc__": f"diffusers' {kind} with ditq's fused forward.",
-                                          "_ditq_lora": False})  # set per instance by ditq.lora
+                                          "__doc__": f"diffusers' {kind} with ditq's fused forward."})
 
 
 def _qk_plan(attn):

@@ -28,11 +28,13 @@ output slicing (per-slice branches would add a strided add per member); the zero
 ``M * r * (N - N_member)`` multiply-adds, negligible beside the main GEMM's ``M * K * N``. Fusing projections that
 already carry adapters stacks them the same way (:func:`carry_over`).
 
-Fused blocks (:mod:`ditq.blocks`, :mod:`ditq.blocks_joint`) feed their GEMMs int8 activations straight from fused
-norms, so the float input a branch needs never exists there: a block any of whose layers carries an active
-adapter runs diffusers' forward on the same quantized layers (the ancestors of such a layer carry the flag
-``_ditq_lora``, which their fall-back condition reads), and runs fused again once the adapters are unloaded or
-scaled to 0.
+Fused blocks (:mod:`ditq.blocks`, :mod:`ditq.blocks_joint`) stay fused with adapters loaded. Their GEMMs take
+int8 activations straight from fused norms, so the float input a branch reads is built only for an adapted layer:
+the modulated LayerNorm in torch, as diffusers' adaLN norm computes it, beside the fused norm that still feeds the
+GEMM (a few elementwise ops over the block's input); other GEMM inputs (attention outputs, ``silu(temb)``, text
+states) exist in float anyway. :meth:`ditq.nn.QuantLinear.forward_fused` (``lora_input``) adds the branch before
+the epilogue; an adapted ``fc2`` (and FLUX's ``proj_out``) takes a float hidden state from the GEMM before it
+instead of the int8 one that GEMM's epilogue would quantize.
 
 Static activation scales were calibrated without the adapter. The branch reads the float input, but the layers
 downstream of an adapted one see the adapted activations through the old scales; README ("LoRA.") gives what
@@ -55,7 +57,6 @@ from .convert import _target
 from .nn import QuantLinear
 
 BRANCH = "ditq_lora"  # the child module holding a layer's adapters
-FLAG = "_ditq_lora"  # on every ancestor of a layer with an active adapter: fused blocks then run diffusers' forward
 _KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])\.weight$")
 _ALPHA = re.compile(r"^(?P<path>.+?)(\.lora_A)?\.alpha$")
 _OTHER_COMPONENTS = ("text_encoder.", "text_encoder_2.", "text_encoder_3.", "unet.", "prior.")
@@ -86,7 +87,8 @@ class LoraAdapter(nn.Module):
 
 
 class LoraBranch(nn.ModuleDict):
-    """A layer's adapters by name; ``forward(x, y)`` returns ``y`` plus every active adapter's branch on ``x``."""
+    """A layer's adapters by name; ``forward(x, y)`` returns ``y`` plus every active adapter's branch on ``x``
+    (computed in the adapters' dtype; added in ``y``'s, which may be wider: a fused block's fp32 GEMM output)."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = None
@@ -95,8 +97,19 @@ class LoraBranch(nn.ModuleDict):
                 if out is None:
                     x2d, out = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
                 # the scale on the [M, r] intermediate (the smallest tensor), the add in addmm's epilogue
-                out = torch.addmm(out, F.linear(x2d, adapter.down) * adapter.scale, adapter.up.t())
+                down = F.linear(x2d, adapter.down) * adapter.scale
+                out = torch.addmm(out, down, adapter.up.t()) if out.dtype == down.dtype else \
+                    out + down @ adapter.up.t()
         return y if out is None else out.view(y.shape)
+
+    def delta(self, x2d: torch.Tensor) -> torch.Tensor:
+        """The active adapters' branches alone, summed: [M, N] in the adapters' dtype (at least one is active)."""
+        out = None
+        for adapter in self.values():
+            if adapter.active:
+                down = F.linear(x2d, adapter.down) * adapter.scale
+                out = down @ adapter.up.t() if out is None else torch.addmm(out, down, adapter.up.t())
+        return out
 
 
 def _linear_hook(module: nn.Module, args, output):
@@ -166,8 +179,8 @@ def set_lora_scale(model, scale: float, adapter_name: Optional[str] = None) -> N
 
 def unload_lora(model, adapter_name: Optional[str] = None) -> None:
     """Remove the adapter ``adapter_name`` (every adapter when None; nothing loaded is then a no-op). The model
-    then computes exactly what it computed before loading, bit for bit: the branches, hooks and fall-back flags
-    go, the packed weights were never touched."""
+    then computes exactly what it computed before loading, bit for bit: the branches and hooks go, the packed
+    weights were never touched."""
     transformer, _ = _target(model, "ditq.unload_lora")
     names = _check_loaded(transformer, adapter_name) if adapter_name is not None else None
     for layer, branch in _branches(transformer):
@@ -480,11 +493,7 @@ def _refresh_layer(layer: nn.Module) -> bool:
 
 
 def _refresh(transformer: nn.Module) -> None:
-    """Recompute every layer's on/off state and the ancestors' fall-back flag from the loaded adapters."""
+    """Recompute every layer's on/off state from the loaded adapters."""
     for m in transformer.modules():
-        m.__dict__.pop(FLAG, None)
-    for path, m in transformer.named_modules():
-        if isinstance(m, (nn.Linear, QuantLinear)) and _refresh_layer(m):
-            parts = path.split(".")
-            for i in range(len(parts)):
-                transformer.get_submodule(".".join(parts[:i])).__dict__[FLAG] = True
+        if isinstance(m, (nn.Linear, QuantLinear)):
+            _refresh_layer(m)

@@ -26,6 +26,7 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import backends, ops, weight_rounding  # noqa: F401  (ops registers torch.ops.ditq.*)
@@ -275,22 +276,10 @@ class QuantLinear(nn.Module):
     _warned_grad = False
     _lora_on = False  # True while an adapter with a nonzero scale is loaded (ditq.lora sets it per instance)
 
-    def forward_quantized(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype, lead) -> torch.Tensor:
-        """The GEMM alone, on activations already quantized with this layer's scheme and scale (a fused producer
-        such as ``norm_modulate_quantize`` emitted them): int8 [M, K] and its scales -> [*lead, N]."""
-        kernels = self._kernels
-        if kernels is None:
-            raise RuntimeError(self._not_ready)
-        b = self._buffers
-        if self._group_size is None:
-            y = kernels.gemm_w8a8(q, s, b["qweight"], b["scales"], b["bias"], out_dtype)
-        else:
-            y = kernels.gemm_w4a8(q, s, b["qweight"], b["scales"], b["bias"], self._group_size, out_dtype)
-        return y.reshape(*lead, self.out_features)
-
     def forward_fused(self, q: torch.Tensor, s: torch.Tensor, out_dtype: torch.dtype, *, gelu: bool = False,
                       gate: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                      rows_per_gate: int = 1, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      rows_per_gate: int = 1, out_scale: Optional[torch.Tensor] = None,
+                      lora_input: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The GEMM on activations already quantized with this layer's scheme (int8 [M, K] and their scales) with
         more of the block in its epilogue (``gemm_w8a8_fused`` in :mod:`ditq.ops`): GELU-tanh, adaLN's gate
         ``gate`` [M // rows_per_gate, N], a ``residual`` [M, N], and int8 output quantized with the next layer's
@@ -306,7 +295,42 @@ class QuantLinear(nn.Module):
 
         A backend without the fused kernels runs its plain GEMM in fp32 and the same epilogue in torch
         (``ditq.quant.reference.gemm_epilogue``, the contract), after the same argument checks: the same
-        numbers up to GELU's last bits."""
+        numbers up to GELU's last bits.
+
+        ``lora_input``: the layer's float input (K last), read only while a run-time LoRA adapter is loaded
+        (:mod:`ditq.lora`), whose branch ``d = scale * B (A x)`` needs it; callers pass what they hold anyway, or
+        build it only when ``self._lora_on``. The branch joins before the epilogue, where ``forward`` followed by
+        diffusers' elementwise tail adds it, and the fused kernel keeps what it can: with no epilogue, the GEMM
+        then ``+ d``; without GELU, ``(y + d) * gate + residual = y * gate + (residual + d * gate)``, so ``d``
+        goes into the residual the kernel adds; with GELU (nonlinear), the GEMM alone in fp32, ``+ d``, GELU-tanh
+        in torch, then the rest of the epilogue (``out_scale``: the backend's ``quantize_act``). An adapted layer
+        called without ``lora_input`` raises rather than drop its branch."""
+        if not self._lora_on:
+            return self._gemm_fused(q, s, out_dtype, gelu, gate, residual, rows_per_gate, out_scale)
+        if lora_input is None:
+            raise RuntimeError(f"this {type(self).__name__} carries a run-time LoRA adapter (ditq.lora), whose "
+                               f"branch needs the layer's float input: pass it as lora_input")
+        branch, x2d = self._modules["ditq_lora"], lora_input.reshape(-1, self.in_features)
+        if not (gelu or gate is not None or residual is not None or out_scale is not None):
+            return branch(x2d, self._gemm_fused(q, s, out_dtype, False, None, None, 1, None))
+        if not gelu:
+            n = self.out_features
+            if gate is None:  # residual + d, the add in the branch's addmm
+                residual = branch(x2d, residual) if residual is not None else branch.delta(x2d).to(out_dtype)
+            else:  # residual + d * gate, gate row r scaling rows [r * rows_per_gate, (r + 1) * rows_per_gate)
+                d, g = branch.delta(x2d).view(-1, rows_per_gate, n), gate[:, None]
+                residual = (d * g if residual is None else
+                            torch.addcmul(residual.view(-1, rows_per_gate, n), d, g)).view(-1, n).to(out_dtype)
+            return self._gemm_fused(q, s, out_dtype, False, gate, residual, rows_per_gate, out_scale)
+        y = F.gelu(branch(x2d, self._gemm_fused(q, s, torch.float32, False, None, None, 1, None)), approximate="tanh")
+        if gate is not None or residual is not None:
+            check_epilogue_args(y.device, y.shape[0], y.shape[1], False, gate, residual, rows_per_gate, out_scale,
+                                out_dtype)
+            y = ref.gemm_epilogue(y, False, gate, residual, rows_per_gate, None, torch.float32)
+        return self._kernels.quantize_act(y, out_scale)[0] if out_scale is not None else y.to(out_dtype)
+
+    def _gemm_fused(self, q, s, out_dtype, gelu, gate, residual, rows_per_gate, out_scale) -> torch.Tensor:
+        """:meth:`forward_fused` without the LoRA branch."""
         kernels = self._kernels
         if kernels is None:
             raise RuntimeError(self._not_ready)
