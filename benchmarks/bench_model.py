@@ -17,7 +17,9 @@ calibration call; "-fused": QuantConfig(fuse=True)) eager / CUDA graph / compile
 (``fp8-rowwise``: torchao's ``Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())`` when torchao imports
 and runs, else the same computation written here: each linear ditq would quantize holds e4m3 weights with one fp32
 scale per output channel, quantizes its input per row and calls ``torch._scaled_mm``; the row's ``implementation``
-says which ran); torchao int8 dynamic activations when installed. Per case: median step latency (CUDA events),
+says which ran); torchao int8 dynamic activations when installed; opt-in, ``w8a8-fused-lora`` / ``w4a8-fused-lora``: the
+fused model with a random rank-32 run-time LoRA (``ditq.load_lora``) on every attention and MLP linear of its
+blocks, what an adapter costs a step beside its ``-fused`` twin (its output SQNR is the model's without it). Per case: median step latency (CUDA events),
 latency per image, images per second (per step), peak GPU memory during the step (this model's weights plus the
 step's transient allocations), the transformer's weight bytes, output SQNR of the quantized model vs bf16 on the
 calibration input, speedups vs bf16 eager and bf16 compiled; for ditq on a kernel backend, the SQNR of its output
@@ -74,7 +76,12 @@ SIZES = {"dit": SAMPLE_SIZE, "flux": FLUX_SAMPLE_SIZE}
 SMOKE_SAMPLE_SIZE = 8
 # "-fused": the same quantization with QuantConfig(fuse=True) (one q/k/v GEMM, quantization inside the norms,
 # GEMM epilogues that feed the next layer): the pair measures what fusion buys, side by side in one run.
-PRECISIONS = ("bf16", "w8a8", "w8a8-fused", "w4a8", "w4a8-fused", "fp8-rowwise", "torchao-int8dq")
+# "-lora" (opt-in, not in the default list): the same model with a random run-time LoRA adapter (ditq.load_lora,
+# rank LORA_RANK) on every attention and MLP linear of its blocks: beside its "-fused" twin, what a LoRA costs a step.
+PRECISIONS = ("bf16", "w8a8", "w8a8-fused", "w4a8", "w4a8-fused", "fp8-rowwise", "torchao-int8dq",
+              "w8a8-fused-lora", "w4a8-fused-lora")
+OPT_IN = ("torchao-int8dq", "w8a8-fused-lora", "w4a8-fused-lora")
+LORA_RANK = 32
 MODES = ("eager", "cudagraph", "compile")
 ROW_KEYS = ("model", "resolution", "sample_size", "batch", "cfg_batch", "tokens_per_image", "text_tokens", "M",
             "variant", "precision", "implementation", "mode", "status", "median_ms", "min_ms", "ms_per_image",
@@ -242,16 +249,36 @@ def quantize(torch, model, precision: str, backend: str, calib: Dict, rebuild: C
         quantize_(model, cfg())
         return model, {"implementation": "torchao"}
     import ditq
-    preset, fused = precision.removesuffix("-fused"), precision.endswith("-fused")
+    lora = precision.endswith("-lora")
+    preset = precision.removesuffix("-lora").removesuffix("-fused")
+    fused = precision.removesuffix("-lora").endswith("-fused")
+    adapter = random_lora(torch, model, LORA_RANK) if lora else None
     cfg = ditq.QuantConfig.preset(preset, backend=backend, progress=False, fuse=fused)
     rep = ditq.quantize(model, cfg, calib_fn=lambda m: m(**calib))
     info = {"output_sqnr_db": rep.output_sqnr, "backend": rep.backend, "quantized_layers": len(rep.layers),
             "implementation": f"ditq-{rep.backend}"}
+    if lora:  # the output SQNR above is the model's without it (the adapter changes the function)
+        placed = ditq.load_lora(model, adapter)
+        info["implementation"] += f"+lora-r{LORA_RANK}x{sum(map(len, placed.values()))}"
     if fused:  # a fusion that did not apply would make the pair measure nothing: the row says how many blocks ran fused
         info["fused_blocks"] = sum(why is None for why in rep.fusion.get("blocks", {}).values())
     if rep.backend != "torch" and check_kernels:
         info["sqnr_vs_torch_backend_db"] = kernels_vs_reference_db(torch, model, calib)
     return model, info
+
+
+def random_lora(torch, model, rank: int) -> Dict:
+    """A random LoRA state dict (diffusers keys, the model's dtype and device) for every linear of the model's
+    transformer blocks but the adaLN ones (``norm*.linear``): what style LoRAs for DiT-family models target."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    sd = {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and "transformer_blocks." in name and ".norm" not in name:
+            w = next(m.parameters())
+            for key, shape, std in (("lora_A", (rank, m.in_features), m.in_features ** -0.5),
+                                    ("lora_B", (m.out_features, rank), 0.01 * rank ** -0.5)):
+                sd[f"{name}.{key}.weight"] = (torch.randn(shape, generator=g) * std).to(w.device, w.dtype)
+    return sd
 
 
 def kernels_vs_reference_db(torch, model, calib: Dict) -> float:
@@ -584,7 +611,7 @@ def main(argv=None) -> int:
         ap.error(f"--resolutions {bad}: {args.model} takes {sorted(sizes)}")
     args.batches = args.batches or ([1] if args.model == "flux" else [1, 2, 4, 8, 16, 32])
     if args.precisions is None:
-        args.precisions = [p for p in PRECISIONS if p != "torchao-int8dq"]
+        args.precisions = [p for p in PRECISIONS if p not in OPT_IN]
         try:
             import torchao  # noqa: F401
             if not args.smoke:

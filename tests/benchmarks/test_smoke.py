@@ -19,7 +19,7 @@ NUM = (int, float)
 SCRIPTS = {"gemm": ("bench_gemm.py", "--smoke"), "model": ("bench_model.py", "--smoke"),
            # FLUX: eager only (compiling is the DiT run's business; the same code path)
            "flux": ("bench_model.py", "--smoke", "--model", "flux", "--precisions", "bf16", "w8a8-fused",
-                    "fp8-rowwise", "--modes", "eager"),
+                    "fp8-rowwise", "w8a8-fused-lora", "--modes", "eager"),
            "static": ("static_report.py", "--short")}
 
 
@@ -328,7 +328,7 @@ def test_flux_schema(flux):
     _env_ok(rep["env"])
     cfg = rep["config"]  # the tiny FLUX: one double- and one single-stream block, with a guidance embedder
     assert (cfg["num_layers"], cfg["num_single_layers"], cfg["guidance_embeds"]) == (1, 1, True)
-    assert rep["precisions"] == ["bf16", "w8a8-fused", "fp8-rowwise"] and rep["batches"] == [1]
+    assert rep["precisions"] == ["bf16", "w8a8-fused", "fp8-rowwise", "w8a8-fused-lora"] and rep["batches"] == [1]
     assert rep["modes"] == ["eager"] and len(rep["rows"]) == rep["cases"] == len(rep["precisions"])
     assert not rep.get("partial")
     for name in ("model_flux.md", "model_flux.json"):
@@ -349,8 +349,14 @@ def test_flux_rows(flux):
         assert isinstance(r["median_ms"], NUM) and r["median_ms"] > 0
         if r["precision"] != "bf16":
             assert isinstance(r["output_sqnr_db"], NUM) and r["output_sqnr_db"] > 15, r
-    fused = [r for r in rows if r["precision"] == "w8a8-fused"]
-    assert all(r["fused_blocks"] == 2 for r in fused)  # both blocks ran the fused MM-DiT path
+    fused = [r for r in rows if r["precision"] in ("w8a8-fused", "w8a8-fused-lora")]
+    assert len(fused) == 2 and all(r["fused_blocks"] == 2 for r in fused)  # both blocks ran the fused MM-DiT path
+    # the LoRA row: a rank-32 adapter on every attention and MLP linear of the blocks (the joint block's 12
+    # linears, to_q / to_k / to_v and add_*_proj as the fused to_qkv / to_added_qkv; the single block's 5), its
+    # bytes counted with the weights
+    lora_row, plain = (next(r for r in rows if r["precision"] == p) for p in ("w8a8-fused-lora", "w8a8-fused"))
+    assert lora_row["implementation"] == "ditq-torch+lora-r32x17", lora_row
+    assert lora_row["weight_bytes"] > plain["weight_bytes"]
     _fp8_rows(rows)
 
 
