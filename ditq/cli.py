@@ -3,7 +3,8 @@
     ditq demo [--out DIR] [--steps N] [--samples-per-class N] [--backend B] [--settings w8a8 w8a8-best ...]
     ditq quantize MODEL --preset w4a8|w8a8 [--calibration first-step|all-steps] [--act-scheme static|dynamic]
                   [--backend B] --out DIR
-    ditq generate DIR --class-labels 1 2 3 [--steps N] [--seed S] [--backend B] --out PNG
+    ditq generate DIR --class-labels 1 2 3 | --prompt "a cat" ... [--lora FILE [--lora-scale S]] [--steps N]
+                  [--seed S] [--backend B] --out PNG
     ditq info DIR [--layers] [--json]
     ditq --version
 
@@ -19,8 +20,9 @@ Checks made before any work is spent: every command with a ``--device`` checks i
 GPU, ``mps``, ``xpu`` or any other type a device of that type here) and that ``--backend`` runs on it; ``quantize``
 and ``demo`` check that ``--out`` can be a directory; ``generate`` checks its ``--out`` (an image extension Pillow
 writes, an existing writable directory) before loading or sampling, and refuses to write images holding NaN / inf (a
-corrupt checkpoint). Flags that would be ignored are refused (``--calib-prompts`` for a class-conditional model,
-``--calib-labels`` for a text-to-image one, ``generate --backend`` for a full-precision pipeline). ``info`` checks
+corrupt checkpoint), and that a ``--lora`` file exists. Flags that would be ignored are refused
+(``--calib-prompts`` / ``--prompt`` for a class-conditional model, ``--calib-labels`` / ``--class-labels`` for a
+text-to-image one, ``generate --backend`` and ``--lora`` for a full-precision pipeline). ``info`` checks
 the weights file against its header (length, each layer's tensors, finite scales) and reports a corrupt one as an
 error. ``quantize`` prints one warning line on stderr, even with ``--quiet``, when layers it was meant to quantize
 could not be (e.g. a group size that does not divide their K), and fails when none was.
@@ -329,6 +331,12 @@ def cmd_generate(args) -> int:
     _check_out_image(args.out)
     if not os.path.isdir(args.model) and args.model != BUNDLED:
         raise CLIError(f"no such directory: {args.model}")
+    if args.lora is not None and not os.path.isfile(args.lora):
+        raise CLIError(f"--lora {args.lora}: no such file")
+    if args.lora is None and args.lora_scale is not None:
+        raise CLIError("--lora-scale needs --lora")
+    if args.lora_scale is not None and not math.isfinite(args.lora_scale):
+        raise CLIError(f"--lora-scale must be a finite number, got {args.lora_scale}")
     if os.path.isdir(args.model) and _is_ditq_checkpoint(args.model):
         import ditq
         from .backends import BackendUnavailableError
@@ -344,21 +352,19 @@ def cmd_generate(args) -> int:
                 args.backend is None else ""
             raise CLIError(f"cannot load {args.model}: {type(e).__name__}: {_first_line(e)}{hint}")
     else:
-        if args.backend is not None:
-            raise CLIError(f"--backend {args.backend}: {args.model} is a full-precision pipeline, not a ditq "
-                           f"checkpoint; --backend chooses the kernels of a quantized one")
+        for flag, value in (("--backend", args.backend), ("--lora", args.lora)):
+            if value is not None:
+                raise CLIError(f"{flag} {value}: {args.model} is a full-precision pipeline, not a ditq checkpoint; "
+                               f"{flag} applies to a quantized one")
         pipe = load_pipeline(args.model, device=args.device)
-    import inspect
-    # A named class_labels parameter, not **kwargs: PixArt's pipelines take **kwargs and would swallow the labels,
-    # then fail asking for a prompt (or, given a default one, sample it with the labels ignored).
-    if "class_labels" not in inspect.signature(pipe.__call__).parameters:
-        raise CLIError(f"{type(pipe).__name__} does not take class labels: ditq generate samples class-conditional "
-                       f"pipelines (DiT); call a text-to-image pipeline from Python")
-    _check_labels(args.class_labels, _num_classes(pipe))
+    kw = _sampling_inputs(pipe, args)
+    lora_scale = 1.0 if args.lora_scale is None else args.lora_scale
+    if args.lora is not None:
+        _load_lora(pipe, args.lora, lora_scale)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=args.quiet)
     gen = torch.Generator(args.device if args.device != "cuda" else "cuda").manual_seed(args.seed)
-    kw = dict(class_labels=args.class_labels, num_inference_steps=args.steps, generator=gen, output_type="pt")
+    kw.update(num_inference_steps=args.steps, generator=gen, output_type="pt")
     if args.guidance_scale is not None:
         kw["guidance_scale"] = args.guidance_scale
     images = pipe(**kw).images
@@ -368,9 +374,40 @@ def cmd_generate(args) -> int:
     images = images.float().cpu()
     _check_finite_images(images)
     _save_row(images, args.out)
-    print(f"wrote {args.out}: {len(images)} image(s), classes {args.class_labels}, {args.steps} steps, "
-          f"seed {args.seed}")
+    what = f"classes {args.class_labels}" if args.class_labels is not None else f"{len(args.prompt)} prompt(s)"
+    lora = f", LoRA {os.path.basename(args.lora)} at scale {lora_scale:g}" if args.lora is not None else ""
+    print(f"wrote {args.out}: {len(images)} image(s), {what}, {args.steps} steps, seed {args.seed}{lora}")
     return 0
+
+
+def _sampling_inputs(pipe, args) -> dict:
+    """The pipeline call's conditioning: class labels for a class-conditional pipeline, prompts for a text one.
+    A named parameter, not **kwargs: PixArt's pipelines take **kwargs and would swallow class labels, then fail
+    asking for a prompt (or, given a default one, sample it with the labels ignored)."""
+    import inspect
+    params = inspect.signature(pipe.__call__).parameters
+    name = type(pipe).__name__
+    if args.class_labels is not None:
+        if "class_labels" not in params:
+            hint = "; give --prompt instead" if "prompt" in params else ""
+            raise CLIError(f"{name} does not take class labels{hint}")
+        _check_labels(args.class_labels, _num_classes(pipe))
+        return dict(class_labels=args.class_labels)
+    if "prompt" not in params:
+        hint = "; give --class-labels instead" if "class_labels" in params else ""
+        raise CLIError(f"{name} does not take prompts{hint}")
+    if any(not p.strip() for p in args.prompt):
+        raise CLIError("--prompt: an empty prompt")
+    return dict(prompt=list(args.prompt))
+
+
+def _load_lora(pipe, path: str, scale: float) -> None:
+    """A run-time LoRA adapter on the quantized transformer (ditq.load_lora); a file it refuses is the user's."""
+    import ditq
+    try:
+        ditq.load_lora(pipe, path, scale=scale)
+    except (ValueError, TypeError, OSError) as e:
+        raise CLIError(f"--lora {path}: {type(e).__name__}: {_first_line(e)}")
 
 
 def _save_row(images, path: str, scale: int = 4) -> None:
@@ -551,7 +588,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "directory, or 'bundled') and writes one PNG with the images side by side.")
     g.add_argument("model", metavar="DIR", help="a checkpoint directory from 'ditq quantize', a full-precision "
                    "pipeline directory, or 'bundled'")
-    g.add_argument("--class-labels", type=int, nargs="+", required=True, metavar="C", help="one image per label")
+    cond = g.add_mutually_exclusive_group(required=True)
+    cond.add_argument("--class-labels", type=int, nargs="+", metavar="C",
+                      help="one image per label (class-conditional models: DiT)")
+    cond.add_argument("--prompt", nargs="+", metavar="PROMPT",
+                      help="one image per prompt (text-to-image models: PixArt, SD3, FLUX; needs their text encoders)")
+    g.add_argument("--lora", metavar="FILE", help="a LoRA adapter (.safetensors, diffusers / peft or community keys) "
+                   "run beside the quantized weights (ditq.load_lora)")
+    g.add_argument("--lora-scale", type=float, default=None, metavar="S", help="the adapter's strength (default 1)")
     g.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (pipeline default)")

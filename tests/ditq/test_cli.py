@@ -161,6 +161,101 @@ def test_generate_bad_class_label(checkpoint, tmp_path, capsys):
                           "--out", str(tmp_path / "x.png")], capsys)[::2], "class label -1")
 
 
+def _lora_file(checkpoint, path, std=0.5):
+    """A random LoRA (diffusers keys) for the checkpoint's attention outputs and MLPs, written as safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    import ditq
+    from ditq.nn import QuantLinear
+    transformer = ditq.load_quantized(checkpoint).transformer
+    g, sd = torch.Generator().manual_seed(0), {}
+    for name, m in transformer.named_modules():
+        if isinstance(m, QuantLinear) and name.endswith(("to_out.0", "ff.net.0.proj", "ff.net.2")):
+            sd[f"transformer.{name}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) / m.in_features ** 0.5
+            sd[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * std
+    assert sd
+    save_file(sd, str(path))
+    return str(path)
+
+
+def test_generate_with_a_lora(checkpoint, tmp_path, capsys):
+    """--lora runs the adapter beside the quantized weights: the images change; --lora-scale 0 gives the images
+    without it, pixel for pixel."""
+    lora = _lora_file(checkpoint, tmp_path / "style.safetensors")
+    pixels = {}
+    for name, extra in (("plain", []), ("lora", ["--lora", lora]), ("off", ["--lora", lora, "--lora-scale", "0"])):
+        png = str(tmp_path / f"{name}.png")
+        code, out, _ = run(["generate", checkpoint, "--class-labels", "1", "2", "--steps", "2", "--quiet",
+                            "--out", png] + extra, capsys)
+        assert code == 0, out
+        pixels[name] = np.asarray(Image.open(png)).astype(int)
+        if extra:
+            assert f"LoRA style.safetensors at scale {extra[-1] if len(extra) > 2 else 1}" in out, out
+    assert np.array_equal(pixels["off"], pixels["plain"])
+    assert np.abs(pixels["lora"] - pixels["plain"]).mean() > 1  # the adapter moved the picture
+
+
+def test_generate_lora_errors(checkpoint, tmp_path, capsys, monkeypatch):
+    """A missing file, a scale without a file or not finite, a LoRA on a full-precision pipeline: refused before
+    loading; a file of another model: one line naming the file."""
+    png = str(tmp_path / "x.png")
+    other = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+    import torch
+    save_file({"transformer.blocks.0.qkv.lora_A.weight": torch.ones(2, 8),
+               "transformer.blocks.0.qkv.lora_B.weight": torch.ones(8, 2)}, str(other))
+    _one_line_error(*run(["generate", checkpoint, "--class-labels", "1", "--steps", "1", "--out", png,
+                          "--lora", str(other)], capsys)[::2], f"--lora {other}: ValueError: 1 LoRA modules name no layer")
+    assert not os.path.exists(png)
+    with monkeypatch.context() as m:
+        _fail_if_loaded(m)
+        for extra, needle in ((["--lora", str(tmp_path / "missing.safetensors")], "no such file"),
+                              (["--lora-scale", "0.5"], "--lora-scale needs --lora"),
+                              (["--lora", str(other), "--lora-scale", "nan"], "--lora-scale must be a finite number")):
+            _one_line_error(*run(["generate", checkpoint, "--class-labels", "1", "--out", png] + extra,
+                                 capsys)[::2], needle)
+        _one_line_error(*run(["generate", "bundled", "--class-labels", "1", "--out", png, "--lora", str(other)],
+                             capsys)[::2], "is a full-precision pipeline", "--lora applies to a quantized one")
+
+
+class _TextPipe:
+    """A text-to-image pipeline's call: records its prompts and samples a random picture per prompt."""
+    transformer = None
+
+    def __call__(self, prompt=None, num_inference_steps=25, generator=None, output_type="pil", guidance_scale=4.5,
+                 **kwargs):
+        import types
+
+        import torch
+        self.calls.append(dict(prompt=prompt, steps=num_inference_steps, output_type=output_type))
+        return types.SimpleNamespace(images=torch.rand(len(prompt), 3, 8, 8, generator=generator))
+
+
+def test_generate_with_prompts(tmp_path, capsys, monkeypatch):
+    """--prompt samples a text-to-image pipeline, one image per prompt; --class-labels there, or --prompt on a
+    class-conditional one, or both at once, are refused."""
+    import ditq.cli as cli
+    pipe = _TextPipe()
+    pipe.calls = []
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pipe)
+    png = str(tmp_path / "t.png")
+    code, out, _ = run(["generate", str(tmp_path), "--prompt", "a cat", "a dog on a bike", "--steps", "3",
+                        "--out", png], capsys)
+    assert code == 0 and "2 image(s), 2 prompt(s), 3 steps" in out, out
+    assert pipe.calls == [dict(prompt=["a cat", "a dog on a bike"], steps=3, output_type="pt")]
+    assert Image.open(png).size == (2 * 8 * 4, 8 * 4)
+    _one_line_error(*run(["generate", str(tmp_path), "--class-labels", "1", "--out", png], capsys)[::2],
+                    "_TextPipe does not take class labels; give --prompt instead")
+    _one_line_error(*run(["generate", str(tmp_path), "--prompt", " ", "--out", png], capsys)[::2], "an empty prompt")
+    monkeypatch.undo()
+    _one_line_error(*run(["generate", "bundled", "--prompt", "a seven", "--out", png], capsys)[::2],
+                    "does not take prompts; give --class-labels instead")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "bundled", "--prompt", "a", "--class-labels", "1", "--out", png])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
 # ---- bad input: --out, corrupt checkpoints, NaN images, layers that cannot be quantized -------------------
 
 def _fail_if_loaded(monkeypatch):
