@@ -163,9 +163,10 @@ def load_lora(model, lora, *, scale: float = 1.0, adapter_name: str = "default")
 
 def set_lora_scale(model, scale: float, adapter_name: Optional[str] = None) -> None:
     """Set the scale of the loaded adapter ``adapter_name`` (every adapter when None): the branch becomes
-    ``scale * (alpha / r) * B (A x)``. Scale 0 switches the adapter off: skipped, bit for bit the model without it
-    (fused blocks run fused again). A compiled model keeps its graph for a new nonzero scale (the scale is a
-    buffer written in place); switching an adapter on or off recompiles."""
+    ``scale * (alpha / r) * B (A x)``. Scale 0 switches the adapter off: skipped, bit for bit the model without it.
+    A compiled model keeps its graph for a new nonzero scale (the scale is a buffer written in place); switching an
+    adapter on or off recompiles. A captured CUDA graph replays what it captured: it sees a new scale (the same
+    buffer) but not an adapter loaded, switched on or off, or unloaded after the capture (capture again)."""
     transformer, _ = _target(model, "ditq.set_lora_scale")
     scale = _check_scale(scale)
     names = _check_loaded(transformer, adapter_name)
