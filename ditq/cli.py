@@ -402,12 +402,21 @@ def _sampling_inputs(pipe, args) -> dict:
 
 
 def _load_lora(pipe, path: str, scale: float) -> None:
-    """A run-time LoRA adapter on the quantized transformer (ditq.load_lora); a file it refuses is the user's."""
+    """A run-time LoRA adapter on the quantized transformer (ditq.load_lora); a file it refuses is the user's. The
+    keys of other components (text encoders) are left out, said in one warning line on stderr."""
     import ditq
+    from .lora import OtherComponentsWarning
     try:
-        ditq.load_lora(pipe, path, scale=scale)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", OtherComponentsWarning)
+            ditq.load_lora(pipe, path, scale=scale, other_components="skip")
     except (ValueError, TypeError, OSError) as e:
         raise CLIError(f"--lora {path}: {type(e).__name__}: {_first_line(e)}")
+    for w in caught:
+        if issubclass(w.category, OtherComponentsWarning):
+            print(f"ditq generate: warning: {str(w.message).removeprefix('ditq.load_lora: ')}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _save_row(images, path: str, scale: int = 4) -> None:

@@ -47,6 +47,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -119,7 +120,8 @@ def _linear_hook(module: nn.Module, args, output):
 
 # ---- public API ---------------------------------------------------------------------------------------------
 
-def load_lora(model, lora, *, scale: float = 1.0, adapter_name: str = "default") -> Dict[str, List[str]]:
+def load_lora(model, lora, *, scale: float = 1.0, adapter_name: str = "default",
+              other_components: str = "error") -> Dict[str, List[str]]:
     """Load a LoRA adapter into a model quantized by :func:`ditq.quantize` (or loaded by ``load_quantized``), as a
     run-time float branch on each targeted layer: ``y = W_q x + scale * (alpha / r) * B (A x)``.
 
@@ -131,15 +133,20 @@ def load_lora(model, lora, *, scale: float = 1.0, adapter_name: str = "default")
     has diffusers' ``lora_state_dict`` (FLUX, SD3, ...), the state dict goes through it first, which converts
     kohya / xlabs / other community formats to diffusers keys (that step needs no peft).
 
+    A LoRA file may also adapt other components of the pipeline (the text encoders: keys ``text_encoder.*``,
+    kohya's ``lora_te*`` once converted). ditq adapts the transformer only: ``other_components="error"`` (the
+    default) refuses such a file, ``"skip"`` loads its transformer part and warns (:class:`OtherComponentsWarning`)
+    how many keys it left out (load those into the text encoder with diffusers, which needs peft).
+
     Several adapters may be loaded under different ``adapter_name`` s; their branches add up. Adapters written for
     ``to_q`` / ``to_k`` / ``to_v`` apply to fused projections (``to_qkv``). A float ``nn.Linear`` the quantizer
     kept (``proj_out``, ...) takes an adapter too.
 
     Raises ValueError, with the model left as it was, for: a model with no quantized layer (use diffusers' own
     loader), keys that name no linear layer (a few listed), keys that are not LoRA weights (DoRA, biases, norms),
-    text-encoder keys, A without B, shapes that do not fit the layer (module and both shapes named), A and B of
-    different ranks, non-finite values, an adapter name already loaded. Returns ``{layer path: [lora module
-    paths]}``: which layer took which keys (a fused layer takes several)."""
+    text-encoder keys (unless skipped), A without B, shapes that do not fit the layer (module and both shapes
+    named), A and B of different ranks, non-finite values, an adapter name already loaded. Returns ``{layer path:
+    [lora module paths]}``: which layer took which keys (a fused layer takes several)."""
     transformer, pipe = _target(model, "ditq.load_lora")
     if not any(isinstance(m, QuantLinear) for m in transformer.modules()):
         raise ValueError(f"this {type(transformer).__name__} has no ditq-quantized layer: ditq.load_lora adds "
@@ -150,9 +157,11 @@ def load_lora(model, lora, *, scale: float = 1.0, adapter_name: str = "default")
         raise ValueError(f"an adapter named {name!r} is already loaded: unload_lora(model, {name!r}) first, or "
                          f"load this one under another adapter_name")
     scale = _check_scale(scale)
+    if other_components not in ("error", "skip"):
+        raise ValueError(f"other_components must be 'error' or 'skip', got {other_components!r}")
     state, metadata = _read(lora)
     state, alphas = _through_pipeline(pipe, state)
-    plan = _plan(transformer, state, alphas, metadata)
+    plan = _plan(transformer, state, alphas, metadata, skip_other=other_components == "skip")
     for path, (layer, pieces) in plan.items():
         down, up = _stack(layer.out_features, [p[1:] for p in pieces], _compute_dtype(layer, transformer),
                           _device(layer))
@@ -319,7 +328,11 @@ def _pattern_value(patterns: dict, path: str, default):
     return default
 
 
-def _parse(state, alphas):
+class OtherComponentsWarning(UserWarning):
+    """``load_lora(..., other_components="skip")`` left out the keys of components other than the transformer."""
+
+
+def _parse(state, alphas, skip_other: bool = False):
     """{module path: {"A": .., "B": .., "alpha": ..}} of diffusers / peft keys, refusing what is not a LoRA pair."""
     modules, other, unsupported = {}, [], []
     for key, value in list(state.items()) + [(k, v) for k, v in alphas.items()]:
@@ -336,10 +349,16 @@ def _parse(state, alphas):
             modules.setdefault(m["path"], {})["alpha"] = (key, value)
             continue
         unsupported.append(key)
-    if other:
+    if other and skip_other:
+        parts = sorted({k.split(".", 1)[0] for k in other})
+        warnings.warn(f"ditq.load_lora: {len(other)} keys of this LoRA adapt {', '.join(parts)}, not the transformer: "
+                      f"left out (ditq adapts the transformer; load them into the text encoder with diffusers)",
+                      OtherComponentsWarning, stacklevel=4)
+    elif other:
         raise ValueError(f"this LoRA also adapts other components ({len(other)} keys, e.g. {other[0]!r}); "
                          f"ditq.load_lora adapts the transformer: drop those keys (pipe.lora_state_dict(path) "
-                         f"gives the converted dict) and load the rest, the text encoder with diffusers")
+                         f"gives the converted dict) and load the rest, the text encoder with diffusers; or pass "
+                         f"other_components='skip'")
     if unsupported:
         raise ValueError(f"{len(unsupported)} keys are not LoRA weights ditq can apply (it takes "
                          f"'<module>.lora_A.weight' / '.lora_B.weight' pairs and optional '<module>.alpha'; "
@@ -384,9 +403,9 @@ def _resolve(transformer: nn.Module, path: str):
     return None
 
 
-def _plan(transformer, state, alphas, metadata):
+def _plan(transformer, state, alphas, metadata, skip_other: bool = False):
     """{layer path: (layer, [(lora module path, row offset, rows, A fp32, B fp32 * alpha / r)])}, every check done."""
-    modules = _parse(state, alphas)
+    modules = _parse(state, alphas, skip_other)
     meta = {}
     for k, v in (metadata or {}).items():  # pipeline saves prefix the component ("transformer.lora_alpha")
         if not k.startswith(_OTHER_COMPONENTS):

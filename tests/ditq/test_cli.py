@@ -194,6 +194,18 @@ def test_generate_with_a_lora(checkpoint, tmp_path, capsys):
             assert f"LoRA style.safetensors at scale {extra[-1] if len(extra) > 2 else 1}" in out, out
     assert np.array_equal(pixels["off"], pixels["plain"])
     assert np.abs(pixels["lora"] - pixels["plain"]).mean() > 1  # the adapter moved the picture
+    # a file that also adapts a text encoder: its transformer part applies, one warning line says what was left out
+    from safetensors.torch import load_file, save_file
+    import torch
+    both = str(tmp_path / "both.safetensors")
+    save_file({**load_file(lora), "text_encoder.layer.q.lora_A.weight": torch.ones(2, 8),
+               "text_encoder.layer.q.lora_B.weight": torch.ones(8, 2)}, both)
+    code, out, err = run(["generate", checkpoint, "--class-labels", "1", "2", "--steps", "2", "--quiet",
+                          "--out", str(tmp_path / "both.png"), "--lora", both], capsys)
+    assert code == 0 and err.strip() == ("ditq generate: warning: 2 keys of this LoRA adapt text_encoder, not the "
+                                         "transformer: left out (ditq adapts the transformer; load them into the "
+                                         "text encoder with diffusers)"), err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "both.png")).astype(int), pixels["lora"])
 
 
 def test_generate_lora_errors(checkpoint, tmp_path, capsys, monkeypatch):

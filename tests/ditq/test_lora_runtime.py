@@ -498,6 +498,29 @@ def test_bad_input_is_refused_and_leaves_the_model_unchanged(flux):
 
 # ---- torch.compile ---------------------------------------------------------------------------------------------
 
+def test_other_components_are_refused_or_skipped_with_a_warning(flux):
+    """A LoRA file that also adapts the text encoders: refused by default (nothing loaded); with
+    other_components="skip" its transformer part loads, bit for bit as without those keys, and a warning counts
+    what was left out."""
+    model, inputs, q = flux
+    q = copy.deepcopy(q)
+    sd = _adapter(model, ["to_out.0", "proj_mlp"])
+    te = {"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 32),
+          "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(32, 4),
+          "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.randn(4, 32)}
+    with pytest.raises(ValueError, match="also adapts other components .*other_components='skip'"):
+        ditq.load_lora(q, {**sd, **te})
+    assert not _has_lora_state(q)
+    ditq.load_lora(q, sd)
+    expected = _out(q, inputs)
+    ditq.unload_lora(q)
+    with pytest.warns(lora.OtherComponentsWarning, match="3 keys of this LoRA adapt text_encoder, text_encoder_2"):
+        ditq.load_lora(q, {**sd, **te}, other_components="skip")
+    assert torch.equal(_out(q, inputs), expected)
+    with pytest.raises(ValueError, match="other_components must be 'error' or 'skip'"):
+        ditq.load_lora(q, sd, adapter_name="again", other_components="ignore")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fuse", [False, True])
 def test_compiled_model_with_lora_has_no_graph_break(dit, fuse):
