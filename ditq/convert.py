@@ -493,6 +493,13 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     release_freed_memory(device)
     output_sqnr, per_run = _sqnr_total(refs, outs)
     transformer._ditq_config = cfg.to_dict()
+    # the layers smoothing rescaled (consumers: input channels; producers: output rows), by site: what a checkpoint
+    # records, so that a later change to them (a run-time LoRA, ditq.lora) knows their channels are not the float
+    # model's
+    transformer._ditq_smoothed = {}
+    for site, info in (smoothing.applied.items() if smoothing is not None else ()):
+        for layer in info["consumers"] + [info["producer"]]:  # to_v: a consumer of one site, the producer of one
+            transformer._ditq_smoothed.setdefault(layer, []).append(site)
     fusion = _fuse(transformer) if cfg.fuse else {}
 
     cal_info = {"mode": cfg.calibration if cfg.needs_calibration else "none (dynamic scheme)",

@@ -152,7 +152,7 @@ def _build():
             except (ValueError, TypeError, KeyError) as e:
                 raise io.CheckpointError(f"{self._where}: invalid timestep-grouped activation scales: {e}") from e
             io.restore_fusion(model, self.quantization_config.header)
-            model._ditq_config = self.quantization_config.header["quant_config"]
+            io.restore_quant_record(model, self.quantization_config.header)
             return model
 
         @property

@@ -117,7 +117,9 @@ def build_header(transformer: nn.Module) -> dict:
             "model_config": config, "non_persistent_buffers": non_persistent, "layers": layers,
             # the fused structure (ditq.fuse, ditq.blocks), rebuilt before the tensors are loaded
             "fused": getattr(transformer, "_ditq_fused", {}),
-            "fused_blocks": bool(getattr(transformer, "_ditq_fused_blocks", False))}
+            "fused_blocks": bool(getattr(transformer, "_ditq_fused_blocks", False)),
+            # the layers outlier smoothing rescaled (layer -> [sites]; ditq.smooth), {} when none
+            "smoothed": getattr(transformer, "_ditq_smoothed", {})}
 
 
 # ---- header validation: every field is checked before any of it is used -----------------------------------
@@ -201,6 +203,9 @@ def check_header(header, where: str = "checkpoint") -> None:
         "an object (attention -> {fused layer -> [member layers]})", optional=True)
     _field(header, "fused_blocks", where, "fused_blocks", lambda v: isinstance(v, bool), "true or false",
            optional=True)
+    _field(header, "smoothed", where, "smoothed", lambda v: isinstance(v, dict) and all(
+        isinstance(x, list) and all(isinstance(site, str) for site in x) for x in v.values()),
+           "an object (layer -> [smoothing sites])", optional=True)
     del fused
     buffers = _field(header, "non_persistent_buffers", where, "non_persistent_buffers",
                      lambda v: isinstance(v, dict), "an object (buffer -> dtype)", optional=True) or {}
@@ -418,8 +423,15 @@ def finish_load(model: nn.Module, header: dict, device, where: str = "checkpoint
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{where}: invalid timestep-grouped activation scales: {e}") from e
     restore_fusion(model, header)
-    model._ditq_config = header["quant_config"]
+    restore_quant_record(model, header)
     return model.eval()
+
+
+def restore_quant_record(model: nn.Module, header: dict) -> None:
+    """The model's record of how it was quantized: its QuantConfig, and the layers outlier smoothing rescaled
+    (None for a checkpoint written before ditq recorded them: ditq.lora then counts every layer as smoothed)."""
+    model._ditq_config = header["quant_config"]
+    model._ditq_smoothed = header.get("smoothed")
 
 
 def restore_fusion(model: nn.Module, header: dict) -> None:

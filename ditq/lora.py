@@ -162,6 +162,7 @@ def load_lora(model, lora, *, scale: float = 1.0, adapter_name: str = "default",
     state, metadata = _read(lora)
     state, alphas = _through_pipeline(pipe, state)
     plan = _plan(transformer, state, alphas, metadata, skip_other=other_components == "skip")
+    _refuse_smoothed(transformer, plan)
     for path, (layer, pieces) in plan.items():
         down, up = _stack(layer.out_features, [p[1:] for p in pieces], _compute_dtype(layer, transformer),
                           _device(layer))
@@ -455,6 +456,33 @@ def _plan(transformer, state, alphas, metadata, skip_other: bool = False):
                          f"another model, or a community format: pass the pipeline, whose lora_state_dict "
                          f"converts it)")
     return plan
+
+
+def _refuse_smoothed(transformer: nn.Module, plan) -> None:
+    """Outlier smoothing (``QuantConfig(smooth_alpha=...)``, :mod:`ditq.smooth`) divided some layers' input
+    channels (q / k / v, to_out, fc1) and the matching output rows of their producers (the adaLN linear, to_v) by
+    factors the quantized model does not keep. A branch on such a layer would read (or write) rescaled channels and
+    compute something else than the adapter: refused, naming the layers. A checkpoint that does not say which
+    layers were smoothed (written before ditq recorded it) counts every layer as smoothed."""
+    alpha = (getattr(transformer, "_ditq_config", None) or {}).get("smooth_alpha")
+    if alpha is None:
+        return
+    smoothed = getattr(transformer, "_ditq_smoothed", None)
+    if smoothed is not None:  # a fused projection (ditq.fuse) is smoothed when its members are
+        smoothed = set(smoothed)
+        for attn, fused in (getattr(transformer, "_ditq_fused", None) or {}).items():
+            smoothed |= {f"{attn}.{name}" for name, members in fused.items()
+                         if any(f"{attn}.{m}" in smoothed for m in members)}
+    hit = sorted(piece[0] for path, (_, pieces) in plan.items() for piece in pieces  # the LoRA's module names
+                 if smoothed is None or path in smoothed or piece[0] in smoothed)
+    if hit:
+        which = "" if smoothed is not None else " (this checkpoint does not record which layers: re-quantize it " \
+                                                "with this ditq to load adapters on the others)"
+        raise ValueError(f"this model was quantized with outlier smoothing (smooth_alpha={alpha}), which rescaled "
+                         f"the channels of {len(hit)} layers this LoRA targets{which}: "
+                         f"{', '.join(map(repr, hit[:4]))}{' ...' if len(hit) > 4 else ''}; a branch there would "
+                         f"compute something else than the adapter. Quantize with smooth_alpha=None to run LoRAs on "
+                         f"them, or merge the adapter into the float model before quantizing")
 
 
 # ---- installing ---------------------------------------------------------------------------------------------

@@ -197,6 +197,7 @@ BAD_FIELDS = [
     (L + ("act_scale",), -0.5, f"'layers.{LAYER}.act_scale' must be a positive finite number"),
     (("non_persistent_buffers",), {"pos_embed.pos_embed": "os"}, "'non_persistent_buffers.pos_embed.pos_embed'"),
     (("model_config",), "DiT", "'model_config' must be an object"),
+    (("smoothed",), {"transformer_blocks.0.attn1.to_q": "site"}, "'smoothed' must be an object (layer -> [smoothing"),
 ]
 
 

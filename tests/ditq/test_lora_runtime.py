@@ -541,6 +541,49 @@ def test_bad_input_is_refused_and_leaves_the_model_unchanged(flux):
 
 # ---- torch.compile ---------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_layers_rescaled_by_smoothing_are_refused(dit, fuse, tmp_path):
+    """Outlier smoothing divides q / k / v's, to_out's and fc1's input channels (and their producers' rows) by
+    factors the quantized model does not keep, so a branch there would be wrong (measured: 26.7 dB to the merged
+    float model instead of 46.4 without smoothing). Such layers are refused, fused projections included (the model
+    untouched); the others take adapters and compute the merged model. A saved and loaded checkpoint refuses the
+    same layers; one that does not record them (written by an older ditq) refuses every layer."""
+    import json
+
+    from ditq.io import HEADER_NAME
+
+    model, inputs, _ = dit
+    q = _quantized(model, inputs, smooth_alpha=0.5, calibration="all-steps", fuse=fuse)
+    # per block: q / k / v, to_out, fc1 (inputs), the adaLN linear (its shift / scale rows), to_v (also its rows)
+    assert len(q._ditq_smoothed) == 2 * 6 and q._ditq_smoothed["transformer_blocks.1.attn1.to_v"] == \
+        ["transformer_blocks.1.attn-in", "transformer_blocks.1.attn-out"]
+    with pytest.raises(ValueError, match=r"outlier smoothing \(smooth_alpha=0.5\).* 12 layers .*smooth_alpha=None"):
+        ditq.load_lora(q, _adapter(model, DIT_TARGETS))
+    assert not _has_lora_state(q)
+    if fuse:  # an adapter written for the fused layer itself
+        qkv = q.get_submodule("transformer_blocks.0.attn1.to_qkv")
+        with pytest.raises(ValueError, match="1 layers this LoRA targets: 'transformer_blocks.0.attn1.to_qkv'"):
+            ditq.load_lora(q, {"transformer_blocks.0.attn1.to_qkv.lora_A.weight": torch.randn(2, qkv.in_features),
+                               "transformer_blocks.0.attn1.to_qkv.lora_B.weight": torch.randn(qkv.out_features, 2)})
+    others = _adapter(model, ["ff.net.2", "proj_out_1"])
+    ditq.load_lora(q, others)
+    assert ditq.sqnr(_out(_merged(model, (others, 1.0)), inputs), _out(q, inputs)) > 40
+    ditq.unload_lora(q)
+    ditq.save_quantized(q, str(tmp_path / "q"))
+    loaded = ditq.load_quantized(str(tmp_path / "q"))
+    assert loaded._ditq_smoothed == q._ditq_smoothed
+    with pytest.raises(ValueError, match="outlier smoothing"):
+        ditq.load_lora(loaded, _adapter(model, ["to_v"]))
+    ditq.load_lora(loaded, others)
+    header_path = tmp_path / "q" / HEADER_NAME
+    header = json.loads(header_path.read_text())
+    del header["smoothed"]
+    header_path.write_text(json.dumps(header))
+    old = ditq.load_quantized(str(tmp_path / "q"))
+    with pytest.raises(ValueError, match="does not record which layers"):
+        ditq.load_lora(old, others)
+
+
 def test_other_components_are_refused_or_skipped_with_a_warning(flux):
     """A LoRA file that also adapts the text encoders: refused by default (nothing loaded); with
     other_components="skip" its transformer part loads, bit for bit as without those keys, and a warning counts
