@@ -305,11 +305,16 @@ class QuantLinear(nn.Module):
         goes into the residual the kernel adds; with GELU (nonlinear), the GEMM alone in fp32, ``+ d``, GELU-tanh
         in torch, then the rest of the epilogue (``out_scale``: the backend's ``quantize_act``). An adapted layer
         called without ``lora_input`` raises rather than drop its branch."""
+        if type(gelu) is not bool:  # (the ops' schemas would take 1 for True: refused the same on every path)
+            raise TypeError(f"gelu must be a bool, got {type(gelu).__name__}")
         if not self._lora_on:
             return self._gemm_fused(q, s, out_dtype, gelu, gate, residual, rows_per_gate, out_scale)
         if lora_input is None:
             raise RuntimeError(f"this {type(self).__name__} carries a run-time LoRA adapter (ditq.lora), whose "
                                f"branch needs the layer's float input: pass it as lora_input")
+        # the fused kernels' refusals first, so that bad epilogue arguments get the same errors with a branch
+        check_epilogue_args(q.device, q.shape[0], self.out_features, gelu, gate, residual, rows_per_gate, out_scale,
+                            out_dtype)
         branch, x2d = self._modules["ditq_lora"], lora_input.reshape(-1, self.in_features)
         if not (gelu or gate is not None or residual is not None or out_scale is not None):
             return branch(x2d, self._gemm_fused(q, s, out_dtype, False, None, None, 1, None))
@@ -324,8 +329,6 @@ class QuantLinear(nn.Module):
             return self._gemm_fused(q, s, out_dtype, False, gate, residual, rows_per_gate, out_scale)
         y = F.gelu(branch(x2d, self._gemm_fused(q, s, torch.float32, False, None, None, 1, None)), approximate="tanh")
         if gate is not None or residual is not None:
-            check_epilogue_args(y.device, y.shape[0], y.shape[1], False, gate, residual, rows_per_gate, out_scale,
-                                out_dtype)
             y = ref.gemm_epilogue(y, False, gate, residual, rows_per_gate, None, torch.float32)
         return self._kernels.quantize_act(y, out_scale)[0] if out_scale is not None else y.to(out_dtype)
 

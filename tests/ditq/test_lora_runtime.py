@@ -365,6 +365,16 @@ def test_an_adapted_layer_refuses_a_fused_call_without_its_float_input():
         layer.forward_fused(q, s, torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(layer.forward_fused(q, s, torch.float32, lora_input=x), layer(x), rtol=0, atol=0)
+    # bad epilogue arguments: the same refusals as without the adapter
+    for bad in (dict(gate=torch.randn(1, 32), rows_per_gate=2), dict(residual=torch.randn(3, 32).double()),
+                dict(gelu=1), dict(out_scale=torch.tensor([-1.0]))):
+        errors = []
+        for scale in (1.0, 0.0):
+            ditq.set_lora_scale(model, scale)
+            with pytest.raises((ValueError, TypeError)) as e:
+                layer.forward_fused(q, s, torch.float32, lora_input=x, **bad)
+            errors.append((type(e.value), str(e.value)))
+        assert errors[0] == errors[1], errors
 
 
 @pytest.mark.skipif(not EMULATED, reason="needs ditq._C (cuda-emulated)")
