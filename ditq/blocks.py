@@ -252,10 +252,11 @@ def fused_block_class():
 # ---- DiT: the conditioning computed once per forward --------------------------------------------------------
 
 def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two modules hold equal tensors (state dicts, and timestep-grouped scales): equal embedders."""
-    sa, sb = a.state_dict(), b.state_dict()
-    if sa.keys() != sb.keys() or not all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa):
-        return False
+    """Whether two modules hold equal tensors (state dicts, non-persistent buffers such as a run-time LoRA's
+    (:mod:`ditq.lora`), and timestep-grouped scales): equal embedders."""
+    for sa, sb in ((a.state_dict(), b.state_dict()), (dict(a.named_buffers()), dict(b.named_buffers()))):
+        if sa.keys() != sb.keys() or not all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa):
+            return False
     for (na, ma), (nb, mb) in zip(a.named_modules(), b.named_modules()):
         for buf in ("act_scales", "timestep_bounds"):
             x, y = getattr(ma, buf, None), getattr(mb, buf, None)
@@ -417,6 +418,14 @@ def _dit_forward(self, hidden_states, timestep=None, class_labels=None, cross_at
 def _replan(transformer: nn.Module, incompatible_keys=None) -> None:
     """After ``load_state_dict``: new weights can make equal embedders differ (or the reverse), so plan again."""
     _install_dit_forward(transformer)
+
+
+def replan(transformer: nn.Module) -> None:
+    """Plan a fused DiT's conditioning again after its embedders changed in place (a run-time LoRA loaded,
+    rescaled or unloaded: :mod:`ditq.lora`): embedders that were equal may differ now, or the reverse. A no-op for
+    any other model."""
+    if "_ditq_dit_plan" in vars(transformer):
+        _install_dit_forward(transformer)
 
 
 def _install_dit_forward(transformer: nn.Module) -> bool:

@@ -541,7 +541,11 @@ def _refresh_layer(layer: nn.Module) -> bool:
 
 
 def _refresh(transformer: nn.Module) -> None:
-    """Recompute every layer's on/off state from the loaded adapters."""
+    """Recompute every layer's on/off state from the loaded adapters, and a fused DiT's plan of which embedders
+    are equal (:func:`ditq.blocks.replan`: an adapter on one of several equal embedders makes it differ)."""
+    from .blocks import replan
+
     for m in transformer.modules():
         if isinstance(m, (nn.Linear, QuantLinear)):
             _refresh_layer(m)
+    replan(transformer)

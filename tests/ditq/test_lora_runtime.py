@@ -551,6 +551,29 @@ def test_bad_input_is_refused_and_leaves_the_model_unchanged(flux):
 
 # ---- torch.compile ---------------------------------------------------------------------------------------------
 
+def test_an_adapter_on_one_of_equal_embedders_unties_them():
+    """A fused DiT computes equal timestep embedders once (checkpoints converted from the original DiT hold one
+    embedder copied into every block). An adapter on one block's embedder makes it differ: the fused model plans
+    again and computes that one on its own (before, the branch was silently dropped: 33.4 dB to the merged float
+    model, the adapter's own effect); unloading ties them again, bit for bit the model before."""
+    model, inputs = tiny_dit(seed=0), dit_inputs(batch=2, seed=1)
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
+    sd = {k: v for k, v in _adapter(model, ["linear_1", "linear_2"], std=0.5).items() if "_blocks.1." in k}
+    assert len(sd) == 4  # block 1's timestep embedder (float layers: the default skip list keeps them)
+    fused, unfused = _quantized(model, inputs, fuse=True), _quantized(model, inputs)
+    assert fused._ditq_dit_plan["owners"] == [0, 0]
+    base = _out(fused, inputs)
+    for q in (fused, unfused):
+        ditq.load_lora(q, sd)
+    assert fused._ditq_dit_plan["owners"] == [0, 1]
+    merged = _out(_merged(model, (sd, 1.0)), inputs)
+    assert ditq.sqnr(merged, _out(model, inputs)) < 35  # the adapter matters
+    assert ditq.sqnr(_out(unfused, inputs), _out(fused, inputs)) > 100 and ditq.sqnr(merged, _out(fused, inputs)) > 40
+    ditq.unload_lora(fused)
+    assert fused._ditq_dit_plan["owners"] == [0, 0] and torch.equal(_out(fused, inputs), base)
+
+
 @pytest.mark.parametrize("fuse", [False, True])
 def test_layers_rescaled_by_smoothing_are_refused(dit, fuse, tmp_path):
     """Outlier smoothing divides q / k / v's, to_out's and fc1's input channels (and their producers' rows) by
