@@ -99,14 +99,25 @@ class QuantizeError(RuntimeError):
 # ---- helpers ------------------------------------------------------------------------------------------
 
 def _target(obj, what: str = "ditq.quantize") -> Tuple[nn.Module, Optional[object]]:
-    """(transformer, pipeline or None) of what a public function (``what``, for the error) was given."""
+    """(transformer, pipeline or None) of what a public function (``what``, for the error) was given. A module
+    ``torch.compile`` wrapped (``OptimizedModule``) stands for the module it compiled, whose layer names are the
+    model's (the wrapper prefixes them with ``_orig_mod.``); the compiled code recompiles on its next call where
+    what it traced changed."""
     if isinstance(obj, nn.Module):
-        return obj, None
+        return _uncompiled(obj), None
     t = getattr(obj, "transformer", None)
     if isinstance(t, nn.Module):
-        return t, obj
+        return _uncompiled(t), obj
     raise TypeError(f"{what} takes a diffusers pipeline with a .transformer or an nn.Module, got "
                     f"{type(obj).__name__}")
+
+
+def _uncompiled(module: nn.Module) -> nn.Module:
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while isinstance(module, OptimizedModule):
+        module = module._orig_mod
+    return module
 
 
 def _match(name: str, patterns) -> Optional[str]:
