@@ -145,8 +145,9 @@ def load_lora(model, lora, *, scale: float = 1.0, adapter_name: str = "default",
     Raises ValueError, with the model left as it was, for: a model with no quantized layer (use diffusers' own
     loader), keys that name no linear layer (a few listed), keys that are not LoRA weights (DoRA, biases, norms),
     text-encoder keys (unless skipped), A without B, shapes that do not fit the layer (module and both shapes
-    named), A and B of different ranks, non-finite values, an adapter name already loaded. Returns ``{layer path:
-    [lora module paths]}``: which layer took which keys (a fused layer takes several)."""
+    named), A and B of different ranks, non-finite values, layers outlier smoothing rescaled (``smooth_alpha``:
+    their channels are not the float model's), an adapter name already loaded. Returns ``{layer path: [lora module
+    paths]}``: which layer took which keys (a fused layer takes several)."""
     transformer, pipe = _target(model, "ditq.load_lora")
     if not any(isinstance(m, QuantLinear) for m in transformer.modules()):
         raise ValueError(f"this {type(transformer).__name__} has no ditq-quantized layer: ditq.load_lora adds "
