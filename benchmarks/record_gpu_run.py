@@ -242,6 +242,23 @@ def dit_targets(m: Dict) -> List[str]:
     return out
 
 
+def lora_lines(m: Dict, label: str) -> List[str]:
+    """What a run-time LoRA adapter costs a step: each ok ``*-lora`` row (bench_model's opt-in precisions) against
+    the row of its precision without the adapter at the same resolution, batch and mode."""
+    rows = [r for r in m.get("rows", []) if r["status"] == "ok"]
+    base = {(r["resolution"], r["batch"], r["mode"], r["precision"]): r for r in rows}
+    out = []
+    for r in rows:
+        if not r["precision"].endswith("-lora"):
+            continue
+        b = base.get((r["resolution"], r["batch"], r["mode"], r["precision"].removesuffix("-lora")))
+        if b is not None:
+            out.append(f"- {label} {r['resolution']} px batch {r['batch']} {r['mode']}: run-time LoRA "
+                       f"({r.get('implementation')}) {r['median_ms']:.2f} ms vs {b['median_ms']:.2f} ms without: "
+                       f"+{100 * (r['median_ms'] / b['median_ms'] - 1):.1f} %")
+    return out
+
+
 def weight_lines(m: Dict, label: str) -> List[str]:
     seen, parts = set(), []
     for r in m.get("rows", []):
@@ -324,9 +341,9 @@ def body(folder: str, heading: str = "###") -> str:
     if g:
         lines += gemm_targets(g)
     if m and m.get("rows"):
-        lines += dit_targets(m) + weight_lines(m, "DiT-XL/2")
+        lines += dit_targets(m) + weight_lines(m, "DiT-XL/2") + lora_lines(m, "DiT-XL/2")
     if f and f.get("rows"):
-        lines += flux_lines(f) + weight_lines(f, "FLUX.1-dev")
+        lines += flux_lines(f) + weight_lines(f, "FLUX.1-dev") + lora_lines(f, "FLUX.1-dev")
     parts.append("\n".join(lines) + "\n")
     if g:
         c = g["ceilings"]

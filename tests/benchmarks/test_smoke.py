@@ -518,7 +518,7 @@ def test_record_gpu_run_writes_one_entry_idempotently(tmp_path, gemm, model, flu
     assert once.startswith(head) and once.endswith(tail)  # nothing outside the markers moves
     block = once.split(rec.BEGIN)[1].split(rec.END)[0]
     for needle in ("fp8-rowwise", "fp8 row-wise (_scaled_mm)", "FLUX.1-dev batch 1", "x28 =", "bench-gemm",
-                   "target W4A8 GEMM at M <= 64", "torch: `"):
+                   "target W4A8 GEMM at M <= 64", "torch: `", "eager: run-time LoRA (ditq-torch+lora-r32x17)"):
         assert needle in block, needle
     assert rec.main([str(folder), "--results", str(results), "--allow-smoke"]) == 0
     assert results.read_text() == once  # same run again: same file
@@ -561,6 +561,11 @@ def test_record_gpu_run_target_lines():
     lines = "\n".join(rec.dit_targets(dit))
     assert "1.6x bf16 torch.compile: 1.60x (w8a8-fused cudagraph 62.50 ms vs 100.00 ms): **met**" in lines
     assert "faster than fp8 row-wise: 0.96x" in lines and lines.endswith("60.00 ms): not met")
+    # a LoRA row beside its precision without the adapter (same resolution, batch, mode); a LoRA row alone: nothing
+    dit["rows"] += [d("w8a8-fused-lora cudagraph", 70.0, "ditq-cuda+lora-r32x196"), d("w4a8-fused-lora eager", 80.0)]
+    assert "\n".join(rec.lora_lines(dit, "DiT-XL/2")) == (
+        "- DiT-XL/2 256 px batch 8 cudagraph: run-time LoRA (ditq-cuda+lora-r32x196) 70.00 ms vs 62.50 ms without: "
+        "+12.0 %")
 
 
 def test_record_gpu_run_says_when_the_hopper_kernels_did_not_run():
