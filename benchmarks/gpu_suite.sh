@@ -43,14 +43,10 @@
 # Packages the machine lacks travel as wheels in .whl/ at the repo root (installed with --no-deps into a
 # fresh /tmp/ditq_site.* put on PYTHONPATH). The model benchmarks need diffusers, a pure-Python wheel (the GPU
 # image has its dependencies); torchao gives the GEMM and model tables torchao's own int8 / fp8 row-wise rows
-# (0.17.0 imports and quantizes with the image's torch 2.11: checked on a CPU venv of torch 2.11 + triton 3.6):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl diffusers==0.42.1
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 -d .whl torchao==0.17.0
-# The extension can be compiled here too, against the image's Python 3.12 and torch 2.11, so the GPU's minutes are
-# not spent in nvcc (see benchmarks/prebuild_extension.sh; the suite checks it matches, else builds):
-#   python3.12 -m venv /work/venv312 && /work/venv312/bin/pip install torch==2.11.0 numpy setuptools wheel ninja
-#   bash benchmarks/prebuild_extension.sh /work/venv312/bin/python        # -> .prebuilt/
+# (0.17.0 imports and quantizes with the image's torch 2.11: checked on a CPU venv of torch 2.11 + triton 3.6).
+# The extension can be compiled on the CPU too, against the image's Python 3.12 and torch 2.11, so the GPU's
+# minutes are not spent in nvcc (.prebuilt/; the suite checks it matches, else builds). One command makes both:
+#   bash benchmarks/prepare_gpu_run.sh        # -> .whl/ (diffusers, torchao) and .prebuilt/ (~4 min)
 # .whl/ and .prebuilt/ are git-ignored, so the device tool carries them only when asked:
 # carry=[".whl", ".prebuilt"].
 # With $OUT set, only these files come back: summary.md, gpu_suite.log, pytest_cuda.xml (the cuda tests' JUnit

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPTS = ["benchmarks/gpu_suite.sh", "benchmarks/prebuild_extension.sh", "benchmarks/source_hash.sh", ".ci/run"]
+SCRIPTS = ["benchmarks/gpu_suite.sh", "benchmarks/prebuild_extension.sh", "benchmarks/prepare_gpu_run.sh",
+           "benchmarks/source_hash.sh", ".ci/run"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
