@@ -641,6 +641,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     if args.command != "info":  # info reads files only: it never imports diffusers (seconds saved)
+        if getattr(args, "quiet", False):
+            # the hub's bars too (downloads), whose switch transformers' own loading bars ("Loading weights" of a
+            # text encoder) copy when transformers is imported: diffusers' logging, just below, imports it
+            from huggingface_hub.utils import disable_progress_bars
+            disable_progress_bars()
         from diffusers.utils import logging as dlogging
         dlogging.disable_progress_bar()  # "Loading pipeline components" bars; ours and the sampling bars stay
     try:

@@ -268,6 +268,25 @@ def test_generate_with_prompts(tmp_path, capsys, monkeypatch):
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
+def test_quiet_also_hides_the_hub_and_transformers_loading_bars(tmp_path, capsys, monkeypatch):
+    """--quiet turns off the hub's progress bars before diffusers' logging imports transformers, whose own loading
+    bars ("Loading weights" of a text encoder) start from that switch; without --quiet they stay."""
+    import huggingface_hub.utils as hub
+
+    import ditq.cli as cli
+    pipe = _TextPipe()
+    pipe.calls = []
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pipe)
+    try:
+        for quiet in (False, True):
+            hub.enable_progress_bars()
+            argv = ["generate", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "t.png")]
+            assert run(argv + (["--quiet"] if quiet else []), capsys)[0] == 0
+            assert hub.are_progress_bars_disabled() == quiet
+    finally:
+        hub.enable_progress_bars()
+
+
 # ---- bad input: --out, corrupt checkpoints, NaN images, layers that cannot be quantized -------------------
 
 def _fail_if_loaded(monkeypatch):
