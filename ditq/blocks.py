@@ -415,15 +415,10 @@ def _dit_forward(self, hidden_states, timestep=None, class_labels=None, cross_at
     return Transformer2DModelOutput(sample=output)
 
 
-def _replan(transformer: nn.Module, incompatible_keys=None) -> None:
-    """After ``load_state_dict``: new weights can make equal embedders differ (or the reverse), so plan again."""
-    _install_dit_forward(transformer)
-
-
-def replan(transformer: nn.Module) -> None:
-    """Plan a fused DiT's conditioning again after its embedders changed in place (a run-time LoRA loaded,
-    rescaled or unloaded: :mod:`ditq.lora`): embedders that were equal may differ now, or the reverse. A no-op for
-    any other model."""
+def replan(transformer: nn.Module, incompatible_keys=None) -> None:
+    """Plan a fused DiT's conditioning again after its embedders changed in place (new weights from
+    ``load_state_dict``, whose post-hook this is; a run-time LoRA loaded, rescaled or unloaded: :mod:`ditq.lora`):
+    embedders that were equal may differ now, or the reverse. A no-op for any other model."""
     if "_ditq_dit_plan" in vars(transformer):
         _install_dit_forward(transformer)
 
@@ -437,7 +432,7 @@ def _install_dit_forward(transformer: nn.Module) -> bool:
     transformer._ditq_dit_plan = plan
     transformer.forward = types.MethodType(_dit_forward, transformer)
     if not getattr(transformer, "_ditq_replans", False):
-        transformer.register_load_state_dict_post_hook(_replan)
+        transformer.register_load_state_dict_post_hook(replan)
         transformer._ditq_replans = True
     return True
 

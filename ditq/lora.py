@@ -92,24 +92,22 @@ class LoraBranch(nn.ModuleDict):
     (computed in the adapters' dtype; added in ``y``'s, which may be wider: a fused block's fp32 GEMM output)."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = None
-        for adapter in self.values():
-            if adapter.active:  # scale 0: skipped, y as it was (no op at all)
-                if out is None:
-                    x2d, out = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-                # the scale on the [M, r] intermediate (the smallest tensor), the add in addmm's epilogue
-                down = F.linear(x2d, adapter.down) * adapter.scale
-                out = torch.addmm(out, down, adapter.up.t()) if out.dtype == down.dtype else \
-                    out + down @ adapter.up.t()
-        return y if out is None else out.view(y.shape)
+        if not any(adapter.active for adapter in self.values()):  # scale 0: y as it was (no op at all)
+            return y
+        return self._add(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])).view(y.shape)
 
     def delta(self, x2d: torch.Tensor) -> torch.Tensor:
         """The active adapters' branches alone, summed: [M, N] in the adapters' dtype (at least one is active)."""
-        out = None
+        return self._add(x2d, None)
+
+    def _add(self, x2d: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+        """``out`` [M, N] (None: nothing yet) plus every active adapter's branch on ``x2d`` [M, K]: the scale on the
+        [M, r] intermediate (the smallest tensor), the add in addmm's epilogue where the dtypes agree."""
         for adapter in self.values():
             if adapter.active:
-                down = F.linear(x2d, adapter.down) * adapter.scale
-                out = down @ adapter.up.t() if out is None else torch.addmm(out, down, adapter.up.t())
+                down, up = F.linear(x2d, adapter.down) * adapter.scale, adapter.up.t()
+                out = down @ up if out is None else \
+                    torch.addmm(out, down, up) if out.dtype == down.dtype else out + down @ up
         return out
 
 
