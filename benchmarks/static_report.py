@@ -350,7 +350,8 @@ def _cuda_kernel_meta(demangled: str, tiles) -> Optional[Dict]:
     h = re.search(r"Sm90Tile<(\d+), ?(\d+), ?(\d+), ?(\d+)>(?:, ?(\d+))?", demangled)  # gemm_sm90.cuh
     if h:
         (bm, bn, st, c), g = (int(v) for v in h.groups()[:4]), h.group(5)
-        kernel = (f"wgmma-w4a8 g{g}" if g else "wgmma-w8a8") + (" +fused" if "FusedEpilogue" in demangled else "")
+        w4 = "wgmma-w4a8i" if "gemm_w4a8i_sm90" in demangled else "wgmma-w4a8"  # i: integer group scales
+        kernel = (f"{w4} g{g}" if g else "wgmma-w8a8") + (" +fused" if "FusedEpilogue" in demangled else "")
         return {"kernel": kernel, "tile": None, "BM": bm, "BN": bn, "BK": 128,
                 "threads": 128 * (1 + c), "dyn_smem": st * (bm * 128 + bn * (64 if g else 128) + 16), "sm90": True,
                 "config": f"sm90 {bm}x{bn}x128, {c} consumer warpgroup(s), {st} stages"}
@@ -410,7 +411,7 @@ def cuda_rows(archs, short: bool = False) -> Tuple[List[Dict], str]:
                 continue  # never launched: its launch bound only tells which pass was loaded (csrc/sm90a_marker.cuh)
             meta = _cuda_kernel_meta(names[name], tiles)
             if meta and meta.get("sm90") and (arch != "sm90" or short and meta["kernel"] not in (
-                    "wgmma-w8a8", f"wgmma-w4a8 g{W4_GROUP}")):
+                    "wgmma-w8a8", f"wgmma-w4a8 g{W4_GROUP}", f"wgmma-w4a8i g{W4_GROUP}")):
                 continue  # the Hopper kernels are traps in the sm_80 pass; --short: every tile, w8a8 and one group
             if meta is None:  # not a GEMM tile (e.g. the activation quantizer): no tile, threads unknown
                 if short and "bfloat16" not in names[name]:

@@ -31,13 +31,15 @@ std::vector<emu::GlobalBuffer> buffers(const GemmParams& p, const dim3& grid) {
   const size_t M = static_cast<size_t>(p.M), N = static_cast<size_t>(p.N), K = static_cast<size_t>(p.K);
   const auto bytes_of = [](DType t) -> size_t { return t == DType::kF32 ? 4 : 2; };
   const size_t out_bytes = kFused && p.fused.out_scale ? 1 : bytes_of(p.out_dtype);
-  const size_t w_scales = WOp::kGrouped ? K / WOp::kGroup * N : N;
+  const size_t groups = WOp::kGrouped ? K / WOp::kGroup * N : 0;
+  const size_t w_scales = WOp::kGrouped && !p.w_qscale ? groups : N;  // integer group scales: [N] channel scales
   const size_t tiles = static_cast<size_t>(grid.x) * grid.y;
   std::vector<emu::GlobalBuffer> b = {
       {p.a, M * K * sizeof(AT), "a", Access::ReadOnly},  // a float A: its M * K elements, not M * K bytes
       {p.a_scale, (p.a_scale_per_token ? M : 1) * 4, "a_scale", Access::ReadOnly},
       {p.w, N * static_cast<size_t>(WOp::row_len(p.K)), "w", Access::ReadOnly},
       {p.w_scale, w_scales * 4, "w_scale", Access::ReadOnly},
+      {p.w_qscale, p.w_qscale ? groups * 4 : 0, "w_qscale", Access::ReadOnly},
       {p.bias, p.bias ? N * 4 : 0, "bias", Access::ReadOnly},
       {p.out, M * N * out_bytes, "out", Access::Output}};
   if (kFused) {  // only the fused kernels may read these: a plain kernel touching them is reported

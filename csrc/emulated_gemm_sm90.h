@@ -20,10 +20,10 @@ void w8_kernel(Sm90Params P) {
   gemm_w8a8_sm90_body<T, Epi>(P, smem);
 }
 
-template <class T, int G, class Epi>
+template <class T, int G, class Epi, bool INT_SCALES>
 void w4_kernel(Sm90Params P) {
   DITQ_DYNAMIC_SHARED(uint8_t, smem);
-  gemm_w4a8_sm90_body<T, G, Epi>(P, smem);
+  gemm_w4a8_sm90_body<T, G, Epi, INT_SCALES>(P, smem);
 }
 
 // The buffers are the mma.sync kernels' list (gemm::buffers: a, scales, w, bias, out, for the fused policy
@@ -40,7 +40,7 @@ void emulate(Kernel kernel, const GemmParams& p) {
   if (!make_maps<T>(P, w4, &error)) throw std::invalid_argument("ditq: " + error);
   const dim3 grid(static_cast<unsigned>(launch_ctas<T>(p)));  // 1-D: work_unit maps a CTA to its tile and split
   const std::string fused = std::is_same_v<Epi, FusedEpilogue> ? "_fused" : "";
-  const std::string name = (w4 ? "gemm_w4a8_sm90" + fused + "<G=" + std::to_string(WOp::kGroup) + ", "
+  const std::string name = (w4 ? std::string(p.w_qscale ? "gemm_w4a8i_sm90" : "gemm_w4a8_sm90") + fused + "<G=" + std::to_string(WOp::kGroup) + ", "
                                : "gemm_w8a8_sm90" + fused + "<") +
                            "BM=" + std::to_string(T::BM) + ", BN=" + std::to_string(T::BN) + ">";
   emu::launch_checked(grid, dim3(T::THREADS), sm90_smem_bytes(T::BM, T::BN, T::STAGES, w4), emu::global_options(),
@@ -63,7 +63,10 @@ template <int G, class Epi>
 void dispatch_w4_tile(const GemmParams& p, int tile) {
   switch (tile) {
 #define DITQ_CASE(ID, BM, BN, ST, C) \
-    case ID: return emulate<Sm90Tile<BM, BN, ST, C>, W4<G>, Epi>(&w4_kernel<Sm90Tile<BM, BN, ST, C>, G, Epi>, p);
+    case ID:                                                                                                 \
+      return p.w_qscale                                                                                      \
+                 ? emulate<Sm90Tile<BM, BN, ST, C>, W4<G>, Epi>(&w4_kernel<Sm90Tile<BM, BN, ST, C>, G, Epi, true>, p) \
+                 : emulate<Sm90Tile<BM, BN, ST, C>, W4<G>, Epi>(&w4_kernel<Sm90Tile<BM, BN, ST, C>, G, Epi, false>, p);
     DITQ_GEMM_SM90_W4_TILES(DITQ_CASE)
 #undef DITQ_CASE
   }

@@ -42,6 +42,9 @@ std::string kernel_families_json() {
          ", \"max_k\": " + std::to_string(kQuantizeActMaxK) + ", \"built_archs\": " + archs +
          ", \"emulated\": true}, \"gemm_w8a8\": " + gemm_family(8, gemm::kW8Layout, archs) +
          ", \"gemm_w4a8\": " + gemm_family(4, gemm::kW4Layout, archs) +
+         // integer group scales (two-level): the Hopper kernels only (gemm_sm90.cuh), emulated under sm_90a
+         ", \"gemm_w4a8i\": " + gemm_family(4, gemm::kW4Layout, archs).insert(1, "\"max_int_group_scale\": " +
+         std::to_string(gemm::kMaxIntGroupScale) + ", \"archs_needed\": [90], ") +
          ", \"norm_quantize\": {\"k_multiple\": " + std::to_string(kNormQuantizeKMultiple) +
          ", \"max_k\": " + std::to_string(kNormQuantizeMaxK) + ", \"built_archs\": " + archs +
          ", \"emulated\": true}}";

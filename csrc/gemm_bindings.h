@@ -282,8 +282,16 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
   // Hopper kernels (TMA cannot quantize on load; a forced Hopper tile is refused below like any other tile).
   const bool float_a = a.scalar_type() != at::kChar;
   if (!float_a) {
-    const int hopper = sm90_tile_for(op, p, group > 0, tile, splits, emulated ? ditq::emulated_gemm_arch() : arch,
-                                     emulated);
+    const int run_arch = emulated ? ditq::emulated_gemm_arch() : arch;
+    // Integer group scales: only the Hopper kernels apply them (before the wgmma); a forced split count picks
+    // the Hopper tile of M's bucket instead of the mma.sync path that forcing a count means for float scales.
+    const int64_t sm90_splits = p.w_qscale && tile < 0 ? -1 : splits;
+    int hopper = sm90_tile_for(op, p, group > 0, tile, sm90_splits, run_arch, emulated);
+    TORCH_CHECK_VALUE(hopper >= 0 || !p.w_qscale, op, ": integer group scales run on the Hopper kernels only "
+                      "(sm_90a, TMA + wgmma: 16-byte aligned rows, a Hopper tile id if one is forced); ",
+                      emulated ? "the emulator runs them under emulator_options(arch=\"sm_90a\")"
+                               : "on this GPU (sm_" + std::to_string(arch) + ") use float group scales "
+                                 "(w_qscale * w_scale) with gemm_w4a8");
     if (hopper >= 0) return run_sm90(op, p, a, out_dtype, group, hopper, splits, sm_count, emulated, fused);
   }
   if (float_a) {
@@ -447,6 +455,43 @@ inline GemmParams check_w4(const char* op, const at::Tensor& a, const at::Tensor
   return p;
 }
 
+// W4A8 with integer group scales (two-level): w as check_w4's, w_qscale int32 [K // group_size, N] holding
+// q in [1, 16] (checked here on CPU tensors; on a GPU reading them would cost a synchronization, so the values
+// are the caller's contract, as the float scales' are), w_scale float32 [N] per output channel.
+inline GemmParams check_w4i(const char* op, const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                            const at::Tensor& w_qscale, const at::Tensor& w_scale,
+                            const std::optional<at::Tensor>& bias, int64_t group_size, bool emulated) {
+  TORCH_CHECK_VALUE(ditq::gemm::is_w4_group_size(group_size), op, ": group_size must be one of ",
+                    group_sizes_text(), " (the sizes this build's kernels were compiled for), got ", group_size);
+  TORCH_CHECK_TYPE(a.scalar_type() == at::kChar, op, ": a must be int8, got ", a.scalar_type());
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": w must be uint8 (two int4 per byte), got ",
+                   w.scalar_type());
+  TORCH_CHECK_TYPE(w_qscale.scalar_type() == at::kInt, op, ": w_qscale must be int32, got ",
+                   w_qscale.scalar_type());
+  TORCH_CHECK_VALUE(w_qscale.dim() == 2 && w_qscale.is_contiguous(), op,
+                    ": w_qscale must be a contiguous int32 [K // group_size, N] tensor");
+  const int64_t n = w_qscale.size(1), k = a.dim() == 2 ? a.size(1) : -1;
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == n && w.size(1) * 2 == k && w.is_contiguous(), op,
+                    ": w must be a contiguous uint8 [N, K // 2] = [", n, ", ", k / 2, "] tensor in the CUDA "
+                    "split-nibble layout (ditq.backends.cuda_layout), got shape ", w.sizes());
+  TORCH_CHECK_VALUE(k % group_size == 0 && w_qscale.size(0) == k / group_size, op, ": K = ", k,
+                    " must be a multiple of group_size ", group_size, " and w_qscale [K // group_size, N]");
+  GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated, false);
+  TORCH_CHECK_VALUE(w_qscale.device() == a.device(), op, ": w_qscale must be on ", a.device());
+  TORCH_CHECK_VALUE(w_scale.dim() == 1 && w_scale.size(0) == n, op, ": w_scale must be float32 [N] = [", n,
+                    "] (one scale per output channel; the group scales are w_qscale)");
+  if (w_qscale.device().is_cpu() && w_qscale.numel() > 0) {
+    const auto lo = w_qscale.min().item<int32_t>(), hi = w_qscale.max().item<int32_t>();
+    TORCH_CHECK_VALUE(lo >= 1 && hi <= ditq::gemm::kMaxIntGroupScale, op, ": w_qscale values must lie in [1, ",
+                      ditq::gemm::kMaxIntGroupScale, "] (q * w must fit int8 and the unpack's bytes must not ",
+                      "carry), got [", lo, ", ", hi, "]");
+  }
+  p.w = w.data_ptr();
+  p.w_scale = w_scale.data_ptr<float>();
+  p.w_qscale = w_qscale.data_ptr<int32_t>();
+  return p;
+}
+
 inline at::Tensor gemm_w8a8(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
                             const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                             at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
@@ -459,6 +504,46 @@ inline at::Tensor gemm_w4a8(const at::Tensor& a, const at::Tensor& a_scale, cons
                             at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
   GemmParams p = check_w4("gemm_w4a8", a, a_scale, w, w_scale, bias, group_size, emulated);
   return run("gemm_w4a8", p, a, bias, out_dtype, static_cast<int>(group_size), tile, splits, emulated);
+}
+
+inline at::Tensor gemm_w4a8i(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                             const at::Tensor& w_qscale, const at::Tensor& w_scale,
+                             const std::optional<at::Tensor>& bias, int64_t group_size, at::ScalarType out_dtype,
+                             int64_t tile, int64_t splits, bool emulated) {
+  GemmParams p = check_w4i("gemm_w4a8i", a, a_scale, w, w_qscale, w_scale, bias, group_size, emulated);
+  return run("gemm_w4a8i", p, a, bias, out_dtype, static_cast<int>(group_size), tile, splits, emulated);
+}
+
+inline at::Tensor gemm_w4a8i_fused(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                                   const at::Tensor& w_qscale, const at::Tensor& w_scale,
+                                   const std::optional<at::Tensor>& bias, int64_t group_size, bool gelu,
+                                   const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& residual,
+                                   int64_t rows_per_gate, const std::optional<at::Tensor>& out_scale,
+                                   at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
+  const char* op = "gemm_w4a8i_fused";
+  GemmParams p = check_w4i(op, a, a_scale, w, w_qscale, w_scale, bias, group_size, emulated);
+  out_dtype_of(out_dtype);
+  FusedInputs keep;
+  check_fused(op, p, keep, a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, emulated);
+  return run(op, p, a, bias, out_dtype, static_cast<int>(group_size), tile, splits, emulated, true);
+}
+
+template <bool EMULATED>
+at::Tensor gemm_w4a8i_op(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                         const at::Tensor& w_qscale, const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
+                         int64_t group_size, at::ScalarType out_dtype, int64_t tile, int64_t splits) {
+  return gemm_w4a8i(a, a_scale, w, w_qscale, w_scale, bias, group_size, out_dtype, tile, splits, EMULATED);
+}
+
+template <bool EMULATED>
+at::Tensor gemm_w4a8i_fused_op(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                               const at::Tensor& w_qscale, const at::Tensor& w_scale,
+                               const std::optional<at::Tensor>& bias, int64_t group_size, bool gelu,
+                               const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& residual,
+                               int64_t rows_per_gate, const std::optional<at::Tensor>& out_scale,
+                               at::ScalarType out_dtype, int64_t tile, int64_t splits) {
+  return gemm_w4a8i_fused(a, a_scale, w, w_qscale, w_scale, bias, group_size, gelu, gate, residual, rows_per_gate,
+                          out_scale, out_dtype, tile, splits, EMULATED);
 }
 
 inline at::Tensor gemm_w8a8_fused(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
@@ -605,6 +690,11 @@ TORCH_LIBRARY_FRAGMENT(ditq_C, m) {
   m.def("gemm_w4a8_fused(Tensor a, Tensor a_scale, Tensor w, Tensor w_scale, Tensor? bias, int group_size, "
         "bool gelu, Tensor? gate, Tensor? residual, int rows_per_gate, Tensor? out_scale, ScalarType out_dtype, "
         "int tile=-1, int splits=-1) -> Tensor");
+  m.def("gemm_w4a8i(Tensor a, Tensor a_scale, Tensor w, Tensor w_qscale, Tensor w_scale, Tensor? bias, "
+        "int group_size, ScalarType out_dtype, int tile=-1, int splits=-1) -> Tensor");
+  m.def("gemm_w4a8i_fused(Tensor a, Tensor a_scale, Tensor w, Tensor w_qscale, Tensor w_scale, Tensor? bias, "
+        "int group_size, bool gelu, Tensor? gate, Tensor? residual, int rows_per_gate, Tensor? out_scale, "
+        "ScalarType out_dtype, int tile=-1, int splits=-1) -> Tensor");
   m.def("gemm_tile_count() -> int", []() -> int64_t { return ditq::gemm::tile_count(); });
   m.def("gemm_tile_info(int tile) -> int[]", &ditq::gemm_binding::tile_info);
   m.def("gemm_pick_tile(int arch, int m, bool w4) -> int", &ditq::gemm_binding::pick);
@@ -629,6 +719,8 @@ TORCH_LIBRARY_IMPL(ditq_C, CPU, m) {
   m.impl("gemm_w4a8", &ditq::gemm_binding::gemm_w4a8_op<true>);
   m.impl("gemm_w8a8_fused", &ditq::gemm_binding::gemm_w8a8_fused_op<true>);
   m.impl("gemm_w4a8_fused", &ditq::gemm_binding::gemm_w4a8_fused_op<true>);
+  m.impl("gemm_w4a8i", &ditq::gemm_binding::gemm_w4a8i_op<true>);
+  m.impl("gemm_w4a8i_fused", &ditq::gemm_binding::gemm_w4a8i_fused_op<true>);
 }
 
 #if DITQ_WITH_CUDA
@@ -637,5 +729,7 @@ TORCH_LIBRARY_IMPL(ditq_C, CUDA, m) {
   m.impl("gemm_w4a8", &ditq::gemm_binding::gemm_w4a8_op<false>);
   m.impl("gemm_w8a8_fused", &ditq::gemm_binding::gemm_w8a8_fused_op<false>);
   m.impl("gemm_w4a8_fused", &ditq::gemm_binding::gemm_w4a8_fused_op<false>);
+  m.impl("gemm_w4a8i", &ditq::gemm_binding::gemm_w4a8i_op<false>);
+  m.impl("gemm_w4a8i_fused", &ditq::gemm_binding::gemm_w4a8i_fused_op<false>);
 }
 #endif

@@ -3,6 +3,7 @@
 //
 //   y[m, n] = s_a[m] * s_w[n] * sum_k a[m, k] w[n, k] + b[n]                       (W8A8)
 //   y[m, n] = s_a[m] * sum_g s_w[g, n] * sum_{k in g} a[m, k] w[n, k] + b[n]       (W4A8, group size G)
+//   y[m, n] = s_a[m] * s_w[n] * sum_k a[m, k] (q[k / G, n] w[n, k]) + b[n]           (W4A8, integer group scales)
 //
 // As in gemm.cuh there is no assembly here (every instruction is a ptx:: call), so the emulator runs this
 // source too (csrc/emulated_gemm.cpp under emulator_options(arch="sm_90a")).
@@ -380,7 +381,142 @@ DITQ_DEVICE void gemm_w8a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
 // swizzle (address bits 4-5 ^= bits 7-8; the tile starts on a 1024-byte boundary).
 DITQ_DEVICE int sw64_offset(int row, int chunk) { return row * 64 + ((chunk ^ ((row >> 1) & 3)) << 4); }
 
-template <class T, int G, class Epi = PlainEpilogue>
+// The W4A8 epilogue, transposed: element i of a lane's accumulators is channel 16w + g + 8 ((i >> 1) & 1),
+// activation row 8 (i >> 2) + 2t + (i & 1). A lane holds channel n for rows r, r + 1; lane ^ 4 holds channel n ^ 1
+// for the same rows. One shuffle per pair turns that into column pairs of y: the even-g lane stores (n, n + 1) of
+// row r, the odd-g lane (n - 1, n) of row r + 1, through the epilogue policy (plain: store_pair, half the stores,
+// 4 or 8 bytes wide). value(i, s_a, n) is element i's y before the policy (scale and bias applied).
+template <class T, class Epi, class Value>
+DITQ_DEVICE void store_w4_tile(const GemmParams& p, int m0, int ch0, int ch1, int lane, Value value) {
+  const Epi epi(p);
+  const int g = lane >> 2, t = lane & 3;
+  const bool odd = (g & 1) != 0;
+#pragma unroll
+  for (int j = 0; j < T::BM / 8; ++j) {
+    const int r = m0 + 8 * j + 2 * t;
+    float sa[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {  // clamped: rows past M are computed (never stored) so the shuffle is uniform
+      const int m = r + c < p.M ? r + c : p.M - 1;
+      sa[c] = ptx::ld_global(p.a_scale + (p.a_scale_per_token ? m : 0));
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int n = h ? ch1 : ch0;
+      const int nn = n < p.N ? n : p.N - 1;  // clamp the loads; the store below checks the columns
+      float y[2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) y[c] = value(4 * j + 2 * h + c, sa[c], nn);
+      const float other = ptx::shfl_xor(odd ? y[0] : y[1], 4);  // every lane: a warp collective
+      const int m = odd ? r + 1 : r;
+      const int n_pair = odd ? n - 1 : n;  // n = n0 + 64cw + 16w + g (+ 8) has g's parity: n_pair is even, aligned
+      float pair[2] = {odd ? other : y[0], odd ? y[1] : other};  // the fused policy works on it in place
+      if (m < p.M && n_pair < p.N) epi.store(p, m, n_pair, pair);
+    }
+  }
+}
+
+// ---- W4A8 with integer group scales --------------------------------------------------------------------------
+// Two-level scales (progressive group quantization, as in QServe): w_scale[n] is a float scale per output channel
+// and w_qscale[g, n] a small integer q in [1, 16] per group, so the weight is s_w[n] * q[g, n] * w[n, k]. The
+// products q * w (|q * w| <= 128) are int8, so the unpack below writes them straight into the A fragment and one
+// int32 accumulator runs over all of K, as in W8A8: no per-group fold (one int->float conversion and one fma per
+// accumulator element and group, 2 x BM / 2 instructions per lane and group), no drain of the wgmma pipeline at a
+// group's end, int32 split-K partials (the same bits for every split count), and W8A8's epilogue: the result is
+// gemm_w8a8 of the int8 weights q * w with the channel scales, bit for bit.
+//
+// The unpack of four nibbles (one byte each after masking) into four int8 q * w, in three instructions:
+//     u     = (r ^ 0x88888888) & 0x0F0F0F0F     bytes u = w + 8 in [0, 15] (two's complement nibble ^ 8)
+//     biased = u * q + (128 - 8 q) * 0x01010101  bytes q * w + 128 in [0, 248]: every byte's sum stays below
+//                                                256 (q <= 16), so the 32-bit multiply-add has no carry between
+//                                                bytes
+//     a     = biased ^ 0x80808080               bytes q * w + 128 - 128 (mod 256) = q * w as int8
+// The high nibbles take one more instruction (a shift). The zero-filled rows and k past N and K unpack to
+// u = 8, i.e. w = 0, whatever q is (q = 0 is passed for them: no scale read past the matrix).
+DITQ_DEVICE uint32_t scaled_nibbles(uint32_t nibbles, uint32_t q, uint32_t bias) {
+  return (((nibbles ^ 0x88888888u) & 0x0F0F0F0Fu) * q + bias) ^ 0x80808080u;
+}
+DITQ_DEVICE uint32_t nibble_bias(uint32_t q) { return 0x80808080u - q * 0x08080808u; }  // (128 - 8 q) per byte
+
+// The main loop with integer group scales: units of 64 k (two k32 steps, one ldmatrix.x4), each committed as
+// one wgmma group and kept in flight while the next unit is built (wait_group<1>), so a stage is released one
+// unit after its last, as W8A8 does. q for the groups of the next stage is loaded while this one runs (its
+// latency would otherwise stall the unpack that needs it). k_start: the split's first k (a group boundary, as
+// for float scales: the binding's split counts are the same for both).
+template <class T, int G>
+DITQ_DEVICE void w4_int_scales_mainloop(const GemmParams& p, const Ring<T, true>& ring, int KT, int k_start,
+                                        int ch0, int ch1, int ld_row, int ld_half, int32_t (&acc)[T::BM / 2]) {
+  constexpr int BK = T::BK, BM = T::BM, KSTEPS = BK / 32, UNITS = BK / 64;
+  constexpr int GROUPS = G < BK ? BK / G : 1;    // groups one stage touches (a stage never straddles two when G > BK)
+  constexpr int STEPS_PER_GROUP = G < BK ? G / 32 : KSTEPS;
+  static_assert(UNITS >= 2, "a unit must not reuse the A registers of the unit in flight");
+  const int kgroups = p.K / G;
+  auto load_q = [&](uint32_t (&q)[GROUPS][2], int kt) {
+#pragma unroll
+    for (int j = 0; j < GROUPS; ++j) {
+      const int grp = (k_start + kt * BK + j * (G < BK ? G : BK)) / G;
+      const int32_t* row = p.w_qscale + static_cast<int64_t>(grp) * p.N;
+      const bool in = kt < KT && grp < kgroups;
+      q[j][0] = in && ch0 < p.N ? static_cast<uint32_t>(ptx::ld_global(row + ch0)) : 0u;
+      q[j][1] = in && ch1 < p.N ? static_cast<uint32_t>(ptx::ld_global(row + ch1)) : 0u;
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < BM / 2; ++i) acc[i] = 0;
+  uint32_t q_next[GROUPS][2];
+  load_q(q_next, 0);
+  uint32_t af[KSTEPS][4];
+  int pending_stage = -1;
+  for (int kt = 0; kt < KT; ++kt) {
+    uint32_t q[GROUPS][2], bias[GROUPS][2];
+#pragma unroll
+    for (int j = 0; j < GROUPS; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        q[j][h] = q_next[j][h];
+        bias[j][h] = nibble_bias(q[j][h]);
+      }
+    }
+    load_q(q_next, kt + 1);
+    const int s = kt % T::STAGES;
+    ptx::mbarrier_wait_parity(ring.full + s, static_cast<uint32_t>(kt / T::STAGES) & 1u);
+    const uint8_t* a_tile = ring.a_stage(s);
+    const uint8_t* w_tile = ring.w_stage(s);
+#pragma unroll
+    for (int j = 0; j < UNITS; ++j) {
+      uint32_t r[4];
+      ptx::ldmatrix_x4(r, w_tile + sw64_offset(ld_row, 2 * j + ld_half));
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int ks = 2 * j + c, grp = ks / STEPS_PER_GROUP;
+        uint32_t(&a)[4] = af[ks];
+        // rows g (channel ch0) and g + 8 (ch1): low nibbles k 4t.., high nibbles k 16 + 4t.. (the top of the file)
+        a[0] = scaled_nibbles(r[2 * c], q[grp][0], bias[grp][0]);
+        a[1] = scaled_nibbles(r[2 * c + 1], q[grp][1], bias[grp][1]);
+        a[2] = scaled_nibbles(r[2 * c] >> 4, q[grp][0], bias[grp][0]);
+        a[3] = scaled_nibbles(r[2 * c + 1] >> 4, q[grp][1], bias[grp][1]);
+      }
+      ptx::wgmma_fence_operands(acc);
+      ptx::wgmma_fence();  // the A registers were just written
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        ptx::wgmma_m64k32_s8_rs<BM>(acc, af[2 * j + c], desc_sw128(a_tile, 2 * j + c), kt > 0 || j > 0 || c > 0);
+      ptx::wgmma_commit_group();
+      ptx::wgmma_wait_group<1>();  // this unit stays in flight; the previous one (this stage's or the last
+                                   // stage's last) is complete
+      ptx::wgmma_fence_operands(acc);
+      if (j == 0 && pending_stage >= 0) {
+        ptx::mbarrier_arrive(ring.empty + pending_stage);
+        pending_stage = -1;
+      }
+      if (j == UNITS - 1) pending_stage = s;
+    }
+  }
+  ptx::wgmma_wait_group<0>();  // the last stage needs no release: the producer has issued every load
+  ptx::wgmma_fence_operands(acc);
+}
+
+template <class T, int G, class Epi = PlainEpilogue, bool INT_SCALES = false>
 DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   static_assert(is_w4_group_size(G), "W4A8 group sizes are listed in configs/kernel_families.h");
   constexpr int BK = T::BK, BM = T::BM, KSTEPS = BK / 32;
@@ -398,11 +534,6 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   const int m0 = u.m0, n0 = u.n0;
   const KRange kr = k_range<(G > BK ? G / BK : 1)>(p.K, u.z, u.split ? p.splits : 1);  // whole groups per split
   const int KT = kr.count;
-  // The split starts on a group boundary (whole units), so the main loop counts k and groups from the split's
-  // start, exactly as the unsplit kernel does from 0, and the split's first group row of scales is the base.
-  const int group0 = kr.kt0 * BK / G;
-  const int ngroups = p.K / G - group0;  // K % G == 0 (checked by the binding)
-  const float* const w_scale = p.w_scale + static_cast<int64_t>(group0) * p.N;
   init_barriers<T, true>(P, ring);
   const int wg = static_cast<int>(threadIdx.x) / 128;
   if (wg == 0) {
@@ -422,132 +553,118 @@ DITQ_DEVICE void gemm_w4a8_sm90_body(const Sm90Params& P, uint8_t* smem) {
   const int ld_row = cw * 64 + 16 * w + (lane & 15);
   const int ld_half = lane >> 4;
 
-  constexpr int SETS = G < BK ? 2 : 1;  // ping-pong only where a stage holds several groups (see the top)
-  int32_t acc[SETS][BM / 2];            // group partials of 16 w
-  float facc[BM / 2];
+  if constexpr (INT_SCALES) {  // one int32 sum of q * w over all of K: W8A8's reduction and epilogue
+    int32_t acc[BM / 2];
+    w4_int_scales_mainloop<T, G>(p, ring, KT, kr.kt0 * BK, ch0, ch1, ld_row, ld_half, acc);
+    if (u.split && !reduce_splits_flat<T, BM / 2>(p, u, acc, static_cast<int>(threadIdx.x) - 128, smem)) return;
+    store_w4_tile<T, Epi>(p, m0, ch0, ch1, lane, [&](int i, float sa, int nn) {
+      return scale_bias(p, __int2float_rn(acc[i]), column_scale<W8>(p, sa, nn), nn);
+    });
+  } else {  // float group scales: a partial per group, folded into fp32 sums
+    // The split starts on a group boundary (whole units), so the main loop counts k and groups from the split's
+    // start, exactly as the unsplit kernel does from 0, and the split's first group row of scales is the base.
+    const int group0 = kr.kt0 * BK / G;
+    const int ngroups = p.K / G - group0;  // K % G == 0 (checked by the binding)
+    const float* const w_scale = p.w_scale + static_cast<int64_t>(group0) * p.N;
+    constexpr int SETS = G < BK ? 2 : 1;  // ping-pong only where a stage holds several groups (see the top)
+    int32_t acc[SETS][BM / 2];            // group partials of 16 w
+    float facc[BM / 2];
 #pragma unroll
-  for (int i = 0; i < BM / 2; ++i) {
+    for (int i = 0; i < BM / 2; ++i) {
 #pragma unroll
-    for (int q = 0; q < SETS; ++q) acc[q][i] = 0;
-    facc[i] = 0.0f;
-  }
-  // facc += float(partial) * s_w[grp, n] / 16 for this lane's two channels; past N the partial is 0 (zero-
-  // filled rows) and no scale is read; groups past K (the zero-filled tail of the last stage) are skipped.
-  auto fold = [&](const int32_t(&part)[BM / 2], int grp) {
-    if (grp >= ngroups) return;
-    const float* srow = w_scale + static_cast<int64_t>(grp) * p.N;
-    const float s0 = ch0 < p.N ? __fmul_rn(ptx::ld_global(srow + ch0), 0.0625f) : 0.0f;  // exact: 2^-4
-    const float s1 = ch1 < p.N ? __fmul_rn(ptx::ld_global(srow + ch1), 0.0625f) : 0.0f;
+      for (int q = 0; q < SETS; ++q) acc[q][i] = 0;
+      facc[i] = 0.0f;
+    }
+    // facc += float(partial) * s_w[grp, n] / 16 for this lane's two channels; past N the partial is 0 (zero-
+    // filled rows) and no scale is read; groups past K (the zero-filled tail of the last stage) are skipped.
+    auto fold = [&](const int32_t(&part)[BM / 2], int grp) {
+      if (grp >= ngroups) return;
+      const float* srow = w_scale + static_cast<int64_t>(grp) * p.N;
+      const float s0 = ch0 < p.N ? __fmul_rn(ptx::ld_global(srow + ch0), 0.0625f) : 0.0f;  // exact: 2^-4
+      const float s1 = ch1 < p.N ? __fmul_rn(ptx::ld_global(srow + ch1), 0.0625f) : 0.0f;
 #pragma unroll
-    for (int i = 0; i < BM / 2; ++i)
-      facc[i] = __fmaf_rn(__int2float_rn(part[i]), ((i >> 1) & 1) ? s1 : s0, facc[i]);
-  };
+      for (int i = 0; i < BM / 2; ++i)
+        facc[i] = __fmaf_rn(__int2float_rn(part[i]), ((i >> 1) & 1) ? s1 : s0, facc[i]);
+    };
 
-  uint32_t af[KSTEPS][4];  // one register A fragment per k32 step of a stage (see the top of the file)
-  int pending_stage = -1;  // a stage whose last unit was left in flight: released once that unit completes
+    uint32_t af[KSTEPS][4];  // one register A fragment per k32 step of a stage (see the top of the file)
+    int pending_stage = -1;  // a stage whose last unit was left in flight: released once that unit completes
 
-  for (int kt = 0; kt < KT; ++kt) {
-    const int s = kt % T::STAGES;
-    ptx::mbarrier_wait_parity(ring.full + s, static_cast<uint32_t>(kt / T::STAGES) & 1u);
-    const uint8_t* a_tile = ring.a_stage(s);
-    const uint8_t* w_tile = ring.w_stage(s);
-    const int k0 = kt * BK;  // from the split's first k (a group boundary): see w_scale above
+    for (int kt = 0; kt < KT; ++kt) {
+      const int s = kt % T::STAGES;
+      ptx::mbarrier_wait_parity(ring.full + s, static_cast<uint32_t>(kt / T::STAGES) & 1u);
+      const uint8_t* a_tile = ring.a_stage(s);
+      const uint8_t* w_tile = ring.w_stage(s);
+      const int k0 = kt * BK;  // from the split's first k (a group boundary): see w_scale above
 #pragma unroll
-    for (int j = 0; j < UNITS; ++j) {
-      // Everything about a unit's group is static: a stage starts on a group boundary when G <= BK, and
-      // when G > BK whether it does is the one runtime fact (k0 % G).
-      const int set = G < BK ? (j * UNIT_K / G) & 1 : 0;
-      const unsigned uk0 = static_cast<unsigned>(k0);
-      const bool group_start = G <= BK ? (j * UNIT_K) % G == 0 : j == 0 && uk0 % G == 0;
-      const bool group_end = G <= BK ? ((j + 1) * UNIT_K) % G == 0 : j == UNITS - 1 && (uk0 + BK) % G == 0;
-      // A fragments of this unit's k32 steps (ldmatrix.x4 = two steps; x2 = one).
-      if constexpr (STEPS_PER_UNIT == 2) {
-        uint32_t r[4];
-        ptx::ldmatrix_x4(r, w_tile + sw64_offset(ld_row, 2 * j + ld_half));
+      for (int j = 0; j < UNITS; ++j) {
+        // Everything about a unit's group is static: a stage starts on a group boundary when G <= BK, and
+        // when G > BK whether it does is the one runtime fact (k0 % G).
+        const int set = G < BK ? (j * UNIT_K / G) & 1 : 0;
+        const unsigned uk0 = static_cast<unsigned>(k0);
+        const bool group_start = G <= BK ? (j * UNIT_K) % G == 0 : j == 0 && uk0 % G == 0;
+        const bool group_end = G <= BK ? ((j + 1) * UNIT_K) % G == 0 : j == UNITS - 1 && (uk0 + BK) % G == 0;
+        // A fragments of this unit's k32 steps (ldmatrix.x4 = two steps; x2 = one).
+        if constexpr (STEPS_PER_UNIT == 2) {
+          uint32_t r[4];
+          ptx::ldmatrix_x4(r, w_tile + sw64_offset(ld_row, 2 * j + ld_half));
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          uint32_t(&a)[4] = af[2 * j + q];
-          a[0] = (r[2 * q] << 4) & 0xF0F0F0F0u;
-          a[1] = (r[2 * q + 1] << 4) & 0xF0F0F0F0u;
-          a[2] = r[2 * q] & 0xF0F0F0F0u;
-          a[3] = r[2 * q + 1] & 0xF0F0F0F0u;
+          for (int q = 0; q < 2; ++q) {
+            uint32_t(&a)[4] = af[2 * j + q];
+            a[0] = (r[2 * q] << 4) & 0xF0F0F0F0u;
+            a[1] = (r[2 * q + 1] << 4) & 0xF0F0F0F0u;
+            a[2] = r[2 * q] & 0xF0F0F0F0u;
+            a[3] = r[2 * q + 1] & 0xF0F0F0F0u;
+          }
+        } else {
+          uint32_t r[2];
+          ptx::ldmatrix_x2(r, w_tile + sw64_offset(ld_row, j));  // lanes 16-31's addresses are unused
+          uint32_t(&a)[4] = af[j];
+          a[0] = (r[0] << 4) & 0xF0F0F0F0u;
+          a[1] = (r[1] << 4) & 0xF0F0F0F0u;
+          a[2] = r[0] & 0xF0F0F0F0u;
+          a[3] = r[1] & 0xF0F0F0F0u;
         }
-      } else {
-        uint32_t r[2];
-        ptx::ldmatrix_x2(r, w_tile + sw64_offset(ld_row, j));  // lanes 16-31's addresses are unused
-        uint32_t(&a)[4] = af[j];
-        a[0] = (r[0] << 4) & 0xF0F0F0F0u;
-        a[1] = (r[1] << 4) & 0xF0F0F0F0u;
-        a[2] = r[0] & 0xF0F0F0F0u;
-        a[3] = r[1] & 0xF0F0F0F0u;
-      }
-      ptx::wgmma_fence_operands(acc[set]);
-      ptx::wgmma_fence();  // the A registers were just written
-#pragma unroll
-      for (int q = 0; q < STEPS_PER_UNIT; ++q) {
-        const int ks = j * STEPS_PER_UNIT + q;
-        ptx::wgmma_m64k32_s8_rs<BM>(acc[set], af[ks], desc_sw128(a_tile, ks), !(group_start && q == 0));
-      }
-      ptx::wgmma_commit_group();
-      const bool drain = j == UNITS - 1 && group_end;
-      // The stage ends a group: drain, so that nothing stays in flight across the loop's back edge whose
-      // accumulators a non-wgmma instruction reads (see the top of the file). Otherwise keep this unit in
-      // flight: the previous unit is then complete.
-      if (drain) ptx::wgmma_wait_group<0>();
-      else ptx::wgmma_wait_group<1>();
-      if constexpr (SETS == 2) {
-        if (j > 0 && (j * UNIT_K) % G == 0) {  // the previous unit, of this stage, ended a group
-          ptx::wgmma_fence_operands(acc[set ^ 1]);
-          fold(acc[set ^ 1], (k0 + j * UNIT_K) / G - 1);
-        }
-      }
-      if (drain) {
         ptx::wgmma_fence_operands(acc[set]);
-        fold(acc[set], (k0 + j * UNIT_K) / G);
-        if (pending_stage >= 0) ptx::mbarrier_arrive(ring.empty + pending_stage);
-        ptx::mbarrier_arrive(ring.empty + s);
-        pending_stage = -1;
-      } else {
-        if (j == 0 && pending_stage >= 0) {  // the previous stage's last unit is complete
-          ptx::mbarrier_arrive(ring.empty + pending_stage);
-          pending_stage = -1;
+        ptx::wgmma_fence();  // the A registers were just written
+#pragma unroll
+        for (int q = 0; q < STEPS_PER_UNIT; ++q) {
+          const int ks = j * STEPS_PER_UNIT + q;
+          ptx::wgmma_m64k32_s8_rs<BM>(acc[set], af[ks], desc_sw128(a_tile, ks), !(group_start && q == 0));
         }
-        if (j == UNITS - 1) pending_stage = s;
+        ptx::wgmma_commit_group();
+        const bool drain = j == UNITS - 1 && group_end;
+        // The stage ends a group: drain, so that nothing stays in flight across the loop's back edge whose
+        // accumulators a non-wgmma instruction reads (see the top of the file). Otherwise keep this unit in
+        // flight: the previous unit is then complete.
+        if (drain) ptx::wgmma_wait_group<0>();
+        else ptx::wgmma_wait_group<1>();
+        if constexpr (SETS == 2) {
+          if (j > 0 && (j * UNIT_K) % G == 0) {  // the previous unit, of this stage, ended a group
+            ptx::wgmma_fence_operands(acc[set ^ 1]);
+            fold(acc[set ^ 1], (k0 + j * UNIT_K) / G - 1);
+          }
+        }
+        if (drain) {
+          ptx::wgmma_fence_operands(acc[set]);
+          fold(acc[set], (k0 + j * UNIT_K) / G);
+          if (pending_stage >= 0) ptx::mbarrier_arrive(ring.empty + pending_stage);
+          ptx::mbarrier_arrive(ring.empty + s);
+          pending_stage = -1;
+        } else {
+          if (j == 0 && pending_stage >= 0) {  // the previous stage's last unit is complete
+            ptx::mbarrier_arrive(ring.empty + pending_stage);
+            pending_stage = -1;
+          }
+          if (j == UNITS - 1) pending_stage = s;
+        }
       }
     }
-  }
-  ptx::wgmma_wait_group<0>();  // nothing is in flight here (a split's last stage ends a group: K % G == 0)
-  if (u.split && !reduce_splits_flat<T, BM / 2>(p, u, facc, static_cast<int>(threadIdx.x) - 128, smem)) return;
+    ptx::wgmma_wait_group<0>();  // nothing is in flight here (a split's last stage ends a group: K % G == 0)
+    if (u.split && !reduce_splits_flat<T, BM / 2>(p, u, facc, static_cast<int>(threadIdx.x) - 128, smem)) return;
 
-  // Epilogue, transposed: element i is channel 16w + g + 8 ((i >> 1) & 1), activation row 8 (i >> 2) + 2t + (i & 1).
-  // A lane holds channel n for rows r, r + 1; lane ^ 4 holds channel n ^ 1 for the same rows. One shuffle per
-  // pair turns that into column pairs of y: the even-g lane stores (n, n + 1) of row r, the odd-g lane
-  // (n - 1, n) of row r + 1, through the epilogue policy (plain: store_pair, half the stores, 4 or 8 bytes wide).
-  const Epi epi(p);
-  const int t = lane & 3;
-  const bool odd = (g & 1) != 0;
-#pragma unroll
-  for (int j = 0; j < BM / 8; ++j) {
-    const int r = m0 + 8 * j + 2 * t;
-    float sa[2];
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {  // clamped: rows past M are computed (never stored) so the shuffle is uniform
-      const int m = r + c < p.M ? r + c : p.M - 1;
-      sa[c] = ptx::ld_global(p.a_scale + (p.a_scale_per_token ? m : 0));
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int n = h ? ch1 : ch0;
-      const int nn = n < p.N ? n : p.N - 1;  // clamp the loads; the store below checks the columns
-      float y[2];
-#pragma unroll
-      for (int c = 0; c < 2; ++c) y[c] = scale_bias(p, facc[4 * j + 2 * h + c], sa[c], nn);
-      const float other = ptx::shfl_xor(odd ? y[0] : y[1], 4);  // every lane: a warp collective
-      const int m = odd ? r + 1 : r;
-      const int n_pair = odd ? n - 1 : n;  // n = n0 + 64cw + 16w + g (+ 8) has g's parity: n_pair is even, aligned
-      float pair[2] = {odd ? other : y[0], odd ? y[1] : other};  // the fused policy works on it in place
-      if (m < p.M && n_pair < p.N) epi.store(p, m, n_pair, pair);
-    }
+    store_w4_tile<T, Epi>(p, m0, ch0, ch1, lane,
+                          [&](int i, float sa, int nn) { return scale_bias(p, facc[i], sa, nn); });
   }
 }
 

@@ -39,6 +39,17 @@ __global__ void __launch_bounds__(T::THREADS, 1) gemm_w4a8_sm90_kernel(const __g
 #endif
 }
 
+// Integer group scales (p.w_qscale): a kernel of its own name, so that the SASS reports tell the two apart.
+template <class T, int G, class Epi>
+__global__ void __launch_bounds__(T::THREADS, 1) gemm_w4a8i_sm90_kernel(const __grid_constant__ Sm90Params P) {
+#if defined(__CUDA_ARCH__) && !DITQ_SM90A
+  __trap();
+#else
+  DITQ_DYNAMIC_SHARED(uint8_t, smem);
+  gemm_w4a8_sm90_body<T, G, Epi, true>(P, smem);
+#endif
+}
+
 template <class T, class Kernel>
 const char* launch(Kernel kernel, const GemmParams& p, bool w4, void* stream) {
   static thread_local std::string error;  // the returned message outlives this call (launchers return char*)
@@ -73,8 +84,10 @@ const char* dispatch_w4_tile(const GemmParams& p, int tile, void* stream) {
   switch (tile) {
 #define DITQ_CASE(ID, BM, BN, ST, C)                                                                          \
   case ID:                                                                                                     \
-    return launch<Sm90Tile<BM, BN, ST, C>>(&gemm_w4a8_sm90_kernel<Sm90Tile<BM, BN, ST, C>, G, Epi>, p, true, \
-                                           stream);
+    return p.w_qscale ? launch<Sm90Tile<BM, BN, ST, C>>(&gemm_w4a8i_sm90_kernel<Sm90Tile<BM, BN, ST, C>, G, Epi>, \
+                                                        p, true, stream)                                          \
+                      : launch<Sm90Tile<BM, BN, ST, C>>(&gemm_w4a8_sm90_kernel<Sm90Tile<BM, BN, ST, C>, G, Epi>,  \
+                                                        p, true, stream);
     DITQ_GEMM_SM90_W4_TILES(DITQ_CASE)
 #undef DITQ_CASE
   }

@@ -76,7 +76,8 @@ struct GemmParams {
   const float* a_scale;     // [1] (static) or [M] (per token)
   int a_scale_per_token;    // 0 / 1
   const void* w;            // int8 [N, K] (W8) or split-nibble uint8 [N, K / 2] (W4), 16-byte aligned
-  const float* w_scale;     // [N] (W8) or [K / G, N] (W4)
+  const float* w_scale;     // [N] (W8) or [K / G, N] (W4); W4 with integer group scales: [N]
+  const int32_t* w_qscale;  // W4 with integer group scales (two-level): [K / G, N] q in [1, 16]; else nullptr
   const float* bias;        // [N] float32 or nullptr
   void* out;                // [M, N] of out_dtype, contiguous
   DType out_dtype;

@@ -63,6 +63,15 @@ constexpr int min_arch() {
 DITQ_W4_GROUP_SIZES(DITQ_CHECK_W4_GROUP)
 #undef DITQ_CHECK_W4_GROUP
 
+// W4A8 with integer group scales (the Hopper kernels, gemm_sm90.cuh): q in [1, kMaxIntGroupScale] per group and
+// channel. q * w must be an int8 (|q * w| <= 16 * 8 = 128 with w = -8: -128 is the one int8 of that magnitude) and
+// the unpack's bytes u * q + 128 - 8 q (u = w + 8 in [0, 15]) must stay in [0, 255] so that one 32-bit multiply-add
+// does four of them without a carry: 15 q + 128 - 8 q = 128 + 7 q <= 255 and 128 - 8 q >= 0, i.e. q <= 16. The
+// sum over K is W8A8's: |a * q * w| <= 127 * 128 per term (kMaxK's bound holds).
+constexpr int kMaxIntGroupScale = 16;
+static_assert(7 * kMaxIntGroupScale + 128 <= 255 && 128 - 8 * kMaxIntGroupScale >= 0,
+              "integer group scales: the unpack's bytes would carry");
+
 #define DITQ_W4_GROUP_ENTRY(G) G,
 constexpr int kW4GroupSizes[] = {DITQ_W4_GROUP_SIZES(DITQ_W4_GROUP_ENTRY)};
 #undef DITQ_W4_GROUP_ENTRY

@@ -141,6 +141,25 @@ def dequantize_groupwise(q: torch.Tensor, scales: torch.Tensor, group_size: int)
     return (q.float().reshape(n, k // group_size, group_size) * scales.t().float()[:, :, None]).reshape(n, k)
 
 
+MAX_INT_GROUP_SCALE = 16  # integer group scales: q * w must be an int8 (csrc/configs/kernel_families.h)
+
+
+def expand_int_group_scales(q: torch.Tensor, qscale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Int4 values with integer group scales (two-level scales) as the int8 weight they stand for.
+
+    ``q``: int8 [N, K] in [-8, 7]; ``qscale``: integer [K // group_size, N] in [1, :data:`MAX_INT_GROUP_SCALE`].
+    Returns int8 [N, K] ``q[n, k] * qscale[k // group_size, n]``: with the per-channel float scale s[n], a W4A8
+    GEMM with integer group scales computes exactly ``gemm_w8a8`` of this weight with scale s (one int32 sum over K),
+    which is the contract the Hopper kernels (``ditq_C::gemm_w4a8i``) meet bit for bit."""
+    n, k = q.shape
+    if k % group_size or tuple(qscale.shape) != (k // group_size, n):
+        raise ValueError(f"qscale must be [K // group_size, N] = [{k // group_size}, {n}], got {tuple(qscale.shape)}")
+    if qscale.numel() and (int(qscale.min()) < 1 or int(qscale.max()) > MAX_INT_GROUP_SCALE):
+        raise ValueError(f"integer group scales must lie in [1, {MAX_INT_GROUP_SCALE}]")
+    per_k = qscale.t().to(torch.int16).repeat_interleave(group_size, dim=1)  # [N, K]
+    return (q.to(torch.int16) * per_k).to(torch.int8)
+
+
 # ---- int4 packing (canonical: low nibble = even k) ---------------------------------------------------
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -470,8 +470,10 @@ def test_cuda_kernel_names():
     for args, want in [("Sm90Tile<64, 128, 6, 1>, ditq::gemm::PlainEpilogue", "wgmma-w8a8"),
                        ("Sm90Tile<64, 128, 6, 1>, ditq::gemm::FusedEpilogue", "wgmma-w8a8 +fused"),
                        ("Sm90Tile<16, 64, 8, 1>, 32, ditq::gemm::PlainEpilogue", "wgmma-w4a8 g32"),
-                       ("Sm90Tile<16, 64, 8, 1>, 32, ditq::gemm::FusedEpilogue", "wgmma-w4a8 g32 +fused")]:
-        kernel = "gemm_w4a8_sm90_kernel" if "w4a8" in want else "gemm_w8a8_sm90_kernel"
+                       ("Sm90Tile<16, 64, 8, 1>, 32, ditq::gemm::FusedEpilogue", "wgmma-w4a8 g32 +fused"),
+                       ("Sm90Tile<128, 128, 5, 2>, 64, ditq::gemm::PlainEpilogue", "wgmma-w4a8i g64")]:
+        kernel = ("gemm_w4a8i_sm90_kernel" if "w4a8i" in want else "gemm_w4a8_sm90_kernel" if "w4a8" in want
+                  else "gemm_w8a8_sm90_kernel")
         meta = sr._cuda_kernel_meta(f"void {h}{kernel}<{h}{args}>({h}Sm90Params)", tiles)
         assert meta["kernel"] == want and meta["sm90"], (args, meta["kernel"])
     assert sr._cuda_kernel_meta("void ditq::qact::quantize_act_kernel<float, true, true>(P)", tiles) is None

@@ -13,7 +13,9 @@ output's F2I), keep the plain kernel's main-loop wgmma, TMA, ldmatrix and wait w
 than a consumer warpgroup gets from setmaxnreg. The same kernels run every split-K count: the reduction (atomic
 count, fences, block barriers) is compiled in, after the main loop, and the schedule's work-unit mapping (the
 CTA's tile and split, from its 1-D block index: integer divisions) before it. Registers, shared memory and the
-main loop's instructions per wgmma are printed (`pytest -s`) and kept in user_properties."""
+main loop's instructions per wgmma are printed (`pytest -s`) and kept in user_properties. The W4A8 kernels with
+integer group scales (gemm_w4a8i_sm90_kernel) pass W8A8's wait rule (never a drain) and hold no fold in their
+main loop (no I2F / FFMA): the group scale is applied to the weights before the wgmma."""
 import collections
 import os
 import re
@@ -47,13 +49,14 @@ def w4_group_sizes():
 def kernel_key(name):
     """('w8' | 'w4g<G>', (BM, BN, STAGES, CONSUMERS), 'plain' | 'fused') of a mangled Hopper kernel name, else
     None."""
-    m = re.search(r"gemm_(w8a8|w4a8)_sm90_kernelINS\w*?Sm90TileILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)EEE(?:Li(\d+)E)?", name)
+    m = re.search(r"gemm_(w8a8|w4a8i?)_sm90_kernelINS\w*?Sm90TileILi(\d+)ELi(\d+)ELi(\d+)ELi(\d+)EEE(?:Li(\d+)E)?", name)
     if not m:
         return None
     shape = tuple(int(v) for v in m.groups()[1:5])
     epi = "fused" if "FusedEpilogue" in name else "plain"
     assert epi == "fused" or "PlainEpilogue" in name, name
-    return ("w8" if m.group(1) == "w8a8" else f"w4g{m.group(6)}"), shape, epi
+    kind = {"w8a8": "w8", "w4a8": "w4g", "w4a8i": "w4ig"}[m.group(1)]
+    return (kind if kind == "w8" else f"{kind}{m.group(6)}"), shape, epi
 
 
 def consumer_regs():
@@ -156,7 +159,7 @@ def _check(compiled, epi, request, plain=None):
     w8, w4 = sm90_tables()
     kernels = {kernel_key(n): n for n in funcs if kernel_key(n)}
     expected = {("w8", s, epi) for s in w8.values()} | \
-               {(f"w4g{g}", s, epi) for s in w4.values() for g in w4_group_sizes()}
+               {(f"{w4k}{g}", s, epi) for s in w4.values() for g in w4_group_sizes() for w4k in ("w4g", "w4ig")}
     assert set(kernels) == expected, f"kernels compiled {sorted(kernels)} != tables {sorted(expected)}"
     plain_kernels = {kernel_key(n)[:2]: n for n in (plain[0] if plain else {}) if kernel_key(n)}
     report = []
@@ -183,11 +186,14 @@ def _check(compiled, epi, request, plain=None):
         assert loop_igmma == 4, f"{what}: {loop_igmma} wgmma in the main loop, expected 4 (BK = 128 per stage)"
         waits = _depbar(loop)
         assert waits[1] >= 1, f"{what}: the main loop never keeps a wgmma group in flight: waits {dict(waits)}"
-        if kind == "w8":
-            assert waits[0] == 0, f"{what}: the main loop drains the wgmma pipeline (DEPBAR 0x0): {dict(waits)}"
-        else:
+        if kind.startswith("w4g"):
             assert waits[0] <= 1, f"{what}: the main loop drains more than once per stage: {dict(waits)}"
-        assert lops["LDSM.16.M88.4"] + lops["LDSM.16.M88.2"] == (0 if kind == "w8" else 2 if kind != "w4g32" else 4)
+        else:  # W8A8 and W4A8 with integer group scales: one int32 sum over K, nothing to fold, never a drain
+            assert waits[0] == 0, f"{what}: the main loop drains the wgmma pipeline (DEPBAR 0x0): {dict(waits)}"
+        if kind.startswith("w4ig"):  # q * w is built before the wgmma: no int -> float conversion, no fma
+            folds = {o: v for o, v in lops.items() if o.startswith(("I2F", "FFMA"))}
+            assert not folds, f"{what}: the main loop folds partials ({folds}) although the group scales are integer"
+        assert lops["LDSM.16.M88.4"] + lops["LDSM.16.M88.2"] == (0 if kind == "w8" else 4 if kind == "w4g32" else 2)
         # split-K (one kernel for every split count): the tile's atomic count and the gpu-scope fences are there,
         # after the main loop, never in it
         assert any(o.startswith("ATOMG") for o in ops) and any(o.startswith("MEMBAR") for o in ops), what

@@ -21,7 +21,7 @@ def families():
 
 def test_json_shape_and_keys():
     f = families()
-    assert set(f) == {"quantize_act", "gemm_w8a8", "gemm_w4a8", "norm_quantize"}
+    assert set(f) == {"quantize_act", "gemm_w8a8", "gemm_w4a8", "gemm_w4a8i", "norm_quantize"}
     assert set(f["quantize_act"]) == set(f["norm_quantize"]) == {"k_multiple", "max_k", "built_archs", "emulated"}
     gemm_keys = {"weight_bits", "group_sizes", "k_multiple", "max_k", "layout", "layout_version", "min_arch",
                  "built_archs", "emulated"}
@@ -32,6 +32,12 @@ def test_json_shape_and_keys():
         assert f[fam]["k_multiple"] == 16 and f[fam]["max_k"] == 16384 and f[fam]["min_arch"] == 80
         assert f[fam]["layout_version"] == 1 and f[fam]["emulated"] is True
     assert f["gemm_w8a8"]["layout"] != f["gemm_w4a8"]["layout"]
+    # integer group scales: the W4 family's description plus the largest q and the Hopper-only note
+    assert set(f["gemm_w4a8i"]) == gemm_keys | {"max_int_group_scale", "archs_needed"}
+    assert {k: v for k, v in f["gemm_w4a8i"].items() if k in gemm_keys} == f["gemm_w4a8"]
+    assert f["gemm_w4a8i"]["archs_needed"] == [90]
+    from ditq.quant.reference import MAX_INT_GROUP_SCALE
+    assert f["gemm_w4a8i"]["max_int_group_scale"] == MAX_INT_GROUP_SCALE == 16
     assert f["quantize_act"]["k_multiple"] == 1
 
 
