@@ -99,6 +99,9 @@ def enumerate_cases(shapes, ms, backends, groups, extra: List[str]) -> List[Dict
                     if k % g == 0:
                         cases.append(dict(base, impl=f"ditq-{b} w4a8 g{g}", kind="gemm", backend=b, bits=4,
                                           group_size=g))
+                        if b.startswith("cuda"):  # integer group scales: the Hopper kernels (gemm_w4a8i)
+                            cases.append(dict(base, impl=f"ditq-{b} w4a8i g{g}", kind="gemm", backend=b, bits=4,
+                                              group_size=g, int_scales=True))
                 if (b, m, k) not in seen_quant:  # the activation op depends on M and K only
                     seen_quant.add((b, m, k))
                     for scheme in ("static", "dynamic"):
@@ -122,7 +125,7 @@ def _nbytes(c: Dict) -> Tuple[float, float]:
         act = m * k + 4 * m  # e4m3 values and one fp32 scale per row
     if c["bits"] == 8:
         return 2.0 * m * n * k, act + n * k + 4 * n + out
-    return 2.0 * m * n * k, act + n * k // 2 + 4 * (k // c["group_size"]) * n + out
+    return 2.0 * m * n * k, act + n * k // 2 + 4 * (k // c["group_size"]) * n + out + (4 * n if c.get("int_scales") else 0)
 
 
 # ---- implementations ----------------------------------------------------------------------------------
@@ -216,11 +219,47 @@ def make_call(torch, case: Dict, inp: Inputs) -> Callable[[int], object]:
         s = inp.get(f"w4-{be}-{group}", make4)
         op4 = torch.ops.ditq.gemm_w4a8
         call = lambda i: op4(*s[i % len(s)][:5], group, bf16, be)  # noqa: E731
+        if case.get("int_scales"):  # the same packed weights, q in [1, 16] per group, a float scale per channel
+            call = _int_scales(torch, case, inp, s, group)
+            return call
 
     def check() -> Optional[str]:
         a, a_scale, _, _, bias, w_q, w_scale = s[0]
         ref_rows = common.exact_rows(torch, common.sample_rows(torch, m), a, a_scale, w_q, w_scale, bias, group)
         return common.output_error(torch, call(0), m, n, ref_rows)
+    call.check = check
+    return call
+
+
+def _int_scales(torch, case: Dict, inp: Inputs, sets, group: int):
+    """ditq_C::gemm_w4a8i (W4A8 with integer group scales, the Hopper kernels) on the float-scale rows' packed
+    weights: q int32 [K // G, N] in [1, 16], one float scale per channel; checked against the exact W8A8 product of
+    the expanded weight q * w."""
+    from ditq.quant import reference as ref
+
+    m, n, k = case["M"], case["N"], case["K"]
+
+    def make():
+        return (torch.randint(1, ref.MAX_INT_GROUP_SCALE + 1, (k // group, n), device=inp.device, generator=inp.g,
+                              dtype=torch.int32), inp.scales(n))
+    qsets = inp.get(f"w4i-{case['backend']}-{group}", make)
+    op = torch.ops.ditq_C.gemm_w4a8i
+
+    def call(i):
+        a, a_scale, w, _, bias = sets[i % len(sets)][:5]
+        qs, sc = qsets[i % len(qsets)]
+        return op(a, a_scale, w, qs, sc, bias, group, torch.bfloat16)
+    try:
+        call(0)
+    except ValueError as e:  # not an sm_90 GPU with sm_90a code (or the emulator not set to sm_90a)
+        raise Unsupported(str(e).splitlines()[0][:200]) from e
+
+    def check() -> Optional[str]:
+        a, a_scale, _, _, bias, w_q, _ = sets[0]
+        qs, sc = qsets[0]
+        wq = ref.expand_int_group_scales(w_q.cpu(), qs.cpu(), group).to(a.device)
+        rows = common.exact_rows(torch, common.sample_rows(torch, m), a, a_scale, wq, sc, bias, None)
+        return common.output_error(torch, call(0), m, n, rows)
     call.check = check
     return call
 

@@ -198,9 +198,28 @@ def gemm_targets(g: Dict) -> List[str]:
             w4 = sel(f"ditq-{b} w4a8 g{gs}", small)
             if w4:
                 out.append(target(f"W4A8 GEMM at M <= {W4A8_GEMM_M}", W4A8_GEMM_WANT, f"ditq-{b} g{gs}", w4))
+            out += int_scales_line(rows, b, gs, big)
     if not out:
         out.append(f"- GEMM targets: no ok rows at M >= {W8A8_GEMM_M} or M <= {W4A8_GEMM_M}")
     return out
+
+
+def int_scales_line(rows: List[Dict], backend: str, group: int, big) -> List[str]:
+    """W4A8 with integer group scales at large M, time against the float-group-scale W4A8 and the W8A8 rows of the
+    same shapes (the same run): whether a W4A8 comes within 15% of W8A8 where the GEMMs are compute-bound."""
+    by = {}
+    for r in rows:
+        if big(r["M"]) and r.get("median_ms"):
+            by.setdefault((r.get("model"), r.get("layer"), r.get("N"), r.get("K"), r["M"]), {})[r["impl"]] = \
+                r["median_ms"]
+    w4i, w4, w8 = (f"ditq-{backend} w4a8i g{group}", f"ditq-{backend} w4a8 g{group}", f"ditq-{backend} w8a8")
+    vs4 = [d[w4] / d[w4i] for d in by.values() if w4i in d and w4 in d]
+    vs8 = [d[w8] / d[w4i] for d in by.values() if w4i in d and w8 in d]
+    if not vs4 and not vs8:
+        return []
+    return [f"- W4A8 integer group scales g{group} ({backend}) at M >= {W8A8_GEMM_M}: "
+            + (f"{_spread(vs4)} the float-group-scale W4A8" if vs4 else "no float-scale rows")
+            + (f"; {_spread(vs8)} W8A8 (within 15%: >= 0.87)" if vs8 else "")]
 
 
 def _best(rows: List[Dict], precisions) -> Optional[Dict]:

@@ -118,6 +118,8 @@ def test_gemm_one_row_per_case(gemm):
                 assert f"ditq-{b} w8a8" in impls
                 for g in rep["group_sizes"]:
                     assert (f"ditq-{b} w4a8 g{g}" in impls) == (s["K"] % g == 0)
+                    # integer group scales: a row per CUDA backend (the Hopper kernels; elsewhere it says why not)
+                    assert (f"ditq-{b} w4a8i g{g}" in impls) == (s["K"] % g == 0 and b.startswith("cuda"))
     quant = [r for r in rep["rows"] if r["kind"] == "quant"]
     ditq_quant = [r for r in quant if r["impl"].startswith("ditq-")]
     assert {r["impl"].rsplit(" ", 1)[1] for r in ditq_quant} == {"static", "dynamic"}
@@ -552,6 +554,14 @@ def test_record_gpu_run_target_lines():
     assert "fp8 row-wise (`torch._scaled_mm`) vs bf16 at M >= 4096: median 1.60x" in lines
     assert "torchao fp8 row-wise (torchao's linear, its quantization pass included) vs bf16 at M >= 4096: median " \
            "1.45x (min 1.40x, max 1.50x, 2 shapes x M)" in lines
+    assert "integer group scales" not in lines  # no w4a8i rows: no line
+    # W4A8 with integer group scales against the float-scale W4A8 and W8A8 rows of the same shape and M
+    t = lambda m, impl, ms: dict(g(m, impl, 1.0), model="dit", layer="fc1", N=4608, K=1152, median_ms=ms)  # noqa
+    rows += [t(4096, "ditq-cuda w4a8i g128", 1.0), t(4096, "ditq-cuda w4a8 g128", 1.5), t(4096, "ditq-cuda w8a8", 0.9),
+             t(16384, "ditq-cuda w4a8i g128", 4.0), t(16384, "ditq-cuda w4a8 g128", 5.0)]
+    lines = "\n".join(rec.gemm_targets({"rows": rows, "backends": ["cuda"], "group_sizes": [128]}))
+    assert ("W4A8 integer group scales g128 (cuda) at M >= 4096: median 1.38x (min 1.25x, max 1.50x, 2 shapes x M) "
+            "the float-group-scale W4A8; median 0.90x (min 0.90x, max 0.90x, 1 shapes x M) W8A8") in lines
 
     def d(variant, ms, impl=None):
         prec, mode = variant.rsplit(" ", 1)

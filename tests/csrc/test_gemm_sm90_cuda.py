@@ -72,6 +72,35 @@ def test_w4a8_sm90_exact_and_equal_to_emulator(hopper_pair, tile, group):
             assert torch.equal(y.view(torch.int16), ye.view(torch.int16)), "GPU and emulator differ"
 
 
+@pytest.mark.parametrize("group", GROUPS)
+def test_w4a8i_sm90_equal_to_emulator_and_to_w8a8(hopper_pair, group):
+    """W4A8 with integer group scales (ditq_C::gemm_w4a8i) on the GPU: bit for bit the emulator's result and the
+    Hopper W8A8 kernel's on the expanded weight q * w (one int32 sum over K in both), and exact against the integer
+    reference; every tile, forced split counts included (int32 partials: the same bits)."""
+    from test_gemm_sm90_int_scales_emulated import _inputs as int_inputs, _packed
+
+    from ditq.emulator import emulator_options
+    k = {32: 96, 64: 320, 128: 1152, 256: 1280}[group]
+    for tile in W4_TILES:
+        for m, n in ((1, 9), (33, 67), (512, 1152)):
+            a, sa, w, qs, sc, b = int_inputs(m, n, k, group, seed=m + group + tile)
+            pw = _packed(w, group)
+            cuda = [t.cuda() for t in (a, sa, pw, qs, sc, b)]
+            torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")  # for the allocator to hand back
+            y = torch.ops.ditq_C.gemm_w4a8i(*cuda, group, torch.bfloat16, tile, -1).cpu()
+            wq = ref.expand_int_group_scales(w, qs, group)
+            what = f"sm_90 W4A8 integer scales g{group} tile {tile} {(m, n, k)}"
+            assert_gemm_w8a8(y, a, sa, wq, sc, b, what=what)
+            y8 = torch.ops.ditq_C.gemm_w8a8(*[t.cuda() for t in (a, sa, wq, sc, b)], torch.bfloat16, BASE, -1).cpu()
+            assert torch.equal(y.view(torch.int16), y8.view(torch.int16)), f"{what}: differs from W8A8 on q * w"
+            ys = torch.ops.ditq_C.gemm_w4a8i(*cuda, group, torch.bfloat16, tile, 2 if k >= 2 * max(group, 128) else 1)
+            assert torch.equal(y.view(torch.int16), ys.cpu().view(torch.int16)), f"{what}: split count changed bits"
+            if m * n <= 33 * 67:
+                with emulator_options(arch="sm_90a"):
+                    ye = torch.ops.ditq_C.gemm_w4a8i(a, sa, pw, qs, sc, b, group, torch.bfloat16, tile, -1)
+                assert torch.equal(y.view(torch.int16), ye.view(torch.int16)), f"{what}: GPU and emulator differ"
+
+
 def test_automatic_choice_runs_on_sm90(hopper_pair):
     """No tile forced: the binding's own choice on sm_90 (the Hopper kernels) is exact at a DiT-like shape."""
     assert torch.ops.ditq_C.gemm_sm90_available(), "the runtime did not load this build's sm_90a code"
