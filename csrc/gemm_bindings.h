@@ -286,13 +286,20 @@ inline at::Tensor run(const char* op, GemmParams p, const at::Tensor& a, const s
     // Integer group scales: only the Hopper kernels apply them (before the wgmma); a forced split count picks
     // the Hopper tile of M's bucket instead of the mma.sync path that forcing a count means for float scales.
     const int64_t sm90_splits = p.w_qscale && tile < 0 ? -1 : splits;
-    int hopper = sm90_tile_for(op, p, group > 0, tile, sm90_splits, run_arch, emulated);
-    TORCH_CHECK_VALUE(hopper >= 0 || !p.w_qscale, op, ": integer group scales run on the Hopper kernels only "
-                      "(sm_90a, TMA + wgmma: 16-byte aligned rows, a Hopper tile id if one is forced); ",
-                      emulated ? "the emulator runs them under emulator_options(arch=\"sm_90a\")"
-                               : "on this GPU (sm_" + std::to_string(arch) + ") use float group scales "
-                                 "(w_qscale * w_scale) with gemm_w4a8");
+    const int hopper = sm90_tile_for(op, p, group > 0, tile, sm90_splits, run_arch, emulated);
     if (hopper >= 0) return run_sm90(op, p, a, out_dtype, group, hopper, splits, sm_count, emulated, fused);
+  }
+  // Integer group scales where the Hopper kernels do not run (another GPU, a float a, a forced mma.sync tile, the
+  // emulator not set to sm_90a): the mma.sync kernels fold float group scales, so they get q * s as float32
+  // [K // G, N] (one elementwise pass; exact when s has at most 19 significant bits, as ditq's quantizer makes it).
+  at::Tensor derived_scales;  // alive until the launch is queued; the caching allocator orders its reuse
+  if (p.w_qscale) {
+    const int64_t groups = p.K / group;
+    const at::Tensor q = at::from_blob(const_cast<int32_t*>(p.w_qscale), {groups, p.N}, a.options().dtype(at::kInt));
+    const at::Tensor sc = at::from_blob(const_cast<float*>(p.w_scale), {1, p.N}, a.options().dtype(at::kFloat));
+    derived_scales = q.to(at::kFloat).mul_(sc).contiguous();
+    p.w_scale = derived_scales.data_ptr<float>();
+    p.w_qscale = nullptr;
   }
   if (float_a) {
     const int ft = ditq::gemm::float_a_tile(group > 0);
@@ -435,11 +442,26 @@ inline GemmParams check_w8(const char* op, const at::Tensor& a, const at::Tensor
   return p;
 }
 
+inline GemmParams check_w4i(const char* op, const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
+                            const at::Tensor& w_qscale, const at::Tensor& w_scale,
+                            const std::optional<at::Tensor>& bias, int64_t group_size, bool emulated,
+                            bool float_a = false);
+
 inline GemmParams check_w4(const char* op, const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t group_size,
                            bool emulated, bool float_a = false) {
   TORCH_CHECK_VALUE(ditq::gemm::is_w4_group_size(group_size), op, ": group_size must be one of ",
                     group_sizes_text(), " (the sizes this build's kernels were compiled for), got ", group_size);
+  if (w_scale.scalar_type() == at::kInt) {
+    // Integer group scales in the CUDA backend's prepared layout (ditq.backends.cuda_layout): int32
+    // [K // group_size + 1, N], the group scales q then, in the last row, the channel scales' float32 bits.
+    const int64_t k = a.dim() == 2 ? a.size(1) : -1, groups = k > 0 && k % group_size == 0 ? k / group_size : -1;
+    TORCH_CHECK_VALUE(groups > 0 && w_scale.dim() == 2 && w_scale.size(0) == groups + 1 && w_scale.is_contiguous(),
+                      op, ": int32 w_scale (integer group scales) must be a contiguous [K // group_size + 1, N] "
+                      "tensor: q rows, then the channel scales' float32 bits (K = ", k, ")");
+    return check_w4i(op, a, a_scale, w, w_scale.narrow(0, 0, groups), w_scale.select(0, groups).view(at::kFloat),
+                     bias, group_size, emulated, float_a);
+  }
   TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": w must be uint8 (two int4 per byte), got ",
                    w.scalar_type());
   TORCH_CHECK_VALUE(w_scale.dim() == 2, op, ": w_scale must be float32 [K // group_size, N]");
@@ -460,10 +482,9 @@ inline GemmParams check_w4(const char* op, const at::Tensor& a, const at::Tensor
 // are the caller's contract, as the float scales' are), w_scale float32 [N] per output channel.
 inline GemmParams check_w4i(const char* op, const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
                             const at::Tensor& w_qscale, const at::Tensor& w_scale,
-                            const std::optional<at::Tensor>& bias, int64_t group_size, bool emulated) {
+                            const std::optional<at::Tensor>& bias, int64_t group_size, bool emulated, bool float_a) {
   TORCH_CHECK_VALUE(ditq::gemm::is_w4_group_size(group_size), op, ": group_size must be one of ",
                     group_sizes_text(), " (the sizes this build's kernels were compiled for), got ", group_size);
-  TORCH_CHECK_TYPE(a.scalar_type() == at::kChar, op, ": a must be int8, got ", a.scalar_type());
   TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": w must be uint8 (two int4 per byte), got ",
                    w.scalar_type());
   TORCH_CHECK_TYPE(w_qscale.scalar_type() == at::kInt, op, ": w_qscale must be int32, got ",
@@ -476,7 +497,7 @@ inline GemmParams check_w4i(const char* op, const at::Tensor& a, const at::Tenso
                     "split-nibble layout (ditq.backends.cuda_layout), got shape ", w.sizes());
   TORCH_CHECK_VALUE(k % group_size == 0 && w_qscale.size(0) == k / group_size, op, ": K = ", k,
                     " must be a multiple of group_size ", group_size, " and w_qscale [K // group_size, N]");
-  GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated, false);
+  GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated, float_a);
   TORCH_CHECK_VALUE(w_qscale.device() == a.device(), op, ": w_qscale must be on ", a.device());
   TORCH_CHECK_VALUE(w_scale.dim() == 1 && w_scale.size(0) == n, op, ": w_scale must be float32 [N] = [", n,
                     "] (one scale per output channel; the group scales are w_qscale)");
@@ -510,7 +531,7 @@ inline at::Tensor gemm_w4a8i(const at::Tensor& a, const at::Tensor& a_scale, con
                              const at::Tensor& w_qscale, const at::Tensor& w_scale,
                              const std::optional<at::Tensor>& bias, int64_t group_size, at::ScalarType out_dtype,
                              int64_t tile, int64_t splits, bool emulated) {
-  GemmParams p = check_w4i("gemm_w4a8i", a, a_scale, w, w_qscale, w_scale, bias, group_size, emulated);
+  GemmParams p = check_w4i("gemm_w4a8i", a, a_scale, w, w_qscale, w_scale, bias, group_size, emulated, false);
   return run("gemm_w4a8i", p, a, bias, out_dtype, static_cast<int>(group_size), tile, splits, emulated);
 }
 
@@ -521,7 +542,8 @@ inline at::Tensor gemm_w4a8i_fused(const at::Tensor& a, const at::Tensor& a_scal
                                    int64_t rows_per_gate, const std::optional<at::Tensor>& out_scale,
                                    at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
   const char* op = "gemm_w4a8i_fused";
-  GemmParams p = check_w4i(op, a, a_scale, w, w_qscale, w_scale, bias, group_size, emulated);
+  GemmParams p = check_w4i(op, a, a_scale, w, w_qscale, w_scale, bias, group_size, emulated,
+                           a.scalar_type() != at::kChar);
   out_dtype_of(out_dtype);
   FusedInputs keep;
   check_fused(op, p, keep, a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, emulated);

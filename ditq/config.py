@@ -71,6 +71,12 @@ class QuantConfig:
             weight error) or ``"gptq"`` (error-compensating rounding against each layer's calibration inputs
             ``X^T X``; needs calibration data, and keeps a ``K x K`` float32 matrix per layer during
             :func:`ditq.quantize`).
+        group_scales: 4-bit only: ``"float"`` (a float32 scale per group, the paper) or ``"int"`` (two-level: each
+            group's scale an integer multiple q in [1, 16] of a float scale per output channel, as in QServe's
+            progressive quantization; ``ditq.format``). The same checkpoint tensors and the same kernels
+            everywhere; on Hopper the W4A8 GEMM then applies q to the int4 values before the tensor cores and keeps
+            one int32 sum over K, as W8A8 does, instead of folding every group's partial into float sums. Measured
+            on the bundled DiT's block linears: mean weight SQNR 21.47 vs 21.51 dB at g32.
         act_bits: activation bits; only 8 is implemented (int8 GEMMs).
         act_scheme: ``"static"``: one activation scale per layer, calibrated (the paper); ``"dynamic"``: one scale
             per token computed at run time (no calibration needed).
@@ -110,6 +116,7 @@ class QuantConfig:
     weight_bits: int = 8
     group_size: Union[int, None, str] = _DEFAULT
     weight_method: str = "rtn"
+    group_scales: str = "float"
     act_bits: int = 8
     act_scheme: str = "static"
     calibration: Union[str, List[int]] = "first-step"
@@ -131,7 +138,7 @@ class QuantConfig:
         if isinstance(self.group_size, str) and self.group_size == _DEFAULT:
             self.group_size = 128 if self.weight_bits == 4 else None
         try:
-            WeightFormat(self.weight_bits, self.group_size)
+            WeightFormat(self.weight_bits, self.group_size, group_scales=self.group_scales)
         except FormatError as e:
             raise QuantConfigError(str(e)) from None
         if self.weight_method not in WEIGHT_METHODS:
@@ -214,7 +221,7 @@ class QuantConfig:
 
     @property
     def weight_format(self) -> WeightFormat:
-        return WeightFormat(self.weight_bits, self.group_size)
+        return WeightFormat(self.weight_bits, self.group_size, group_scales=self.group_scales)
 
     @property
     def needs_calibration(self) -> bool:
@@ -231,7 +238,8 @@ class QuantConfig:
     @property
     def name(self) -> str:
         g = "" if self.group_size is None else f"g{self.group_size}"
-        return f"w{self.weight_bits}{g}a{self.act_bits}-{self.act_scheme}"
+        tail = "-int-scales" if self.group_scales == "int" else ""
+        return f"w{self.weight_bits}{g}a{self.act_bits}-{self.act_scheme}{tail}"
 
     # ---- construction / serialization ----------------------------------------------------------------
 
@@ -248,8 +256,10 @@ class QuantConfig:
         return cls(**kw)
 
     def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v, list) else v)
-                for f in fields(self) for v in [getattr(self, f.name)]}
+        d = {f.name: (list(v) if isinstance(v, list) else v) for f in fields(self) for v in [getattr(self, f.name)]}
+        if d["group_scales"] == "float":  # a newer field: float-scale checkpoints stay readable by older ditq
+            del d["group_scales"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":

@@ -10,6 +10,15 @@ A quantized linear's weight is stored in a *canonical* layout that no kernel is 
   ``scales`` float32 ``[K // group_size, N]``: group-major, so a kernel walking K reads one contiguous row of
   N scales per group.
 
+**Integer group scales** (``WeightFormat(4, G, group_scales="int")``, two-level scales as in QServe's
+progressive quantization): the same tensors, but every column of ``scales`` is an integer multiple of one
+per-channel float ``c[n]``: ``scales[g, n] = q[g, n] * c[n]`` exactly in float32, ``q`` in ``[1, 16]``, and the
+group with the channel's largest scale has ``q = 16``, so ``c[n] = max_g scales[g, n] / 16`` and ``q`` are
+recovered exactly (:meth:`WeightFormat.int_group_scales`). Such weights run on every kernel as float group scales;
+the Hopper kernels apply ``q`` to the int4 values before the tensor-core product (``q * w`` is an int8) and keep
+one int32 sum over K, as W8A8 does (``csrc/gemm_sm90.cuh``). Checkpoints of the float kind carry no
+``group_scales`` field, so every earlier reader reads them as before and refuses the integer kind.
+
 A backend may want another memory layout (nibble order, fragment-ordered tiles); it derives it from the
 canonical one when a model is built or loaded (``ditq.backends.Backend.prepare_weight``), so a checkpoint
 is never tied to one backend. Checkpoints record ``LAYOUT`` and ``LAYOUT_VERSION``; loading another
@@ -28,6 +37,8 @@ LAYOUT = "ditq-canonical"
 LAYOUT_VERSION = 1
 SUPPORTED_BITS = (4, 8)
 MAX_GROUP_SIZE = 16384  # the K bound every GEMM shares (ditq.quant.reference.MAX_K)
+GROUP_SCALES = ("float", "int")  # WeightFormat.group_scales: float32 per group, or integer multiples of a channel's
+MAX_INT_GROUP_SCALE = 16  # the largest q (ditq.quant.reference and csrc/configs/kernel_families.h agree: tested)
 
 
 def is_canonical_group_size(group_size) -> bool:
@@ -53,6 +64,7 @@ class WeightFormat:
     group_size: Optional[int] = None  # None = one scale per output channel
     layout: str = LAYOUT
     layout_version: int = LAYOUT_VERSION
+    group_scales: str = "float"  # "int": integer multiples of a per-channel scale (see the module doc)
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -66,6 +78,11 @@ class WeightFormat:
         if self.bits == 8 and self.group_size is not None:
             raise FormatError("8-bit weights are stored with one scale per output channel; "
                               "set group_size=None")
+        if self.group_scales not in GROUP_SCALES:
+            raise FormatError(f"group_scales must be one of {GROUP_SCALES}, got {self.group_scales!r}")
+        if self.group_scales == "int" and self.bits != 4:
+            raise FormatError("integer group scales are for 4-bit weights (8-bit weights have one float scale per "
+                              "output channel)")
         if self.layout != LAYOUT or self.layout_version != LAYOUT_VERSION:
             raise FormatError(
                 f"weight layout {self.layout!r} version {self.layout_version} is not supported by this "
@@ -90,12 +107,31 @@ class WeightFormat:
         return {"qweight": (out_features, in_features // 2),
                 "scales": (in_features // self.group_size, out_features)}
 
+    def int_group_scales(self, scales):
+        """(q int32 [K // G, N], c float32 [N]) of canonical integer group scales: ``scales = q * c`` exactly, q in
+        [1, 16], c the channel's largest scale / 16. Raises FormatError when ``scales`` are not of that form (a
+        corrupted checkpoint, or float scales given for an integer format)."""
+        import torch
+
+        if self.group_scales != "int":
+            raise FormatError(f"{self} has float group scales")
+        c = scales.amax(dim=0) / MAX_INT_GROUP_SCALE  # exact: a power of two
+        q = torch.round(scales / c)
+        if not bool(((q >= 1) & (q <= MAX_INT_GROUP_SCALE) & (q * c == scales)).all()):
+            raise FormatError(f"scales are not integer group scales: each must be q * c[n] exactly, q an integer in "
+                              f"[1, {MAX_INT_GROUP_SCALE}] and c[n] = (the channel's largest scale) / "
+                              f"{MAX_INT_GROUP_SCALE}")
+        return q.to(torch.int32), c.contiguous()
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.group_scales == "float":  # the field is new: float checkpoints stay readable by every ditq
+            del d["group_scales"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "WeightFormat":
-        unknown = set(d) - {"bits", "group_size", "layout", "layout_version"}
+        unknown = set(d) - {"bits", "group_size", "layout", "layout_version", "group_scales"}
         if unknown:
             raise FormatError(f"unknown weight-format fields {sorted(unknown)}")
         return cls(**d)

@@ -126,6 +126,8 @@ class QuantLinear(nn.Module):
                 raise ValueError(f"{name} must be {dtype} {list(shapes[name])} for {self.fmt} with "
                                  f"K = {self.in_features}, N = {self.out_features}; got {got}")
         _check_values("scales", scales, positive=True)
+        if self.fmt.group_scales == "int":  # every scale an integer multiple (1..16) of its channel's base
+            self.fmt.int_group_scales(scales)  # a FormatError (ValueError) names what is wrong
         if (bias is None) != (self.bias is None):
             raise ValueError("bias presence does not match the layer (built with bias="
                              f"{self.bias is not None})")
@@ -361,6 +363,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         g = "per-channel" if self.fmt.group_size is None else f"group_size={self.fmt.group_size}"
+        g += ", integer group scales" if self.fmt.group_scales == "int" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"w{self.fmt.bits} {g}, a8 {self.act_scheme}, layout={self.fmt.layout} "
                 f"v{self.fmt.layout_version}, backend={self.backend or self.backend_request}")

@@ -24,6 +24,13 @@ layer's swap: ``4 K^2`` bytes each (K = 1152: 5.3 MB; DiT-XL/2's MLP down projec
 blocks' linears of DiT-XL/2: about 3.2 GB), on the device the activations ran on. The rounding itself is
 ``O(N K^2)`` per layer plus one ``K x K`` Cholesky; that is why it is opt-in.
 
+Integer group scales (``WeightFormat(..., group_scales="int")``, :mod:`ditq.format`): every method keeps its
+rounding and picks each group's scale on the channel's integer grid ``q * c`` (q in [1, 16], ``c`` from the row's
+absmax: :func:`ditq.quant.reference.int_scale_base`): ``"rtn"`` the grid point nearest absmax / qmax, ``"mse"`` the
+one of the 16 with the least squared error, ``"gptq"`` either, on the updated weights. The group holding the row's
+largest weight keeps ``q = 16`` under every method, which is what lets a checkpoint's scales give back ``q`` and
+``c`` exactly.
+
 Every function returns the *unpacked* integers (int8 ``[N, K]``, values within ``[-qmax, qmax]``) and the scales in
 the canonical layout of :mod:`ditq.format` (``[N]`` per channel, ``[K // group_size, N]`` group-wise);
 :func:`quantize_weight` packs them.
@@ -74,6 +81,31 @@ def mse_scales(wg: torch.Tensor, qmax: int, shrinks=None) -> torch.Tensor:
     return best_s
 
 
+def int_mse_scales(wg: torch.Tensor, qmax: int, base: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
+    """float32 [N, G] scales on the integer grid ``q * base[n]`` (q in [1, 16]) of ``wg`` [N, G, g]: per group the q
+    with the least squared rounding error (ties: the larger q), ``q = 16`` where ``pinned`` [N, G] is True."""
+    w = wg.float()
+    best_s = base[:, None].expand(w.shape[:2]) * ref.MAX_INT_GROUP_SCALE
+    best_err = _group_err(w, best_s, qmax)
+    for q in range(ref.MAX_INT_GROUP_SCALE - 1, 0, -1):
+        s = (base * q)[:, None].expand(w.shape[:2])
+        err = _group_err(w, s, qmax)
+        better = (err < best_err) & ~pinned
+        best_s = torch.where(better, s, best_s)
+        best_err = torch.where(better, err, best_err)
+    return best_s.contiguous()
+
+
+def _int_grid(w: torch.Tensor, group_size: int):
+    """(base [N], pinned [N, G]) of integer group scales for a float [N, K] weight: the channel bases and, per
+    row, the group holding its largest magnitude (which keeps q = 16)."""
+    n, k = w.shape
+    ga = w.detach().float().abs().reshape(n, k // group_size, group_size).amax(dim=2)
+    pinned = torch.zeros_like(ga, dtype=torch.bool)
+    pinned[torch.arange(n, device=w.device), ga.argmax(dim=1)] = True
+    return ref.int_scale_base(ga.amax(dim=1)), pinned
+
+
 def _group_err(w: torch.Tensor, s: torch.Tensor, qmax: int) -> torch.Tensor:
     """Squared rounding error per group: the reference quantizer's arithmetic (multiply by the fp32 reciprocal,
     round half to even, clamp) without its int8 cast and NaN handling (weights are checked finite first)."""
@@ -98,14 +130,16 @@ def round_weight(w: torch.Tensor, fmt: WeightFormat, method: str = "rtn",
         raise ValueError("weight holds NaN or inf values; cannot quantize")
     n, k = w.shape
     fmt.check_in_features(k)
+    int_scales = fmt.group_scales == "int"
     if method == "rtn":
         if fmt.bits == 8:
             return ref.quantize_per_channel(w)
-        return ref.quantize_groupwise(w, fmt.group_size)
+        return (ref.quantize_groupwise_int if int_scales else ref.quantize_groupwise)(w, fmt.group_size)
     g = _group_size(fmt, k)
+    grid = _int_grid(w, g) if int_scales else None
     if method == "mse":
         wg = w.detach().float().reshape(n, k // g, g)
-        s = mse_scales(wg, fmt.qmax)
+        s = int_mse_scales(wg, fmt.qmax, *grid) if int_scales else mse_scales(wg, fmt.qmax)
         q = ref.quantize_with_scale(wg, s[:, :, None], fmt.qmax).reshape(n, k)
         return q, _to_canonical_scales(s, fmt)
     if hessian is None:
@@ -115,7 +149,7 @@ def round_weight(w: torch.Tensor, fmt: WeightFormat, method: str = "rtn",
                          f"{tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__}")
     if scale_search not in ("mse", "absmax"):
         raise ValueError(f"scale_search must be 'mse' or 'absmax', got {scale_search!r}")
-    return gptq(w, hessian, g, fmt.qmax, fmt, scale_search)
+    return gptq(w, hessian, g, fmt.qmax, fmt, scale_search, grid)
 
 
 def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
@@ -136,8 +170,9 @@ def _inverse_hessian_factor(h: torch.Tensor) -> torch.Tensor:
 
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, qmax: int, fmt: WeightFormat,
-         scale_search: str = "mse") -> Tuple[torch.Tensor, torch.Tensor]:
+         scale_search: str = "mse", grid=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of a float [N, K] weight in groups of ``group_size`` along K (``group_size = K``: one scale per row).
+    ``grid``: (base [N], pinned [N, G]) of integer group scales (:func:`_int_grid`), or None for float scales.
 
     Computed in float64 on the CPU (exact enough that the result does not depend on the BLAS's summation order at
     the sizes tested) and float32 on a GPU."""
@@ -170,7 +205,16 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, qmax: int, fmt
             col = b0 + i
             if col % group_size == 0:
                 grp = W1[:, i:i + group_size].float()
-                if scale_search == "mse":
+                if grid is not None:  # integer group scales: the channel's grid, its pinned group at q = 16
+                    base, pinned = grid
+                    pin = pinned[:, col // group_size, None]
+                    if scale_search == "mse":
+                        s = int_mse_scales(grp[:, None, :], qmax, base, pin)[:, 0]
+                    else:
+                        s = ref.snap_to_int_scales(ref.symmetric_scale(grp.abs().amax(dim=1), qmax)[:, None],
+                                                   base)[:, 0]
+                        s = torch.where(pin[:, 0], base * ref.MAX_INT_GROUP_SCALE, s)
+                elif scale_search == "mse":
                     s = mse_scales(grp[:, None, :], qmax)[:, 0]
                 else:
                     s = ref.symmetric_scale(grp.abs().amax(dim=1), qmax)

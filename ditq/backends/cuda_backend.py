@@ -65,6 +65,17 @@ def _kernel_ops() -> KernelOps:
                                                        {"CPU": _attention_inputs_cpu, "CUDA": _attention_inputs_cuda}))
 
 
+def _int_scale_kernels(device: torch.device) -> bool:
+    """Whether integer group scales go to the GEMMs as integers on ``device``: the Hopper kernels apply them before
+    the tensor cores (an sm_90 GPU with this build's sm_90a code; the emulator, whose binding runs them under
+    ``emulator_options(arch="sm_90a")`` and otherwise derives float scales per call, as on any other GPU). Elsewhere
+    the layer keeps the canonical float scales (the exact products q * c) and runs the float-scale kernels."""
+    if device.type != "cuda":
+        return True
+    with torch.cuda.device(device):
+        return torch.cuda.get_device_capability() == (9, 0) and bool(torch.ops.ditq_C.gemm_sm90_available())
+
+
 def _attention_inputs_cuda(*args):
     """attention_inputs on CUDA tensors: a float op with no C++ kernel, so the Triton kernel (Triton comes with a
     CUDA torch)."""
@@ -134,9 +145,14 @@ class _CudaKernels(Backend):
         return _kernel_ops()
 
     def prepare_weight(self, fmt, qweight, scales):
-        return cuda_layout.prepare_weight(fmt.bits, qweight, scales)
+        qweight, scales = cuda_layout.prepare_weight(fmt.bits, qweight, scales)
+        if fmt.group_scales == "int" and _int_scale_kernels(qweight.device):
+            scales = cuda_layout.int_scales_to_kernel(*fmt.int_group_scales(scales))
+        return qweight, scales
 
     def canonical_weight(self, fmt, qweight, scales):
+        if scales.dtype == torch.int32:  # integer group scales in the kernels' form
+            scales = cuda_layout.int_scales_to_canonical(scales)
         return cuda_layout.canonical_weight(fmt.bits, qweight, scales)
 
     def quantize_act(self, x, scale):

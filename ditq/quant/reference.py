@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from ..format import MAX_INT_GROUP_SCALE
+
 INT8_QMAX = 127
 INT4_QMAX = 7
 MAX_K = 16384  # the K every GEMM takes: 127 * 128 * 16384 < 2^31 with 8x headroom (exact to K < 2^17)
@@ -141,7 +143,39 @@ def dequantize_groupwise(q: torch.Tensor, scales: torch.Tensor, group_size: int)
     return (q.float().reshape(n, k // group_size, group_size) * scales.t().float()[:, :, None]).reshape(n, k)
 
 
-MAX_INT_GROUP_SCALE = 16  # integer group scales: q * w must be an int8 (csrc/configs/kernel_families.h)
+def int_scale_base(absmax: torch.Tensor) -> torch.Tensor:
+    """The per-channel base ``c`` of integer group scales for rows of largest magnitude ``absmax`` (float [N]):
+    ``absmax / (INT4_QMAX * 16)``, so that the row's largest group gets ``q = 16``, rounded *up* to 19 significant
+    bits, so that every product ``q * c`` (q <= 16: 5 bits) is exact in float32 (24 bits) and a checkpoint's
+    scales give back q and c exactly (``ditq.format.WeightFormat.int_group_scales``)."""
+    c = symmetric_scale(absmax.float(), INT4_QMAX * MAX_INT_GROUP_SCALE)
+    bits = c.view(torch.int32)
+    return ((bits + 31) & ~31).view(torch.float32)  # positive normal floats: the carry rounds the mantissa up
+
+
+def snap_to_int_scales(s: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Group scales ``s`` [N, G] moved to the integer grid of ``base`` [N]: ``clamp(round(s / c), 1, 16) * c``."""
+    q = torch.round(s / base[:, None]).clamp_(1, MAX_INT_GROUP_SCALE)
+    return q * base[:, None]
+
+
+def quantize_groupwise_int(w: torch.Tensor, group_size: int, qmax: int = INT4_QMAX):
+    """:func:`quantize_groupwise` with integer group scales (two-level): each group's absmax / qmax moved to the
+    nearest ``q * c`` of its channel's base (:func:`int_scale_base`), q in [1, 16]. Returns (q int8 [N, K],
+    scales fp32 [K // group_size, N]) with ``scales = q * c`` exactly."""
+    _check_float(w, "weight")
+    if w.dim() != 2:
+        raise ValueError(f"weight must be [N, K], got shape {tuple(w.shape)}")
+    n, k = w.shape
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"group_size {group_size} does not divide K = {k}")
+    wg = w.detach().float().reshape(n, k // group_size, group_size)
+    base = int_scale_base(w.detach().float().abs().amax(dim=1))
+    s = snap_to_int_scales(symmetric_scale(wg.abs().amax(dim=2), qmax), base)  # [N, G]
+    q = quantize_with_scale(wg, s[:, :, None], qmax).reshape(n, k)
+    return q, s.t().contiguous()
+
+
 
 
 def expand_int_group_scales(q: torch.Tensor, qscale: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -4,14 +4,15 @@ wgmma's int8 A fragment and keeps one int32 sum over K, so its output must equal
 expanded int8 weight q * w (``ditq.quant.reference.expand_int_group_scales``) bit for bit, and the exact integer
 reference within fp32 rounding: every Hopper W4 tile and group size at ragged shapes, both ends of the int4 and q
 ranges, forced split counts (int32 partials: the same bits for each), the fused epilogue, every fiber order x
-async-landing mode with the race checker on. The binding poisons the output with NaN first."""
+async-landing mode with the race checker on; elsewhere (another architecture, an mma.sync tile, a float a) the
+binding runs the float-scale kernels on q * c. The binding poisons the output with NaN first."""
 import pytest
 import torch
 
 from ditq import backends
 from ditq.format import WeightFormat
 from ditq.quant import reference as ref
-from ditq.testing import assert_gemm_w8a8, random_int4, random_int8
+from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8, random_int4, random_int8
 
 BACKEND = "cuda-emulated"
 BASE = 100  # kSm90TileBase, csrc/configs/gemm_tiles_sm90.h
@@ -166,10 +167,54 @@ def test_w4a8i_binding_checks():
             op(a, sa, pw, qs[:1].contiguous(), sc, b, 32, torch.float32, -1, -1)
         with pytest.raises(ValueError, match="group_size must be one of"):
             op(a, sa, pw, qs, sc, b, 48, torch.float32, -1, -1)
-        with pytest.raises(ValueError, match="Hopper kernels only"):
-            op(a, sa, pw, qs, sc, b, 32, torch.float32, 0, -1)  # an mma.sync tile id
-    with _opts(arch="sm_80"), pytest.raises(ValueError, match="Hopper kernels only"):
-        op(a, sa, pw, qs, sc, b, 32, torch.float32, -1, -1)
+        with pytest.raises(ValueError, match=r"\[K // group_size \+ 1, N\]"):  # the packed form, one row short
+            torch.ops.ditq_C.gemm_w4a8(a, sa, pw, qs, b, 32, torch.float32, -1, -1)
+        with pytest.raises(TypeError, match="a must be int8"):  # float a: the fused op only
+            op(a.float(), sa[:1], pw, qs, sc, b, 32, torch.float32, -1, -1)
+
+
+def _kernel_form(qs, sc):
+    from ditq.backends import cuda_layout
+    return cuda_layout.int_scales_to_kernel(qs, sc)
+
+
+def test_w4a8i_elsewhere_runs_the_float_scale_kernels():
+    """Where the Hopper kernels do not run (the emulator at sm_80 as on an A100, a forced mma.sync tile, a float a
+    in the fused op), the binding hands q * c to the mma.sync kernels as float group scales: bit for bit gemm_w4a8
+    with those scales, and the Hopper integer kernel's result to fp32 rounding."""
+    a, sa, w, qs, sc, b = _inputs(21, 40, 256, 64, per_token=False, seed=8)
+    pw, fs = _packed(w, 64), qs.float() * sc[None]
+    with _opts():
+        y_int = _w4a8i(a, sa, w, qs, sc, b, 64, torch.float32)
+        y_forced = _w4a8i(a, sa, w, qs, sc, b, 64, torch.float32, 0)  # an mma.sync tile id
+        y_float_tile0 = torch.ops.ditq_C.gemm_w4a8(a, sa, pw, fs, b, 64, torch.float32, 0, -1)
+    with _opts(arch="sm_80"):
+        y80 = _w4a8i(a, sa, w, qs, sc, b, 64, torch.float32)
+        y80_float = torch.ops.ditq_C.gemm_w4a8(a, sa, pw, fs, b, 64, torch.float32, -1, -1)
+        y80_packed = torch.ops.ditq_C.gemm_w4a8(a, sa, pw, _kernel_form(qs, sc), b, 64, torch.float32, -1, -1)
+        xf = torch.randn(21, 256, generator=torch.Generator().manual_seed(9))
+        y_fa = torch.ops.ditq_C.gemm_w4a8i_fused(xf, sa, pw, qs, sc, b, 64, False, None, None, 1, None,
+                                                 torch.float32, -1, -1)
+        qa, _ = torch.ops.ditq_C.quantize_act(xf, sa)  # what the float-A kernel quantizes on load
+    assert torch.equal(y_forced, y_float_tile0) and torch.equal(y80, y80_float) and torch.equal(y80_packed, y80)
+    assert_gemm_w8a8(y_int, a, sa, ref.expand_int_group_scales(w, qs, 64), sc, b)
+    for y, act in ((y_forced, a), (y80, a), (y_fa, qa)):  # float group scales: a fold per group
+        assert_gemm_w4a8(y, act, sa, w, fs, 64, b)
+
+
+def test_w4a8_takes_the_kernel_form_of_integer_scales():
+    """The layers' form (ditq.backends.cuda_layout.int_scales_to_kernel: int32 q rows, then the channel scales'
+    bits) through the plain and fused gemm_w4a8: the same bits as gemm_w4a8i / _fused on the Hopper kernels."""
+    a, sa, w, qs, sc, b = _inputs(17, 70, 384, 128, seed=10)
+    pw, packed = _packed(w, 128), _kernel_form(qs, sc)
+    with _opts():
+        y = torch.ops.ditq_C.gemm_w4a8(a, sa, pw, packed, b, 128, torch.bfloat16, -1, -1)
+        yi = torch.ops.ditq_C.gemm_w4a8i(a, sa, pw, qs, sc, b, 128, torch.bfloat16, -1, -1)
+        yf = torch.ops.ditq_C.gemm_w4a8_fused(a, sa, pw, packed, b, 128, True, None, None, 1, None, torch.float32,
+                                              -1, -1)
+        yfi = torch.ops.ditq_C.gemm_w4a8i_fused(a, sa, pw, qs, sc, b, 128, True, None, None, 1, None, torch.float32,
+                                                -1, -1)
+    assert torch.equal(y.view(torch.int16), yi.view(torch.int16)) and torch.equal(yf, yfi)
 
 
 def test_expand_int_group_scales_reference():

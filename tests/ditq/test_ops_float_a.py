@@ -140,7 +140,7 @@ def test_compiled_call_with_float_a_has_no_graph_break():
 
 
 class _Fmt:
-    """The two fields of a weight format that ``prepare_weight`` reads."""
+    """The fields of a weight format that ``prepare_weight`` reads."""
 
     def __init__(self, bits):
-        self.bits, self.group_size = bits, 32
+        self.bits, self.group_size, self.group_scales = bits, 32, "float"

@@ -216,7 +216,7 @@ def test_bad_epilogue_arguments_are_refused_like_the_torch_backend(bad, bits):
 
 
 class _Fmt:
-    """The two fields of a weight format that ``prepare_weight`` reads."""
+    """The fields of a weight format that ``prepare_weight`` reads."""
 
     def __init__(self, bits):
-        self.bits, self.group_size = bits, 32
+        self.bits, self.group_size, self.group_scales = bits, 32, "float"
