@@ -78,9 +78,11 @@ SMOKE_SAMPLE_SIZE = 8
 # GEMM epilogues that feed the next layer): the pair measures what fusion buys, side by side in one run.
 # "-lora" (opt-in, not in the default list): the same model with a random run-time LoRA adapter (ditq.load_lora,
 # rank LORA_RANK) on every attention and MLP linear of its blocks: beside its "-fused" twin, what a LoRA costs a step.
+# "w4a8i" (opt-in): W4A8 with integer group scales (QuantConfig(group_scales="int")): on Hopper the W4A8 GEMMs keep
+# one int32 sum over K instead of folding every group into float sums; beside "w4a8", what that buys a step.
 PRECISIONS = ("bf16", "w8a8", "w8a8-fused", "w4a8", "w4a8-fused", "fp8-rowwise", "torchao-int8dq",
-              "w8a8-fused-lora", "w4a8-fused-lora")
-OPT_IN = ("torchao-int8dq", "w8a8-fused-lora", "w4a8-fused-lora")
+              "w8a8-fused-lora", "w4a8-fused-lora", "w4a8i", "w4a8i-fused")
+OPT_IN = ("torchao-int8dq", "w8a8-fused-lora", "w4a8-fused-lora", "w4a8i", "w4a8i-fused")
 LORA_RANK = 32
 MODES = ("eager", "cudagraph", "compile")
 ROW_KEYS = ("model", "resolution", "sample_size", "batch", "cfg_batch", "tokens_per_image", "text_tokens", "M",
@@ -253,7 +255,9 @@ def quantize(torch, model, precision: str, backend: str, calib: Dict, rebuild: C
     preset = precision.removesuffix("-lora").removesuffix("-fused")
     fused = precision.removesuffix("-lora").endswith("-fused")
     adapter = random_lora(torch, model, LORA_RANK) if lora else None
-    cfg = ditq.QuantConfig.preset(preset, backend=backend, progress=False, fuse=fused)
+    int_scales = preset == "w4a8i"
+    cfg = ditq.QuantConfig.preset("w4a8" if int_scales else preset, backend=backend, progress=False, fuse=fused,
+                                  **({"group_scales": "int"} if int_scales else {}))
     rep = ditq.quantize(model, cfg, calib_fn=lambda m: m(**calib))
     info = {"output_sqnr_db": rep.output_sqnr, "backend": rep.backend, "quantized_layers": len(rep.layers),
             "implementation": f"ditq-{rep.backend}"}

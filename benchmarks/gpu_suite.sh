@@ -162,8 +162,10 @@ fi
 # 4. the DiT-XL/2 model table; 5. FLUX.1-dev rows (each writes its JSON after every case and on SIGTERM)
 DIT_PREC="bf16 fp8-rowwise w8a8-fused w8a8 w4a8-fused w4a8"  # compile order under a budget: the targets' first
 FLUX_PREC="bf16 fp8-rowwise w8a8-fused w4a8-fused"
-# the models call has the time for what a run-time LoRA adapter costs a step (beside w8a8-fused, cut first)
-if [ "$PART" = models ]; then DIT_PREC="$DIT_PREC w8a8-fused-lora"; fi
+# the models call has the time for what a run-time LoRA adapter costs a step (beside w8a8-fused) and what integer
+# group scales buy W4A8 (beside w4a8-fused), cut first; the flux call adds the latter to FLUX
+if [ "$PART" = models ]; then DIT_PREC="$DIT_PREC w4a8i-fused w8a8-fused-lora"; fi
+if [ "$PART" = models ] || [ "$PART" = flux ]; then FLUX_PREC="$FLUX_PREC w4a8i-fused"; fi
 if [ "$PART" = all ] || [ "$PART" = models ]; then
   if [ "$PART" = all ]; then T=$(cap 150 100); else T=$(cap 260 200); fi
   stage bench-model "$T" python3 benchmarks/bench_model.py --resolutions 256 --batches 1 8 --compile-batches 8 \

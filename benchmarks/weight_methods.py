@@ -2,6 +2,7 @@
 
     nice python benchmarks/weight_methods.py --out DIR                      # g32 and g128 x rtn / mse / gptq
     python benchmarks/weight_methods.py --out DIR --groups 32 --methods gptq --steps 2 --samples-per-class 1
+    nice python benchmarks/weight_methods.py --out DIR --groups 32 128 --methods rtn gptq --group-scales float int
 
 Runs ``ditq demo``'s machinery (same seeds, calibration and metrics: ``ditq.demo.run``) with one extra setting per
 (group size, method), the activation policy of the demo's ``-best`` rows (``BEST_POLICY``), and prints the demo
@@ -26,6 +27,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="directory for demo.png / demo.json")
     p.add_argument("--groups", type=int, nargs="+", default=[32, 128])
     p.add_argument("--methods", nargs="+", default=list(WEIGHT_METHODS), choices=WEIGHT_METHODS)
+    p.add_argument("--group-scales", nargs="+", default=["float"], choices=["float", "int"],
+                   help="float group scales (default), integer ones (two-level: QuantConfig.group_scales), or both")
     p.add_argument("--steps", type=int, default=run.DEFAULT_STEPS)
     p.add_argument("--samples-per-class", type=int, default=run.DEFAULT_SAMPLES_PER_CLASS)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -33,8 +36,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    extra = {f"w4a8-g{g}-{m}": dict(preset="w4a8", group_size=g, weight_method=m, **run.BEST_POLICY)
-             for g in args.groups for m in args.methods}
+    extra = {f"w4a8-g{g}-{m}" + ("-int" if gs == "int" else ""):
+             dict(preset="w4a8", group_size=g, weight_method=m, group_scales=gs, **run.BEST_POLICY)
+             for g in args.groups for m in args.methods for gs in args.group_scales}
     names = list(extra)
     t0, c0 = time.perf_counter(), time.process_time()
     with mock.patch.dict(run.SETTINGS, extra):  # the demo's own settings, for this run only

@@ -241,6 +241,7 @@ def cmd_quantize(args) -> int:
                                       act_estimator=args.act_estimator, timestep_groups=args.timestep_groups,
                                       smooth_alpha=args.smooth_alpha, max_dynamic_layers=args.max_dynamic_layers,
                                       fuse=args.fuse, weight_method=args.weight_method,
+                                      group_scales=args.group_scales,
                                       **({} if args.group_size is None else {"group_size": args.group_size}))
     except QuantConfigError as e:
         raise CLIError(_in_flags(str(e))) from None
@@ -266,6 +267,7 @@ def cmd_quantize(args) -> int:
 # The QuantConfig field each 'ditq quantize' flag sets: QuantConfig's messages name fields (as a Python user
 # writes them), the command line's name the flags the user typed.
 FLAG_OF_FIELD = {"weight_bits": "--preset", "group_size": "--group-size", "weight_method": "--weight-method",
+                 "group_scales": "--group-scales",
                  "act_scheme": "--act-scheme", "calibration": "--calibration", "act_estimator": "--act-estimator",
                  "timestep_groups": "--timestep-groups", "smooth_alpha": "--smooth-alpha",
                  "max_dynamic_layers": "--max-dynamic-layers", "backend": "--backend", "fuse": "--fuse"}
@@ -468,6 +470,8 @@ def _policy(cfg: dict) -> List[str]:
     out = []
     if cfg.get("weight_method", "rtn") != "rtn":
         out.append(f"weights rounded by {cfg['weight_method']}")
+    if cfg.get("group_scales", "float") != "float":
+        out.append(f"{cfg['group_scales']} group scales")
     if cfg.get("act_scheme") == "static" and cfg.get("act_estimator", "max") != "max":
         out.append(f"ranges by {cfg['act_estimator']}")
     if (cfg.get("timestep_groups") or 1) > 1:
@@ -522,7 +526,7 @@ def cmd_info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import ACT_ESTIMATORS, ACT_SCHEMES, CALIBRATION_MODES, PRESETS, WEIGHT_METHODS
-    from .format import SUPPORTED_GROUP_SIZES
+    from .format import GROUP_SCALES, SUPPORTED_GROUP_SIZES
     backends = ("auto", "torch", "triton", "cuda", "cuda-emulated")
 
     p = argparse.ArgumentParser(prog="ditq", description="Post-training int8/int4 quantization of diffusion "
@@ -569,6 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weight-method", default="rtn", choices=WEIGHT_METHODS,
                    help="how weights are rounded: rtn (absmax scales, round to nearest; default), mse (per-group "
                    "clip search) or gptq (error-compensating rounding on the calibration inputs)")
+    q.add_argument("--group-scales", default="float", choices=GROUP_SCALES,
+                   help="w4a8: float (a float scale per group; default) or int (an integer multiple in [1, 16] of a "
+                   "float scale per output channel: Hopper GPUs then keep one int32 sum over K)")
     q.add_argument("--act-estimator", default="max", choices=ACT_ESTIMATORS,
                    help="range of a static scale: max |x| (default, the paper), percentile, mse, or auto per layer")
     q.add_argument("--timestep-groups", type=int, default=1, metavar="G",

@@ -275,7 +275,7 @@ def test_model_rows(model):
     _fp8_rows(rows)
 
 
-@pytest.mark.parametrize("precision", ["w8a8", "w4a8-fused"])
+@pytest.mark.parametrize("precision", ["w8a8", "w4a8-fused", "w4a8i-fused"])
 def test_model_kernels_are_checked_against_the_torch_backend(precision):
     """bench_model's end-to-end check of a quantized model's kernels: the tiny DiT on the emulated CUDA kernels
     against the same quantized model on the torch backend is close (same integers: fp32 rounding only), every
@@ -296,6 +296,8 @@ def test_model_kernels_are_checked_against_the_torch_backend(precision):
     assert info["sqnr_vs_torch_backend_db"] > 60, info
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.backend == "cuda-emulated" for m in layers)
+    if precision.startswith("w4a8i"):  # integer group scales: the layers hold the kernels' integer form
+        assert all(m.fmt.group_scales == "int" and m.scales.dtype == torch.int32 for m in layers)
     if precision.endswith("-fused"):
         return
     victim = layers[len(layers) // 2]

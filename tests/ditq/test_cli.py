@@ -492,6 +492,19 @@ def test_quantize_with_a_weight_method(tiny_pipeline_dir, tmp_path, capsys):
     assert e.value.code == 2 and "invalid choice: 'awq'" in capsys.readouterr().err
 
 
+def test_quantize_with_integer_group_scales(tiny_pipeline_dir, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    code, _, err = run(["quantize", tiny_pipeline_dir, "--preset", "w4a8", "--group-size", "32", "--calib-labels",
+                        "1", "2", "--calib-steps", "2", "--group-scales", "int", "--quiet", "--out", out], capsys)
+    assert code == 0, err
+    assert json.load(open(os.path.join(out, "ditq_report.json")))["config"]["group_scales"] == "int"
+    code, info, err = run(["info", out], capsys)
+    assert code == 0 and "int group scales" in info, info + err
+    code, _, err = run(["quantize", tiny_pipeline_dir, "--preset", "w8a8", "--group-scales", "int", "--quiet",
+                        "--out", str(tmp_path / "p")], capsys)
+    assert code == 2 and "integer group scales are for 4-bit weights" in err and len(err.strip().splitlines()) == 1
+
+
 # ---- mistakes caught before any work: devices, backends, --out, flags that would be ignored ------------------
 
 def _no_gpu(monkeypatch):
@@ -600,7 +613,7 @@ def test_a_setting_quantconfig_refuses_names_the_flag(flags, line, tmp_path, cap
 
 
 @pytest.mark.parametrize("flag", ["--preset", "--calibration", "--act-scheme", "--group-size", "--weight-method",
-                                  "--act-estimator", "--backend"])
+                                  "--group-scales", "--act-estimator", "--backend"])
 def test_choice_flags_name_themselves(flag, tmp_path, capsys, monkeypatch):
     _fail_if_anything_runs(monkeypatch)
     argv = ["quantize", "bundled", "--preset", "w4a8", "--out", str(tmp_path / "o"), flag, "48"]
