@@ -227,6 +227,13 @@ def _check(compiled, epi, request, plain=None):
                        plain_loop_instructions=len(ploop))
         report.append(row)
         request.node.user_properties.append((f"{kind}_{bm}x{bn}_{epi}", row))
+    # what integer group scales are for: where the tile holds 64+ activation rows (the fold's cost grows with them),
+    # the main loop without folds is shorter than the float-scale kernel's at every group size
+    by = {(r["kind"], r["BM"], r["BN"]): r["loop_instructions"] for r in report}
+    for (kind, bm, bn), n_int in by.items():
+        if kind.startswith("w4ig") and bm >= 64:
+            n_float = by[("w4g" + kind[4:], bm, bn)]
+            assert n_int < n_float, f"sm_90a {kind} {epi} {bm}x{bn}: {n_int} loop instructions, float scales {n_float}"
     print("\nsm_90a: kind    epi    BMxBN    st  WG regs maxR   smem  instrs  loop  /wgmma  waits  (main-loop mix)")
     for r in report:
         print(f"sm_90a: {r['kind']:<7} {r['epi']:<5} {r['BM']:>3}x{r['BN']:<4} {r['stages']:>2} {r['consumers']:>3} "
