@@ -527,6 +527,18 @@ inline at::Tensor gemm_w4a8(const at::Tensor& a, const at::Tensor& a_scale, cons
   return run("gemm_w4a8", p, a, bias, out_dtype, static_cast<int>(group_size), tile, splits, emulated);
 }
 
+// The fused GEMMs after their weight checks: the epilogue pieces' checks (the output dtype first: the residual is
+// compared with it), then run's fused instantiation; `keep` holds what check_fused converted until the launch.
+inline at::Tensor run_fused(const char* op, GemmParams p, const at::Tensor& a, const std::optional<at::Tensor>& bias,
+                            bool gelu, const std::optional<at::Tensor>& gate, const std::optional<at::Tensor>& residual,
+                            int64_t rows_per_gate, const std::optional<at::Tensor>& out_scale,
+                            at::ScalarType out_dtype, int group, int64_t tile, int64_t splits, bool emulated) {
+  out_dtype_of(out_dtype);
+  FusedInputs keep;
+  check_fused(op, p, keep, a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, emulated);
+  return run(op, p, a, bias, out_dtype, group, tile, splits, emulated, true);
+}
+
 inline at::Tensor gemm_w4a8i(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
                              const at::Tensor& w_qscale, const at::Tensor& w_scale,
                              const std::optional<at::Tensor>& bias, int64_t group_size, at::ScalarType out_dtype,
@@ -544,10 +556,8 @@ inline at::Tensor gemm_w4a8i_fused(const at::Tensor& a, const at::Tensor& a_scal
   const char* op = "gemm_w4a8i_fused";
   GemmParams p = check_w4i(op, a, a_scale, w, w_qscale, w_scale, bias, group_size, emulated,
                            a.scalar_type() != at::kChar);
-  out_dtype_of(out_dtype);
-  FusedInputs keep;
-  check_fused(op, p, keep, a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, emulated);
-  return run(op, p, a, bias, out_dtype, static_cast<int>(group_size), tile, splits, emulated, true);
+  return run_fused(op, p, a, bias, gelu, gate, residual, rows_per_gate, out_scale, out_dtype,
+                   static_cast<int>(group_size), tile, splits, emulated);
 }
 
 template <bool EMULATED>
@@ -575,10 +585,8 @@ inline at::Tensor gemm_w8a8_fused(const at::Tensor& a, const at::Tensor& a_scale
                                   at::ScalarType out_dtype, int64_t tile, int64_t splits, bool emulated) {
   const char* op = "gemm_w8a8_fused";
   GemmParams p = check_w8(op, a, a_scale, w, w_scale, bias, emulated, true);
-  out_dtype_of(out_dtype);  // the dtype check first: residual is compared with it
-  FusedInputs keep;
-  check_fused(op, p, keep, a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, emulated);
-  return run(op, p, a, bias, out_dtype, 0, tile, splits, emulated, true);
+  return run_fused(op, p, a, bias, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, 0, tile, splits,
+                   emulated);
 }
 
 inline at::Tensor gemm_w4a8_fused(const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
@@ -589,10 +597,8 @@ inline at::Tensor gemm_w4a8_fused(const at::Tensor& a, const at::Tensor& a_scale
                                   int64_t tile, int64_t splits, bool emulated) {
   const char* op = "gemm_w4a8_fused";
   GemmParams p = check_w4(op, a, a_scale, w, w_scale, bias, group_size, emulated, true);
-  out_dtype_of(out_dtype);
-  FusedInputs keep;
-  check_fused(op, p, keep, a, gelu, gate, residual, rows_per_gate, out_scale, out_dtype, emulated);
-  return run(op, p, a, bias, out_dtype, static_cast<int>(group_size), tile, splits, emulated, true);
+  return run_fused(op, p, a, bias, gelu, gate, residual, rows_per_gate, out_scale, out_dtype,
+                   static_cast<int>(group_size), tile, splits, emulated);
 }
 
 template <bool EMULATED>

@@ -134,7 +134,7 @@ def round_weight(w: torch.Tensor, fmt: WeightFormat, method: str = "rtn",
     if method == "rtn":
         if fmt.bits == 8:
             return ref.quantize_per_channel(w)
-        return (ref.quantize_groupwise_int if int_scales else ref.quantize_groupwise)(w, fmt.group_size)
+        return ref.quantize_groupwise(w, fmt.group_size, int_scales=int_scales)
     g = _group_size(fmt, k)
     grid = _int_grid(w, g) if int_scales else None
     if method == "mse":

@@ -115,11 +115,13 @@ def quantize_per_channel(w: torch.Tensor, qmax: int = INT8_QMAX):
     return quantize_with_scale(w, s[:, None], qmax), s
 
 
-def quantize_groupwise(w: torch.Tensor, group_size: int, qmax: int = INT4_QMAX):
+def quantize_groupwise(w: torch.Tensor, group_size: int, qmax: int = INT4_QMAX, int_scales: bool = False):
     """[N, K] weight in groups of ``group_size`` along K.
 
     Returns (q int8 [N, K] with values in [-qmax, qmax], scales fp32 [K // group_size, N]), the scales
-    group-major as in the canonical format (``ditq.format``).
+    group-major as in the canonical format (``ditq.format``). ``int_scales``: integer group scales (two-level):
+    each group's absmax / qmax moved to the nearest ``q * c`` of its channel's base (:func:`int_scale_base`), q in
+    [1, 16], so that ``scales = q * c`` exactly.
     """
     _check_float(w, "weight")
     if w.dim() != 2:
@@ -128,7 +130,10 @@ def quantize_groupwise(w: torch.Tensor, group_size: int, qmax: int = INT4_QMAX):
     if group_size <= 0 or k % group_size:
         raise ValueError(f"group_size {group_size} does not divide K = {k}")
     wg = w.detach().float().reshape(n, k // group_size, group_size)
-    s = symmetric_scale(wg.abs().amax(dim=2), qmax)  # [N, G]
+    ga = wg.abs().amax(dim=2)
+    s = symmetric_scale(ga, qmax)  # [N, G]
+    if int_scales:
+        s = snap_to_int_scales(s, int_scale_base(ga.amax(dim=1)))
     q = quantize_with_scale(wg, s[:, :, None], qmax).reshape(n, k)
     return q, s.t().contiguous()
 
@@ -157,25 +162,6 @@ def snap_to_int_scales(s: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """Group scales ``s`` [N, G] moved to the integer grid of ``base`` [N]: ``clamp(round(s / c), 1, 16) * c``."""
     q = torch.round(s / base[:, None]).clamp_(1, MAX_INT_GROUP_SCALE)
     return q * base[:, None]
-
-
-def quantize_groupwise_int(w: torch.Tensor, group_size: int, qmax: int = INT4_QMAX):
-    """:func:`quantize_groupwise` with integer group scales (two-level): each group's absmax / qmax moved to the
-    nearest ``q * c`` of its channel's base (:func:`int_scale_base`), q in [1, 16]. Returns (q int8 [N, K],
-    scales fp32 [K // group_size, N]) with ``scales = q * c`` exactly."""
-    _check_float(w, "weight")
-    if w.dim() != 2:
-        raise ValueError(f"weight must be [N, K], got shape {tuple(w.shape)}")
-    n, k = w.shape
-    if group_size <= 0 or k % group_size:
-        raise ValueError(f"group_size {group_size} does not divide K = {k}")
-    wg = w.detach().float().reshape(n, k // group_size, group_size)
-    base = int_scale_base(w.detach().float().abs().amax(dim=1))
-    s = snap_to_int_scales(symmetric_scale(wg.abs().amax(dim=2), qmax), base)  # [N, G]
-    q = quantize_with_scale(wg, s[:, :, None], qmax).reshape(n, k)
-    return q, s.t().contiguous()
-
-
 
 
 def expand_int_group_scales(q: torch.Tensor, qscale: torch.Tensor, group_size: int) -> torch.Tensor:
