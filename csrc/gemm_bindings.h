@@ -447,6 +447,22 @@ inline GemmParams check_w4i(const char* op, const at::Tensor& a, const at::Tenso
                             const std::optional<at::Tensor>& bias, int64_t group_size, bool emulated,
                             bool float_a = false);
 
+// The packed int4 weight against its group scales (float or integer, [K // group_size, N], 2-D: checked by the
+// caller, named `scales_name` in the messages): uint8 [N, K // 2] in the split-nibble layout and K a multiple of the
+// group. Returns N.
+inline int64_t check_w4_weight(const char* op, const at::Tensor& a, const at::Tensor& w, const at::Tensor& scales,
+                               const char* scales_name, int64_t group_size) {
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": w must be uint8 (two int4 per byte), got ",
+                   w.scalar_type());
+  const int64_t n = scales.size(1), k = a.dim() == 2 ? a.size(1) : -1;
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == n && w.size(1) * 2 == k && w.is_contiguous(), op,
+                    ": w must be a contiguous uint8 [N, K // 2] = [", n, ", ", k / 2, "] tensor in the CUDA "
+                    "split-nibble layout (ditq.backends.cuda_layout), got shape ", w.sizes());
+  TORCH_CHECK_VALUE(k % group_size == 0 && scales.size(0) == k / group_size, op, ": K = ", k,
+                    " must be a multiple of group_size ", group_size, " and ", scales_name, " [K // group_size, N]");
+  return n;
+}
+
 inline GemmParams check_w4(const char* op, const at::Tensor& a, const at::Tensor& a_scale, const at::Tensor& w,
                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias, int64_t group_size,
                            bool emulated, bool float_a = false) {
@@ -463,14 +479,9 @@ inline GemmParams check_w4(const char* op, const at::Tensor& a, const at::Tensor
                      bias, group_size, emulated, float_a);
   }
   TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": w must be uint8 (two int4 per byte), got ",
-                   w.scalar_type());
+                   w.scalar_type());  // before w_scale's shape (check_w4_weight checks it again)
   TORCH_CHECK_VALUE(w_scale.dim() == 2, op, ": w_scale must be float32 [K // group_size, N]");
-  const int64_t n = w_scale.size(1), k = a.dim() == 2 ? a.size(1) : -1;
-  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == n && w.size(1) * 2 == k && w.is_contiguous(), op,
-                    ": w must be a contiguous uint8 [N, K // 2] = [", n, ", ", k / 2, "] tensor in the CUDA "
-                    "split-nibble layout (ditq.backends.cuda_layout), got shape ", w.sizes());
-  TORCH_CHECK_VALUE(k % group_size == 0 && w_scale.size(0) == k / group_size, op, ": K = ", k,
-                    " must be a multiple of group_size ", group_size, " and w_scale [K // group_size, N]");
+  const int64_t n = check_w4_weight(op, a, w, w_scale, "w_scale", group_size);
   GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated, float_a);
   p.w = w.data_ptr();
   p.w_scale = w_scale.data_ptr<float>();
@@ -485,18 +496,11 @@ inline GemmParams check_w4i(const char* op, const at::Tensor& a, const at::Tenso
                             const std::optional<at::Tensor>& bias, int64_t group_size, bool emulated, bool float_a) {
   TORCH_CHECK_VALUE(ditq::gemm::is_w4_group_size(group_size), op, ": group_size must be one of ",
                     group_sizes_text(), " (the sizes this build's kernels were compiled for), got ", group_size);
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kByte, op, ": w must be uint8 (two int4 per byte), got ",
-                   w.scalar_type());
   TORCH_CHECK_TYPE(w_qscale.scalar_type() == at::kInt, op, ": w_qscale must be int32, got ",
                    w_qscale.scalar_type());
   TORCH_CHECK_VALUE(w_qscale.dim() == 2 && w_qscale.is_contiguous(), op,
                     ": w_qscale must be a contiguous int32 [K // group_size, N] tensor");
-  const int64_t n = w_qscale.size(1), k = a.dim() == 2 ? a.size(1) : -1;
-  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == n && w.size(1) * 2 == k && w.is_contiguous(), op,
-                    ": w must be a contiguous uint8 [N, K // 2] = [", n, ", ", k / 2, "] tensor in the CUDA "
-                    "split-nibble layout (ditq.backends.cuda_layout), got shape ", w.sizes());
-  TORCH_CHECK_VALUE(k % group_size == 0 && w_qscale.size(0) == k / group_size, op, ": K = ", k,
-                    " must be a multiple of group_size ", group_size, " and w_qscale [K // group_size, N]");
+  const int64_t n = check_w4_weight(op, a, w, w_qscale, "w_qscale", group_size);
   GemmParams p = check_common(op, a, a_scale, w, w_scale, bias, n, emulated, float_a);
   TORCH_CHECK_VALUE(w_qscale.device() == a.device(), op, ": w_qscale must be on ", a.device());
   TORCH_CHECK_VALUE(w_scale.dim() == 1 && w_scale.size(0) == n, op, ": w_scale must be float32 [N] = [", n,
