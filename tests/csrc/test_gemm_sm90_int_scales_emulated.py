@@ -14,8 +14,8 @@ from ditq.format import WeightFormat
 from ditq.quant import reference as ref
 from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8, random_int4, random_int8
 
-BACKEND = "cuda-emulated"
-BASE = 100  # kSm90TileBase, csrc/configs/gemm_tiles_sm90.h
+from test_gemm_sm90_emulated import BACKEND, BASE, W4_TILES  # the Hopper tile ids, read from the build
+
 _reason = backends.unavailable_reason(BACKEND, "cpu")
 if _reason is None:
     import torch.ops  # noqa: F401
@@ -24,20 +24,6 @@ if _reason is None:
         _reason = "this build of the CUDA backend has no integer-group-scale GEMMs"
 pytestmark = pytest.mark.skipif(_reason is not None, reason=f"backend {BACKEND!r} unavailable: {_reason}")
 
-
-def _tiles():
-    if _reason is not None:
-        return (BASE,)
-    out = []
-    while True:
-        try:
-            torch.ops.ditq_C.gemm_sm90_tile_info(BASE + len(out), True)
-        except (RuntimeError, ValueError):
-            return tuple(BASE + i for i in range(len(out)))
-        out.append(BASE + len(out))
-
-
-W4_TILES = _tiles()
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # K a multiple of the group but (for G < 128) not of the 128-k stage; G = 256 spans two stages.
 SHAPES = {32: (1, 9, 96), 64: (33, 67, 192), 128: (18, 33, 384), 256: (5, 7, 512)}
