@@ -135,3 +135,21 @@ class WeightFormat:
         if unknown:
             raise FormatError(f"unknown weight-format fields {sorted(unknown)}")
         return cls(**d)
+
+
+
+def int_scales_to_kernel(q, c):
+    """Integer group scales (q [K // G, N] in [1, 16], channel scales c float32 [N]: :meth:`WeightFormat.int_group_scales`)
+    as the GEMM kernels take them in place of float scales (the CUDA backends' Hopper kernels and the Triton W4A8
+    kernel alike): one int32 [K // G + 1, N] tensor, the q rows then c's float32 bits, so a layer's buffers and the
+    ops' signatures stay those of float scales and a launcher tells the two apart by dtype."""
+    import torch
+
+    return torch.cat([q.to(torch.int32), c.float().reshape(1, -1).view(torch.int32)]).contiguous()
+
+
+def int_scales_to_canonical(packed):
+    """Inverse of :func:`int_scales_to_kernel`: the canonical float32 [K // G, N] scales q * c (exact products)."""
+    import torch
+
+    return (packed[:-1].float() * packed[-1:].view(torch.float32)).contiguous()

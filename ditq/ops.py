@@ -31,9 +31,10 @@ Contract (M tokens, K inputs, N outputs):
 ``gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype, backend) -> y``
     w uint8, two int4 per byte, in the backend's layout (``Backend.prepare_weight``); w_scale float32
     [K // group_size, N]; otherwise as gemm_w8a8. Integer group scales (``ditq.format``, ``group_scales="int"``)
-    are float scales to every backend; the CUDA backends also take them as integers, int32 [K // group_size + 1,
-    N] (``ditq.backends.cuda_layout.int_scales_to_kernel``: q, then the channel scales' bits), which the Hopper
-    kernels apply before the tensor cores (one int32 sum over K) and other GPUs turn back into float scales.
+    are float scales to every backend; the CUDA and Triton backends also take them as integers, int32
+    [K // group_size + 1, N] (``ditq.format.int_scales_to_kernel``: q, then the channel scales' bits), which the
+    Hopper CUDA kernels and the Triton kernel apply before the tensor cores (one int32 sum over K); the CUDA
+    binding turns them back into float scales on other GPUs.
 ``norm_modulate_quantize(x, shift, scale, eps, act_scale, backend) -> (q, scales)``
     x float [B, S, K]: LayerNorm without affine, adaLN modulation by shift / scale ([B, K] each, or both None),
     and quantization as quantize_act (``act_scale`` float32 [1] or None), in one pass

@@ -21,6 +21,7 @@ import torch
 
 from . import Backend, KernelFamily, KernelOps, register
 from . import cuda_layout
+from ..format import int_scales_to_canonical, int_scales_to_kernel
 
 try:
     from .. import _C  # noqa: F401  (loading the library registers torch.ops.ditq_C.*)
@@ -147,12 +148,12 @@ class _CudaKernels(Backend):
     def prepare_weight(self, fmt, qweight, scales):
         qweight, scales = cuda_layout.prepare_weight(fmt.bits, qweight, scales)
         if fmt.group_scales == "int" and _int_scale_kernels(qweight.device):
-            scales = cuda_layout.int_scales_to_kernel(*fmt.int_group_scales(scales))
+            scales = int_scales_to_kernel(*fmt.int_group_scales(scales))
         return qweight, scales
 
     def canonical_weight(self, fmt, qweight, scales):
         if scales.dtype == torch.int32:  # integer group scales in the kernels' form
-            scales = cuda_layout.int_scales_to_canonical(scales)
+            scales = int_scales_to_canonical(scales)
         return cuda_layout.canonical_weight(fmt.bits, qweight, scales)
 
     def quantize_act(self, x, scale):

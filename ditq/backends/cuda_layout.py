@@ -12,7 +12,8 @@ Plain torch, so the layout maths is tested on any machine (``tests/csrc/test_gem
   register 1, and ``w & 0xF0F0F0F0`` / ``(w << 4) & 0xF0F0F0F0`` turn them into int8 ``16 * w`` with no sign
   extension. Scales stay canonical ``[K // G, N]`` (the kernel divides them by 16, exactly).
   K must be a multiple of 32, which every supported group size (32..256) guarantees.
-  Integer group scales (``ditq.format``) go to the Hopper kernels as one int32 tensor (:func:`int_scales_to_kernel`).
+  Integer group scales (``ditq.format``) go to the Hopper kernels as one int32 tensor
+  (``ditq.format.int_scales_to_kernel``).
 """
 from __future__ import annotations
 
@@ -47,19 +48,6 @@ def w4_kernel_to_canonical(packed: torch.Tensor) -> torch.Tensor:
     nib = torch.stack([p & 0xF, p >> 4], dim=2).reshape(n, half * 2)  # k order again
     nib = nib.reshape(n, half, 2)
     return (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8).contiguous()
-
-
-def int_scales_to_kernel(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Integer group scales (q [K // G, N] in [1, 16], channel scales c float32 [N]: ``ditq.format``) as the CUDA
-    GEMMs take them in place of float scales: int32 [K // G + 1, N], the q rows, then c's float32 bits. One tensor, so
-    that the layer's buffers and the ops' signatures stay those of float scales (the binding tells them apart by
-    dtype)."""
-    return torch.cat([q.to(torch.int32), c.float().reshape(1, -1).view(torch.int32)]).contiguous()
-
-
-def int_scales_to_canonical(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`int_scales_to_kernel`: the canonical float32 [K // G, N] scales q * c (exact products)."""
-    return (packed[:-1].float() * packed[-1:].view(torch.float32)).contiguous()
 
 
 def prepare_weight(bits: int, qweight: torch.Tensor, scales: torch.Tensor):

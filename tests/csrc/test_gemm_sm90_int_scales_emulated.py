@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ditq import backends
-from ditq.format import WeightFormat
+from ditq.format import WeightFormat, int_scales_to_kernel
 from ditq.quant import reference as ref
 from ditq.testing import assert_gemm_w4a8, assert_gemm_w8a8, random_int4, random_int8
 
@@ -160,8 +160,7 @@ def test_w4a8i_binding_checks():
 
 
 def _kernel_form(qs, sc):
-    from ditq.backends import cuda_layout
-    return cuda_layout.int_scales_to_kernel(qs, sc)
+    return int_scales_to_kernel(qs, sc)
 
 
 def test_w4a8i_elsewhere_runs_the_float_scale_kernels():
