@@ -147,15 +147,15 @@ ARCH_CC = {"sm80": 80, "sm90": 90}
 
 
 def shipped_jobs(kernel: str, archs: Sequence[str] = ("sm80", "sm90"), group_sizes: Optional[Sequence[int]] = None,
-                 m: Optional[int] = None, fused: str = "",
-                 a_float: str = "") -> List[Tuple[str, Dict, Optional[int], Dict]]:
+                 m: Optional[int] = None, fused: str = "", a_float: str = "",
+                 int_scales: bool = False) -> List[Tuple[str, Dict, Optional[int], Dict]]:
     """``[(arch, table entry, group size or None, job)]`` for every shipped configuration of ``kernel``
     ("w8a8" or "w4a8"): each entry of ``configs/<kernel>_<arch>.json`` (only the one the launcher picks at
     ``m`` rows when given), at each group size (W4A8: default all it supports), as the kernel's own
     ``aot_job`` describes the launch. ``fused``: the GEMM with those fused epilogue pieces (``"gelu+quant"``,
     ``"gate+residual"``...: ``epilogue.PIECES``); "" = the plain GEMM. ``a_float`` (e.g. ``"bf16"``): the GEMM
-    taking a float A of that type and quantizing it on load. The AOT tests and
-    ``benchmarks/static_report.py`` compile this list."""
+    taking a float A of that type and quantizing it on load. ``int_scales``: W4A8 with integer group scales
+    (``INT_SCALES``). The AOT tests and ``benchmarks/static_report.py`` compile this list."""
     import importlib
 
     from . import config_table
@@ -173,6 +173,8 @@ def shipped_jobs(kernel: str, archs: Sequence[str] = ("sm80", "sm90"), group_siz
                     kw["fused"] = fused
                 if a_float:
                     kw["a_float"] = a_float
+                if int_scales:
+                    kw["int_scales"] = True
                 out.append((arch, entry, g, mod.aot_job(config_table.params(entry), ARCH_CC[arch], **kw)))
     return out
 

@@ -4,15 +4,17 @@
 
 (the reference maths is ``ditq.quant.reference.gemm_w4a8``; tests/kernels/test_w4a8.py checks against it).
 :func:`gemm_w4a8_fused` runs the same kernel with the pieces of :mod:`.epilogue` switched on (GELU, gate,
-residual, int8 output), the store shared with the W8A8 kernel.
+residual, int8 output), the store shared with the W8A8 kernel. With *integer group scales* (``INT_SCALES``, below)
+the same kernel applies each group's integer scale q while unpacking and sums all of K in int32, as W8A8 does.
 
 Design, and why
 ---------------
 * **Per-group int32 partials, rescaled into an fp32 accumulator** (``acc += float(P_g) * s_g``, groups in
-  order, exactly the reference's order). Measured on SASS: on cc 80 float group scales cost ~15% fewer main-loop
-  instructions than integer ones, and on cc 90 integer scales gain nothing in Triton because every int8
-  ``tl.dot`` waits for its wgmma anyway. Float scales also keep the checkpoint's scales exact (no second
-  rounding to an integer scale). A group partial is at most 127 * 128 * 256 = 4,161,536 < 2^24 in magnitude,
+  order, exactly the reference's order), for float group scales: any checkpoint's scales, used exactly. An
+  earlier SASS study scaled each group's int32 partial by an integer scale instead (``acc_i32 += P_g * q_g``):
+  ~15% more main-loop instructions than the fp32 fold on cc 80, no gain on cc 90. Applying q to the weights
+  while unpacking is what removes the fold: ``INT_SCALES`` below, for checkpoints with integer group scales.
+  A group partial is at most 127 * 128 * 256 = 4,161,536 < 2^24 in magnitude,
   so its int32 -> fp32 conversion is exact; we never accumulate int32 across groups, so the int32 bound on
   K of a single accumulator (128 * 128 * K < 2^31) is not even needed here; the runtime's K <= 16384
   (``MAX_K``) is kept for every int8 GEMM alike.
@@ -82,6 +84,35 @@ Designs compared (G = 128, BK = 128):
 * Note: on cc 80 Triton emits ``mma ... .satfinite`` (SASS ``IMMA...SAT``): saturation never triggers here,
   since a group partial is < 2^31 by the bound above.
 
+Integer group scales (``INT_SCALES``; ``w_scale`` int32 [K // G + 1, N]: the q rows, then the channel scales c)
+----------------------------------------------------------------------------------------------------------------
+Two-level scales, as in QServe: ``w_scale[g, n] = q[g, n] * c[n]`` with q an integer in [1, 16]
+(``ditq.format``). The unpack multiplies every nibble by its group's q on whole 32-bit words
+(:func:`_scaled_nibbles`: the nibbles biased to ``u = w + 8``, then ``u * q + 128 - 8 q`` in each byte, which
+never carries, then XOR 0x80: four int8 ``q * w`` per word in 3-4 instructions), so the int8 tiles hold q * w
+(|q w| <= 128: no x16 trick here) and every dot chains into ONE int32 accumulator over all of K
+(|sum| <= 128 * 128 * K < 2^31 for K <= MAX_K). No per-group partial, no int -> fp32 conversion, no fold; the
+epilogue is W8A8's (``acc * (a_scale * c) + bias``), so the result is bit for bit the W8A8 kernel on the int8
+weight q * w with channel scales c (tests/kernels/test_w4a8_int_scales.py), split-K partials are int32 and every
+split count gives the unsplit bits. The same tile tables; the layouts of the weights are unchanged.
+
+Measured (AOT, triton 3.8, nothing run; ``UNPACK_ASM`` on; loop = one pack block, i.e. 64 k at G <= 64, 128 k at
+G = 128, 256 k at G = 256; tests/kernels/test_aot_w4a8.py):
+
+  sm90 entry       G=32 loop (regs)   G=64          G=128         G=256        float scales, same entry
+  M<=16  16x128    169 (66)           153 (67)      226 (95)      377 (100)    191 / 153 / 200 / 295
+  M<=32  32x128    169 (86)           146 (93)      231 (128)     384 (122)    253 / 186 / 239 / 334
+  M<=64  64x128    160 (153)          146 (126)     238 (162)     401 (162)    384 / 247 / 302 / 414
+  M>64  128x128    113 (124)          105 (128)     159 (127)     259 (128)    363 / 222 / 263 / 332
+                                                                               (regs 254 / 192 / 207 / 204)
+
+So at the large-M tile (compute-bound: where the fold cost tensor-core time) the loop is 2-3x shorter at G <= 64
+and 1.3-1.7x at G >= 128, with 40-50% fewer registers; at M <= 16 at G >= 128 it is longer (a thread there holds
+only 16 accumulators, so the fold was cheap, and those tiles stream weights from memory). Int8 ``tl.dot`` still
+waits for its wgmma every iteration (W8A8's docstring), so the integer kernel's loop is bound the same way W8A8's
+is. On sm80 the 128 x 128 entry is longer at G >= 128 (646 vs 519 at G = 128; 380 vs 537 at G = 32): the runtime
+hands the integers only to the architectures in :data:`INT_SCALE_ARCHS` (and the interpreter).
+
 Split-K (:mod:`.split_k`): when the output tiles fill less than a wave of SMs, ``S`` programs per tile
 (``SPLIT_K``, grid axis 1) each sum whole pack blocks -- whole groups, each rescaled by its own group scale
 exactly as unsplit; for G = 32 the short tail block goes with the last split -- into an fp32 workspace, and
@@ -113,6 +144,17 @@ MAX_K = 16384  # the runtime's bound for every int8 GEMM (int32 sums; this kerne
 LAYOUT = "split_nibble_blocks"  # see pack_weight
 LAYOUT_VERSION = 1
 MIN_BK = 64  # two dots of K = 32 (the int8 MMA's K) per step
+# Integer group scales (two-level: w = c[n] * q[g, n] * w4): the largest q. q * w must fit int8 (16 * -8 = -128),
+# and _scaled_nibbles' per-byte bias 128 - 8 q must not go negative (it would borrow from the next byte): both
+# hold up to q = 16 and no further. ditq.format's bound too (tested).
+MAX_INT_GROUP_SCALE = 16
+# Where layers hand this kernel integer group scales as integers (compute capability x 10; the interpreter always
+# does, to verify the path): measured on the SASS (top of the file), on sm90 the integer kernel's loop is shorter
+# than the float-scale one at every entry but M <= 16 at G >= 128 (a few accumulators per thread make the fold
+# cheap there, and those tiles stream weights), and it holds 40-50% fewer registers; on sm80 it is longer at the
+# 128 x 128 entry at G >= 128 (the mma.sync fragments unpack each word in more threads), so there layers keep the
+# float scales. The launcher itself runs either form anywhere.
+INT_SCALE_ARCHS = (90,)
 
 
 def check_group_size(group_size) -> int:
@@ -234,16 +276,24 @@ def _load_unpack(w_ptr, rn, stride_wn, byte0, HB: tl.constexpr, BN: tl.constexpr
             asm="{ .reg .b32 t; shl.b32 t, $2, 4; and.b32 $0, t, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0; }",
             constraints="=r,=r,r", args=[wb], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
     else:
-        HW: tl.constexpr = HB // 4
-        offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, HW), HW), HW)
-        ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None] * (stride_wn // 4) + (byte0 // 4 + offs_w)[None, :]
-        if N_VALID > 0:
-            x = tl.load(ptrs, mask=(offs_w < N_VALID // 4)[None, :], other=0)
-        else:
-            x = tl.load(ptrs)
+        x = _load_words(w_ptr, rn, stride_wn, byte0, HB, N_VALID)
         lo = _words_to_bytes((x << 4) & F0, BN, HB)
         hi = _words_to_bytes(x & F0, BN, HB)
     return lo, hi
+
+
+@triton.jit
+def _load_words(w_ptr, rn, stride_wn, byte0, HB: tl.constexpr, N_VALID: tl.constexpr):
+    """The weight bytes [BN, HB] of rows ``rn`` from ``byte0`` as int32 words [BN, HB / 4] (rows are 16-byte
+    aligned: K/2 % 16 == 0); words at or past byte ``N_VALID`` (when > 0) read as 0 (the G = 32 tail)."""
+    HW: tl.constexpr = HB // 4
+    offs_w = tl.max_contiguous(tl.multiple_of(tl.arange(0, HW), HW), HW)
+    ptrs = w_ptr.to(tl.pointer_type(tl.int32)) + rn[:, None] * (stride_wn // 4) + (byte0 // 4 + offs_w)[None, :]
+    if N_VALID > 0:
+        x = tl.load(ptrs, mask=(offs_w < N_VALID // 4)[None, :], other=0)
+    else:
+        x = tl.load(ptrs)
+    return x
 
 
 @triton.jit
@@ -257,6 +307,73 @@ def _words_to_bytes(x, BN: tl.constexpr, HB: tl.constexpr):
     return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), (BN, HB))
 
 
+X80 = tl.constexpr(-2139062144)  # 0x80808080 as int32: each byte's sign bit
+M0F = tl.constexpr(252645135)    # 0x0F0F0F0F: the low nibble of each byte
+X08 = tl.constexpr(134744072)    # 0x08080808: bit 3 of each low nibble
+
+
+@triton.jit
+def nibble_bias(q):
+    """(128 - 8 q) in each byte of a word, for q <= 16: 0x80808080 - q * 0x08080808, no borrow between bytes since
+    8 q <= 128. int32 arithmetic wraps (q = 16 gives 0), as the CUDA kernel's does."""
+    return q * -X08 + X80  # tensor first: constexpr - tensor would stay a constexpr under the interpreter
+
+
+@triton.jit
+def _scaled_nibbles(u, q, bias):
+    """Four biased nibbles ``u = w + 8`` (one per byte, in [0, 15]) times the integer group scale ``q`` in [1, 16]
+    -> the int8 ``q * w`` in each byte: ``u * q + 128 - 8 q`` lies in [128 - 8 q, 128 + 7 q] within [0, 240], so
+    no byte carries into the next; XOR 0x80 then subtracts the 128 back. ``q`` and ``bias`` are per row (N)."""
+    return (u * q[:, None] + bias[:, None]) ^ X80
+
+
+@triton.jit
+def _load_unpack_int(w_ptr, rn, stride_wn, byte0, q_lo, q_hi, HB: tl.constexpr, BN: tl.constexpr,
+                     UNPACK_ASM: tl.constexpr, N_VALID: tl.constexpr = 0):
+    """The integer-scale twin of :func:`_load_unpack`: the weight bytes [BN, HB] of rows ``rn`` from ``byte0`` as
+    two int8 tiles ``q_lo * w_lo`` and ``q_hi * w_hi`` (``q_*`` int32 [BN], the low and the high nibbles' group
+    scales; no x16 here: ``16 q w`` would not fit int8). Read as 32-bit words; a nibble ``n`` is biased to
+    ``u = n ^ 8 = w + 8`` (two's complement, 4 bits), then :func:`_scaled_nibbles`. Bytes at or past ``N_VALID``
+    (when > 0) read as 0 (the G = 32 tail), so unpack to 0.
+    * UNPACK_ASM False, pure Triton (the interpreter's path): ptxas gives each 4-weight word of low nibbles
+      LOP3 (& 0x0F0F0F0F), LOP3 (^ 0x08080808), IMAD, LOP3 (^ 0x80808080), one SHF more for the high nibbles:
+      a LOP3 takes one immediate, and ptxas does not keep the second constant in a register to fuse the two.
+    * UNPACK_ASM True: the same arithmetic in PTX with ``lop3.b32`` naming both constants and the function
+      ``(a & b) ^ c`` (LUT 0x6A), so ptxas keeps one constant in a register: 3 instructions per low word, 4 per
+      high word (sm90, 16 x 128 entry at G = 128: loop 257 -> see the table at the top). On whole int32 words
+      with ``pack=1``, so no assumption on how Triton packs elements into registers. Bit logic tested against
+      :func:`scaled_nibbles_emulated`; UNPROVEN ON A GPU until one runs the tests."""
+    x = _load_words(w_ptr, rn, stride_wn, byte0, HB, N_VALID)
+    if UNPACK_ASM:
+        zeros = tl.zeros_like(x)  # the per-row scales broadcast to the word tile: inline asm takes equal shapes
+        lo, hi = tl.inline_asm_elementwise(
+            asm="{ .reg .b32 t, h; "
+                "lop3.b32 t, $2, 0x0F0F0F0F, 0x08080808, 0x6A; mad.lo.u32 t, t, $3, $4; xor.b32 $0, t, 0x80808080; "
+                "shr.u32 h, $2, 4; "
+                "lop3.b32 h, h, 0x0F0F0F0F, 0x08080808, 0x6A; mad.lo.u32 h, h, $5, $6; xor.b32 $1, h, 0x80808080; }",
+            constraints="=r,=r,r,r,r,r,r",
+            args=[x, zeros + q_lo[:, None], zeros + nibble_bias(q_lo)[:, None],
+                  zeros + q_hi[:, None], zeros + nibble_bias(q_hi)[:, None]],
+            dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        lo = _scaled_nibbles((x & M0F) ^ X08, q_lo, nibble_bias(q_lo))
+        hi = _scaled_nibbles(((x >> 4) & M0F) ^ X08, q_hi, nibble_bias(q_hi))
+    return _words_to_bytes(lo, BN, HB), _words_to_bytes(hi, BN, HB)
+
+
+def scaled_nibbles_emulated(words, q):
+    """Python emulation, bit for bit, of :func:`_load_unpack_int`'s word arithmetic on uint32 words with one
+    group scale ``q``: returns (lo, hi) words of int8 ``q * w`` bytes (tests check it against the definition)."""
+    bias = (0x80808080 - q * 0x08080808) & 0xFFFFFFFF
+
+    def scaled(u):
+        return ((u * q + bias) & 0xFFFFFFFF) ^ 0x80808080
+
+    words = [w & 0xFFFFFFFF for w in words]
+    return ([scaled((w & 0x0F0F0F0F) ^ 0x08080808) for w in words],
+            [scaled(((w >> 4) & 0x0F0F0F0F) ^ 0x08080808) for w in words])
+
+
 def unpack_words_emulated(words):
     """Python emulation, bit for bit, of the PTX in :func:`_load_unpack` (UNPACK_ASM True) on uint32 words:
     returns (lo, hi) words. Used by the tests to check the asm's bit logic without a GPU."""
@@ -267,14 +384,20 @@ def unpack_words_emulated(words):
 @triton.jit
 def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K,
                 stride_am, stride_wn, stride_sg, stride_om, gate_ptr, res_ptr, out_scale_ptr, rows_per_gate,
-                PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, PB: tl.constexpr,
+                w_chan_ptr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, PB: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                 SWAP_AB: tl.constexpr, UNPACK_ASM: tl.constexpr, INTERPRET: tl.constexpr,
                 HAS_GELU: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
                 HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False, A_FLOAT: tl.constexpr = False,
-                SPLIT_K: tl.constexpr = False):
+                SPLIT_K: tl.constexpr = False, INT_SCALES: tl.constexpr = False):
     # Arguments in the launcher's (the runtime op's) order, as in w8a8_kernel; then the strides, the fused
     # epilogue's arguments (epilogue.store_tile; compiled out while its flags are off) and GROUP.
+    # INT_SCALES: integer group scales. w_scale_ptr points to int32 q [K / G, N] in [1, 16] and w_chan_ptr to the
+    # channel scales c float32 [N] (the weight is c[n] * q[g, n] * w[n, k]). The unpack writes q * w into the
+    # int8 tiles (_load_unpack_int), so the whole K sums into ONE int32 accumulator, exactly as W8A8 on the
+    # weight q * w: no per-group partial, no int -> float conversion, no fold in the loop; the epilogue is
+    # W8A8's (acc * (a_scale * c) + bias). Split-K partials are then int32 too, so every split count gives the
+    # unsplit bits. Off, nothing of it is compiled (w_chan_ptr is unused).
     # A_FLOAT: a_ptr points to float A with a static a_scale; every A tile is quantized in registers exactly as
     # quantize_act does before its dot (as in w8a8_kernel; compiled out when off).
     # SPLIT_K (split_k.py): grid axis 1 is the split; this program sums only its split's pack blocks (whole
@@ -309,7 +432,7 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         zero = tl.zeros((BM, BN), dtype=tl.int32)
-    p = zero
+    p = zero  # INT_SCALES: the one int32 accumulator of the whole K (acc stays unused)
     if A_FLOAT:
         inv = quantize_act.inverse_scale(tl.load(a_scale_ptr))  # the static scale, read once, outside the loop
 
@@ -321,7 +444,14 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
         blk_lo = 0
         blk_end = n_blocks
     for blk in range(blk_lo, blk_end):
-        if CHAIN:  # one group per block: a fresh int32 partial
+        if INT_SCALES:  # this block's group scales: one group (G >= 64), or groups 2 blk and 2 blk + 1 (G = 32)
+            if CHAIN:
+                q_lo = tl.load(w_scale_ptr + blk * stride_sg + rn)
+                q_hi = q_lo
+            else:
+                q_lo = tl.load(w_scale_ptr + (2 * blk) * stride_sg + rn)
+                q_hi = tl.load(w_scale_ptr + (2 * blk + 1) * stride_sg + rn)
+        elif CHAIN:  # one group per block: a fresh int32 partial
             p = zero
         for st in tl.static_range(STEPS):
             k_lo = blk * PB + st * HB  # first k of this step's low nibbles; bytes start at k_lo - blk*HALF
@@ -333,8 +463,12 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
             else:
                 a_lo = tl.load(a_rows + (k_lo + offs_b)[None, :])
                 a_hi = tl.load(a_rows + (k_lo + HALF + offs_b)[None, :])
-            w_lo, w_hi = _load_unpack(w_ptr, rn, stride_wn, blk * HALF + st * HB, HB, BN, UNPACK_ASM)
-            if CHAIN:  # both halves of the byte tile are in this block's group: one int32 partial
+            if INT_SCALES:  # q * w in the tiles: every dot chains into the one int32 sum
+                w_lo, w_hi = _load_unpack_int(w_ptr, rn, stride_wn, blk * HALF + st * HB, q_lo, q_hi, HB, BN,
+                                              UNPACK_ASM)
+            else:
+                w_lo, w_hi = _load_unpack(w_ptr, rn, stride_wn, blk * HALF + st * HB, HB, BN, UNPACK_ASM)
+            if CHAIN or INT_SCALES:  # both halves in this block's int32 partial (INT_SCALES: in the one sum)
                 p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, p, SWAP_AB), SWAP_AB)
             else:  # G = 32: low nibbles are group 2*blk, high nibbles group 2*blk + 1, in this order
                 p_lo = _dot(w_lo, a_lo, zero, SWAP_AB)
@@ -343,7 +477,7 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
                 s_hi = tl.load(w_scale_ptr + (2 * blk + 1) * stride_sg + rn)
                 acc = _rescale(acc, p_lo, s_lo, SWAP_AB)
                 acc = _rescale(acc, p_hi, s_hi, SWAP_AB)
-        if CHAIN:
+        if CHAIN and not INT_SCALES:
             acc = _rescale(acc, p, tl.load(w_scale_ptr + blk * stride_sg + rn), SWAP_AB)
 
     if GROUP == 32:
@@ -361,36 +495,54 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
             else:
                 a_lo = tl.load(a_rows + (k0 + offs_b)[None, :], mask=valid[None, :], other=0)
                 a_hi = tl.load(a_rows + (k0 + 16 + offs_b)[None, :], mask=valid[None, :], other=0)
-            w_lo, w_hi = _load_unpack(w_ptr, rn, stride_wn, n_blocks * HALF, HB, BN, UNPACK_ASM, 16)
-            p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, zero, SWAP_AB), SWAP_AB)  # one group: one partial
-            acc = _rescale(acc, p, tl.load(w_scale_ptr + (2 * n_blocks) * stride_sg + rn), SWAP_AB)  # group K/32 - 1
+            if INT_SCALES:  # the last group, K / 32 - 1
+                q_t = tl.load(w_scale_ptr + (2 * n_blocks) * stride_sg + rn)
+                w_lo, w_hi = _load_unpack_int(w_ptr, rn, stride_wn, n_blocks * HALF, q_t, q_t, HB, BN, UNPACK_ASM,
+                                              16)
+                p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, p, SWAP_AB), SWAP_AB)
+            else:
+                w_lo, w_hi = _load_unpack(w_ptr, rn, stride_wn, n_blocks * HALF, HB, BN, UNPACK_ASM, 16)
+                p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, zero, SWAP_AB), SWAP_AB)  # one group: one partial
+                acc = _rescale(acc, p, tl.load(w_scale_ptr + (2 * n_blocks) * stride_sg + rn), SWAP_AB)
 
+    if INT_SCALES:
+        acc = p  # int32: split partials stay exact, and the epilogue scales it as W8A8's does
     if SPLIT_K:
         split_k.store_partial(acc, out_ptr, offs_m, offs_n, M, N, SWAP_AB)
     else:
         _epilogue(acc, offs_m, offs_n, rm, rn, a_scale_ptr, bias_ptr, out_ptr, M, N, stride_om, gate_ptr, res_ptr,
-                  out_scale_ptr, rows_per_gate, PER_TOKEN, HAS_BIAS, SWAP_AB, INTERPRET, HAS_GELU, HAS_GATE,
-                  HAS_RESIDUAL, QUANT_OUT)
+                  out_scale_ptr, rows_per_gate, w_chan_ptr, PER_TOKEN, HAS_BIAS, SWAP_AB, INTERPRET, HAS_GELU,
+                  HAS_GATE, HAS_RESIDUAL, QUANT_OUT, INT_SCALES)
 
 
 @triton.jit
 def _epilogue(acc, offs_m, offs_n, rm, rn, a_scale_ptr, bias_ptr, out_ptr, M, N, stride_om, gate_ptr, res_ptr,
-              out_scale_ptr, rows_per_gate, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr,
-              INTERPRET: tl.constexpr, HAS_GELU: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-              QUANT_OUT: tl.constexpr):
-    """The fp32 tile ``acc`` (the whole K sum, 16x the reference's) scaled, biased, through the fused pieces and
-    stored: the end of the unsplit kernel and of the split-K reduce, one code path. ``rm`` / ``rn``: the rows
-    and columns clamped into range (``% M``, ``% N``), for unmasked loads."""
-    # epilogue: acc is exactly 16x the reference's accumulator; fold the 1/16 into the activation scale.
+              out_scale_ptr, rows_per_gate, w_chan_ptr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+              SWAP_AB: tl.constexpr, INTERPRET: tl.constexpr, HAS_GELU: tl.constexpr, HAS_GATE: tl.constexpr,
+              HAS_RESIDUAL: tl.constexpr, QUANT_OUT: tl.constexpr, INT_SCALES: tl.constexpr = False):
+    """The tile ``acc`` (the whole K sum) scaled, biased, through the fused pieces and stored: the end of the
+    unsplit kernel and of the split-K reduce, one code path. Float scales: ``acc`` is fp32, 16x the reference's.
+    INT_SCALES: ``acc`` is the int32 sum of a * (q * w), scaled as W8A8's epilogue scales its own (the same
+    expression, so the same bits as w8a8 on the weight q * w with channel scales ``w_chan_ptr``). ``rm`` / ``rn``:
+    the rows and columns clamped into range (``% M``, ``% N``), for unmasked loads."""
+    # Float scales: acc is exactly 16x the reference's accumulator; fold the 1/16 into the activation scale.
     # Compiled, acc * a_s and + bias contract into one fma (as in w8a8's epilogue); interpreted, two roundings.
     if PER_TOKEN:
-        a_s = tl.load(a_scale_ptr + rm) * 0.0625
+        a_s = tl.load(a_scale_ptr + rm)
     else:
-        a_s = tl.load(a_scale_ptr + offs_m * 0) * 0.0625  # the static scale as a [BM] vector, as per token
-    if SWAP_AB:
-        y = acc * a_s[None, :]
+        a_s = tl.load(a_scale_ptr + offs_m * 0)  # the static scale as a [BM] vector, as per token
+    if INT_SCALES:
+        c = tl.load(w_chan_ptr + rn)
+        if SWAP_AB:
+            y = acc.to(tl.float32) * (a_s[None, :] * c[:, None])
+        else:
+            y = acc.to(tl.float32) * (a_s[:, None] * c[None, :])
     else:
-        y = acc * a_s[:, None]
+        a_s = a_s * 0.0625
+        if SWAP_AB:
+            y = acc * a_s[None, :]
+        else:
+            y = acc * a_s[:, None]
     if HAS_BIAS:
         b = tl.load(bias_ptr + rn).to(tl.float32)
         if SWAP_AB:
@@ -405,21 +557,23 @@ def _epilogue(acc, offs_m, offs_n, rm, rn, a_scale_ptr, bias_ptr, out_ptr, M, N,
 
 @triton.jit
 def w4a8_reduce_kernel(ws_ptr, S, a_scale_ptr, bias_ptr, out_ptr, M, N, stride_om,
-                       gate_ptr, res_ptr, out_scale_ptr, rows_per_gate,
+                       gate_ptr, res_ptr, out_scale_ptr, rows_per_gate, w_chan_ptr,
                        PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        SWAP_AB: tl.constexpr, INTERPRET: tl.constexpr,
                        HAS_GELU: tl.constexpr = False, HAS_GATE: tl.constexpr = False,
-                       HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False):
-    """Split-K's second launch: one program per output tile adds the S fp32 partials of the workspace
-    [S, M, N] in split order (deterministic) and runs the same epilogue."""
+                       HAS_RESIDUAL: tl.constexpr = False, QUANT_OUT: tl.constexpr = False,
+                       INT_SCALES: tl.constexpr = False):
+    """Split-K's second launch: one program per output tile adds the S partials of the workspace [S, M, N] in
+    split order (fp32: deterministic; int32 with INT_SCALES: exact, the unsplit bits) and runs the same
+    epilogue."""
     pid = tl.program_id(0)
     n_n = tl.cdiv(N, BN)
     offs_m = (pid // n_n) * BM + tl.arange(0, BM)
     offs_n = (pid % n_n) * BN + tl.arange(0, BN)
     acc = split_k.load_sum(ws_ptr, S, offs_m, offs_n, M, N, SWAP_AB)
     _epilogue(acc, offs_m, offs_n, offs_m % M, offs_n % N, a_scale_ptr, bias_ptr, out_ptr, M, N, stride_om, gate_ptr,
-              res_ptr, out_scale_ptr, rows_per_gate, PER_TOKEN, HAS_BIAS, SWAP_AB, INTERPRET, HAS_GELU, HAS_GATE,
-              HAS_RESIDUAL, QUANT_OUT)
+              res_ptr, out_scale_ptr, rows_per_gate, w_chan_ptr, PER_TOKEN, HAS_BIAS, SWAP_AB, INTERPRET, HAS_GELU,
+              HAS_GATE, HAS_RESIDUAL, QUANT_OUT, INT_SCALES)
 
 
 # ---- configuration and launcher ---------------------------------------------------------------------------
@@ -470,21 +624,34 @@ def describe() -> Dict:
     archs = config_table.table_archs(KERNEL_NAME)
     return {"weight_bits": 4, "group_sizes": list(GROUP_SIZES), "k_multiple": K_MULTIPLE, "max_k": MAX_K,
             "layout": LAYOUT, "layout_version": LAYOUT_VERSION, "archs": config_table.gpu_ccs(archs),
-            "interpreter": "interpreter" in archs}
+            "interpreter": "interpreter" in archs, "max_int_group_scale": MAX_INT_GROUP_SCALE,
+            "int_scale_archs": list(INT_SCALE_ARCHS)}
 
 
 def _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype, a_dtypes=(torch.int8,)):
-    """The GEMM's own arguments; returns (M, N, K). The fused GEMM also takes a float ``a`` (``a_dtypes``)."""
+    """The GEMM's own arguments; returns (M, N, K). The fused GEMM also takes a float ``a`` (``a_dtypes``).
+    ``w_scale``: float32 [K // G, N], or integer group scales, int32 [K // G + 1, N] (:func:`split_int_scales`)."""
     pack_block(group_size)
     checks.tensor("a", a, a_dtypes, dim=2)
     m, k = a.shape
     if k % group_size:
         raise ValueError(f"group_size {group_size} does not divide K = {k}")
     checks.k_dim(k, K_MULTIPLE, MAX_K, "rows of packed weights must be 16-byte aligned")
-    if isinstance(w_scale, torch.Tensor) and (w_scale.dim() != 2 or w_scale.shape[0] != k // group_size):
-        raise ValueError(f"w_scale must be [K // group_size, N] = [{k // group_size}, N] float32 (group-major), "
-                         f"got shape {tuple(w_scale.shape)}")
-    checks.tensor("w_scale", w_scale, (torch.float32,), dim=2)
+    groups = k // group_size
+    if isinstance(w_scale, torch.Tensor) and w_scale.dtype == torch.int32:
+        if w_scale.dim() != 2 or w_scale.shape[0] != groups + 1:
+            raise ValueError(f"int32 w_scale (integer group scales) must be [K // group_size + 1, N] = "
+                             f"[{groups + 1}, N]: q rows, then the channel scales' float32 bits; got shape "
+                             f"{tuple(w_scale.shape)}")
+        checks.tensor("w_scale", w_scale, (torch.int32,), dim=2)
+        _check_int_scales(w_scale, groups)
+    else:  # float32 (int32 named too: the dtype error says what else it takes)
+        if isinstance(w_scale, torch.Tensor) and w_scale.dtype != torch.float32:
+            checks.tensor("w_scale", w_scale, (torch.float32, torch.int32))
+        if isinstance(w_scale, torch.Tensor) and (w_scale.dim() != 2 or w_scale.shape[0] != groups):
+            raise ValueError(f"w_scale must be [K // group_size, N] = [{groups}, N] float32 (group-major), "
+                             f"got shape {tuple(w_scale.shape)}")
+        checks.tensor("w_scale", w_scale, (torch.float32,), dim=2)
     n = w_scale.shape[1]
     # w's shape is checked against a and w_scale, never trusted: a misshaped weight would be read silently
     checks.tensor("w", w, (torch.uint8,), shape=(n, k // 2), labels=("N", "K / 2"))
@@ -498,6 +665,29 @@ def _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype, a_dtypes=(t
     return m, n, k
 
 
+def split_int_scales(w_scale: torch.Tensor):
+    """Integer group scales as the launcher takes them, int32 [K // G + 1, N] (the q rows, then the channel scales'
+    float32 bits: ``ditq.format.int_scales_to_kernel`` makes them) -> (q int32 [K // G, N], c float32
+    [N]), views."""
+    return w_scale[:-1], w_scale[-1].view(torch.float32)
+
+
+def _check_int_scales(w_scale: torch.Tensor, groups: int) -> None:
+    """q in range and c finite and positive, on CPU tensors (a GPU would pay a synchronization: there the values
+    are the caller's contract, as float scales' are, and the CUDA binding checks the same way)."""
+    if not w_scale.is_contiguous():
+        raise ValueError("int32 w_scale (integer group scales) must be contiguous")
+    if w_scale.device.type != "cpu" or w_scale.numel() == 0:
+        return
+    q, c = split_int_scales(w_scale)
+    if groups and not bool(((q >= 1) & (q <= MAX_INT_GROUP_SCALE)).all()):
+        raise ValueError(f"integer group scales q must lie in [1, {MAX_INT_GROUP_SCALE}] (q * w must fit int8), "
+                         f"got [{int(q.min())}, {int(q.max())}]")
+    if not bool((torch.isfinite(c) & (c > 0)).all()):
+        raise ValueError("the channel scales of integer group scales (w_scale's last row, float32 bits) must be "
+                         "finite and positive")
+
+
 @on_input_device
 def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype,
@@ -506,7 +696,9 @@ def gemm_w4a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
     """``y = a_scale * sum_g w_scale[g] * (a @ w_g^T) + bias`` with ``w`` from :func:`pack_weight`.
 
     a int8 [M, K], a_scale float32 [1] or [M], w uint8 [N, K // 2] (this kernel's layout, 16-byte aligned),
-    w_scale float32 [K // G, N], bias float16 / bfloat16 / float32 [N] or None; all contiguous, on one device;
+    w_scale float32 [K // G, N] or, for integer group scales, int32 [K // G + 1, N] (:func:`split_int_scales`:
+    the kernel then applies q while unpacking and sums the whole K in int32, ``INT_SCALES``), bias float16 /
+    bfloat16 / float32 [N] or None; all contiguous, on one device;
     G in :data:`GROUP_SIZES`, K a multiple of G and at most :data:`MAX_K`. Anything else raises ValueError /
     TypeError. ``out``: optional [M, N] tensor of ``out_dtype`` to write (row stride free, unit column
     stride). ``config``: optional table entry overriding the tile table (tests, benchmarks). ``splits``: the
@@ -563,45 +755,48 @@ def _launch(a, a_scale, w, w_scale, bias, group_size, out, m, n, k, config, spli
     cfg = fit_config(config, group_size) if config is not None else kernel_config(m, a.device, group_size)
     tiles, units = split_shape(cfg, m, n, k, group_size)
     s = split_k.resolve(splits, tiles, units, m * n, a.device, KERNEL_NAME, cfg.get("max_splits"))
+    int_scales = w_scale.dtype == torch.int32
+    chan = split_int_scales(w_scale)[1] if int_scales else w_scale  # w_scale: a placeholder, never read
     unused = w_scale  # a valid pointer for the arguments a constexpr flag switches off
     per_token = a_scale.numel() == m and m > 1  # M = 1: a [1] scale reads the same either way
     if s > 1:
-        # the split launch stores raw fp32 partials (no epilogue: its flags off, one compiled variant per
-        # tile), the reduce launch adds them in split order and runs the epilogue (split_k.py)
-        ws = split_k.workspace(s, m, n, torch.float32, a.device)
+        # the split launch stores raw partials (fp32; int32 with integer scales) with no epilogue (its flags
+        # off, one compiled variant per tile), the reduce launch adds them in split order and runs the epilogue
+        ws = split_k.workspace(s, m, n, torch.int32 if int_scales else torch.float32, a.device)
         w4a8_kernel[(tiles, s)](
             a, a_scale, w, w_scale, unused, ws, m, n, k, a.stride(0), w.stride(0), w_scale.stride(0), n,
-            unused, unused, unused, 1, PER_TOKEN=False, HAS_BIAS=False, GROUP=group_size,
+            unused, unused, unused, 1, chan, PER_TOKEN=False, HAS_BIAS=False, GROUP=group_size,
             PB=pack_block(group_size), BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"],
             SWAP_AB=bool(cfg["SWAP_AB"]), UNPACK_ASM=bool(cfg["UNPACK_ASM"]) and not interpreting(),
-            INTERPRET=interpreting(), A_FLOAT=a.dtype != torch.int8, SPLIT_K=True,
+            INTERPRET=interpreting(), A_FLOAT=a.dtype != torch.int8, SPLIT_K=True, INT_SCALES=int_scales,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         w4a8_reduce_kernel[(tiles,)](
             ws, s, a_scale, bias if bias is not None else unused, out, m, n, out.stride(0),
             gate if gate is not None else unused, residual if residual is not None else unused,
-            out_scale if out_scale is not None else unused, rows_per_gate, PER_TOKEN=per_token,
+            out_scale if out_scale is not None else unused, rows_per_gate, chan, PER_TOKEN=per_token,
             HAS_BIAS=bias is not None, BM=cfg["BM"], BN=cfg["BN"], SWAP_AB=bool(cfg["SWAP_AB"]),
             INTERPRET=interpreting(), HAS_GELU=gelu, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
-            QUANT_OUT=out_scale is not None, num_warps=cfg["num_warps"])
+            QUANT_OUT=out_scale is not None, INT_SCALES=int_scales, num_warps=cfg["num_warps"])
         return out
     grid = (tiles,)
     w4a8_kernel[grid](
         a, a_scale, w, w_scale, bias if bias is not None else unused, out, m, n, k,
         a.stride(0), w.stride(0), w_scale.stride(0), out.stride(0),
         gate if gate is not None else unused, residual if residual is not None else unused,
-        out_scale if out_scale is not None else unused, rows_per_gate,
+        out_scale if out_scale is not None else unused, rows_per_gate, chan,
         PER_TOKEN=per_token, HAS_BIAS=bias is not None, GROUP=group_size,
         PB=pack_block(group_size),
         BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP_M=cfg["GROUP_M"], SWAP_AB=bool(cfg["SWAP_AB"]),
         UNPACK_ASM=bool(cfg["UNPACK_ASM"]) and not interpreting(),  # no inline asm in the interpreter
         INTERPRET=interpreting(), HAS_GELU=gelu, HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
-        QUANT_OUT=out_scale is not None, A_FLOAT=a.dtype != torch.int8, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        QUANT_OUT=out_scale is not None, A_FLOAT=a.dtype != torch.int8, INT_SCALES=int_scales,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
 def aot_job(config: Dict, cc: int, *, group_size: int, out_dtype: str = "bf16", per_token: bool = True,
-            bias: bool = True, aligned: bool = True, fused: str = "", a_float: str = "", split: bool = False) -> Dict:
+            bias: bool = True, aligned: bool = True, fused: str = "", a_float: str = "", split: bool = False,
+            int_scales: bool = False) -> Dict:
     """Arguments of ``aot.compile_kernel`` for one table entry at group size ``group_size``, as the launcher
     would run it on a GPU of compute capability ``cc``: BK fitted to the group, and the alignment the launcher
     guarantees, pointers, K, N and every stride divisible by 16 (K % 32 == 0), M not (``aligned=False``
@@ -609,39 +804,44 @@ def aot_job(config: Dict, cc: int, *, group_size: int, out_dtype: str = "bf16", 
     (e.g. ``"gate+residual"``; "" = the plain GEMM), with a bf16 gate and a residual of the output dtype.
     ``a_float`` (e.g. ``"bf16"``): a float A of that type, quantized on load (``A_FLOAT``) with its static
     scale (a float A never has per-token scales). ``split``: the split-K launch (``SPLIT_K``: fp32 partials
-    to the workspace, no epilogue, so no ``fused``; its reduce is :func:`reduce_aot_job`)."""
+    to the workspace, no epilogue, so no ``fused``; its reduce is :func:`reduce_aot_job`). ``int_scales``: integer
+    group scales (``INT_SCALES``: int32 q, a float32 channel scale, int32 split partials)."""
     cfg = fit_config(config, group_size)
     if split and fused:
         raise ValueError("the split-K launch has no epilogue: its pieces belong to reduce_aot_job")
     flags = epilogue.flags(fused)
-    out = "*fp32" if split else "*i8" if flags["QUANT_OUT"] else "*" + out_dtype
-    ptr = {"a_ptr": f"*{a_float or 'i8'}", "a_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32",
-           "bias_ptr": "*fp32", "out_ptr": out}
+    out = ("*i32" if int_scales else "*fp32") if split else "*i8" if flags["QUANT_OUT"] else "*" + out_dtype
+    ptr = {"a_ptr": f"*{a_float or 'i8'}", "a_scale_ptr": "*fp32", "w_ptr": "*u8",
+           "w_scale_ptr": "*i32" if int_scales else "*fp32", "bias_ptr": "*fp32", "out_ptr": out}
     ints = ("M", "N", "K", "stride_am", "stride_wn", "stride_sg", "stride_om")
-    fused_args = {"gate_ptr": "*bf16", "res_ptr": "*" + out_dtype, "out_scale_ptr": "*fp32", "rows_per_gate": "i32"}
+    fused_args = {"gate_ptr": "*bf16", "res_ptr": "*" + out_dtype, "out_scale_ptr": "*fp32", "rows_per_gate": "i32",
+                  "w_chan_ptr": "*fp32"}
     constexprs = {"PER_TOKEN": per_token and not a_float and not split, "HAS_BIAS": bias and not split,
                   "GROUP": group_size, "PB": pack_block(group_size),
                   "BM": cfg["BM"], "BN": cfg["BN"], "BK": cfg["BK"], "GROUP_M": cfg["GROUP_M"],
                   "SWAP_AB": bool(cfg["SWAP_AB"]), "UNPACK_ASM": bool(cfg["UNPACK_ASM"]), "INTERPRET": False,
                   "A_FLOAT": bool(a_float), **flags}
     constexprs["SPLIT_K"] = split  # AOT compiles take every constexpr, defaults included
+    constexprs["INT_SCALES"] = int_scales
+    # w_chan_ptr: the last row of the int32 scales, 16-byte aligned only when N % 4 == 0, so never hinted
     hints = [n for n in (*ptr, *ints, "gate_ptr", "res_ptr", "out_scale_ptr") if n != "M"]
     return dict(fn=w4a8_kernel, signature={**ptr, **{n: "i32" for n in ints}, **fused_args}, constexprs=constexprs,
                 cc=cc, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], aligned=hints if aligned else [])
 
 
 def reduce_aot_job(config: Dict, cc: int, *, group_size: int, out_dtype: str = "bf16", per_token: bool = True,
-                   bias: bool = True, fused: str = "") -> Dict:
+                   bias: bool = True, fused: str = "", int_scales: bool = False) -> Dict:
     """Arguments of ``aot.compile_kernel`` for the split-K reduce launch of one table entry (its tile and
     orientation at ``group_size``), with the epilogue ``fused`` as in :func:`aot_job`, N and the output's row
     stride multiples of 16."""
     cfg = fit_config(config, group_size)
     flags = epilogue.flags(fused)
-    sig = {"ws_ptr": "*fp32", "S": "i32", "a_scale_ptr": "*fp32", "bias_ptr": "*fp32",
+    sig = {"ws_ptr": "*i32" if int_scales else "*fp32", "S": "i32", "a_scale_ptr": "*fp32", "bias_ptr": "*fp32",
            "out_ptr": "*i8" if flags["QUANT_OUT"] else "*" + out_dtype, "M": "i32", "N": "i32", "stride_om": "i32",
-           "gate_ptr": "*bf16", "res_ptr": "*" + out_dtype, "out_scale_ptr": "*fp32", "rows_per_gate": "i32"}
+           "gate_ptr": "*bf16", "res_ptr": "*" + out_dtype, "out_scale_ptr": "*fp32", "rows_per_gate": "i32",
+           "w_chan_ptr": "*fp32"}
     constexprs = dict(PER_TOKEN=per_token, HAS_BIAS=bias, BM=cfg["BM"], BN=cfg["BN"], SWAP_AB=bool(cfg["SWAP_AB"]),
-                      INTERPRET=False, **flags)
-    hints = [k for k in sig if k.endswith("_ptr")] + ["N", "stride_om"]
+                      INTERPRET=False, **flags, INT_SCALES=int_scales)
+    hints = [k for k in sig if k.endswith("_ptr") and k != "w_chan_ptr"] + ["N", "stride_om"]
     return dict(fn=w4a8_reduce_kernel, signature=sig, constexprs=constexprs, cc=cc, num_warps=cfg["num_warps"],
                 num_stages=1, aligned=hints)

@@ -4,7 +4,10 @@ first imported: Triton reads the variable when it decorates a kernel).
 
 Weights: 8-bit weights are used in the canonical layout as they are. 4-bit weights are repacked into the
 W4A8 kernel's nibble order (``ditq.kernels.w4a8.pack_weight``) by :meth:`prepare_weight`, and back, exactly,
-by :meth:`canonical_weight`. The W4A8 kernel is imported lazily, so W8A8 keeps working if it is missing.
+by :meth:`canonical_weight`. Integer group scales (``ditq.format``) go to the kernel as integers
+(``ditq.format.int_scales_to_kernel``) where its description lists the GPU's architecture (``int_scale_archs``)
+and under the interpreter; elsewhere the layer keeps the float scales q * c. The W4A8 kernel is imported lazily,
+so W8A8 keeps working if it is missing.
 
 The kernels describe themselves (``ditq.kernels.describe()``: group sizes, K limits, layouts, architectures with a
 tile table) and their launchers validate every input they are given: they are the one validation layer of this
@@ -18,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ..format import int_scales_to_canonical, int_scales_to_kernel
 from . import Backend, BackendUnavailableError, KernelFamily, register
 
 _INTERPRETER_HINT = "set TRITON_INTERPRET=1 before importing triton or diffusers"
@@ -47,6 +51,17 @@ def _kernel_ops():
                                         "gemm_w4a8_fused": _w4a8().gemm_w4a8_fused,
                                         "attention_inputs": _kernels("attention_inputs").attention_inputs}
                              )._replace(fused_gemm_float_a=True)  # the fused kernels' A_FLOAT: quantize on load
+
+
+def _int_scale_kernels(device: torch.device) -> bool:
+    """Whether integer group scales go to the W4A8 kernel as integers on ``device`` (the kernel then applies q while
+    unpacking and keeps one int32 sum over K): on the GPUs its description lists (``int_scale_archs``, from the
+    SASS), and under the interpreter, which runs every path."""
+    if device.type != "cuda":
+        return True
+    with torch.cuda.device(device):
+        major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor in _w4a8().describe()["int_scale_archs"]
 
 
 class TritonBackend(Backend):
@@ -88,11 +103,15 @@ class TritonBackend(Backend):
 
     def prepare_weight(self, fmt, qweight: torch.Tensor, scales: torch.Tensor):
         if fmt.bits == 4:
+            if fmt.group_scales == "int" and _int_scale_kernels(qweight.device):
+                scales = int_scales_to_kernel(*fmt.int_group_scales(scales))
             return _w4a8().pack_weight(qweight, fmt.group_size), scales
         return qweight, scales
 
     def canonical_weight(self, fmt, qweight: torch.Tensor, scales: torch.Tensor):
         if fmt.bits == 4:
+            if scales.dtype == torch.int32:  # integer group scales in the kernel's form
+                scales = int_scales_to_canonical(scales)
             return _w4a8().unpack_weight(qweight, fmt.group_size), scales
         return qweight, scales
 

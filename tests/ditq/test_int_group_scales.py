@@ -2,7 +2,7 @@
 integer multiple q in [1, 16] of a float scale per output channel, held in the same canonical tensors (the scales
 are the exact products). Every rounding method keeps to that grid, checkpoints record it and refuse scales that
 are not of that form, every backend runs the layers (float scales where the Hopper integer kernels do not run), and
-the CUDA backends hand the kernels the integers (``ditq.backends.cuda_layout.int_scales_to_kernel``)."""
+the CUDA and Triton backends hand the kernels the integers (``ditq.format.int_scales_to_kernel``)."""
 import pytest
 import torch
 
@@ -15,6 +15,7 @@ from ditq.quant import reference as ref
 from tiny_models import dit_inputs, tiny_dit
 
 EMULATED = backends.unavailable_reason("cuda-emulated", "cpu") is None
+TRITON = backends.unavailable_reason("triton", "cpu") is None
 
 
 def _cfg(**kw):
@@ -92,6 +93,12 @@ def test_layer_runs_on_every_backend_like_the_reference():
                 y = layer(x)
             torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
             assert torch.equal(layer.canonical()["scales"], ref_layer.canonical()["scales"])
+    if TRITON:  # the interpreter runs the integer-scale Triton kernel, as an sm_90 GPU does
+        layer = QuantLinear.from_linear(lin, cfg, backend="triton")
+        assert layer.scales.dtype == torch.int32 and layer.scales.shape == (192 // 32 + 1, 40)
+        torch.testing.assert_close(layer(x), y_ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(layer.canonical()["scales"], ref_layer.canonical()["scales"])
+        assert torch.equal(layer.canonical()["qweight"], ref_layer.canonical()["qweight"])
 
 
 def test_corrupted_scales_are_refused():

@@ -50,3 +50,57 @@ def test_every_shipped_config_compiles_clean(compiled):
         assert s.spills == 0 and s.stack == 0, what
         assert _loads(s, LD128) > 0 and _loads(s, LD_BYTES) == 0, what
         assert c.shared <= (227 if arch == "sm90" else 163) * 1024, what
+
+
+# ---- integer group scales (INT_SCALES) ---------------------------------------------------------------------
+INT_GROUPS = (32, 128)
+FOLD_OPS = ("I2F", "I2FP", "FFMA")  # the float-scale kernel's per-group fold: int32 partial -> fp32, times s, add
+
+
+@pytest.fixture(scope="session")
+def compiled_int():
+    """sm90 (where layers run it) at every entry, both kinds of scales; the sm80 entries too (the launcher takes
+    integer scales on any GPU)."""
+    jobs = []
+    for arch in ARCH_CC:
+        for kind in (True, False) if arch == "sm90" else (True,):
+            jobs += [(arch, entry, g, kind, job)
+                     for arch_, entry, g, job in aot.shipped_jobs("w4a8", archs=(arch,), group_sizes=INT_GROUPS,
+                                                                  int_scales=kind)]
+    built = aot.compile_many([job for *_, job in jobs])
+    return [(arch, entry, g, kind, c, aot.sass_stats(c)) for (arch, entry, g, kind, _), c in zip(jobs, built)]
+
+
+@pytest.mark.slow
+def test_int_scale_kernels_compile_clean_and_never_fold(compiled_int):
+    """Integer group scales: tensor-core instructions, no spills, 16-byte loads, and no int -> float conversion or
+    FFMA in the main loop (one int32 sum over K: the fold is gone)."""
+    for arch, entry, g, kind, c, s in compiled_int:
+        if not kind:
+            continue
+        what = f"{arch} G={g} {entry} int scales: {s.summary()} loop {s.loop_ops}"
+        assert (s.igmma > 0) if arch == "sm90" else (s.imma > 0 and s.igmma == 0), what
+        assert s.spills == 0 and s.stack == 0, what
+        assert _loads(s, LD128) > 0 and _loads(s, LD_BYTES) == 0, what
+        assert s.loop_len > 0 and not any(s.loop_ops.get(op, 0) for op in FOLD_OPS), what
+        assert s.loop_ops.get("PRMT", 0) == 0, what  # the words become int8 tiles with no byte permutes
+
+
+@pytest.mark.slow
+def test_int_scale_kernels_are_shorter_where_layers_run_them(compiled_int):
+    """Why the backend hands sm90 layers the integers (w4a8.INT_SCALE_ARCHS): against the float-scale kernel of the
+    same entry, fewer main-loop instructions at the large-M entry at every group size and at every entry for
+    G = 32, and fewer registers at 64+ rows (the float kernel's fp32 sums beside the int32 partials are gone)."""
+    by_key = {(arch, entry["max_m"] if "max_m" in entry else None, g, kind): s
+              for arch, entry, g, kind, _, s in compiled_int if arch == "sm90"}
+    assert 90 in w4a8.INT_SCALE_ARCHS
+    for (arch, max_m, g, kind), s in by_key.items():
+        if not kind:
+            continue
+        f = by_key[(arch, max_m, g, False)]
+        what = f"sm90 max_m={max_m} G={g}: int loop {s.loop_len} regs {s.registers}, float loop {f.loop_len} " \
+               f"regs {f.registers}"
+        if max_m is None or g == 32:
+            assert s.loop_len < f.loop_len, what
+        if max_m is None or max_m >= 64:
+            assert s.registers < f.registers, what

@@ -15,6 +15,7 @@ import triton.language as tl
 
 import ditq.kernels
 from ditq import testing
+from ditq.format import int_scales_to_kernel
 from ditq.kernels import interpret
 from ditq.quant import reference as ref
 
@@ -95,19 +96,25 @@ def test_quantize_act_row_tail_mutant(tmp_path, poison_masked_loads):
     _fails_only_when_poisoned(poison_masked_loads, check)
 
 
-def test_w4a8_group32_tail_mutant(tmp_path, poison_masked_loads):
-    # the tail's activation tiles and the pure-Triton unpack's weight words (what the interpreter runs)
+@pytest.mark.parametrize("int_scales", [False, True], ids=["float_scales", "int_scales"])
+def test_w4a8_group32_tail_mutant(tmp_path, poison_masked_loads, int_scales):
+    # the tail's activation tiles and the pure-Triton unpack's weight words (what the interpreter runs), shared by
+    # the float- and the integer-group-scale paths
     mod = _mutant(tmp_path, "w4a8", (", mask=valid[None, :], other=0)", ", mask=valid[None, :])", 2),
                   ("mask=(offs_w < N_VALID // 4)[None, :], other=0)", "mask=(offs_w < N_VALID // 4)[None, :])", 1))
     g = torch.Generator().manual_seed(2)
     m, n, k, gs = 5, 9, 96, 32  # K / 32 odd: the last 32 k are the masked tail step
     a, q = testing.random_int8(m, k, generator=g), testing.random_int4(n, k, generator=g)
     s, a_s = torch.rand(k // gs, n, generator=g) + 0.01, torch.rand(m, generator=g) + 0.01
+    kernel_s = s
+    if int_scales:  # q in [1, 16] times a channel scale: the launcher's int32 form
+        qs, c = torch.randint(1, 17, (k // gs, n), generator=g, dtype=torch.int32), torch.rand(n, generator=g) + 0.01
+        s, kernel_s = qs.float() * c[None, :], int_scales_to_kernel(qs, c)
     w = mod.pack_weight(ref.pack_int4(q), gs)
     cfg = dict(BM=16, BN=16, BK=64, GROUP_M=2, SWAP_AB=False, UNPACK_ASM=False, num_warps=1, num_stages=1)
 
     def check():
-        y = mod.gemm_w4a8(a, a_s, w, s, None, gs, torch.float32, config=cfg)
+        y = mod.gemm_w4a8(a, a_s, w, kernel_s, None, gs, torch.float32, config=cfg)
         testing.assert_gemm_w4a8(y, a, a_s, q, s, gs, None)
 
     _fails_only_when_poisoned(poison_masked_loads, check)

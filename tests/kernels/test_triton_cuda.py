@@ -26,6 +26,7 @@ W8_CASES = [(1, 1153, 1168, torch.bfloat16, True, True), (16, 3073, 1168, torch.
             (515, 4607, 1168, torch.bfloat16, True, True), (1031, 1155, 4624, torch.float16, False, False)]
 # K for each group size: a multiple of the group, not of 128 where the group allows it
 W4_K = {32: 800, 64: 1216, 128: 1152, 256: 1280}
+W4_INT_MN = ((1, 1153), (61, 3073), (515, 1155))  # (M, N) of the integer-scale cases (and SPLIT_SHAPE)
 # DiT-XL/2 at batch 1 with guidance: attention out / fc2 have 36 tiles of 128 x 128: the automatic count splits
 SPLIT_SHAPE = (512, 1152, 1152)
 
@@ -74,6 +75,29 @@ def test_w4a8_table_tiles_exact(group):
         _sync()
         assert y is out
         testing.assert_gemm_w4a8(y, a, a_s, q, s, group, b, what=f"triton W4A8 g{group} M={m} N={n} K={k}")
+
+
+@pytest.mark.parametrize("group", sorted(W4_K))
+def test_w4a8_int_scales_table_tiles_exact(group):
+    """Integer group scales (INT_SCALES: the unpack's PTX multiplies by q, one int32 sum over K) at this GPU's
+    table entries, with the automatic split count at the split shape: within the reference's tolerance on the
+    float scales q * c, and a split launch the same bits as the unsplit one (int32 partials)."""
+    from ditq.format import int_scales_to_kernel
+
+    k = W4_K[group]
+    for m, n in W4_INT_MN + (SPLIT_SHAPE[:2],):
+        kk = SPLIT_SHAPE[2] if (m, n) == SPLIT_SHAPE[:2] and SPLIT_SHAPE[2] % group == 0 else k
+        a, q, _, a_s, b = testing.random_w4a8_case(m, n, kk, group, seed=m + n + group)
+        gen = torch.Generator().manual_seed(group + m)
+        qs = torch.randint(1, 17, (kk // group, n), generator=gen, dtype=torch.int32)
+        c = (torch.rand(n, generator=gen) + 0.05) / 127 / 16
+        args = _dev(a, a_s, w4a8.pack_weight(ref.pack_int4(q), group), int_scales_to_kernel(qs, c), b)
+        y = w4a8.gemm_w4a8(*args, group, torch.bfloat16, out=_poisoned(m, n, torch.bfloat16))
+        whole = w4a8.gemm_w4a8(*args, group, torch.bfloat16, out=_poisoned(m, n, torch.bfloat16), splits=1)
+        _sync()
+        testing.assert_gemm_w4a8(y, a, a_s, q, qs.float() * c[None, :], group, b,
+                                 what=f"triton W4A8 int scales g{group} M={m} N={n} K={kk}")
+        assert torch.equal(y.view(torch.int16), whole.view(torch.int16)), "split != unsplit bits"
 
 
 def test_group_sizes_cover_the_family():
