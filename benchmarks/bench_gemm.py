@@ -99,7 +99,7 @@ def enumerate_cases(shapes, ms, backends, groups, extra: List[str]) -> List[Dict
                     if k % g == 0:
                         cases.append(dict(base, impl=f"ditq-{b} w4a8 g{g}", kind="gemm", backend=b, bits=4,
                                           group_size=g))
-                        if b.startswith("cuda"):  # integer group scales: the Hopper kernels (gemm_w4a8i)
+                        if b.startswith("cuda") or b == "triton":  # integer group scales (q applied on unpack)
                             cases.append(dict(base, impl=f"ditq-{b} w4a8i g{g}", kind="gemm", backend=b, bits=4,
                                               group_size=g, int_scales=True))
                 if (b, m, k) not in seen_quant:  # the activation op depends on M and K only
@@ -232,23 +232,33 @@ def make_call(torch, case: Dict, inp: Inputs) -> Callable[[int], object]:
 
 
 def _int_scales(torch, case: Dict, inp: Inputs, sets, group: int):
-    """ditq_C::gemm_w4a8i (W4A8 with integer group scales, the Hopper kernels) on the float-scale rows' packed
-    weights: q int32 [K // G, N] in [1, 16], one float scale per channel; checked against the exact W8A8 product of
-    the expanded weight q * w."""
+    """W4A8 with integer group scales on the float-scale rows' packed weights: q int32 [K // G, N] in [1, 16], one
+    float scale per channel; ditq_C::gemm_w4a8i (the Hopper kernels) on the CUDA backends, the Triton launcher given
+    the int32 form (``ditq.format.int_scales_to_kernel``: ``INT_SCALES``) on triton. Checked against the exact W8A8
+    product of the expanded weight q * w."""
+    from ditq.format import int_scales_to_kernel
     from ditq.quant import reference as ref
 
     m, n, k = case["M"], case["N"], case["K"]
 
     def make():
-        return (torch.randint(1, ref.MAX_INT_GROUP_SCALE + 1, (k // group, n), device=inp.device, generator=inp.g,
-                              dtype=torch.int32), inp.scales(n))
+        qs, sc = (torch.randint(1, ref.MAX_INT_GROUP_SCALE + 1, (k // group, n), device=inp.device, generator=inp.g,
+                                dtype=torch.int32), inp.scales(n))
+        return qs, sc, int_scales_to_kernel(qs, sc)
     qsets = inp.get(f"w4i-{case['backend']}-{group}", make)
-    op = torch.ops.ditq_C.gemm_w4a8i
+    if case["backend"] == "triton":
+        from ditq.kernels import w4a8
+
+        def op(a, a_scale, w, qs, sc, bias, g, dt, packed):
+            return w4a8.gemm_w4a8(a, a_scale, w, packed, bias, g, dt)
+    else:
+        def op(a, a_scale, w, qs, sc, bias, g, dt, packed):
+            return torch.ops.ditq_C.gemm_w4a8i(a, a_scale, w, qs, sc, bias, g, dt)
 
     def call(i):
         a, a_scale, w, _, bias = sets[i % len(sets)][:5]
-        qs, sc = qsets[i % len(qsets)]
-        return op(a, a_scale, w, qs, sc, bias, group, torch.bfloat16)
+        qs, sc, packed = qsets[i % len(qsets)]
+        return op(a, a_scale, w, qs, sc, bias, group, torch.bfloat16, packed)
     try:
         call(0)
     except ValueError as e:  # not an sm_90 GPU with sm_90a code (or the emulator not set to sm_90a)
@@ -256,7 +266,7 @@ def _int_scales(torch, case: Dict, inp: Inputs, sets, group: int):
 
     def check() -> Optional[str]:
         a, a_scale, _, _, bias, w_q, _ = sets[0]
-        qs, sc = qsets[0]
+        qs, sc, _ = qsets[0]
         wq = ref.expand_int_group_scales(w_q.cpu(), qs.cpu(), group).to(a.device)
         rows = common.exact_rows(torch, common.sample_rows(torch, m), a, a_scale, wq, sc, bias, None)
         return common.output_error(torch, call(0), m, n, rows)

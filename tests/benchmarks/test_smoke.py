@@ -119,7 +119,8 @@ def test_gemm_one_row_per_case(gemm):
                 for g in rep["group_sizes"]:
                     assert (f"ditq-{b} w4a8 g{g}" in impls) == (s["K"] % g == 0)
                     # integer group scales: a row per CUDA backend (the Hopper kernels; elsewhere it says why not)
-                    assert (f"ditq-{b} w4a8i g{g}" in impls) == (s["K"] % g == 0 and b.startswith("cuda"))
+                    # and for triton (its INT_SCALES kernel)
+                    assert (f"ditq-{b} w4a8i g{g}" in impls) == (s["K"] % g == 0 and b != "torch")
     quant = [r for r in rep["rows"] if r["kind"] == "quant"]
     ditq_quant = [r for r in quant if r["impl"].startswith("ditq-")]
     assert {r["impl"].rsplit(" ", 1)[1] for r in ditq_quant} == {"static", "dynamic"}
@@ -374,7 +375,7 @@ def test_static_schema(static):
     # Every Triton family compiles and is analysed (a schema check over rows that all say "not compiled"
     # would prove nothing); CUDA rows may say why they are absent, e.g. a CPU-only extension has no cubins.
     triton = [r for r in rep["kernels"] if r["family"] == "triton"]
-    assert {r["kernel"].split()[0] for r in triton} == {"w8a8", "w4a8"}
+    assert {r["kernel"].split()[0] for r in triton} == {"w8a8", "w4a8", "w4a8i"}  # w4a8i: integer group scales
     assert all(r["status"] == "ok" for r in triton), [r["status"] for r in triton if r["status"] != "ok"]
     assert any(r["family"] == "cuda" for r in rep["kernels"])
     for r in rep["kernels"]:

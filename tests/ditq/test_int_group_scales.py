@@ -136,3 +136,10 @@ def test_checkpoint_round_trip_and_fused_blocks(tmp_path):
             with torch.no_grad():
                 y_fused = fused(**inp).sample
         assert ref.sqnr(y, y_fused) > 60
+    if TRITON:  # the fused blocks on the interpreted Triton kernels (INT_SCALES), as an sm_90 GPU runs them
+        from ditq.blocks import fuse_blocks
+        fused = ditq.load_quantized(str(tmp_path), backend="triton")
+        fuse_blocks(fused)
+        assert all(m.scales.dtype == torch.int32 for m in fused.modules() if isinstance(m, QuantLinear))
+        with torch.no_grad():
+            assert ref.sqnr(y, fused(**inp).sample) > 60
