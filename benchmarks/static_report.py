@@ -467,9 +467,11 @@ def triton_rows(archs, short: bool, groups) -> List[Dict]:
     shipped += [(kernel, "float-A bf16", *job) for kernel in ("w8a8", "w4a8")
                 for job in aot.shipped_jobs(kernel, archs, groups if kernel == "w4a8" else None, m=ADALN_M,
                                             a_float="bf16")]
-    # W4A8 with integer group scales (INT_SCALES) where layers hand it the integers (w4a8.INT_SCALE_ARCHS)
-    int_archs = [a for a in archs if aot.ARCH_CC[a] in w4a8.INT_SCALE_ARCHS]
-    shipped += [("w4a8i", "", *job) for job in aot.shipped_jobs("w4a8", int_archs, groups, m=m, int_scales=True)]
+    # W4A8 with integer group scales (INT_SCALES) where layers hand it the integers (w4a8.INT_SCALE_GROUPS)
+    shipped += [("w4a8i", "", *job) for arch in archs
+                for job in aot.shipped_jobs("w4a8", (arch,), [g for g in (groups or w4a8.GROUP_SIZES)
+                                                              if g in w4a8.INT_SCALE_GROUPS.get(ARCH_CC[arch], ())],
+                                            m=m, int_scales=True)]
     rows = []
     for (kernel, fused, arch, entry, group, job), c in zip(shipped, _compile_all([j[-1] for j in shipped])):
         meta = _triton_meta(kernel, entry, group)

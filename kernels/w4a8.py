@@ -45,7 +45,7 @@ Design, and why
 * **Float A** (``A_FLOAT``, the fused GEMM given a float ``a`` and a static scale): each activation half-tile is
   loaded as float and quantized in registers with quantize_act's own rounding (``quantize_act.quantize_scaled``,
   ``1 / s`` computed once per program) before its dot. sm80 M <= 16 entry at G = 128, bf16 A: 106 registers
-  (96 int8), loop 329 instructions (162), the same 16 IMMA, no spills (tests/kernels/test_aot_float_a.py).
+  (94 int8), loop 340 instructions (165), the same 16 IMMA, no spills (tests/kernels/test_aot_float_a.py).
 * Pointer loads (not tensor descriptors): the weights must be unpacked in registers anyway, and on cc 80
   descriptors degrade to byte loads. Rows are 16-byte aligned (K % 32 == 0 => K/2 % 16 == 0) and
   Triton specialises the strides as multiples of 16, so loads are 128-bit. Out-of-range rows/columns are
@@ -60,18 +60,27 @@ PRMT, STS: inside the loop. Registers from ``cuobjdump -res-usage``; shared memo
 No configuration below has LDL/STL or a stack; all global loads are 16 bytes (LDGSTS.E.BYPASS.128).
 
   arch  bucket    G    tile BMxBNxBK  warps/st  loop  MMA instr. (/MMA)        PRMT LOP3 STS  regs  smem
-  sm90  M<=16    128   16x128x128     4/4       200   8 IGMMA.64x16x32  (25)     0   32    5    92  40 KB
+  sm90  M<=16    128   16x128x128     4/4       171   8 IGMMA.64x16x32  (21)     0   32    1   101  32 KB
   sm90  M<=16     32   16x128x64      4/4       191   4 IGMMA.64x16x32  (48)     0   16    4    92  20 KB
-  sm90  M<=32    128   32x128x128     4/4       239   8 IGMMA.64x32x32  (30)     0   32    5   120  48 KB
-  sm90  M<=64    128   64x128x128     4/4       302   8 IGMMA.64x64x32  (38)     0   33    5   194  64 KB
-  sm90  M>64     128  128x128x128     8/3       263   4 IGMMA.64x128x32 (66)     0   17    2   207  72 KB
+  sm90  M<=32    128   32x128x128     4/4       207   8 IGMMA.64x32x32  (26)     0   32    1   135  40 KB
+  sm90  M<=64    128   64x128x128     4/4       275   8 IGMMA.64x64x32  (34)     0   32    1   210  56 KB
+  sm90  M>64     128  128x128x128     8/3       242   4 IGMMA.64x128x32 (61)     0   16    0   208  64 KB
   sm90  M>64      32  128x128x64      8/3       363   2 IGMMA.64x128x32 (182)    0    8    1   254  36 KB
-  sm80  M<=16    128   16x128x128     4/4       164  16 IMMA.16832      (10)     0   32    1    96  30 KB
-  sm80  M<=64    128   64x128x128     4/4       337  64 IMMA.16832      (5.3)    0   33    1   220  49 KB
-  sm80  M>64     128  128x128x128     8/3       519  64 IMMA.16832      (8.1)    0  129    0   170  48 KB
+  sm80  M<=16    128   16x128x128     4/4       165  16 IMMA.16832      (10)     0   32    1    94  30 KB
+  sm80  M<=64    128   64x128x128     4/4       336  64 IMMA.16832      (5.3)    0   32    1   220  48 KB
+  sm80  M>64     128  128x128x128     8/3       338  64 IMMA.16832      (5.3)    0   32    0   228  48 KB
   sm80  M>64      32  128x128x64      8/3       537  32 IMMA.16832      (17)     0   64    0   255  32 KB
 
-Designs compared (G = 128, BK = 128):
+One dot per step (``ONE_DOT``) where a step spans its whole pack block (BK = PB: G = 64 and 128 at the shipped
+BK) and both halves feed one partial (G >= 64; with integer scales every G): the activation tile of the step is
+one contiguous [BM, BK] load and the two unpacked weight halves are concatenated along k (:func:`_cat_k`, a
+relabelling of registers), so each step issues one chain of tensor-core instructions and, on cc 90, waits for
+one wgmma group instead of two. Against two half-dots (G = 128): sm90 loop 200 -> 171 at M <= 16, 263 -> 242 at
+M > 64 (5 STS -> 1, 2 WARPGROUP.ARRIVE/DEPBAR pairs -> 1); sm80 M > 64 519 -> 338 (129 LOP3 -> 32: ptxas no
+longer unpacks the same words twice), registers 170 -> 228 (one CTA per SM either way). G = 32 with float scales
+(two groups per block) and G = 256 (two steps per block) keep the two half-dots.
+
+Designs compared (G = 128, BK = 128; measured with two half-dots per step, before ``ONE_DOT``):
 * Swapped vs plain on cc 90. 16x128, 4 warps: plain cannot use wgmma at all (its M is 16 < 64) and falls
   back to mma.sync (16 IMMA, 162 instr.); swapped gets IGMMA.64x16x32. 64x128, 4 warps: swapped 302 instr.,
   5 STS, 194 regs, 64 KB vs plain 307 instr., 9 STS, 205 regs, 72 KB. 128x128, 8 warps: swapped 263 vs plain
@@ -100,28 +109,30 @@ Measured (AOT, triton 3.8, nothing run; ``UNPACK_ASM`` on; loop = one pack block
 G = 128, 256 k at G = 256; tests/kernels/test_aot_w4a8.py):
 
   sm90 entry       G=32 loop (regs)   G=64          G=128         G=256        float scales, same entry
-  M<=16  16x128    169 (66)           153 (67)      226 (95)      377 (100)    191 / 153 / 200 / 295
-  M<=32  32x128    169 (86)           146 (93)      231 (128)     384 (122)    253 / 186 / 239 / 334
-  M<=64  64x128    160 (153)          146 (126)     238 (162)     401 (162)    384 / 247 / 302 / 414
-  M>64  128x128    113 (124)          105 (128)     159 (127)     259 (128)    363 / 222 / 263 / 332
-                                                                               (regs 254 / 192 / 207 / 204)
+  M<=16  16x128    166 (64)           150 (66)      216 (96)      377 (100)    191 / 138 / 171 / 295
+  M<=32  32x128    166 (80)           150 (80)      219 (122)     384 (122)    253 / 167 / 207 / 334
+  M<=64  64x128    161 (153)          145 (130)     224 (162)     401 (162)    384 / 233 / 275 / 414
+  M>64  128x128    114 (124)          105 (128)     152 (128)     259 (128)    363 / 213 / 242 / 332
+                                                                               (regs 254 / 202 / 208 / 204)
 
-So at the large-M tile (compute-bound: where the fold cost tensor-core time) the loop is 2-3x shorter at G <= 64
-and 1.3-1.7x at G >= 128, with 40-50% fewer registers; at M <= 16 at G >= 128 it is longer (a thread there holds
-only 16 accumulators, so the fold was cheap, and those tiles stream weights from memory). Int8 ``tl.dot`` still
-waits for its wgmma every iteration (W8A8's docstring), so the integer kernel's loop is bound the same way W8A8's
-is. On sm80 the 128 x 128 entry is longer at G >= 128 (646 vs 519 at G = 128; 380 vs 537 at G = 32): the runtime
-hands the integers only to the architectures in :data:`INT_SCALE_ARCHS` (and the interpreter).
+So at the large-M tile (compute-bound: where the fold cost tensor-core time) the loop is 3.2x shorter at G = 32,
+2x at G = 64, 1.3-1.6x at G >= 128, with 40-50% fewer registers, and no weight tile goes through shared memory
+(0 STS); at M <= 32 at G >= 64 it is longer (a thread there holds only 16-32 accumulators, so the fold was cheap,
+and those tiles stream weights from memory). Int8 ``tl.dot`` still waits for its wgmma every iteration (W8A8's
+docstring), so the integer kernel's loop is bound the same way W8A8's is. On sm80 the 128 x 128 entry is shorter
+too at G <= 128 (167 / 155 / 265 vs 537 / 252 / 338 at G = 32 / 64 / 128) but longer at G = 256 (630 vs 441): the
+runtime hands the integers to the kernel where :data:`INT_SCALE_GROUPS` lists the architecture and group size
+(and under the interpreter).
 
 Split-K (:mod:`.split_k`): when the output tiles fill less than a wave of SMs, ``S`` programs per tile
 (``SPLIT_K``, grid axis 1) each sum whole pack blocks -- whole groups, each rescaled by its own group scale
 exactly as unsplit; for G = 32 the short tail block goes with the last split -- into an fp32 workspace, and
 :func:`w4a8_reduce_kernel` adds the S partials in split order and runs the same epilogue (:func:`_epilogue`).
 fp32 adds in a fixed order: deterministic, within the reference's fp32 tolerance, but not the unsplit bits.
-S = 1 compiles exactly as without split-K. Measured (AOT, 128 x 128 entry, G = 128): sm90 split kernel 196
-registers (207 unsplit), loop 255 (263), the same 4 IGMMA; sm80 172 (170), loop 509 (519), the same 64 IMMA,
-64 KB shared (48 KB: the partial's store goes through shared memory); reduce 128 registers, 154-166 with
-gate + residual; nothing spills (tests/kernels/test_aot_split_k.py).
+S = 1 compiles exactly as without split-K. Measured (AOT, 128 x 128 entry, G = 128): sm90 split kernel 204
+registers (208 unsplit), loop 240 (242), the same 4 IGMMA; sm80 242 (228), loop 326 (338), the same 64 IMMA,
+48 KB shared; reduce 128 registers, 154-166 with gate + residual; nothing spills
+(tests/kernels/test_aot_split_k.py). With integer group scales the partials are int32 (below).
 """
 from __future__ import annotations
 
@@ -148,13 +159,12 @@ MIN_BK = 64  # two dots of K = 32 (the int8 MMA's K) per step
 # and _scaled_nibbles' per-byte bias 128 - 8 q must not go negative (it would borrow from the next byte): both
 # hold up to q = 16 and no further. ditq.format's bound too (tested).
 MAX_INT_GROUP_SCALE = 16
-# Where layers hand this kernel integer group scales as integers (compute capability x 10; the interpreter always
-# does, to verify the path): measured on the SASS (top of the file), on sm90 the integer kernel's loop is shorter
-# than the float-scale one at every entry but M <= 16 at G >= 128 (a few accumulators per thread make the fold
-# cheap there, and those tiles stream weights), and it holds 40-50% fewer registers; on sm80 it is longer at the
-# 128 x 128 entry at G >= 128 (the mma.sync fragments unpack each word in more threads), so there layers keep the
-# float scales. The launcher itself runs either form anywhere.
-INT_SCALE_ARCHS = (90,)
+# Where layers hand this kernel integer group scales as integers, {compute capability x 10: group sizes} (the
+# interpreter always does, to verify the path). From the SASS (top of the file): at the 128 x 128 entry, the
+# compute-bound one, the integer kernel's loop is the shorter at every group size on sm90 and at G <= 128 on sm80
+# (G = 256 there: 630 vs 441 instructions); at M <= 32 it is longer at G >= 64, where the tiles stream weights
+# from memory anyway. The launcher itself runs either form anywhere.
+INT_SCALE_GROUPS = {80: (32, 64, 128), 90: GROUP_SIZES}
 
 
 def check_group_size(group_size) -> int:
@@ -231,6 +241,12 @@ def _dot(w, a, p, SWAP_AB: tl.constexpr):
     else:
         r = tl.dot(a, tl.trans(w), p, out_dtype=tl.int32)
     return r
+
+
+@triton.jit
+def _cat_k(lo, hi, BN: tl.constexpr, BK: tl.constexpr):
+    """[BN, BK / 2] x 2 -> [BN, BK]: ``lo`` then ``hi`` along k."""
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BN, BK))
 
 
 @triton.jit
@@ -424,7 +440,12 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
     rm = offs_m % M  # clamped rows/columns: loads need no mask, the store drops them
     rn = offs_n % N
     offs_b = tl.max_contiguous(tl.multiple_of(tl.arange(0, HB), HB), HB)
+    offs_k = tl.max_contiguous(tl.multiple_of(tl.arange(0, BK), BK), BK)
     a_rows = a_ptr + rm[:, None] * stride_am
+    # One dot per step where the low and high nibbles of the step's bytes hold one contiguous k range (a step
+    # spans its whole pack block: HALF == HB) and sum into one partial: the weight halves are concatenated
+    # along k (:func:`_cat_k`) against one activation tile, so the loop waits for one wgmma chain, not two.
+    ONE_DOT: tl.constexpr = (STEPS == 1) and (CHAIN or INT_SCALES)
 
     if SWAP_AB:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
@@ -455,7 +476,13 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
             p = zero
         for st in tl.static_range(STEPS):
             k_lo = blk * PB + st * HB  # first k of this step's low nibbles; bytes start at k_lo - blk*HALF
-            if A_FLOAT:
+            if ONE_DOT:  # the step's low and high nibbles cover one contiguous k range [k_lo, k_lo + BK)
+                if A_FLOAT:
+                    a = tl.load(a_rows + (k_lo + offs_k)[None, :]).to(tl.float32)
+                    a = quantize_act.quantize_scaled(a, inv, INTERPRET)
+                else:
+                    a = tl.load(a_rows + (k_lo + offs_k)[None, :])
+            elif A_FLOAT:
                 a_lo = tl.load(a_rows + (k_lo + offs_b)[None, :]).to(tl.float32)
                 a_hi = tl.load(a_rows + (k_lo + HALF + offs_b)[None, :]).to(tl.float32)
                 a_lo = quantize_act.quantize_scaled(a_lo, inv, INTERPRET)
@@ -468,7 +495,9 @@ def w4a8_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N,
                                               UNPACK_ASM)
             else:
                 w_lo, w_hi = _load_unpack(w_ptr, rn, stride_wn, blk * HALF + st * HB, HB, BN, UNPACK_ASM)
-            if CHAIN or INT_SCALES:  # both halves in this block's int32 partial (INT_SCALES: in the one sum)
+            if ONE_DOT:
+                p = _dot(_cat_k(w_lo, w_hi, BN, BK), a, p, SWAP_AB)
+            elif CHAIN or INT_SCALES:  # both halves in this block's int32 partial (INT_SCALES: in the one sum)
                 p = _dot(w_hi, a_hi, _dot(w_lo, a_lo, p, SWAP_AB), SWAP_AB)
             else:  # G = 32: low nibbles are group 2*blk, high nibbles group 2*blk + 1, in this order
                 p_lo = _dot(w_lo, a_lo, zero, SWAP_AB)
@@ -625,7 +654,7 @@ def describe() -> Dict:
     return {"weight_bits": 4, "group_sizes": list(GROUP_SIZES), "k_multiple": K_MULTIPLE, "max_k": MAX_K,
             "layout": LAYOUT, "layout_version": LAYOUT_VERSION, "archs": config_table.gpu_ccs(archs),
             "interpreter": "interpreter" in archs, "max_int_group_scale": MAX_INT_GROUP_SCALE,
-            "int_scale_archs": list(INT_SCALE_ARCHS)}
+            "int_scale_groups": {cc: list(gs) for cc, gs in INT_SCALE_GROUPS.items()}}
 
 
 def _check_gemm(a, a_scale, w, w_scale, bias, group_size, out_dtype, a_dtypes=(torch.int8,)):

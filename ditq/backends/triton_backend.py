@@ -5,7 +5,8 @@ first imported: Triton reads the variable when it decorates a kernel).
 Weights: 8-bit weights are used in the canonical layout as they are. 4-bit weights are repacked into the
 W4A8 kernel's nibble order (``ditq.kernels.w4a8.pack_weight``) by :meth:`prepare_weight`, and back, exactly,
 by :meth:`canonical_weight`. Integer group scales (``ditq.format``) go to the kernel as integers
-(``ditq.format.int_scales_to_kernel``) where its description lists the GPU's architecture (``int_scale_archs``)
+(``ditq.format.int_scales_to_kernel``) where its description lists the GPU's architecture and the group size
+(``int_scale_groups``)
 and under the interpreter; elsewhere the layer keeps the float scales q * c. The W4A8 kernel is imported lazily,
 so W8A8 keeps working if it is missing.
 
@@ -53,15 +54,15 @@ def _kernel_ops():
                              )._replace(fused_gemm_float_a=True)  # the fused kernels' A_FLOAT: quantize on load
 
 
-def _int_scale_kernels(device: torch.device) -> bool:
+def _int_scale_kernels(device: torch.device, group_size: int) -> bool:
     """Whether integer group scales go to the W4A8 kernel as integers on ``device`` (the kernel then applies q while
-    unpacking and keeps one int32 sum over K): on the GPUs its description lists (``int_scale_archs``, from the
-    SASS), and under the interpreter, which runs every path."""
+    unpacking and keeps one int32 sum over K): where its description lists the GPU's architecture with this group
+    size (``int_scale_groups``, from the SASS), and under the interpreter, which runs every path."""
     if device.type != "cuda":
         return True
     with torch.cuda.device(device):
         major, minor = torch.cuda.get_device_capability()
-    return 10 * major + minor in _w4a8().describe()["int_scale_archs"]
+    return group_size in _w4a8().describe()["int_scale_groups"].get(10 * major + minor, ())
 
 
 class TritonBackend(Backend):
@@ -103,7 +104,7 @@ class TritonBackend(Backend):
 
     def prepare_weight(self, fmt, qweight: torch.Tensor, scales: torch.Tensor):
         if fmt.bits == 4:
-            if fmt.group_scales == "int" and _int_scale_kernels(qweight.device):
+            if fmt.group_scales == "int" and _int_scale_kernels(qweight.device, fmt.group_size):
                 scales = int_scales_to_kernel(*fmt.int_group_scales(scales))
             return _w4a8().pack_weight(qweight, fmt.group_size), scales
         return qweight, scales

@@ -59,14 +59,15 @@ FOLD_OPS = ("I2F", "I2FP", "FFMA")  # the float-scale kernel's per-group fold: i
 
 @pytest.fixture(scope="session")
 def compiled_int():
-    """sm90 (where layers run it) at every entry, both kinds of scales; the sm80 entries too (the launcher takes
-    integer scales on any GPU)."""
+    """Both kinds of scales at every entry of both architectures at G = 32 and 128, and at the large-M entry at
+    G = 256 (which sm80 layers do not get: INT_SCALE_GROUPS)."""
     jobs = []
     for arch in ARCH_CC:
-        for kind in (True, False) if arch == "sm90" else (True,):
-            jobs += [(arch, entry, g, kind, job)
-                     for arch_, entry, g, job in aot.shipped_jobs("w4a8", archs=(arch,), group_sizes=INT_GROUPS,
-                                                                  int_scales=kind)]
+        for kind in (True, False):
+            jobs += [(arch, entry, g, kind, job) for _, entry, g, job in
+                     aot.shipped_jobs("w4a8", archs=(arch,), group_sizes=INT_GROUPS, int_scales=kind)]
+            jobs += [(arch, entry, g, kind, job) for _, entry, g, job in
+                     aot.shipped_jobs("w4a8", archs=(arch,), group_sizes=(256,), m=1 << 20, int_scales=kind)]
     built = aot.compile_many([job for *_, job in jobs])
     return [(arch, entry, g, kind, c, aot.sass_stats(c)) for (arch, entry, g, kind, _), c in zip(jobs, built)]
 
@@ -87,20 +88,21 @@ def test_int_scale_kernels_compile_clean_and_never_fold(compiled_int):
 
 
 @pytest.mark.slow
-def test_int_scale_kernels_are_shorter_where_layers_run_them(compiled_int):
-    """Why the backend hands sm90 layers the integers (w4a8.INT_SCALE_ARCHS): against the float-scale kernel of the
-    same entry, fewer main-loop instructions at the large-M entry at every group size and at every entry for
-    G = 32, and fewer registers at 64+ rows (the float kernel's fp32 sums beside the int32 partials are gone)."""
-    by_key = {(arch, entry["max_m"] if "max_m" in entry else None, g, kind): s
-              for arch, entry, g, kind, _, s in compiled_int if arch == "sm90"}
-    assert 90 in w4a8.INT_SCALE_ARCHS
+def test_int_scale_groups_follow_the_sass(compiled_int):
+    """w4a8.INT_SCALE_GROUPS, where the backend hands layers the integers, holds what the SASS says. Against the
+    float-scale kernel of the same entry: at the large-M entry (the compute-bound one) the integer kernel's loop is
+    the shorter exactly for the listed group sizes; at G = 32 it is the shorter at every entry; at 64+ rows it
+    holds fewer registers (the fp32 sums beside the int32 partials are gone)."""
+    by_key = {(arch, entry.get("max_m"), g, kind): s for arch, entry, g, kind, _, s in compiled_int}
     for (arch, max_m, g, kind), s in by_key.items():
         if not kind:
             continue
         f = by_key[(arch, max_m, g, False)]
-        what = f"sm90 max_m={max_m} G={g}: int loop {s.loop_len} regs {s.registers}, float loop {f.loop_len} " \
+        what = f"{arch} max_m={max_m} G={g}: int loop {s.loop_len} regs {s.registers}, float loop {f.loop_len} " \
                f"regs {f.registers}"
-        if max_m is None or g == 32:
+        if max_m is None:
+            assert (s.loop_len < f.loop_len) == (g in w4a8.INT_SCALE_GROUPS[ARCH_CC[arch]]), what
+        if g == 32:
             assert s.loop_len < f.loop_len, what
-        if max_m is None or max_m >= 64:
+        if g != 256 and (max_m is None or max_m >= 64):
             assert s.registers < f.registers, what

@@ -27,8 +27,9 @@ def test_keys_and_values():
     gemm_keys = {"weight_bits", "group_sizes", "k_multiple", "max_k", "layout", "layout_version", "archs",
                  "interpreter"}
     assert set(d["gemm_w8a8"]) == gemm_keys
-    assert set(d["gemm_w4a8"]) == gemm_keys | {"max_int_group_scale", "int_scale_archs"}
-    assert d["gemm_w4a8"]["max_int_group_scale"] == 16 and d["gemm_w4a8"]["int_scale_archs"] == [90]
+    assert set(d["gemm_w4a8"]) == gemm_keys | {"max_int_group_scale", "int_scale_groups"}
+    assert d["gemm_w4a8"]["max_int_group_scale"] == 16
+    assert d["gemm_w4a8"]["int_scale_groups"] == {80: [32, 64, 128], 90: [32, 64, 128, 256]}
     assert d["gemm_w8a8"]["weight_bits"] == 8 and d["gemm_w8a8"]["group_sizes"] is None
     assert d["gemm_w8a8"]["k_multiple"] == 16 and d["gemm_w8a8"]["max_k"] == 16384
     assert d["gemm_w4a8"]["weight_bits"] == 4 and d["gemm_w4a8"]["group_sizes"] == list(w4a8.GROUP_SIZES)
