@@ -261,6 +261,16 @@ def _rescale(acc, p, s, SWAP_AB: tl.constexpr):
 
 
 F0 = tl.constexpr(-252645136)  # 0xF0F0F0F0 as int32: the high nibble of each of a word's four bytes
+# The unpacks' inline PTX (UNPACK_ASM), as constants so that the tests run these very strings through a small
+# evaluator of the instructions they use (tests/kernels/test_w4a8_int_scales.py::test_ptx_text_bit_logic).
+# $0, $1: the low / high outputs; $2: a word of four packed bytes (pack=4 of uint8 for UNPACK_PTX; an int32 word
+# for UNPACK_INT_PTX, whose $3, $4 / $5, $6 are the low / high nibbles' q and nibble_bias(q)).
+UNPACK_PTX = tl.constexpr("{ .reg .b32 t; shl.b32 t, $2, 4; and.b32 $0, t, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0; }")
+UNPACK_INT_PTX = tl.constexpr(
+    "{ .reg .b32 t, h; "
+    "lop3.b32 t, $2, 0x0F0F0F0F, 0x08080808, 0x6A; mad.lo.u32 t, t, $3, $4; xor.b32 $0, t, 0x80808080; "
+    "shr.u32 h, $2, 4; "
+    "lop3.b32 h, h, 0x0F0F0F0F, 0x08080808, 0x6A; mad.lo.u32 h, h, $5, $6; xor.b32 $1, h, 0x80808080; }")
 
 
 @triton.jit
@@ -289,8 +299,7 @@ def _load_unpack(w_ptr, rn, stride_wn, byte0, HB: tl.constexpr, BN: tl.constexpr
         else:
             wb = tl.load(ptrs)
         lo, hi = tl.inline_asm_elementwise(
-            asm="{ .reg .b32 t; shl.b32 t, $2, 4; and.b32 $0, t, 0xF0F0F0F0; and.b32 $1, $2, 0xF0F0F0F0; }",
-            constraints="=r,=r,r", args=[wb], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+            asm=UNPACK_PTX, constraints="=r,=r,r", args=[wb], dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
     else:
         x = _load_words(w_ptr, rn, stride_wn, byte0, HB, N_VALID)
         lo = _words_to_bytes((x << 4) & F0, BN, HB)
@@ -363,11 +372,7 @@ def _load_unpack_int(w_ptr, rn, stride_wn, byte0, q_lo, q_hi, HB: tl.constexpr, 
     if UNPACK_ASM:
         zeros = tl.zeros_like(x)  # the per-row scales broadcast to the word tile: inline asm takes equal shapes
         lo, hi = tl.inline_asm_elementwise(
-            asm="{ .reg .b32 t, h; "
-                "lop3.b32 t, $2, 0x0F0F0F0F, 0x08080808, 0x6A; mad.lo.u32 t, t, $3, $4; xor.b32 $0, t, 0x80808080; "
-                "shr.u32 h, $2, 4; "
-                "lop3.b32 h, h, 0x0F0F0F0F, 0x08080808, 0x6A; mad.lo.u32 h, h, $5, $6; xor.b32 $1, h, 0x80808080; }",
-            constraints="=r,=r,r,r,r,r,r",
+            asm=UNPACK_INT_PTX, constraints="=r,=r,r,r,r,r,r",
             args=[x, zeros + q_lo[:, None], zeros + nibble_bias(q_lo)[:, None],
                   zeros + q_hi[:, None], zeros + nibble_bias(q_hi)[:, None]],
             dtype=(tl.int32, tl.int32), is_pure=True, pack=1)

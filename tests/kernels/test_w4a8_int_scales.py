@@ -15,6 +15,8 @@ from ditq.quant import reference as ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 17, 3), (7, 45, 3), (37, 33, 5)]  # (M, N, K in groups), as tests/kernels/test_w4a8.py
+WORDS = [v | ((v * 7 + 3) & 0xFF) << 8 | ((v * 13 + 5) & 0xFF) << 16 | ((v * 29 + 11) & 0xFF) << 24
+         for v in range(256)]  # words holding every byte value in every position (odd multipliers: bijections)
 W8A8_CFG = dict(BM=16, BN=16, BK=32, GROUP_M=4, SWAP_AB=False, USE_TMA=False, num_warps=4, num_stages=2)
 
 
@@ -141,11 +143,51 @@ def test_scaled_nibbles_bit_logic():
     """The unpack's word arithmetic (the pure-Triton path, and the PTX of ``UNPACK_ASM`` emulated bit for bit):
     every byte value in every byte position of a word, times every q, gives the int8 q * w of both nibbles; at
     q = 17 the bias 128 - 8 q goes negative and borrows from the next byte: the bound is real."""
-    words = [v | ((v * 7 + 3) & 0xFF) << 8 | ((v * 13 + 5) & 0xFF) << 16 | ((v * 29 + 11) & 0xFF) << 24
-             for v in range(256)]  # odd multipliers: each position sees all 256 bytes
     for q in range(1, MAX_INT_GROUP_SCALE + 1):
-        assert _unpacks_exactly(words, q), q
-    assert not _unpacks_exactly(words, MAX_INT_GROUP_SCALE + 1)
+        assert _unpacks_exactly(WORDS, q), q
+    assert not _unpacks_exactly(WORDS, MAX_INT_GROUP_SCALE + 1)
+
+
+def _run_ptx(text: str, args):
+    """Evaluate inline PTX of 32-bit logic / integer ops (the instructions the unpacks use) on Python ints: ``args``
+    are $2, $3, ...; returns ($0, $1). Anything else in the text is an error, so a new instruction needs a line
+    here before its text can pass."""
+    regs = {f"${i + 2}": v & 0xFFFFFFFF for i, v in enumerate(args)}
+    val = lambda o: regs[o] if o in regs else int(o, 0) & 0xFFFFFFFF  # noqa: E731
+    body = text.strip().removeprefix("{").removesuffix("}")
+    for ins in (i.strip() for i in body.split(";")):
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, rest = ins.split(None, 1)
+        d, *src = [o.strip() for o in rest.split(",")]
+        v = [val(o) for o in src]
+        if op == "lop3.b32":  # LUT bit i selects the minterm (a if i & 4) & (b if i & 2) & (c if i & 1)
+            r = 0
+            for i in range(8):
+                if v[3] >> i & 1:
+                    r |= ((v[0] if i & 4 else ~v[0]) & (v[1] if i & 2 else ~v[1]) & (v[2] if i & 1 else ~v[2]))
+        else:
+            r = {"and.b32": lambda: v[0] & v[1], "xor.b32": lambda: v[0] ^ v[1], "shl.b32": lambda: v[0] << v[1],
+                 "shr.u32": lambda: v[0] >> v[1], "mad.lo.u32": lambda: v[0] * v[1] + v[2]}[op]()
+        regs[d] = r & 0xFFFFFFFF
+    return regs["$0"], regs["$1"]
+
+
+
+def test_ptx_text_bit_logic():
+    """The inline PTX strings the GPU compiles (w4a8.UNPACK_PTX, w4a8.UNPACK_INT_PTX), evaluated instruction by
+    instruction on every byte value: the same words as their Python twins, which the tests above hold to the
+    definitions. So a typo in the asm text (a constant, a LUT, an operand) fails here, not first on a GPU."""
+    lo, hi = w4a8.unpack_words_emulated(WORDS)
+    assert [_run_ptx(w4a8.UNPACK_PTX.value, [wd]) for wd in WORDS] == list(zip(lo, hi))
+    for q in (1, 2, 7, 15, 16):
+        bias = (0x80808080 - q * 0x08080808) & 0xFFFFFFFF
+        for q_hi in (q, 17 - q):  # the two halves' scales are separate operands (G = 32: two groups)
+            lo, _ = w4a8.scaled_nibbles_emulated(WORDS, q)
+            _, hi = w4a8.scaled_nibbles_emulated(WORDS, q_hi)
+            bias_hi = (0x80808080 - q_hi * 0x08080808) & 0xFFFFFFFF
+            got = [_run_ptx(w4a8.UNPACK_INT_PTX.value, [wd, q, bias, q_hi, bias_hi]) for wd in WORDS]
+            assert got == list(zip(lo, hi)), (q, q_hi)
 
 
 def test_bounds_agree():
