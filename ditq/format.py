@@ -15,8 +15,9 @@ progressive quantization): the same tensors, but every column of ``scales`` is a
 per-channel float ``c[n]``: ``scales[g, n] = q[g, n] * c[n]`` exactly in float32, ``q`` in ``[1, 16]``, and the
 group with the channel's largest scale has ``q = 16``, so ``c[n] = max_g scales[g, n] / 16`` and ``q`` are
 recovered exactly (:meth:`WeightFormat.int_group_scales`). Such weights run on every kernel as float group scales;
-the Hopper kernels apply ``q`` to the int4 values before the tensor-core product (``q * w`` is an int8) and keep
-one int32 sum over K, as W8A8 does (``csrc/gemm_sm90.cuh``). Checkpoints of the float kind carry no
+the Hopper CUDA kernels and the Triton W4A8 kernel apply ``q`` to the int4 values before the tensor-core product
+(``q * w`` is an int8) and keep one int32 sum over K, as W8A8 does (``csrc/gemm_sm90.cuh``, ``kernels/w4a8.py``),
+given the scales in the form :func:`int_scales_to_kernel` makes. Checkpoints of the float kind carry no
 ``group_scales`` field, so every earlier reader reads them as before and refuses the integer kind.
 
 A backend may want another memory layout (nibble order, fragment-ordered tiles); it derives it from the
@@ -135,7 +136,6 @@ class WeightFormat:
         if unknown:
             raise FormatError(f"unknown weight-format fields {sorted(unknown)}")
         return cls(**d)
-
 
 
 def int_scales_to_kernel(q, c):

@@ -6,9 +6,8 @@ Weights: 8-bit weights are used in the canonical layout as they are. 4-bit weigh
 W4A8 kernel's nibble order (``ditq.kernels.w4a8.pack_weight``) by :meth:`prepare_weight`, and back, exactly,
 by :meth:`canonical_weight`. Integer group scales (``ditq.format``) go to the kernel as integers
 (``ditq.format.int_scales_to_kernel``) where its description lists the GPU's architecture and the group size
-(``int_scale_groups``)
-and under the interpreter; elsewhere the layer keeps the float scales q * c. The W4A8 kernel is imported lazily,
-so W8A8 keeps working if it is missing.
+(``int_scale_groups``) and under the interpreter; elsewhere the layer keeps the float scales q * c. The W4A8
+kernel is imported lazily, so W8A8 keeps working if it is missing.
 
 The kernels describe themselves (``ditq.kernels.describe()``: group sizes, K limits, layouts, architectures with a
 tile table) and their launchers validate every input they are given: they are the one validation layer of this
