@@ -365,9 +365,10 @@ def _load_unpack_int(w_ptr, rn, stride_wn, byte0, q_lo, q_hi, HB: tl.constexpr, 
       a LOP3 takes one immediate, and ptxas does not keep the second constant in a register to fuse the two.
     * UNPACK_ASM True: the same arithmetic in PTX with ``lop3.b32`` naming both constants and the function
       ``(a & b) ^ c`` (LUT 0x6A), so ptxas keeps one constant in a register: 3 instructions per low word, 4 per
-      high word (sm90, 16 x 128 entry at G = 128: loop 257 -> see the table at the top). On whole int32 words
-      with ``pack=1``, so no assumption on how Triton packs elements into registers. Bit logic tested against
-      :func:`scaled_nibbles_emulated`; UNPROVEN ON A GPU until one runs the tests."""
+      high word (sm90, 16 x 128 entry at G = 128, two half-dots per step: loop 257 pure Triton, 226 with the PTX).
+      On whole int32 words with ``pack=1``, so no assumption on how Triton packs elements into registers. The PTX
+      text is run by the tests' evaluator against :func:`scaled_nibbles_emulated`; UNPROVEN ON A GPU until one
+      runs the tests."""
     x = _load_words(w_ptr, rn, stride_wn, byte0, HB, N_VALID)
     if UNPACK_ASM:
         zeros = tl.zeros_like(x)  # the per-row scales broadcast to the word tile: inline asm takes equal shapes
