@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .quant.reference import INT8_QMAX, symmetric_scale
+from .timestep_groups import timestep_of
 
 ESTIMATORS = ("max", "percentile", "mse")
 
@@ -229,7 +230,7 @@ class Calibrator:
         self._step = self._calls
         if self._step == 0:
             self.first_step_inputs.append((_detach_copy(args), _detach_copy(kwargs)))
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        t = timestep_of(module, args, kwargs)
         if t is not None and self._step not in self.timesteps:
             try:
                 self.timesteps[self._step] = float(torch.as_tensor(t).reshape(-1)[0])

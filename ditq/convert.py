@@ -16,12 +16,12 @@ Order of work, chosen so that a failure leaves the user's model exactly as it wa
    +3.1 GiB over a 2.8 GiB model without, +0.9 GiB with);
 5. re-run the quantized transformer on the same inputs: model-output SQNR.
 
-Which layers: every ``nn.Linear`` of the transformer, minus ``DEFAULT_SKIP``, minus ``cfg.skip``; ``cfg.include``
-restricts the candidates and overrides the default list. The default list comes from quantizing one group of
-layers at a time in two tiny random ``DiTTransformer2DModel`` (2 blocks, 4x16 heads, 8x8x4 input; seeds 0 / 1;
-static scales calibrated at the first step, t = T, on 4 class labels) and measuring the transformer's output SQNR
-vs full precision on fresh inputs at random timesteps, in dB, seed 0 / seed 1 (``python3 benchmarks/skip_study.py``
-prints this table):
+Which layers: every ``nn.Linear`` of the transformer, minus the default list (``DEFAULT_SKIP``, and the two rules
+below it), minus ``cfg.skip``; ``cfg.include`` restricts the candidates and overrides the default list. The
+default list comes from quantizing one group of layers at a time in two tiny random ``DiTTransformer2DModel`` (2
+blocks, 4x16 heads, 8x8x4 input; seeds 0 / 1; static scales calibrated at the first step, t = T, on 4 class
+labels) and measuring the transformer's output SQNR vs full precision on fresh inputs at random timesteps, in dB,
+seed 0 / seed 1 (``python3 benchmarks/skip_study.py`` prints this table):
 
 ==========================================  ===========  ===========  ==============  =============================
 group (diffusers DiT names)                 W4A8 g32     W8A8         W8A8 per-token  DiT-XL/2 linear weights
@@ -54,9 +54,15 @@ DiT block launches 8 ditq ops in all (its embedder included), and the adaLN GEMM
 conditioning as it loads it (``gemm_w8a8_fused`` with a float input). ``include=["*timestep_embedder*", ...]``
 quantizes them anyway.
 Not measured (random weights cannot show it) but kept in full precision: the projections of *text-encoder
-features* (``caption_projection``, ``context_embedder``, ``*text_embedder*``): T5 / CLIP hidden states carry
-outliers in the hundreds that one static int8 scale cannot hold, and these layers run once per prompt token,
-not on image tokens.
+features* (``caption_projection``, ``context_embedder``, ``text_embedder``, and their names in other families):
+T5 / CLIP / LLM hidden states carry outliers in the hundreds that one static int8 scale cannot hold, and these
+layers run once per prompt token, not on image tokens.
+
+Other families name the same jobs differently (Z-Image's ``all_final_layer``, Lumina2's ``norm_out.linear_2``,
+Qwen-Image's ``txt_in``, Wan's ``condition_embedder.time_embedder``); ``DEFAULT_SKIP`` lists their patterns, and two
+rules catch what names cannot: linears inside a module of a class in ``DEFAULT_SKIP_CLASSES`` (the timestep MLPs)
+and those under the model's own ``_keep_in_fp32_modules``. The tiny models of eleven such families in
+``tests/ditq/test_more_families.py`` hold each family to it.
 """
 from __future__ import annotations
 
@@ -79,16 +85,38 @@ from .nn import QuantLinear, dequantize_weight
 from .quant import reference as ref
 from .report import LayerReport, QuantReport, UnquantizedLayersWarning
 
-# pattern (fnmatch on the module name relative to the transformer) -> why it stays in full precision
+# pattern (fnmatch on the module name relative to the transformer) -> why it stays in full precision. fnmatch's
+# "*" also matches dots, so a pattern that means one module name spells out its dot ("*.text_embedder*"): a bare
+# "*text_embedder*" would also match "context_embedder.*".
+_TEXT = "projects text-encoder features (T5 / LLM outliers do not fit one static int8 scale)"
+_TIMESTEP_MLP = ("timestep embedding MLP: one row per image, once per forward (int8 saves no time, adds an activation "
+                 "quantization per linear; see ditq.convert)")
 DEFAULT_SKIP: Dict[str, str] = {
     "proj_out*": "output layer: writes the prediction directly (measured: the costliest layers, see ditq.convert)",
-    "norm_out.linear": "final adaLN feeding the output layer (kept like DiT's proj_out_1)",
-    "*caption_projection*": "projects text-encoder features (T5 outliers do not fit one static int8 scale)",
-    "context_embedder": "projects text-encoder features (T5 outliers do not fit one static int8 scale)",
-    "*text_embedder*": "projects pooled text-encoder features",
-    "*timestep_embedder*": "timestep embedding MLP: one row per image, once per forward (int8 saves no time, adds "
-                           "an activation quantization per linear; see ditq.convert)",
+    "norm_out.linear*": "final adaLN feeding the output layer, or (Lumina2's linear_2) the output layer itself "
+                        "(kept like DiT's proj_out_1 / proj_out_2)",
+    "*final_layer*": "final adaLN and output layer (Z-Image, HiDream, Cosmos: DiT's proj_out_1 / proj_out_2 by "
+                     "another name)",
+    "*caption_projection*": _TEXT,
+    "context_embedder": _TEXT,
+    "context_embedder.*": "text-side input stage (HunyuanVideo's token refiner): " + _TEXT,
+    "*caption_embedder*": _TEXT,
+    "cap_embedder*": _TEXT,
+    "txt_in": _TEXT,
+    "*.text_proj": _TEXT,
+    "text_embedder*": "projects pooled text-encoder features",
+    "*.text_embedder*": "projects pooled text-encoder features",
+    "*timestep_embedder*": _TIMESTEP_MLP,
     "*guidance_embedder*": "guidance embedding MLP (FLUX): one row per image, like the timestep embedder",
+}
+
+# Class names of modules whose linears stay in full precision wherever they sit, whatever a model calls them:
+# diffusers' TimestepEmbedding (Wan's ``time_embedder``, CogVideoX's ``time_embedding``, AuraFlow's
+# ``time_step_proj``, besides every ``*timestep_embedder*``) and the TimestepEmbedder of Z-Image and of the original
+# DiT code. Some models also read these layers' ``weight.dtype`` in their own forward.
+DEFAULT_SKIP_CLASSES: Dict[str, str] = {
+    "TimestepEmbedding": _TIMESTEP_MLP,
+    "TimestepEmbedder": _TIMESTEP_MLP,
 }
 
 
@@ -160,6 +188,7 @@ def select_layers(transformer: nn.Module, cfg: QuantConfig) -> Tuple[Dict[str, n
     cands, skipped = {}, {}
     linears = [(n, m) for n, m in transformer.named_modules() if isinstance(m, nn.Linear)]
     aliases = linear_aliases(transformer)
+    kept = _kept_by_model(transformer) if cfg.default_skip and not cfg.include else {}
     for p in cfg.include:
         if not any(fnmatch.fnmatchcase(n, p) for n, _ in linears):
             raise QuantConfigError(f"include pattern {p!r} matches no nn.Linear of the "
@@ -167,7 +196,7 @@ def select_layers(transformer: nn.Module, cfg: QuantConfig) -> Tuple[Dict[str, n
     for name, lin in linears:
         why = None
         for alias in aliases.get(name, [name]):
-            why = _skip_reason(alias, cfg)
+            why = _skip_reason(alias, cfg, kept)
             if why:
                 if alias != name:
                     why = f"{why} (for its other name {alias!r})"
@@ -191,7 +220,7 @@ def select_layers(transformer: nn.Module, cfg: QuantConfig) -> Tuple[Dict[str, n
     return cands, skipped
 
 
-def _skip_reason(name: str, cfg: QuantConfig) -> Optional[str]:
+def _skip_reason(name: str, cfg: QuantConfig, kept: Dict[str, str]) -> Optional[str]:
     p = _match(name, cfg.skip)
     if p:
         return f"skip pattern {p!r}"
@@ -202,21 +231,53 @@ def _skip_reason(name: str, cfg: QuantConfig) -> Optional[str]:
         p = _match(name, DEFAULT_SKIP)
         if p:
             return f"default skip list: {DEFAULT_SKIP[p]}"
+        if name in kept:
+            return f"default skip list: {kept[name]}"
     return None
 
 
+def _kept_by_model(transformer: nn.Module) -> Dict[str, str]:
+    """name -> reason for the linears the default list keeps by what they are rather than by their name: those
+    inside a module of a class in ``DEFAULT_SKIP_CLASSES``, and those the model itself keeps in float32
+    (diffusers' ``_keep_in_fp32_modules``: a name component equal to an entry, diffusers' own rule; its quantizers
+    skip these modules too)."""
+    fp32 = [m for m in (getattr(transformer, "_keep_in_fp32_modules", None) or []) if isinstance(m, str)]
+    kept: Dict[str, str] = {}
+    for name, mod in transformer.named_modules(remove_duplicate=False):
+        if name in kept:
+            continue
+        cls = type(mod).__name__
+        part = next((m for m in fp32 if m in name.split(".")), None)
+        if part is not None:  # the model's own word first
+            why = (f"the model keeps {part!r} in float32 (its _keep_in_fp32_modules; diffusers' own quantizers "
+                   f"skip it too)")
+        elif cls in DEFAULT_SKIP_CLASSES:
+            why = f"inside a {cls}: {DEFAULT_SKIP_CLASSES[cls]}"
+        else:
+            continue
+        for sub, child in mod.named_modules(prefix=name, remove_duplicate=False):
+            if isinstance(child, nn.Linear):
+                kept.setdefault(sub, why)
+    return kept
+
+
 def _output_tensor(out) -> torch.Tensor:
+    """The prediction in a transformer's output: a tensor, ``.sample``, or the first entry of a tuple / dict. A
+    prediction given as a list of tensors (Z-Image: one per image, sizes may differ) is their flattened
+    concatenation, so the output SQNR weighs every image."""
     if torch.is_tensor(out):
         return out
     sample = getattr(out, "sample", None)
-    if torch.is_tensor(sample):
-        return sample
-    if isinstance(out, dict):
+    if sample is not None:
+        out = [sample]
+    elif isinstance(out, dict):
         out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        for o in out:
-            if torch.is_tensor(o):
-                return o
+    if isinstance(out, (list, tuple)) and out:
+        first = out[0]
+        if torch.is_tensor(first):
+            return first
+        if isinstance(first, (list, tuple)) and first and all(torch.is_tensor(t) for t in first):
+            return torch.cat([t.reshape(-1) for t in first])
     raise QuantizeError(f"cannot find a tensor in the transformer's output ({type(out).__name__})")
 
 
@@ -377,6 +438,7 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     plans: Dict[str, _Plan] = {}
     groups: List[Optional[List[int]]] = [None]
     bounds: List[float] = []
+    rising = False
     policy: List[str] = []
     try:
         if has_calib:
@@ -411,10 +473,11 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
                 groups = tgroups.choose_groups({n: cal.absmax[n] for n in layers}, recorded, cfg.timestep_groups)
                 if len(groups) > 1:
                     bounds = tgroups.timestep_bounds(groups, cal.timesteps)
+                    rising = tgroups.rising(groups, cal.timesteps)
                 else:
                     groups = [None]
             for name in layers:
-                plans[name] = _plan(cal, name, groups, cfg)
+                plans[name] = _plan(cal, name, groups, cfg, rising)
             if cfg.max_dynamic_layers:
                 worst = sorted(plans, key=lambda n: (plans[n].traj_sqnr if plans[n].traj_sqnr is not None
                                                      else math.inf))[: cfg.max_dynamic_layers]
@@ -451,6 +514,7 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     dyn_cfg = dataclasses.replace(rtn_cfg, act_scheme="dynamic", timestep_groups=1, smooth_alpha=None,
                                   max_dynamic_layers=0)
     grouped: Dict[str, torch.Tensor] = {}
+    checking = False
     try:
         for name, lin in tqdm(layers.items(), desc="ditq quantize", unit="layer", disable=not cfg.progress):
             dyn = name in dynamic_layers
@@ -484,6 +548,7 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
             release_freed_memory(device)  # this layer's fp32 copies, before the next layer's packed weight lands
         tgroups.install(transformer, grouped, bounds)
         # 5. quantized outputs on the same inputs
+        checking = True
         outs = _rerun(transformer, inputs)
     except BaseException as e:
         for parent, attr, lin in reversed(swapped):
@@ -492,7 +557,14 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
         if smoothing is not None:
             smoothing.restore()
         if isinstance(e, Exception):
-            raise QuantizeError(f"quantization failed and the model was restored: {type(e).__name__}: {e}") from e
+            what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if checking:
+                raise QuantizeError(
+                    f"quantization failed and the model was restored: running the transformer with its quantized "
+                    f"layers failed ({what}). ditq layers hold packed integer buffers and no `weight` parameter: if "
+                    f"the model's own code reads a quantized layer's `.weight` or `parameters()` (the traceback "
+                    f"shows where), keep that layer in full precision with QuantConfig(skip=[...])") from e
+            raise QuantizeError(f"quantization failed and the model was restored: {what}") from e
         raise
     # The originals are no longer needed (nothing can fail and restore them now): drop every reference to them
     # here, so that their memory is freed (and handed back to the OS) before quantize returns, not after.
@@ -569,9 +641,12 @@ class _Plan:
     dynamic: bool = False
 
 
-def _plan(cal: Calibrator, name: str, groups: List[Optional[List[int]]], cfg: QuantConfig) -> _Plan:
+def _plan(cal: Calibrator, name: str, groups: List[Optional[List[int]]], cfg: QuantConfig,
+          rising: bool = False) -> _Plan:
     """The layer's static scale(s): per group of steps, the clip of the chosen estimator on the group's summed
-    histogram. ``act_estimator="auto"`` tries every estimator and keeps the least total estimated error."""
+    histogram. ``act_estimator="auto"`` tries every estimator and keeps the least total estimated error. The
+    groups come in step order; the per-group scales are kept in ascending-timestep order (reversed, unless the
+    model's timestep ``rising`` along the steps)."""
     from .calibrate import quant_mse
     ests = ESTIMATORS if cfg.act_estimator == "auto" else (cfg.act_estimator,)
     best = None
@@ -587,7 +662,7 @@ def _plan(cal: Calibrator, name: str, groups: List[Optional[List[int]]], cfg: Qu
     if len(groups) == 1:
         return _Plan(sc[:1].clone(), None, est, traj)
     first = next(i for i, g in enumerate(groups) if 0 in g) if any(0 in g for g in groups) else 0
-    return _Plan(sc[first:first + 1].clone(), sc.flip(0).clone(), est, traj)
+    return _Plan(sc[first:first + 1].clone(), (sc if rising else sc.flip(0)).clone(), est, traj)
 
 
 def _relative_noise(cal: Calibrator, name: str, lin: nn.Linear, fmt, method: str = "rtn") -> float:

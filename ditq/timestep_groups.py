@@ -6,12 +6,13 @@ are split into G runs of *adjacent* steps with similar ranges (:func:`choose_gro
 scale per group, and each group is identified by the timesteps it covers: a group boundary lies halfway between the
 timesteps of the last step of one group and the first of the next. The scales stay static (calibrated, frozen).
 
-At run time a forward pre-hook on the transformer reads its ``timestep`` input (a device tensor in diffusers'
-pipelines), computes the group with ``torch.bucketize`` against the boundaries and copies each grouped layer's
-scale for that group into its ``act_scale`` buffer with ``index_select`` + ``copy_``: no host sync, no
-data-dependent Python branch, nothing that breaks a graph; the integer kernels see an ordinary static scale.
-Keying on the timestep rather than on a call counter means nothing has to be reset between pipeline calls, and a
-call with another number of inference steps still gets the scale of the noise level it is at.
+At run time a forward pre-hook on the transformer reads its timestep input (``timestep``, or what its forward
+calls it: :data:`TIMESTEP_ARGS`; a device tensor in diffusers' pipelines), computes the group with
+``torch.bucketize`` against the boundaries and copies each grouped layer's scale for that group into its
+``act_scale`` buffer with ``index_select`` + ``copy_``: no host sync, no data-dependent Python branch, nothing
+that breaks a graph; the integer kernels see an ordinary static scale. Keying on the timestep rather than on a
+call counter means nothing has to be reset between pipeline calls, and a call with another number of inference
+steps still gets the scale of the noise level it is at.
 
 Per layer (a :class:`ditq.nn.QuantLinear`) the buffers ``act_scales`` (float32 [G], ascending timestep order) and
 ``timestep_bounds`` (float32 [G - 1], ascending) are added; the transformer keeps ``_ditq_grouped_layers``. A
@@ -19,8 +20,10 @@ checkpoint stores both per layer in its JSON header (:func:`header_entry`, :func
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -78,32 +81,69 @@ def choose_groups(absmax: Dict[str, Dict[int, float]], steps: Sequence[int], max
 def timestep_bounds(groups: List[List[int]], timesteps: Dict[int, float]) -> List[float]:
     """Ascending boundaries between the groups' timestep ranges (halfway between neighbouring steps).
 
-    ``groups`` are in step order (step 0 = the noisiest, largest timestep), so timesteps descend along them; the
-    boundaries come out ascending, and group ``len(groups) - 1 - bucketize(t, bounds)`` holds timestep t."""
+    ``groups`` are in step order (step 0 = the noisiest). Along them diffusers' timesteps descend (t = T first);
+    some models' rise instead (Z-Image's ``t`` goes from 0 = noise to 1 = clean, :func:`rising`). Either way the
+    boundaries come out ascending: timestep t lies in the ``bucketize(t, bounds)``-th group in ascending-timestep
+    order, the order in which each layer keeps its per-group scales."""
     for grp in groups:
         for st in grp:
             if st not in timesteps:
                 raise ValueError(f"no timestep was recorded for calibration step {st}: the transformer's forward "
-                                 f"takes no `timestep` input, so scales cannot be grouped by timestep")
+                                 f"takes no timestep input ({' / '.join(TIMESTEP_ARGS)}), so scales cannot be "
+                                 f"grouped by timestep")
+    up = rising(groups, timesteps)
     bounds = []
     for a, b in zip(groups[:-1], groups[1:]):
-        hi, lo = timesteps[a[-1]], timesteps[b[0]]
-        if not hi > lo:
-            raise ValueError(f"timesteps must decrease along the calibration steps, got {hi} then {lo}")
-        bounds.append((hi + lo) / 2)
+        x, y = timesteps[a[-1]], timesteps[b[0]]
+        if not (x < y if up else x > y):
+            raise ValueError(f"timesteps must move one way along the calibration steps (all falling or all "
+                             f"rising), got {timesteps[groups[0][-1]]} then {timesteps[groups[1][0]]}, later "
+                             f"{x} then {y}")
+        bounds.append((x + y) / 2)
     return sorted(bounds)
 
 
-def _timestep(args, kwargs):
-    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    return t
+def rising(groups: List[List[int]], timesteps: Dict[int, float]) -> bool:
+    """Whether the model's timestep grows along the sampling steps (between the first two groups)."""
+    return timesteps[groups[1][0]] > timesteps[groups[0][-1]]
+
+
+# What DiT-family forwards call their noise level: diffusers' ``timestep``, HiDream's ``timesteps``, Z-Image's ``t``.
+TIMESTEP_ARGS = ("timestep", "timesteps", "t")
+
+
+@functools.lru_cache(maxsize=None)
+def _timestep_position(cls: type) -> Optional[Tuple[str, Optional[int]]]:
+    """(name, positional index or None) of ``cls.forward``'s timestep parameter, or None if it has none."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
+    except (TypeError, ValueError):
+        return ("timestep", 1)
+    for name in TIMESTEP_ARGS:
+        for i, p in enumerate(params):
+            if p.name == name:
+                positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                return name, (i if positional else None)
+    return None
+
+
+def timestep_of(module: nn.Module, args, kwargs):
+    """The timestep a call ``module(*args, **kwargs)`` passes (by keyword or by position, under the name its
+    forward gives it: :data:`TIMESTEP_ARGS`), or None."""
+    pos = _timestep_position(type(module))
+    if pos is None:
+        return None
+    name, index = pos
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if index is not None and index < len(args) else None
 
 
 def _pre_hook(module, args, kwargs):
     layers = getattr(module, HOOK_ATTR, None)
     if not layers:
         return
-    t = _timestep(args, kwargs)
+    t = timestep_of(module, args, kwargs)
     if t is None:
         raise RuntimeError("this transformer has timestep-grouped activation scales but was called without a "
                            "`timestep` input")
@@ -117,7 +157,8 @@ def _pre_hook(module, args, kwargs):
 
 def install(transformer: nn.Module, layer_scales: Dict[str, torch.Tensor], bounds: Sequence[float]) -> None:
     """Give each named QuantLinear its per-group scales (float32 [G], ascending timestep order) and register the
-    transformer's pre-hook (once). The layer's ``act_scale`` starts at its noisiest group's scale."""
+    transformer's pre-hook (once). The layer's ``act_scale`` starts at its highest-timestep group's scale; the
+    pre-hook sets the right one before every call."""
     if not layer_scales:
         return
     b = torch.tensor(list(bounds), dtype=torch.float32)

@@ -103,3 +103,135 @@ FAMILIES = {"pixart": tiny_pixart, "sd3": tiny_sd3, "sd35": tiny_sd35, "sd35m": 
 def tiny_family(name):
     """(model, inputs) of one tiny family, "dit" included (only that one is built)."""
     return (tiny_dit(seed=0), dit_inputs(batch=2, seed=1)) if name == "dit" else FAMILIES[name]()
+
+
+# More DiT families through the generic path (no fused block of their own; each model's forward as diffusers
+# wrote it). Inputs: one denoising call at a high-noise timestep, batch 1.
+def _randn(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _grid_ids(tokens, width, axes):
+    ids = torch.zeros(tokens, axes)
+    ids[:, 1], ids[:, 2] = torch.arange(tokens) // width, torch.arange(tokens) % width
+    return ids
+
+
+def tiny_wan():
+    from diffusers import WanTransformer3DModel
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
+                              out_channels=4, text_dim=32, freq_dim=64, ffn_dim=128, num_layers=2, rope_max_seq_len=32)
+    return m.eval(), dict(hidden_states=_randn(1, 4, 2, 8, 8), encoder_hidden_states=_randn(1, 6, 32, seed=2),
+                          timestep=torch.tensor([999]))
+
+
+def tiny_qwenimage():
+    from diffusers import QwenImageTransformer2DModel
+    torch.manual_seed(0)
+    m = QwenImageTransformer2DModel(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+                                    num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(8, 12, 12))
+    return m.eval(), dict(hidden_states=_randn(1, 16, 64), encoder_hidden_states=_randn(1, 6, 32, seed=2),
+                          encoder_hidden_states_mask=torch.ones(1, 6, dtype=torch.long),
+                          timestep=torch.tensor([1.0]), img_shapes=[(1, 4, 4)])
+
+
+def tiny_sana():
+    from diffusers import SanaTransformer2DModel
+    torch.manual_seed(0)
+    m = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32,
+                               num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=32,
+                               cross_attention_dim=64, caption_channels=32, sample_size=8)
+    return m.eval(), dict(hidden_states=_randn(1, 4, 8, 8), encoder_hidden_states=_randn(1, 6, 32, seed=2),
+                          timestep=torch.tensor([999]))
+
+
+def tiny_chroma():
+    from diffusers import ChromaTransformer2DModel
+    torch.manual_seed(0)
+    m = ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                 attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                 axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=64,
+                                 approximator_layers=1)
+    return m.eval(), dict(hidden_states=_randn(1, 16, 16), encoder_hidden_states=_randn(1, 6, 32, seed=2),
+                          timestep=torch.tensor([1.0]), img_ids=_grid_ids(16, 4, 3), txt_ids=torch.zeros(6, 3))
+
+
+def tiny_flux2():
+    from diffusers import Flux2Transformer2DModel
+    torch.manual_seed(0)
+    m = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    return m.eval(), dict(hidden_states=_randn(1, 16, 16), encoder_hidden_states=_randn(1, 6, 32, seed=2),
+                          timestep=torch.tensor([1.0]), img_ids=_grid_ids(16, 4, 4)[None],
+                          txt_ids=torch.zeros(1, 6, 4))
+
+
+def tiny_ltx():
+    from diffusers import LTXVideoTransformer3DModel
+    torch.manual_seed(0)
+    m = LTXVideoTransformer3DModel(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=32,
+                                   cross_attention_dim=64, num_layers=2, caption_channels=32)
+    return m.eval(), dict(hidden_states=_randn(1, 2 * 4 * 4, 16), encoder_hidden_states=_randn(1, 6, 32, seed=2),
+                          timestep=torch.tensor([999]), encoder_attention_mask=torch.ones(1, 6), num_frames=2,
+                          height=4, width=4)
+
+
+def tiny_cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+    torch.manual_seed(0)
+    m = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+                                    time_embed_dim=32, text_embed_dim=32, num_layers=2, sample_width=8,
+                                    sample_height=8, sample_frames=5, patch_size=2, max_text_seq_length=6)
+    return m.eval(), dict(hidden_states=_randn(1, 2, 4, 8, 8), encoder_hidden_states=_randn(1, 6, 32, seed=2),
+                          timestep=torch.tensor([999]))
+
+
+def tiny_lumina2():
+    from diffusers import Lumina2Transformer2DModel
+    torch.manual_seed(0)
+    m = Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=64, num_layers=2,
+                                  num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+                                  axes_dim_rope=(8, 12, 12), axes_lens=(32, 32, 32), cap_feat_dim=32)
+    return m.eval(), dict(hidden_states=_randn(1, 4, 8, 8), timestep=torch.tensor([0.0]),
+                          encoder_hidden_states=_randn(1, 6, 32, seed=2),
+                          encoder_attention_mask=torch.ones(1, 6, dtype=torch.bool))
+
+
+def tiny_auraflow():
+    from diffusers import AuraFlowTransformer2DModel
+    torch.manual_seed(0)
+    m = AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+                                   num_single_dit_layers=1, attention_head_dim=32, num_attention_heads=2,
+                                   joint_attention_dim=32, caption_projection_dim=64, out_channels=4,
+                                   pos_embed_max_size=64)
+    return m.eval(), dict(hidden_states=_randn(1, 4, 8, 8), encoder_hidden_states=_randn(1, 6, 32, seed=2),
+                          timestep=torch.tensor([999]))
+
+
+def tiny_hunyuanvideo():
+    from diffusers import HunyuanVideoTransformer3DModel
+    torch.manual_seed(0)
+    m = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=32,
+                                       num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
+                                       patch_size_t=1, guidance_embeds=False, text_embed_dim=32,
+                                       pooled_projection_dim=16, rope_axes_dim=(8, 12, 12))
+    return m.eval(), dict(hidden_states=_randn(1, 4, 2, 8, 8), timestep=torch.tensor([999]),
+                          encoder_hidden_states=_randn(1, 6, 32, seed=2), encoder_attention_mask=torch.ones(1, 6),
+                          pooled_projections=_randn(1, 16, seed=3))
+
+
+def tiny_zimage():
+    from diffusers import ZImageTransformer2DModel
+    torch.manual_seed(0)
+    m = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=64, n_layers=2,
+                                 n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 12, 12],
+                                 axes_lens=[64, 32, 32])
+    # Z-Image takes lists (one entry per image) and calls its noise level ``t`` (0 = noise, 1 = clean)
+    return m.eval(), dict(x=[_randn(4, 1, 8, 8)], t=torch.tensor([0.0]), cap_feats=[_randn(6, 32, seed=2)])
+
+
+MORE_FAMILIES = {"wan": tiny_wan, "qwenimage": tiny_qwenimage, "sana": tiny_sana, "chroma": tiny_chroma,
+                 "flux2": tiny_flux2, "ltx": tiny_ltx, "cogvideox": tiny_cogvideox, "lumina2": tiny_lumina2,
+                 "auraflow": tiny_auraflow, "hunyuanvideo": tiny_hunyuanvideo, "zimage": tiny_zimage}
