@@ -16,10 +16,10 @@
 // ---- Work split ------------------------------------------------------------------------------------------
 // One warp per row, kWarps rows per block. A row is the unit of the reduction, so the absmax needs only a
 // 5-step butterfly of shfl.sync.bfly (no shared memory, no __syncthreads), and a block with rows past M simply
-// loses whole warps (uniform early return: no barrier follows). Our rows are 1152..16384 elements: 36..512
+// loses whole warps (uniform early return: no barrier follows). Our rows are 1152..32768 elements: 36..1024
 // per lane, enough independent 16-byte loads per lane to hide latency at the M of a DiT (>= 256 rows).
 // The dynamic path reads the row twice (absmax, then quantize); the second read hits L1/L2 (a row is
-// <= 64 KB), which is cheaper than holding up to 512 values per lane in registers.
+// <= 128 KB), which is cheaper than holding up to 1024 values per lane in registers.
 //
 // ---- Memory access -----------------------------------------------------------------------------------------
 // kVec: each lane loads 16 bytes at a time (LDG.E.128: 4 fp32 or 8 fp16/bf16) and stores 4 or 8 int8 at a

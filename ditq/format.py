@@ -37,7 +37,9 @@ from typing import Optional
 LAYOUT = "ditq-canonical"
 LAYOUT_VERSION = 1
 SUPPORTED_BITS = (4, 8)
-MAX_GROUP_SIZE = 16384  # the K bound every GEMM shares (ditq.quant.reference.MAX_K)
+# The largest canonical group: a partial of int4 weights over it, at most 127 * 8 * 16384 < 2^24, is exact in
+# float32 (the reference backend sums groups that way); half of ditq.quant.reference.MAX_K.
+MAX_GROUP_SIZE = 16384
 GROUP_SCALES = ("float", "int")  # WeightFormat.group_scales: float32 per group, or integer multiples of a channel's
 MAX_INT_GROUP_SCALE = 16  # the largest q (ditq.quant.reference and csrc/configs/kernel_families.h agree: tested)
 

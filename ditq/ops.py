@@ -93,6 +93,7 @@ import torch
 
 from . import backends
 from .backends import KernelOps
+from .format import MAX_GROUP_SIZE
 from .kernels.attention_inputs_checks import check_args
 from .kernels.epilogue_checks import check_args as check_epilogue_args
 from .quant.reference import MAX_K
@@ -234,8 +235,8 @@ def check_gemm_w4a8(a, a_scale, w, w_scale, bias, group_size, out_dtype, a_dtype
         raise _bad_tensor("w_scale", w_scale, (torch.float32,), 2)
     m, k = a.shape
     # ditq.format.is_canonical_group_size, inline (this runs on the reference backend's hot path)
-    if not (type(group_size) is int and 2 <= group_size <= MAX_K and group_size & (group_size - 1) == 0):
-        raise ValueError(f"group_size must be a power of two from 2 to {MAX_K}, got {group_size!r}")
+    if not (type(group_size) is int and 2 <= group_size <= MAX_GROUP_SIZE and group_size & (group_size - 1) == 0):
+        raise ValueError(f"group_size must be a power of two from 2 to {MAX_GROUP_SIZE}, got {group_size!r}")
     if not 0 < k <= MAX_K or k % group_size:
         raise ValueError(f"K = {k} must be a multiple of group_size {group_size} in [1, {MAX_K}], the K ditq's "
                          f"int8 GEMMs take")

@@ -16,7 +16,7 @@ Design, and why
   while unpacking is what removes the fold: ``INT_SCALES`` below, for checkpoints with integer group scales.
   A group partial is at most 127 * 128 * 256 = 4,161,536 < 2^24 in magnitude,
   so its int32 -> fp32 conversion is exact; we never accumulate int32 across groups, so the int32 bound on
-  K of a single accumulator (128 * 128 * K < 2^31) is not even needed here; the runtime's K <= 16384
+  K of a single accumulator (128 * 128 * K < 2^31) is not even needed here; the runtime's K <= 32768
   (``MAX_K``) is kept for every int8 GEMM alike.
 * **The x16 nibble trick**: a nibble kept in the *high* half of a byte is an int8 equal to 16 * w.
   ``b & 0xF0`` is 16 * w_hi and ``b << 4`` (8-bit shift, the old high nibble falls off) is 16 * w_lo, so the
@@ -151,7 +151,7 @@ KERNEL_NAME = "w4a8"
 # (the int8 MMA's K: a G = 32 block holds two groups of one half-dot each).
 GROUP_SIZES = (32, 64, 128, 256)
 K_MULTIPLE = 32  # K is a multiple of the group, and every group a multiple of 32: K/2 bytes % 16 == 0
-MAX_K = 16384  # the runtime's bound for every int8 GEMM (int32 sums; this kernel's per-group ones need less)
+MAX_K = 32768  # the runtime's bound for every int8 GEMM (int32 sums; this kernel's per-group ones need less)
 LAYOUT = "split_nibble_blocks"  # see pack_weight
 LAYOUT_VERSION = 1
 MIN_BK = 64  # two dots of K = 32 (the int8 MMA's K) per step

@@ -56,8 +56,8 @@ KERNEL_NAME = "w8a8"
 K_MULTIPLE = 16  # 16-byte aligned rows: Triton's divisibility specialisation of K gives 16-byte loads
 # The project-wide K bound (ditq.quant.reference.MAX_K, csrc's kMaxK), a contract kept with headroom, not
 # where exactness ends: every int8 product is at most 128 * 128 = 2**14 in magnitude, so one int32 sum is
-# exact for any K < 2**17 (here 127 * 128 * 16384 < 2**28). Nothing else in this kernel limits K.
-MAX_K = 16384
+# exact for any K < 2**17 (here 127 * 128 * 32768 < 2**29). Nothing else in this kernel limits K.
+MAX_K = 32768
 LAYOUT = "int8_nk"  # the canonical int8 weight [N, K], row-major, used as it is
 LAYOUT_VERSION = 1
 # Keys of a tile table entry (configs/w8a8_<arch>.json): tile sizes, launch grouping, swapped operands
@@ -273,7 +273,7 @@ def gemm_w8a8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: 
               splits: Optional[int] = None) -> torch.Tensor:
     """``y = (a_scale * w_scale) * (a @ w.T) + bias`` as ``out_dtype`` [M, N].
 
-    a int8 [M, K], w int8 [N, K] (K a multiple of 16, at most 16384), a_scale float32 [1] or [M],
+    a int8 [M, K], w int8 [N, K] (K a multiple of 16, at most MAX_K = 32768), a_scale float32 [1] or [M],
     w_scale float32 [N], bias float16 / bfloat16 / float32 [N] or None, every tensor contiguous and on one
     device. ``out``: optional contiguous [M, N] tensor of ``out_dtype`` to write into. ``config``: a tile
     entry overriding the table (tests, benchmarks). ``splits``: the split-K count, None = automatic

@@ -36,9 +36,10 @@ namespace ditq::gemm {
 // The tile loaders copy rows in 16-byte cp.async pieces, and int8 rows are K bytes: K must be a multiple of 16.
 constexpr int kKMultiple = 16;
 // W8A8 keeps one int32 accumulator over all of K: |sum| <= 127 * 128 * K must stay below 2^31. That alone
-// would allow any K < 2^17 (|a * w| <= 128 * 128 even with a = -128); 16384 is the project-wide bound
-// (ditq.quant.reference.MAX_K, the Triton kernels' MAX_K), kept with 8x headroom, not where exactness ends.
-constexpr int kMaxK = 16384;
+// would allow any K < 2^17 (|a * w| <= 128 * 128 even with a = -128); 32768 is the project-wide bound
+// (ditq.quant.reference.MAX_K, the Triton kernels' MAX_K), kept with 4x headroom, not where exactness ends
+// (FLUX.2-dev's widest input is K = 24576).
+constexpr int kMaxK = 32768;
 static_assert(int64_t{127} * 128 * kMaxK < (int64_t{1} << 31), "W8A8: an int32 sum over K could overflow");
 
 // Layout names and their version: bump the version when the bytes a kernel reads for a name change, so a

@@ -8,8 +8,8 @@ Conventions every backend follows exactly, so that results can be compared bit f
   a GPU does fast, and every backend can reproduce it exactly.
 * int8 range is ``[-127, 127]`` (−128 kept out so negation is safe); int4 is ``[-7, 7]`` from the quantizer,
   ``[-8, 7]`` accepted everywhere downstream.
-* GEMMs accumulate in int32 (exact: |a| ≤ 127, |w| ≤ 128, K ≤ 16384 ⇒ |Σ| < 2^31) and apply an fp32
-  epilogue; the float64 twins below define the tolerance (``ditq.testing``). 16384 is the K every backend
+* GEMMs accumulate in int32 (exact: |a| ≤ 127, |w| ≤ 128, K ≤ 32768 ⇒ |Σ| < 2^31) and apply an fp32
+  epilogue; the float64 twins below define the tolerance (``ditq.testing``). 32768 is the K every backend
   takes and is tested to, with headroom: the int32 sums alone would stay exact to K < 2^17.
 """
 from __future__ import annotations
@@ -22,7 +22,9 @@ from ..format import MAX_INT_GROUP_SCALE
 
 INT8_QMAX = 127
 INT4_QMAX = 7
-MAX_K = 16384  # the K every GEMM takes: 127 * 128 * 16384 < 2^31 with 8x headroom (exact to K < 2^17)
+# The K every GEMM takes: 127 * 128 * 32768 < 2^31 with 4x headroom (exact to K < 2^17). The widest input in
+# the families ditq serves is FLUX.2-dev's single-block output projection, K = 6144 + 18432 = 24576.
+MAX_K = 32768
 
 
 def _check_float(x: torch.Tensor, what: str) -> None:
@@ -273,7 +275,7 @@ def gemm_w4a8(a, a_scale, w_q, w_scales, group_size: int, bias=None, out_dtype=t
 
     The partials come from a float32 batched matmul, which is exact here: every product and partial sum of a
     group is an integer of magnitude at most group_size * 128 * 8 <= 2^24 (int4 weights, |w| <= 8, and any
-    canonical group size, up to MAX_K = 2^14), so float32 holds each exactly in whatever order the BLAS adds
+    canonical group size, up to MAX_GROUP_SIZE = 2^14), so float32 holds each exactly in whatever order the BLAS adds
     them, and P[g] is the int32 partial converted to float32 as the kernels convert it."""
     a_col = a_scale.float().reshape(-1, 1)  # _act_scale_column inline: the reference backend's hot path
     if a_col.shape[0] not in (1, a.shape[0]):

@@ -127,6 +127,31 @@ def test_fiber_orders_and_cp_async(tile, order, seed, cp_async):
         assert torch.equal(y4, _w4a8(a4, sa4, q, ss, b4, 64, torch.float32, tile))
 
 
+def _extremes(m, n, k):
+    """|a| = 127 against w = -128 (W8) / q = -8 (W4, x16 in the kernels) over all of k: int32 sums at their bound."""
+    a = torch.full((m, k), 127, dtype=torch.int8)
+    a[1:, ::2] = -127
+    w = torch.full((n, k), -128, dtype=torch.int8)
+    w[1, ::3] = 127
+    q = torch.full((n, k), -8, dtype=torch.int8)
+    q[1, ::3] = 7
+    return a, w, q
+
+
+def test_the_largest_k():
+    """K = MAX_K = 32768 (FLUX.2-dev's widest input is 24576), unsplit and split: 127 * 128 * 32768 = 5.3e8 in one
+    int32 sum (W8), 256 groups folded (W4 g128)."""
+    m, n, k = 2, 3, ref.MAX_K
+    a, w, q = _extremes(m, n, k)
+    sa, sw, ss = torch.rand(m) + 0.5, torch.rand(n) + 0.5, torch.rand(k // 128, n) + 0.5
+    for splits in (1, None):
+        with emulator_options():
+            y8 = _w8a8(a, sa, w, sw, None, torch.float32, splits=splits)
+            y4 = _w4a8(a, sa, q, ss, None, 128, torch.float32, splits=splits)
+        assert_gemm_w8a8(y8, a, sa, w, sw, None, what=f"W8A8 K = {k}, splits {splits}")
+        assert_gemm_w4a8(y4, a, sa, q, ss, 128, None, what=f"W4A8 g128 K = {k}, splits {splits}")
+
+
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 def test_output_cast_is_round_to_nearest_even(dtype):
     """The kernel's own float -> bf16 / fp16 conversion equals torch's (RNE) on its fp32 result, bit for bit,

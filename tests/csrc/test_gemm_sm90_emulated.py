@@ -137,6 +137,35 @@ def test_sm90_automatic_choice_and_bigger_shape():
     assert_gemm_w4a8(y4, a4, sa4, q, ss, 128, b4)
 
 
+def test_sm90_the_largest_k():
+    """K = MAX_K = 32768 on the Hopper kernels, unsplit and split: W8's int32 sum at its bound (|a| = 127 against
+    w = -128), W4 g128 with float and with integer group scales (q * w = -128 too: q = 16, w = -8)."""
+    m, n, k = 2, 3, ref.MAX_K
+    a = torch.full((m, k), 127, dtype=torch.int8)
+    a[1, ::2] = -127
+    w = torch.full((n, k), -128, dtype=torch.int8)
+    w[1, ::3] = 127
+    q = torch.full((n, k), -8, dtype=torch.int8)
+    q[1, ::3] = 7
+    sa, sw, ss = torch.rand(m) + 0.5, torch.rand(n) + 0.5, torch.rand(k // 128, n) + 0.5
+    qs = torch.full((k // 128, n), 16, dtype=torch.int32)
+    qs[::5, 2] = 3
+    c = torch.rand(n) + 0.5
+    pw = backends.get_backend(BACKEND, "cpu").prepare_weight(WeightFormat(4, 128), ref.pack_int4(q),
+                                                             torch.ones(k // 128, n))[0]
+    from ditq.emulator import emulator_options
+    for splits in (1, None):
+        with emulator_options(arch="sm_90a"):  # no race checker: 512 k tiles, the other tests check the schedule
+            y8 = _w8a8(a, sa, w, sw, None, torch.float32, splits=splits)
+            y4 = _w4a8(a, sa, q, ss, None, 128, torch.float32, splits=splits)
+            y4i = torch.ops.ditq_C.gemm_w4a8i(a, sa, pw, qs, c, None, 128, torch.float32, -1,
+                                               -1 if splits is None else splits)
+        assert_gemm_w8a8(y8, a, sa, w, sw, None, what=f"sm90 W8A8 K = {k}, splits {splits}")
+        assert_gemm_w4a8(y4, a, sa, q, ss, 128, None, what=f"sm90 W4A8 g128 K = {k}, splits {splits}")
+        assert_gemm_w8a8(y4i, a, sa, ref.expand_int_group_scales(q, qs, 128), c, None,
+                         what=f"sm90 W4A8 g128 integer scales K = {k}, splits {splits}")
+
+
 def test_sm90_tile_tables():
     """What the kernels assume of configs/gemm_tiles_sm90.h (also static_asserts in gemm_sm90.cuh) and what an
     H100/H200 SM holds: 64 rows (W8) or 64 channels (W4) per consumer warpgroup, <= 227 KB of shared memory."""

@@ -29,7 +29,7 @@ def test_json_shape_and_keys():
     assert f["gemm_w8a8"]["weight_bits"] == 8 and f["gemm_w8a8"]["group_sizes"] is None
     assert f["gemm_w4a8"]["weight_bits"] == 4
     for fam in ("gemm_w8a8", "gemm_w4a8"):
-        assert f[fam]["k_multiple"] == 16 and f[fam]["max_k"] == 16384 and f[fam]["min_arch"] == 80
+        assert f[fam]["k_multiple"] == 16 and f[fam]["max_k"] == 32768 and f[fam]["min_arch"] == 80
         assert f[fam]["layout_version"] == 1 and f[fam]["emulated"] is True
     assert f["gemm_w8a8"]["layout"] != f["gemm_w4a8"]["layout"]
     # integer group scales: the W4 family's description plus the largest q and the Hopper-only note

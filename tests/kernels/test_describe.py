@@ -31,9 +31,9 @@ def test_keys_and_values():
     assert d["gemm_w4a8"]["max_int_group_scale"] == 16
     assert d["gemm_w4a8"]["int_scale_groups"] == {80: [32, 64, 128], 90: [32, 64, 128, 256]}
     assert d["gemm_w8a8"]["weight_bits"] == 8 and d["gemm_w8a8"]["group_sizes"] is None
-    assert d["gemm_w8a8"]["k_multiple"] == 16 and d["gemm_w8a8"]["max_k"] == 16384
+    assert d["gemm_w8a8"]["k_multiple"] == 16 and d["gemm_w8a8"]["max_k"] == 32768
     assert d["gemm_w4a8"]["weight_bits"] == 4 and d["gemm_w4a8"]["group_sizes"] == list(w4a8.GROUP_SIZES)
-    assert d["gemm_w4a8"]["max_k"] == 16384
+    assert d["gemm_w4a8"]["max_k"] == 32768
     for fam in d.values():
         assert fam["archs"] == [80, 90] and fam["interpreter"] is True
         assert isinstance(fam["k_multiple"], int) and fam["k_multiple"] >= 1

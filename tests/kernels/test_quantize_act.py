@@ -38,6 +38,14 @@ def test_per_token_bit_exact(m, k, dtype):
     _check(_input(m, k, dtype, seed=m * 7 + k), None)
 
 
+def test_the_widest_row():
+    """K = 24576 (FLUX.2-dev's single-block output projection; the GEMMs take up to 32768): one program holds the
+    row, masked past K in its 32768-wide block."""
+    _check(_input(3, 24576, torch.bfloat16, seed=5), None)
+    x = _input(2, qa.MAX_BLOCK_K, torch.float32, seed=6)
+    _check(x, torch.tensor([float(x.abs().max()) / 127 * 0.5]))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k", SHAPES)
 def test_static_bit_exact(m, k, dtype):

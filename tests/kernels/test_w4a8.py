@@ -81,6 +81,19 @@ def test_largest_partials_and_fp16_bias(swap):
         testing.assert_gemm_w4a8(out, a, a_s, q, s, g, bias, what=f"w4a8 extremes G={g}")
 
 
+def test_the_largest_k():
+    """K = MAX_K (FLUX.2-dev's widest input is 24576) with float group scales: 256 groups folded into fp32."""
+    g, m, n, k = 128, 2, 3, w4a8.MAX_K
+    a = torch.full((m, k), 127, dtype=torch.int8)
+    a[1, ::2] = -127
+    q = torch.full((n, k), -8, dtype=torch.int8)
+    q[1, ::3] = 7
+    gen = torch.Generator().manual_seed(3)
+    s, a_s = torch.rand(k // g, n, generator=gen) + 0.5, torch.rand(m, generator=gen) + 0.5
+    out = _run(a, q, s, a_s, None, g, torch.float32, _cfg(True, bk=1024))
+    testing.assert_gemm_w4a8(out, a, a_s, q, s, g, None, what="w4a8 at MAX_K")
+
+
 def test_shipped_table_and_strided_out():
     """No config given: the launcher picks from the tile table of this device (both M buckets); ``out`` may
     be a row-strided view, and the columns beside it stay untouched."""
@@ -118,9 +131,9 @@ def test_launcher_errors():
         (ValueError, "group_size must be one of", lambda: gemm(a, a_s, w, s, None, True, f32)),
         (ValueError, "group_size 64 does not divide K = 32",
          lambda: gemm(a[:, :32].contiguous(), a_s, w, s, None, 64, f32)),
-        (ValueError, "exceeds 16384", lambda: gemm(torch.zeros(1, 16384 + 32, dtype=torch.int8), a_s[:1],
-                                                    torch.zeros(2, 8208, dtype=torch.uint8),
-                                                    torch.ones(513, 2), None, 32, f32)),
+        (ValueError, "exceeds 32768", lambda: gemm(torch.zeros(1, 32768 + 32, dtype=torch.int8), a_s[:1],
+                                                    torch.zeros(2, 16400, dtype=torch.uint8),
+                                                    torch.ones(1025, 2), None, 32, f32)),
         (TypeError, "a must be int8", lambda: gemm(a.float(), a_s, w, s, None, 32, f32)),
         (ValueError, "a must be contiguous", lambda: gemm(a.t().contiguous().t(), a_s, w, s, None, 32, f32)),
         (TypeError, "w must be uint8", lambda: gemm(a, a_s, w.to(torch.int8), s, None, 32, f32)),

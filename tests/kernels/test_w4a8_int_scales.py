@@ -105,6 +105,24 @@ def test_largest_products():
     assert float(y[0, 0].cpu()) == pytest.approx(float(a_s[0] * c[0]) * 127 * -128 * k + float(bias[0]), rel=1e-6)
 
 
+def test_one_int32_sum_over_the_largest_k():
+    """The whole of MAX_K (FLUX.2-dev's widest input is 24576) in one int32 sum: |a| = 127 against q * w = -128,
+    127 * 128 * 32768 = 5.3e8 < 2^31, bit for bit W8A8 on q * w and the closed form."""
+    g, m, n, k = 256, 1, 3, w4a8.MAX_K
+    a = torch.full((m, k), 127, dtype=torch.int8)
+    w = torch.full((n, k), -8, dtype=torch.int8)
+    w[1, ::2] = 7
+    q = torch.full((k // g, n), MAX_INT_GROUP_SCALE, dtype=torch.int32)
+    q[::3, 2] = 3
+    c, a_s = torch.rand(n) + 0.5, torch.rand(m) + 0.5
+    cfg = dict(_cfg(True, g), BK=1024)  # few steps: the interpreter runs each
+    y = _int_gemm(a, w, q, c, a_s, None, g, torch.float32, cfg)
+    y8 = w8a8.gemm_w8a8(*_dev(a, a_s, _expanded(w, q, g), c, None), torch.float32,
+                        config=dict(W8A8_CFG, BK=1024))
+    assert torch.equal(y, y8)
+    assert float(y[0, 0].cpu()) == pytest.approx(float(a_s[0] * c[0]) * 127 * -128 * k, rel=1e-6)
+
+
 @pytest.mark.parametrize("swap", [True, False], ids=["swap", "noswap"])
 def test_fused_epilogue_and_float_a_equal_w8a8_fused(swap):
     """The fused pieces (GELU, gate, residual; int8 output) and a float A quantized on load: the same bits as the

@@ -53,8 +53,9 @@ def test_every_code_path(m, n, k, name):
 
 
 def test_int32_accumulation_at_the_largest_k():
-    # |sum| = 16384 * 127 * 128 = 2.66e8: beyond fp32's exact integers (2**24), inside int32.
-    k = 16384
+    # |sum| = 32768 * 127 * 128 = 5.3e8: beyond fp32's exact integers (2**24), inside int32.
+    k = w8a8.MAX_K
+    assert k == 32768
     a = torch.full((1, k), -127, dtype=torch.int8)
     a[0, ::3] = 127
     w = torch.full((3, k), -128, dtype=torch.int8)
@@ -88,8 +89,8 @@ def test_errors(monkeypatch):
          lambda: w8a8.gemm_w8a8(a, a_scale, w[:, :16].contiguous(), w_scale)),
         (ValueError, "multiple of 16",
          lambda: w8a8.gemm_w8a8(a[:, :24].contiguous(), a_scale, w[:, :24].contiguous(), w_scale)),
-        (ValueError, "exceeds 16384", lambda: w8a8.gemm_w8a8(torch.zeros(1, 16400, dtype=torch.int8), a_scale[:1],
-                                                              torch.zeros(2, 16400, dtype=torch.int8), w_scale[:2])),
+        (ValueError, "exceeds 32768", lambda: w8a8.gemm_w8a8(torch.zeros(1, 32784, dtype=torch.int8), a_scale[:1],
+                                                              torch.zeros(2, 32784, dtype=torch.int8), w_scale[:2])),
         (ValueError, r"a_scale must be float32 \[1\] or \[M\]", lambda: w8a8.gemm_w8a8(a, a_scale[:3], w, w_scale)),
         (TypeError, "a_scale must be float32, got float64", lambda: w8a8.gemm_w8a8(a, a_scale.double(), w, w_scale)),
         (ValueError, "a_scale must be contiguous",

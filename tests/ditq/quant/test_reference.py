@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ditq.format import MAX_GROUP_SIZE
 from ditq.quant import reference as ref
 
 settings.register_profile("ditq", max_examples=40, deadline=None)
@@ -248,10 +249,10 @@ def test_gemm_w4a8_partials_are_the_int32_partials_at_the_extremes(group_size):
     assert torch.equal(ref.gemm_w4a8(a, a_scale, w, scales, group_size), want)
 
 
-@pytest.mark.parametrize("group_size", [2048, ref.MAX_K])
+@pytest.mark.parametrize("group_size", [2048, MAX_GROUP_SIZE])
 def test_gemm_w4a8_groups_beyond_exact_float32_partials(group_size):
-    """Groups past 1024 (canonical up to MAX_K, so the torch backend takes them): an int4 partial is at most
-    128 * 8 * group_size <= 2^24, so the float32 partials are still exact, at the extremes too."""
+    """Groups past 1024 (canonical up to MAX_GROUP_SIZE, so the torch backend takes them): an int4 partial is at
+    most 128 * 8 * group_size <= 2^24, so the float32 partials are still exact, at the extremes too."""
     k, n = ref.MAX_K, 3
     g = torch.Generator().manual_seed(5)
     a = torch.randint(-127, 128, (4, k), dtype=torch.int8, generator=g)
