@@ -206,7 +206,9 @@ def select_layers(transformer: nn.Module, cfg: QuantConfig) -> Tuple[Dict[str, n
             continue
         k = lin.in_features
         if fmt.group_size is not None and k % fmt.group_size:
-            skipped[name] = f"group_size {fmt.group_size} does not divide K = {k}"
+            fits = sorted((g for g in backends.kernel_group_sizes() if k % g == 0), reverse=True)
+            skipped[name] = f"group_size {fmt.group_size} does not divide K = {k}" + (
+                f" (group_size {fits[0]} would)" if fits else "")
         elif k > ref.MAX_K:
             skipped[name] = f"K = {k} exceeds {ref.MAX_K}, the largest K ditq's int8 GEMMs take"
         elif lin.weight.device.type == "meta":

@@ -119,7 +119,9 @@ def test_layers_that_do_not_fit_are_reported_and_warned_about():
     with pytest.warns(UnquantizedLayersWarning, match=r"ditq.quantize: (\d+) of (\d+) linear layers could not be "
                                                       r"quantized .*group_size 64 does not divide K = 96") as rec:
         report = ditq.quantize(t, QuantConfig.preset("w4a8", group_size=64, act_scheme="dynamic", progress=False))
-    assert "does not divide K = 96" in report.skipped["transformer_blocks.0.attn1.to_q"]
+    # and says which group size would fit (the largest the kernels are built for that divides K)
+    assert report.skipped["transformer_blocks.0.attn1.to_q"] == \
+        "group_size 64 does not divide K = 96 (group_size 32 would)"
     assert "transformer_blocks.0.ff.net.2" in {lr.name for lr in report.layers}  # K = 384 fits
     unplanned = report.unplanned_skips
     assert "transformer_blocks.0.attn1.to_q" in unplanned and "proj_out_2" not in unplanned  # default skip list
