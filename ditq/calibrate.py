@@ -1,16 +1,18 @@
 """Activation calibration: record each quantizable linear's input range per sampling step.
 
-A *step* is one call of the transformer inside a calibration run (a pipeline call, or one ``calib_fn(module)``):
-diffusers' DiT-family pipelines call the transformer exactly once per denoising step (classifier-free guidance is
-batched), so call ``i`` of a run is denoising step ``i``, and call 0 is t = T, the noisiest step.
+A *step* is one denoising step inside a calibration run (a pipeline call, or one ``calib_fn(module)``): the
+transformer calls that share a timestep. DiT, PixArt, SD3 and FLUX pipelines call the transformer once per step
+(classifier-free guidance batched); Wan's and Qwen-Image's call it twice, conditional then unconditional, at the
+same timestep, and both calls are that step. Step 0 is t = T, the noisiest step. A transformer whose forward takes
+no timestep counts each call as a step.
 
 Modes (``QuantConfig.calibration``):
 
-* ``"first-step"`` (the paper): observers record only call 0 of each run, and the run is *stopped* right after it
-  (a private exception raised from a forward hook on the transformer and caught here), so calibrating costs one
-  transformer call per run instead of a whole sampling loop.
-* a list of step indices: observers record those calls; the run stops after the last one.
-* ``"all-steps"`` (the baseline the paper compares against): every call of every run.
+* ``"first-step"`` (the paper): observers record only step 0 of each run, and the run is *stopped* as the
+  transformer is called for step 1 (a private exception raised from a forward pre-hook on the transformer and
+  caught here), so calibrating costs one step per run instead of a whole sampling loop.
+* a list of step indices: observers record those steps; the run stops as the step after the last one starts.
+* ``"all-steps"`` (the baseline the paper compares against): every step of every run.
 
 Each observer keeps, per recorded step, ``absmax[step]`` (the max over runs of max |x|) and a histogram of |x| on
 fixed log-spaced bins (count, sum |x|, sum x² per bin: 3 x 770 float64 per layer and step, whatever the batch), plus
@@ -27,7 +29,7 @@ the layer's input at the selected steps: float32 ``[K, K]`` per layer on the act
 each), the input second moment that GPTQ rounds the weights against (``ditq.weight_rounding``).
 
 The static scale is ``clip / 127`` over the selected steps. The transformer's positional and keyword inputs at
-call 0 of each run are kept (detached copies) so that the report can re-run exactly those calls before and after
+its first call of each run are kept (detached copies) so that the report can re-run exactly those calls before and after
 quantization; its timestep at each step is kept too (for timestep-grouped scales).
 
 A non-finite activation in calibration raises :class:`CalibrationError` naming the layer and the step: a NaN
@@ -180,7 +182,7 @@ class CalibrationError(RuntimeError):
 
 
 class _StopRun(Exception):
-    """Raised from the transformer's forward hook once every selected step has run (never escapes)."""
+    """Raised from the transformer's forward hooks once every selected step has run (never escapes)."""
 
 
 def _detach_copy(obj):
@@ -216,9 +218,12 @@ class Calibrator:
         self.channel_absmax: Dict[str, torch.Tensor] = {}  # name -> float32 [K], max over recorded steps and runs
         self.timesteps: Dict[int, float] = {}  # step -> the transformer's timestep at that step (first run's)
         self.calls_per_run: List[int] = []
-        self.first_step_inputs: List[tuple] = []  # (args, kwargs) of call 0 of each run
-        self._step = -1
-        self._calls = 0
+        self.steps_per_run: List[int] = []
+        self.first_step_inputs: List[tuple] = []  # (args, kwargs) of the first call of each run
+        self._step = -1          # the step the running forward belongs to; -1 outside the transformer
+        self._calls = 0          # transformer calls finished in this run
+        self._steps = 0          # steps started in this run
+        self._timestep = None    # the timestep of this run's last call (None: none, or no timestep input)
         self._handles = []
 
     # ---- hooks --------------------------------------------------------------------------------------
@@ -227,21 +232,27 @@ class Calibrator:
         return self.steps is None or step in self.steps
 
     def _pre_transformer(self, module, args, kwargs):
-        self._step = self._calls
-        if self._step == 0:
-            self.first_step_inputs.append((_detach_copy(args), _detach_copy(kwargs)))
         t = timestep_of(module, args, kwargs)
+        try:
+            t = None if t is None else float(torch.as_tensor(t).reshape(-1)[0])
+        except (TypeError, ValueError, IndexError, RuntimeError):
+            t = None  # a timestep that is no number: each call is then a step, and grouped scales are unavailable
+        if self._calls == 0 or t is None or t != self._timestep:  # a new step (see the module docstring)
+            if self.steps is not None and self._steps > self.steps[-1]:
+                raise _StopRun()  # the step after the last one asked for: stopped before its forward runs
+            self._steps += 1
+        self._timestep = t
+        self._step = self._steps - 1
+        if self._calls == 0:
+            self.first_step_inputs.append((_detach_copy(args), _detach_copy(kwargs)))
         if t is not None and self._step not in self.timesteps:
-            try:
-                self.timesteps[self._step] = float(torch.as_tensor(t).reshape(-1)[0])
-            except (TypeError, ValueError, IndexError, RuntimeError):
-                pass  # a transformer without a timestep input: grouped scales are then unavailable
+            self.timesteps[self._step] = t
 
     def _post_transformer(self, module, args, kwargs, output):
         self._calls += 1
         self._step = -1
-        if self.steps is not None and self._calls > self.steps[-1]:
-            raise _StopRun()
+        if self.steps is not None and self._timestep is None and self._steps > self.steps[-1]:
+            raise _StopRun()  # no timestep to tell a step's second call by: each call is a step, stop after it
 
     def _observer(self, name: str):
         record, hists = self.absmax[name], self.hist[name]
@@ -296,7 +307,7 @@ class Calibrator:
 
     def run(self, fn: Callable[[], object]) -> None:
         """One calibration run: ``fn()`` calls the transformer; stopped early once the selected steps ran."""
-        self._calls, self._step = 0, -1
+        self._calls, self._steps, self._step, self._timestep = 0, 0, -1, None
         try:
             with torch.no_grad():
                 fn()
@@ -305,11 +316,12 @@ class Calibrator:
         finally:
             self._step = -1
             self.calls_per_run.append(self._calls)
+            self.steps_per_run.append(self._steps)
         if self._calls == 0:
             raise CalibrationError("a calibration run never called the transformer: check calib_inputs / calib_fn")
-        if self.steps is not None and self._calls <= self.steps[-1]:
-            raise CalibrationError(f"calibration step {self.steps[-1]} was asked for, but a run called the "
-                                   f"transformer only {self._calls} time(s)")
+        if self.steps is not None and self._steps <= self.steps[-1]:
+            raise CalibrationError(f"calibration step {self.steps[-1]} was asked for, but a run had only "
+                                   f"{self._steps} step(s) ({self._calls} transformer call(s))")
 
     # ---- results ------------------------------------------------------------------------------------
 

@@ -248,19 +248,34 @@ def cmd_quantize(args) -> int:
     pipe = load_pipeline(args.model, device=args.device)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=args.quiet)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnquantizedLayersWarning)  # _warn_unquantized prints it as one line
-        report = ditq.quantize(pipe, cfg, calib_inputs=_calib_inputs(pipe, args))
-    _warn_unquantized(report)
-    if not report.layers:
-        raise CLIError("no layer was quantized (see the warning above); nothing written")
+    from .convert import UnquantizedComponentWarning, denoisers
+    calib_inputs = _calib_inputs(pipe, args)
+    reports = {}
+    # "transformer", and Wan 2.2's "transformer_2" where the pipeline holds one (ditq.quantize names what else it got)
+    for component in denoisers(pipe) or ["transformer"]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnquantizedLayersWarning)  # _warn_unquantized prints it as one line
+            warnings.simplefilter("ignore", UnquantizedComponentWarning)  # the next turn of this loop quantizes it
+            report = ditq.quantize(pipe, cfg, calib_inputs=calib_inputs, component=component)
+        _warn_unquantized(report)
+        if not report.layers:
+            where = "" if component == "transformer" else f" of the {component}"
+            raise CLIError(f"no layer{where} was quantized (see the warning above); nothing written")
+        reports[component] = report
     ditq.save_quantized(pipe, args.out)
-    with open(os.path.join(args.out, "ditq_report.json"), "w") as f:
-        f.write(report.to_json())
-    if not args.quiet:
-        print(report)
-    print(f"wrote {args.out} ({report.bytes_before:,} -> {report.bytes_after:,} transformer bytes, "
-          f"{report.compression:.2f}x); report in {os.path.join(args.out, 'ditq_report.json')}")
+    written = []
+    for component, report in reports.items():
+        name = "ditq_report.json" if component == "transformer" else f"ditq_report_{component}.json"
+        written.append(os.path.join(args.out, name))
+        with open(written[-1], "w") as f:
+            f.write(report.to_json())
+        if not args.quiet:
+            print(report if len(reports) == 1 else f"{component}:\n{report}")
+    before = sum(r.bytes_before for r in reports.values())
+    after = sum(r.bytes_after for r in reports.values())
+    what = "transformer bytes" if len(reports) == 1 else f"bytes of {' + '.join(reports)}"
+    print(f"wrote {args.out} ({before:,} -> {after:,} {what}, {before / after:.2f}x); "
+          f"report in {', '.join(written)}")
     return 0
 
 
@@ -519,6 +534,10 @@ def cmd_info(args) -> int:
     print(f"quantized layers: {n}; their bytes {d['quantized_layer_bytes']:,} (bf16 would be "
           f"{d['quantized_layers_bf16_bytes']:,}); other tensors {d['other_bytes']:,}; "
           f"transformer total {d['total_bytes']:,} bytes")
+    from .io import HEADER_NAME
+    second = os.path.join(args.dir, "transformer_2")
+    if os.path.isfile(os.path.join(second, HEADER_NAME)):  # Wan 2.2's low-noise expert, quantized too
+        print(f"the pipeline's second transformer is quantized too: ditq info {second}")
     return 0
 
 
@@ -560,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a DiT-family pipeline and save it",
                        description="Calibrates activation scales (default: on the first sampling step only), "
-                       "quantizes the transformer's linears and writes a ditq checkpoint directory.")
+                       "quantizes the transformer's linears (each of the two of a Wan 2.2 A14B pipeline, calibrated on its own "
+                       "first step) and writes a ditq checkpoint directory.")
     q.add_argument("model", metavar="MODEL",
                    help=f"'{BUNDLED}', a local diffusers pipeline directory, or a hub id (needs internet)")
     q.add_argument("--preset", required=True, choices=sorted(PRESETS), help="w8a8 or w4a8 (int4, groups of 128)")

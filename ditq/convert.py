@@ -124,20 +124,45 @@ class QuantizeError(RuntimeError):
     """``ditq.quantize`` refused or failed; the model was left as it was."""
 
 
+# The pipeline attributes that hold a denoising transformer. Wan 2.2 A14B's pipelines hold two experts of the same
+# architecture: ``transformer`` for the high-noise steps (t at or above the pipeline's boundary) and
+# ``transformer_2`` for the rest; each is quantized, saved and loaded on its own.
+DENOISER_COMPONENTS = ("transformer", "transformer_2")
+
+
+class UnquantizedComponentWarning(UserWarning):
+    """``ditq.quantize`` quantized one transformer of a pipeline that holds another still in full precision."""
+
+
 # ---- helpers ------------------------------------------------------------------------------------------
 
-def _target(obj, what: str = "ditq.quantize") -> Tuple[nn.Module, Optional[object]]:
-    """(transformer, pipeline or None) of what a public function (``what``, for the error) was given. A module
-    ``torch.compile`` wrapped (``OptimizedModule``) stands for the module it compiled, whose layer names are the
-    model's (the wrapper prefixes them with ``_orig_mod.``); the compiled code recompiles on its next call where
-    what it traced changed."""
+def _target(obj, what: str = "ditq.quantize", component: str = "transformer") -> Tuple[nn.Module, Optional[object]]:
+    """(transformer, pipeline or None) of what a public function (``what``, for the error) was given: a module, or
+    a pipeline's ``component`` (one of :data:`DENOISER_COMPONENTS`). A module ``torch.compile`` wrapped
+    (``OptimizedModule``) stands for the module it compiled, whose layer names are the model's (the wrapper
+    prefixes them with ``_orig_mod.``); the compiled code recompiles on its next call where what it traced
+    changed."""
+    if component not in DENOISER_COMPONENTS:
+        raise ValueError(f"{what}: component must be one of {', '.join(map(repr, DENOISER_COMPONENTS))}, got "
+                         f"{component!r}")
     if isinstance(obj, nn.Module):
+        if component != "transformer":
+            raise ValueError(f"{what}: component={component!r} names a pipeline's transformer, but this is a "
+                             f"{type(obj).__name__} module: pass the pipeline, or the module itself without component")
         return _uncompiled(obj), None
-    t = getattr(obj, "transformer", None)
+    t = getattr(obj, component, None)
     if isinstance(t, nn.Module):
         return _uncompiled(t), obj
+    if component != "transformer" and isinstance(getattr(obj, "transformer", None), nn.Module):
+        raise ValueError(f"{what}: this {type(obj).__name__} has no {component} (it holds one transformer: the "
+                         f"default component='transformer')")
     raise TypeError(f"{what} takes a diffusers pipeline with a .transformer or an nn.Module, got "
                     f"{type(obj).__name__}")
+
+
+def denoisers(pipe) -> Dict[str, nn.Module]:
+    """The pipeline's transformers by attribute name (:data:`DENOISER_COMPONENTS` it holds), in that order."""
+    return {c: _uncompiled(m) for c in DENOISER_COMPONENTS if isinstance(m := getattr(pipe, c, None), nn.Module)}
 
 
 def _uncompiled(module: nn.Module) -> nn.Module:
@@ -379,7 +404,7 @@ def _sqnr_total(refs, outs) -> Tuple[Optional[float], List[float]]:
 # ---- the entry point ----------------------------------------------------------------------------------
 
 def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
-             calib_fn: Optional[Callable] = None) -> QuantReport:
+             calib_fn: Optional[Callable] = None, component: str = "transformer") -> QuantReport:
     """Quantize the transformer of a diffusers pipeline (``pipe.transformer``) or any ``nn.Module`` in place.
 
     Args:
@@ -389,6 +414,11 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
             of them, one calibration run each; a fixed generator is added when none is given.
         calib_fn: instead of ``calib_inputs``: ``calib_fn(pipe_or_module)`` runs the forwards of one calibration
             run (required for a bare module with the static scheme).
+        component: which transformer of the pipeline: ``"transformer"``, or ``"transformer_2"`` (Wan 2.2 A14B's
+            low-noise expert, which the pipeline calls below its boundary timestep). Each is calibrated on its
+            own steps of the pipeline runs, its first one being the noisiest it sees; quantize one, then the
+            other. A pipeline left with a full-precision second transformer gets an
+            :class:`UnquantizedComponentWarning`.
 
     Returns a :class:`ditq.report.QuantReport`. Raises :class:`QuantizeError` / ``QuantConfigError`` /
     :class:`ditq.calibrate.CalibrationError` with the model untouched.
@@ -397,7 +427,7 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
         cfg = QuantConfig.from_dict(cfg)
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"cfg must be a ditq.QuantConfig, got {type(cfg).__name__}")
-    transformer, pipe = _target(pipe_or_module)
+    transformer, pipe = _target(pipe_or_module, component=component)
     if isinstance(transformer, nn.Linear):
         raise QuantizeError("ditq.quantize replaces the linears *inside* a module in place, and a bare nn.Linear "
                             "cannot replace itself: use ditq.nn.QuantLinear.from_linear(linear, cfg, act_scale), "
@@ -589,7 +619,8 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
 
     cal_info = {"mode": cfg.calibration if cfg.needs_calibration else "none (dynamic scheme)",
                 "runs": len(cal.calls_per_run) if cal else 0,
-                "calls_per_run": list(cal.calls_per_run) if cal else []}
+                "calls_per_run": list(cal.calls_per_run) if cal else [],
+                "steps_per_run": list(cal.steps_per_run) if cal else []}
     if cfg.needs_calibration:
         cal_info["estimator"] = cfg.act_estimator
         if groups != [None]:
@@ -619,6 +650,11 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     if summary is not None:  # the model would otherwise be silently mostly full precision
         warnings.warn(f"ditq.quantize: {summary} (report.unplanned_skips lists them)", UnquantizedLayersWarning,
                       stacklevel=2)
+    left = [c for c, m in (denoisers(pipe) if pipe is not None else {}).items() if not is_quantized(m)]
+    if left:
+        warnings.warn(f"ditq.quantize: this {type(pipe).__name__} also holds {' and '.join(left)}, still in full "
+                      f"precision (the pipeline calls it at other steps): quantize it too with ditq.quantize(pipe, "
+                      f"cfg, calib_inputs, component={left[0]!r})", UnquantizedComponentWarning, stacklevel=2)
     return report
 
 

@@ -10,6 +10,8 @@ On disk (a pipeline; a bare transformer is the ``transformer/`` folder alone)::
     path/transformer/ditq_quant.json               the header: ditq version, layout name + version, QuantConfig,
                                                    per-layer formats and static activation scales, the model class
                                                    and config, the pipeline class
+    path/transformer_2/...                         the same three files, where the pipeline holds a second
+                                                   transformer (Wan 2.2 A14B) and it was quantized too
 
 The file names are diffusers', so that after ``import ditq`` a checkpoint also loads through
 ``<ModelClass>.from_pretrained(path / "transformer")`` (see :mod:`ditq.diffusers_integration`).
@@ -40,7 +42,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .convert import _target, is_quantized
+from .convert import DENOISER_COMPONENTS, _target, denoisers, is_quantized
 from .format import LAYOUT, LAYOUT_VERSION, FormatError, WeightFormat
 from . import timestep_groups
 from .nn import QuantLinear
@@ -484,27 +486,37 @@ def save_quantized(pipe_or_module, path: str) -> None:
     """Save a quantized diffusers pipeline (``path/transformer`` + ``save_pretrained`` for the rest) or a
     quantized diffusers model (``path`` itself). See the module docstring for the layout.
 
+    A pipeline's quantized transformers are each written as a ditq folder under their attribute's name
+    (``transformer/``, and ``transformer_2/`` where Wan 2.2's second expert was quantized too); one left in full
+    precision is saved by diffusers with the rest.
+
     ``path`` is a directory, created if missing; files an earlier save wrote there are overwritten. Raises
-    ValueError for a model :func:`ditq.quantize` has not quantized or one with run-time LoRA adapters loaded
-    (:mod:`ditq.lora`: not part of a checkpoint, so refused rather than dropped), TypeError for one that is not a
-    diffusers model (nothing to rebuild it from) or a ``path`` that is not a path, NotADirectoryError when ``path``
-    is a file, ValueError for a bare transformer saved over a pipeline checkpoint (which would still load as that
-    pipeline)."""
+    ValueError for a model :func:`ditq.quantize` has not quantized (a pipeline none of whose transformers is) or
+    one with run-time LoRA adapters loaded (:mod:`ditq.lora`: not part of a checkpoint, so refused rather than
+    dropped), TypeError for one that is not a diffusers model (nothing to rebuild it from) or a ``path`` that is
+    not a path, NotADirectoryError when ``path`` is a file, ValueError for a bare transformer saved over a
+    pipeline checkpoint (which would still load as that pipeline)."""
     path = check_path(path)
     transformer, pipe = _target(pipe_or_module, "ditq.save_quantized")
-    if not is_quantized(transformer):
+    if pipe is None:
+        quantized = {"": transformer} if is_quantized(transformer) else {}
+    else:
+        quantized = {c: m for c, m in denoisers(pipe).items() if is_quantized(m)}
+    if not quantized:
         raise ValueError(f"this {type(transformer).__name__} is not quantized: call ditq.quantize first")
     from .lora import loaded_adapters
 
-    adapters = loaded_adapters(transformer)
-    if adapters:  # run-time state a checkpoint does not hold: refused rather than dropped without a word
-        names = ", ".join(map(repr, adapters))
-        raise ValueError(f"this {type(transformer).__name__} has LoRA adapters loaded ({names}); checkpoints hold "
-                         f"the quantized model only: ditq.unload_lora(model), save, and load the adapters again "
-                         f"after load_quantized (or merge the LoRA before quantizing)")
-    if not hasattr(transformer, "to_json_string") or not hasattr(type(transformer), "from_config"):
-        raise TypeError(f"save_quantized needs a diffusers model (ModelMixin with a config) so it can rebuild it; "
-                        f"{type(transformer).__name__} has none. Save its state_dict() (canonical layout) instead")
+    for module in quantized.values():
+        adapters = loaded_adapters(module)
+        if adapters:  # run-time state a checkpoint does not hold: refused rather than dropped without a word
+            names = ", ".join(map(repr, adapters))
+            raise ValueError(f"this {type(module).__name__} has LoRA adapters loaded ({names}); checkpoints hold "
+                             f"the quantized model only: ditq.unload_lora(model), save, and load the adapters "
+                             f"again after load_quantized (or merge the LoRA before quantizing)")
+        if not hasattr(module, "to_json_string") or not hasattr(type(module), "from_config"):
+            raise TypeError(f"save_quantized needs a diffusers model (ModelMixin with a config) so it can rebuild "
+                            f"it; {type(module).__name__} has none. Save its state_dict() (canonical layout) "
+                            f"instead")
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"save_quantized: {path} exists and is not a directory (a checkpoint is a "
                                  f"directory)")
@@ -516,26 +528,34 @@ def save_quantized(pipe_or_module, path: str) -> None:
     if pipe is None:
         _save_transformer(transformer, path)
         return
-    # Everything but the transformer through diffusers: hide it for the call, then restore both the attribute
-    # and the pipeline's config entry (setting None rewrites it), and name it in model_index.json.
+    for component in DENOISER_COMPONENTS:
+        stale = os.path.join(path, component, HEADER_NAME)
+        if component not in quantized and os.path.isfile(stale):
+            os.remove(stale)  # an earlier save's ditq header beside the full-precision weights diffusers writes now
+    # Everything but the quantized transformers through diffusers: hide them for the call, then restore both the
+    # attributes and the pipeline's config entries (setting None rewrites them), and name them in model_index.json.
     from diffusers.utils import logging as dlogging
-    entry = pipe.config["transformer"]
+    entries = {c: pipe.config[c] for c in quantized}
     verbosity = dlogging.get_verbosity()
-    setattr(pipe, "transformer", None)
+    for component in quantized:
+        setattr(pipe, component, None)
     try:
-        dlogging.set_verbosity_error()  # it would warn that the (hidden) transformer is not saved
+        dlogging.set_verbosity_error()  # it would warn that the (hidden) transformers are not saved
         pipe.save_pretrained(path)
     finally:
         dlogging.set_verbosity(verbosity)
-        setattr(pipe, "transformer", transformer)
-        pipe.register_to_config(transformer=entry)
+        for component, module in quantized.items():
+            setattr(pipe, component, module)
+            pipe.register_to_config(**{component: entries[component]})
     index_path = os.path.join(path, "model_index.json")
     with open(index_path) as f:
         index = json.load(f)
-    index["transformer"] = list(entry)
+    for component, entry in entries.items():
+        index[component] = list(entry)
     with open(index_path, "w") as f:
         json.dump(index, f, indent=2, sort_keys=True)
-    _save_transformer(transformer, os.path.join(path, "transformer"), pipeline_class=_qualname(pipe))
+    for component, module in quantized.items():
+        _save_transformer(module, os.path.join(path, component), pipeline_class=_qualname(pipe))
 
 
 # ---- load -----------------------------------------------------------------------------------------------
@@ -723,23 +743,25 @@ def load_quantized(path: str, device="cpu", backend: Optional[str] = None, progr
             raise TypeError(f"{path} holds a bare transformer: load_quantized takes only torch_dtype (or dtype, "
                             f"its newer name) besides device and backend for it, got {extra}")
         return load_transformer(path, device, backend, torch_dtype=torch_dtype)
-    tdir = os.path.join(path, "transformer")
-    header = read_header(tdir)
+    quantized = [c for c in DENOISER_COMPONENTS if os.path.isfile(os.path.join(path, c, HEADER_NAME))]
+    tdir = os.path.join(path, quantized[0] if quantized else "transformer")
+    header = read_header(tdir)  # none of them quantized: the error names transformer/
     pipe_cls = _import(header.get("pipeline_class") or "diffusers.DiffusionPipeline",
                        os.path.join(tdir, HEADER_NAME), "pipeline_class")
     if not hasattr(pipe_cls, "from_pretrained"):
         raise CheckpointError(f"{os.path.join(tdir, HEADER_NAME)}: field 'pipeline_class' names "
                               f"{pipe_cls.__name__}, not a diffusers pipeline (no from_pretrained)")
-    transformer = load_transformer(tdir, device, backend, torch_dtype=torch_dtype)
+    modules = {c: load_transformer(os.path.join(path, c), device, backend, torch_dtype=torch_dtype)
+               for c in quantized}
     if pipeline_kwargs.get("dtype") is None and pipeline_kwargs.get("torch_dtype") is None:
         # diffusers alone loads every component in float32, while the transformer keeps its saved dtype: a
         # pipeline saved in bfloat16 would come back mixed and fail at its first call (bf16 latents into an fp32
         # VAE). The rest of the pipeline takes the transformer's dtype instead, as it was saved.
-        saved = _float_dtype(transformer)
+        saved = _float_dtype(modules[quantized[0]])
         if saved is not None and saved != torch.float32:
             pipeline_kwargs = dict(pipeline_kwargs, **{_dtype_keyword(): saved})
     with _diffusers_progress_bars(progress):
-        pipe = pipe_cls.from_pretrained(path, transformer=transformer, **pipeline_kwargs)
+        pipe = pipe_cls.from_pretrained(path, **modules, **pipeline_kwargs)
     return pipe.to(device)
 
 

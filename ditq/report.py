@@ -72,7 +72,7 @@ class QuantReport:
     output_sqnr_per_run: List[float] = field(default_factory=list)
     bytes_before: int = 0
     bytes_after: int = 0
-    calibration: dict = field(default_factory=dict)  # mode, runs, transformer calls per run
+    calibration: dict = field(default_factory=dict)  # mode, runs, transformer calls and steps per run
     act_absmax_per_step: Dict[str, Dict[int, float]] = field(default_factory=dict)
     # QuantConfig(fuse=True): attention -> {fused layer: members} (ditq.fuse), block -> None or why not fused
     fusion: dict = field(default_factory=dict)
@@ -148,7 +148,8 @@ class QuantReport:
                  f" (group {self.config.get('group_size') or 'per-channel'}), int8 activations "
                  f"({self.config.get('act_scheme')}), backend {self.backend}",
                  f"calibration: {self.calibration.get('mode')}, {self.calibration.get('runs', 0)} run(s), "
-                 f"transformer calls per run {self.calibration.get('calls_per_run', [])}",
+                 f"transformer calls per run {self.calibration.get('calls_per_run', [])}, steps per run "
+                 f"{self.calibration.get('steps_per_run', [])}",
                  "",
                  f"{'layer':<{width}}  {'K':>6} {'N':>6}  {'format':<10} {'W SQNR':>7}{extra_head} {'A SQNR':>7} "
                  f"{'A traj':>7} {'range':<10} {'groups':>6} {'bytes':>10} -> {'packed':>9}"]

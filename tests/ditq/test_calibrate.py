@@ -16,8 +16,9 @@ def pipe():
 
 
 def _count_calls(module):
+    """The timesteps of the transformer's finished calls (a run stopped as step 1 starts never runs its forward)."""
     calls = []
-    h = module.register_forward_pre_hook(lambda m, a, k: calls.append(k["timestep"].clone()), with_kwargs=True)
+    h = module.register_forward_hook(lambda m, a, k, o: calls.append(k["timestep"].clone()), with_kwargs=True)
     return calls, h
 
 
@@ -96,7 +97,7 @@ def test_errors_leave_no_hooks(pipe):
         calibrate(pipe.transformer, layers, pipeline_runs(pipe, dict(class_labels=[5000], num_inference_steps=2)),
                   [0], progress=False)
     assert not pipe.transformer._forward_hooks and not any(l._forward_pre_hooks for l in layers.values())
-    with pytest.raises(CalibrationError, match="only 2 time"):
+    with pytest.raises(CalibrationError, match=r"only 2 step\(s\) \(2 transformer call"):
         calibrate(pipe.transformer, layers, pipeline_runs(pipe, dict(class_labels=[1], num_inference_steps=2)),
                   [5], progress=False)
     with pytest.raises(CalibrationError, match="never called the transformer"):

@@ -442,7 +442,7 @@ def test_quantize_refuses_a_report_without_layers(tiny_pipeline_dir, tmp_path, c
     import ditq
     from ditq.report import QuantReport
 
-    def quantize(pipe, cfg, calib_inputs=None):
+    def quantize(pipe, cfg, calib_inputs=None, component="transformer"):
         return QuantReport(config=cfg.to_dict(), backend="torch",
                            skipped={"a": "never ran during calibration (no activation range)"})
     monkeypatch.setattr(ditq, "quantize", quantize)

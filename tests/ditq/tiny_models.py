@@ -2,7 +2,10 @@
 
 Widths are multiples of 64 so group sizes 32 and 64 divide every K; every model is built from a config, offline.
 """
+import zlib
+
 import torch
+from diffusers import DiffusionPipeline
 
 
 def tiny_dit(seed=0, **overrides):
@@ -235,3 +238,50 @@ def tiny_zimage():
 MORE_FAMILIES = {"wan": tiny_wan, "qwenimage": tiny_qwenimage, "sana": tiny_sana, "chroma": tiny_chroma,
                  "flux2": tiny_flux2, "ltx": tiny_ltx, "cogvideox": tiny_cogvideox, "lumina2": tiny_lumina2,
                  "auraflow": tiny_auraflow, "hunyuanvideo": tiny_hunyuanvideo, "zimage": tiny_zimage}
+
+
+def tiny_wan_experts_pipeline(boundary_ratio=0.5):
+    """A Wan 2.2 A14B-shaped pipeline of two tiny Wan transformers (see :class:`TinyWanExpertsPipeline`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    high, _ = tiny_wan()
+    torch.manual_seed(1)
+    low, _ = tiny_wan()  # the same architecture, other weights
+    return TinyWanExpertsPipeline(high, low, FlowMatchEulerDiscreteScheduler(shift=3.0), boundary_ratio)
+
+
+def _tiny_text_features(prompt, scale=1.0):
+    g = torch.Generator().manual_seed(zlib.crc32(prompt.encode()))
+    return scale * torch.randn(6, 32, generator=g)
+
+
+class TinyWanExpertsPipeline(DiffusionPipeline):
+    """Wan 2.2 A14B's denoising loop over two experts. diffusers' WanPipeline needs the ``transformers`` package
+    (its UMT5 text encoder), which the tests do without, so this one runs that loop itself: the high-noise expert
+    ``transformer`` at t >= boundary, the low-noise ``transformer_2`` below it, and guidance as two calls per step
+    (conditional, then unconditional) at the same timestep, as WanPipeline makes them. Prompts become fixed random
+    text features (a stand-in text encoder)."""
+    model_cpu_offload_seq = "transformer->transformer_2"
+    _optional_components = ["transformer", "transformer_2"]
+
+    def __init__(self, transformer, transformer_2, scheduler, boundary_ratio=0.5):
+        super().__init__()
+        self.register_modules(transformer=transformer, transformer_2=transformer_2, scheduler=scheduler)
+        self.register_to_config(boundary_ratio=boundary_ratio)
+
+    @torch.no_grad()
+    def __call__(self, prompt, num_inference_steps=4, guidance_scale=4.0, generator=None):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        # the unconditional features are larger than the prompts' on purpose: a calibration that observed only the
+        # conditional call of a step would miss the range of the unconditional one
+        cond = torch.stack([_tiny_text_features(p) for p in prompts])
+        uncond = torch.stack([_tiny_text_features("", scale=4.0)] * len(prompts))
+        latents = torch.randn(len(prompts), 4, 2, 8, 8, generator=generator)
+        self.scheduler.set_timesteps(num_inference_steps)
+        boundary = self.config.boundary_ratio * self.scheduler.config.num_train_timesteps
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model = self.transformer if t >= boundary else self.transformer_2
+            ts = t.expand(latents.shape[0])
+            c = model(hidden_states=latents, timestep=ts, encoder_hidden_states=cond, return_dict=False)[0]
+            u = model(hidden_states=latents, timestep=ts, encoder_hidden_states=uncond, return_dict=False)[0]
+            latents = self.scheduler.step(u + guidance_scale * (c - u), t, latents).prev_sample
+        return latents
