@@ -579,8 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a DiT-family pipeline and save it",
                        description="Calibrates activation scales (default: on the first sampling step only), "
-                       "quantizes the transformer's linears (each of the two of a Wan 2.2 A14B pipeline, calibrated on its own "
-                       "first step) and writes a ditq checkpoint directory.")
+                       "quantizes the transformer's linears (each of the two of a Wan 2.2 A14B pipeline, "
+                       "calibrated on its own first step) and writes a ditq checkpoint directory.")
     q.add_argument("model", metavar="MODEL",
                    help=f"'{BUNDLED}', a local diffusers pipeline directory, or a hub id (needs internet)")
     q.add_argument("--preset", required=True, choices=sorted(PRESETS), help="w8a8 or w4a8 (int4, groups of 128)")

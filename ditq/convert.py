@@ -126,7 +126,7 @@ class QuantizeError(RuntimeError):
 
 # The pipeline attributes that hold a denoising transformer. Wan 2.2 A14B's pipelines hold two experts of the same
 # architecture: ``transformer`` for the high-noise steps (t at or above the pipeline's boundary) and
-# ``transformer_2`` for the rest; each is quantized, saved and loaded on its own.
+# ``transformer_2`` for the rest; each is quantized, saved, loaded and given LoRAs on its own.
 DENOISER_COMPONENTS = ("transformer", "transformer_2")
 
 

@@ -119,11 +119,13 @@ def _linear_hook(module: nn.Module, args, output):
 # ---- public API ---------------------------------------------------------------------------------------------
 
 def load_lora(model, lora, *, scale: float = 1.0, adapter_name: str = "default",
-              other_components: str = "error") -> Dict[str, List[str]]:
+              other_components: str = "error", component: str = "transformer") -> Dict[str, List[str]]:
     """Load a LoRA adapter into a model quantized by :func:`ditq.quantize` (or loaded by ``load_quantized``), as a
     run-time float branch on each targeted layer: ``y = W_q x + scale * (alpha / r) * B (A x)``.
 
-    ``model``: the quantized transformer, or a pipeline holding it (``pipe.transformer``). ``lora``: a state dict
+    ``model``: the quantized transformer, or a pipeline holding it (``pipe.transformer``; ``component=
+    "transformer_2"``: Wan 2.2's low-noise expert, for the low-noise file of a LoRA made as a pair, or the same
+    file loaded into each expert as diffusers' ``load_into_transformer_2`` does). ``lora``: a state dict
     or the path of a ``.safetensors`` file, in diffusers / peft keys (``<module path>.lora_A.weight`` /
     ``.lora_B.weight``, with or without the ``transformer.`` prefix, optional ``<module path>.alpha``; a file's
     diffusers LoRA metadata gives ``lora_alpha`` / ``alpha_pattern`` / ``use_rslora`` as diffusers reads them).
@@ -146,7 +148,7 @@ def load_lora(model, lora, *, scale: float = 1.0, adapter_name: str = "default",
     named), A and B of different ranks, non-finite values, layers outlier smoothing rescaled (``smooth_alpha``:
     their channels are not the float model's), an adapter name already loaded. Returns ``{layer path: [lora module
     paths]}``: which layer took which keys (a fused layer takes several)."""
-    transformer, pipe = _target(model, "ditq.load_lora")
+    transformer, pipe = _target(model, "ditq.load_lora", component)
     if not any(isinstance(m, QuantLinear) for m in transformer.modules()):
         raise ValueError(f"this {type(transformer).__name__} has no ditq-quantized layer: ditq.load_lora adds "
                          f"adapters to quantized models. Load a LoRA into a float model with diffusers "
@@ -170,13 +172,13 @@ def load_lora(model, lora, *, scale: float = 1.0, adapter_name: str = "default",
     return {path: [p[0] for p in pieces] for path, (_, pieces) in plan.items()}
 
 
-def set_lora_scale(model, scale: float, adapter_name: Optional[str] = None) -> None:
+def set_lora_scale(model, scale: float, adapter_name: Optional[str] = None, component: str = "transformer") -> None:
     """Set the scale of the loaded adapter ``adapter_name`` (every adapter when None): the branch becomes
     ``scale * (alpha / r) * B (A x)``. Scale 0 switches the adapter off: skipped, bit for bit the model without it.
     A compiled model keeps its graph for a new nonzero scale (the scale is a buffer written in place); switching an
     adapter on or off recompiles. A captured CUDA graph replays what it captured: it sees a new scale (the same
     buffer) but not an adapter loaded, switched on or off, or unloaded after the capture (capture again)."""
-    transformer, _ = _target(model, "ditq.set_lora_scale")
+    transformer, _ = _target(model, "ditq.set_lora_scale", component)
     scale = _check_scale(scale)
     names = _check_loaded(transformer, adapter_name)
     for _, branch in _branches(transformer):
@@ -187,11 +189,11 @@ def set_lora_scale(model, scale: float, adapter_name: Optional[str] = None) -> N
     _refresh(transformer)
 
 
-def unload_lora(model, adapter_name: Optional[str] = None) -> None:
+def unload_lora(model, adapter_name: Optional[str] = None, component: str = "transformer") -> None:
     """Remove the adapter ``adapter_name`` (every adapter when None; nothing loaded is then a no-op). The model
     then computes exactly what it computed before loading, bit for bit: the branches and hooks go, the packed
     weights were never touched."""
-    transformer, _ = _target(model, "ditq.unload_lora")
+    transformer, _ = _target(model, "ditq.unload_lora", component)
     names = _check_loaded(transformer, adapter_name) if adapter_name is not None else None
     for layer, branch in _branches(transformer):
         for n in list(branch.keys()):
@@ -205,9 +207,9 @@ def unload_lora(model, adapter_name: Optional[str] = None) -> None:
     _refresh(transformer)
 
 
-def loaded_adapters(model) -> Dict[str, float]:
-    """The adapters loaded in ``model`` (a transformer or a pipeline), name -> scale."""
-    transformer, _ = _target(model, "ditq.lora.loaded_adapters")
+def loaded_adapters(model, component: str = "transformer") -> Dict[str, float]:
+    """The adapters loaded in ``model`` (a transformer, or a pipeline's ``component``), name -> scale."""
+    transformer, _ = _target(model, "ditq.lora.loaded_adapters", component)
     out = {}
     for _, branch in _branches(transformer):
         for n, adapter in branch.items():

@@ -13,6 +13,7 @@ from ditq import QuantConfig, io
 from ditq.calibrate import calibrate, pipeline_runs
 from ditq.cli import main
 from ditq.convert import UnquantizedComponentWarning, is_quantized, select_layers
+from ditq.lora import loaded_adapters
 from ditq.nn import QuantLinear
 from tiny_models import tiny_dit_pipeline, tiny_wan_experts_pipeline
 
@@ -179,3 +180,30 @@ def test_command_line_quantizes_both_experts(tmp_path, monkeypatch, capsys, load
     assert code == 0 and f"second transformer is quantized too: ditq info {out / 'transformer_2'}" in stdout
     code = main(["info", str(out / "transformer_2")])
     assert code == 0 and "WanTransformer3DModel in " in capsys.readouterr().out
+
+
+def test_a_lora_per_expert():
+    """Wan 2.2 LoRAs come as a pair (one file per expert) or as one file for both: ``component`` says which."""
+    pipe = tiny_wan_experts_pipeline()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnquantizedComponentWarning)
+        for component in ("transformer", "transformer_2"):
+            ditq.quantize(pipe, _cfg(), CALIB, component=component)
+    before = _sample(pipe)
+    g = torch.Generator().manual_seed(3)
+    layer = pipe.transformer_2.get_submodule("blocks.0.attn1.to_q")
+    lora = {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, layer.in_features, generator=g),
+            "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.randn(layer.out_features, 4, generator=g)}
+    taken = ditq.load_lora(pipe, lora, adapter_name="low", component="transformer_2")
+    assert list(taken) == ["blocks.0.attn1.to_q"]
+    assert loaded_adapters(pipe, component="transformer_2") == {"low": 1.0}
+    assert loaded_adapters(pipe) == {}  # the high-noise expert took nothing
+    adapted = _sample(pipe)
+    assert not torch.equal(adapted, before)
+    ditq.set_lora_scale(pipe, 0.0, component="transformer_2")
+    assert torch.equal(_sample(pipe), before)  # scale 0: bit for bit the model without it
+    with pytest.raises(ValueError, match="LoRA adapters loaded"):
+        ditq.save_quantized(pipe, "unused")  # the low-noise expert's adapter would be dropped
+    ditq.unload_lora(pipe, component="transformer_2")
+    assert loaded_adapters(pipe, component="transformer_2") == {}
+    assert torch.equal(_sample(pipe), before)
