@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from .quant.reference import INT8_QMAX, symmetric_scale
-from .timestep_groups import timestep_of
+from .timestep_groups import noise_level, timestep_of
 
 ESTIMATORS = ("max", "percentile", "mse")
 
@@ -234,7 +234,7 @@ class Calibrator:
     def _pre_transformer(self, module, args, kwargs):
         t = timestep_of(module, args, kwargs)
         try:
-            t = None if t is None else float(torch.as_tensor(t).reshape(-1)[0])
+            t = None if t is None else float(noise_level(t))
         except (TypeError, ValueError, IndexError, RuntimeError):
             t = None  # a timestep that is no number: each call is then a step, and grouped scales are unavailable
         if self._calls == 0 or t is None or t != self._timestep:  # a new step (see the module docstring)

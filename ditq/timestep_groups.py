@@ -139,6 +139,14 @@ def timestep_of(module: nn.Module, args, kwargs):
     return args[index] if index is not None and index < len(args) else None
 
 
+def noise_level(t) -> torch.Tensor:
+    """The one number a call's timestep input stands for, as float32 [1] on its device: its largest entry. A batch
+    of images shares one timestep; Wan 2.2 TI2V passes one per token ([B, tokens], ``expand_timesteps``), where an
+    image-to-video call holds its conditioning frame's tokens at 0 and the others at the step's t, so the first
+    entry would read 0 at every step. The max is that t; a reduction on the device (no host sync)."""
+    return torch.as_tensor(t).reshape(1, -1).amax(dim=1).to(torch.float32)
+
+
 def _pre_hook(module, args, kwargs):
     layers = getattr(module, HOOK_ATTR, None)
     if not layers:
@@ -148,7 +156,7 @@ def _pre_hook(module, args, kwargs):
         raise RuntimeError("this transformer has timestep-grouped activation scales but was called without a "
                            "`timestep` input")
     bounds = layers[0].timestep_bounds
-    t = torch.as_tensor(t, device=bounds.device).reshape(-1)[:1].to(torch.float32)
+    t = noise_level(torch.as_tensor(t, device=bounds.device))
     idx = torch.bucketize(t, bounds)  # [1] int64 on the device: the group, in ascending-timestep order
     with torch.no_grad():
         for layer in layers:

@@ -207,3 +207,32 @@ def test_a_lora_per_expert():
     ditq.unload_lora(pipe, component="transformer_2")
     assert loaded_adapters(pipe, component="transformer_2") == {}
     assert torch.equal(_sample(pipe), before)
+
+
+def test_per_token_timesteps_are_read_as_the_steps_noise_level():
+    """Wan 2.2 TI2V's image-to-video calls pass one timestep per token, the conditioning frame's tokens at 0: the
+    step is the largest entry (the first one is 0 at every step), in calibration and in the grouped scales' hook."""
+    from tiny_models import tiny_wan
+    model, inp = tiny_wan()
+    tokens = 2 * 4 * 4  # frames x (8 / 2) x (8 / 2) patches
+
+    def at(t):
+        ts = torch.full((1, tokens), float(t))
+        ts[:, :16] = 0  # the first latent frame: the conditioning image
+        return dict(inp, timestep=ts)
+
+    layers, _ = select_layers(model, _cfg())
+    steps = (999, 700, 400, 100)
+    cal = calibrate(model, layers, [lambda: [model(**at(t)) for t in steps]], None, progress=False)
+    assert cal.steps_per_run == [4] and cal.timesteps == dict(enumerate(map(float, steps)))
+    first = calibrate(model, layers, [lambda: [model(**at(t)) for t in steps]], [0], progress=False)
+    assert first.calls_per_run == [1] and first.steps_per_run == [1]  # stopped as step 1 began
+    ditq.quantize(model, QuantConfig.preset("w8a8", backend="torch", progress=False, calibration="all-steps",
+                                            timestep_groups=2),
+                  calib_fn=lambda m: [m(**at(t)) for t in steps])
+    grouped = [m for m in model.modules() if isinstance(m, QuantLinear) and hasattr(m, "act_scales")]
+    assert grouped
+    for t, group in ((999, -1), (100, 0)):  # ascending-timestep order: the noisiest group is the last
+        with torch.no_grad():
+            model(**at(t))
+        assert all(torch.equal(m.act_scale.reshape(-1), m.act_scales[group].reshape(-1)) for m in grouped)
