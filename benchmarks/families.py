@@ -5,14 +5,14 @@ Each family is built on the meta device (accelerate's ``init_empty_weights``: no
 costs nothing) with its diffusers class's default config, which is the family's flagship release (Wan2.1-T2V-14B,
 Qwen-Image, FLUX.2-dev, FLUX.1, HunyuanVideo, Chroma, Z-Image, LTX-Video 2B, CogVideoX-2B, Lumina-Image-2.0,
 AuraFlow, Sana 1.6B). ``ditq.convert.select_layers`` then applies exactly what ``ditq.quantize`` would (the default
-skip list, its class rule, the model's own ``_keep_in_fp32_modules``, the group size dividing K): no calibration
-runs, so a layer that calibration never reaches is not seen here.
+skip list, its class rule, the model's own ``_keep_in_fp32_modules``, the group size dividing K; 1x1 convolutions
+as linears, ``ditq.pointwise``): no calibration runs, so a layer that calibration never reaches is not seen here.
 
 Bytes: the float model in bfloat16; W8A8 (int8 weights, one float32 scale per output channel) and W4A8 g128 / g64
 (packed int4, one float32 scale per 128 / 64 inputs and output channel), every layer ditq keeps in float in
 bfloat16. A width that 128 does not divide (Sana's 2240) leaves W4A8 g128 nothing to quantize: g64 is its row.
 
-    python3 benchmarks/families.py [--families wan flux2 ...] [--json out.json]      # ~1 min on the CPU
+    python3 benchmarks/families.py [--families wan flux2 ...] [--json out.json]      # ~15 s on the CPU
 
 Prints a markdown table (and the reasons of the kept layers with ``--why``).
 """
@@ -54,11 +54,13 @@ def study(family: str) -> dict:
     from accelerate import init_empty_weights
 
     import ditq
+    from ditq import pointwise
     from ditq.convert import select_layers
 
     cls_name, release = FAMILIES[family]
     with init_empty_weights():
         model = getattr(diffusers, cls_name)()
+    pointwise.wrap(model)  # 1x1 convolutions count as the linears ditq.quantize makes of them
     params = sum(p.numel() for p in model.parameters())
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     lin_params = sum(m.weight.numel() for m in linears.values())

@@ -16,7 +16,8 @@ Order of work, chosen so that a failure leaves the user's model exactly as it wa
    +3.1 GiB over a 2.8 GiB model without, +0.9 GiB with);
 5. re-run the quantized transformer on the same inputs: model-output SQNR.
 
-Which layers: every ``nn.Linear`` of the transformer, minus the default list (``DEFAULT_SKIP``, and the two rules
+Which layers: every ``nn.Linear`` of the transformer (and every 1x1 convolution, run as a linear for the whole
+quantization and left so where it is quantized: :mod:`ditq.pointwise`), minus the default list (``DEFAULT_SKIP``, and the two rules
 below it), minus ``cfg.skip``; ``cfg.include`` restricts the candidates and overrides the default list. The
 default list comes from quantizing one group of layers at a time in two tiny random ``DiTTransformer2DModel`` (2
 blocks, 4x16 heads, 8x8x4 input; seeds 0 / 1; static scales calibrated at the first step, t = T, on 4 class
@@ -77,7 +78,7 @@ from torch import nn
 
 from . import backends
 from . import timestep_groups as tgroups
-from . import weight_rounding
+from . import pointwise, weight_rounding
 from .calibrate import (ESTIMATORS, CalibrationError, Calibrator, calibrate, hist_sqnr, pipeline_runs,
                         release_freed_memory)
 from .config import QuantConfig, QuantConfigError
@@ -425,6 +426,24 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     """
     if isinstance(cfg, dict):
         cfg = QuantConfig.from_dict(cfg)
+    transformer, _ = _target(pipe_or_module, component=component)
+    # 1x1 convolutions become linears for the whole run (ditq.pointwise); those not quantized are put back
+    wrapped = [] if is_quantized(transformer) else pointwise.wrap(transformer)
+    try:
+        report = _quantize(pipe_or_module, cfg, calib_inputs, calib_fn, component)
+    except BaseException:
+        pointwise.unwrap(transformer, wrapped)
+        raise
+    kept = [n for n in wrapped if isinstance(transformer.get_submodule(n).linear, QuantLinear)]
+    pointwise.unwrap(transformer, [n for n in wrapped if n not in kept])
+    for name in kept:
+        transformer.get_submodule(name).release()
+    return report
+
+
+def _quantize(pipe_or_module, cfg, calib_inputs, calib_fn, component) -> QuantReport:
+    if isinstance(cfg, dict):
+        cfg = QuantConfig.from_dict(cfg)
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"cfg must be a ditq.QuantConfig, got {type(cfg).__name__}")
     transformer, pipe = _target(pipe_or_module, component=component)
@@ -492,7 +511,7 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
                     # One scale for all-zero data is arbitrary (any value quantizes zeros exactly), and any
                     # non-zero input at run time would meet a scale calibrated on nothing: keep it in full precision.
                     warnings.warn(f"ditq: layer {name!r} saw only zero activations in calibration; it stays in full "
-                                  f"precision (no range to calibrate)", stacklevel=2)
+                                  f"precision (no range to calibrate)", stacklevel=3)
                     skipped[name] = "all calibration activations were zero (no range to calibrate)"
                     del layers[name]
             if not layers:
@@ -649,12 +668,12 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     summary = report.unplanned_summary()
     if summary is not None:  # the model would otherwise be silently mostly full precision
         warnings.warn(f"ditq.quantize: {summary} (report.unplanned_skips lists them)", UnquantizedLayersWarning,
-                      stacklevel=2)
+                      stacklevel=3)  # the caller of ditq.quantize
     left = [c for c, m in (denoisers(pipe) if pipe is not None else {}).items() if not is_quantized(m)]
     if left:
         warnings.warn(f"ditq.quantize: this {type(pipe).__name__} also holds {' and '.join(left)}, still in full "
                       f"precision (the pipeline calls it at other steps): quantize it too with ditq.quantize(pipe, "
-                      f"cfg, calib_inputs, component={left[0]!r})", UnquantizedComponentWarning, stacklevel=2)
+                      f"cfg, calib_inputs, component={left[0]!r})", UnquantizedComponentWarning, stacklevel=3)
     return report
 
 

@@ -44,7 +44,7 @@ from torch import nn
 from .config import QuantConfig
 from .convert import DENOISER_COMPONENTS, _target, denoisers, is_quantized
 from .format import LAYOUT, LAYOUT_VERSION, FormatError, WeightFormat
-from . import timestep_groups
+from . import pointwise, timestep_groups
 from .nn import QuantLinear
 
 HEADER_NAME = "ditq_quant.json"
@@ -121,7 +121,9 @@ def build_header(transformer: nn.Module) -> dict:
             "fused": getattr(transformer, "_ditq_fused", {}),
             "fused_blocks": bool(getattr(transformer, "_ditq_fused_blocks", False)),
             # the layers outlier smoothing rescaled (layer -> [sites]; ditq.smooth), {} when none
-            "smoothed": getattr(transformer, "_ditq_smoothed", {})}
+            "smoothed": getattr(transformer, "_ditq_smoothed", {}),
+            # the 1x1 convolutions run as linears (ditq.pointwise), wrapped again before the layers are placed
+            "pointwise_convs": pointwise.wrapped_names(transformer)}
 
 
 # ---- header validation: every field is checked before any of it is used -----------------------------------
@@ -208,6 +210,8 @@ def check_header(header, where: str = "checkpoint") -> None:
     _field(header, "smoothed", where, "smoothed", lambda v: isinstance(v, dict) and all(
         isinstance(x, list) and all(isinstance(site, str) for site in x) for x in v.values()),
            "an object (layer -> [smoothing sites])", optional=True)
+    _field(header, "pointwise_convs", where, "pointwise_convs", lambda v: isinstance(v, list) and all(
+        isinstance(x, str) for x in v), "a list of module names", optional=True)
     del fused
     buffers = _field(header, "non_persistent_buffers", where, "non_persistent_buffers",
                      lambda v: isinstance(v, dict), "an object (buffer -> dtype)", optional=True) or {}
@@ -390,6 +394,11 @@ def install_quant_linears(model: nn.Module, header: dict, backend: str, where: s
     """Give the model the fused structure the checkpoint was saved with (``ditq.fuse``), then replace each linear
     named in ``header["layers"]`` (a header :func:`check_header` accepted) by an empty meta-device QuantLinear."""
     from . import fuse
+    try:
+        for name in pointwise.wrap(model, header.get("pointwise_convs") or []):
+            model.get_submodule(name).release()  # its linear is quantized: nothing to restore
+    except ValueError as e:
+        raise CheckpointError(f"{where}: field 'pointwise_convs': {e}") from e
     try:
         fuse.restructure(model, header.get("fused") or {})
     except ValueError as e:

@@ -172,7 +172,7 @@ def test_quantizing_twice_and_nothing_to_quantize():
     with pytest.raises(QuantizeError, match="already quantized"):
         ditq.quantize(t, QuantConfig(act_scheme="dynamic", progress=False))
     with pytest.raises(QuantizeError, match="no quantizable layer"):
-        ditq.quantize(nn.Sequential(nn.Conv2d(3, 3, 1)), QuantConfig(act_scheme="dynamic", progress=False))
+        ditq.quantize(nn.Sequential(nn.Conv2d(3, 3, 3)), QuantConfig(act_scheme="dynamic", progress=False))
     with pytest.raises(QuantizeError, match="no quantizable layer"):
         ditq.quantize(tiny_dit(), QuantConfig(act_scheme="dynamic", skip=["*"], progress=False))
     with pytest.raises(TypeError, match="pipeline with a .transformer or an nn.Module"):
