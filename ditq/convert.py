@@ -17,8 +17,8 @@ Order of work, chosen so that a failure leaves the user's model exactly as it wa
 5. re-run the quantized transformer on the same inputs: model-output SQNR.
 
 Which layers: every ``nn.Linear`` of the transformer (and every 1x1 convolution, run as a linear for the whole
-quantization and left so where it is quantized: :mod:`ditq.pointwise`), minus the default list (``DEFAULT_SKIP``, and the two rules
-below it), minus ``cfg.skip``; ``cfg.include`` restricts the candidates and overrides the default list. The
+quantization and left so where it is quantized: :mod:`ditq.pointwise`), minus the default list (``DEFAULT_SKIP``,
+and the two rules below it), minus ``cfg.skip``; ``cfg.include`` restricts the candidates and overrides the default list. The
 default list comes from quantizing one group of layers at a time in two tiny random ``DiTTransformer2DModel`` (2
 blocks, 4x16 heads, 8x8x4 input; seeds 0 / 1; static scales calibrated at the first step, t = T, on 4 class
 labels) and measuring the transformer's output SQNR vs full precision on fresh inputs at random timesteps, in dB,

@@ -28,6 +28,9 @@ output slicing (per-slice branches would add a strided add per member); the zero
 ``M * r * (N - N_member)`` multiply-adds, negligible beside the main GEMM's ``M * K * N``. Fusing projections that
 already carry adapters stacks them the same way (:func:`carry_over`).
 
+A 1x1 convolution ditq quantized as a linear (:mod:`ditq.pointwise`) takes the adapter its name is given in the
+file, its ``[r, K, 1, 1]`` / ``[N, r, 1, 1]`` weights seen as ``[r, K]`` / ``[N, r]``.
+
 Fused blocks (:mod:`ditq.blocks`, :mod:`ditq.blocks_joint`) stay fused with adapters loaded. Their GEMMs take
 int8 activations straight from fused norms, so the float input a branch reads is built only for an adapted layer:
 the modulated LayerNorm in torch, as diffusers' adaLN norm computes it, beside the fused norm that still feeds the
@@ -56,6 +59,8 @@ from torch import nn
 
 from .convert import _target
 from .nn import QuantLinear
+from .pointwise import LINEAR as POINTWISE_LINEAR
+from .pointwise import PointwiseConv
 
 BRANCH = "ditq_lora"  # the child module holding a layer's adapters
 _KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])\.weight$")
@@ -389,6 +394,8 @@ def _resolve(transformer: nn.Module, path: str):
     if m is not None:
         if isinstance(m, (nn.Linear, QuantLinear)):
             return path, m, 0, m.out_features
+        if isinstance(m, PointwiseConv):  # a 1x1 convolution ditq runs as a linear (ditq.pointwise)
+            return f"{path}.{POINTWISE_LINEAR}", m.linear, 0, m.linear.out_features
         return f"{path} is a {type(m).__name__}, not a linear layer"
     parent_path, _, leaf = path.rpartition(".")
     try:
@@ -424,6 +431,9 @@ def _plan(transformer, state, alphas, metadata, skip_other: bool = False):
             raise ValueError(f"the LoRA targets {where}")
         layer_path, layer, offset, rows = where
         (ka, a), (kb, b) = parts["A"], parts["B"]
+        if layer_path == f"{path}.{POINTWISE_LINEAR}":  # a 1x1 convolution's LoRA: [r, K, 1, 1] and [N, r, 1, 1]
+            a, b = (t.flatten(1) if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[2:] == (1, 1) else t
+                    for t in (a, b))
         for key, t in ((ka, a), (kb, b)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
                 got = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -431,10 +441,11 @@ def _plan(transformer, state, alphas, metadata, skip_other: bool = False):
         if a.shape[0] != b.shape[1]:
             raise ValueError(f"{path}: lora_A {list(a.shape)} and lora_B {list(b.shape)} have different ranks "
                              f"({a.shape[0]} vs {b.shape[1]})")
+        own = (path, f"{path}.{POINTWISE_LINEAR}")  # the layer itself, not a slice of a fused one
         if a.shape[1] != layer.in_features or b.shape[0] != rows:
             raise ValueError(f"{path}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit the layer "
                              f"(A must be [r, {layer.in_features}], B [{rows}, r]"
-                             f"{', a slice of the fused ' + layer_path if layer_path != path else ''})")
+                             f"{', a slice of the fused ' + layer_path if layer_path not in own else ''})")
         rank = a.shape[0]
         alpha = parts.get("alpha")
         if alpha is not None:

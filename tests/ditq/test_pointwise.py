@@ -25,8 +25,9 @@ def _randn(*shape, seed=0):
 class GatedConvMLP(nn.Module):
     """Sana's MLP in miniature: 1x1 up, depthwise 3x3, gate, 1x1 down, all on [B, C, H, W]."""
 
-    def __init__(self, c=64, hidden=128):
+    def __init__(self, c=64, hidden=128, seed=0):
         super().__init__()
+        torch.manual_seed(seed)
         self.up = nn.Conv2d(c, 2 * hidden, 1)
         self.depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
         self.down = nn.Conv2d(hidden, c, 1, bias=False)
@@ -132,3 +133,23 @@ def test_sana_mlp_saved_and_loaded(tmp_path):
     with pytest.raises(CheckpointError, match=r"field 'pointwise_convs' must be a list of module names"):
         ditq.load_quantized(str(tmp_path))
     assert os.path.isfile(tmp_path / HEADER_NAME)
+
+
+def test_a_lora_on_a_quantized_convolution():
+    """LoRA files name the convolution and hold its [r, K, 1, 1] / [N, r, 1, 1] weights; the branch runs on the
+    channels-last rows like any other."""
+    model = GatedConvMLP()
+    x = _randn(2, 64, 5, 5, seed=3)
+    ditq.quantize(model, QuantConfig.preset("w8a8", backend="torch", progress=False), calib_fn=lambda m: m(x))
+    with torch.no_grad():
+        before, up_before = model(x), model.up(x)
+    a, b = _randn(4, 64, 1, 1, seed=4), _randn(256, 4, 1, 1, seed=5)
+    assert ditq.load_lora(model, {"up.lora_A.weight": a, "up.lora_B.weight": b}) == {"up.linear": ["up"]}
+    with torch.no_grad():
+        # the branch: B (A x) per pixel, as the float convolutions compute it, added to `up`'s output
+        delta = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, a), b)
+        assert torch.allclose(model.up(x), up_before + delta, atol=1e-4, rtol=1e-5)
+        assert not torch.equal(model(x), before)
+    ditq.unload_lora(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
