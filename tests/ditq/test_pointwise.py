@@ -121,9 +121,11 @@ def test_sana_mlp_saved_and_loaded(tmp_path):
     ditq.save_quantized(model, str(tmp_path))
     header = json.loads((tmp_path / HEADER_NAME).read_text())
     assert header["pointwise_convs"] == convs and all(c + ".linear" in header["layers"] for c in convs)
-    loaded = ditq.load_quantized(str(tmp_path))
-    with torch.no_grad():
-        assert torch.equal(_output_tensor(loaded(**inp)), expect)
+    from diffusers import SanaTransformer2DModel
+    for loaded in (ditq.load_quantized(str(tmp_path)), SanaTransformer2DModel.from_pretrained(str(tmp_path))):
+        assert isinstance(loaded.transformer_blocks[0].ff.conv_point, PointwiseConv)
+        with torch.no_grad():
+            assert torch.equal(_output_tensor(loaded(**inp)), expect)
     header["pointwise_convs"] = ["transformer_blocks.0.ff.conv_depth"]  # a 3x3 depthwise convolution
     (tmp_path / HEADER_NAME).write_text(json.dumps(header))
     with pytest.raises(CheckpointError, match=r"field 'pointwise_convs': not a 1x1 convolution .*conv_depth"):
