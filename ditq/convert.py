@@ -154,9 +154,10 @@ def _target(obj, what: str = "ditq.quantize", component: str = "transformer") ->
     t = getattr(obj, component, None)
     if isinstance(t, nn.Module):
         return _uncompiled(t), obj
-    if component != "transformer" and isinstance(getattr(obj, "transformer", None), nn.Module):
-        raise ValueError(f"{what}: this {type(obj).__name__} has no {component} (it holds one transformer: the "
-                         f"default component='transformer')")
+    others = [c for c in DENOISER_COMPONENTS if c != component and isinstance(getattr(obj, c, None), nn.Module)]
+    if others:
+        raise ValueError(f"{what}: this {type(obj).__name__} has no {component} (it holds {' and '.join(others)}: "
+                         f"pass component={others[0]!r})")
     raise TypeError(f"{what} takes a diffusers pipeline with a .transformer or an nn.Module, got "
                     f"{type(obj).__name__}")
 

@@ -106,8 +106,13 @@ def test_component_errors():
         ditq.quantize(pipe, _cfg(), CALIB, component="unet")
     with pytest.raises(ValueError, match="names a pipeline's transformer, but this is a WanTransformer3DModel"):
         ditq.quantize(pipe.transformer, _cfg(act_scheme="dynamic"), component="transformer_2")
-    with pytest.raises(ValueError, match="DiTPipeline has no transformer_2"):
+    with pytest.raises(ValueError, match="DiTPipeline has no transformer_2 .it holds transformer: pass "
+                                         "component='transformer'"):
         ditq.quantize(tiny_dit_pipeline(), _cfg(), dict(class_labels=[1]), component="transformer_2")
+    low_only = tiny_wan_experts_pipeline()
+    low_only.transformer = None  # a pipeline loaded with the low-noise expert alone
+    with pytest.raises(ValueError, match="has no transformer .it holds transformer_2: pass component='transformer_2'"):
+        ditq.quantize(low_only, _cfg(), CALIB)
     assert not is_quantized(pipe.transformer) and not is_quantized(pipe.transformer_2)
     with pytest.raises(ValueError, match="not quantized"):
         ditq.save_quantized(pipe, "unused")
