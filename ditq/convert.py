@@ -427,11 +427,11 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     """
     if isinstance(cfg, dict):
         cfg = QuantConfig.from_dict(cfg)
-    transformer, _ = _target(pipe_or_module, component=component)
+    transformer, pipe = _target(pipe_or_module, component=component)
     # 1x1 convolutions become linears for the whole run (ditq.pointwise); those not quantized are put back
     wrapped = [] if is_quantized(transformer) else pointwise.wrap(transformer)
     try:
-        report = _quantize(pipe_or_module, cfg, calib_inputs, calib_fn, component)
+        report = _quantize(pipe_or_module, transformer, pipe, cfg, calib_inputs, calib_fn)
     except BaseException:
         pointwise.unwrap(transformer, wrapped)
         raise
@@ -442,12 +442,9 @@ def quantize(pipe_or_module, cfg: QuantConfig, calib_inputs=None,
     return report
 
 
-def _quantize(pipe_or_module, cfg, calib_inputs, calib_fn, component) -> QuantReport:
-    if isinstance(cfg, dict):
-        cfg = QuantConfig.from_dict(cfg)
+def _quantize(pipe_or_module, transformer, pipe, cfg, calib_inputs, calib_fn) -> QuantReport:
     if not isinstance(cfg, QuantConfig):
         raise TypeError(f"cfg must be a ditq.QuantConfig, got {type(cfg).__name__}")
-    transformer, pipe = _target(pipe_or_module, component=component)
     if isinstance(transformer, nn.Linear):
         raise QuantizeError("ditq.quantize replaces the linears *inside* a module in place, and a bare nn.Linear "
                             "cannot replace itself: use ditq.nn.QuantLinear.from_linear(linear, cfg, act_scale), "

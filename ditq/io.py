@@ -506,11 +506,13 @@ def save_quantized(pipe_or_module, path: str) -> None:
     not a path, NotADirectoryError when ``path`` is a file, ValueError for a bare transformer saved over a
     pipeline checkpoint (which would still load as that pipeline)."""
     path = check_path(path)
-    transformer, pipe = _target(pipe_or_module, "ditq.save_quantized")
-    if pipe is None:
-        quantized = {"": transformer} if is_quantized(transformer) else {}
+    held = {} if isinstance(pipe_or_module, nn.Module) else denoisers(pipe_or_module)
+    if held:  # a pipeline: every transformer it holds (Wan 2.2 may hold transformer_2 alone)
+        pipe, transformer = pipe_or_module, next(iter(held.values()))
+        quantized = {c: m for c, m in held.items() if is_quantized(m)}
     else:
-        quantized = {c: m for c, m in denoisers(pipe).items() if is_quantized(m)}
+        transformer, pipe = _target(pipe_or_module, "ditq.save_quantized")
+        quantized = {"": transformer} if is_quantized(transformer) else {}
     if not quantized:
         raise ValueError(f"this {type(transformer).__name__} is not quantized: call ditq.quantize first")
     from .lora import loaded_adapters

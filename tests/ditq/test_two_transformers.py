@@ -100,7 +100,7 @@ def test_each_expert_quantized_in_turn():
     assert torch.isfinite(out).all()
 
 
-def test_component_errors():
+def test_component_errors(tmp_path):
     pipe = tiny_wan_experts_pipeline()
     with pytest.raises(ValueError, match="component must be one of 'transformer', 'transformer_2'"):
         ditq.quantize(pipe, _cfg(), CALIB, component="unet")
@@ -109,10 +109,14 @@ def test_component_errors():
     with pytest.raises(ValueError, match="DiTPipeline has no transformer_2 .it holds transformer: pass "
                                          "component='transformer'"):
         ditq.quantize(tiny_dit_pipeline(), _cfg(), dict(class_labels=[1]), component="transformer_2")
-    low_only = tiny_wan_experts_pipeline()
+    low_only = tiny_wan_experts_pipeline(boundary_ratio=1.01)  # every step below the boundary: low-noise
     low_only.transformer = None  # a pipeline loaded with the low-noise expert alone
     with pytest.raises(ValueError, match="has no transformer .it holds transformer_2: pass component='transformer_2'"):
         ditq.quantize(low_only, _cfg(), CALIB)
+    ditq.quantize(low_only, _cfg(), CALIB, component="transformer_2")
+    ditq.save_quantized(low_only, str(tmp_path))  # the pipeline's one transformer, whatever its name
+    assert os.path.isfile(tmp_path / "transformer_2" / io.HEADER_NAME)
+    assert not os.path.exists(tmp_path / "transformer" / io.HEADER_NAME)
     assert not is_quantized(pipe.transformer) and not is_quantized(pipe.transformer_2)
     with pytest.raises(ValueError, match="not quantized"):
         ditq.save_quantized(pipe, "unused")
