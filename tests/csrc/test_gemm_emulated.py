@@ -138,14 +138,15 @@ def _extremes(m, n, k):
     return a, w, q
 
 
-def test_the_largest_k():
+@pytest.mark.parametrize("order, cp_async", [("forward", "wait"), ("reverse", "issue"), ("random", "barrier")])
+def test_the_largest_k(order, cp_async):
     """K = MAX_K = 32768 (FLUX.2-dev's widest input is 24576), unsplit and split: 127 * 128 * 32768 = 5.3e8 in one
-    int32 sum (W8), 256 groups folded (W4 g128)."""
+    int32 sum (W8), 256 groups folded (W4 g128); each fiber order, each cp.async landing mode."""
     m, n, k = 2, 3, ref.MAX_K
     a, w, q = _extremes(m, n, k)
     sa, sw, ss = torch.rand(m) + 0.5, torch.rand(n) + 0.5, torch.rand(k // 128, n) + 0.5
     for splits in (1, None):
-        with emulator_options():
+        with emulator_options(order=order, seed=7, cp_async=cp_async):
             y8 = _w8a8(a, sa, w, sw, None, torch.float32, splits=splits)
             y4 = _w4a8(a, sa, q, ss, None, 128, torch.float32, splits=splits)
         assert_gemm_w8a8(y8, a, sa, w, sw, None, what=f"W8A8 K = {k}, splits {splits}")

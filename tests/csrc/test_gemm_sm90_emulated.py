@@ -137,9 +137,11 @@ def test_sm90_automatic_choice_and_bigger_shape():
     assert_gemm_w4a8(y4, a4, sa4, q, ss, 128, b4)
 
 
-def test_sm90_the_largest_k():
+@pytest.mark.parametrize("order, landing", [("forward", "wait"), ("random", "issue")])
+def test_sm90_the_largest_k(order, landing):
     """K = MAX_K = 32768 on the Hopper kernels, unsplit and split: W8's int32 sum at its bound (|a| = 127 against
-    w = -128), W4 g128 with float and with integer group scales (q * w = -128 too: q = 16, w = -8)."""
+    w = -128), W4 g128 with float and with integer group scales (q * w = -128 too: q = 16, w = -8); in fiber order
+    and shuffled, async copies landing at their wait and at their issue."""
     m, n, k = 2, 3, ref.MAX_K
     a = torch.full((m, k), 127, dtype=torch.int8)
     a[1, ::2] = -127
@@ -155,7 +157,7 @@ def test_sm90_the_largest_k():
                                                              torch.ones(k // 128, n))[0]
     from ditq.emulator import emulator_options
     for splits in (1, None):
-        with emulator_options(arch="sm_90a"):  # no race checker: 512 k tiles, the other tests check the schedule
+        with emulator_options(order=order, seed=7, arch="sm_90a", async_landing=landing):
             y8 = _w8a8(a, sa, w, sw, None, torch.float32, splits=splits)
             y4 = _w4a8(a, sa, q, ss, None, 128, torch.float32, splits=splits)
             y4i = torch.ops.ditq_C.gemm_w4a8i(a, sa, pw, qs, c, None, 128, torch.float32, -1,
